@@ -1,0 +1,46 @@
+# The two commands a user needs are `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt
+DATA_DIR ?= $(CURDIR)/var/data
+
+.PHONY: run test venv apt-deps lint conformance-update bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## make run: start `sparrow serve` with a demo volume on this machine and print how to attach
+run: venv
+	@mkdir -p $(DATA_DIR)
+	$(VENV)/bin/sparrow serve --data-dir $(DATA_DIR) --demo-volume demo:1GiB --advertise 127.0.0.1
+
+## make test: install what the tests need, then run every test (unit, integration, conformance)
+test: venv apt-deps lint
+	$(VENV)/bin/pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+conformance-update: venv apt-deps
+	SPARROW_UPDATE_CONFORMANCE=1 $(VENV)/bin/pytest -q tests/integration/test_conformance.py
+
+bench: venv apt-deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

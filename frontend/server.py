@@ -1,0 +1,293 @@
+"""The asyncio layer of the iSCSI target: it only moves bytes.
+
+Each TCP connection gets one sans-IO ``Connection`` core. This module feeds it bytes, writes what it
+returns, runs the one timer it asks for, and awaits SCSI execution on the logical unit. Protocol
+decisions live in ``frontend.iscsi``; SCSI decisions in ``frontend.scsi``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from frontend.iscsi.connection import (
+    CloseConnection,
+    Connection,
+    ExecuteScsi,
+    LoggedIn,
+    TargetResetRequested,
+)
+from frontend.iscsi.session import Session, SessionTable
+from frontend.metrics import FrontendMetrics, NoMetrics
+from frontend.scsi.lu import LogicalUnit, ResetKind, no_such_lun
+from frontend.scsi.types import ScsiRequest, ScsiResult
+from frontend.target import TargetRegistry, TargetSettings
+
+log = structlog.get_logger("sparrow.iscsi")
+
+#: Connections beyond this many are closed as soon as they are accepted.
+MAX_CONNECTIONS = 1024
+#: Stop reading from a connection while this many bytes wait in its socket buffer.
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+_READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
+_WRITE_OPCODES = frozenset({0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x89, 0x8B, 0x9C})
+
+
+def _op_kind(cdb: bytes) -> str:
+    op = cdb[0] if cdb else 0
+    if op in _READ_OPCODES:
+        return "read"
+    if op in _WRITE_OPCODES:
+        return "write"
+    return "other"
+
+
+class IscsiServer:
+    """Accepts iSCSI connections and serves the targets in ``registry``."""
+
+    def __init__(
+        self,
+        registry: TargetRegistry,
+        settings: TargetSettings,
+        metrics: FrontendMetrics | None = None,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.metrics: FrontendMetrics = metrics or NoMetrics()
+        self.sessions = SessionTable()
+        self._server: asyncio.base_events.Server | None = None
+        self._protocols: set[IscsiProtocol] = set()
+        self._closing = False
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: IscsiProtocol(self), host, port, reuse_address=True, backlog=256
+        )
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, let in-flight SCSI commands finish within ``timeout``, close the rest."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        protocols = list(self._protocols)
+        for p in protocols:
+            p.stop_reading()
+        pending = [t for p in protocols for t in p.tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        for p in protocols:
+            p.close("target shutting down")
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+
+    # --- called by protocols ---------------------------------------------------------------
+
+    def accepted(self, protocol: IscsiProtocol) -> bool:
+        if self._closing or len(self._protocols) >= MAX_CONNECTIONS:
+            return False
+        self._protocols.add(protocol)
+        return True
+
+    def forget(self, protocol: IscsiProtocol) -> None:
+        self._protocols.discard(protocol)
+
+    def protocol_of(self, session: Session) -> IscsiProtocol | None:
+        for p in self._protocols:
+            if p.session is session:
+                return p
+        return None
+
+    def protocols_of_target(self, iqn: str) -> Iterable[IscsiProtocol]:
+        return [p for p in self._protocols if p.session is not None and p.session.params.target_name == iqn]
+
+
+class IscsiProtocol(asyncio.Protocol):
+    """One TCP connection: bytes in, bytes out, one timer, SCSI tasks awaited."""
+
+    def __init__(self, server: IscsiServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.session: Session | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closing = False
+        self._reading_paused = False
+        self.log = log
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.log = log.bind(peer=peer_text)
+        if not self.server.accepted(self):
+            self.log.warning("connection refused", reason="too many connections or shutting down")
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.conn = Connection(
+            self.server.settings,
+            self.server.registry,
+            self.server.sessions,
+            now=self.loop.time(),
+            peer=peer_text,
+        )
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is None or self._closing:
+            return
+        self.conn.receive_data(data, self.loop.time())
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.conn is not None:
+            self.conn.connection_lost(self.loop.time())
+        if self.session is not None:
+            self.server.metrics.session_closed(self.session.params.session_type.value.lower())
+            self.log.info("connection closed", reason=str(exc) if exc else "peer closed")
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        self.stop_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self._reading_paused and not self._closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # --- helpers used by the server ----------------------------------------------------------
+
+    def stop_reading(self) -> None:
+        if self.transport is not None and not self._reading_paused and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def close(self, reason: str) -> None:
+        if self.transport is None or self._closing:
+            return
+        self._closing = True
+        self.log.info("closing connection", reason=reason)
+        self._flush()
+        self.transport.close()
+
+    def abort_all_tasks(self) -> None:
+        if self.conn is not None:
+            self.conn.abort_all_tasks()
+            self._pump()
+
+    # --- the pump ----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, ExecuteScsi):
+                task = self.loop.create_task(self._execute(event.task_id, event.lu, event.request))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif isinstance(event, LoggedIn):
+                self._logged_in(event)
+            elif isinstance(event, TargetResetRequested):
+                self._target_reset(event)
+            elif isinstance(event, CloseConnection):
+                self.close(event.reason)
+                return
+        self._flush()
+        self._arm_timer()
+
+    def _flush(self) -> None:
+        if self.conn is None or self.transport is None or self.transport.is_closing():
+            return
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.writelines(out)
+
+    def _arm_timer(self) -> None:
+        assert self.conn is not None
+        deadline = self.conn.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and not self._closing:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.conn is not None and not self._closing:
+            self.conn.handle_timer(self.loop.time())
+            self._pump()
+
+    async def _execute(self, task_id: int, lu: LogicalUnit | None, request: ScsiRequest) -> None:
+        started = time.perf_counter()
+        try:
+            if lu is None:
+                result = no_such_lun(request)
+            else:
+                result = await lu.execute(request)
+        except Exception:  # a bug in the SCSI layer must not take the connection down silently
+            self.log.exception("SCSI command crashed", cdb=bytes(request.cdb).hex())
+            result = _internal_error()
+        if lu is not None:
+            kind = _op_kind(request.cdb)
+            nbytes = len(result.data) if kind == "read" else len(request.data_out)
+            self.server.metrics.command_done(lu.identity.volume, kind, nbytes, time.perf_counter() - started)
+        if self.conn is not None and not self._closing:
+            self.conn.complete(task_id, result, self.loop.time())
+            self._pump()
+
+    def _logged_in(self, event: LoggedIn) -> None:
+        self.session = event.session
+        params = event.session.params
+        kind = params.session_type.value.lower()
+        self.server.metrics.session_opened(kind)
+        self.log = self.log.bind(initiator=params.initiator_name, target=params.target_name or "discovery")
+        self.log.info("logged in", session_type=kind, tsih=params.tsih)
+        if event.displaced is not None:
+            old = self.server.protocol_of(event.displaced)
+            if old is not None and old is not self:
+                old.close("session reinstated by a new login")
+
+    def _target_reset(self, event: TargetResetRequested) -> None:
+        for p in self.server.protocols_of_target(event.iqn):
+            if p is self:
+                continue
+            p.abort_all_tasks()
+            if event.kind is ResetKind.TARGET_COLD:
+                p.close("target cold reset")
+
+
+def _internal_error() -> ScsiResult:
+    from frontend.scsi.sense import CheckCondition, SenseKey, Asc
+    from frontend.scsi.types import ScsiStatus
+
+    cc = CheckCondition(SenseKey.HARDWARE_ERROR, Asc(0x44, 0x00, "INTERNAL TARGET FAILURE"))
+    return ScsiResult(ScsiStatus.CHECK_CONDITION, sense=cc.fixed_sense())

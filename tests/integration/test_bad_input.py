@@ -1,0 +1,87 @@
+"""Hostile bytes on the wire: the daemon answers or drops that connection and serves everyone else."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+
+from tests.integration.daemon import Daemon
+from tests.tools import require_tool, run
+
+pytestmark = pytest.mark.integration
+
+
+def _login_pdu(data: bytes, *, dsl: int | None = None) -> bytes:
+    bhs = bytearray(48)
+    bhs[0] = 0x43  # immediate login request
+    bhs[1] = 0x87  # T=1, CSG=1, NSG=3
+    length = len(data) if dsl is None else dsl
+    bhs[5:8] = length.to_bytes(3, "big")
+    bhs[8:14] = bytes.fromhex("400000000001")
+    pad = (-len(data)) % 4
+    return bytes(bhs) + data + b"\0" * pad
+
+
+def _assert_still_serving(daemon: Daemon, name: str) -> None:
+    qemu_io = require_tool("qemu-io")
+    out = run([qemu_io, "-f", "raw", "-c", "read -P 0x42 0 1M", daemon.url(name)]).stdout
+    assert "Pattern verification failed" not in out, out
+
+
+@pytest.fixture
+def victim(daemon: Daemon) -> str:
+    qemu_io = require_tool("qemu-io")
+    daemon.create_volume("victim", "8MiB")
+    run([qemu_io, "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "flush", daemon.url("victim")])
+    return "victim"
+
+
+def test_garbage_and_truncated_pdus(daemon: Daemon, victim: str) -> None:
+    host, port = "127.0.0.1", daemon.iscsi_port
+    attacks = [
+        os.urandom(4096),
+        b"\xff" * 48,
+        _login_pdu(b"InitiatorName=x\0")[:30],  # truncated header, then close
+        _login_pdu(b"", dsl=0xFFFFFF),  # promises a 16 MiB segment
+        _login_pdu(b"\xff\xfe=\x00" * 100),  # not UTF-8
+        _login_pdu(b"A" * 9000),  # no '=' at all, oversized
+    ]
+    for payload in attacks:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    _assert_still_serving(daemon, victim)
+
+
+def test_half_open_flood_does_not_block_service(daemon: Daemon, victim: str) -> None:
+    socks = [socket.create_connection(("127.0.0.1", daemon.iscsi_port), timeout=5) for _ in range(200)]
+    try:
+        for s in socks[:100]:
+            s.sendall(_login_pdu(b"InitiatorName=iqn.x")[:40])
+        _assert_still_serving(daemon, victim)
+    finally:
+        for s in socks:
+            s.close()
+    _assert_still_serving(daemon, victim)
+
+
+def test_unknown_opcode_in_login_phase_is_answered_not_fatal(daemon: Daemon, victim: str) -> None:
+    bhs = bytearray(48)
+    bhs[0] = 0x1C  # not an initiator opcode
+    with socket.create_connection(("127.0.0.1", daemon.iscsi_port), timeout=5) as s:
+        s.sendall(bytes(bhs) + struct.pack(">I", 0))
+        s.settimeout(5)
+        try:
+            s.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    _assert_still_serving(daemon, victim)

@@ -1,0 +1,21 @@
+"""CHAP through a real initiator: the right secret logs in, a wrong or missing one serves nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.daemon import Daemon
+from tests.tools import require_tool, run
+
+pytestmark = pytest.mark.integration
+
+
+def test_chap_secret_is_required_and_checked(daemon: Daemon) -> None:
+    iscsi_inq = require_tool("iscsi-inq")
+    daemon.create_volume("locked", "8MiB", "--chap-user", "alice", "--chap-secret", "correct-horse-1")
+    ok = run([iscsi_inq, daemon.url("locked", chap=("alice", "correct-horse-1"))])
+    assert "SPARROW" in ok.stdout, ok.stdout
+    for creds in (("alice", "wrong-secret-12"), ("mallory", "correct-horse-1"), None):
+        denied = run([iscsi_inq, daemon.url("locked", chap=creds)], check=False)
+        assert denied.returncode != 0, creds
+        assert "SPARROW" not in denied.stdout

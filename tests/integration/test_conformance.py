@@ -1,0 +1,54 @@
+"""libiscsi's iscsi-test-cu is the judge of the iSCSI target.
+
+The result of every case is kept in tests/conformance/expected.json. Any change fails the test: a
+regression is a bug; an improvement must update the file in the same commit
+(`make conformance-update` rewrites it from a fresh run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conformance.score import counts, score
+from tests.integration.daemon import Daemon
+from tests.tools import require_tool, run
+
+EXPECTED = Path(__file__).parent.parent / "conformance" / "expected.json"
+#: Where the raw output of the last run is kept, for reading failures.
+LAST_RUN = Path(os.environ.get("SPARROW_CU_OUTPUT", "/tmp/sparrow-iscsi-test-cu.txt"))
+
+pytestmark = [pytest.mark.integration, pytest.mark.conformance]
+
+
+@pytest.mark.timeout(1500)
+def test_iscsi_test_cu_matches_expected(daemon: Daemon) -> None:
+    tool = require_tool("iscsi-test-cu")
+    daemon.create_volume("conformance", "64MiB")
+    url = daemon.url("conformance")
+    proc = run([tool, "-v", "-d", "-S", url, url], timeout=1400, check=False)
+    output = proc.stdout + proc.stderr
+    LAST_RUN.write_text(output)
+    results = score(output)
+    assert len(results) > 200, f"iscsi-test-cu ran only {len(results)} tests:\n{output[-3000:]}"
+
+    if os.environ.get("SPARROW_UPDATE_CONFORMANCE") == "1":
+        EXPECTED.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+    expected: dict[str, str] = json.loads(EXPECTED.read_text())
+    changed = {
+        name: (expected.get(name, "absent"), results.get(name, "absent"))
+        for name in sorted(set(expected) | set(results))
+        if expected.get(name) != results.get(name)
+    }
+    c = counts(results)
+    summary = f"{len(results)} tests: {c['passed']} passed, {c['skipped']} skipped, {c['failed']} failed"
+    assert not changed, (
+        f"conformance changed ({summary}); raw output in {LAST_RUN}\n"
+        + "\n".join(f"  {n}: expected {a}, got {b}" for n, (a, b) in changed.items())
+        + "\nIf these are improvements, run `make conformance-update` and commit expected.json."
+    )
+    assert "SCSI command crashed" not in daemon.log(), "the SCSI layer raised during the suite"
