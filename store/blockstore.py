@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import enum
+import errno
+import fcntl
+import functools
+import os
+import stat
+import struct
+import threading
 from typing import Protocol
 
 
@@ -32,3 +45,434 @@ class BlockStore(Protocol):
     async def resize(self, new_size: int) -> None: ...
 
     async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors shared by the whole store package
+# --------------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base class of every error the store package raises; ``str(e)`` is a one-line message."""
+
+
+class StoreOp(enum.StrEnum):
+    """The block-store operation an I/O error came from (the SCSI layer picks its sense key by it)."""
+
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    UNMAP = "unmap"
+    MAPPED_EXTENT = "mapped_extent"
+    RESIZE = "resize"
+
+
+class StoreIOError(StoreError):
+    """The disk refused an operation (EIO, ENOSPC, ...).
+
+    The SCSI layer turns it into a CHECK CONDITION for this one command: MEDIUM ERROR with UNRECOVERED
+    READ ERROR (11h/00h) for reads, MEDIUM ERROR with WRITE ERROR (0Ch/00h) for writes and flushes,
+    and for ENOSPC (a thin volume out of space, SBC-3 thin provisioning) DATA PROTECT with SPACE
+    ALLOCATION FAILED WRITE PROTECT (27h/07h). Nothing else is affected.
+    """
+
+    def __init__(self, op: StoreOp | str, offset: int, errno: int) -> None:
+        self.op = StoreOp(op)
+        self.offset = offset
+        self.errno = errno
+        self.strerror = os.strerror(errno)
+        super().__init__(f"{self.op} at byte offset {offset} failed: [Errno {errno}] {self.strerror}")
+
+
+class StoreClosed(StoreError):
+    """An operation on a store that has been closed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"block store {path} is closed")
+
+
+class StoreRangeError(StoreError):
+    """An offset, length or size outside what the store holds (a caller bug: the LU checks LBAs first)."""
+
+
+class StoreOpenError(StoreError):
+    """The backing file or device could not be opened or is unusable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot open block store {path}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# FileBlockStore
+# --------------------------------------------------------------------------------------------------
+
+#: Threads doing blocking disk I/O for every store in the process. pread/pwrite/fdatasync release the
+#: GIL, so a handful of threads keep several requests in the kernel at once; more threads than CPUs
+#: only add contention (measured: 1 MiB reads from tmpfs run 2x slower with 8 threads on 2 CPUs).
+IO_THREADS = max(2, min(8, len(os.sched_getaffinity(0))))
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="sparrow-io")
+
+# linux/fs.h
+_BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
+# linux/falloc.h
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE; raises OSError."""
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _device_size(fd: int) -> int:
+    try:
+        buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("=Q", buf)[0])
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBlockStore:
+    """A volume kept in a sparse regular file or on a block device.
+
+    Every blocking call runs on the module's I/O thread pool, never on the event loop. Writes go to the
+    page cache (write-back); ``flush`` makes them durable with fdatasync(2). ``close`` waits for the
+    operations still running in the pool before it closes the descriptor, so a late pwrite can never
+    land in a file that reused the descriptor number.
+
+    Reads beyond the end return zeros; writes beyond ``size`` raise ``StoreRangeError``.
+    """
+
+    __slots__ = (
+        "_cond",
+        "_fd",
+        "_file_size",
+        "_inflight",
+        "_is_blockdev",
+        "_size",
+        "_supports_unmap",
+        "block_size",
+        "path",
+    )
+
+    def __init__(
+        self, path: str, fd: int, *, block_size: int, size: int, is_blockdev: bool, supports_unmap: bool
+    ) -> None:
+        """Use ``await FileBlockStore.open(...)``; this only wraps an open descriptor."""
+        self.path = path
+        self.block_size = block_size
+        self._fd = fd
+        self._size = size
+        self._is_blockdev = is_blockdev
+        self._supports_unmap = supports_unmap
+        self._inflight = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    # ---- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, block_size: int, size: int | None = None, create: bool = False
+    ) -> FileBlockStore:
+        """Open (or with ``create=True`` create, sparse, and fsync) the file or block device at ``path``.
+
+        ``size`` is the volume size in bytes; None means the size of the existing file or device
+        (rounded down to ``block_size``). An existing regular file smaller than ``size`` is grown
+        (sparse); a block device smaller than ``size`` is refused.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            _EXECUTOR, functools.partial(cls._open_sync, os.fspath(path), block_size, size, create)
+        )
+
+    @classmethod
+    def _open_sync(cls, path: str, block_size: int, size: int | None, create: bool) -> FileBlockStore:
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise StoreOpenError(path, f"block size {block_size} is not a power of two")
+        if size is not None and (size <= 0 or size % block_size):
+            raise StoreOpenError(path, f"size {size} is not a positive multiple of {block_size}")
+        if create:
+            if size is None:
+                raise StoreOpenError(path, "a size is required to create a store")
+            return cls._create_sync(path, block_size, size)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise StoreOpenError(path, e.strerror or str(e)) from e
+        is_blockdev = stat.S_ISBLK(st.st_mode)
+        if not is_blockdev and not stat.S_ISREG(st.st_mode):
+            raise StoreOpenError(path, "not a regular file or a block device")
+        # O_EXCL on a block device: exclusive open, refused (EBUSY) while it is mounted or in use.
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if is_blockdev else 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            raise StoreOpenError(path, e.strerror or str(e)) from e
+        try:
+            if is_blockdev:
+                actual = _device_size(fd)
+                if size is None:
+                    size = actual - actual % block_size
+                elif size > actual:
+                    raise StoreOpenError(path, f"device holds {actual} bytes, volume needs {size}")
+                supports_unmap = False  # BLKDISCARD does not promise zeros on read; stay safe
+            else:
+                actual = os.fstat(fd).st_size
+                if size is None:
+                    size = actual - actual % block_size
+                elif actual < size:
+                    os.ftruncate(fd, size)  # grows sparse; never shrinks
+                supports_unmap = cls._probe_punch_hole(fd)
+            if size <= 0:
+                raise StoreOpenError(path, f"holds {actual} bytes, less than one {block_size}-byte block")
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise StoreOpenError(path, e.strerror or str(e)) from e
+            raise
+        return cls(
+            path, fd, block_size=block_size, size=size, is_blockdev=is_blockdev, supports_unmap=supports_unmap
+        )
+
+    @classmethod
+    def _create_sync(cls, path: str, block_size: int, size: int) -> FileBlockStore:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreOpenError(path, e.strerror or str(e)) from e
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+            supports_unmap = cls._probe_punch_hole(fd)
+        except OSError as e:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise StoreOpenError(path, e.strerror or str(e)) from e
+        return cls(
+            path, fd, block_size=block_size, size=size, is_blockdev=False, supports_unmap=supports_unmap
+        )
+
+    @staticmethod
+    def _probe_punch_hole(fd: int) -> bool:
+        """Punch a hole just past end of file (no data there, size kept) to learn if the fs supports it."""
+        try:
+            _punch_hole(fd, os.fstat(fd).st_size, 4096)
+        except OSError:
+            return False
+        return True
+
+    # ---- BlockStore --------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def supports_unmap(self) -> bool:
+        return self._supports_unmap
+
+    @property
+    def is_block_device(self) -> bool:
+        return self._is_blockdev
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if self._fd < 0:
+            raise StoreClosed(self.path)
+        if offset < 0 or length < 0:
+            raise StoreRangeError(f"read of {length} bytes at offset {offset}")
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._read_sync, offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._fd < 0:
+            raise StoreClosed(self.path)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if offset < 0 or offset + n > self._size:
+            raise StoreRangeError(
+                f"write of {n} bytes at offset {offset} is outside {self.path} ({self._size} bytes)"
+            )
+        await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._write_sync, offset, data, n)
+
+    async def flush(self) -> None:
+        if self._fd < 0:
+            raise StoreClosed(self.path)
+        await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._flush_sync)
+
+    async def unmap(self, offset: int, length: int) -> None:
+        if self._fd < 0:
+            raise StoreClosed(self.path)
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise StoreRangeError(f"unmap of {length} bytes at offset {offset} is outside {self.path}")
+        if not self._supports_unmap:
+            raise StoreIOError(StoreOp.UNMAP, offset, errno.EOPNOTSUPP)
+        if length:
+            await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._unmap_sync, offset, length)
+
+    async def mapped_extent(self, offset: int) -> tuple[bool, int]:
+        """(mapped, bytes) of the extent that starts at ``offset``, found with lseek SEEK_DATA/SEEK_HOLE.
+
+        Backs GET LBA STATUS (SBC-3 5.6). A block device reports everything mapped.
+        """
+        if self._fd < 0:
+            raise StoreClosed(self.path)
+        if offset < 0 or offset >= self._size:
+            raise StoreRangeError(f"offset {offset} is outside {self.path} ({self._size} bytes)")
+        if self._is_blockdev:
+            return True, self._size - offset
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._mapped_extent_sync, offset)
+
+    async def resize(self, new_size: int) -> None:
+        """Grow to ``new_size`` bytes (ftruncate; a block device only up to its own capacity)."""
+        if self._fd < 0:
+            raise StoreClosed(self.path)
+        if new_size < self._size:
+            raise StoreRangeError(f"cannot shrink {self.path} from {self._size} to {new_size} bytes")
+        if new_size % self.block_size:
+            raise StoreRangeError(f"new size {new_size} is not a multiple of {self.block_size}")
+        if new_size == self._size:
+            return
+        await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._resize_sync, new_size)
+        self._size = new_size
+
+    async def close(self) -> None:
+        """Wait for running operations, then close the descriptor. Idempotent."""
+        if self._fd < 0:
+            return
+        await asyncio.get_running_loop().run_in_executor(_EXECUTOR, self._close_sync)
+
+    # ---- the parts that run on the I/O threads -----------------------------------------------------
+
+    def _enter(self) -> int:
+        with self._cond:
+            if self._fd < 0:
+                raise StoreClosed(self.path)
+            self._inflight += 1
+            return self._fd
+
+    def _exit(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if not self._inflight:
+                self._cond.notify_all()
+
+    def _read_sync(self, offset: int, length: int) -> bytes:
+        fd = self._enter()
+        try:
+            data = os.pread(fd, length, offset)
+            if len(data) == length:
+                return data
+            buf = bytearray(data)
+            while len(buf) < length:
+                chunk = os.pread(fd, length - len(buf), offset + len(buf))
+                if not chunk:  # end of file: the rest reads as zeros
+                    buf += bytes(length - len(buf))
+                    break
+                buf += chunk
+            return bytes(buf)
+        except OSError as e:
+            raise StoreIOError(StoreOp.READ, offset, e.errno or errno.EIO) from e
+        finally:
+            self._exit()
+
+    def _write_sync(self, offset: int, data: bytes | bytearray | memoryview, n: int) -> None:
+        fd = self._enter()
+        try:
+            done = os.pwrite(fd, data, offset)
+            if done == n:
+                return
+            view = memoryview(data).cast("B")
+            while done < n:
+                wrote = os.pwrite(fd, view[done:], offset + done)
+                if wrote <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += wrote
+        except OSError as e:
+            raise StoreIOError(StoreOp.WRITE, offset, e.errno or errno.EIO) from e
+        finally:
+            self._exit()
+
+    def _flush_sync(self) -> None:
+        fd = self._enter()
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            raise StoreIOError(StoreOp.FLUSH, 0, e.errno or errno.EIO) from e
+        finally:
+            self._exit()
+
+    def _unmap_sync(self, offset: int, length: int) -> None:
+        fd = self._enter()
+        try:
+            _punch_hole(fd, offset, length)
+        except OSError as e:
+            raise StoreIOError(StoreOp.UNMAP, offset, e.errno or errno.EIO) from e
+        finally:
+            self._exit()
+
+    def _mapped_extent_sync(self, offset: int) -> tuple[bool, int]:
+        fd = self._enter()
+        end = self._size
+        try:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data from offset to end of file
+                    return False, end - offset
+                if e.errno == errno.EINVAL:  # no SEEK_DATA support: call it all mapped
+                    return True, end - offset
+                raise
+            if data > offset:
+                return False, min(data, end) - offset
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+            return True, min(hole, end) - offset
+        except OSError as e:
+            raise StoreIOError(StoreOp.MAPPED_EXTENT, offset, e.errno or errno.EIO) from e
+        finally:
+            self._exit()
+
+    def _resize_sync(self, new_size: int) -> None:
+        fd = self._enter()
+        try:
+            if self._is_blockdev:
+                capacity = _device_size(fd)
+                if new_size > capacity:
+                    raise StoreRangeError(
+                        f"cannot grow {self.path} to {new_size} bytes: it is a block device of "
+                        f"{capacity} bytes (grow the device first)"
+                    )
+            elif os.fstat(fd).st_size < new_size:
+                os.ftruncate(fd, new_size)
+        except OSError as e:
+            raise StoreIOError(StoreOp.RESIZE, new_size, e.errno or errno.EIO) from e
+        finally:
+            self._exit()
+
+    def _close_sync(self) -> None:
+        with self._cond:
+            fd, self._fd = self._fd, -1
+            while self._inflight:
+                self._cond.wait()
+        if fd >= 0:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"FileBlockStore({self.path!r}, size={self._size}, block_size={self.block_size})"

@@ -1,0 +1,254 @@
+"""The management API: JSON over HTTP (aiohttp), plus /metrics and /healthz.
+
+    POST   /v1/volumes                {name, size, block_size?, chap_user?, chap_secret?,
+                                       chap_mutual_user?, chap_mutual_secret?, backing?}  -> 201 volume
+    GET    /v1/volumes                                                         -> 200 {"volumes": [...]}
+    GET    /v1/volumes/{name}                                                  -> 200 volume
+    POST   /v1/volumes/{name}/resize  {size}       (grow only)                 -> 200 volume
+    DELETE /v1/volumes/{name}                                                  -> 204
+    GET    /metrics                   Prometheus text exposition
+    GET    /healthz                   200 {"status": "ok"|"degraded", "volumes": N, "offline": [...]}
+
+``size`` is a number of bytes or a string such as "64MiB" (sparrow.sizes). Every error is
+``{"error": "<one line>"}`` with 400 (bad request), 404 (no such volume or route), 409 (name taken)
+or 500. CHAP secrets are accepted, stored, and never returned.
+
+The handlers are thin: they validate the JSON and call the VolumeService.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sparrow.metrics import PrometheusMetrics
+from sparrow.service import VolumeInfo, VolumeService, VolumeSpec
+from sparrow.sizes import SizeError, parse_size
+from store.blockstore import StoreError
+from store.volumes import ChapCredentials, InvalidVolume, VolumeExists, VolumeNotFound
+
+log = structlog.get_logger("sparrow.api")
+
+SERVICE_KEY = web.AppKey("service", VolumeService)
+METRICS_KEY = web.AppKey("metrics", PrometheusMetrics)
+
+#: Store errors that are the client's doing, and the status each one answers with.
+_STORE_STATUS: tuple[tuple[type[StoreError], int], ...] = (
+    (VolumeNotFound, 404),
+    (VolumeExists, 409),
+    (InvalidVolume, 400),
+)
+
+_CREATE_FIELDS = frozenset(
+    {
+        "name",
+        "size",
+        "block_size",
+        "chap_user",
+        "chap_secret",
+        "chap_mutual_user",
+        "chap_mutual_secret",
+        "backing",
+    }
+)
+_RESIZE_FIELDS = frozenset({"size"})
+
+
+class ApiError(Exception):
+    """A request error that carries its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def build_app(service: VolumeService, metrics: PrometheusMetrics) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
+    app[SERVICE_KEY] = service
+    app[METRICS_KEY] = metrics
+    app.router.add_post("/v1/volumes", create_volume)
+    app.router.add_get("/v1/volumes", list_volumes)
+    app.router.add_get("/v1/volumes/{name}", get_volume)
+    app.router.add_post("/v1/volumes/{name}/resize", resize_volume)
+    app.router.add_delete("/v1/volumes/{name}", delete_volume)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# --- handlers ----------------------------------------------------------------------------------
+
+
+async def create_volume(request: web.Request) -> web.Response:
+    body = await _json_object(request, _CREATE_FIELDS)
+    name = _string(body, "name", required=True)
+    assert name is not None
+    backing = _string(body, "backing")
+    size = _size(body, required=backing is None)
+    block_size = body.get("block_size", 512)
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ApiError(400, "block_size must be an integer (512 or 4096)")
+    spec = VolumeSpec(name=name, size=size, block_size=block_size, chap=_chap(body), backing=backing)
+    info = await request.app[SERVICE_KEY].create(spec)
+    return web.json_response(volume_json(info), status=201)
+
+
+async def list_volumes(request: web.Request) -> web.Response:
+    return web.json_response({"volumes": [volume_json(v) for v in request.app[SERVICE_KEY].volumes()]})
+
+
+async def get_volume(request: web.Request) -> web.Response:
+    return web.json_response(volume_json(request.app[SERVICE_KEY].get(request.match_info["name"])))
+
+
+async def resize_volume(request: web.Request) -> web.Response:
+    body = await _json_object(request, _RESIZE_FIELDS)
+    size = _size(body, required=True)
+    assert size is not None
+    info = await request.app[SERVICE_KEY].resize(request.match_info["name"], size)
+    return web.json_response(volume_json(info))
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    await request.app[SERVICE_KEY].delete(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    offline = [{"name": e.name, "path": str(e.path), "reason": e.reason} for e in service.offline]
+    return web.json_response(
+        {"status": "degraded" if offline else "ok", "volumes": len(service.names()), "offline": offline}
+    )
+
+
+# --- JSON shapes -------------------------------------------------------------------------------
+
+
+def volume_json(v: VolumeInfo) -> dict[str, Any]:
+    """The public view of a volume (no secrets)."""
+    urls = v.urls()
+    return {
+        "name": v.name,
+        "uuid": v.uuid,
+        "size": v.size,
+        "block_size": v.block_size,
+        "serial": v.serial,
+        "naa": v.naa,
+        "backing": v.backing,
+        "created_at": v.created_at,
+        "iqn": v.iqn,
+        "lun": v.lun,
+        "portals": [_portal_text(p.host, p.port) for p in v.portals],
+        "url": urls[0] if urls else None,
+        "urls": urls,
+        "chap": None if v.chap_user is None else {"user": v.chap_user, "mutual_user": v.chap_mutual_user},
+        "sessions": v.sessions,
+    }
+
+
+def _portal_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- request parsing ---------------------------------------------------------------------------
+
+
+async def _json_object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    return data
+
+
+def _string(body: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ApiError(400, f"missing field {key!r}")
+        return None
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{key} must be a non-empty string")
+    return value
+
+
+def _size(body: dict[str, Any], *, required: bool) -> int | None:
+    value = body.get("size")
+    if value is None:
+        if required:
+            raise ApiError(400, "missing field 'size' (bytes, or a string such as \"64MiB\")")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ApiError(400, 'size must be an integer number of bytes or a string such as "64MiB"')
+    try:
+        return parse_size(value)
+    except SizeError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _chap(body: dict[str, Any]) -> ChapCredentials | None:
+    user = _string(body, "chap_user")
+    secret = _string(body, "chap_secret")
+    mutual_user = _string(body, "chap_mutual_user")
+    mutual_secret = _string(body, "chap_mutual_secret")
+    if (user is None) != (secret is None):
+        raise ApiError(400, "CHAP needs both chap_user and chap_secret")
+    if (mutual_user is None) != (mutual_secret is None):
+        raise ApiError(400, "mutual CHAP needs both chap_mutual_user and chap_mutual_secret")
+    if user is None or secret is None:
+        if mutual_user is not None:
+            raise ApiError(400, "mutual CHAP needs one-way CHAP too (chap_user and chap_secret)")
+        return None
+    return ChapCredentials(user=user, secret=secret, mutual_user=mutual_user, mutual_secret=mutual_secret)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure becomes ``{"error": ...}`` with a status; a bug is logged with its traceback."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _error(e.status, str(e))
+    except StoreError as e:
+        for cls, status in _STORE_STATUS:
+            if isinstance(e, cls):
+                return _error(status, str(e))
+        log.error("store error", method=request.method, path=request.path, error=str(e))
+        return _error(500, str(e))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.reason if e.status != 404 else f"no such endpoint: {request.method} {request.path}"
+        if e.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        if e.status == 413:
+            message = "request body too large"
+        return _error(e.status, message)
+    except Exception as e:
+        log.exception("API handler failed", method=request.method, path=request.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")

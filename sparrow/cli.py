@@ -1,0 +1,379 @@
+"""The ``sparrow`` command.
+
+    sparrow serve [--config FILE] [--data-dir DIR] [--iscsi HOST:PORT] [--http HOST:PORT]
+                  [--advertise HOST[:PORT]]... [--base-iqn IQN] [--demo-volume NAME:SIZE]
+                  [--log-format auto|json|console] [--log-level LEVEL]
+    sparrow volume create NAME --size SIZE [--block-size 512|4096] [--chap-user U --chap-secret S
+                  [--chap-mutual-user U --chap-mutual-secret S]] [--backing PATH] [--json]
+    sparrow volume list [--json]
+    sparrow volume inspect NAME [--json]
+    sparrow volume resize NAME --size SIZE
+    sparrow volume delete NAME
+
+Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
+http://127.0.0.1:3280) with urllib. Every error is one line on stderr; the exit code is 1, or 2 for
+a usage error (bad flag, bad size, bad URL). Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from sparrow.sizes import SizeError, format_size, parse_size
+
+DEFAULT_API = "http://127.0.0.1:3280"
+API_ENV = "SPARROW_API"
+#: Seconds to wait for the daemon; a create with fallocate or a delete that drains sessions can take a while.
+API_TIMEOUT = 60.0
+
+
+class CliError(Exception):
+    """An error to print as one line; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UsageError(CliError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that raise instead of exiting (so main() can be called in-process)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+# --- the HTTP client -----------------------------------------------------------------------------
+
+
+class ApiClient:
+    """A small synchronous JSON client for the daemon's API."""
+
+    def __init__(self, base_url: str, timeout: float = API_TIMEOUT) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UsageError(f"invalid API URL {base_url!r}: expected http://HOST:PORT")
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        url = self.base_url + path
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            with e:
+                raise CliError(_http_error_message(e)) from None
+        except urllib.error.URLError as e:
+            raise CliError(self._unreachable(e.reason)) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise CliError(self._unreachable(e)) from None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CliError(f"unexpected answer from {url}: not JSON (is this the Sparrow API?)") from None
+
+    def _unreachable(self, reason: object) -> str:
+        return f"cannot reach the Sparrow daemon at {self.base_url}: {_reason_text(reason)}"
+
+
+def _reason_text(reason: object) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve host ({reason.strerror})"
+    if isinstance(reason, http.client.RemoteDisconnected | ConnectionResetError):
+        return "the connection was closed before an answer came"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[0].lower() + reason.strerror[1:]
+    text = str(reason) or type(reason).__name__
+    return text.splitlines()[0]
+
+
+def _http_error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        payload = json.loads(e.read())
+    except (ValueError, OSError):
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return str(payload["error"])
+    return f"the daemon answered HTTP {e.code} {e.reason}"
+
+
+# --- argument types ------------------------------------------------------------------------------
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+# --- volume commands -----------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    return ApiClient(args.api or os.environ.get(API_ENV) or DEFAULT_API)
+
+
+def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
+    if args.size is None and args.backing is None:
+        raise UsageError("sparrow volume create: error: --size is required (unless --backing names a device)")
+    if (args.chap_user is None) != (args.chap_secret is None):
+        raise UsageError("sparrow volume create: error: --chap-user and --chap-secret go together")
+    if (args.chap_mutual_user is None) != (args.chap_mutual_secret is None):
+        raise UsageError(
+            "sparrow volume create: error: --chap-mutual-user and --chap-mutual-secret go together"
+        )
+    if args.chap_mutual_user is not None and args.chap_user is None:
+        raise UsageError("sparrow volume create: error: mutual CHAP needs --chap-user and --chap-secret too")
+    body: dict[str, Any] = {"name": args.name, "block_size": args.block_size}
+    if args.size is not None:
+        body["size"] = args.size
+    optional = {
+        "backing": args.backing,
+        "chap_user": args.chap_user,
+        "chap_secret": args.chap_secret,
+        "chap_mutual_user": args.chap_mutual_user,
+        "chap_mutual_secret": args.chap_mutual_secret,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    volume = _client(args).request("POST", "/v1/volumes", body)
+    _print_volume(volume, out, as_json=args.json)
+    return 0
+
+
+def cmd_volume_list(args: argparse.Namespace, out: TextIO) -> int:
+    answer = _client(args).request("GET", "/v1/volumes")
+    volumes = answer.get("volumes", []) if isinstance(answer, dict) else []
+    if args.json:
+        print(json.dumps(volumes, indent=2), file=out)
+        return 0
+    if not volumes:
+        print("no volumes", file=out)
+        return 0
+    rows = [("NAME", "SIZE", "BLOCK", "IQN")]
+    rows += [(v["name"], format_size(v["size"]), str(v["block_size"]), v["iqn"]) for v in volumes]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
+    return 0
+
+
+def cmd_volume_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    volume = _client(args).request("GET", f"/v1/volumes/{_quote(args.name)}")
+    _print_volume(volume, out, as_json=args.json)
+    return 0
+
+
+def cmd_volume_resize(args: argparse.Namespace, out: TextIO) -> int:
+    volume = _client(args).request("POST", f"/v1/volumes/{_quote(args.name)}/resize", {"size": args.size})
+    if args.json:
+        print(json.dumps(volume, indent=2), file=out)
+    else:
+        print(
+            f"volume {volume['name']} is now {format_size(volume['size'])} ({volume['size']} bytes)", file=out
+        )
+    return 0
+
+
+def cmd_volume_delete(args: argparse.Namespace, out: TextIO) -> int:
+    _client(args).request("DELETE", f"/v1/volumes/{_quote(args.name)}")
+    print(f"deleted volume {args.name}", file=out)
+    return 0
+
+
+def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(v, indent=2), file=out)
+        return
+    chap = v.get("chap")
+    if chap is None:
+        chap_text = "none"
+    elif chap.get("mutual_user"):
+        chap_text = f"user {chap['user']}, mutual user {chap['mutual_user']}"
+    else:
+        chap_text = f"user {chap['user']}"
+    lines = [
+        ("name", v["name"]),
+        ("size", f"{format_size(v['size'])} ({v['size']} bytes)"),
+        ("block size", str(v["block_size"])),
+        ("iqn", v["iqn"]),
+        ("lun", str(v["lun"])),
+        ("portals", ", ".join(v.get("portals") or []) or "-"),
+        ("url", v.get("url") or "-"),
+        ("chap", chap_text),
+        ("serial", v["serial"]),
+        ("naa", v["naa"]),
+        ("uuid", v["uuid"]),
+        ("backing", v.get("backing") or "sparse file in the data directory"),
+        ("created", v["created_at"]),
+        ("sessions", str(v.get("sessions", 0))),
+    ]
+    width = max(len(k) for k, _ in lines) + 1
+    for key, value in lines:
+        print(f"{key + ':':<{width}} {value}", file=out)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from sparrow.config import ConfigError, Overrides, load_config
+
+    overrides = Overrides(
+        data_dir=args.data_dir,
+        iscsi=args.iscsi,
+        http=args.http,
+        advertise=tuple(args.advertise) if args.advertise else None,
+        base_iqn=args.base_iqn,
+        demo_volume=args.demo_volume,
+        log_format=args.log_format,
+        log_level=args.log_level,
+    )
+    try:
+        config = load_config(Path(args.config) if args.config else None, overrides)
+    except ConfigError as e:
+        raise CliError(str(e), code=2 if e.usage else 1) from None
+
+    from sparrow.daemon import run
+    from sparrow.logs import configure_logging
+
+    configure_logging(config.log_format, config.log_level)
+    return run(config)
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparrow", description="Sparrow: block volumes served over iSCSI.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon", description="Run the Sparrow daemon.")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (flags override it)")
+    serve.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where volumes live (default: /var/lib/sparrow as root, else ~/.local/share/sparrow)",
+    )
+    serve.add_argument("--iscsi", metavar="HOST:PORT", help="iSCSI listen address (default 0.0.0.0:3260)")
+    serve.add_argument("--http", metavar="HOST:PORT", help="HTTP API listen address (default 127.0.0.1:3280)")
+    serve.add_argument(
+        "--advertise",
+        metavar="HOST[:PORT]",
+        action="append",
+        help="portal address given to initiators by SendTargets (repeatable)",
+    )
+    serve.add_argument(
+        "--base-iqn", metavar="IQN", help="target names are IQN:VOLUME (default iqn.2026-11.io.sparrow)"
+    )
+    serve.add_argument("--demo-volume", metavar="NAME:SIZE", help="create this volume at startup if missing")
+    serve.add_argument(
+        "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
+    )
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(func=cmd_serve)
+
+    volume = commands.add_parser(
+        "volume",
+        help="manage volumes through the daemon's API",
+        description="Manage volumes through the running daemon.",
+    )
+    vcommands = volume.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+
+    def with_api(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--api", metavar="URL", help=f"daemon API (default ${API_ENV} or {DEFAULT_API})")
+        return p
+
+    create = with_api(vcommands.add_parser("create", help="create a volume and export it"))
+    create.add_argument("name")
+    create.add_argument("--size", type=_size_arg, help="e.g. 64MiB, 10G, 1.5GiB (binary units)")
+    create.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    create.add_argument("--chap-user", metavar="USER")
+    create.add_argument("--chap-secret", metavar="SECRET")
+    create.add_argument("--chap-mutual-user", metavar="USER")
+    create.add_argument("--chap-mutual-secret", metavar="SECRET")
+    create.add_argument(
+        "--backing", metavar="PATH", help="a block device or file to serve instead of a new file"
+    )
+    create.add_argument("--json", action="store_true", help="print the volume as JSON")
+    create.set_defaults(func=cmd_volume_create)
+
+    lst = with_api(vcommands.add_parser("list", help="list volumes"))
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_volume_list)
+
+    inspect = with_api(vcommands.add_parser("inspect", help="show one volume and how to attach it"))
+    inspect.add_argument("name")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_volume_inspect)
+
+    resize = with_api(vcommands.add_parser("resize", help="grow a volume"))
+    resize.add_argument("name")
+    resize.add_argument(
+        "--size", type=_size_arg, required=True, help="the new size (larger than the old one)"
+    )
+    resize.add_argument("--json", action="store_true")
+    resize.set_defaults(func=cmd_volume_resize)
+
+    delete = with_api(vcommands.add_parser("delete", help="delete a volume (its data is gone)"))
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_volume_delete)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the command line; returns the exit code (the console script passes it to sys.exit)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.func(args, out)
+        return code
+    except CliError as e:
+        message = str(e)
+        if not message.startswith("sparrow"):
+            message = f"sparrow: error: {message}"
+        print(message, file=err)
+        return e.code
+    except SystemExit as e:  # --help and --version exit through argparse
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        print("sparrow: interrupted", file=err)
+        return 130
+    except BrokenPipeError:  # `sparrow volume list | head`
+        return 0
+    except Exception as e:  # a bug or an unexpected answer: still one line, never a traceback
+        print(f"sparrow: error: unexpected {type(e).__name__}: {e}", file=err)
+        return 1

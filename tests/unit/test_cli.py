@@ -1,0 +1,245 @@
+"""sparrow.cli error paths: one line on stderr, exit 1 (2 for usage), never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from frontend.target import Portal, TargetRegistry
+from sparrow.api import build_app
+from sparrow.cli import main
+from sparrow.metrics import PrometheusMetrics
+from sparrow.service import VolumeService
+from store.volumes import VolumeManager
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback URL where nothing listens: the port is bound (so nobody else takes it) but not listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line(text: str) -> str:
+    assert text.endswith("\n") and text.count("\n") == 1, f"expected one line, got {text!r}"
+    assert "Traceback" not in text
+    return text.rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("volume", "list"),
+        ("volume", "list", "--json"),
+        ("volume", "inspect", "vol1"),
+        ("volume", "create", "vol1", "--size", "64MiB"),
+        ("volume", "resize", "vol1", "--size", "1G"),
+        ("volume", "delete", "vol1"),
+    ],
+)
+def test_daemon_unreachable(dead_url: str, argv: tuple[str, ...]) -> None:
+    code, out, err = run(*argv, "--api", dead_url)
+    assert code == 1
+    assert out == ""
+    assert (
+        one_line(err) == f"sparrow: error: cannot reach the Sparrow daemon at {dead_url}: connection refused"
+    )
+
+
+def test_api_url_from_environment(dead_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARROW_API", dead_url)
+    code, _, err = run("volume", "list")
+    assert code == 1
+    assert dead_url in one_line(err)
+
+
+def test_flag_beats_environment(dead_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARROW_API", "http://192.0.2.1:1")  # would time out, not refuse
+    code, _, err = run("volume", "list", "--api", dead_url)
+    assert code == 1
+    assert one_line(err).endswith(f"{dead_url}: connection refused")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (("volume", "create", "v", "--size", "12X"), "invalid size '12X'"),
+        (("volume", "create", "v", "--size", "0"), "greater than zero"),
+        (("volume", "create", "v", "--size", "64MB"), "ambiguous"),
+        (("volume", "resize", "v", "--size=-1G"), "greater than zero"),
+        (("volume", "create", "v"), "--size is required"),
+        (("volume", "create", "v", "--size", "1M", "--block-size", "1000"), "invalid choice: 1000"),
+        (("volume", "create", "v", "--size", "1M", "--chap-user", "u"), "--chap-user and --chap-secret"),
+        (
+            ("volume", "create", "v", "--size", "1M", "--chap-mutual-user", "m", "--chap-mutual-secret", "s"),
+            "mutual CHAP needs --chap-user",
+        ),
+        (("volume", "resize", "v"), "--size"),
+        (("volume", "frobnicate"), "invalid choice: 'frobnicate'"),
+        (("volume",), "required"),
+        ((), "required"),
+    ],
+)
+def test_usage_errors(dead_url: str, argv: tuple[str, ...], fragment: str) -> None:
+    code, out, err = (
+        run(*argv, "--api", dead_url) if argv[:1] == ("volume",) and len(argv) > 1 else run(*argv)
+    )
+    assert code == 2
+    assert out == ""
+    line = one_line(err)
+    assert line.startswith("sparrow")
+    assert fragment in line
+    assert "cannot reach" not in line  # refused before any request was made
+
+
+@pytest.mark.parametrize("url", ["foo", "ftp://127.0.0.1:3280", "http://"])
+def test_bad_api_url(url: str) -> None:
+    code, _, err = run("volume", "list", "--api", url)
+    assert code == 2
+    assert one_line(err) == f"sparrow: error: invalid API URL {url!r}: expected http://HOST:PORT"
+
+
+def test_serve_bad_flag_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, err = run("serve", "--data-dir", str(tmp_path), "--iscsi", "0.0.0.0")
+    assert code == 2
+    assert one_line(err) == (
+        "sparrow: error: invalid address '0.0.0.0' for --iscsi: missing port (expected HOST:PORT)"
+    )
+
+
+def test_serve_bad_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "sparrow.toml"
+    path.write_text('[iscsi]\nlisten = "0.0.0.0:3260"\nport = 3260\n')
+    code, _, err = run("serve", "--config", str(path))
+    assert code == 1
+    line = one_line(err)
+    assert line.startswith(f"sparrow: error: {path}: unknown key 'iscsi.port'")
+
+
+def test_serve_missing_config_file(tmp_path: Path) -> None:
+    code, _, err = run("serve", "--config", str(tmp_path / "absent.toml"))
+    assert code == 1
+    assert "cannot read config file" in one_line(err)
+
+
+def test_serve_bad_demo_volume(tmp_path: Path) -> None:
+    code, _, err = run("serve", "--data-dir", str(tmp_path), "--demo-volume", "demo:lots")
+    assert code == 2
+    assert "invalid size 'lots'" in one_line(err)
+
+
+# --- the CLI against the real API (aiohttp test server, real VolumeManager in tmp_path) ----------
+
+
+@pytest.fixture
+async def api_url(tmp_path: Path) -> AsyncIterator[str]:
+    manager = VolumeManager(tmp_path / "data")
+    registry = TargetRegistry()
+    metrics = PrometheusMetrics()
+    service = VolumeService(
+        manager,
+        registry,
+        base_iqn="iqn.2026-11.io.sparrow",
+        portals=(Portal("192.0.2.9", 3260),),
+        metrics=metrics,
+    )
+    await service.open_all()
+    server = TestServer(build_app(service, metrics))
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+    await service.close()
+
+
+async def cli(*argv: str) -> tuple[int, str, str]:
+    """The blocking CLI runs in a thread so the server keeps serving on this loop."""
+    return await asyncio.to_thread(run, *argv)
+
+
+async def test_create_list_inspect_resize_delete(api_url: str) -> None:
+    code, out, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--api", api_url)
+    assert (code, err) == (0, "")
+    assert "url:        iscsi://192.0.2.9:3260/iqn.2026-11.io.sparrow:vol1/0" in out
+    code, out, err = await cli(
+        "volume",
+        "create",
+        "big",
+        "--size",
+        "1.5GiB",
+        "--block-size",
+        "4096",
+        "--chap-user",
+        "u",
+        "--chap-secret",
+        "secret-12345",
+        "--api",
+        api_url,
+    )
+    assert code == 0
+    assert "chap:       user u" in out and "secret-12345" not in out
+
+    code, out, _ = await cli("volume", "list", "--api", api_url)
+    assert code == 0
+    assert out.splitlines() == [
+        "NAME  SIZE     BLOCK  IQN",
+        "big   1.5 GiB  4096   iqn.2026-11.io.sparrow:big",
+        "vol1  64 MiB   512    iqn.2026-11.io.sparrow:vol1",
+    ]
+
+    code, out, _ = await cli("volume", "inspect", "vol1", "--api", api_url)
+    assert code == 0
+    lines = dict(line.split(": ", 1) for line in out.splitlines())
+    assert lines["size"].strip() == "64 MiB (67108864 bytes)"
+    assert lines["iqn"].strip() == "iqn.2026-11.io.sparrow:vol1"
+    assert lines["portals"].strip() == "192.0.2.9:3260"
+
+    code, out, _ = await cli("volume", "inspect", "vol1", "--json", "--api", api_url)
+    assert code == 0 and json.loads(out)["size"] == 64 * 1024**2
+
+    code, out, _ = await cli("volume", "resize", "vol1", "--size", "128M", "--api", api_url)
+    assert (code, out) == (0, "volume vol1 is now 128 MiB (134217728 bytes)\n")
+
+    code, out, _ = await cli("volume", "delete", "vol1", "--api", api_url)
+    assert (code, out) == (0, "deleted volume vol1\n")
+    code, out, _ = await cli("volume", "list", "--json", "--api", api_url)
+    assert [v["name"] for v in json.loads(out)] == ["big"]
+
+
+async def test_daemon_errors_are_one_line(api_url: str) -> None:
+    assert (await cli("volume", "create", "dup", "--size", "1M", "--api", api_url))[0] == 0
+    code, out, err = await cli("volume", "create", "dup", "--size", "1M", "--api", api_url)
+    assert (code, out) == (1, "")
+    assert one_line(err) == "sparrow: error: volume 'dup' already exists"
+
+    code, _, err = await cli("volume", "inspect", "ghost", "--api", api_url)
+    assert code == 1 and one_line(err) == "sparrow: error: no volume named 'ghost'"
+
+    code, _, err = await cli("volume", "resize", "dup", "--size", "512K", "--api", api_url)
+    assert code == 1 and "cannot shrink" in one_line(err)
+
+    code, _, err = await cli("volume", "create", "Bad_Name", "--size", "1M", "--api", api_url)
+    assert code == 1 and "invalid volume name 'Bad_Name'" in one_line(err)
+
+
+async def test_empty_list(api_url: str) -> None:
+    assert await cli("volume", "list", "--api", api_url) == (0, "no volumes\n", "")
+
+
+async def test_not_the_sparrow_api(api_url: str) -> None:
+    code, _, err = await cli("volume", "list", "--api", api_url + "/metrics-and-more")
+    assert code == 1
+    assert one_line(err).startswith("sparrow: error: no such endpoint: GET /metrics-and-more/v1/volumes")
