@@ -54,7 +54,6 @@ class Daemon:
         notify.settimeout(timeout)
         env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1")
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-daemon.log"
-        log = self.log_path.open("ab")
         cmd = [
             sys.executable, "-m", "sparrow", "serve",
             "--data-dir", str(self.data_dir),
@@ -63,7 +62,8 @@ class Daemon:
             "--log-format", "json",
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         try:
             while True:
