@@ -23,14 +23,14 @@ def test_second_daemon_on_the_same_data_dir_exits_with_a_clear_error(daemon: Dae
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert "lock" in (proc.stderr + proc.stdout).lower()
+    assert "in use" in (proc.stderr + proc.stdout).lower()
 
 
 def test_flushed_writes_survive_kill_9(daemon: Daemon) -> None:
     qemu_io = require_tool("qemu-io")
     daemon.create_volume("durable", "16MiB")
     url = daemon.url("durable")
-    run([qemu_io, "-f", "raw", "-c", "write -P 0x3c 0 4M", "-c", "flush", "-c", "write -P 0x7e -F 4M 1M", url])
+    run([qemu_io, "-f", "raw", "-c", "write -P 0x3c 0 4M", "-c", "flush", "-c", "write -P 0x7e -f 4M 1M", url])
     daemon.kill9()
     daemon.start()
     out = run([qemu_io, "-f", "raw", "-c", "read -P 0x3c 0 4M", "-c", "read -P 0x7e 4M 1M", url]).stdout

@@ -57,11 +57,11 @@ def test_vpd_identity_is_stable_across_kill_and_restart(daemon: Daemon) -> None:
     iscsi_inq = require_tool("iscsi-inq")
     daemon.create_volume("stable", "8MiB")
     url = daemon.url("stable")
-    serial = run([iscsi_inq, "-e", "1", "-c", "0x80", url]).stdout
-    ident = run([iscsi_inq, "-e", "1", "-c", "0x83", url]).stdout
+    serial = run([iscsi_inq, "-e", "1", "-c", "128", url]).stdout
+    ident = run([iscsi_inq, "-e", "1", "-c", "131", url]).stdout
     assert "Unit Serial Number" in serial or "serial" in serial.lower(), serial
     assert "NAA" in ident or "naa" in ident.lower(), ident
     daemon.kill9()
     daemon.start()
-    assert run([iscsi_inq, "-e", "1", "-c", "0x80", url]).stdout == serial
-    assert run([iscsi_inq, "-e", "1", "-c", "0x83", url]).stdout == ident
+    assert run([iscsi_inq, "-e", "1", "-c", "128", url]).stdout == serial
+    assert run([iscsi_inq, "-e", "1", "-c", "131", url]).stdout == ident

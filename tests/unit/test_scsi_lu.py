@@ -1,0 +1,777 @@
+"""LogicalUnit: block commands, errors and sense bytes, write-cache truth, UAs, ALUA, reservations."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import pytest
+
+from frontend.scsi.lu import AccessState, LogicalUnit, ResetKind, no_such_lun
+from frontend.scsi.reservations import Reservations
+from frontend.scsi.types import ScsiStatus
+from store.memstore import MemoryBlockStore
+from tests.unit.test_scsi_helpers import (
+    BS,
+    IDENTITY,
+    NBLOCKS,
+    A,
+    B,
+    compare_and_write,
+    field_pointer,
+    get_lba_status,
+    good,
+    information,
+    inquiry,
+    make_lu,
+    mode_select6,
+    mode_sense6,
+    read6,
+    read10,
+    read16,
+    read_capacity10,
+    read_capacity16,
+    report_luns,
+    request,
+    request_sense,
+    rtpg,
+    run,
+    rw10,
+    rw12,
+    rw16,
+    sanitize,
+    sense,
+    tur,
+    unmap,
+    unmap_params,
+    write6,
+    write10,
+    write16,
+    write_same10,
+    write_same16,
+)
+
+ILLEGAL, INVALID_FIELD = 0x05, 0x24
+
+
+def pattern(nblocks: int, seed: int = 1) -> bytes:
+    return bytes((seed + i) & 0xFF for i in range(nblocks * BS))
+
+
+# ---- basic commands ---------------------------------------------------------------------------------
+
+
+async def test_test_unit_ready_and_unknown_opcode() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur()))
+    assert sense(await run(lu, bytes([0xC7]) + bytes(15))) == (ILLEGAL, 0x20, 0x00)
+    # Unknown service action of SERVICE ACTION IN(16): INVALID COMMAND OPERATION CODE too.
+    assert sense(await run(lu, bytes([0x9E, 0x1F]) + bytes(14))) == (ILLEGAL, 0x20, 0x00)
+
+
+async def test_naca_is_rejected_with_field_pointer_at_control_byte() -> None:
+    lu, _ = make_lu()
+    res = await run(lu, bytes(5) + b"\x04")
+    assert sense(res) == (ILLEGAL, INVALID_FIELD, 0)
+    assert field_pointer(res) == (True, 5)
+
+
+async def test_read_capacity_10_and_16() -> None:
+    lu, _ = make_lu()
+    data = good(await run(lu, read_capacity10())).data
+    assert struct.unpack(">II", data) == (NBLOCKS - 1, BS)
+    data = bytes(good(await run(lu, read_capacity16())).data)
+    assert len(data) == 32
+    assert struct.unpack_from(">QI", data) == (NBLOCKS - 1, BS)
+    assert data[12] == 0  # no protection information
+    assert data[14] & 0xC0 == 0xC0  # LBPME, LBPRZ
+    assert bytes(good(await run(lu, read_capacity16(alloc=10))).data) == data[:10]
+    # LBA without PMI is an invalid field.
+    assert sense(await run(lu, bytes((0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0)))) == (ILLEGAL, INVALID_FIELD, 0)
+
+
+async def test_read_capacity_16_without_unmap_support_has_no_lbpme() -> None:
+    lu, _ = make_lu(supports_unmap=False)
+    data = bytes(good(await run(lu, read_capacity16())).data)
+    assert data[14] & 0xC0 == 0
+
+
+@pytest.mark.parametrize(
+    ("write", "read"),
+    [
+        (lambda lba, n: rw10(0x2A, lba, n), lambda lba, n: rw10(0x28, lba, n)),
+        (lambda lba, n: rw12(0xAA, lba, n), lambda lba, n: rw12(0xA8, lba, n)),
+        (lambda lba, n: rw16(0x8A, lba, n), lambda lba, n: rw16(0x88, lba, n)),
+        (write6, read6),
+    ],
+    ids=["10", "12", "16", "6"],
+)
+async def test_write_then_read_round_trip(write: Any, read: Any) -> None:
+    lu, _ = make_lu()
+    data = pattern(3, seed=7)
+    res = good(await run(lu, write(100, 3), data))
+    assert res.transfer_length == 3 * BS
+    res = good(await run(lu, read(100, 3)))
+    assert bytes(res.data) == data
+    assert res.transfer_length == 3 * BS
+
+
+async def test_read6_zero_length_means_256_blocks() -> None:
+    lu, _ = make_lu()
+    res = good(await run(lu, read6(0, 0)))
+    assert len(res.data) == 256 * BS
+
+
+async def test_zero_block_transfers_are_good_and_move_nothing() -> None:
+    lu, store = make_lu()
+    for cdb in (read10(0, 0), write10(0, 0), read16(0, 0), write16(0, 0)):
+        res = good(await run(lu, cdb, b""))
+        assert res.data == b""
+    assert store.mapped_blocks == frozenset()
+
+
+@pytest.mark.parametrize(
+    "cdb",
+    [
+        read10(NBLOCKS, 1),
+        read10(NBLOCKS - 1, 2),
+        read16(2**63, 1),
+        read16(2**64 - 1, 1),
+        write10(NBLOCKS - 1, 2),
+    ],
+)
+async def test_lba_out_of_range(cdb: bytes) -> None:
+    lu, _ = make_lu()
+    assert sense(await run(lu, cdb, bytes(2 * BS))) == (ILLEGAL, 0x21, 0x00)
+
+
+@pytest.mark.parametrize("flags", [0x20, 0x40, 0x60, 0x80, 0xE0])
+async def test_protect_field_is_an_invalid_field(flags: int) -> None:
+    lu, _ = make_lu()
+    for cdb in (read10(0, 1, flags), write10(0, 1, flags), read16(0, 1, flags), rw12(0xA8, 0, 1, flags)):
+        res = await run(lu, cdb, bytes(BS))
+        assert sense(res) == (ILLEGAL, INVALID_FIELD, 0)
+        assert field_pointer(res) == (True, 1)
+
+
+async def test_transfer_longer_than_max_transfer_is_invalid() -> None:
+    lu, _ = make_lu(nblocks=1 << 20)
+    too_many = lu.limits.max_transfer + 1
+    res = await run(lu, read16(0, too_many))
+    assert sense(res) == (ILLEGAL, INVALID_FIELD, 0)
+    assert field_pointer(res) == (True, 10)
+
+
+async def test_dpo_fua_accepted_and_fua_flushes() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 1, 0x10), bytes(BS)))  # DPO
+    assert store.flush_count == 0
+    good(await run(lu, write10(0, 1, 0x08), bytes(BS)))  # FUA
+    assert store.flush_count == 1
+    good(await run(lu, write16(0, 1, 0x18), bytes(BS)))
+    assert store.flush_count == 2
+    good(await run(lu, read10(0, 1, 0x18)))
+
+
+async def test_synchronize_cache_flushes() -> None:
+    lu, store = make_lu()
+    good(await run(lu, rw10(0x35, 0, 0)))
+    good(await run(lu, rw16(0x91, 0, 8)))
+    assert store.flush_count == 2
+    assert sense(await run(lu, rw10(0x35, NBLOCKS + 1, 0))) == (ILLEGAL, 0x21, 0)
+
+
+async def test_prefetch_is_good_and_range_checked() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, rw10(0x34, 0, 8)))
+    good(await run(lu, rw16(0x90, NBLOCKS - 1, 1, 0x02)))
+    assert sense(await run(lu, rw16(0x90, NBLOCKS, 1))) == (ILLEGAL, 0x21, 0)
+
+
+# ---- residuals: Data-Out shorter or longer than the CDB asks -------------------------------------
+
+
+async def test_write_with_less_data_writes_only_whole_blocks_received() -> None:
+    lu, _store = make_lu()
+    good(await run(lu, write10(0, 2), b"a" * 2 * BS))
+    res = good(await run(lu, write10(0, 2), b"b" * BS))
+    assert res.transfer_length == 2 * BS
+    assert bytes(good(await run(lu, read10(0, 2))).data) == b"b" * BS + b"a" * BS
+    # Less than a block: nothing written, still GOOD (the iSCSI layer reports the overflow).
+    good(await run(lu, write10(0, 1), b"c" * 200))
+    assert bytes(good(await run(lu, read10(0, 1))).data) == b"b" * BS
+
+
+async def test_write_with_more_data_writes_only_what_the_cdb_says() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, write10(0, 2), b"a" * 2 * BS))
+    res = good(await run(lu, write10(0, 1), b"b" * 2 * BS))
+    assert res.transfer_length == BS
+    assert bytes(good(await run(lu, read10(0, 2))).data) == b"b" * BS + b"a" * BS
+
+
+# ---- write cache truth ---------------------------------------------------------------------------
+
+
+def caching_page(wce: bool) -> bytes:
+    page = bytearray(20)
+    page[0:2] = b"\x08\x12"
+    page[2] = 0x04 if wce else 0
+    return bytes(page)
+
+
+async def test_wce_zero_makes_every_write_command_flush() -> None:
+    lu, store = make_lu()
+    assert lu.write_cache_enabled
+    params = bytes(4) + caching_page(False)
+    good(await run(lu, mode_select6(len(params)), params))
+    assert not lu.write_cache_enabled
+    ms = bytes(good(await run(lu, mode_sense6(0x08, dbd=True))).data)
+    assert ms[4] == 0x08 and ms[6] & 0x04 == 0
+    commands = [
+        (write10(0, 1), bytes(BS)),
+        (write16(1, 1), bytes(BS)),
+        (write6(2, 1), bytes(BS)),
+        (rw12(0xAA, 3, 1), bytes(BS)),
+        (rw10(0x2E, 4, 1), bytes(BS)),
+        (write_same10(5, 4), b"x" * BS),
+        (write_same16(9, 4, 0x08), bytes(BS)),
+        (rw16(0x8B, 20, 1), bytes(BS)),
+        (rw16(0x9C, 21, 1), bytes(BS)),
+        (compare_and_write(22, 1), bytes(2 * BS)),
+        (unmap(24), unmap_params((30, 2))),
+    ]
+    for i, (cdb, data) in enumerate(commands, start=1):
+        good(await run(lu, cdb, data))
+        assert store.flush_count == i, cdb.hex()
+    # Back to write-back: plain writes stop flushing.
+    params = bytes(4) + caching_page(True)
+    good(await run(lu, mode_select6(len(params)), params))
+    good(await run(lu, write10(0, 1), bytes(BS)))
+    assert store.flush_count == len(commands)
+
+
+# ---- VERIFY, WRITE AND VERIFY ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op,make", [(0x2F, rw10), (0xAF, rw12), (0x8F, rw16)])
+async def test_verify_bytchk(op: int, make: Any) -> None:
+    lu, _ = make_lu()
+    data = pattern(4)
+    good(await run(lu, write10(10, 4), data))
+    good(await run(lu, make(op, 10, 4, 0x00), b"junk"))  # BYTCHK 0: no compare
+    good(await run(lu, make(op, 10, 4, 0x02), data))  # BYTCHK 01b: equal
+    bad = bytearray(data)
+    bad[777] ^= 0xFF
+    res = await run(lu, make(op, 10, 4, 0x02), bytes(bad))
+    assert sense(res) == (0x0E, 0x1D, 0x00)
+    assert information(res) == 777
+    assert sense(await run(lu, make(op, 10, 4, 0x04), data)) == (ILLEGAL, INVALID_FIELD, 0)  # 10b
+
+
+async def test_verify_bytchk_11_compares_one_block_with_each() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, write10(0, 3), b"q" * 3 * BS))
+    good(await run(lu, rw10(0x2F, 0, 3, 0x06), b"q" * BS))
+    good(await run(lu, write10(2, 1), b"q" * 5 + b"z" * (BS - 5)))
+    res = await run(lu, rw10(0x2F, 0, 3, 0x06), b"q" * BS)
+    assert sense(res) == (0x0E, 0x1D, 0)
+    assert information(res) == 2 * BS + 5
+
+
+async def test_write_and_verify_writes_and_flushes() -> None:
+    lu, store = make_lu()
+    data = pattern(2, seed=3)
+    good(await run(lu, rw16(0x8E, 7, 2, 0x02), data))
+    assert bytes(good(await run(lu, read10(7, 2))).data) == data
+    assert store.flush_count == 1
+
+
+# ---- COMPARE AND WRITE, ORWRITE, WRITE ATOMIC -----------------------------------------------------
+
+
+async def test_compare_and_write_success_and_miscompare() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, write10(5, 2), b"A" * 2 * BS))
+    res = good(await run(lu, compare_and_write(5, 2), b"A" * 2 * BS + b"B" * 2 * BS))
+    assert res.transfer_length == 4 * BS
+    assert bytes(good(await run(lu, read10(5, 2))).data) == b"B" * 2 * BS
+    verify = bytearray(b"B" * 2 * BS)
+    verify[2 * BS - 27] = ord("C")
+    res = await run(lu, compare_and_write(5, 2), bytes(verify) + b"D" * 2 * BS)
+    assert sense(res) == (0x0E, 0x1D, 0x00)
+    assert information(res) == 2 * BS - 27
+    assert bytes(good(await run(lu, read10(5, 2))).data) == b"B" * 2 * BS  # unchanged
+
+
+async def test_compare_and_write_rejects_wrong_data_out_size_and_too_many_blocks() -> None:
+    lu, _ = make_lu()
+    assert sense(await run(lu, compare_and_write(0, 1), bytes(4 * BS)))[:2] == (ILLEGAL, INVALID_FIELD)
+    assert sense(await run(lu, compare_and_write(0, 3), bytes(4 * BS)))[:2] == (ILLEGAL, INVALID_FIELD)
+    assert sense(await run(lu, compare_and_write(NBLOCKS - 1, 2), bytes(4 * BS))) == (ILLEGAL, 0x21, 0)
+    good(await run(lu, compare_and_write(0, 0), b""))
+
+
+class InterleavingStore(MemoryBlockStore):
+    """Yields to the event loop inside every read and write so concurrent commands interleave."""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await super().read(offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await super().write(offset, data)
+
+
+async def test_compare_and_write_is_atomic_against_another_compare_and_write() -> None:
+    store = InterleavingStore(NBLOCKS * BS, BS)
+    lu = LogicalUnit(store, IDENTITY)
+    good(await run(lu, write10(0, 1), b"A" * BS))
+    results = await asyncio.gather(
+        run(lu, compare_and_write(0, 1), b"A" * BS + b"B" * BS, nexus=A),
+        run(lu, compare_and_write(0, 1), b"A" * BS + b"C" * BS, nexus=B),
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses == [ScsiStatus.GOOD, ScsiStatus.CHECK_CONDITION]
+    winner = b"B" if results[0].status == ScsiStatus.GOOD else b"C"
+    assert bytes(good(await run(lu, read10(0, 1))).data) == winner * BS
+
+
+async def test_orwrite_ors_into_the_medium() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, write10(3, 1), b"\x0f" * BS))
+    good(await run(lu, rw16(0x8B, 3, 1), b"\xf0" * (BS - 1) + b"\x01"))
+    assert bytes(good(await run(lu, read10(3, 1))).data) == b"\xff" * (BS - 1) + b"\x0f"
+    assert sense(await run(lu, rw16(0x8B, 3, 1, 0x20), bytes(BS)))[:2] == (ILLEGAL, INVALID_FIELD)
+
+
+def write_atomic16(lba: int, n: int, boundary: int = 0) -> bytes:
+    return struct.pack(">BBQHHBB", 0x9C, 0, lba, boundary, n, 0, 0)
+
+
+async def test_write_atomic_16() -> None:
+    lu, _ = make_lu()
+    data = pattern(4, seed=9)
+    good(await run(lu, write_atomic16(NBLOCKS - 4, 4), data))
+    assert bytes(good(await run(lu, read16(NBLOCKS - 4, 4))).data) == data
+    assert sense(await run(lu, write_atomic16(0, 1, boundary=1), bytes(BS)))[:2] == (ILLEGAL, INVALID_FIELD)
+    too_long = lu.limits.max_atomic_transfer + 1
+    assert sense(await run(lu, write_atomic16(0, too_long), bytes(too_long * BS)))[:2] == (
+        ILLEGAL,
+        INVALID_FIELD,
+    )
+    assert sense(await run(lu, write_atomic16(NBLOCKS, 1), bytes(BS))) == (ILLEGAL, 0x21, 0)
+
+
+# ---- WRITE SAME, UNMAP, GET LBA STATUS, SANITIZE ---------------------------------------------------
+
+
+async def test_write_same_writes_the_block_everywhere() -> None:
+    lu, _ = make_lu()
+    block = pattern(1, seed=5)
+    res = good(await run(lu, write_same10(10, 300), block))
+    assert res.transfer_length == BS
+    assert bytes(good(await run(lu, read16(10, 300))).data) == block * 300
+    good(await run(lu, write_same16(NBLOCKS - 2, 2), b"z" * BS))
+    assert bytes(good(await run(lu, read16(NBLOCKS - 2, 2))).data) == b"z" * 2 * BS
+
+
+async def test_write_same_unmap_and_ndob_deallocate() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 8), b"\xff" * 8 * BS))
+    good(await run(lu, write_same10(0, 4, 0x08), bytes(BS)))
+    assert store.mapped_blocks == frozenset(range(4, 8))
+    res = good(await run(lu, write_same16(4, 4, 0x09), b""))  # UNMAP + NDOB
+    assert res.transfer_length == 0
+    assert store.mapped_blocks == frozenset()
+    assert bytes(good(await run(lu, read10(0, 8))).data) == bytes(8 * BS)
+
+
+async def test_write_same_unmap_deallocates_whatever_the_data() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 4), b"\xff" * 4 * BS))
+    good(await run(lu, write_same10(0, 4, 0x08), b"\xff" * BS))
+    assert store.mapped_blocks == frozenset()
+    assert bytes(good(await run(lu, read10(0, 4))).data) == bytes(4 * BS)
+
+
+async def test_write_same_zero_blocks_means_to_the_end() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(NBLOCKS - 5, 5), b"\xff" * 5 * BS))
+    good(await run(lu, write_same16(NBLOCKS - 5, 0, 0x08), bytes(BS)))
+    assert store.mapped_blocks == frozenset()
+    assert sense(await run(lu, write_same10(NBLOCKS + 1, 0), bytes(BS))) == (ILLEGAL, 0x21, 0)
+
+
+@pytest.mark.parametrize(
+    ("cdb", "data"),
+    [
+        (write_same10(0, 1, 0x10), bytes(BS)),  # ANCHOR without UNMAP
+        (write_same10(0, 1, 0x18), bytes(BS)),  # ANCHOR: ANC_SUP=0
+        (write_same10(0, 1, 0x08), bytes(BS // 2)),  # short Data-Out
+        (write_same10(0, 1, 0x08), bytes(2 * BS)),  # long Data-Out
+        (write_same16(0, 1, 0x20), bytes(BS)),  # WRPROTECT
+    ],
+)
+async def test_write_same_invalid_fields(cdb: bytes, data: bytes) -> None:
+    lu, _ = make_lu()
+    assert sense(await run(lu, cdb, data))[:2] == (ILLEGAL, INVALID_FIELD)
+
+
+async def test_write_same_unmap_needs_thin_provisioning() -> None:
+    lu, _ = make_lu(supports_unmap=False)
+    assert sense(await run(lu, write_same10(0, 1, 0x08), bytes(BS)))[:2] == (ILLEGAL, INVALID_FIELD)
+
+
+async def test_unmap_deallocates_extents() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 16), b"a" * 16 * BS))
+    params = unmap_params((0, 2), (5, 3), (9, 0))
+    res = good(await run(lu, unmap(len(params)), params))
+    assert res.transfer_length == len(params)
+    assert store.mapped_blocks == frozenset({2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15})
+    assert bytes(good(await run(lu, read10(0, 2))).data) == bytes(2 * BS)
+
+
+async def test_unmap_errors() -> None:
+    lu, store = make_lu()
+    good(await run(lu, unmap(0)))
+    good(await run(lu, unmap(8), unmap_params()))
+    good(await run(lu, unmap(24), unmap_params((NBLOCKS, 0))))
+    assert sense(await run(lu, unmap(4), bytes(4))) == (ILLEGAL, 0x1A, 0)
+    good(await run(lu, write10(0, 1), b"x" * BS))
+    params = unmap_params((0, 1), (NBLOCKS - 1, 2))
+    assert sense(await run(lu, unmap(len(params)), params)) == (ILLEGAL, 0x21, 0)
+    assert store.mapped_blocks == frozenset({0})  # nothing unmapped when one extent is bad
+    assert sense(await run(lu, unmap(24, anchor=1), unmap_params((0, 1))))[:2] == (ILLEGAL, INVALID_FIELD)
+    thick, _ = make_lu(supports_unmap=False)
+    assert sense(await run(thick, unmap(24), unmap_params((0, 1)))) == (ILLEGAL, 0x20, 0)
+
+
+def lba_status(data: bytes) -> list[tuple[int, int, int]]:
+    (length,) = struct.unpack_from(">I", data)
+    assert length == len(data) - 4
+    return [struct.unpack_from(">QIB", data, off) for off in range(8, len(data), 16)]
+
+
+async def test_get_lba_status_reports_mapped_and_deallocated_runs() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, write10(4, 4), b"a" * 4 * BS))
+    descs = lba_status(bytes(good(await run(lu, get_lba_status(0))).data))
+    assert descs == [(0, 4, 1), (4, 4, 0), (8, NBLOCKS - 8, 1)]
+    descs = lba_status(bytes(good(await run(lu, get_lba_status(5, alloc=24))).data))
+    assert descs == [(5, 3, 0)]
+    assert len(good(await run(lu, get_lba_status(0, alloc=20))).data) == 20
+    for lba in (NBLOCKS, NBLOCKS + 1, 2**63, 2**64 - 1):
+        assert sense(await run(lu, get_lba_status(lba))) == (ILLEGAL, 0x21, 0)
+
+
+async def test_sanitize_block_erase_unmaps_everything() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 4), b"a" * 4 * BS))
+    good(await run(lu, write10(NBLOCKS - 4, 4), b"a" * 4 * BS))
+    good(await run(lu, sanitize(0x02)))
+    assert store.mapped_blocks == frozenset()
+    assert store.flush_count == 1
+    descs = lba_status(bytes(good(await run(lu, get_lba_status(0, alloc=256))).data))
+    assert descs == [(0, NBLOCKS, 1)]
+
+
+@pytest.mark.parametrize(
+    "cdb",
+    [
+        sanitize(0x02, plen=8),
+        sanitize(0x02, byte1_extra=0x40),
+        sanitize(0x01, plen=BS + 4),
+        sanitize(0x03),
+        sanitize(0x1F),
+        sanitize(0x00),
+        sanitize(0x05),
+    ]
+    + [sanitize(0x02)[:i] + b"\x01" + sanitize(0x02)[i + 1 :] for i in range(2, 7)],
+)
+async def test_sanitize_rejects_reserved_fields_and_unsupported_actions(cdb: bytes) -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 1), b"a" * BS))
+    assert sense(await run(lu, cdb, bytes(BS + 4))) == (ILLEGAL, INVALID_FIELD, 0)
+    assert store.mapped_blocks == frozenset({0})
+
+
+async def test_sanitize_is_not_supported_without_unmap() -> None:
+    lu, _ = make_lu(supports_unmap=False)
+    assert sense(await run(lu, sanitize(0x02))) == (ILLEGAL, 0x20, 0)
+
+
+# ---- misc SBC commands -----------------------------------------------------------------------------
+
+
+async def test_start_stop_unit_and_prevent_allow() -> None:
+    lu, store = make_lu()
+    good(await run(lu, bytes((0x1B, 0, 0, 0, 0x01, 0))))  # START
+    good(await run(lu, bytes((0x1B, 0, 0, 0, 0x00, 0))))  # STOP: flushes
+    assert store.flush_count == 1
+    good(await run(lu, bytes((0x1B, 0, 0, 0, 0x04, 0))))  # STOP with NO_FLUSH
+    assert store.flush_count == 1
+    assert sense(await run(lu, bytes((0x1B, 1, 0, 0, 0x02, 0))))[:2] == (ILLEGAL, INVALID_FIELD)  # eject
+    good(await run(lu, bytes((0x1B, 0, 0, 0, 0x32, 0))))  # power condition IDLE: LOEJ ignored
+    assert sense(await run(lu, bytes((0x1B, 0, 0, 0, 0x40, 0))))[:2] == (ILLEGAL, INVALID_FIELD)
+    good(await run(lu, bytes((0x1E, 0, 0, 0, 1, 0))))
+    good(await run(lu, bytes((0x1E, 0, 0, 0, 0, 0))))
+    assert sense(await run(lu, bytes((0x1E, 0, 0, 0, 2, 0))))[:2] == (ILLEGAL, INVALID_FIELD)
+
+
+async def test_read_defect_data_is_empty() -> None:
+    lu, _ = make_lu()
+    data = bytes(good(await run(lu, bytes((0x37, 0, 0x1D, 0, 0, 0, 0, 0, 64, 0)))).data)
+    assert data == bytes((0, 0x1D, 0, 0))
+    data = bytes(good(await run(lu, bytes((0xB7, 0x15, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0)))).data)
+    assert data == bytes((0, 0x15, 0, 0, 0, 0, 0, 0))
+
+
+# ---- store errors -----------------------------------------------------------------------------------
+
+
+async def test_store_errors_become_medium_errors() -> None:
+    lu, store = make_lu()
+    store.fail_next("read")
+    assert sense(await run(lu, read10(0, 1))) == (0x03, 0x11, 0x00)
+    store.fail_next("write")
+    assert sense(await run(lu, write10(0, 1), bytes(BS))) == (0x03, 0x0C, 0x00)
+    store.fail_next("flush")
+    assert sense(await run(lu, rw10(0x35, 0, 0))) == (0x03, 0x0C, 0x00)
+
+
+# ---- REQUEST SENSE, REPORT LUNS, no such LUN ---------------------------------------------------
+
+
+async def test_request_sense_without_condition_is_no_sense() -> None:
+    lu, _ = make_lu()
+    data = bytes(good(await run(lu, request_sense())).data)
+    assert len(data) == 18 and data[0] == 0x70 and data[2] == 0 and data[12:14] == b"\0\0"
+    assert len(good(await run(lu, request_sense(alloc=8))).data) == 8
+    assert sense(await run(lu, request_sense(desc=True)))[:2] == (ILLEGAL, INVALID_FIELD)
+
+
+async def test_report_luns() -> None:
+    lu, _ = make_lu()
+    data = bytes(good(await run(lu, report_luns())).data)
+    assert data == struct.pack(">I4x", 8) + bytes(8)
+    assert bytes(good(await run(lu, report_luns(alloc=4))).data) == data[:4]
+    assert bytes(good(await run(lu, report_luns(select=1))).data) == bytes(8)
+    assert sense(await run(lu, report_luns(select=7)))[:2] == (ILLEGAL, INVALID_FIELD)
+
+
+async def test_no_such_lun() -> None:
+    data = bytes(good(no_such_lun(request(inquiry()))).data)
+    assert data[0] == 0x7F and len(data) == 36 and data[4] == 31
+    assert bytes(good(no_such_lun(request(inquiry(alloc=5)))).data) == data[:5]
+    data = bytes(good(no_such_lun(request(report_luns()))).data)
+    assert data[:4] == struct.pack(">I", 8)
+    data = bytes(good(no_such_lun(request(request_sense()))).data)
+    assert (data[2], data[12], data[13]) == (ILLEGAL, 0x25, 0x00)
+    assert sense(no_such_lun(request(read10(0, 1)))) == (ILLEGAL, 0x25, 0x00)
+    assert sense(no_such_lun(request(tur()))) == (ILLEGAL, 0x25, 0x00)
+
+
+# ---- unit attentions -------------------------------------------------------------------------------
+
+
+async def test_new_nexus_gets_no_unit_attention() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur(), nexus=A))
+    good(await run(lu, tur(), nexus=B))
+
+
+async def test_lun_reset_gives_every_nexus_a_ua_and_inquiry_is_not_blocked() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur(), nexus=A))
+    good(await run(lu, tur(), nexus=B))
+    lu.reset(ResetKind.LUN, A)
+    good(await run(lu, inquiry(), nexus=A))  # INQUIRY is not stopped by a UA
+    good(await run(lu, report_luns(), nexus=A))
+    good(await run(lu, bytes((0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0)), nexus=A))  # nor PR IN
+    assert sense(await run(lu, read10(0, 1), nexus=A)) == (0x06, 0x29, 0x03)
+    good(await run(lu, read10(0, 1), nexus=A))  # reported once
+    data = bytes(good(await run(lu, request_sense(), nexus=B)).data)
+    assert (data[2], data[12], data[13]) == (0x06, 0x29, 0x03)  # REQUEST SENSE returns it ...
+    good(await run(lu, tur(), nexus=B))  # ... and clears it
+
+
+@pytest.mark.parametrize(("kind", "ascq"), [(ResetKind.TARGET_WARM, 0x00), (ResetKind.TARGET_COLD, 0x01)])
+async def test_target_resets(kind: ResetKind, ascq: int) -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur()))
+    lu.reset(kind, None)
+    assert sense(await run(lu, tur())) == (0x06, 0x29, ascq)
+
+
+async def test_capacity_change_ua_and_new_capacity() -> None:
+    lu, store = make_lu()
+    good(await run(lu, tur(), nexus=A))
+    good(await run(lu, tur(), nexus=B))
+    await store.resize(2 * NBLOCKS * BS)
+    lu.capacity_changed()
+    for nexus in (A, B):
+        assert sense(await run(lu, read_capacity10(), nexus=nexus)) == (0x06, 0x2A, 0x09)
+        data = good(await run(lu, read_capacity10(), nexus=nexus)).data
+        assert struct.unpack(">II", data) == (2 * NBLOCKS - 1, BS)
+    good(await run(lu, read10(2 * NBLOCKS - 1, 1)))
+
+
+async def test_pending_uas_are_reported_in_order_and_not_duplicated() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur()))
+    lu.capacity_changed()
+    lu.capacity_changed()
+    lu.access_state = AccessState.ACTIVE_NON_OPTIMIZED
+    assert sense(await run(lu, tur())) == (0x06, 0x2A, 0x09)
+    assert sense(await run(lu, tur())) == (0x06, 0x2A, 0x06)
+    good(await run(lu, tur()))
+
+
+async def test_nexus_loss_forgets_the_nexus() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur(), nexus=B))
+    lu.capacity_changed()
+    lu.nexus_lost(B)
+    good(await run(lu, tur(), nexus=B))
+
+
+async def test_mode_change_by_one_nexus_gives_the_others_a_ua() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur(), nexus=A))
+    good(await run(lu, tur(), nexus=B))
+    params = bytes(4) + caching_page(False)
+    good(await run(lu, mode_select6(len(params)), params, nexus=A))
+    good(await run(lu, tur(), nexus=A))
+    assert sense(await run(lu, tur(), nexus=B)) == (0x06, 0x2A, 0x01)
+
+
+# ---- software write protect -------------------------------------------------------------------------
+
+
+def control_page(swp: bool) -> bytes:
+    page = bytearray(12)
+    page[0:2] = b"\x0a\x0a"
+    page[2], page[3], page[5] = 0x02, 0x10, 0x40
+    page[4] = 0x08 if swp else 0
+    page[8:10] = b"\xff\xff"
+    return bytes(page)
+
+
+async def test_swp_makes_writes_fail_with_write_protected() -> None:
+    lu, _ = make_lu()
+    params = bytes(4) + control_page(True)
+    good(await run(lu, mode_select6(len(params)), params))
+    ms = bytes(good(await run(lu, mode_sense6(0x0A, dbd=True))).data)
+    assert ms[2] & 0x80  # WP in the device-specific parameter
+    good(await run(lu, read10(0, 1)))
+    assert sense(await run(lu, write10(0, 1), bytes(BS))) == (0x07, 0x27, 0x00)
+    assert sense(await run(lu, unmap(24), unmap_params((0, 1)))) == (0x07, 0x27, 0x00)
+    params = bytes(4) + control_page(False)
+    good(await run(lu, mode_select6(len(params)), params))
+    good(await run(lu, write10(0, 1), bytes(BS)))
+
+
+# ---- ALUA access states -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "ascq"),
+    [(AccessState.STANDBY, 0x0B), (AccessState.UNAVAILABLE, 0x0C), (AccessState.TRANSITIONING, 0x0A)],
+)
+async def test_inaccessible_states_refuse_media_access(state: AccessState, ascq: int) -> None:
+    lu, _ = make_lu()
+    good(await run(lu, tur()))
+    lu.access_state = state
+    assert sense(await run(lu, tur())) == (0x06, 0x2A, 0x06)  # the transition is announced
+    for cdb, data in [
+        (tur(), b""),
+        (read10(0, 1), b""),
+        (write10(0, 1), bytes(BS)),
+        (rw10(0x35, 0, 0), b""),
+        (rw10(0x2F, 0, 1), b""),
+        (unmap(24), unmap_params((0, 1))),
+        (get_lba_status(0), b""),
+    ]:
+        assert sense(await run(lu, cdb, data)) == (0x02, 0x04, ascq), cdb.hex()
+    for cdb in (inquiry(), report_luns(), rtpg(), read_capacity10(), read_capacity16(), mode_sense6(0x3F)):
+        good(await run(lu, cdb))
+    data = bytes(good(await run(lu, request_sense())).data)
+    assert (data[2], data[12], data[13]) == (0x02, 0x04, ascq)
+    lu.access_state = AccessState.ACTIVE_NON_OPTIMIZED
+    assert sense(await run(lu, read10(0, 1))) == (0x06, 0x2A, 0x06)
+    good(await run(lu, read10(0, 1)))
+
+
+async def test_report_target_port_groups() -> None:
+    lu, _ = make_lu(tpgt=7)
+    data = bytes(good(await run(lu, rtpg())).data)
+    assert struct.unpack_from(">I", data)[0] == len(data) - 4 == 12
+    assert data[4] & 0x0F == AccessState.ACTIVE_OPTIMIZED
+    assert data[5] == 0x8F
+    assert struct.unpack_from(">H", data, 6)[0] == 7
+    assert data[11] == 1 and struct.unpack_from(">H", data, 14)[0] == 7
+    lu.access_state = AccessState.STANDBY
+    assert sense(await run(lu, rtpg())) == (0x06, 0x2A, 0x06)
+    data = bytes(good(await run(lu, rtpg(fmt=1))).data)
+    assert data[4] == 0x10 and struct.unpack_from(">I", data)[0] == len(data) - 4
+    assert data[8] & 0x0F == AccessState.STANDBY
+    assert len(good(await run(lu, rtpg(alloc=6))).data) == 6
+
+
+# ---- reservations ---------------------------------------------------------------------------------
+
+
+async def test_reserve6_conflicts_for_other_nexus_and_lun_reset_drops_it() -> None:
+    lu, _ = make_lu()
+    good(await run(lu, bytes((0x16, 0, 0, 0, 0, 0)), nexus=A))
+    good(await run(lu, read10(0, 1), nexus=A))
+    assert (await run(lu, read10(0, 1), nexus=B)).status == ScsiStatus.RESERVATION_CONFLICT
+    assert (await run(lu, bytes((0x16, 0, 0, 0, 0, 0)), nexus=B)).status == ScsiStatus.RESERVATION_CONFLICT
+    good(await run(lu, inquiry(), nexus=B))
+    lu.reset(ResetKind.LUN, A)
+    assert sense(await run(lu, tur(), nexus=B)) == (0x06, 0x29, 0x03)
+    good(await run(lu, bytes((0x16, 0, 0, 0, 0, 0)), nexus=B))
+    good(await run(lu, bytes((0x17, 0, 0, 0, 0, 0)), nexus=B))
+
+
+def pr_out(action: int, key: int, sa_key: int, prtype: int = 0) -> tuple[bytes, bytes]:
+    params = struct.pack(">QQ4xBxH", key, sa_key, 0, 0)
+    return struct.pack(">BBBxxIB", 0x5F, action, prtype, len(params), 0), params
+
+
+async def test_persistent_reservations_are_persisted_and_their_uas_queued() -> None:
+    records: list[dict[str, Any]] = []
+
+    async def persist(record: dict[str, Any]) -> None:
+        records.append(record)
+
+    store = MemoryBlockStore(NBLOCKS * BS, BS)
+    lu = LogicalUnit(store, IDENTITY, reservations=Reservations(), on_reservations_changed=persist)
+    for nexus, key in ((A, 0xA), (B, 0xB)):
+        cdb, params = pr_out(0x00, 0, key)
+        good(await run(lu, cdb, params, nexus=nexus))
+    assert len(records) == 2
+    cdb, params = pr_out(0x01, 0xB, 0, prtype=0x01)  # B reserves WRITE EXCLUSIVE
+    good(await run(lu, cdb, params, nexus=B))
+    assert (await run(lu, write10(0, 1), bytes(BS), nexus=A)).status == ScsiStatus.RESERVATION_CONFLICT
+    cdb, params = pr_out(0x04, 0xA, 0xB, prtype=0x01)  # A preempts B
+    good(await run(lu, cdb, params, nexus=A))
+    assert sense(await run(lu, tur(), nexus=B))[0] == 0x06  # B learns it was preempted
+    data = bytes(good(await run(lu, bytes((0x5E, 0x00, 0, 0, 0, 0, 0, 0x10, 0, 0)), nexus=A)).data)
+    assert struct.unpack_from(">I", data, 4)[0] == 8  # one key left
+    assert bytes(good(await run(lu, bytes((0x5E, 0, 0, 0, 0, 0, 0, 0, 4, 0)), nexus=A)).data) == data[:4]
+
+
+async def test_failed_persistence_is_a_hardware_error() -> None:
+    async def broken(record: dict[str, Any]) -> None:
+        raise OSError("disk full")
+
+    lu = LogicalUnit(MemoryBlockStore(NBLOCKS * BS, BS), IDENTITY, on_reservations_changed=broken)
+    cdb, params = pr_out(0x00, 0, 0x1)
+    assert sense(await run(lu, cdb, params)) == (0x04, 0x44, 0x00)
