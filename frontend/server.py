@@ -20,12 +20,14 @@ from frontend.iscsi.connection import (
     Connection,
     ExecuteScsi,
     LoggedIn,
+    LoginRejected,
     TargetResetRequested,
 )
 from frontend.iscsi.session import Session, SessionTable
 from frontend.metrics import FrontendMetrics, NoMetrics
 from frontend.scsi.lu import LogicalUnit, ResetKind, no_such_lun
-from frontend.scsi.types import ScsiRequest, ScsiResult
+from frontend.scsi.sense import INTERNAL_TARGET_FAILURE, CheckCondition, SenseKey
+from frontend.scsi.types import ScsiRequest, ScsiResult, ScsiStatus
 from frontend.target import TargetRegistry, TargetSettings
 
 log = structlog.get_logger("sparrow.iscsi")
@@ -34,6 +36,19 @@ log = structlog.get_logger("sparrow.iscsi")
 MAX_CONNECTIONS = 1024
 #: Stop reading from a connection while this many bytes wait in its socket buffer.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+#: Login status (class << 8 | detail, RFC 7143 11.13.5) -> the metric label for the failure.
+_LOGIN_FAILURE_REASONS = {
+    0x0200: "initiator_error",
+    0x0201: "authentication_failed",
+    0x0202: "authorization_failed",
+    0x0203: "target_not_found",
+    0x0205: "unsupported_version",
+    0x0206: "too_many_connections",
+    0x0207: "missing_parameter",
+    0x020A: "session_does_not_exist",
+    0x020B: "invalid_request",
+}
 
 _READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
 _WRITE_OPCODES = frozenset({0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x89, 0x8B, 0x9C})
@@ -75,7 +90,7 @@ class IscsiServer:
             lambda: IscsiProtocol(self), host, port, reuse_address=True, backlog=256
         )
 
-    async def shutdown(self, timeout: float) -> None:
+    async def shutdown(self, timeout: float) -> None:  # noqa: ASYNC109 (a drain deadline, not a cancel scope)
         """Stop accepting, let in-flight SCSI commands finish within ``timeout``, close the rest."""
         self._closing = True
         if self._server is not None:
@@ -132,7 +147,8 @@ class IscsiProtocol(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        # uvloop's transports are not subclasses of asyncio.Transport, but they are one.
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.log = log.bind(peer=peer_text)
@@ -211,6 +227,8 @@ class IscsiProtocol(asyncio.Protocol):
                 task.add_done_callback(self.tasks.discard)
             elif isinstance(event, LoggedIn):
                 self._logged_in(event)
+            elif isinstance(event, LoginRejected):
+                self._login_rejected(event)
             elif isinstance(event, TargetResetRequested):
                 self._target_reset(event)
             elif isinstance(event, CloseConnection):
@@ -275,6 +293,11 @@ class IscsiProtocol(asyncio.Protocol):
             if old is not None and old is not self:
                 old.close("session reinstated by a new login")
 
+    def _login_rejected(self, event: LoginRejected) -> None:
+        status = event.status_class << 8 | event.status_detail
+        self.server.metrics.login_failed(_LOGIN_FAILURE_REASONS.get(status, "other"))
+        self.log.warning("login rejected", status=f"0x{status:04x}", reason=event.reason)
+
     def _target_reset(self, event: TargetResetRequested) -> None:
         for p in self.server.protocols_of_target(event.iqn):
             if p is self:
@@ -285,8 +308,5 @@ class IscsiProtocol(asyncio.Protocol):
 
 
 def _internal_error() -> ScsiResult:
-    from frontend.scsi.sense import CheckCondition, SenseKey, Asc
-    from frontend.scsi.types import ScsiStatus
-
-    cc = CheckCondition(SenseKey.HARDWARE_ERROR, Asc(0x44, 0x00, "INTERNAL TARGET FAILURE"))
+    cc = CheckCondition(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE)
     return ScsiResult(ScsiStatus.CHECK_CONDITION, sense=cc.fixed_sense())

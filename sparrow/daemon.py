@@ -32,7 +32,7 @@ from sparrow import systemd
 from sparrow.api import build_app
 from sparrow.config import Config, HostPort
 from sparrow.metrics import PrometheusMetrics
-from sparrow.service import VolumeService, VolumeSpec
+from sparrow.service import VolumeInfo, VolumeService, VolumeSpec
 from sparrow.sizes import format_size
 from store.blockstore import StoreError
 from store.lock import DataDirLock
@@ -198,6 +198,8 @@ async def serve(config: Config) -> int:
         )
         count = len(service.names())
         _notify(systemd.ready, f"serving {count} volume{'' if count == 1 else 's'} on {iscsi_bound}")
+        if demo is not None:
+            print(attach_instructions(service.get(demo.name), http_bound), file=sys.stderr, flush=True)
 
         await stop.wait()
 
@@ -217,6 +219,28 @@ async def serve(config: Config) -> int:
         log.info("stopped", clean=not failed)
         return 1 if failed else 0
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the exit stack may swallow)
+
+
+def attach_instructions(volume: VolumeInfo, api: HostPort) -> str:
+    """What a person needs to attach ``volume``, printed once the daemon is ready."""
+    url = volume.urls()[0]
+    portal = url.removeprefix("iscsi://").split("/", 1)[0]
+    return "\n".join([
+        "",
+        f"Sparrow is serving volume {volume.name!r} ({format_size(volume.size)}) as {volume.iqn}, LUN 0.",
+        "",
+        f"  iSCSI URL        {url}",
+        "  Linux (open-iscsi):",
+        f"    iscsiadm -m discovery -t sendtargets -p {portal}",
+        f"    iscsiadm -m node -T {volume.iqn} -p {portal} --login",
+        "  QEMU / libiscsi:",
+        f"    qemu-img info {url}",
+        f"    qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' {url}",
+        f"  Manage volumes   .venv/bin/sparrow volume list --api http://{api}",
+        "",
+        "Press Ctrl-C to stop (in-flight commands drain and every volume is flushed).",
+        "",
+    ])
 
 
 def _os_reason(e: OSError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -80,8 +81,6 @@ def test_unknown_opcode_in_login_phase_is_answered_not_fatal(daemon: Daemon, vic
     with socket.create_connection(("127.0.0.1", daemon.iscsi_port), timeout=5) as s:
         s.sendall(bytes(bhs) + struct.pack(">I", 0))
         s.settimeout(5)
-        try:
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
             s.recv(4096)
-        except (ConnectionResetError, TimeoutError):
-            pass
     _assert_still_serving(daemon, victim)

@@ -19,3 +19,11 @@ def test_chap_secret_is_required_and_checked(daemon: Daemon) -> None:
         denied = run([iscsi_inq, daemon.url("locked", chap=creds)], check=False)
         assert denied.returncode != 0, creds
         assert "SPARROW" not in denied.stdout
+    status, body = daemon.get("/metrics")
+    assert status == 200
+    line = next(
+        (ln for ln in body.decode().splitlines()
+         if ln.startswith('sparrow_iscsi_login_failures_total{reason="authentication_failed"}')),
+        None,
+    )
+    assert line is not None and float(line.split()[-1]) >= 3, body.decode()

@@ -30,7 +30,9 @@ def test_flushed_writes_survive_kill_9(daemon: Daemon) -> None:
     qemu_io = require_tool("qemu-io")
     daemon.create_volume("durable", "16MiB")
     url = daemon.url("durable")
-    run([qemu_io, "-f", "raw", "-c", "write -P 0x3c 0 4M", "-c", "flush", "-c", "write -P 0x7e -f 4M 1M", url])
+    # 4 MiB then SYNCHRONIZE CACHE, and 1 MiB written with FUA: both durable when acknowledged
+    run([qemu_io, "-f", "raw", "-c", "write -P 0x3c 0 4M", "-c", "flush", "-c", "write -P 0x7e -f 4M 1M",
+         url])
     daemon.kill9()
     daemon.start()
     out = run([qemu_io, "-f", "raw", "-c", "read -P 0x3c 0 4M", "-c", "read -P 0x7e 4M 1M", url]).stdout
