@@ -143,7 +143,9 @@ def main() -> int:
 
     benches: dict[str, Callable[[str], float]] = {
         "4k random read QD32 (iscsi-perf -r), IOPS": lambda u: iscsi_perf(u, args.seconds, 8, True),
-        "128k sequential read QD32 (iscsi-perf -b 256), IOPS": lambda u: iscsi_perf(u, args.seconds, 256, False),
+        "128k sequential read QD32 (iscsi-perf -b 256), IOPS": (
+            lambda u: iscsi_perf(u, args.seconds, 256, False)
+        ),
         "4k write QD32 (qemu-img bench -w), IOPS": lambda u: qemu_write(u, args.writes),
     }
     workdir = Path(tempfile.mkdtemp(prefix="sparrow-bench-logs-"))
