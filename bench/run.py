@@ -27,7 +27,8 @@ from pathlib import Path
 
 TGT_IQN = "iqn.2026-11.ref:tgt"
 SPARROW_IQN = "iqn.2026-11.io.sparrow:bench"
-CONTROL_PORT = 77
+#: tgtd's control socket number (-C); per process so that two runs never share one.
+CONTROL_PORT = 1000 + os.getpid() % 30000
 
 
 def free_port() -> int:

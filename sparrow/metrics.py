@@ -7,6 +7,8 @@ default registry), so several daemons in one test process do not share counters.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +43,15 @@ OPS = ("read", "write", "other")
 SESSION_KINDS = ("normal", "discovery")
 
 
+@dataclass(frozen=True, slots=True)
+class _CommandSeries:
+    """The labelled children of one (volume, op), cached for the per-command hot path."""
+
+    count: Any
+    nbytes: Any
+    latency: Any
+
+
 class PrometheusMetrics:
     """Counters and histograms per volume and operation, sessions by kind, login failures by reason."""
 
@@ -73,14 +84,23 @@ class PrometheusMetrics:
         )
         for kind in SESSION_KINDS:
             self.sessions.labels(kind=kind).set(0)
+        self._children: dict[tuple[str, str], _CommandSeries] = {}
 
     # --- FrontendMetrics ---------------------------------------------------------------------
 
     def command_done(self, volume: str, op: str, nbytes: int, seconds: float) -> None:
-        self.commands.labels(volume=volume, op=op).inc()
+        # Called for every SCSI command: the labelled children are looked up once per (volume, op).
+        children = self._children.get((volume, op))
+        if children is None:
+            children = self._children[(volume, op)] = _CommandSeries(
+                self.commands.labels(volume=volume, op=op),
+                self.bytes.labels(volume=volume, op=op),
+                self.latency.labels(volume=volume, op=op),
+            )
+        children.count.inc()
         if nbytes:
-            self.bytes.labels(volume=volume, op=op).inc(nbytes)
-        self.latency.labels(volume=volume, op=op).observe(seconds)
+            children.nbytes.inc(nbytes)
+        children.latency.observe(seconds)
 
     def session_opened(self, kind: str) -> None:
         self.sessions.labels(kind=kind).inc()
@@ -103,6 +123,8 @@ class PrometheusMetrics:
 
     def volume_removed(self, volume: str) -> None:
         """Drop the volume's series so a deleted volume does not linger in every scrape."""
+        for op in OPS:
+            self._children.pop((volume, op), None)
         for collector in (self.commands, self.bytes, self.latency):
             for op in OPS:
                 with contextlib.suppress(KeyError):

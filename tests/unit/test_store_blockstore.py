@@ -265,6 +265,7 @@ async def test_eio_on_read_and_flush_become_store_io_error(
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(os, "pread", broken)
+    monkeypatch.setattr(os, "preadv", broken)  # the page-cache fast path, too
     monkeypatch.setattr(os, "fdatasync", broken)
     try:
         with pytest.raises(StoreIOError) as info:
@@ -365,3 +366,41 @@ async def test_close_waits_for_operations_in_flight(tmp_path: Path, monkeypatch:
     assert (tmp_path / "v.img").read_bytes()[:512] == b"\x66" * 512
     with pytest.raises(StoreClosed):
         await s.write(0, bytes(512))
+
+
+async def test_io_path_is_chosen_by_filesystem(tmp_path: Path) -> None:
+    """tmpfs does I/O inline on the loop; a disk filesystem reads inline only from the page cache."""
+    from store.blockstore import IoPath
+
+    disk = await file_store(tmp_path)
+    try:
+        assert disk.io_path in (IoPath.NOWAIT, IoPath.POOL)
+    finally:
+        await disk.close()
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        path = shm / f"sparrow-test-{os.getpid()}.img"
+        mem = await FileBlockStore.open(path, block_size=512, size=1 << 20, create=True)
+        try:
+            assert mem.io_path is IoPath.MEMORY
+            await mem.write(4096, b"m" * 512)
+            assert await mem.read(4096, 512) == b"m" * 512
+            assert await mem.read(0, 512) == bytes(512)
+        finally:
+            await mem.close()
+            path.unlink()
+
+
+async def test_uncached_read_falls_back_to_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await file_store(tmp_path)
+    await s.write(0, b"z" * 512)
+
+    def not_cached(*args: Any) -> Any:
+        raise BlockingIOError(errno.EAGAIN, "not in page cache")
+
+    monkeypatch.setattr(os, "preadv", not_cached)
+    try:
+        assert await s.read(0, 512) == b"z" * 512
+    finally:
+        monkeypatch.undo()
+        await s.close()
