@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from typing import Any, cast
 
 import structlog
@@ -142,6 +142,7 @@ class IscsiProtocol(asyncio.Protocol):
         self._timer_at: float | None = None
         self._closing = False
         self._reading_paused = False
+        self._flush_scheduled = False
         self.log = log
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -216,15 +217,18 @@ class IscsiProtocol(asyncio.Protocol):
 
     # --- the pump ----------------------------------------------------------------------------
 
-    def _pump(self) -> None:
+    def _pump(self, *, flush_now: bool = True) -> None:
+        """Handle every event the core has, then write what it produced.
+
+        ``flush_now=False`` (a task completing on its own) defers the write to the next loop
+        iteration, so completions that land in the same iteration share one writelines call.
+        """
         conn = self.conn
         if conn is None:
             return
         while (event := conn.next_event()) is not None:
             if isinstance(event, ExecuteScsi):
-                task = self.loop.create_task(self._execute(event.task_id, event.lu, event.request))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self._start(event)
             elif isinstance(event, LoggedIn):
                 self._logged_in(event)
             elif isinstance(event, LoginRejected):
@@ -234,10 +238,31 @@ class IscsiProtocol(asyncio.Protocol):
             elif isinstance(event, CloseConnection):
                 self.close(event.reason)
                 return
-        self._flush()
+        if flush_now:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
         self._arm_timer()
 
+    def _start(self, event: ExecuteScsi) -> None:
+        """Run a SCSI command eagerly: most finish without suspending (inline I/O), and those need
+        no asyncio Task at all. One that suspends continues in a Task (as 3.12's eager tasks do)."""
+        coro = self._execute(event.task_id, event.lu, event.request)
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration:
+            return
+        task = self.loop.create_task(self._finish(_Resumed(coro, suspended_on)))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _finish(self, rest: _Resumed) -> None:
+        await rest
+        self._pump(flush_now=False)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         if self.conn is None or self.transport is None or self.transport.is_closing():
             return
         out = self.conn.data_to_send()
@@ -279,7 +304,6 @@ class IscsiProtocol(asyncio.Protocol):
             self.server.metrics.command_done(lu.identity.volume, kind, nbytes, time.perf_counter() - started)
         if self.conn is not None and not self._closing:
             self.conn.complete(task_id, result, self.loop.time())
-            self._pump()
 
     def _logged_in(self, event: LoggedIn) -> None:
         self.session = event.session
@@ -305,6 +329,36 @@ class IscsiProtocol(asyncio.Protocol):
             p.abort_all_tasks()
             if event.kind is ResetKind.TARGET_COLD:
                 p.close("target cold reset")
+
+
+class _Resumed:
+    """Awaitable continuation of a coroutine that was already stepped once and yielded ``first``.
+
+    Awaiting it inside a Task hands ``first`` (the future the coroutine is blocked on) to the Task,
+    then keeps driving the coroutine, passing values and exceptions (cancellation) through.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, to_yield = self._coro, self._first
+        while True:
+            try:
+                sent = yield to_yield
+            except BaseException as exc:  # thrown into the Task: forward it to the coroutine
+                try:
+                    to_yield = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                to_yield = coro.send(sent)
+            except StopIteration:
+                return
 
 
 def _internal_error() -> ScsiResult:
