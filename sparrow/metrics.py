@@ -6,18 +6,20 @@ default registry), so several daemons in one test process do not share counters.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from dataclasses import dataclass
-from typing import Any
+import itertools
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 #: Latency buckets for block I/O, from 50 µs (page-cache hit) to 10 s (a stalled fdatasync).
 LATENCY_BUCKETS = (
@@ -43,13 +45,47 @@ OPS = ("read", "write", "other")
 SESSION_KINDS = ("normal", "discovery")
 
 
-@dataclass(frozen=True, slots=True)
-class _CommandSeries:
-    """The labelled children of one (volume, op), cached for the per-command hot path."""
+class _IoStats:
+    """Counts for one (volume, op), kept as plain numbers: the event loop is the only writer, so the
+    per-command path needs no lock. ``IoCollector`` turns them into metric families at scrape time."""
 
-    count: Any
-    nbytes: Any
-    latency: Any
+    __slots__ = ("buckets", "count", "nbytes", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.nbytes = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+
+
+class IoCollector(Collector):
+    """Exports the per-volume command counters and latency histogram (a prometheus-client Collector)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[tuple[str, str], _IoStats] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        commands = CounterMetricFamily(
+            "sparrow_scsi_commands", "SCSI commands completed", labels=["volume", "op"]
+        )
+        nbytes = CounterMetricFamily(
+            "sparrow_scsi_bytes", "Bytes moved by SCSI commands", labels=["volume", "op"]
+        )
+        latency = HistogramMetricFamily(
+            "sparrow_scsi_command_seconds",
+            "Time from a SCSI command's arrival to its status",
+            labels=["volume", "op"],
+        )
+        bounds = [*(repr(b) for b in LATENCY_BUCKETS), "+Inf"]
+        for (volume, op), st in sorted(self.stats.items()):
+            commands.add_metric([volume, op], st.count)
+            if op != "other":
+                nbytes.add_metric([volume, op], st.nbytes)
+            cumulative = list(itertools.accumulate(st.buckets))
+            latency.add_metric([volume, op], list(zip(bounds, cumulative, strict=True)), st.seconds)
+        yield commands
+        yield nbytes
+        yield latency
 
 
 class PrometheusMetrics:
@@ -57,19 +93,8 @@ class PrometheusMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
-        self.commands = Counter(
-            "sparrow_scsi_commands", "SCSI commands completed", ["volume", "op"], registry=self.registry
-        )
-        self.bytes = Counter(
-            "sparrow_scsi_bytes", "Bytes moved by SCSI commands", ["volume", "op"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "sparrow_scsi_command_seconds",
-            "Time from a SCSI command's arrival to its status",
-            ["volume", "op"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.io = IoCollector()
+        self.registry.register(self.io)
         self.sessions = Gauge(
             "sparrow_iscsi_sessions", "Open iSCSI sessions", ["kind"], registry=self.registry
         )
@@ -84,23 +109,17 @@ class PrometheusMetrics:
         )
         for kind in SESSION_KINDS:
             self.sessions.labels(kind=kind).set(0)
-        self._children: dict[tuple[str, str], _CommandSeries] = {}
 
     # --- FrontendMetrics ---------------------------------------------------------------------
 
     def command_done(self, volume: str, op: str, nbytes: int, seconds: float) -> None:
-        # Called for every SCSI command: the labelled children are looked up once per (volume, op).
-        children = self._children.get((volume, op))
-        if children is None:
-            children = self._children[(volume, op)] = _CommandSeries(
-                self.commands.labels(volume=volume, op=op),
-                self.bytes.labels(volume=volume, op=op),
-                self.latency.labels(volume=volume, op=op),
-            )
-        children.count.inc()
-        if nbytes:
-            children.nbytes.inc(nbytes)
-        children.latency.observe(seconds)
+        st = self.io.stats.get((volume, op))
+        if st is None:
+            st = self.io.stats[(volume, op)] = _IoStats()
+        st.count += 1
+        st.nbytes += nbytes
+        st.seconds += seconds
+        st.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def session_opened(self, kind: str) -> None:
         self.sessions.labels(kind=kind).inc()
@@ -116,19 +135,12 @@ class PrometheusMetrics:
     def volume_served(self, volume: str, size: int) -> None:
         self.volume_size.labels(volume=volume).set(size)
         for op in OPS:  # export zeros so rate() works from the first scrape
-            self.commands.labels(volume=volume, op=op)
-            self.latency.labels(volume=volume, op=op)
-            if op != "other":
-                self.bytes.labels(volume=volume, op=op)
+            self.io.stats.setdefault((volume, op), _IoStats())
 
     def volume_removed(self, volume: str) -> None:
         """Drop the volume's series so a deleted volume does not linger in every scrape."""
         for op in OPS:
-            self._children.pop((volume, op), None)
-        for collector in (self.commands, self.bytes, self.latency):
-            for op in OPS:
-                with contextlib.suppress(KeyError):
-                    collector.remove(volume, op)
+            self.io.stats.pop((volume, op), None)
         with contextlib.suppress(KeyError):
             self.volume_size.remove(volume)
 

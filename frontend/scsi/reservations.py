@@ -548,6 +548,8 @@ class Reservations:
         PERSISTENT RESERVE OUT is only refused here for a RESERVE(6) held elsewhere; its service
         actions check the registration themselves (SPC-4 5.13.2 table 61) after the CDB is decoded.
         """
+        if self._reserve6 is None and self._reservation is None and not self._registrations:
+            return False  # nothing reserved or registered: nothing can conflict (the common case)
         if not cdb:
             return False
         opcode = cdb[0]
