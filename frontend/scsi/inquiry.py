@@ -59,6 +59,9 @@ class VpdContext:
     port_group: int
     supports_unmap: bool
     limits: BlockLimits
+    #: Unmapped blocks read as zeros *and we promise it* (LBPRZ, SBC-3 4.7.3.4); see lu.py for when
+    #: the promise is withheld although reads do return zeros.
+    lbprz: bool = True
 
 
 def _ascii(text: str, width: int) -> bytes:
@@ -116,14 +119,14 @@ def vpd_page(code: int, ctx: VpdContext) -> bytes | None:
     if code == VpdPage.BLOCK_LIMITS:
         return _page(code, _block_limits(ctx.limits, ctx.supports_unmap))
     if code == VpdPage.BLOCK_DEVICE_CHARACTERISTICS:
-        # MEDIUM ROTATION RATE 1: non-rotating medium; WABEREQ=01b when BLOCK ERASE is supported
-        # (reads after a block erase succeed and return zeros).
-        wabereq = 0x40 if ctx.supports_unmap else 0x00
-        return _page(code, struct.pack(">HBB", 0x0001, 0, wabereq).ljust(0x3C, b"\0"))
+        # MEDIUM ROTATION RATE 1: non-rotating medium. WABEREQ=01b and WACEREQ=01b when BLOCK ERASE
+        # and CRYPTO ERASE are supported: reads after either erase succeed (and return zeros).
+        erase_req = 0x40 | 0x10 if ctx.supports_unmap else 0x00
+        return _page(code, struct.pack(">HBB", 0x0001, 0, erase_req).ljust(0x3C, b"\0"))
     if code == VpdPage.LOGICAL_BLOCK_PROVISIONING:
         if ctx.supports_unmap:
-            # LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type 010b (thin).
-            flags, ptype = 0x80 | 0x40 | 0x20 | 0x04, 0x02
+            # LBPU, LBPWS, LBPWS10, LBPRZ (when promised); provisioning type 010b (thin).
+            flags, ptype = 0x80 | 0x40 | 0x20 | (0x04 if ctx.lbprz else 0x00), 0x02
         else:
             flags, ptype = 0x00, 0x00
         return _page(code, struct.pack(">BBBB", 0, flags, ptype, 0))

@@ -133,8 +133,23 @@ def _rw12(opcode: int, flags: int) -> CommandInfo:
     return _c(opcode, flags, *(0xFF,) * 8, 0x1F, 0x00)
 
 
-def command_table(*, supports_unmap: bool) -> tuple[CommandInfo, ...]:
-    """Every command this logical unit supports, in opcode order."""
+#: The SANITIZE service actions a thin-provisioned logical unit carries out (see lu.py).
+SANITIZE_ACTIONS: tuple[SanitizeAction, ...] = (
+    SanitizeAction.OVERWRITE,
+    SanitizeAction.BLOCK_ERASE,
+    SanitizeAction.CRYPTO_ERASE,
+    SanitizeAction.EXIT_FAILURE_MODE,
+)
+
+
+def command_table(
+    *, supports_unmap: bool, sanitize_actions: tuple[SanitizeAction, ...] = SANITIZE_ACTIONS
+) -> tuple[CommandInfo, ...]:
+    """Every command this logical unit supports, in opcode order.
+
+    SANITIZE needs deallocation (BLOCK and CRYPTO ERASE are carried out by deallocating), so it is
+    listed only with ``supports_unmap``; ``sanitize_actions`` picks the service actions offered.
+    """
     o = Opcode
     dpofua = 0x18
     ws_flags = 0x08 if supports_unmap else 0x00  # UNMAP bit
@@ -162,21 +177,10 @@ def command_table(*, supports_unmap: bool) -> tuple[CommandInfo, ...]:
     ]
     if supports_unmap:
         cmds.append(_c(o.UNMAP, 0, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0))
-        cmds.append(
-            _c(
-                o.SANITIZE,
-                0x80 | SanitizeAction.BLOCK_ERASE,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0xFF,
-                0xFF,
-                0,
-                sa=SanitizeAction.BLOCK_ERASE,
-            )
-        )
+        # SANITIZE (SBC-3 5.30): IMMED and AUSE are evaluated; only OVERWRITE takes a parameter list.
+        for sa in sanitize_actions:
+            plen = 0xFF if sa == SanitizeAction.OVERWRITE else 0x00
+            cmds.append(_c(o.SANITIZE, 0x80 | 0x20 | sa, 0, 0, 0, 0, 0, plen, plen, 0, sa=sa))
     cmds += [
         _c(o.MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0),
         _c(o.MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0),

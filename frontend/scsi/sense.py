@@ -99,15 +99,19 @@ class CheckCondition(Exception):
         *,
         information: int | None = None,
         field: FieldPointer | None = None,
+        progress: int | None = None,
     ) -> None:
         super().__init__(f"{key.name}: {code.name}")
         self.key = key
         self.code = code
         self.information = information
         self.field = field
+        self.progress = progress
 
     def fixed_sense(self) -> bytes:
-        return fixed_sense(self.key, self.code, information=self.information, field=self.field)
+        return fixed_sense(
+            self.key, self.code, information=self.information, field=self.field, progress=self.progress
+        )
 
 
 def fixed_sense(
@@ -116,13 +120,20 @@ def fixed_sense(
     *,
     information: int | None = None,
     field: FieldPointer | None = None,
+    progress: int | None = None,
     current: bool = True,
 ) -> bytes:
-    """Fixed-format sense data, 18 bytes (SPC-4 4.5.3)."""
+    """Fixed-format sense data, 18 bytes (SPC-4 4.5.3).
+
+    The sense-key specific bytes carry either a field pointer (SPC-4 4.5.2.4.2) or, with NOT READY,
+    a progress indication (SPC-4 4.5.2.4.4): ``progress`` is the fraction done, 0..65535.
+    """
     response_code = 0x70 if current else 0x71
     valid = 0x80 if information is not None else 0
     sks = b"\x00\x00\x00"
-    if field is not None:
+    if progress is not None:
+        sks = b"\x80" + struct.pack(">H", max(0, min(progress, 0xFFFF)))
+    elif field is not None:
         b = 0x80 | (0x40 if field.in_cdb else 0)
         if field.bit is not None:
             b |= 0x08 | (field.bit & 0x7)

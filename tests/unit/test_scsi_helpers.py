@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 from frontend.scsi.lu import LogicalUnit, LuIdentity
+from frontend.scsi.opcodes import SANITIZE_ACTIONS
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
 from store.memstore import MemoryBlockStore
 
@@ -20,7 +22,7 @@ def make_lu(
     nblocks: int = NBLOCKS, block_size: int = BS, *, supports_unmap: bool = True, tpgt: int = 1
 ) -> tuple[LogicalUnit, MemoryBlockStore]:
     store = MemoryBlockStore(nblocks * block_size, block_size, supports_unmap=supports_unmap)
-    return LogicalUnit(store, IDENTITY, tpgt=tpgt), store
+    return LogicalUnit(store, IDENTITY, tpgt=tpgt, sanitize_actions=SANITIZE_ACTIONS), store
 
 
 def request(cdb: bytes, data: bytes | bytearray | memoryview = b"", nexus: Nexus = A) -> ScsiRequest:
@@ -169,3 +171,73 @@ def rtpg(fmt: int = 0, alloc: int = 1024) -> bytes:
 
 def sanitize(action: int, plen: int = 0, byte1_extra: int = 0) -> bytes:
     return struct.pack(">BBxxxxxHB", 0x48, action | byte1_extra, plen, 0)
+
+
+def overwrite_params(pattern: bytes, count: int = 1, invert: bool = False, test: int = 0) -> bytes:
+    """SANITIZE OVERWRITE parameter list (SBC-3 table 78)."""
+    return struct.pack(">BxH", (0x80 if invert else 0) | (test << 5) | count, len(pattern)) + pattern
+
+
+class GatedStore(MemoryBlockStore):
+    """A MemoryBlockStore whose reads, writes and unmaps stop at a gate the test controls, so that
+    interleavings of concurrent commands are chosen by the test, not by timing.
+
+    ``log`` records every operation in the order it reached the store (before the gate).
+    ``close()``/``open()`` the gate; ``release(n)`` lets the first ``n`` waiting operations through;
+    ``await arrivals(n)`` returns once ``n`` operations are waiting.
+    """
+
+    def __init__(self, size: int, block_size: int = BS) -> None:
+        super().__init__(size, block_size)
+        self.log: list[tuple[str, int]] = []
+        self.is_open = True
+        self._waiting: list[asyncio.Future[None]] = []
+        self._arrived = asyncio.Event()
+
+    def shut(self) -> None:
+        self.is_open = False
+
+    def open(self) -> None:
+        self.is_open = True
+        self.release(len(self._waiting))
+
+    def release(self, n: int = 1) -> None:
+        for fut in self._waiting[:n]:
+            fut.set_result(None)
+        del self._waiting[:n]
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def arrivals(self, n: int = 1) -> None:
+        while len(self._waiting) < n:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def _gate(self, op: str, offset: int) -> None:
+        self.log.append((op, offset))
+        if self.is_open:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        self._arrived.set()
+        await fut
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await self._gate("read", offset)
+        return await super().read(offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self._gate("write", offset)
+        await super().write(offset, data)
+
+    async def unmap(self, offset: int, length: int) -> None:
+        await self._gate("unmap", offset)
+        await super().unmap(offset, length)
+
+
+async def settle() -> None:
+    """Let every runnable task run until it blocks (a fixed number of loop turns; no clock)."""
+    for _ in range(20):
+        await asyncio.sleep(0)

@@ -114,3 +114,11 @@ async def test_vpd_truncation(alloc: int) -> None:
     lu, _ = make_lu(tpgt=3)
     assert bytes(good(await run(lu, inquiry(evpd=1, page=0xB0, alloc=alloc))).data) == full[:alloc]
     assert BS == 512
+
+
+async def test_block_device_characteristics_tell_reads_work_after_block_and_crypto_erase() -> None:
+    lu, _ = make_lu()
+    b1 = bytes(good(await run(lu, inquiry(1, 0xB1))).data)
+    assert b1[7] & 0xF0 == 0x50  # WABEREQ=01b, WACEREQ=01b
+    thick, _ = make_lu(supports_unmap=False)
+    assert bytes(good(await run(thick, inquiry(1, 0xB1))).data)[7] & 0xF0 == 0

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from frontend.scsi.lu import AccessState, LogicalUnit, ResetKind, no_such_lun
+from frontend.scsi.opcodes import SANITIZE_ACTIONS
 from frontend.scsi.reservations import Reservations
 from frontend.scsi.types import ScsiStatus
 from store.memstore import MemoryBlockStore
@@ -18,6 +19,7 @@ from tests.unit.test_scsi_helpers import (
     NBLOCKS,
     A,
     B,
+    GatedStore,
     compare_and_write,
     field_pointer,
     get_lba_status,
@@ -27,6 +29,7 @@ from tests.unit.test_scsi_helpers import (
     make_lu,
     mode_select6,
     mode_sense6,
+    overwrite_params,
     read6,
     read10,
     read16,
@@ -35,6 +38,7 @@ from tests.unit.test_scsi_helpers import (
     report_luns,
     request,
     request_sense,
+    rsoc,
     rtpg,
     run,
     rw10,
@@ -42,6 +46,7 @@ from tests.unit.test_scsi_helpers import (
     rw16,
     sanitize,
     sense,
+    settle,
     tur,
     unmap,
     unmap_params,
@@ -89,6 +94,34 @@ async def test_read_capacity_10_and_16() -> None:
     assert bytes(good(await run(lu, read_capacity16(alloc=10))).data) == data[:10]
     # LBA without PMI is an invalid field.
     assert sense(await run(lu, bytes((0x25, 0, 0, 0, 0, 1, 0, 0, 0, 0)))) == (ILLEGAL, INVALID_FIELD, 0)
+
+
+async def test_4096_byte_luns_do_not_promise_lbprz() -> None:
+    """qemu 7.2 asserts on 4096-byte LUNs with LBPRZ=1 (block/iscsi.c, iscsi_co_block_status called
+    with BDRV_REQUEST_MAX_BYTES): such LUNs report LBPRZ=0, and still read zeros after UNMAP."""
+    lu, _ = make_lu(nblocks=512, block_size=4096)
+    data = bytes(good(await run(lu, read_capacity16())).data)
+    assert data[14] & 0xC0 == 0x80  # LBPME, not LBPRZ
+    b2 = bytes(good(await run(lu, inquiry(1, 0xB2))).data)
+    assert b2[5] & 0xE4 == 0xE0  # LBPU, LBPWS, LBPWS10, not LBPRZ
+    good(await run(lu, write10(3, 1), b"x" * 4096))
+    good(await run(lu, unmap(24), unmap_params((3, 1))))
+    assert bytes(good(await run(lu, read10(3, 1))).data) == bytes(4096)
+    lu512, _ = make_lu()
+    b2 = bytes(good(await run(lu512, inquiry(1, 0xB2))).data)
+    assert b2[5] & 0x04
+
+
+async def test_physical_block_size_sets_lbppbe_and_unmap_granularity() -> None:
+    store = MemoryBlockStore(NBLOCKS * BS, BS)
+    lu = LogicalUnit(store, IDENTITY, physical_block_size=4096)
+    data = bytes(good(await run(lu, read_capacity16())).data)
+    assert data[13] & 0x0F == 3
+    b0 = bytes(good(await run(lu, inquiry(1, 0xB0))).data)
+    assert struct.unpack_from(">I", b0, 28)[0] == 8  # OPTIMAL UNMAP GRANULARITY
+    assert bytes(good(await run(make_lu()[0], read_capacity16())).data)[13] == 0
+    with pytest.raises(ValueError):
+        LogicalUnit(MemoryBlockStore(NBLOCKS * BS, BS), IDENTITY, physical_block_size=1536)
 
 
 async def test_read_capacity_16_without_unmap_support_has_no_lbpme() -> None:
@@ -341,6 +374,45 @@ async def test_compare_and_write_is_atomic_against_another_compare_and_write() -
     assert bytes(good(await run(lu, read10(0, 1))).data) == winner * BS
 
 
+async def test_compare_and_write_is_atomic_against_an_ordinary_write() -> None:
+    """SBC-3 5.3: a WRITE that arrives while a CAW is between its read and its write waits."""
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    good(await run(lu, write10(0, 1), b"A" * BS))
+    store.shut()
+    caw = asyncio.create_task(run(lu, compare_and_write(0, 1), b"A" * BS + b"B" * BS, nexus=A))
+    await store.arrivals(1)  # the CAW is reading
+    write = asyncio.create_task(run(lu, write10(0, 1), b"W" * BS, nexus=B))
+    other = asyncio.create_task(run(lu, write10(9, 1), b"O" * BS, nexus=B))  # elsewhere: not held up
+    await store.arrivals(2)
+    await settle()
+    assert store.log[1:] == [("read", 0), ("write", 9 * BS)]
+    store.open()
+    good(await caw)
+    good(await write)
+    good(await other)
+    assert store.log[3:] == [("write", 0), ("write", 0)]  # the CAW's write, then the WRITE's
+    assert bytes(good(await run(lu, read10(0, 1))).data) == b"W" * BS
+
+
+async def test_compare_and_write_waits_for_a_write_already_running() -> None:
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    good(await run(lu, write10(0, 1), b"A" * BS))
+    store.shut()
+    write = asyncio.create_task(run(lu, write10(0, 1), b"W" * BS, nexus=B))
+    await store.arrivals(1)
+    caw = asyncio.create_task(run(lu, compare_and_write(0, 1), b"A" * BS + b"B" * BS, nexus=A))
+    read = asyncio.create_task(run(lu, read10(0, 1), nexus=B))  # queued behind the CAW's claim
+    await settle()
+    assert store.log[1:] == [("write", 0)]
+    store.open()
+    good(await write)
+    res = await caw
+    assert sense(res) == (0x0E, 0x1D, 0x00)  # it compared against the WRITE's data
+    assert bytes(good(await read).data) == b"W" * BS
+
+
 async def test_orwrite_ors_into_the_medium() -> None:
     lu, _ = make_lu()
     good(await run(lu, write10(3, 1), b"\x0f" * BS))
@@ -485,20 +557,187 @@ async def test_sanitize_block_erase_unmaps_everything() -> None:
     "cdb",
     [
         sanitize(0x02, plen=8),
+        sanitize(0x03, plen=8),
+        sanitize(0x1F, plen=8),
         sanitize(0x02, byte1_extra=0x40),
-        sanitize(0x01, plen=BS + 4),
-        sanitize(0x03),
-        sanitize(0x1F),
+        sanitize(0x01, plen=4),
+        sanitize(0x01, plen=0),
+        sanitize(0x01, plen=BS + 5),
         sanitize(0x00),
         sanitize(0x05),
     ]
     + [sanitize(0x02)[:i] + b"\x01" + sanitize(0x02)[i + 1 :] for i in range(2, 7)],
 )
-async def test_sanitize_rejects_reserved_fields_and_unsupported_actions(cdb: bytes) -> None:
+async def test_sanitize_rejects_invalid_cdb_fields(cdb: bytes) -> None:
     lu, store = make_lu()
     good(await run(lu, write10(0, 1), b"a" * BS))
-    assert sense(await run(lu, cdb, bytes(BS + 4))) == (ILLEGAL, INVALID_FIELD, 0)
+    assert sense(await run(lu, cdb, bytes(BS + 8))) == (ILLEGAL, INVALID_FIELD, 0)
     assert store.mapped_blocks == frozenset({0})
+    assert not lu.sanitize_in_progress
+
+
+@pytest.mark.parametrize(
+    ("params", "byte"),
+    [
+        (overwrite_params(b"\xaa" * BS, count=0), 0),  # OVERWRITE COUNT 0
+        (overwrite_params(b"\xaa" * BS, test=1), 0),  # TEST: no test modes
+        (overwrite_params(b"") + b"\0", 2),  # INITIALIZATION PATTERN LENGTH 0
+        (struct.pack(">BxH", 1, BS + 1) + bytes(BS), 2),  # longer than a block
+        (struct.pack(">BxH", 1, 8) + bytes(16), 2),  # disagrees with the parameter list length
+    ],
+)
+async def test_sanitize_overwrite_rejects_invalid_parameter_lists(params: bytes, byte: int) -> None:
+    lu, _ = make_lu()
+    good(await run(lu, write10(0, 1), b"a" * BS))
+    res = await run(lu, sanitize(0x01, plen=len(params)), params)
+    assert sense(res) == (ILLEGAL, 0x26, 0)
+    assert field_pointer(res) == (False, byte)
+    assert bytes(good(await run(lu, read10(0, 1))).data) == b"a" * BS
+
+
+@pytest.mark.parametrize("pattern_len", [BS, BS // 2, 4, 3])
+async def test_sanitize_overwrite_repeats_the_pattern_over_every_block(pattern_len: int) -> None:
+    lu, store = make_lu()
+    pat = bytes((i * 7 + 1) & 0xFF for i in range(pattern_len))
+    good(await run(lu, sanitize(0x01, plen=pattern_len + 4), overwrite_params(pat)))
+    expected = (pat * (BS // pattern_len + 1))[:BS]
+    assert bytes(good(await run(lu, read10(0, 1))).data) == expected
+    assert bytes(good(await run(lu, read10(NBLOCKS - 2, 2))).data) == expected * 2
+    assert store.mapped_blocks == frozenset(range(NBLOCKS))
+    assert store.flush_count >= 1
+
+
+async def test_sanitize_overwrite_invert_alternates_and_ends_with_the_pattern() -> None:
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    good(await run(lu, sanitize(0x01, plen=8), overwrite_params(b"\x0f\x0f\x0f\x0f", count=2, invert=True)))
+    writes = [off for op, off in store.log if op == "write"]
+    assert len(writes) == 2 * (NBLOCKS * BS // (1024 * 1024))  # two passes of 1 MiB chunks
+    assert bytes(good(await run(lu, read10(7, 1))).data) == b"\x0f" * BS
+
+
+async def test_sanitize_crypto_erase_deallocates_everything() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 4), b"a" * 4 * BS))
+    good(await run(lu, write10(NBLOCKS - 4, 4), b"a" * 4 * BS))
+    good(await run(lu, sanitize(0x03)))
+    assert store.mapped_blocks == frozenset()
+    assert bytes(good(await run(lu, read10(0, 4))).data) == bytes(4 * BS)
+
+
+async def test_sanitize_immed_runs_in_background_with_not_ready_and_progress() -> None:
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    store.shut()
+    good(await run(lu, sanitize(0x01, plen=8, byte1_extra=0x80), overwrite_params(b"abcd")))
+    await store.arrivals(1)
+    assert lu.sanitize_in_progress
+    for cdb in (tur(), read10(0, 1), sanitize(0x02), mode_sense6(0x08)):
+        res = await run(lu, cdb)
+        assert sense(res) == (0x02, 0x04, 0x1B)
+        assert res.sense is not None and res.sense[15] == 0x80  # SKSV, progress indication
+    good(await run(lu, inquiry()))
+    good(await run(lu, report_luns()))
+    data = bytes(good(await run(lu, request_sense())).data)
+    assert (data[2], data[12], data[13]) == (0x02, 0x04, 0x1B)
+    assert struct.unpack_from(">H", data, 16)[0] == 0  # nothing written yet
+    store.release(1)  # the first of two 1 MiB chunks
+    await store.arrivals(1)
+    data = bytes(good(await run(lu, request_sense())).data)
+    assert struct.unpack_from(">H", data, 16)[0] == 0x8000  # half done
+    # Resets and the loss of the nexus do not stop a sanitize (SBC-3 4.11.2).
+    lu.reset(ResetKind.LUN, A)
+    lu.reset(ResetKind.TARGET_COLD, A)
+    lu.nexus_lost(B)
+    assert lu.sanitize_in_progress
+    store.open()
+    await lu.sanitize_done()
+    assert not lu.sanitize_in_progress
+    assert sense(await run(lu, tur()))[0] == 0x06  # the reset's UNIT ATTENTION, now that it is done
+    good(await run(lu, tur()))
+    assert bytes(good(await run(lu, read10(NBLOCKS - 1, 1))).data) == b"abcd" * (BS // 4)
+
+
+async def test_aborted_sanitize_command_leaves_the_operation_running() -> None:
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    store.shut()
+    command = asyncio.create_task(run(lu, sanitize(0x01, plen=8), overwrite_params(b"wxyz")))
+    await store.arrivals(1)
+    command.cancel()  # what an aborted task amounts to for the SCSI layer
+    with pytest.raises(asyncio.CancelledError):
+        await command
+    assert lu.sanitize_in_progress
+    store.open()
+    await lu.sanitize_done()
+    good(await run(lu, tur()))
+    assert bytes(good(await run(lu, read10(0, 1))).data) == b"wxyz" * (BS // 4)
+
+
+async def test_sanitize_waits_for_commands_already_running() -> None:
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    store.shut()
+    write = asyncio.create_task(run(lu, write10(3, 1), b"W" * BS))
+    await store.arrivals(1)
+    good(await run(lu, sanitize(0x02, byte1_extra=0x80)))
+    assert sense(await run(lu, read10(3, 1))) == (0x02, 0x04, 0x1B)
+    await settle()
+    assert [op for op, _ in store.log] == ["write"]  # the erase waits for the write
+    store.open()
+    good(await write)
+    await lu.sanitize_done()
+    assert [op for op, _ in store.log] == ["write", "unmap"]
+    assert store.mapped_blocks == frozenset()
+
+
+async def test_failed_sanitize_enters_failure_mode_until_exit_failure_mode() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 1), b"a" * BS))
+    store.fail_next("unmap")
+    assert sense(await run(lu, sanitize(0x02, byte1_extra=0x20))) == (0x03, 0x31, 0x03)  # AUSE=1
+    assert sense(await run(lu, read10(0, 1))) == (0x03, 0x31, 0x03)
+    assert sense(await run(lu, write10(0, 1), b"b" * BS)) == (0x03, 0x31, 0x03)
+    good(await run(lu, tur()))
+    data = bytes(good(await run(lu, request_sense())).data)
+    assert (data[2], data[12], data[13]) == (0x03, 0x31, 0x03)
+    good(await run(lu, sanitize(0x1F)))  # EXIT FAILURE MODE
+    good(await run(lu, read10(0, 1)))
+
+
+async def test_restricted_sanitize_failure_needs_a_successful_sanitize() -> None:
+    lu, store = make_lu()
+    store.fail_next("unmap")
+    assert sense(await run(lu, sanitize(0x02))) == (0x03, 0x31, 0x03)  # AUSE=0: restricted
+    assert sense(await run(lu, sanitize(0x1F)))[:2] == (ILLEGAL, INVALID_FIELD)
+    assert sense(await run(lu, sanitize(0x02, byte1_extra=0x20)))[:2] == (ILLEGAL, INVALID_FIELD)
+    assert sense(await run(lu, read10(0, 1))) == (0x03, 0x31, 0x03)
+    good(await run(lu, sanitize(0x03)))  # a successful sanitize ends the failure mode
+    good(await run(lu, read10(0, 1)))
+    good(await run(lu, sanitize(0x1F)))  # nothing to exit: GOOD
+
+
+async def test_sanitize_conflicts_with_another_initiators_reservation() -> None:
+    lu, store = make_lu()
+    good(await run(lu, write10(0, 1), b"a" * BS))
+    good(await run(lu, bytes((0x16, 0, 0, 0, 0, 0)), nexus=B))  # RESERVE(6) by B
+    assert (await run(lu, sanitize(0x01, plen=8), overwrite_params(b"abcd"))).status == (
+        ScsiStatus.RESERVATION_CONFLICT
+    )
+    good(await run(lu, bytes((0x17, 0, 0, 0, 0, 0)), nexus=B))
+    assert store.mapped_blocks == frozenset({0})
+
+
+async def test_overwrite_is_not_offered_by_default() -> None:
+    lu = LogicalUnit(MemoryBlockStore(NBLOCKS * BS, BS), IDENTITY)
+    data = bytes(good(await run(lu, rsoc())).data)
+    offered = {
+        data[i + 3] & 0x1F if data[i + 5] & 1 else None for i in range(4, len(data), 8) if data[i] == 0x48
+    }
+    assert offered == {0x02, 0x03, 0x1F}
+    res = await run(lu, sanitize(0x01, plen=8), overwrite_params(b"abcd"))
+    assert sense(res) == (ILLEGAL, INVALID_FIELD, 0)
+    good(await run(lu, sanitize(0x03)))
 
 
 async def test_sanitize_is_not_supported_without_unmap() -> None:

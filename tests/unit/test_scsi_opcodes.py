@@ -69,3 +69,13 @@ async def test_thick_volumes_do_not_list_unmap_or_sanitize() -> None:
     lu, _ = make_lu(supports_unmap=False)
     ops = {d[0] for d in descriptors(bytes(good(await run(lu, rsoc())).data), False)}
     assert 0x42 not in ops and 0x48 not in ops and 0x2A in ops
+
+
+@pytest.mark.parametrize(("sa", "plen_usage"), [(0x01, 0xFF), (0x02, 0x00), (0x03, 0x00), (0x1F, 0x00)])
+async def test_sanitize_service_actions_and_their_usage_data(sa: int, plen_usage: int) -> None:
+    """SBC-3 5.30: IMMED and AUSE are evaluated; only OVERWRITE has a parameter list."""
+    lu, _ = make_lu()
+    data = bytes(good(await run(lu, rsoc(option=2, opcode=0x48, sa=sa))).data)
+    usage = data[4:]
+    assert usage[:2] == bytes((0x48, 0xA0 | sa))
+    assert usage[7:9] == bytes((plen_usage, plen_usage))
