@@ -48,6 +48,7 @@ _CREATE_FIELDS = frozenset(
         "name",
         "size",
         "block_size",
+        "physical_block_size",
         "chap_user",
         "chap_secret",
         "chap_mutual_user",
@@ -92,7 +93,17 @@ async def create_volume(request: web.Request) -> web.Response:
     block_size = body.get("block_size", 512)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ApiError(400, "block_size must be an integer (512 or 4096)")
-    spec = VolumeSpec(name=name, size=size, block_size=block_size, chap=_chap(body), backing=backing)
+    physical = body.get("physical_block_size")
+    if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)):
+        raise ApiError(400, "physical_block_size must be an integer (512 or 4096)")
+    spec = VolumeSpec(
+        name=name,
+        size=size,
+        block_size=block_size,
+        chap=_chap(body),
+        backing=backing,
+        physical_block_size=physical,
+    )
     info = await request.app[SERVICE_KEY].create(spec)
     return web.json_response(volume_json(info), status=201)
 
@@ -142,6 +153,7 @@ def volume_json(v: VolumeInfo) -> dict[str, Any]:
         "uuid": v.uuid,
         "size": v.size,
         "block_size": v.block_size,
+        "physical_block_size": v.physical_block_size,
         "serial": v.serial,
         "naa": v.naa,
         "backing": v.backing,

@@ -3,8 +3,9 @@
     sparrow serve [--config FILE] [--data-dir DIR] [--iscsi HOST:PORT] [--http HOST:PORT]
                   [--advertise HOST[:PORT]]... [--base-iqn IQN] [--demo-volume NAME:SIZE]
                   [--log-format auto|json|console] [--log-level LEVEL]
-    sparrow volume create NAME --size SIZE [--block-size 512|4096] [--chap-user U --chap-secret S
-                  [--chap-mutual-user U --chap-mutual-secret S]] [--backing PATH] [--json]
+    sparrow volume create NAME --size SIZE [--block-size 512|4096] [--physical-block-size 512|4096]
+                  [--chap-user U --chap-secret S [--chap-mutual-user U --chap-mutual-secret S]]
+                  [--backing PATH] [--json]
     sparrow volume list [--json]
     sparrow volume inspect NAME [--json]
     sparrow volume resize NAME --size SIZE
@@ -160,6 +161,7 @@ def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
         body["size"] = args.size
     optional = {
         "backing": args.backing,
+        "physical_block_size": args.physical_block_size,
         "chap_user": args.chap_user,
         "chap_secret": args.chap_secret,
         "chap_mutual_user": args.chap_mutual_user,
@@ -226,6 +228,7 @@ def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
         ("name", v["name"]),
         ("size", f"{format_size(v['size'])} ({v['size']} bytes)"),
         ("block size", str(v["block_size"])),
+        ("phys block", str(v.get("physical_block_size") or v["block_size"])),
         ("iqn", v["iqn"]),
         ("lun", str(v["lun"])),
         ("portals", ", ".join(v.get("portals") or []) or "-"),
@@ -320,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--size", type=_size_arg, help="e.g. 64MiB, 10G, 1.5GiB (binary units)")
     create.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    create.add_argument(
+        "--physical-block-size",
+        type=int,
+        choices=(512, 4096),
+        help="physical block size reported to initiators (default: the block size); 4096 with "
+        "--block-size 512 is a 512e volume, so file systems align to 4 KiB",
+    )
     create.add_argument("--chap-user", metavar="USER")
     create.add_argument("--chap-secret", metavar="SECRET")
     create.add_argument("--chap-mutual-user", metavar="USER")

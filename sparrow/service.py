@@ -65,6 +65,7 @@ class VolumeSpec:
     block_size: int = 512
     chap: ChapCredentials | None = None
     backing: str | None = None
+    physical_block_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class VolumeInfo:
     uuid: str
     size: int
     block_size: int
+    physical_block_size: int
     serial: str
     naa: str
     backing: str | None
@@ -155,7 +157,12 @@ class VolumeService:
     async def create(self, spec: VolumeSpec) -> VolumeInfo:
         async with self._lock:
             volume = await self.manager.create(
-                spec.name, spec.size, block_size=spec.block_size, chap=spec.chap, backing=spec.backing
+                spec.name,
+                spec.size,
+                block_size=spec.block_size,
+                chap=spec.chap,
+                backing=spec.backing,
+                physical_block_size=spec.physical_block_size,
             )
             self._export(volume)
             log.info("target exported", volume=spec.name, iqn=self.iqn_for(spec.name))
@@ -230,6 +237,7 @@ class VolumeService:
             reservations=Reservations(meta.reservations or None),
             on_reservations_changed=self._reservation_saver(meta.name),
             tpgt=self.tpgt,
+            physical_block_size=meta.physical_block_size,
         )
         self._lus[meta.name] = lu
         self.registry.add(Target(self.iqn_for(meta.name), meta.name, lu, chap_config(meta.chap)))
@@ -255,6 +263,7 @@ class VolumeService:
             uuid=str(meta.uuid),
             size=meta.size,
             block_size=meta.block_size,
+            physical_block_size=meta.physical_block_size or meta.block_size,
             serial=meta.serial,
             naa=meta.naa,
             backing=str(meta.backing) if meta.backing is not None else None,

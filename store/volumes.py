@@ -132,6 +132,16 @@ def validate_name(name: str) -> None:
         )
 
 
+def check_physical_block_size(block_size: int, physical: object) -> None:
+    """A physical block is one or more logical blocks: 512 or 4096 bytes, never smaller than a block."""
+    if physical is None:
+        return
+    if isinstance(physical, bool) or not isinstance(physical, int) or physical not in BLOCK_SIZES:
+        raise InvalidVolume(f"physical block size must be 512 or 4096, not {physical!r}")
+    if physical < block_size:
+        raise InvalidVolume(f"physical block size {physical} is smaller than the block size {block_size}")
+
+
 @dataclass(frozen=True, slots=True)
 class VolumeMeta:
     name: str
@@ -144,6 +154,8 @@ class VolumeMeta:
     created_at: float
     chap: ChapCredentials | None
     reservations: dict[str, Any] = field(default_factory=dict)
+    #: Physical block size reported to initiators (READ CAPACITY 16 LBPPBE); None = block_size.
+    physical_block_size: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -157,6 +169,7 @@ class VolumeMeta:
             "created_at": self.created_at,
             "chap": None if self.chap is None else self.chap.to_record(),
             "reservations": self.reservations,
+            "physical_block_size": self.physical_block_size,
         }
 
     @classmethod
@@ -187,11 +200,16 @@ class VolumeMeta:
             created_at=float(get("created_at", (int, float))),
             chap=None if chap_rec is None else ChapCredentials.from_record(chap_rec, path),
             reservations=get("reservations", dict),
+            physical_block_size=body.get("physical_block_size"),
         )
         if not NAME_PATTERN.fullmatch(name):
             raise CorruptRecord(path, f"invalid volume name {name!r}")
         if block_size not in BLOCK_SIZES or size <= 0 or size % block_size:
             raise CorruptRecord(path, f"invalid size {size} / block size {block_size}")
+        try:
+            check_physical_block_size(block_size, meta.physical_block_size)
+        except InvalidVolume as e:
+            raise CorruptRecord(path, str(e)) from None
         if not re.fullmatch(r"[0-9a-f]{32}", uuid_hex) or not re.fullmatch(r"[0-9a-f]{32}", meta.naa):
             raise CorruptRecord(path, "invalid uuid or naa")
         return meta
@@ -296,6 +314,7 @@ class VolumeManager:
         block_size: int = 512,
         chap: ChapCredentials | None = None,
         backing: str | None = None,
+        physical_block_size: int | None = None,
     ) -> Volume:
         """Create a volume: a new sparse file in the data directory, or an existing file or block
         device (``backing``, never deleted by us). ``size`` None means the backing's own size."""
@@ -306,6 +325,7 @@ class VolumeManager:
             isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % block_size
         ):
             raise InvalidVolume(f"size {size} is not a positive multiple of the block size {block_size}")
+        check_physical_block_size(block_size, physical_block_size)
         if size is None and backing is None:
             raise InvalidVolume("a size is required unless the volume uses a backing file or device")
         if chap is not None:
@@ -341,6 +361,7 @@ class VolumeManager:
                 backing=backing,
                 created_at=time.time(),
                 chap=chap,
+                physical_block_size=physical_block_size,
             )
             try:
                 await self._save(meta)

@@ -373,3 +373,26 @@ async def test_persistent_reservations_are_saved_through_the_manager(tmp_path: P
         assert restored.lu.reservations.registered_key(nexus) == 0x1234
     finally:
         await second.stop()
+
+
+async def test_physical_block_size_reaches_read_capacity_16(tmp_path: Path) -> None:
+    """A 512e volume (512-byte blocks, 4 KiB physical) reports LBPPBE=3 to initiators."""
+    from frontend.scsi.types import Nexus, ScsiRequest
+    from frontend.target import TargetRegistry
+    from sparrow.service import VolumeService, VolumeSpec
+    from store.volumes import VolumeManager
+
+    manager = VolumeManager(tmp_path / "data")
+    await manager.load_all()
+    service = VolumeService(manager, TargetRegistry(), base_iqn="iqn.2026-11.io.sparrow")
+    try:
+        info = await service.create(VolumeSpec("e512", 1 << 20, block_size=512, physical_block_size=4096))
+        assert info.physical_block_size == 4096
+        target = service.registry.get(info.iqn)
+        assert target is not None
+        cdb = bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2)
+        nexus = Nexus("iqn.2026-11.test:host", 1, info.iqn, 1)
+        result = await target.lu.execute(ScsiRequest(nexus, 0, cdb, b"", 32, read=True))
+        assert bytes(result.data)[13] & 0x0F == 3  # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT
+    finally:
+        await service.close()

@@ -300,3 +300,19 @@ async def test_failed_record_write_undoes_the_create(
     assert manager.list() == []
     assert list((manager.data_dir / "volumes").iterdir()) == []
     await manager.create("v", MiB)
+
+
+async def test_physical_block_size_is_stored_and_validated(manager: VolumeManager) -> None:
+    vol = await manager.create("e512", 4 * MiB, block_size=512, physical_block_size=4096)
+    assert vol.meta.physical_block_size == 4096
+    for block, physical in ((4096, 512), (512, 1024), (512, 8192)):
+        with pytest.raises(InvalidVolume):
+            await manager.create(
+                f"bad{block}-{physical}", 4 * MiB, block_size=block, physical_block_size=physical
+            )
+    m2, errors = await reopen(manager)
+    try:
+        assert errors == []
+        assert m2.get("e512").meta.physical_block_size == 4096
+    finally:
+        await m2.close()
