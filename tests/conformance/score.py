@@ -42,6 +42,18 @@ def score(text: str) -> dict[str, str]:
     return results
 
 
+def merged(results: dict[str, str]) -> dict[str, str]:
+    """One result per distinct test. A case run again on another volume configuration (recorded as
+    ``CONFIG:NAME``) fails if it failed anywhere, else passes if it passed anywhere, else is skipped."""
+    out: dict[str, str] = {}
+    for name, result in results.items():
+        base = name.split(":", 1)[1] if ":" in name else name
+        seen = out.get(base)
+        if seen is None or result == "failed" or (result == "passed" and seen == "skipped"):
+            out[base] = result
+    return out
+
+
 def counts(results: dict[str, str]) -> dict[str, int]:
     return {k: sum(1 for v in results.values() if v == k) for k in ("passed", "skipped", "failed")}
 
