@@ -382,6 +382,19 @@ class LogicalUnit:
 
     # ---- execution ---------------------------------------------------------------------------------
 
+    def _check_gates(self, gate: Gate, state: AccessState) -> None:
+        """Refuse a command that its gate does not let through the LU's current state."""
+        if self._sanitizing is not None and not gate & Gate.SANITIZE_OK:
+            raise self._sanitize_in_progress()
+        if self._sanitize_failed is not None and gate & Gate.MEDIUM:
+            raise CheckCondition(SenseKey.MEDIUM_ERROR, SANITIZE_COMMAND_FAILED)
+        if state > AccessState.ACTIVE_NON_OPTIMIZED:
+            allowed = Gate.STANDBY_OK if state == AccessState.STANDBY else Gate.UNAVAILABLE_OK
+            if not gate & allowed:
+                raise CheckCondition(SenseKey.NOT_READY, _ALUA_NOT_READY[state])
+        if gate & Gate.WRITES and self._mode.swp:
+            raise CheckCondition(SenseKey.DATA_PROTECT, WRITE_PROTECTED)
+
     async def execute(self, req: ScsiRequest) -> ScsiResult:
         cdb = req.cdb
         if len(cdb) < 16:
@@ -402,17 +415,14 @@ class LogicalUnit:
                 raise invalid_cdb(cmd.length - 1, 2)
             if self.reservations.conflicts(req.nexus, cdb):
                 return _CONFLICT
-            if self._sanitizing is not None and not cmd.gate & Gate.SANITIZE_OK:
-                raise self._sanitize_in_progress()
-            if self._sanitize_failed is not None and cmd.gate & Gate.MEDIUM:
-                raise CheckCondition(SenseKey.MEDIUM_ERROR, SANITIZE_COMMAND_FAILED)
             state = self._access_state
-            if state > AccessState.ACTIVE_NON_OPTIMIZED:
-                allowed = Gate.STANDBY_OK if state == AccessState.STANDBY else Gate.UNAVAILABLE_OK
-                if not cmd.gate & allowed:
-                    raise CheckCondition(SenseKey.NOT_READY, _ALUA_NOT_READY[state])
-            if cmd.gate & Gate.WRITES and self._mode.swp:
-                raise CheckCondition(SenseKey.DATA_PROTECT, WRITE_PROTECTED)
+            if (
+                self._sanitizing is not None
+                or self._sanitize_failed is not None
+                or state > AccessState.ACTIVE_NON_OPTIMIZED
+                or self._mode.swp
+            ):  # the uncommon states; the common path stays free of Flag arithmetic
+                self._check_gates(cmd.gate, state)
             return await cmd.handler(self, req, cdb)
         except CheckCondition as e:
             return ScsiResult(ScsiStatus.CHECK_CONDITION, sense=e.fixed_sense())
