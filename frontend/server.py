@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Coroutine, Generator, Iterable
+from functools import partial
 from typing import Any, cast
 
 import structlog
 
 from frontend.iscsi.connection import (
+    CancelExecution,
     CloseConnection,
     Connection,
     ExecuteScsi,
@@ -137,13 +139,19 @@ class IscsiProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: Connection | None = None
         self.session: Session | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        #: Executions that suspended, by the core's task id (those that did not never need a Task).
+        self._running: dict[int, asyncio.Task[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closing = False
         self._reading_paused = False
         self._flush_scheduled = False
         self.log = log
+
+    @property
+    def tasks(self) -> Iterable[asyncio.Task[None]]:
+        """The SCSI executions in flight that an orderly shutdown waits for."""
+        return self._running.values()
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -233,6 +241,8 @@ class IscsiProtocol(asyncio.Protocol):
                 self._logged_in(event)
             elif isinstance(event, LoginRejected):
                 self._login_rejected(event)
+            elif isinstance(event, CancelExecution):
+                self._cancel(event)
             elif isinstance(event, TargetResetRequested):
                 self._target_reset(event)
             elif isinstance(event, CloseConnection):
@@ -253,13 +263,36 @@ class IscsiProtocol(asyncio.Protocol):
             suspended_on = coro.send(None)
         except StopIteration:
             return
-        task = self.loop.create_task(self._finish(_Resumed(coro, suspended_on)))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        rest = _Resumed(coro, suspended_on)
+        task = self.loop.create_task(self._finish(rest))
+        self._running[event.task_id] = task
+        task.add_done_callback(partial(self._execution_done, event.task_id, rest))
 
     async def _finish(self, rest: _Resumed) -> None:
         await rest
         self._pump(flush_now=False)
+
+    def _cancel(self, event: CancelExecution) -> None:
+        """A TMF aborted these tasks: stop their executions. Each reports to the core when its Task
+        has ended (``_execution_done``), so the held TMF response follows the aborted commands out
+        of the SCSI layer (RFC 7143 11.5; SAM-5 7.1). Executions that never suspended have already
+        reported; ids not found here are those."""
+        running = self._running
+        for task_id in event.task_ids:
+            task = running.get(task_id)
+            if task is not None:
+                task.cancel()
+
+    def _execution_done(self, task_id: int, rest: _Resumed, task: asyncio.Task[None]) -> None:
+        del self._running[task_id]
+        if not task.cancelled():
+            return
+        # Cancelled before its first step the Task never entered ``rest``: end the execution here
+        # (a no-op for one that already unwound).
+        rest.close()
+        if self.conn is not None and not self._closing:
+            self.conn.aborted(task_id, self.loop.time())
+            self._pump(flush_now=False)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -343,6 +376,10 @@ class _Resumed:
     def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
         self._coro = coro
         self._first = first
+
+    def close(self) -> None:
+        """Abandon the coroutine where it is suspended (GeneratorExit runs its ``finally`` blocks)."""
+        self._coro.close()
 
     def __await__(self) -> Generator[Any, Any, None]:
         coro, to_yield = self._coro, self._first

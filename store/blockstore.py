@@ -202,12 +202,13 @@ class FileBlockStore:
     """
 
     __slots__ = (
-        "_cond",
         "_fd",
         "_file_size",
+        "_idle",
         "_inflight",
         "_io_path",
         "_is_blockdev",
+        "_lock",
         "_size",
         "_supports_unmap",
         "block_size",
@@ -225,7 +226,9 @@ class FileBlockStore:
         self._is_blockdev = is_blockdev
         self._supports_unmap = supports_unmap
         self._inflight = 0
-        self._cond = threading.Condition(threading.Lock())
+        # _lock guards _fd and _inflight; _idle is set when close() waits and the last operation ends.
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
         self._io_path = _choose_io_path(fd)
 
     # ---- opening -----------------------------------------------------------------------------------
@@ -428,17 +431,17 @@ class FileBlockStore:
     # ---- the parts that run on the I/O threads -----------------------------------------------------
 
     def _enter(self) -> int:
-        with self._cond:
+        with self._lock:
             if self._fd < 0:
                 raise StoreClosed(self.path)
             self._inflight += 1
             return self._fd
 
     def _exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._inflight -= 1
-            if not self._inflight:
-                self._cond.notify_all()
+            if not self._inflight and self._fd < 0:
+                self._idle.set()  # close() is waiting for us
 
     def _read_sync(self, offset: int, length: int) -> bytes:
         fd = self._enter()
@@ -533,10 +536,11 @@ class FileBlockStore:
             self._exit()
 
     def _close_sync(self) -> None:
-        with self._cond:
+        with self._lock:
             fd, self._fd = self._fd, -1
-            while self._inflight:
-                self._cond.wait()
+            busy = self._inflight > 0
+        if busy:
+            self._idle.wait()
         if fd >= 0:
             os.close(fd)
 

@@ -6,6 +6,7 @@ The asyncio layer drives it like h11 / aioquic::
     while (event := conn.next_event()) is not None: ...   # ExecuteScsi, LoggedIn, ...
     transport.writelines(conn.data_to_send())
     conn.complete(task_id, result, now)    # the SCSI layer finished an ExecuteScsi
+    conn.aborted(task_id, now)             # ... or stopped it after a CancelExecution
     loop.call_at(conn.next_deadline(), ...) -> conn.handle_timer(now)
     conn.connection_lost(now)
 
@@ -38,7 +39,11 @@ Behaviour, with the RFC 7143 section each rule comes from:
 - NOP (11.18, 11.19): NOP-Out with an ITT is answered; idle for ``nop_interval`` -> NOP-In ping;
   nothing received within ``nop_timeout`` after it -> close.
 - Task management (11.5, 11.6): see ``_on_tmf``. Aborted tasks send no response; a TMF response
-  waits until every task it aborted while executing has left the SCSI layer.
+  waits until every task it aborted while executing has left the SCSI layer. So that it need not wait
+  for a long command (SANITIZE, a big WRITE SAME), the TMF emits ``CancelExecution`` for those tasks;
+  the asyncio layer cancels them and reports each with ``aborted(task_id, now)`` (or ``complete``,
+  if the command finished first). The response goes out once the last of them has come back
+  (SAM-5 7.1: FUNCTION COMPLETE only after the affected commands are aborted).
 - Logout (11.14, 11.15), Text (11.10, via ``discovery.TextNegotiation``), SNACK at ERL 0 -> Reject
   protocol error. Discovery sessions accept only Text, Logout and NOP-Out (others: Reject).
 """
@@ -51,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from frontend.constructors import positional_constructor
 from frontend.iscsi.discovery import TextNegotiation
 from frontend.iscsi.errors import (
     DataDigestError,
@@ -86,7 +92,6 @@ from frontend.iscsi.pdu import (
     encode,
     encode_data_in,
     encode_scsi_response,
-    positional_constructor,
 )
 from frontend.iscsi.session import Session, SessionTable
 from frontend.scsi.lu import ResetKind
@@ -128,6 +133,15 @@ class ExecuteScsi:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelExecution:
+    """A TMF, or another session's target reset, aborted these executing tasks (RFC 7143 11.5.1):
+    stop running them, then report each with ``Connection.aborted(task_id, now)``. A task that
+    finishes before it can be stopped may report with ``complete`` instead; either is final."""
+
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class LoggedIn:
     """Login succeeded. ``displaced``: a session this login reinstated (RFC 7143 6.3.5); its
     connection must be closed. Its I_T nexus loss has already been reported to its LU."""
@@ -162,7 +176,7 @@ class CloseConnection:
     reason: str
 
 
-Event = ExecuteScsi | LoggedIn | LoginRejected | TargetResetRequested | CloseConnection
+Event = ExecuteScsi | CancelExecution | LoggedIn | LoginRejected | TargetResetRequested | CloseConnection
 
 _make_request = positional_constructor(ScsiRequest)
 _make_execute = positional_constructor(ExecuteScsi)
@@ -527,7 +541,6 @@ class Connection:
             return
         try:
             if task.state is TaskState.ABORTED:
-                task.move(TaskInput.COMPLETE)
                 self._aborted_task_returned(task)
                 return
             task.move(TaskInput.COMPLETE)
@@ -535,6 +548,19 @@ class Connection:
                 del self._tasks[task.itt]
             if self._phase is Phase.FULL_FEATURE:
                 self._respond(task, result)
+        except Exception as e:
+            self.internal_errors.append(e)
+            self._close(f"internal error: {type(e).__name__}: {e}")
+
+    def aborted(self, task_id: int, now: float) -> None:
+        """The SCSI layer stopped task ``task_id`` without a result, as ``CancelExecution`` asked.
+        No response is sent for it; a TMF response waiting for it may now go out."""
+        task = self._executing.pop(task_id, None)
+        if task is None:
+            return
+        try:
+            self._abort(task, None)            # cancelled though not aborted here: still no response
+            self._aborted_task_returned(task)
         except Exception as e:
             self.internal_errors.append(e)
             self._close(f"internal error: {type(e).__name__}: {e}")
@@ -575,10 +601,14 @@ class Connection:
         self._end_session()
 
     def abort_all_tasks(self) -> None:
-        """Abort every task of this connection without responses (another session's target reset)."""
+        """Abort every task of this connection without responses (another session's target reset);
+        the executing ones are named in a ``CancelExecution``."""
         if self._phase is Phase.CLOSED:
             return
-        self._abort_everything()
+        executing: set[int] = set()
+        for task in list(self._tasks.values()):
+            self._abort(task, executing)
+        self._cancel(executing)
 
     # --- phases --------------------------------------------------------------------------------------
 
@@ -1098,8 +1128,13 @@ class Connection:
     def _hold_or_send(self, held: _HeldTmfResponse) -> None:
         if held.waiting:
             self._held.append(held)
+            self._cancel(held.waiting)
         else:
             self._send_tmf_response(held)
+
+    def _cancel(self, task_ids: set[int]) -> None:
+        if task_ids:
+            self._events.append(CancelExecution(tuple(sorted(task_ids))))
 
     def _send_tmf_response(self, held: _HeldTmfResponse) -> None:
         if self._phase is not Phase.FULL_FEATURE:
@@ -1130,6 +1165,8 @@ class Connection:
             self._abort(task, None)
 
     def _aborted_task_returned(self, task: Task) -> None:
+        """An aborted task left the SCSI layer: send the TMF responses that were waiting only for it."""
+        task.move(TaskInput.COMPLETE)
         if not self._held:
             return
         still: list[_HeldTmfResponse] = []

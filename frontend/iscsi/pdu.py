@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
+from frontend.constructors import positional_constructor
 from frontend.iscsi import digest as _digest
 from frontend.iscsi.errors import (
     BufferFull,
@@ -384,23 +385,6 @@ _PADS: Final = (b"", b"\0\0\0", b"\0\0", b"\0")
 Data = bytes | bytearray | memoryview
 P = TypeVar("P")
 T = TypeVar("T")
-
-
-def positional_constructor(cls: type[T]) -> Callable[..., T]:
-    """A constructor for a frozen, slotted dataclass taking every field positionally, which skips
-    the generated ``__init__``'s ``object.__setattr__`` calls (about twice as fast; hot paths only).
-    Built from ``fields(cls)`` at import time, so it follows changes to the class."""
-    from dataclasses import fields
-
-    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    env: dict[str, object] = {"_new": object.__new__, "_cls": cls}
-    body = [f"def make({', '.join(names)}):", "    o = _new(_cls)"]
-    for i, name in enumerate(names):
-        env[f"_s{i}"] = cls.__dict__[name].__set__
-        body.append(f"    _s{i}(o, {name})")
-    body.append("    return o")
-    exec("\n".join(body), env)  # generated from the dataclass's field names only
-    return env["make"]  # type: ignore[return-value]
 
 
 _make_scsi_command = positional_constructor(ScsiCommand)

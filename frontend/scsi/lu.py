@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from frontend.constructors import positional_constructor
 from frontend.scsi import mode as modes
 from frontend.scsi.cdb import (
     BlockRange,
@@ -183,6 +184,9 @@ class _Command:
     handler: Handler
     gate: int
     length: int  # CDB length; its last byte is CONTROL
+
+
+_make_result = positional_constructor(ScsiResult)
 
 
 def _result(
@@ -382,7 +386,7 @@ class LogicalUnit:
 
     # ---- execution ---------------------------------------------------------------------------------
 
-    def _check_gates(self, gate: Gate, state: AccessState) -> None:
+    def _check_gates(self, gate: int, state: AccessState) -> None:
         """Refuse a command that its gate does not let through the LU's current state."""
         if self._sanitizing is not None and not gate & Gate.SANITIZE_OK:
             raise self._sanitize_in_progress()
@@ -492,7 +496,7 @@ class LogicalUnit:
         if not need:
             return _GOOD
         data = await self._read_blocks(r.lba, r.nblocks)
-        return ScsiResult(ScsiStatus.GOOD, data, None, need)
+        return _make_result(ScsiStatus.GOOD, data, None, need)
 
     async def _write(
         self, req: ScsiRequest, r: BlockRange, length_byte: int, *, verify: bool = False
@@ -536,7 +540,7 @@ class LogicalUnit:
             data = await self.store.read(lba * bs, n * bs)
         finally:
             ranges.release_shared(token)
-        return ScsiResult(ScsiStatus.GOOD, data, None, n * bs)
+        return _make_result(ScsiStatus.GOOD, data, None, n * bs)
 
     async def _read_12(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         return await self._read(rw12(cdb), 6)
@@ -558,7 +562,7 @@ class LogicalUnit:
             data = await self.store.read(lba * bs, n * bs)
         finally:
             ranges.release_shared(token)
-        return ScsiResult(ScsiStatus.GOOD, data, None, n * bs)
+        return _make_result(ScsiStatus.GOOD, data, None, n * bs)
 
     async def _write_6(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         return await self._write(req, rw6(cdb), 4)

@@ -347,12 +347,12 @@ async def test_close_waits_for_operations_in_flight(tmp_path: Path, monkeypatch:
         release.wait(10)
         return real_pwrite(fd, data, offset)
 
-    class SignallingCondition(threading.Condition):
+    class SignallingEvent(threading.Event):
         def wait(self, timeout: float | None = None) -> bool:
             loop.call_soon_threadsafe(close_waiting.set)
             return super().wait(timeout)
 
-    s._cond = SignallingCondition(threading.Lock())
+    s._idle = SignallingEvent()
     monkeypatch.setattr(os, "pwrite", slow_pwrite)
     write = asyncio.create_task(s.write(0, b"\x66" * 512))
     await write_started.wait()
