@@ -568,13 +568,50 @@ class LogicalUnit:
         return await self._write(req, rw6(cdb), 4)
 
     async def _write_10(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
-        return await self._write(req, rw10(cdb), 7)
+        lba, n = struct.unpack_from(">IxH", cdb, 2)
+        return await self._write_common(req, cdb, lba, n, rw10, 7)
 
     async def _write_12(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         return await self._write(req, rw12(cdb), 6)
 
     async def _write_16(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
-        return await self._write(req, rw16(cdb), 10)
+        lba, n = struct.unpack_from(">QI", cdb, 2)
+        return await self._write_common(req, cdb, lba, n, rw16, 10)
+
+    async def _write_common(
+        self,
+        req: ScsiRequest,
+        cdb: bytes,
+        lba: int,
+        n: int,
+        decode: Callable[[bytes], BlockRange],
+        length_byte: int,
+    ) -> ScsiResult:
+        """WRITE(10)/(16). Hot path: a full, in-range, unprotected write decoded inline; anything
+        else (protection bits, a range or length error, short Data-Out) goes through ``_write``."""
+        bs = self._bs
+        need = n * bs
+        data = req.data_out
+        if (
+            cdb[1] & 0xE0
+            or not n
+            or lba + n > self.store.size // bs
+            or n > self._max_transfer
+            or len(data) != need
+        ):
+            return await self._write(req, decode(cdb), length_byte)
+        ranges = self._ranges
+        if ranges.uncontended:
+            token = ranges.add_shared(lba, lba + n)
+        else:
+            token = await ranges.acquire_shared(lba, lba + n)
+        try:
+            await self.store.write(lba * bs, data)
+        finally:
+            ranges.release_shared(token)
+        if cdb[1] & 0x08 or not self._mode.wce:  # FUA, or the write cache is off: durable first
+            await self.store.flush()
+        return _make_result(ScsiStatus.GOOD, b"", None, need)
 
     async def _write_verify_10(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         return await self._write(req, rw10(cdb), 7, verify=True)
