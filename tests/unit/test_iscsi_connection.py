@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from frontend.iscsi.connection import (
     PHASE_TRANSITIONS,
     TASK_TRANSITIONS,
+    CancelExecution,
     CloseConnection,
     Connection,
     ExecuteScsi,
@@ -148,14 +149,14 @@ class Initiator:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[object]:
+    def feed(self, data: bytes) -> list[Any]:
         self.conn.receive_data(data, self.now)
         return self.collect()
 
-    def send(self, pdu: object) -> list[object]:
+    def send(self, pdu: object) -> list[Any]:
         return self.feed(encode_bytes(pdu, header_digest=self.hd, data_digest=self.dd))  # type: ignore[arg-type]
 
-    def collect(self) -> list[object]:
+    def collect(self) -> list[Any]:
         while (ev := self.conn.next_event()) is not None:
             self.events.append(ev)
             if isinstance(ev, ExecuteScsi):
@@ -178,7 +179,7 @@ class Initiator:
             elif isinstance(e, CloseConnection):
                 self.closed = e.reason
 
-    def responses(self) -> list[object]:
+    def responses(self) -> list[Any]:
         out = []
         self.reader.feed(b"".join(self.conn.data_to_send()))
         while (pdu := self.reader.next_pdu()) is not None:
@@ -244,8 +245,8 @@ def test_login_enters_full_feature_phase_and_reports_the_session() -> None:
     logged = _only(ini.events, LoggedIn)
     assert len(logged) == 1 and logged[0].displaced is None
     session = logged[0].session
-    assert ini.sessions.get(resp.tsih) is session
     assert session.nexus == Nexus(INIT, ISID, IQN, 1)
+    assert ini.sessions.get(resp.tsih) is session
     assert ini.conn.exp_cmd_sn == 1 and ini.conn.max_cmd_sn == 1 + ini.settings.cmd_window - 1
 
 
@@ -470,6 +471,34 @@ def test_bad_data_out_fails_the_task_and_keeps_the_connection(
     assert _only(ini.send(ini.command(TUR)), ScsiResponse)[0].status == 0
 
 
+@pytest.mark.parametrize(
+    ("blocks", "data_sns"),
+    [
+        (2, [0, 0]),             # two Data-Out PDUs with DataSN 0
+        (1, [27]),
+        (1, [0xFFFFFFFF]),       # DataSN -1
+        (2, [1, 0]),             # in reverse order
+    ],
+)
+def test_libiscsi_datasn_invalid_cases_on_unsolicited_data(blocks: int, data_sns: list[int]) -> None:
+    """libiscsi test_iscsi_datasn_invalid as it runs against us: InitialR2T=No, the initiator sends
+    no immediate data and 512-byte Data-Out PDUs (TTT 0xffffffff). Each WRITE(10) must end in an
+    error (the test asserts only that it is not GOOD); later commands on the session must work."""
+    ini = normal(InitialR2T="No", MaxRecvDataSegmentLength="512")
+    cdb = bytes([0x2A, 0, 0, 0, 0, 100, 0, 0, blocks, 0])
+    cmd = ini.command(cdb, edtl=blocks * BLOCK, write=True, final=False)
+    assert ini.send(cmd) == []
+    out: list[object] = []
+    for i, data_sn in enumerate(data_sns):
+        out += ini.send(DataOut(i == blocks - 1, 0, cmd.itt, RESERVED_TAG, 0, data_sn, i * BLOCK,
+                                b"\xa6" * BLOCK))
+    assert [r.reason for r in _only(out, Reject)] == [0x04]            # protocol error, once
+    (resp,) = _only(out, ScsiResponse)
+    assert resp.itt == cmd.itt and resp.status == 2 and resp.data[2] == 0x0B and resp.data[12] == 0x4B
+    assert not ini.lu.requests and ini.closed is None
+    assert _only(ini.send(ini.command(TUR)), ScsiResponse)[0].status == 0
+
+
 def test_failed_task_answers_in_cmdsn_order() -> None:
     ini = normal()
     write = ini.command(WRITE10, edtl=BLOCK, write=True)
@@ -632,6 +661,60 @@ def test_abort_task_while_executing_waits_and_suppresses_the_response() -> None:
     assert ini.conn.active_tasks == 0
 
 
+def test_abort_task_while_executing_asks_to_cancel_and_answers_once_cancelled() -> None:
+    ini = normal()
+    ini.auto = False
+    cmd = ini.command(WRITE10, edtl=BLOCK, write=True, data=b"w" * BLOCK)
+    ini.send(cmd)
+    (ev,) = ini.executing
+    assert ini.send(_tmf(ini, 1, ref=cmd.itt, ref_cmd_sn=cmd.cmd_sn)) == []   # held
+    assert _only(ini.events, CancelExecution) == [CancelExecution((ev.task_id,))]
+    ini.conn.aborted(ev.task_id, ini.now)
+    (resp,) = ini.responses()
+    assert isinstance(resp, TaskManagementResponse) and resp.response == 0 and resp.itt != cmd.itt
+    assert ini.conn.active_tasks == 0
+    ini.conn.complete(ev.task_id, ScsiResult(ScsiStatus.GOOD), ini.now)    # a late result: dropped
+    ini.conn.aborted(ev.task_id, ini.now)
+    assert ini.responses() == []
+
+
+def test_lun_reset_waits_for_every_cancelled_execution() -> None:
+    """SAM-5 7.1: the TMF response follows the last aborted command out of the SCSI layer, whether
+    that command was cancelled or finished before the cancellation reached it."""
+    ini = normal()
+    ini.auto = False
+    ini.send(ini.command(WRITE10, edtl=BLOCK, write=True, data=b"a" * BLOCK))
+    ini.send(ini.command(READ10, edtl=BLOCK, read=True))
+    first, second = ini.executing
+    assert ini.send(_tmf(ini, 5)) == []
+    assert _only(ini.events, CancelExecution) == [CancelExecution((first.task_id, second.task_id))]
+    ini.conn.complete(second.task_id, ScsiResult(ScsiStatus.GOOD, b"r" * BLOCK), ini.now)
+    assert ini.responses() == []
+    ini.conn.aborted(first.task_id, ini.now)
+    (resp,) = ini.responses()
+    assert isinstance(resp, TaskManagementResponse) and resp.response == 0
+
+
+def test_tmf_that_aborts_nothing_executing_asks_for_no_cancellation() -> None:
+    ini = normal()
+    cmd = ini.command(WRITE10, edtl=BLOCK, write=True)
+    ini.send(cmd)                                  # collecting data, not executing
+    (resp,) = ini.send(_tmf(ini, 2))
+    assert resp.response == 0 and not _only(ini.events, CancelExecution)
+
+
+def test_execution_cancelled_without_an_abort_sends_no_response() -> None:
+    ini = normal()
+    ini.auto = False
+    cmd = ini.command(TUR)
+    ini.send(cmd)
+    (ev,) = ini.executing
+    ini.conn.aborted(ev.task_id, ini.now)
+    assert ini.responses() == [] and ini.conn.task_state(cmd.itt) is None
+    ini.auto = True
+    assert _only(ini.send(ini.command(TUR)), ScsiResponse)[0].status == 0
+
+
 def test_abort_task_collecting_data_answers_at_once_and_drops_its_data() -> None:
     ini = normal()
     cmd = ini.command(WRITE10, edtl=BLOCK, write=True)
@@ -686,7 +769,7 @@ def test_target_warm_reset_asks_the_server_for_the_other_sessions() -> None:
     assert resp.response == 0
     (ev,) = _only(ini.events, TargetResetRequested)
     assert ev.iqn == IQN and ev.kind is ResetKind.TARGET_WARM and ev.origin_session is ini.conn.session
-    assert ini.lu.resets == [(ResetKind.TARGET_WARM, ini.conn.session.nexus)]  # type: ignore[union-attr]
+    assert ini.lu.resets == [(ResetKind.TARGET_WARM, ini.conn.session.nexus)]
     assert ini.closed is None
 
 
@@ -710,7 +793,10 @@ def test_abort_all_tasks_suppresses_responses() -> None:
     ini.auto = False
     ini.send(ini.command(TUR))
     ini.conn.abort_all_tasks()
-    ini.finish(ini.executing.pop())
+    ev = ini.executing.pop()
+    ini.collect()
+    assert _only(ini.events, CancelExecution) == [CancelExecution((ev.task_id,))]
+    ini.finish(ev)
     assert ini.responses() == []
 
 

@@ -402,3 +402,38 @@ async def test_uncached_read_falls_back_to_the_pool(tmp_path: Path, monkeypatch:
     finally:
         monkeypatch.undo()
         await s.close()
+
+
+async def test_cancelled_write_finishes_before_the_cancellation_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted command's pwrite may already run on a thread; the cancelled await must not return
+    before it is done, or the write could land after the abort was reported."""
+    s = await file_store(tmp_path)
+    if s.io_path.value == "memory":  # pragma: no cover - tmp_path is a disk filesystem here
+        pytest.fail("this test needs a store whose writes run on the pool")
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    release = threading.Event()
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, data: Any, offset: int) -> int:
+        loop.call_soon_threadsafe(started.set)
+        release.wait(10)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    try:
+        write = asyncio.create_task(s.write(0, b"\x5a" * 512))
+        await started.wait()
+        write.cancel()
+        await asyncio.sleep(0)  # one loop turn: the cancellation reaches the write
+        assert not write.done()  # still waiting for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        assert (tmp_path / "v.img").read_bytes()[:512] == b"\x5a" * 512
+    finally:
+        release.set()
+        monkeypatch.undo()
+        await s.close()
