@@ -1,0 +1,392 @@
+"""The heartbeat wire codec (docs/cluster.md, "Messages ... on the wire").
+
+A frame is a 4-byte big-endian payload length followed by the payload, one msgpack map::
+
+    {"t": "hello" | "heartbeat" | "ack", "v": <schema version>, <field>: <value>, ...}
+
+Field names are the dataclass field names of ``sparrow.cluster.messages``; enums travel as their
+string values, nested records as maps without ``t``/``v`` (they share their message's version),
+tuples as arrays, ``None`` as nil.
+
+Sans-IO in the h11 manner: :class:`FrameDecoder` only buffers in :meth:`FrameDecoder.feed` and
+parses in :meth:`FrameDecoder.next_message`, which returns a message or ``None`` when it needs more
+bytes. Anything wrong with the stream raises :class:`HeartbeatProtocolError` carrying an
+:class:`ErrorCode`; the connection is then closed (the decoder stays broken and raises the same
+error again). Nothing else escapes the decoder.
+
+Each message type has a schema version (:data:`SCHEMA_VERSIONS`). A decoder accepts a frame whose
+version is at most its own (decoders for older versions fill in whatever a later version added)
+and rejects a newer one with ``UNSUPPORTED_VERSION``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgpack
+
+from sparrow.cluster.messages import (
+    Ack,
+    Assignment,
+    Health,
+    Heartbeat,
+    Hello,
+    InvalidMessage,
+    Message,
+    ReplicaState,
+    Role,
+    SyncState,
+    VolumeObservation,
+)
+
+#: The largest payload a frame may carry (bytes, excluding the 4-byte length prefix).
+MAX_FRAME = 1 << 20
+#: The length prefix: unsigned 32-bit big-endian.
+HEADER = struct.Struct(">I")
+#: msgpack limits for one payload: no string we send is longer than a portal (~262 chars), no map
+#: has more than a dozen keys; bin and ext values are never sent.
+MAX_STR_LEN = 1024
+MAX_ARRAY_LEN = 65536
+MAX_MAP_LEN = 32
+
+#: Wire name of each message type.
+TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
+#: Schema version this codec writes and the newest it reads, per wire type name.
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 1}
+
+
+class ErrorCode(enum.Enum):
+    """Why a heartbeat stream was rejected."""
+
+    #: The length prefix announces more than MAX_FRAME bytes (or encode produced that many).
+    FRAME_TOO_LARGE = "frame_too_large"
+    #: Empty frame, undecodable msgpack, not a map, or ``t``/``v`` missing or of the wrong type.
+    MALFORMED = "malformed"
+    #: ``t`` names no message type this codec knows.
+    UNKNOWN_TYPE = "unknown_type"
+    #: ``v`` is newer than this codec's schema version for the type.
+    UNSUPPORTED_VERSION = "unsupported_version"
+    #: A field is missing, unexpected, of the wrong type or out of range.
+    BAD_FIELD = "bad_field"
+
+
+class HeartbeatProtocolError(Exception):
+    """A heartbeat frame that cannot be accepted; ``code`` says why. The connection is closed."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+# -- encoding -------------------------------------------------------------------------------------
+
+
+def _replica_state_to_wire(replica: ReplicaState) -> dict[str, object]:
+    return {
+        "node_id": replica.node_id,
+        "state": replica.state.value,
+        "write_position": replica.write_position,
+    }
+
+
+def _observation_to_wire(obs: VolumeObservation) -> dict[str, object]:
+    return {
+        "volume_id": obs.volume_id,
+        "epoch": obs.epoch,
+        "role": obs.role.value,
+        "health": obs.health.value,
+        "write_position": obs.write_position,
+        "replica_states": [_replica_state_to_wire(r) for r in obs.replica_states],
+        "converged": obs.converged,
+    }
+
+
+def _assignment_to_wire(assignment: Assignment) -> dict[str, object]:
+    return {
+        "volume_id": assignment.volume_id,
+        "name": assignment.name,
+        "size": assignment.size,
+        "block_size": assignment.block_size,
+        "epoch": assignment.epoch,
+        "primary": assignment.primary,
+        "primary_portal": assignment.primary_portal,
+        "replicas": list(assignment.replicas),
+    }
+
+
+def _to_wire(message: Message) -> dict[str, object]:
+    if isinstance(message, Hello):
+        return {
+            "node_id": message.node_id,
+            "incarnation": message.incarnation,
+            "iscsi_portal": message.iscsi_portal,
+            "replication": message.replication,
+            "http": message.http,
+            "capacity_bytes": message.capacity_bytes,
+            "free_bytes": message.free_bytes,
+        }
+    if isinstance(message, Heartbeat):
+        return {"seq": message.seq, "observations": [_observation_to_wire(o) for o in message.observations]}
+    return {
+        "seq": message.seq,
+        "lease_seconds": message.lease_seconds,
+        "assignments": [_assignment_to_wire(a) for a in message.assignments],
+    }
+
+
+def encode(message: Message) -> bytes:
+    """One frame for ``message``: length prefix + msgpack map at the current schema version.
+
+    Raises ``HeartbeatProtocolError(FRAME_TOO_LARGE)`` if the payload would exceed MAX_FRAME.
+    """
+    type_name = TYPE_NAMES.get(type(message))
+    if type_name is None:
+        raise TypeError(f"not a heartbeat message: {type(message).__name__}")
+    body: dict[str, object] = {"t": type_name, "v": SCHEMA_VERSIONS[type_name]}
+    body.update(_to_wire(message))
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise HeartbeatProtocolError(
+            ErrorCode.FRAME_TOO_LARGE, f"{type_name} payload of {len(payload)} bytes exceeds {MAX_FRAME}"
+        )
+    return HEADER.pack(len(payload)) + payload
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+_T = TypeVar("_T")
+
+
+def _bad(where: str, reason: str) -> HeartbeatProtocolError:
+    return HeartbeatProtocolError(ErrorCode.BAD_FIELD, f"{where}: {reason}" if where else reason)
+
+
+class _Fields:
+    """The fields of one wire map: each is taken exactly once; leftovers are an error."""
+
+    def __init__(self, where: str, raw: object) -> None:
+        if not isinstance(raw, dict):
+            raise _bad(where, f"expected a map, got {type(raw).__name__}")
+        self.where = where
+        self._fields: dict[object, object] = dict(raw)
+
+    def _path(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def take(self, name: str) -> object:
+        if name not in self._fields:
+            raise _bad(self._path(name), "missing")
+        return self._fields.pop(name)
+
+    def take_list(self, name: str) -> list[object]:
+        value = self.take(name)
+        if not isinstance(value, list):
+            raise _bad(self._path(name), f"expected an array, got {type(value).__name__}")
+        return value
+
+    def take_enum(self, name: str, kind: type[_E]) -> _E:
+        value = self.take(name)
+        if not isinstance(value, str):
+            raise _bad(self._path(name), f"expected a string, got {type(value).__name__}")
+        try:
+            return kind(value)
+        except ValueError:
+            raise _bad(self._path(name), f"unknown {kind.__name__} {value!r}") from None
+
+    def build(self, kind: Callable[..., _T], **values: object) -> _T:
+        """Check nothing is left over, then construct ``kind`` (its checks become BAD_FIELD)."""
+        if self._fields:
+            unknown = ", ".join(sorted(repr(k) for k in self._fields))
+            raise _bad(self.where, f"unknown field(s) {unknown}")
+        try:
+            return kind(**values)
+        except InvalidMessage as exc:
+            raise _bad(self._path(exc.field), exc.reason) from None
+
+
+def _replica_state_from_wire(where: str, raw: object) -> ReplicaState:
+    f = _Fields(where, raw)
+    return f.build(
+        ReplicaState,
+        node_id=f.take("node_id"),
+        state=f.take_enum("state", SyncState),
+        write_position=f.take("write_position"),
+    )
+
+
+def _observation_from_wire(where: str, raw: object) -> VolumeObservation:
+    f = _Fields(where, raw)
+    return f.build(
+        VolumeObservation,
+        volume_id=f.take("volume_id"),
+        epoch=f.take("epoch"),
+        role=f.take_enum("role", Role),
+        health=f.take_enum("health", Health),
+        write_position=f.take("write_position"),
+        replica_states=tuple(
+            _replica_state_from_wire(f"{where}.replica_states[{i}]", r)
+            for i, r in enumerate(f.take_list("replica_states"))
+        ),
+        converged=f.take("converged"),
+    )
+
+
+def _assignment_from_wire(where: str, raw: object) -> Assignment:
+    f = _Fields(where, raw)
+    return f.build(
+        Assignment,
+        volume_id=f.take("volume_id"),
+        name=f.take("name"),
+        size=f.take("size"),
+        block_size=f.take("block_size"),
+        epoch=f.take("epoch"),
+        primary=f.take("primary"),
+        primary_portal=f.take("primary_portal"),
+        replicas=tuple(f.take_list("replicas")),
+    )
+
+
+def _hello_from_wire(f: _Fields, version: int) -> Hello:
+    return f.build(
+        Hello,
+        node_id=f.take("node_id"),
+        incarnation=f.take("incarnation"),
+        iscsi_portal=f.take("iscsi_portal"),
+        replication=f.take("replication"),
+        http=f.take("http"),
+        capacity_bytes=f.take("capacity_bytes"),
+        free_bytes=f.take("free_bytes"),
+    )
+
+
+def _heartbeat_from_wire(f: _Fields, version: int) -> Heartbeat:
+    return f.build(
+        Heartbeat,
+        seq=f.take("seq"),
+        observations=tuple(
+            _observation_from_wire(f"observations[{i}]", o) for i, o in enumerate(f.take_list("observations"))
+        ),
+    )
+
+
+def _ack_from_wire(f: _Fields, version: int) -> Ack:
+    return f.build(
+        Ack,
+        seq=f.take("seq"),
+        lease_seconds=f.take("lease_seconds"),
+        assignments=tuple(
+            _assignment_from_wire(f"assignments[{i}]", a) for i, a in enumerate(f.take_list("assignments"))
+        ),
+    )
+
+
+#: Decoder per wire type name; each gets the frame's (supported) version, so that when a version
+#: adds a field the decoder can default it for older frames.
+_DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
+    "hello": _hello_from_wire,
+    "heartbeat": _heartbeat_from_wire,
+    "ack": _ack_from_wire,
+}
+
+
+def decode_payload(payload: bytes) -> Message:
+    """Decode one frame's payload (without the length prefix) and validate every field."""
+    try:
+        body = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_STR_LEN,
+            max_bin_len=0,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack signals bad input with several ValueError/TypeError kinds
+        raise HeartbeatProtocolError(ErrorCode.MALFORMED, f"undecodable msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise HeartbeatProtocolError(ErrorCode.MALFORMED, f"payload is a {type(body).__name__}, not a map")
+    type_name = body.pop("t", None)
+    version = body.pop("v", None)
+    if not isinstance(type_name, str):
+        raise HeartbeatProtocolError(ErrorCode.MALFORMED, "missing or non-string message type 't'")
+    if type(version) is not int or version < 1:
+        raise HeartbeatProtocolError(ErrorCode.MALFORMED, f"bad schema version 'v': {version!r}")
+    decoder = _DECODERS.get(type_name)
+    if decoder is None:
+        raise HeartbeatProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {type_name!r}")
+    supported = SCHEMA_VERSIONS[type_name]
+    if version > supported:
+        raise HeartbeatProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION, f"{type_name} version {version} is newer than {supported}"
+        )
+    return decoder(_Fields("", body), version)
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames and decodes them (h11 style).
+
+    ``feed`` only buffers; ``next_message`` returns the next message or ``None`` when a whole
+    frame is not buffered yet. Call ``next_message`` until it returns ``None`` after every feed.
+    A length prefix over MAX_FRAME is rejected as soon as the prefix is seen, before buffering the
+    body. After an error the decoder is dead: every later ``next_message`` raises the same error.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._error: HeartbeatProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded (non-zero at EOF means a truncated frame)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        """Buffer ``data``; nothing is parsed here."""
+        if self._error is None:
+            self._buffer += data
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None when more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except HeartbeatProtocolError as exc:
+            self._error = exc
+            self._buffer.clear()
+            raise
+
+    def _next(self) -> Message | None:
+        if len(self._buffer) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buffer)
+        if length > MAX_FRAME:
+            raise HeartbeatProtocolError(
+                ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds {MAX_FRAME}"
+            )
+        if length == 0:
+            raise HeartbeatProtocolError(ErrorCode.MALFORMED, "empty frame")
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return decode_payload(payload)
+
+
+def decode(frame: bytes) -> Message:
+    """Decode exactly one whole frame (length prefix included); for tests and one-shot use."""
+    decoder = FrameDecoder()
+    decoder.feed(frame)
+    message = decoder.next_message()
+    if message is None or decoder.buffered:
+        raise HeartbeatProtocolError(ErrorCode.MALFORMED, "not exactly one frame")
+    return message

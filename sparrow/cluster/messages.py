@@ -1,0 +1,352 @@
+"""Control-plane messages (docs/cluster.md, "Messages").
+
+Frozen dataclasses for what nodes and the master say to each other; the wire form is in
+``sparrow.cluster.heartbeat``. Every message validates its fields when it is built, so an invalid
+message can neither be sent nor come out of the decoder: a bad field raises :class:`InvalidMessage`
+(the codec turns it into ``HeartbeatProtocolError(BAD_FIELD, ...)``).
+
+Node -> master: :class:`Hello` once per connection, then :class:`Heartbeat` every interval.
+Master -> node: :class:`Ack` for each heartbeat, carrying the lease and the node's assignments.
+
+Heartbeats are observations, never authority: an epoch in a :class:`VolumeObservation` is what the
+node *has*, and only the master's :class:`Assignment` says what it *should* have.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+from sparrow.cluster.epoch import Epoch
+
+#: Node ids are operator-chosen (docs/cluster.md, "Identities and numbers").
+NODE_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+#: Volume ids are ``uuid.uuid4().hex``, minted by the master at create.
+VOLUME_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+#: Volume names: the same rule as ``store.volumes.NAME_PATTERN``.
+VOLUME_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+#: Block sizes a volume may have (``store.volumes.BLOCK_SIZES``).
+BLOCK_SIZES = (512, 4096)
+#: The largest int msgpack carries unsigned (all our ints are non-negative).
+MAX_UINT = 2**64 - 1
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+_E = TypeVar("_E", bound=enum.Enum)
+_R = TypeVar("_R")
+
+
+class InvalidMessage(ValueError):
+    """A message field holds a value the protocol does not allow.
+
+    ``field`` names it (dotted for nested records, e.g. ``observations[2].write_position``).
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class Role(enum.Enum):
+    """What a node is for one volume."""
+
+    PRIMARY = "primary"
+    REPLICA = "replica"
+    NONE = "none"
+
+
+class Health(enum.Enum):
+    """How a node's copy of a volume is doing, as the node sees it."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    OFFLINE = "offline"
+
+
+class SyncState(enum.Enum):
+    """Where one replica of a volume stands, as its primary sees it."""
+
+    SYNCING = "syncing"
+    IN_SYNC = "in_sync"
+    FAILED = "failed"
+
+
+# -- field checks (shared by the constructors; the codec relies on them) --------------------------
+
+
+def check_node_id(field: str, value: object) -> str:
+    """A node id: ``[a-z0-9][a-z0-9.-]{0,62}``."""
+    if not isinstance(value, str) or not NODE_ID_PATTERN.fullmatch(value):
+        raise InvalidMessage(field, f"not a node id: {value!r}")
+    return value
+
+
+def check_volume_id(field: str, value: object) -> str:
+    """A volume id: 32 lowercase hex digits (``uuid4().hex``)."""
+    if not isinstance(value, str) or not VOLUME_ID_PATTERN.fullmatch(value):
+        raise InvalidMessage(field, f"not a volume id (32 lowercase hex digits): {value!r}")
+    return value
+
+
+def check_uint(field: str, value: object, *, minimum: int = 0) -> int:
+    """An int in ``[minimum, 2**64 - 1]``; ``bool`` is not an int here."""
+    if type(value) is not int:
+        raise InvalidMessage(field, f"expected an int, got {type(value).__name__}")
+    if value < minimum or value > MAX_UINT:
+        raise InvalidMessage(field, f"{value} is out of range [{minimum}, 2**64-1]")
+    return value
+
+
+def check_bool(field: str, value: object) -> bool:
+    if type(value) is not bool:
+        raise InvalidMessage(field, f"expected a bool, got {type(value).__name__}")
+    return value
+
+
+def check_seconds(field: str, value: object) -> float:
+    """A finite, non-negative duration in seconds (an int is accepted and made a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(field, f"expected a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidMessage(field, f"{value!r} is not a finite non-negative duration")
+    return seconds
+
+
+def split_portal(portal: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6addr]:port`` for IPv6) into host and port; raises InvalidMessage.
+
+    The host is an IPv4 address, a bracketed IPv6 address or an RFC 1123 host name; the port is
+    1..65535 in decimal.
+    """
+    host, sep, port_text = portal.rpartition(":")
+    if not sep or not host or not _PORT.fullmatch(port_text):
+        raise InvalidMessage("portal", f"not host:port: {portal!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise InvalidMessage("portal", f"port {port} out of range in {portal!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise InvalidMessage("portal", f"unterminated IPv6 address in {portal!r}")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidMessage("portal", f"bad IPv6 address in {portal!r}") from None
+        return host[1:-1], port
+    labels = host.split(".")
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
+        raise InvalidMessage("portal", f"bad host in {portal!r}")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidMessage("portal", f"bad IPv4 address in {portal!r}") from None
+    return host, port
+
+
+def check_portal(field: str, value: object) -> str:
+    """A portal: ``host:port`` (see :func:`split_portal`)."""
+    if not isinstance(value, str):
+        raise InvalidMessage(field, f"expected host:port, got {type(value).__name__}")
+    try:
+        split_portal(value)
+    except InvalidMessage as exc:
+        raise InvalidMessage(field, exc.reason) from None
+    return value
+
+
+def _check_enum(field: str, value: object, kind: type[_E]) -> _E:
+    if not isinstance(value, kind):
+        raise InvalidMessage(field, f"expected a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_records(field: str, value: object, kind: type[_R]) -> tuple[_R, ...]:
+    if not isinstance(value, tuple) or not all(isinstance(item, kind) for item in value):
+        raise InvalidMessage(field, f"expected a tuple of {kind.__name__}")
+    return value
+
+
+# -- node -> master ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on a node's connection: who it is and where it listens.
+
+    ``incarnation`` is new every time the node process starts (e.g. ``time.time_ns()``), so the
+    master can tell a restart from a partition.
+    """
+
+    node_id: str
+    incarnation: int
+    iscsi_portal: str
+    replication: str
+    http: str
+    capacity_bytes: int
+    free_bytes: int
+
+    def __post_init__(self) -> None:
+        check_node_id("node_id", self.node_id)
+        check_uint("incarnation", self.incarnation)
+        check_portal("iscsi_portal", self.iscsi_portal)
+        check_portal("replication", self.replication)
+        check_portal("http", self.http)
+        check_uint("capacity_bytes", self.capacity_bytes)
+        check_uint("free_bytes", self.free_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    """One replica of a volume as its primary sees it: how far it has the data."""
+
+    node_id: str
+    state: SyncState
+    write_position: int
+
+    def __post_init__(self) -> None:
+        check_node_id("node_id", self.node_id)
+        _check_enum("state", self.state, SyncState)
+        check_uint("write_position", self.write_position)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeObservation:
+    """What a node has for one volume: the epoch and role it has applied, its health, how far
+    its data goes, its replicas' states (when primary), and whether it has converged on its
+    latest assignment. Epoch 0 means the node holds no assignment for the volume.
+    """
+
+    volume_id: str
+    epoch: int
+    role: Role
+    health: Health
+    write_position: int
+    replica_states: tuple[ReplicaState, ...]
+    converged: bool
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        check_uint("epoch", self.epoch)
+        _check_enum("role", self.role, Role)
+        _check_enum("health", self.health, Health)
+        check_uint("write_position", self.write_position)
+        replicas = _check_records("replica_states", self.replica_states, ReplicaState)
+        if len({r.node_id for r in replicas}) != len(replicas):
+            raise InvalidMessage("replica_states", "a node appears twice")
+        check_bool("converged", self.converged)
+
+    @property
+    def restored_epoch(self) -> Epoch:
+        """The observed epoch as an :class:`Epoch` (decoding a recorded epoch, not minting)."""
+        return Epoch.restore(self.epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Periodic report from a node. ``seq`` increases with every heartbeat the node process sends,
+    across reconnects (the node's ``LeaseClock`` relies on it); the Ack echoes it.
+    """
+
+    seq: int
+    observations: tuple[VolumeObservation, ...]
+
+    def __post_init__(self) -> None:
+        check_uint("seq", self.seq)
+        observations = _check_records("observations", self.observations, VolumeObservation)
+        if len({o.volume_id for o in observations}) != len(observations):
+            raise InvalidMessage("observations", "a volume appears twice")
+
+
+# -- master -> node ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """What the master has published for one volume at ``epoch``.
+
+    ``replicas`` lists every node holding a copy, primary first; ``primary`` is None (and so is
+    ``primary_portal``) when the volume has no primary. ``epoch`` is an int on the wire; use
+    :attr:`restored_epoch` for the :class:`Epoch`.
+    """
+
+    volume_id: str
+    name: str
+    size: int
+    block_size: int
+    epoch: int
+    primary: str | None
+    primary_portal: str | None
+    replicas: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        if not isinstance(self.name, str) or not VOLUME_NAME_PATTERN.fullmatch(self.name):
+            raise InvalidMessage("name", f"not a volume name: {self.name!r}")
+        if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
+            raise InvalidMessage("block_size", f"must be 512 or 4096, not {self.block_size!r}")
+        size = check_uint("size", self.size, minimum=1)
+        if size % self.block_size:
+            raise InvalidMessage("size", f"{size} is not a multiple of the block size {self.block_size}")
+        check_uint("epoch", self.epoch)
+        if not isinstance(self.replicas, tuple):
+            raise InvalidMessage("replicas", "expected a tuple of node ids")
+        for index, node in enumerate(self.replicas):
+            check_node_id(f"replicas[{index}]", node)
+        if len(set(self.replicas)) != len(self.replicas):
+            raise InvalidMessage("replicas", "a node appears twice")
+        if self.primary is None:
+            if self.primary_portal is not None:
+                raise InvalidMessage("primary_portal", "set without a primary")
+        else:
+            check_node_id("primary", self.primary)
+            if self.primary_portal is None:
+                raise InvalidMessage("primary_portal", "missing for a primary")
+            check_portal("primary_portal", self.primary_portal)
+            if not self.replicas or self.replicas[0] != self.primary:
+                raise InvalidMessage("replicas", "must list the primary first")
+
+    @property
+    def restored_epoch(self) -> Epoch:
+        """The assignment's epoch as an :class:`Epoch` (decoding a recorded epoch, not minting)."""
+        return Epoch.restore(self.epoch)
+
+    def role_of(self, node_id: str) -> Role:
+        """The role this assignment gives ``node_id``."""
+        if node_id == self.primary:
+            return Role.PRIMARY
+        if node_id in self.replicas:
+            return Role.REPLICA
+        return Role.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The master's answer to heartbeat ``seq``.
+
+    The lease (``lease_seconds``, counted by the node from when it *sent* heartbeat ``seq``; see
+    ``sparrow.cluster.lease``) is granted for every volume whose assignment names the node primary.
+    """
+
+    seq: int
+    lease_seconds: float
+    assignments: tuple[Assignment, ...]
+
+    def __post_init__(self) -> None:
+        check_uint("seq", self.seq)
+        # Normalise an int to a float so equality and the wire form do not depend on the caller.
+        object.__setattr__(self, "lease_seconds", check_seconds("lease_seconds", self.lease_seconds))
+        assignments = _check_records("assignments", self.assignments, Assignment)
+        if len({a.volume_id for a in assignments}) != len(assignments):
+            raise InvalidMessage("assignments", "a volume appears twice")
+
+
+#: Every message that travels in a heartbeat frame.
+Message: TypeAlias = Hello | Heartbeat | Ack

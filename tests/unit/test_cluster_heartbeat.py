@@ -1,0 +1,599 @@
+"""sparrow.cluster.messages and sparrow.cluster.heartbeat: message checks, framing, the codec."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparrow.cluster import heartbeat
+from sparrow.cluster.epoch import Epoch
+from sparrow.cluster.heartbeat import (
+    HEADER,
+    MAX_FRAME,
+    ErrorCode,
+    FrameDecoder,
+    HeartbeatProtocolError,
+    decode,
+    decode_payload,
+    encode,
+)
+from sparrow.cluster.messages import (
+    Ack,
+    Assignment,
+    Health,
+    Heartbeat,
+    Hello,
+    InvalidMessage,
+    Message,
+    ReplicaState,
+    Role,
+    SyncState,
+    VolumeObservation,
+    split_portal,
+)
+
+VOL_A = "0123456789abcdef0123456789abcdef"
+VOL_B = "fedcba9876543210fedcba9876543210"
+
+HELLO = Hello(
+    node_id="node-1.rack2",
+    incarnation=1_700_000_000_000_000_000,
+    iscsi_portal="10.0.0.1:3260",
+    replication="node-1.example:7000",
+    http="[::1]:8080",
+    capacity_bytes=2**40,
+    free_bytes=2**39,
+)
+HEARTBEAT = Heartbeat(
+    seq=42,
+    observations=(
+        VolumeObservation(
+            volume_id=VOL_A,
+            epoch=3,
+            role=Role.PRIMARY,
+            health=Health.DEGRADED,
+            write_position=123456,
+            replica_states=(
+                ReplicaState("node-2", SyncState.IN_SYNC, 123456),
+                ReplicaState("node-3", SyncState.SYNCING, 1000),
+            ),
+            converged=True,
+        ),
+        VolumeObservation(VOL_B, 0, Role.NONE, Health.OFFLINE, 0, (), False),
+    ),
+)
+EMPTY_HEARTBEAT = Heartbeat(seq=0, observations=())
+ACK = Ack(
+    seq=42,
+    lease_seconds=5.0,
+    assignments=(
+        Assignment(VOL_A, "db", 1 << 30, 4096, 3, "node-1", "10.0.0.1:3260", ("node-1", "node-2")),
+        Assignment(VOL_B, "scratch", 512 * 7, 512, 1, None, None, ("node-3",)),
+    ),
+)
+MESSAGES: list[Message] = [HELLO, HEARTBEAT, EMPTY_HEARTBEAT, ACK, Ack(0, 0.0, ())]
+
+
+def frame(body: object) -> bytes:
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
+
+
+def wire(message: Message) -> dict[str, Any]:
+    """The decoded msgpack map of ``message``'s frame (to mutate in tests)."""
+    data = encode(message)
+    body: dict[str, Any] = msgpack.unpackb(data[4:], raw=False)
+    return body
+
+
+def error_of(data: bytes) -> HeartbeatProtocolError:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    with pytest.raises(HeartbeatProtocolError) as info:
+        decoder.next_message()
+    return info.value
+
+
+# -- messages -------------------------------------------------------------------------------------
+
+
+def test_assignment_epoch_restores_the_type() -> None:
+    assignment = ACK.assignments[0]
+    assert assignment.restored_epoch == Epoch.restore(3)
+    assert HEARTBEAT.observations[0].restored_epoch == Epoch.restore(3)
+
+
+def test_assignment_role_of() -> None:
+    assignment = ACK.assignments[0]
+    assert assignment.role_of("node-1") is Role.PRIMARY
+    assert assignment.role_of("node-2") is Role.REPLICA
+    assert assignment.role_of("node-9") is Role.NONE
+    assert ACK.assignments[1].role_of("node-3") is Role.REPLICA
+
+
+def test_ack_lease_int_is_normalised_to_float() -> None:
+    ack = Ack(1, 5, ())
+    assert type(ack.lease_seconds) is float
+    assert ack == Ack(1, 5.0, ())
+
+
+@pytest.mark.parametrize(
+    ("portal", "host", "port"),
+    [
+        ("10.0.0.1:3260", "10.0.0.1", 3260),
+        ("node-1.example.com:1", "node-1.example.com", 1),
+        ("[fe80::1]:65535", "fe80::1", 65535),
+        ("localhost:8080", "localhost", 8080),
+    ],
+)
+def test_split_portal(portal: str, host: str, port: int) -> None:
+    assert split_portal(portal) == (host, port)
+
+
+@pytest.mark.parametrize(
+    "portal",
+    [
+        "",
+        "host",
+        ":3260",
+        "host:",
+        "host:0",
+        "host:65536",
+        "host:+80",
+        "host:80a",
+        "-host:80",
+        "ho_st:80",
+        "host.:80",
+        "a..b:80",
+        "fe80::1:80",
+        "[fe80::1:80",
+        "[zz::1]:80",
+        "999.1.1.1:80",
+        "1.2.3:80",
+        "x" * 254 + ":80",
+    ],
+)
+def test_bad_portals_are_rejected(portal: str) -> None:
+    with pytest.raises(InvalidMessage):
+        split_portal(portal)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: ReplicaState("Node", SyncState.IN_SYNC, 0), "node_id"),
+        (lambda: ReplicaState("n", "in_sync", 0), "state"),  # type: ignore[arg-type]
+        (lambda: ReplicaState("n", SyncState.IN_SYNC, -1), "write_position"),
+        (lambda: ReplicaState("n", SyncState.IN_SYNC, 2**64), "write_position"),
+        (lambda: ReplicaState("n", SyncState.IN_SYNC, True), "write_position"),
+        (lambda: VolumeObservation("v1", 1, Role.NONE, Health.OK, 0, (), True), "volume_id"),
+        (lambda: VolumeObservation(VOL_A.upper(), 1, Role.NONE, Health.OK, 0, (), True), "volume_id"),
+        (lambda: VolumeObservation(VOL_A, 1, Role.NONE, Health.OK, 0, (), 1), "converged"),  # type: ignore[arg-type]
+        (lambda: VolumeObservation(VOL_A, 1, Role.NONE, Health.OK, 0, [], True), "replica_states"),  # type: ignore[arg-type]
+        (
+            lambda: VolumeObservation(
+                VOL_A,
+                1,
+                Role.PRIMARY,
+                Health.OK,
+                0,
+                (ReplicaState("n", SyncState.FAILED, 0), ReplicaState("n", SyncState.IN_SYNC, 0)),
+                True,
+            ),
+            "replica_states",
+        ),
+        (lambda: Heartbeat(1, (HEARTBEAT.observations[0], HEARTBEAT.observations[0])), "observations"),
+        (lambda: Hello("n", 1, "h:1", "h:1", "h:1", -1, 0), "capacity_bytes"),
+        (lambda: Hello("n", 1, "h:1", "h", "h:1", 1, 0), "replication"),
+        (lambda: Hello("a" * 64, 1, "h:1", "h:1", "h:1", 1, 0), "node_id"),
+        (lambda: Ack(1, math.nan, ()), "lease_seconds"),
+        (lambda: Ack(1, -1.0, ()), "lease_seconds"),
+        (lambda: Ack(1, math.inf, ()), "lease_seconds"),
+        (lambda: Ack(1, 1.0, (ACK.assignments[0], ACK.assignments[0])), "assignments"),
+        (lambda: Assignment(VOL_A, "Db", 4096, 4096, 1, None, None, ()), "name"),
+        (lambda: Assignment(VOL_A, "db", 4096, 1024, 1, None, None, ()), "block_size"),
+        (lambda: Assignment(VOL_A, "db", 4000, 512, 1, None, None, ()), "size"),
+        (lambda: Assignment(VOL_A, "db", 0, 512, 1, None, None, ()), "size"),
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, None, "h:1", ()), "primary_portal"),
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, "n1", None, ("n1",)), "primary_portal"),
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, "n1", "h:1", ("n2", "n1")), "replicas"),
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, "n1", "h:1", ()), "replicas"),
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, None, None, ("n1", "n1")), "replicas"),
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, None, None, ["n1"]), "replicas"),  # type: ignore[arg-type]
+        (lambda: Assignment(VOL_A, "db", 512, 512, 1, None, None, ("N1",)), "replicas[0]"),
+    ],
+)
+def test_invalid_messages_cannot_be_built(build: Any, field: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        build()
+    assert info.value.field == field
+
+
+# -- round trips and framing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: Message) -> None:
+    data = encode(message)
+    assert decode(data) == message
+    (length,) = HEADER.unpack_from(data)
+    assert length == len(data) - 4
+
+
+def test_wire_form() -> None:
+    body = wire(HEARTBEAT)
+    assert body["t"] == "heartbeat"
+    assert body["v"] == 1
+    assert body["seq"] == 42
+    obs = body["observations"][0]
+    assert obs["role"] == "primary"
+    assert obs["health"] == "degraded"
+    assert obs["replica_states"][0] == {"node_id": "node-2", "state": "in_sync", "write_position": 123456}
+    assert wire(ACK)["assignments"][1]["primary"] is None
+    assert wire(HELLO)["t"] == "hello"
+    assert wire(ACK)["t"] == "ack"
+
+
+def test_byte_by_byte() -> None:
+    stream = b"".join(encode(m) for m in MESSAGES)
+    decoder = FrameDecoder()
+    out: list[Message] = []
+    for i in range(len(stream)):
+        decoder.feed(stream[i : i + 1])
+        message = decoder.next_message()
+        if message is not None:
+            out.append(message)
+            assert decoder.next_message() is None
+    assert out == MESSAGES
+    assert decoder.buffered == 0
+
+
+def test_several_frames_in_one_feed_and_a_partial_tail() -> None:
+    stream = b"".join(encode(m) for m in MESSAGES)
+    tail = encode(HELLO)
+    decoder = FrameDecoder()
+    decoder.feed(stream + tail[:10])
+    out = []
+    while (message := decoder.next_message()) is not None:
+        out.append(message)
+    assert out == MESSAGES
+    assert decoder.buffered == 10
+    decoder.feed(tail[10:])
+    assert decoder.next_message() == HELLO
+    assert decoder.next_message() is None
+
+
+def test_nothing_buffered_returns_none() -> None:
+    decoder = FrameDecoder()
+    assert decoder.next_message() is None
+    decoder.feed(b"\x00\x00")
+    assert decoder.next_message() is None
+
+
+def test_decode_wants_exactly_one_frame() -> None:
+    with pytest.raises(HeartbeatProtocolError) as info:
+        decode(encode(HELLO)[:-1])
+    assert info.value.code is ErrorCode.MALFORMED
+    with pytest.raises(HeartbeatProtocolError):
+        decode(encode(HELLO) + encode(HELLO))
+
+
+def test_encode_rejects_non_messages() -> None:
+    with pytest.raises(TypeError):
+        encode(ACK.assignments[0])  # type: ignore[arg-type]
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_oversized_length_is_rejected_from_the_prefix_alone() -> None:
+    error = error_of(HEADER.pack(MAX_FRAME + 1))
+    assert error.code is ErrorCode.FRAME_TOO_LARGE
+    # A frame of exactly MAX_FRAME is allowed: the decoder waits for its body.
+    decoder = FrameDecoder()
+    decoder.feed(HEADER.pack(MAX_FRAME) + b"\x80")
+    assert decoder.next_message() is None
+
+
+def test_encode_refuses_an_oversized_frame() -> None:
+    observation = HEARTBEAT.observations[0]
+    many = tuple(
+        VolumeObservation(
+            f"{i:032x}",
+            observation.epoch,
+            observation.role,
+            observation.health,
+            observation.write_position,
+            observation.replica_states,
+            observation.converged,
+        )
+        for i in range(12000)
+    )
+    with pytest.raises(HeartbeatProtocolError) as info:
+        encode(Heartbeat(1, many))
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+
+
+def test_errors_are_sticky() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HEADER.pack(0) + encode(HELLO))
+    with pytest.raises(HeartbeatProtocolError) as first:
+        decoder.next_message()
+    decoder.feed(encode(HELLO))
+    with pytest.raises(HeartbeatProtocolError) as second:
+        decoder.next_message()
+    assert second.value is first.value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEADER.pack(0),  # empty frame
+        HEADER.pack(1) + b"\xc1",  # never-used msgpack byte
+        HEADER.pack(2) + b"\x92\x01",  # truncated array inside the frame
+        frame([1, 2]),  # not a map
+        frame("hello"),
+        frame({"v": 1}),  # no type
+        frame({"t": 1, "v": 1}),  # type not a string
+        frame({"t": "hello"}),  # no version
+        frame({"t": "hello", "v": True}),
+        frame({"t": "hello", "v": 0}),
+        frame({"t": "hello", "v": "1"}),
+        frame({"t": "hello", "v": 1.0}),
+        HEADER.pack(3) + b"\xa2\xff\xfe",  # invalid UTF-8 string
+        frame({"t": "hello", "v": 1, "x": msgpack.ExtType(5, b"abcd")}),  # ext values are not accepted
+        frame({"t": "hello", "v": 1, "x": "y" * 1025}),  # string over MAX_STR_LEN
+        frame({"t": "hello", "v": 1, "x": b"bin"}),  # bin values are not accepted
+        frame({1: "x", "t": "hello", "v": 1}),  # non-string map key
+        HEADER.pack(2) + b"\x80\xc0",  # trailing data after the map, inside the frame
+        frame({"t": "hello", "v": 1, **{f"k{i}": 0 for i in range(40)}}),  # map over MAX_MAP_LEN
+    ],
+)
+def test_malformed(data: bytes) -> None:
+    assert error_of(data).code is ErrorCode.MALFORMED
+
+
+def test_unknown_type() -> None:
+    assert error_of(frame({"t": "goodbye", "v": 1})).code is ErrorCode.UNKNOWN_TYPE
+
+
+@pytest.mark.parametrize("message", [HELLO, HEARTBEAT, ACK], ids=lambda m: type(m).__name__)
+def test_newer_version_is_unsupported(message: Message) -> None:
+    body = wire(message)
+    body["v"] += 1
+    body["new_field"] = 1  # what a newer version might add; the version is checked first
+    assert error_of(frame(body)).code is ErrorCode.UNSUPPORTED_VERSION
+
+
+def test_older_versions_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = encode(HELLO)
+    monkeypatch.setitem(heartbeat.SCHEMA_VERSIONS, "hello", 2)
+    assert decode(v1) == HELLO  # a v1 frame is older than this decoder's v2
+    assert wire(HELLO)["v"] == 2  # the encoder writes its own version
+    body = wire(HELLO)
+    body["v"] = 3
+    assert error_of(frame(body)).code is ErrorCode.UNSUPPORTED_VERSION
+
+
+def _set(path: list[str | int], value: object, base: Message) -> bytes:
+    body: Any = wire(base)
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return frame(body)
+
+
+def _drop(path: list[str | int], base: Message) -> bytes:
+    body: Any = wire(base)
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    del target[path[-1]]
+    return frame(body)
+
+
+OBS0: list[str | int] = ["observations", 0]
+REP0: list[str | int] = [*OBS0, "replica_states", 0]
+ASG0: list[str | int] = ["assignments", 0]
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        (_drop(["free_bytes"], HELLO), "free_bytes"),
+        (_set(["extra"], 1, HELLO), "unknown field(s) 'extra'"),
+        (_set(["node_id"], "Node_1", HELLO), "node_id"),
+        (_set(["node_id"], 7, HELLO), "node_id"),
+        (_set(["incarnation"], -5, HELLO), "incarnation"),
+        (_set(["incarnation"], 1.5, HELLO), "incarnation"),
+        (_set(["capacity_bytes"], True, HELLO), "capacity_bytes"),
+        (_set(["iscsi_portal"], "10.0.0.1", HELLO), "iscsi_portal"),
+        (_set(["http"], "host:99999", HELLO), "http"),
+        (_set(["seq"], -1, HEARTBEAT), "seq"),
+        (_set(["seq"], "1", HEARTBEAT), "seq"),
+        (_set(["observations"], {}, HEARTBEAT), "observations"),
+        (_set(["observations"], [1], HEARTBEAT), "observations[0]"),
+        (_set([*OBS0, "role"], "leader", HEARTBEAT), "observations[0].role"),
+        (_set([*OBS0, "role"], 1, HEARTBEAT), "observations[0].role"),
+        (_set([*OBS0, "health"], "OK", HEARTBEAT), "observations[0].health"),
+        (_set([*OBS0, "epoch"], -1, HEARTBEAT), "observations[0].epoch"),
+        (_set([*OBS0, "converged"], 1, HEARTBEAT), "observations[0].converged"),
+        (_set([*OBS0, "volume_id"], "abc", HEARTBEAT), "observations[0].volume_id"),
+        (_drop([*OBS0, "write_position"], HEARTBEAT), "observations[0].write_position"),
+        (_set([*OBS0, "surprise"], 0, HEARTBEAT), "observations[0]: unknown field(s) 'surprise'"),
+        (_set([*REP0, "state"], "done", HEARTBEAT), "observations[0].replica_states[0].state"),
+        (_set([*REP0, "write_position"], -1, HEARTBEAT), "observations[0].replica_states[0].write_position"),
+        (_set(["lease_seconds"], -0.5, ACK), "lease_seconds"),
+        (_set(["lease_seconds"], math.nan, ACK), "lease_seconds"),
+        (_set(["lease_seconds"], "5", ACK), "lease_seconds"),
+        (_set([*ASG0, "epoch"], -3, ACK), "assignments[0].epoch"),
+        (_set([*ASG0, "primary"], "node-2", ACK), "assignments[0].replicas"),
+        (_set([*ASG0, "primary_portal"], None, ACK), "assignments[0].primary_portal"),
+        (_set([*ASG0, "replicas"], "node-1", ACK), "assignments[0].replicas"),
+        (_set([*ASG0, "replicas"], ["node-1", 5], ACK), "assignments[0].replicas[1]"),
+        (_set([*ASG0, "block_size"], 1000, ACK), "assignments[0].block_size"),
+        (_set([*ASG0, "size"], 4097, ACK), "assignments[0].size"),
+        (_set(["assignments", 1, "volume_id"], VOL_A, ACK), "assignments: a volume appears twice"),
+    ],
+)
+def test_bad_field(data: bytes, where: str) -> None:
+    error = error_of(data)
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message == where or error.message.startswith(where + ":"), error.message
+
+
+def test_decode_payload_rejects_garbage() -> None:
+    with pytest.raises(HeartbeatProtocolError) as info:
+        decode_payload(b"")
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+node_ids = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,62}", fullmatch=True)
+volume_ids = st.uuids(version=4).map(lambda u: u.hex)
+uints = st.integers(0, 2**64 - 1)
+labels = st.from_regex(r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+hosts = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+    st.lists(labels, min_size=1, max_size=4).map(".".join).filter(lambda h: not h.replace(".", "").isdigit()),
+)
+portals = st.builds(lambda h, p: f"{h}:{p}", hosts, st.integers(1, 65535))
+replica_states = st.builds(ReplicaState, node_ids, st.sampled_from(SyncState), uints)
+observations = st.builds(
+    VolumeObservation,
+    volume_ids,
+    uints,
+    st.sampled_from(Role),
+    st.sampled_from(Health),
+    uints,
+    st.lists(replica_states, max_size=3, unique_by=lambda r: r.node_id).map(tuple),
+    st.booleans(),
+)
+
+
+@st.composite
+def assignments(draw: st.DrawFn) -> Assignment:
+    block_size = draw(st.sampled_from([512, 4096]))
+    replicas = tuple(draw(st.lists(node_ids, max_size=4, unique=True)))
+    with_primary = bool(replicas) and draw(st.booleans())
+    return Assignment(
+        volume_id=draw(volume_ids),
+        name=draw(node_ids),
+        size=block_size * draw(st.integers(1, 2**40)),
+        block_size=block_size,
+        epoch=draw(uints),
+        primary=replicas[0] if with_primary else None,
+        primary_portal=draw(portals) if with_primary else None,
+        replicas=replicas,
+    )
+
+
+messages = st.one_of(
+    st.builds(Hello, node_ids, uints, portals, portals, portals, uints, uints),
+    st.builds(
+        Heartbeat, uints, st.lists(observations, max_size=4, unique_by=lambda o: o.volume_id).map(tuple)
+    ),
+    st.builds(
+        Ack,
+        uints,
+        st.floats(0, 1e12, allow_nan=False, allow_infinity=False),
+        st.lists(assignments(), max_size=4, unique_by=lambda a: a.volume_id).map(tuple),
+    ),
+)
+
+
+@given(st.lists(messages, min_size=1, max_size=4), st.data())
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_random_messages_round_trip_exactly(batch: list[Message], data: st.DataObject) -> None:
+    stream = b"".join(encode(m) for m in batch)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    decoder = FrameDecoder()
+    out = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        decoder.feed(stream[start:end])
+        while (message := decoder.next_message()) is not None:
+            out.append(message)
+    assert out == batch
+    assert decoder.buffered == 0
+
+
+def _drain(data: bytes) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    try:
+        while decoder.next_message() is not None:
+            pass
+    except HeartbeatProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+
+
+@given(st.binary(max_size=512))
+def test_random_bytes_only_raise_protocol_errors(data: bytes) -> None:
+    _drain(data)
+
+
+@given(st.binary(max_size=512))
+def test_random_payloads_only_raise_protocol_errors(payload: bytes) -> None:
+    _drain(HEADER.pack(len(payload)) + payload)
+
+
+@given(messages, st.data())
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_mutated_frames_only_raise_protocol_errors(message: Message, data: st.DataObject) -> None:
+    frame_bytes = bytearray(encode(message))
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(frame_bytes) - 1))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if action == "flip":
+            frame_bytes[position] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            frame_bytes.insert(position, data.draw(st.integers(0, 255)))
+        elif len(frame_bytes) > 1:
+            del frame_bytes[position]
+    # Keep the length prefix honest half the time so the payload decoder is exercised too.
+    if data.draw(st.booleans()) and len(frame_bytes) >= 4:
+        frame_bytes[:4] = HEADER.pack(len(frame_bytes) - 4)
+    _drain(bytes(frame_bytes))
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(messages, st.data())
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_wrong_field_values_only_raise_protocol_errors(message: Message, data: st.DataObject) -> None:
+    """Well-formed msgpack with valid t/v but arbitrary values in the fields (deep in nested maps too)."""
+    body: Any = wire(message)
+    target = body
+    while True:  # walk into a random nested map or array
+        children = [k for k, v in (target.items() if isinstance(target, dict) else enumerate(target))]
+        children = [k for k in children if k not in ("t", "v")]
+        if not children:
+            break
+        key = data.draw(st.sampled_from(children))
+        child = target[key]
+        if isinstance(child, dict | list) and child and data.draw(st.booleans()):
+            target = child
+            continue
+        target[key] = data.draw(msgpack_values)
+        break
+    try:
+        decoded = decode(frame(body))
+    except HeartbeatProtocolError:
+        return
+    # If it decoded, it is a valid message that survives another round trip.
+    assert decode(encode(decoded)) == decoded
