@@ -10,10 +10,13 @@
     sparrow volume inspect NAME [--json]
     sparrow volume resize NAME --size SIZE
     sparrow volume delete NAME
+    sparrow migrate DATA_DIR [--list-versions] [--dry-run] [--target-version V]
+                  [--kind volume|authority]
 
 Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
 http://127.0.0.1:3280) with urllib. Every error is one line on stderr; the exit code is 1, or 2 for
-a usage error (bad flag, bad size, bad URL). Never a traceback.
+a usage error (bad flag, bad size, bad URL). Never a traceback. ``migrate`` works on the data
+directory itself (the daemon must be stopped: it holds the directory's lock).
 """
 
 from __future__ import annotations
@@ -276,6 +279,78 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return run(config)
 
 
+# --- migrate -----------------------------------------------------------------------------------
+
+
+def _version_arg(text: str) -> int:
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid version {text!r}: expected a positive integer") from None
+    if version < 1:
+        raise argparse.ArgumentTypeError(f"invalid version {text!r}: expected a positive integer")
+    return version
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow migrate``: schema migrations of the durable state in DATA_DIR (store.migrations)."""
+    from pathlib import Path
+
+    from store.blockstore import StoreError
+    from store.migrations import HISTORY_FILE, migrate, versions
+
+    data_dir = Path(args.data_dir)
+    kinds = frozenset({args.kind}) if args.kind else None
+    try:
+        if args.list_versions:
+            for kv in versions(data_dir, kinds=kinds):
+                parts = [f"{n} at version {v}" for v, n in kv.counts.items()]
+                if kv.unreadable:
+                    parts.append(f"{kv.unreadable} unreadable")
+                counts = ", ".join(parts) if parts else "no records"
+                print(f"{kv.kind}: {counts} (latest version {kv.latest})", file=out)
+            return 0
+        report = migrate(data_dir, args.target_version, dry_run=args.dry_run, kinds=kinds)
+    except (StoreError, OSError) as e:
+        raise CliError(str(e)) from None
+    verb = "would migrate" if report.dry_run else "migrated"
+    for applied in report.applied:
+        print(
+            f"{verb} {applied.kind} {applied.item}: version {applied.from_version} -> {applied.to_version}",
+            file=out,
+        )
+        for change in applied.changes:
+            print(f"    {change}", file=out)
+    for problem in report.problems:
+        print(f"left unchanged {problem.kind} {problem}", file=out)
+    records = _plural(len(report.applied), "record")
+    if report.dry_run:
+        print(
+            f"dry run: {records} would be migrated, {report.unchanged} already current; nothing was written",
+            file=out,
+        )
+    elif report.applied:
+        print(f"backup written to {report.backup_dir}", file=out)
+        print(
+            f"{records} migrated, {report.unchanged} already current; history in {data_dir / HISTORY_FILE}",
+            file=out,
+        )
+    else:
+        print(
+            f"nothing to migrate: {_plural(report.unchanged, 'record')} already at the target version",
+            file=out,
+        )
+    if report.problems:
+        first = report.problems[0]
+        more = f" (and {len(report.problems) - 1} more, listed above)" if len(report.problems) > 1 else ""
+        raise CliError(f"{_plural(len(report.problems), 'record')} not migrated: {first.kind} {first}{more}")
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 
@@ -360,6 +435,29 @@ def build_parser() -> argparse.ArgumentParser:
     delete = with_api(vcommands.add_parser("delete", help="delete a volume (its data is gone)"))
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="migrate the records in a data directory to this Sparrow's schema",
+        description="Upgrade the schema of the durable records in DATA_DIR (stop the daemon first). "
+        "A backup goes to DATA_DIR/backups/ and a history entry to DATA_DIR/migrations.log; running "
+        "it again does nothing. Block data is never touched.",
+    )
+    migrate.add_argument("data_dir", metavar="DATA_DIR")
+    migrate.add_argument(
+        "--list-versions", action="store_true", help="count the records at each schema version and exit"
+    )
+    migrate.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    migrate.add_argument(
+        "--target-version",
+        metavar="V",
+        type=_version_arg,
+        help="migrate to version V (default: the newest this Sparrow knows, per kind)",
+    )
+    migrate.add_argument(
+        "--kind", choices=("volume", "authority"), help="only records of this kind (default: all)"
+    )
+    migrate.set_defaults(func=cmd_migrate)
     return parser
 
 

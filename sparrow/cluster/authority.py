@@ -1,0 +1,518 @@
+"""AuthorityStore: the master's durable record of volumes, nodes and published assignments
+(docs/cluster.md, "Publisher and AuthorityStore").
+
+SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
+when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
+instant leaves either the old state or the new one. Tables (schema version 1)::
+
+    meta(id = 1, schema_version)                         store.migrations.sqlitemeta
+    volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at)
+    nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen)
+    assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
+                PRIMARY KEY (volume_id, epoch))
+
+Rules the schema itself enforces (defence in depth behind the Publisher):
+
+- ``assignments`` is append-only (triggers refuse UPDATE and DELETE), and a new row's epoch must be
+  exactly the volume's highest epoch + 1: epochs per volume are 1, 2, 3... with no gap and no reuse.
+- a volume is never deleted, only marked (``deleted_at``), so its epochs stay recorded and a
+  volume id is never reused; ``name`` is unique among volumes not deleted (a partial unique
+  index), so a name can be reused after its volume is deleted.
+
+The store never mints an epoch: it has no method that invents an epoch number. It decodes the
+recorded ones with ``Epoch.restore``; only ``sparrow.cluster.publisher`` makes new ones.
+
+Schema versions: ``open`` creates a new database at ``SCHEMA_VERSION``. It refuses a database of a
+newer version (``store.metadata.SchemaTooNew``) and also one of an *older* version
+(``store.migrations.SchemaTooOld``, whose message is the exact ``sparrow migrate DATA_DIR`` command):
+the daemon does not migrate silently on start, because a migration is an operator's act that writes
+a backup and a history entry first, and a master that upgraded the schema behind the operator's back
+could no longer be rolled back to the previous release.
+
+Times (``created_at``, ``seen_at`` ...) are wall-clock seconds (``time.time()``): they outlive the
+process, unlike the monotonic ``now`` of the sans-IO cores. Calls block (an fsync per change): the
+asyncio layer runs them in a thread; the connection is shared under a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparrow.cluster.epoch import Epoch
+from sparrow.cluster.messages import (
+    BLOCK_SIZES,
+    VOLUME_NAME_PATTERN,
+    Assignment,
+    Hello,
+    InvalidMessage,
+    check_node_id,
+    check_portal,
+    check_uint,
+    check_volume_id,
+)
+from store.metadata import SchemaTooNew
+from store.migrations import AUTHORITY_FILE, SchemaTooOld
+from store.migrations.sqlitemeta import create_meta, read_version
+
+#: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
+SCHEMA_VERSION = 1
+#: How long a statement waits for another connection's lock before failing (milliseconds).
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA_V1 = (
+    """CREATE TABLE volumes (
+        volume_id TEXT PRIMARY KEY NOT NULL CHECK (length(volume_id) = 32),
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL CHECK (size > 0),
+        block_size INTEGER NOT NULL CHECK (block_size IN (512, 4096)),
+        replicas INTEGER NOT NULL CHECK (replicas >= 1),
+        created_at REAL NOT NULL,
+        deleted_at REAL
+    )""",
+    "CREATE UNIQUE INDEX volumes_live_name ON volumes (name) WHERE deleted_at IS NULL",
+    """CREATE TRIGGER volumes_never_deleted BEFORE DELETE ON volumes
+        BEGIN SELECT RAISE(ABORT, 'volumes are marked deleted (deleted_at), never removed'); END""",
+    """CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY NOT NULL,
+        incarnation INTEGER NOT NULL,
+        addresses TEXT NOT NULL,
+        capacity INTEGER NOT NULL CHECK (capacity >= 0),
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    )""",
+    """CREATE TABLE assignments (
+        volume_id TEXT NOT NULL REFERENCES volumes (volume_id),
+        epoch INTEGER NOT NULL CHECK (epoch >= 1),
+        primary_node TEXT REFERENCES nodes (node_id),
+        replicas TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (volume_id, epoch)
+    )""",
+    """CREATE TRIGGER assignments_next_epoch BEFORE INSERT ON assignments
+        WHEN NEW.epoch IS NOT
+            (SELECT coalesce(max(epoch), 0) + 1 FROM assignments WHERE volume_id = NEW.volume_id)
+        BEGIN SELECT RAISE(ABORT, 'an assignment epoch must be the volume''s highest epoch + 1'); END""",
+    """CREATE TRIGGER assignments_no_update BEFORE UPDATE ON assignments
+        BEGIN SELECT RAISE(ABORT, 'assignments are append-only'); END""",
+    """CREATE TRIGGER assignments_no_delete BEFORE DELETE ON assignments
+        BEGIN SELECT RAISE(ABORT, 'assignments are append-only'); END""",
+)
+
+
+class AuthorityError(Exception):
+    """A change the authority store refuses (nothing was written)."""
+
+
+class InvalidAuthorityRecord(AuthorityError, ValueError):
+    """A field that may not be stored (bad id, name, size ...)."""
+
+
+class VolumeExists(AuthorityError):
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"a volume with {what} already exists")
+
+
+class UnknownVolume(AuthorityError):
+    def __init__(self, volume_id: str) -> None:
+        self.volume_id = volume_id
+        super().__init__(f"no volume {volume_id} (or it is deleted)")
+
+
+class UnknownNode(AuthorityError):
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        super().__init__(f"no node {node_id!r} has ever said hello")
+
+
+class NotAnAuthorityDatabase(AuthorityError):
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path} is not a Sparrow authority database: {reason}")
+
+
+class AuthorityCorrupt(AuthorityError):
+    """The database holds something its own constraints should have made impossible."""
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    volume_id: str
+    name: str
+    size: int
+    block_size: int
+    #: How many copies the operator asked for.
+    replicas: int
+    created_at: float
+    deleted_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddresses:
+    """Where a node listens, as its Hello said (``host:port`` each)."""
+
+    iscsi_portal: str
+    replication: str
+    http: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"iscsi_portal": self.iscsi_portal, "replication": self.replication, "http": self.http},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeAddresses:
+        data = json.loads(text)
+        return cls(data["iscsi_portal"], data["replication"], data["http"])
+
+    @classmethod
+    def from_hello(cls, hello: Hello) -> NodeAddresses:
+        return cls(hello.iscsi_portal, hello.replication, hello.http)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: str
+    incarnation: int
+    addresses: NodeAddresses
+    capacity: int
+    first_seen: float
+    last_seen: float
+
+
+def _checked(check: Any, field: str, value: object) -> None:
+    try:
+        check(field, value)
+    except InvalidMessage as e:
+        raise InvalidAuthorityRecord(str(e)) from None
+
+
+def _volume_from_row(row: sqlite3.Row) -> VolumeRecord:
+    return VolumeRecord(
+        row["volume_id"],
+        row["name"],
+        row["size"],
+        row["block_size"],
+        row["replicas"],
+        row["created_at"],
+        row["deleted_at"],
+    )
+
+
+def _node_from_row(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        row["node_id"],
+        row["incarnation"],
+        NodeAddresses.from_json(row["addresses"]),
+        row["capacity"],
+        row["first_seen"],
+        row["last_seen"],
+    )
+
+
+class AuthorityTransaction:
+    """Reads and the one assignment write, inside ``AuthorityStore.write_transaction`` (BEGIN
+    IMMEDIATE: no other writer can slip in between a read and the write that depends on it)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def volume(self, volume_id: str) -> VolumeRecord | None:
+        row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
+        return None if row is None else _volume_from_row(row)
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return None if row is None else _node_from_row(row)
+
+    def max_epoch(self, volume_id: str) -> Epoch | None:
+        """The highest epoch ever recorded for the volume (None: never assigned)."""
+        row = self._conn.execute(
+            "SELECT max(epoch) FROM assignments WHERE volume_id = ?", (volume_id,)
+        ).fetchone()
+        return None if row[0] is None else Epoch.restore(row[0])
+
+    def record_assignment(
+        self, volume_id: str, epoch: Epoch, primary: str | None, replicas: tuple[str, ...], created_at: float
+    ) -> None:
+        """Append an assignment row. Only the Publisher calls this, with the epoch it minted; the
+        schema refuses any epoch but the volume's highest + 1."""
+        try:
+            self._conn.execute(
+                "INSERT INTO assignments (volume_id, epoch, primary_node, replicas, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (volume_id, epoch.value, primary, json.dumps(list(replicas)), created_at),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AuthorityError(f"assignment {volume_id} {epoch} refused: {e}") from None
+
+
+class AuthorityStore:
+    """The durable authority. Open with :meth:`open`; every method that changes something commits
+    before it returns."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._lock = threading.RLock()
+        self.path = path
+
+    # ---- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> AuthorityStore:
+        """Open the database at ``path`` (``DATA_DIR/authority.sqlite3`` for ``sparrow migrate`` to
+        find it), creating it at ``SCHEMA_VERSION`` if it has no tables yet.
+
+        Raises SchemaTooNew / SchemaTooOld (see the module docstring) and NotAnAuthorityDatabase.
+        """
+        path = Path(path)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "meta" in tables:
+                cls._check_version(conn, path)
+            elif tables:
+                raise NotAnAuthorityDatabase(path, f"it has tables {sorted(tables)} but no meta table")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise AuthorityError(f"cannot put {path} in WAL mode (journal mode is {mode})")
+            if "meta" not in tables:
+                with _immediate(conn):
+                    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                        for statement in _SCHEMA_V1:
+                            conn.execute(statement)
+                        create_meta(conn, SCHEMA_VERSION)
+                cls._check_version(conn, path)  # someone else may have created it meanwhile
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    @staticmethod
+    def _check_version(conn: sqlite3.Connection, path: Path) -> None:
+        try:
+            found = read_version(conn)
+        except Exception as e:
+            raise NotAnAuthorityDatabase(path, str(e)) from None
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(path, found, SCHEMA_VERSION)
+        if found < SCHEMA_VERSION:
+            raise SchemaTooOld(path, found, SCHEMA_VERSION, path.parent)
+
+    @classmethod
+    def open_in(cls, data_dir: str | Path) -> AuthorityStore:
+        """Open (or create) ``DATA_DIR/authority.sqlite3``."""
+        return cls.open(Path(data_dir) / AUTHORITY_FILE)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> AuthorityStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def write_transaction(self) -> Iterator[AuthorityTransaction]:
+        """One BEGIN IMMEDIATE transaction: committed when the block ends, rolled back if it raises."""
+        with self._lock, _immediate(self._conn):
+            yield AuthorityTransaction(self._conn)
+
+    # ---- volumes ----------------------------------------------------------------------------------
+
+    def add_volume(
+        self,
+        name: str,
+        *,
+        size: int,
+        block_size: int,
+        replicas: int,
+        created_at: float,
+        volume_id: str | None = None,
+    ) -> VolumeRecord:
+        """Record a new volume; ``volume_id`` defaults to a fresh ``uuid4().hex`` (the master mints
+        volume ids). Raises VolumeExists (id, or a live volume of that name) and
+        InvalidAuthorityRecord."""
+        volume_id = uuid.uuid4().hex if volume_id is None else volume_id
+        _checked(check_volume_id, "volume_id", volume_id)
+        if not isinstance(name, str) or not VOLUME_NAME_PATTERN.fullmatch(name):
+            raise InvalidAuthorityRecord(f"name: not a volume name: {name!r}")
+        if type(block_size) is not int or block_size not in BLOCK_SIZES:
+            raise InvalidAuthorityRecord(f"block_size: must be 512 or 4096, not {block_size!r}")
+        _checked(lambda f, v: check_uint(f, v, minimum=1), "size", size)
+        if size % block_size:
+            raise InvalidAuthorityRecord(f"size: {size} is not a multiple of the block size {block_size}")
+        _checked(lambda f, v: check_uint(f, v, minimum=1), "replicas", replicas)
+        record = VolumeRecord(volume_id, name, size, block_size, replicas, float(created_at))
+        with self._lock, _immediate(self._conn):
+            if self._conn.execute("SELECT 1 FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone():
+                raise VolumeExists(f"id {volume_id}")
+            if self._conn.execute(
+                "SELECT 1 FROM volumes WHERE name = ? AND deleted_at IS NULL", (name,)
+            ).fetchone():
+                raise VolumeExists(f"name {name!r}")
+            self._conn.execute(
+                "INSERT INTO volumes (volume_id, name, size, block_size, replicas, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (volume_id, name, size, block_size, replicas, record.created_at),
+            )
+        return record
+
+    def delete_volume(self, volume_id: str, *, deleted_at: float) -> VolumeRecord:
+        """Mark a live volume deleted (its rows and epochs stay). Raises UnknownVolume."""
+        with self._lock, _immediate(self._conn):
+            cur = self._conn.execute(
+                "UPDATE volumes SET deleted_at = ? WHERE volume_id = ? AND deleted_at IS NULL",
+                (float(deleted_at), volume_id),
+            )
+            if cur.rowcount != 1:
+                raise UnknownVolume(volume_id)
+            row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
+        return _volume_from_row(row)
+
+    def volume(self, volume_id: str) -> VolumeRecord | None:
+        """One volume, deleted or not (None if it never existed)."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
+        return None if row is None else _volume_from_row(row)
+
+    def volumes(self, *, include_deleted: bool = False) -> tuple[VolumeRecord, ...]:
+        """Live volumes (and deleted ones if asked), by name then id."""
+        query = "SELECT * FROM volumes"
+        if not include_deleted:
+            query += " WHERE deleted_at IS NULL"
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY name, volume_id").fetchall()
+        return tuple(_volume_from_row(r) for r in rows)
+
+    # ---- nodes ------------------------------------------------------------------------------------
+
+    def upsert_node(
+        self, node_id: str, *, incarnation: int, addresses: NodeAddresses, capacity: int, seen_at: float
+    ) -> NodeRecord:
+        """Record a node's Hello: insert it, or update everything but ``first_seen``."""
+        _checked(check_node_id, "node_id", node_id)
+        _checked(check_uint, "incarnation", incarnation)
+        _checked(check_uint, "capacity", capacity)
+        for field in ("iscsi_portal", "replication", "http"):
+            _checked(check_portal, f"addresses.{field}", getattr(addresses, field))
+        with self._lock, _immediate(self._conn):
+            self._conn.execute(
+                "INSERT INTO nodes (node_id, incarnation, addresses, capacity, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                "incarnation = excluded.incarnation, addresses = excluded.addresses, "
+                "capacity = excluded.capacity, last_seen = excluded.last_seen",
+                (node_id, incarnation, addresses.to_json(), capacity, float(seen_at), float(seen_at)),
+            )
+            row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node_from_row(row)
+
+    def upsert_hello(self, hello: Hello, *, seen_at: float) -> NodeRecord:
+        """``upsert_node`` from a Hello (capacity is its ``capacity_bytes``)."""
+        return self.upsert_node(
+            hello.node_id,
+            incarnation=hello.incarnation,
+            addresses=NodeAddresses.from_hello(hello),
+            capacity=hello.capacity_bytes,
+            seen_at=seen_at,
+        )
+
+    def nodes(self) -> tuple[NodeRecord, ...]:
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+        return tuple(_node_from_row(r) for r in rows)
+
+    # ---- assignments --------------------------------------------------------------------------------
+
+    def max_epoch(self, volume_id: str) -> Epoch | None:
+        """The highest epoch ever recorded for the volume, deleted or not (None: never assigned)."""
+        with self._lock:
+            return AuthorityTransaction(self._conn).max_epoch(volume_id)
+
+    def latest_assignment(self, volume_id: str) -> Assignment | None:
+        """The assignment in force for a live volume (None: deleted, unknown, or never assigned)."""
+        return self._latest("AND v.volume_id = ?", (volume_id,)).get(volume_id)
+
+    def latest_assignments(self) -> Mapping[str, Assignment]:
+        """The assignment in force for every live volume that has one, by volume id."""
+        return self._latest("", ())
+
+    def _latest(self, where: str, params: tuple[str, ...]) -> dict[str, Assignment]:
+        query = (
+            "SELECT v.volume_id, v.name, v.size, v.block_size, a.epoch, a.primary_node, a.replicas, "
+            "n.addresses FROM volumes v "
+            "JOIN assignments a ON a.volume_id = v.volume_id AND a.epoch = "
+            "(SELECT max(epoch) FROM assignments WHERE volume_id = v.volume_id) "
+            "LEFT JOIN nodes n ON n.node_id = a.primary_node "
+            f"WHERE v.deleted_at IS NULL {where} ORDER BY v.volume_id"
+        )
+        with self._lock:
+            rows = self._conn.execute(query, params).fetchall()
+        out: dict[str, Assignment] = {}
+        for row in rows:
+            primary: str | None = row["primary_node"]
+            if primary is not None and row["addresses"] is None:
+                raise AuthorityCorrupt(f"assignment of {row['volume_id']} names unknown node {primary!r}")
+            portal = None if primary is None else NodeAddresses.from_json(row["addresses"]).iscsi_portal
+            out[row["volume_id"]] = assignment_of(
+                row["volume_id"],
+                row["name"],
+                row["size"],
+                row["block_size"],
+                Epoch.restore(row["epoch"]),
+                primary,
+                portal,
+                tuple(json.loads(row["replicas"])),
+            )
+        return out
+
+
+def assignment_of(
+    volume_id: str,
+    name: str,
+    size: int,
+    block_size: int,
+    epoch: Epoch,
+    primary: str | None,
+    primary_portal: str | None,
+    replicas: tuple[str, ...],
+) -> Assignment:
+    """The wire Assignment for a recorded (or just minted) epoch."""
+    return Assignment(
+        volume_id=volume_id,
+        name=name,
+        size=size,
+        block_size=block_size,
+        epoch=epoch.value,
+        primary=primary,
+        primary_portal=primary_portal,
+        replicas=replicas,
+    )
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

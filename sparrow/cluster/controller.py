@@ -1,0 +1,380 @@
+"""Topology decisions (docs/cluster.md, "TopologyController").
+
+:meth:`TopologyController.decide` compares what the operator wants (:class:`DesiredVolume`) with
+what the master has published (:class:`PublishedAssignment`) and what the nodes report
+(:class:`~sparrow.cluster.observations.ObservationStore`), and returns a :class:`Decision`: the
+assignments it *asks* the publisher for, and a status per volume. It only proposes: it never mints
+an epoch (only ``sparrow/cluster/publisher.py`` does) and it performs no I/O. For equal inputs (and
+an equal sequence of earlier calls, which only feeds :attr:`VolumeStatus.since`) it returns equal
+decisions; volumes are visited in ``volume_id`` order whatever the order of ``desired``.
+
+Rules, per desired volume:
+
+1. **No assignment**: place ``replicas`` copies on distinct live nodes with ``free_bytes >= size``,
+   most free bytes first (ties by node id); the first is the primary. Space taken by earlier
+   placements in the same decision is subtracted. Too few such nodes: no ask, status
+   ``"not enough live nodes (have X, need N)"``.
+2. **Dead primary**: nothing before ``leases.safe_to_reassign(old_primary, now, margin)`` (status
+   ``"waiting for the old primary's lease to expire"``). Then promote only an *eligible* replica
+   (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
+   assignment's epoch, health OK and ``write_position`` at least the primary's last observed one;
+   and the primary's last observation (same epoch) listed it IN_SYNC. None eligible: no ask, status
+   ``"no eligible replica"`` -- an empty copy is never promoted.
+3. **Dead replica(s)**: replace each with a live node not already in the assignment (keeping the
+   primary and the order of the survivors); none available: status ``"degraded: replica X dead"``.
+   Fewer copies than desired (after a promotion, say) are topped up the same way.
+4. **Convergence**: when every node of the assignment has not reported the assignment's epoch with
+   ``converged=True`` within ``converge_deadline`` seconds of its publication: status
+   ``"stuck: not converged after Ns"``.
+
+A node the master has not heard from yet while it is still starting up (see
+:meth:`ObservationStore.dead`) is neither alive nor dead: it is not replaced, and a volume whose
+primary is in that state waits (``"waiting for node X to report"``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from sparrow.cluster.lease import MasterLeases
+from sparrow.cluster.messages import (
+    BLOCK_SIZES,
+    VOLUME_NAME_PATTERN,
+    Assignment,
+    Health,
+    Role,
+    SyncState,
+    check_node_id,
+    check_volume_id,
+)
+from sparrow.cluster.observations import NodeState, ObservationStore
+
+#: Default seconds an assignment may take to converge before its volume is reported stuck.
+DEFAULT_CONVERGE_DEADLINE = 30.0
+#: Copies a volume may have.
+MIN_REPLICAS = 1
+MAX_REPLICAS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredVolume:
+    """A volume the operator wants: ``replicas`` copies (1..3) of ``size`` bytes."""
+
+    volume_id: str
+    name: str
+    size: int
+    block_size: int
+    replicas: int
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        if not isinstance(self.name, str) or not VOLUME_NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"not a volume name: {self.name!r}")
+        if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, not {self.block_size!r}")
+        if type(self.size) is not int or self.size < 1 or self.size % self.block_size:
+            raise ValueError(f"size must be a positive multiple of {self.block_size}, not {self.size!r}")
+        if type(self.replicas) is not int or not MIN_REPLICAS <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be {MIN_REPLICAS}..{MAX_REPLICAS}, not {self.replicas!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedAssignment:
+    """The newest published assignment of a volume and when it was published (master clock)."""
+
+    assignment: Assignment
+    published_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentAsk:
+    """A proposal for the publisher: make ``primary`` the primary and ``replicas`` (primary first)
+    the copies of ``volume_id``. The publisher mints the epoch and fills in name, size, block size
+    and the primary's portal."""
+
+    volume_id: str
+    primary: str
+    replicas: tuple[str, ...]
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        for node in self.replicas:
+            check_node_id("replicas", node)
+        if not self.replicas or self.replicas[0] != self.primary:
+            raise ValueError("replicas must list the primary first")
+        if len(set(self.replicas)) != len(self.replicas):
+            raise ValueError("a node appears twice in replicas")
+
+
+class StatusKind(enum.Enum):
+    """Why a volume is not simply fine; :attr:`VolumeStatus.reason` is the human text."""
+
+    OK = "ok"
+    UNPLACED = "unplaced"
+    NOT_ENOUGH_NODES = "not_enough_nodes"
+    NO_PRIMARY = "no_primary"
+    WAITING_FOR_NODE = "waiting_for_node"
+    WAITING_FOR_LEASE = "waiting_for_lease"
+    NO_ELIGIBLE_REPLICA = "no_eligible_replica"
+    PROMOTING = "promoting"
+    DEGRADED = "degraded"
+    STUCK = "stuck"
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeStatus:
+    """A volume's condition. ``reason`` is None when all is well; ``since`` is the ``now`` of the
+    first consecutive :meth:`~TopologyController.decide` call that reported the same ``kind``
+    (None when all is well). When an ask is made, the status names the problem it addresses."""
+
+    reason: str | None
+    since: float | None
+    kind: StatusKind = StatusKind.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What :meth:`TopologyController.decide` proposes: asks sorted by volume id, and a status for
+    every desired volume."""
+
+    asks: tuple[AssignmentAsk, ...]
+    status: Mapping[str, VolumeStatus]
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    kind: StatusKind
+    reason: str | None
+    ask: AssignmentAsk | None = None
+
+
+_OK = _Verdict(StatusKind.OK, None)
+
+
+def _check_seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number of seconds, not {value!r}")
+    return float(value)
+
+
+class TopologyController:
+    """Decides placements, promotions and replacements; see the module docstring for the rules.
+
+    ``margin`` is passed to ``MasterLeases.safe_to_reassign`` (None: the leases' own margin).
+    The only state kept between calls is when each volume's current status kind began.
+    """
+
+    def __init__(
+        self, *, converge_deadline: float = DEFAULT_CONVERGE_DEADLINE, margin: float | None = None
+    ) -> None:
+        self.converge_deadline = _check_seconds("converge_deadline", converge_deadline)
+        self.margin = None if margin is None else _check_seconds("margin", margin)
+        self._since: dict[str, tuple[StatusKind, float]] = {}
+
+    def decide(
+        self,
+        desired: Iterable[DesiredVolume],
+        current: Mapping[str, PublishedAssignment],
+        observations: ObservationStore,
+        leases: MasterLeases,
+        now: float,
+    ) -> Decision:
+        """Propose assignments for ``desired`` given the newest published ones in ``current``."""
+        volumes = sorted(desired, key=lambda v: v.volume_id)
+        if len({v.volume_id for v in volumes}) != len(volumes):
+            raise ValueError("a volume appears twice in desired")
+        # Free bytes per live node, debited as this decision places copies.
+        free = {
+            view.node_id: view.free_bytes for view in observations.nodes(now) if view.state is NodeState.ALIVE
+        }
+        asks: list[AssignmentAsk] = []
+        status: dict[str, VolumeStatus] = {}
+        for volume in volumes:
+            published = current.get(volume.volume_id)
+            if published is None:
+                verdict = self._place(volume, free)
+            else:
+                verdict = self._maintain(volume, published, observations, leases, free, now)
+            if verdict.ask is not None:
+                asks.append(verdict.ask)
+            status[volume.volume_id] = self._status(volume.volume_id, verdict, now)
+        for volume_id in [v for v in self._since if v not in status]:
+            del self._since[volume_id]
+        return Decision(asks=tuple(asks), status=status)
+
+    # -- rules ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _candidates(size: int, free: Mapping[str, int], exclude: Iterable[str] = ()) -> list[str]:
+        """Live nodes with room for ``size`` bytes, most free first, ties by node id."""
+        excluded = set(exclude)
+        return sorted(
+            (node for node, room in free.items() if room >= size and node not in excluded),
+            key=lambda node: (-free[node], node),
+        )
+
+    def _place(self, volume: DesiredVolume, free: dict[str, int]) -> _Verdict:
+        candidates = self._candidates(volume.size, free)
+        if len(candidates) < volume.replicas:
+            return _Verdict(
+                StatusKind.NOT_ENOUGH_NODES,
+                f"not enough live nodes (have {len(candidates)}, need {volume.replicas})",
+            )
+        chosen = tuple(candidates[: volume.replicas])
+        for node in chosen:
+            free[node] -= volume.size
+        copies = "1 copy" if volume.replicas == 1 else f"{volume.replicas} copies"
+        ask = AssignmentAsk(
+            volume_id=volume.volume_id,
+            primary=chosen[0],
+            replicas=chosen,
+            reason=f"place {copies} on {', '.join(chosen)}",
+        )
+        return _Verdict(StatusKind.UNPLACED, "not placed yet", ask)
+
+    def _maintain(
+        self,
+        volume: DesiredVolume,
+        published: PublishedAssignment,
+        observations: ObservationStore,
+        leases: MasterLeases,
+        free: dict[str, int],
+        now: float,
+    ) -> _Verdict:
+        assignment = published.assignment
+        primary = assignment.primary
+        if primary is None:
+            # The data may live on nodes this assignment no longer names: placing fresh empty
+            # copies could look like a volume that lost its data. An operator decides.
+            return _Verdict(StatusKind.NO_PRIMARY, "assignment names no primary")
+        if observations.dead(primary, now):
+            return self._dead_primary(volume, assignment, primary, observations, leases, free, now)
+        if not observations.alive(primary, now):
+            return _Verdict(StatusKind.WAITING_FOR_NODE, f"waiting for node {primary} to report")
+        verdict = self._repair_replicas(volume, assignment, observations, free, now)
+        if verdict is not None:
+            return verdict
+        return self._convergence(assignment, published.published_at, observations, now)
+
+    def _dead_primary(
+        self,
+        volume: DesiredVolume,
+        assignment: Assignment,
+        primary: str,
+        observations: ObservationStore,
+        leases: MasterLeases,
+        free: dict[str, int],
+        now: float,
+    ) -> _Verdict:
+        if not leases.safe_to_reassign(primary, now, self.margin):
+            return _Verdict(StatusKind.WAITING_FOR_LEASE, "waiting for the old primary's lease to expire")
+        eligible = self.eligible_replicas(assignment, observations, now)
+        if not eligible:
+            return _Verdict(StatusKind.NO_ELIGIBLE_REPLICA, "no eligible replica")
+        chosen = eligible[0]
+        survivors = tuple(
+            node
+            for node in assignment.replicas
+            if node not in (primary, chosen) and not observations.dead(node, now)
+        )
+        ask = AssignmentAsk(
+            volume_id=assignment.volume_id,
+            primary=chosen,
+            replicas=(chosen, *survivors),
+            reason=f"promote {chosen}: primary {primary} dead",
+        )
+        return _Verdict(StatusKind.PROMOTING, f"primary {primary} dead", ask)
+
+    def eligible_replicas(
+        self, assignment: Assignment, observations: ObservationStore, now: float
+    ) -> tuple[str, ...]:
+        """Replicas of ``assignment`` that may take over from its primary, best first.
+
+        A replica is eligible only if it is alive; its own observation says role REPLICA, the
+        assignment's epoch, health OK and a ``write_position`` at least the primary's last observed
+        one; and the primary's last observation, at the same epoch, listed it IN_SYNC. Best is the
+        highest write position, then the order of ``assignment.replicas``.
+        """
+        primary = assignment.primary
+        if primary is None:
+            return ()
+        primary_obs = observations.observation(primary, assignment.volume_id)
+        if primary_obs is None or primary_obs.epoch != assignment.epoch:
+            return ()
+        in_sync = {r.node_id for r in primary_obs.replica_states if r.state is SyncState.IN_SYNC}
+        ranked: list[tuple[int, int, str]] = []
+        for index, node in enumerate(assignment.replicas):
+            if node == primary or node not in in_sync or not observations.alive(node, now):
+                continue
+            obs = observations.observation(node, assignment.volume_id)
+            if (
+                obs is None
+                or obs.role is not Role.REPLICA
+                or obs.epoch != assignment.epoch
+                or obs.health is not Health.OK
+                or obs.write_position < primary_obs.write_position
+            ):
+                continue
+            ranked.append((-obs.write_position, index, node))
+        return tuple(node for _, _, node in sorted(ranked))
+
+    def _repair_replicas(
+        self,
+        volume: DesiredVolume,
+        assignment: Assignment,
+        observations: ObservationStore,
+        free: dict[str, int],
+        now: float,
+    ) -> _Verdict | None:
+        """Replace dead replicas and top up missing copies; None when nothing is missing."""
+        dead = [node for node in assignment.replicas[1:] if observations.dead(node, now)]
+        members = [node for node in assignment.replicas if node not in dead]
+        wanted = max(volume.replicas, len(assignment.replicas)) if dead else volume.replicas
+        missing = wanted - len(members)
+        if missing <= 0:
+            return None
+        added = self._candidates(volume.size, free, exclude=assignment.replicas)[:missing]
+        for node in added:
+            free[node] -= volume.size
+        if dead:
+            reason = f"degraded: replica{'s' if len(dead) > 1 else ''} {', '.join(dead)} dead"
+        else:
+            reason = f"degraded: {len(members)} of {volume.replicas} copies"
+        if not added:
+            return _Verdict(StatusKind.DEGRADED, reason)
+        replicas = (*members, *added)
+        what = f"replace dead {', '.join(dead)}" if dead else "add copies"
+        ask = AssignmentAsk(
+            volume_id=assignment.volume_id,
+            primary=members[0],
+            replicas=replicas,
+            reason=f"{what} with {', '.join(added)}",
+        )
+        return _Verdict(StatusKind.DEGRADED, reason, ask)
+
+    def _convergence(
+        self, assignment: Assignment, published_at: float, observations: ObservationStore, now: float
+    ) -> _Verdict:
+        if now - published_at < self.converge_deadline:
+            return _OK
+        for node in assignment.replicas:
+            obs = observations.observation(node, assignment.volume_id)
+            if obs is None or obs.epoch != assignment.epoch or not obs.converged:
+                return _Verdict(StatusKind.STUCK, f"stuck: not converged after {self.converge_deadline:g}s")
+        return _OK
+
+    # -- status bookkeeping -----------------------------------------------------------------------
+
+    def _status(self, volume_id: str, verdict: _Verdict, now: float) -> VolumeStatus:
+        if verdict.kind is StatusKind.OK:
+            self._since.pop(volume_id, None)
+            return VolumeStatus(reason=None, since=None, kind=StatusKind.OK)
+        previous = self._since.get(volume_id)
+        if previous is None or previous[0] is not verdict.kind:
+            previous = (verdict.kind, now)
+            self._since[volume_id] = previous
+        return VolumeStatus(reason=verdict.reason, since=previous[1], kind=verdict.kind)

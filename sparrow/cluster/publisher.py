@@ -1,0 +1,103 @@
+"""Publisher: the one place that mints epochs (docs/cluster.md, "Publisher and AuthorityStore").
+
+``publish(ask)`` runs one ``BEGIN IMMEDIATE`` transaction on the AuthorityStore: it reads the
+highest epoch ever recorded for the volume, makes the next one (``+ 1``; the first is 1), appends
+the assignment row and commits. Only after COMMIT has returned (``synchronous=FULL``: the row is on
+disk) is the Assignment returned, so no node can hear of an epoch the master could forget in a
+crash. A ``kill -9`` before COMMIT loses the whole publish (nobody heard of it); after, it is kept.
+After a restart the next publish continues from the recorded maximum, so an epoch is never reused.
+
+The publisher mints whatever it is asked: whether an assignment is worth publishing is the
+TopologyController's decision. It checks only that the ask is well-formed and names things the
+store knows (a live volume, nodes that have said hello).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from sparrow.cluster.authority import (
+    AuthorityStore,
+    InvalidAuthorityRecord,
+    UnknownNode,
+    UnknownVolume,
+    assignment_of,
+)
+from sparrow.cluster.epoch import Epoch
+from sparrow.cluster.messages import Assignment, InvalidMessage, check_node_id
+
+
+class AssignmentAsk(Protocol):
+    """What the TopologyController asks for (any object with these attributes, e.g. its frozen
+    ``AssignmentAsk`` dataclass): the node ids holding the volume, primary first."""
+
+    @property
+    def volume_id(self) -> str: ...
+
+    @property
+    def primary(self) -> str | None: ...
+
+    @property
+    def replicas(self) -> tuple[str, ...]: ...
+
+
+class InvalidAsk(InvalidAuthorityRecord):
+    """An ask the publisher refuses (malformed replicas, primary not first ...); nothing written."""
+
+
+class Publisher:
+    """Mints epochs durably. ``wall_clock`` stamps ``created_at`` (wall-clock seconds)."""
+
+    def __init__(self, store: AuthorityStore, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._wall_clock = wall_clock
+
+    def publish(self, ask: AssignmentAsk) -> Assignment:
+        """Record ``ask`` under the volume's next epoch; returns it once it is committed.
+
+        Raises UnknownVolume (unknown or deleted), UnknownNode (a node that never said hello),
+        InvalidAsk; in every case nothing was written.
+        """
+        replicas = tuple(ask.replicas)
+        primary = ask.primary
+        _check_ask(primary, replicas)
+        with self._store.write_transaction() as txn:
+            volume = txn.volume(ask.volume_id)
+            if volume is None or volume.deleted_at is not None:
+                raise UnknownVolume(ask.volume_id)
+            portal = None
+            for node_id in replicas:
+                node = txn.node(node_id)
+                if node is None:
+                    raise UnknownNode(node_id)
+                if node_id == primary:
+                    portal = node.addresses.iscsi_portal
+            previous = txn.max_epoch(volume.volume_id)
+            epoch = Epoch(1 if previous is None else previous.value + 1)
+            # Built before COMMIT so a message that could not be sent is never recorded.
+            assignment = assignment_of(
+                volume.volume_id,
+                volume.name,
+                volume.size,
+                volume.block_size,
+                epoch,
+                primary,
+                portal,
+                replicas,
+            )
+            txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock())
+        return assignment
+
+
+def _check_ask(primary: str | None, replicas: tuple[str, ...]) -> None:
+    try:
+        for index, node_id in enumerate(replicas):
+            check_node_id(f"replicas[{index}]", node_id)
+    except InvalidMessage as e:
+        raise InvalidAsk(str(e)) from None
+    if len(set(replicas)) != len(replicas):
+        raise InvalidAsk("replicas: a node appears twice")
+    if primary is not None and (not replicas or replicas[0] != primary):
+        raise InvalidAsk(f"replicas must list the primary {primary!r} first")

@@ -1,0 +1,294 @@
+"""sparrow.cluster.authority: the master's durable store (docs/cluster.md, "Publisher and
+AuthorityStore"): schema and pragmas, versions, volumes, nodes, and the rules the schema enforces."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sparrow.cluster import authority
+from sparrow.cluster.authority import (
+    SCHEMA_VERSION,
+    AuthorityStore,
+    InvalidAuthorityRecord,
+    NodeAddresses,
+    NotAnAuthorityDatabase,
+    UnknownVolume,
+    VolumeExists,
+    VolumeRecord,
+)
+from sparrow.cluster.epoch import Epoch
+from sparrow.cluster.messages import Hello
+from sparrow.cluster.publisher import Publisher
+from store.metadata import SchemaTooNew
+from store.migrations import AUTHORITY_FILE, SchemaTooOld, Step, StepGraph, default_graph, migrate
+
+VOL_A = "a" * 32
+VOL_B = "b" * 32
+ADDR_1 = NodeAddresses("10.0.0.1:3260", "10.0.0.1:3261", "10.0.0.1:3280")
+ADDR_2 = NodeAddresses("10.0.0.2:3260", "10.0.0.2:3261", "10.0.0.2:3280")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    volume_id: str
+    primary: str | None
+    replicas: tuple[str, ...]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / AUTHORITY_FILE
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[AuthorityStore]:
+    s = AuthorityStore.open(path)
+    yield s
+    s.close()
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def add(store: AuthorityStore, name: str = "vol1", volume_id: str = VOL_A) -> VolumeRecord:
+    return store.add_volume(
+        name, size=1 << 20, block_size=512, replicas=2, created_at=100.0, volume_id=volume_id
+    )
+
+
+# --- opening ---------------------------------------------------------------------------------------
+
+
+def test_open_creates_the_schema_in_wal_with_full_sync(store: AuthorityStore, path: Path) -> None:
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    other = raw(path)
+    tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"meta", "volumes", "nodes", "assignments"}
+    assert other.execute("SELECT schema_version FROM meta").fetchall() == [(SCHEMA_VERSION,)]
+    other.close()
+
+
+def test_reopen_keeps_everything(path: Path) -> None:
+    with AuthorityStore.open(path) as s:
+        add(s)
+        s.upsert_node("n1", incarnation=7, addresses=ADDR_1, capacity=10, seen_at=5.0)
+        Publisher(s, wall_clock=lambda: 1.0).publish(Ask(VOL_A, "n1", ("n1",)))
+    with AuthorityStore.open(path) as s:
+        assert [v.volume_id for v in s.volumes()] == [VOL_A]
+        assert [(n.node_id, n.incarnation) for n in s.nodes()] == [("n1", 7)]
+        assert s.max_epoch(VOL_A) == Epoch.restore(1)
+
+
+def test_a_newer_schema_is_refused_naming_both_versions(path: Path) -> None:
+    AuthorityStore.open(path).close()
+    conn = raw(path)
+    conn.execute("UPDATE meta SET schema_version = ?", (SCHEMA_VERSION + 4,))
+    conn.close()
+    with pytest.raises(SchemaTooNew) as info:
+        AuthorityStore.open(path)
+    assert (info.value.found, info.value.supported) == (SCHEMA_VERSION + 4, SCHEMA_VERSION)
+    assert f"schema version {SCHEMA_VERSION + 4}" in str(info.value)
+    assert f"reads up to {SCHEMA_VERSION}" in str(info.value)
+
+
+def test_an_older_schema_is_refused_with_the_migrate_command_and_migrate_fixes_it(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with AuthorityStore.open(path) as s:
+        add(s)
+    # This Sparrow now needs version 2, and ships a step to it.
+    monkeypatch.setattr(authority, "SCHEMA_VERSION", 2)
+
+    def add_zone(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE nodes ADD COLUMN zone TEXT")
+
+    with pytest.raises(SchemaTooOld) as info:
+        AuthorityStore.open(path)
+    assert (info.value.found, info.value.required) == (1, 2)
+    assert info.value.command == f"sparrow migrate {path.parent}"
+    assert str(info.value) == (
+        f"{path} has schema version 1; this Sparrow needs version 2: stop Sparrow and run "
+        f"`sparrow migrate {path.parent}`"
+    )
+    graph = StepGraph([Step("authority_v1_to_v2", "authority", 1, 2, "nodes get a zone", add_zone)])
+    report = migrate(path.parent, graph=graph)
+    assert [a.item for a in report.applied] == [AUTHORITY_FILE]
+    with AuthorityStore.open(path) as s:
+        assert [v.volume_id for v in s.volumes()] == [VOL_A]
+
+
+def test_a_database_that_is_not_ours_is_refused(path: Path) -> None:
+    conn = raw(path)
+    conn.execute("CREATE TABLE stuff (x)")
+    conn.close()
+    with pytest.raises(NotAnAuthorityDatabase, match="no meta table"):
+        AuthorityStore.open(path)
+
+
+def test_the_code_version_is_the_head_of_the_authority_steps() -> None:
+    assert default_graph().head("authority") == SCHEMA_VERSION
+
+
+# --- volumes ---------------------------------------------------------------------------------------
+
+
+def test_add_and_list_volumes(store: AuthorityStore) -> None:
+    b = add(store, "bravo", VOL_B)
+    a = add(store, "alpha", VOL_A)
+    assert store.volumes() == (a, b)
+    assert a == VolumeRecord(VOL_A, "alpha", 1 << 20, 512, 2, 100.0, None)
+    minted = store.add_volume("charlie", size=4096, block_size=4096, replicas=1, created_at=1.0)
+    assert len(minted.volume_id) == 32 and minted.volume_id not in (VOL_A, VOL_B)
+    assert store.volume(minted.volume_id) == minted
+
+
+def test_duplicate_ids_and_live_names_are_refused(store: AuthorityStore) -> None:
+    add(store, "vol1", VOL_A)
+    with pytest.raises(VolumeExists, match=f"id {VOL_A}"):
+        add(store, "other", VOL_A)
+    with pytest.raises(VolumeExists, match="name 'vol1'"):
+        add(store, "vol1", VOL_B)
+    assert len(store.volumes()) == 1
+
+
+def test_delete_marks_and_frees_the_name(store: AuthorityStore) -> None:
+    add(store, "vol1", VOL_A)
+    deleted = store.delete_volume(VOL_A, deleted_at=200.0)
+    assert deleted.deleted_at == 200.0
+    assert store.volumes() == ()
+    assert store.volumes(include_deleted=True) == (deleted,)
+    with pytest.raises(UnknownVolume):
+        store.delete_volume(VOL_A, deleted_at=300.0)
+    with pytest.raises(UnknownVolume):
+        store.delete_volume(VOL_B, deleted_at=300.0)
+    assert add(store, "vol1", VOL_B).name == "vol1"  # a deleted volume's name can be used again
+    with pytest.raises(VolumeExists, match="id"):
+        add(store, "vol2", VOL_A)  # its id cannot
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"volume_id": "XYZ"}, "volume_id"),
+        ({"name": "Bad Name"}, "name"),
+        ({"size": 0}, "size"),
+        ({"size": 1000}, "not a multiple"),
+        ({"block_size": 1024}, "block_size"),
+        ({"replicas": 0}, "replicas"),
+        ({"replicas": True}, "replicas"),
+    ],
+)
+def test_invalid_volumes_are_refused(store: AuthorityStore, kwargs: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {
+        "name": "vol1",
+        "size": 1 << 20,
+        "block_size": 512,
+        "replicas": 1,
+        "created_at": 0.0,
+        "volume_id": VOL_A,
+    }
+    with pytest.raises(InvalidAuthorityRecord, match=match):
+        store.add_volume(**(args | kwargs))  # type: ignore[arg-type]
+    assert store.volumes(include_deleted=True) == ()
+
+
+# --- nodes -----------------------------------------------------------------------------------------
+
+
+def test_upsert_node_keeps_first_seen(store: AuthorityStore) -> None:
+    first = store.upsert_node("n1", incarnation=1, addresses=ADDR_1, capacity=100, seen_at=10.0)
+    assert (first.first_seen, first.last_seen) == (10.0, 10.0)
+    again = store.upsert_node("n1", incarnation=2, addresses=ADDR_2, capacity=50, seen_at=20.0)
+    assert again == authority.NodeRecord("n1", 2, ADDR_2, 50, 10.0, 20.0)
+    assert store.nodes() == (again,)
+
+
+def test_upsert_hello(store: AuthorityStore) -> None:
+    hello = Hello("n2", 99, "10.0.0.2:3260", "10.0.0.2:3261", "10.0.0.2:3280", 1 << 30, 1 << 29)
+    node = store.upsert_hello(hello, seen_at=3.0)
+    assert (node.node_id, node.incarnation, node.addresses, node.capacity) == ("n2", 99, ADDR_2, 1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("node_id", "addresses", "match"),
+    [
+        ("Node_1", ADDR_1, "node_id"),
+        ("n1", NodeAddresses("nohost", "10.0.0.1:1", "10.0.0.1:2"), "addresses.iscsi_portal"),
+    ],
+)
+def test_invalid_nodes_are_refused(
+    store: AuthorityStore, node_id: str, addresses: NodeAddresses, match: str
+) -> None:
+    with pytest.raises(InvalidAuthorityRecord, match=match):
+        store.upsert_node(node_id, incarnation=1, addresses=addresses, capacity=1, seen_at=0.0)
+    assert store.nodes() == ()
+
+
+# --- assignments as the store shows them -------------------------------------------------------------
+
+
+def test_latest_assignment_joins_volume_and_primary_portal(store: AuthorityStore) -> None:
+    add(store, "vol1", VOL_A)
+    add(store, "vol2", VOL_B)
+    assert store.latest_assignment(VOL_A) is None and store.max_epoch(VOL_A) is None
+    store.upsert_node("n1", incarnation=1, addresses=ADDR_1, capacity=1, seen_at=0.0)
+    store.upsert_node("n2", incarnation=1, addresses=ADDR_2, capacity=1, seen_at=0.0)
+    publisher = Publisher(store, wall_clock=lambda: 0.0)
+    publisher.publish(Ask(VOL_A, "n1", ("n1", "n2")))
+    publisher.publish(Ask(VOL_A, "n2", ("n2", "n1")))
+    publisher.publish(Ask(VOL_B, None, ()))
+    latest = store.latest_assignment(VOL_A)
+    assert latest is not None
+    assert (latest.epoch, latest.primary, latest.primary_portal, latest.replicas) == (
+        2,
+        "n2",
+        "10.0.0.2:3260",
+        ("n2", "n1"),
+    )
+    assert (latest.name, latest.size, latest.block_size) == ("vol1", 1 << 20, 512)
+    assert store.max_epoch(VOL_A) == Epoch.restore(2)
+    assert dict(store.latest_assignments()) == {VOL_A: latest, VOL_B: store.latest_assignment(VOL_B)}
+    # A node's new portal shows in the assignment that names it.
+    store.upsert_node("n2", incarnation=2, addresses=ADDR_1, capacity=1, seen_at=1.0)
+    assert store.latest_assignment(VOL_A).primary_portal == "10.0.0.1:3260"  # type: ignore[union-attr]
+    # A deleted volume has no assignment in force, but its epochs stay recorded.
+    store.delete_volume(VOL_A, deleted_at=5.0)
+    assert store.latest_assignment(VOL_A) is None
+    assert set(store.latest_assignments()) == {VOL_B}
+    assert store.max_epoch(VOL_A) == Epoch.restore(2)
+
+
+@pytest.mark.parametrize(
+    ("sql", "match"),
+    [
+        ("UPDATE assignments SET primary_node = NULL", "append-only"),
+        ("DELETE FROM assignments", "append-only"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 3, NULL, '[]', 0)", "highest epoch \\+ 1"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 1, NULL, '[]', 0)", "highest epoch \\+ 1"),
+        (f"INSERT INTO assignments VALUES ('{VOL_B}', 1, NULL, '[]', 0)", "FOREIGN KEY"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 2, 'ghost', '[]', 0)", "FOREIGN KEY"),
+        ("DELETE FROM volumes", "never removed"),
+    ],
+)
+def test_the_schema_refuses_what_the_rules_forbid(
+    store: AuthorityStore, path: Path, sql: str, match: str
+) -> None:
+    add(store, "vol1", VOL_A)
+    Publisher(store, wall_clock=lambda: 0.0).publish(Ask(VOL_A, None, ()))
+    conn = raw(path)
+    with pytest.raises(sqlite3.IntegrityError, match=match):
+        conn.execute(sql)
+    conn.close()
+    assert store.max_epoch(VOL_A) == Epoch.restore(1)
+    assert len(store.volumes()) == 1

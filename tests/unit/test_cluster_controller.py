@@ -1,0 +1,647 @@
+"""TopologyController (docs/cluster.md, "TopologyController"), driven with an injected clock."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparrow.cluster import controller as controller_module
+from sparrow.cluster import observations as observations_module
+from sparrow.cluster.controller import (
+    AssignmentAsk,
+    DesiredVolume,
+    PublishedAssignment,
+    StatusKind,
+    TopologyController,
+    VolumeStatus,
+)
+from sparrow.cluster.lease import MasterLeases
+from sparrow.cluster.messages import (
+    Assignment,
+    Health,
+    Heartbeat,
+    Hello,
+    ReplicaState,
+    Role,
+    SyncState,
+    VolumeObservation,
+)
+from sparrow.cluster.observations import ObservationStore
+
+VOL_A = "a" * 32
+VOL_B = "b" * 32
+VOL_C = "c" * 32
+MiB = 1 << 20
+DEAD_AFTER = 8.0
+LEASE = 5.0
+MARGIN = 1.0
+
+
+def hello(node_id: str, free: int = 100 * MiB, incarnation: int = 1) -> Hello:
+    return Hello(node_id, incarnation, f"{node_id}:3260", f"{node_id}:7000", f"{node_id}:8080", 1 << 40, free)
+
+
+def obs(
+    epoch: int,
+    role: Role,
+    *,
+    volume_id: str = VOL_A,
+    health: Health = Health.OK,
+    write_position: int = 0,
+    replica_states: tuple[ReplicaState, ...] = (),
+    converged: bool = True,
+) -> VolumeObservation:
+    return VolumeObservation(volume_id, epoch, role, health, write_position, replica_states, converged)
+
+
+def desired(volume_id: str = VOL_A, size: int = 10 * MiB, replicas: int = 2) -> DesiredVolume:
+    return DesiredVolume(
+        volume_id=volume_id, name=f"vol-{volume_id[0]}", size=size, block_size=512, replicas=replicas
+    )
+
+
+def assignment(
+    replicas: tuple[str, ...], epoch: int = 3, volume_id: str = VOL_A, size: int = 10 * MiB
+) -> Assignment:
+    primary = replicas[0] if replicas else None
+    return Assignment(
+        volume_id=volume_id,
+        name=f"vol-{volume_id[0]}",
+        size=size,
+        block_size=512,
+        epoch=epoch,
+        primary=primary,
+        primary_portal=None if primary is None else f"{primary}:3260",
+        replicas=replicas,
+    )
+
+
+class Cluster:
+    """An ObservationStore and MasterLeases fed as a heartbeat server would feed them."""
+
+    def __init__(self, started_at: float | None = None) -> None:
+        self.store = ObservationStore(dead_after=DEAD_AFTER, started_at=started_at)
+        self.leases = MasterLeases(margin=MARGIN)
+        self.seq = 0
+
+    def join(self, node_id: str, now: float, free: int = 100 * MiB) -> None:
+        self.store.record(hello(node_id, free), node_id, now)
+        self.beat(node_id, now)
+
+    def beat(self, node_id: str, now: float, *observations: VolumeObservation) -> None:
+        self.seq += 1
+        self.store.record(Heartbeat(self.seq, observations), node_id, now)
+        self.leases.granted(node_id, now, LEASE)
+
+
+def decide(
+    cluster: Cluster,
+    want: list[DesiredVolume],
+    current: dict[str, PublishedAssignment],
+    now: float,
+    controller: TopologyController | None = None,
+) -> tuple[tuple[AssignmentAsk, ...], dict[str, VolumeStatus]]:
+    ctl = controller or TopologyController(converge_deadline=30.0)
+    decision = ctl.decide(want, current, cluster.store, cluster.leases, now)
+    return decision.asks, dict(decision.status)
+
+
+# -- placement ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("free", "replicas", "expected"),
+    [
+        ({"n1": 100, "n2": 300, "n3": 200}, 1, ("n2",)),
+        ({"n1": 100, "n2": 300, "n3": 200}, 2, ("n2", "n3")),
+        ({"n1": 100, "n2": 300, "n3": 200}, 3, ("n2", "n3", "n1")),
+        ({"n3": 200, "n1": 200, "n2": 200}, 3, ("n1", "n2", "n3")),  # ties by node id
+        ({"n1": 5, "n2": 300, "n3": 10}, 2, ("n2", "n3")),  # n1 has no room for 10 MiB
+    ],
+)
+def test_new_volume_placed_on_distinct_nodes_most_free_first(
+    free: dict[str, int], replicas: int, expected: tuple[str, ...]
+) -> None:
+    cluster = Cluster()
+    for node, mib in free.items():
+        cluster.join(node, 0.0, free=mib * MiB)
+    asks, status = decide(cluster, [desired(replicas=replicas)], {}, 1.0)
+    assert asks == (AssignmentAsk(VOL_A, expected[0], expected, asks[0].reason),)
+    assert status[VOL_A].kind is StatusKind.UNPLACED
+
+
+@pytest.mark.parametrize(
+    ("free", "dead", "replicas", "have"),
+    [
+        ({"n1": 100}, (), 2, 1),
+        ({"n1": 100, "n2": 100}, ("n2",), 2, 1),  # a dead node does not count
+        ({"n1": 100, "n2": 9}, (), 2, 1),  # nor one without room
+        ({}, (), 1, 0),
+        ({"n1": 100, "n2": 100}, (), 3, 2),
+    ],
+)
+def test_not_enough_live_nodes(free: dict[str, int], dead: tuple[str, ...], replicas: int, have: int) -> None:
+    cluster = Cluster()
+    for node, mib in free.items():
+        cluster.join(node, -20.0 if node in dead else 0.0, free=mib * MiB)
+    asks, status = decide(cluster, [desired(replicas=replicas)], {}, 1.0)
+    assert asks == ()
+    assert status[VOL_A].reason == f"not enough live nodes (have {have}, need {replicas})"
+    assert status[VOL_A].kind is StatusKind.NOT_ENOUGH_NODES
+
+
+def test_one_decision_accounts_for_space_it_already_placed() -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0, free=25 * MiB)
+    cluster.join("n2", 0.0, free=20 * MiB)
+    vols = [desired(VOL_A, size=10 * MiB, replicas=1), desired(VOL_B, size=10 * MiB, replicas=1)]
+    vols.append(desired(VOL_C, size=10 * MiB, replicas=1))
+    asks, status = decide(cluster, vols, {}, 1.0)
+    # A -> n1 (25 left -> 15), B -> n2 (20 -> 10), C -> n1 (15 -> 5)
+    assert [(a.volume_id, a.primary) for a in asks] == [(VOL_A, "n1"), (VOL_B, "n2"), (VOL_C, "n1")]
+    cluster.join("n1", 0.0, free=15 * MiB)
+    cluster.join("n2", 0.0, free=15 * MiB)
+    asks, status = decide(cluster, [*vols, desired("d" * 32, size=10 * MiB, replicas=1)], {}, 1.0)
+    assert [a.volume_id for a in asks] == [VOL_A, VOL_B]
+    assert status[VOL_C].kind is StatusKind.NOT_ENOUGH_NODES
+
+
+def test_deterministic_and_independent_of_desired_order() -> None:
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3"):
+        cluster.join(node, 0.0)
+    vols = [desired(VOL_C, replicas=3), desired(VOL_A, replicas=1), desired(VOL_B, replicas=2)]
+    first = TopologyController().decide(vols, {}, cluster.store, cluster.leases, 1.0)
+    second = TopologyController().decide(list(reversed(vols)), {}, cluster.store, cluster.leases, 1.0)
+    assert first == second
+    assert [a.volume_id for a in first.asks] == [VOL_A, VOL_B, VOL_C]
+
+
+def test_duplicate_desired_volume_rejected() -> None:
+    with pytest.raises(ValueError):
+        decide(Cluster(), [desired(), desired()], {}, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"replicas": 0}, {"replicas": 4}, {"size": 0}, {"size": 1000}, {"block_size": 1024}, {"name": "Bad"}],
+)
+def test_desired_volume_validation(kwargs: dict[str, object]) -> None:
+    base: dict[str, object] = {
+        "volume_id": VOL_A,
+        "name": "v",
+        "size": 4096,
+        "block_size": 512,
+        "replicas": 1,
+    }
+    with pytest.raises(ValueError):
+        DesiredVolume(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+# -- healthy and stuck ----------------------------------------------------------------------------
+
+
+def converged_pair(
+    cluster: Cluster, now: float, epoch: int = 3, converged: tuple[bool, bool] = (True, True)
+) -> None:
+    cluster.beat("n1", now, obs(epoch, Role.PRIMARY, converged=converged[0]))
+    cluster.beat("n2", now, obs(epoch, Role.REPLICA, converged=converged[1]))
+
+
+def test_healthy_assignment_needs_nothing() -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0)
+    cluster.join("n2", 0.0)
+    cluster.join("n3", 0.0)
+    converged_pair(cluster, 40.0)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    asks, status = decide(cluster, [desired()], current, 41.0)
+    assert asks == ()
+    assert status[VOL_A] == VolumeStatus(reason=None, since=None, kind=StatusKind.OK)
+
+
+@pytest.mark.parametrize(
+    ("now", "observed", "stuck"),
+    [
+        (29.9, "none", False),  # within the deadline nothing is stuck
+        (30.0, "none", True),
+        (30.0, "converged", False),
+        (30.0, "old-epoch", True),
+        (30.0, "replica-not-converged", True),
+    ],
+)
+def test_stuck_detection(now: float, observed: str, stuck: bool) -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0)
+    cluster.join("n2", 0.0)
+    if observed == "converged":
+        converged_pair(cluster, now)
+    elif observed == "old-epoch":
+        converged_pair(cluster, now, epoch=2)
+    elif observed == "replica-not-converged":
+        converged_pair(cluster, now, converged=(True, False))
+    else:
+        cluster.beat("n1", now)
+        cluster.beat("n2", now)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    asks, status = decide(cluster, [desired()], current, now)
+    assert asks == ()
+    if stuck:
+        assert status[VOL_A].reason == "stuck: not converged after 30s"
+        assert status[VOL_A].kind is StatusKind.STUCK
+    else:
+        assert status[VOL_A].reason is None
+
+
+def test_since_is_when_the_condition_began() -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0)
+    cluster.join("n2", 0.0)
+    ctl = TopologyController(converge_deadline=10.0)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    _, status = decide(cluster, [desired()], current, 5.0, ctl)
+    assert status[VOL_A].since is None
+    cluster.beat("n1", 11.0)
+    cluster.beat("n2", 11.0)
+    _, status = decide(cluster, [desired()], current, 11.0, ctl)
+    assert status[VOL_A] == VolumeStatus("stuck: not converged after 10s", 11.0, StatusKind.STUCK)
+    cluster.beat("n1", 15.0)
+    cluster.beat("n2", 15.0)
+    _, status = decide(cluster, [desired()], current, 15.0, ctl)
+    assert status[VOL_A].since == 11.0
+    converged_pair(cluster, 16.0)
+    _, status = decide(cluster, [desired()], current, 16.0, ctl)
+    assert status[VOL_A] == VolumeStatus(None, None, StatusKind.OK)
+
+
+# -- dead primary ---------------------------------------------------------------------------------
+
+
+def dead_primary_cluster(
+    *,
+    lease_at: float = 0.0,
+    replica_obs: VolumeObservation | None = None,
+    primary_obs: VolumeObservation | None = None,
+) -> Cluster:
+    """n1 primary (last heard at 0), n2 replica (alive), n3 spare; n1's lease granted at ``lease_at``."""
+    cluster = Cluster()
+    cluster.join("n1", 0.0)
+    if primary_obs is not None:
+        cluster.beat("n1", 0.0, primary_obs)
+    cluster.leases.granted("n1", lease_at, LEASE)
+    cluster.join("n2", 20.0)
+    if replica_obs is not None:
+        cluster.beat("n2", 20.0, replica_obs)
+    cluster.join("n3", 20.0)
+    return cluster
+
+
+CURRENT = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+IN_SYNC_PRIMARY = obs(
+    3, Role.PRIMARY, write_position=100, replica_states=(ReplicaState("n2", SyncState.IN_SYNC, 100),)
+)
+GOOD_REPLICA = obs(3, Role.REPLICA, write_position=100)
+
+
+def test_dead_primary_waits_for_its_lease() -> None:
+    # n1 is dead at 8 (last heartbeat at 0), but its last lease ran until 15 (+1 margin).
+    cluster = dead_primary_cluster(lease_at=10.0, replica_obs=GOOD_REPLICA, primary_obs=IN_SYNC_PRIMARY)
+    for now in (8.0, 12.0, 15.999):
+        asks, status = decide(cluster, [desired()], CURRENT, now)
+        assert asks == ()
+        assert status[VOL_A].reason == "waiting for the old primary's lease to expire"
+    asks, _ = decide(cluster, [desired()], CURRENT, 16.0)
+    assert [(a.primary, a.replicas) for a in asks] == [("n2", ("n2",))]
+
+
+def test_dead_primary_with_empty_replicas_is_not_promoted() -> None:
+    """This issue's replicas hold no data: the replica reports nothing in sync -> no ask."""
+    cluster = dead_primary_cluster(
+        replica_obs=obs(3, Role.REPLICA, write_position=0), primary_obs=obs(3, Role.PRIMARY, write_position=0)
+    )
+    asks, status = decide(cluster, [desired()], CURRENT, 20.0)
+    assert asks == ()
+    assert status[VOL_A].reason == "no eligible replica"
+    assert status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
+
+
+def test_eligible_replica_promoted_when_every_condition_holds() -> None:
+    cluster = dead_primary_cluster(replica_obs=GOOD_REPLICA, primary_obs=IN_SYNC_PRIMARY)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    cluster.beat("n3", 20.0, obs(3, Role.REPLICA, write_position=50))  # alive but behind
+    asks, status = decide(cluster, [desired(replicas=3)], current, 20.0)
+    assert asks == (AssignmentAsk(VOL_A, "n2", ("n2", "n3"), "promote n2: primary n1 dead"),)
+    assert status[VOL_A].kind is StatusKind.PROMOTING
+
+
+@pytest.mark.parametrize(
+    ("replica_obs", "primary_obs"),
+    [
+        pytest.param(None, IN_SYNC_PRIMARY, id="replica-reports-nothing"),
+        pytest.param(GOOD_REPLICA, None, id="primary-reported-nothing"),
+        pytest.param(replace(GOOD_REPLICA, role=Role.NONE), IN_SYNC_PRIMARY, id="role-none"),
+        pytest.param(replace(GOOD_REPLICA, role=Role.PRIMARY), IN_SYNC_PRIMARY, id="role-primary"),
+        pytest.param(replace(GOOD_REPLICA, epoch=2), IN_SYNC_PRIMARY, id="replica-old-epoch"),
+        pytest.param(replace(GOOD_REPLICA, epoch=4), IN_SYNC_PRIMARY, id="replica-other-epoch"),
+        pytest.param(GOOD_REPLICA, replace(IN_SYNC_PRIMARY, epoch=2), id="primary-old-epoch"),
+        pytest.param(replace(GOOD_REPLICA, health=Health.DEGRADED), IN_SYNC_PRIMARY, id="degraded"),
+        pytest.param(replace(GOOD_REPLICA, health=Health.FAILED), IN_SYNC_PRIMARY, id="failed"),
+        pytest.param(replace(GOOD_REPLICA, write_position=99), IN_SYNC_PRIMARY, id="behind"),
+        pytest.param(GOOD_REPLICA, replace(IN_SYNC_PRIMARY, replica_states=()), id="not-listed"),
+        pytest.param(
+            GOOD_REPLICA,
+            replace(IN_SYNC_PRIMARY, replica_states=(ReplicaState("n2", SyncState.SYNCING, 100),)),
+            id="syncing",
+        ),
+        pytest.param(
+            GOOD_REPLICA,
+            replace(IN_SYNC_PRIMARY, replica_states=(ReplicaState("n3", SyncState.IN_SYNC, 100),)),
+            id="other-node-in-sync",
+        ),
+    ],
+)
+def test_ineligible_replica_never_promoted(
+    replica_obs: VolumeObservation | None, primary_obs: VolumeObservation | None
+) -> None:
+    cluster = dead_primary_cluster(replica_obs=replica_obs, primary_obs=primary_obs)
+    asks, status = decide(cluster, [desired()], CURRENT, 20.0)
+    assert asks == ()
+    assert status[VOL_A].reason == "no eligible replica"
+
+
+def test_dead_replica_is_not_promoted_even_if_it_was_in_sync() -> None:
+    cluster = dead_primary_cluster(replica_obs=GOOD_REPLICA, primary_obs=IN_SYNC_PRIMARY)
+    asks, status = decide(cluster, [desired()], CURRENT, 28.0)  # n2 last heard at 20
+    assert asks == ()
+    assert status[VOL_A].reason == "no eligible replica"
+
+
+def test_promotion_prefers_the_furthest_replica() -> None:
+    primary_obs = replace(
+        IN_SYNC_PRIMARY,
+        replica_states=(
+            ReplicaState("n2", SyncState.IN_SYNC, 100),
+            ReplicaState("n3", SyncState.IN_SYNC, 120),
+        ),
+    )
+    cluster = dead_primary_cluster(replica_obs=GOOD_REPLICA, primary_obs=primary_obs)
+    cluster.beat("n3", 20.0, obs(3, Role.REPLICA, write_position=120))
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 20.0)
+    assert [(a.primary, a.replicas) for a in asks] == [("n3", ("n3", "n2"))]
+
+
+def test_primary_unknown_during_master_startup_waits() -> None:
+    cluster = Cluster(started_at=100.0)
+    cluster.join("n2", 101.0)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    asks, status = decide(cluster, [desired()], current, 102.0)
+    assert asks == ()
+    assert status[VOL_A].reason == "waiting for node n1 to report"
+    _, status = decide(cluster, [desired()], current, 108.0)
+    assert status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
+
+
+def test_assignment_without_primary_is_left_to_the_operator() -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0)
+    current = {VOL_A: PublishedAssignment(assignment(()), published_at=0.0)}
+    asks, status = decide(cluster, [desired(replicas=1)], current, 1.0)
+    assert asks == ()
+    assert status[VOL_A].kind is StatusKind.NO_PRIMARY
+
+
+# -- dead replica ---------------------------------------------------------------------------------
+
+
+def test_dead_replica_replaced_by_a_live_node_keeping_the_primary() -> None:
+    cluster = Cluster()
+    cluster.join("n2", -10.0)  # dead at now=0
+    cluster.join("n1", 0.0)
+    cluster.join("n3", 0.0, free=50 * MiB)
+    cluster.join("n4", 0.0, free=80 * MiB)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=-20.0)}
+    asks, status = decide(cluster, [desired(replicas=3)], current, 0.0)
+    assert asks == (AssignmentAsk(VOL_A, "n1", ("n1", "n3", "n4"), "replace dead n2 with n4"),)
+    assert status[VOL_A].reason == "degraded: replica n2 dead"
+
+
+def test_dead_replica_without_spare_is_degraded() -> None:
+    cluster = Cluster()
+    cluster.join("n2", -10.0)
+    cluster.join("n1", 0.0)
+    cluster.join("n3", 0.0, free=1 * MiB)  # no room for 10 MiB
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    asks, status = decide(cluster, [desired()], current, 0.0)
+    assert asks == ()
+    assert status[VOL_A] == VolumeStatus("degraded: replica n2 dead", 0.0, StatusKind.DEGRADED)
+
+
+def test_missing_copies_are_topped_up() -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0)
+    cluster.join("n2", 0.0)
+    current = {VOL_A: PublishedAssignment(assignment(("n1",)), published_at=0.0)}
+    asks, status = decide(cluster, [desired(replicas=2)], current, 1.0)
+    assert asks == (AssignmentAsk(VOL_A, "n1", ("n1", "n2"), "add copies with n2"),)
+    assert status[VOL_A].reason == "degraded: 1 of 2 copies"
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+NODES = ("n0", "n1", "n2", "n3", "n4")
+VOLUMES = (VOL_A, VOL_B, VOL_C)
+# At now=100 a node last heard at <= 92 is dead; a lease granted at <= 94 is safe (5 s + 1 s margin).
+BEAT_TIMES = st.one_of(st.sampled_from([80.0, 92.0, 92.5, 100.0]), st.floats(80.0, 100.0))
+GRANT_TIMES = st.one_of(st.sampled_from([80.0, 94.0, 94.5, 100.0]), st.floats(80.0, 100.0))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Cluster, list[DesiredVolume], dict[str, PublishedAssignment], float]:
+    now = 100.0
+    cluster = Cluster(started_at=draw(st.sampled_from([None, 95.0, 50.0])))
+    known = draw(st.one_of(st.just(list(NODES)), st.lists(st.sampled_from(NODES), unique=True)))
+    for node in known:
+        cluster.store.record(hello(node, free=draw(st.integers(0, 40)) * MiB), node, 0.0)
+    want = [
+        desired(volume, size=draw(st.integers(1, 20)) * MiB, replicas=draw(st.integers(1, 3)))
+        for volume in draw(st.lists(st.sampled_from(VOLUMES), unique=True))
+    ]
+    current: dict[str, PublishedAssignment] = {}
+    for volume in want:
+        if draw(st.booleans()):
+            members = tuple(draw(st.lists(st.sampled_from(NODES), min_size=1, max_size=3, unique=True)))
+            current[volume.volume_id] = PublishedAssignment(
+                assignment(members, epoch=3, volume_id=volume.volume_id, size=volume.size),
+                published_at=draw(st.floats(0, now)),
+            )
+    for node in known:
+        for _ in range(draw(st.integers(0, 2))):  # the last heartbeat wins
+            observations = []
+            for volume in want:
+                if not draw(st.booleans()):
+                    continue
+                published = current.get(volume.volume_id)
+                if published is not None and draw(st.booleans()):
+                    # what a node that follows its assignment would say (so promotions do happen)
+                    members = published.assignment.replicas
+                    role = published.assignment.role_of(node)
+                    in_sync = tuple(ReplicaState(m, SyncState.IN_SYNC, 2) for m in members[1:])
+                    observations.append(
+                        obs(
+                            3,
+                            role,
+                            volume_id=volume.volume_id,
+                            write_position=2,
+                            replica_states=in_sync if role is Role.PRIMARY else (),
+                        )
+                    )
+                    continue
+                states = tuple(
+                    ReplicaState(other, draw(st.sampled_from(SyncState)), draw(st.integers(0, 3)))
+                    for other in draw(st.lists(st.sampled_from(NODES), unique=True, max_size=3))
+                    if other != node
+                )
+                observations.append(
+                    obs(
+                        draw(st.integers(2, 4)),
+                        draw(st.sampled_from(Role)),
+                        volume_id=volume.volume_id,
+                        health=draw(st.sampled_from(Health)),
+                        write_position=draw(st.integers(0, 3)),
+                        replica_states=states,
+                        converged=draw(st.booleans()),
+                    )
+                )
+            cluster.seq += 1
+            cluster.store.record(Heartbeat(cluster.seq, tuple(observations)), node, draw(BEAT_TIMES))
+    for node in draw(st.lists(st.sampled_from(NODES), unique=True)):
+        cluster.leases.granted(node, draw(GRANT_TIMES), LEASE)
+    return cluster, want, current, now
+
+
+@settings(max_examples=300)
+@given(scenario=scenarios())
+def test_asks_are_always_safe(
+    scenario: tuple[Cluster, list[DesiredVolume], dict[str, PublishedAssignment], float],
+) -> None:
+    cluster, want, current, now = scenario
+    store = cluster.store
+    decision = TopologyController().decide(want, current, store, cluster.leases, now)
+    sizes = {v.volume_id: v.size for v in want}
+    free = {view.node_id: view.free_bytes for view in store.nodes(now)}
+    assert set(decision.status) == set(sizes)
+    for ask in decision.asks:
+        # never two copies on one node (AssignmentAsk also refuses it), never a dead node
+        assert len(set(ask.replicas)) == len(ask.replicas)
+        assert ask.replicas[0] == ask.primary
+        assert not any(store.dead(node, now) for node in ask.replicas)
+        assert store.alive(ask.primary, now)
+        published = current.get(ask.volume_id)
+        old_members = () if published is None else published.assignment.replicas
+        for node in ask.replicas:
+            if node not in old_members:  # a new copy lands on a live node with room
+                assert store.alive(node, now) and free[node] >= sizes[ask.volume_id]
+        if published is None:
+            continue
+        old_primary = published.assignment.primary
+        if ask.primary != old_primary:
+            # never move a primary before its lease is safe, and only to a replica that was in sync
+            assert old_primary is not None and store.dead(old_primary, now)
+            assert cluster.leases.safe_to_reassign(old_primary, now, MARGIN)
+            assert ask.primary in old_members
+            replica = store.observation(ask.primary, ask.volume_id)
+            primary = store.observation(old_primary, ask.volume_id)
+            assert replica is not None and primary is not None
+            assert replica.role is Role.REPLICA and replica.health is Health.OK
+            assert replica.epoch == primary.epoch == published.assignment.epoch
+            assert replica.write_position >= primary.write_position
+            assert ask.primary in {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+
+
+def test_core_modules_never_construct_an_epoch() -> None:
+    for module in (controller_module, observations_module):
+        source = pathlib.Path(str(module.__file__)).read_text()
+        assert "Epoch" + "(" not in source  # spelled apart so this file passes the tree scan too
+
+
+@st.composite
+def dead_primary_scenarios(draw: st.DrawFn) -> tuple[Cluster, PublishedAssignment, float]:
+    """n0 was primary of VOL_A at epoch 3 and is now dead; each replica's and the primary's last
+    reports vary one field at a time around "everything in order"."""
+    now = 100.0
+    cluster = Cluster()
+    replicas = tuple(draw(st.lists(st.sampled_from(NODES[1:]), min_size=1, max_size=2, unique=True)))
+    published = PublishedAssignment(assignment(("n0", *replicas)), published_at=0.0)
+    primary_position = draw(st.integers(0, 3))
+    states = tuple(
+        ReplicaState(
+            node, draw(st.sampled_from([SyncState.IN_SYNC, SyncState.IN_SYNC, SyncState.SYNCING])), 0
+        )
+        for node in replicas
+        if draw(st.integers(0, 4)) > 0
+    )
+    cluster.store.record(hello("n0"), "n0", 0.0)
+    primary_epoch = draw(st.sampled_from([3, 3, 2]))
+    cluster.store.record(
+        Heartbeat(
+            1, (obs(primary_epoch, Role.PRIMARY, write_position=primary_position, replica_states=states),)
+        ),
+        "n0",
+        draw(st.sampled_from([50.0, 92.0])),
+    )
+    cluster.leases.granted("n0", draw(GRANT_TIMES), LEASE)
+    for node in NODES[1:]:
+        cluster.store.record(hello(node), node, 0.0)
+        report = obs(
+            draw(st.sampled_from([3, 3, 3, 4])),
+            draw(st.sampled_from([Role.REPLICA, Role.REPLICA, Role.NONE, Role.PRIMARY])),
+            health=draw(st.sampled_from([Health.OK, Health.OK, Health.DEGRADED])),
+            write_position=primary_position + draw(st.integers(-1, 2))
+            if primary_position
+            else draw(st.integers(0, 2)),
+        )
+        cluster.store.record(Heartbeat(1, (report,)), node, draw(st.sampled_from([100.0, 99.0, 92.0])))
+    return cluster, published, now
+
+
+@settings(max_examples=300)
+@given(scenario=dead_primary_scenarios())
+def test_promotion_happens_exactly_when_a_replica_is_eligible(
+    scenario: tuple[Cluster, PublishedAssignment, float],
+) -> None:
+    cluster, published, now = scenario
+    store = cluster.store
+    primary = store.observation("n0", VOL_A)
+    assert primary is not None and store.dead("n0", now)
+    in_sync = {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+
+    def eligible(node: str) -> bool:
+        report = store.observation(node, VOL_A)
+        return (
+            store.alive(node, now)
+            and report is not None
+            and (report.role, report.epoch, report.health) == (Role.REPLICA, 3, Health.OK)
+            and primary.epoch == 3
+            and report.write_position >= primary.write_position
+            and node in in_sync
+        )
+
+    want = [desired(replicas=len(published.assignment.replicas))]
+    decision = TopologyController().decide(want, {VOL_A: published}, store, cluster.leases, now)
+    candidates = [node for node in published.assignment.replicas[1:] if eligible(node)]
+    if not cluster.leases.safe_to_reassign("n0", now):
+        assert decision.asks == ()
+        assert decision.status[VOL_A].kind is StatusKind.WAITING_FOR_LEASE
+    elif not candidates:
+        assert decision.asks == ()
+        assert decision.status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
+    else:
+        (ask,) = decision.asks
+        assert ask.primary in candidates
+        assert "n0" not in ask.replicas
+        assert not any(store.dead(node, now) for node in ask.replicas)

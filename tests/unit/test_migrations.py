@@ -1,0 +1,653 @@
+"""store.migrations: the step graph, the v1 -> v2 volume step, the runner, and `sparrow migrate`.
+
+Version-1 inputs are the real records under tests/fixtures/v1/ (see tests/fixtures/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import types
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparrow.cli import main
+from store.lock import DataDirLock, DataDirLocked
+from store.metadata import read_record, write_record
+from store.migrations import (
+    AUTHORITY_FILE,
+    BACKUPS_DIR,
+    HISTORY_FILE,
+    BadStep,
+    IdentityChanged,
+    MigrationError,
+    NoMigrationPath,
+    Step,
+    StepGraph,
+    default_graph,
+    discover_steps,
+    migrate,
+    plan,
+    read_history,
+    versions,
+)
+from store.migrations import volume_v1_to_v2 as v1_to_v2
+from store.migrations.runner import diff_bodies
+from store.migrations.sqlitemeta import create_meta, read_version
+from store.volumes import VOLUME_SCHEMA_VERSION, VolumeMeta
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / "volumes"
+FIXTURE_NAMES = ("alpha", "beta", "delta", "gamma")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def fixture_body(name: str) -> dict[str, Any]:
+    return read_record(FIXTURES / f"{name}.json", "volume", 1).body
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A node data directory holding the v1 fixture records and a sparse data file for each."""
+    root = tmp_path / "data"
+    volumes = root / "volumes"
+    volumes.mkdir(parents=True)
+    for name in FIXTURE_NAMES:
+        shutil.copyfile(FIXTURES / f"{name}.json", volumes / f"{name}.json")
+        body = fixture_body(name)
+        with open(volumes / f"{name}.img", "wb") as f:
+            f.truncate(body["size"])
+            f.seek(body["block_size"])
+            f.write(name.encode() * 100)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
+    """Every file under ``root``: sha256, inode, mtime_ns (so a rewrite shows even with equal bytes)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            out[str(path.relative_to(root))] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                st.st_ino,
+                st.st_mtime_ns,
+            )
+    return out
+
+
+def sha(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def module(name: str, **attrs: Any) -> types.ModuleType:
+    m = types.ModuleType(f"store.migrations.{name}")
+    for key, value in attrs.items():
+        setattr(m, key, value)
+    return m
+
+
+def step(
+    kind: str, a: int, b: int, upgrade: Callable[[Any], Any] = lambda r: r, describe: str = "test step"
+) -> Step:
+    return Step(f"{kind}_v{a}_to_v{b}", kind, a, b, describe, upgrade)
+
+
+class Clock:
+    """A wall clock for backups and history that moves one second per call."""
+
+    def __init__(self) -> None:
+        self.t = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.t += timedelta(seconds=1)
+        return self.t
+
+
+# --- the graph -----------------------------------------------------------------------------------
+
+
+def test_shortest_path_takes_a_step_that_skips_versions() -> None:
+    graph = StepGraph(
+        [step("volume", 1, 2), step("volume", 2, 3), step("volume", 3, 4), step("volume", 1, 3)]
+    )
+    assert [s.name for s in graph.path("volume", 1, 4)] == ["volume_v1_to_v3", "volume_v3_to_v4"]
+    assert [s.name for s in graph.path("volume", 2, 4)] == ["volume_v2_to_v3", "volume_v3_to_v4"]
+    assert [s.name for s in graph.path("volume", 1, 2)] == ["volume_v1_to_v2"]
+    assert graph.path("volume", 3, 3) == ()
+    assert graph.head("volume") == 4
+
+
+def test_paths_stay_within_their_kind_and_never_go_back() -> None:
+    graph = StepGraph([step("volume", 1, 2), step("authority", 2, 3)])
+    with pytest.raises(NoMigrationPath, match="downgrades are not supported"):
+        graph.path("volume", 2, 1)
+    with pytest.raises(NoMigrationPath, match="from version 1 to 3"):
+        graph.path("volume", 1, 3)  # 2 -> 3 exists only for the authority
+    assert graph.head("authority") == 3
+    assert StepGraph([]).head("volume") == 1
+
+
+def test_duplicate_steps_are_refused() -> None:
+    with pytest.raises(BadStep, match="duplicates"):
+        StepGraph([step("volume", 1, 2), step("volume", 1, 2)])
+
+
+@pytest.mark.parametrize(
+    ("attrs", "reason"),
+    [
+        ({"kind": "disk"}, "kind must be one of"),
+        ({"from_version": 0}, "from_version must be an int >= 1"),
+        ({"to_version": "2"}, "to_version must be an int"),
+        ({"to_version": True}, "to_version must be an int"),
+        ({"from_version": 2, "to_version": 2}, "forward only"),
+        ({"from_version": 3, "to_version": 2}, "forward only"),
+        ({"describe": ""}, "describe must be one non-empty line"),
+        ({"describe": "two\nlines"}, "describe must be one non-empty line"),
+        ({"upgrade": None}, "upgrade is not a function"),
+    ],
+)
+def test_step_modules_must_declare_a_valid_step(attrs: dict[str, Any], reason: str) -> None:
+    good: dict[str, Any] = {
+        "kind": "volume",
+        "from_version": 1,
+        "to_version": 2,
+        "describe": "x",
+        "upgrade": lambda r: r,
+    }
+    assert Step.from_module(module("volume_v1_to_v2", **good)).to_version == 2
+    with pytest.raises(BadStep, match=reason):
+        Step.from_module(module("volume_v1_to_v2", **(good | attrs)))
+
+
+def test_discovery_checks_that_a_module_name_matches_its_declaration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "fake_steps"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("x = 1\n")  # not a step: ignored
+    body = (
+        "kind = 'volume'\nfrom_version = {a}\nto_version = {b}\ndescribe = 'd'\n"
+        "def upgrade(r):\n    return r\n"
+    )
+    (pkg / "volume_v1_to_v2.py").write_text(body.format(a=1, b=2))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert [s.name for s in discover_steps("fake_steps")] == ["volume_v1_to_v2"]
+    (pkg / "volume_v2_to_v3.py").write_text(body.format(a=2, b=4))
+    with pytest.raises(BadStep, match="its name says"):
+        discover_steps("fake_steps")
+    for name in [m for m in sys.modules if m.startswith("fake_steps")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_the_shipped_graph_has_the_volume_step() -> None:
+    graph = default_graph()
+    assert [s.name for s in graph.path("volume", 1, 2)] == ["volume_v1_to_v2"]
+    assert graph.head("volume") == 2
+
+
+@pytest.mark.xfail(
+    VOLUME_SCHEMA_VERSION == 1,
+    reason="store/volumes.py still writes v1; the lead moves it to v2 (see the migration report)",
+    strict=True,
+)
+def test_volumes_py_reads_and_writes_the_newest_volume_schema() -> None:
+    assert default_graph().head("volume") == VOLUME_SCHEMA_VERSION
+
+
+# --- the v1 -> v2 volume step --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_v2_volume_id_is_the_v1_uuid_and_nothing_else_changes(name: str) -> None:
+    before = fixture_body(name)
+    frozen = json.dumps(before, sort_keys=True)
+    after = v1_to_v2.upgrade(before)
+    assert json.dumps(before, sort_keys=True) == frozen, "the step modified its argument"
+    assert after["volume_id"] == before["uuid"]
+    assert "physical_block_size" in after
+    assert after["physical_block_size"] == before.get("physical_block_size")
+    assert {k: v for k, v in after.items() if k != "volume_id"} == before | {
+        "physical_block_size": before.get("physical_block_size")
+    }
+    # The v2 body still decodes with today's reader: same identity, serial and NAA designators.
+    meta = VolumeMeta.from_record(after, Path(f"{name}.json"))
+    assert (meta.uuid, meta.serial, meta.naa, meta.name) == (
+        before["uuid"],
+        before["serial"],
+        before["naa"],
+        before["name"],
+    )
+
+
+def test_v1_record_without_physical_block_size_gets_null() -> None:
+    before = fixture_body("delta")
+    assert "physical_block_size" not in before  # the fixture is a pre-f4c20db record
+    assert v1_to_v2.upgrade(before)["physical_block_size"] is None
+    assert v1_to_v2.upgrade(fixture_body("gamma"))["physical_block_size"] == 4096
+
+
+def test_v1_record_without_uuid_cannot_be_upgraded() -> None:
+    body = fixture_body("alpha")
+    del body["uuid"]
+    with pytest.raises(ValueError, match="no uuid"):
+        v1_to_v2.upgrade(body)
+
+
+# --- the runner on JSON records ------------------------------------------------------------------
+
+
+def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
+    the_plan = plan(data_dir)
+    assert [p.unit.item for p in the_plan.pending] == [f"volumes/{n}.json" for n in FIXTURE_NAMES]
+    assert {(p.unit.version, p.target) for p in the_plan.pending} == {(1, 2)}
+    assert the_plan.problems == () and the_plan.current == ()
+    counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
+    assert counts == {"volume": ({1: 4}, 0, 2), "authority": ({}, 0, 1)}
+
+
+def test_dry_run_writes_nothing(data_dir: Path) -> None:
+    before = snapshot(data_dir)
+    report = migrate(data_dir, dry_run=True)
+    assert report.dry_run and report.backup_dir is None
+    assert len(report.applied) == 4
+    delta = next(a for a in report.applied if a.item == "volumes/delta.json")
+    assert delta.changes == (
+        "add physical_block_size = null",
+        f'add volume_id = "{fixture_body("delta")["uuid"]}"',
+    )
+    assert snapshot(data_dir) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == ["volumes"]
+
+
+def test_migrate_upgrades_backs_up_and_records(data_dir: Path) -> None:
+    originals = {n: (data_dir / "volumes" / f"{n}.json").read_bytes() for n in FIXTURE_NAMES}
+    images = {k: v for k, v in snapshot(data_dir).items() if k.endswith(".img")}
+    predicted = {a.item: a.checksum_after for a in migrate(data_dir, dry_run=True).applied}
+    clock = Clock()
+
+    report = migrate(data_dir, clock=clock)
+
+    assert not report.dry_run and report.problems == () and report.unchanged == 0
+    assert report.backup_dir == data_dir / BACKUPS_DIR / "20261122T120001.000000Z"
+    for name in FIXTURE_NAMES:
+        path = data_dir / "volumes" / f"{name}.json"
+        record = read_record(path, "volume", 2)
+        old = fixture_body(name)
+        assert record.schema_version == 2
+        assert record.body["volume_id"] == old["uuid"]
+        assert {k: record.body[k] for k in ("name", "uuid", "serial", "naa")} == {
+            k: old[k] for k in ("name", "uuid", "serial", "naa")
+        }
+        assert (report.backup_dir / "volumes" / f"{name}.json").read_bytes() == originals[name]
+    # Block data: same bytes, same inode, never rewritten, and not copied into the backup.
+    assert {k: v for k, v in snapshot(data_dir).items() if k.endswith(".img")} == images
+    assert not list(report.backup_dir.rglob("*.img"))
+
+    history = read_history(data_dir)
+    assert [h["item"] for h in history] == [f"volumes/{n}.json" for n in FIXTURE_NAMES]
+    for entry in history:
+        path = data_dir / entry["item"]
+        assert (entry["kind"], entry["from"], entry["to"], entry["steps"]) == (
+            "volume",
+            1,
+            2,
+            ["volume_v1_to_v2"],
+        )
+        assert entry["checksum_before"] == sha(report.backup_dir / entry["item"])
+        assert entry["checksum_after"] == sha(path) == predicted[entry["item"]]
+        assert entry["backup"] == f"{BACKUPS_DIR}/20261122T120001.000000Z"
+        assert entry["changes"] and all(c.startswith("add ") for c in entry["changes"])
+        assert datetime.fromisoformat(entry["applied_at"]) > datetime(2026, 11, 22, 12, 0, 1, tzinfo=UTC)
+    assert oct((data_dir / HISTORY_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_second_run_is_a_no_op(data_dir: Path) -> None:
+    migrate(data_dir, clock=Clock())
+    after_first = snapshot(data_dir)
+    report = migrate(data_dir, clock=Clock())
+    assert report.applied == () and report.backup_dir is None and report.unchanged == 4
+    after_second = snapshot(data_dir)
+    after_second.pop("sparrow.lock")  # the lock file records the holder's pid each run
+    after_first.pop("sparrow.lock")
+    assert after_second == after_first
+    assert len(read_history(data_dir)) == 4
+
+
+def test_an_interrupted_run_finishes_the_rest(data_dir: Path) -> None:
+    # One record already at v2 (as if a run died after it): only the other three are migrated.
+    path = data_dir / "volumes" / "beta.json"
+    write_record(path, "volume", 2, v1_to_v2.upgrade(fixture_body("beta")))
+    report = migrate(data_dir, clock=Clock())
+    assert sorted(a.item for a in report.applied) == [
+        "volumes/alpha.json",
+        "volumes/delta.json",
+        "volumes/gamma.json",
+    ]
+    assert report.unchanged == 1
+    assert report.backup_dir is not None
+    assert not (report.backup_dir / "volumes" / "beta.json").exists()
+
+
+def test_a_step_that_changes_an_identity_is_refused_before_anything_is_written(data_dir: Path) -> None:
+    def renumber(record: dict[str, Any]) -> dict[str, Any]:
+        return record | {"uuid": "0" * 32}
+
+    graph = StepGraph([step("volume", 1, 2, renumber)])
+    before = snapshot(data_dir)
+    with pytest.raises(IdentityChanged, match="uuid"):
+        migrate(data_dir, graph=graph, clock=Clock())
+    before.pop("sparrow.lock", None)
+    after = snapshot(data_dir)
+    after.pop("sparrow.lock")
+    assert after == before
+    assert read_history(data_dir) == []
+
+
+def test_a_step_that_removes_the_name_is_refused(data_dir: Path) -> None:
+    graph = StepGraph([step("volume", 1, 2, lambda r: {k: v for k, v in r.items() if k != "name"})])
+    with pytest.raises(IdentityChanged, match="name"):
+        migrate(data_dir, graph=graph, dry_run=True)
+
+
+def test_a_record_a_step_cannot_take_is_left_alone_and_reported(data_dir: Path) -> None:
+    path = data_dir / "volumes" / "gamma.json"
+    broken = fixture_body("gamma")
+    del broken["uuid"]
+    write_record(path, "volume", 1, broken)
+    raw = path.read_bytes()
+    report = migrate(data_dir, clock=Clock())
+    assert [str(p) for p in report.problems] == [
+        "volumes/gamma.json: step volume_v1_to_v2 failed: ValueError: v1 volume record has no uuid to "
+        "derive volume_id from"
+    ]
+    assert len(report.applied) == 3
+    assert path.read_bytes() == raw
+
+
+def test_corrupt_and_too_new_records_are_reported_not_touched(data_dir: Path) -> None:
+    corrupt = data_dir / "volumes" / "alpha.json"
+    envelope = json.loads(corrupt.read_text())
+    envelope["body"]["size"] += 512  # the checksum no longer matches
+    corrupt.write_text(json.dumps(envelope))
+    newer = data_dir / "volumes" / "beta.json"
+    write_record(newer, "volume", 7, fixture_body("beta"))
+    (data_dir / "volumes" / ".gamma.json.tmp-abcd").write_text("garbage")  # a crashed write: ignored
+    kept = {p: p.read_bytes() for p in (corrupt, newer)}
+
+    report = migrate(data_dir, clock=Clock())
+
+    assert sorted((p.item, p.reason) for p in report.problems) == [
+        ("volumes/alpha.json", "checksum mismatch"),
+        (
+            "volumes/beta.json",
+            "schema version 7 is newer than this Sparrow knows (2): written by a newer Sparrow",
+        ),
+    ]
+    assert sorted(a.item for a in report.applied) == ["volumes/delta.json", "volumes/gamma.json"]
+    assert all(p.read_bytes() == raw for p, raw in kept.items())
+    counts = {kv.kind: (dict(kv.counts), kv.unreadable) for kv in versions(data_dir)}
+    assert counts["volume"] == ({2: 2, 7: 1}, 1)
+
+
+def test_target_version_and_kind_restrict_the_run(data_dir: Path) -> None:
+    assert migrate(data_dir, 1, dry_run=True).applied == ()
+    assert migrate(data_dir, dry_run=True, kinds=frozenset({"authority"})).applied == ()
+    report = migrate(data_dir, 3, dry_run=True)
+    assert report.applied == () and len(report.problems) == 4
+    assert "from version 1 to 3" in report.problems[0].reason
+    with pytest.raises(MigrationError, match="unknown record kind 'disk'"):
+        plan(data_dir, kinds=frozenset({"disk"}))
+
+
+def test_a_real_run_needs_the_data_directory_lock(data_dir: Path) -> None:
+    lock = DataDirLock(data_dir)
+    lock.acquire()
+    try:
+        with pytest.raises(DataDirLocked):
+            migrate(data_dir)
+        assert len(migrate(data_dir, dry_run=True).applied) == 4  # reading needs no lock
+    finally:
+        lock.release()
+    assert read_record(data_dir / "volumes" / "alpha.json", "volume", 2).schema_version == 1
+
+
+def test_a_missing_data_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="does not exist"):
+        migrate(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_diffs_never_show_secrets() -> None:
+    before = {"chap": {"user": "u", "secret": "hunter2hunter2"}, "size": 1}
+    after = {"chap": {"user": "u", "secret": "other-secret-1"}, "size": 2, "mutual_secret": "x"}
+    lines = diff_bodies(before, after)
+    assert lines == (
+        'change chap: {"secret": "<redacted>", "user": "u"} -> {"secret": "<redacted>", "user": "u"}',
+        'add mutual_secret = "<redacted>"',
+        "change size: 1 -> 2",
+    )
+    assert not any("hunter2" in line or "other-secret" in line for line in lines)
+
+
+# --- the runner on a SQLite database -------------------------------------------------------------
+
+
+def make_authority_v1(data_dir: Path) -> None:
+    """A minimal v1 authority database (the real AuthorityStore is tested with its own schema in
+    test_cluster_authority.py)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    create_meta(conn, 1)
+    conn.execute("CREATE TABLE volumes (volume_id TEXT PRIMARY KEY, name TEXT)")
+    conn.execute("CREATE TABLE nodes (node_id TEXT PRIMARY KEY, zone TEXT)")
+    conn.execute("CREATE TABLE assignments (volume_id TEXT, epoch INTEGER, PRIMARY KEY (volume_id, epoch))")
+    conn.executemany("INSERT INTO volumes VALUES (?, ?)", [("a" * 32, "one"), ("b" * 32, "two")])
+    conn.executemany("INSERT INTO nodes VALUES (?, NULL)", [("n1",), ("n2",)])
+    conn.executemany("INSERT INTO assignments VALUES (?, ?)", [("a" * 32, 1), ("a" * 32, 2), ("b" * 32, 1)])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def add_index(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE nodes ADD COLUMN rack TEXT")
+    conn.execute("CREATE INDEX nodes_rack ON nodes (rack)")
+
+
+def db_version(data_dir: Path) -> int:
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
+    try:
+        return read_version(conn)
+    finally:
+        conn.close()
+
+
+def test_sqlite_steps_run_in_one_transaction_with_the_version(tmp_path: Path) -> None:
+    data_dir = tmp_path / "master"
+    make_authority_v1(data_dir)
+    graph = StepGraph([step("authority", 1, 2, add_index, "nodes get a rack")])
+    before = plan(data_dir, graph=graph).pending[0].unit.checksum
+
+    dry = migrate(data_dir, graph=graph, dry_run=True)
+    assert db_version(data_dir) == 1
+    report = migrate(data_dir, graph=graph, clock=Clock())
+
+    assert db_version(data_dir) == 2
+    (applied,) = report.applied
+    assert applied.changes == dry.applied[0].changes
+    assert applied.changes == (
+        "step authority_v1_to_v2: nodes get a rack",
+        "add CREATE INDEX nodes_rack ON nodes (rack)",
+        "alter CREATE TABLE nodes (node_id TEXT PRIMARY KEY, zone TEXT) -> CREATE TABLE nodes (node_id TEXT "
+        "PRIMARY KEY, zone TEXT, rack TEXT)",
+    )
+    assert applied.checksum_before == before
+    assert applied.checksum_after == dry.applied[0].checksum_after != before
+    # The backup is the database as it was: version 1, same content.
+    assert report.backup_dir is not None
+    backup = sqlite3.connect(report.backup_dir / AUTHORITY_FILE)
+    assert read_version(backup) == 1
+    assert backup.execute("SELECT count(*) FROM assignments").fetchone() == (3,)
+    backup.close()
+    (entry,) = read_history(data_dir)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 2)
+    assert migrate(data_dir, graph=graph).applied == ()  # idempotent
+
+
+def test_a_failing_sqlite_step_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    data_dir = tmp_path / "master"
+    make_authority_v1(data_dir)
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE nodes ADD COLUMN rack TEXT")
+        raise RuntimeError("step bug")
+
+    checksum = plan(data_dir).current[0].checksum
+    report = migrate(data_dir, graph=StepGraph([step("authority", 1, 2, half_done)]))
+    assert [p.reason for p in report.problems] == ["step authority_v1_to_v2 failed: RuntimeError: step bug"]
+    assert db_version(data_dir) == 1
+    assert plan(data_dir).current[0].checksum == checksum
+
+
+@pytest.mark.parametrize(
+    ("sql", "error", "match"),
+    [
+        ("DELETE FROM nodes WHERE node_id = 'n2'", IdentityChanged, "node ids differ"),
+        ("UPDATE assignments SET epoch = 3 WHERE epoch = 2", IdentityChanged, "assignment epochs differ"),
+        ("UPDATE volumes SET volume_id = 'c' || substr(volume_id, 2)", IdentityChanged, "volume ids differ"),
+        ("COMMIT", MigrationError, "must not COMMIT"),
+    ],
+)
+def test_sqlite_steps_that_break_the_rules_are_refused(
+    tmp_path: Path, sql: str, error: type[Exception], match: str
+) -> None:
+    data_dir = tmp_path / "master"
+    make_authority_v1(data_dir)
+    checksum = plan(data_dir).current[0].checksum
+
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute(sql)
+
+    with pytest.raises(error, match=match):
+        migrate(data_dir, graph=StepGraph([step("authority", 1, 2, bad)]))
+    assert db_version(data_dir) == 1
+    assert plan(data_dir).current[0].checksum == checksum
+    assert not (data_dir / BACKUPS_DIR).exists()
+
+
+def test_reading_a_database_leaves_no_files_behind(tmp_path: Path) -> None:
+    data_dir = tmp_path / "master"
+    make_authority_v1(data_dir)
+    names = sorted(p.name for p in data_dir.iterdir())
+    versions(data_dir)
+    migrate(data_dir, graph=StepGraph([step("authority", 1, 2, add_index)]), dry_run=True)
+    assert sorted(p.name for p in data_dir.iterdir()) == names
+
+
+def test_a_file_that_is_not_a_sparrow_database_is_reported(tmp_path: Path) -> None:
+    (tmp_path / AUTHORITY_FILE).write_bytes(b"not sqlite at all, just bytes" * 100)
+    assert [p.item for p in plan(tmp_path).problems] == [AUTHORITY_FILE]
+
+
+# --- sparrow migrate -----------------------------------------------------------------------------
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["migrate", *argv], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line(text: str) -> str:
+    assert text.endswith("\n") and text.count("\n") == 1, f"expected one line, got {text!r}"
+    assert "Traceback" not in text
+    return text.rstrip("\n")
+
+
+def test_cli_list_versions(data_dir: Path) -> None:
+    make_authority_v1(data_dir)
+    code, out, err = run(str(data_dir), "--list-versions")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        "authority: 1 at version 1 (latest version 1)",
+        "volume: 4 at version 1 (latest version 2)",
+    ]
+    code, out, _ = run(str(data_dir), "--list-versions", "--kind", "volume")
+    assert out.splitlines() == ["volume: 4 at version 1 (latest version 2)"]
+
+
+def test_cli_dry_run_then_run_then_no_op(data_dir: Path) -> None:
+    before = snapshot(data_dir)
+    code, out, err = run(str(data_dir), "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == "would migrate volume volumes/alpha.json: version 1 -> 2"
+    assert (
+        out.splitlines()[-1] == "dry run: 4 records would be migrated, 0 already current; nothing was written"
+    )
+    assert snapshot(data_dir) == before
+
+    code, out, err = run(str(data_dir))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "migrated volume volumes/alpha.json: version 1 -> 2"
+    assert lines[-2].startswith(f"backup written to {data_dir / BACKUPS_DIR}/")
+    assert lines[-1] == f"4 records migrated, 0 already current; history in {data_dir / HISTORY_FILE}"
+
+    code, out, err = run(str(data_dir))
+    assert (code, out, err) == (0, "nothing to migrate: 4 records already at the target version\n", "")
+
+
+def test_cli_problems_exit_1_with_one_line(data_dir: Path) -> None:
+    code, out, err = run(str(data_dir), "--target-version", "3")
+    assert code == 1
+    assert one_line(err) == (
+        "sparrow: error: 4 records not migrated: volume volumes/alpha.json: no migration path for volume "
+        "records from version 1 to 3 (and 3 more, listed above)"
+    )
+    assert out.count("left unchanged volume") == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (("--target-version", "0"), 2, "argument --target-version: invalid version '0'"),
+        (("--target-version", "x"), 2, "argument --target-version: invalid version 'x'"),
+        (("--kind", "disk"), 2, "argument --kind: invalid choice: 'disk'"),
+    ],
+)
+def test_cli_usage_errors(data_dir: Path, argv: tuple[str, ...], code: int, message: str) -> None:
+    got, out, err = run(str(data_dir), *argv)
+    assert (got, out) == (code, "")
+    assert message in one_line(err)
+
+
+def test_cli_missing_directory_and_locked_directory(tmp_path: Path, data_dir: Path) -> None:
+    code, out, err = run(str(tmp_path / "nope"))
+    assert (code, out) == (1, "")
+    assert (
+        one_line(err)
+        == f"sparrow: error: data directory {tmp_path / 'nope'} does not exist or is not a directory"
+    )
+    lock = DataDirLock(data_dir)
+    lock.acquire()
+    try:
+        code, out, err = run(str(data_dir))
+    finally:
+        lock.release()
+    assert (code, out) == (1, "")
+    assert one_line(err).startswith(
+        f"sparrow: error: data directory {data_dir} is in use by another sparrow process (pid {os.getpid()})"
+    )
