@@ -37,11 +37,13 @@ from store.metadata import (
     read_record_async,
     write_record_async,
 )
+from store.migrations.errors import SchemaTooOld
 
 log = structlog.get_logger("sparrow.store")
 
 VOLUME_KIND = "volume"
-VOLUME_SCHEMA_VERSION = 1
+#: v2 (store/migrations/volume_v1_to_v2.py) added volume_id and an explicit physical_block_size.
+VOLUME_SCHEMA_VERSION = 2
 BLOCK_SIZES = (512, 4096)
 #: Volume names end up in target IQNs, so they use only what an IQN allows (RFC 3721 / RFC 7143 4.2.7).
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
@@ -156,6 +158,13 @@ class VolumeMeta:
     reservations: dict[str, Any] = field(default_factory=dict)
     #: Physical block size reported to initiators (READ CAPACITY 16 LBPPBE); None = block_size.
     physical_block_size: int | None = None
+    #: The cluster-wide volume id (minted by the master; a single-node volume's is its uuid). Every
+    #: node holding a copy derives the same serial and NAA from it, as multipath needs.
+    volume_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.volume_id:
+            object.__setattr__(self, "volume_id", self.uuid)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -170,6 +179,7 @@ class VolumeMeta:
             "chap": None if self.chap is None else self.chap.to_record(),
             "reservations": self.reservations,
             "physical_block_size": self.physical_block_size,
+            "volume_id": self.volume_id,
         }
 
     @classmethod
@@ -200,7 +210,8 @@ class VolumeMeta:
             created_at=float(get("created_at", (int, float))),
             chap=None if chap_rec is None else ChapCredentials.from_record(chap_rec, path),
             reservations=get("reservations", dict),
-            physical_block_size=body.get("physical_block_size"),
+            physical_block_size=get("physical_block_size", (int, type(None))),
+            volume_id=get("volume_id", str),
         )
         if not NAME_PATTERN.fullmatch(name):
             raise CorruptRecord(path, f"invalid volume name {name!r}")
@@ -210,7 +221,7 @@ class VolumeMeta:
             check_physical_block_size(block_size, meta.physical_block_size)
         except InvalidVolume as e:
             raise CorruptRecord(path, str(e)) from None
-        if not re.fullmatch(r"[0-9a-f]{32}", uuid_hex) or not re.fullmatch(r"[0-9a-f]{32}", meta.naa):
+        if not all(re.fullmatch(r"[0-9a-f]{32}", v) for v in (uuid_hex, meta.naa, meta.volume_id)):
             raise CorruptRecord(path, "invalid uuid or naa")
         return meta
 
@@ -286,6 +297,8 @@ class VolumeManager:
 
     async def _load(self, name: str, path: Path) -> Volume:
         record = await read_record_async(path, VOLUME_KIND, VOLUME_SCHEMA_VERSION)
+        if record.schema_version < VOLUME_SCHEMA_VERSION:  # never read an old record silently
+            raise SchemaTooOld(path, record.schema_version, VOLUME_SCHEMA_VERSION, self.data_dir)
         meta = VolumeMeta.from_record(record.body, path)
         if meta.name != name:
             raise CorruptRecord(path, f"record names volume {meta.name!r}, file is named {name!r}")
@@ -315,6 +328,7 @@ class VolumeManager:
         chap: ChapCredentials | None = None,
         backing: str | None = None,
         physical_block_size: int | None = None,
+        volume_id: str | None = None,
     ) -> Volume:
         """Create a volume: a new sparse file in the data directory, or an existing file or block
         device (``backing``, never deleted by us). ``size`` None means the backing's own size."""
@@ -350,7 +364,9 @@ class VolumeManager:
                     log.warning("replacing orphan data file", volume=name, path=str(image))
                     await aiofiles.os.unlink(image)
                 store = await FileBlockStore.open(image, block_size=block_size, size=size, create=True)
-            uuid_hex = uuid.uuid4().hex
+            if volume_id is not None and not re.fullmatch(r"[0-9a-f]{32}", volume_id):
+                raise InvalidVolume(f"volume id {volume_id!r} is not 32 lowercase hex digits")
+            uuid_hex = volume_id or uuid.uuid4().hex
             meta = VolumeMeta(
                 name=name,
                 uuid=uuid_hex,

@@ -197,11 +197,6 @@ def test_the_shipped_graph_has_the_volume_step() -> None:
     assert graph.head("volume") == 2
 
 
-@pytest.mark.xfail(
-    VOLUME_SCHEMA_VERSION == 1,
-    reason="store/volumes.py still writes v1; the lead moves it to v2 (see the migration report)",
-    strict=True,
-)
 def test_volumes_py_reads_and_writes_the_newest_volume_schema() -> None:
     assert default_graph().head("volume") == VOLUME_SCHEMA_VERSION
 

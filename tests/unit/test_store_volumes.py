@@ -14,6 +14,7 @@ import pytest
 from store.blockstore import StoreError
 from store.metadata import read_record, write_record
 from store.volumes import (
+    VOLUME_SCHEMA_VERSION,
     ChapCredentials,
     InvalidVolume,
     VolumeExists,
@@ -55,7 +56,7 @@ async def test_create_writes_image_and_record(manager: VolumeManager) -> None:
     )
     assert meta.reservations == {}
     assert vol.store.size == 8 * MiB and vol.store.block_size == 4096
-    rec = read_record(vdir / "vol1.json", "volume", 1)
+    rec = read_record(vdir / "vol1.json", "volume", VOLUME_SCHEMA_VERSION)
     assert rec.body["uuid"] == meta.uuid and rec.body["size"] == 8 * MiB
     assert manager.get("vol1") is vol
     assert manager.list() == [vol]
@@ -213,7 +214,7 @@ async def test_save_reservations_is_durable(manager: VolumeManager) -> None:
     record = {"generation": 3, "registrations": [{"port": "iqn.x,i,0x1", "key": 17}]}
     await manager.save_reservations("v", record)
     assert vol.meta.reservations == record
-    body = read_record(manager.data_dir / "volumes" / "v.json", "volume", 1).body
+    body = read_record(manager.data_dir / "volumes" / "v.json", "volume", VOLUME_SCHEMA_VERSION).body
     assert body["reservations"] == record
 
 
@@ -243,9 +244,10 @@ async def test_unopenable_data_and_bad_fields_are_reported(manager: VolumeManage
     await manager.create("good", MiB)
     vdir = manager.data_dir / "volumes"
     (vdir / "noimg.img").unlink()
-    body = read_record(vdir / "good.json", "volume", 1).body
-    write_record(vdir / "renamed.json", "volume", 1, body)  # record names another volume
-    write_record(vdir / "fields.json", "volume", 1, {**body, "name": "fields", "block_size": "512"})
+    body = read_record(vdir / "good.json", "volume", VOLUME_SCHEMA_VERSION).body
+    write_record(vdir / "renamed.json", "volume", VOLUME_SCHEMA_VERSION, body)  # record names another volume
+    bad_fields = {**body, "name": "fields", "block_size": "512"}
+    write_record(vdir / "fields.json", "volume", VOLUME_SCHEMA_VERSION, bad_fields)
     m2, errors = await reopen(manager)
     try:
         assert [v.meta.name for v in m2.list()] == ["good"]
@@ -261,10 +263,10 @@ async def test_unopenable_data_and_bad_fields_are_reported(manager: VolumeManage
 async def test_newer_schema_is_reported(manager: VolumeManager) -> None:
     await manager.create("v", MiB)
     path = manager.data_dir / "volumes" / "v.json"
-    write_record(path, "volume", 2, read_record(path, "volume", 1).body)
+    write_record(path, "volume", 3, read_record(path, "volume", 2).body)
     m2, errors = await reopen(manager)
     try:
-        assert m2.list() == [] and len(errors) == 1 and "schema version 2" in errors[0].reason
+        assert m2.list() == [] and len(errors) == 1 and "schema version 3" in errors[0].reason
     finally:
         await m2.close()
 
@@ -316,3 +318,26 @@ async def test_physical_block_size_is_stored_and_validated(manager: VolumeManage
         assert m2.get("e512").meta.physical_block_size == 4096
     finally:
         await m2.close()
+
+
+async def test_older_schema_is_refused_with_the_migrate_command(manager: VolumeManager) -> None:
+    await manager.create("old", MiB)
+    path = manager.data_dir / "volumes" / "old.json"
+    body = read_record(path, "volume", 2).body
+    del body["volume_id"]
+    write_record(path, "volume", 1, body)  # as a v1 Sparrow wrote it
+    m2, errors = await reopen(manager)
+    try:
+        assert m2.list() == [] and len(errors) == 1
+        assert "sparrow migrate" in errors[0].reason and "version 1" in errors[0].reason
+    finally:
+        await m2.close()
+
+
+async def test_volume_id_given_by_the_master_fixes_the_identity(manager: VolumeManager) -> None:
+    vid = "0123456789abcdef0123456789abcdef"
+    vol = await manager.create("cluster", MiB, volume_id=vid)
+    assert (vol.meta.volume_id, vol.meta.uuid) == (vid, vid)
+    assert vol.meta.serial == serial_from_uuid(vid) and vol.meta.naa == naa_from_uuid(vid)
+    with pytest.raises(InvalidVolume):
+        await manager.create("bad-id", MiB, volume_id="not-hex")
