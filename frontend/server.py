@@ -352,6 +352,10 @@ class IscsiProtocol(asyncio.Protocol):
 
     def _login_rejected(self, event: LoginRejected) -> None:
         status = event.status_class << 8 | event.status_detail
+        if event.status_class == 0x01:  # redirection (RFC 7143 11.13.5): the login goes elsewhere
+            self.server.metrics.login_failed("redirected")
+            self.log.info("login redirected", status=f"0x{status:04x}", reason=event.reason)
+            return
         self.server.metrics.login_failed(_LOGIN_FAILURE_REASONS.get(status, "other"))
         self.log.warning("login rejected", status=f"0x{status:04x}", reason=event.reason)
 

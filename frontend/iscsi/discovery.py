@@ -44,13 +44,18 @@ from frontend.iscsi.keys import (
 )
 from frontend.iscsi.params import SessionParams, SessionType
 from frontend.iscsi.pdu import RESERVED_TAG, TextRequest, TextResponse
-from frontend.target import Target, TargetRegistry, TargetSettings
+from frontend.target import RemoteTarget, Target, TargetRegistry, TargetSettings
 
 
-def _record(target: Target, settings: TargetSettings) -> list[KeyValue]:
-    """One target's record: its name, then one TargetAddress per portal (RFC 7143 13.8, 13.3)."""
+def _record(target: Target | RemoteTarget, settings: TargetSettings) -> list[KeyValue]:
+    """One target's record: its name, then one TargetAddress per portal (RFC 7143 13.8, 13.3).
+
+    A target served here lists this node's portals; one served elsewhere lists only the portal that
+    serves it (its primary), so discovery at any node of a cluster leads to the primary.
+    """
+    portals = (target.portal,) if isinstance(target, RemoteTarget) else settings.portals
     return [KeyValue("TargetName", target.iqn)] + [
-        KeyValue("TargetAddress", portal.address()) for portal in settings.portals
+        KeyValue("TargetAddress", portal.address()) for portal in portals
     ]
 
 
@@ -63,8 +68,9 @@ def send_targets(
     ``session_target`` is the IQN of a normal session's target, None on a discovery session.
     A normal session only ever learns about its own target, even with ``All``. A name we do not
     serve gives an empty answer; a value that is none of the three gives ``SendTargets=Reject``.
-    With no portals in ``settings``, records carry no TargetAddress (the initiator then uses the
-    address it is connected to).
+    With no portals in ``settings``, records of targets served here carry no TargetAddress (the
+    initiator then uses the address it is connected to); a target served elsewhere
+    (:class:`~frontend.target.RemoteTarget`, or redirected) always carries its primary's portal.
     """
     return encode_text(send_targets_pairs(value, targets, settings, session_target))
 
@@ -76,10 +82,10 @@ def send_targets_pairs(
     if value == "All":
         chosen = list(targets) if session_target is None else [t for t in targets if t.iqn == session_target]
     elif value == "":
-        own = targets.get(session_target) if session_target is not None else None
+        own = targets.resolve(session_target) if session_target is not None else None
         chosen = [own] if own is not None else []
     elif is_iscsi_name(value):
-        named = targets.get(value) or targets.get(value.lower())
+        named = targets.resolve(value) or targets.resolve(value.lower())
         chosen = [named] if named is not None else []
     else:
         return [KeyValue("SendTargets", REJECT)]

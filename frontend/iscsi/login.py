@@ -19,6 +19,19 @@ once complete.
 
 StatSN: the first response carries the request's ExpStatSN and each later response one more;
 after success the connection continues from :attr:`LoginMachine.next_stat_sn`.
+
+Redirection (RFC 7143 11.13.5, 13.8): when the TargetName names a target this node knows but does
+not serve (a :class:`~frontend.target.RemoteTarget`, or a local target currently redirected), the
+response to the leading login request has Status-Class 0x01 / Status-Detail 0x01 ("target moved
+temporarily") and the one key ``TargetAddress=host:port`` (no portal group tag: 13.8 says it MUST
+be omitted in a redirect), no TSIH, and the outcome is :class:`LoginFailed` with that status, so
+the connection closes after sending (11.13.5: a non-zero Status-Class ends the connection).
+The redirect is answered in whatever stage the initiator starts, before any authentication: it
+reveals only the portal of a target whose name the initiator already gave, and the initiator must
+authenticate at that portal anyway. tgt answers redirects the same way (at the start of login), and
+libiscsi (lib/login.c, lib/connect.c) acts on exactly 0x0101 with a TargetAddress: it disconnects
+and logs in again at that address; its later reconnects go to the portal it was first given, which
+redirects again to the primary of the moment.
 """
 
 from __future__ import annotations
@@ -49,7 +62,7 @@ from frontend.iscsi.keys import (
 )
 from frontend.iscsi.params import SessionParams, SessionType
 from frontend.iscsi.pdu import LoginRequest, LoginResponse
-from frontend.target import ChapConfig, Target, TargetRegistry, TargetSettings
+from frontend.target import ChapConfig, RemoteTarget, Target, TargetRegistry, TargetSettings
 
 ISCSI_VERSION = 0x00
 """RFC 7143 11.12.4: the only version defined."""
@@ -66,6 +79,18 @@ class SessionLookup(Protocol):
     def tsih_exists(self, tsih: int) -> bool: ...
 
     def new_tsih(self) -> int: ...
+
+
+class TargetMoved(LoginError):
+    """The target is served at another portal: a redirect, not an error (RFC 7143 11.13.5).
+
+    ``address`` is the TargetAddress value sent back (``host:port``, RFC 7143 13.8)."""
+
+    def __init__(self, remote: RemoteTarget) -> None:
+        self.address = remote.portal.redirect_address()
+        super().__init__(
+            *LoginStatus.TARGET_MOVED_TEMPORARILY, f"target {remote.iqn[:224]} is served at {self.address}"
+        )
 
 
 @dataclass(frozen=True)
@@ -197,11 +222,13 @@ class LoginMachine:
             return self._receive(request, now)
         except LoginError as e:
             self._state = LoginState.FAILED
+            data = encode_text([KeyValue("TargetAddress", e.address)]) if isinstance(e, TargetMoved) else b""
             response = self._response(
                 request,
                 csg=request.csg if request.csg in (0, 1) else int(self._stage),
                 transit=False,
                 nsg=0,
+                data=data,
                 status=(e.status_class, e.status_detail),
             )
             return LoginStep(response, LoginFailed(e.status_class, e.status_detail, e.reason))
@@ -358,9 +385,11 @@ class LoginMachine:
             if name is None:
                 raise LoginError(*LoginStatus.MISSING_PARAMETER, "no TargetName")
             # iSCSI names compare case-insensitively (RFC 7143 4.2.7.1: stringprep lowercases).
-            target = self._targets.get(name) or self._targets.get(name.lower())
+            target = self._targets.resolve(name) or self._targets.resolve(name.lower())
             if target is None:
                 raise LoginError(*LoginStatus.TARGET_NOT_FOUND, f"no target {name[:224]}")
+            if isinstance(target, RemoteTarget):
+                raise TargetMoved(target)
             self._target = target
             self._chap_config = target.chap
         else:

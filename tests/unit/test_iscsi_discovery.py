@@ -13,7 +13,7 @@ from frontend.iscsi.errors import RejectReason, TextRequestRejected
 from frontend.iscsi.keys import KeyValue, encode_text, parse_text
 from frontend.iscsi.params import SessionParams, SessionType
 from frontend.iscsi.pdu import RESERVED_TAG, TextRequest
-from frontend.target import Portal, Target, TargetRegistry, TargetSettings
+from frontend.target import Portal, RemoteTarget, Target, TargetRegistry, TargetSettings
 
 A = "iqn.2026-11.io.sparrow:alpha"
 B = "iqn.2026-11.io.sparrow:beta"
@@ -69,6 +69,39 @@ def test_bad_values_are_rejected(value: str) -> None:
 
 def test_no_portals_means_no_addresses() -> None:
     assert pairs(send_targets("All", registry(A), TargetSettings(), None)) == [("TargetName", A)]
+
+
+# --- targets served by another node (cluster primary elsewhere) ------------------------------
+
+C = "iqn.2026-11.io.sparrow:gamma"
+PRIMARY = Portal("198.51.100.7", 3261, 3)
+MOVED_B = [("TargetName", B), ("TargetAddress", "198.51.100.7:3261,3")]   # B's record, served by PRIMARY
+
+
+def test_remote_target_lists_only_its_primarys_portal() -> None:
+    reg = registry(A, C)
+    reg.add_remote(RemoteTarget(B, "beta", PRIMARY))
+    assert pairs(send_targets("All", reg, SETTINGS, None)) == [*record(A), *MOVED_B, *record(C)]
+    assert pairs(send_targets(B, reg, SETTINGS, None)) == MOVED_B
+
+
+def test_redirected_local_target_lists_the_new_primary_and_back() -> None:
+    reg = registry(A, B)
+    reg.redirect(B, PRIMARY)
+    assert pairs(send_targets("All", reg, SETTINGS, None)) == [*record(A), *MOVED_B]
+    # a normal session opened before the move learns where its target went
+    assert pairs(send_targets("", reg, SETTINGS, B)) == MOVED_B
+    assert pairs(send_targets("All", reg, SETTINGS, B)) == MOVED_B
+    reg.redirect(B, None)
+    assert pairs(send_targets("All", reg, SETTINGS, None)) == record(A) + record(B)
+
+
+def test_remote_target_has_its_address_even_without_local_portals() -> None:
+    reg = registry(A)
+    reg.add_remote(RemoteTarget(B, "beta", Portal("2001:db8::7", 3260, 1)))
+    assert pairs(send_targets("All", reg, TargetSettings(), None)) == [
+        ("TargetName", A), ("TargetName", B), ("TargetAddress", "[2001:db8::7]:3260,1"),
+    ]
 
 
 # --- TextNegotiation -------------------------------------------------------------------------
@@ -257,3 +290,11 @@ def test_only_text_request_rejected_escapes(requests: list[TextRequest], max_sen
             continue
         assert len(step.response.data) <= max_send
         assert step.response.final == (step.response.ttt == RESERVED_TAG)
+
+
+def test_text_negotiation_lists_remote_targets() -> None:
+    reg = registry(A)
+    reg.add_remote(RemoteTarget(B, "beta", PRIMARY))
+    n = TextNegotiation(params(), reg, SETTINGS)
+    data = send(n, text_request([("SendTargets", "All")])).response.data
+    assert pairs(data) == [*record(A), *MOVED_B]

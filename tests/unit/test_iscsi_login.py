@@ -24,15 +24,26 @@ from frontend.iscsi.login import (
     LoginStep,
     LoginSucceeded,
     Stage,
+    TargetMoved,
 )
 from frontend.iscsi.params import SessionType
 from frontend.iscsi.pdu import LoginRequest, LoginResponse
-from frontend.target import ChapConfig, ChapSecret, Portal, Target, TargetRegistry, TargetSettings
+from frontend.target import (
+    ChapConfig,
+    ChapSecret,
+    Portal,
+    RemoteTarget,
+    Target,
+    TargetRegistry,
+    TargetSettings,
+)
 
 INITIATOR = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test"
 IQN = "iqn.2026-11.io.sparrow:vol1"
 CHAP_IQN = "iqn.2026-11.io.sparrow:secure"
 MUTUAL_IQN = "iqn.2026-11.io.sparrow:mutual"
+MOVED_IQN = "iqn.2026-11.io.sparrow:moved"          # served by another node of the cluster
+PRIMARY = Portal("192.0.2.7", 3261, tpgt=4)
 ISID = 0x23D000000001
 CHALLENGE = bytes(range(0xA0, 0xB0))
 CHAP_ID = 0x2A
@@ -82,6 +93,7 @@ def registry() -> TargetRegistry:
     reg.add(Target(IQN, "vol1", lu))
     reg.add(Target(CHAP_IQN, "secure", lu, chap=ONE_WAY))
     reg.add(Target(MUTUAL_IQN, "mutual", lu, chap=MUTUAL))
+    reg.add_remote(RemoteTarget(MOVED_IQN, "moved", PRIMARY))
     return reg
 
 
@@ -655,6 +667,93 @@ def test_too_many_answers_fail_cleanly() -> None:
     assert status(machine().receive(request(1, 3, True, keys), 1000.0)) == (2, 0)
 
 
+# --- redirection to the volume's primary (RFC 7143 11.13.5, 13.8) -------------------------------
+
+
+def redirected(step: LoginStep, address: str = "192.0.2.7:3261") -> LoginFailed:
+    """The response is "target moved temporarily" carrying only TargetAddress, and login is over."""
+    outcome = failed(step)
+    assert (outcome.status_class, outcome.status_detail) == (0x01, 0x01)
+    r = step.response
+    assert (r.status_class, r.status_detail) == (0x01, 0x01)
+    # exactly one key, and no portal group tag after the address (13.8: MUST be omitted in a redirect)
+    assert r.data == f"TargetAddress={address}".encode() + b"\0"
+    assert r.tsih == 0 and not r.transit and not r.cont
+    assert address in outcome.reason
+    return outcome
+
+
+def test_libiscsi_first_security_request_to_a_remote_target_is_redirected() -> None:
+    sessions = FakeSessions()
+    m = machine(sessions=sessions)
+    req = request(0, 1, True, [*identity(MOVED_IQN), ("AuthMethod", "CHAP,None")], exp_stat_sn=41)
+    step = m.receive(req, 1000.0)
+    redirected(step)
+    r = step.response
+    assert (r.isid, r.itt, r.csg, r.nsg) == (ISID, 0x77, 0, 0)
+    assert (r.stat_sn, r.exp_cmd_sn, r.max_cmd_sn) == (41, 100, 100 + 128 - 1)
+    assert sessions.issued == []                       # no session was created
+    assert m.state is LoginState.FAILED
+    assert status(m.receive(request(0, 1, True, [("AuthMethod", "None")]), 1000.0)) == (2, 0)
+
+
+def test_operational_first_request_to_a_remote_target_is_redirected() -> None:
+    step = machine().receive(request(1, 3, True, identity(MOVED_IQN) + LIBISCSI_OPERATIONAL), 1000.0)
+    redirected(step)
+    assert step.response.csg == 1
+    assert "TargetPortalGroupTag" not in answers(step.response)
+
+
+def test_remote_target_name_is_case_insensitive() -> None:
+    name = MOVED_IQN.replace("sparrow", "SPARROW")
+    redirected(machine().receive(request(1, 3, True, identity(name)), 1000.0))
+
+
+def test_redirect_is_answered_before_chap() -> None:
+    """A redirected CHAP target answers the first request with the portal, asking for no proof: the
+    initiator authenticates at the primary (RFC 7143 11.13.5; tgt does the same)."""
+    reg = registry()
+    reg.redirect(CHAP_IQN, PRIMARY)
+    m = LoginMachine(SETTINGS, reg, FakeSessions(), now=1000.0, random_bytes=fixed_random)
+    step = m.receive(request(0, 1, True, [*identity(CHAP_IQN), ("AuthMethod", "CHAP,None")]), 1000.0)
+    redirected(step)
+    assert "AuthMethod" not in answers(step.response) and "CHAP_C" not in answers(step.response)
+
+
+def test_local_target_redirected_and_back() -> None:
+    reg = registry()
+    reg.redirect(IQN, Portal("2001:db8::9", 3270, tpgt=2))
+
+    def login() -> LoginStep:
+        m = LoginMachine(SETTINGS, reg, FakeSessions(), now=1000.0, random_bytes=fixed_random)
+        return m.receive(request(1, 3, True, identity(IQN) + LIBISCSI_OPERATIONAL), 1000.0)
+
+    redirected(login(), "[2001:db8::9]:3270")
+    reg.redirect(IQN, None)                            # the primary is this node again
+    done = succeeded(login())
+    assert done.target is reg.get(IQN)
+
+
+def test_redirect_after_split_text() -> None:
+    m = machine()
+    whole = text(identity(MOVED_IQN) + LIBISCSI_OPERATIONAL)
+    step = m.receive(request(1, 3, False, whole[:40], cont=True), 1000.0)
+    assert step.outcome is None and step.response.data == b""
+    step = m.receive(request(1, 3, True, whole[40:]), 1000.0)
+    redirected(step)
+    assert step.response.stat_sn == 8
+
+
+def test_discovery_is_not_redirected_by_remote_targets() -> None:
+    keys = identity(MOVED_IQN, "Discovery") + LIBISCSI_OPERATIONAL
+    assert succeeded(machine().receive(request(1, 3, True, keys), 1000.0)).target is None
+
+
+def test_target_moved_carries_its_wire_code() -> None:
+    e = TargetMoved(RemoteTarget(MOVED_IQN, "moved", PRIMARY))
+    assert (e.status_class, e.status_detail, e.address) == (0x01, 0x01, "192.0.2.7:3261")
+
+
 # --- time ------------------------------------------------------------------------------------
 
 
@@ -675,7 +774,8 @@ KEY_NAMES = ["InitiatorName", "TargetName", "SessionType", "AuthMethod", "CHAP_A
              "OFMarker", "TaskReporting", "DefaultTime2Wait"]
 VALUES = st.one_of(
     st.sampled_from(["", "None", "CHAP", "CHAP,None", "5", "Yes", "No", "0", "512", "0x10", "0bAA==",
-                     "Normal", "Discovery", "All", IQN, CHAP_IQN, INITIATOR, "alice", "CRC32C,None",
+                     "Normal", "Discovery", "All", IQN, CHAP_IQN, MOVED_IQN, INITIATOR, "alice",
+                     "CRC32C,None",
                      "0x" + "00" * 16, "99999999999999999999999", "a,,b"]),
     st.text(max_size=20),
 )
