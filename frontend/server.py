@@ -307,6 +307,10 @@ class IscsiProtocol(asyncio.Protocol):
         deadline = self.conn.next_deadline()
         if deadline == self._timer_at:
             return
+        if deadline is not None and self._timer_at is not None and deadline > self._timer_at:
+            # The idle deadline moves with every PDU received. Keep the armed timer: when it fires
+            # early the core does nothing (handle_timer checks `now`) and the timer is armed again.
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
