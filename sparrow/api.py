@@ -1,7 +1,8 @@
 """The management API: JSON over HTTP (aiohttp), plus /metrics and /healthz.
 
     POST   /v1/volumes                {name, size, block_size?, chap_user?, chap_secret?,
-                                       chap_mutual_user?, chap_mutual_secret?, backing?}  -> 201 volume
+                                       chap_mutual_user?, chap_mutual_secret?, backing?,
+                                       replicas? (1 only: a single node keeps one copy)}  -> 201 volume
     GET    /v1/volumes                                                         -> 200 {"volumes": [...]}
     GET    /v1/volumes/{name}                                                  -> 200 volume
     POST   /v1/volumes/{name}/resize  {size}       (grow only)                 -> 200 volume
@@ -54,6 +55,7 @@ _CREATE_FIELDS = frozenset(
         "chap_mutual_user",
         "chap_mutual_secret",
         "backing",
+        "replicas",
     }
 )
 _RESIZE_FIELDS = frozenset({"size"})
@@ -86,6 +88,7 @@ def build_app(service: VolumeService, metrics: PrometheusMetrics) -> web.Applica
 
 async def create_volume(request: web.Request) -> web.Response:
     body = await _json_object(request, _CREATE_FIELDS)
+    _single_copy(body)
     name = _string(body, "name", required=True)
     assert name is not None
     backing = _string(body, "backing")
@@ -212,6 +215,20 @@ def _size(body: dict[str, Any], *, required: bool) -> int | None:
         return parse_size(value)
     except SizeError as e:
         raise ApiError(400, str(e)) from None
+
+
+def _single_copy(body: dict[str, Any]) -> None:
+    """``replicas`` (the cluster master's field): this daemon keeps one copy, so 1 is accepted and
+    ignored and anything else is refused."""
+    replicas = body.get("replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ApiError(400, "replicas must be a positive integer")
+    if replicas > 1:
+        raise ApiError(
+            400,
+            f"replicas={replicas} needs a cluster: this daemon serves a single copy of each volume "
+            "(create replicated volumes through `sparrow master`)",
+        )
 
 
 def _chap(body: dict[str, Any]) -> ChapCredentials | None:

@@ -5,13 +5,18 @@
                   [--log-format auto|json|console] [--log-level LEVEL]
     sparrow volume create NAME --size SIZE [--block-size 512|4096] [--physical-block-size 512|4096]
                   [--chap-user U --chap-secret S [--chap-mutual-user U --chap-mutual-secret S]]
-                  [--backing PATH] [--json]
+                  [--backing PATH] [--replicas 1|2|3] [--json]
     sparrow volume list [--json]
     sparrow volume inspect NAME [--json]
     sparrow volume resize NAME --size SIZE
     sparrow volume delete NAME
     sparrow migrate DATA_DIR [--list-versions] [--dry-run] [--target-version V]
                   [--kind volume|authority]
+    sparrow master --data-dir DIR [--listen HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
+                  [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
+    sparrow node list [--json]
+    sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
+                  [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
 
 Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
 http://127.0.0.1:3280) with urllib. Every error is one line on stderr; the exit code is 1, or 2 for
@@ -171,6 +176,8 @@ def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
         "chap_mutual_secret": args.chap_mutual_secret,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
+    if args.replicas is not None:
+        body["replicas"] = args.replicas
     volume = _client(args).request("POST", "/v1/volumes", body)
     _print_volume(volume, out, as_json=args.json)
     return 0
@@ -219,6 +226,9 @@ def cmd_volume_delete(args: argparse.Namespace, out: TextIO) -> int:
 def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(v, indent=2), file=out)
+        return
+    if "volume_id" in v and "epoch" in v:
+        _print_cluster_volume(v, out)
         return
     chap = v.get("chap")
     if chap is None:
@@ -274,6 +284,37 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
     from sparrow.daemon import run
     from sparrow.logs import configure_logging
+
+    configure_logging(config.log_format, config.log_level)
+    return run(config)
+
+
+# --- node --------------------------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow node --data-dir DIR --node-id ID --master HOST:PORT``: run a cluster node
+    (sparrow.node.daemon). ``sparrow node list`` is a subcommand of its own (cmd_node_list)."""
+    from sparrow.config import ConfigError
+    from sparrow.node.daemon import node_config
+
+    try:
+        config = node_config(
+            data_dir=args.data_dir,
+            node_id=args.node_id,
+            master=args.master,
+            iscsi=args.iscsi,
+            replication=args.replication,
+            http=args.http,
+            heartbeat_interval=args.heartbeat_interval,
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+    except ConfigError as e:
+        raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
+
+    from sparrow.logs import configure_logging
+    from sparrow.node.daemon import run
 
     configure_logging(config.log_format, config.log_level)
     return run(config)
@@ -351,6 +392,166 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# --- cluster: the master and its nodes ---------------------------------------------------------
+
+
+def _print_cluster_volume(v: dict[str, Any], out: TextIO) -> None:
+    """A volume as the cluster master describes it (sparrow.master.api.volume_json)."""
+    primary = v.get("primary")
+    copies = ", ".join(f"{r['node_id']} ({r['role']}, {r['state']})" for r in v.get("replicas") or [])
+    lines = [
+        ("name", v["name"]),
+        ("size", f"{format_size(v['size'])} ({v['size']} bytes)"),
+        ("block size", str(v["block_size"])),
+        ("replicas", f"{len(v.get('replicas') or [])} of {v['replicas_wanted']}"),
+        ("epoch", str(v["epoch"])),
+        ("primary", f"{primary['node_id']} at {primary['portal']}" if primary else "-"),
+        ("copies", copies or "-"),
+        ("status", v.get("status") or "ok"),
+        ("iqn", v.get("iqn") or "-"),
+        ("url", v.get("url") or "-"),
+        ("volume id", v["volume_id"]),
+        ("created", str(v.get("created_at") or "-")),
+    ]
+    width = max(len(k) for k, _ in lines) + 1
+    for key, value in lines:
+        print(f"{key + ':':<{width}} {value}", file=out)
+
+
+def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow node list``: the nodes the master knows (GET /v1/nodes)."""
+    answer = _client(args).request("GET", "/v1/nodes")
+    nodes = answer.get("nodes", []) if isinstance(answer, dict) else []
+    if args.json:
+        print(json.dumps(nodes, indent=2), file=out)
+        return 0
+    if not nodes:
+        print("no nodes", file=out)
+        return 0
+    rows = [("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL")]
+    for n in nodes:
+        age = n.get("last_heartbeat_age")
+        rows.append(
+            (
+                str(n["node_id"]),
+                str(n["state"]),
+                str(n["incarnation"]),
+                "-" if age is None else f"{age:.1f}s ago",
+                str(n.get("iscsi_portal") or "-"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
+    return 0
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, e.g. 1.5") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected a positive number of seconds")
+    return value
+
+
+def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow master``: run the cluster master (sparrow.master.daemon)."""
+    from pathlib import Path
+
+    from frontend.target import DEFAULT_BASE_IQN
+    from sparrow.cluster.lease import LeaseConfig
+    from sparrow.config import ConfigError, LogFormat, parse_host_port
+    from sparrow.master.daemon import DEFAULT_HTTP, DEFAULT_LISTEN, MasterConfig, run
+
+    try:
+        listen = parse_host_port(args.listen, what="--listen") if args.listen else DEFAULT_LISTEN
+        http_addr = parse_host_port(args.http, what="--http") if args.http else DEFAULT_HTTP
+    except ConfigError as e:
+        raise UsageError(f"sparrow master: error: {e}") from None
+    defaults = LeaseConfig()
+    try:
+        timing = LeaseConfig(
+            heartbeat_interval=args.heartbeat_interval or defaults.heartbeat_interval,
+            lease_seconds=args.lease or defaults.lease_seconds,
+            dead_after=args.dead_after or defaults.dead_after,
+            margin=defaults.margin if args.margin is None else args.margin,
+        )
+    except ValueError as e:
+        raise UsageError(f"sparrow master: error: {e}") from None
+    config = MasterConfig(
+        data_dir=Path(args.data_dir),
+        listen=listen,
+        http=http_addr,
+        timing=timing,
+        base_iqn=args.base_iqn or DEFAULT_BASE_IQN,
+    )
+
+    from sparrow.logs import configure_logging
+
+    configure_logging(LogFormat(args.log_format or "auto"), args.log_level or "info")
+    return run(config)
+
+
+def _add_cluster_commands(commands: Any) -> None:
+    """``sparrow master`` and ``sparrow node list``. ``node`` may already exist (the node daemon's
+    command): then ``list`` joins its subcommands (optional ones, so ``sparrow node`` keeps working)."""
+    master = commands.add_parser(
+        "master",
+        help="run the cluster master",
+        description="Run the Sparrow cluster master: the single authority that places volumes on "
+        "nodes, grants primary leases and publishes assignments (docs/cluster.md).",
+    )
+    master.add_argument("--data-dir", metavar="DIR", required=True, help="where the authority database lives")
+    master.add_argument(
+        "--listen", metavar="HOST:PORT", help="heartbeat listen address for nodes (default 0.0.0.0:3290)"
+    )
+    master.add_argument(
+        "--http", metavar="HOST:PORT", help="control API listen address (default 127.0.0.1:3280)"
+    )
+    master.add_argument(
+        "--heartbeat-interval",
+        metavar="S",
+        type=_seconds_arg,
+        help="seconds between control steps (default 1)",
+    )
+    master.add_argument(
+        "--lease", metavar="S", type=_seconds_arg, help="primary lease in seconds (default 5)"
+    )
+    master.add_argument(
+        "--dead-after",
+        metavar="S",
+        type=_seconds_arg,
+        help="a silent node is dead after S seconds (default 8)",
+    )
+    master.add_argument(
+        "--margin", metavar="S", type=float, help="extra wait past a lease for clock drift (default 1)"
+    )
+    master.add_argument(
+        "--base-iqn", metavar="IQN", help="target names are IQN:VOLUME (default iqn.2026-11.io.sparrow)"
+    )
+    master.add_argument(
+        "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
+    )
+    master.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    master.set_defaults(func=cmd_master)
+
+    node = commands.choices.get("node")
+    if node is None:
+        node = commands.add_parser(
+            "node", help="cluster nodes", description="Cluster nodes, as the master sees them."
+        )
+    node_commands = next((a for a in node._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if node_commands is None:
+        node_commands = node.add_subparsers(dest="node_command", metavar="COMMAND")
+        node_commands.required = node.get_default("func") is None
+    lst = node_commands.add_parser("list", help="list the nodes the master knows")
+    lst.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
+    lst.add_argument("--json", action="store_true", help="print the nodes as JSON")
+    lst.set_defaults(func=cmd_node_list)
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 
@@ -412,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--backing", metavar="PATH", help="a block device or file to serve instead of a new file"
     )
+    create.add_argument(
+        "--replicas",
+        type=int,
+        choices=(1, 2, 3),
+        help="copies of the volume (a cluster master places them; a single node serves 1)",
+    )
     create.add_argument("--json", action="store_true", help="print the volume as JSON")
     create.set_defaults(func=cmd_volume_create)
 
@@ -436,6 +643,28 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
 
+    node = commands.add_parser(
+        "node",
+        help="run a cluster node (`node list`: the nodes the master knows)",
+        description="Run a cluster node: it serves the volumes the master assigns to it.",
+    )
+    node.add_argument("--data-dir", metavar="DIR", help="where this node's volumes and cluster state live")
+    node.add_argument("--node-id", metavar="ID", help="this node's id, [a-z0-9][a-z0-9.-]{0,62}")
+    node.add_argument("--master", metavar="HOST:PORT", help="the master's heartbeat address")
+    node.add_argument("--iscsi", metavar="HOST:PORT", help="iSCSI listen address (default 0.0.0.0:3260)")
+    node.add_argument(
+        "--replication", metavar="HOST:PORT", help="replication address (default 0.0.0.0:3291)"
+    )
+    node.add_argument(
+        "--http", metavar="HOST:PORT", help="/metrics and /healthz listen address (default 127.0.0.1:3281)"
+    )
+    node.add_argument(
+        "--heartbeat-interval", metavar="SECONDS", type=float, help="seconds between heartbeats (default 1)"
+    )
+    node.add_argument("--log-format", choices=("auto", "json", "console"))
+    node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    node.set_defaults(func=cmd_node)
+
     migrate = commands.add_parser(
         "migrate",
         help="migrate the records in a data directory to this Sparrow's schema",
@@ -458,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", choices=("volume", "authority"), help="only records of this kind (default: all)"
     )
     migrate.set_defaults(func=cmd_migrate)
+    _add_cluster_commands(commands)
     return parser
 
 

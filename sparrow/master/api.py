@@ -1,0 +1,414 @@
+"""The master's control API: JSON over HTTP (aiohttp), plus /metrics and /healthz.
+
+    POST   /v1/volumes         {name, size, block_size?=512, replicas?=1}     -> 201 volume
+    GET    /v1/volumes                                                         -> 200 {"volumes": [volume...]}
+    GET    /v1/volumes/{name}                                                  -> 200 volume
+    DELETE /v1/volumes/{name}                                                  -> 204
+    GET    /v1/nodes                                                           -> 200 {"nodes": [node...]}
+    GET    /metrics            Prometheus text exposition (the master's own registry)
+    GET    /healthz            200 {"status": "ok", "nodes": N, "nodes_alive": N, "volumes": N}
+
+``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. The volume id
+is minted here (``uuid4().hex``). A volume (see :func:`volume_json`)::
+
+    {"name", "volume_id", "size", "block_size", "replicas_wanted", "created_at" (ISO 8601 UTC),
+     "iqn", "lun": 0,
+     "epoch": int (0: never assigned),
+     "primary": {"node_id", "portal"} | null,
+     "replicas": [{"node_id", "role": "primary"|"replica", "state": "alive"|"dead",
+                   "observed_epoch", "observed_role", "health", "converged", "write_position"}],
+                  (observed_* ... null when the node has reported nothing for the volume)
+     "status": the controller's reason or null, "status_kind": "ok"|"unplaced"|...,
+     "url": "iscsi://PRIMARY_PORTAL/IQN/0" | null}
+
+A node (see :func:`node_json`)::
+
+    {"node_id", "state": "alive"|"dead", "incarnation", "last_heartbeat_age" (seconds | null),
+     "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
+     the master started)}
+
+Errors are ``{"error": "<one line>"}`` with 400, 404, 409 or 500, as in ``sparrow.api``. Handlers
+run on the event loop; SQLite writes (an fsync each) go to a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from frontend.target import DEFAULT_BASE_IQN
+from sparrow.cluster.authority import (
+    AuthorityError,
+    InvalidAuthorityRecord,
+    UnknownVolume,
+    VolumeExists,
+    VolumeRecord,
+)
+from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
+from sparrow.cluster.messages import Assignment
+from sparrow.cluster.observations import NodeState, NodeView
+from sparrow.master.control import ControlLoop
+from sparrow.sizes import SizeError, parse_size
+
+log = structlog.get_logger("sparrow.master.api")
+
+_CREATE_FIELDS = frozenset({"name", "size", "block_size", "replicas"})
+
+
+class MasterMetrics:
+    """The master's Prometheus metrics, on a registry of their own.
+
+    ``sparrow_master_nodes{state}`` and ``sparrow_master_volumes{status}`` are computed at scrape
+    time from the control loop (:meth:`bind`); the counters are incremented by the daemon.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.epochs_published = Counter(
+            "sparrow_master_epochs_published", "Assignment epochs published", registry=self.registry
+        )
+        self.heartbeats_received = Counter(
+            "sparrow_master_heartbeats_received", "Heartbeats received from nodes", registry=self.registry
+        )
+        self.protocol_errors = Counter(
+            "sparrow_master_heartbeat_protocol_errors",
+            "Node connections closed for a protocol error",
+            ["code"],
+            registry=self.registry,
+        )
+        self._collector = _StateCollector()
+        self.registry.register(self._collector)
+
+    def bind(self, control: ControlLoop, clock: Callable[[], float]) -> None:
+        self._collector.control = control
+        self._collector.clock = clock
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector(Collector):
+    """Nodes by state and volumes by status, counted at scrape time."""
+
+    def __init__(self) -> None:
+        self.control: ControlLoop | None = None
+        self.clock: Callable[[], float] = time.monotonic
+
+    def collect(self) -> Iterator[Metric]:
+        nodes = GaugeMetricFamily("sparrow_master_nodes", "Nodes known to the master", labels=["state"])
+        volumes = GaugeMetricFamily(
+            "sparrow_master_volumes", "Volumes by the controller's status", labels=["status"]
+        )
+        by_state = dict.fromkeys((s.value for s in NodeState), 0)
+        by_status = dict.fromkeys((k.value for k in StatusKind), 0)
+        if self.control is not None:
+            for view in self.control.observations.nodes(self.clock()):
+                by_state[view.state.value] += 1
+            for status in self.control.statuses().values():
+                by_status[status.kind.value] += 1
+        for state, count in by_state.items():
+            nodes.add_metric([state], count)
+        for status_kind, count in by_status.items():
+            volumes.add_metric([status_kind], count)
+        yield nodes
+        yield volumes
+
+
+@dataclass(frozen=True, slots=True)
+class MasterApi:
+    """What the handlers need. ``clock`` is the master's monotonic clock; ``wall_clock`` stamps
+    ``created_at``/``deleted_at``."""
+
+    control: ControlLoop
+    metrics: MasterMetrics
+    clock: Callable[[], float]
+    base_iqn: str = DEFAULT_BASE_IQN
+    wall_clock: Callable[[], float] = time.time
+
+
+API_KEY = web.AppKey("master", MasterApi)
+
+
+class ApiError(Exception):
+    """A request error that carries its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def build_app(api: MasterApi) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
+    app[API_KEY] = api
+    app.router.add_post("/v1/volumes", create_volume)
+    app.router.add_get("/v1/volumes", list_volumes)
+    app.router.add_get("/v1/volumes/{name}", get_volume)
+    app.router.add_delete("/v1/volumes/{name}", delete_volume)
+    app.router.add_get("/v1/nodes", list_nodes)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# --- handlers ----------------------------------------------------------------------------------
+
+
+async def create_volume(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    body = await _json_object(request, _CREATE_FIELDS)
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "missing field 'name'" if name is None else "name must be a non-empty string")
+    size = _size(body)
+    block_size = _int(body, "block_size", 512, "block_size must be an integer (512 or 4096)")
+    replicas = _int(body, "replicas", 1, f"replicas must be an integer ({MIN_REPLICAS}..{MAX_REPLICAS})")
+    if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
+        raise ApiError(400, f"replicas must be {MIN_REPLICAS}..{MAX_REPLICAS}, not {replicas}")
+    store = api.control.store
+    record = await asyncio.to_thread(
+        store.add_volume,
+        name,
+        size=size,
+        block_size=block_size,
+        replicas=replicas,
+        created_at=api.wall_clock(),
+        volume_id=_new_volume_id(),
+    )
+    api.control.volume_added(record)
+    log.info("volume created", volume=name, volume_id=record.volume_id, size=size, replicas=replicas)
+    return web.json_response(volume_json(api, record), status=201)
+
+
+async def list_volumes(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    records = await asyncio.to_thread(api.control.store.volumes)
+    return web.json_response({"volumes": [volume_json(api, r) for r in records]})
+
+
+async def get_volume(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    return web.json_response(volume_json(api, await _find(api, request.match_info["name"])))
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    record = await _find(api, request.match_info["name"])
+    await asyncio.to_thread(api.control.store.delete_volume, record.volume_id, deleted_at=api.wall_clock())
+    api.control.volume_deleted(record.volume_id)
+    log.info("volume deleted", volume=record.name, volume_id=record.volume_id)
+    return web.Response(status=204)
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    records = await asyncio.to_thread(api.control.store.nodes)
+    now = api.clock()
+    views = {v.node_id: v for v in api.control.observations.nodes(now)}
+    nodes: list[dict[str, Any]] = [node_json(views[node_id]) for node_id in sorted(views)]
+    for record in records:
+        if record.node_id not in views:
+            # Known from an earlier run, not heard from since this master started.
+            nodes.append(
+                {
+                    "node_id": record.node_id,
+                    "state": NodeState.DEAD.value,
+                    "incarnation": record.incarnation,
+                    "last_heartbeat_age": None,
+                    "iscsi_portal": record.addresses.iscsi_portal,
+                    "replication": record.addresses.replication,
+                    "http": record.addresses.http,
+                    "capacity_bytes": record.capacity,
+                    "free_bytes": None,
+                }
+            )
+    nodes.sort(key=lambda n: str(n["node_id"]))
+    return web.json_response({"nodes": nodes})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[API_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    views = api.control.observations.nodes(api.clock())
+    alive = sum(1 for v in views if v.state is NodeState.ALIVE)
+    return web.json_response(
+        {"status": "ok", "nodes": len(views), "nodes_alive": alive, "volumes": len(api.control.desired())}
+    )
+
+
+# --- JSON shapes -------------------------------------------------------------------------------
+
+
+def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
+    """The public view of a volume: what the operator asked for, what is published, what is observed."""
+    control = api.control
+    assignment = control.current(record.volume_id)
+    status = control.status(record.volume_id)
+    iqn = f"{api.base_iqn}:{record.name}"
+    primary = None
+    url = None
+    if assignment is not None and assignment.primary is not None and assignment.primary_portal is not None:
+        primary = {"node_id": assignment.primary, "portal": assignment.primary_portal}
+        url = f"iscsi://{assignment.primary_portal}/{iqn}/0"
+    return {
+        "name": record.name,
+        "volume_id": record.volume_id,
+        "size": record.size,
+        "block_size": record.block_size,
+        "replicas_wanted": record.replicas,
+        "created_at": _iso(record.created_at),
+        "iqn": iqn,
+        "lun": 0,
+        "epoch": 0 if assignment is None else assignment.epoch,
+        "primary": primary,
+        "replicas": [] if assignment is None else _replicas_json(api, assignment),
+        "status": None if status is None else status.reason,
+        "status_kind": None if status is None else status.kind.value,
+        "url": url,
+    }
+
+
+def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any]]:
+    observations = api.control.observations
+    now = api.clock()
+    out = []
+    for node_id in assignment.replicas:
+        obs = observations.observation(node_id, assignment.volume_id)
+        out.append(
+            {
+                "node_id": node_id,
+                "role": "primary" if node_id == assignment.primary else "replica",
+                "state": (NodeState.ALIVE if observations.alive(node_id, now) else NodeState.DEAD).value,
+                "observed_epoch": None if obs is None else obs.epoch,
+                "observed_role": None if obs is None else obs.role.value,
+                "health": None if obs is None else obs.health.value,
+                "converged": None if obs is None else obs.converged,
+                "write_position": None if obs is None else obs.write_position,
+            }
+        )
+    return out
+
+
+def node_json(view: NodeView) -> dict[str, Any]:
+    """One ``observations.NodeView`` as JSON."""
+    age = view.last_heartbeat_age
+    return {
+        "node_id": view.node_id,
+        "state": view.state.value,
+        "incarnation": view.incarnation,
+        "last_heartbeat_age": None if age is None else round(age, 3),
+        "iscsi_portal": view.iscsi_portal,
+        "replication": view.replication,
+        "http": view.http,
+        "capacity_bytes": view.capacity_bytes,
+        "free_bytes": view.free_bytes,
+    }
+
+
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _new_volume_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --- request parsing ---------------------------------------------------------------------------
+
+
+async def _find(api: MasterApi, name: str) -> VolumeRecord:
+    for record in await asyncio.to_thread(api.control.store.volumes):
+        if record.name == name:
+            return record
+    raise ApiError(404, f"no volume named {name!r}")
+
+
+async def _json_object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    return data
+
+
+def _int(body: Mapping[str, Any], key: str, default: int, message: str) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, message)
+    return value
+
+
+def _size(body: Mapping[str, Any]) -> int:
+    value = body.get("size")
+    if value is None:
+        raise ApiError(400, "missing field 'size' (bytes, or a string such as \"64MiB\")")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ApiError(400, 'size must be an integer number of bytes or a string such as "64MiB"')
+    try:
+        return parse_size(value)
+    except SizeError as e:
+        raise ApiError(400, str(e)) from None
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+#: Authority errors that are the client's doing, and the status each one answers with.
+_AUTHORITY_STATUS: tuple[tuple[type[AuthorityError], int], ...] = (
+    (UnknownVolume, 404),
+    (VolumeExists, 409),
+    (InvalidAuthorityRecord, 400),
+)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure becomes ``{"error": ...}`` with a status; a bug is logged with its traceback."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _error(e.status, str(e))
+    except AuthorityError as e:
+        for cls, status in _AUTHORITY_STATUS:
+            if isinstance(e, cls):
+                return _error(status, str(e))
+        log.error("authority error", method=request.method, path=request.path, error=str(e))
+        return _error(500, str(e))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.reason if e.status != 404 else f"no such endpoint: {request.method} {request.path}"
+        if e.status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        if e.status == 413:
+            message = "request body too large"
+        return _error(e.status, message)
+    except Exception as e:
+        log.exception("API handler failed", method=request.method, path=request.path)
+        return _error(500, f"internal error: {type(e).__name__}: {e}")

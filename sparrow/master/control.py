@@ -1,0 +1,284 @@
+"""The master's control loop (docs/cluster.md, "TopologyController", "Publisher and AuthorityStore").
+
+Every heartbeat interval the loop runs one :meth:`ControlLoop.step`:
+
+1. read the authority (live volumes and the newest published assignment of each);
+2. ``TopologyController.decide(desired, current, observations, leases, now)``;
+3. for each ask that differs from the volume's current assignment, ``Publisher.publish(ask)`` --
+   the only place an epoch is minted, committed before any node hears of it -- and remember when
+   it was published (master clock), which the controller's convergence deadline counts from.
+
+The latest :class:`~sparrow.cluster.controller.Decision`'s status per volume is kept for the API,
+and the current assignments are kept in memory for the heartbeat server's Acks
+(:meth:`ControlLoop.assignments_for`).
+
+Restart (:func:`restore`): the master has forgotten which leases it granted and when its
+assignments were published. It therefore treats every node it knows as granted a full lease at its
+start time (``MasterLeases.granted``, before the first decide; see ``sparrow.cluster.lease``),
+counts convergence of the recorded assignments from its start time, and builds the
+ObservationStore with ``started_at=now`` so that nodes that have not reconnected yet are not
+declared dead. An unchanged cluster therefore yields no ask and no new epoch.
+
+Steps are synchronous and take ``now`` (tests drive them directly). The asyncio layer uses
+:meth:`ControlLoop.step_async`, which runs the same phases but does the blocking SQLite calls
+(reads, and a publish's fsync) in a worker thread; the decision itself runs on the event loop,
+which is the only thread touching the ObservationStore and MasterLeases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from sparrow.cluster.authority import AuthorityError, AuthorityStore, VolumeRecord
+from sparrow.cluster.controller import (
+    AssignmentAsk,
+    Decision,
+    DesiredVolume,
+    PublishedAssignment,
+    TopologyController,
+    VolumeStatus,
+)
+from sparrow.cluster.lease import LeaseConfig, MasterLeases
+from sparrow.cluster.messages import Assignment
+from sparrow.cluster.observations import ObservationStore
+from sparrow.cluster.publisher import Publisher
+
+log = structlog.get_logger("sparrow.master.control")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthoritySnapshot:
+    """What the authority holds: live volumes and the assignment in force for each that has one."""
+
+    volumes: tuple[VolumeRecord, ...]
+    assignments: Mapping[str, Assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFailure:
+    """An ask the publisher refused (e.g. a node whose Hello is not recorded yet); retried next step."""
+
+    ask: AssignmentAsk
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One step: the controller's decision, what was published, and what the publisher refused."""
+
+    decision: Decision
+    published: tuple[Assignment, ...]
+    failed: tuple[PublishFailure, ...]
+
+
+def differs(ask: AssignmentAsk, current: Assignment | None) -> bool:
+    """True when publishing ``ask`` would change the volume's assignment (primary or copies)."""
+    return current is None or ask.primary != current.primary or tuple(ask.replicas) != current.replicas
+
+
+class ControlLoop:
+    """Holds the master's view between steps; see the module docstring.
+
+    ``on_published`` is called (on the caller's thread) with every assignment once it is committed.
+    """
+
+    def __init__(
+        self,
+        store: AuthorityStore,
+        *,
+        observations: ObservationStore,
+        leases: MasterLeases,
+        controller: TopologyController,
+        publisher: Publisher,
+        on_published: Callable[[Assignment], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.observations = observations
+        self.leases = leases
+        self.controller = controller
+        self.publisher = publisher
+        self._on_published = on_published
+        self._volumes: dict[str, VolumeRecord] = {}
+        self._current: dict[str, PublishedAssignment] = {}
+        self._status: dict[str, VolumeStatus] = {}
+        #: Volumes deleted through the API: a snapshot read before the delete must not revive them.
+        self._deleted: set[str] = set()
+        self.steps = 0
+
+    # -- phases -----------------------------------------------------------------------------------
+
+    def read_authority(self) -> AuthoritySnapshot:
+        """Blocking: the live volumes and their current assignments, from SQLite."""
+        return AuthoritySnapshot(self.store.volumes(), self.store.latest_assignments())
+
+    def apply_snapshot(self, snapshot: AuthoritySnapshot, now: float) -> None:
+        """Adopt ``snapshot`` as the master's view. An assignment seen for the first time (e.g.
+        after a restart) counts as published at ``now``."""
+        self._volumes = {v.volume_id: v for v in snapshot.volumes if v.volume_id not in self._deleted}
+        current: dict[str, PublishedAssignment] = {}
+        for volume_id, assignment in snapshot.assignments.items():
+            if volume_id not in self._volumes:
+                continue
+            known = self._current.get(volume_id)
+            if known is not None and known.assignment.epoch == assignment.epoch:
+                published_at = known.published_at
+            else:
+                published_at = now
+            current[volume_id] = PublishedAssignment(assignment, published_at)
+        self._current = current
+        self._status = {k: v for k, v in self._status.items() if k in self._volumes}
+
+    def desired(self) -> tuple[DesiredVolume, ...]:
+        return tuple(
+            DesiredVolume(
+                volume_id=v.volume_id, name=v.name, size=v.size, block_size=v.block_size, replicas=v.replicas
+            )
+            for v in self._volumes.values()
+        )
+
+    def decide(self, now: float) -> tuple[Decision, tuple[AssignmentAsk, ...]]:
+        """Ask the controller; keep its status per volume; return the decision and the asks that
+        would change something (the only ones worth an epoch)."""
+        decision = self.controller.decide(self.desired(), self._current, self.observations, self.leases, now)
+        self._status = dict(decision.status)
+        self.steps += 1
+        to_publish = tuple(ask for ask in decision.asks if differs(ask, self.current(ask.volume_id)))
+        return decision, to_publish
+
+    def publish(self, ask: AssignmentAsk) -> Assignment:
+        """Blocking: mint and commit the next epoch for ``ask`` (raises the publisher's errors)."""
+        return self.publisher.publish(ask)
+
+    def published(self, assignment: Assignment, reason: str, now: float) -> None:
+        """Record a committed assignment as the volume's current one, published at ``now``."""
+        if assignment.volume_id in self._deleted:
+            return
+        self._current[assignment.volume_id] = PublishedAssignment(assignment, now)
+        log.info(
+            "published assignment",
+            volume=assignment.name,
+            volume_id=assignment.volume_id,
+            epoch=assignment.epoch,
+            primary=assignment.primary,
+            replicas=list(assignment.replicas),
+            reason=reason,
+        )
+        if self._on_published is not None:
+            self._on_published(assignment)
+
+    # -- whole steps ------------------------------------------------------------------------------
+
+    def step(self, now: float) -> StepResult:
+        """One synchronous step at ``now`` (reads, decides, publishes)."""
+        self.apply_snapshot(self.read_authority(), now)
+        decision, asks = self.decide(now)
+        published: list[Assignment] = []
+        failed: list[PublishFailure] = []
+        for ask in asks:
+            try:
+                assignment = self.publish(ask)
+            except AuthorityError as e:
+                failed.append(self._refused(ask, e))
+                continue
+            self.published(assignment, ask.reason, now)
+            published.append(assignment)
+        return StepResult(decision, tuple(published), tuple(failed))
+
+    async def step_async(self, clock: Callable[[], float]) -> StepResult:
+        """The same step with the blocking SQLite calls in a worker thread; ``clock`` is read after
+        the snapshot arrives and again after each publish commits."""
+        snapshot = await asyncio.to_thread(self.read_authority)
+        now = clock()
+        self.apply_snapshot(snapshot, now)
+        decision, asks = self.decide(now)
+        published: list[Assignment] = []
+        failed: list[PublishFailure] = []
+        for ask in asks:
+            try:
+                assignment = await asyncio.to_thread(self.publish, ask)
+            except AuthorityError as e:
+                failed.append(self._refused(ask, e))
+                continue
+            self.published(assignment, ask.reason, clock())
+            published.append(assignment)
+        return StepResult(decision, tuple(published), tuple(failed))
+
+    @staticmethod
+    def _refused(ask: AssignmentAsk, error: AuthorityError) -> PublishFailure:
+        log.warning("publish refused", volume_id=ask.volume_id, reason=ask.reason, error=str(error))
+        return PublishFailure(ask, str(error))
+
+    # -- reading (event loop) ---------------------------------------------------------------------
+
+    def current(self, volume_id: str) -> Assignment | None:
+        """The assignment in force for ``volume_id`` as the master knows it (None: never assigned)."""
+        published = self._current.get(volume_id)
+        return None if published is None else published.assignment
+
+    def published_at(self, volume_id: str) -> float | None:
+        published = self._current.get(volume_id)
+        return None if published is None else published.published_at
+
+    def status(self, volume_id: str) -> VolumeStatus | None:
+        """The latest decision's status for the volume (None before its first decision)."""
+        return self._status.get(volume_id)
+
+    def statuses(self) -> Mapping[str, VolumeStatus]:
+        return dict(self._status)
+
+    def assignments_for(self, node_id: str) -> tuple[Assignment, ...]:
+        """The current assignments naming ``node_id`` (primary or replica), by volume id: what its
+        next Ack carries."""
+        return tuple(
+            p.assignment
+            for _, p in sorted(self._current.items())
+            if node_id == p.assignment.primary or node_id in p.assignment.replicas
+        )
+
+    # -- changes from the API ---------------------------------------------------------------------
+
+    def volume_added(self, volume: VolumeRecord) -> None:
+        """A volume was just recorded; the next step places it."""
+        self._volumes[volume.volume_id] = volume
+
+    def volume_deleted(self, volume_id: str) -> None:
+        """A volume was just marked deleted: stop handing out its assignment at once."""
+        self._deleted.add(volume_id)
+        self._volumes.pop(volume_id, None)
+        self._current.pop(volume_id, None)
+        self._status.pop(volume_id, None)
+
+
+def restore(
+    store: AuthorityStore,
+    timing: LeaseConfig,
+    now: float,
+    *,
+    controller: TopologyController | None = None,
+    publisher: Publisher | None = None,
+    on_published: Callable[[Assignment], None] | None = None,
+) -> ControlLoop:
+    """Build the master's state at (re)start ``now`` from the authority store (blocking reads).
+
+    Every node the authority knows is treated as holding a lease granted at ``now`` (the master
+    cannot know what it granted before it stopped), the ObservationStore starts at ``now``, and the
+    recorded assignments are adopted as published at ``now``. No decision is made here.
+    """
+    observations = ObservationStore(timing.dead_after, started_at=now)
+    leases = MasterLeases(timing.margin)
+    for node in store.nodes():
+        leases.granted(node.node_id, now, timing.lease_seconds)
+    loop = ControlLoop(
+        store,
+        observations=observations,
+        leases=leases,
+        controller=controller if controller is not None else TopologyController(margin=timing.margin),
+        publisher=publisher if publisher is not None else Publisher(store),
+        on_published=on_published,
+    )
+    loop.apply_snapshot(loop.read_authority(), now)
+    return loop

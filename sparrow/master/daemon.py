@@ -1,0 +1,271 @@
+"""``sparrow master``: the master's startup, main loop and shutdown (docs/cluster.md).
+
+Startup: lock the data directory (``store.lock.DataDirLock``), open ``DATA_DIR/authority.sqlite3``
+(``AuthorityStore.open_in``), rebuild the state from it (``control.restore``: every known node is
+treated as holding a lease granted now, observations start now), bind the heartbeat listener and
+the HTTP API, and only then tell systemd ``READY=1``. The first control step runs after that.
+
+Main loop: one control step every ``heartbeat_interval`` seconds (``ControlLoop.step_async``).
+
+Shutdown (SIGTERM or SIGINT): ``STOPPING=1``; the control loop finishes the step it is in (a
+publish is one SQLite transaction: it commits or it does not); the HTTP API stops; node connections
+are closed; pending node upserts finish; the store is closed and the lock released; exit 0.
+
+A startup failure is one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+from aiohttp import web
+
+from frontend.target import DEFAULT_BASE_IQN
+from sparrow import systemd
+from sparrow.cluster.authority import AuthorityError, AuthorityStore
+from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyController
+from sparrow.cluster.lease import LeaseConfig
+from sparrow.cluster.messages import Assignment, Hello
+from sparrow.config import HostPort
+from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.control import ControlLoop, restore
+from sparrow.master.heartbeat_server import HeartbeatServer
+from store.blockstore import StoreError
+from store.lock import DataDirLock
+
+log = structlog.get_logger("sparrow.master")
+
+DEFAULT_LISTEN = HostPort("0.0.0.0", 3290)
+DEFAULT_HTTP = HostPort("127.0.0.1", 3280)
+#: Seconds API requests in progress get on shutdown.
+HTTP_SHUTDOWN_TIMEOUT = 5.0
+#: Seconds the control step in progress and pending node upserts get on shutdown.
+STEP_SHUTDOWN_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    data_dir: Path
+    listen: HostPort = DEFAULT_LISTEN
+    http: HostPort = DEFAULT_HTTP
+    timing: LeaseConfig = field(default_factory=LeaseConfig)
+    converge_deadline: float = DEFAULT_CONVERGE_DEADLINE
+    base_iqn: str = DEFAULT_BASE_IQN
+
+
+class StartupError(Exception):
+    """The master cannot start; the message is the one line the operator sees."""
+
+
+def run(config: MasterConfig) -> int:
+    """Run the master on uvloop until SIGTERM/SIGINT. Returns the process exit code."""
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(config))
+    except StartupError as e:
+        _fail(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 1
+    except Exception as e:
+        log.exception("master crashed")
+        _fail(f"unexpected error: {type(e).__name__}: {e}")
+        return 1
+
+
+def _fail(message: str) -> None:
+    print(f"sparrow: error: {message}", file=sys.stderr, flush=True)
+
+
+class NodeRecorder:
+    """Upserts each Hello in the authority store in a worker thread (an fsync), one at a time so a
+    node's records land in the order its Hellos came."""
+
+    def __init__(self, store: AuthorityStore) -> None:
+        self.store = store
+        self._queue: asyncio.Queue[Hello | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="node-recorder")
+
+    def hello(self, hello: Hello) -> None:
+        self._queue.put_nowait(hello)
+
+    async def _run(self) -> None:
+        while (hello := await self._queue.get()) is not None:
+            try:
+                await asyncio.to_thread(self.store.upsert_hello, hello, seen_at=time.time())
+            except AuthorityError as e:
+                log.error("cannot record node", node=hello.node_id, error=str(e))
+
+    async def close(self, deadline: float) -> None:
+        """Let the queued upserts finish (at most ``deadline`` seconds), then stop."""
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._task, deadline)
+        except TimeoutError:
+            log.warning("node upserts did not finish before shutdown")
+
+
+async def control_task(
+    control: ControlLoop, clock: Callable[[], float], interval: float, stop: asyncio.Event
+) -> None:
+    """One control step per ``interval`` until ``stop`` is set; a step in progress is finished."""
+    while not stop.is_set():
+        try:
+            await control.step_async(clock)
+        except Exception:
+            # A bug or an I/O error must not silently end the control loop: log and go on.
+            log.exception("control step failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def serve(config: MasterConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    async with contextlib.AsyncExitStack() as cleanup:
+        lock = DataDirLock(config.data_dir)
+        try:
+            lock.acquire()
+        except StoreError as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            raise StartupError(f"cannot use data directory {config.data_dir}: {_os_reason(e)}") from None
+        cleanup.callback(lock.release)
+
+        try:
+            store = AuthorityStore.open_in(config.data_dir)
+        except (AuthorityError, StoreError) as e:
+            raise StartupError(str(e)) from None
+        except Exception as e:  # sqlite3.Error, OSError
+            raise StartupError(f"cannot open the authority database in {config.data_dir}: {e}") from None
+        cleanup.callback(store.close)
+
+        metrics = MasterMetrics()
+        clock = loop.time
+
+        def on_published(assignment: Assignment) -> None:
+            metrics.epochs_published.inc()
+
+        timing = config.timing
+        control = restore(
+            store,
+            timing,
+            clock(),
+            controller=TopologyController(converge_deadline=config.converge_deadline, margin=timing.margin),
+            on_published=on_published,
+        )
+        metrics.bind(control, clock)
+
+        recorder = NodeRecorder(store)
+        recorder.start()
+        cleanup.push_async_callback(recorder.close, 1.0)
+        heartbeats = HeartbeatServer(
+            control,
+            lease_seconds=timing.lease_seconds,
+            clock=clock,
+            on_hello=recorder.hello,
+            on_heartbeat=metrics.heartbeats_received.inc,
+            on_protocol_error=lambda code: metrics.protocol_errors.labels(code=code).inc(),
+        )
+        try:
+            await heartbeats.start(config.listen.host, config.listen.port)
+        except OSError as e:
+            raise StartupError(f"cannot listen for heartbeats on {config.listen}: {_os_reason(e)}") from None
+        cleanup.push_async_callback(heartbeats.close)
+        listen_bound = _bound(heartbeats.sockets, config.listen)
+
+        api = MasterApi(control=control, metrics=metrics, clock=clock, base_iqn=config.base_iqn)
+        runner = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
+        await runner.setup()
+        cleanup.push_async_callback(runner.cleanup)
+        site = web.TCPSite(
+            runner,
+            config.http.host,
+            config.http.port,
+            reuse_address=True,
+            shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
+        )
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"cannot listen for HTTP on {config.http}: {_os_reason(e)}") from None
+        http_bound = _bound(runner.addresses, config.http)
+
+        log.info(
+            "master listening",
+            heartbeats=str(listen_bound),
+            http=str(http_bound),
+            volumes=len(control.desired()),
+            data_dir=str(config.data_dir),
+            heartbeat_interval=timing.heartbeat_interval,
+            lease_seconds=timing.lease_seconds,
+            dead_after=timing.dead_after,
+        )
+        _notify(systemd.ready, f"master: heartbeats on {listen_bound}, API on {http_bound}")
+
+        steps = asyncio.create_task(control_task(control, clock, timing.heartbeat_interval, stop))
+        await stop.wait()
+
+        # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
+        cleanup.pop_all()
+        log.info("stopping", signal=received[0] if received else None)
+        _notify(systemd.stopping, "draining")
+        try:
+            await asyncio.wait_for(steps, STEP_SHUTDOWN_TIMEOUT)
+        except TimeoutError:
+            log.warning("control step did not finish before shutdown")
+        await runner.cleanup()
+        await heartbeats.close()
+        await recorder.close(STEP_SHUTDOWN_TIMEOUT)
+        try:
+            store.close()
+        finally:
+            lock.release()
+        log.info("stopped")
+        return 0
+    raise AssertionError("unreachable")  # pragma: no cover  (mypy: the exit stack may swallow)
+
+
+def _os_reason(e: OSError) -> str:
+    text = os.strerror(e.errno) if e.errno else str(e)
+    return text[:1].lower() + text[1:]
+
+
+def _notify(send: Callable[[str], bool], status: str) -> None:
+    try:
+        send(status)
+    except OSError as e:
+        log.warning("sd_notify failed", error=str(e))
+
+
+def _bound(addresses: Iterable[Any], configured: HostPort) -> HostPort:
+    for item in addresses:
+        name = item.getsockname() if hasattr(item, "getsockname") else item
+        if isinstance(name, tuple):
+            return HostPort(configured.host, int(name[1]))
+    return configured

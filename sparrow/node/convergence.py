@@ -1,0 +1,440 @@
+"""Convergence: the node carries out the adapter's actions, and fences the moment its lease lapses.
+
+Two pieces, both on the event loop:
+
+- :class:`NodeVolumes` is the node's volume layer (the adapter's ``LocalVolumes``): it opens a
+  volume by its cluster ``volume_id`` (creating the local store with the master's id the first time,
+  ``VolumeManager.create(..., volume_id=...)``), exports it as the target ``{base_iqn}:{name}``
+  with LUN 0, sets the LU's asymmetric access state (SPC-4 5.15.2), points logins elsewhere with a
+  redirect (RFC 7143 11.13.5) and unexports a released volume. It never deletes data.
+- :class:`Convergence` runs the plans of :class:`~sparrow.cluster.adapter.Adapter` one at a time,
+  in the order they were made (``execute_plan``: a volume's ``PersistRole`` is durable before any
+  other action for it), and keeps THE FENCE: one ``call_at`` timer at the lease's expiry, re-armed
+  whenever an Ack moves the expiry. When it fires and ``LeaseClock.valid(now)`` is false, the
+  actions of ``Adapter.fence_all()`` are applied to the LUs at once, in the timer callback, without
+  waiting behind a plan that is still running: every primary LU goes ``TRANSITIONING``, so reads
+  and writes get CHECK CONDITION, NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE
+  TRANSITION (04/0A, SPC-4 5.15.2.4.6) and REPORT TARGET PORT GROUPS shows the state. The plan is
+  also queued, so the adapter hears of it in order.
+
+A plan made while the lease was valid may run after the lease lapsed (a PersistRole ahead of it
+took a while): :class:`NodeVolumes` is handed to ``execute_plan`` through a guard that never makes
+an LU serve while ``LeaseClock.valid(now)`` is false; it leaves the LU fenced and fences through
+the adapter, so the adapter's model and the LUs agree. The next Ack with a valid lease serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from frontend.scsi.lu import AccessState, LogicalUnit, LuIdentity
+from frontend.scsi.reservations import Reservations
+from frontend.target import Portal, Target, TargetRegistry
+from sparrow.cluster.adapter import (
+    SERVING_STATES,
+    Adapter,
+    AdapterPlan,
+    OpenVolume,
+    SetAccess,
+    execute_plan,
+)
+from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.messages import Ack, VolumeObservation, split_portal
+from sparrow.service import NoSessions, SessionControl, VolumeMetrics
+from store.blockstore import StoreError
+from store.volumes import Volume, VolumeManager
+
+log = structlog.get_logger("sparrow.node")
+
+#: Seconds past the expiry at which an early-firing fence timer is re-armed (loop clocks have
+#: millisecond resolution; a timer may fire a hair before the float deadline).
+REARM_SLACK = 0.001
+
+
+class VolumeMismatch(StoreError):
+    """The local volume and the assignment disagree in a way the node must not paper over (a name
+    held by another volume id, a block size that differs, a size that would shrink)."""
+
+
+# -- the volume layer ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """One volume this node exports: its id, local name, target IQN and logical unit."""
+
+    volume_id: str
+    name: str
+    iqn: str
+    lu: LogicalUnit
+
+
+class NodeVolumes:
+    """The node's ``LocalVolumes``: volumes by cluster id, exported as targets in ``registry``.
+
+    Every action is idempotent (the adapter's contract): opening an open volume only grows it if
+    the assignment is larger; closing, fencing or redirecting a volume that is not open does nothing.
+    """
+
+    def __init__(
+        self,
+        manager: VolumeManager,
+        registry: TargetRegistry,
+        *,
+        base_iqn: str,
+        tpgt: int = 1,
+        metrics: VolumeMetrics | None = None,
+        sessions: SessionControl | None = None,
+    ) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.base_iqn = base_iqn
+        self.tpgt = tpgt
+        self.metrics = metrics
+        self.sessions: SessionControl = sessions or NoSessions()
+        self._exported: dict[str, Exported] = {}
+
+    # ---- queries ------------------------------------------------------------------------------------
+
+    def iqn_for(self, name: str) -> str:
+        return f"{self.base_iqn}:{name}"
+
+    def exported(self) -> Mapping[str, Exported]:
+        """The exported volumes by volume id."""
+        return dict(self._exported)
+
+    def lu(self, volume_id: str) -> LogicalUnit | None:
+        entry = self._exported.get(volume_id)
+        return None if entry is None else entry.lu
+
+    def find(self, volume_id: str) -> Volume | None:
+        """The local volume with cluster id ``volume_id`` (open in the manager), if any."""
+        for volume in self.manager.list():
+            if volume.meta.volume_id == volume_id:
+                return volume
+        return None
+
+    def __iter__(self) -> Iterator[Exported]:
+        return iter(list(self._exported.values()))
+
+    # ---- LocalVolumes -------------------------------------------------------------------------------
+
+    async def open_volume(self, action: OpenVolume) -> None:
+        """Make the volume's LU exist: create the local store with the master's id if there is none
+        (never truncating one), then export it fenced (``TRANSITIONING``, no redirect)."""
+        volume = self.find(action.volume_id)
+        if volume is None:
+            try:
+                clash = self.manager.get(action.name)
+            except StoreError:
+                clash = None
+            if clash is not None:
+                raise VolumeMismatch(
+                    f"volume {action.volume_id}: the name {action.name!r} is held locally by volume "
+                    f"{clash.meta.volume_id}"
+                )
+            volume = await self.manager.create(
+                action.name, action.size, block_size=action.block_size, volume_id=action.volume_id
+            )
+            log.info("volume created", volume=action.name, volume_id=action.volume_id, size=action.size)
+        meta = volume.meta
+        if meta.block_size != action.block_size:
+            raise VolumeMismatch(
+                f"volume {action.volume_id}: local block size {meta.block_size}, assigned {action.block_size}"
+            )
+        if action.size < meta.size:
+            raise VolumeMismatch(
+                f"volume {action.volume_id}: assigned size {action.size} < local size {meta.size}"
+            )
+        grew = action.size > meta.size
+        if grew:
+            volume = await self.manager.resize(meta.name, action.size)
+            log.info("volume grown", volume=meta.name, size=action.size)
+        entry = self._exported.get(action.volume_id)
+        if entry is None:
+            self._export(volume)
+        elif grew:
+            entry.lu.capacity_changed()
+            if self.metrics is not None:
+                self.metrics.volume_served(entry.name, volume.meta.size)
+
+    async def close_volume(self, volume_id: str) -> None:
+        """Unexport: fence the LU, forget the target (no new logins), close its sessions once their
+        commands finished. The data and the volume record stay."""
+        entry = self._exported.pop(volume_id, None)
+        if entry is None:
+            return
+        entry.lu.access_state = AccessState.TRANSITIONING
+        self.registry.remove(entry.iqn)
+        await self.sessions.disconnect(entry.iqn, "volume released by this node")
+        if self.metrics is not None:
+            self.metrics.volume_removed(entry.name)
+        log.info("target unexported", volume=entry.name, volume_id=volume_id)
+
+    async def set_access(self, volume_id: str, state: AccessState) -> None:
+        self.apply_access(volume_id, state)
+
+    async def redirect(self, volume_id: str, portal: str | None) -> None:
+        """Logins to the volume's target go to ``portal`` (``host:port``), or are served here (None)."""
+        entry = self._exported.get(volume_id)
+        if entry is None:
+            return
+        if portal is None:
+            self.registry.redirect(entry.iqn, None)
+        else:
+            host, port = split_portal(portal)
+            self.registry.redirect(entry.iqn, Portal(host, port, self.tpgt))
+
+    def apply_access(self, volume_id: str, state: AccessState) -> bool:
+        """Set the LU's access state now (synchronously); False if the volume is not open."""
+        entry = self._exported.get(volume_id)
+        if entry is None:
+            return False
+        if entry.lu.access_state != state:
+            log.info("access state", volume=entry.name, state=state.name)
+        entry.lu.access_state = state
+        return True
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _export(self, volume: Volume) -> None:
+        meta = volume.meta
+        lu = LogicalUnit(
+            volume.store,
+            LuIdentity(volume=meta.name, serial=meta.serial, naa=bytes.fromhex(meta.naa)),
+            reservations=Reservations(meta.reservations or None),
+            on_reservations_changed=self._reservation_saver(meta.name),
+            tpgt=self.tpgt,
+            physical_block_size=meta.physical_block_size,
+        )
+        lu.access_state = AccessState.TRANSITIONING  # fenced before any initiator can reach it
+        iqn = self.iqn_for(meta.name)
+        self._exported[meta.volume_id] = Exported(meta.volume_id, meta.name, iqn, lu)
+        self.registry.add(Target(iqn, meta.name, lu))
+        if self.metrics is not None:
+            self.metrics.volume_served(meta.name, meta.size)
+        log.info("target exported", volume=meta.name, volume_id=meta.volume_id, iqn=iqn)
+
+    def _reservation_saver(self, name: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
+        async def save(record: dict[str, Any]) -> None:
+            await self.manager.save_reservations(name, record)
+
+        return save
+
+
+# -- convergence and the fence ------------------------------------------------------------------------
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+#: ``schedule(when, callback)``: run ``callback`` at loop time ``when`` (``loop.call_at``).
+Scheduler = Callable[[float, Callable[[], None]], Cancellable]
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """One fence: when it was applied, when the lease had expired (loop clock), what it fenced."""
+
+    at: float
+    expired_at: float | None
+    volume_ids: tuple[str, ...]
+    reason: str
+
+    @property
+    def late(self) -> float | None:
+        """Seconds between the lease's expiry and the fence."""
+        return None if self.expired_at is None else self.at - self.expired_at
+
+
+class _Guarded:
+    """``LocalVolumes`` for ``execute_plan`` that never makes an LU serve without a valid lease."""
+
+    def __init__(self, owner: Convergence) -> None:
+        self._owner = owner
+        self._volumes = owner.volumes
+
+    async def open_volume(self, action: OpenVolume) -> None:
+        await self._volumes.open_volume(action)
+
+    async def close_volume(self, volume_id: str) -> None:
+        await self._volumes.close_volume(volume_id)
+
+    async def set_access(self, volume_id: str, state: AccessState) -> None:
+        if state in SERVING_STATES and not self._owner.lease_valid():
+            # Planned under a lease that has lapsed since: stay fenced, and tell the adapter.
+            self._volumes.apply_access(volume_id, AccessState.TRANSITIONING)
+            self._owner.fence("lease lapsed before the plan ran")
+            return
+        self._volumes.apply_access(volume_id, state)
+
+    async def redirect(self, volume_id: str, portal: str | None) -> None:
+        await self._volumes.redirect(volume_id, portal)
+
+
+class Convergence:
+    """Runs the adapter's plans in order on the event loop and keeps the fence timer.
+
+    ``clock`` is the loop's monotonic clock (``loop.time``), the one ``LeaseClock`` is fed with;
+    ``schedule`` is ``loop.call_at``. Both default to the running loop's.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        volumes: NodeVolumes,
+        lease: LeaseClock,
+        *,
+        clock: Callable[[], float] | None = None,
+        schedule: Scheduler | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.volumes = volumes
+        self.lease = lease
+        if clock is None or schedule is None:
+            loop = asyncio.get_running_loop()
+            clock = clock or loop.time
+            schedule = schedule or (lambda when, callback: loop.call_at(when, callback))
+        self._clock = clock
+        self._schedule = schedule
+        self._queue: asyncio.Queue[AdapterPlan] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._timer: Cancellable | None = None
+        self._timer_at: float | None = None
+        self._guarded = _Guarded(self)
+        #: Every fence applied, oldest first (the daemon exports the count; tests read the times).
+        self.fences: list[Fence] = []
+        #: The error of the last plan that failed part way, if any (None once a plan succeeds).
+        self.last_error: str | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue the restart plan (persisted volumes opened, primaries fenced) and start the worker."""
+        self._enqueue(self.adapter.startup())
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="node-convergence")
+
+    async def close(self) -> None:
+        """Stop the timer and the worker (a plan in progress is cancelled between two actions)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+
+    async def idle(self) -> None:
+        """Wait until every queued plan has run."""
+        await self._queue.join()
+
+    # ---- inputs -------------------------------------------------------------------------------------
+
+    def lease_valid(self) -> bool:
+        return self.lease.valid(self._clock())
+
+    def on_ack(self, ack: Ack) -> None:
+        """An Ack was applied to the lease clock (``LeaseClock.acked``): plan its assignments under
+        the lease as it stands now, and move the fence to the lease's new expiry."""
+        now = self._clock()
+        self._enqueue(self.adapter.plan(ack.assignments, self.lease.valid(now), now))
+        self._arm()
+
+    def observations(self, now: float) -> tuple[VolumeObservation, ...]:
+        """What the next heartbeat reports (the adapter's view: persisted epochs and roles)."""
+        return self.adapter.observations(now)
+
+    # ---- the fence ----------------------------------------------------------------------------------
+
+    @property
+    def fence_at(self) -> float | None:
+        """When the fence timer is armed to fire (loop clock), None when it is not armed."""
+        return self._timer_at
+
+    def _arm(self) -> None:
+        expires = self.lease.expires_at
+        if expires is None or expires == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = expires
+        self._timer = self._schedule(expires, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self._clock()
+        expires = self.lease.expires_at
+        if self.lease.valid(now):
+            # Fired a hair early (clock resolution), or the lease moved without a re-arm: wait on.
+            assert expires is not None
+            self._timer_at = max(expires, now + REARM_SLACK)
+            self._timer = self._schedule(self._timer_at, self._on_timer)
+            return
+        self.fence("lease expired")
+
+    def fence(self, reason: str) -> Fence:
+        """Fence every primary now: ``Adapter.fence_all()`` applied to the LUs at once, then queued
+        so the adapter records it in order (re-applying it is harmless)."""
+        now = self._clock()
+        plan = self.adapter.fence_all()
+        fenced: list[str] = []
+        for action in plan.actions:
+            if isinstance(action, SetAccess) and self.volumes.apply_access(action.volume_id, action.state):
+                fenced.append(action.volume_id)
+        self._enqueue(plan)
+        record = Fence(now, self.lease.expires_at, tuple(fenced), reason)
+        self.fences.append(record)
+        late = record.late
+        log.warning(
+            "fenced",
+            reason=reason,
+            volumes=len(fenced),
+            volume_ids=fenced,
+            lease_expired_at=record.expired_at,
+            fenced_at=now,
+            late_ms=None if late is None else round(late * 1000, 3),
+        )
+        return record
+
+    # ---- the worker ---------------------------------------------------------------------------------
+
+    def _enqueue(self, plan: AdapterPlan) -> None:
+        if plan.actions:  # the adapter holds only plans with actions as outstanding
+            self._queue.put_nowait(plan)
+        for rejection in plan.rejected:
+            log.warning(
+                "assignment rejected",
+                volume_id=rejection.volume_id,
+                offered=rejection.offered,
+                held=rejection.held,
+                reason=rejection.reason,
+            )
+
+    async def run_once(self) -> None:
+        """Run the next queued plan (waits for one). The worker calls this in a loop."""
+        plan = await self._queue.get()
+        try:
+            await execute_plan(plan, self.adapter, self._guarded)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("plan failed", error=self.last_error, actions=len(plan.actions))
+        else:
+            self.last_error = None
+        finally:
+            self._queue.task_done()
+
+    async def _run(self) -> None:
+        while True:
+            await self.run_once()

@@ -1,0 +1,447 @@
+"""``sparrow node``: a cluster node's startup, main loop and shutdown (docs/cluster.md).
+
+Startup: lock the data directory, load the persisted epochs and roles (``DATA_DIR/cluster/``) and
+start a new incarnation, load every volume, open the volumes the node held before a restart
+(primaries fenced: a restarted node serves as primary only after an Ack confirms it), bind the
+iSCSI listener and the HTTP listener (``/metrics`` and ``/healthz`` only), start the heartbeat
+client, and only then tell systemd ``READY=1``. The master is not needed to start: the node
+listens, fenced, and keeps trying to reach it.
+
+Shutdown (SIGTERM or SIGINT), as ``sparrow serve``: ``STOPPING=1``, stop heartbeating, stop the
+HTTP listener, stop accepting iSCSI connections and let in-flight SCSI commands finish
+(``SHUTDOWN_TIMEOUT``), stop the convergence worker, fdatasync and close every volume, release the
+lock, exit 0 (1 if a flush failed). A startup failure is one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from frontend.server import IscsiServer
+from frontend.target import DEFAULT_BASE_IQN, Portal, TargetRegistry, TargetSettings
+from sparrow import systemd
+from sparrow.cluster.adapter import Adapter
+from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.messages import NODE_ID_PATTERN, Hello
+from sparrow.cluster.nodestate import NodeState
+from sparrow.config import (
+    _WILDCARDS,
+    ConfigError,
+    HostPort,
+    LogFormat,
+    host_primary_address,
+    parse_host_port,
+)
+from sparrow.daemon import HTTP_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT, ServerSessions, StartupError
+from sparrow.metrics import PrometheusMetrics
+from sparrow.node.convergence import Convergence, NodeVolumes
+from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
+from store.blockstore import StoreError
+from store.lock import DataDirLock
+from store.volumes import VolumeManager
+
+log = structlog.get_logger("sparrow.node")
+
+DEFAULT_NODE_ISCSI = HostPort("0.0.0.0", 3260)
+DEFAULT_NODE_REPLICATION = HostPort("0.0.0.0", 3291)
+DEFAULT_NODE_HTTP = HostPort("127.0.0.1", 3281)
+#: The portal group tag of every node's one portal group.
+TPGT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything ``sparrow node`` needs; build it with :func:`node_config` from flags."""
+
+    data_dir: Path
+    node_id: str
+    master: HostPort
+    iscsi: HostPort = DEFAULT_NODE_ISCSI
+    replication: HostPort = DEFAULT_NODE_REPLICATION
+    http: HostPort = DEFAULT_NODE_HTTP
+    base_iqn: str = DEFAULT_BASE_IQN
+    heartbeat_interval: float = 1.0
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "info"
+
+
+def node_config(
+    *,
+    data_dir: str | None,
+    node_id: str | None,
+    master: str | None,
+    iscsi: str | None = None,
+    replication: str | None = None,
+    http: str | None = None,
+    heartbeat_interval: float | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+) -> NodeConfig:
+    """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
+    if not data_dir:
+        raise ConfigError("--data-dir is required", usage=True)
+    if not node_id:
+        raise ConfigError("--node-id is required", usage=True)
+    if not NODE_ID_PATTERN.fullmatch(node_id):
+        raise ConfigError(
+            f"invalid node id {node_id!r} for --node-id: expected [a-z0-9][a-z0-9.-]{{0,62}}", usage=True
+        )
+    if not master:
+        raise ConfigError("--master is required", usage=True)
+
+    def address(text: str | None, what: str, default: HostPort) -> HostPort:
+        if text is None:
+            return default
+        try:
+            return parse_host_port(text, what=what)
+        except ConfigError as e:
+            raise ConfigError(str(e), usage=True) from None
+
+    master_hp = address(master, "--master", DEFAULT_NODE_ISCSI)
+    if master_hp.host in _WILDCARDS or master_hp.port == 0:
+        raise ConfigError(
+            f"invalid address {master!r} for --master: give the master's host and port", usage=True
+        )
+    interval = 1.0 if heartbeat_interval is None else heartbeat_interval
+    if not interval > 0:
+        raise ConfigError("--heartbeat-interval must be positive", usage=True)
+    return NodeConfig(
+        data_dir=Path(data_dir),
+        node_id=node_id,
+        master=master_hp,
+        iscsi=address(iscsi, "--iscsi", DEFAULT_NODE_ISCSI),
+        replication=address(replication, "--replication", DEFAULT_NODE_REPLICATION),
+        http=address(http, "--http", DEFAULT_NODE_HTTP),
+        heartbeat_interval=interval,
+        log_format=LogFormat(log_format or "auto"),
+        log_level=log_level or "info",
+    )
+
+
+def advertised(
+    listen: HostPort, bound_port: int | None = None, primary_address: Callable[[], str] | None = None
+) -> HostPort:
+    """The address others reach a listener at: a wildcard host becomes this host's primary address,
+    port 0 the port actually bound."""
+    host = listen.host
+    if host in _WILDCARDS:
+        host = (primary_address or host_primary_address)()
+    port = bound_port if bound_port is not None else listen.port
+    return HostPort(host, port)
+
+
+def filesystem_bytes(path: Path) -> tuple[int, int]:
+    """(capacity, free-to-unprivileged) bytes of the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+# -- the process ---------------------------------------------------------------------------------------
+
+
+def run(config: NodeConfig) -> int:
+    """Run the node on uvloop until SIGTERM/SIGINT. Returns the process exit code."""
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(config))
+    except StartupError as e:
+        _fail(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 1
+    except Exception as e:
+        log.exception("node crashed")
+        _fail(f"unexpected error: {type(e).__name__}: {e}")
+        return 1
+
+
+def _fail(message: str) -> None:
+    print(f"sparrow: error: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Node:
+    """The running parts of one node, for the HTTP handlers and the shutdown."""
+
+    config: NodeConfig
+    incarnation: int
+    lease: LeaseClock
+    convergence: Convergence
+    volumes: NodeVolumes
+    heartbeat: HeartbeatClient
+    loop: asyncio.AbstractEventLoop
+
+    def health(self) -> dict[str, Any]:
+        now = self.loop.time()
+        valid = self.lease.valid(now)
+        exported = [
+            {
+                "volume_id": e.volume_id,
+                "name": e.name,
+                "iqn": e.iqn,
+                "access_state": e.lu.access_state.name.lower(),
+            }
+            for e in self.volumes
+        ]
+        degraded = not self.heartbeat.connected or self.convergence.last_error is not None
+        return {
+            "status": "degraded" if degraded else "ok",
+            "node_id": self.config.node_id,
+            "incarnation": self.incarnation,
+            "master": {
+                "address": str(self.config.master),
+                "connected": self.heartbeat.connected,
+                "last_error": self.heartbeat.last_error,
+            },
+            "lease": {"valid": valid, "remaining_seconds": round(self.lease.remaining(now), 3)},
+            "fences": len(self.convergence.fences),
+            "last_error": self.convergence.last_error,
+            "volumes": exported,
+        }
+
+
+class NodeCollector(Collector):
+    """Lease, master connection and fence counts, read at scrape time."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.node.loop.time()
+        yield GaugeMetricFamily(
+            "sparrow_node_lease_valid",
+            "1 while the node holds a valid lease",
+            value=self.node.lease.valid(now),
+        )
+        yield GaugeMetricFamily(
+            "sparrow_node_lease_remaining_seconds",
+            "Seconds of lease left",
+            value=self.node.lease.remaining(now),
+        )
+        yield GaugeMetricFamily(
+            "sparrow_node_master_connected",
+            "1 while connected to the master",
+            value=self.node.heartbeat.connected,
+        )
+        yield CounterMetricFamily(
+            "sparrow_node_fences",
+            "Times the node fenced its primaries",
+            value=len(self.node.convergence.fences),
+        )
+        yield CounterMetricFamily(
+            "sparrow_node_acks", "Acks applied to the lease", value=self.node.heartbeat.acks
+        )
+
+
+NODE_KEY = web.AppKey("node", Node)
+METRICS_KEY = web.AppKey("metrics", PrometheusMetrics)
+
+
+def build_node_app(node: Node, metrics: PrometheusMetrics) -> web.Application:
+    """The node's HTTP surface: ``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON)."""
+    app = web.Application(client_max_size=1024)
+    app[NODE_KEY] = node
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", _get_metrics)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+async def _get_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE_KEY].health())
+
+
+async def serve(config: NodeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    async with contextlib.AsyncExitStack() as cleanup:
+        lock = DataDirLock(config.data_dir)
+        try:
+            lock.acquire()
+        except StoreError as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            raise StartupError(f"cannot use data directory {config.data_dir}: {_os_reason(e)}") from None
+        cleanup.callback(lock.release)
+
+        state = NodeState(config.data_dir)
+        try:
+            problems = await state.load_async()
+            record = await state.begin_incarnation_async(config.node_id, time.time_ns())
+        except (StoreError, OSError) as e:
+            raise StartupError(f"cannot load the cluster state in {config.data_dir}: {e}") from None
+        for problem in problems:
+            log.error(
+                "cluster state unreadable",
+                volume_id=problem.volume_id,
+                path=problem.path,
+                reason=problem.reason,
+            )
+
+        manager = VolumeManager(config.data_dir)
+        cleanup.push_async_callback(manager.close)
+        try:
+            await manager.load_all()  # the manager logs the volumes it could not load
+        except (StoreError, OSError) as e:
+            raise StartupError(f"cannot open the volumes in {config.data_dir}: {e}") from None
+
+        metrics = PrometheusMetrics()
+        registry = TargetRegistry()
+        settings = TargetSettings(portals=(), tpgt=TPGT)
+        server = IscsiServer(registry, settings, metrics)
+        volumes = NodeVolumes(
+            manager,
+            registry,
+            base_iqn=config.base_iqn,
+            tpgt=TPGT,
+            metrics=metrics,
+            sessions=ServerSessions(server),
+        )
+        lease = LeaseClock()
+        adapter = Adapter(config.node_id, state)
+        convergence = Convergence(adapter, volumes, lease)
+        cleanup.push_async_callback(convergence.close)
+        convergence.start()  # reopens what this node held, primaries fenced
+        await convergence.idle()
+
+        try:
+            await server.start(config.iscsi.host, config.iscsi.port)
+        except OSError as e:
+            raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {_os_reason(e)}") from None
+        cleanup.push_async_callback(server.shutdown, 0.0)
+        iscsi_portal = advertised(config.iscsi, _bound_port(server.sockets))
+        server.settings = dataclasses.replace(
+            settings, portals=(Portal(iscsi_portal.host, iscsi_portal.port, TPGT),)
+        )
+
+        http_portal = config.http  # replaced by the bound address before the first Hello
+
+        def hello() -> Hello:
+            capacity, free = filesystem_bytes(config.data_dir)
+            return Hello(
+                node_id=config.node_id,
+                incarnation=record.incarnation,
+                iscsi_portal=str(iscsi_portal),
+                replication=str(advertised(config.replication)),
+                http=str(http_portal),
+                capacity_bytes=capacity,
+                free_bytes=free,
+            )
+
+        heartbeat = HeartbeatClient(
+            (config.master.host, config.master.port),
+            HeartbeatSession(lease),
+            hello=hello,
+            observations=convergence.observations,
+            on_ack=convergence.on_ack,
+            interval=config.heartbeat_interval,
+        )
+        node = Node(config, record.incarnation, lease, convergence, volumes, heartbeat, loop)
+        metrics.registry.register(NodeCollector(node))
+
+        runner = web.AppRunner(build_node_app(node, metrics), access_log=None, handle_signals=False)
+        await runner.setup()
+        cleanup.push_async_callback(runner.cleanup)
+        site = web.TCPSite(
+            runner,
+            config.http.host,
+            config.http.port,
+            reuse_address=True,
+            shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
+        )
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"cannot listen for HTTP on {config.http}: {_os_reason(e)}") from None
+        http_portal = advertised(config.http, _bound_port(runner.addresses))
+
+        heartbeat.start()
+        cleanup.push_async_callback(heartbeat.stop)
+
+        log.info(
+            "node listening",
+            node_id=config.node_id,
+            incarnation=record.incarnation,
+            iscsi=str(iscsi_portal),
+            http=str(http_portal),
+            master=str(config.master),
+            volumes=len(volumes.exported()),
+            data_dir=str(config.data_dir),
+        )
+        _notify(systemd.ready, f"node {config.node_id} listening on {iscsi_portal}; master {config.master}")
+
+        await stop.wait()
+
+        # --- shutdown, step by step ---
+        cleanup.pop_all()
+        log.info("stopping", signal=received[0] if received else None)
+        _notify(systemd.stopping, "draining")
+        await heartbeat.stop()
+        await runner.cleanup()
+        await server.shutdown(timeout=SHUTDOWN_TIMEOUT)
+        await convergence.close()
+        failed: list[tuple[str, Exception]] = []
+        for volume in manager.list():
+            try:
+                await volume.store.flush()
+            except Exception as e:
+                failed.append((volume.meta.name, e))
+                log.error("flush failed", volume=volume.meta.name, error=str(e))
+        try:
+            await manager.close()
+        finally:
+            lock.release()
+        log.info("stopped", clean=not failed)
+        return 1 if failed else 0
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _os_reason(e: OSError) -> str:
+    text = os.strerror(e.errno) if e.errno else str(e)
+    return text[:1].lower() + text[1:]
+
+
+def _notify(send: Callable[[str], bool], status: str) -> None:
+    try:
+        send(status)
+    except OSError as e:
+        log.warning("sd_notify failed", error=str(e))
+
+
+def _bound_port(sockets_or_addresses: Iterable[Any]) -> int | None:
+    """The port of the first bound socket (or ``(host, port, ...)`` address), if any."""
+    for item in sockets_or_addresses:
+        name = item.getsockname() if hasattr(item, "getsockname") else item
+        if isinstance(name, tuple):
+            return int(name[1])
+    return None

@@ -1,0 +1,224 @@
+"""The node's side of the heartbeat connection (docs/cluster.md, "Messages", "Lease arithmetic").
+
+:class:`HeartbeatSession` is the sans-IO core: it frames the Hello that opens every connection and
+the Heartbeats that follow, numbers them with one ``seq`` that increases for the whole process
+(never reset on reconnect: the master and :class:`~sparrow.cluster.lease.LeaseClock` rely on it),
+records each send in the lease clock (``LeaseClock.sent(seq, now)`` as the frame is written, so the
+lease is counted from the send), and turns the master's bytes into the Acks that extended the lease
+(``LeaseClock.acked(seq, lease_seconds)``). Anything but an Ack from the master is a
+:class:`~sparrow.cluster.heartbeat.HeartbeatProtocolError`.
+
+:class:`HeartbeatClient` is the thin asyncio layer: connect with :class:`Backoff`, write the Hello
+and a Heartbeat every ``interval`` on a fixed schedule, hand each applied Ack to ``on_ack``; a
+protocol error, EOF or any socket error closes the connection and it reconnects after a backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from sparrow.cluster.heartbeat import ErrorCode, FrameDecoder, HeartbeatProtocolError, encode
+from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.messages import Ack, Heartbeat, Hello, VolumeObservation
+
+log = structlog.get_logger("sparrow.node.heartbeat")
+
+#: Bytes asked of the socket per read.
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays: ``initial * factor**attempt`` capped at ``maximum``, each shortened by up
+    to ``jitter`` (a fraction) so that many nodes do not reconnect in step after a master restart."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    factor: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError("backoff needs 0 < initial <= maximum")
+        if self.factor < 1 or not 0 <= self.jitter < 1:
+            raise ValueError("backoff needs factor >= 1 and 0 <= jitter < 1")
+
+    def delay(self, attempt: int, rand: float) -> float:
+        """Seconds to wait before reconnect ``attempt`` (0 = the first retry); ``rand`` in [0, 1)."""
+        base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
+        return base * (1.0 - self.jitter * rand)
+
+
+class HeartbeatSession:
+    """Sans-IO: the frames of one node process's heartbeat connections, and the lease they earn.
+
+    One instance lives as long as the process; :meth:`connection_made` starts each connection.
+    """
+
+    def __init__(self, lease: LeaseClock) -> None:
+        self.lease = lease
+        self._seq = 0
+        self._decoder = FrameDecoder()
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last heartbeat framed (0 before the first)."""
+        return self._seq
+
+    def connection_made(self, hello: Hello) -> bytes:
+        """A new connection: fresh framing state, and the Hello that must open it."""
+        self._decoder = FrameDecoder()
+        return encode(hello)
+
+    def heartbeat(self, observations: tuple[VolumeObservation, ...], now: float) -> bytes:
+        """The next Heartbeat's frame; records it as sent at ``now`` (write it right away)."""
+        seq = self._seq + 1
+        frame = encode(Heartbeat(seq, observations))
+        self._seq = seq
+        self.lease.sent(seq, now)
+        return frame
+
+    def receive(self, data: bytes) -> list[Ack]:
+        """Feed bytes from the master; returns the Acks that were applied to the lease clock, in
+        order. An Ack the clock ignores (stale, or for a seq it no longer remembers) is dropped: its
+        assignments are older than ones already acted on. Raises HeartbeatProtocolError."""
+        self._decoder.feed(data)
+        applied: list[Ack] = []
+        while (message := self._decoder.next_message()) is not None:
+            if not isinstance(message, Ack):
+                raise HeartbeatProtocolError(
+                    ErrorCode.UNKNOWN_TYPE,
+                    f"the master sent a {type(message).__name__}; only acks are expected",
+                )
+            if self.lease.acked(message.seq, message.lease_seconds) is not None:
+                applied.append(message)
+        return applied
+
+    def connection_lost(self) -> None:
+        """The connection ended; a truncated frame in the buffer is dropped with it."""
+        self._decoder = FrameDecoder()
+
+
+class HeartbeatClient:
+    """Keeps one heartbeat connection to the master open, forever (until :meth:`stop`).
+
+    ``hello()`` builds the Hello for each new connection (free space changes), ``observations(now)``
+    the observations of each Heartbeat, ``on_ack(ack)`` is called for every Ack that extended the
+    lease (after ``LeaseClock.acked``). ``clock`` is the event loop's clock, the lease clock's too.
+    """
+
+    def __init__(
+        self,
+        master: tuple[str, int],
+        session: HeartbeatSession,
+        *,
+        hello: Callable[[], Hello],
+        observations: Callable[[float], tuple[VolumeObservation, ...]],
+        on_ack: Callable[[Ack], None],
+        interval: float = 1.0,
+        backoff: Backoff | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError("the heartbeat interval must be positive")
+        self.master = master
+        self.session = session
+        self._hello = hello
+        self._observations = observations
+        self._on_ack = on_ack
+        self.interval = interval
+        self.backoff = backoff or Backoff()
+        self.connect_timeout = connect_timeout
+        self._task: asyncio.Task[None] | None = None
+        #: True while a connection is open and its Hello has been written.
+        self.connected = False
+        #: Why the last connection ended or failed (None before any failure).
+        self.last_error: str | None = None
+        #: Acks applied over the life of the process.
+        self.acks = 0
+        #: Connections opened over the life of the process.
+        self.connections = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="node-heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        """Connect, heartbeat, and reconnect with backoff after every failure; never returns."""
+        attempt = 0
+        host, port = self.master
+        while True:
+            acks_before = self.acks
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), timeout=self.connect_timeout
+                )
+            except (OSError, TimeoutError) as e:
+                self._failed(f"cannot connect: {e or type(e).__name__}", attempt)
+            else:
+                try:
+                    await self._converse(reader, writer)
+                except (OSError, HeartbeatProtocolError, EOFError) as e:
+                    self._failed(str(e) or type(e).__name__, attempt)
+                finally:
+                    self.connected = False
+                    self.session.connection_lost()
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+            attempt = 0 if self.acks > acks_before else attempt + 1
+            await asyncio.sleep(self.backoff.delay(attempt, random.random()))
+
+    def _failed(self, reason: str, attempt: int) -> None:
+        if reason != self.last_error or attempt == 0:
+            log.warning(
+                "master connection failed", master=f"{self.master[0]}:{self.master[1]}", reason=reason
+            )
+        self.last_error = reason
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        writer.write(self.session.connection_made(self._hello()))
+        self.connected = True
+        self.connections += 1
+        log.info("connected to master", master=f"{self.master[0]}:{self.master[1]}")
+        receiving = loop.create_task(self._receive(reader), name="node-heartbeat-receive")
+        try:
+            next_at = loop.time()
+            while True:
+                now = loop.time()
+                writer.write(self.session.heartbeat(self._observations(now), now))
+                await writer.drain()
+                next_at += self.interval
+                if next_at <= loop.time():  # fell behind (a stalled write): do not burst
+                    next_at = loop.time() + self.interval
+                done, _ = await asyncio.wait({receiving}, timeout=next_at - loop.time())
+                if done:
+                    receiving.result()  # raises why the receive side ended
+                    raise EOFError("the master closed the connection")
+        finally:
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receiving
+
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                return
+            for ack in self.session.receive(data):
+                self.acks += 1
+                self._on_ack(ack)

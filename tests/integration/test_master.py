@@ -1,0 +1,253 @@
+"""A real `sparrow master` process, a fake node speaking the real heartbeat codec over real TCP, and
+the real CLI: placement, the Ack's assignment, and no epoch minted by a restart (kill -9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparrow.cluster.heartbeat import FrameDecoder, encode
+from sparrow.cluster.messages import Ack, Assignment, Health, Heartbeat, Hello, VolumeObservation
+from tests.tools import free_port, run, wait_for
+
+pytestmark = pytest.mark.integration
+
+BASE_IQN = "iqn.2026-11.io.sparrow"
+
+
+@dataclass
+class MasterProcess:
+    data_dir: Path
+    listen_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, *, timeout: float = 20.0) -> None:
+        """Start and wait for READY=1 on a NOTIFY_SOCKET (sent once both listeners are bound)."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        sock_path = Path(tempfile.mkdtemp(prefix="sparrow-notify-")) / "notify"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(sock_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1")
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-master.log"
+        cmd = [
+            sys.executable, "-m", "sparrow", "master",
+            "--data-dir", str(self.data_dir),
+            "--listen", f"127.0.0.1:{self.listen_port}",
+            "--http", f"127.0.0.1:{self.http_port}",
+            "--heartbeat-interval", "0.2",
+            "--log-format", "json",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                notify.settimeout(max(0.05, deadline - time.monotonic()))
+                try:
+                    msg = notify.recv(4096).decode()
+                except TimeoutError:
+                    raise AssertionError(f"master not READY within {timeout}s:\n{self.log()}") from None
+                if "READY=1" in msg.split("\n"):
+                    return
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"master exited {self.proc.returncode}:\n{self.log()}")
+        finally:
+            notify.close()
+            sock_path.unlink(missing_ok=True)
+            sock_path.parent.rmdir()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run([sys.executable, "-m", "sparrow", *args, "--api", self.api], check=check, timeout=30)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.api + path, timeout=10) as resp:
+            body = resp.read()
+        return json.loads(body) if path != "/metrics" else body.decode()
+
+
+class FakeNode:
+    """A node that speaks the real codec: Hello, then a Heartbeat per call, reading each Ack."""
+
+    def __init__(self, node_id: str, port: int, incarnation: int) -> None:
+        self.hello = Hello(
+            node_id, incarnation, "127.0.0.1:3261", "127.0.0.1:7001", "127.0.0.1:8081", 1 << 40, 1 << 32
+        )
+        self.port = port
+        self.seq = 0
+        self.have: dict[str, Assignment] = {}  # what the node "applied"
+        self.sock: socket.socket | None = None
+        self.decoder = FrameDecoder()
+
+    def connect(self) -> None:
+        self.close()
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.decoder = FrameDecoder()
+        self.sock.sendall(encode(self.hello))
+
+    def beat(self) -> Ack:
+        assert self.sock is not None
+        self.seq += 1
+        observations = tuple(
+            VolumeObservation(a.volume_id, a.epoch, a.role_of(self.hello.node_id), Health.OK, 0, (), True)
+            for a in self.have.values()
+        )
+        self.sock.sendall(encode(Heartbeat(seq=self.seq, observations=observations)))
+        while True:
+            message = self.decoder.next_message()
+            if message is not None:
+                assert isinstance(message, Ack), message
+                assert message.seq == self.seq
+                return message
+            data = self.sock.recv(65536)
+            assert data, "the master closed the connection"
+            self.decoder.feed(data)
+
+    def apply(self, ack: Ack) -> None:
+        self.have = {a.volume_id: a for a in ack.assignments}
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[MasterProcess]:
+    m = MasterProcess(tmp_path / "master")
+    m.start()
+    yield m
+    if m.proc is not None and m.proc.poll() is None:
+        code = m.stop()
+        assert code == 0, f"master exited {code} on SIGTERM:\n{m.log()}"
+
+
+def assignment_for(ack: Ack, name: str) -> Assignment | None:
+    return next((a for a in ack.assignments if a.name == name), None)
+
+
+def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) -> None:
+    node = FakeNode("n1", master.listen_port, incarnation=time.time_ns())
+    node.connect()
+    first = node.beat()
+    assert first.lease_seconds == 5.0
+    assert first.assignments == ()
+
+    created = json.loads(
+        master.cli("volume", "create", "vol1", "--size", "64MiB", "--replicas", "1", "--json").stdout
+    )
+    assert created["name"] == "vol1" and created["replicas_wanted"] == 1 and created["epoch"] == 0
+
+    def placed() -> Assignment | None:
+        ack = node.beat()
+        node.apply(ack)
+        return assignment_for(ack, "vol1")
+
+    assignment = wait_for(placed, timeout=10, what="an Ack assigning vol1", interval=0.1)
+    assert assignment.epoch == 1
+    assert assignment.primary == "n1"
+    assert assignment.primary_portal == "127.0.0.1:3261"
+    assert assignment.replicas == ("n1",)
+    assert assignment.volume_id == created["volume_id"]
+    assert assignment.size == 64 << 20 and assignment.block_size == 512
+
+    inspected = json.loads(master.cli("volume", "inspect", "vol1", "--json").stdout)
+    assert inspected["epoch"] == 1
+    assert inspected["primary"] == {"node_id": "n1", "portal": "127.0.0.1:3261"}
+    assert inspected["url"] == f"iscsi://127.0.0.1:3261/{BASE_IQN}:vol1/0"
+    assert inspected["replicas"][0]["node_id"] == "n1" and inspected["replicas"][0]["role"] == "primary"
+
+    nodes = json.loads(master.cli("node", "list", "--json").stdout)
+    assert [(n["node_id"], n["state"], n["incarnation"]) for n in nodes] == [
+        ("n1", "alive", node.hello.incarnation)
+    ]
+    table = master.cli("node", "list").stdout.splitlines()
+    assert table[0].split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL"]
+    assert table[1].split()[:3] == ["n1", "alive", str(node.hello.incarnation)]
+
+    # kill -9 the master, start it again on the same data directory and ports.
+    master.kill9()
+    master.start()
+    node.connect()  # the node reconnects: same process, same incarnation
+    ack = node.beat()
+    again = assignment_for(ack, "vol1")
+    assert again == assignment  # the same epoch 1, straight from the authority
+    node.apply(ack)
+
+    # Several control steps (0.2 s each) with the node reporting what it has: nothing is minted.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        ack = node.beat()
+        assert [(a.name, a.epoch) for a in ack.assignments] == [("vol1", 1)]
+        time.sleep(0.1)
+    volume = master.get("/v1/volumes/vol1")
+    assert volume["epoch"] == 1
+    assert volume["status"] is None
+    assert volume["replicas"][0]["observed_epoch"] == 1 and volume["replicas"][0]["converged"] is True
+    metrics = master.get("/metrics")
+    assert "sparrow_master_epochs_published_total 0.0" in metrics
+    assert 'sparrow_master_nodes{state="alive"} 1.0' in metrics
+    node.close()
+
+
+def test_a_second_master_on_the_same_data_dir_is_refused(master: MasterProcess, tmp_path: Path) -> None:
+    other = run(
+        [sys.executable, "-m", "sparrow", "master", "--data-dir", str(master.data_dir),
+         "--listen", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
+        check=False, timeout=30,
+    )  # fmt: skip
+    assert other.returncode == 1
+    assert "in use by another sparrow process" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_a_protocol_error_closes_only_that_connection(master: MasterProcess) -> None:
+    bad = socket.create_connection(("127.0.0.1", master.listen_port), timeout=5)
+    bad.sendall(encode(Heartbeat(seq=1, observations=())))  # no Hello first
+    assert bad.recv(100) == b""  # closed without an Ack
+    bad.close()
+    node = FakeNode("n2", master.listen_port, incarnation=1)
+    node.connect()
+    assert node.beat().seq == 1
+    node.close()
+    wait_for(lambda: "Heartbeat before Hello" in master.log(), timeout=5, what="the logged reason")
+
+
+def test_sigterm_exits_0(tmp_path: Path) -> None:
+    m = MasterProcess(tmp_path / "m")
+    m.start()
+    assert m.get("/healthz")["status"] == "ok"
+    assert m.stop() == 0
+    assert '"stopped"' in m.log()

@@ -1,0 +1,243 @@
+"""The master's HTTP API (sparrow.master.api) on a real control loop and a tmp_path AuthorityStore.
+
+The clock is injected; control steps are driven by hand with explicit ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sparrow.cluster.authority import AuthorityStore
+from sparrow.cluster.lease import LeaseConfig
+from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.control import ControlLoop, restore
+
+MiB = 1 << 20
+TIMING = LeaseConfig()
+BASE = "iqn.2026-11.io.sparrow"
+
+
+class Clock:
+    def __init__(self, now: float = 10.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Master:
+    def __init__(self, data_dir: Path) -> None:
+        self.store = AuthorityStore.open_in(data_dir)
+        self.clock = Clock()
+        self.control: ControlLoop = restore(self.store, TIMING, self.clock())
+        self.metrics = MasterMetrics()
+        self.metrics.bind(self.control, self.clock)
+        self.api = MasterApi(
+            control=self.control, metrics=self.metrics, clock=self.clock, wall_clock=lambda: 1_800_000_000.0
+        )
+        self.client: TestClient[Any, Any] = TestClient(TestServer(build_app(self.api)))
+
+    def node_reports(self, node_id: str, seq: int, *obs: VolumeObservation, incarnation: int = 1) -> None:
+        h = Hello(node_id, incarnation, f"192.0.2.{seq % 200 + 1}:3260", "192.0.2.1:7000", "192.0.2.1:8080",
+                  1 << 40, 1 << 30)  # fmt: skip
+        if self.control.observations.hello(node_id) != h:
+            self.control.observations.record(h, node_id, self.clock())
+            self.store.upsert_hello(h, seen_at=1.0)
+        self.control.observations.record(Heartbeat(seq=seq, observations=obs), node_id, self.clock())
+
+    async def json(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        resp = await self.client.request(method, path, json=body)
+        assert resp.status == status, await resp.text()
+        return await resp.json() if resp.status != 204 else None
+
+
+@pytest.fixture
+async def master(tmp_path: Path) -> AsyncIterator[Master]:
+    m = Master(tmp_path)
+    await m.client.start_server()
+    yield m
+    await m.client.close()
+    m.store.close()
+
+
+async def test_create_get_list_and_delete_a_volume(master: Master) -> None:
+    created = await master.json(
+        "POST", "/v1/volumes", {"name": "vol1", "size": "64MiB", "replicas": 1}, status=201
+    )
+    assert len(created["volume_id"]) == 32 and int(created["volume_id"], 16) >= 0
+    assert created == {
+        "name": "vol1",
+        "volume_id": created["volume_id"],
+        "size": 64 * MiB,
+        "block_size": 512,
+        "replicas_wanted": 1,
+        "created_at": "2027-01-15T08:00:00Z",
+        "iqn": f"{BASE}:vol1",
+        "lun": 0,
+        "epoch": 0,
+        "primary": None,
+        "replicas": [],
+        "status": None,
+        "status_kind": None,
+        "url": None,
+    }
+    record = master.store.volume(created["volume_id"])
+    assert record is not None and record.replicas == 1 and record.name == "vol1"
+    assert await master.json("GET", "/v1/volumes/vol1") == created
+    assert await master.json("GET", "/v1/volumes") == {"volumes": [created]}
+
+    await master.json("DELETE", "/v1/volumes/vol1", status=204)
+    assert await master.json("GET", "/v1/volumes") == {"volumes": []}
+    await master.json("GET", "/v1/volumes/vol1", status=404)
+    await master.json("DELETE", "/v1/volumes/vol1", status=404)
+
+
+async def test_a_placed_volume_shows_its_epoch_primary_replicas_and_url(master: Master) -> None:
+    master.node_reports("n1", 1)
+    created = await master.json("POST", "/v1/volumes", {"name": "vol1", "size": 64 * MiB}, status=201)
+    vid = created["volume_id"]
+    master.clock.now = 11.0
+    master.control.step(11.0)
+    before = await master.json("GET", "/v1/volumes/vol1")
+    assert before["epoch"] == 1
+    portal = master.control.observations.hello("n1").iscsi_portal  # type: ignore[union-attr]
+    assert before["primary"] == {"node_id": "n1", "portal": portal}
+    assert before["url"] == f"iscsi://{portal}/{BASE}:vol1/0"
+    assert before["replicas"] == [
+        {
+            "node_id": "n1",
+            "role": "primary",
+            "state": "alive",
+            "observed_epoch": None,
+            "observed_role": None,
+            "health": None,
+            "converged": None,
+            "write_position": None,
+        }
+    ]
+    master.clock.now = 12.0
+    master.node_reports("n1", 2, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 4096, (), True))
+    master.control.step(12.0)
+    after = await master.json("GET", "/v1/volumes/vol1")
+    assert after["replicas"][0] | {} == {
+        "node_id": "n1",
+        "role": "primary",
+        "state": "alive",
+        "observed_epoch": 1,
+        "observed_role": "primary",
+        "health": "ok",
+        "converged": True,
+        "write_position": 4096,
+    }
+    assert after["status"] is None and after["status_kind"] == "ok"
+
+    master.clock.now = 12.0 + TIMING.dead_after
+    dead = await master.json("GET", "/v1/volumes/vol1")
+    assert dead["replicas"][0]["state"] == "dead"
+
+
+async def test_the_status_says_why_a_volume_is_not_placed(master: Master) -> None:
+    await master.json("POST", "/v1/volumes", {"name": "big", "size": "1GiB", "replicas": 3}, status=201)
+    master.node_reports("n1", 1)
+    master.control.step(10.0)
+    got = await master.json("GET", "/v1/volumes/big")
+    assert got["epoch"] == 0
+    assert got["status"] == "not enough live nodes (have 1, need 3)"
+    assert got["status_kind"] == "not_enough_nodes"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"name": "v", "size": "1MiB", "replicas": 4}, 400, "replicas must be 1..3"),
+        ({"name": "v", "size": "1MiB", "replicas": 0}, 400, "replicas must be 1..3"),
+        ({"name": "v", "size": "1MiB", "replicas": "2"}, 400, "replicas must be an integer"),
+        ({"name": "v", "size": "1MiB", "replicas": True}, 400, "replicas must be an integer"),
+        ({"name": "v"}, 400, "missing field 'size'"),
+        ({"size": "1MiB"}, 400, "missing field 'name'"),
+        ({"name": "V_bad", "size": "1MiB"}, 400, "not a volume name"),
+        ({"name": "v", "size": 1000}, 400, "not a multiple of the block size"),
+        ({"name": "v", "size": "1MiB", "block_size": 1024}, 400, "block_size"),
+        ({"name": "v", "size": "1MiB", "chap_user": "u"}, 400, "unknown field 'chap_user'"),
+        ({"name": "v", "size": "lots"}, 400, ""),
+        ([1, 2], 400, "must be a JSON object"),
+    ],
+)
+async def test_bad_creates_are_refused_with_a_reason(
+    master: Master, body: Any, status: int, fragment: str
+) -> None:
+    answer = await master.json("POST", "/v1/volumes", body, status=status)
+    assert fragment in answer["error"]
+    assert master.store.volumes() == ()
+
+
+async def test_a_taken_name_is_409(master: Master) -> None:
+    await master.json("POST", "/v1/volumes", {"name": "v", "size": "1MiB"}, status=201)
+    answer = await master.json("POST", "/v1/volumes", {"name": "v", "size": "1MiB"}, status=409)
+    assert "already exists" in answer["error"]
+
+
+async def test_nodes_lists_observed_and_remembered_nodes(master: Master) -> None:
+    master.node_reports("n2", 1)
+    master.clock.now = 12.5
+    # n1 is known to the authority from an earlier run but has not reported to this master.
+    master.store.upsert_hello(
+        Hello("n1", 3, "192.0.2.50:3260", "192.0.2.50:7000", "192.0.2.50:8080", 1 << 40, 5), seen_at=1.0
+    )
+    nodes = (await master.json("GET", "/v1/nodes"))["nodes"]
+    assert [n["node_id"] for n in nodes] == ["n1", "n2"]
+    assert nodes[0] == {
+        "node_id": "n1",
+        "state": "dead",
+        "incarnation": 3,
+        "last_heartbeat_age": None,
+        "iscsi_portal": "192.0.2.50:3260",
+        "replication": "192.0.2.50:7000",
+        "http": "192.0.2.50:8080",
+        "capacity_bytes": 1 << 40,
+        "free_bytes": None,
+    }
+    assert nodes[1]["state"] == "alive"
+    assert nodes[1]["incarnation"] == 1
+    assert nodes[1]["last_heartbeat_age"] == 2.5
+    assert nodes[1]["free_bytes"] == 1 << 30
+    master.clock.now = 10.0 + TIMING.dead_after
+    nodes = (await master.json("GET", "/v1/nodes"))["nodes"]
+    assert nodes[1]["state"] == "dead"
+
+
+async def test_metrics_and_healthz(master: Master) -> None:
+    master.node_reports("n1", 1)
+    await master.json("POST", "/v1/volumes", {"name": "a", "size": "1MiB"}, status=201)
+    await master.json("POST", "/v1/volumes", {"name": "b", "size": "1MiB", "replicas": 2}, status=201)
+    master.control.step(10.0)
+    master.metrics.epochs_published.inc()
+    master.metrics.heartbeats_received.inc(3)
+    resp = await master.client.get("/metrics")
+    assert resp.status == 200
+    text = await resp.text()
+    assert 'sparrow_master_nodes{state="alive"} 1.0' in text
+    assert 'sparrow_master_nodes{state="dead"} 0.0' in text
+    assert 'sparrow_master_volumes{status="unplaced"} 1.0' in text  # a: the step that placed it
+    assert 'sparrow_master_volumes{status="not_enough_nodes"} 1.0' in text
+    assert "sparrow_master_epochs_published_total 1.0" in text
+    assert "sparrow_master_heartbeats_received_total 3.0" in text
+    assert await master.json("GET", "/healthz") == {
+        "status": "ok",
+        "nodes": 1,
+        "nodes_alive": 1,
+        "volumes": 2,
+    }
+
+
+async def test_unknown_routes_are_json_errors(master: Master) -> None:
+    answer = await master.json("GET", "/v1/nope", status=404)
+    assert answer == {"error": "no such endpoint: GET /v1/nope"}
+    answer = await master.json("PUT", "/v1/volumes", {}, status=405)
+    assert "not allowed" in answer["error"]

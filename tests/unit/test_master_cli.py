@@ -1,0 +1,170 @@
+"""The CLI's cluster additions: `sparrow node list`, `volume create --replicas`, `volume inspect`
+against the master's API, `sparrow master` flag checks, and the single-node API's answer to
+``replicas``. The APIs run in-process (aiohttp TestServer); the CLI runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from frontend.target import Portal, TargetRegistry
+from sparrow.api import build_app as build_node_app
+from sparrow.cli import build_parser, main
+from sparrow.cluster.authority import AuthorityStore
+from sparrow.cluster.lease import LeaseConfig
+from sparrow.cluster.messages import Heartbeat, Hello
+from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.control import ControlLoop, restore
+from sparrow.metrics import PrometheusMetrics
+from sparrow.service import VolumeService
+from store.volumes import VolumeManager
+
+MiB = 1 << 20
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def cli(*argv: str) -> tuple[int, str, str]:
+    return await asyncio.to_thread(run, *argv)
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def master(tmp_path: Path) -> AsyncIterator[tuple[str, ControlLoop, Clock]]:
+    store = AuthorityStore.open_in(tmp_path)
+    clock = Clock()
+    control = restore(store, LeaseConfig(), clock())
+    metrics = MasterMetrics()
+    server = TestServer(build_app(MasterApi(control=control, metrics=metrics, clock=clock)))
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), control, clock
+    await server.close()
+    store.close()
+
+
+def node_reports(control: ControlLoop, node_id: str, incarnation: int, now: float) -> None:
+    h = Hello(node_id, incarnation, "192.0.2.4:3260", "192.0.2.4:7000", "192.0.2.4:8080", 1 << 40, 1 << 30)
+    control.observations.record(h, node_id, now)
+    control.store.upsert_hello(h, seen_at=1.0)
+    control.observations.record(Heartbeat(seq=1, observations=()), node_id, now)
+
+
+async def test_create_with_replicas_and_inspect_against_the_master(
+    master: tuple[str, ControlLoop, Clock],
+) -> None:
+    url, control, clock = master
+    node_reports(control, "n1", 42, clock())
+    code, out, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--replicas", "1", "--api", url)
+    assert (code, err) == (0, "")
+    assert "epoch:" in out and "vol1" in out  # the cluster-shaped summary, not a KeyError
+    (record,) = control.store.volumes()
+    assert record.replicas == 1
+
+    code, out, err = await cli("volume", "create", "vol2", "--size", "64MiB", "--replicas", "2", "--api", url)
+    assert code == 0, err
+    assert {v.name: v.replicas for v in control.store.volumes()} == {"vol1": 1, "vol2": 2}
+
+    control.step(clock())
+    code, out, err = await cli("volume", "inspect", "vol1", "--json", "--api", url)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["epoch"] == 1 and shown["primary"] == {"node_id": "n1", "portal": "192.0.2.4:3260"}
+    assert shown["url"] == "iscsi://192.0.2.4:3260/iqn.2026-11.io.sparrow:vol1/0"
+    code, out, _ = await cli("volume", "inspect", "vol1", "--api", url)
+    assert code == 0
+    lines = dict(line.split(":", 1) for line in out.splitlines())
+    assert lines["epoch"].strip() == "1"
+    assert lines["primary"].strip() == "n1 at 192.0.2.4:3260"
+    code, out, _ = await cli("volume", "list", "--api", url)
+    assert code == 0 and "vol1" in out and "vol2" in out
+
+
+async def test_node_list_table_and_json(master: tuple[str, ControlLoop, Clock]) -> None:
+    url, control, clock = master
+    code, out, _ = await cli("node", "list", "--api", url)
+    assert (code, out) == (0, "no nodes\n")
+    node_reports(control, "n1", 42, clock())
+    clock.now += 1.25
+    code, out, err = await cli("node", "list", "--api", url)
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL"]
+    assert row.split() == ["n1", "alive", "42", "1.2s", "ago", "192.0.2.4:3260"]
+    code, out, _ = await cli("node", "list", "--json", "--api", url)
+    nodes: list[dict[str, Any]] = json.loads(out)
+    assert [(n["node_id"], n["state"], n["last_heartbeat_age"]) for n in nodes] == [("n1", "alive", 1.25)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (("master",), "--data-dir"),
+        (("master", "--data-dir", "/tmp/x", "--listen", "nope"), "invalid address 'nope' for --listen"),
+        (("master", "--data-dir", "/tmp/x", "--lease", "0.5"), "lease_seconds (0.5) must exceed"),
+        (("master", "--data-dir", "/tmp/x", "--dead-after", "3"), "must not exceed dead_after"),
+        (("master", "--data-dir", "/tmp/x", "--lease", "-1"), "invalid duration '-1'"),
+        (("volume", "create", "v", "--size", "1MiB", "--replicas", "4"), "invalid choice: 4"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv: tuple[str, ...], fragment: str) -> None:
+    code, out, err = run(*argv)
+    assert code == 2, err
+    assert out == ""
+    assert fragment in err and err.count("\n") == 1
+
+
+def test_the_node_command_keeps_its_subcommands() -> None:
+    args = build_parser().parse_args(["node", "list", "--json", "--api", "http://h:1"])
+    assert args.json and args.api == "http://h:1"
+    assert args.func.__name__ == "cmd_node_list"
+    # `sparrow node` without a subcommand stays the node daemon's own command.
+    plain = build_parser().parse_args(["node", "--node-id", "n1"])
+    assert plain.func.__name__ != "cmd_node_list"
+
+
+@pytest.fixture
+async def node_api(tmp_path: Path) -> AsyncIterator[tuple[str, VolumeService]]:
+    metrics = PrometheusMetrics()
+    service = VolumeService(
+        VolumeManager(tmp_path / "data"),
+        TargetRegistry(),
+        base_iqn="iqn.2026-11.io.sparrow",
+        portals=(Portal("192.0.2.9", 3260),),
+        metrics=metrics,
+    )
+    await service.open_all()
+    server = TestServer(build_node_app(service, metrics))
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), service
+    await server.close()
+    await service.close()
+
+
+async def test_a_single_node_accepts_one_replica_and_refuses_more(
+    node_api: tuple[str, VolumeService],
+) -> None:
+    url, service = node_api
+    code, _, err = await cli("volume", "create", "one", "--size", "1MiB", "--replicas", "1", "--api", url)
+    assert code == 0, err
+    assert list(service.names()) == ["one"]
+    code, out, err = await cli("volume", "create", "two", "--size", "1MiB", "--replicas", "2", "--api", url)
+    assert code == 1 and out == ""
+    assert err.startswith("sparrow: error: replicas=2 needs a cluster")
+    assert "two" not in service.names()

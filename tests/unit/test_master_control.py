@@ -1,0 +1,266 @@
+"""The master's control loop (sparrow.master.control) on the real cores and a tmp_path AuthorityStore.
+
+No sockets, no sleeps: each step is driven with an explicit ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from sparrow.cluster.authority import AuthorityStore, VolumeRecord
+from sparrow.cluster.controller import (
+    AssignmentAsk,
+    Decision,
+    DesiredVolume,
+    PublishedAssignment,
+    StatusKind,
+    TopologyController,
+    VolumeStatus,
+)
+from sparrow.cluster.lease import LeaseConfig, MasterLeases
+from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.cluster.observations import ObservationStore
+from sparrow.master.control import ControlLoop, differs, restore
+
+MiB = 1 << 20
+TIMING = LeaseConfig()  # heartbeat 1 s, lease 5 s, dead after 8 s, margin 1 s
+
+
+def hello(node_id: str, *, incarnation: int = 1, free: int = 1024 * MiB, port: int = 3260) -> Hello:
+    return Hello(
+        node_id, incarnation, f"10.0.0.{ord(node_id[-1]) % 250}:{port}", "10.0.0.9:7000", "10.0.0.9:8080",
+        1 << 40, free,
+    )  # fmt: skip
+
+
+def observation(volume_id: str, epoch: int, role: Role, *, converged: bool = True) -> VolumeObservation:
+    return VolumeObservation(volume_id, epoch, role, Health.OK, 0, (), converged)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuthorityStore]:
+    s = AuthorityStore.open_in(tmp_path)
+    yield s
+    s.close()
+
+
+def add_volume(store: AuthorityStore, name: str = "vol1", replicas: int = 1) -> VolumeRecord:
+    return store.add_volume(name, size=64 * MiB, block_size=512, replicas=replicas, created_at=1.0)
+
+
+def report(
+    control: ControlLoop, store: AuthorityStore, h: Hello, now: float, *obs: VolumeObservation
+) -> None:
+    """What the heartbeat server does for a Hello and one Heartbeat from a node."""
+    control.observations.record(h, h.node_id, now)
+    store.upsert_hello(h, seen_at=now)
+    control.observations.record(Heartbeat(seq=1, observations=obs), h.node_id, now)
+
+
+def test_a_new_volume_is_placed_once_with_epoch_1(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=100.0)
+    report(control, store, hello("n1"), 100.0)
+    vol = add_volume(store)
+
+    first = control.step(101.0)
+    assert [(a.volume_id, a.epoch, a.primary, a.replicas) for a in first.published] == [
+        (vol.volume_id, 1, "n1", ("n1",))
+    ]
+    assert store.max_epoch(vol.volume_id) is not None
+    assert control.assignments_for("n1") == first.published
+    assert control.assignments_for("n2") == ()
+    assert control.published_at(vol.volume_id) == 101.0
+
+    # The node converges and keeps reporting; later steps find nothing to change (also past the
+    # convergence deadline).
+    for seq, now in enumerate((102.0, 103.0, 140.0, 150.0), start=2):
+        control.observations.record(
+            Heartbeat(seq=seq, observations=(observation(vol.volume_id, 1, Role.PRIMARY),)), "n1", now - 0.5
+        )
+        result = control.step(now)
+        assert result.published == ()
+        assert result.decision.asks == ()
+    status = control.status(vol.volume_id)
+    assert status is not None and status.reason is None and status.kind is StatusKind.OK
+    max_epoch = store.max_epoch(vol.volume_id)
+    assert max_epoch is not None and max_epoch.value == 1
+
+
+def test_without_live_nodes_nothing_is_published_and_the_status_says_why(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    vol = add_volume(store, replicas=2)
+    report(control, store, hello("n1"), 0.0)
+    result = control.step(1.0)
+    assert result.published == ()
+    status = control.status(vol.volume_id)
+    assert status is not None and status.kind is StatusKind.NOT_ENOUGH_NODES
+    assert status.reason == "not enough live nodes (have 1, need 2)"
+    assert store.max_epoch(vol.volume_id) is None
+
+
+def test_restore_grants_every_known_node_a_lease_before_deciding(store: AuthorityStore) -> None:
+    store.upsert_hello(hello("n1"), seen_at=1.0)
+    store.upsert_hello(hello("n2"), seen_at=1.0)
+    control = restore(store, TIMING, now=500.0)
+    for node in ("n1", "n2"):
+        assert control.leases.expires_at(node) == 500.0 + TIMING.lease_seconds
+        assert not control.leases.safe_to_reassign(node, 500.0 + TIMING.lease_seconds + TIMING.margin - 0.01)
+        assert control.leases.safe_to_reassign(node, 500.0 + TIMING.lease_seconds + TIMING.margin)
+    assert control.observations.started_at == 500.0
+    assert control.observations.dead_after == TIMING.dead_after
+
+
+def test_a_restarted_master_with_unchanged_observations_mints_nothing(store: AuthorityStore) -> None:
+    first = restore(store, TIMING, now=10.0)
+    report(first, store, hello("n1"), 10.0)
+    vol = add_volume(store)
+    (published,) = first.step(11.0).published
+    assert published.epoch == 1
+
+    # kill -9; a new master process on the same database, with a fresh monotonic clock.
+    second = restore(store, TIMING, now=3.0)
+    assert second.current(vol.volume_id) == published
+    assert second.assignments_for("n1") == (published,)  # the first Ack after restart says epoch 1
+    # Before the node has reported: it is not dead yet (started_at), so nothing happens.
+    for now in (3.0, 4.0, 10.9):
+        result = second.step(now)
+        assert result.published == ()
+        status = second.status(vol.volume_id)
+        assert status is not None and status.kind is StatusKind.WAITING_FOR_NODE
+    # The node reconnects, reporting what it had.
+    report(second, store, hello("n1"), 5.0, observation(vol.volume_id, 1, Role.PRIMARY))
+    for now in (5.5, 6.0, 40.0):
+        second.observations.record(
+            Heartbeat(seq=int(now) + 10, observations=(observation(vol.volume_id, 1, Role.PRIMARY),)),
+            "n1",
+            now,
+        )
+        result = second.step(now)
+        assert result.published == ()
+        assert result.decision.asks == ()
+    max_epoch = store.max_epoch(vol.volume_id)
+    assert max_epoch is not None and max_epoch.value == 1
+
+
+def test_a_restarted_master_whose_primary_never_returns_still_mints_nothing(store: AuthorityStore) -> None:
+    first = restore(store, TIMING, now=0.0)
+    report(first, store, hello("n1"), 0.0)
+    report(first, store, hello("n2"), 0.0)
+    vol = add_volume(store)
+    first.step(1.0)
+
+    second = restore(store, TIMING, now=0.0)
+    report(second, store, hello("n2"), 0.5)  # only the other node comes back
+    seen = set()
+    for tick in range(1, 40):
+        now = float(tick)
+        second.observations.record(Heartbeat(seq=tick + 1, observations=()), "n2", now)
+        assert second.step(now).published == ()
+        status = second.status(vol.volume_id)
+        assert status is not None
+        seen.add(status.kind)
+    # Waited for the node to report (started_at), then (dead, and the lease granted at restart has
+    # run out: lease + margin <= dead_after): a lone copy is never moved.
+    assert seen == {StatusKind.WAITING_FOR_NODE, StatusKind.NO_ELIGIBLE_REPLICA}
+    max_epoch = store.max_epoch(vol.volume_id)
+    assert max_epoch is not None and max_epoch.value == 1
+
+
+class EchoController(TopologyController):
+    """Asks for exactly the current assignment of every volume (and places nothing)."""
+
+    def decide(
+        self,
+        desired: object,
+        current: Mapping[str, PublishedAssignment],
+        observations: ObservationStore,
+        leases: MasterLeases,
+        now: float,
+    ) -> Decision:
+        asks = tuple(
+            AssignmentAsk(p.assignment.volume_id, p.assignment.primary or "", p.assignment.replicas, "echo")
+            for p in current.values()
+        )
+        return Decision(asks=asks, status={a.volume_id: VolumeStatus(None, None) for a in asks})
+
+
+def test_an_ask_equal_to_the_current_assignment_is_not_published(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    report(control, store, hello("n1"), 0.0)
+    vol = add_volume(store)
+    control.step(1.0)
+    echo = restore(store, TIMING, now=2.0, controller=EchoController())
+    result = echo.step(3.0)
+    assert len(result.decision.asks) == 1
+    assert result.published == ()
+    max_epoch = store.max_epoch(vol.volume_id)
+    assert max_epoch is not None and max_epoch.value == 1
+
+
+def test_differs_compares_primary_and_copies(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    report(control, store, hello("n1"), 0.0)
+    report(control, store, hello("n2"), 0.0)
+    vol = add_volume(store)
+    (assignment,) = control.step(1.0).published
+    primary = assignment.primary
+    assert primary is not None
+    other = "n2" if primary == "n1" else "n1"
+    assert differs(AssignmentAsk(vol.volume_id, primary, (primary,), "x"), None)
+    assert not differs(AssignmentAsk(vol.volume_id, primary, (primary,), "x"), assignment)
+    assert differs(AssignmentAsk(vol.volume_id, other, (other,), "x"), assignment)
+    assert differs(AssignmentAsk(vol.volume_id, primary, (primary, other), "x"), assignment)
+
+
+def test_a_node_unknown_to_the_authority_is_retried_not_fatal(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    h = hello("n1")
+    # Observed (Hello arrived) but its upsert has not committed yet.
+    control.observations.record(h, "n1", 0.0)
+    control.observations.record(Heartbeat(seq=1, observations=()), "n1", 0.0)
+    vol = add_volume(store)
+    result = control.step(1.0)
+    assert result.published == ()
+    assert [f.ask.volume_id for f in result.failed] == [vol.volume_id]
+    assert "n1" in result.failed[0].error
+    store.upsert_hello(h, seen_at=1.0)
+    (published,) = control.step(2.0).published
+    assert published.epoch == 1 and published.primary == "n1"
+
+
+def test_a_deleted_volume_leaves_the_acks_at_once_and_is_not_revived(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    report(control, store, hello("n1"), 0.0)
+    vol = add_volume(store)
+    control.step(1.0)
+    stale = control.read_authority()  # read before the delete
+    store.delete_volume(vol.volume_id, deleted_at=2.0)
+    control.volume_deleted(vol.volume_id)
+    assert control.assignments_for("n1") == ()
+    control.apply_snapshot(stale, 2.5)
+    assert control.assignments_for("n1") == ()
+    assert control.step(3.0).published == ()
+    assert control.status(vol.volume_id) is None
+
+
+def test_desired_volumes_come_from_the_authority(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    a = add_volume(store, "a", replicas=2)
+    control.step(0.0)
+    assert control.desired() == (
+        DesiredVolume(volume_id=a.volume_id, name="a", size=64 * MiB, block_size=512, replicas=2),
+    )
+
+
+async def test_step_async_publishes_like_step(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    report(control, store, hello("n1"), 0.0)
+    vol = add_volume(store)
+    times = iter([1.0, 1.25])
+    result = await control.step_async(lambda: next(times))
+    (published,) = result.published
+    assert published.volume_id == vol.volume_id and published.epoch == 1
+    assert control.published_at(vol.volume_id) == 1.25  # the clock after the commit

@@ -1,0 +1,224 @@
+"""The master's heartbeat protocol (sparrow.master.heartbeat_server), driven with a fake transport
+and an injected clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparrow.cluster.authority import AuthorityStore, VolumeRecord
+from sparrow.cluster.heartbeat import FrameDecoder, encode
+from sparrow.cluster.lease import LeaseConfig
+from sparrow.cluster.messages import Ack, Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.master.control import ControlLoop, restore
+from sparrow.master.heartbeat_server import MAX_WRITE_BUFFER, HeartbeatServer, NodeConnection
+
+MiB = 1 << 20
+TIMING = LeaseConfig()
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+        self.aborted = False
+        self.buffer_size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffer_size
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+        self.aborted = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.7", 40000) if name == "peername" else default
+
+    def acks(self) -> list[Ack]:
+        decoder = FrameDecoder()
+        decoder.feed(bytes(self.written))
+        out = []
+        while (message := decoder.next_message()) is not None:
+            assert isinstance(message, Ack)
+            out.append(message)
+        return out
+
+
+class Clock:
+    def __init__(self, now: float = 50.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuthorityStore]:
+    s = AuthorityStore.open_in(tmp_path)
+    yield s
+    s.close()
+
+
+class Harness:
+    def __init__(self, store: AuthorityStore) -> None:
+        self.store = store
+        self.clock = Clock()
+        self.control: ControlLoop = restore(store, TIMING, self.clock())
+        self.hellos: list[Hello] = []
+        self.heartbeats = 0
+        self.errors: list[str] = []
+        self.server = HeartbeatServer(
+            self.control,
+            lease_seconds=TIMING.lease_seconds,
+            clock=self.clock,
+            on_hello=self.on_hello,
+            on_heartbeat=self.on_heartbeat,
+            on_protocol_error=self.errors.append,
+        )
+
+    def on_hello(self, hello: Hello) -> None:
+        self.hellos.append(hello)
+        self.store.upsert_hello(hello, seen_at=1.0)  # the daemon does this in a worker thread
+
+    def on_heartbeat(self) -> None:
+        self.heartbeats += 1
+
+    def connect(self) -> tuple[NodeConnection, FakeTransport]:
+        conn = self.server.protocol()
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        return conn, transport
+
+
+def hello(node_id: str = "n1", incarnation: int = 7) -> Hello:
+    return Hello(node_id, incarnation, "192.0.2.7:3260", "192.0.2.7:7000", "192.0.2.7:8080", 1 << 40, 1 << 30)
+
+
+def heartbeat(seq: int, *obs: VolumeObservation) -> Heartbeat:
+    return Heartbeat(seq=seq, observations=obs)
+
+
+def add_volume(store: AuthorityStore) -> VolumeRecord:
+    return store.add_volume("vol1", size=64 * MiB, block_size=512, replicas=1, created_at=1.0)
+
+
+def test_every_heartbeat_gets_an_ack_with_the_lease_and_the_grant_is_recorded(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, transport = h.connect()
+    conn.data_received(encode(hello()))
+    assert transport.acks() == []  # Hello is not answered
+    assert h.hellos == [hello()]
+    assert h.control.observations.hello("n1") == hello()
+    assert h.control.leases.expires_at("n1") is None
+
+    h.clock.now = 51.0
+    conn.data_received(encode(heartbeat(1)))
+    (ack,) = transport.acks()
+    assert ack == Ack(seq=1, lease_seconds=TIMING.lease_seconds, assignments=())
+    assert h.control.leases.expires_at("n1") == 51.0 + TIMING.lease_seconds
+    assert h.control.observations.alive("n1", 51.0)
+    assert h.heartbeats == 1
+
+
+def test_the_ack_carries_the_assignments_naming_the_node(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, transport = h.connect()
+    conn.data_received(encode(hello()) + encode(heartbeat(1)))
+    vol = add_volume(store)
+    (assignment,) = h.control.step(52.0).published
+
+    other, other_transport = h.connect()
+    other.data_received(encode(hello("n2")) + encode(heartbeat(1)))
+
+    h.clock.now = 53.0
+    obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
+    conn.data_received(encode(heartbeat(2, obs)))
+    acks = transport.acks()
+    assert [a.seq for a in acks] == [1, 2]
+    assert acks[1].assignments == (assignment,)
+    assert assignment.primary == "n1" and assignment.epoch == 1
+    assert assignment.primary_portal == "192.0.2.7:3260"
+    assert h.control.observations.observation("n1", vol.volume_id) == obs
+    assert [a.assignments for a in other_transport.acks()] == [()]  # n2 is named by nothing
+
+
+def test_bytes_split_anywhere_give_the_same_acks(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, transport = h.connect()
+    stream = encode(hello()) + encode(heartbeat(1)) + encode(heartbeat(2))
+    for i in range(len(stream)):
+        conn.data_received(stream[i : i + 1])
+    assert [a.seq for a in transport.acks()] == [1, 2]
+    assert not transport.closing
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        (encode(heartbeat(1)), "refused"),  # Heartbeat before Hello
+        (encode(Ack(seq=1, lease_seconds=5.0, assignments=())), "refused"),  # wrong direction
+        (encode(hello()) + encode(hello("n2")), "refused"),  # another node on this connection
+        (b"\x00\x00\x00\x03abc", "malformed"),
+        (b"\xff\xff\xff\xff", "frame_too_large"),
+    ],
+)
+def test_a_protocol_error_closes_the_connection_without_an_ack(
+    store: AuthorityStore, frames: bytes, code: str
+) -> None:
+    h = Harness(store)
+    conn, transport = h.connect()
+    conn.data_received(frames + encode(heartbeat(9)))
+    assert transport.aborted
+    assert transport.acks() == []
+    assert h.errors == [code]
+    assert conn.closed_reason
+    conn.data_received(encode(heartbeat(10)))  # anything after the error is ignored
+    assert transport.acks() == []
+
+
+def test_a_reconnect_with_a_new_incarnation_forgets_old_observations(store: AuthorityStore) -> None:
+    h = Harness(store)
+    vol = add_volume(store)
+    conn, _ = h.connect()
+    obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
+    conn.data_received(encode(hello(incarnation=1)) + encode(heartbeat(1, obs)))
+    conn.connection_lost(None)
+    assert conn not in h.server.connections
+
+    again, transport = h.connect()
+    again.data_received(encode(hello(incarnation=2)))
+    assert h.control.observations.observation("n1", vol.volume_id) is None
+    again.data_received(encode(heartbeat(2)))
+    assert [a.seq for a in transport.acks()] == [2]
+
+
+def test_a_node_that_does_not_read_its_acks_is_disconnected(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, transport = h.connect()
+    conn.data_received(encode(hello()))
+    transport.buffer_size = MAX_WRITE_BUFFER + 1
+    conn.data_received(encode(heartbeat(1)))
+    assert transport.aborted
+    assert h.errors == ["not_reading"]
+    assert h.control.leases.expires_at("n1") is None  # an Ack that may never arrive grants nothing
+
+
+async def test_close_closes_every_connection(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conns = [h.connect() for _ in range(3)]
+    await h.server.close()
+    assert all(t.closing for _, t in conns)

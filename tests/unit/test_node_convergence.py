@@ -1,0 +1,299 @@
+"""sparrow.node.convergence: the adapter's plans on real local volumes, and the fence timer.
+
+The clock and the timer are fakes (``clock``/``schedule`` arguments): the tests move time by hand
+and fire the timer themselves, so nothing sleeps. The volumes are real (VolumeManager on tmp_path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from frontend.scsi.lu import AccessState
+from frontend.target import Portal, TargetRegistry
+from sparrow.cluster.adapter import Adapter, OpenVolume
+from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.messages import Ack, Assignment, Role
+from sparrow.cluster.nodestate import NodeState
+from sparrow.node.convergence import Convergence, NodeVolumes, VolumeMismatch
+from store.volumes import VolumeManager
+
+ME = "n1"
+VOL = "ab" * 16
+OTHER = "cd" * 16
+NAME = "vol-a"
+SIZE = 1 << 20
+LEASE = 5.0
+IQN = f"iqn.2026-11.io.sparrow:{NAME}"
+ACTIVE, FENCED, STANDBY = AccessState.ACTIVE_OPTIMIZED, AccessState.TRANSITIONING, AccessState.STANDBY
+
+
+def assign(epoch: int = 1, primary: str | None = ME, replicas: tuple[str, ...] | None = None) -> Assignment:
+    if replicas is None:
+        replicas = () if primary is None else (primary,)
+    portal = {"n1": "10.0.0.1:3260", "n2": "10.0.0.2:3260"}.get(primary or "")
+    return Assignment(VOL, NAME, SIZE, 512, epoch, primary, portal, replicas)
+
+
+@dataclass
+class Handle:
+    when: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Timers:
+    now: float = 100.0
+    handles: list[Handle] = field(default_factory=list)
+
+    def clock(self) -> float:
+        return self.now
+
+    def schedule(self, when: float, callback: Callable[[], None]) -> Handle:
+        handle = Handle(when, callback)
+        self.handles.append(handle)
+        return handle
+
+    @property
+    def armed(self) -> list[Handle]:
+        return [h for h in self.handles if not h.cancelled]
+
+    def advance(self, to: float) -> None:
+        """Move the clock to ``to`` and run the timers due by then (as the loop would)."""
+        self.now = to
+        for handle in list(self.handles):
+            if not handle.cancelled and handle.when <= to:
+                self.handles.remove(handle)
+                handle.callback()
+
+
+@dataclass
+class Node:
+    data_dir: Path
+    timers: Timers
+    manager: VolumeManager
+    registry: TargetRegistry
+    volumes: NodeVolumes
+    state: NodeState
+    adapter: Adapter
+    lease: LeaseClock
+    conv: Convergence
+    seq: int = 0
+
+    def heartbeat(self) -> int:
+        """A heartbeat sent now (what the heartbeat client does); returns its seq."""
+        self.seq += 1
+        self.lease.sent(self.seq, self.timers.now)
+        return self.seq
+
+    async def ack(self, *assignments: Assignment, seq: int | None = None, run: bool = True) -> None:
+        """The Ack for ``seq`` (default: a heartbeat sent now) arrives, and its plan runs."""
+        seq = self.heartbeat() if seq is None else seq
+        assert self.lease.acked(seq, LEASE) is not None
+        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments)))
+        if run:
+            await self.conv.idle()
+
+    def access(self) -> AccessState | None:
+        target = self.registry.get(IQN)
+        return None if target is None else target.lu.access_state
+
+
+async def start_node(data_dir: Path, timers: Timers) -> Node:
+    state = NodeState(data_dir)
+    state.load()
+    manager = VolumeManager(data_dir)
+    await manager.load_all()
+    registry = TargetRegistry()
+    volumes = NodeVolumes(manager, registry, base_iqn="iqn.2026-11.io.sparrow")
+    adapter = Adapter(ME, state)
+    lease = LeaseClock()
+    conv = Convergence(adapter, volumes, lease, clock=timers.clock, schedule=timers.schedule)
+    conv.start()
+    await conv.idle()
+    return Node(data_dir, timers, manager, registry, volumes, state, adapter, lease, conv)
+
+
+async def stop_node(node: Node) -> None:
+    await node.conv.close()
+    await node.manager.close()
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = await start_node(tmp_path, Timers())
+    yield n
+    await stop_node(n)
+
+
+# ---- serving ------------------------------------------------------------------------------------
+
+
+async def test_a_primary_assignment_is_persisted_created_with_the_masters_id_and_served(node: Node) -> None:
+    await node.ack(assign())
+    assert node.access() is ACTIVE
+    volume = node.manager.get(NAME)
+    assert (volume.meta.volume_id, volume.meta.size) == (VOL, SIZE)
+    persisted = NodeState(node.data_dir)
+    persisted.load()
+    role = persisted.get(VOL)
+    assert role is not None and (role.epoch, role.role) == (1, Role.PRIMARY)
+    [obs] = node.conv.observations(node.timers.now)
+    assert (obs.volume_id, obs.epoch, obs.role, obs.converged) == (VOL, 1, Role.PRIMARY, True)
+
+
+async def test_a_primary_acked_without_a_valid_lease_is_exported_fenced(node: Node) -> None:
+    seq = node.heartbeat()
+    node.timers.now += LEASE + 1  # the Ack arrives after the lease it grants has run out
+    await node.ack(assign(), seq=seq)
+    assert node.access() is FENCED
+
+
+async def test_a_replica_stands_by_and_redirects_logins_to_the_primary(node: Node) -> None:
+    await node.ack(assign(primary="n2", replicas=("n2", ME)))
+    assert node.access() is STANDBY
+    remote = node.registry.remote(IQN)
+    assert remote is not None and remote.portal == Portal("10.0.0.2", 3260, 1)
+
+
+async def test_a_released_volume_is_unexported_but_its_data_stays(node: Node) -> None:
+    await node.ack(assign())
+    target = node.registry.get(IQN)
+    assert target is not None
+    await target.lu.store.write(0, b"\x5a" * 512)
+    await node.ack()  # an Ack that no longer names the volume
+    assert node.registry.get(IQN) is None
+    assert target.lu.access_state is FENCED  # sessions still open meanwhile are refused I/O
+    assert await node.manager.get(NAME).store.read(0, 512) == b"\x5a" * 512
+    assert (node.data_dir / "volumes" / f"{NAME}.img").exists()
+    await node.ack(assign())  # assigned again: the same data, served again
+    target = node.registry.get(IQN)
+    assert target is not None and target.lu.access_state is ACTIVE
+    assert await target.lu.store.read(0, 512) == b"\x5a" * 512
+
+
+async def test_a_grown_assignment_grows_the_local_volume(node: Node) -> None:
+    await node.ack(assign())
+    bigger = Assignment(VOL, NAME, 2 * SIZE, 512, 2, ME, "10.0.0.1:3260", (ME,))
+    await node.ack(bigger)
+    assert node.manager.get(NAME).meta.size == 2 * SIZE
+    target = node.registry.get(IQN)
+    assert target is not None and target.lu.capacity == 2 * SIZE // 512
+
+
+async def test_a_name_held_by_another_volume_id_is_refused_not_reused(node: Node) -> None:
+    await node.manager.create(NAME, SIZE, volume_id=OTHER)
+    await node.ack(assign())
+    assert node.registry.get(IQN) is None
+    assert node.conv.last_error is not None and "VolumeMismatch" in node.conv.last_error
+    with pytest.raises(VolumeMismatch):
+        await node.volumes.open_volume(OpenVolume(VOL, NAME, SIZE, 512))
+    assert node.manager.get(NAME).meta.volume_id == OTHER
+
+
+# ---- the fence ----------------------------------------------------------------------------------
+
+
+async def test_the_fence_is_armed_at_the_lease_expiry_counted_from_the_send(node: Node) -> None:
+    seq = node.heartbeat()  # sent at 100.0
+    node.timers.now = 100.3  # the Ack arrives later; the lease still counts from the send
+    await node.ack(assign(), seq=seq)
+    assert [h.when for h in node.timers.armed] == [100.0 + LEASE]
+    assert node.conv.fence_at == 100.0 + LEASE
+
+
+async def test_when_the_lease_lapses_every_primary_is_fenced_at_once(node: Node) -> None:
+    await node.ack(assign())
+    assert node.access() is ACTIVE
+    node.timers.advance(100.0 + LEASE)
+    # Applied in the timer callback itself: no await has happened since.
+    assert node.access() is FENCED
+    [fence] = node.conv.fences
+    assert fence.volume_ids == (VOL,) and fence.late == 0.0
+    await node.conv.idle()
+    assert node.adapter.access_state(VOL) is FENCED
+    [obs] = node.conv.observations(node.timers.now)
+    assert (obs.epoch, obs.role) == (1, Role.PRIMARY)  # still the primary, by the assignment
+
+
+async def test_the_fence_does_not_wait_behind_a_running_plan(node: Node) -> None:
+    await node.ack(assign())
+    await node.ack(assign(), run=False)  # queued, not run yet
+    node.timers.advance(node.timers.now + LEASE)
+    assert node.access() is FENCED
+    await node.conv.idle()
+    assert node.access() is FENCED
+
+
+async def test_a_renewal_moves_the_fence(node: Node) -> None:
+    await node.ack(assign())
+    first = node.timers.armed
+    node.timers.now = 101.0
+    await node.ack(assign())
+    assert all(h.cancelled for h in first)
+    assert [h.when for h in node.timers.armed] == [101.0 + LEASE]
+    node.timers.advance(100.0 + LEASE)  # the first lease's end: nothing happens
+    assert node.access() is ACTIVE and not node.conv.fences
+    node.timers.advance(101.0 + LEASE)
+    assert node.access() is FENCED
+
+
+async def test_a_timer_that_fires_early_is_rearmed_not_obeyed(node: Node) -> None:
+    await node.ack(assign())
+    [handle] = node.timers.armed
+    node.timers.handles.remove(handle)
+    node.timers.now = handle.when - 0.0004  # the loop's millisecond clock fired a hair early
+    handle.callback()
+    assert node.access() is ACTIVE and not node.conv.fences
+    [again] = node.timers.armed
+    assert again.when >= handle.when
+    node.timers.advance(again.when)
+    assert node.access() is FENCED
+
+
+async def test_service_comes_back_with_the_next_ack(node: Node) -> None:
+    await node.ack(assign())
+    node.timers.advance(100.0 + LEASE)
+    assert node.access() is FENCED
+    node.timers.now = 110.0
+    await node.ack(assign())
+    assert node.access() is ACTIVE
+    assert [h.when for h in node.timers.armed] == [110.0 + LEASE]
+
+
+async def test_a_plan_made_under_a_lease_that_lapsed_before_it_ran_never_serves(node: Node) -> None:
+    await node.ack(assign(), run=False)  # planned with a valid lease: persist, open, serve
+    node.timers.now = 100.0 + LEASE + 1  # ... but it runs only after the lease ran out
+    await node.conv.idle()
+    assert node.access() is FENCED
+    assert node.adapter.access_state(VOL) is FENCED  # the adapter's model agrees with the LU
+    assert [f.reason for f in node.conv.fences] == ["lease lapsed before the plan ran"]
+    node.timers.now = 120.0
+    await node.ack(assign())
+    assert node.access() is ACTIVE
+
+
+async def test_a_restarted_node_reopens_its_primary_fenced_until_an_ack_confirms_it(tmp_path: Path) -> None:
+    first = await start_node(tmp_path, Timers())
+    await first.ack(assign())
+    assert first.access() is ACTIVE
+    await stop_node(first)
+
+    timers = Timers(now=500.0)
+    second = await start_node(tmp_path, timers)
+    try:
+        assert second.access() is FENCED  # exported (initiators can log in) but fenced
+        [obs] = second.conv.observations(timers.now)
+        assert (obs.epoch, obs.role) == (1, Role.PRIMARY)
+        assert not timers.armed  # no lease, nothing to expire
+        await second.ack(assign())
+        assert second.access() is ACTIVE
+    finally:
+        await stop_node(second)

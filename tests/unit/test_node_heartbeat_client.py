@@ -1,0 +1,125 @@
+"""sparrow.node.heartbeat_client: the sans-IO heartbeat session and the reconnect backoff."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparrow.cluster.heartbeat import ErrorCode, HeartbeatProtocolError, decode, encode
+from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.messages import (
+    Ack,
+    Assignment,
+    Health,
+    Heartbeat,
+    Hello,
+    Role,
+    VolumeObservation,
+)
+from sparrow.node.heartbeat_client import Backoff, HeartbeatSession
+
+HELLO = Hello("n1", 7, "10.0.0.1:3260", "10.0.0.1:3291", "127.0.0.1:3281", 1 << 40, 1 << 39)
+VOL = "ab" * 16
+OBS = (VolumeObservation(VOL, 1, Role.PRIMARY, Health.OK, 0, (), True),)
+ASSIGNMENT = Assignment(VOL, "vol-a", 1 << 20, 512, 1, "n1", "10.0.0.1:3260", ("n1",))
+
+
+def test_each_connection_opens_with_the_hello() -> None:
+    session = HeartbeatSession(LeaseClock())
+    assert decode(session.connection_made(HELLO)) == HELLO
+    assert decode(session.connection_made(HELLO)) == HELLO
+
+
+def test_seq_increases_for_the_whole_process_across_reconnects() -> None:
+    session = HeartbeatSession(LeaseClock())
+    session.connection_made(HELLO)
+    seqs = []
+    for i in range(3):
+        frame = session.heartbeat(OBS, float(i))
+        message = decode(frame)
+        assert isinstance(message, Heartbeat) and message.observations == OBS
+        seqs.append(message.seq)
+    session.connection_lost()
+    session.connection_made(HELLO)  # reconnect: seq carries on
+    message = decode(session.heartbeat((), 9.0))
+    assert isinstance(message, Heartbeat)
+    assert [*seqs, message.seq] == [1, 2, 3, 4]
+    assert session.seq == 4
+
+
+def test_the_lease_counts_from_the_send_of_the_acked_heartbeat() -> None:
+    lease = LeaseClock()
+    session = HeartbeatSession(lease)
+    session.connection_made(HELLO)
+    session.heartbeat(OBS, 10.0)  # seq 1 sent at 10.0
+    session.heartbeat(OBS, 11.0)  # seq 2 sent at 11.0
+    [ack] = session.receive(encode(Ack(1, 5.0, (ASSIGNMENT,))))
+    assert ack.assignments == (ASSIGNMENT,)
+    assert lease.expires_at == 15.0
+    assert lease.valid(14.999) and not lease.valid(15.0)
+    session.receive(encode(Ack(2, 5.0, ())))
+    assert lease.expires_at == 16.0
+
+
+def test_acks_are_found_in_any_split_of_the_stream() -> None:
+    session = HeartbeatSession(LeaseClock())
+    session.connection_made(HELLO)
+    session.heartbeat(OBS, 0.0)
+    session.heartbeat(OBS, 0.5)
+    stream = encode(Ack(1, 5.0, (ASSIGNMENT,))) + encode(Ack(2, 5.0, ()))
+    got: list[Ack] = []
+    for i in range(len(stream)):
+        got += session.receive(stream[i : i + 1])
+    assert [a.seq for a in got] == [1, 2]
+
+
+def test_a_stale_or_unknown_ack_is_not_acted_on() -> None:
+    lease = LeaseClock()
+    session = HeartbeatSession(lease)
+    session.connection_made(HELLO)
+    session.heartbeat(OBS, 0.0)
+    session.heartbeat(OBS, 1.0)
+    assert [a.seq for a in session.receive(encode(Ack(2, 5.0, ())))] == [2]
+    assert session.receive(encode(Ack(1, 5.0, (ASSIGNMENT,)))) == []  # older than the one applied
+    assert session.receive(encode(Ack(99, 5.0, (ASSIGNMENT,)))) == []  # never sent
+    assert lease.expires_at == 6.0
+
+
+@pytest.mark.parametrize("frame", [encode(HELLO), encode(Heartbeat(1, ()))])
+def test_anything_but_an_ack_from_the_master_is_a_protocol_error(frame: bytes) -> None:
+    session = HeartbeatSession(LeaseClock())
+    session.connection_made(HELLO)
+    with pytest.raises(HeartbeatProtocolError) as info:
+        session.receive(frame)
+    assert info.value.code is ErrorCode.UNKNOWN_TYPE
+
+
+def test_garbage_is_a_protocol_error_and_a_new_connection_starts_clean() -> None:
+    session = HeartbeatSession(LeaseClock())
+    session.connection_made(HELLO)
+    with pytest.raises(HeartbeatProtocolError):
+        session.receive(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+    session.connection_made(HELLO)
+    session.heartbeat((), 0.0)
+    partial = encode(Ack(1, 5.0, ()))[:-1]
+    assert session.receive(partial) == []
+    session.connection_lost()  # the half frame goes with the connection
+    session.connection_made(HELLO)
+    session.heartbeat((), 1.0)
+    assert [a.seq for a in session.receive(encode(Ack(2, 5.0, ())))] == [2]
+
+
+def test_backoff_grows_to_its_cap_with_bounded_jitter() -> None:
+    backoff = Backoff(initial=0.1, maximum=2.0, factor=2.0, jitter=0.25)
+    assert [backoff.delay(n, 0.0) for n in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    assert backoff.delay(10_000, 0.0) == 2.0
+    assert backoff.delay(3, 0.999) == pytest.approx(0.8 * (1 - 0.25 * 0.999))
+    assert all(0.75 * 2.0 < backoff.delay(50, r / 10) <= 2.0 for r in range(10))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"initial": 0.0}, {"initial": 3.0, "maximum": 2.0}, {"factor": 0.5}, {"jitter": 1.0}],
+)
+def test_backoff_refuses_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Backoff(**kwargs)
