@@ -460,6 +460,31 @@ class VolumeManager:
                     log.warning("could not remove data file", volume=name, path=str(image), error=str(e))
             log.info("volume deleted", volume=name)
 
+    async def close_volume(self, name: str) -> None:
+        """Stop using one volume: flush and close its store, keep its record and data. A node does
+        this when the master no longer assigns it the volume; ``open_volume`` brings it back."""
+        async with self._lock:
+            volume = self._volumes.pop(name, None)
+            if volume is None:
+                raise VolumeNotFound(name)
+            try:
+                await volume.store.flush()
+            finally:
+                await volume.store.close()
+            log.info("volume closed", volume=name)
+
+    async def open_volume(self, name: str) -> Volume:
+        """Open a volume that is on disk but not open (closed with ``close_volume``)."""
+        validate_name(name)
+        async with self._lock:
+            if name in self._volumes:
+                return self._volumes[name]
+            path = self._record_path(name)
+            if not await aiofiles.os.path.exists(path):
+                raise VolumeNotFound(name)
+            volume = self._volumes[name] = await self._load(name, path)
+            return volume
+
     async def close(self) -> None:
         """Close every store (after waiting for the operations in flight)."""
         async with self._lock:

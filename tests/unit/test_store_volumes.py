@@ -341,3 +341,21 @@ async def test_volume_id_given_by_the_master_fixes_the_identity(manager: VolumeM
     assert vol.meta.serial == serial_from_uuid(vid) and vol.meta.naa == naa_from_uuid(vid)
     with pytest.raises(InvalidVolume):
         await manager.create("bad-id", MiB, volume_id="not-hex")
+
+
+async def test_close_volume_keeps_the_data_and_open_volume_brings_it_back(manager: VolumeManager) -> None:
+    vol = await manager.create("idle", 4 * MiB)
+    await vol.store.write(0, b"\x17" * 512)
+    await manager.close_volume("idle")
+    with pytest.raises(VolumeNotFound):
+        manager.get("idle")
+    with pytest.raises(VolumeExists):  # still on disk: not a name to create again
+        await manager.create("idle", 4 * MiB)
+    again = await manager.open_volume("idle")
+    assert again.meta == vol.meta
+    assert await again.store.read(0, 512) == b"\x17" * 512
+    assert await manager.open_volume("idle") is again
+    with pytest.raises(VolumeNotFound):
+        await manager.open_volume("never-created")
+    with pytest.raises(VolumeNotFound):
+        await manager.close_volume("never-created")
