@@ -84,3 +84,26 @@ def test_unknown_opcode_in_login_phase_is_answered_not_fatal(daemon: Daemon, vic
         with contextlib.suppress(ConnectionResetError, TimeoutError):
             s.recv(4096)
     _assert_still_serving(daemon, victim)
+
+
+def test_client_that_disconnects_mid_write_leaves_the_data_untouched(daemon: Daemon, victim: str) -> None:
+    """A WRITE whose Data-Out never completes is never executed: the blocks keep their old data."""
+    from frontend.iscsi.pdu import R2T, DataOut, ScsiCommand
+    from tests.integration.daemon import BASE_IQN
+    from tests.integration.test_node import RawSession
+
+    session = RawSession(daemon.portal, f"{BASE_IQN}:{victim}")
+    try:
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 64, 0).ljust(16, b"\0")  # WRITE(10), 64 blocks
+        itt = session._itt()
+        first = b"\xee" * 4096  # immediate data; the rest must be solicited with R2T
+        session._send(ScsiCommand(False, True, False, True, 1, 0, itt, 64 * 512, session.cmd_sn,
+                                  session.exp_stat_sn, cdb, first))
+        r2t = session._receive()
+        assert isinstance(r2t, R2T), r2t
+        half = r2t.desired_length // 2
+        session._send(DataOut(False, 0, itt, r2t.ttt, session.exp_stat_sn, 0, r2t.buffer_offset,
+                              b"\xee" * half))
+    finally:
+        session.close()  # gone mid-transfer
+    _assert_still_serving(daemon, victim)
