@@ -16,7 +16,10 @@ error again). Nothing else escapes the decoder.
 
 Each message type has a schema version (:data:`SCHEMA_VERSIONS`). A decoder accepts a frame whose
 version is at most its own (decoders for older versions fill in whatever a later version added)
-and rejects a newer one with ``UNSUPPORTED_VERSION``.
+and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
+
+- ``ack`` v2 adds ``directory`` (an array of ``{volume_id, name, primary_portal}``); a v1 Ack
+  decodes with ``directory=()``, and a v1 Ack carrying a ``directory`` field is rejected (BAD_FIELD).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import msgpack
 from sparrow.cluster.messages import (
     Ack,
     Assignment,
+    DirectoryEntry,
     Health,
     Heartbeat,
     Hello,
@@ -55,7 +59,9 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 1}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 2}
+#: The first ``ack`` version that carries the volume directory.
+ACK_DIRECTORY_VERSION = 2
 
 
 class ErrorCode(enum.Enum):
@@ -118,6 +124,10 @@ def _assignment_to_wire(assignment: Assignment) -> dict[str, object]:
     }
 
 
+def _directory_entry_to_wire(entry: DirectoryEntry) -> dict[str, object]:
+    return {"volume_id": entry.volume_id, "name": entry.name, "primary_portal": entry.primary_portal}
+
+
 def _to_wire(message: Message) -> dict[str, object]:
     if isinstance(message, Hello):
         return {
@@ -135,6 +145,7 @@ def _to_wire(message: Message) -> dict[str, object]:
         "seq": message.seq,
         "lease_seconds": message.lease_seconds,
         "assignments": [_assignment_to_wire(a) for a in message.assignments],
+        "directory": [_directory_entry_to_wire(e) for e in message.directory],
     }
 
 
@@ -252,6 +263,16 @@ def _assignment_from_wire(where: str, raw: object) -> Assignment:
     )
 
 
+def _directory_entry_from_wire(where: str, raw: object) -> DirectoryEntry:
+    f = _Fields(where, raw)
+    return f.build(
+        DirectoryEntry,
+        volume_id=f.take("volume_id"),
+        name=f.take("name"),
+        primary_portal=f.take("primary_portal"),
+    )
+
+
 def _hello_from_wire(f: _Fields, version: int) -> Hello:
     return f.build(
         Hello,
@@ -276,14 +297,17 @@ def _heartbeat_from_wire(f: _Fields, version: int) -> Heartbeat:
 
 
 def _ack_from_wire(f: _Fields, version: int) -> Ack:
-    return f.build(
-        Ack,
-        seq=f.take("seq"),
-        lease_seconds=f.take("lease_seconds"),
-        assignments=tuple(
-            _assignment_from_wire(f"assignments[{i}]", a) for i, a in enumerate(f.take_list("assignments"))
-        ),
+    seq = f.take("seq")
+    lease_seconds = f.take("lease_seconds")
+    assignments = tuple(
+        _assignment_from_wire(f"assignments[{i}]", a) for i, a in enumerate(f.take_list("assignments"))
     )
+    directory: tuple[DirectoryEntry, ...] = ()
+    if version >= ACK_DIRECTORY_VERSION:
+        directory = tuple(
+            _directory_entry_from_wire(f"directory[{i}]", e) for i, e in enumerate(f.take_list("directory"))
+        )
+    return f.build(Ack, seq=seq, lease_seconds=lease_seconds, assignments=assignments, directory=directory)
 
 
 #: Decoder per wire type name; each gets the frame's (supported) version, so that when a version

@@ -6,7 +6,9 @@ message can neither be sent nor come out of the decoder: a bad field raises :cla
 (the codec turns it into ``HeartbeatProtocolError(BAD_FIELD, ...)``).
 
 Node -> master: :class:`Hello` once per connection, then :class:`Heartbeat` every interval.
-Master -> node: :class:`Ack` for each heartbeat, carrying the lease and the node's assignments.
+Master -> node: :class:`Ack` for each heartbeat, carrying the lease, the node's assignments and the
+volume directory (every live volume's primary portal, :class:`DirectoryEntry`), so that any node can
+point a login or a SendTargets at the primary of a volume it holds no copy of.
 
 Heartbeats are observations, never authority: an epoch in a :class:`VolumeObservation` is what the
 node *has*, and only the master's :class:`Assignment` says what it *should* have.
@@ -92,6 +94,13 @@ def check_volume_id(field: str, value: object) -> str:
     """A volume id: 32 lowercase hex digits (``uuid4().hex``)."""
     if not isinstance(value, str) or not VOLUME_ID_PATTERN.fullmatch(value):
         raise InvalidMessage(field, f"not a volume id (32 lowercase hex digits): {value!r}")
+    return value
+
+
+def check_volume_name(field: str, value: object) -> str:
+    """A volume name: ``[a-z0-9][a-z0-9.-]{0,62}`` (``store.volumes.NAME_PATTERN``)."""
+    if not isinstance(value, str) or not VOLUME_NAME_PATTERN.fullmatch(value):
+        raise InvalidMessage(field, f"not a volume name: {value!r}")
     return value
 
 
@@ -288,8 +297,7 @@ class Assignment:
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
-        if not isinstance(self.name, str) or not VOLUME_NAME_PATTERN.fullmatch(self.name):
-            raise InvalidMessage("name", f"not a volume name: {self.name!r}")
+        check_volume_name("name", self.name)
         if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
             raise InvalidMessage("block_size", f"must be 512 or 4096, not {self.block_size!r}")
         size = check_uint("size", self.size, minimum=1)
@@ -328,16 +336,38 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    """Where one live volume is served: its primary's iSCSI portal (``host:port``), or None while
+    the volume has no primary. Every node gets the whole directory, so a node that holds no copy of
+    the volume can still answer a login with "target moved temporarily" (RFC 7143 11.13.5) and list
+    the primary's portal in SendTargets (RFC 7143 13.8).
+    """
+
+    volume_id: str
+    name: str
+    primary_portal: str | None
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        check_volume_name("name", self.name)
+        if self.primary_portal is not None:
+            check_portal("primary_portal", self.primary_portal)
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """The master's answer to heartbeat ``seq``.
 
     The lease (``lease_seconds``, counted by the node from when it *sent* heartbeat ``seq``; see
     ``sparrow.cluster.lease``) is granted for every volume whose assignment names the node primary.
+    ``assignments`` are the node's own (volumes it holds a copy of); ``directory`` lists every live
+    volume of the cluster with its primary's portal (schema v2; empty in a v1 Ack).
     """
 
     seq: int
     lease_seconds: float
     assignments: tuple[Assignment, ...]
+    directory: tuple[DirectoryEntry, ...] = ()
 
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
@@ -346,6 +376,9 @@ class Ack:
         assignments = _check_records("assignments", self.assignments, Assignment)
         if len({a.volume_id for a in assignments}) != len(assignments):
             raise InvalidMessage("assignments", "a volume appears twice")
+        directory = _check_records("directory", self.directory, DirectoryEntry)
+        if len({e.volume_id for e in directory}) != len(directory):
+            raise InvalidMessage("directory", "a volume appears twice")
 
 
 #: Every message that travels in a heartbeat frame.

@@ -8,7 +8,9 @@ bytes: they go to ``heartbeat.FrameDecoder``; each decoded message is handled he
   the Publisher may name it in an assignment. A Hello naming another node on the same connection
   is a protocol error.
 - ``Heartbeat``: recorded at ``now``; answered at once with ``Ack(seq, lease_seconds, assignments
-  naming the node)``; when the Ack has been written, ``MasterLeases.granted(node, now,
+  naming the node, directory)``, the directory listing every live volume with the portal of the
+  primary its latest published assignment names (None when it has none, or no assignment yet;
+  :func:`volume_directory`); when the Ack has been written, ``MasterLeases.granted(node, now,
   lease_seconds)`` records the lease (a lease counts on the master from *after* the Ack left, so
   the node's copy, counted from its send time, always ends first).
 - anything else (an Ack from a node, a Heartbeat before Hello, a bad frame): the connection is
@@ -29,7 +31,7 @@ import structlog
 
 from sparrow.cluster.heartbeat import FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import MasterLeases
-from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message
+from sparrow.cluster.messages import Ack, DirectoryEntry, Heartbeat, Hello, Message
 from sparrow.cluster.observations import ObservationError, ObservationStore
 from sparrow.master.control import ControlLoop
 
@@ -37,6 +39,18 @@ log = structlog.get_logger("sparrow.master.heartbeat")
 
 #: Bytes of unsent Acks a connection may hold before the node is deemed not to be reading.
 MAX_WRITE_BUFFER = 4 << 20
+
+
+def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
+    """Every live volume the master knows, by volume id, with its primary's iSCSI portal as the
+    latest published assignment records it (None while the volume has no primary or has not been
+    placed yet). Every node gets it in every Ack (docs/cluster.md, "Messages")."""
+    entries = []
+    for volume in control.desired():
+        current = control.current(volume.volume_id)
+        portal = None if current is None else current.primary_portal
+        entries.append(DirectoryEntry(volume.volume_id, volume.name, portal))
+    return tuple(sorted(entries, key=lambda e: e.volume_id))
 
 
 class ConnectionRefused(Exception):
@@ -200,6 +214,7 @@ class NodeConnection(asyncio.Protocol):
             seq=heartbeat.seq,
             lease_seconds=self.server.lease_seconds,
             assignments=self.server.control.assignments_for(node_id),
+            directory=volume_directory(self.server.control),
         )
         self._send(ack)
         if self.closed_reason is None:

@@ -17,6 +17,14 @@ Two pieces, both on the event loop:
   TRANSITION (04/0A, SPC-4 5.15.2.4.6) and REPORT TARGET PORT GROUPS shows the state. The plan is
   also queued, so the adapter hears of it in order.
 
+Besides its own assignments, every Ack carries the cluster's volume directory (every live volume
+with its primary's portal). :class:`RemoteDirectory` keeps one
+:class:`~frontend.target.RemoteTarget` in the registry for each volume the node holds no copy of, so
+a login to it here is answered "target moved temporarily" with the primary's portal (RFC 7143
+11.13.5) and SendTargets here lists that portal (RFC 7143 13.8). Volumes the node holds are left to
+the adapter (a replica redirects through its ``Redirect`` action). The directory is applied on
+every Ack and again after every plan has run (closing a released volume forgets its IQN entirely).
+
 A plan made while the lease was valid may run after the lease lapsed (a PersistRole ahead of it
 took a while): :class:`NodeVolumes` is handed to ``execute_plan`` through a guard that never makes
 an LU serve while ``LeaseClock.valid(now)`` is false; it leaves the LU fenced and fences through
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +43,7 @@ import structlog
 
 from frontend.scsi.lu import AccessState, LogicalUnit, LuIdentity
 from frontend.scsi.reservations import Reservations
-from frontend.target import Portal, Target, TargetRegistry
+from frontend.target import Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster.adapter import (
     SERVING_STATES,
     Adapter,
@@ -45,7 +53,7 @@ from sparrow.cluster.adapter import (
     execute_plan,
 )
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, VolumeObservation, split_portal
+from sparrow.cluster.messages import Ack, DirectoryEntry, Role, VolumeObservation, split_portal
 from sparrow.service import NoSessions, SessionControl, VolumeMetrics
 from store.blockstore import StoreError
 from store.volumes import Volume, VolumeManager
@@ -228,6 +236,63 @@ class NodeVolumes:
         return save
 
 
+# -- the directory of volumes served elsewhere --------------------------------------------------------
+
+
+class RemoteDirectory:
+    """The volumes this node holds no copy of, as :class:`~frontend.target.RemoteTarget` entries in
+    ``registry`` (IQN ``{base_iqn}:{name}``, portal = the primary's, with this cluster's ``tpgt``).
+
+    :meth:`update` is idempotent and compares with what the registry holds, so an entry another
+    party removed (``NodeVolumes.close_volume`` forgets an IQN entirely) is put back. It never
+    touches an IQN that has a local :class:`~frontend.target.Target`: that volume is the adapter's.
+    """
+
+    def __init__(self, registry: TargetRegistry, *, base_iqn: str, tpgt: int = 1) -> None:
+        self.registry = registry
+        self.base_iqn = base_iqn
+        self.tpgt = tpgt
+        #: What this directory put in the registry, by volume id.
+        self._entries: dict[str, RemoteTarget] = {}
+
+    def entries(self) -> Mapping[str, RemoteTarget]:
+        """The remote entries this directory keeps, by volume id."""
+        return dict(self._entries)
+
+    def update(self, directory: Iterable[DirectoryEntry], held: Collection[str]) -> None:
+        """Make the registry's remote entries match ``directory`` for every volume not in ``held``
+        (the volume ids this node is assigned or exports). A volume without a primary, one that
+        left the directory and one this node now holds lose their entry."""
+        wanted: dict[str, RemoteTarget] = {}
+        for entry in directory:
+            if entry.volume_id in held or entry.primary_portal is None:
+                continue
+            iqn = f"{self.base_iqn}:{entry.name}"
+            if self.registry.get(iqn) is not None:
+                continue  # a local target of that name: the adapter decides where it is served
+            host, port = split_portal(entry.primary_portal)
+            wanted[entry.volume_id] = RemoteTarget(iqn, entry.name, Portal(host, port, self.tpgt))
+        for volume_id, old in list(self._entries.items()):
+            new = wanted.get(volume_id)
+            if new is not None and new.iqn == old.iqn:
+                continue
+            del self._entries[volume_id]
+            # Only our own entry, and never a local target (``remove`` would drop it too).
+            if self.registry.get(old.iqn) is None and self.registry.remote(old.iqn) == old:
+                self.registry.remove(old.iqn)
+                log.info("remote target forgotten", volume=old.volume, iqn=old.iqn)
+        for volume_id, remote in wanted.items():
+            if self.registry.remote(remote.iqn) != remote:
+                self.registry.add_remote(remote)
+                log.info(
+                    "remote target",
+                    volume=remote.volume,
+                    iqn=remote.iqn,
+                    portal=remote.portal.redirect_address(),
+                )
+            self._entries[volume_id] = remote
+
+
 # -- convergence and the fence ------------------------------------------------------------------------
 
 
@@ -309,6 +374,9 @@ class Convergence:
         self._timer: Cancellable | None = None
         self._timer_at: float | None = None
         self._guarded = _Guarded(self)
+        #: Remote entries for the volumes of the latest Ack's directory this node does not hold.
+        self.directory = RemoteDirectory(volumes.registry, base_iqn=volumes.base_iqn, tpgt=volumes.tpgt)
+        self._last_ack: Ack | None = None
         #: Every fence applied, oldest first (the daemon exports the count; tests read the times).
         self.fences: list[Fence] = []
         #: The error of the last plan that failed part way, if any (None once a plan succeeds).
@@ -344,10 +412,24 @@ class Convergence:
 
     def on_ack(self, ack: Ack) -> None:
         """An Ack was applied to the lease clock (``LeaseClock.acked``): plan its assignments under
-        the lease as it stands now, and move the fence to the lease's new expiry."""
+        the lease as it stands now, move the fence to the lease's new expiry, and point the
+        volumes of the directory this node does not hold at their primaries."""
         now = self._clock()
+        self._last_ack = ack
+        # Before the plan is queued: a volume newly assigned here loses its remote entry before
+        # its LU is opened, so the adapter's "newly opened: no redirect" holds.
+        self._update_directory()
         self._enqueue(self.adapter.plan(ack.assignments, self.lease.valid(now), now))
         self._arm()
+
+    def _update_directory(self) -> None:
+        ack = self._last_ack
+        if ack is None:
+            return
+        node_id = self.adapter.node_id
+        held = {a.volume_id for a in ack.assignments if a.role_of(node_id) is not Role.NONE}
+        held.update(self.volumes.exported())
+        self.directory.update(ack.directory, held)
 
     def observations(self, now: float) -> tuple[VolumeObservation, ...]:
         """What the next heartbeat reports (the adapter's view: persisted epochs and roles)."""
@@ -433,6 +515,7 @@ class Convergence:
         else:
             self.last_error = None
         finally:
+            self._update_directory()  # a volume closed by the plan is now served elsewhere
             self._queue.task_done()
 
     async def _run(self) -> None:

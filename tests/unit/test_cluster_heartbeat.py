@@ -25,6 +25,7 @@ from sparrow.cluster.heartbeat import (
 from sparrow.cluster.messages import (
     Ack,
     Assignment,
+    DirectoryEntry,
     Health,
     Heartbeat,
     Hello,
@@ -39,6 +40,7 @@ from sparrow.cluster.messages import (
 
 VOL_A = "0123456789abcdef0123456789abcdef"
 VOL_B = "fedcba9876543210fedcba9876543210"
+VOL_C = "00112233445566778899aabbccddeeff"
 
 HELLO = Hello(
     node_id="node-1.rack2",
@@ -74,6 +76,11 @@ ACK = Ack(
     assignments=(
         Assignment(VOL_A, "db", 1 << 30, 4096, 3, "node-1", "10.0.0.1:3260", ("node-1", "node-2")),
         Assignment(VOL_B, "scratch", 512 * 7, 512, 1, None, None, ("node-3",)),
+    ),
+    directory=(
+        DirectoryEntry(VOL_A, "db", "10.0.0.1:3260"),
+        DirectoryEntry(VOL_B, "scratch", None),
+        DirectoryEntry(VOL_C, "logs", "[fd00::7]:3261"),
     ),
 )
 MESSAGES: list[Message] = [HELLO, HEARTBEAT, EMPTY_HEARTBEAT, ACK, Ack(0, 0.0, ())]
@@ -195,6 +202,16 @@ def test_bad_portals_are_rejected(portal: str) -> None:
         (lambda: Ack(1, -1.0, ()), "lease_seconds"),
         (lambda: Ack(1, math.inf, ()), "lease_seconds"),
         (lambda: Ack(1, 1.0, (ACK.assignments[0], ACK.assignments[0])), "assignments"),
+        (lambda: Ack(1, 1.0, (), (ACK.directory[0], ACK.directory[0])), "directory"),
+        (lambda: Ack(1, 1.0, (), list(ACK.directory)), "directory"),  # type: ignore[arg-type]
+        (lambda: Ack(1, 1.0, (), (ACK.assignments[0],)), "directory"),  # type: ignore[arg-type]
+        (lambda: DirectoryEntry("v1", "db", None), "volume_id"),
+        (lambda: DirectoryEntry(VOL_A, "Db", None), "name"),
+        (lambda: DirectoryEntry(VOL_A, "", None), "name"),
+        (lambda: DirectoryEntry(VOL_A, 5, None), "name"),  # type: ignore[arg-type]
+        (lambda: DirectoryEntry(VOL_A, "db", "10.0.0.1"), "primary_portal"),
+        (lambda: DirectoryEntry(VOL_A, "db", "10.0.0.1:0"), "primary_portal"),
+        (lambda: DirectoryEntry(VOL_A, "db", 3260), "primary_portal"),  # type: ignore[arg-type]
         (lambda: Assignment(VOL_A, "Db", 4096, 4096, 1, None, None, ()), "name"),
         (lambda: Assignment(VOL_A, "db", 4096, 1024, 1, None, None, ()), "block_size"),
         (lambda: Assignment(VOL_A, "db", 4000, 512, 1, None, None, ()), "size"),
@@ -237,6 +254,41 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
+    assert wire(ACK)["v"] == 2
+    assert wire(ACK)["directory"] == [
+        {"volume_id": VOL_A, "name": "db", "primary_portal": "10.0.0.1:3260"},
+        {"volume_id": VOL_B, "name": "scratch", "primary_portal": None},
+        {"volume_id": VOL_C, "name": "logs", "primary_portal": "[fd00::7]:3261"},
+    ]
+
+
+def _v1_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v1 master wrote it: no directory."""
+    body = wire(message)
+    body["v"] = 1
+    del body["directory"]
+    return body
+
+
+def test_a_v1_ack_decodes_with_an_empty_directory() -> None:
+    decoded = decode(frame(_v1_ack_body(ACK)))
+    assert isinstance(decoded, Ack)
+    assert decoded.directory == ()
+    assert decoded == Ack(ACK.seq, ACK.lease_seconds, ACK.assignments)
+
+
+def test_a_v1_ack_may_not_carry_a_directory() -> None:
+    body = _v1_ack_body(ACK)
+    body["directory"] = []
+    error = error_of(frame(body))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert "unknown field(s) 'directory'" in error.message
+
+
+def test_a_v2_ack_must_carry_a_directory() -> None:
+    error = error_of(_drop(["directory"], ACK))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message == "directory: missing"
 
 
 def test_byte_by_byte() -> None:
@@ -401,6 +453,7 @@ def _drop(path: list[str | int], base: Message) -> bytes:
 OBS0: list[str | int] = ["observations", 0]
 REP0: list[str | int] = [*OBS0, "replica_states", 0]
 ASG0: list[str | int] = ["assignments", 0]
+DIR0: list[str | int] = ["directory", 0]
 
 
 @pytest.mark.parametrize(
@@ -440,6 +493,17 @@ ASG0: list[str | int] = ["assignments", 0]
         (_set([*ASG0, "block_size"], 1000, ACK), "assignments[0].block_size"),
         (_set([*ASG0, "size"], 4097, ACK), "assignments[0].size"),
         (_set(["assignments", 1, "volume_id"], VOL_A, ACK), "assignments: a volume appears twice"),
+        (_set(["directory"], {}, ACK), "directory"),
+        (_set(["directory"], [None], ACK), "directory[0]"),
+        (_set(["directory", 2, "volume_id"], VOL_A, ACK), "directory: a volume appears twice"),
+        (_set([*DIR0, "volume_id"], "xyz", ACK), "directory[0].volume_id"),
+        (_set([*DIR0, "name"], "DB", ACK), "directory[0].name"),
+        (_set([*DIR0, "name"], None, ACK), "directory[0].name"),
+        (_set([*DIR0, "primary_portal"], "10.0.0.1", ACK), "directory[0].primary_portal"),
+        (_set([*DIR0, "primary_portal"], "[::1:3260", ACK), "directory[0].primary_portal"),
+        (_set([*DIR0, "primary_portal"], 3260, ACK), "directory[0].primary_portal"),
+        (_drop([*DIR0, "primary_portal"], ACK), "directory[0].primary_portal"),
+        (_set([*DIR0, "epoch"], 1, ACK), "directory[0]: unknown field(s) 'epoch'"),
     ],
 )
 def test_bad_field(data: bytes, where: str) -> None:
@@ -496,6 +560,8 @@ def assignments(draw: st.DrawFn) -> Assignment:
     )
 
 
+directory_entries = st.builds(DirectoryEntry, volume_ids, node_ids, st.none() | portals)
+
 messages = st.one_of(
     st.builds(Hello, node_ids, uints, portals, portals, portals, uints, uints),
     st.builds(
@@ -506,6 +572,7 @@ messages = st.one_of(
         uints,
         st.floats(0, 1e12, allow_nan=False, allow_infinity=False),
         st.lists(assignments(), max_size=4, unique_by=lambda a: a.volume_id).map(tuple),
+        st.lists(directory_entries, max_size=4, unique_by=lambda e: e.volume_id).map(tuple),
     ),
 )
 

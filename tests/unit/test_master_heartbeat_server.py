@@ -13,9 +13,14 @@ import pytest
 from sparrow.cluster.authority import AuthorityStore, VolumeRecord
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.lease import LeaseConfig
-from sparrow.cluster.messages import Ack, Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.cluster.messages import Ack, DirectoryEntry, Health, Heartbeat, Hello, Role, VolumeObservation
 from sparrow.master.control import ControlLoop, restore
-from sparrow.master.heartbeat_server import MAX_WRITE_BUFFER, HeartbeatServer, NodeConnection
+from sparrow.master.heartbeat_server import (
+    MAX_WRITE_BUFFER,
+    HeartbeatServer,
+    NodeConnection,
+    volume_directory,
+)
 
 MiB = 1 << 20
 TIMING = LeaseConfig()
@@ -154,6 +159,44 @@ def test_the_ack_carries_the_assignments_naming_the_node(store: AuthorityStore) 
     assert assignment.primary_portal == "192.0.2.7:3260"
     assert h.control.observations.observation("n1", vol.volume_id) == obs
     assert [a.assignments for a in other_transport.acks()] == [()]  # n2 is named by nothing
+
+
+def test_every_ack_carries_the_directory_of_every_live_volume(store: AuthorityStore) -> None:
+    h = Harness(store)
+    n1, t1 = h.connect()
+    n1.data_received(encode(hello("n1")) + encode(heartbeat(1)))
+    n2, t2 = h.connect()
+    other = Hello("n2", 1, "192.0.2.8:3261", "192.0.2.8:7000", "192.0.2.8:8080", 1 << 40, 1 << 20)
+    n2.data_received(encode(other) + encode(heartbeat(1)))
+    assert [a.directory for a in t1.acks() + t2.acks()] == [(), ()]  # no volume yet
+
+    first = add_volume(store)
+    h.control.apply_snapshot(h.control.read_authority(), 51.0)  # known, not placed yet
+    n2.data_received(encode(heartbeat(2)))
+    assert t2.acks()[-1].directory == (DirectoryEntry(first.volume_id, "vol1", None),)
+
+    (placed,) = h.control.step(52.0).published
+    assert placed.primary == "n1"  # the most free capacity
+    second = store.add_volume("vol2", size=64 * MiB, block_size=512, replicas=1, created_at=2.0)
+    h.control.volume_added(second)  # recorded through the API, placed at the next step
+    n1.data_received(encode(heartbeat(2)))
+    n2.data_received(encode(heartbeat(3)))
+    expected = tuple(
+        sorted(
+            (
+                DirectoryEntry(first.volume_id, "vol1", "192.0.2.7:3260"),
+                DirectoryEntry(second.volume_id, "vol2", None),
+            ),
+            key=lambda e: e.volume_id,
+        )
+    )
+    ack1, ack2 = t1.acks()[-1], t2.acks()[-1]
+    assert ack1.directory == ack2.directory == expected == volume_directory(h.control)
+    assert ack1.assignments == (placed,) and ack2.assignments == ()  # assignments stay per node
+
+    h.control.volume_deleted(first.volume_id)
+    n2.data_received(encode(heartbeat(4)))
+    assert t2.acks()[-1].directory == (DirectoryEntry(second.volume_id, "vol2", None),)
 
 
 def test_bytes_split_anywhere_give_the_same_acks(store: AuthorityStore) -> None:

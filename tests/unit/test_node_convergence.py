@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from frontend.scsi.lu import AccessState
-from frontend.target import Portal, TargetRegistry
+from frontend.target import Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster.adapter import Adapter, OpenVolume
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, Assignment, Role
+from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Role
 from sparrow.cluster.nodestate import NodeState
-from sparrow.node.convergence import Convergence, NodeVolumes, VolumeMismatch
+from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
 from store.volumes import VolumeManager
 
 ME = "n1"
@@ -93,11 +93,17 @@ class Node:
         self.lease.sent(self.seq, self.timers.now)
         return self.seq
 
-    async def ack(self, *assignments: Assignment, seq: int | None = None, run: bool = True) -> None:
+    async def ack(
+        self,
+        *assignments: Assignment,
+        seq: int | None = None,
+        run: bool = True,
+        directory: tuple[DirectoryEntry, ...] = (),
+    ) -> None:
         """The Ack for ``seq`` (default: a heartbeat sent now) arrives, and its plan runs."""
         seq = self.heartbeat() if seq is None else seq
         assert self.lease.acked(seq, LEASE) is not None
-        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments)))
+        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments), directory))
         if run:
             await self.conv.idle()
 
@@ -297,3 +303,99 @@ async def test_a_restarted_node_reopens_its_primary_fenced_until_an_ack_confirms
         assert second.access() is ACTIVE
     finally:
         await stop_node(second)
+
+
+# ---- the directory: volumes served elsewhere ----------------------------------------------------
+
+OTHER_NAME = "vol-b"
+OTHER_IQN = f"iqn.2026-11.io.sparrow:{OTHER_NAME}"
+AT_N2 = Portal("10.0.0.2", 3260, 1)
+AT_N3 = Portal("10.0.0.3", 3261, 1)
+
+
+def entry(
+    volume_id: str = OTHER, name: str = OTHER_NAME, portal: str | None = "10.0.0.2:3260"
+) -> DirectoryEntry:
+    return DirectoryEntry(volume_id, name, portal)
+
+
+async def test_a_volume_held_elsewhere_is_a_remote_target_at_its_primary(node: Node) -> None:
+    await node.ack(directory=(entry(),))
+    assert node.registry.get(OTHER_IQN) is None  # nothing local
+    assert node.registry.resolve(OTHER_IQN) == RemoteTarget(OTHER_IQN, OTHER_NAME, AT_N2)
+    assert list(node.registry) == [RemoteTarget(OTHER_IQN, OTHER_NAME, AT_N2)]  # SendTargets lists it
+    assert node.conv.directory.entries() == {OTHER: RemoteTarget(OTHER_IQN, OTHER_NAME, AT_N2)}
+    assert node.manager.list() == []  # no local copy is created for it
+
+
+async def test_a_remote_target_follows_the_primary_and_goes_with_it(node: Node) -> None:
+    await node.ack(directory=(entry(),))
+    await node.ack(directory=(entry(portal="10.0.0.3:3261"),))  # the primary moved
+    assert node.registry.remote(OTHER_IQN) == RemoteTarget(OTHER_IQN, OTHER_NAME, AT_N3)
+    await node.ack(directory=(entry(portal=None),))  # no primary: nowhere to send a login
+    assert node.registry.resolve(OTHER_IQN) is None and len(node.registry) == 0
+    await node.ack(directory=(entry(),))
+    assert node.registry.remote(OTHER_IQN) is not None
+    await node.ack()  # the volume left the directory (deleted)
+    assert node.registry.resolve(OTHER_IQN) is None and node.conv.directory.entries() == {}
+
+
+async def test_a_volume_this_node_serves_is_left_to_the_adapter(node: Node) -> None:
+    await node.ack(assign(), directory=(entry(VOL, NAME, "10.0.0.1:3260"), entry()))
+    resolved = node.registry.resolve(IQN)
+    assert isinstance(resolved, Target) and resolved.lu.access_state is ACTIVE
+    assert node.registry.remote(IQN) is None
+    assert set(node.conv.directory.entries()) == {OTHER}
+
+
+async def test_a_replica_keeps_the_adapters_redirect(node: Node) -> None:
+    await node.ack(assign(primary="n2", replicas=("n2", ME)), directory=(entry(VOL, NAME, "10.0.0.2:3260"),))
+    assert node.access() is STANDBY  # the local copy stays
+    assert node.registry.remote(IQN) == RemoteTarget(IQN, NAME, AT_N2)
+    assert node.conv.directory.entries() == {}  # the adapter's entry, not the directory's
+
+
+async def test_a_remote_volume_assigned_here_as_primary_is_served_here(node: Node) -> None:
+    await node.ack(directory=(entry(VOL, NAME, "10.0.0.2:3260"),))
+    assert node.registry.remote(IQN) == RemoteTarget(IQN, NAME, AT_N2)
+    await node.ack(assign(epoch=2), directory=(entry(VOL, NAME, "10.0.0.1:3260"),))
+    resolved = node.registry.resolve(IQN)  # not a redirect (to itself, or to the old primary)
+    assert isinstance(resolved, Target) and resolved.lu.access_state is ACTIVE
+
+
+async def test_a_primary_assignment_removes_the_remote_entry_before_the_volume_opens(node: Node) -> None:
+    await node.ack(directory=(entry(VOL, NAME, "10.0.0.2:3260"),))
+    await node.ack(assign(epoch=2), directory=(entry(VOL, NAME, "10.0.0.1:3260"),), run=False)
+    assert node.registry.resolve(IQN) is None  # at once, in on_ack
+    await node.conv.idle()
+    assert node.access() is ACTIVE
+
+
+async def test_a_released_volume_becomes_a_remote_target_once_it_is_closed(node: Node) -> None:
+    await node.ack(assign())
+    await node.ack(directory=(entry(VOL, NAME, "10.0.0.2:3260"),), run=False)
+    assert node.registry.remote(IQN) is None  # still exported here until the plan closes it
+    await node.conv.idle()
+    assert node.registry.get(IQN) is None
+    assert node.registry.resolve(IQN) == RemoteTarget(IQN, NAME, AT_N2)
+
+
+async def test_a_local_target_of_the_same_name_is_never_touched(node: Node) -> None:
+    await node.ack(assign())
+    await node.ack(assign(), directory=(entry(OTHER, NAME, "10.0.0.2:3260"),))  # another id, same name
+    resolved = node.registry.resolve(IQN)
+    assert isinstance(resolved, Target) and resolved.lu.access_state is ACTIVE
+    assert node.conv.directory.entries() == {}
+
+
+def test_remote_directory_leaves_entries_it_did_not_put_alone() -> None:
+    registry = TargetRegistry()
+    directory = RemoteDirectory(registry, base_iqn="iqn.2026-11.io.sparrow", tpgt=3)
+    directory.update((entry(),), held=())
+    assert registry.remote(OTHER_IQN) == RemoteTarget(OTHER_IQN, OTHER_NAME, Portal("10.0.0.2", 3260, 3))
+    foreign = RemoteTarget(OTHER_IQN, OTHER_NAME, AT_N3)
+    registry.add_remote(foreign)  # replaced by someone else since
+    directory.update((), held=())
+    assert registry.remote(OTHER_IQN) == foreign
+    directory.update((entry(),), held=(OTHER,))  # held here: no entry
+    assert directory.entries() == {}
