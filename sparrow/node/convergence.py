@@ -138,6 +138,14 @@ class NodeVolumes:
         (never truncating one), then export it fenced (``TRANSITIONING``, no redirect)."""
         volume = self.find(action.volume_id)
         if volume is None:
+            try:  # closed earlier (released by this node): its store and record are still on disk
+                reopened = await self.manager.open_volume(action.name)
+            except StoreError:
+                reopened = None
+            if reopened is not None and reopened.meta.volume_id == action.volume_id:
+                volume = reopened
+                log.info("volume reopened", volume=action.name, volume_id=action.volume_id)
+        if volume is None:
             try:
                 clash = self.manager.get(action.name)
             except StoreError:
@@ -183,6 +191,8 @@ class NodeVolumes:
         await self.sessions.disconnect(entry.iqn, "volume released by this node")
         if self.metrics is not None:
             self.metrics.volume_removed(entry.name)
+        with contextlib.suppress(StoreError):  # flush and close the store; data and record stay
+            await self.manager.close_volume(entry.name)
         log.info("target unexported", volume=entry.name, volume_id=volume_id)
 
     async def set_access(self, volume_id: str, state: AccessState) -> None:

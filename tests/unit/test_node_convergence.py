@@ -19,7 +19,7 @@ from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Role
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
-from store.volumes import VolumeManager
+from store.volumes import VolumeManager, VolumeNotFound
 
 ME = "n1"
 VOL = "ab" * 16
@@ -177,8 +177,10 @@ async def test_a_released_volume_is_unexported_but_its_data_stays(node: Node) ->
     await node.ack()  # an Ack that no longer names the volume
     assert node.registry.get(IQN) is None
     assert target.lu.access_state is FENCED  # sessions still open meanwhile are refused I/O
-    assert await node.manager.get(NAME).store.read(0, 512) == b"\x5a" * 512
-    assert (node.data_dir / "volumes" / f"{NAME}.img").exists()
+    with pytest.raises(VolumeNotFound):  # its store is flushed and closed ...
+        node.manager.get(NAME)
+    image = node.data_dir / "volumes" / f"{NAME}.img"  # ... and its data stays on disk
+    assert image.read_bytes()[:512] == b"\x5a" * 512
     await node.ack(assign())  # assigned again: the same data, served again
     target = node.registry.get(IQN)
     assert target is not None and target.lu.access_state is ACTIVE
