@@ -1,0 +1,381 @@
+"""A real cluster for integration tests: one `sparrow master` and N `sparrow node` processes.
+
+Everything runs on loopback with short timings (:data:`TIMING`), each process with its own data
+directory and free ports. Readiness is learned the way systemd learns it: each process gets its own
+NOTIFY_SOCKET and is ready once it sends READY=1 (both daemons send it only once their listeners are
+bound). Processes are spawned first and waited for afterwards, so N nodes start in parallel.
+
+Each node's heartbeat connection goes through its own :class:`~tests.integration.proxy.FaultProxy`,
+so a test can partition one node from the master (``cluster.proxy(node_id).cut()``) and knows when
+the last node-to-master chunk crossed.
+
+Per process: :meth:`Proc.kill9`, :meth:`Proc.term` (SIGTERM, returns the exit code),
+:meth:`Proc.sigstop`, :meth:`Proc.sigcont`, :meth:`Proc.restart` (start again on the same data
+directory and ports). Logs are JSON lines, appended across restarts, in ``ROOT/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.integration.proxy import FaultProxy
+from tests.tools import free_port, run, wait_for
+
+BASE_IQN = "iqn.2026-11.io.sparrow"
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Seconds; the master gets all four, each node the heartbeat interval."""
+
+    heartbeat: float = 0.25
+    lease: float = 2.0
+    dead_after: float = 3.5
+    margin: float = 0.5
+
+
+TIMING = Timing()
+
+
+class Proc:
+    """One daemon process, restartable on the same data directory and ports."""
+
+    name: str
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self.data_dir = root / name
+        self.log_path = root / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopped = False  # SIGSTOPped
+        self._notify: socket.socket | None = None
+        self._notify_path: Path | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    # -- life -------------------------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the process; :meth:`wait_ready` waits for its READY=1."""
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="sparrow-notify-")) / "notify"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(path))
+        self._notify, self._notify_path = notify, path
+        env = dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1")
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.stopped = False
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        notify, path = self._notify, self._notify_path
+        assert notify is not None and path is not None and self.proc is not None, "not spawned"
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                notify.settimeout(max(0.05, min(0.5, deadline - time.monotonic())))
+                try:
+                    msg = notify.recv(4096).decode()
+                except TimeoutError:
+                    msg = ""
+                if "READY=1" in msg.split("\n"):
+                    return
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name} not READY within {timeout}s:\n{self.log_tail()}")
+        finally:
+            notify.close()
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+            self._notify = self._notify_path = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def restart(self, timeout: float = 20.0) -> None:
+        self.start(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.stopped = False
+
+    def term(self, timeout: float = 30.0) -> int:
+        """SIGTERM (after SIGCONT if stopped) and wait: the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            if self.stopped:
+                self.sigcont()
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def sigstop(self) -> float:
+        """SIGSTOP; returns the monotonic time the signal was sent (the process runs no more after)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.stopped = True
+        return time.monotonic()
+
+    def sigcont(self) -> float:
+        assert self.proc is not None
+        at = time.monotonic()
+        self.proc.send_signal(signal.SIGCONT)
+        self.stopped = False
+        return at
+
+    # -- logs -------------------------------------------------------------------------------------
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log records whose ``event`` is ``name``, over every run of the process."""
+        out = []
+        for line in self.log().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == name:
+                out.append(record)
+        return out
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), bytes(e.read())
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of the unlabelled sample ``name`` in a Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+class Master(Proc):
+    def __init__(self, root: Path, timing: Timing) -> None:
+        super().__init__("master", root)
+        self.timing = timing
+        self.listen_port = free_port()
+        self.http_port = free_port()
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def listen(self) -> str:
+        return f"127.0.0.1:{self.listen_port}"
+
+    def command(self) -> list[str]:
+        t = self.timing
+        return [
+            sys.executable, "-m", "sparrow", "master",
+            "--data-dir", str(self.data_dir),
+            "--listen", self.listen,
+            "--http", f"127.0.0.1:{self.http_port}",
+            "--heartbeat-interval", str(t.heartbeat),
+            "--lease", str(t.lease),
+            "--dead-after", str(t.dead_after),
+            "--margin", str(t.margin),
+            "--log-format", "json",
+        ]  # fmt: skip
+
+    def get_json(self, path: str) -> Any:
+        status, body = http_get(self.api + path)
+        assert status == 200, f"GET {path}: {status} {body!r}"
+        return json.loads(body)
+
+    def metrics(self) -> str:
+        status, body = http_get(self.api + "/metrics")
+        assert status == 200, status
+        return body.decode()
+
+    def epochs_published(self) -> float:
+        value = metric(self.metrics(), "sparrow_master_epochs_published_total")
+        assert value is not None, "sparrow_master_epochs_published_total missing"
+        return value
+
+
+class Node(Proc):
+    def __init__(self, node_id: str, root: Path, master: str, timing: Timing) -> None:
+        super().__init__(node_id, root)
+        self.node_id = node_id
+        self.timing = timing
+        self.master = master  # the heartbeat address it is given (its proxy)
+        self.iscsi_port = free_port()
+        self.http_port = free_port()
+        self.replication_port = free_port()
+
+    @property
+    def portal(self) -> str:
+        return f"127.0.0.1:{self.iscsi_port}"
+
+    def url(self, volume: str, lun: int = 0) -> str:
+        return f"iscsi://{self.portal}/{BASE_IQN}:{volume}/{lun}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sparrow", "node",
+            "--data-dir", str(self.data_dir),
+            "--node-id", self.node_id,
+            "--master", self.master,
+            "--iscsi", self.portal,
+            "--replication", f"127.0.0.1:{self.replication_port}",
+            "--http", f"127.0.0.1:{self.http_port}",
+            "--heartbeat-interval", str(self.timing.heartbeat),
+            "--log-format", "json",
+        ]  # fmt: skip
+
+    def health(self) -> dict[str, Any]:
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}/healthz")
+        assert status == 200, status
+        return dict(json.loads(body))
+
+    def metrics(self) -> str:
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
+        assert status == 200, status
+        return body.decode()
+
+    def access_state(self, volume_id: str) -> str | None:
+        """The LU's access state for the volume (lower case), None when it is not exported."""
+        for v in self.health()["volumes"]:
+            if v["volume_id"] == volume_id:
+                return str(v["access_state"])
+        return None
+
+    def persisted(self, volume_id: str) -> dict[str, Any] | None:
+        """The node's durable (epoch, role) record for the volume, if any."""
+        path = self.data_dir / "cluster" / f"{volume_id}.json"
+        return dict(json.loads(path.read_text())["body"]) if path.exists() else None
+
+
+class Cluster:
+    """A master and ``n`` nodes ``n1..nN``, each node's heartbeats through its own proxy."""
+
+    def __init__(self, root: Path, n: int, timing: Timing = TIMING) -> None:
+        self.root = root
+        self.timing = timing
+        self.master = Master(root, timing)
+        self.proxies: dict[str, FaultProxy] = {}
+        self.nodes: dict[str, Node] = {}
+        for i in range(1, n + 1):
+            node_id = f"n{i}"
+            proxy = FaultProxy(("127.0.0.1", self.master.listen_port)).start()
+            self.proxies[node_id] = proxy
+            self.nodes[node_id] = Node(node_id, root, proxy.address, timing)
+
+    def start(self) -> Cluster:
+        self.master.start()
+        for node in self.nodes.values():
+            node.spawn()
+        for node in self.nodes.values():
+            node.wait_ready()
+        return self
+
+    def close(self) -> dict[str, int]:
+        """SIGTERM every process still running (SIGCONT first if stopped); the exit codes by name."""
+        codes: dict[str, int] = {}
+        for proc in [*self.nodes.values(), self.master]:
+            if proc.running:
+                try:
+                    codes[proc.name] = proc.term()
+                except subprocess.TimeoutExpired:
+                    proc.kill9()
+                    codes[proc.name] = -9
+        for proxy in self.proxies.values():
+            proxy.close()
+        return codes
+
+    def proxy(self, node_id: str) -> FaultProxy:
+        return self.proxies[node_id]
+
+    def node(self, node_id: str) -> Node:
+        return self.nodes[node_id]
+
+    def logs(self) -> str:
+        """The tail of every log, for failure messages."""
+        return "\n".join(f"--- {p.name} ---\n{p.log_tail(30)}" for p in [self.master, *self.nodes.values()])
+
+    # -- the CLI and the API ----------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(
+            [sys.executable, "-m", "sparrow", *args, "--api", self.master.api], check=check, timeout=30
+        )
+
+    def inspect(self, volume: str) -> dict[str, Any]:
+        """``sparrow volume inspect VOLUME --json``."""
+        return dict(json.loads(self.cli("volume", "inspect", volume, "--json").stdout))
+
+    def node_list(self) -> list[dict[str, Any]]:
+        """``sparrow node list --json``."""
+        return list(json.loads(self.cli("node", "list", "--json").stdout))
+
+    def volume(self, volume: str) -> dict[str, Any]:
+        """GET /v1/volumes/VOLUME (cheaper than the CLI, for polling)."""
+        return dict(self.master.get_json(f"/v1/volumes/{volume}"))
+
+    def wait_converged(
+        self, volume: str, *, epoch: int, copies: int, timeout: float = 20.0
+    ) -> dict[str, Any]:
+        """Wait until the volume is published at ``epoch`` with a primary and ``copies`` copies on
+        distinct nodes, every one alive and reporting that epoch, converged; returns the API view."""
+
+        def converged() -> dict[str, Any] | None:
+            v = self.volume(volume)
+            replicas = v["replicas"]
+            ok = (
+                v["epoch"] == epoch
+                and v["primary"] is not None
+                and len(replicas) == copies
+                and len({r["node_id"] for r in replicas}) == copies
+                and all(
+                    r["state"] == "alive" and r["observed_epoch"] == epoch and r["converged"] is True
+                    for r in replicas
+                )
+            )
+            return v if ok else None
+
+        return wait_for(
+            converged, timeout=timeout, what=f"{volume} converged at epoch {epoch}", interval=0.05
+        )
+
+    def wait_serving(self, node_id: str, volume_id: str, timeout: float = 20.0) -> None:
+        node = self.node(node_id)
+        wait_for(
+            lambda: node.access_state(volume_id) == "active_optimized",
+            timeout=timeout,
+            what=f"{node_id} serving {volume_id}",
+            interval=0.05,
+        )
