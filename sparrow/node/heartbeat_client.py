@@ -31,6 +31,8 @@ log = structlog.get_logger("sparrow.node.heartbeat")
 
 #: Bytes asked of the socket per read.
 READ_SIZE = 65536
+#: The lease assumed before the first Ack says otherwise (lease.LeaseConfig default).
+DEFAULT_LEASE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,16 @@ class HeartbeatClient:
         self.acks = 0
         #: Connections opened over the life of the process.
         self.connections = 0
+        #: The lease the last Ack granted; sets how long a silent master is waited for.
+        self._last_lease = DEFAULT_LEASE_SECONDS
+        self._last_ack_at = 0.0
+
+    def silence_limit(self) -> float:
+        """How long a connection may go without an Ack before it is dropped and made again: twice
+        the last lease, and never less than four heartbeats. Fencing does not wait for this (the
+        lease timer fences on its own); it only keeps a node from holding a connection to a master
+        host that vanished without a reset until TCP gives up, minutes later."""
+        return max(4 * self.interval, 2 * self._last_lease)
 
     def start(self) -> None:
         if self._task is None:
@@ -163,9 +175,10 @@ class HeartbeatClient:
         while True:
             acks_before = self.acks
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), timeout=self.connect_timeout
-                )
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (stop())
+                # that arrives as the connection completes.
+                async with asyncio.timeout(self.connect_timeout):
+                    reader, writer = await asyncio.open_connection(host, port)
             except (OSError, TimeoutError) as e:
                 self._failed(f"cannot connect: {e or type(e).__name__}", attempt)
             else:
@@ -178,7 +191,8 @@ class HeartbeatClient:
                     self.session.connection_lost()
                     writer.close()
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+                        async with asyncio.timeout(1.0):
+                            await writer.wait_closed()
             attempt = 0 if self.acks > acks_before else attempt + 1
             await asyncio.sleep(self.backoff.delay(attempt, random.random()))
 
@@ -196,10 +210,13 @@ class HeartbeatClient:
         self.connections += 1
         log.info("connected to master", master=f"{self.master[0]}:{self.master[1]}")
         receiving = loop.create_task(self._receive(reader), name="node-heartbeat-receive")
+        self._last_ack_at = loop.time()
         try:
             next_at = loop.time()
             while True:
                 now = loop.time()
+                if now - self._last_ack_at > self.silence_limit():
+                    raise TimeoutError(f"no Ack from the master for {now - self._last_ack_at:.1f}s")
                 writer.write(self.session.heartbeat(self._observations(now), now))
                 await writer.drain()
                 next_at += self.interval
@@ -211,8 +228,11 @@ class HeartbeatClient:
                     raise EOFError("the master closed the connection")
         finally:
             receiving.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await receiving
+            # Wait for the receiver without swallowing a cancellation of *this* task (stop()):
+            # asyncio.wait never raises the receiver's own CancelledError or exception.
+            await asyncio.wait({receiving})
+            if not receiving.cancelled():
+                receiving.exception()  # retrieved: the reason was already raised above
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -221,4 +241,6 @@ class HeartbeatClient:
                 return
             for ack in self.session.receive(data):
                 self.acks += 1
+                self._last_ack_at = asyncio.get_running_loop().time()
+                self._last_lease = ack.lease_seconds
                 self._on_ack(ack)

@@ -123,3 +123,50 @@ def test_backoff_grows_to_its_cap_with_bounded_jitter() -> None:
 def test_backoff_refuses_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Backoff(**kwargs)
+
+
+async def test_a_master_that_goes_silent_is_left_and_dialled_again() -> None:
+    """After one Ack (lease 0.1 s) the master answers nothing: the client drops the connection
+    after its silence limit and connects again, as it would to a master host that vanished."""
+    import asyncio
+
+    from sparrow.cluster.heartbeat import FrameDecoder
+    from sparrow.node.heartbeat_client import HeartbeatClient
+
+    connections = 0
+    second_connection = asyncio.Event()
+
+    async def silent_after_one_ack(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 2:
+            second_connection.set()
+        decoder = FrameDecoder()
+        acked = False
+        while data := await reader.read(65536):
+            decoder.feed(data)
+            while (msg := decoder.next_message()) is not None:
+                if isinstance(msg, Heartbeat) and not acked and connections == 1:
+                    writer.write(encode(Ack(msg.seq, 0.1, ())))
+                    acked = True
+        writer.close()
+
+    server = await asyncio.start_server(silent_after_one_ack, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = HeartbeatClient(
+        ("127.0.0.1", port), HeartbeatSession(LeaseClock()), hello=lambda: HELLO,
+        observations=lambda now: (), on_ack=lambda ack: None, interval=0.02,
+        backoff=Backoff(initial=0.01, maximum=0.02),
+    )
+    assert client.silence_limit() == 10.0  # before any Ack: twice the default lease
+    client.start()
+    try:
+        async with asyncio.timeout(10):
+            await second_connection.wait()
+        assert client.acks == 1
+        assert client.silence_limit() == pytest.approx(0.2)  # 2 x the 0.1 s lease it was given
+        assert client.last_error is not None and "no Ack" in client.last_error
+    finally:
+        await client.stop()
+        server.close()
+        await server.wait_closed()
