@@ -522,38 +522,28 @@ class LogicalUnit:
         return await self._read(rw6(cdb), 4)
 
     async def _read_10(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
-        # Hot path: decode inline.
         lba, n = struct.unpack_from(">IxH", cdb, 2)
-        flags = cdb[1]
-        if flags & 0xE0 or lba + n > self.store.size // self._bs or n > self._max_transfer:
-            return await self._read(rw10(cdb), 7)
-        if not n:
-            return _GOOD
-        bs = self._bs
-        ranges = self._ranges
-        if ranges.uncontended:  # hot path: no CAW/ORWRITE/WRITE ATOMIC/SANITIZE anywhere
-            token = ranges.add_shared(lba, lba + n)
-        else:
-            token = await ranges.acquire_shared(lba, lba + n)
-        try:
-            data = await self.store.read(lba * bs, n * bs)
-        finally:
-            ranges.release_shared(token)
-        return _make_result(ScsiStatus.GOOD, data, None, n * bs)
+        return await self._read_common(cdb, lba, n, rw10, 7)
 
     async def _read_12(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         return await self._read(rw12(cdb), 6)
 
     async def _read_16(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         lba, n = struct.unpack_from(">QI", cdb, 2)
-        flags = cdb[1]
-        if flags & 0xE0 or lba + n > self.store.size // self._bs or n > self._max_transfer:
-            return await self._read(rw16(cdb), 10)
+        return await self._read_common(cdb, lba, n, rw16, 10)
+
+    async def _read_common(
+        self, cdb: bytes, lba: int, n: int, decode: Callable[[bytes], BlockRange], length_byte: int
+    ) -> ScsiResult:
+        """READ(10)/(16). Hot path: an in-range, unprotected read decoded inline; anything else
+        (protection bits, a range or length error) goes through ``_read``."""
+        bs = self._bs
+        if cdb[1] & 0xE0 or lba + n > self.store.size // bs or n > self._max_transfer:
+            return await self._read(decode(cdb), length_byte)
         if not n:
             return _GOOD
-        bs = self._bs
         ranges = self._ranges
-        if ranges.uncontended:  # hot path: no CAW/ORWRITE/WRITE ATOMIC/SANITIZE anywhere
+        if ranges.uncontended:  # no CAW/ORWRITE/WRITE ATOMIC/SANITIZE anywhere
             token = ranges.add_shared(lba, lba + n)
         else:
             token = await ranges.acquire_shared(lba, lba + n)
