@@ -20,6 +20,11 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
 
 - ``ack`` v2 adds ``directory`` (an array of ``{volume_id, name, primary_portal}``); a v1 Ack
   decodes with ``directory=()``, and a v1 Ack carrying a ``directory`` field is rejected (BAD_FIELD).
+- ``ack`` v3 adds to each assignment its export settings: ``physical_block_size`` (int or nil),
+  ``chap`` (nil or ``{user, secret, mutual_user, mutual_secret}``) and ``backing`` (str or nil).
+  Assignments of a v1/v2 Ack decode with all three None; a v1/v2 assignment carrying one of them
+  is rejected (BAD_FIELD). CHAP secrets travel in clear: the heartbeat transport must stay on a
+  trusted network (loopback in the embedded ``sparrow serve``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from sparrow.cluster.messages import (
     ReplicaState,
     Role,
     SyncState,
+    VolumeChap,
     VolumeObservation,
 )
 
@@ -59,9 +65,11 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 2}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 3}
 #: The first ``ack`` version that carries the volume directory.
 ACK_DIRECTORY_VERSION = 2
+#: The first ``ack`` version whose assignments carry physical_block_size, chap and backing.
+ACK_SETTINGS_VERSION = 3
 
 
 class ErrorCode(enum.Enum):
@@ -121,6 +129,18 @@ def _assignment_to_wire(assignment: Assignment) -> dict[str, object]:
         "primary": assignment.primary,
         "primary_portal": assignment.primary_portal,
         "replicas": list(assignment.replicas),
+        "physical_block_size": assignment.physical_block_size,
+        "chap": None if assignment.chap is None else _chap_to_wire(assignment.chap),
+        "backing": assignment.backing,
+    }
+
+
+def _chap_to_wire(chap: VolumeChap) -> dict[str, object]:
+    return {
+        "user": chap.user,
+        "secret": chap.secret,
+        "mutual_user": chap.mutual_user,
+        "mutual_secret": chap.mutual_secret,
     }
 
 
@@ -248,18 +268,34 @@ def _observation_from_wire(where: str, raw: object) -> VolumeObservation:
     )
 
 
-def _assignment_from_wire(where: str, raw: object) -> Assignment:
+def _assignment_from_wire(where: str, raw: object, version: int) -> Assignment:
+    f = _Fields(where, raw)
+    values: dict[str, object] = {
+        "volume_id": f.take("volume_id"),
+        "name": f.take("name"),
+        "size": f.take("size"),
+        "block_size": f.take("block_size"),
+        "epoch": f.take("epoch"),
+        "primary": f.take("primary"),
+        "primary_portal": f.take("primary_portal"),
+        "replicas": tuple(f.take_list("replicas")),
+    }
+    if version >= ACK_SETTINGS_VERSION:
+        values["physical_block_size"] = f.take("physical_block_size")
+        chap = f.take("chap")
+        values["chap"] = None if chap is None else _chap_from_wire(f"{where}.chap", chap)
+        values["backing"] = f.take("backing")
+    return f.build(Assignment, **values)
+
+
+def _chap_from_wire(where: str, raw: object) -> VolumeChap:
     f = _Fields(where, raw)
     return f.build(
-        Assignment,
-        volume_id=f.take("volume_id"),
-        name=f.take("name"),
-        size=f.take("size"),
-        block_size=f.take("block_size"),
-        epoch=f.take("epoch"),
-        primary=f.take("primary"),
-        primary_portal=f.take("primary_portal"),
-        replicas=tuple(f.take_list("replicas")),
+        VolumeChap,
+        user=f.take("user"),
+        secret=f.take("secret"),
+        mutual_user=f.take("mutual_user"),
+        mutual_secret=f.take("mutual_secret"),
     )
 
 
@@ -300,7 +336,8 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
     seq = f.take("seq")
     lease_seconds = f.take("lease_seconds")
     assignments = tuple(
-        _assignment_from_wire(f"assignments[{i}]", a) for i, a in enumerate(f.take_list("assignments"))
+        _assignment_from_wire(f"assignments[{i}]", a, version)
+        for i, a in enumerate(f.take_list("assignments"))
     )
     directory: tuple[DirectoryEntry, ...] = ()
     if version >= ACK_DIRECTORY_VERSION:

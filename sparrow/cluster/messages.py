@@ -20,7 +20,7 @@ import enum
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
 from sparrow.cluster.epoch import Epoch
@@ -33,6 +33,9 @@ VOLUME_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 VOLUME_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 #: Block sizes a volume may have (``store.volumes.BLOCK_SIZES``).
 BLOCK_SIZES = (512, 4096)
+#: The longest CHAP name or secret, and the longest backing path, an Assignment may carry (the
+#: codec's ``MAX_STR_LEN`` is 1024; RFC 7143 12.1.3 leaves CHAP lengths to the implementation).
+MAX_SETTING_LEN = 1024
 #: The largest int msgpack carries unsigned (all our ints are non-negative).
 MAX_UINT = 2**64 - 1
 
@@ -277,6 +280,37 @@ class Heartbeat:
 # -- master -> node ---------------------------------------------------------------------------------
 
 
+def _check_text(field_name: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_SETTING_LEN:
+        raise InvalidMessage(field_name, f"expected a non-empty string of at most {MAX_SETTING_LEN} chars")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeChap:
+    """CHAP for one volume's target (RFC 7143 12.1.3): the initiator proves ``user``/``secret``;
+    with mutual CHAP the target proves ``mutual_user``/``mutual_secret`` back. Secrets travel on
+    the heartbeat connection, which therefore must stay on a trusted network (docs/cluster.md).
+    The secrets are left out of ``repr`` so that logging an Assignment never prints them."""
+
+    user: str
+    secret: str = field(repr=False)
+    mutual_user: str | None = None
+    mutual_secret: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_text("user", self.user)
+        _check_text("secret", self.secret)
+        if (self.mutual_user is None) != (self.mutual_secret is None):
+            raise InvalidMessage("mutual_user", "mutual CHAP needs both a user and a secret")
+        if self.mutual_user is not None:
+            _check_text("mutual_user", self.mutual_user)
+            _check_text("mutual_secret", self.mutual_secret)
+            if self.mutual_secret == self.secret:
+                # RFC 7143 9.2.1: a secret that authenticates initiators must not authenticate a target.
+                raise InvalidMessage("mutual_secret", "must differ from the initiator's secret")
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
     """What the master has published for one volume at ``epoch``.
@@ -284,6 +318,12 @@ class Assignment:
     ``replicas`` lists every node holding a copy, primary first; ``primary`` is None (and so is
     ``primary_portal``) when the volume has no primary. ``epoch`` is an int on the wire; use
     :attr:`restored_epoch` for the :class:`Epoch`.
+
+    The volume's export settings (ack schema v3; absent from older Acks): ``physical_block_size``
+    (None: the logical block size; SBC-3 6.4.3 LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT), the
+    target's ``chap`` (None: no CHAP) and ``backing``, an absolute path of a file or block device
+    on the node that holds the data (None: a sparse file in the node's data directory; only the
+    embedded one-node mode sets it). Changing a setting is not a reason for a new epoch.
     """
 
     volume_id: str
@@ -294,12 +334,28 @@ class Assignment:
     primary: str | None
     primary_portal: str | None
     replicas: tuple[str, ...]
+    physical_block_size: int | None = None
+    chap: VolumeChap | None = None
+    backing: str | None = None
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
         check_volume_name("name", self.name)
         if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
             raise InvalidMessage("block_size", f"must be 512 or 4096, not {self.block_size!r}")
+        physical = self.physical_block_size
+        if physical is not None and (
+            type(physical) is not int or physical not in BLOCK_SIZES or physical < self.block_size
+        ):
+            raise InvalidMessage(
+                "physical_block_size", f"must be 512 or 4096 and at least the block size, not {physical!r}"
+            )
+        if self.chap is not None and not isinstance(self.chap, VolumeChap):
+            raise InvalidMessage("chap", f"expected a VolumeChap, got {type(self.chap).__name__}")
+        if self.backing is not None and (
+            not _check_text("backing", self.backing).startswith("/") or "\0" in self.backing
+        ):
+            raise InvalidMessage("backing", f"must be an absolute path, not {self.backing!r}")
         size = check_uint("size", self.size, minimum=1)
         if size % self.block_size:
             raise InvalidMessage("size", f"{size} is not a multiple of the block size {self.block_size}")

@@ -17,6 +17,15 @@ Two pieces, both on the event loop:
   TRANSITION (04/0A, SPC-4 5.15.2.4.6) and REPORT TARGET PORT GROUPS shows the state. The plan is
   also queued, so the adapter hears of it in order.
 
+Each assignment also carries the volume's export settings (ack v3): the target's CHAP, the
+physical block size and the backing. :class:`NodeVolumes` keeps the latest settings per volume id
+(:meth:`NodeVolumes.apply_settings`, called by :meth:`Convergence.on_ack` before the plan is queued):
+a volume created here gets its physical block size, backing and CHAP (stored in its local record, so
+a restarted node exports it with that CHAP before the first Ack), and an exported target whose CHAP
+differs from the assignment's is re-registered with it at once (sessions already logged in stay;
+new logins need the new credentials, RFC 7143 12.1.3). The physical block size and the backing of a
+volume that exists are never changed by an assignment.
+
 Besides its own assignments, every Ack carries the cluster's volume directory (every live volume
 with its primary's portal). :class:`RemoteDirectory` keeps one
 :class:`~frontend.target.RemoteTarget` in the registry for each volume the node holds no copy of, so
@@ -43,7 +52,7 @@ import structlog
 
 from frontend.scsi.lu import AccessState, LogicalUnit, LuIdentity
 from frontend.scsi.reservations import Reservations
-from frontend.target import Portal, RemoteTarget, Target, TargetRegistry
+from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster.adapter import (
     SERVING_STATES,
     Adapter,
@@ -53,10 +62,18 @@ from sparrow.cluster.adapter import (
     execute_plan,
 )
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, DirectoryEntry, Role, VolumeObservation, split_portal
+from sparrow.cluster.messages import (
+    Ack,
+    Assignment,
+    DirectoryEntry,
+    Role,
+    VolumeChap,
+    VolumeObservation,
+    split_portal,
+)
 from sparrow.service import NoSessions, SessionControl, VolumeMetrics
 from store.blockstore import StoreError
-from store.volumes import Volume, VolumeManager
+from store.volumes import ChapCredentials, Volume, VolumeManager
 
 log = structlog.get_logger("sparrow.node")
 
@@ -71,6 +88,36 @@ class VolumeMismatch(StoreError):
 
 
 # -- the volume layer ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeSettings:
+    """A volume's export settings as its latest assignment gives them (ack v3)."""
+
+    physical_block_size: int | None = None
+    chap: VolumeChap | None = None
+    backing: str | None = None
+
+    @classmethod
+    def of(cls, assignment: Assignment) -> VolumeSettings:
+        return cls(assignment.physical_block_size, assignment.chap, assignment.backing)
+
+
+def chap_credentials(chap: VolumeChap | None) -> ChapCredentials | None:
+    """The store's record of ``chap`` (what a volume created here keeps in its metadata)."""
+    if chap is None:
+        return None
+    return ChapCredentials(chap.user, chap.secret, chap.mutual_user, chap.mutual_secret)
+
+
+def target_chap(chap: ChapCredentials | VolumeChap | None) -> ChapConfig | None:
+    """The target's CHAP settings (mutual only when both halves are set), as ``sparrow serve``."""
+    if chap is None:
+        return None
+    mutual = None
+    if chap.mutual_user and chap.mutual_secret:
+        mutual = ChapSecret(chap.mutual_user, chap.mutual_secret)
+    return ChapConfig(initiator=ChapSecret(chap.user, chap.secret), target=mutual)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +154,8 @@ class NodeVolumes:
         self.metrics = metrics
         self.sessions: SessionControl = sessions or NoSessions()
         self._exported: dict[str, Exported] = {}
+        #: The export settings of the latest Ack, by volume id (absent: not heard of yet).
+        self._settings: dict[str, VolumeSettings] = {}
 
     # ---- queries ------------------------------------------------------------------------------------
 
@@ -130,6 +179,24 @@ class NodeVolumes:
 
     def __iter__(self) -> Iterator[Exported]:
         return iter(list(self._exported.values()))
+
+    def settings(self, volume_id: str) -> VolumeSettings | None:
+        return self._settings.get(volume_id)
+
+    def apply_settings(self, assignments: Iterable[Assignment]) -> None:
+        """Remember each assignment's export settings; re-register an exported target whose CHAP
+        differs (see the module docstring)."""
+        for assignment in assignments:
+            settings = VolumeSettings.of(assignment)
+            self._settings[assignment.volume_id] = settings
+            entry = self._exported.get(assignment.volume_id)
+            if entry is None:
+                continue
+            target = self.registry.get(entry.iqn)
+            wanted = target_chap(settings.chap)
+            if target is not None and target.chap != wanted:
+                self.registry.add(Target(entry.iqn, entry.name, entry.lu, wanted))
+                log.info("target CHAP changed", volume=entry.name, chap=wanted is not None)
 
     # ---- LocalVolumes -------------------------------------------------------------------------------
 
@@ -155,8 +222,15 @@ class NodeVolumes:
                     f"volume {action.volume_id}: the name {action.name!r} is held locally by volume "
                     f"{clash.meta.volume_id}"
                 )
+            settings = self._settings.get(action.volume_id, VolumeSettings())
             volume = await self.manager.create(
-                action.name, action.size, block_size=action.block_size, volume_id=action.volume_id
+                action.name,
+                action.size,
+                block_size=action.block_size,
+                volume_id=action.volume_id,
+                chap=chap_credentials(settings.chap),
+                backing=settings.backing,
+                physical_block_size=settings.physical_block_size,
             )
             log.info("volume created", volume=action.name, volume_id=action.volume_id, size=action.size)
         meta = volume.meta
@@ -234,7 +308,10 @@ class NodeVolumes:
         lu.access_state = AccessState.TRANSITIONING  # fenced before any initiator can reach it
         iqn = self.iqn_for(meta.name)
         self._exported[meta.volume_id] = Exported(meta.volume_id, meta.name, iqn, lu)
-        self.registry.add(Target(iqn, meta.name, lu))
+        settings = self._settings.get(meta.volume_id)
+        # Before the first Ack names the volume: the CHAP its local record keeps.
+        chap = target_chap(meta.chap) if settings is None else target_chap(settings.chap)
+        self.registry.add(Target(iqn, meta.name, lu, chap))
         if self.metrics is not None:
             self.metrics.volume_served(meta.name, meta.size)
         log.info("target exported", volume=meta.name, volume_id=meta.volume_id, iqn=iqn)
@@ -429,6 +506,7 @@ class Convergence:
         # Before the plan is queued: a volume newly assigned here loses its remote entry before
         # its LU is opened, so the adapter's "newly opened: no redirect" holds.
         self._update_directory()
+        self.volumes.apply_settings(ack.assignments)
         self._enqueue(self.adapter.plan(ack.assignments, self.lease.valid(now), now))
         self._arm()
 

@@ -34,6 +34,7 @@ from sparrow.cluster.messages import (
     ReplicaState,
     Role,
     SyncState,
+    VolumeChap,
     VolumeObservation,
     split_portal,
 )
@@ -83,7 +84,28 @@ ACK = Ack(
         DirectoryEntry(VOL_C, "logs", "[fd00::7]:3261"),
     ),
 )
-MESSAGES: list[Message] = [HELLO, HEARTBEAT, EMPTY_HEARTBEAT, ACK, Ack(0, 0.0, ())]
+CHAP = VolumeChap("host-a", "initiator-secret", "target", "target-secret")
+ACK_SETTINGS = Ack(
+    seq=7,
+    lease_seconds=5.0,
+    assignments=(
+        Assignment(
+            VOL_A,
+            "db",
+            1 << 30,
+            512,
+            3,
+            "local",
+            "127.0.0.1:3260",
+            ("local",),
+            physical_block_size=4096,
+            chap=CHAP,
+            backing="/dev/vdb",
+        ),
+        Assignment(VOL_B, "one-way", 512 * 7, 512, 1, None, None, (), chap=VolumeChap("u", "s")),
+    ),
+)
+MESSAGES: list[Message] = [HELLO, HEARTBEAT, EMPTY_HEARTBEAT, ACK, ACK_SETTINGS, Ack(0, 0.0, ())]
 
 
 def frame(body: object) -> bytes:
@@ -254,7 +276,16 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
-    assert wire(ACK)["v"] == 2
+    assert wire(ACK)["v"] == 3
+    assert wire(ACK)["assignments"][0]["chap"] is None
+    assert wire(ACK_SETTINGS)["assignments"][0]["chap"] == {
+        "user": "host-a",
+        "secret": "initiator-secret",
+        "mutual_user": "target",
+        "mutual_secret": "target-secret",
+    }
+    assert wire(ACK_SETTINGS)["assignments"][0]["physical_block_size"] == 4096
+    assert wire(ACK_SETTINGS)["assignments"][0]["backing"] == "/dev/vdb"
     assert wire(ACK)["directory"] == [
         {"volume_id": VOL_A, "name": "db", "primary_portal": "10.0.0.1:3260"},
         {"volume_id": VOL_B, "name": "scratch", "primary_portal": None},
@@ -262,12 +293,73 @@ def test_wire_form() -> None:
     ]
 
 
-def _v1_ack_body(message: Ack) -> dict[str, Any]:
-    """``message`` as a schema v1 master wrote it: no directory."""
+SETTINGS_FIELDS = ("physical_block_size", "chap", "backing")
+
+
+def _v2_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v2 master wrote it: assignments without export settings."""
     body = wire(message)
+    body["v"] = 2
+    for assignment in body["assignments"]:
+        for name in SETTINGS_FIELDS:
+            del assignment[name]
+    return body
+
+
+def _v1_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v1 master wrote it: no directory, no export settings."""
+    body = _v2_ack_body(message)
     body["v"] = 1
     del body["directory"]
     return body
+
+
+def test_a_v2_ack_decodes_with_no_export_settings() -> None:
+    decoded = decode(frame(_v2_ack_body(ACK_SETTINGS)))
+    assert isinstance(decoded, Ack)
+    settings = [(a.physical_block_size, a.chap, a.backing) for a in decoded.assignments]
+    assert settings == [(None, None, None)] * 2
+    assert decoded.assignments[0].name == "db" and decoded.assignments[0].size == 1 << 30
+
+
+@pytest.mark.parametrize("name", SETTINGS_FIELDS)
+def test_a_v2_assignment_may_not_carry_export_settings(name: str) -> None:
+    body = _v2_ack_body(ACK_SETTINGS)
+    body["assignments"][0][name] = None
+    error = error_of(frame(body))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert f"unknown field(s) '{name}'" in error.message
+
+
+@pytest.mark.parametrize("name", SETTINGS_FIELDS)
+def test_a_v3_assignment_must_carry_export_settings(name: str) -> None:
+    error = error_of(_drop(["assignments", 0, name], ACK_SETTINGS))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message == f"assignments[0].{name}: missing"
+
+
+def test_chap_secrets_stay_out_of_repr() -> None:
+    text = repr(ACK_SETTINGS)
+    assert "host-a" in text and "target" in text
+    assert "secret" not in text.replace("secret=", "").replace("mutual_secret", "")
+    assert "initiator-secret" not in text and "target-secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: VolumeChap("", "s"), "user"),
+        (lambda: VolumeChap("u", ""), "secret"),
+        (lambda: VolumeChap("u", "s" * 1025), "secret"),
+        (lambda: VolumeChap("u", "s", "m", None), "mutual_user"),
+        (lambda: VolumeChap("u", "s", None, "m"), "mutual_user"),
+        (lambda: VolumeChap("u", "same", "t", "same"), "mutual_secret"),
+    ],
+)
+def test_invalid_chap_cannot_be_built(build: Any, field: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        build()
+    assert info.value.field == field
 
 
 def test_a_v1_ack_decodes_with_an_empty_directory() -> None:
@@ -454,6 +546,7 @@ OBS0: list[str | int] = ["observations", 0]
 REP0: list[str | int] = [*OBS0, "replica_states", 0]
 ASG0: list[str | int] = ["assignments", 0]
 DIR0: list[str | int] = ["directory", 0]
+NO_MUTUAL: dict[str, object] = {"mutual_user": None, "mutual_secret": None}
 
 
 @pytest.mark.parametrize(
@@ -492,6 +585,20 @@ DIR0: list[str | int] = ["directory", 0]
         (_set([*ASG0, "replicas"], ["node-1", 5], ACK), "assignments[0].replicas[1]"),
         (_set([*ASG0, "block_size"], 1000, ACK), "assignments[0].block_size"),
         (_set([*ASG0, "size"], 4097, ACK), "assignments[0].size"),
+        (_set([*ASG0, "physical_block_size"], 512, ACK), "assignments[0].physical_block_size"),
+        (_set([*ASG0, "physical_block_size"], 2048, ACK), "assignments[0].physical_block_size"),
+        (_set([*ASG0, "backing"], "relative/path", ACK), "assignments[0].backing"),
+        (_set([*ASG0, "backing"], "", ACK), "assignments[0].backing"),
+        (_set([*ASG0, "chap"], "u:s", ACK), "assignments[0].chap"),
+        (_set([*ASG0, "chap"], {"user": "u", "secret": "s"}, ACK), "assignments[0].chap.mutual_user"),
+        (
+            _set([*ASG0, "chap"], {**NO_MUTUAL, "user": "u", "secret": ""}, ACK),
+            "assignments[0].chap.secret",
+        ),
+        (
+            _set([*ASG0, "chap"], {**NO_MUTUAL, "user": "u", "secret": "s", "mutual_user": "t"}, ACK),
+            "assignments[0].chap.mutual_user",
+        ),
         (_set(["assignments", 1, "volume_id"], VOL_A, ACK), "assignments: a volume appears twice"),
         (_set(["directory"], {}, ACK), "directory"),
         (_set(["directory"], [None], ACK), "directory[0]"),
@@ -557,6 +664,9 @@ def assignments(draw: st.DrawFn) -> Assignment:
         primary=replicas[0] if with_primary else None,
         primary_portal=draw(portals) if with_primary else None,
         replicas=replicas,
+        physical_block_size=draw(st.sampled_from([None, 4096] if block_size == 4096 else [None, 512, 4096])),
+        chap=draw(st.none() | st.builds(VolumeChap, st.text(min_size=1, max_size=20), st.just("s3cret"))),
+        backing=draw(st.none() | st.just("/dev/disk/by-id/x")),
     )
 
 

@@ -6,6 +6,7 @@ and fire the timer themselves, so nothing sleeps. The volumes are real (VolumeMa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from frontend.scsi.lu import AccessState
-from frontend.target import Portal, RemoteTarget, Target, TargetRegistry
+from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster.adapter import Adapter, OpenVolume
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Role
+from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Role, VolumeChap
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
 from store.volumes import VolumeManager, VolumeNotFound
@@ -303,6 +304,59 @@ async def test_a_restarted_node_reopens_its_primary_fenced_until_an_ack_confirms
         assert not timers.armed  # no lease, nothing to expire
         await second.ack(assign())
         assert second.access() is ACTIVE
+    finally:
+        await stop_node(second)
+
+
+# ---- export settings (ack v3): CHAP, physical block size, backing --------------------------------
+
+MUTUAL = VolumeChap("host-a", "initiator-secret", "target-a", "target-secret")
+
+
+def with_settings(assignment: Assignment, **settings: object) -> Assignment:
+    return dataclasses.replace(assignment, **settings)  # type: ignore[arg-type]
+
+
+def target_chap(node: Node) -> ChapConfig | None:
+    target = node.registry.get(IQN)
+    assert target is not None
+    return target.chap
+
+
+async def test_a_volume_created_here_gets_the_assignments_settings(node: Node, tmp_path: Path) -> None:
+    backing = tmp_path.parent / f"{tmp_path.name}-backing.img"
+    backing.write_bytes(b"")
+    await node.ack(with_settings(assign(), chap=MUTUAL, physical_block_size=4096, backing=str(backing)))
+    assert node.access() is ACTIVE
+    meta = node.manager.get(NAME).meta
+    assert meta.physical_block_size == 4096
+    assert meta.backing is not None and Path(meta.backing) == backing
+    assert meta.chap is not None and (meta.chap.user, meta.chap.mutual_user) == ("host-a", "target-a")
+    assert target_chap(node) == ChapConfig(
+        initiator=ChapSecret("host-a", "initiator-secret"), target=ChapSecret("target-a", "target-secret")
+    )
+    lu = node.registry.get(IQN)
+    assert lu is not None and lu.lu._lbppbe == 3  # 8 logical blocks per physical block (SBC-3 5.16.2)
+
+
+async def test_a_chap_change_re_registers_the_target_without_a_new_epoch(node: Node) -> None:
+    await node.ack(assign())
+    assert target_chap(node) is None
+    await node.ack(with_settings(assign(), chap=VolumeChap("u", "s")))
+    assert target_chap(node) == ChapConfig(initiator=ChapSecret("u", "s"))
+    assert node.access() is ACTIVE  # same epoch, same role: not a new assignment
+    await node.ack(assign())
+    assert target_chap(node) is None
+
+
+async def test_a_restarted_node_exports_with_the_chap_its_record_keeps(tmp_path: Path) -> None:
+    first = await start_node(tmp_path, Timers())
+    await first.ack(with_settings(assign(), chap=VolumeChap("u", "s")))
+    await stop_node(first)
+    second = await start_node(tmp_path, Timers(now=500.0))
+    try:
+        assert second.access() is FENCED
+        assert target_chap(second) == ChapConfig(initiator=ChapSecret("u", "s"))  # before any Ack
     finally:
         await stop_node(second)
 
