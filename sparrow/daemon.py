@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import signal
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,11 +29,11 @@ from frontend.target import ChapConfig, Portal, TargetRegistry, TargetSettings
 from sparrow import systemd
 from sparrow.api import build_app
 from sparrow.config import Config, HostPort
+from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason
 from sparrow.metrics import PrometheusMetrics
 from sparrow.service import VolumeInfo, VolumeService, VolumeSpec
 from sparrow.sizes import format_size
 from store.blockstore import StoreError
-from store.lock import DataDirLock
 from store.volumes import VolumeManager
 
 log = structlog.get_logger("sparrow.daemon")
@@ -48,9 +46,6 @@ DISCONNECT_TIMEOUT = 5.0
 HTTP_SHUTDOWN_TIMEOUT = 5.0
 TPGT = 1
 
-
-class StartupError(Exception):
-    """The daemon cannot start; the message is the one line the operator sees."""
 
 
 def run(config: Config) -> int:
@@ -106,25 +101,11 @@ def target_settings(config: Config, portals: Iterable[HostPort]) -> TargetSettin
 
 
 async def serve(config: Config) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    signals = StopSignals(asyncio.get_running_loop())
+    stop = signals.event
 
     async with contextlib.AsyncExitStack() as cleanup:
-        lock = DataDirLock(config.data_dir)
-        try:
-            lock.acquire()
-        except StoreError as e:
-            raise StartupError(str(e)) from None
-        except OSError as e:
-            raise StartupError(f"cannot use data directory {config.data_dir}: {_os_reason(e)}") from None
+        lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
 
         metrics = PrometheusMetrics()
@@ -158,7 +139,7 @@ async def serve(config: Config) -> int:
         try:
             await server.start(config.iscsi.host, config.iscsi.port)
         except OSError as e:
-            raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {_os_reason(e)}") from None
+            raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {os_reason(e)}") from None
         cleanup.push_async_callback(server.shutdown, 0.0)  # only reached if a later step fails
         iscsi_bound = _bound(server.sockets, config.iscsi)
         if config.iscsi.port == 0 or any(p.port == 0 for p in config.advertise):
@@ -182,7 +163,7 @@ async def serve(config: Config) -> int:
         try:
             await site.start()
         except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {config.http}: {_os_reason(e)}") from None
+            raise StartupError(f"cannot listen for HTTP on {config.http}: {os_reason(e)}") from None
         http_bound = _bound_addresses(runner.addresses, config.http)
 
         for info in service.volumes():
@@ -205,7 +186,7 @@ async def serve(config: Config) -> int:
 
         # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
         cleanup.pop_all()
-        log.info("stopping", signal=received[0] if received else None)
+        log.info("stopping", signal=signals.first)
         _notify(systemd.stopping, "draining")
         await runner.cleanup()
         await server.shutdown(timeout=SHUTDOWN_TIMEOUT)
@@ -243,10 +224,6 @@ def attach_instructions(volume: VolumeInfo, api: HostPort) -> str:
     ])
 
 
-def _os_reason(e: OSError) -> str:
-    """The errno text ("address already in use"), not aiohttp's longer "error while attempting..."."""
-    text = os.strerror(e.errno) if e.errno else str(e)
-    return text[:1].lower() + text[1:]
 
 
 def _notify(send: Callable[[str], bool], status: str) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,12 +47,12 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
-from sparrow.daemon import HTTP_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT, ServerSessions, StartupError
+from sparrow.daemon import HTTP_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT, ServerSessions
+from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from store.blockstore import StoreError
-from store.lock import DataDirLock
 from store.volumes import VolumeManager
 
 log = structlog.get_logger("sparrow.node")
@@ -274,24 +273,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def serve(config: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    signals = StopSignals(loop)
+    stop = signals.event
 
     async with contextlib.AsyncExitStack() as cleanup:
-        lock = DataDirLock(config.data_dir)
-        try:
-            lock.acquire()
-        except StoreError as e:
-            raise StartupError(str(e)) from None
-        except OSError as e:
-            raise StartupError(f"cannot use data directory {config.data_dir}: {_os_reason(e)}") from None
+        lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
 
         state = NodeState(config.data_dir)
@@ -337,7 +323,7 @@ async def serve(config: NodeConfig) -> int:
         try:
             await server.start(config.iscsi.host, config.iscsi.port)
         except OSError as e:
-            raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {_os_reason(e)}") from None
+            raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {os_reason(e)}") from None
         cleanup.push_async_callback(server.shutdown, 0.0)
         iscsi_portal = advertised(config.iscsi, _bound_port(server.sockets))
         server.settings = dataclasses.replace(
@@ -382,7 +368,7 @@ async def serve(config: NodeConfig) -> int:
         try:
             await site.start()
         except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {config.http}: {_os_reason(e)}") from None
+            raise StartupError(f"cannot listen for HTTP on {config.http}: {os_reason(e)}") from None
         http_portal = advertised(config.http, _bound_port(runner.addresses))
 
         heartbeat.start()
@@ -404,7 +390,7 @@ async def serve(config: NodeConfig) -> int:
 
         # --- shutdown, step by step ---
         cleanup.pop_all()
-        log.info("stopping", signal=received[0] if received else None)
+        log.info("stopping", signal=signals.first)
         _notify(systemd.stopping, "draining")
         await heartbeat.stop()
         await runner.cleanup()
@@ -426,9 +412,6 @@ async def serve(config: NodeConfig) -> int:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _os_reason(e: OSError) -> str:
-    text = os.strerror(e.errno) if e.errno else str(e)
-    return text[:1].lower() + text[1:]
 
 
 def _notify(send: Callable[[str], bool], status: str) -> None:
