@@ -15,13 +15,10 @@ clock (logged with the fence) and the test's ``time.monotonic()`` are comparable
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -45,6 +42,7 @@ from frontend.iscsi.pdu import (
 )
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Assignment, Heartbeat, Hello
+from tests.integration.process import Proc
 from tests.tools import free_port, require_tool, run, wait_for
 
 pytestmark = pytest.mark.integration
@@ -142,17 +140,30 @@ class FakeMaster:
 # -- the node process -----------------------------------------------------------------------------
 
 
-@dataclass
-class NodeProcess:
-    data_dir: Path
-    master: str
-    iscsi_port: int = field(default_factory=free_port)
-    http_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+class NodeProcess(Proc):
+    """A real `sparrow node` against the test's fake master."""
 
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir.parent / "node.log"
+    def __init__(self, data_dir: Path, master: str) -> None:
+        super().__init__(data_dir.name, data_dir.parent)
+        self.master = master
+        self.iscsi_port = free_port()
+        self.http_port = free_port()
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sparrow", "node",
+            "--data-dir", str(self.data_dir),
+            "--node-id", NODE_ID,
+            "--master", self.master,
+            "--iscsi", self.portal,
+            "--replication", f"127.0.0.1:{free_port()}",
+            "--http", f"127.0.0.1:{self.http_port}",
+            "--heartbeat-interval", str(INTERVAL),
+            "--log-format", "json",
+        ]  # fmt: skip
+
+    def stop(self) -> int:
+        return self.term(30)
 
     @property
     def portal(self) -> str:
@@ -166,59 +177,6 @@ class NodeProcess:
     def url(self) -> str:
         return f"iscsi://{self.portal}/{self.iqn}/0"
 
-    def start(self, timeout: float = 20.0) -> None:
-        sock_path = Path(tempfile.mkdtemp(prefix="sparrow-notify-")) / "notify"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(sock_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1")
-        cmd = [
-            sys.executable, "-m", "sparrow", "node",
-            "--data-dir", str(self.data_dir),
-            "--node-id", NODE_ID,
-            "--master", self.master,
-            "--iscsi", self.portal,
-            "--replication", f"127.0.0.1:{free_port()}",
-            "--http", f"127.0.0.1:{self.http_port}",
-            "--heartbeat-interval", str(INTERVAL),
-            "--log-format", "json",
-        ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                notify.settimeout(max(0.05, deadline - time.monotonic()))
-                try:
-                    msg = notify.recv(4096).decode()
-                except TimeoutError:
-                    raise AssertionError(f"node not READY within {timeout}s:\n{self.log()}") from None
-                if "READY=1" in msg.split("\n"):
-                    return
-        finally:
-            notify.close()
-            sock_path.unlink(missing_ok=True)
-            sock_path.parent.rmdir()
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("event") == name:
-                out.append(record)
-        return out
-
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as resp:
             return dict(json.loads(resp.read()))
@@ -228,9 +186,6 @@ class NodeProcess:
             if v["volume_id"] == VOLUME_ID:
                 return str(v["access_state"])
         return None
-
-
-# -- a raw iSCSI session (frontend/iscsi/pdu.py encoders over a socket) ---------------------------
 
 
 @dataclass(frozen=True)
