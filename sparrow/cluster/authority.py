@@ -3,10 +3,12 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 1)::
+instant leaves either the old state or the new one. Tables (schema version 2)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
-    volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at)
+    volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
+            physical_block_size, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret,
+            backing)                                     (the last six: v2, all nullable)
     nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
                 PRIMARY KEY (volume_id, epoch))
@@ -22,9 +24,10 @@ Rules the schema itself enforces (defence in depth behind the Publisher):
 The store never mints an epoch: it has no method that invents an epoch number. It decodes the
 recorded ones with ``Epoch.restore``; only ``sparrow.cluster.publisher`` makes new ones.
 
-Schema versions: ``open`` creates a new database at ``SCHEMA_VERSION``. It refuses a database of a
-newer version (``store.metadata.SchemaTooNew``) and also one of an *older* version
-(``store.migrations.SchemaTooOld``, whose message is the exact ``sparrow migrate DATA_DIR`` command):
+Schema versions: ``open`` creates a new database at ``SCHEMA_VERSION`` (the v1 tables followed by
+the ``store.migrations`` steps, so a new database and a migrated one have the same schema). It
+refuses a database of a newer version (``store.metadata.SchemaTooNew``) and also one of an *older*
+version (``store.migrations.SchemaTooOld``, whose message is the exact ``sparrow migrate DATA_DIR`` command):
 the daemon does not migrate silently on start, because a migration is an operator's act that writes
 a backup and a history entry first, and a master that upgraded the schema behind the operator's back
 could no longer be rolled back to the previous release.
@@ -37,6 +40,7 @@ asyncio layer runs them in a thread; the connection is shared under a lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -53,17 +57,18 @@ from sparrow.cluster.messages import (
     Assignment,
     Hello,
     InvalidMessage,
+    VolumeChap,
     check_node_id,
     check_portal,
     check_uint,
     check_volume_id,
 )
 from store.metadata import SchemaTooNew
-from store.migrations import AUTHORITY_FILE, SchemaTooOld
+from store.migrations import AUTHORITY_FILE, SchemaTooOld, authority_v1_to_v2
 from store.migrations.sqlitemeta import create_meta, read_version
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -153,6 +158,13 @@ class VolumeRecord:
     replicas: int
     created_at: float
     deleted_at: float | None = None
+    #: The export settings (schema v2), carried by every Assignment of the volume.
+    #: None: the logical block size.
+    physical_block_size: int | None = None
+    #: The target's CHAP (None: none); its secrets stay out of ``repr``.
+    chap: VolumeChap | None = None
+    #: An absolute path on the node (None: a sparse file in the node's data directory).
+    backing: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +217,27 @@ def _volume_from_row(row: sqlite3.Row) -> VolumeRecord:
         row["replicas"],
         row["created_at"],
         row["deleted_at"],
+        row["physical_block_size"],
+        _chap_from_row(row),
+        row["backing"],
     )
+
+
+def _chap_from_row(row: sqlite3.Row) -> VolumeChap | None:
+    if row["chap_user"] is None:
+        return None
+    try:
+        return VolumeChap(
+            row["chap_user"], row["chap_secret"], row["chap_mutual_user"], row["chap_mutual_secret"]
+        )
+    except (InvalidMessage, TypeError) as e:
+        raise AuthorityCorrupt(f"volume {row['volume_id']} has invalid CHAP: {e}") from None
+
+
+def _chap_columns(chap: VolumeChap | None) -> tuple[str | None, str | None, str | None, str | None]:
+    if chap is None:
+        return (None, None, None, None)
+    return (chap.user, chap.secret, chap.mutual_user, chap.mutual_secret)
 
 
 def _node_from_row(row: sqlite3.Row) -> NodeRecord:
@@ -240,6 +272,31 @@ class AuthorityTransaction:
             "SELECT max(epoch) FROM assignments WHERE volume_id = ?", (volume_id,)
         ).fetchone()
         return None if row[0] is None else Epoch.restore(row[0])
+
+    def latest_placement(self, volume_id: str) -> tuple[str | None, tuple[str, ...]] | None:
+        """``(primary, replicas)`` of the volume's newest assignment (None: never assigned)."""
+        row = self._conn.execute(
+            "SELECT primary_node, replicas FROM assignments WHERE volume_id = ? ORDER BY epoch DESC LIMIT 1",
+            (volume_id,),
+        ).fetchone()
+        return None if row is None else (row["primary_node"], tuple(json.loads(row["replicas"])))
+
+    def grow_volume(self, volume_id: str, size: int) -> VolumeRecord:
+        """Set a live volume's size: grow only, a multiple of its block size (the same size is
+        allowed and changes nothing). Raises UnknownVolume, InvalidAuthorityRecord."""
+        volume = self.volume(volume_id)
+        if volume is None or volume.deleted_at is not None:
+            raise UnknownVolume(volume_id)
+        _checked(lambda f, v: check_uint(f, v, minimum=1), "size", size)
+        if size % volume.block_size:
+            raise InvalidAuthorityRecord(
+                f"size: {size} is not a multiple of the block size {volume.block_size}"
+            )
+        if size < volume.size:
+            raise InvalidAuthorityRecord(f"size: volumes only grow ({size} < {volume.size})")
+        if size != volume.size:
+            self._conn.execute("UPDATE volumes SET size = ? WHERE volume_id = ?", (size, volume_id))
+        return dataclasses.replace(volume, size=size)
 
     def record_assignment(
         self, volume_id: str, epoch: Epoch, primary: str | None, replicas: tuple[str, ...], created_at: float
@@ -294,6 +351,7 @@ class AuthorityStore:
                     if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                         for statement in _SCHEMA_V1:
                             conn.execute(statement)
+                        authority_v1_to_v2.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -344,9 +402,13 @@ class AuthorityStore:
         replicas: int,
         created_at: float,
         volume_id: str | None = None,
+        physical_block_size: int | None = None,
+        chap: VolumeChap | None = None,
+        backing: str | None = None,
     ) -> VolumeRecord:
         """Record a new volume; ``volume_id`` defaults to a fresh ``uuid4().hex`` (the master mints
-        volume ids). Raises VolumeExists (id, or a live volume of that name) and
+        volume ids). ``physical_block_size`` is 512 or 4096 and not below ``block_size``;
+        ``backing`` an absolute path. Raises VolumeExists (id, or a live volume of that name) and
         InvalidAuthorityRecord."""
         volume_id = uuid.uuid4().hex if volume_id is None else volume_id
         _checked(check_volume_id, "volume_id", volume_id)
@@ -358,7 +420,33 @@ class AuthorityStore:
         if size % block_size:
             raise InvalidAuthorityRecord(f"size: {size} is not a multiple of the block size {block_size}")
         _checked(lambda f, v: check_uint(f, v, minimum=1), "replicas", replicas)
-        record = VolumeRecord(volume_id, name, size, block_size, replicas, float(created_at))
+        if physical_block_size is not None and (
+            type(physical_block_size) is not int
+            or physical_block_size not in BLOCK_SIZES
+            or physical_block_size < block_size
+        ):
+            raise InvalidAuthorityRecord(
+                f"physical_block_size: must be 512 or 4096 and not below the block size {block_size}, "
+                f"not {physical_block_size!r}"
+            )
+        if chap is not None and not isinstance(chap, VolumeChap):
+            raise InvalidAuthorityRecord(f"chap: not a VolumeChap: {type(chap).__name__}")
+        if backing is not None and (
+            not isinstance(backing, str) or not backing.startswith("/") or "\0" in backing
+        ):
+            raise InvalidAuthorityRecord(f"backing: must be an absolute path, not {backing!r}")
+        record = VolumeRecord(
+            volume_id,
+            name,
+            size,
+            block_size,
+            replicas,
+            float(created_at),
+            None,
+            physical_block_size,
+            chap,
+            backing,
+        )
         with self._lock, _immediate(self._conn):
             if self._conn.execute("SELECT 1 FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone():
                 raise VolumeExists(f"id {volume_id}")
@@ -367,9 +455,20 @@ class AuthorityStore:
             ).fetchone():
                 raise VolumeExists(f"name {name!r}")
             self._conn.execute(
-                "INSERT INTO volumes (volume_id, name, size, block_size, replicas, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (volume_id, name, size, block_size, replicas, record.created_at),
+                "INSERT INTO volumes (volume_id, name, size, block_size, replicas, created_at, "
+                "physical_block_size, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret, backing) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    volume_id,
+                    name,
+                    size,
+                    block_size,
+                    replicas,
+                    record.created_at,
+                    physical_block_size,
+                    *_chap_columns(chap),
+                    backing,
+                ),
             )
         return record
 
@@ -454,8 +553,7 @@ class AuthorityStore:
 
     def _latest(self, where: str, params: tuple[str, ...]) -> dict[str, Assignment]:
         query = (
-            "SELECT v.volume_id, v.name, v.size, v.block_size, a.epoch, a.primary_node, a.replicas, "
-            "n.addresses FROM volumes v "
+            "SELECT v.*, a.epoch, a.primary_node, a.replicas AS placement, n.addresses FROM volumes v "
             "JOIN assignments a ON a.volume_id = v.volume_id AND a.epoch = "
             "(SELECT max(epoch) FROM assignments WHERE volume_id = v.volume_id) "
             "LEFT JOIN nodes n ON n.node_id = a.primary_node "
@@ -470,38 +568,36 @@ class AuthorityStore:
                 raise AuthorityCorrupt(f"assignment of {row['volume_id']} names unknown node {primary!r}")
             portal = None if primary is None else NodeAddresses.from_json(row["addresses"]).iscsi_portal
             out[row["volume_id"]] = assignment_of(
-                row["volume_id"],
-                row["name"],
-                row["size"],
-                row["block_size"],
+                _volume_from_row(row),
                 Epoch.restore(row["epoch"]),
                 primary,
                 portal,
-                tuple(json.loads(row["replicas"])),
+                tuple(json.loads(row["placement"])),
             )
         return out
 
 
 def assignment_of(
-    volume_id: str,
-    name: str,
-    size: int,
-    block_size: int,
+    volume: VolumeRecord,
     epoch: Epoch,
     primary: str | None,
     primary_portal: str | None,
     replicas: tuple[str, ...],
 ) -> Assignment:
-    """The wire Assignment for a recorded (or just minted) epoch."""
+    """The wire Assignment of ``volume`` for a recorded (or just minted) epoch: name, size, block
+    size and the export settings come from the volume record."""
     return Assignment(
-        volume_id=volume_id,
-        name=name,
-        size=size,
-        block_size=block_size,
+        volume_id=volume.volume_id,
+        name=volume.name,
+        size=volume.size,
+        block_size=volume.block_size,
         epoch=epoch.value,
         primary=primary,
         primary_portal=primary_portal,
         replicas=replicas,
+        physical_block_size=volume.physical_block_size,
+        chap=volume.chap,
+        backing=volume.backing,
     )
 
 

@@ -7,6 +7,9 @@ disk) is the Assignment returned, so no node can hear of an epoch the master cou
 crash. A ``kill -9`` before COMMIT loses the whole publish (nobody heard of it); after, it is kept.
 After a restart the next publish continues from the recorded maximum, so an epoch is never reused.
 
+``resize(volume_id, size)`` grows a volume and republishes its placement under the next epoch in
+the same transaction (a resize is a reason for a new epoch: the node grows its store on it).
+
 The publisher mints whatever it is asked: whether an assignment is worth publishing is the
 TopologyController's decision. It checks only that the ask is well-formed and names things the
 store knows (a live volume, nodes that have said hello).
@@ -23,6 +26,7 @@ from sparrow.cluster.authority import (
     InvalidAuthorityRecord,
     UnknownNode,
     UnknownVolume,
+    VolumeRecord,
     assignment_of,
 )
 from sparrow.cluster.epoch import Epoch
@@ -77,18 +81,41 @@ class Publisher:
             previous = txn.max_epoch(volume.volume_id)
             epoch = Epoch(1 if previous is None else previous.value + 1)
             # Built before COMMIT so a message that could not be sent is never recorded.
-            assignment = assignment_of(
-                volume.volume_id,
-                volume.name,
-                volume.size,
-                volume.block_size,
-                epoch,
-                primary,
-                portal,
-                replicas,
-            )
+            assignment = assignment_of(volume, epoch, primary, portal, replicas)
             txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock())
         return assignment
+
+    def resize(self, volume_id: str, size: int) -> tuple[VolumeRecord, Assignment | None]:
+        """Grow the volume to ``size`` and, in the same transaction, publish its current placement
+        (same primary, same replicas) under the next epoch with the new size: the node grows its
+        store when it accepts the new epoch. Doing both in one transaction means no reader ever
+        sees the new size under an already published epoch (the node would refuse a same-epoch
+        assignment that differs from the one it accepted, and fence).
+
+        Returns the updated record and the new assignment (None when the size did not change or
+        the volume was never assigned: its first assignment will carry the new size). Raises
+        UnknownVolume, InvalidAuthorityRecord (a shrink, a size that is not a multiple of the
+        block size); nothing is written then.
+        """
+        with self._store.write_transaction() as txn:
+            before = txn.volume(volume_id)
+            volume = txn.grow_volume(volume_id, size)
+            placement = txn.latest_placement(volume_id)
+            if before is None or before.size == volume.size or placement is None:
+                return volume, None
+            primary, replicas = placement
+            portal = None
+            if primary is not None:
+                node = txn.node(primary)
+                if node is None:
+                    raise UnknownNode(primary)
+                portal = node.addresses.iscsi_portal
+            previous = txn.max_epoch(volume_id)
+            assert previous is not None  # there is a placement, so there is an epoch
+            epoch = Epoch(previous.value + 1)
+            assignment = assignment_of(volume, epoch, primary, portal, replicas)
+            txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock())
+        return volume, assignment
 
 
 def _check_ask(primary: str | None, replicas: tuple[str, ...]) -> None:

@@ -1,6 +1,9 @@
 """The master's control API: JSON over HTTP (aiohttp), plus /metrics and /healthz.
 
-    POST   /v1/volumes         {name, size, block_size?=512, replicas?=1}     -> 201 volume
+    POST   /v1/volumes         {name, size, block_size?=512, replicas?=1,
+                                physical_block_size?, chap_user?, chap_secret?,
+                                chap_mutual_user?, chap_mutual_secret?, backing?} -> 201 volume
+    POST   /v1/volumes/{name}/resize  {size}  (grow only; a new epoch)         -> 200 volume
     GET    /v1/volumes                                                         -> 200 {"volumes": [volume...]}
     GET    /v1/volumes/{name}                                                  -> 200 volume
     DELETE /v1/volumes/{name}                                                  -> 204
@@ -9,9 +12,16 @@
     GET    /healthz            200 {"status": "ok", "nodes": N, "nodes_alive": N, "volumes": N}
 
 ``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. The volume id
-is minted here (``uuid4().hex``). A volume (see :func:`volume_json`)::
+is minted here (``uuid4().hex``). CHAP is validated as ``sparrow.api`` does: both halves or none,
+mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
+``backing`` (an absolute path on the node) is meant for the embedded one-node mode; ``size`` is
+required even with it (the master cannot look at the node's device). A resize grows only, to a
+multiple of the block size, and publishes the volume's next epoch (same placement, new size); the
+same size changes nothing. A volume (see :func:`volume_json`); secrets are never returned::
 
-    {"name", "volume_id", "size", "block_size", "replicas_wanted", "created_at" (ISO 8601 UTC),
+    {"name", "volume_id", "size", "block_size", "physical_block_size" (null: block_size),
+     "chap": {"user", "mutual_user"} | null, "backing": path | null,
+     "replicas_wanted", "created_at" (ISO 8601 UTC),
      "iqn", "lun": 0,
      "epoch": int (0: never assigned),
      "primary": {"node_id", "portal"} | null,
@@ -57,14 +67,28 @@ from sparrow.cluster.authority import (
     VolumeRecord,
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
-from sparrow.cluster.messages import Assignment
+from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.master.control import ControlLoop
 from sparrow.sizes import SizeError, parse_size
 
 log = structlog.get_logger("sparrow.master.api")
 
-_CREATE_FIELDS = frozenset({"name", "size", "block_size", "replicas"})
+_CREATE_FIELDS = frozenset(
+    {
+        "name",
+        "size",
+        "block_size",
+        "replicas",
+        "physical_block_size",
+        "chap_user",
+        "chap_secret",
+        "chap_mutual_user",
+        "chap_mutual_secret",
+        "backing",
+    }
+)
+_RESIZE_FIELDS = frozenset({"size"})
 
 
 class MasterMetrics:
@@ -156,6 +180,7 @@ def build_app(api: MasterApi) -> web.Application:
     app.router.add_get("/v1/volumes", list_volumes)
     app.router.add_get("/v1/volumes/{name}", get_volume)
     app.router.add_delete("/v1/volumes/{name}", delete_volume)
+    app.router.add_post("/v1/volumes/{name}/resize", resize_volume)
     app.router.add_get("/v1/nodes", list_nodes)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
@@ -176,6 +201,11 @@ async def create_volume(request: web.Request) -> web.Response:
     replicas = _int(body, "replicas", 1, f"replicas must be an integer ({MIN_REPLICAS}..{MAX_REPLICAS})")
     if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
         raise ApiError(400, f"replicas must be {MIN_REPLICAS}..{MAX_REPLICAS}, not {replicas}")
+    physical = body.get("physical_block_size")
+    if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)):
+        raise ApiError(400, "physical_block_size must be an integer (512 or 4096)")
+    chap = _chap(body)
+    backing = _string(body, "backing")
     store = api.control.store
     record = await asyncio.to_thread(
         store.add_volume,
@@ -185,6 +215,9 @@ async def create_volume(request: web.Request) -> web.Response:
         replicas=replicas,
         created_at=api.wall_clock(),
         volume_id=_new_volume_id(),
+        physical_block_size=physical,
+        chap=chap,
+        backing=backing,
     )
     api.control.volume_added(record)
     log.info("volume created", volume=name, volume_id=record.volume_id, size=size, replicas=replicas)
@@ -200,6 +233,25 @@ async def list_volumes(request: web.Request) -> web.Response:
 async def get_volume(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     return web.json_response(volume_json(api, await _find(api, request.match_info["name"])))
+
+
+async def resize_volume(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    body = await _json_object(request, _RESIZE_FIELDS)
+    size = _size(body)
+    record = await _find(api, request.match_info["name"])
+    old_size = record.size
+    record, assignment = await asyncio.to_thread(api.control.resize_volume, record.volume_id, size)
+    api.control.resized(record, assignment, api.clock())
+    log.info(
+        "volume resized",
+        volume=record.name,
+        volume_id=record.volume_id,
+        old_size=old_size,
+        size=record.size,
+        epoch=None if assignment is None else assignment.epoch,
+    )
+    return web.json_response(volume_json(api, record))
 
 
 async def delete_volume(request: web.Request) -> web.Response:
@@ -270,6 +322,11 @@ def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
         "volume_id": record.volume_id,
         "size": record.size,
         "block_size": record.block_size,
+        "physical_block_size": record.physical_block_size,
+        "chap": None
+        if record.chap is None
+        else {"user": record.chap.user, "mutual_user": record.chap.mutual_user},
+        "backing": record.backing,
         "replicas_wanted": record.replicas,
         "created_at": _iso(record.created_at),
         "iqn": iqn,
@@ -357,6 +414,36 @@ def _int(body: Mapping[str, Any], key: str, default: int, message: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, message)
     return value
+
+
+def _string(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{key} must be a non-empty string")
+    return value
+
+
+def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
+    """The volume's CHAP from the create body, checked as ``sparrow.api`` does (RFC 7143 12.1.3,
+    9.2.1)."""
+    user = _string(body, "chap_user")
+    secret = _string(body, "chap_secret")
+    mutual_user = _string(body, "chap_mutual_user")
+    mutual_secret = _string(body, "chap_mutual_secret")
+    if (user is None) != (secret is None):
+        raise ApiError(400, "CHAP needs both chap_user and chap_secret")
+    if (mutual_user is None) != (mutual_secret is None):
+        raise ApiError(400, "mutual CHAP needs both chap_mutual_user and chap_mutual_secret")
+    if user is None or secret is None:
+        if mutual_user is not None:
+            raise ApiError(400, "mutual CHAP needs one-way CHAP too (chap_user and chap_secret)")
+        return None
+    try:
+        return VolumeChap(user, secret, mutual_user, mutual_secret)
+    except InvalidMessage as e:
+        raise ApiError(400, f"chap_{e}") from None
 
 
 def _size(body: Mapping[str, Any]) -> int:

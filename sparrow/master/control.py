@@ -8,6 +8,11 @@ Every heartbeat interval the loop runs one :meth:`ControlLoop.step`:
    the only place an epoch is minted, committed before any node hears of it -- and remember when
    it was published (master clock), which the controller's convergence deadline counts from.
 
+A resize (:meth:`ControlLoop.resize_volume`, from the API) is the one publish that does not come
+from a decision: the new size and the volume's next epoch (same primary, same replicas) are
+committed together by ``Publisher.resize``, so no Ack ever carries a new size under an epoch the
+node already accepted (it would refuse it and fence); the node grows its store on the new epoch.
+
 The latest :class:`~sparrow.cluster.controller.Decision`'s status per volume is kept for the API,
 and the current assignments are kept in memory for the heartbeat server's Acks
 (:meth:`ControlLoop.assignments_for`).
@@ -244,6 +249,26 @@ class ControlLoop:
     def volume_added(self, volume: VolumeRecord) -> None:
         """A volume was just recorded; the next step places it."""
         self._volumes[volume.volume_id] = volume
+
+    def resize_volume(self, volume_id: str, size: int) -> tuple[VolumeRecord, Assignment | None]:
+        """Blocking: grow the volume and publish its placement under the next epoch, in one
+        transaction (``Publisher.resize``; raises its errors). Follow with :meth:`resized`."""
+        return self.publisher.resize(volume_id, size)
+
+    def resized(self, volume: VolumeRecord, assignment: Assignment | None, now: float) -> None:
+        """Adopt a committed resize: the record, and the new epoch (if one was published) as the
+        volume's current assignment, so the next Acks carry the new size."""
+        if volume.volume_id in self._deleted:
+            return
+        self._volumes[volume.volume_id] = volume
+        if assignment is not None:
+            self.published(assignment, f"resized to {volume.size} bytes", now)
+
+    def resize(self, volume_id: str, size: int, now: float) -> Assignment | None:
+        """``resize_volume`` then ``resized`` on the caller's thread (tests, tools)."""
+        volume, assignment = self.resize_volume(volume_id, size)
+        self.resized(volume, assignment, now)
+        return assignment
 
     def volume_deleted(self, volume_id: str) -> None:
         """A volume was just marked deleted: stop handing out its assignment at once."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,3 +252,21 @@ def test_sigterm_exits_0(tmp_path: Path) -> None:
     assert m.get("/healthz")["status"] == "ok"
     assert m.stop() == 0
     assert '"stopped"' in m.log()
+
+
+def test_an_unmigrated_v1_authority_is_refused_with_the_migrate_command(tmp_path: Path) -> None:
+    data_dir = tmp_path / "old"
+    data_dir.mkdir()
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / "authority.sqlite3"
+    shutil.copyfile(fixture, data_dir / "authority.sqlite3")
+    before = (data_dir / "authority.sqlite3").read_bytes()
+    refused = run(
+        [sys.executable, "-m", "sparrow", "master", "--data-dir", str(data_dir),
+         "--listen", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
+        check=False, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert f"`sparrow migrate {data_dir}`" in refused.stderr
+    assert "schema version 1; this Sparrow needs version 2" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (data_dir / "authority.sqlite3").read_bytes() == before

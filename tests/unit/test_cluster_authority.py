@@ -4,9 +4,11 @@ AuthorityStore"): schema and pragmas, versions, volumes, nodes, and the rules th
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,10 +24,10 @@ from sparrow.cluster.authority import (
     VolumeRecord,
 )
 from sparrow.cluster.epoch import Epoch
-from sparrow.cluster.messages import Hello
+from sparrow.cluster.messages import Hello, VolumeChap
 from sparrow.cluster.publisher import Publisher
 from store.metadata import SchemaTooNew
-from store.migrations import AUTHORITY_FILE, SchemaTooOld, Step, StepGraph, default_graph, migrate
+from store.migrations import AUTHORITY_FILE, SchemaTooOld, default_graph, migrate
 
 VOL_A = "a" * 32
 VOL_B = "b" * 32
@@ -102,30 +104,91 @@ def test_a_newer_schema_is_refused_naming_both_versions(path: Path) -> None:
     assert f"reads up to {SCHEMA_VERSION}" in str(info.value)
 
 
-def test_an_older_schema_is_refused_with_the_migrate_command_and_migrate_fixes_it(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with AuthorityStore.open(path) as s:
-        add(s)
-    # This Sparrow now needs version 2, and ships a step to it.
-    monkeypatch.setattr(authority, "SCHEMA_VERSION", 2)
+V1_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / AUTHORITY_FILE
 
-    def add_zone(conn: sqlite3.Connection) -> None:
-        conn.execute("ALTER TABLE nodes ADD COLUMN zone TEXT")
 
+def test_a_v1_store_is_refused_with_the_migrate_command_and_migrate_fixes_it(tmp_path: Path) -> None:
+    path = tmp_path / AUTHORITY_FILE
+    shutil.copyfile(V1_FIXTURE, path)
+    assert SCHEMA_VERSION == 2
     with pytest.raises(SchemaTooOld) as info:
         AuthorityStore.open(path)
     assert (info.value.found, info.value.required) == (1, 2)
-    assert info.value.command == f"sparrow migrate {path.parent}"
+    assert info.value.command == f"sparrow migrate {tmp_path}"
     assert str(info.value) == (
         f"{path} has schema version 1; this Sparrow needs version 2: stop Sparrow and run "
-        f"`sparrow migrate {path.parent}`"
+        f"`sparrow migrate {tmp_path}`"
     )
-    graph = StepGraph([Step("authority_v1_to_v2", "authority", 1, 2, "nodes get a zone", add_zone)])
-    report = migrate(path.parent, graph=graph)
+    report = migrate(tmp_path)
     assert [a.item for a in report.applied] == [AUTHORITY_FILE]
     with AuthorityStore.open(path) as s:
-        assert [v.volume_id for v in s.volumes()] == [VOL_A]
+        assert [v.name for v in s.volumes()] == ["alpha", "beta"]
+        assert all(
+            (v.physical_block_size, v.chap, v.backing) == (None, None, None)
+            for v in s.volumes(include_deleted=True)
+        )
+        assert {k: (a.epoch, a.primary, a.size) for k, a in s.latest_assignments().items()} == {
+            "a1" * 16: (1, "node-a", 64 << 20),
+            "b2" * 16: (2, "node-b", 128 << 20),
+        }
+
+
+def test_a_new_database_has_the_schema_of_a_migrated_one(tmp_path: Path) -> None:
+    migrated = tmp_path / "old"
+    migrated.mkdir()
+    shutil.copyfile(V1_FIXTURE, migrated / AUTHORITY_FILE)
+    migrate(migrated)
+    AuthorityStore.open(tmp_path / AUTHORITY_FILE).close()
+
+    def schema(path: Path) -> list[tuple[str, str]]:
+        conn = raw(path)
+        try:
+            return conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"
+            ).fetchall()
+        finally:
+            conn.close()
+
+    assert schema(tmp_path / AUTHORITY_FILE) == schema(migrated / AUTHORITY_FILE)
+
+
+def test_volume_settings_are_kept_and_carried_by_assignments(store: AuthorityStore) -> None:
+    chap = VolumeChap("iqn.host", "initiator-secret", "target", "target-secret1")
+    record = store.add_volume(
+        "settings",
+        size=1 << 20,
+        block_size=512,
+        replicas=1,
+        created_at=1.0,
+        volume_id=VOL_B,
+        physical_block_size=4096,
+        chap=chap,
+        backing="/dev/sdz",
+    )
+    assert (record.physical_block_size, record.chap, record.backing) == (4096, chap, "/dev/sdz")
+    assert store.volume(VOL_B) == record
+    assert "initiator-secret" not in repr(record)
+    store.upsert_node("n1", incarnation=7, addresses=ADDR_1, capacity=10, seen_at=5.0)
+    published = Publisher(store, wall_clock=lambda: 1.0).publish(Ask(VOL_B, "n1", ("n1",)))
+    assert (published.physical_block_size, published.chap, published.backing) == (4096, chap, "/dev/sdz")
+    assert store.latest_assignment(VOL_B) == published
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"physical_block_size": 1024}, "physical_block_size"),
+        ({"physical_block_size": 512, "block_size": 4096}, "physical_block_size"),
+        ({"physical_block_size": True}, "physical_block_size"),
+        ({"backing": "relative/path"}, "backing"),
+        ({"chap": ("u", "s")}, "chap"),
+    ],
+)
+def test_bad_volume_settings_are_refused(store: AuthorityStore, fields: dict[str, Any], match: str) -> None:
+    args: dict[str, Any] = {"size": 1 << 20, "block_size": 512, "replicas": 1, "created_at": 1.0, **fields}
+    with pytest.raises(InvalidAuthorityRecord, match=match):
+        store.add_volume("bad", **args)
+    assert store.volumes() == ()
 
 
 def test_a_database_that_is_not_ours_is_refused(path: Path) -> None:

@@ -5,6 +5,7 @@ The clock is injected; control steps are driven by hand with explicit ``now``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ async def test_create_get_list_and_delete_a_volume(master: Master) -> None:
         "volume_id": created["volume_id"],
         "size": 64 * MiB,
         "block_size": 512,
+        "physical_block_size": None,
+        "chap": None,
+        "backing": None,
         "replicas_wanted": 1,
         "created_at": "2027-01-15T08:00:00Z",
         "iqn": f"{BASE}:vol1",
@@ -164,7 +168,40 @@ async def test_the_status_says_why_a_volume_is_not_placed(master: Master) -> Non
         ({"name": "V_bad", "size": "1MiB"}, 400, "not a volume name"),
         ({"name": "v", "size": 1000}, 400, "not a multiple of the block size"),
         ({"name": "v", "size": "1MiB", "block_size": 1024}, 400, "block_size"),
-        ({"name": "v", "size": "1MiB", "chap_user": "u"}, 400, "unknown field 'chap_user'"),
+        ({"name": "v", "size": "1MiB", "chap_user": "u"}, 400, "CHAP needs both chap_user and chap_secret"),
+        ({"name": "v", "size": "1MiB", "chap_secret": "s"}, 400, "CHAP needs both chap_user and chap_secret"),
+        (
+            {"name": "v", "size": "1MiB", "chap_mutual_user": "t", "chap_mutual_secret": "m"},
+            400,
+            "mutual CHAP needs one-way CHAP too",
+        ),
+        (
+            {"name": "v", "size": "1MiB", "chap_user": "u", "chap_secret": "s", "chap_mutual_user": "t"},
+            400,
+            "mutual CHAP needs both chap_mutual_user and chap_mutual_secret",
+        ),
+        (
+            {
+                "name": "v",
+                "size": "1MiB",
+                "chap_user": "u",
+                "chap_secret": "s",
+                "chap_mutual_user": "t",
+                "chap_mutual_secret": "s",
+            },
+            400,
+            "chap_mutual_secret: must differ from the initiator's secret",
+        ),
+        ({"name": "v", "size": "1MiB", "chap_user": 5, "chap_secret": "s"}, 400, "chap_user must be"),
+        ({"name": "v", "size": "1MiB", "physical_block_size": "4k"}, 400, "physical_block_size must be"),
+        ({"name": "v", "size": "1MiB", "physical_block_size": 1024}, 400, "physical_block_size"),
+        (
+            {"name": "v", "size": "1MiB", "block_size": 4096, "physical_block_size": 512},
+            400,
+            "physical_block_size",
+        ),
+        ({"name": "v", "size": "1MiB", "backing": "disk.img"}, 400, "backing: must be an absolute path"),
+        ({"name": "v", "size": "1MiB", "lun": 3}, 400, "unknown field 'lun'"),
         ({"name": "v", "size": "lots"}, 400, ""),
         ([1, 2], 400, "must be a JSON object"),
     ],
@@ -241,3 +278,56 @@ async def test_unknown_routes_are_json_errors(master: Master) -> None:
     assert answer == {"error": "no such endpoint: GET /v1/nope"}
     answer = await master.json("PUT", "/v1/volumes", {}, status=405)
     assert "not allowed" in answer["error"]
+
+
+async def test_create_with_export_settings_keeps_secrets_out_of_answers(master: Master) -> None:
+    body = {
+        "name": "secure",
+        "size": "64MiB",
+        "block_size": 512,
+        "physical_block_size": 4096,
+        "chap_user": "iqn.host",
+        "chap_secret": "initiator-secret",
+        "chap_mutual_user": "target",
+        "chap_mutual_secret": "target-secret-9",
+        "backing": "/dev/disk/by-id/x",
+    }
+    created = await master.json("POST", "/v1/volumes", body, status=201)
+    assert (created["physical_block_size"], created["chap"], created["backing"]) == (
+        4096, {"user": "iqn.host", "mutual_user": "target"}, "/dev/disk/by-id/x",
+    )  # fmt: skip
+    for answer in (
+        created,
+        await master.json("GET", "/v1/volumes/secure"),
+        await master.json("GET", "/v1/volumes"),
+    ):
+        assert "secret" not in json.dumps(answer).replace("chap_secret", "")
+    # The settings reach the node in its assignment.
+    master.node_reports("n1", 1)
+    (published,) = master.control.step(master.clock()).published
+    assert published.chap is not None and published.chap.secret == "initiator-secret"
+    assert (published.physical_block_size, published.backing) == (4096, "/dev/disk/by-id/x")
+
+
+async def test_resize_grows_and_publishes_the_next_epoch(master: Master) -> None:
+    await master.json("POST", "/v1/volumes", {"name": "vol1", "size": "64MiB"}, status=201)
+    master.node_reports("n1", 1)
+    (first,) = master.control.step(master.clock()).published
+
+    grown = await master.json("POST", "/v1/volumes/vol1/resize", {"size": "128MiB"})
+    assert (grown["size"], grown["epoch"]) == (128 * MiB, first.epoch + 1)
+    (current,) = master.control.assignments_for("n1")
+    assert (current.size, current.epoch) == (128 * MiB, first.epoch + 1)
+    same = await master.json("POST", "/v1/volumes/vol1/resize", {"size": 128 * MiB})
+    assert (same["size"], same["epoch"]) == (128 * MiB, first.epoch + 1)
+
+    for body, fragment in (
+        ({"size": "32MiB"}, "only grow"),
+        ({"size": 128 * MiB + 100}, "not a multiple of the block size"),
+        ({}, "missing field 'size'"),
+        ({"size": "1GiB", "block_size": 4096}, "unknown field 'block_size'"),
+    ):
+        answer = await master.json("POST", "/v1/volumes/vol1/resize", body, status=400)
+        assert fragment in answer["error"]
+    assert (await master.json("POST", "/v1/volumes/nope/resize", {"size": "1GiB"}, status=404))["error"]
+    assert master.store.latest_assignment(current.volume_id) == current

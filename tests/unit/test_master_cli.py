@@ -168,3 +168,32 @@ async def test_a_single_node_accepts_one_replica_and_refuses_more(
     assert code == 1 and out == ""
     assert err.startswith("sparrow: error: replicas=2 needs a cluster")
     assert "two" not in service.names()
+
+
+async def test_create_with_every_flag_and_resize_against_the_master(
+    master: tuple[str, ControlLoop, Clock],
+) -> None:
+    url, control, clock = master
+    node_reports(control, "n1", 42, clock())
+    code, out, err = await cli(
+        "volume", "create", "vol1", "--size", "64MiB", "--block-size", "512", "--physical-block-size", "4096",
+        "--chap-user", "iqn.host", "--chap-secret", "initiator-secret",
+        "--chap-mutual-user", "target", "--chap-mutual-secret", "target-secret-9",
+        "--backing", "/dev/sdz", "--replicas", "1", "--json", "--api", url,
+    )  # fmt: skip
+    assert (code, err) == (0, "")
+    shown = json.loads(out)
+    assert (shown["physical_block_size"], shown["chap"], shown["backing"]) == (
+        4096, {"user": "iqn.host", "mutual_user": "target"}, "/dev/sdz",
+    )  # fmt: skip
+    assert "initiator-secret" not in out and "target-secret-9" not in out
+    (first,) = control.step(clock()).published
+    assert first.chap is not None and first.chap.mutual_secret == "target-secret-9"
+
+    code, out, err = await cli("volume", "resize", "vol1", "--size", "96MiB", "--api", url)
+    assert (code, err) == (0, "")
+    assert out == f"volume vol1 is now 96 MiB ({96 * MiB} bytes)\n"
+    (current,) = control.assignments_for("n1")
+    assert (current.size, current.epoch) == (96 * MiB, 2)
+    code, out, err = await cli("volume", "resize", "vol1", "--size", "32MiB", "--api", url)
+    assert code == 1 and "only grow" in err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparrow.cluster.authority import AuthorityStore, VolumeRecord
+from sparrow.cluster.authority import AuthorityStore, InvalidAuthorityRecord, VolumeRecord
 from sparrow.cluster.controller import (
     AssignmentAsk,
     Decision,
@@ -264,3 +264,50 @@ async def test_step_async_publishes_like_step(store: AuthorityStore) -> None:
     (published,) = result.published
     assert published.volume_id == vol.volume_id and published.epoch == 1
     assert control.published_at(vol.volume_id) == 1.25  # the clock after the commit
+
+
+def test_a_resize_publishes_the_next_epoch_with_the_new_size(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=100.0)
+    report(control, store, hello("n1"), 100.0)
+    report(control, store, hello("n2"), 100.0)
+    vol = add_volume(store, replicas=2)
+    (first,) = control.step(101.0).published
+    assert (first.epoch, first.size) == (1, 64 * MiB)
+
+    # A refused resize writes nothing.
+    with pytest.raises(InvalidAuthorityRecord, match="only grow"):
+        control.resize(vol.volume_id, 32 * MiB, 102.0)
+    with pytest.raises(InvalidAuthorityRecord, match="multiple of the block size"):
+        control.resize(vol.volume_id, 64 * MiB + 100, 102.0)
+    assert control.current(vol.volume_id) == first
+    assert control.resize(vol.volume_id, 64 * MiB, 102.0) is None  # the same size: no new epoch
+
+    resized = control.resize(vol.volume_id, 128 * MiB, 103.0)
+    assert resized is not None
+    assert (resized.epoch, resized.size, resized.primary, resized.replicas) == (
+        2, 128 * MiB, first.primary, first.replicas,
+    )  # fmt: skip
+    assert control.assignments_for("n1") == (resized,) == control.assignments_for("n2")
+    assert control.published_at(vol.volume_id) == 103.0
+    # The authority agrees (a restarted master reads the same), and later steps mint nothing more.
+    assert store.latest_assignment(vol.volume_id) == resized
+    assert restore(store, TIMING, now=200.0).current(vol.volume_id) == resized
+    for now in (104.0, 105.0):
+        for node in ("n1", "n2"):
+            role = Role.PRIMARY if node == first.primary else Role.REPLICA
+            control.observations.record(
+                Heartbeat(seq=int(now), observations=(observation(vol.volume_id, 2, role),)), node, now - 0.5
+            )
+        assert control.step(now).published == ()
+    max_epoch = store.max_epoch(vol.volume_id)
+    assert max_epoch is not None and max_epoch.value == 2
+
+
+def test_resizing_a_volume_never_placed_waits_for_its_first_epoch(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=100.0)
+    vol = add_volume(store)
+    assert control.resize(vol.volume_id, 96 * MiB, 100.0) is None
+    assert store.max_epoch(vol.volume_id) is None
+    report(control, store, hello("n1"), 101.0)
+    (first,) = control.step(101.0).published
+    assert (first.epoch, first.size) == (1, 96 * MiB)

@@ -33,6 +33,7 @@ from store.migrations import (
     NoMigrationPath,
     Step,
     StepGraph,
+    authority_v1_to_v2,
     default_graph,
     discover_steps,
     migrate,
@@ -249,7 +250,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     assert {(p.unit.version, p.target) for p in the_plan.pending} == {(1, 2)}
     assert the_plan.problems == () and the_plan.current == ()
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
-    assert counts == {"volume": ({1: 4}, 0, 2), "authority": ({}, 0, 1)}
+    assert counts == {"volume": ({1: 4}, 0, 2), "authority": ({}, 0, 2)}
 
 
 def test_dry_run_writes_nothing(data_dir: Path) -> None:
@@ -470,6 +471,11 @@ def db_version(data_dir: Path) -> int:
         conn.close()
 
 
+def db_checksum(data_dir: Path) -> str:
+    """The database's content checksum (planned against no steps, so it is simply current)."""
+    return plan(data_dir, graph=StepGraph([])).current[0].checksum
+
+
 def test_sqlite_steps_run_in_one_transaction_with_the_version(tmp_path: Path) -> None:
     data_dir = tmp_path / "master"
     make_authority_v1(data_dir)
@@ -510,11 +516,11 @@ def test_a_failing_sqlite_step_leaves_the_database_as_it_was(tmp_path: Path) -> 
         conn.execute("ALTER TABLE nodes ADD COLUMN rack TEXT")
         raise RuntimeError("step bug")
 
-    checksum = plan(data_dir).current[0].checksum
+    checksum = db_checksum(data_dir)
     report = migrate(data_dir, graph=StepGraph([step("authority", 1, 2, half_done)]))
     assert [p.reason for p in report.problems] == ["step authority_v1_to_v2 failed: RuntimeError: step bug"]
     assert db_version(data_dir) == 1
-    assert plan(data_dir).current[0].checksum == checksum
+    assert db_checksum(data_dir) == checksum
 
 
 @pytest.mark.parametrize(
@@ -531,7 +537,7 @@ def test_sqlite_steps_that_break_the_rules_are_refused(
 ) -> None:
     data_dir = tmp_path / "master"
     make_authority_v1(data_dir)
-    checksum = plan(data_dir).current[0].checksum
+    checksum = db_checksum(data_dir)
 
     def bad(conn: sqlite3.Connection) -> None:
         conn.execute(sql)
@@ -539,7 +545,7 @@ def test_sqlite_steps_that_break_the_rules_are_refused(
     with pytest.raises(error, match=match):
         migrate(data_dir, graph=StepGraph([step("authority", 1, 2, bad)]))
     assert db_version(data_dir) == 1
-    assert plan(data_dir).current[0].checksum == checksum
+    assert db_checksum(data_dir) == checksum
     assert not (data_dir / BACKUPS_DIR).exists()
 
 
@@ -577,7 +583,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 1)",
+        "authority: 1 at version 1 (latest version 2)",
         "volume: 4 at version 1 (latest version 2)",
     ]
     code, out, _ = run(str(data_dir), "--list-versions", "--kind", "volume")
@@ -646,3 +652,64 @@ def test_cli_missing_directory_and_locked_directory(tmp_path: Path, data_dir: Pa
     assert one_line(err).startswith(
         f"sparrow: error: data directory {data_dir} is in use by another sparrow process (pid {os.getpid()})"
     )
+
+
+# --- the real authority step, on the v1 fixture --------------------------------------------------
+
+AUTHORITY_V1 = FIXTURES.parent / AUTHORITY_FILE
+
+IDENTITY_QUERIES = (
+    "SELECT volume_id, name, size, block_size, replicas, created_at, deleted_at FROM volumes ORDER BY 1",
+    "SELECT * FROM nodes ORDER BY 1",
+    "SELECT * FROM assignments ORDER BY 1, 2",
+)
+
+
+def rows(path: Path, query: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V1, data_dir / AUTHORITY_FILE)
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES}
+    assert len(before[IDENTITY_QUERIES[2]]) == 4  # the fixture has assignments, a failover, a deleted volume
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 2)
+    assert applied.steps == ("authority_v1_to_v2",)
+    assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
+    assert applied.checksum_before != applied.checksum_after
+    assert db_version(data_dir) == 2
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
+    new_columns = rows(
+        data_dir / AUTHORITY_FILE,
+        "SELECT physical_block_size, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret, backing "
+        "FROM volumes",
+    )
+    assert new_columns == [(None,) * 6] * 3
+    # The backup is the fixture as it was.
+    assert report.backup_dir is not None
+    backup = report.backup_dir / AUTHORITY_FILE
+    assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
+    assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
+    (entry,) = read_history(data_dir)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 2)
+    # Idempotent: a second run finds nothing to do and writes no second history entry.
+    again = migrate(data_dir, clock=Clock())
+    assert again.applied == () and again.backup_dir is None
+    assert len(read_history(data_dir)) == 1
+    assert db_version(data_dir) == 2
+
+
+def test_the_authority_step_is_registered() -> None:
+    (step,) = [s for s in default_graph().steps if s.kind == "authority"]
+    assert (step.name, step.from_version, step.to_version) == ("authority_v1_to_v2", 1, 2)
+    assert default_graph().head("authority") == 2
