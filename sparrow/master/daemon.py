@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -38,11 +36,11 @@ from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyContro
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
 from sparrow.config import HostPort
+from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
 from store.blockstore import StoreError
-from store.lock import DataDirLock
 
 log = structlog.get_logger("sparrow.master")
 
@@ -63,9 +61,6 @@ class MasterConfig:
     converge_deadline: float = DEFAULT_CONVERGE_DEADLINE
     base_iqn: str = DEFAULT_BASE_IQN
 
-
-class StartupError(Exception):
-    """The master cannot start; the message is the one line the operator sees."""
 
 
 def run(config: MasterConfig) -> int:
@@ -137,24 +132,11 @@ async def control_task(
 
 async def serve(config: MasterConfig) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    signals = StopSignals(loop)
+    stop = signals.event
 
     async with contextlib.AsyncExitStack() as cleanup:
-        lock = DataDirLock(config.data_dir)
-        try:
-            lock.acquire()
-        except StoreError as e:
-            raise StartupError(str(e)) from None
-        except OSError as e:
-            raise StartupError(f"cannot use data directory {config.data_dir}: {_os_reason(e)}") from None
+        lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
 
         try:
@@ -195,7 +177,7 @@ async def serve(config: MasterConfig) -> int:
         try:
             await heartbeats.start(config.listen.host, config.listen.port)
         except OSError as e:
-            raise StartupError(f"cannot listen for heartbeats on {config.listen}: {_os_reason(e)}") from None
+            raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
         cleanup.push_async_callback(heartbeats.close)
         listen_bound = _bound(heartbeats.sockets, config.listen)
 
@@ -213,7 +195,7 @@ async def serve(config: MasterConfig) -> int:
         try:
             await site.start()
         except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {config.http}: {_os_reason(e)}") from None
+            raise StartupError(f"cannot listen for HTTP on {config.http}: {os_reason(e)}") from None
         http_bound = _bound(runner.addresses, config.http)
 
         log.info(
@@ -233,7 +215,7 @@ async def serve(config: MasterConfig) -> int:
 
         # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
         cleanup.pop_all()
-        log.info("stopping", signal=received[0] if received else None)
+        log.info("stopping", signal=signals.first)
         _notify(systemd.stopping, "draining")
         try:
             await asyncio.wait_for(steps, STEP_SHUTDOWN_TIMEOUT)
@@ -251,9 +233,6 @@ async def serve(config: MasterConfig) -> int:
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the exit stack may swallow)
 
 
-def _os_reason(e: OSError) -> str:
-    text = os.strerror(e.errno) if e.errno else str(e)
-    return text[:1].lower() + text[1:]
 
 
 def _notify(send: Callable[[str], bool], status: str) -> None:
