@@ -19,16 +19,14 @@ The handlers are thin: they validate the JSON and call the VolumeService.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.metrics import PrometheusMetrics
 from sparrow.service import VolumeInfo, VolumeService, VolumeSpec
-from sparrow.sizes import SizeError, parse_size
 from store.blockstore import StoreError
 from store.volumes import ChapCredentials, InvalidVolume, VolumeExists, VolumeNotFound
 
@@ -61,16 +59,11 @@ _CREATE_FIELDS = frozenset(
 _RESIZE_FIELDS = frozenset({"size"})
 
 
-class ApiError(Exception):
-    """A request error that carries its HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def build_app(service: VolumeService, metrics: PrometheusMetrics) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
+    errors = errors_middleware(StoreError, _STORE_STATUS, "store error")
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[SERVICE_KEY] = service
     app[METRICS_KEY] = metrics
     app.router.add_post("/v1/volumes", create_volume)
@@ -87,12 +80,12 @@ def build_app(service: VolumeService, metrics: PrometheusMetrics) -> web.Applica
 
 
 async def create_volume(request: web.Request) -> web.Response:
-    body = await _json_object(request, _CREATE_FIELDS)
+    body = await json_object(request, _CREATE_FIELDS)
     _single_copy(body)
-    name = _string(body, "name", required=True)
+    name = string_field(body, "name", required=True)
     assert name is not None
-    backing = _string(body, "backing")
-    size = _size(body, required=backing is None)
+    backing = string_field(body, "backing")
+    size = size_field(body, required=backing is None)
     block_size = body.get("block_size", 512)
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise ApiError(400, "block_size must be an integer (512 or 4096)")
@@ -120,8 +113,8 @@ async def get_volume(request: web.Request) -> web.Response:
 
 
 async def resize_volume(request: web.Request) -> web.Response:
-    body = await _json_object(request, _RESIZE_FIELDS)
-    size = _size(body, required=True)
+    body = await json_object(request, _RESIZE_FIELDS)
+    size = size_field(body, required=True)
     assert size is not None
     info = await request.app[SERVICE_KEY].resize(request.match_info["name"], size)
     return web.json_response(volume_json(info))
@@ -178,43 +171,7 @@ def _portal_text(host: str, port: int) -> str:
 # --- request parsing ---------------------------------------------------------------------------
 
 
-async def _json_object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
-    return data
 
-
-def _string(body: dict[str, Any], key: str, *, required: bool = False) -> str | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise ApiError(400, f"missing field {key!r}")
-        return None
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, f"{key} must be a non-empty string")
-    return value
-
-
-def _size(body: dict[str, Any], *, required: bool) -> int | None:
-    value = body.get("size")
-    if value is None:
-        if required:
-            raise ApiError(400, "missing field 'size' (bytes, or a string such as \"64MiB\")")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ApiError(400, 'size must be an integer number of bytes or a string such as "64MiB"')
-    try:
-        return parse_size(value)
-    except SizeError as e:
-        raise ApiError(400, str(e)) from None
 
 
 def _single_copy(body: dict[str, Any]) -> None:
@@ -232,52 +189,13 @@ def _single_copy(body: dict[str, Any]) -> None:
 
 
 def _chap(body: dict[str, Any]) -> ChapCredentials | None:
-    user = _string(body, "chap_user")
-    secret = _string(body, "chap_secret")
-    mutual_user = _string(body, "chap_mutual_user")
-    mutual_secret = _string(body, "chap_mutual_secret")
-    if (user is None) != (secret is None):
-        raise ApiError(400, "CHAP needs both chap_user and chap_secret")
-    if (mutual_user is None) != (mutual_secret is None):
-        raise ApiError(400, "mutual CHAP needs both chap_mutual_user and chap_mutual_secret")
-    if user is None or secret is None:
-        if mutual_user is not None:
-            raise ApiError(400, "mutual CHAP needs one-way CHAP too (chap_user and chap_secret)")
+    fields = chap_fields(body)
+    if fields is None:
         return None
-    return ChapCredentials(user=user, secret=secret, mutual_user=mutual_user, mutual_secret=mutual_secret)
+    return ChapCredentials(fields.user, fields.secret, fields.mutual_user, fields.mutual_secret)
 
 
 # --- errors ------------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
-
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every failure becomes ``{"error": ...}`` with a status; a bug is logged with its traceback."""
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return _error(e.status, str(e))
-    except StoreError as e:
-        for cls, status in _STORE_STATUS:
-            if isinstance(e, cls):
-                return _error(status, str(e))
-        log.error("store error", method=request.method, path=request.path, error=str(e))
-        return _error(500, str(e))
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        message = e.reason if e.status != 404 else f"no such endpoint: {request.method} {request.path}"
-        if e.status == 405:
-            message = f"method {request.method} not allowed on {request.path}"
-        if e.status == 413:
-            message = "request body too large"
-        return _error(e.status, message)
-    except Exception as e:
-        log.exception("API handler failed", method=request.method, path=request.path)
-        return _error(500, f"internal error: {type(e).__name__}: {e}")

@@ -44,10 +44,9 @@ run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -69,8 +68,8 @@ from sparrow.cluster.authority import (
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
 from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
+from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.control import ControlLoop
-from sparrow.sizes import SizeError, parse_size
 
 log = structlog.get_logger("sparrow.master.api")
 
@@ -165,16 +164,11 @@ class MasterApi:
 API_KEY = web.AppKey("master", MasterApi)
 
 
-class ApiError(Exception):
-    """A request error that carries its HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def build_app(api: MasterApi) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024)
+    errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
     app[API_KEY] = api
     app.router.add_post("/v1/volumes", create_volume)
     app.router.add_get("/v1/volumes", list_volumes)
@@ -192,11 +186,11 @@ def build_app(api: MasterApi) -> web.Application:
 
 async def create_volume(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
-    body = await _json_object(request, _CREATE_FIELDS)
+    body = await json_object(request, _CREATE_FIELDS)
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "missing field 'name'" if name is None else "name must be a non-empty string")
-    size = _size(body)
+    size = _required_size(body)
     block_size = _int(body, "block_size", 512, "block_size must be an integer (512 or 4096)")
     replicas = _int(body, "replicas", 1, f"replicas must be an integer ({MIN_REPLICAS}..{MAX_REPLICAS})")
     if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
@@ -205,7 +199,7 @@ async def create_volume(request: web.Request) -> web.Response:
     if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)):
         raise ApiError(400, "physical_block_size must be an integer (512 or 4096)")
     chap = _chap(body)
-    backing = _string(body, "backing")
+    backing = string_field(body, "backing")
     store = api.control.store
     record = await asyncio.to_thread(
         store.add_volume,
@@ -237,8 +231,8 @@ async def get_volume(request: web.Request) -> web.Response:
 
 async def resize_volume(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
-    body = await _json_object(request, _RESIZE_FIELDS)
-    size = _size(body)
+    body = await json_object(request, _RESIZE_FIELDS)
+    size = _required_size(body)
     record = await _find(api, request.match_info["name"])
     old_size = record.size
     record, assignment = await asyncio.to_thread(api.control.resize_volume, record.volume_id, size)
@@ -395,19 +389,6 @@ async def _find(api: MasterApi, name: str) -> VolumeRecord:
     raise ApiError(404, f"no volume named {name!r}")
 
 
-async def _json_object(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        data = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
-    return data
-
 
 def _int(body: Mapping[str, Any], key: str, default: int, message: str) -> int:
     value = body.get(key, default)
@@ -416,46 +397,17 @@ def _int(body: Mapping[str, Any], key: str, default: int, message: str) -> int:
     return value
 
 
-def _string(body: Mapping[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, f"{key} must be a non-empty string")
-    return value
-
 
 def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
-    """The volume's CHAP from the create body, checked as ``sparrow.api`` does (RFC 7143 12.1.3,
-    9.2.1)."""
-    user = _string(body, "chap_user")
-    secret = _string(body, "chap_secret")
-    mutual_user = _string(body, "chap_mutual_user")
-    mutual_secret = _string(body, "chap_mutual_secret")
-    if (user is None) != (secret is None):
-        raise ApiError(400, "CHAP needs both chap_user and chap_secret")
-    if (mutual_user is None) != (mutual_secret is None):
-        raise ApiError(400, "mutual CHAP needs both chap_mutual_user and chap_mutual_secret")
-    if user is None or secret is None:
-        if mutual_user is not None:
-            raise ApiError(400, "mutual CHAP needs one-way CHAP too (chap_user and chap_secret)")
+    """The volume's CHAP from the create body (RFC 7143 12.1.3; 9.2.1 checked by VolumeChap)."""
+    fields = chap_fields(body)
+    if fields is None:
         return None
     try:
-        return VolumeChap(user, secret, mutual_user, mutual_secret)
+        return VolumeChap(fields.user, fields.secret, fields.mutual_user, fields.mutual_secret)
     except InvalidMessage as e:
         raise ApiError(400, f"chap_{e}") from None
 
-
-def _size(body: Mapping[str, Any]) -> int:
-    value = body.get("size")
-    if value is None:
-        raise ApiError(400, "missing field 'size' (bytes, or a string such as \"64MiB\")")
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ApiError(400, 'size must be an integer number of bytes or a string such as "64MiB"')
-    try:
-        return parse_size(value)
-    except SizeError as e:
-        raise ApiError(400, str(e)) from None
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -468,34 +420,10 @@ _AUTHORITY_STATUS: tuple[tuple[type[AuthorityError], int], ...] = (
 )
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every failure becomes ``{"error": ...}`` with a status; a bug is logged with its traceback."""
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return _error(e.status, str(e))
-    except AuthorityError as e:
-        for cls, status in _AUTHORITY_STATUS:
-            if isinstance(e, cls):
-                return _error(status, str(e))
-        log.error("authority error", method=request.method, path=request.path, error=str(e))
-        return _error(500, str(e))
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        message = e.reason if e.status != 404 else f"no such endpoint: {request.method} {request.path}"
-        if e.status == 405:
-            message = f"method {request.method} not allowed on {request.path}"
-        if e.status == 413:
-            message = "request body too large"
-        return _error(e.status, message)
-    except Exception as e:
-        log.exception("API handler failed", method=request.method, path=request.path)
-        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+def _required_size(body: Mapping[str, Any]) -> int:
+    size = size_field(body, required=True)
+    assert size is not None
+    return size
