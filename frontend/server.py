@@ -107,7 +107,8 @@ class IscsiServer:
             p.close("target shutting down")
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: 3.11's can swallow a cancellation
+                    await self._server.wait_closed()
 
     # --- called by protocols ---------------------------------------------------------------
 

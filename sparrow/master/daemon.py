@@ -111,7 +111,8 @@ class NodeRecorder:
             return
         self._queue.put_nowait(None)
         try:
-            await asyncio.wait_for(self._task, deadline)
+            async with asyncio.timeout(deadline):  # not wait_for: 3.11's can swallow a cancellation
+                await self._task
         except TimeoutError:
             log.warning("node upserts did not finish before shutdown")
 
@@ -127,7 +128,8 @@ async def control_task(
             # A bug or an I/O error must not silently end the control loop: log and go on.
             log.exception("control step failed")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            async with asyncio.timeout(interval):
+                await stop.wait()
 
 
 async def serve(config: MasterConfig) -> int:
@@ -218,7 +220,8 @@ async def serve(config: MasterConfig) -> int:
         log.info("stopping", signal=signals.first)
         _notify(systemd.stopping, "draining")
         try:
-            await asyncio.wait_for(steps, STEP_SHUTDOWN_TIMEOUT)
+            async with asyncio.timeout(STEP_SHUTDOWN_TIMEOUT):
+                await steps
         except TimeoutError:
             log.warning("control step did not finish before shutdown")
         await runner.cleanup()
