@@ -1142,6 +1142,19 @@ class LogicalUnit:
         self.reservations.release6(req.nexus)
         return _GOOD
 
+    async def _reserve_10(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
+        """RESERVE(10) (SPC-2 7.21): RESERVE(6) for this initiator; third-party reservations (3RDPTY,
+        LONGID) are not supported."""
+        if cdb[1] & 0x12:
+            raise invalid_cdb(1, 4 if cdb[1] & 0x10 else 1)
+        return await self._reserve_6(req, cdb)
+
+    async def _release_10(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
+        """RELEASE(10) (SPC-2 7.17), without third-party reservations."""
+        if cdb[1] & 0x12:
+            raise invalid_cdb(1, 4 if cdb[1] & 0x10 else 1)
+        return await self._release_6(req, cdb)
+
 
 _SA_OPCODES = frozenset((Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN))
 
@@ -1157,6 +1170,8 @@ _COMMANDS: dict[int, _Command] = {
     Opcode.MODE_SELECT_6: _Command(_L._mode_select, Gate.STANDBY_OK, 6),
     Opcode.RESERVE_6: _Command(_L._reserve_6, Gate.NONE, 6),
     Opcode.RELEASE_6: _Command(_L._release_6, Gate.NONE, 6),
+    Opcode.RESERVE_10: _Command(_L._reserve_10, Gate.NONE, 10),
+    Opcode.RELEASE_10: _Command(_L._release_10, Gate.NONE, 10),
     Opcode.MODE_SENSE_6: _Command(_L._mode_sense, _G_ANY_STATE, 6),
     Opcode.START_STOP_UNIT: _Command(_L._start_stop_unit, Gate.NONE, 6),
     Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: _Command(_L._prevent_allow, Gate.NONE, 6),

@@ -40,6 +40,8 @@ class Opcode(enum.IntEnum):
     UNMAP = 0x42
     SANITIZE = 0x48
     MODE_SELECT_10 = 0x55
+    RESERVE_10 = 0x56
+    RELEASE_10 = 0x57
     MODE_SENSE_10 = 0x5A
     PERSISTENT_RESERVE_IN = 0x5E
     PERSISTENT_RESERVE_OUT = 0x5F
@@ -183,6 +185,8 @@ def command_table(
             cmds.append(_c(o.SANITIZE, 0x80 | 0x20 | sa, 0, 0, 0, 0, 0, plen, plen, 0, sa=sa))
     cmds += [
         _c(o.MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0),
+        _c(o.RESERVE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0),  # no third-party reservations (3RDPTY, LONGID)
+        _c(o.RELEASE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0),
         _c(o.MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0),
     ]
     cmds += [_c(o.PERSISTENT_RESERVE_IN, sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, sa=sa) for sa in range(4)]

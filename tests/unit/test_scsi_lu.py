@@ -979,6 +979,19 @@ async def test_reserve6_conflicts_for_other_nexus_and_lun_reset_drops_it() -> No
     good(await run(lu, bytes((0x17, 0, 0, 0, 0, 0)), nexus=B))
 
 
+async def test_reserve10_and_release10_act_as_their_6_byte_forms_without_third_parties() -> None:
+    lu, _ = make_lu()
+    reserve10, release10 = bytes((0x56,)) + bytes(9), bytes((0x57,)) + bytes(9)
+    good(await run(lu, reserve10, nexus=A))
+    assert (await run(lu, read10(0, 1), nexus=B)).status == ScsiStatus.RESERVATION_CONFLICT
+    assert (await run(lu, reserve10, nexus=B)).status == ScsiStatus.RESERVATION_CONFLICT
+    good(await run(lu, release10, nexus=A))
+    good(await run(lu, read10(0, 1), nexus=B))
+    for flags in (0x10, 0x02):  # 3RDPTY, LONGID: third-party reservations are not supported
+        third_party = bytes((0x56, flags)) + bytes(8)
+        assert sense(await run(lu, third_party, nexus=A)) == (0x05, 0x24, 0x00)
+
+
 def pr_out(action: int, key: int, sa_key: int, prtype: int = 0) -> tuple[bytes, bytes]:
     params = struct.pack(">QQ4xBxH", key, sa_key, 0, 0)
     return struct.pack(">BBBxxIB", 0x5F, action, prtype, len(params), 0), params
