@@ -11,7 +11,7 @@
     sparrow volume resize NAME --size SIZE
     sparrow volume delete NAME
     sparrow migrate DATA_DIR [--list-versions] [--dry-run] [--target-version V]
-                  [--kind volume|authority]
+                  [--kind volume|authority|cluster-volume|cluster-node]
     sparrow master --data-dir DIR [--listen HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from sparrow.sizes import SizeError, format_size, parse_size
+from store.migrations.graph import KINDS
 
 DEFAULT_API = "http://127.0.0.1:3280"
 API_ENV = "SPARROW_API"
@@ -684,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="migrate to version V (default: the newest this Sparrow knows, per kind)",
     )
     migrate.add_argument(
-        "--kind", choices=("volume", "authority"), help="only records of this kind (default: all)"
+        "--kind", choices=sorted(KINDS), help="only records of this kind (default: all)"
     )
     migrate.set_defaults(func=cmd_migrate)
     _add_cluster_commands(commands)

@@ -31,8 +31,11 @@ from store.migrations.errors import BadStep, NoMigrationPath
 
 KIND_VOLUME = "volume"
 KIND_AUTHORITY = "authority"
+#: A node's per-volume epoch and role (sparrow.cluster.nodestate), and its identity record.
+KIND_CLUSTER_VOLUME = "cluster-volume"
+KIND_CLUSTER_NODE = "cluster-node"
 #: Kinds whose records are JSON envelopes (``store.metadata``): ``upgrade(record) -> record``.
-JSON_KINDS = frozenset({KIND_VOLUME})
+JSON_KINDS = frozenset({KIND_VOLUME, KIND_CLUSTER_VOLUME, KIND_CLUSTER_NODE})
 #: Kinds that are SQLite databases: ``upgrade(connection)``.
 SQLITE_KINDS = frozenset({KIND_AUTHORITY})
 KINDS = JSON_KINDS | SQLITE_KINDS

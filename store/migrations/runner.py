@@ -49,7 +49,11 @@ from store.migrations.units import Unit, dump_checksum, open_readonly, scan, sha
 HISTORY_FILE = "migrations.log"
 BACKUPS_DIR = "backups"
 #: Fields of a JSON body that name the thing: a step must leave every one it finds as it was.
-JSON_IDENTITY_FIELDS: Mapping[str, tuple[str, ...]] = {"volume": ("name", "uuid", "volume_id")}
+JSON_IDENTITY_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "volume": ("name", "uuid", "volume_id"),
+    "cluster-volume": ("volume_id", "epoch"),
+    "cluster-node": ("node_id", "incarnation"),
+}
 #: Queries whose answers are identities in a database: equal before and after every migration.
 SQLITE_IDENTITY_QUERIES: Mapping[str, Mapping[str, str]] = {
     "authority": {

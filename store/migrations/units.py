@@ -2,6 +2,9 @@
 
 - kind ``volume``: ``DATA_DIR/volumes/<name>.json``, one ``store.metadata`` envelope per volume
   (``<name>.img`` next to it is block data and is never opened here).
+- kind ``cluster-volume``: ``DATA_DIR/cluster/<volume_id>.json``, a node's epoch and role per volume;
+  kind ``cluster-node``: ``DATA_DIR/node.json``, a node's id and incarnation
+  (``sparrow.cluster.nodestate``).
 - kind ``authority``: ``DATA_DIR/authority.sqlite3``, the master's AuthorityStore; its version is
   the ``meta`` row (``store.migrations.sqlitemeta``).
 
@@ -20,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from store.metadata import CorruptRecord, is_temp_file, read_record
-from store.migrations.graph import KIND_AUTHORITY, KIND_VOLUME
+from store.migrations.graph import KIND_AUTHORITY, KIND_CLUSTER_NODE, KIND_CLUSTER_VOLUME, KIND_VOLUME
 from store.migrations.sqlitemeta import NoMetaTable, read_version
 
 AUTHORITY_FILE = "authority.sqlite3"
 VOLUMES_DIR = "volumes"
-#: Where each JSON kind keeps its records, relative to the data directory.
-JSON_DIRS = {KIND_VOLUME: VOLUMES_DIR}
+#: Where each JSON kind keeps its records, relative to the data directory: a directory of records...
+JSON_DIRS = {KIND_VOLUME: VOLUMES_DIR, KIND_CLUSTER_VOLUME: "cluster"}
+#: ... or one file.
+JSON_FILES = {KIND_CLUSTER_NODE: "node.json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,26 +84,28 @@ def scan(data_dir: Path, kinds: frozenset[str]) -> tuple[list[Unit], list[Unread
     data_dir = Path(data_dir)
     units: list[Unit] = []
     bad: list[Unreadable] = []
+    found: list[tuple[str, Path, str]] = []
     for kind, subdir in sorted(JSON_DIRS.items()):
-        if kind not in kinds:
-            continue
         directory = data_dir / subdir
-        if not directory.is_dir():
+        if kind not in kinds or not directory.is_dir():
             continue
         for path in sorted(directory.iterdir()):
-            if not path.name.endswith(".json") or is_temp_file(path.name) or not path.is_file():
-                continue
-            item = f"{subdir}/{path.name}"
-            try:
-                raw = path.read_bytes()
-                record = read_record(path, kind, sys.maxsize)
-            except OSError as e:
-                bad.append(Unreadable(kind, item, f"cannot read: {e.strerror or e}"))
-                continue
-            except CorruptRecord as e:
-                bad.append(Unreadable(kind, item, e.reason))
-                continue
-            units.append(Unit(kind, path, item, record.schema_version, record.body, sha256_text(raw)))
+            if path.name.endswith(".json") and not is_temp_file(path.name) and path.is_file():
+                found.append((kind, path, f"{subdir}/{path.name}"))
+    for kind, name in sorted(JSON_FILES.items()):
+        if kind in kinds and (data_dir / name).is_file():
+            found.append((kind, data_dir / name, name))
+    for kind, path, item in found:
+        try:
+            raw = path.read_bytes()
+            record = read_record(path, kind, sys.maxsize)
+        except OSError as e:
+            bad.append(Unreadable(kind, item, f"cannot read: {e.strerror or e}"))
+            continue
+        except CorruptRecord as e:
+            bad.append(Unreadable(kind, item, e.reason))
+            continue
+        units.append(Unit(kind, path, item, record.schema_version, record.body, sha256_text(raw)))
     if KIND_AUTHORITY in kinds:
         path = authority_path(data_dir)
         if path.exists():

@@ -250,7 +250,12 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     assert {(p.unit.version, p.target) for p in the_plan.pending} == {(1, 2)}
     assert the_plan.problems == () and the_plan.current == ()
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
-    assert counts == {"volume": ({1: 4}, 0, 2), "authority": ({}, 0, 2)}
+    assert counts == {
+        "volume": ({1: 4}, 0, 2),
+        "authority": ({}, 0, 2),
+        "cluster-volume": ({}, 0, 1),
+        "cluster-node": ({}, 0, 1),
+    }
 
 
 def test_dry_run_writes_nothing(data_dir: Path) -> None:
@@ -584,6 +589,8 @@ def test_cli_list_versions(data_dir: Path) -> None:
     assert (code, err) == (0, "")
     assert out.splitlines() == [
         "authority: 1 at version 1 (latest version 2)",
+        "cluster-node: no records (latest version 1)",
+        "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
     ]
     code, out, _ = run(str(data_dir), "--list-versions", "--kind", "volume")
@@ -713,3 +720,21 @@ def test_the_authority_step_is_registered() -> None:
     (step,) = [s for s in default_graph().steps if s.kind == "authority"]
     assert (step.name, step.from_version, step.to_version) == ("authority_v1_to_v2", 1, 2)
     assert default_graph().head("authority") == 2
+
+
+def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:
+    """`sparrow migrate` sees a node's epoch-and-role records (DATA_DIR/cluster/) and its node.json."""
+    from sparrow.cluster.messages import Role
+    from sparrow.cluster.nodestate import NodeState, VolumeRole
+    from store.migrations.runner import JSON_IDENTITY_FIELDS
+
+    state = NodeState(tmp_path)
+    state.load()
+    state.begin_incarnation("n1", 1_000)
+    role = VolumeRole("ab" * 16, "vol-a", 3, Role.PRIMARY, "n1", "10.0.0.1:3260", ("n1",), 1 << 20, 512)
+    state.persist(role)
+    counts = {v.kind: (dict(v.counts), v.unreadable) for v in versions(tmp_path)}
+    assert counts["cluster-volume"] == ({1: 1}, 0)
+    assert counts["cluster-node"] == ({1: 1}, 0)
+    assert JSON_IDENTITY_FIELDS["cluster-volume"] == ("volume_id", "epoch")
+    assert JSON_IDENTITY_FIELDS["cluster-node"] == ("node_id", "incarnation")
