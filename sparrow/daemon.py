@@ -21,15 +21,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
-import uvloop
-from aiohttp import web
 
 from frontend.server import IscsiServer
 from frontend.target import ChapConfig, Portal, TargetRegistry, TargetSettings
 from sparrow import systemd
 from sparrow.api import build_app
 from sparrow.config import Config, HostPort
-from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason
+from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason, run_daemon, start_http
 from sparrow.metrics import PrometheusMetrics
 from sparrow.service import VolumeInfo, VolumeService, VolumeSpec
 from sparrow.sizes import format_size
@@ -43,29 +41,14 @@ SHUTDOWN_TIMEOUT = 10.0
 #: Seconds in-flight commands of a deleted volume get before its connections are closed.
 DISCONNECT_TIMEOUT = 5.0
 #: Seconds API requests in progress get on shutdown.
-HTTP_SHUTDOWN_TIMEOUT = 5.0
 TPGT = 1
 
 
 
 def run(config: Config) -> int:
     """Run the daemon on uvloop until SIGTERM/SIGINT. Returns the process exit code."""
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config))
-    except StartupError as e:
-        _fail(str(e))
-        return 1
-    except KeyboardInterrupt:  # SIGINT before our handler was installed
-        return 1
-    except Exception as e:  # a bug: keep the traceback in the log, one line for the operator
-        log.exception("daemon crashed")
-        _fail(f"unexpected error: {type(e).__name__}: {e}")
-        return 1
+    return run_daemon(serve(config), "daemon")
 
-
-def _fail(message: str) -> None:
-    print(f"sparrow: error: {message}", file=sys.stderr, flush=True)
 
 
 class ServerSessions:
@@ -150,20 +133,7 @@ async def serve(config: Config) -> int:
             server.settings = settings
             service.portals = settings.portals
 
-        runner = web.AppRunner(build_app(service, metrics), access_log=None, handle_signals=False)
-        await runner.setup()
-        cleanup.push_async_callback(runner.cleanup)
-        site = web.TCPSite(
-            runner,
-            config.http.host,
-            config.http.port,
-            reuse_address=True,
-            shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
-        )
-        try:
-            await site.start()
-        except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {config.http}: {os_reason(e)}") from None
+        runner = await start_http(build_app(service, metrics), config.http.host, config.http.port, cleanup)
         http_bound = _bound_addresses(runner.addresses, config.http)
 
         for info in service.volumes():

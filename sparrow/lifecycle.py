@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+from aiohttp import web
 
 from store.blockstore import StoreError
 from store.lock import DataDirLock
+
+log = structlog.get_logger("sparrow.daemon")
+
+#: How long the HTTP listener lets requests in progress finish at shutdown.
+HTTP_SHUTDOWN_TIMEOUT = 5.0
 
 
 class StartupError(Exception):
@@ -49,3 +62,42 @@ def lock_data_dir(data_dir: Path) -> DataDirLock:
     except OSError as e:
         raise StartupError(f"cannot use data directory {data_dir}: {os_reason(e)}") from None
     return lock
+
+
+def run_daemon(main: Coroutine[Any, Any, int], what: str) -> int:
+    """Run a daemon's ``main`` on uvloop until it returns (SIGTERM/SIGINT); the process exit code.
+
+    A StartupError is one line on stderr and exit 1; a bug is logged with its traceback and one
+    line for the operator, never a bare traceback."""
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    except StartupError as e:
+        fail(str(e))
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the daemon's handler was installed
+        return 1
+    except Exception as e:
+        log.exception(f"{what} crashed")
+        fail(f"unexpected error: {type(e).__name__}: {e}")
+        return 1
+
+
+def fail(message: str) -> None:
+    print(f"sparrow: error: {message}", file=sys.stderr, flush=True)
+
+
+async def start_http(
+    app: web.Application, host: str, port: int, cleanup: contextlib.AsyncExitStack
+) -> web.AppRunner:
+    """Serve ``app`` on host:port (cleaned up by ``cleanup``); a bind failure is a StartupError."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    cleanup.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
+    try:
+        await site.start()
+    except OSError as e:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise StartupError(f"cannot listen for HTTP on {address}: {os_reason(e)}") from None
+    return runner

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import uvloop
-from aiohttp import web
 
 from frontend.target import DEFAULT_BASE_IQN
 from sparrow import systemd
@@ -36,7 +33,7 @@ from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyContro
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
 from sparrow.config import HostPort
-from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason
+from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason, run_daemon, start_http
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
@@ -47,7 +44,6 @@ log = structlog.get_logger("sparrow.master")
 DEFAULT_LISTEN = HostPort("0.0.0.0", 3290)
 DEFAULT_HTTP = HostPort("127.0.0.1", 3280)
 #: Seconds API requests in progress get on shutdown.
-HTTP_SHUTDOWN_TIMEOUT = 5.0
 #: Seconds the control step in progress and pending node upserts get on shutdown.
 STEP_SHUTDOWN_TIMEOUT = 10.0
 
@@ -65,22 +61,8 @@ class MasterConfig:
 
 def run(config: MasterConfig) -> int:
     """Run the master on uvloop until SIGTERM/SIGINT. Returns the process exit code."""
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config))
-    except StartupError as e:
-        _fail(str(e))
-        return 1
-    except KeyboardInterrupt:
-        return 1
-    except Exception as e:
-        log.exception("master crashed")
-        _fail(f"unexpected error: {type(e).__name__}: {e}")
-        return 1
+    return run_daemon(serve(config), "master")
 
-
-def _fail(message: str) -> None:
-    print(f"sparrow: error: {message}", file=sys.stderr, flush=True)
 
 
 class NodeRecorder:
@@ -184,20 +166,7 @@ async def serve(config: MasterConfig) -> int:
         listen_bound = _bound(heartbeats.sockets, config.listen)
 
         api = MasterApi(control=control, metrics=metrics, clock=clock, base_iqn=config.base_iqn)
-        runner = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
-        await runner.setup()
-        cleanup.push_async_callback(runner.cleanup)
-        site = web.TCPSite(
-            runner,
-            config.http.host,
-            config.http.port,
-            reuse_address=True,
-            shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
-        )
-        try:
-            await site.start()
-        except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {config.http}: {os_reason(e)}") from None
+        runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
         http_bound = _bound(runner.addresses, config.http)
 
         log.info(

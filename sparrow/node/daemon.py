@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import uvloop
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -47,8 +45,8 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
-from sparrow.daemon import HTTP_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT, ServerSessions
-from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason
+from sparrow.daemon import SHUTDOWN_TIMEOUT, ServerSessions
+from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason, run_daemon, start_http
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
@@ -156,22 +154,8 @@ def filesystem_bytes(path: Path) -> tuple[int, int]:
 
 def run(config: NodeConfig) -> int:
     """Run the node on uvloop until SIGTERM/SIGINT. Returns the process exit code."""
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config))
-    except StartupError as e:
-        _fail(str(e))
-        return 1
-    except KeyboardInterrupt:
-        return 1
-    except Exception as e:
-        log.exception("node crashed")
-        _fail(f"unexpected error: {type(e).__name__}: {e}")
-        return 1
+    return run_daemon(serve(config), "node")
 
-
-def _fail(message: str) -> None:
-    print(f"sparrow: error: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -355,20 +339,7 @@ async def serve(config: NodeConfig) -> int:
         node = Node(config, record.incarnation, lease, convergence, volumes, heartbeat, loop)
         metrics.registry.register(NodeCollector(node))
 
-        runner = web.AppRunner(build_node_app(node, metrics), access_log=None, handle_signals=False)
-        await runner.setup()
-        cleanup.push_async_callback(runner.cleanup)
-        site = web.TCPSite(
-            runner,
-            config.http.host,
-            config.http.port,
-            reuse_address=True,
-            shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT,
-        )
-        try:
-            await site.start()
-        except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {config.http}: {os_reason(e)}") from None
+        runner = await start_http(build_node_app(node, metrics), config.http.host, config.http.port, cleanup)
         http_portal = advertised(config.http, _bound_port(runner.addresses))
 
         heartbeat.start()
