@@ -4,17 +4,13 @@ the real CLI: placement, the Ack's assignment, and no epoch minted by a restart 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,7 @@ import pytest
 
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Assignment, Health, Heartbeat, Hello, VolumeObservation
+from tests.integration.process import Proc
 from tests.tools import free_port, run, wait_for
 
 pytestmark = pytest.mark.integration
@@ -29,27 +26,16 @@ pytestmark = pytest.mark.integration
 BASE_IQN = "iqn.2026-11.io.sparrow"
 
 
-@dataclass
-class MasterProcess:
-    data_dir: Path
-    listen_port: int = field(default_factory=free_port)
-    http_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+class MasterProcess(Proc):
+    """A real `sparrow master` on loopback with its own data directory and free ports."""
 
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir.name, data_dir.parent)
+        self.listen_port = free_port()
+        self.http_port = free_port()
 
-    def start(self, *, timeout: float = 20.0) -> None:
-        """Start and wait for READY=1 on a NOTIFY_SOCKET (sent once both listeners are bound)."""
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        sock_path = Path(tempfile.mkdtemp(prefix="sparrow-notify-")) / "notify"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(sock_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), PYTHONUNBUFFERED="1")
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-master.log"
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "sparrow", "master",
             "--data-dir", str(self.data_dir),
             "--listen", f"127.0.0.1:{self.listen_port}",
@@ -57,38 +43,13 @@ class MasterProcess:
             "--heartbeat-interval", "0.2",
             "--log-format", "json",
         ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                notify.settimeout(max(0.05, deadline - time.monotonic()))
-                try:
-                    msg = notify.recv(4096).decode()
-                except TimeoutError:
-                    raise AssertionError(f"master not READY within {timeout}s:\n{self.log()}") from None
-                if "READY=1" in msg.split("\n"):
-                    return
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"master exited {self.proc.returncode}:\n{self.log()}")
-        finally:
-            notify.close()
-            sock_path.unlink(missing_ok=True)
-            sock_path.parent.rmdir()
 
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return self.term(20)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([sys.executable, "-m", "sparrow", *args, "--api", self.api], check=check, timeout=30)
