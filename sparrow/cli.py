@@ -44,6 +44,9 @@ from store.migrations.graph import KINDS
 DEFAULT_API = "http://127.0.0.1:3280"
 API_ENV = "SPARROW_API"
 #: Seconds to wait for the daemon; a create with fallocate or a delete that drains sessions can take a while.
+#: Seconds ``volume create`` and ``resize`` wait for the volume to be served (``--wait``).
+DEFAULT_WAIT = 10.0
+MAX_WAIT = 60.0
 API_TIMEOUT = 60.0
 
 
@@ -136,6 +139,16 @@ def _http_error_message(e: urllib.error.HTTPError) -> str:
 # --- argument types ------------------------------------------------------------------------------
 
 
+def _wait_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}") from None
+    if not 0 <= value <= MAX_WAIT:
+        raise argparse.ArgumentTypeError(f"--wait must be 0..{MAX_WAIT:g} seconds")
+    return value
+
+
 def _size_arg(text: str) -> int:
     try:
         return parse_size(text)
@@ -150,8 +163,23 @@ def _quote(name: str) -> str:
 # --- volume commands -----------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.api or os.environ.get(API_ENV) or DEFAULT_API)
+def _client(args: argparse.Namespace, wait: float = 0.0) -> ApiClient:
+    return ApiClient(args.api or os.environ.get(API_ENV) or DEFAULT_API, timeout=API_TIMEOUT + wait)
+
+
+def _wait_query(wait: float) -> str:
+    """``?wait=SECONDS``: the master answers once the volume is served (or it cannot be yet)."""
+    return f"?wait={wait:g}" if wait > 0 else ""
+
+
+def _warn_unserved(volume: Any, wait: float) -> None:
+    """One line on stderr when a volume the master recorded is not served yet (exit code 0: the
+    volume exists; ``status`` says what it waits for)."""
+    if wait <= 0 or not isinstance(volume, dict) or "epoch" not in volume:
+        return
+    if volume.get("url") is None or volume.get("status_kind") not in (None, "ok"):
+        reason = volume.get("status") or "not placed yet"
+        print(f"sparrow: warning: volume {volume.get('name')} is not served yet: {reason}", file=sys.stderr)
 
 
 def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
@@ -179,8 +207,9 @@ def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
     body.update({k: v for k, v in optional.items() if v is not None})
     if args.replicas is not None:
         body["replicas"] = args.replicas
-    volume = _client(args).request("POST", "/v1/volumes", body)
+    volume = _client(args, args.wait).request("POST", f"/v1/volumes{_wait_query(args.wait)}", body)
     _print_volume(volume, out, as_json=args.json)
+    _warn_unserved(volume, args.wait)
     return 0
 
 
@@ -208,7 +237,9 @@ def cmd_volume_inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_volume_resize(args: argparse.Namespace, out: TextIO) -> int:
-    volume = _client(args).request("POST", f"/v1/volumes/{_quote(args.name)}/resize", {"size": args.size})
+    path = f"/v1/volumes/{_quote(args.name)}/resize{_wait_query(args.wait)}"
+    volume = _client(args, args.wait).request("POST", path, {"size": args.size})
+    _warn_unserved(volume, args.wait)
     if args.json:
         print(json.dumps(volume, indent=2), file=out)
     else:
@@ -592,6 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vcommands = volume.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
 
+    def add_wait(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--wait",
+            type=_wait_arg,
+            default=DEFAULT_WAIT,
+            metavar="SECONDS",
+            help=f"wait up to SECONDS until the volume is {what} (default {DEFAULT_WAIT:g}; 0: do not wait)",
+        )
+
     def with_api(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--api", metavar="URL", help=f"daemon API (default ${API_ENV} or {DEFAULT_API})")
         return p
@@ -621,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="copies of the volume (a cluster master places them; a single node serves 1)",
     )
     create.add_argument("--json", action="store_true", help="print the volume as JSON")
+    add_wait(create, "served")
     create.set_defaults(func=cmd_volume_create)
 
     lst = with_api(vcommands.add_parser("list", help="list volumes"))
@@ -638,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=_size_arg, required=True, help="the new size (larger than the old one)"
     )
     resize.add_argument("--json", action="store_true")
+    add_wait(resize, "served at its new size")
     resize.set_defaults(func=cmd_volume_resize)
 
     delete = with_api(vcommands.add_parser("delete", help="delete a volume (its data is gone)"))

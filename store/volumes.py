@@ -391,6 +391,22 @@ class VolumeManager:
             log.info("volume created", volume=name, size=meta.size, block_size=block_size, backing=backing)
             return volume
 
+    async def probe_backing(self, backing: str, *, block_size: int, size: int | None) -> int:
+        """What :meth:`create` would check of a backing file or device, without creating anything:
+        not inside the data directory, not used by another volume, openable at ``size`` (None: its
+        own size). Returns the size a volume on it gets. Raises InvalidVolume with the reason."""
+        if block_size not in BLOCK_SIZES:
+            raise InvalidVolume(f"block size must be 512 or 4096, not {block_size}")
+        path = self._check_backing(backing)
+        try:
+            store = await FileBlockStore.open(path, block_size=block_size, size=size)
+        except StoreOpenError as e:
+            raise InvalidVolume(str(e)) from e
+        try:
+            return store.size
+        finally:
+            await store.close()
+
     def _check_backing(self, backing: str) -> str:
         path = os.path.abspath(backing)
         real = os.path.realpath(path)

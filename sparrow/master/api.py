@@ -10,16 +10,26 @@
     GET    /v1/nodes                                                           -> 200 {"nodes": [node...]}
     GET    /metrics            Prometheus text exposition (the master's own registry)
     GET    /healthz            200 {"status": "ok", "nodes": N, "nodes_alive": N, "volumes": N}
+                               (embedded: "ok"|"degraded", plus "offline": [...] and "node": {...})
+
+``?wait=SECONDS`` on create and resize (0..60; the CLI sends 10): answer once the volume is served
+at its current epoch -- its primary has reported the epoch, the role and convergence -- or when
+the controller says it cannot place it, or at the deadline; the answer is the volume as it then is
+(201/200 either way: the volume was recorded; ``status`` says why it is not served yet).
 
 ``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. The volume id
 is minted here (``uuid4().hex``). CHAP is validated as ``sparrow.api`` does: both halves or none,
 mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
-``backing`` (an absolute path on the node) is meant for the embedded one-node mode; ``size`` is
-required even with it (the master cannot look at the node's device). A resize grows only, to a
-multiple of the block size, and publishes the volume's next epoch (same placement, new size); the
-same size changes nothing. A volume (see :func:`volume_json`); secrets are never returned::
+``backing`` (an absolute path on the node) is meant for the embedded one-node mode, where the
+master checks it on its own node (:class:`LocalNode`) and takes the device's size when ``size`` is
+omitted; a master without a local node requires ``size`` (it cannot look at a node's device).
+A resize grows only, to a multiple of the block size, and publishes the volume's next epoch
+(same placement, new size); the same size changes nothing.
 
-    {"name", "volume_id", "size", "block_size", "physical_block_size" (null: block_size),
+A volume (see :func:`volume_json`); secrets are never returned::
+
+    {"name", "volume_id", "serial", "naa" (both derived from volume_id: the same on every node),
+     "size", "block_size", "physical_block_size" (null: block_size),
      "chap": {"user", "mutual_user"} | null, "backing": path | null,
      "replicas_wanted", "created_at" (ISO 8601 UTC),
      "iqn", "lun": 0,
@@ -49,7 +59,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -66,10 +76,11 @@ from sparrow.cluster.authority import (
     VolumeRecord,
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
-from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
+from sparrow.cluster.messages import Assignment, InvalidMessage, Role, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.control import ControlLoop
+from store.volumes import naa_from_uuid, serial_from_uuid
 
 log = structlog.get_logger("sparrow.master.api")
 
@@ -97,8 +108,9 @@ class MasterMetrics:
     time from the control loop (:meth:`bind`); the counters are incremented by the daemon.
     """
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        #: Its own registry, or a shared one (the embedded mode adds the node's metrics to it).
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.epochs_published = Counter(
             "sparrow_master_epochs_published", "Assignment epochs published", registry=self.registry
         )
@@ -149,6 +161,25 @@ class _StateCollector(Collector):
         yield volumes
 
 
+class LocalNode(Protocol):
+    """The node running in the master's own process (``sparrow serve``, sparrow/embedded.py): what
+    the API asks of it so that the one-machine mode keeps the single-node daemon's behaviour."""
+
+    def health(self) -> Mapping[str, Any]:
+        """The node's health; its ``offline`` list names the local volumes that failed to load."""
+        ...
+
+    async def check_create(self, name: str, size: int | None, block_size: int, backing: str | None) -> int:
+        """Check a create against the local disk (name, backing device); the size to record (the
+        backing's own size when ``size`` is None). Raises ApiError(400) with the reason."""
+        ...
+
+    async def destroy(self, volume_id: str | None, name: str) -> None:
+        """Delete the local copy of a deleted volume (``volume_id`` None: a local volume that
+        failed to load and was never adopted). Raises ApiError(404) when there is nothing to delete."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class MasterApi:
     """What the handlers need. ``clock`` is the master's monotonic clock; ``wall_clock`` stamps
@@ -159,11 +190,13 @@ class MasterApi:
     clock: Callable[[], float]
     base_iqn: str = DEFAULT_BASE_IQN
     wall_clock: Callable[[], float] = time.time
+    #: The node in this process (embedded mode), None for a master of its own.
+    local: LocalNode | None = None
+    #: How often a ``?wait`` request looks at the volume again (seconds).
+    poll_interval: float = 0.02
 
 
 API_KEY = web.AppKey("master", MasterApi)
-
-
 
 
 def build_app(api: MasterApi) -> web.Application:
@@ -190,8 +223,10 @@ async def create_volume(request: web.Request) -> web.Response:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "missing field 'name'" if name is None else "name must be a non-empty string")
-    size = _required_size(body)
+    wait = _wait_seconds(request)
     block_size = _int(body, "block_size", 512, "block_size must be an integer (512 or 4096)")
+    backing = string_field(body, "backing")
+    size = size_field(body, required=api.local is None or backing is None)
     replicas = _int(body, "replicas", 1, f"replicas must be an integer ({MIN_REPLICAS}..{MAX_REPLICAS})")
     if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
         raise ApiError(400, f"replicas must be {MIN_REPLICAS}..{MAX_REPLICAS}, not {replicas}")
@@ -199,7 +234,9 @@ async def create_volume(request: web.Request) -> web.Response:
     if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)):
         raise ApiError(400, "physical_block_size must be an integer (512 or 4096)")
     chap = _chap(body)
-    backing = string_field(body, "backing")
+    if api.local is not None:
+        size = await api.local.check_create(name, size, block_size, backing)
+    assert size is not None
     store = api.control.store
     record = await asyncio.to_thread(
         store.add_volume,
@@ -215,6 +252,7 @@ async def create_volume(request: web.Request) -> web.Response:
     )
     api.control.volume_added(record)
     log.info("volume created", volume=name, volume_id=record.volume_id, size=size, replicas=replicas)
+    await served(api, record.volume_id, wait)
     return web.json_response(volume_json(api, record), status=201)
 
 
@@ -233,6 +271,7 @@ async def resize_volume(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     body = await json_object(request, _RESIZE_FIELDS)
     size = _required_size(body)
+    wait = _wait_seconds(request)
     record = await _find(api, request.match_info["name"])
     old_size = record.size
     record, assignment = await asyncio.to_thread(api.control.resize_volume, record.volume_id, size)
@@ -245,14 +284,25 @@ async def resize_volume(request: web.Request) -> web.Response:
         size=record.size,
         epoch=None if assignment is None else assignment.epoch,
     )
+    await served(api, record.volume_id, wait)
     return web.json_response(volume_json(api, record))
 
 
 async def delete_volume(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
-    record = await _find(api, request.match_info["name"])
+    name = request.match_info["name"]
+    try:
+        record = await _find(api, name)
+    except ApiError:
+        if api.local is None:
+            raise
+        await api.local.destroy(None, name)  # a local volume that failed to load, never adopted
+        log.info("volume deleted", volume=name, volume_id=None)
+        return web.Response(status=204)
     await asyncio.to_thread(api.control.store.delete_volume, record.volume_id, deleted_at=api.wall_clock())
     api.control.volume_deleted(record.volume_id)
+    if api.local is not None:
+        await api.local.destroy(record.volume_id, record.name)
     log.info("volume deleted", volume=record.name, volume_id=record.volume_id)
     return web.Response(status=204)
 
@@ -292,9 +342,19 @@ async def healthz(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     views = api.control.observations.nodes(api.clock())
     alive = sum(1 for v in views if v.state is NodeState.ALIVE)
-    return web.json_response(
-        {"status": "ok", "nodes": len(views), "nodes_alive": alive, "volumes": len(api.control.desired())}
-    )
+    health: dict[str, Any] = {
+        "status": "ok",
+        "nodes": len(views),
+        "nodes_alive": alive,
+        "volumes": len(api.control.desired()),
+    }
+    if api.local is not None:
+        node = dict(api.local.health())
+        health["offline"] = node.get("offline", [])
+        health["node"] = node
+        if node.get("status") != "ok" or health["offline"] or alive == 0:
+            health["status"] = "degraded"
+    return web.json_response(health)
 
 
 # --- JSON shapes -------------------------------------------------------------------------------
@@ -314,6 +374,8 @@ def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
     return {
         "name": record.name,
         "volume_id": record.volume_id,
+        "serial": serial_from_uuid(record.volume_id),
+        "naa": naa_from_uuid(record.volume_id),
         "size": record.size,
         "block_size": record.block_size,
         "physical_block_size": record.physical_block_size,
@@ -332,6 +394,52 @@ def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
         "status_kind": None if status is None else status.kind.value,
         "url": url,
     }
+
+
+#: Controller verdicts a ``?wait`` does not wait out: only an operator (or a node) changes them.
+_HOPELESS = frozenset({StatusKind.NOT_ENOUGH_NODES, StatusKind.NO_ELIGIBLE_REPLICA, StatusKind.STUCK})
+MAX_WAIT = 60.0
+
+
+def is_served(api: MasterApi, volume_id: str) -> bool:
+    """True when the volume's primary has reported its current epoch, as primary, converged."""
+    assignment = api.control.current(volume_id)
+    if assignment is None or assignment.primary is None or assignment.primary_portal is None:
+        return False
+    obs = api.control.observations.observation(assignment.primary, volume_id)
+    return (
+        obs is not None
+        and obs.epoch == assignment.epoch
+        and obs.role is Role.PRIMARY
+        and obs.converged
+        and api.control.observations.alive(assignment.primary, api.clock())
+    )
+
+
+async def served(api: MasterApi, volume_id: str, wait: float, *, give_up: bool = True) -> bool:
+    """Wait up to ``wait`` seconds for :func:`is_served` (see the module docstring); with
+    ``give_up``, stop early when the controller says it cannot place the volume."""
+    deadline = api.clock() + wait
+    while not is_served(api, volume_id):
+        status = api.control.status(volume_id)
+        hopeless = give_up and status is not None and status.kind in _HOPELESS
+        if api.clock() >= deadline or hopeless:
+            return False
+        await asyncio.sleep(api.poll_interval)
+    return True
+
+
+def _wait_seconds(request: web.Request) -> float:
+    text = request.query.get("wait")
+    if text is None:
+        return 0.0
+    try:
+        wait = float(text)
+    except ValueError:
+        raise ApiError(400, f"wait must be a number of seconds, not {text!r}") from None
+    if not 0 <= wait <= MAX_WAIT:
+        raise ApiError(400, f"wait must be 0..{MAX_WAIT:g} seconds, not {text}")
+    return wait
 
 
 def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any]]:
@@ -389,13 +497,11 @@ async def _find(api: MasterApi, name: str) -> VolumeRecord:
     raise ApiError(404, f"no volume named {name!r}")
 
 
-
 def _int(body: Mapping[str, Any], key: str, default: int, message: str) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, message)
     return value
-
 
 
 def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
@@ -409,7 +515,6 @@ def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
         raise ApiError(400, f"chap_{e}") from None
 
 
-
 # --- errors ------------------------------------------------------------------------------------
 
 #: Authority errors that are the client's doing, and the status each one answers with.
@@ -418,9 +523,6 @@ _AUTHORITY_STATUS: tuple[tuple[type[AuthorityError], int], ...] = (
     (VolumeExists, 409),
     (InvalidAuthorityRecord, 400),
 )
-
-
-
 
 
 def _required_size(body: Mapping[str, Any]) -> int:

@@ -58,11 +58,9 @@ class MasterConfig:
     base_iqn: str = DEFAULT_BASE_IQN
 
 
-
 def run(config: MasterConfig) -> int:
     """Run the master on uvloop until SIGTERM/SIGINT. Returns the process exit code."""
     return run_daemon(serve(config), "master")
-
 
 
 class NodeRecorder:
@@ -114,6 +112,96 @@ async def control_task(
                 await stop.wait()
 
 
+@dataclass
+class MasterRuntime:
+    """The running parts of a master, for ``sparrow master`` and the embedded ``sparrow serve``."""
+
+    config: MasterConfig
+    store: AuthorityStore
+    control: ControlLoop
+    metrics: MasterMetrics
+    recorder: NodeRecorder
+    heartbeats: HeartbeatServer
+    #: The heartbeat listener's bound address (the configured port, or the one port 0 got).
+    listen: HostPort
+    clock: Callable[[], float]
+    steps: asyncio.Task[None] | None = None
+
+    def api(self) -> MasterApi:
+        return MasterApi(
+            control=self.control, metrics=self.metrics, clock=self.clock, base_iqn=self.config.base_iqn
+        )
+
+    def start_steps(self, stop: asyncio.Event) -> None:
+        """Start the control loop: one step every heartbeat interval until ``stop`` is set."""
+        interval = self.config.timing.heartbeat_interval
+        self.steps = asyncio.create_task(control_task(self.control, self.clock, interval, stop))
+
+    async def stop(self) -> None:
+        """Finish the control step in progress (``stop`` must be set), close the node connections,
+        let the pending node upserts finish, close the store."""
+        if self.steps is not None:
+            try:
+                async with asyncio.timeout(STEP_SHUTDOWN_TIMEOUT):
+                    await self.steps
+            except TimeoutError:
+                log.warning("control step did not finish before shutdown")
+        await self.heartbeats.close()
+        await self.recorder.close(STEP_SHUTDOWN_TIMEOUT)
+        self.store.close()
+
+
+async def start_master(
+    config: MasterConfig, cleanup: contextlib.AsyncExitStack, *, metrics: MasterMetrics | None = None
+) -> MasterRuntime:
+    """Open the authority store in ``config.data_dir`` (locked by the caller), rebuild the state
+    from it and bind the heartbeat listener. The control loop is started by the caller
+    (:meth:`MasterRuntime.start_steps`) once everything else is up. ``cleanup`` undoes a failed start."""
+    loop = asyncio.get_running_loop()
+    try:
+        store = AuthorityStore.open_in(config.data_dir)
+    except (AuthorityError, StoreError) as e:
+        raise StartupError(str(e)) from None
+    except Exception as e:  # sqlite3.Error, OSError
+        raise StartupError(f"cannot open the authority database in {config.data_dir}: {e}") from None
+    cleanup.callback(store.close)
+
+    metrics = metrics if metrics is not None else MasterMetrics()
+    clock = loop.time
+
+    def on_published(assignment: Assignment) -> None:
+        metrics.epochs_published.inc()
+
+    timing = config.timing
+    control = restore(
+        store,
+        timing,
+        clock(),
+        controller=TopologyController(converge_deadline=config.converge_deadline, margin=timing.margin),
+        on_published=on_published,
+    )
+    metrics.bind(control, clock)
+
+    recorder = NodeRecorder(store)
+    recorder.start()
+    cleanup.push_async_callback(recorder.close, 1.0)
+    heartbeats = HeartbeatServer(
+        control,
+        lease_seconds=timing.lease_seconds,
+        clock=clock,
+        on_hello=recorder.hello,
+        on_heartbeat=metrics.heartbeats_received.inc,
+        on_protocol_error=lambda code: metrics.protocol_errors.labels(code=code).inc(),
+    )
+    try:
+        await heartbeats.start(config.listen.host, config.listen.port)
+    except OSError as e:
+        raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
+    cleanup.push_async_callback(heartbeats.close)
+    listen = _bound(heartbeats.sockets, config.listen)
+    return MasterRuntime(config, store, control, metrics, recorder, heartbeats, listen, clock)
+
+
 async def serve(config: MasterConfig) -> int:
     loop = asyncio.get_running_loop()
     signals = StopSignals(loop)
@@ -122,89 +210,38 @@ async def serve(config: MasterConfig) -> int:
     async with contextlib.AsyncExitStack() as cleanup:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
-
-        try:
-            store = AuthorityStore.open_in(config.data_dir)
-        except (AuthorityError, StoreError) as e:
-            raise StartupError(str(e)) from None
-        except Exception as e:  # sqlite3.Error, OSError
-            raise StartupError(f"cannot open the authority database in {config.data_dir}: {e}") from None
-        cleanup.callback(store.close)
-
-        metrics = MasterMetrics()
-        clock = loop.time
-
-        def on_published(assignment: Assignment) -> None:
-            metrics.epochs_published.inc()
-
-        timing = config.timing
-        control = restore(
-            store,
-            timing,
-            clock(),
-            controller=TopologyController(converge_deadline=config.converge_deadline, margin=timing.margin),
-            on_published=on_published,
-        )
-        metrics.bind(control, clock)
-
-        recorder = NodeRecorder(store)
-        recorder.start()
-        cleanup.push_async_callback(recorder.close, 1.0)
-        heartbeats = HeartbeatServer(
-            control,
-            lease_seconds=timing.lease_seconds,
-            clock=clock,
-            on_hello=recorder.hello,
-            on_heartbeat=metrics.heartbeats_received.inc,
-            on_protocol_error=lambda code: metrics.protocol_errors.labels(code=code).inc(),
-        )
-        try:
-            await heartbeats.start(config.listen.host, config.listen.port)
-        except OSError as e:
-            raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
-        cleanup.push_async_callback(heartbeats.close)
-        listen_bound = _bound(heartbeats.sockets, config.listen)
-
-        api = MasterApi(control=control, metrics=metrics, clock=clock, base_iqn=config.base_iqn)
-        runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
+        master = await start_master(config, cleanup)
+        runner = await start_http(build_app(master.api()), config.http.host, config.http.port, cleanup)
         http_bound = _bound(runner.addresses, config.http)
 
+        timing = config.timing
         log.info(
             "master listening",
-            heartbeats=str(listen_bound),
+            heartbeats=str(master.listen),
             http=str(http_bound),
-            volumes=len(control.desired()),
+            volumes=len(master.control.desired()),
             data_dir=str(config.data_dir),
             heartbeat_interval=timing.heartbeat_interval,
             lease_seconds=timing.lease_seconds,
             dead_after=timing.dead_after,
         )
-        _notify(systemd.ready, f"master: heartbeats on {listen_bound}, API on {http_bound}")
+        _notify(systemd.ready, f"master: heartbeats on {master.listen}, API on {http_bound}")
 
-        steps = asyncio.create_task(control_task(control, clock, timing.heartbeat_interval, stop))
+        master.start_steps(stop)
         await stop.wait()
 
         # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
         cleanup.pop_all()
         log.info("stopping", signal=signals.first)
         _notify(systemd.stopping, "draining")
-        try:
-            async with asyncio.timeout(STEP_SHUTDOWN_TIMEOUT):
-                await steps
-        except TimeoutError:
-            log.warning("control step did not finish before shutdown")
         await runner.cleanup()
-        await heartbeats.close()
-        await recorder.close(STEP_SHUTDOWN_TIMEOUT)
         try:
-            store.close()
+            await master.stop()
         finally:
             lock.release()
         log.info("stopped")
         return 0
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the exit stack may swallow)
-
-
 
 
 def _notify(send: Callable[[str], bool], status: str) -> None:

@@ -21,7 +21,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from store.blockstore import StoreError
-from store.volumes import VolumeManager
+from store.volumes import VolumeLoadError, VolumeManager
 
 log = structlog.get_logger("sparrow.node")
 
@@ -157,10 +157,10 @@ def run(config: NodeConfig) -> int:
     return run_daemon(serve(config), "node")
 
 
-
 @dataclass
 class Node:
-    """The running parts of one node, for the HTTP handlers and the shutdown."""
+    """The running parts of one node, for the HTTP handlers and the shutdown (``sparrow node``, and
+    the node half of the embedded ``sparrow serve``)."""
 
     config: NodeConfig
     incarnation: int
@@ -169,6 +169,41 @@ class Node:
     volumes: NodeVolumes
     heartbeat: HeartbeatClient
     loop: asyncio.AbstractEventLoop
+    server: IscsiServer
+    manager: VolumeManager
+    metrics: PrometheusMetrics
+    #: The portals initiators reach this node at (the first one is announced to the master).
+    portals: tuple[HostPort, ...]
+    #: The volumes in the data directory that failed to load (left alone, reported).
+    offline: list[VolumeLoadError] = field(default_factory=list)
+    #: The address announced as the node's HTTP endpoint (set once the listener is bound).
+    http: HostPort | None = None
+
+    @property
+    def iscsi_portal(self) -> HostPort:
+        return self.portals[0]
+
+    def start_heartbeat(self, http: HostPort) -> None:
+        """Announce ``http`` as this node's HTTP address and start heartbeating to the master."""
+        self.http = http
+        self.heartbeat.start()
+
+    async def stop(self) -> list[tuple[str, Exception]]:
+        """Stop heartbeating, drain the iSCSI listener (in-flight commands get SHUTDOWN_TIMEOUT),
+        stop the convergence worker, fdatasync and close every volume. Returns the flushes that
+        failed (every volume is tried)."""
+        await self.heartbeat.stop()
+        await self.server.shutdown(timeout=SHUTDOWN_TIMEOUT)
+        await self.convergence.close()
+        failed: list[tuple[str, Exception]] = []
+        for volume in self.manager.list():
+            try:
+                await volume.store.flush()
+            except Exception as e:
+                failed.append((volume.meta.name, e))
+                log.error("flush failed", volume=volume.meta.name, error=str(e))
+        await self.manager.close()
+        return failed
 
     def health(self) -> dict[str, Any]:
         now = self.loop.time()
@@ -182,7 +217,7 @@ class Node:
             }
             for e in self.volumes
         ]
-        degraded = not self.heartbeat.connected or self.convergence.last_error is not None
+        degraded = not self.heartbeat.connected or self.convergence.last_error is not None or self.offline
         return {
             "status": "degraded" if degraded else "ok",
             "node_id": self.config.node_id,
@@ -196,6 +231,7 @@ class Node:
             "fences": len(self.convergence.fences),
             "last_error": self.convergence.last_error,
             "volumes": exported,
+            "offline": [{"name": e.name, "path": e.path, "reason": e.reason} for e in self.offline],
         }
 
 
@@ -255,107 +291,135 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].health())
 
 
-async def serve(config: NodeConfig) -> int:
+async def start_node(
+    config: NodeConfig,
+    cleanup: contextlib.AsyncExitStack,
+    *,
+    settings: TargetSettings | None = None,
+    portals: Callable[[int | None], tuple[HostPort, ...]] | None = None,
+    metrics: PrometheusMetrics | None = None,
+) -> Node:
+    """Load the cluster state and the volumes of ``config.data_dir`` (locked by the caller), reopen
+    what the node held (primaries fenced) and bind the iSCSI listener. The heartbeat starts with
+    :meth:`Node.start_heartbeat`. ``settings`` are the target settings (portals are filled in),
+    ``portals`` maps the bound iSCSI port to the advertised portals (default: the listen address,
+    a wildcard replaced by this host's address). ``cleanup`` undoes a failed start."""
     loop = asyncio.get_running_loop()
-    signals = StopSignals(loop)
+    state = NodeState(config.data_dir)
+    try:
+        problems = await state.load_async()
+        record = await state.begin_incarnation_async(config.node_id, time.time_ns())
+    except (StoreError, OSError) as e:
+        raise StartupError(f"cannot load the cluster state in {config.data_dir}: {e}") from None
+    for problem in problems:
+        log.error(
+            "cluster state unreadable",
+            volume_id=problem.volume_id,
+            path=problem.path,
+            reason=problem.reason,
+        )
+
+    manager = VolumeManager(config.data_dir)
+    cleanup.push_async_callback(manager.close)
+    try:
+        offline = await manager.load_all()  # the manager logs the volumes it could not load
+    except (StoreError, OSError) as e:
+        raise StartupError(f"cannot open the volumes in {config.data_dir}: {e}") from None
+
+    metrics = metrics if metrics is not None else PrometheusMetrics()
+    metrics.set_offline(len(offline))
+    registry = TargetRegistry()
+    settings = settings if settings is not None else TargetSettings(portals=(), tpgt=TPGT)
+    server = IscsiServer(registry, settings, metrics)
+    volumes = NodeVolumes(
+        manager,
+        registry,
+        base_iqn=config.base_iqn,
+        tpgt=settings.tpgt,
+        metrics=metrics,
+        sessions=ServerSessions(server),
+    )
+    lease = LeaseClock()
+    adapter = Adapter(config.node_id, state)
+    convergence = Convergence(adapter, volumes, lease)
+    cleanup.push_async_callback(convergence.close)
+    convergence.start()  # reopens what this node held, primaries fenced
+    await convergence.idle()
+
+    try:
+        await server.start(config.iscsi.host, config.iscsi.port)
+    except OSError as e:
+        raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {os_reason(e)}") from None
+    cleanup.push_async_callback(server.shutdown, 0.0)
+    bound = _bound_port(server.sockets)
+    advertised_portals = portals(bound) if portals is not None else (advertised(config.iscsi, bound),)
+    server.settings = dataclasses.replace(
+        settings, portals=tuple(Portal(p.host, p.port, settings.tpgt) for p in advertised_portals)
+    )
+
+    def hello() -> Hello:
+        capacity, free = filesystem_bytes(config.data_dir)
+        return Hello(
+            node_id=config.node_id,
+            incarnation=record.incarnation,
+            iscsi_portal=str(advertised_portals[0]),
+            replication=str(advertised(config.replication)),
+            http=str(node.http if node.http is not None else config.http),
+            capacity_bytes=capacity,
+            free_bytes=free,
+        )
+
+    heartbeat = HeartbeatClient(
+        (config.master.host, config.master.port),
+        HeartbeatSession(lease),
+        hello=hello,
+        observations=convergence.observations,
+        on_ack=convergence.on_ack,
+        interval=config.heartbeat_interval,
+    )
+    cleanup.push_async_callback(heartbeat.stop)
+    node = Node(
+        config,
+        record.incarnation,
+        lease,
+        convergence,
+        volumes,
+        heartbeat,
+        loop,
+        server,
+        manager,
+        metrics,
+        advertised_portals,
+        list(offline),
+    )
+    metrics.registry.register(NodeCollector(node))
+    return node
+
+
+async def serve(config: NodeConfig) -> int:
+    signals = StopSignals(asyncio.get_running_loop())
     stop = signals.event
 
     async with contextlib.AsyncExitStack() as cleanup:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
-
-        state = NodeState(config.data_dir)
-        try:
-            problems = await state.load_async()
-            record = await state.begin_incarnation_async(config.node_id, time.time_ns())
-        except (StoreError, OSError) as e:
-            raise StartupError(f"cannot load the cluster state in {config.data_dir}: {e}") from None
-        for problem in problems:
-            log.error(
-                "cluster state unreadable",
-                volume_id=problem.volume_id,
-                path=problem.path,
-                reason=problem.reason,
-            )
-
-        manager = VolumeManager(config.data_dir)
-        cleanup.push_async_callback(manager.close)
-        try:
-            await manager.load_all()  # the manager logs the volumes it could not load
-        except (StoreError, OSError) as e:
-            raise StartupError(f"cannot open the volumes in {config.data_dir}: {e}") from None
-
-        metrics = PrometheusMetrics()
-        registry = TargetRegistry()
-        settings = TargetSettings(portals=(), tpgt=TPGT)
-        server = IscsiServer(registry, settings, metrics)
-        volumes = NodeVolumes(
-            manager,
-            registry,
-            base_iqn=config.base_iqn,
-            tpgt=TPGT,
-            metrics=metrics,
-            sessions=ServerSessions(server),
-        )
-        lease = LeaseClock()
-        adapter = Adapter(config.node_id, state)
-        convergence = Convergence(adapter, volumes, lease)
-        cleanup.push_async_callback(convergence.close)
-        convergence.start()  # reopens what this node held, primaries fenced
-        await convergence.idle()
-
-        try:
-            await server.start(config.iscsi.host, config.iscsi.port)
-        except OSError as e:
-            raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {os_reason(e)}") from None
-        cleanup.push_async_callback(server.shutdown, 0.0)
-        iscsi_portal = advertised(config.iscsi, _bound_port(server.sockets))
-        server.settings = dataclasses.replace(
-            settings, portals=(Portal(iscsi_portal.host, iscsi_portal.port, TPGT),)
-        )
-
-        http_portal = config.http  # replaced by the bound address before the first Hello
-
-        def hello() -> Hello:
-            capacity, free = filesystem_bytes(config.data_dir)
-            return Hello(
-                node_id=config.node_id,
-                incarnation=record.incarnation,
-                iscsi_portal=str(iscsi_portal),
-                replication=str(advertised(config.replication)),
-                http=str(http_portal),
-                capacity_bytes=capacity,
-                free_bytes=free,
-            )
-
-        heartbeat = HeartbeatClient(
-            (config.master.host, config.master.port),
-            HeartbeatSession(lease),
-            hello=hello,
-            observations=convergence.observations,
-            on_ack=convergence.on_ack,
-            interval=config.heartbeat_interval,
-        )
-        node = Node(config, record.incarnation, lease, convergence, volumes, heartbeat, loop)
-        metrics.registry.register(NodeCollector(node))
-
-        runner = await start_http(build_node_app(node, metrics), config.http.host, config.http.port, cleanup)
-        http_portal = advertised(config.http, _bound_port(runner.addresses))
-
-        heartbeat.start()
-        cleanup.push_async_callback(heartbeat.stop)
+        node = await start_node(config, cleanup)
+        app = build_node_app(node, node.metrics)
+        runner = await start_http(app, config.http.host, config.http.port, cleanup)
+        node.start_heartbeat(advertised(config.http, _bound_port(runner.addresses)))
 
         log.info(
             "node listening",
             node_id=config.node_id,
-            incarnation=record.incarnation,
-            iscsi=str(iscsi_portal),
-            http=str(http_portal),
+            incarnation=node.incarnation,
+            iscsi=str(node.iscsi_portal),
+            http=str(node.http),
             master=str(config.master),
-            volumes=len(volumes.exported()),
+            volumes=len(node.volumes.exported()),
             data_dir=str(config.data_dir),
         )
-        _notify(systemd.ready, f"node {config.node_id} listening on {iscsi_portal}; master {config.master}")
+        listening = f"node {config.node_id} listening on {node.iscsi_portal}; master {config.master}"
+        _notify(systemd.ready, listening)
 
         await stop.wait()
 
@@ -363,26 +427,15 @@ async def serve(config: NodeConfig) -> int:
         cleanup.pop_all()
         log.info("stopping", signal=signals.first)
         _notify(systemd.stopping, "draining")
-        await heartbeat.stop()
+        await node.heartbeat.stop()
         await runner.cleanup()
-        await server.shutdown(timeout=SHUTDOWN_TIMEOUT)
-        await convergence.close()
-        failed: list[tuple[str, Exception]] = []
-        for volume in manager.list():
-            try:
-                await volume.store.flush()
-            except Exception as e:
-                failed.append((volume.meta.name, e))
-                log.error("flush failed", volume=volume.meta.name, error=str(e))
         try:
-            await manager.close()
+            failed = await node.stop()
         finally:
             lock.release()
         log.info("stopped", clean=not failed)
         return 1 if failed else 0
     raise AssertionError("unreachable")  # pragma: no cover
-
-
 
 
 def _notify(send: Callable[[str], bool], status: str) -> None:

@@ -128,7 +128,9 @@ def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) 
     assert first.assignments == ()
 
     created = json.loads(
-        master.cli("volume", "create", "vol1", "--size", "64MiB", "--replicas", "1", "--json").stdout
+        master.cli(
+            "volume", "create", "vol1", "--size", "64MiB", "--replicas", "1", "--wait", "0", "--json"
+        ).stdout
     )
     assert created["name"] == "vol1" and created["replicas_wanted"] == 1 and created["epoch"] == 0
 

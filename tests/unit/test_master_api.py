@@ -5,8 +5,9 @@ The clock is injected; control steps are driven by hand with explicit ``now``.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
-from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.httpjson import ApiError
+from sparrow.master.api import LocalNode, MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
+from store.volumes import naa_from_uuid, serial_from_uuid
 
 MiB = 1 << 20
 TIMING = LeaseConfig()
@@ -33,14 +36,18 @@ class Clock:
 
 
 class Master:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, local: LocalNode | None = None) -> None:
         self.store = AuthorityStore.open_in(data_dir)
         self.clock = Clock()
         self.control: ControlLoop = restore(self.store, TIMING, self.clock())
         self.metrics = MasterMetrics()
         self.metrics.bind(self.control, self.clock)
         self.api = MasterApi(
-            control=self.control, metrics=self.metrics, clock=self.clock, wall_clock=lambda: 1_800_000_000.0
+            control=self.control,
+            metrics=self.metrics,
+            clock=self.clock,
+            wall_clock=lambda: 1_800_000_000.0,
+            local=local,
         )
         self.client: TestClient[Any, Any] = TestClient(TestServer(build_app(self.api)))
 
@@ -75,6 +82,8 @@ async def test_create_get_list_and_delete_a_volume(master: Master) -> None:
     assert created == {
         "name": "vol1",
         "volume_id": created["volume_id"],
+        "serial": serial_from_uuid(created["volume_id"]),
+        "naa": naa_from_uuid(created["volume_id"]),
         "size": 64 * MiB,
         "block_size": 512,
         "physical_block_size": None,
@@ -331,3 +340,134 @@ async def test_resize_grows_and_publishes_the_next_epoch(master: Master) -> None
         assert fragment in answer["error"]
     assert (await master.json("POST", "/v1/volumes/nope/resize", {"size": "1GiB"}, status=404))["error"]
     assert master.store.latest_assignment(current.volume_id) == current
+
+
+# --- ?wait: answer once the volume is served ----------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    """Let the server run until ``condition`` holds (a deadline, never a fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def recorded(master: Master, name: str) -> bool:
+    return any(v.name == name for v in master.control.desired())
+
+
+async def test_wait_answers_once_the_primary_reports_the_epoch_converged(master: Master) -> None:
+    master.node_reports("n1", 1)
+    post = asyncio.create_task(
+        master.json("POST", "/v1/volumes?wait=30", {"name": "vol1", "size": 64 * MiB}, status=201)
+    )
+    await until(lambda: recorded(master, "vol1"), "the volume to be recorded")
+    master.control.step(master.clock())
+    vid = next(v.volume_id for v in master.control.desired() if v.name == "vol1")
+    master.node_reports("n1", 2, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 0, (), False))
+    await asyncio.sleep(0.05)  # not converged yet: the answer must still be pending
+    assert not post.done()
+    master.node_reports("n1", 3, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 0, (), True))
+    created = await asyncio.wait_for(post, 5)
+    assert created["epoch"] == 1 and created["url"] is not None
+    assert created["replicas"][0]["converged"] is True
+
+
+async def test_wait_ends_at_once_when_the_controller_cannot_place_the_volume(master: Master) -> None:
+    post = asyncio.create_task(
+        master.json("POST", "/v1/volumes?wait=30", {"name": "vol1", "size": 64 * MiB}, status=201)
+    )
+    await until(lambda: recorded(master, "vol1"), "the volume to be recorded")
+    master.control.step(master.clock())  # no live node: "not enough live nodes"
+    created = await asyncio.wait_for(post, 5)
+    assert created["url"] is None and created["status_kind"] == "not_enough_nodes"
+
+
+async def test_wait_ends_at_its_deadline(master: Master) -> None:
+    master.node_reports("n1", 1)
+    post = asyncio.create_task(
+        master.json("POST", "/v1/volumes?wait=2", {"name": "vol1", "size": 64 * MiB}, status=201)
+    )
+    await until(lambda: recorded(master, "vol1"), "the volume to be recorded")
+    master.control.step(master.clock())  # placed, never reported
+    await asyncio.sleep(0.05)
+    assert not post.done()
+    master.clock.now += 2.0
+    created = await asyncio.wait_for(post, 5)
+    assert created["epoch"] == 1 and created["replicas"][0]["converged"] is None
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", "61"])
+async def test_a_bad_wait_is_400(master: Master, wait: str) -> None:
+    answer = await master.json("POST", f"/v1/volumes?wait={wait}", {"name": "v", "size": MiB}, status=400)
+    assert "wait must be" in answer["error"]
+
+
+# --- the embedded mode's local node ---------------------------------------------------------------
+
+
+class FakeLocalNode:
+    """A LocalNode that records what the API asked of it."""
+
+    def __init__(self) -> None:
+        self.creates: list[tuple[str, int | None, int, str | None]] = []
+        self.destroyed: list[tuple[str | None, str]] = []
+        self.offline = [{"name": "broken", "path": "/d/volumes/broken.json", "reason": "corrupt"}]
+
+    def health(self) -> Mapping[str, Any]:
+        return {"status": "ok", "offline": self.offline}
+
+    async def check_create(self, name: str, size: int | None, block_size: int, backing: str | None) -> int:
+        self.creates.append((name, size, block_size, backing))
+        if backing == "/dev/missing":
+            raise ApiError(400, "cannot open /dev/missing: no such file")
+        return size if size is not None else 8 * MiB
+
+    async def destroy(self, volume_id: str | None, name: str) -> None:
+        if volume_id is None and not any(o["name"] == name for o in self.offline):
+            raise ApiError(404, f"no volume named {name!r}")
+        self.destroyed.append((volume_id, name))
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[tuple[Master, FakeLocalNode]]:
+    local = FakeLocalNode()
+    m = Master(tmp_path, local)
+    await m.client.start_server()
+    yield m, local
+    await m.client.close()
+    m.store.close()
+
+
+async def test_a_local_node_sizes_and_checks_a_backing_device(embedded: tuple[Master, FakeLocalNode]) -> None:
+    master, local = embedded
+    created = await master.json("POST", "/v1/volumes", {"name": "dev", "backing": "/dev/sdz"}, status=201)
+    assert created["size"] == 8 * MiB and created["backing"] == "/dev/sdz"
+    assert local.creates == [("dev", None, 512, "/dev/sdz")]
+    refused = await master.json("POST", "/v1/volumes", {"name": "x", "backing": "/dev/missing"}, status=400)
+    assert "no such file" in refused["error"] and not recorded(master, "x")
+
+
+async def test_without_a_local_node_a_backing_needs_a_size(master: Master) -> None:
+    refused = await master.json("POST", "/v1/volumes", {"name": "dev", "backing": "/dev/sdz"}, status=400)
+    assert "size" in refused["error"]
+
+
+async def test_delete_destroys_the_local_copy(embedded: tuple[Master, FakeLocalNode]) -> None:
+    master, local = embedded
+    created = await master.json("POST", "/v1/volumes", {"name": "vol1", "size": MiB}, status=201)
+    await master.json("DELETE", "/v1/volumes/vol1", status=204)
+    await master.json("DELETE", "/v1/volumes/broken", status=204)  # offline, never adopted
+    assert local.destroyed == [(created["volume_id"], "vol1"), (None, "broken")]
+    missing = await master.json("DELETE", "/v1/volumes/ghost", status=404)
+    assert "ghost" in missing["error"]
+
+
+async def test_healthz_reports_the_local_offline_volumes(embedded: tuple[Master, FakeLocalNode]) -> None:
+    master, local = embedded
+    master.node_reports("local", 1)
+    health = await master.json("GET", "/healthz")
+    assert health["status"] == "degraded" and health["offline"] == local.offline
+    local.offline = []
+    assert (await master.json("GET", "/healthz"))["status"] == "ok"
