@@ -172,14 +172,14 @@ def _wait_query(wait: float) -> str:
     return f"?wait={wait:g}" if wait > 0 else ""
 
 
-def _warn_unserved(volume: Any, wait: float) -> None:
+def _warn_unserved(volume: Any, wait: float, err: TextIO) -> None:
     """One line on stderr when a volume the master recorded is not served yet (exit code 0: the
     volume exists; ``status`` says what it waits for)."""
     if wait <= 0 or not isinstance(volume, dict) or "epoch" not in volume:
         return
     if volume.get("url") is None or volume.get("status_kind") not in (None, "ok"):
         reason = volume.get("status") or "not placed yet"
-        print(f"sparrow: warning: volume {volume.get('name')} is not served yet: {reason}", file=sys.stderr)
+        print(f"sparrow: warning: volume {volume.get('name')} is not served yet: {reason}", file=err)
 
 
 def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
@@ -209,7 +209,7 @@ def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
         body["replicas"] = args.replicas
     volume = _client(args, args.wait).request("POST", f"/v1/volumes{_wait_query(args.wait)}", body)
     _print_volume(volume, out, as_json=args.json)
-    _warn_unserved(volume, args.wait)
+    _warn_unserved(volume, args.wait, args.err)
     return 0
 
 
@@ -239,7 +239,7 @@ def cmd_volume_inspect(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_volume_resize(args: argparse.Namespace, out: TextIO) -> int:
     path = f"/v1/volumes/{_quote(args.name)}/resize{_wait_query(args.wait)}"
     volume = _client(args, args.wait).request("POST", path, {"size": args.size})
-    _warn_unserved(volume, args.wait)
+    _warn_unserved(volume, args.wait, args.err)
     if args.json:
         print(json.dumps(volume, indent=2), file=out)
     else:
@@ -695,9 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--node-id", metavar="ID", help="this node's id, [a-z0-9][a-z0-9.-]{0,62}")
     node.add_argument("--master", metavar="HOST:PORT", help="the master's heartbeat address")
     node.add_argument("--iscsi", metavar="HOST:PORT", help="iSCSI listen address (default 0.0.0.0:3260)")
-    node.add_argument(
-        "--replication", metavar="HOST:PORT", help="replication address (default 0.0.0.0:3291)"
-    )
+    node.add_argument("--replication", metavar="HOST:PORT", help="replication address (default 0.0.0.0:3291)")
     node.add_argument(
         "--http", metavar="HOST:PORT", help="/metrics and /healthz listen address (default 127.0.0.1:3281)"
     )
@@ -726,9 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_version_arg,
         help="migrate to version V (default: the newest this Sparrow knows, per kind)",
     )
-    migrate.add_argument(
-        "--kind", choices=sorted(KINDS), help="only records of this kind (default: all)"
-    )
+    migrate.add_argument("--kind", choices=sorted(KINDS), help="only records of this kind (default: all)")
     migrate.set_defaults(func=cmd_migrate)
     _add_cluster_commands(commands)
     return parser
@@ -740,6 +736,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     err = sys.stderr if err is None else err
     try:
         args = build_parser().parse_args(argv)
+        args.err = err  # for warnings of commands that succeed
         code: int = args.func(args, out)
         return code
     except CliError as e:

@@ -417,15 +417,17 @@ def is_served(api: MasterApi, volume_id: str) -> bool:
 
 
 async def served(api: MasterApi, volume_id: str, wait: float, *, give_up: bool = True) -> bool:
-    """Wait up to ``wait`` seconds for :func:`is_served` (see the module docstring); with
-    ``give_up``, stop early when the controller says it cannot place the volume."""
-    deadline = api.clock() + wait
-    while not is_served(api, volume_id):
-        status = api.control.status(volume_id)
-        hopeless = give_up and status is not None and status.kind in _HOPELESS
-        if api.clock() >= deadline or hopeless:
-            return False
-        await asyncio.sleep(api.poll_interval)
+    """Wait up to ``wait`` seconds (event-loop time) for :func:`is_served` (see the module
+    docstring); with ``give_up``, stop early when the controller says it cannot place the volume."""
+    try:
+        async with asyncio.timeout(wait):
+            while not is_served(api, volume_id):
+                status = api.control.status(volume_id)
+                if give_up and status is not None and status.kind in _HOPELESS:
+                    return False
+                await asyncio.sleep(api.poll_interval)
+    except TimeoutError:
+        return False
     return True
 
 

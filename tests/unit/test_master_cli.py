@@ -71,13 +71,17 @@ async def test_create_with_replicas_and_inspect_against_the_master(
 ) -> None:
     url, control, clock = master
     node_reports(control, "n1", 42, clock())
-    code, out, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--replicas", "1", "--api", url)
+    code, out, err = await cli(
+        "volume", "create", "vol1", "--size", "64MiB", "--replicas", "1", "--wait", "0", "--api", url
+    )
     assert (code, err) == (0, "")
     assert "epoch:" in out and "vol1" in out  # the cluster-shaped summary, not a KeyError
     (record,) = control.store.volumes()
     assert record.replicas == 1
 
-    code, out, err = await cli("volume", "create", "vol2", "--size", "64MiB", "--replicas", "2", "--api", url)
+    code, out, err = await cli(
+        "volume", "create", "vol2", "--size", "64MiB", "--replicas", "2", "--wait", "0", "--api", url
+    )
     assert code == 0, err
     assert {v.name: v.replicas for v in control.store.volumes()} == {"vol1": 1, "vol2": 2}
 
@@ -179,7 +183,7 @@ async def test_create_with_every_flag_and_resize_against_the_master(
         "volume", "create", "vol1", "--size", "64MiB", "--block-size", "512", "--physical-block-size", "4096",
         "--chap-user", "iqn.host", "--chap-secret", "initiator-secret",
         "--chap-mutual-user", "target", "--chap-mutual-secret", "target-secret-9",
-        "--backing", "/dev/sdz", "--replicas", "1", "--json", "--api", url,
+        "--backing", "/dev/sdz", "--replicas", "1", "--json", "--wait", "0", "--api", url,
     )  # fmt: skip
     assert (code, err) == (0, "")
     shown = json.loads(out)
@@ -190,10 +194,23 @@ async def test_create_with_every_flag_and_resize_against_the_master(
     (first,) = control.step(clock()).published
     assert first.chap is not None and first.chap.mutual_secret == "target-secret-9"
 
-    code, out, err = await cli("volume", "resize", "vol1", "--size", "96MiB", "--api", url)
+    code, out, err = await cli("volume", "resize", "vol1", "--size", "96MiB", "--wait", "0", "--api", url)
     assert (code, err) == (0, "")
     assert out == f"volume vol1 is now 96 MiB ({96 * MiB} bytes)\n"
     (current,) = control.assignments_for("n1")
     assert (current.size, current.epoch) == (96 * MiB, 2)
     code, out, err = await cli("volume", "resize", "vol1", "--size", "32MiB", "--api", url)
     assert code == 1 and "only grow" in err
+
+
+async def test_create_waits_and_says_when_the_volume_is_not_served(
+    master: tuple[str, ControlLoop, Clock],
+) -> None:
+    url, control, _ = master
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    code, out, err = await cli("volume", "create", "lonely", "--size", "1MiB", "--wait", "0.3", "--api", url)
+    assert loop.time() - started >= 0.3  # nobody placed it: the master answered at the deadline
+    assert code == 0 and "lonely" in out  # the volume was recorded ...
+    assert err == "sparrow: warning: volume lonely is not served yet: not placed yet\n"  # ... not served
+    assert [r.name for r in control.store.volumes()] == ["lonely"]
