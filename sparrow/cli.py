@@ -256,12 +256,12 @@ def cmd_volume_delete(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
+    """A volume as the master describes it (sparrow.master.api.volume_json)."""
     if as_json:
         print(json.dumps(v, indent=2), file=out)
         return
-    if "volume_id" in v and "epoch" in v:
-        _print_cluster_volume(v, out)
-        return
+    primary = v.get("primary")
+    copies = ", ".join(f"{r['node_id']} ({r['role']}, {r['state']})" for r in v.get("replicas") or [])
     chap = v.get("chap")
     if chap is None:
         chap_text = "none"
@@ -274,17 +274,20 @@ def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
         ("size", f"{format_size(v['size'])} ({v['size']} bytes)"),
         ("block size", str(v["block_size"])),
         ("phys block", str(v.get("physical_block_size") or v["block_size"])),
-        ("iqn", v["iqn"]),
-        ("lun", str(v["lun"])),
-        ("portals", ", ".join(v.get("portals") or []) or "-"),
+        ("replicas", f"{len(v.get('replicas') or [])} of {v['replicas_wanted']}"),
+        ("epoch", str(v["epoch"])),
+        ("primary", f"{primary['node_id']} at {primary['portal']}" if primary else "-"),
+        ("copies", copies or "-"),
+        ("status", v.get("status") or "ok"),
+        ("iqn", v.get("iqn") or "-"),
+        ("lun", str(v.get("lun", 0))),
         ("url", v.get("url") or "-"),
         ("chap", chap_text),
-        ("serial", v["serial"]),
-        ("naa", v["naa"]),
-        ("uuid", v["uuid"]),
+        ("serial", v.get("serial") or "-"),
+        ("naa", v.get("naa") or "-"),
+        ("volume id", v["volume_id"]),
         ("backing", v.get("backing") or "sparse file in the data directory"),
-        ("created", v["created_at"]),
-        ("sessions", str(v.get("sessions", 0))),
+        ("created", str(v.get("created_at") or "-")),
     ]
     width = max(len(k) for k, _ in lines) + 1
     for key, value in lines:
@@ -314,7 +317,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     except ConfigError as e:
         raise CliError(str(e), code=2 if e.usage else 1) from None
 
-    from sparrow.daemon import run
+    from sparrow.embedded import run
     from sparrow.logs import configure_logging
 
     configure_logging(config.log_format, config.log_level)
@@ -425,29 +428,6 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 # --- cluster: the master and its nodes ---------------------------------------------------------
-
-
-def _print_cluster_volume(v: dict[str, Any], out: TextIO) -> None:
-    """A volume as the cluster master describes it (sparrow.master.api.volume_json)."""
-    primary = v.get("primary")
-    copies = ", ".join(f"{r['node_id']} ({r['role']}, {r['state']})" for r in v.get("replicas") or [])
-    lines = [
-        ("name", v["name"]),
-        ("size", f"{format_size(v['size'])} ({v['size']} bytes)"),
-        ("block size", str(v["block_size"])),
-        ("replicas", f"{len(v.get('replicas') or [])} of {v['replicas_wanted']}"),
-        ("epoch", str(v["epoch"])),
-        ("primary", f"{primary['node_id']} at {primary['portal']}" if primary else "-"),
-        ("copies", copies or "-"),
-        ("status", v.get("status") or "ok"),
-        ("iqn", v.get("iqn") or "-"),
-        ("url", v.get("url") or "-"),
-        ("volume id", v["volume_id"]),
-        ("created", str(v.get("created_at") or "-")),
-    ]
-    width = max(len(k) for k, _ in lines) + 1
-    for key, value in lines:
-        print(f"{key + ':':<{width}} {value}", file=out)
 
 
 def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:

@@ -10,6 +10,7 @@ import bisect
 import contextlib
 import itertools
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,6 +44,16 @@ LATENCY_BUCKETS = (
 
 OPS = ("read", "write", "other")
 SESSION_KINDS = ("normal", "discovery")
+
+
+class VolumeMetrics(Protocol):
+    """What the node's volume layer reports (PrometheusMetrics implements it)."""
+
+    def volume_served(self, volume: str, size: int) -> None: ...
+
+    def volume_removed(self, volume: str) -> None: ...
+
+    def set_offline(self, count: int) -> None: ...
 
 
 class _IoStats:

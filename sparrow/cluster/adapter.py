@@ -23,7 +23,15 @@ Rules (docs/cluster.md; SPC-4 5.15.2 for the asymmetric access states):
 - **Replicas stand by.** A volume assigned REPLICA is opened (its local store exists) in
   ``STANDBY`` with a login redirect to the primary's portal (RFC 7143 11.13.5, "target moved").
 - **Release, never delete.** A volume this node no longer appears in (role NONE, or absent from the
-  Ack) is closed; its data and its record stay.
+  Ack) is closed; its data and its record stay. The one exception is a volume the master has
+  *deleted*: :meth:`Adapter.destroy` plans :class:`DestroyVolume` (closed first if it is open), which
+  forgets its record and deletes its local data. From that call on the volume id is a *tombstone*:
+  it leaves the adapter's models and its observations, and any later assignment for it (an Ack
+  already in flight when the master deleted it) is rejected ("volume destroyed"), never opened.
+  Tombstones are kept in memory only: after a restart the master no longer assigns the volume, and
+  its record is gone (forgotten before the data is touched), so nothing reopens it. Were the node
+  to crash before the record was forgotten, the restart reopens the volume fenced and the first
+  Ack, which no longer names it, closes it again (its data stays until it is destroyed).
 - **A restart serves nothing as primary** until an Ack confirms it: after :meth:`Adapter.startup`
   primaries are opened fenced, and only a :meth:`Adapter.plan` with ``lease_valid`` makes them active.
 
@@ -32,13 +40,17 @@ Action semantics the executor must honour (all idempotent, so a repeated action 
 truncating one); a newly opened LU starts ``TRANSITIONING`` with no redirect, an open one keeps its
 state. ``CloseVolume`` removes the LU and closes the store (data stays). ``SetAccess`` and
 ``Redirect`` on a volume that is not open do nothing. Plans are executed one at a time, in the order
-they were made.
+they were made. ``DestroyVolume`` first removes the volume's record durably
+(``NodeState.forget``: a crash after that never reopens or re-creates the volume at startup), then
+deletes the local volume (``LocalVolumes.destroy_volume``: its record and data; a user-given backing
+stays); it never deletes a local volume that carries another volume id, and with nothing left to
+delete it does nothing.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -50,6 +62,8 @@ from sparrow.cluster.messages import (
     Role,
     VolumeObservation,
     check_node_id,
+    check_volume_id,
+    check_volume_name,
 )
 from sparrow.cluster.nodestate import NodeState, VolumeRole
 
@@ -107,7 +121,15 @@ class Redirect:
     portal: str | None
 
 
-Action: TypeAlias = PersistRole | OpenVolume | CloseVolume | SetAccess | Redirect
+@dataclass(frozen=True, slots=True)
+class DestroyVolume:
+    """The master deleted the volume: forget its record, then delete its local store and data."""
+
+    volume_id: str
+    name: str
+
+
+Action: TypeAlias = PersistRole | OpenVolume | CloseVolume | SetAccess | Redirect | DestroyVolume
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +182,7 @@ def _fold(local: dict[str, _Local], action: Action) -> None:
             local[volume_id] = _Local(action, AccessState.TRANSITIONING, None)
         else:
             local[volume_id] = _Local(action, current.access, current.redirect)
-    elif isinstance(action, CloseVolume):
+    elif isinstance(action, (CloseVolume, DestroyVolume)):
         local.pop(volume_id, None)
     elif isinstance(action, SetAccess) and current is not None:
         local[volume_id] = _Local(current.spec, action.state, current.redirect)
@@ -188,6 +210,8 @@ class Adapter:
         self._local: dict[str, _Local] = {}
         #: Plans handed out and not yet reported by ``applied`` (executed in this order).
         self._outstanding: list[AdapterPlan] = []
+        #: Volumes the master deleted (:meth:`destroy`): never opened again by this process.
+        self._destroyed: set[str] = set()
         self._lease_valid = False
 
     # ---- queries ------------------------------------------------------------------------------------
@@ -196,6 +220,11 @@ class Adapter:
     def lease_valid(self) -> bool:
         """The lease as the adapter last heard of it (``plan``, ``fence_all``, ``lease_regained``)."""
         return self._lease_valid
+
+    @property
+    def destroyed(self) -> frozenset[str]:
+        """The volume ids :meth:`destroy` was called for (this process; tombstones, in memory)."""
+        return frozenset(self._destroyed)
 
     def is_open(self, volume_id: str) -> bool:
         return volume_id in self._local
@@ -220,7 +249,7 @@ class Adapter:
 
     def _known(self, expected: Mapping[str, _Local]) -> list[str]:
         ids = set(self.state.roles) | set(self._target) | set(self._local) | set(expected)
-        return sorted(ids - set(self.state.unreadable))
+        return sorted(ids - set(self.state.unreadable) - self._destroyed)
 
     def _hand_out(self, plan: AdapterPlan) -> AdapterPlan:
         if plan.actions:
@@ -246,7 +275,16 @@ class Adapter:
         return _Desired(spec, AccessState.ACTIVE_OPTIMIZED if serving else AccessState.TRANSITIONING, None)
 
     def converged(self, volume_id: str) -> bool:
-        """True once everything planned for the volume's latest accepted epoch has been applied."""
+        """True once everything planned for the volume's latest accepted epoch has been applied.
+
+        For a destroyed volume: once it is closed and its record forgotten.
+        """
+        if volume_id in self._destroyed:
+            return (
+                volume_id not in self._local
+                and self.state.get(volume_id) is None
+                and volume_id not in self.state.unreadable
+            )
         if volume_id in self.state.unreadable:
             return False
         latest = self._latest(volume_id)
@@ -320,6 +358,11 @@ class Adapter:
             actions += self._settle(expected, volume_id)
         for assignment in sorted(assignments, key=lambda a: a.volume_id):
             volume_id = assignment.volume_id
+            if volume_id in self._destroyed:
+                held_role = self.state.get(volume_id)
+                held_epoch = None if held_role is None else held_role.epoch
+                rejected.append(Rejection(volume_id, assignment.epoch, held_epoch, "volume destroyed"))
+                continue
             unreadable = self.state.unreadable.get(volume_id)
             if unreadable is not None:
                 rejected.append(
@@ -345,6 +388,27 @@ class Adapter:
             actions += self._settle(expected, volume_id)
         return self._hand_out(AdapterPlan(tuple(actions), tuple(rejected), now))
 
+    def destroy(self, volume_id: str, name: str) -> AdapterPlan:
+        """The master deleted the volume: close it if it is (expected to be) open, then destroy it.
+
+        From this call on the volume id is a tombstone (see the module docstring): it is dropped
+        from the adapter's models, no longer reported, and every later assignment for it is
+        rejected. Calling it again plans only the (idempotent) :class:`DestroyVolume`. Raises
+        ``InvalidMessage`` for a malformed volume id or name.
+        """
+        check_volume_id("volume_id", volume_id)
+        check_volume_name("name", name)
+        expected = self._expected()
+        self._destroyed.add(volume_id)
+        self._target.pop(volume_id, None)
+        self._confirmed.discard(volume_id)
+        self._released.discard(volume_id)
+        actions: list[Action] = []
+        if volume_id in expected:
+            actions.append(CloseVolume(volume_id))
+        actions.append(DestroyVolume(volume_id, name))
+        return self._hand_out(AdapterPlan(tuple(actions)))
+
     def startup(self) -> AdapterPlan:
         """After a restart (state loaded, no Ack yet): open the persisted volumes, primaries fenced."""
         expected = self._expected()
@@ -358,10 +422,15 @@ class Adapter:
 
         That is every volume whose latest accepted role is PRIMARY, and every volume that will be
         serving once the outstanding plans have run (this plan runs after them, so the fence wins).
+        A destroyed volume that is still serving (its destroy plan has not run yet) is fenced too:
+        the executor applies the fence to the LUs at once.
         """
         self._lease_valid = False
         expected = self._expected()
         actions: list[Action] = []
+        for volume_id in sorted(self._destroyed & set(self._local)):
+            if self._local[volume_id].access in SERVING_STATES:
+                actions.append(SetAccess(volume_id, AccessState.TRANSITIONING))
         for volume_id in self._known(expected):
             latest = self._latest(volume_id)
             local = expected.get(volume_id)
@@ -381,19 +450,27 @@ class Adapter:
 
     # ---- execution feedback -------------------------------------------------------------------------
 
-    def applied(self, plan: AdapterPlan, count: int | None = None) -> None:
-        """The executor ran the first ``count`` actions of ``plan`` (all of them by default).
+    def applied(
+        self, plan: AdapterPlan, count: int | None = None, *, ran: Collection[int] | None = None
+    ) -> None:
+        """The executor ran the first ``count`` actions of ``plan`` (all of them by default), or
+        exactly the actions at the indices ``ran`` (the executor skips the rest of a volume's
+        actions after one of them failed, and goes on with the other volumes).
 
         Every plan the adapter hands out (``plan``, ``startup``, ``fence_all``, ``lease_regained``)
-        must be reported here once, also when it failed part way (``count`` = actions that ran) or
-        was not run at all (``count=0``): until then the adapter plans on the assumption that it
-        will run. Raises ValueError if a :class:`PersistRole` reported as run is not in the state.
+        must be reported here once, also when it failed part way or was not run at all
+        (``count=0``): until then the adapter plans on the assumption that it will run. Raises
+        ValueError if a :class:`PersistRole` reported as run is not in the state, or if the record
+        of a volume whose :class:`DestroyVolume` is reported as run is still there.
         """
         for index, outstanding in enumerate(self._outstanding):
             if outstanding is plan:
                 del self._outstanding[index]
                 break
-        actions = plan.actions if count is None else plan.actions[:count]
+        if ran is not None:
+            actions = tuple(plan.actions[i] for i in sorted(ran))
+        else:
+            actions = plan.actions if count is None else plan.actions[:count]
         for action in actions:
             if isinstance(action, PersistRole):
                 held = self.state.get(action.volume_id)
@@ -401,6 +478,10 @@ class Adapter:
                     raise ValueError(
                         f"volume {action.volume_id}: epoch {action.role.epoch} was not persisted"
                     )
+            elif isinstance(action, DestroyVolume) and (
+                action.volume_id in self.state.roles or action.volume_id in self.state.unreadable
+            ):
+                raise ValueError(f"volume {action.volume_id}: destroyed, but its record was not forgotten")
         for action in actions:
             _fold(self._local, action)
 
@@ -417,14 +498,16 @@ class Adapter:
 
         Reported: every volume whose persisted role is PRIMARY or REPLICA (and that the latest Ack
         did not release), every volume still open, and every volume whose record is unreadable
-        (epoch 0, role NONE, FAILED). ``epoch`` and ``role`` are what the node has *persisted*;
-        ``converged`` says whether the local state matches them (and nothing newer is pending).
+        (epoch 0, role NONE, FAILED); never a destroyed volume. ``epoch`` and ``role`` are what the
+        node has *persisted*; ``converged`` says whether the local state matches them (and nothing
+        newer is pending).
         Health defaults to OK for an open volume and OFFLINE otherwise; write positions to 0.
         ``now`` is the heartbeat's time (the observation carries no timestamp of its own).
         """
         del now  # part of the sans-IO signature; nothing here depends on time yet
         out: list[VolumeObservation] = []
-        for volume_id in sorted(set(self._known(self._local)) | set(self.state.unreadable)):
+        unreadable = set(self.state.unreadable) - self._destroyed
+        for volume_id in sorted(set(self._known(self._local)) | unreadable):
             if volume_id in self.state.unreadable:
                 out.append(VolumeObservation(volume_id, 0, Role.NONE, Health.FAILED, 0, (), converged=False))
                 continue
@@ -461,27 +544,54 @@ class LocalVolumes(Protocol):
 
     async def redirect(self, volume_id: str, portal: str | None) -> None: ...
 
+    async def destroy_volume(self, volume_id: str, name: str) -> None:
+        """Delete the local volume ``name`` (closed first if open), record and data; a no-op when
+        there is none; refuses (raises) when the local ``name`` carries another volume id."""
+        ...
+
 
 async def execute_plan(plan: AdapterPlan, adapter: Adapter, volumes: LocalVolumes) -> None:
     """Run ``plan``'s actions in order; report what ran to ``adapter`` even if one fails.
 
-    A failing action (e.g. ``RecordWriteError`` or ``EpochRegression`` from a PersistRole) stops the
-    plan -- nothing after it runs, so nothing acts on a role that was not persisted -- and its error
-    propagates. Callers run one plan at a time.
+    A failing action (e.g. ``RecordWriteError`` or ``EpochRegression`` from a PersistRole, or a
+    store error opening a volume) stops that volume's part of the plan -- nothing after it runs for
+    that volume, so nothing acts on a role that was not persisted -- while the other volumes' actions
+    still run: one broken volume never keeps the others from being served or fenced. The first
+    error then propagates (the others are added to it as notes). Callers run one plan at a time. A
+    :class:`DestroyVolume` forgets the volume's record (durably) before the local volume is deleted.
     """
-    done = 0
+    ran: list[int] = []
+    failed: dict[str, BaseException] = {}
     try:
-        for action in plan.actions:
-            if isinstance(action, PersistRole):
-                await adapter.state.persist_async(action.role)
-            elif isinstance(action, OpenVolume):
-                await volumes.open_volume(action)
-            elif isinstance(action, CloseVolume):
-                await volumes.close_volume(action.volume_id)
-            elif isinstance(action, SetAccess):
-                await volumes.set_access(action.volume_id, action.state)
-            else:
-                await volumes.redirect(action.volume_id, action.portal)
-            done += 1
+        for index, action in enumerate(plan.actions):
+            if action.volume_id in failed:
+                continue
+            try:
+                await _run(action, adapter, volumes)
+            except Exception as e:
+                failed[action.volume_id] = e
+                continue
+            ran.append(index)
     finally:
-        adapter.applied(plan, done)
+        adapter.applied(plan, ran=ran)
+    if failed:
+        first, *others = failed.values()
+        for other in others:
+            first.add_note(f"also failed: {type(other).__name__}: {other}")
+        raise first
+
+
+async def _run(action: Action, adapter: Adapter, volumes: LocalVolumes) -> None:
+    if isinstance(action, PersistRole):
+        await adapter.state.persist_async(action.role)
+    elif isinstance(action, OpenVolume):
+        await volumes.open_volume(action)
+    elif isinstance(action, CloseVolume):
+        await volumes.close_volume(action.volume_id)
+    elif isinstance(action, SetAccess):
+        await volumes.set_access(action.volume_id, action.state)
+    elif isinstance(action, Redirect):
+        await volumes.redirect(action.volume_id, action.portal)
+    else:
+        await adapter.state.forget_async(action.volume_id)
+        await volumes.destroy_volume(action.volume_id, action.name)

@@ -16,8 +16,11 @@ A record that cannot be read is reported by :meth:`NodeState.load` and skipped; 
 Its volume stays *unreadable*: its epoch floor is unknown, so the node neither persists a new role
 for it nor accepts an assignment for it until an operator repairs or removes the file (and restarts).
 
-Records are never deleted here: a volume this node no longer serves keeps its record (role NONE, or
-its last role) so the epoch floor survives, and block data is never touched.
+A volume this node no longer serves keeps its record (role NONE, or its last role) so the epoch
+floor survives. The one exception is a volume the master has *deleted*: :meth:`NodeState.forget`
+removes its record durably (unlink, then fsync of the directory), which the adapter's
+``DestroyVolume`` does before the local volume's data is deleted, so a restart never reopens it.
+Block data is never touched here.
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ from sparrow.cluster.messages import (
     Role,
     check_node_id,
     check_uint,
+    check_volume_id,
 )
 from store.blockstore import StoreError
 from store.metadata import (
     CorruptRecord,
     RecordMissing,
+    RecordWriteError,
     SchemaTooNew,
+    fsync_dir,
     is_temp_file,
     read_record,
     write_record,
@@ -362,6 +368,48 @@ class NodeState:
         write_record(
             self.path_of(role.volume_id), VOLUME_ROLE_KIND, VOLUME_ROLE_SCHEMA_VERSION, role.to_record()
         )
+
+    # ---- forget -------------------------------------------------------------------------------------
+
+    def forget(self, volume_id: str) -> None:
+        """Durably remove the volume's record (the master deleted the volume): unlink it, then fsync
+        the directory; only then is it dropped from :attr:`roles` and :attr:`unreadable`.
+
+        Idempotent: with no record (on disk or in memory) it does nothing. Also removes an
+        unreadable record. Raises ``InvalidMessage`` for a malformed volume id and
+        ``store.metadata.RecordWriteError`` when the unlink or the fsync fails (the in-memory view
+        keeps the volume; calling again retries).
+        """
+        check_volume_id("volume_id", volume_id)
+        self._unlink(volume_id, volume_id in self._roles or volume_id in self._unreadable)
+        self._roles.pop(volume_id, None)
+        self._unreadable.pop(volume_id, None)
+
+    async def forget_async(self, volume_id: str) -> None:
+        """:meth:`forget` with the unlink and fsync off the event loop (serialised with writes)."""
+        check_volume_id("volume_id", volume_id)
+        async with self._lock:
+            known = volume_id in self._roles or volume_id in self._unreadable
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._unlink, volume_id, known)
+            self._roles.pop(volume_id, None)
+            self._unreadable.pop(volume_id, None)
+
+    def _unlink(self, volume_id: str, known: bool) -> None:
+        """Remove the record file and fsync the directory. The fsync also runs when the file is
+        already gone but the volume is still ``known`` in memory (an earlier fsync failed)."""
+        path = self.path_of(volume_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            if not known:
+                return
+        except OSError as e:
+            raise RecordWriteError(path, e) from e
+        try:
+            fsync_dir(self.directory)
+        except OSError as e:
+            raise RecordWriteError(self.directory, e) from e
 
     # ---- incarnation --------------------------------------------------------------------------------
 

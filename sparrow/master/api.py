@@ -18,7 +18,7 @@ the controller says it cannot place it, or at the deadline; the answer is the vo
 (201/200 either way: the volume was recorded; ``status`` says why it is not served yet).
 
 ``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. The volume id
-is minted here (``uuid4().hex``). CHAP is validated as ``sparrow.api`` does: both halves or none,
+is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or none,
 mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
 ``backing`` (an absolute path on the node) is meant for the embedded one-node mode, where the
 master checks it on its own node (:class:`LocalNode`) and takes the device's size when ``size`` is
@@ -47,7 +47,7 @@ A node (see :func:`node_json`)::
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
      the master started)}
 
-Errors are ``{"error": "<one line>"}`` with 400, 404, 409 or 500, as in ``sparrow.api``. Handlers
+Errors are ``{"error": "<one line>"}`` with 400, 404, 409 or 500 (sparrow.httpjson). Handlers
 run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 """
 

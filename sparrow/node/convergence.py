@@ -6,7 +6,9 @@ Two pieces, both on the event loop:
   volume by its cluster ``volume_id`` (creating the local store with the master's id the first time,
   ``VolumeManager.create(..., volume_id=...)``), exports it as the target ``{base_iqn}:{name}``
   with LUN 0, sets the LU's asymmetric access state (SPC-4 5.15.2), points logins elsewhere with a
-  redirect (RFC 7143 11.13.5) and unexports a released volume. It never deletes data.
+  redirect (RFC 7143 11.13.5) and unexports a released volume. It deletes data only for
+  ``destroy_volume`` (the master deleted the volume): never a local volume that carries another
+  volume id.
 - :class:`Convergence` runs the plans of :class:`~sparrow.cluster.adapter.Adapter` one at a time,
   in the order they were made (``execute_plan``: a volume's ``PersistRole`` is durable before any
   other action for it), and keeps THE FENCE: one ``call_at`` timer at the lease's expiry, re-armed
@@ -15,7 +17,8 @@ Two pieces, both on the event loop:
   waiting behind a plan that is still running: every primary LU goes ``TRANSITIONING``, so reads
   and writes get CHECK CONDITION, NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE
   TRANSITION (04/0A, SPC-4 5.15.2.4.6) and REPORT TARGET PORT GROUPS shows the state. The plan is
-  also queued, so the adapter hears of it in order.
+  also queued, so the adapter hears of it in order. :meth:`Convergence.destroy` queues the
+  adapter's destroy plan and waits until it has run (its error, if it failed, is raised there).
 
 Each assignment also carries the volume's export settings (ack v3): the target's CHAP, the
 physical block size and the backing. :class:`NodeVolumes` keeps the latest settings per volume id
@@ -48,6 +51,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiofiles.os
 import structlog
 
 from frontend.scsi.lu import AccessState, LogicalUnit, LuIdentity
@@ -71,9 +75,20 @@ from sparrow.cluster.messages import (
     VolumeObservation,
     split_portal,
 )
-from sparrow.service import NoSessions, SessionControl, VolumeMetrics
+from sparrow.metrics import VolumeMetrics
+from sparrow.node.sessions import NoSessions, SessionControl
 from store.blockstore import StoreError
-from store.volumes import ChapCredentials, Volume, VolumeManager
+from store.metadata import RecordMissing, read_record_async
+from store.volumes import (
+    VOLUME_KIND,
+    VOLUME_SCHEMA_VERSION,
+    ChapCredentials,
+    Volume,
+    VolumeManager,
+    VolumeMeta,
+    VolumeNotFound,
+    validate_name,
+)
 
 log = structlog.get_logger("sparrow.node")
 
@@ -272,6 +287,57 @@ class NodeVolumes:
     async def set_access(self, volume_id: str, state: AccessState) -> None:
         self.apply_access(volume_id, state)
 
+    async def destroy_volume(self, volume_id: str, name: str) -> None:
+        """The master deleted the volume: unexport it (as :meth:`close_volume`), then delete the
+        local volume ``name``, record and data (``VolumeManager.delete``; a user-given backing
+        stays). A volume of that name that failed to load (its id unreadable) is deleted too: the
+        master named it. No local volume of that name: nothing to do.
+
+        Raises :class:`VolumeMismatch`, touching nothing, when the local ``name`` carries another
+        volume id or the volume id is held locally under another name.
+        """
+        validate_name(name)
+        present, recorded = await self._local_id(name)
+        if recorded is not None and recorded != volume_id:
+            raise VolumeMismatch(
+                f"volume {volume_id}: the name {name!r} is held locally by volume {recorded}; not deleted"
+            )
+        entry = self._exported.get(volume_id)
+        elsewhere = self.find(volume_id)
+        for held in (
+            None if entry is None else entry.name,
+            None if elsewhere is None else elsewhere.meta.name,
+        ):
+            if held is not None and held != name:
+                raise VolumeMismatch(
+                    f"volume {volume_id} is held locally as {held!r}, not {name!r}; not deleted"
+                )
+        await self.close_volume(volume_id)
+        self._settings.pop(volume_id, None)
+        if not present:
+            return
+        try:
+            await self.manager.delete(name)
+        except VolumeNotFound:
+            return
+        log.info("volume destroyed", volume=name, volume_id=volume_id, readable=recorded is not None)
+
+    async def _local_id(self, name: str) -> tuple[bool, str | None]:
+        """Whether a local volume ``name`` exists (open, closed, or what one that failed to load
+        left on disk), and the volume id its record carries (None when there is none to read)."""
+        try:
+            return True, self.manager.get(name).meta.volume_id
+        except VolumeNotFound:
+            pass
+        record = self.manager.volumes_dir / f"{name}.json"
+        try:
+            body = (await read_record_async(record, VOLUME_KIND, VOLUME_SCHEMA_VERSION)).body
+            return True, VolumeMeta.from_record(body, record).volume_id
+        except RecordMissing:
+            return await aiofiles.os.path.exists(self.manager.volumes_dir / f"{name}.img"), None
+        except StoreError:  # corrupt, too new or too old: offline, its id unreadable
+            return True, None
+
     async def redirect(self, volume_id: str, portal: str | None) -> None:
         """Logins to the volume's target go to ``portal`` (``host:port``), or are served here (None)."""
         entry = self._exported.get(volume_id)
@@ -430,6 +496,17 @@ class _Guarded:
     async def redirect(self, volume_id: str, portal: str | None) -> None:
         await self._volumes.redirect(volume_id, portal)
 
+    async def destroy_volume(self, volume_id: str, name: str) -> None:
+        await self._volumes.destroy_volume(volume_id, name)
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A plan waiting for the worker, and the future of whoever waits for it to run (if anyone)."""
+
+    plan: AdapterPlan
+    done: asyncio.Future[None] | None = None
+
 
 class Convergence:
     """Runs the adapter's plans in order on the event loop and keeps the fence timer.
@@ -456,7 +533,7 @@ class Convergence:
             schedule = schedule or (lambda when, callback: loop.call_at(when, callback))
         self._clock = clock
         self._schedule = schedule
-        self._queue: asyncio.Queue[AdapterPlan] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._timer: Cancellable | None = None
         self._timer_at: float | None = None
@@ -478,7 +555,10 @@ class Convergence:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="node-convergence")
 
     async def close(self) -> None:
-        """Stop the timer and the worker (a plan in progress is cancelled between two actions)."""
+        """Stop the timer and the worker (a plan in progress is cancelled between two actions).
+
+        Whoever waits in :meth:`destroy` for a plan that will not run now gets CancelledError.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -487,6 +567,11 @@ class Convergence:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item.done is not None and not item.done.done():
+                item.done.cancel()
+            self._queue.task_done()
 
     async def idle(self) -> None:
         """Wait until every queued plan has run."""
@@ -506,7 +591,8 @@ class Convergence:
         # Before the plan is queued: a volume newly assigned here loses its remote entry before
         # its LU is opened, so the adapter's "newly opened: no redirect" holds.
         self._update_directory()
-        self.volumes.apply_settings(ack.assignments)
+        destroyed = self.adapter.destroyed
+        self.volumes.apply_settings(a for a in ack.assignments if a.volume_id not in destroyed)
         self._enqueue(self.adapter.plan(ack.assignments, self.lease.valid(now), now))
         self._arm()
 
@@ -517,7 +603,23 @@ class Convergence:
         node_id = self.adapter.node_id
         held = {a.volume_id for a in ack.assignments if a.role_of(node_id) is not Role.NONE}
         held.update(self.volumes.exported())
+        held.update(self.adapter.destroyed)  # deleted by the master: no remote entry either
         self.directory.update(ack.directory, held)
+
+    async def destroy(self, volume_id: str, name: str) -> None:
+        """The master deleted the volume: queue the adapter's destroy plan (``Adapter.destroy``:
+        closed if open, its record forgotten, its local data deleted) and wait until it has run.
+
+        Raises the plan's error if it failed (also kept in :attr:`last_error`), e.g.
+        :class:`VolumeMismatch` when the local volume of that name carries another volume id.
+        Calling it again retries (every step is idempotent). If the waiter is cancelled, the plan
+        still runs. The worker must be running (:meth:`start`); :meth:`close` cancels the wait.
+        Raises ``InvalidMessage`` at once for a malformed volume id or name.
+        """
+        plan = self.adapter.destroy(volume_id, name)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(plan, done)
+        await done
 
     def observations(self, now: float) -> tuple[VolumeObservation, ...]:
         """What the next heartbeat reports (the adapter's view: persisted epochs and roles)."""
@@ -578,9 +680,11 @@ class Convergence:
 
     # ---- the worker ---------------------------------------------------------------------------------
 
-    def _enqueue(self, plan: AdapterPlan) -> None:
+    def _enqueue(self, plan: AdapterPlan, done: asyncio.Future[None] | None = None) -> None:
         if plan.actions:  # the adapter holds only plans with actions as outstanding
-            self._queue.put_nowait(plan)
+            self._queue.put_nowait(_Queued(plan, done))
+        elif done is not None:
+            done.set_result(None)
         for rejection in plan.rejected:
             log.warning(
                 "assignment rejected",
@@ -592,19 +696,32 @@ class Convergence:
 
     async def run_once(self) -> None:
         """Run the next queued plan (waits for one). The worker calls this in a loop."""
-        plan = await self._queue.get()
+        item = await self._queue.get()
+        plan, done = item.plan, item.done
+        error: Exception | None = None
         try:
             await execute_plan(plan, self.adapter, self._guarded)
         except asyncio.CancelledError:
+            if done is not None and not done.done():
+                done.cancel()
             raise
         except Exception as e:
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.error("plan failed", error=self.last_error, actions=len(plan.actions))
+            error = e
+            text = f"{type(e).__name__}: {e}"
+            # A broken volume is retried on every Ack: say so once, not once per heartbeat.
+            report = log.error if text != self.last_error else log.debug
+            report("plan failed", error=text, actions=len(plan.actions))
+            self.last_error = text
         else:
             self.last_error = None
         finally:
             self._update_directory()  # a volume closed by the plan is now served elsewhere
             self._queue.task_done()
+        if done is not None and not done.done():  # the waiter may have given up
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
 
     async def _run(self) -> None:
         while True:

@@ -45,11 +45,11 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
-from sparrow.daemon import SHUTDOWN_TIMEOUT, ServerSessions
 from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason, run_daemon, start_http
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
+from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
 from store.blockstore import StoreError
 from store.volumes import VolumeLoadError, VolumeManager
 

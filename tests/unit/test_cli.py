@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from frontend.target import Portal, TargetRegistry
-from sparrow.api import build_app
 from sparrow.cli import main
-from sparrow.metrics import PrometheusMetrics
-from sparrow.service import VolumeService
-from store.volumes import VolumeManager
+from sparrow.cluster.authority import AuthorityStore
+from sparrow.cluster.lease import LeaseConfig
+from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.control import restore
+
+BASE = "iqn.2026-11.io.sparrow"
 
 
 @pytest.fixture
@@ -147,22 +148,16 @@ def test_serve_bad_demo_volume(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def api_url(tmp_path: Path) -> AsyncIterator[str]:
-    manager = VolumeManager(tmp_path / "data")
-    registry = TargetRegistry()
-    metrics = PrometheusMetrics()
-    service = VolumeService(
-        manager,
-        registry,
-        base_iqn="iqn.2026-11.io.sparrow",
-        portals=(Portal("192.0.2.9", 3260),),
-        metrics=metrics,
-    )
-    await service.open_all()
-    server = TestServer(build_app(service, metrics))
+    """The master's API (``sparrow serve`` and ``sparrow master`` both serve it) with no node: the
+    CLI's requests and answers end to end; nothing is placed, so creates pass ``--wait 0``."""
+    store = AuthorityStore.open_in(tmp_path)
+    control = restore(store, LeaseConfig(), 100.0)
+    api = MasterApi(control=control, metrics=MasterMetrics(), clock=lambda: 100.0, base_iqn=BASE)
+    server = TestServer(build_app(api))
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")
     await server.close()
-    await service.close()
+    store.close()
 
 
 async def cli(*argv: str) -> tuple[int, str, str]:
@@ -171,9 +166,11 @@ async def cli(*argv: str) -> tuple[int, str, str]:
 
 
 async def test_create_list_inspect_resize_delete(api_url: str) -> None:
-    code, out, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--api", api_url)
+    code, out, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--wait", "0", "--api", api_url)
     assert (code, err) == (0, "")
-    assert "url:        iscsi://192.0.2.9:3260/iqn.2026-11.io.sparrow:vol1/0" in out
+    lines = dict(line.split(": ", 1) for line in out.splitlines())
+    assert lines["iqn"].strip() == "iqn.2026-11.io.sparrow:vol1"
+    assert lines["url"].strip() == "-" and lines["epoch"].strip() == "0"  # no node: not placed
     code, out, err = await cli(
         "volume",
         "create",
@@ -186,6 +183,8 @@ async def test_create_list_inspect_resize_delete(api_url: str) -> None:
         "u",
         "--chap-secret",
         "secret-12345",
+        "--wait",
+        "0",
         "--api",
         api_url,
     )
@@ -205,12 +204,15 @@ async def test_create_list_inspect_resize_delete(api_url: str) -> None:
     lines = dict(line.split(": ", 1) for line in out.splitlines())
     assert lines["size"].strip() == "64 MiB (67108864 bytes)"
     assert lines["iqn"].strip() == "iqn.2026-11.io.sparrow:vol1"
-    assert lines["portals"].strip() == "192.0.2.9:3260"
+    assert (
+        lines["serial"].strip()
+        == json.loads((await cli("volume", "inspect", "vol1", "--json", "--api", api_url))[1])["serial"]
+    )
 
     code, out, _ = await cli("volume", "inspect", "vol1", "--json", "--api", api_url)
     assert code == 0 and json.loads(out)["size"] == 64 * 1024**2
 
-    code, out, _ = await cli("volume", "resize", "vol1", "--size", "128M", "--api", api_url)
+    code, out, _ = await cli("volume", "resize", "vol1", "--size", "128M", "--wait", "0", "--api", api_url)
     assert (code, out) == (0, "volume vol1 is now 128 MiB (134217728 bytes)\n")
 
     code, out, _ = await cli("volume", "delete", "vol1", "--api", api_url)
@@ -220,19 +222,19 @@ async def test_create_list_inspect_resize_delete(api_url: str) -> None:
 
 
 async def test_daemon_errors_are_one_line(api_url: str) -> None:
-    assert (await cli("volume", "create", "dup", "--size", "1M", "--api", api_url))[0] == 0
-    code, out, err = await cli("volume", "create", "dup", "--size", "1M", "--api", api_url)
+    assert (await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--api", api_url))[0] == 0
+    code, out, err = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--api", api_url)
     assert (code, out) == (1, "")
-    assert one_line(err) == "sparrow: error: volume 'dup' already exists"
+    assert one_line(err) == "sparrow: error: a volume with name 'dup' already exists"
 
     code, _, err = await cli("volume", "inspect", "ghost", "--api", api_url)
     assert code == 1 and one_line(err) == "sparrow: error: no volume named 'ghost'"
 
     code, _, err = await cli("volume", "resize", "dup", "--size", "512K", "--api", api_url)
-    assert code == 1 and "cannot shrink" in one_line(err)
+    assert code == 1 and "volumes only grow" in one_line(err)
 
-    code, _, err = await cli("volume", "create", "Bad_Name", "--size", "1M", "--api", api_url)
-    assert code == 1 and "invalid volume name 'Bad_Name'" in one_line(err)
+    code, _, err = await cli("volume", "create", "Bad_Name", "--size", "1M", "--wait", "0", "--api", api_url)
+    assert code == 1 and "not a volume name: 'Bad_Name'" in one_line(err)
 
 
 async def test_empty_list(api_url: str) -> None:

@@ -19,9 +19,11 @@ from sparrow.cluster.adapter import (
     Adapter,
     AdapterPlan,
     CloseVolume,
+    DestroyVolume,
     OpenVolume,
     PersistRole,
     Redirect,
+    Rejection,
     SetAccess,
     execute_plan,
 )
@@ -93,7 +95,7 @@ class FakeVolumes:
                 self.luns[action.volume_id] = Lu(action)
             else:
                 lu.spec = action
-        elif isinstance(action, CloseVolume):
+        elif isinstance(action, (CloseVolume, DestroyVolume)):
             self.luns.pop(action.volume_id, None)
         elif isinstance(action, SetAccess):
             if lu is not None:
@@ -113,6 +115,9 @@ class FakeVolumes:
 
     async def redirect(self, volume_id: str, portal: str | None) -> None:
         self.run(Redirect(volume_id, portal))
+
+    async def destroy_volume(self, volume_id: str, name: str) -> None:
+        self.run(DestroyVolume(volume_id, name))
 
 
 def check_depends_on_persisted(state: NodeState, action: Action) -> None:
@@ -147,6 +152,9 @@ class Node:
             for action in plan.actions:
                 if isinstance(action, PersistRole):
                     self.state.persist(action.role)
+                elif isinstance(action, DestroyVolume):
+                    self.state.forget(action.volume_id)  # the record first, as execute_plan
+                    self.volumes.run(action)
                 else:
                     check_depends_on_persisted(self.state, action)
                     self.volumes.run(action)
@@ -499,6 +507,124 @@ def test_observation_of_a_closing_volume_is_not_converged(node: Node) -> None:
     assert node.observation(VOL_A) is None
 
 
+# ---- destroy (the master deleted the volume) ----------------------------------------------------
+
+
+def test_destroying_an_open_volume_closes_it_then_destroys_it(node: Node) -> None:
+    node.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)])
+    plan = node.adapter.destroy(VOL_A, "vol-a")
+    assert plan.actions == (CloseVolume(VOL_A), DestroyVolume(VOL_A, "vol-a"))
+    assert plan.rejected == ()
+    node.run(plan)
+    assert node.volumes.log[-2:] == [CloseVolume(VOL_A), DestroyVolume(VOL_A, "vol-a")]
+    assert set(node.volumes.luns) == {VOL_B}
+    assert not node.adapter.is_open(VOL_A)
+    assert node.state.get(VOL_A) is None and not node.state.path_of(VOL_A).exists()
+    assert node.adapter.converged(VOL_A)  # destroyed: closed and forgotten
+    assert [o.volume_id for o in node.adapter.observations(node.now)] == [VOL_B]
+    reloaded = NodeState(node.data_dir)
+    assert reloaded.load() == () and set(reloaded.roles) == {VOL_B}
+
+
+def test_destroying_a_volume_that_is_not_open_only_destroys_it(node: Node) -> None:
+    node.ack([assign(VOL_A, 1)])
+    node.ack([])  # released: closed, its record kept
+    assert not node.adapter.is_open(VOL_A) and node.state.get(VOL_A) is not None
+    plan = node.adapter.destroy(VOL_A, "vol-a")
+    assert plan.actions == (DestroyVolume(VOL_A, "vol-a"),)
+    node.run(plan)
+    assert node.state.get(VOL_A) is None
+    # A volume the adapter never heard of: the same (idempotent) action, and again after that.
+    assert node.adapter.destroy(VOL_B, "vol-b").actions == (DestroyVolume(VOL_B, "vol-b"),)
+    again = node.adapter.destroy(VOL_A, "vol-a")
+    assert again.actions == (DestroyVolume(VOL_A, "vol-a"),)
+
+
+def test_destroy_closes_a_volume_an_outstanding_plan_will_open(node: Node) -> None:
+    pending = node.adapter.plan([assign(VOL_A, 1)], True, 1.0)  # not yet executed
+    plan = node.adapter.destroy(VOL_A, "vol-a")
+    assert plan.actions == (CloseVolume(VOL_A), DestroyVolume(VOL_A, "vol-a"))
+    node.run(pending)
+    assert node.volumes.luns[VOL_A].access is ACTIVE
+    node.run(plan)
+    assert node.volumes.luns == {} and node.state.get(VOL_A) is None
+    assert node.adapter.outstanding == 0
+
+
+def test_a_destroyed_volume_leaves_the_observations_at_once(node: Node) -> None:
+    node.ack([assign(VOL_A, 1)])
+    plan = node.adapter.destroy(VOL_A, "vol-a")  # not run yet: still open, record still there
+    assert node.adapter.destroyed == frozenset({VOL_A})
+    assert node.adapter.is_open(VOL_A) and node.state.get(VOL_A) is not None
+    assert node.observation(VOL_A) is None
+    node.run(plan)
+    assert node.observation(VOL_A) is None
+
+
+def test_an_unreadable_destroyed_volume_is_not_reported_and_its_record_goes(tmp_path: Path) -> None:
+    Node(tmp_path).ack([assign(VOL_A, 2)])
+    (tmp_path / "cluster" / f"{VOL_A}.json").write_bytes(b"garbage")
+    node = Node(tmp_path)
+    assert node.observation(VOL_A) is not None  # FAILED, until ...
+    node.run(node.adapter.destroy(VOL_A, "vol-a"))
+    assert node.observation(VOL_A) is None
+    assert dict(node.state.unreadable) == {} and not node.state.path_of(VOL_A).exists()
+
+
+def test_a_later_assignment_of_a_destroyed_volume_is_rejected_never_opened(node: Node) -> None:
+    node.ack([assign(VOL_A, 1)])
+    plan = node.adapter.destroy(VOL_A, "vol-a")
+    # An Ack already in flight when the master deleted the volume arrives before the plan ran.
+    late = node.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)], lease_valid=True)
+    assert late.rejected == (Rejection(VOL_A, 1, 1, "volume destroyed"),)
+    assert all(a.volume_id == VOL_B for a in late.actions)
+    node.run(plan)
+    # ... and one after it, even at a higher epoch.
+    later = node.ack([assign(VOL_A, 7), replica_of(VOL_B, 1)])
+    assert later.rejected == (Rejection(VOL_A, 7, None, "volume destroyed"),)
+    assert later.actions == ()
+    assert VOL_A not in node.volumes.luns and node.state.get(VOL_A) is None
+    after_destroy = node.volumes.log[node.volumes.log.index(DestroyVolume(VOL_A, "vol-a")) :]
+    assert not any(isinstance(a, OpenVolume) and a.volume_id == VOL_A for a in after_destroy)
+    assert node.adapter.lease_regained().actions == ()
+    assert node.adapter.fence_all().for_volume(VOL_A) == ()
+
+
+def test_fence_all_fences_a_destroyed_volume_still_serving(node: Node) -> None:
+    node.ack([assign(VOL_A, 1)])
+    plan = node.adapter.destroy(VOL_A, "vol-a")
+    fence = node.adapter.fence_all()
+    assert fence.actions == (SetAccess(VOL_A, FENCED),)  # applied to the LU at once by the executor
+    node.run(plan)
+    node.run(fence)  # after the destroy: a no-op on a volume that is gone
+    assert node.volumes.luns == {} and not node.adapter.is_open(VOL_A)
+
+
+def test_a_restarted_node_does_not_reopen_a_destroyed_volume(tmp_path: Path) -> None:
+    first = Node(tmp_path)
+    first.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)])
+    first.run(first.adapter.destroy(VOL_A, "vol-a"))
+    second = Node(tmp_path)
+    startup = second.adapter.startup()
+    assert startup.for_volume(VOL_A) == () and startup.for_volume(VOL_B) != ()
+    assert second.adapter.destroyed == frozenset()  # tombstones are kept in memory only
+
+
+def test_applied_refuses_a_destroy_whose_record_was_not_forgotten(node: Node) -> None:
+    node.ack([assign(VOL_A, 1)])
+    plan = node.adapter.destroy(VOL_A, "vol-a")
+    with pytest.raises(ValueError, match="not forgotten"):
+        node.adapter.applied(plan)
+    assert node.adapter.outstanding == 0
+
+
+@pytest.mark.parametrize(("volume_id", "name"), [("../" + "a" * 29, "vol-a"), (VOL_A, "../etc"), (VOL_A, "")])
+def test_destroy_refuses_malformed_ids(node: Node, volume_id: str, name: str) -> None:
+    with pytest.raises(InvalidMessage):
+        node.adapter.destroy(volume_id, name)
+    assert node.adapter.destroyed == frozenset() and node.adapter.outstanding == 0
+
+
 # ---- the asyncio executor -----------------------------------------------------------------------
 
 
@@ -531,6 +657,89 @@ async def test_execute_plan_reports_a_partial_run(tmp_path: Path) -> None:
     assert retry.actions == (SetAccess(VOL_A, ACTIVE),)
     await execute_plan(retry, adapter, volumes)
     assert adapter.converged(VOL_A)
+
+
+@dataclass
+class BrokenVolume(FakeVolumes):
+    """Opening ``broken`` fails (its local copy is corrupt); every other volume is fine."""
+
+    broken: str = VOL_A
+
+    async def open_volume(self, action: OpenVolume) -> None:
+        if action.volume_id == self.broken:
+            raise OSError("injected: corrupt volume record")
+        await super().open_volume(action)
+
+
+async def test_one_failing_volume_does_not_stop_the_others(tmp_path: Path) -> None:
+    state = NodeState(tmp_path)
+    await state.load_async()
+    adapter = Adapter(ME, state)
+    volumes = BrokenVolume()
+    plan = adapter.plan([assign(VOL_A, 1), assign(VOL_B, 1), replica_of(VOL_C, 1)], True, 1.0)
+    with pytest.raises(OSError, match="corrupt volume record"):
+        await execute_plan(plan, adapter, volumes)
+    # VOL_A's role was persisted, its open failed, so nothing after that ran for VOL_A ...
+    assert state.get(VOL_A) is not None and not adapter.is_open(VOL_A)
+    assert [a for a in volumes.log if a.volume_id == VOL_A] == []
+    # ... while VOL_B serves and VOL_C stands by, as planned.
+    assert adapter.access_state(VOL_B) is ACTIVE and adapter.converged(VOL_B)
+    assert adapter.access_state(VOL_C) is STANDBY and adapter.converged(VOL_C)
+    assert adapter.outstanding == 0
+    retry = adapter.plan([assign(VOL_A, 1), assign(VOL_B, 1), replica_of(VOL_C, 1)], True, 2.0)
+    assert {a.volume_id for a in retry.actions} == {VOL_A}  # only the broken one is tried again
+
+
+@dataclass
+class ForgetFirst(FakeVolumes):
+    """Records whether the volume's record was still persisted when ``destroy_volume`` ran."""
+
+    state: NodeState | None = None
+    record_held: list[bool] = field(default_factory=list)
+
+    async def destroy_volume(self, volume_id: str, name: str) -> None:
+        assert self.state is not None
+        self.record_held.append(
+            self.state.get(volume_id) is not None or self.state.path_of(volume_id).exists()
+        )
+        await super().destroy_volume(volume_id, name)
+
+
+async def test_execute_plan_forgets_the_record_before_destroying_the_volume(tmp_path: Path) -> None:
+    state = NodeState(tmp_path)
+    await state.load_async()
+    adapter = Adapter(ME, state)
+    volumes = ForgetFirst(state=state)
+    await execute_plan(adapter.plan([assign(VOL_A, 1)], True, 1.0), adapter, volumes)
+    plan = adapter.destroy(VOL_A, "vol-a")
+    await execute_plan(plan, adapter, volumes)
+    assert volumes.record_held == [False]
+    assert volumes.log[-2:] == [CloseVolume(VOL_A), DestroyVolume(VOL_A, "vol-a")]
+    assert adapter.outstanding == 0 and not adapter.is_open(VOL_A)
+
+
+async def test_a_failed_forget_stops_the_destroy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = NodeState(tmp_path)
+    await state.load_async()
+    adapter = Adapter(ME, state)
+    volumes = FakeVolumes()
+    await execute_plan(adapter.plan([assign(VOL_A, 1)], True, 1.0), adapter, volumes)
+
+    def broken(path: Any) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(nodestate, "fsync_dir", broken)
+    plan = adapter.destroy(VOL_A, "vol-a")
+    with pytest.raises(RecordWriteError):
+        await execute_plan(plan, adapter, volumes)
+    assert volumes.log[-1] == CloseVolume(VOL_A)  # closed, but the data was not touched
+    assert state.get(VOL_A) is not None  # memory keeps the role until the removal is durable
+    assert adapter.outstanding == 0 and not adapter.is_open(VOL_A)
+    monkeypatch.undo()
+    retry = adapter.destroy(VOL_A, "vol-a")
+    assert retry.actions == (DestroyVolume(VOL_A, "vol-a"),)
+    await execute_plan(retry, adapter, volumes)
+    assert volumes.log[-1] == DestroyVolume(VOL_A, "vol-a") and state.get(VOL_A) is None
 
 
 # ---- property: random assignment streams ---------------------------------------------------------
@@ -568,6 +777,7 @@ STEPS = st.lists(
         st.just(("regain",)),
         st.just(("flush",)),
         st.just(("restart",)),
+        st.tuples(st.just("destroy"), st.sampled_from(VOLUMES)),
     ),
     max_size=25,
 )
@@ -584,6 +794,7 @@ class Model:
         self.max_persisted: dict[str, int] = {}
         self.lease = False
         self.offered: dict[str, VolumeRole] = {}  # latest accepted role per volume, this process
+        self.destroyed: set[str] = set()  # this process's tombstones
 
     def restart(self) -> None:
         self.node = Node(self.data_dir)
@@ -591,6 +802,7 @@ class Model:
         self.floor = {v: r.epoch for v, r in self.node.state.roles.items()}
         self.lease = False
         self.offered = {}
+        self.destroyed = set()
         self.hand_out(self.node.adapter.startup())
 
     def hand_out(self, plan: AdapterPlan) -> None:
@@ -610,6 +822,10 @@ class Model:
         plan = self.node.adapter.plan(batch, lease, self.node.now)
         rejected = {r.volume_id for r in plan.rejected}
         for a in batch:
+            if a.volume_id in self.destroyed:
+                assert [r.reason for r in plan.rejected if r.volume_id == a.volume_id] == ["volume destroyed"]
+                assert plan.for_volume(a.volume_id) == ()
+                continue
             floor = self.floor.get(a.volume_id)
             role = VolumeRole.from_assignment(a, ME)
             if floor is not None and a.epoch < floor:
@@ -623,9 +839,19 @@ class Model:
                 self.offered[a.volume_id] = role
         self.hand_out(plan)
 
+    def destroy(self, volume_id: str) -> None:
+        self.destroyed.add(volume_id)
+        self.offered.pop(volume_id, None)
+        self.hand_out(self.node.adapter.destroy(volume_id, f"vol-{volume_id[0]}"))
+        assert volume_id not in {o.volume_id for o in self.node.adapter.observations(self.node.now)}
+
     def flush(self) -> None:
         for plan in self.queue:
             self.node.run(plan)  # persists never fail here: no regression, no conflict
+            for action in plan.actions:
+                if isinstance(action, DestroyVolume):  # its record is gone: no floor any more
+                    self.max_persisted.pop(action.volume_id, None)
+                    self.floor.pop(action.volume_id, None)
             for volume_id, role in self.node.state.roles.items():
                 assert role.epoch >= self.max_persisted.get(volume_id, 0)
                 self.max_persisted[volume_id] = role.epoch
@@ -634,6 +860,8 @@ class Model:
         assert adapter.outstanding == 0
         for volume_id in VOLUMES:
             assert adapter.converged(volume_id) or volume_id not in self.node.state.roles
+            if volume_id in self.destroyed:
+                assert volume_id not in self.node.volumes.luns and self.node.state.get(volume_id) is None
             lu = self.node.volumes.luns.get(volume_id)
             assert adapter.access_state(volume_id) == (None if lu is None else lu.access)
             if lu is not None and lu.access is ACTIVE:
@@ -661,6 +889,8 @@ def test_random_assignment_streams_keep_the_promises(steps: list[tuple[Any, ...]
                 model.hand_out(model.node.adapter.lease_regained())
             elif step[0] == "flush":
                 model.flush()
+            elif step[0] == "destroy":
+                model.destroy(step[1])
             else:
                 model.restart()
         model.flush()

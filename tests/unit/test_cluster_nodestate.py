@@ -329,6 +329,126 @@ async def test_async_persist_writes_off_the_loop(tmp_path: Path, monkeypatch: py
     assert again.get(VOL_A) == role(VOL_A, 2)
 
 
+# ---- forget (the master deleted the volume) -----------------------------------------------------
+
+
+class FsyncSpy:
+    """Stands in for ``fsync_dir``; records each call with the files the directory held then."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[Path, list[str]]] = []
+        self.fail = fail
+
+    def __call__(self, path: Any) -> None:
+        self.calls.append((Path(path), sorted(os.listdir(path))))
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+
+def test_forget_removes_the_record_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = loaded(tmp_path)
+    state.persist(role(VOL_A, 3))
+    state.persist(role(VOL_B, 1))
+    spy = FsyncSpy()
+    monkeypatch.setattr(nodestate, "fsync_dir", spy)
+    state.forget(VOL_A)
+    # The directory was fsynced after the unlink (so the removal survives a power loss).
+    assert spy.calls == [(state.directory, [f"{VOL_B}.json"])]
+    assert state.get(VOL_A) is None and set(state.roles) == {VOL_B}
+    again = loaded(tmp_path)
+    assert set(again.roles) == {VOL_B}
+    # The epoch floor went with the record: the volume id could be assigned afresh.
+    again.persist(role(VOL_A, 1))
+    assert again.get(VOL_A) == role(VOL_A, 1)
+
+
+def test_forget_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = loaded(tmp_path)
+    state.persist(role(VOL_A, 1))
+    state.forget(VOL_A)
+    spy = FsyncSpy()
+    monkeypatch.setattr(nodestate, "fsync_dir", spy)
+    state.forget(VOL_A)  # already gone
+    state.forget(VOL_C)  # never known
+    assert spy.calls == []
+    assert dict(state.roles) == {} and os.listdir(state.directory) == []
+
+
+def test_forget_removes_an_unreadable_record(tmp_path: Path) -> None:
+    state = loaded(tmp_path)
+    state.persist(role(VOL_A, 4))
+    state.path_of(VOL_A).write_bytes(b"garbage")
+    broken = NodeState(tmp_path)
+    assert [p.volume_id for p in broken.load()] == [VOL_A]
+    broken.forget(VOL_A)
+    assert dict(broken.unreadable) == {} and not broken.path_of(VOL_A).exists()
+    assert loaded(tmp_path).roles == {}
+    broken.persist(role(VOL_A, 1))  # no longer refused as unreadable
+
+
+def test_a_failed_unlink_keeps_the_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = loaded(tmp_path)
+    state.persist(role(VOL_A, 2))
+
+    def broken_unlink(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", broken_unlink)
+    with pytest.raises(RecordWriteError):
+        state.forget(VOL_A)
+    monkeypatch.undo()
+    assert state.get(VOL_A) == role(VOL_A, 2)
+    assert loaded(tmp_path).get(VOL_A) == role(VOL_A, 2)
+
+
+def test_a_failed_fsync_keeps_the_role_and_a_retry_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = loaded(tmp_path)
+    state.persist(role(VOL_A, 2))
+    monkeypatch.setattr(nodestate, "fsync_dir", FsyncSpy(fail=True))
+    with pytest.raises(RecordWriteError):
+        state.forget(VOL_A)
+    # Unlinked, but not known to be durable: the in-memory view keeps the role (and its floor).
+    assert not state.path_of(VOL_A).exists() and state.get(VOL_A) == role(VOL_A, 2)
+    spy = FsyncSpy()
+    monkeypatch.setattr(nodestate, "fsync_dir", spy)
+    state.forget(VOL_A)  # the file is gone already; the directory is fsynced this time
+    assert spy.calls == [(state.directory, [])]
+    assert state.get(VOL_A) is None
+
+
+@pytest.mark.parametrize("volume_id", ["../" + "a" * 29, "A" * 32, ""])
+def test_forget_refuses_a_malformed_volume_id(tmp_path: Path, volume_id: str) -> None:
+    state = loaded(tmp_path)
+    with pytest.raises(InvalidMessage):
+        state.forget(volume_id)
+
+
+async def test_async_forget_runs_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = NodeState(tmp_path)
+    assert await state.load_async() == ()
+    await state.persist_async(role(VOL_A, 2))
+    await state.persist_async(role(VOL_B, 1))
+    threads: list[int] = []
+    real = store.metadata.fsync_dir
+
+    def spy(path: Any) -> None:
+        threads.append(threading.get_ident())
+        real(path)
+
+    monkeypatch.setattr(nodestate, "fsync_dir", spy)
+    await state.forget_async(VOL_A)
+    await state.forget_async(VOL_A)  # gone: nothing to do
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    assert set(state.roles) == {VOL_B}
+    again = NodeState(tmp_path)
+    assert await again.load_async() == ()
+    assert set(again.roles) == {VOL_B}
+    with pytest.raises(InvalidMessage):
+        await state.forget_async("not-a-volume-id")
+
+
 # ---- incarnation --------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The CLI's cluster additions: `sparrow node list`, `volume create --replicas`, `volume inspect`
-against the master's API, `sparrow master` flag checks, and the single-node API's answer to
-``replicas``. The APIs run in-process (aiohttp TestServer); the CLI runs in a worker thread."""
+against the master's API, and `sparrow master` flag checks. The API runs in-process (aiohttp
+TestServer); the CLI runs in a worker thread."""
 
 from __future__ import annotations
 
@@ -14,17 +14,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from frontend.target import Portal, TargetRegistry
-from sparrow.api import build_app as build_node_app
 from sparrow.cli import build_parser, main
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Heartbeat, Hello
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
-from sparrow.metrics import PrometheusMetrics
-from sparrow.service import VolumeService
-from store.volumes import VolumeManager
 
 MiB = 1 << 20
 
@@ -141,37 +136,6 @@ def test_the_node_command_keeps_its_subcommands() -> None:
     # `sparrow node` without a subcommand stays the node daemon's own command.
     plain = build_parser().parse_args(["node", "--node-id", "n1"])
     assert plain.func.__name__ != "cmd_node_list"
-
-
-@pytest.fixture
-async def node_api(tmp_path: Path) -> AsyncIterator[tuple[str, VolumeService]]:
-    metrics = PrometheusMetrics()
-    service = VolumeService(
-        VolumeManager(tmp_path / "data"),
-        TargetRegistry(),
-        base_iqn="iqn.2026-11.io.sparrow",
-        portals=(Portal("192.0.2.9", 3260),),
-        metrics=metrics,
-    )
-    await service.open_all()
-    server = TestServer(build_node_app(service, metrics))
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/"), service
-    await server.close()
-    await service.close()
-
-
-async def test_a_single_node_accepts_one_replica_and_refuses_more(
-    node_api: tuple[str, VolumeService],
-) -> None:
-    url, service = node_api
-    code, _, err = await cli("volume", "create", "one", "--size", "1MiB", "--replicas", "1", "--api", url)
-    assert code == 0, err
-    assert list(service.names()) == ["one"]
-    code, out, err = await cli("volume", "create", "two", "--size", "1MiB", "--replicas", "2", "--api", url)
-    assert code == 1 and out == ""
-    assert err.startswith("sparrow: error: replicas=2 needs a cluster")
-    assert "two" not in service.names()
 
 
 async def test_create_with_every_flag_and_resize_against_the_master(

@@ -7,6 +7,7 @@ and fire the timer themselves, so nothing sleeps. The volumes are real (VolumeMa
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,13 @@ import pytest
 
 from frontend.scsi.lu import AccessState
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
+from sparrow.cluster import nodestate
 from sparrow.cluster.adapter import Adapter, OpenVolume
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Role, VolumeChap
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
+from store.metadata import RecordWriteError
 from store.volumes import VolumeManager, VolumeNotFound
 
 ME = "n1"
@@ -455,3 +458,130 @@ def test_remote_directory_leaves_entries_it_did_not_put_alone() -> None:
     assert registry.remote(OTHER_IQN) == foreign
     directory.update((entry(),), held=(OTHER,))  # held here: no entry
     assert directory.entries() == {}
+
+
+# ---- destroy: the master deleted the volume ------------------------------------------------------
+
+
+def files(node: Node) -> set[str]:
+    return set(os.listdir(node.data_dir / "volumes"))
+
+
+def persisted(node: Node) -> set[str]:
+    state = NodeState(node.data_dir)
+    assert state.load() == ()
+    return set(state.roles)
+
+
+async def test_destroy_unexports_and_deletes_the_data_and_the_record(node: Node) -> None:
+    await node.ack(assign())
+    target = node.registry.get(IQN)
+    assert target is not None
+    await target.lu.store.write(0, b"\x5a" * 512)
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"} and persisted(node) == {VOL}
+    await node.conv.destroy(VOL, NAME)
+    assert node.registry.resolve(IQN) is None
+    assert target.lu.access_state is FENCED  # sessions still open meanwhile are refused I/O
+    with pytest.raises(VolumeNotFound):
+        node.manager.get(NAME)
+    assert files(node) == set() and persisted(node) == set()
+    assert node.state.get(VOL) is None and node.conv.last_error is None
+    assert node.conv.observations(node.timers.now) == ()
+    assert node.volumes.settings(VOL) is None
+
+
+async def test_an_ack_after_the_destroy_does_not_recreate_the_volume(node: Node) -> None:
+    await node.ack(assign())
+    await node.conv.destroy(VOL, NAME)
+    await node.ack(assign(), directory=(entry(VOL, NAME, "10.0.0.1:3260"),))  # in flight meanwhile
+    await node.ack(assign(epoch=2))
+    assert node.registry.resolve(IQN) is None  # neither served nor redirected (to itself)
+    assert files(node) == set() and persisted(node) == set()
+    assert node.conv.observations(node.timers.now) == ()
+
+
+async def test_destroy_deletes_a_released_volume(node: Node) -> None:
+    await node.ack(assign())
+    await node.ack()  # released: closed, data and record kept
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"}
+    await node.conv.destroy(VOL, NAME)
+    assert files(node) == set() and persisted(node) == set()
+
+
+async def test_destroy_deletes_a_volume_that_failed_to_load(tmp_path: Path) -> None:
+    first = await start_node(tmp_path, Timers())
+    await first.ack(assign())
+    await stop_node(first)
+    (tmp_path / "volumes" / f"{NAME}.json").write_bytes(b"garbage")  # its id is unreadable now
+    second = await start_node(tmp_path, Timers(now=500.0))
+    try:
+        with pytest.raises(VolumeNotFound):
+            second.manager.get(NAME)  # offline
+        await second.conv.destroy(VOL, NAME)  # the master named it
+        assert files(second) == set() and persisted(second) == set()
+        assert second.conv.last_error is None
+    finally:
+        await stop_node(second)
+
+
+async def test_destroy_leaves_a_user_given_backing_alone(node: Node, tmp_path: Path) -> None:
+    backing = tmp_path.parent / f"{tmp_path.name}-backing.img"
+    backing.write_bytes(b"\x11" * SIZE)
+    await node.ack(with_settings(assign(), backing=str(backing)))
+    await node.conv.destroy(VOL, NAME)
+    assert files(node) == set() and persisted(node) == set()
+    assert backing.read_bytes() == b"\x11" * SIZE
+
+
+async def test_destroy_refuses_a_local_volume_of_another_id_and_tells_the_waiter(node: Node) -> None:
+    await node.manager.create(NAME, SIZE, volume_id=OTHER)
+    with pytest.raises(VolumeMismatch, match=OTHER):
+        await node.conv.destroy(VOL, NAME)
+    assert node.conv.last_error is not None and "VolumeMismatch" in node.conv.last_error
+    assert node.manager.get(NAME).meta.volume_id == OTHER  # untouched
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"}
+    # Closed, not only when it is open: a released volume of the other id is not deleted either.
+    await node.manager.close_volume(NAME)
+    with pytest.raises(VolumeMismatch):
+        await node.conv.destroy(VOL, NAME)
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"}
+    # Once the clash is gone, the same call succeeds (every step is idempotent).
+    await node.manager.delete(NAME)
+    await node.conv.destroy(VOL, NAME)
+    assert node.conv.last_error is None
+
+
+async def test_destroy_of_a_volume_that_is_not_here_is_a_no_op(node: Node) -> None:
+    await node.manager.create("vol-b", SIZE, volume_id=OTHER)
+    await node.conv.destroy(VOL, NAME)
+    await node.conv.destroy(VOL, NAME)
+    assert node.conv.last_error is None
+    assert files(node) == {"vol-b.json", "vol-b.img"}
+
+
+async def test_destroy_removes_the_remote_entry_of_the_volume(node: Node) -> None:
+    await node.ack(directory=(entry(),))
+    assert node.registry.remote(OTHER_IQN) is not None
+    await node.conv.destroy(OTHER, OTHER_NAME)  # nothing local: only the directory changes
+    assert node.registry.resolve(OTHER_IQN) is None and node.conv.directory.entries() == {}
+    await node.ack(directory=(entry(),))  # the next Ack still lists it (in flight meanwhile)
+    assert node.registry.resolve(OTHER_IQN) is None
+
+
+async def test_a_failed_forget_is_raised_to_the_waiter_and_the_data_stays(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await node.ack(assign())
+
+    def broken(path: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(nodestate, "fsync_dir", broken)
+    with pytest.raises(RecordWriteError):
+        await node.conv.destroy(VOL, NAME)
+    monkeypatch.undo()
+    assert node.conv.last_error is not None and "RecordWriteError" in node.conv.last_error
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"}  # never deleted before the record went
+    assert node.registry.get(IQN) is None  # but no longer served
+    await node.conv.destroy(VOL, NAME)  # the retry finishes it
+    assert files(node) == set() and persisted(node) == set()
