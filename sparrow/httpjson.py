@@ -1,4 +1,4 @@
-"""The JSON conventions of Sparrow's HTTP APIs (the single-node daemon's and the master's).
+"""The JSON conventions of Sparrow's HTTP APIs (the master's, which `sparrow serve` serves too).
 
 Request bodies are JSON objects with a fixed set of fields; every failure is answered as
 ``{"error": "<one line>"}`` with its HTTP status.

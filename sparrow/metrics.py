@@ -141,7 +141,7 @@ class PrometheusMetrics:
     def login_failed(self, reason: str) -> None:
         self.login_failures.labels(reason=reason).inc()
 
-    # --- volumes (called by the VolumeService) -----------------------------------------------
+    # --- volumes (called by the node's volume layer, NodeVolumes) ---------------------------
 
     def volume_served(self, volume: str, size: int) -> None:
         self.volume_size.labels(volume=volume).set(size)

@@ -163,7 +163,7 @@ class _StateCollector(Collector):
 
 class LocalNode(Protocol):
     """The node running in the master's own process (``sparrow serve``, sparrow/embedded.py): what
-    the API asks of it so that the one-machine mode keeps the single-node daemon's behaviour."""
+    the API asks of it, so one machine keeps the behaviour of the earlier single-node daemon."""
 
     def health(self) -> Mapping[str, Any]:
         """The node's health; its ``offline`` list names the local volumes that failed to load."""

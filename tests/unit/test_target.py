@@ -106,7 +106,7 @@ def test_iteration_lists_each_iqn_once_resolved_in_order() -> None:
     reg.redirect(C, NODE2)
     assert list(reg) == [a, RemoteTarget(B, "beta", NODE3), RemoteTarget(C, "gamma", NODE2)]
     assert len(reg) == 3
-    # iterating a snapshot: removing while iterating (as VolumeService.close does) is safe
+    # iterating a snapshot: removing while iterating (as closing every target does) is safe
     for entry in reg:
         reg.remove(entry.iqn)
     assert len(reg) == 0
