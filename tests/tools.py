@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -25,10 +26,26 @@ def require_tool(name: str) -> str:
     return path
 
 
+#: Ports handed to test daemons come from below the kernel's ephemeral range (32768-60999 on Linux),
+#: so a port chosen here is never taken in the meantime by some process's port-0 bind (the
+#: heartbeat listener inside every `sparrow serve`, outgoing connections).
+_TEST_PORTS = range(20000, 32000)
+_next_port = random.Random().randrange(len(_TEST_PORTS))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody listens on now, outside the ephemeral range."""
+    global _next_port
+    for _ in range(len(_TEST_PORTS)):
+        port = _TEST_PORTS[_next_port % len(_TEST_PORTS)]
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free test port in 20000-31999")
 
 
 def wait_for(condition: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.02) -> T:
