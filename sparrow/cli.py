@@ -177,8 +177,10 @@ def _warn_unserved(volume: Any, wait: float, err: TextIO) -> None:
     volume exists; ``status`` says what it waits for)."""
     if wait <= 0 or not isinstance(volume, dict) or "epoch" not in volume:
         return
-    if volume.get("url") is None or volume.get("status_kind") not in (None, "ok"):
-        reason = volume.get("status") or "not placed yet"
+    if volume.get("served") is False or volume.get("url") is None:
+        reason = volume.get("status") or (
+            "not placed yet" if volume.get("url") is None else "its primary has not reported it served yet"
+        )
         print(f"sparrow: warning: volume {volume.get('name')} is not served yet: {reason}", file=err)
 
 

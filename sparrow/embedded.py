@@ -190,43 +190,35 @@ async def serve(config: Config) -> int:
             metrics=metrics,
         )
         await adopt(master, node)
-        master.start_steps(stop)
 
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))
         runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
         http_bound = _bound(runner.addresses, config.http)
+        master.start_steps(stop)
+        cleanup.push_async_callback(_end_steps, master, stop)  # only reached if a later step fails
         node.start_heartbeat(http_bound)
 
-        records = await asyncio.to_thread(master.store.volumes)
-        demo = config.demo_volume
-        if demo is not None and all(r.name != demo.name for r in records):
-            record = await asyncio.to_thread(
-                master.store.add_volume,
-                demo.name,
-                size=demo.size,
-                block_size=512,
-                replicas=1,
-                created_at=api.wall_clock(),
-            )
-            master.control.volume_added(record)
-            records = (*records, record)
+        records = await _with_demo_volume(api, config)
         offline = {e.name for e in node.offline}  # they cannot be served: do not wait for them
-        await _served_all(api, tuple(r for r in records if r.name not in offline), READY_TIMEOUT)
-
-        log.info(
-            "listening",
-            iscsi=str(node.iscsi_portal),
-            http=str(http_bound),
-            portals=[str(p) for p in node.portals],
-            volumes=len(records),
-            offline=len(node.offline),
-            data_dir=str(config.data_dir),
-        )
-        count = len(records)
-        _notify(systemd.ready, f"serving {count} volume{'' if count == 1 else 's'} on {node.iscsi_portal}")
-        if demo is not None:
-            record = next(r for r in records if r.name == demo.name)
-            print(attach_instructions(volume_json(api, record), http_bound), file=sys.stderr, flush=True)
+        if await _until_served(api, tuple(r for r in records if r.name not in offline), stop):
+            log.info(
+                "listening",
+                iscsi=str(node.iscsi_portal),
+                http=str(http_bound),
+                portals=[str(p) for p in node.portals],
+                volumes=len(records),
+                offline=len(node.offline),
+                data_dir=str(config.data_dir),
+            )
+            count = len(records)
+            _notify(
+                systemd.ready, f"serving {count} volume{'' if count == 1 else 's'} on {node.iscsi_portal}"
+            )
+            demo = next(
+                (r for r in records if config.demo_volume and r.name == config.demo_volume.name), None
+            )
+            if demo is not None:
+                print(attach_instructions(volume_json(api, demo), http_bound), file=sys.stderr, flush=True)
 
         await stop.wait()
 
@@ -236,13 +228,47 @@ async def serve(config: Config) -> int:
         _notify(systemd.stopping, "draining")
         await runner.cleanup()
         try:
-            failed = await node.stop()
-            await master.stop()
+            try:
+                failed = await node.stop()
+            finally:
+                await master.stop()
         finally:
             lock.release()
         log.info("stopped", clean=not failed)
         return 1 if failed else 0
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the exit stack may swallow)
+
+
+async def _with_demo_volume(api: MasterApi, config: Config) -> tuple[VolumeRecord, ...]:
+    """The live volumes, after recording the demo volume (``--demo-volume``) if it is missing."""
+    store = api.control.store
+    records = await asyncio.to_thread(store.volumes)
+    demo = config.demo_volume
+    if demo is None or any(r.name == demo.name for r in records):
+        return records
+    record = await asyncio.to_thread(
+        store.add_volume, demo.name, size=demo.size, block_size=512, replicas=1, created_at=api.wall_clock()
+    )
+    api.control.volume_added(record)
+    return (*records, record)
+
+
+async def _end_steps(master: MasterRuntime, stop: asyncio.Event) -> None:
+    """After a failed start: end the control loop before the store it uses is closed."""
+    stop.set()
+    if master.steps is not None:
+        await master.steps
+
+
+async def _until_served(api: MasterApi, records: tuple[VolumeRecord, ...], stop: asyncio.Event) -> bool:
+    """Wait until every volume is served (at most READY_TIMEOUT); False if ``stop`` came first."""
+    waiting = asyncio.ensure_future(_served_all(api, records, READY_TIMEOUT))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    for task in (waiting, stopping):
+        task.cancel()
+    await asyncio.gather(waiting, stopping, return_exceptions=True)
+    return not stop.is_set()
 
 
 async def _served_all(api: MasterApi, records: tuple[VolumeRecord, ...], within: float) -> None:

@@ -487,6 +487,14 @@ class Adapter:
 
     # ---- reporting ----------------------------------------------------------------------------------
 
+    def _health(self, volume_id: str, held: VolumeRole | None) -> Health:
+        local = self._local.get(volume_id)
+        if local is None:
+            return Health.OFFLINE
+        if held is not None and held.role is Role.PRIMARY and local.access not in SERVING_STATES:
+            return Health.DEGRADED
+        return Health.OK
+
     def observations(
         self,
         now: float,
@@ -501,7 +509,9 @@ class Adapter:
         (epoch 0, role NONE, FAILED); never a destroyed volume. ``epoch`` and ``role`` are what the
         node has *persisted*; ``converged`` says whether the local state matches them (and nothing
         newer is pending).
-        Health defaults to OK for an open volume and OFFLINE otherwise; write positions to 0.
+        Health defaults to OK for an open volume, DEGRADED for a primary that is open but not
+        serving (fenced: no lease, or not yet confirmed), OFFLINE for a volume that is not open;
+        write positions to 0.
         ``now`` is the heartbeat's time (the observation carries no timestamp of its own).
         """
         del now  # part of the sans-IO signature; nothing here depends on time yet
@@ -521,7 +531,7 @@ class Adapter:
                     volume_id=volume_id,
                     epoch=0 if held is None else held.epoch,
                     role=Role.NONE if held is None else held.role,
-                    health=health.get(volume_id, Health.OK if is_open else Health.OFFLINE),
+                    health=health.get(volume_id, self._health(volume_id, held)),
                     write_position=write_positions.get(volume_id, 0),
                     replica_states=replica_states.get(volume_id, ()),
                     converged=self.converged(volume_id),

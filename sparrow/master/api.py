@@ -38,6 +38,7 @@ A volume (see :func:`volume_json`); secrets are never returned::
      "replicas": [{"node_id", "role": "primary"|"replica", "state": "alive"|"dead",
                    "observed_epoch", "observed_role", "health", "converged", "write_position"}],
                   (observed_* ... null when the node has reported nothing for the volume)
+     "served": true once the primary serves the current epoch (see ``?wait``),
      "status": the controller's reason or null, "status_kind": "ok"|"unplaced"|...,
      "url": "iscsi://PRIMARY_PORTAL/IQN/0" | null}
 
@@ -76,7 +77,7 @@ from sparrow.cluster.authority import (
     VolumeRecord,
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
-from sparrow.cluster.messages import Assignment, InvalidMessage, Role, VolumeChap
+from sparrow.cluster.messages import Assignment, Health, InvalidMessage, Role, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.control import ControlLoop
@@ -390,6 +391,7 @@ def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
         "epoch": 0 if assignment is None else assignment.epoch,
         "primary": primary,
         "replicas": [] if assignment is None else _replicas_json(api, assignment),
+        "served": is_served(api, record.volume_id),
         "status": None if status is None else status.reason,
         "status_kind": None if status is None else status.kind.value,
         "url": url,
@@ -402,7 +404,9 @@ MAX_WAIT = 60.0
 
 
 def is_served(api: MasterApi, volume_id: str) -> bool:
-    """True when the volume's primary has reported its current epoch, as primary, converged."""
+    """True when the volume's primary has reported its current epoch, as primary, converged and
+    serving (health OK: a fenced primary reports DEGRADED), in a heartbeat the master still
+    counts as alive."""
     assignment = api.control.current(volume_id)
     if assignment is None or assignment.primary is None or assignment.primary_portal is None:
         return False
@@ -412,6 +416,7 @@ def is_served(api: MasterApi, volume_id: str) -> bool:
         and obs.epoch == assignment.epoch
         and obs.role is Role.PRIMARY
         and obs.converged
+        and obs.health is Health.OK
         and api.control.observations.alive(assignment.primary, api.clock())
     )
 

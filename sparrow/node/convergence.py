@@ -293,8 +293,14 @@ class NodeVolumes:
         stays). A volume of that name that failed to load (its id unreadable) is deleted too: the
         master named it. No local volume of that name: nothing to do.
 
-        Raises :class:`VolumeMismatch`, touching nothing, when the local ``name`` carries another
-        volume id or the volume id is held locally under another name.
+        Raises :class:`VolumeMismatch`, deleting nothing, when the local ``name`` carries another
+        volume id or the volume id is held locally under another name (the adapter has forgotten
+        the volume's role by then: the data stays, unassigned). A volume whose record cannot be read
+        is taken to be the master's: a name reaches the master only through a create checked
+        against the local disk (``sparrow serve``) or the adoption of a readable local volume.
+
+        The delete itself is shielded from cancellation (a shutdown in the middle of it): a
+        half-deleted volume would leave an orphan data file behind.
         """
         validate_name(name)
         present, recorded = await self._local_id(name)
@@ -317,7 +323,7 @@ class NodeVolumes:
         if not present:
             return
         try:
-            await self.manager.delete(name)
+            await asyncio.shield(self.manager.delete(name))
         except VolumeNotFound:
             return
         log.info("volume destroyed", volume=name, volume_id=volume_id, readable=recorded is not None)

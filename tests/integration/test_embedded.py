@@ -87,3 +87,23 @@ def test_a_single_node_data_dir_is_adopted_with_its_identity_and_data(tmp_path: 
         assert serial in run([iscsi_inq, "-e", "1", "-c", "128", daemon.url("legacy")]).stdout
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_volume_that_failed_to_load_keeps_its_name_until_deleted(daemon: Daemon) -> None:
+    iscsi_inq = require_tool("iscsi-inq")
+    daemon.create_volume("good", "8MiB")
+    daemon.create_volume("bad", "8MiB")
+    assert daemon.stop() == 0
+    record = daemon.data_dir / "volumes" / "bad.json"
+    record.write_text(record.read_text()[:-20] + "garbage")
+    daemon.start()
+    # A new volume never takes the name (and so never the files) of one that failed to load.
+    taken = daemon.cli("volume", "create", "bad", "--size", "8MiB", check=False)
+    assert taken.returncode != 0 and "already exists" in taken.stderr, taken.stderr
+    health = json.loads(daemon.get("/healthz")[1])
+    assert health["status"] == "degraded" and [o["name"] for o in health["offline"]] == ["bad"], health
+    daemon.cli("volume", "delete", "bad")
+    assert not record.exists() and not (daemon.data_dir / "volumes" / "bad.img").exists()
+    health = json.loads(daemon.get("/healthz")[1])
+    assert health["status"] == "ok" and health["offline"] == [], health
+    run([iscsi_inq, daemon.url("good")])

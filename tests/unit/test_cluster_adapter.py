@@ -210,6 +210,17 @@ def test_primary_without_a_lease_is_opened_fenced(node: Node) -> None:
     assert plan.actions == (SetAccess(VOL_A, ACTIVE),)
 
 
+def test_a_fenced_primary_reports_degraded_health_while_converged(node: Node) -> None:
+    """Converged only says the LU matches the plan; health says whether the primary serves."""
+    node.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)], lease_valid=False)
+    fenced = node.observation(VOL_A)
+    assert fenced.converged and fenced.health is Health.DEGRADED
+    assert node.observation(VOL_B).health is Health.OK  # a standby replica is healthy
+    node.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)], lease_valid=True)
+    serving = node.observation(VOL_A)
+    assert serving.converged and serving.health is Health.OK
+
+
 def test_the_same_ack_twice_plans_nothing(node: Node) -> None:
     node.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)])
     plan = node.ack([assign(VOL_A, 1), replica_of(VOL_B, 1)])

@@ -96,6 +96,7 @@ async def test_create_get_list_and_delete_a_volume(master: Master) -> None:
         "epoch": 0,
         "primary": None,
         "replicas": [],
+        "served": False,
         "status": None,
         "status_kind": None,
         "url": None,
@@ -368,9 +369,12 @@ async def test_wait_answers_once_the_primary_reports_the_epoch_converged(master:
     master.node_reports("n1", 2, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 0, (), False))
     await asyncio.sleep(0.05)  # not converged yet: the answer must still be pending
     assert not post.done()
-    master.node_reports("n1", 3, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 0, (), True))
+    master.node_reports("n1", 3, VolumeObservation(vid, 1, Role.PRIMARY, Health.DEGRADED, 0, (), True))
+    await asyncio.sleep(0.05)  # converged but fenced (no lease): still pending
+    assert not post.done()
+    master.node_reports("n1", 4, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 0, (), True))
     created = await asyncio.wait_for(post, 5)
-    assert created["epoch"] == 1 and created["url"] is not None
+    assert created["epoch"] == 1 and created["url"] is not None and created["served"] is True
     assert created["replicas"][0]["converged"] is True
 
 
