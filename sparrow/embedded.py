@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -39,7 +39,7 @@ from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import InvalidMessage, VolumeChap
 from sparrow.config import Config, HostPort
 from sparrow.httpjson import ApiError
-from sparrow.lifecycle import StopSignals, lock_data_dir, run_daemon, start_http
+from sparrow.lifecycle import StopSignals, bound_address, lock_data_dir, notify, run_daemon, start_http
 from sparrow.master.api import MasterApi, MasterMetrics, build_app, served, volume_json
 from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
@@ -193,7 +193,7 @@ async def serve(config: Config) -> int:
 
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))
         runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
-        http_bound = _bound(runner.addresses, config.http)
+        http_bound = bound_address(runner.addresses, config.http)
         master.start_steps(stop)
         cleanup.push_async_callback(_end_steps, master, stop)  # only reached if a later step fails
         node.start_heartbeat(http_bound)
@@ -211,9 +211,7 @@ async def serve(config: Config) -> int:
                 data_dir=str(config.data_dir),
             )
             count = len(records)
-            _notify(
-                systemd.ready, f"serving {count} volume{'' if count == 1 else 's'} on {node.iscsi_portal}"
-            )
+            notify(systemd.ready, f"serving {count} volume{'' if count == 1 else 's'} on {node.iscsi_portal}")
             demo = next(
                 (r for r in records if config.demo_volume and r.name == config.demo_volume.name), None
             )
@@ -225,7 +223,7 @@ async def serve(config: Config) -> int:
         # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
         cleanup.pop_all()
         log.info("stopping", signal=signals.first)
-        _notify(systemd.stopping, "draining")
+        notify(systemd.stopping, "draining")
         await runner.cleanup()
         try:
             try:
@@ -309,17 +307,3 @@ def attach_instructions(volume: Mapping[str, Any], api: HostPort) -> str:
         "Press Ctrl-C to stop (in-flight commands drain and every volume is flushed).",
         "",
     ])  # fmt: skip
-
-
-def _notify(send: Callable[[str], bool], status: str) -> None:
-    try:
-        send(status)
-    except OSError as e:
-        log.warning("sd_notify failed", error=str(e))
-
-
-def _bound(addresses: Any, configured: HostPort) -> HostPort:
-    for name in addresses:
-        if isinstance(name, tuple):
-            return HostPort(configured.host, int(name[1]))
-    return configured

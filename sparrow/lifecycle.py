@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import structlog
 import uvloop
 from aiohttp import web
 
+from sparrow.config import HostPort
 from store.blockstore import StoreError
 from store.lock import DataDirLock
 
@@ -101,3 +102,21 @@ async def start_http(
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise StartupError(f"cannot listen for HTTP on {address}: {os_reason(e)}") from None
     return runner
+
+
+def notify(send: Callable[[str], bool], status: str) -> None:
+    """Tell systemd (``sparrow.systemd.ready`` / ``stopping``); a failure is logged, not raised."""
+    try:
+        send(status)
+    except OSError as e:
+        log.warning("sd_notify failed", error=str(e))
+
+
+def bound_address(sockets_or_addresses: Iterable[Any], configured: HostPort) -> HostPort:
+    """``configured`` with the port a listener actually got (sockets, or ``(host, port, ...)``
+    addresses as aiohttp's runner gives them): a port of 0 becomes the bound one."""
+    for item in sockets_or_addresses:
+        name = item.getsockname() if hasattr(item, "getsockname") else item
+        if isinstance(name, tuple):
+            return HostPort(configured.host, int(name[1]))
+    return configured

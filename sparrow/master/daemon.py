@@ -19,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -33,7 +32,16 @@ from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyContro
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
 from sparrow.config import HostPort
-from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason, run_daemon, start_http
+from sparrow.lifecycle import (
+    StartupError,
+    StopSignals,
+    bound_address,
+    lock_data_dir,
+    notify,
+    os_reason,
+    run_daemon,
+    start_http,
+)
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
@@ -198,7 +206,7 @@ async def start_master(
     except OSError as e:
         raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
     cleanup.push_async_callback(heartbeats.close)
-    listen = _bound(heartbeats.sockets, config.listen)
+    listen = bound_address(heartbeats.sockets, config.listen)
     return MasterRuntime(config, store, control, metrics, recorder, heartbeats, listen, clock)
 
 
@@ -212,7 +220,7 @@ async def serve(config: MasterConfig) -> int:
         cleanup.callback(lock.release)
         master = await start_master(config, cleanup)
         runner = await start_http(build_app(master.api()), config.http.host, config.http.port, cleanup)
-        http_bound = _bound(runner.addresses, config.http)
+        http_bound = bound_address(runner.addresses, config.http)
 
         timing = config.timing
         log.info(
@@ -225,7 +233,7 @@ async def serve(config: MasterConfig) -> int:
             lease_seconds=timing.lease_seconds,
             dead_after=timing.dead_after,
         )
-        _notify(systemd.ready, f"master: heartbeats on {master.listen}, API on {http_bound}")
+        notify(systemd.ready, f"master: heartbeats on {master.listen}, API on {http_bound}")
 
         master.start_steps(stop)
         await stop.wait()
@@ -233,7 +241,7 @@ async def serve(config: MasterConfig) -> int:
         # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
         cleanup.pop_all()
         log.info("stopping", signal=signals.first)
-        _notify(systemd.stopping, "draining")
+        notify(systemd.stopping, "draining")
         await runner.cleanup()
         try:
             await master.stop()
@@ -242,18 +250,3 @@ async def serve(config: MasterConfig) -> int:
         log.info("stopped")
         return 0
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the exit stack may swallow)
-
-
-def _notify(send: Callable[[str], bool], status: str) -> None:
-    try:
-        send(status)
-    except OSError as e:
-        log.warning("sd_notify failed", error=str(e))
-
-
-def _bound(addresses: Iterable[Any], configured: HostPort) -> HostPort:
-    for item in addresses:
-        name = item.getsockname() if hasattr(item, "getsockname") else item
-        if isinstance(name, tuple):
-            return HostPort(configured.host, int(name[1]))
-    return configured

@@ -45,7 +45,15 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
-from sparrow.lifecycle import StartupError, StopSignals, lock_data_dir, os_reason, run_daemon, start_http
+from sparrow.lifecycle import (
+    StartupError,
+    StopSignals,
+    lock_data_dir,
+    notify,
+    os_reason,
+    run_daemon,
+    start_http,
+)
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
@@ -419,14 +427,14 @@ async def serve(config: NodeConfig) -> int:
             data_dir=str(config.data_dir),
         )
         listening = f"node {config.node_id} listening on {node.iscsi_portal}; master {config.master}"
-        _notify(systemd.ready, listening)
+        notify(systemd.ready, listening)
 
         await stop.wait()
 
         # --- shutdown, step by step ---
         cleanup.pop_all()
         log.info("stopping", signal=signals.first)
-        _notify(systemd.stopping, "draining")
+        notify(systemd.stopping, "draining")
         await node.heartbeat.stop()
         await runner.cleanup()
         try:
@@ -436,13 +444,6 @@ async def serve(config: NodeConfig) -> int:
         log.info("stopped", clean=not failed)
         return 1 if failed else 0
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _notify(send: Callable[[str], bool], status: str) -> None:
-    try:
-        send(status)
-    except OSError as e:
-        log.warning("sd_notify failed", error=str(e))
 
 
 def _bound_port(sockets_or_addresses: Iterable[Any]) -> int | None:
