@@ -13,7 +13,8 @@ Rules, per desired volume:
 1. **No assignment**: place ``replicas`` copies on distinct live nodes with ``free_bytes >= size``,
    most free bytes first (ties by node id); the first is the primary. Space taken by earlier
    placements in the same decision is subtracted. Too few such nodes: no ask, status
-   ``"not enough live nodes (have X, need N)"``.
+   ``"not enough live nodes (have X, need N)"`` (or ``"not enough free space: ..."`` when there
+   are enough live nodes but too few with ``size`` bytes free: placement does not overcommit).
 2. **Dead primary**: nothing before ``leases.safe_to_reassign(old_primary, now, margin)`` (status
    ``"waiting for the old primary's lease to expire"``). Then promote only an *eligible* replica
    (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
@@ -220,10 +221,14 @@ class TopologyController:
     def _place(self, volume: DesiredVolume, free: dict[str, int]) -> _Verdict:
         candidates = self._candidates(volume.size, free)
         if len(candidates) < volume.replicas:
-            return _Verdict(
-                StatusKind.NOT_ENOUGH_NODES,
-                f"not enough live nodes (have {len(candidates)}, need {volume.replicas})",
-            )
+            if len(free) >= volume.replicas:  # enough nodes, not enough room on them
+                reason = (
+                    f"not enough free space: {len(candidates)} of {len(free)} live nodes have "
+                    f"{volume.size} bytes free, need {volume.replicas}"
+                )
+            else:
+                reason = f"not enough live nodes (have {len(candidates)}, need {volume.replicas})"
+            return _Verdict(StatusKind.NOT_ENOUGH_NODES, reason)
         chosen = tuple(candidates[: volume.replicas])
         for node in chosen:
             free[node] -= volume.size

@@ -139,7 +139,6 @@ def test_new_volume_placed_on_distinct_nodes_most_free_first(
     [
         ({"n1": 100}, (), 2, 1),
         ({"n1": 100, "n2": 100}, ("n2",), 2, 1),  # a dead node does not count
-        ({"n1": 100, "n2": 9}, (), 2, 1),  # nor one without room
         ({}, (), 1, 0),
         ({"n1": 100, "n2": 100}, (), 3, 2),
     ],
@@ -151,6 +150,17 @@ def test_not_enough_live_nodes(free: dict[str, int], dead: tuple[str, ...], repl
     asks, status = decide(cluster, [desired(replicas=replicas)], {}, 1.0)
     assert asks == ()
     assert status[VOL_A].reason == f"not enough live nodes (have {have}, need {replicas})"
+    assert status[VOL_A].kind is StatusKind.NOT_ENOUGH_NODES
+
+
+def test_a_node_without_room_does_not_count_and_the_status_says_so() -> None:
+    cluster = Cluster()
+    cluster.join("n1", 0.0, free=100 * MiB)
+    cluster.join("n2", 0.0, free=9 * MiB)
+    asks, status = decide(cluster, [desired(replicas=2)], {}, 1.0)
+    assert asks == ()
+    size = desired(replicas=2).size
+    assert status[VOL_A].reason == f"not enough free space: 1 of 2 live nodes have {size} bytes free, need 2"
     assert status[VOL_A].kind is StatusKind.NOT_ENOUGH_NODES
 
 
