@@ -39,7 +39,15 @@ from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import InvalidMessage, VolumeChap
 from sparrow.config import Config, HostPort
 from sparrow.httpjson import ApiError
-from sparrow.lifecycle import StopSignals, bound_address, lock_data_dir, notify, run_daemon, start_http
+from sparrow.lifecycle import (
+    StopSignals,
+    begin_shutdown,
+    bound_address,
+    lock_data_dir,
+    notify,
+    run_daemon,
+    start_http,
+)
 from sparrow.master.api import MasterApi, MasterMetrics, build_app, served, volume_json
 from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
@@ -220,11 +228,8 @@ async def serve(config: Config) -> int:
 
         await stop.wait()
 
-        # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
-        cleanup.pop_all()
-        log.info("stopping", signal=signals.first)
-        notify(systemd.stopping, "draining")
-        await runner.cleanup()
+        # --- shutdown, step by step ---
+        await begin_shutdown(cleanup, signals, runner)
         try:
             try:
                 failed = await node.stop()

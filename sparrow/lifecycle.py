@@ -15,6 +15,7 @@ import structlog
 import uvloop
 from aiohttp import web
 
+from sparrow import systemd
 from sparrow.config import HostPort
 from store.blockstore import StoreError
 from store.lock import DataDirLock
@@ -120,3 +121,15 @@ def bound_address(sockets_or_addresses: Iterable[Any], configured: HostPort) -> 
         if isinstance(name, tuple):
             return HostPort(configured.host, int(name[1]))
     return configured
+
+
+async def begin_shutdown(
+    cleanup: contextlib.AsyncExitStack, signals: StopSignals, runner: web.AppRunner
+) -> None:
+    """The first steps of every daemon's shutdown: take the exit stack over (the rest is done by
+    hand, in order, so each step is logged), log the signal, tell systemd STOPPING=1, and stop the
+    HTTP listener (requests in progress get HTTP_SHUTDOWN_TIMEOUT)."""
+    cleanup.pop_all()
+    log.info("stopping", signal=signals.first)
+    notify(systemd.stopping, "draining")
+    await runner.cleanup()

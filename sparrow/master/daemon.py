@@ -35,6 +35,7 @@ from sparrow.config import HostPort
 from sparrow.lifecycle import (
     StartupError,
     StopSignals,
+    begin_shutdown,
     bound_address,
     lock_data_dir,
     notify,
@@ -238,11 +239,8 @@ async def serve(config: MasterConfig) -> int:
         master.start_steps(stop)
         await stop.wait()
 
-        # --- shutdown: the exit stack is emptied by hand, in order, so each step is logged ---
-        cleanup.pop_all()
-        log.info("stopping", signal=signals.first)
-        notify(systemd.stopping, "draining")
-        await runner.cleanup()
+        # --- shutdown, step by step ---
+        await begin_shutdown(cleanup, signals, runner)
         try:
             await master.stop()
         finally:

@@ -48,6 +48,7 @@ from sparrow.config import (
 from sparrow.lifecycle import (
     StartupError,
     StopSignals,
+    begin_shutdown,
     lock_data_dir,
     notify,
     os_reason,
@@ -432,11 +433,7 @@ async def serve(config: NodeConfig) -> int:
         await stop.wait()
 
         # --- shutdown, step by step ---
-        cleanup.pop_all()
-        log.info("stopping", signal=signals.first)
-        notify(systemd.stopping, "draining")
-        await node.heartbeat.stop()
-        await runner.cleanup()
+        await begin_shutdown(cleanup, signals, runner)
         try:
             failed = await node.stop()
         finally:
