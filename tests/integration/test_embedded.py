@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,25 @@ def test_a_volume_that_failed_to_load_keeps_its_name_until_deleted(daemon: Daemo
     health = json.loads(daemon.get("/healthz")[1])
     assert health["status"] == "ok" and health["offline"] == [], health
     run([iscsi_inq, daemon.url("good")])
+
+
+def test_a_failed_start_is_one_line_and_leaves_the_data_dir_usable(tmp_path: Path) -> None:
+    """The HTTP port is taken: the master and the node were already up (authority open, heartbeat
+    and iSCSI listeners bound); they are torn down, the error is one line, and the data directory
+    is not left locked."""
+    daemon = Daemon(tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", daemon.http_port))
+        taken.listen()
+        proc = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sparrow:")]
+    assert lines == [
+        f"sparrow: error: cannot listen for HTTP on 127.0.0.1:{daemon.http_port}: address already in use"
+    ]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    daemon.start()
+    try:
+        daemon.create_volume("after", "8MiB")
+    finally:
+        assert daemon.stop() == 0
