@@ -24,14 +24,16 @@ Rules (docs/cluster.md; SPC-4 5.15.2 for the asymmetric access states):
   ``STANDBY`` with a login redirect to the primary's portal (RFC 7143 11.13.5, "target moved").
 - **Release, never delete.** A volume this node no longer appears in (role NONE, or absent from the
   Ack) is closed; its data and its record stay. The one exception is a volume the master has
-  *deleted*: :meth:`Adapter.destroy` plans :class:`DestroyVolume` (closed first if it is open), which
+  *deleted* (a tombstone in the Ack's ``deleted``, or the embedded ``sparrow serve`` deleting it
+  directly): :meth:`Adapter.destroy` plans :class:`DestroyVolume` (closed first if it is open), which
   forgets its record and deletes its local data. From that call on the volume id is a *tombstone*:
   it leaves the adapter's models and its observations, and any later assignment for it (an Ack
   already in flight when the master deleted it) is rejected ("volume destroyed"), never opened.
   Tombstones are kept in memory only: after a restart the master no longer assigns the volume, and
   its record is gone (forgotten before the data is touched), so nothing reopens it. Were the node
-  to crash before the record was forgotten, the restart reopens the volume fenced and the first
-  Ack, which no longer names it, closes it again (its data stays until it is destroyed).
+  to crash before the record was forgotten, the restart reopens the volume fenced and reports it,
+  and the master answers with the volume's tombstone again (Ack ``deleted``, from its authority),
+  so it is destroyed then.
 - **A restart serves nothing as primary** until an Ack confirms it: after :meth:`Adapter.startup`
   primaries are opened fenced, and only a :meth:`Adapter.plan` with ``lease_valid`` makes them active.
 

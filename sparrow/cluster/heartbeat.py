@@ -25,6 +25,9 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   Assignments of a v1/v2 Ack decode with all three None; a v1/v2 assignment carrying one of them
   is rejected (BAD_FIELD). CHAP secrets travel in clear: the heartbeat transport must stay on a
   trusted network (loopback in the embedded ``sparrow serve``).
+- ``ack`` v4 adds ``deleted`` (an array of ``{volume_id, name}``: tombstones for volumes the node
+  reported and the master has deleted); an older Ack decodes with ``deleted=()``, and one carrying
+  a ``deleted`` field is rejected (BAD_FIELD).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import msgpack
 from sparrow.cluster.messages import (
     Ack,
     Assignment,
+    DeletedVolume,
     DirectoryEntry,
     Health,
     Heartbeat,
@@ -65,11 +69,13 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 3}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 4}
 #: The first ``ack`` version that carries the volume directory.
 ACK_DIRECTORY_VERSION = 2
 #: The first ``ack`` version whose assignments carry physical_block_size, chap and backing.
 ACK_SETTINGS_VERSION = 3
+#: The first ``ack`` version that carries tombstones (``deleted``).
+ACK_DELETED_VERSION = 4
 
 
 class ErrorCode(enum.Enum):
@@ -166,6 +172,7 @@ def _to_wire(message: Message) -> dict[str, object]:
         "lease_seconds": message.lease_seconds,
         "assignments": [_assignment_to_wire(a) for a in message.assignments],
         "directory": [_directory_entry_to_wire(e) for e in message.directory],
+        "deleted": [{"volume_id": d.volume_id, "name": d.name} for d in message.deleted],
     }
 
 
@@ -344,7 +351,22 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
         directory = tuple(
             _directory_entry_from_wire(f"directory[{i}]", e) for i, e in enumerate(f.take_list("directory"))
         )
-    return f.build(Ack, seq=seq, lease_seconds=lease_seconds, assignments=assignments, directory=directory)
+    deleted: tuple[DeletedVolume, ...] = ()
+    if version >= ACK_DELETED_VERSION:
+        deleted = tuple(_deleted_from_wire(f"deleted[{i}]", d) for i, d in enumerate(f.take_list("deleted")))
+    return f.build(
+        Ack,
+        seq=seq,
+        lease_seconds=lease_seconds,
+        assignments=assignments,
+        directory=directory,
+        deleted=deleted,
+    )
+
+
+def _deleted_from_wire(where: str, raw: object) -> DeletedVolume:
+    f = _Fields(where, raw)
+    return f.build(DeletedVolume, volume_id=f.take("volume_id"), name=f.take("name"))
 
 
 #: Decoder per wire type name; each gets the frame's (supported) version, so that when a version

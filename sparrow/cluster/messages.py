@@ -411,19 +411,34 @@ class DirectoryEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class DeletedVolume:
+    """A tombstone: the volume was deleted through the master (its authority record carries
+    ``deleted_at``), so a node that still reports a copy of it destroys that copy."""
+
+    volume_id: str
+    name: str
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        check_volume_name("name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """The master's answer to heartbeat ``seq``.
 
     The lease (``lease_seconds``, counted by the node from when it *sent* heartbeat ``seq``; see
     ``sparrow.cluster.lease``) is granted for every volume whose assignment names the node primary.
     ``assignments`` are the node's own (volumes it holds a copy of); ``directory`` lists every live
-    volume of the cluster with its primary's portal (schema v2; empty in a v1 Ack).
+    volume of the cluster with its primary's portal (schema v2; empty in a v1 Ack); ``deleted``
+    names the deleted volumes among those the heartbeat reported (schema v4; empty before).
     """
 
     seq: int
     lease_seconds: float
     assignments: tuple[Assignment, ...]
     directory: tuple[DirectoryEntry, ...] = ()
+    deleted: tuple[DeletedVolume, ...] = ()
 
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
@@ -435,6 +450,12 @@ class Ack:
         directory = _check_records("directory", self.directory, DirectoryEntry)
         if len({e.volume_id for e in directory}) != len(directory):
             raise InvalidMessage("directory", "a volume appears twice")
+        deleted = _check_records("deleted", self.deleted, DeletedVolume)
+        if len({d.volume_id for d in deleted}) != len(deleted):
+            raise InvalidMessage("deleted", "a volume appears twice")
+        live = {a.volume_id for a in assignments} | {e.volume_id for e in directory}
+        if any(d.volume_id in live for d in deleted):
+            raise InvalidMessage("deleted", "a deleted volume is also assigned or in the directory")
 
 
 #: Every message that travels in a heartbeat frame.

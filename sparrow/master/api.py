@@ -301,7 +301,7 @@ async def delete_volume(request: web.Request) -> web.Response:
         log.info("volume deleted", volume=name, volume_id=None)
         return web.Response(status=204)
     await asyncio.to_thread(api.control.store.delete_volume, record.volume_id, deleted_at=api.wall_clock())
-    api.control.volume_deleted(record.volume_id)
+    api.control.volume_deleted(record.volume_id, record.name)
     if api.local is not None:
         await api.local.destroy(record.volume_id, record.name)
     log.info("volume deleted", volume=record.name, volume_id=record.volume_id)

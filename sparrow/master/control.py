@@ -33,7 +33,7 @@ which is the only thread touching the ObservationStore and MasterLeases.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -48,7 +48,7 @@ from sparrow.cluster.controller import (
     VolumeStatus,
 )
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
-from sparrow.cluster.messages import Assignment
+from sparrow.cluster.messages import Assignment, DeletedVolume
 from sparrow.cluster.observations import ObservationStore
 from sparrow.cluster.publisher import Publisher
 
@@ -112,6 +112,9 @@ class ControlLoop:
         self._status: dict[str, VolumeStatus] = {}
         #: Volumes deleted through the API: a snapshot read before the delete must not revive them.
         self._deleted: set[str] = set()
+        #: Every deleted volume's name by id (from the authority at restore, then each delete): the
+        #: tombstones sent to a node that still reports a copy (``tombstones_for``).
+        self._tombstones: dict[str, str] = {}
         self.steps = 0
 
     # -- phases -----------------------------------------------------------------------------------
@@ -270,9 +273,28 @@ class ControlLoop:
         self.resized(volume, assignment, now)
         return assignment
 
-    def volume_deleted(self, volume_id: str) -> None:
-        """A volume was just marked deleted: stop handing out its assignment at once."""
+    def load_tombstones(self) -> None:
+        """Blocking: the deleted volumes of the authority (a master restart forgets nothing)."""
+        for volume in self.store.volumes(include_deleted=True):
+            if volume.deleted_at is not None:
+                self._tombstones[volume.volume_id] = volume.name
+
+    def tombstones_for(self, reported: Iterable[str]) -> tuple[DeletedVolume, ...]:
+        """Tombstones for the deleted volumes among ``reported`` (the volume ids of a heartbeat's
+        observations), sorted by volume id. Only volumes the authority marked deleted: a master
+        that does not know a volume id never tells a node to destroy it."""
+        ids = sorted({v for v in reported if v in self._tombstones})
+        return tuple(DeletedVolume(v, self._tombstones[v]) for v in ids)
+
+    def volume_deleted(self, volume_id: str, name: str | None = None) -> None:
+        """A volume was just marked deleted: stop handing out its assignment at once, and tell the
+        nodes that still report a copy (``tombstones_for``)."""
         self._deleted.add(volume_id)
+        known = self._volumes.get(volume_id)
+        if name is None and known is not None:
+            name = known.name
+        if name is not None:
+            self._tombstones[volume_id] = name
         self._volumes.pop(volume_id, None)
         self._current.pop(volume_id, None)
         self._status.pop(volume_id, None)
@@ -306,4 +328,5 @@ def restore(
         on_published=on_published,
     )
     loop.apply_snapshot(loop.read_authority(), now)
+    loop.load_tombstones()
     return loop

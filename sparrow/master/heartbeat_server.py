@@ -8,11 +8,13 @@ bytes: they go to ``heartbeat.FrameDecoder``; each decoded message is handled he
   the Publisher may name it in an assignment. A Hello naming another node on the same connection
   is a protocol error.
 - ``Heartbeat``: recorded at ``now``; answered at once with ``Ack(seq, lease_seconds, assignments
-  naming the node, directory)``, the directory listing every live volume with the portal of the
-  primary its latest published assignment names (None when it has none, or no assignment yet;
-  :func:`volume_directory`); when the Ack has been written, ``MasterLeases.granted(node, now,
-  lease_seconds)`` records the lease (a lease counts on the master from *after* the Ack left, so
-  the node's copy, counted from its send time, always ends first).
+  naming the node, directory, deleted)``: the directory lists every live volume with the portal of
+  the primary its latest published assignment names (None when it has none, or no assignment
+  yet; :func:`volume_directory`), and ``deleted`` holds the tombstones of the volumes the
+  heartbeat reported that the authority marks deleted (``ControlLoop.tombstones_for``). When the
+  Ack has been written, ``MasterLeases.granted(node, now, lease_seconds)`` records the lease (a
+  lease counts on the master from *after* the Ack left, so the node's copy, counted from its send
+  time, always ends first).
 - anything else (an Ack from a node, a Heartbeat before Hello, a bad frame): the connection is
   closed and the reason logged. Nothing else happens on a protocol error: a half-understood node
   gets no Ack, so no lease.
@@ -215,6 +217,7 @@ class NodeConnection(asyncio.Protocol):
             lease_seconds=self.server.lease_seconds,
             assignments=self.server.control.assignments_for(node_id),
             directory=volume_directory(self.server.control),
+            deleted=self.server.control.tombstones_for(o.volume_id for o in heartbeat.observations),
         )
         self._send(ack)
         if self.closed_reason is None:

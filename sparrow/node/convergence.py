@@ -590,8 +590,9 @@ class Convergence:
 
     def on_ack(self, ack: Ack) -> None:
         """An Ack was applied to the lease clock (``LeaseClock.acked``): plan its assignments under
-        the lease as it stands now, move the fence to the lease's new expiry, and point the
-        volumes of the directory this node does not hold at their primaries."""
+        the lease as it stands now, destroy the copies of the volumes it says were deleted
+        (``deleted``, after the plan that releases them), move the fence to the lease's new
+        expiry, and point the volumes of the directory this node does not hold at their primaries."""
         now = self._clock()
         self._last_ack = ack
         # Before the plan is queued: a volume newly assigned here loses its remote entry before
@@ -600,6 +601,10 @@ class Convergence:
         destroyed = self.adapter.destroyed
         self.volumes.apply_settings(a for a in ack.assignments if a.volume_id not in destroyed)
         self._enqueue(self.adapter.plan(ack.assignments, self.lease.valid(now), now))
+        for tombstone in ack.deleted:  # after the plan that releases them
+            if tombstone.volume_id not in self.adapter.destroyed:
+                log.info("volume deleted by the master", volume=tombstone.name, volume_id=tombstone.volume_id)
+                self._enqueue(self.adapter.destroy(tombstone.volume_id, tombstone.name))
         self._arm()
 
     def _update_directory(self) -> None:

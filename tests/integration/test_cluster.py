@@ -429,3 +429,32 @@ def test_a_write_through_the_replicas_portal_lands_on_the_primary(
     assert any(f"{primary.portal},1" in ln for ln in lines), text
     assert replica.portal not in text, text
     assert "Lun:0" in text, text
+
+
+def test_deleting_a_volume_removes_every_nodes_copy_even_of_a_node_that_was_down(
+    make_cluster: Callable[[int], Cluster],
+) -> None:
+    """The master sends a tombstone to each node that still reports a copy of a deleted volume;
+    a node that was down at the delete gets its tombstone once it is back (the authority keeps
+    them), and nothing else on the nodes is touched."""
+    cluster = make_cluster(3)
+    create(cluster, "doomed", 3)
+    create(cluster, "kept", 3)
+    doomed = cluster.wait_converged("doomed", epoch=1, copies=3)
+    cluster.wait_converged("kept", epoch=1, copies=3)
+    files = {n: cluster.node(n).data_dir / "volumes" / "doomed.img" for n in ("n1", "n2", "n3")}
+    assert all(f.exists() for f in files.values()), files
+    down = next(n for n in ("n1", "n2", "n3") if n != doomed["primary"]["node_id"])
+    cluster.node(down).term()
+
+    cluster.cli("volume", "delete", "doomed")
+    up = [n for n in files if n != down]
+    wait_for(lambda: not any(files[n].exists() for n in up), timeout=10, what="the copies on live nodes gone")
+    assert files[down].exists()  # it was down: nobody told it yet
+    cluster.node(down).start()
+    wait_for(lambda: not files[down].exists(), timeout=10, what=f"{down}'s copy gone after its restart")
+    for n in files:
+        node = cluster.node(n)
+        assert node.persisted(doomed["volume_id"]) is None  # its role record is forgotten too
+        assert (node.data_dir / "volumes" / "kept.img").exists()
+    cluster.wait_converged("kept", epoch=1, copies=3)
