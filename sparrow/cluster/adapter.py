@@ -390,6 +390,16 @@ class Adapter:
             actions += self._settle(expected, volume_id)
         return self._hand_out(AdapterPlan(tuple(actions), tuple(rejected), now))
 
+    def destroy_failed(self, volume_id: str) -> bool:
+        """A :class:`DestroyVolume` did not complete. If the volume's record is still there (the
+        forget failed), it stops being a tombstone: it is reported again, so the master's next
+        tombstone retries the destroy. Returns whether it was taken back. Once the record is
+        forgotten the tombstone stays (nothing would report the volume again)."""
+        if volume_id in self.state.roles or volume_id in self.state.unreadable:
+            self._destroyed.discard(volume_id)
+            return True
+        return False
+
     def destroy(self, volume_id: str, name: str) -> AdapterPlan:
         """The master deleted the volume: close it if it is (expected to be) open, then destroy it.
 

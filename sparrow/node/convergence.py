@@ -61,6 +61,7 @@ from sparrow.cluster.adapter import (
     SERVING_STATES,
     Adapter,
     AdapterPlan,
+    DestroyVolume,
     OpenVolume,
     SetAccess,
     execute_plan,
@@ -723,6 +724,9 @@ class Convergence:
             report = log.error if text != self.last_error else log.debug
             report("plan failed", error=text, actions=len(plan.actions))
             self.last_error = text
+            for action in plan.actions:  # a destroy that failed before forgetting is tried again
+                if isinstance(action, DestroyVolume) and self.adapter.destroy_failed(action.volume_id):
+                    log.warning("volume destroy to be retried", volume_id=action.volume_id, error=text)
         else:
             self.last_error = None
         finally:

@@ -25,6 +25,7 @@ from sparrow.cluster.heartbeat import (
 from sparrow.cluster.messages import (
     Ack,
     Assignment,
+    DeletedVolume,
     DirectoryEntry,
     Health,
     Heartbeat,
@@ -42,6 +43,8 @@ from sparrow.cluster.messages import (
 VOL_A = "0123456789abcdef0123456789abcdef"
 VOL_B = "fedcba9876543210fedcba9876543210"
 VOL_C = "00112233445566778899aabbccddeeff"
+VOL_D = "d0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+VOL_E = "e0e1e2e3e4e5e6e7e8e9eaebecedeeef"
 
 HELLO = Hello(
     node_id="node-1.rack2",
@@ -105,7 +108,23 @@ ACK_SETTINGS = Ack(
         Assignment(VOL_B, "one-way", 512 * 7, 512, 1, None, None, (), chap=VolumeChap("u", "s")),
     ),
 )
-MESSAGES: list[Message] = [HELLO, HEARTBEAT, EMPTY_HEARTBEAT, ACK, ACK_SETTINGS, Ack(0, 0.0, ())]
+ACK_DELETED = Ack(
+    seq=9,
+    lease_seconds=5.0,
+    assignments=ACK.assignments,
+    directory=ACK.directory,
+    deleted=(DeletedVolume(VOL_D, "old-db"), DeletedVolume(VOL_E, "db")),  # a name may be reused
+)
+MESSAGES: list[Message] = [
+    HELLO,
+    HEARTBEAT,
+    EMPTY_HEARTBEAT,
+    ACK,
+    ACK_SETTINGS,
+    ACK_DELETED,
+    Ack(0, 0.0, ()),
+    Ack(1, 1.0, (), (), (DeletedVolume(VOL_A, "db"),)),
+]
 
 
 def frame(body: object) -> bytes:
@@ -227,6 +246,14 @@ def test_bad_portals_are_rejected(portal: str) -> None:
         (lambda: Ack(1, 1.0, (), (ACK.directory[0], ACK.directory[0])), "directory"),
         (lambda: Ack(1, 1.0, (), list(ACK.directory)), "directory"),  # type: ignore[arg-type]
         (lambda: Ack(1, 1.0, (), (ACK.assignments[0],)), "directory"),  # type: ignore[arg-type]
+        (lambda: Ack(1, 1.0, (), (), (DeletedVolume(VOL_D, "a"), DeletedVolume(VOL_D, "b"))), "deleted"),
+        (lambda: Ack(1, 1.0, (ACK.assignments[0],), (), (DeletedVolume(VOL_A, "db"),)), "deleted"),
+        (lambda: Ack(1, 1.0, (), (ACK.directory[2],), (DeletedVolume(VOL_C, "logs"),)), "deleted"),
+        (lambda: Ack(1, 1.0, (), (), [DeletedVolume(VOL_D, "a")]), "deleted"),  # type: ignore[arg-type]
+        (lambda: Ack(1, 1.0, (), (), (ACK.directory[0],)), "deleted"),  # type: ignore[arg-type]
+        (lambda: DeletedVolume("v1", "db"), "volume_id"),
+        (lambda: DeletedVolume(VOL_A, "Db"), "name"),
+        (lambda: DeletedVolume(VOL_A, ""), "name"),
         (lambda: DirectoryEntry("v1", "db", None), "volume_id"),
         (lambda: DirectoryEntry(VOL_A, "Db", None), "name"),
         (lambda: DirectoryEntry(VOL_A, "", None), "name"),
@@ -276,7 +303,12 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
-    assert wire(ACK)["v"] == 3
+    assert wire(ACK)["v"] == 4
+    assert wire(ACK)["deleted"] == []
+    assert wire(ACK_DELETED)["deleted"] == [
+        {"volume_id": VOL_D, "name": "old-db"},
+        {"volume_id": VOL_E, "name": "db"},
+    ]
     assert wire(ACK)["assignments"][0]["chap"] is None
     assert wire(ACK_SETTINGS)["assignments"][0]["chap"] == {
         "user": "host-a",
@@ -296,9 +328,17 @@ def test_wire_form() -> None:
 SETTINGS_FIELDS = ("physical_block_size", "chap", "backing")
 
 
-def _v2_ack_body(message: Ack) -> dict[str, Any]:
-    """``message`` as a schema v2 master wrote it: assignments without export settings."""
+def _v3_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v3 master wrote it: no tombstones."""
     body = wire(message)
+    body["v"] = 3
+    del body["deleted"]
+    return body
+
+
+def _v2_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v2 master wrote it: no tombstones, assignments without export settings."""
+    body = _v3_ack_body(message)
     body["v"] = 2
     for assignment in body["assignments"]:
         for name in SETTINGS_FIELDS:
@@ -307,7 +347,7 @@ def _v2_ack_body(message: Ack) -> dict[str, Any]:
 
 
 def _v1_ack_body(message: Ack) -> dict[str, Any]:
-    """``message`` as a schema v1 master wrote it: no directory, no export settings."""
+    """``message`` as a schema v1 master wrote it: no directory, no export settings, no tombstones."""
     body = _v2_ack_body(message)
     body["v"] = 1
     del body["directory"]
@@ -375,6 +415,32 @@ def test_a_v1_ack_may_not_carry_a_directory() -> None:
     error = error_of(frame(body))
     assert error.code is ErrorCode.BAD_FIELD
     assert "unknown field(s) 'directory'" in error.message
+
+
+def test_a_v3_ack_decodes_with_no_tombstones() -> None:
+    decoded = decode(frame(_v3_ack_body(ACK_DELETED)))
+    assert isinstance(decoded, Ack)
+    assert decoded.deleted == ()
+    assert decoded == Ack(ACK_DELETED.seq, ACK_DELETED.lease_seconds, ACK.assignments, ACK.directory)
+    # Export settings are still read in v3.
+    settings = decode(frame(_v3_ack_body(ACK_SETTINGS)))
+    assert settings == ACK_SETTINGS
+
+
+@pytest.mark.parametrize("value", [[], [{"volume_id": VOL_D, "name": "old-db"}]])
+@pytest.mark.parametrize("body", [_v3_ack_body, _v2_ack_body, _v1_ack_body], ids=["v3", "v2", "v1"])
+def test_an_ack_before_v4_may_not_carry_tombstones(body: Any, value: list[object]) -> None:
+    old = body(ACK)
+    old["deleted"] = value
+    error = error_of(frame(old))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message == "unknown field(s) 'deleted'"
+
+
+def test_a_v4_ack_must_carry_its_tombstones() -> None:
+    error = error_of(_drop(["deleted"], ACK_DELETED))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message == "deleted: missing"
 
 
 def test_a_v2_ack_must_carry_a_directory() -> None:
@@ -546,6 +612,7 @@ OBS0: list[str | int] = ["observations", 0]
 REP0: list[str | int] = [*OBS0, "replica_states", 0]
 ASG0: list[str | int] = ["assignments", 0]
 DIR0: list[str | int] = ["directory", 0]
+DEL0: list[str | int] = ["deleted", 0]
 NO_MUTUAL: dict[str, object] = {"mutual_user": None, "mutual_secret": None}
 
 
@@ -611,6 +678,22 @@ NO_MUTUAL: dict[str, object] = {"mutual_user": None, "mutual_secret": None}
         (_set([*DIR0, "primary_portal"], 3260, ACK), "directory[0].primary_portal"),
         (_drop([*DIR0, "primary_portal"], ACK), "directory[0].primary_portal"),
         (_set([*DIR0, "epoch"], 1, ACK), "directory[0]: unknown field(s) 'epoch'"),
+        (_set(["deleted"], {}, ACK_DELETED), "deleted"),
+        (_set(["deleted"], [VOL_D], ACK_DELETED), "deleted[0]"),
+        (_set([*DEL0, "volume_id"], "xyz", ACK_DELETED), "deleted[0].volume_id"),
+        (_set([*DEL0, "volume_id"], None, ACK_DELETED), "deleted[0].volume_id"),
+        (_set([*DEL0, "name"], "Old", ACK_DELETED), "deleted[0].name"),
+        (_drop([*DEL0, "name"], ACK_DELETED), "deleted[0].name: missing"),
+        (_set([*DEL0, "epoch"], 1, ACK_DELETED), "deleted[0]: unknown field(s) 'epoch'"),
+        (_set(["deleted", 1, "volume_id"], VOL_D, ACK_DELETED), "deleted: a volume appears twice"),
+        (
+            _set([*DEL0, "volume_id"], VOL_A, ACK_DELETED),  # assigned (and in the directory)
+            "deleted: a deleted volume is also assigned or in the directory",
+        ),
+        (
+            _set([*DEL0, "volume_id"], VOL_C, ACK_DELETED),  # in the directory only
+            "deleted: a deleted volume is also assigned or in the directory",
+        ),
     ],
 )
 def test_bad_field(data: bytes, where: str) -> None:
@@ -672,18 +755,37 @@ def assignments(draw: st.DrawFn) -> Assignment:
 
 directory_entries = st.builds(DirectoryEntry, volume_ids, node_ids, st.none() | portals)
 
+deleted_volumes = st.builds(DeletedVolume, volume_ids, node_ids)
+
+
+@st.composite
+def acks(draw: st.DrawFn) -> Ack:
+    """An Ack whose tombstones name no volume that is also assigned or in the directory."""
+    assigned = tuple(draw(st.lists(assignments(), max_size=4, unique_by=lambda a: a.volume_id)))
+    directory = tuple(draw(st.lists(directory_entries, max_size=4, unique_by=lambda e: e.volume_id)))
+    live = {a.volume_id for a in assigned} | {e.volume_id for e in directory}
+    deleted = draw(
+        st.lists(
+            deleted_volumes.filter(lambda d: d.volume_id not in live),
+            max_size=4,
+            unique_by=lambda d: d.volume_id,
+        )
+    )
+    return Ack(
+        draw(uints),
+        draw(st.floats(0, 1e12, allow_nan=False, allow_infinity=False)),
+        assigned,
+        directory,
+        tuple(deleted),
+    )
+
+
 messages = st.one_of(
     st.builds(Hello, node_ids, uints, portals, portals, portals, uints, uints),
     st.builds(
         Heartbeat, uints, st.lists(observations, max_size=4, unique_by=lambda o: o.volume_id).map(tuple)
     ),
-    st.builds(
-        Ack,
-        uints,
-        st.floats(0, 1e12, allow_nan=False, allow_infinity=False),
-        st.lists(assignments(), max_size=4, unique_by=lambda a: a.volume_id).map(tuple),
-        st.lists(directory_entries, max_size=4, unique_by=lambda e: e.volume_id).map(tuple),
-    ),
+    acks(),
 )
 
 

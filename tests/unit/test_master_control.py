@@ -21,7 +21,7 @@ from sparrow.cluster.controller import (
     VolumeStatus,
 )
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
-from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.cluster.messages import DeletedVolume, Health, Heartbeat, Hello, Role, VolumeObservation
 from sparrow.cluster.observations import ObservationStore
 from sparrow.master.control import ControlLoop, differs, restore
 
@@ -311,3 +311,100 @@ def test_resizing_a_volume_never_placed_waits_for_its_first_epoch(store: Authori
     report(control, store, hello("n1"), 101.0)
     (first,) = control.step(101.0).published
     assert (first.epoch, first.size) == (1, 96 * MiB)
+
+
+# -- tombstones: deleted volumes a node still reports -----------------------------------------------
+
+UNKNOWN = "99" * 16  # a volume id the master never minted
+
+
+def test_tombstones_are_for_deleted_reported_volumes_only_sorted_by_id(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    report(control, store, hello("n1"), 0.0)
+    vols = [add_volume(store, f"vol{i}") for i in range(4)]
+    control.step(1.0)
+    live = vols[3]
+    deleted = sorted(vols[:3], key=lambda v: v.volume_id, reverse=True)  # deleted out of id order
+    for i, vol in enumerate(deleted):
+        store.delete_volume(vol.volume_id, deleted_at=2.0 + i)
+        control.volume_deleted(vol.volume_id, vol.name)
+    expected = tuple(DeletedVolume(v.volume_id, v.name) for v in sorted(deleted, key=lambda v: v.volume_id))
+
+    reported = [live.volume_id, UNKNOWN, *(v.volume_id for v in deleted), deleted[0].volume_id]
+    assert control.tombstones_for(reported) == expected
+    assert control.tombstones_for(iter(reported)) == expected  # a one-shot iterable (a generator)
+    assert control.tombstones_for([deleted[1].volume_id, live.volume_id]) == (
+        DeletedVolume(deleted[1].volume_id, deleted[1].name),
+    )
+    assert control.tombstones_for([live.volume_id, UNKNOWN]) == ()  # live or unknown: never
+    assert control.tombstones_for([]) == ()
+    # The tombstoned volumes are gone from every other view of the master.
+    assert [v.volume_id for v in control.desired()] == [live.volume_id]
+    assert {a.volume_id for a in control.assignments_for("n1")} == {live.volume_id}
+
+
+def test_volume_deleted_records_the_name(store: AuthorityStore) -> None:
+    control = restore(store, TIMING, now=0.0)
+    a = add_volume(store, "a")
+    b = add_volume(store, "b")
+    control.step(1.0)
+    control.volume_deleted(a.volume_id)  # no name given: the live record's
+    control.volume_deleted(b.volume_id, "b")
+    assert control.tombstones_for([a.volume_id, b.volume_id]) == tuple(
+        sorted((DeletedVolume(a.volume_id, "a"), DeletedVolume(b.volume_id, "b")), key=lambda d: d.volume_id)
+    )
+    # A volume the loop never saw (deleted before any step read it): the given name is recorded.
+    late = add_volume(store, "late")
+    control.volume_deleted(late.volume_id, "late")
+    assert control.tombstones_for([late.volume_id]) == (DeletedVolume(late.volume_id, "late"),)
+
+
+def test_a_live_volume_is_never_tombstoned_even_when_its_name_was_deleted_before(
+    store: AuthorityStore,
+) -> None:
+    control = restore(store, TIMING, now=0.0)
+    report(control, store, hello("n1"), 0.0)
+    old = add_volume(store, "vol1")
+    control.step(1.0)
+    store.delete_volume(old.volume_id, deleted_at=2.0)
+    control.volume_deleted(old.volume_id, old.name)
+    new = add_volume(store, "vol1")  # the name is free again; a new volume id
+    control.volume_added(new)
+    control.step(3.0)
+    assert control.tombstones_for([new.volume_id]) == ()
+    assert control.tombstones_for([old.volume_id, new.volume_id]) == (DeletedVolume(old.volume_id, "vol1"),)
+    assert [a.volume_id for a in control.assignments_for("n1")] == [new.volume_id]
+    # A restarted master agrees.
+    again = restore(store, TIMING, now=10.0)
+    assert again.tombstones_for([old.volume_id, new.volume_id]) == (DeletedVolume(old.volume_id, "vol1"),)
+
+
+def test_a_restarted_master_loads_the_tombstones_of_the_authority(store: AuthorityStore) -> None:
+    first = restore(store, TIMING, now=0.0)
+    report(first, store, hello("n1"), 0.0)
+    placed = add_volume(store, "placed")
+    first.step(1.0)
+    never_placed = add_volume(store, "never-placed")
+    live = add_volume(store, "live")
+    store.delete_volume(placed.volume_id, deleted_at=2.0)
+    store.delete_volume(never_placed.volume_id, deleted_at=3.0)
+    # No volume_deleted here: the master stopped right after the authority recorded the deletes.
+
+    second = restore(store, TIMING, now=5.0)
+    reported = [live.volume_id, placed.volume_id, never_placed.volume_id, UNKNOWN]
+    assert second.tombstones_for(reported) == tuple(
+        sorted(
+            (
+                DeletedVolume(placed.volume_id, "placed"),
+                DeletedVolume(never_placed.volume_id, "never-placed"),
+            ),
+            key=lambda d: d.volume_id,
+        )
+    )
+    # ... and none of them comes back into the master's view: a deleted volume is in no Ack.
+    assert [v.volume_id for v in second.desired()] == [live.volume_id]
+    assert second.current(placed.volume_id) is None
+    assert second.assignments_for("n1") == ()
+    second.step(6.0)
+    assert placed.volume_id not in {a.volume_id for a in second.assignments_for("n1")}
+    assert second.tombstones_for([placed.volume_id]) == (DeletedVolume(placed.volume_id, "placed"),)

@@ -13,7 +13,16 @@ import pytest
 from sparrow.cluster.authority import AuthorityStore, VolumeRecord
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.lease import LeaseConfig
-from sparrow.cluster.messages import Ack, DirectoryEntry, Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.cluster.messages import (
+    Ack,
+    DeletedVolume,
+    DirectoryEntry,
+    Health,
+    Heartbeat,
+    Hello,
+    Role,
+    VolumeObservation,
+)
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import (
     MAX_WRITE_BUFFER,
@@ -258,6 +267,55 @@ def test_a_node_that_does_not_read_its_acks_is_disconnected(store: AuthorityStor
     assert transport.aborted
     assert h.errors == ["not_reading"]
     assert h.control.leases.expires_at("n1") is None  # an Ack that may never arrive grants nothing
+
+
+def test_an_ack_answering_a_report_of_a_deleted_volume_carries_its_tombstone(store: AuthorityStore) -> None:
+    h = Harness(store)
+    n1, t1 = h.connect()
+    n1.data_received(encode(hello("n1")) + encode(heartbeat(1)))
+    doomed = add_volume(store)
+    kept = store.add_volume("vol2", size=64 * MiB, block_size=512, replicas=1, created_at=2.0)
+    (first, second) = sorted(h.control.step(52.0).published, key=lambda a: a.volume_id)
+    assert first.primary == second.primary == "n1"
+    obs = {
+        v: VolumeObservation(v, 1, Role.PRIMARY, Health.OK, 0, (), True)
+        for v in (doomed.volume_id, kept.volume_id)
+    }
+    n1.data_received(encode(heartbeat(2, *obs.values())))
+    assert t1.acks()[-1].deleted == ()  # nothing deleted yet
+
+    store.delete_volume(doomed.volume_id, deleted_at=3.0)
+    h.control.volume_deleted(doomed.volume_id, doomed.name)
+    n1.data_received(encode(heartbeat(3, *obs.values())))
+    ack = t1.acks()[-1]
+    assert ack.seq == 3
+    assert ack.deleted == (DeletedVolume(doomed.volume_id, "vol1"),)
+    # The rest of the Ack goes on as before, without the deleted volume.
+    assert [a.volume_id for a in ack.assignments] == [kept.volume_id]
+    assert [e.volume_id for e in ack.directory] == [kept.volume_id]
+    assert h.control.leases.expires_at("n1") == h.clock.now + TIMING.lease_seconds
+
+    # A node that does not report the volume hears nothing of it; nor does n1 once it stops.
+    n2, t2 = h.connect()
+    n2.data_received(encode(hello("n2")) + encode(heartbeat(1, obs[kept.volume_id])))
+    assert [a.deleted for a in t2.acks()] == [()]
+    n1.data_received(encode(heartbeat(4, obs[kept.volume_id])))
+    assert t1.acks()[-1].deleted == ()
+    # ... and gets it again while it still reports it (the node may have missed an Ack).
+    n2.data_received(encode(heartbeat(2, obs[doomed.volume_id])))
+    assert t2.acks()[-1].deleted == (DeletedVolume(doomed.volume_id, "vol1"),)
+
+
+def test_a_restarted_master_still_sends_the_tombstones(store: AuthorityStore) -> None:
+    vol = add_volume(store)
+    store.delete_volume(vol.volume_id, deleted_at=2.0)
+    h = Harness(store)  # restores from the authority: the delete happened before this master started
+    conn, transport = h.connect()
+    obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
+    conn.data_received(encode(hello()) + encode(heartbeat(1, obs)))
+    (ack,) = transport.acks()
+    assert ack == Ack(1, TIMING.lease_seconds, (), (), (DeletedVolume(vol.volume_id, "vol1"),))
+    assert not transport.closing
 
 
 async def test_close_closes_every_connection(store: AuthorityStore) -> None:

@@ -17,9 +17,9 @@ import pytest
 from frontend.scsi.lu import AccessState
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster import nodestate
-from sparrow.cluster.adapter import Adapter, OpenVolume
+from sparrow.cluster.adapter import Adapter, AdapterPlan, OpenVolume
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Role, VolumeChap
+from sparrow.cluster.messages import Ack, Assignment, DeletedVolume, DirectoryEntry, Role, VolumeChap
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
 from store.metadata import RecordWriteError
@@ -103,11 +103,12 @@ class Node:
         seq: int | None = None,
         run: bool = True,
         directory: tuple[DirectoryEntry, ...] = (),
+        deleted: tuple[DeletedVolume, ...] = (),
     ) -> None:
         """The Ack for ``seq`` (default: a heartbeat sent now) arrives, and its plan runs."""
         seq = self.heartbeat() if seq is None else seq
         assert self.lease.acked(seq, LEASE) is not None
-        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments), directory))
+        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments), directory, deleted))
         if run:
             await self.conv.idle()
 
@@ -585,3 +586,115 @@ async def test_a_failed_forget_is_raised_to_the_waiter_and_the_data_stays(
     assert node.registry.get(IQN) is None  # but no longer served
     await node.conv.destroy(VOL, NAME)  # the retry finishes it
     assert files(node) == set() and persisted(node) == set()
+
+
+# ---- tombstones (ack v4): the master says a reported volume was deleted ----------------------------
+
+TOMBSTONE = DeletedVolume(VOL, NAME)
+
+
+class DestroySpy:
+    """Counts the adapter's destroy plans (``Convergence.on_ack`` asks for one per new tombstone)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self._destroy = adapter.destroy
+
+    def __call__(self, volume_id: str, name: str) -> AdapterPlan:
+        self.calls.append((volume_id, name))
+        return self._destroy(volume_id, name)
+
+
+async def test_an_ack_with_a_tombstone_destroys_the_volume_it_created(node: Node) -> None:
+    await node.ack(assign())
+    target = node.registry.get(IQN)
+    assert target is not None and target.lu.access_state is ACTIVE
+    await target.lu.store.write(0, b"\x5a" * 512)
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"} and persisted(node) == {VOL}
+    [obs] = node.conv.observations(node.timers.now)
+    assert obs.volume_id == VOL  # what the heartbeat reported, so the master sends the tombstone
+
+    await node.ack(deleted=(TOMBSTONE,))  # the master no longer assigns it, and says why
+    assert VOL in node.adapter.destroyed
+    assert node.registry.resolve(IQN) is None  # unregistered: no login, no redirect
+    assert target.lu.access_state is FENCED  # sessions still open meanwhile are refused I/O
+    assert node.volumes.exported() == {}
+    with pytest.raises(VolumeNotFound):
+        node.manager.get(NAME)
+    assert files(node) == set() and persisted(node) == set()
+    assert node.state.get(VOL) is None
+    assert node.conv.last_error is None
+    assert node.conv.observations(node.timers.now) == ()  # no longer reported
+    # An assignment for it still in flight is refused, never recreates it.
+    await node.ack(assign(epoch=2))
+    assert node.registry.resolve(IQN) is None and files(node) == set() and persisted(node) == set()
+
+
+async def test_a_tombstone_destroys_a_volume_released_by_the_same_ack(node: Node) -> None:
+    await node.ack(assign(primary="n2", replicas=("n2", ME)))  # a replica here
+    assert node.access() is STANDBY
+    await node.ack(deleted=(TOMBSTONE,), run=False)
+    await node.conv.idle()
+    assert node.conv.last_error is None
+    assert node.registry.resolve(IQN) is None  # neither the LU nor the replica's redirect stays
+    assert files(node) == set() and persisted(node) == set()
+
+
+async def test_the_same_tombstone_again_queues_nothing_new(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await node.ack(assign())
+    spy = DestroySpy(node.adapter)
+    monkeypatch.setattr(node.adapter, "destroy", spy)
+    await node.ack(deleted=(TOMBSTONE,))
+    assert spy.calls == [(VOL, NAME)]
+    assert files(node) == set()
+    # A volume of that name and id appears again (e.g. restored by hand): the tombstone, repeated by
+    # an Ack the node had already sent its heartbeat for, does not destroy it a second time.
+    await node.manager.create(NAME, SIZE, volume_id=VOL)
+    await node.ack(deleted=(TOMBSTONE,), run=False)
+    assert spy.calls == [(VOL, NAME)]
+    await node.conv.idle()
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"}
+    assert node.conv.last_error is None
+
+
+async def test_a_tombstone_for_a_volume_never_held_here_is_harmless(node: Node) -> None:
+    await node.ack(assign())
+    await node.manager.create(OTHER_NAME, SIZE, volume_id="ef" * 16)  # an unrelated local volume
+    before = files(node)
+    await node.ack(assign(), deleted=(DeletedVolume(OTHER, "vol-c"),))
+    assert node.conv.last_error is None
+    assert OTHER in node.adapter.destroyed
+    assert files(node) == before  # nothing deleted
+    assert node.access() is ACTIVE  # the volume it holds is served on
+    [obs] = node.conv.observations(node.timers.now)
+    assert (obs.volume_id, obs.role) == (VOL, Role.PRIMARY)
+
+
+async def test_a_tombstone_naming_a_local_volume_of_another_id_deletes_nothing(node: Node) -> None:
+    await node.manager.create(OTHER_NAME, SIZE, volume_id="ef" * 16)
+    await node.ack(deleted=(DeletedVolume(OTHER, OTHER_NAME),))
+    assert node.conv.last_error is not None and "VolumeMismatch" in node.conv.last_error
+    assert node.manager.get(OTHER_NAME).meta.volume_id == "ef" * 16
+    assert files(node) == {f"{OTHER_NAME}.json", f"{OTHER_NAME}.img"}
+
+
+async def test_a_tombstone_whose_destroy_failed_is_retried_by_the_next_one(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await node.ack(assign())
+
+    def broken(path: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(nodestate, "fsync_dir", broken)
+    await node.ack(deleted=(TOMBSTONE,))  # the forget fails (its fsync): the role and the data stay
+    monkeypatch.undo()
+    assert node.conv.last_error is not None and "RecordWriteError" in node.conv.last_error
+    assert files(node) == {f"{NAME}.json", f"{NAME}.img"} and node.state.get(VOL) is not None
+    # No longer a tombstone: the volume is reported again, so the master sends its tombstone again.
+    assert VOL not in node.adapter.destroyed
+    assert [o.volume_id for o in node.conv.observations(node.timers.now)] == [VOL]
+    await node.ack(deleted=(TOMBSTONE,))
+    assert files(node) == set() and persisted(node) == set() and VOL in node.adapter.destroyed
