@@ -569,15 +569,20 @@ async def test_destroy_removes_the_remote_entry_of_the_volume(node: Node) -> Non
     assert node.registry.resolve(OTHER_IQN) is None
 
 
-async def test_a_failed_forget_is_raised_to_the_waiter_and_the_data_stays(
-    node: Node, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await node.ack(assign())
+def break_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every directory fsync of the node state fails (EIO) until ``monkeypatch.undo()``."""
 
     def broken(path: object) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(nodestate, "fsync_dir", broken)
+
+
+async def test_a_failed_forget_is_raised_to_the_waiter_and_the_data_stays(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await node.ack(assign())
+    break_fsync(monkeypatch)
     with pytest.raises(RecordWriteError):
         await node.conv.destroy(VOL, NAME)
     monkeypatch.undo()
@@ -684,11 +689,7 @@ async def test_a_tombstone_whose_destroy_failed_is_retried_by_the_next_one(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await node.ack(assign())
-
-    def broken(path: object) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(nodestate, "fsync_dir", broken)
+    break_fsync(monkeypatch)
     await node.ack(deleted=(TOMBSTONE,))  # the forget fails (its fsync): the role and the data stay
     monkeypatch.undo()
     assert node.conv.last_error is not None and "RecordWriteError" in node.conv.last_error
