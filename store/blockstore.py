@@ -156,6 +156,8 @@ def _choose_io_path(fd: int) -> IoPath:
     except OSError:
         return IoPath.POOL
     return IoPath.NOWAIT
+
+
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="sparrow-io")
 
 # linux/fs.h

@@ -65,7 +65,7 @@ from sparrow.cluster.messages import (
 )
 from store.metadata import SchemaTooNew
 from store.migrations import AUTHORITY_FILE, SchemaTooOld, authority_v1_to_v2
-from store.migrations.sqlitemeta import create_meta, read_version
+from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
 SCHEMA_VERSION = 2
@@ -347,7 +347,7 @@ class AuthorityStore:
             if str(mode).lower() != "wal":
                 raise AuthorityError(f"cannot put {path} in WAL mode (journal mode is {mode})")
             if "meta" not in tables:
-                with _immediate(conn):
+                with immediate_transaction(conn):
                     if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
                         for statement in _SCHEMA_V1:
                             conn.execute(statement)
@@ -388,7 +388,7 @@ class AuthorityStore:
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[AuthorityTransaction]:
         """One BEGIN IMMEDIATE transaction: committed when the block ends, rolled back if it raises."""
-        with self._lock, _immediate(self._conn):
+        with self._lock, immediate_transaction(self._conn):
             yield AuthorityTransaction(self._conn)
 
     # ---- volumes ----------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ class AuthorityStore:
             chap,
             backing,
         )
-        with self._lock, _immediate(self._conn):
+        with self._lock, immediate_transaction(self._conn):
             if self._conn.execute("SELECT 1 FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone():
                 raise VolumeExists(f"id {volume_id}")
             if self._conn.execute(
@@ -474,7 +474,7 @@ class AuthorityStore:
 
     def delete_volume(self, volume_id: str, *, deleted_at: float) -> VolumeRecord:
         """Mark a live volume deleted (its rows and epochs stay). Raises UnknownVolume."""
-        with self._lock, _immediate(self._conn):
+        with self._lock, immediate_transaction(self._conn):
             cur = self._conn.execute(
                 "UPDATE volumes SET deleted_at = ? WHERE volume_id = ? AND deleted_at IS NULL",
                 (float(deleted_at), volume_id),
@@ -510,7 +510,7 @@ class AuthorityStore:
         _checked(check_uint, "capacity", capacity)
         for field in ("iscsi_portal", "replication", "http"):
             _checked(check_portal, f"addresses.{field}", getattr(addresses, field))
-        with self._lock, _immediate(self._conn):
+        with self._lock, immediate_transaction(self._conn):
             self._conn.execute(
                 "INSERT INTO nodes (node_id, incarnation, addresses, capacity, first_seen, last_seen) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
@@ -599,16 +599,3 @@ def assignment_of(
         chap=volume.chap,
         backing=volume.backing,
     )
-
-
-@contextlib.contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")

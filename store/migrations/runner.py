@@ -26,14 +26,13 @@ live daemon; ``dry_run`` and ``versions`` only read.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +42,7 @@ from store.lock import DataDirLock
 from store.metadata import canonical_json, checksum, fsync_dir, read_record, write_record
 from store.migrations.errors import IdentityChanged, MigrationError, NoMigrationPath
 from store.migrations.graph import JSON_KINDS, KINDS, SQLITE_KINDS, Step, StepGraph, default_graph
-from store.migrations.sqlitemeta import read_version, write_version
+from store.migrations.sqlitemeta import immediate_transaction, read_version, write_version
 from store.migrations.units import Unit, dump_checksum, open_readonly, scan, sha256_text
 
 HISTORY_FILE = "migrations.log"
@@ -328,18 +327,6 @@ def _apply_sql_steps(p: Pending, conn: sqlite3.Connection) -> None:
         raise MigrationError(f"{item}: the migrated database breaks a foreign key ({violations[0][0]})")
 
 
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def _prepare_sqlite(p: Pending) -> _Prepared:
     """Rehearse the steps on an in-memory copy: the changes and checksum, nothing written."""
     unit = p.unit
@@ -348,7 +335,7 @@ def _prepare_sqlite(p: Pending) -> _Prepared:
     try:
         source.backup(memory)
         schema_before, counts_before = _schema(memory), _row_counts(memory)
-        with _transaction(memory):
+        with immediate_transaction(memory):
             _apply_sql_steps(p, memory)
         schema_after, counts_after = _schema(memory), _row_counts(memory)
         changes = [f"step {s.name}: {s.describe}" for s in p.steps]
@@ -458,7 +445,7 @@ def _apply_sqlite(prep: _Prepared) -> Applied:
     conn = sqlite3.connect(prep.pending.unit.path, isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous=FULL")
-        with _transaction(conn):
+        with immediate_transaction(conn):
             _apply_sql_steps(prep.pending, conn)
         after = dump_checksum(conn)
     finally:

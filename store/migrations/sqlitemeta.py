@@ -8,7 +8,9 @@ runner (which reads it and, in the same transaction as a step, updates it). The 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 
 META_DDL = (
     "CREATE TABLE meta ("
@@ -44,3 +46,17 @@ def write_version(conn: sqlite3.Connection, version: int) -> None:
     cur = conn.execute("UPDATE meta SET schema_version = ? WHERE id = 1", (version,))
     if cur.rowcount != 1:
         raise NoMetaTable("no schema_version row in meta")
+
+
+@contextlib.contextmanager
+def immediate_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises (the write lock is taken at the
+    start, so a transaction never fails half way for a lock another writer holds)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
