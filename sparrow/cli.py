@@ -226,10 +226,15 @@ def cmd_volume_list(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     rows = [("NAME", "SIZE", "BLOCK", "IQN")]
     rows += [(v["name"], format_size(v["size"]), str(v["block_size"]), v["iqn"]) for v in volumes]
+    _print_table(rows, out)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Left-aligned columns two spaces apart; the first row is the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
-    return 0
 
 
 def cmd_volume_inspect(args: argparse.Namespace, out: TextIO) -> int:
@@ -454,9 +459,7 @@ def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
                 str(n.get("iscsi_portal") or "-"),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
+    _print_table(rows, out)
     return 0
 
 
