@@ -259,8 +259,7 @@ async def _with_demo_volume(api: MasterApi, config: Config) -> tuple[VolumeRecor
 async def _end_steps(master: MasterRuntime, stop: asyncio.Event) -> None:
     """After a failed start: end the control loop before the store it uses is closed."""
     stop.set()
-    if master.steps is not None:
-        await master.steps
+    await master.end_steps()
 
 
 async def _until_served(api: MasterApi, records: tuple[VolumeRecord, ...], stop: asyncio.Event) -> bool:

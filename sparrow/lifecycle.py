@@ -113,14 +113,20 @@ def notify(send: Callable[[str], bool], status: str) -> None:
         log.warning("sd_notify failed", error=str(e))
 
 
-def bound_address(sockets_or_addresses: Iterable[Any], configured: HostPort) -> HostPort:
-    """``configured`` with the port a listener actually got (sockets, or ``(host, port, ...)``
-    addresses as aiohttp's runner gives them): a port of 0 becomes the bound one."""
+def bound_port(sockets_or_addresses: Iterable[Any]) -> int | None:
+    """The port of the first bound socket, or ``(host, port, ...)`` address as aiohttp's runner
+    gives them; None if there is none."""
     for item in sockets_or_addresses:
         name = item.getsockname() if hasattr(item, "getsockname") else item
         if isinstance(name, tuple):
-            return HostPort(configured.host, int(name[1]))
-    return configured
+            return int(name[1])
+    return None
+
+
+def bound_address(sockets_or_addresses: Iterable[Any], configured: HostPort) -> HostPort:
+    """``configured`` with the port a listener actually got: a port of 0 becomes the bound one."""
+    port = bound_port(sockets_or_addresses)
+    return configured if port is None else HostPort(configured.host, port)
 
 
 async def begin_shutdown(

@@ -146,15 +146,20 @@ class MasterRuntime:
         interval = self.config.timing.heartbeat_interval
         self.steps = asyncio.create_task(control_task(self.control, self.clock, interval, stop))
 
-    async def stop(self) -> None:
-        """Finish the control step in progress (``stop`` must be set), close the node connections,
-        let the pending node upserts finish, close the store."""
+    async def end_steps(self) -> None:
+        """Wait (at most STEP_SHUTDOWN_TIMEOUT) for the control loop to finish the step it is in;
+        the ``stop`` event given to :meth:`start_steps` must be set."""
         if self.steps is not None:
             try:
                 async with asyncio.timeout(STEP_SHUTDOWN_TIMEOUT):
                     await self.steps
             except TimeoutError:
                 log.warning("control step did not finish before shutdown")
+
+    async def stop(self) -> None:
+        """Finish the control step in progress (``stop`` must be set), close the node connections,
+        let the pending node upserts finish, close the store."""
+        await self.end_steps()
         await self.heartbeats.close()
         await self.recorder.close(STEP_SHUTDOWN_TIMEOUT)
         self.store.close()

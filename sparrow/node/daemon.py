@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from sparrow.lifecycle import (
     StartupError,
     StopSignals,
     begin_shutdown,
+    bound_port,
     lock_data_dir,
     notify,
     os_reason,
@@ -360,7 +361,7 @@ async def start_node(
     except OSError as e:
         raise StartupError(f"cannot listen for iSCSI on {config.iscsi}: {os_reason(e)}") from None
     cleanup.push_async_callback(server.shutdown, 0.0)
-    bound = _bound_port(server.sockets)
+    bound = bound_port(server.sockets)
     advertised_portals = portals(bound) if portals is not None else (advertised(config.iscsi, bound),)
     server.settings = dataclasses.replace(
         settings, portals=tuple(Portal(p.host, p.port, settings.tpgt) for p in advertised_portals)
@@ -415,7 +416,7 @@ async def serve(config: NodeConfig) -> int:
         node = await start_node(config, cleanup)
         app = build_node_app(node, node.metrics)
         runner = await start_http(app, config.http.host, config.http.port, cleanup)
-        node.start_heartbeat(advertised(config.http, _bound_port(runner.addresses)))
+        node.start_heartbeat(advertised(config.http, bound_port(runner.addresses)))
 
         log.info(
             "node listening",
@@ -441,12 +442,3 @@ async def serve(config: NodeConfig) -> int:
         log.info("stopped", clean=not failed)
         return 1 if failed else 0
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _bound_port(sockets_or_addresses: Iterable[Any]) -> int | None:
-    """The port of the first bound socket (or ``(host, port, ...)`` address), if any."""
-    for item in sockets_or_addresses:
-        name = item.getsockname() if hasattr(item, "getsockname") else item
-        if isinstance(name, tuple):
-            return int(name[1])
-    return None
