@@ -22,6 +22,9 @@ File layout (every key optional; see docs/sparrow.example.toml)::
     format = "auto"                     # auto (JSON unless stdout is a TTY), json, console
     level = "info"
 
+    allowed_backing_prefixes = ["/dev/disk/by-id/", "/srv/sparrow"]   # backing paths a volume may
+                                        # use (store.backing; none by default)
+
     [demo_volume]                       # created at startup when missing
     name = "demo"
     size = "1GiB"
@@ -56,6 +59,7 @@ from typing import Any
 
 from frontend.target import DEFAULT_BASE_IQN, ChapSecret
 from sparrow.sizes import SizeError, parse_size
+from store.backing import BackingPolicy
 
 DEFAULT_ISCSI_PORT = 3260
 DEFAULT_HTTP_PORT = 3280
@@ -115,6 +119,8 @@ class Config:
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
     demo_volume: DemoVolume | None = None
+    #: Where a volume's ``backing`` may point (store.backing); empty: no backing is allowed.
+    allowed_backing: tuple[str, ...] = ()
 
     def advertised_portals(
         self, *, bound_port: int | None = None, primary_address: Callable[[], str] | None = None
@@ -147,6 +153,7 @@ class Overrides:
     demo_volume: str | None = None
     log_format: str | None = None
     log_level: str | None = None
+    allow_backing: tuple[str, ...] | None = None
 
 
 def host_primary_address() -> str:
@@ -341,6 +348,16 @@ def load_config(
             raise fail(f"{what}: unknown log level {value!r} (choose from {', '.join(LOG_LEVELS)})", usage)
         kwargs["log_level"] = value.lower()
 
+    got = pick("allowed_backing_prefixes", "--allow-backing", overrides.allow_backing)
+    if got is not None:
+        value, what, usage = got
+        if not all(isinstance(v, str) for v in value):
+            raise fail(f"{what}: expected a list of absolute paths", usage)
+        try:
+            kwargs["allowed_backing"] = BackingPolicy.of(value).prefixes
+        except ValueError as e:
+            raise fail(f"{what}: {e}", usage) from None
+
     if overrides.demo_volume is not None:
         with _blame(True):
             kwargs["demo_volume"] = parse_demo_volume(overrides.demo_volume, what="--demo-volume")
@@ -362,6 +379,7 @@ def load_config(
 _SCHEMA: dict[str, Any] = {
     "data_dir": str,
     "base_iqn": str,
+    "allowed_backing_prefixes": list,
     "iscsi": {
         "listen": str,
         "advertise": (str, list),

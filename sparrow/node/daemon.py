@@ -60,6 +60,7 @@ from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
+from store.backing import BackingPolicy
 from store.blockstore import StoreError
 from store.volumes import VolumeLoadError, VolumeManager
 
@@ -86,6 +87,8 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+    #: Backing files and devices an assignment may name (store.backing; empty: none).
+    allowed_backing: tuple[str, ...] = ()
 
 
 def node_config(
@@ -99,6 +102,7 @@ def node_config(
     heartbeat_interval: float | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    allow_backing: tuple[str, ...] = (),
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -138,7 +142,15 @@ def node_config(
         heartbeat_interval=interval,
         log_format=LogFormat(log_format or "auto"),
         log_level=log_level or "info",
+        allowed_backing=_backing_prefixes(allow_backing),
     )
+
+
+def _backing_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return BackingPolicy.of(prefixes).prefixes
+    except ValueError as e:
+        raise ConfigError(f"--allow-backing: {e}", usage=True) from None
 
 
 def advertised(
@@ -329,7 +341,7 @@ async def start_node(
             reason=problem.reason,
         )
 
-    manager = VolumeManager(config.data_dir)
+    manager = VolumeManager(config.data_dir, backing_policy=BackingPolicy(config.allowed_backing))
     cleanup.push_async_callback(manager.close)
     try:
         offline = await manager.load_all()  # the manager logs the volumes it could not load
