@@ -17,9 +17,15 @@
     sparrow node list [--json]
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
+    sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
+                  [--data-dir DIR: offline, the daemon stopped]
+    sparrow token list [--json]
+    sparrow token revoke ID
 
 Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
-http://127.0.0.1:3280) with urllib. Every error is one line on stderr; the exit code is 1, or 2 for
+http://127.0.0.1:3280) with urllib, sending a bearer token: ``--token``, else $SPARROW_TOKEN, else
+the URL's entry in the credentials file (sparrow.auth.credentials; a daemon writes its bootstrap
+admin token there on its first start). Every error is one line on stderr; the exit code is 1, or 2 for
 a usage error (bad flag, bad size, bad URL). Never a traceback. ``migrate`` works on the data
 directory itself (the daemon must be stopped: it holds the directory's lock).
 """
@@ -48,6 +54,7 @@ API_ENV = "SPARROW_API"
 DEFAULT_WAIT = 10.0
 MAX_WAIT = 60.0
 API_TIMEOUT = 60.0
+TOKEN_HELP = "API token (default $SPARROW_TOKEN, else the credentials file's entry for the API URL)"
 
 
 class CliError(Exception):
@@ -76,12 +83,13 @@ class _Parser(argparse.ArgumentParser):
 class ApiClient:
     """A small synchronous JSON client for the daemon's API."""
 
-    def __init__(self, base_url: str, timeout: float = API_TIMEOUT) -> None:
+    def __init__(self, base_url: str, timeout: float = API_TIMEOUT, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UsageError(f"invalid API URL {base_url!r}: expected http://HOST:PORT")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.token = token
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         url = self.base_url + path
@@ -89,13 +97,19 @@ class ApiClient:
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             with e:
-                raise CliError(_http_error_message(e)) from None
+                message = _http_error_message(e)
+                if e.code == 401:
+                    how = "give --token, set $SPARROW_TOKEN or add it to the credentials file"
+                    message = f"{message} ({'no token found' if not self.token else 'token refused'}: {how})"
+                raise CliError(message) from None
         except urllib.error.URLError as e:
             raise CliError(self._unreachable(e.reason)) from None
         except (OSError, http.client.HTTPException) as e:
@@ -164,7 +178,10 @@ def _quote(name: str) -> str:
 
 
 def _client(args: argparse.Namespace, wait: float = 0.0) -> ApiClient:
-    return ApiClient(args.api or os.environ.get(API_ENV) or DEFAULT_API, timeout=API_TIMEOUT + wait)
+    from sparrow.auth.credentials import resolve_token
+
+    url = args.api or os.environ.get(API_ENV) or DEFAULT_API
+    return ApiClient(url, timeout=API_TIMEOUT + wait, token=resolve_token(url, getattr(args, "token", None)))
 
 
 def _wait_query(wait: float) -> str:
@@ -318,6 +335,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         demo_volume=args.demo_volume,
         log_format=args.log_format,
         log_level=args.log_level,
+        allow_backing=tuple(args.allow_backing) if args.allow_backing else None,
     )
     try:
         config = load_config(Path(args.config) if args.config else None, overrides)
@@ -351,6 +369,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             heartbeat_interval=args.heartbeat_interval,
             log_format=args.log_format,
             log_level=args.log_level,
+            allow_backing=tuple(args.allow_backing or ()),
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -481,6 +500,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
     from sparrow.cluster.lease import LeaseConfig
     from sparrow.config import ConfigError, LogFormat, parse_host_port
     from sparrow.master.daemon import DEFAULT_HTTP, DEFAULT_LISTEN, MasterConfig, run
+    from store.backing import BackingPolicy
 
     try:
         listen = parse_host_port(args.listen, what="--listen") if args.listen else DEFAULT_LISTEN
@@ -497,12 +517,17 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         )
     except ValueError as e:
         raise UsageError(f"sparrow master: error: {e}") from None
+    try:
+        allowed_backing = BackingPolicy.of(args.allow_backing or ()).prefixes
+    except ValueError as e:
+        raise UsageError(f"sparrow master: error: --allow-backing: {e}") from None
     config = MasterConfig(
         data_dir=Path(args.data_dir),
         listen=listen,
         http=http_addr,
         timing=timing,
         base_iqn=args.base_iqn or DEFAULT_BASE_IQN,
+        allowed_backing=allowed_backing,
     )
 
     from sparrow.logs import configure_logging
@@ -552,6 +577,12 @@ def _add_cluster_commands(commands: Any) -> None:
         "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
     )
     master.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    master.add_argument(
+        "--allow-backing",
+        metavar="PREFIX",
+        action="append",
+        help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
     master.set_defaults(func=cmd_master)
 
     node = commands.choices.get("node")
@@ -565,6 +596,7 @@ def _add_cluster_commands(commands: Any) -> None:
         node_commands.required = node.get_default("func") is None
     lst = node_commands.add_parser("list", help="list the nodes the master knows")
     lst.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
+    lst.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
     lst.add_argument("--json", action="store_true", help="print the nodes as JSON")
     lst.set_defaults(func=cmd_node_list)
 
@@ -596,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--demo-volume", metavar="NAME:SIZE", help="create this volume at startup if missing")
     serve.add_argument(
+        "--allow-backing",
+        metavar="PREFIX",
+        action="append",
+        help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
+    serve.add_argument(
         "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
     )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -619,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_api(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--api", metavar="URL", help=f"daemon API (default ${API_ENV} or {DEFAULT_API})")
+        p.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
         return p
 
     create = with_api(vcommands.add_parser("create", help="create a volume and export it"))
@@ -689,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    node.add_argument(
+        "--allow-backing",
+        metavar="PREFIX",
+        action="append",
+        help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
     node.set_defaults(func=cmd_node)
 
     migrate = commands.add_parser(
@@ -712,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--kind", choices=sorted(KINDS), help="only records of this kind (default: all)")
     migrate.set_defaults(func=cmd_migrate)
     _add_cluster_commands(commands)
+    from sparrow.auth.cli import add_token_commands
+
+    add_token_commands(commands, with_api)
     return parser
 
 

@@ -49,12 +49,13 @@ from sparrow.lifecycle import (
     start_http,
 )
 from sparrow.master.api import MasterApi, MasterMetrics, build_app, served, volume_json
+from sparrow.master.auth import bootstrap
 from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.daemon import Node, NodeConfig, start_node
 from sparrow.sizes import format_size
 from store.blockstore import StoreError
-from store.volumes import Volume, validate_name
+from store.volumes import BackingNotAllowed, Volume, validate_name
 
 log = structlog.get_logger("sparrow.daemon")
 
@@ -99,6 +100,8 @@ class EmbeddedNode:
             validate_name(name)
             if backing is not None:
                 return await self.node.manager.probe_backing(backing, block_size=block_size, size=size)
+        except BackingNotAllowed as e:
+            raise ApiError(403, str(e)) from None
         except StoreError as e:
             raise ApiError(400, str(e)) from None
         if size is None:
@@ -179,6 +182,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             timing=TIMING,
             base_iqn=config.base_iqn,
+            allowed_backing=config.allowed_backing,
         )
         master = await start_master(master_config, cleanup, metrics=MasterMetrics(metrics.registry))
         node_config = NodeConfig(
@@ -189,6 +193,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             base_iqn=config.base_iqn,
             heartbeat_interval=TIMING.heartbeat_interval,
+            allowed_backing=config.allowed_backing,
         )
         node = await start_node(
             node_config,
@@ -202,6 +207,7 @@ async def serve(config: Config) -> int:
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))
         runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
         http_bound = bound_address(runner.addresses, config.http)
+        await bootstrap(master.store, http_bound)
         master.start_steps(stop)
         cleanup.push_async_callback(_end_steps, master, stop)  # only reached if a later step fails
         node.start_heartbeat(http_bound)

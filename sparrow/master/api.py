@@ -48,7 +48,13 @@ A node (see :func:`node_json`)::
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
      the master started)}
 
-Errors are ``{"error": "<one line>"}`` with 400, 404, 409 or 500 (sparrow.httpjson). Handlers
+Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
+valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
+sees only its own volumes. ``backing`` needs an admin token and a path under the allowed backing
+prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
+by the node that opens it (store.backing); a volume on a backing is never resized (400).
+
+Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson). Handlers
 run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 """
 
@@ -69,9 +75,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from frontend.target import DEFAULT_BASE_IQN
+from sparrow.auth.tokens import Action, can_see
 from sparrow.cluster.authority import (
     AuthorityError,
     InvalidAuthorityRecord,
+    UnknownToken,
     UnknownVolume,
     VolumeExists,
     VolumeRecord,
@@ -80,7 +88,9 @@ from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
 from sparrow.cluster.messages import Assignment, Health, InvalidMessage, Role, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
+from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
 from sparrow.master.control import ControlLoop
+from store.backing import NO_BACKING, BackingPolicy
 from store.volumes import naa_from_uuid, serial_from_uuid
 
 log = structlog.get_logger("sparrow.master.api")
@@ -195,6 +205,8 @@ class MasterApi:
     local: LocalNode | None = None
     #: How often a ``?wait`` request looks at the volume again (seconds).
     poll_interval: float = 0.02
+    #: Where a create's ``backing`` may point (store.backing; default: nowhere).
+    backing_policy: BackingPolicy = NO_BACKING
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -202,8 +214,10 @@ API_KEY = web.AppKey("master", MasterApi)
 
 def build_app(api: MasterApi) -> web.Application:
     errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
-    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    authenticate = auth_middleware(api.control.store)
+    app = web.Application(middlewares=[errors, authenticate], client_max_size=64 * 1024)
     app[API_KEY] = api
+    add_token_routes(app, AuthContext(api.control.store, api.wall_clock))
     app.router.add_post("/v1/volumes", create_volume)
     app.router.add_get("/v1/volumes", list_volumes)
     app.router.add_get("/v1/volumes/{name}", get_volume)
@@ -224,9 +238,17 @@ async def create_volume(request: web.Request) -> web.Response:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "missing field 'name'" if name is None else "name must be a non-empty string")
+    require(request, Action.VOLUME_WRITE, name)
     wait = _wait_seconds(request)
     block_size = _int(body, "block_size", 512, "block_size must be an integer (512 or 4096)")
     backing = string_field(body, "backing")
+    if backing is not None:
+        require(request, Action.VOLUME_BACKING, name)
+        if not backing.startswith("/"):
+            raise ApiError(400, f"backing: must be an absolute path, not {backing!r}")
+        if not api.backing_policy.allows_name(backing):
+            allowed = ", ".join(api.backing_policy.prefixes) or "none are allowed"
+            raise ApiError(403, f"backing {backing} is not under an allowed backing prefix ({allowed})")
     size = size_field(body, required=api.local is None or backing is None)
     replicas = _int(body, "replicas", 1, f"replicas must be an integer ({MIN_REPLICAS}..{MAX_REPLICAS})")
     if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
@@ -260,7 +282,8 @@ async def create_volume(request: web.Request) -> web.Response:
 async def list_volumes(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     records = await asyncio.to_thread(api.control.store.volumes)
-    return web.json_response({"volumes": [volume_json(api, r) for r in records]})
+    who = principal(request)
+    return web.json_response({"volumes": [volume_json(api, r) for r in records if can_see(who, r.name)]})
 
 
 async def get_volume(request: web.Request) -> web.Response:
@@ -274,6 +297,8 @@ async def resize_volume(request: web.Request) -> web.Response:
     size = _required_size(body)
     wait = _wait_seconds(request)
     record = await _find(api, request.match_info["name"])
+    if record.backing is not None and size != record.size:
+        raise ApiError(400, f"volume {record.name} is backed by {record.backing}: it is never resized")
     old_size = record.size
     record, assignment = await asyncio.to_thread(api.control.resize_volume, record.volume_id, size)
     api.control.resized(record, assignment, api.clock())
@@ -527,6 +552,7 @@ def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
 #: Authority errors that are the client's doing, and the status each one answers with.
 _AUTHORITY_STATUS: tuple[tuple[type[AuthorityError], int], ...] = (
     (UnknownVolume, 404),
+    (UnknownToken, 404),
     (VolumeExists, 409),
     (InvalidAuthorityRecord, 400),
 )

@@ -3,7 +3,8 @@
 Startup: lock the data directory (``store.lock.DataDirLock``), open ``DATA_DIR/authority.sqlite3``
 (``AuthorityStore.open_in``), rebuild the state from it (``control.restore``: every known node is
 treated as holding a lease granted now, observations start now), bind the heartbeat listener and
-the HTTP API, and only then tell systemd ``READY=1``. The first control step runs after that.
+the HTTP API, write the bootstrap admin token on a first start (sparrow.master.auth), and only
+then tell systemd ``READY=1``. The first control step runs after that.
 
 Main loop: one control step every ``heartbeat_interval`` seconds (``ControlLoop.step_async``).
 
@@ -44,8 +45,10 @@ from sparrow.lifecycle import (
     start_http,
 )
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.auth import bootstrap
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
+from store.backing import BackingPolicy
 from store.blockstore import StoreError
 
 log = structlog.get_logger("sparrow.master")
@@ -65,6 +68,8 @@ class MasterConfig:
     timing: LeaseConfig = field(default_factory=LeaseConfig)
     converge_deadline: float = DEFAULT_CONVERGE_DEADLINE
     base_iqn: str = DEFAULT_BASE_IQN
+    #: Where a create's ``backing`` may point, by name (store.backing; the node checks it again).
+    allowed_backing: tuple[str, ...] = ()
 
 
 def run(config: MasterConfig) -> int:
@@ -138,7 +143,11 @@ class MasterRuntime:
 
     def api(self) -> MasterApi:
         return MasterApi(
-            control=self.control, metrics=self.metrics, clock=self.clock, base_iqn=self.config.base_iqn
+            control=self.control,
+            metrics=self.metrics,
+            clock=self.clock,
+            base_iqn=self.config.base_iqn,
+            backing_policy=BackingPolicy(self.config.allowed_backing),
         )
 
     def start_steps(self, stop: asyncio.Event) -> None:
@@ -227,6 +236,7 @@ async def serve(config: MasterConfig) -> int:
         master = await start_master(config, cleanup)
         runner = await start_http(build_app(master.api()), config.http.host, config.http.port, cleanup)
         http_bound = bound_address(runner.addresses, config.http)
+        await bootstrap(master.store, http_bound)
 
         timing = config.timing
         log.info(

@@ -270,3 +270,17 @@ def test_example_config_file_loads() -> None:
     assert config.iscsi == HostPort("0.0.0.0", 3260)
     assert config.http == HostPort("127.0.0.1", 3280)
     assert config.data_dir == Path("/var/lib/sparrow")
+
+
+def test_allowed_backing_prefixes_from_the_file_and_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "sparrow.toml"
+    path.write_text('allowed_backing_prefixes = ["/dev/disk/by-id/", "/srv//disks/../vm"]\n')
+    assert load_config(path).allowed_backing == ("/dev/disk/by-id", "/srv/vm")
+    assert load_config(path, Overrides(allow_backing=("/mnt",))).allowed_backing == ("/mnt",)
+    assert load_config(None).allowed_backing == ()  # none by default
+    with pytest.raises(ConfigError, match="must be an absolute path") as info:
+        load_config(None, Overrides(allow_backing=("disks",)))
+    assert info.value.usage
+    path.write_text('allowed_backing_prefixes = "/dev"\n')
+    with pytest.raises(ConfigError, match="must be a list"):
+        load_config(path)
