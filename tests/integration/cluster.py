@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.integration.process import Proc
+from tests.integration.process import Proc, bearer, daemon_env
 from tests.integration.proxy import FaultProxy
 from tests.tools import free_port, run, wait_for
 
@@ -45,9 +45,11 @@ class Timing:
 TIMING = Timing()
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=timeout
+        ) as resp:
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as e:
         return int(e.code), bytes(e.read())
@@ -91,7 +93,7 @@ class Master(Proc):
         ]  # fmt: skip
 
     def get_json(self, path: str) -> Any:
-        status, body = http_get(self.api + path)
+        status, body = http_get(self.api + path, headers=bearer(self.root, self.api))
         assert status == 200, f"GET {path}: {status} {body!r}"
         return json.loads(body)
 
@@ -210,7 +212,10 @@ class Cluster:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(
-            [sys.executable, "-m", "sparrow", *args, "--api", self.master.api], check=check, timeout=30
+            [sys.executable, "-m", "sparrow", *args, "--api", self.master.api],
+            check=check,
+            timeout=30,
+            env=daemon_env(self.root),
         )
 
     def inspect(self, volume: str) -> dict[str, Any]:
