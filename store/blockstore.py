@@ -263,6 +263,7 @@ class FileBlockStore:
         size: int | None = None,
         create: bool = False,
         grow: bool = True,
+        nofollow: bool = False,
     ) -> FileBlockStore:
         """Open (or with ``create=True`` create, sparse, and fsync) the file or block device at ``path``.
 
@@ -270,15 +271,24 @@ class FileBlockStore:
         (rounded down to ``block_size``). An existing regular file smaller than ``size`` is grown
         (sparse), unless ``grow`` is False (a user-given backing, store.backing): then a regular
         file must hold exactly ``size`` bytes. A block device smaller than ``size`` is refused.
+        ``nofollow``: ``path`` is a resolved path that was just checked; a symlink put there since
+        is not followed (O_NOFOLLOW).
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            _EXECUTOR, functools.partial(cls._open_sync, os.fspath(path), block_size, size, create, grow)
+            _EXECUTOR,
+            functools.partial(cls._open_sync, os.fspath(path), block_size, size, create, grow, nofollow),
         )
 
     @classmethod
     def _open_sync(
-        cls, path: str, block_size: int, size: int | None, create: bool, grow: bool = True
+        cls,
+        path: str,
+        block_size: int,
+        size: int | None,
+        create: bool,
+        grow: bool = True,
+        nofollow: bool = False,
     ) -> FileBlockStore:
         if block_size <= 0 or block_size & (block_size - 1):
             raise StoreOpenError(path, f"block size {block_size} is not a power of two")
@@ -297,7 +307,7 @@ class FileBlockStore:
             raise StoreOpenError(path, "not a regular file or a block device")
         # O_EXCL on a block device: exclusive open, refused (EBUSY) while it is mounted or in use.
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if is_blockdev else 0)
-        if not grow:  # a checked, resolved backing path: a symlink put there since is not followed
+        if nofollow:
             flags |= os.O_NOFOLLOW
         try:
             fd = os.open(path, flags)

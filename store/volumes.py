@@ -361,9 +361,11 @@ class VolumeManager:
             if await aiofiles.os.path.exists(record_path):
                 raise VolumeExists(name, " on disk but could not be loaded; delete it first")
             if backing is not None:
-                backing = self._check_backing(backing)
+                backing, real = self._check_backing(backing)
                 try:
-                    store = await FileBlockStore.open(backing, block_size=block_size, size=size, grow=False)
+                    store = await FileBlockStore.open(
+                        real, block_size=block_size, size=size, grow=False, nofollow=True
+                    )
                 except StoreOpenError as e:
                     raise InvalidVolume(str(e)) from e
             else:
@@ -406,9 +408,11 @@ class VolumeManager:
         own size). Returns the size a volume on it gets. Raises InvalidVolume with the reason."""
         if block_size not in BLOCK_SIZES:
             raise InvalidVolume(f"block size must be 512 or 4096, not {block_size}")
-        path = self._check_backing(backing)
+        _, real = self._check_backing(backing)
         try:
-            store = await FileBlockStore.open(path, block_size=block_size, size=size, grow=False)
+            store = await FileBlockStore.open(
+                real, block_size=block_size, size=size, grow=False, nofollow=True
+            )
         except StoreOpenError as e:
             raise InvalidVolume(str(e)) from e
         try:
@@ -416,19 +420,22 @@ class VolumeManager:
         finally:
             await store.close()
 
-    def _check_backing(self, backing: str) -> str:
-        """The resolved path of an allowed backing (store.backing), not inside the data directory
-        and not used by another volume. Raises BackingNotAllowed, InvalidVolume."""
+    def _check_backing(self, backing: str) -> tuple[str, str]:
+        """An allowed backing (store.backing), not inside the data directory and not used by
+        another volume: the path to record (as given, normalized: a /dev/disk/by-id/ name stays
+        stable across reboots) and the resolved path to open now. Raises BackingNotAllowed,
+        InvalidVolume."""
         try:
-            real = path = self.backing_policy.resolve(backing)
+            real = self.backing_policy.resolve(backing)
         except BackingRefused as e:
             raise BackingNotAllowed(str(e)) from None
+        path = os.path.normpath(backing)
         if is_below(real, os.path.realpath(self.data_dir)):
             raise InvalidVolume(f"backing {backing} is inside the data directory")
         for volume in self._volumes.values():
             if volume.meta.backing is not None and os.path.realpath(volume.meta.backing) == real:
                 raise InvalidVolume(f"backing {backing} is already used by volume {volume.meta.name!r}")
-        return path
+        return path, real
 
     async def resize(self, name: str, new_size: int) -> Volume:
         """Grow a volume (data first, then the record). Shrinking is refused."""

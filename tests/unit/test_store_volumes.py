@@ -433,3 +433,21 @@ async def test_close_volume_keeps_the_data_and_open_volume_brings_it_back(manage
         await manager.open_volume("never-created")
     with pytest.raises(VolumeNotFound):
         await manager.close_volume("never-created")
+
+
+async def test_a_symlink_inside_the_prefix_is_recorded_as_given(
+    manager: VolumeManager, tmp_path: Path
+) -> None:
+    """A stable name (as /dev/disk/by-id/... is) stays the recorded backing; what it resolves to is
+    checked and opened."""
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    backing_file(disks / "sdb", MiB)
+    (disks / "by-id").mkdir()
+    (disks / "by-id" / "wwn-1").symlink_to(disks / "sdb")
+    manager.backing_policy = BackingPolicy.of([str(disks)])
+    vol = await manager.create("v", None, backing=str(disks / "by-id" / "wwn-1"))
+    assert vol.meta.backing == str(disks / "by-id" / "wwn-1") and vol.meta.size == MiB
+    m2, errors = await reopen(manager)
+    assert errors == [] and m2.get("v").meta.size == MiB
+    await m2.close()
