@@ -53,6 +53,7 @@ from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.daemon import Node, NodeConfig, start_node
 from sparrow.sizes import format_size
+from sparrow.supervision import TaskSupervisor
 from store.blockstore import StoreError
 from store.volumes import Volume, validate_name
 
@@ -173,6 +174,8 @@ async def serve(config: Config) -> int:
         cleanup.callback(lock.release)
 
         metrics = PrometheusMetrics()
+        supervisor = TaskSupervisor(metrics.registry)  # one for the master and the node
+        supervisor.install(asyncio.get_running_loop())
         master_config = MasterConfig(
             data_dir=config.data_dir,
             listen=HostPort("127.0.0.1", 0),
@@ -180,7 +183,9 @@ async def serve(config: Config) -> int:
             timing=TIMING,
             base_iqn=config.base_iqn,
         )
-        master = await start_master(master_config, cleanup, metrics=MasterMetrics(metrics.registry))
+        master = await start_master(
+            master_config, cleanup, metrics=MasterMetrics(metrics.registry), supervisor=supervisor
+        )
         node_config = NodeConfig(
             data_dir=config.data_dir,
             node_id=NODE_ID,
@@ -196,6 +201,7 @@ async def serve(config: Config) -> int:
             settings=target_settings(config),
             portals=lambda port: config.advertised_portals(bound_port=port),
             metrics=metrics,
+            supervisor=supervisor,
         )
         await adopt(master, node)
 
