@@ -206,7 +206,14 @@ async def serve(config: Config) -> int:
         await adopt(master, node)
 
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))
-        runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
+        runner = await start_http(
+            build_app(api),
+            config.http.host,
+            config.http.port,
+            cleanup,
+            limits=config.http_limits,
+            registry=metrics.registry,
+        )
         http_bound = bound_address(runner.addresses, config.http)
         master.start_steps(stop)
         cleanup.push_async_callback(_end_steps, master, stop)  # only reached if a later step fails

@@ -258,7 +258,10 @@ async def serve(config: MasterConfig) -> int:
         cleanup.callback(lock.release)
         master = await start_master(config, cleanup)
         master.supervisor.install(loop)
-        runner = await start_http(build_app(master.api()), config.http.host, config.http.port, cleanup)
+        app = build_app(master.api())
+        runner = await start_http(
+            app, config.http.host, config.http.port, cleanup, registry=master.metrics.registry
+        )
         http_bound = bound_address(runner.addresses, config.http)
 
         timing = config.timing

@@ -430,7 +430,9 @@ async def serve(config: NodeConfig) -> int:
         node = await start_node(config, cleanup)
         node.supervisor.install(asyncio.get_running_loop())
         app = build_node_app(node, node.metrics)
-        runner = await start_http(app, config.http.host, config.http.port, cleanup)
+        runner = await start_http(
+            app, config.http.host, config.http.port, cleanup, registry=node.metrics.registry
+        )
         node.start_heartbeat(advertised(config.http, bound_port(runner.addresses)))
 
         log.info(
