@@ -10,7 +10,8 @@ lease is counted from the send), and turns the master's bytes into the Acks that
 
 :class:`HeartbeatClient` is the thin asyncio layer: connect with :class:`Backoff`, write the Hello
 and a Heartbeat every ``interval`` on a fixed schedule, hand each applied Ack to ``on_ack``; a
-protocol error, EOF or any socket error closes the connection and it reconnects after a backoff.
+protocol error, EOF or any socket error closes the connection and it reconnects after a backoff;
+so does any other exception (a bug), which is reported to the TaskSupervisor (task ``node-heartbeat``).
 """
 
 from __future__ import annotations
