@@ -159,3 +159,24 @@ def test_an_idle_kept_alive_connection_is_closed(limited: Daemon) -> None:
         assert s.recv(1) == b""  # closed by the daemon, not by this timeout
         idle = time.monotonic() - answered
     assert IDLE_TIMEOUT - 0.1 <= idle <= IDLE_TIMEOUT + SLACK, idle
+
+
+def test_a_whole_body_in_time_still_gets_its_answers(limited: Daemon) -> None:
+    """What held before stays: a body that arrives in time is read once; too large is a JSON 413."""
+    import urllib.error
+    import urllib.request
+
+    def post(body: bytes) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(
+            limited.api + "/v1/volumes", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return int(resp.status), json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return int(e.code), json.loads(e.read())
+
+    assert post(b"x" * (1 << 20)) == (413, {"error": "request body too large"})
+    assert post(b"{") == (400, {"error": "request body is not valid JSON"})
+    status, created = post(b'{"name": "ok", "size": "8MiB"}')
+    assert status == 201 and created["name"] == "ok", created
