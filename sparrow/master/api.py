@@ -88,7 +88,7 @@ from sparrow.cluster.authority import (
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
 from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
-from sparrow.health import health_response, master_problems, summary, unserved_reason
+from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.control import ControlLoop
 from sparrow.sizes import format_size
@@ -401,6 +401,10 @@ async def healthz(request: web.Request) -> web.Response:
         health["offline"] = node.get("offline", [])
         health["node"] = node
         degraded = node.get("status") != "ok" or bool(health["offline"]) or alive == 0
+        seen = {p.volume_id for p in problems}
+        for p in node.get("volumes_not_served", []):  # what the node knows first (a fence)
+            if p["volume_id"] not in seen:
+                problems.append(VolumeProblem(p["volume_id"], p["name"], f"node: {p['reason']}"))
     failures = () if api.supervisor is None else api.supervisor.failures()
     return health_response({**summary(problems, failures, degraded=degraded), **health})
 
