@@ -15,6 +15,7 @@
     sparrow master --data-dir DIR [--listen HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
+    sparrow node forget ID
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
     sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
@@ -482,6 +483,14 @@ def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_node_forget(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow node forget ID``: the master forgets a dead node that holds no copy
+    (DELETE /v1/nodes/ID; admin)."""
+    _client(args).request("DELETE", f"/v1/nodes/{_quote(args.node_id)}")
+    print(f"forgot node {args.node_id}", file=out)
+    return 0
+
+
 def _seconds_arg(text: str) -> float:
     try:
         value = float(text)
@@ -599,6 +608,15 @@ def _add_cluster_commands(commands: Any) -> None:
     lst.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
     lst.add_argument("--json", action="store_true", help="print the nodes as JSON")
     lst.set_defaults(func=cmd_node_list)
+    forget = node_commands.add_parser(
+        "forget",
+        help="forget a dead node that holds no copy of any volume",
+        description="Remove a dead node that holds no copy from the master (its record and what it "
+        "last reported). A live node, or one an assignment still names, is refused with the reason.",
+    )
+    forget.add_argument("node_id", metavar="ID", help="the node's id")
+    forget.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
+    forget.set_defaults(func=cmd_node_forget)
 
 
 # --- the parser --------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ File layout (every key optional; see docs/sparrow.example.toml)::
 
     [http]
     listen = "127.0.0.1:3280"
+    header_timeout = 10.0               # seconds for a whole request head (sparrow.httplimits)
+    body_timeout = 30.0                 # seconds for a whole request body
+    idle_timeout = 60.0                 # seconds a kept-alive connection may sit idle
+    max_connections = 256               # open HTTP connections; more are closed at once
 
     [log]
     format = "auto"                     # auto (JSON unless stdout is a TTY), json, console
@@ -53,11 +57,12 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from frontend.target import DEFAULT_BASE_IQN, ChapSecret
+from sparrow.httplimits import HttpLimits
 from sparrow.sizes import SizeError, parse_size
 from store.backing import BackingPolicy
 
@@ -121,6 +126,7 @@ class Config:
     demo_volume: DemoVolume | None = None
     #: Where a volume's ``backing`` may point (store.backing); empty: no backing is allowed.
     allowed_backing: tuple[str, ...] = ()
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     def advertised_portals(
         self, *, bound_port: int | None = None, primary_address: Callable[[], str] | None = None
@@ -332,6 +338,17 @@ def load_config(
                 raise fail(f"{fgot[1]}: must be greater than zero", False)
             kwargs[name] = float(fgot[0])
 
+    limits: dict[str, Any] = {}
+    for key in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+        fgot = from_file(f"http.{key}")
+        if fgot is not None:
+            limits[key] = fgot[0]
+    if limits:
+        try:
+            kwargs["http_limits"] = HttpLimits(**limits)
+        except ValueError as e:
+            raise fail(f"{src}: [http] {e}", False) from None
+
     got = pick("log.format", "--log-format", overrides.log_format)
     if got is not None:
         value, what, usage = got
@@ -387,7 +404,13 @@ _SCHEMA: dict[str, Any] = {
         "nop_timeout": (int, float),
         "discovery_chap": {"user": str, "secret": str},
     },
-    "http": {"listen": str},
+    "http": {
+        "listen": str,
+        "header_timeout": (int, float),
+        "body_timeout": (int, float),
+        "idle_timeout": (int, float),
+        "max_connections": int,
+    },
     "log": {"format": str, "level": str},
     "demo_volume": {"name": str, "size": (str, int)},
 }

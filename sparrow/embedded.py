@@ -54,6 +54,7 @@ from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.daemon import Node, NodeConfig, start_node
 from sparrow.sizes import format_size
+from sparrow.supervision import TaskSupervisor
 from store.blockstore import StoreError
 from store.volumes import BackingNotAllowed, Volume, validate_name
 
@@ -176,6 +177,8 @@ async def serve(config: Config) -> int:
         cleanup.callback(lock.release)
 
         metrics = PrometheusMetrics()
+        supervisor = TaskSupervisor(metrics.registry)  # one for the master and the node
+        supervisor.install(asyncio.get_running_loop())
         master_config = MasterConfig(
             data_dir=config.data_dir,
             listen=HostPort("127.0.0.1", 0),
@@ -184,7 +187,9 @@ async def serve(config: Config) -> int:
             base_iqn=config.base_iqn,
             allowed_backing=config.allowed_backing,
         )
-        master = await start_master(master_config, cleanup, metrics=MasterMetrics(metrics.registry))
+        master = await start_master(
+            master_config, cleanup, metrics=MasterMetrics(metrics.registry), supervisor=supervisor
+        )
         node_config = NodeConfig(
             data_dir=config.data_dir,
             node_id=NODE_ID,
@@ -201,11 +206,19 @@ async def serve(config: Config) -> int:
             settings=target_settings(config),
             portals=lambda port: config.advertised_portals(bound_port=port),
             metrics=metrics,
+            supervisor=supervisor,
         )
         await adopt(master, node)
 
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))
-        runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
+        runner = await start_http(
+            build_app(api),
+            config.http.host,
+            config.http.port,
+            cleanup,
+            limits=config.http_limits,
+            registry=metrics.registry,
+        )
         http_bound = bound_address(runner.addresses, config.http)
         await bootstrap(master.store, http_bound)
         master.start_steps(stop)

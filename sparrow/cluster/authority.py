@@ -120,6 +120,17 @@ class AuthorityError(Exception):
     """A change the authority store refuses (nothing was written)."""
 
 
+class NodeInHistory(AuthorityError):
+    """A node the assignment history names as primary: its record stays (a foreign key)."""
+
+    def __init__(self, node_id: str, volume_id: str, epoch: int) -> None:
+        super().__init__(
+            f"node {node_id!r} is primary in the recorded assignment of volume {volume_id} at epoch "
+            f"{epoch}; the authority keeps that history, so the node's record stays"
+        )
+        self.node_id = node_id
+
+
 class InvalidAuthorityRecord(AuthorityError, ValueError):
     """A field that may not be stored (bad id, name, size ...)."""
 
@@ -557,6 +568,19 @@ class AuthorityStore:
             capacity=hello.capacity_bytes,
             seen_at=seen_at,
         )
+
+    def forget_node(self, node_id: str) -> bool:
+        """Remove the node's record (False: there was none). Raises :class:`NodeInHistory` while a
+        recorded assignment, of any epoch, names it as primary (the history keeps its reference)."""
+        with self._lock, immediate_transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT volume_id, epoch FROM assignments WHERE primary_node = ? ORDER BY volume_id, epoch",
+                (node_id,),
+            ).fetchone()
+            if row is not None:
+                raise NodeInHistory(node_id, row["volume_id"], row["epoch"])
+            deleted = self._conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount
+        return bool(deleted)
 
     def nodes(self) -> tuple[NodeRecord, ...]:
         with self._lock:

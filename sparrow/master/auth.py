@@ -62,6 +62,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("DELETE", "/v1/volumes/{name}"): Action.VOLUME_WRITE,
     ("POST", "/v1/volumes/{name}/resize"): Action.VOLUME_WRITE,
     ("GET", "/v1/nodes"): Action.NODE_READ,
+    ("DELETE", "/v1/nodes/{node_id}"): Action.NODE_WRITE,
     ("GET", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("POST", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("DELETE", "/v1/tokens/{id}"): Action.TOKEN_MANAGE,

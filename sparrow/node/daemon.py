@@ -45,6 +45,7 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
+from sparrow.health import health_response, node_problems, summary
 from sparrow.lifecycle import (
     StartupError,
     StopSignals,
@@ -60,6 +61,7 @@ from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
+from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.blockstore import StoreError
 from store.volumes import VolumeLoadError, VolumeManager
@@ -196,6 +198,8 @@ class Node:
     metrics: PrometheusMetrics
     #: The portals initiators reach this node at (the first one is announced to the master).
     portals: tuple[HostPort, ...]
+    #: The node's tasks (heartbeat, convergence, fence timer); a failure makes /healthz unhealthy.
+    supervisor: TaskSupervisor
     #: The volumes in the data directory that failed to load (left alone, reported).
     offline: list[VolumeLoadError] = field(default_factory=list)
     #: The address announced as the node's HTTP endpoint (set once the listener is bound).
@@ -228,6 +232,9 @@ class Node:
         return failed
 
     def health(self) -> dict[str, Any]:
+        """The node's health (sparrow.health): ``status`` is ``unhealthy`` while a volume it holds
+        as primary is not served or a task has failed, ``degraded`` while it has no master
+        connection, a plan failed or a local volume failed to load; ``reasons`` says why."""
         now = self.loop.time()
         valid = self.lease.valid(now)
         exported = [
@@ -240,8 +247,10 @@ class Node:
             for e in self.volumes
         ]
         degraded = not self.heartbeat.connected or self.convergence.last_error is not None or self.offline
+        names = {e.volume_id: e.name for e in self.volumes}
+        problems = node_problems(self.convergence.observations(now), names)
         return {
-            "status": "degraded" if degraded else "ok",
+            **summary(problems, self.supervisor.failures(), degraded=bool(degraded)),
             "node_id": self.config.node_id,
             "incarnation": self.incarnation,
             "master": {
@@ -310,7 +319,7 @@ async def _get_metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response(request.app[NODE_KEY].health())
+    return health_response(request.app[NODE_KEY].health())
 
 
 async def start_node(
@@ -320,12 +329,14 @@ async def start_node(
     settings: TargetSettings | None = None,
     portals: Callable[[int | None], tuple[HostPort, ...]] | None = None,
     metrics: PrometheusMetrics | None = None,
+    supervisor: TaskSupervisor | None = None,
 ) -> Node:
     """Load the cluster state and the volumes of ``config.data_dir`` (locked by the caller), reopen
     what the node held (primaries fenced) and bind the iSCSI listener. The heartbeat starts with
     :meth:`Node.start_heartbeat`. ``settings`` are the target settings (portals are filled in),
     ``portals`` maps the bound iSCSI port to the advertised portals (default: the listen address,
-    a wildcard replaced by this host's address). ``cleanup`` undoes a failed start."""
+    a wildcard replaced by this host's address). ``cleanup`` undoes a failed start. The node's
+    tasks run under ``supervisor`` (default: a new one, on the metrics' registry)."""
     loop = asyncio.get_running_loop()
     state = NodeState(config.data_dir)
     try:
@@ -349,6 +360,7 @@ async def start_node(
         raise StartupError(f"cannot open the volumes in {config.data_dir}: {e}") from None
 
     metrics = metrics if metrics is not None else PrometheusMetrics()
+    supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
     metrics.set_offline(len(offline))
     registry = TargetRegistry()
     settings = settings if settings is not None else TargetSettings(portals=(), tpgt=TPGT)
@@ -363,7 +375,7 @@ async def start_node(
     )
     lease = LeaseClock()
     adapter = Adapter(config.node_id, state)
-    convergence = Convergence(adapter, volumes, lease)
+    convergence = Convergence(adapter, volumes, lease, supervisor=supervisor)
     cleanup.push_async_callback(convergence.close)
     convergence.start()  # reopens what this node held, primaries fenced
     await convergence.idle()
@@ -398,6 +410,7 @@ async def start_node(
         observations=convergence.observations,
         on_ack=convergence.on_ack,
         interval=config.heartbeat_interval,
+        supervisor=supervisor,
     )
     cleanup.push_async_callback(heartbeat.stop)
     node = Node(
@@ -412,6 +425,7 @@ async def start_node(
         manager,
         metrics,
         advertised_portals,
+        supervisor,
         list(offline),
     )
     metrics.registry.register(NodeCollector(node))
@@ -426,8 +440,11 @@ async def serve(config: NodeConfig) -> int:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
         node = await start_node(config, cleanup)
+        node.supervisor.install(asyncio.get_running_loop())
         app = build_node_app(node, node.metrics)
-        runner = await start_http(app, config.http.host, config.http.port, cleanup)
+        runner = await start_http(
+            app, config.http.host, config.http.port, cleanup, registry=node.metrics.registry
+        )
         node.start_heartbeat(advertised(config.http, bound_port(runner.addresses)))
 
         log.info(

@@ -42,6 +42,7 @@ from frontend.iscsi.pdu import (
 )
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Assignment, Heartbeat, Hello
+from tests.integration.cluster import http_get
 from tests.integration.process import Proc
 from tests.tools import free_port, require_tool, run, wait_for
 
@@ -178,8 +179,10 @@ class NodeProcess(Proc):
         return f"iscsi://{self.portal}/{self.iqn}/0"
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as resp:
-            return dict(json.loads(resp.read()))
+        """GET /healthz: 200, or 503 while a primary is fenced (sparrow.health)."""
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}/healthz")
+        assert status in (200, 503), status
+        return dict(json.loads(body))
 
     def access_state(self) -> str | None:
         for v in self.health()["volumes"]:

@@ -21,6 +21,7 @@ from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObser
 from sparrow.httpjson import ApiError
 from sparrow.master.api import LocalNode, MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
+from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.volumes import naa_from_uuid, serial_from_uuid
 
@@ -38,7 +39,9 @@ class Clock:
 
 
 class Master:
-    def __init__(self, data_dir: Path, local: LocalNode | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, local: LocalNode | None = None, supervisor: TaskSupervisor | None = None
+    ) -> None:
         self.store = AuthorityStore.open_in(data_dir)
         admin = tokens.mint("admin", created_at=1.0)
         self.store.add_token(admin.record)
@@ -55,6 +58,7 @@ class Master:
             wall_clock=lambda: 1_800_000_000.0,
             local=local,
             backing_policy=BackingPolicy.of(["/dev"]),
+            supervisor=supervisor,
         )
         self.client: TestClient[Any, Any] = TestClient(TestServer(build_app(self.api)))
 
@@ -283,12 +287,13 @@ async def test_metrics_and_healthz(master: Master) -> None:
     assert 'sparrow_master_volumes{status="not_enough_nodes"} 1.0' in text
     assert "sparrow_master_epochs_published_total 1.0" in text
     assert "sparrow_master_heartbeats_received_total 3.0" in text
-    assert await master.json("GET", "/healthz") == {
-        "status": "ok",
-        "nodes": 1,
-        "nodes_alive": 1,
-        "volumes": 2,
-    }
+    health = await master.json("GET", "/healthz", status=503)  # neither volume is served
+    assert health["status"] == "unhealthy" and (health["nodes"], health["nodes_alive"]) == (1, 1)
+    assert health["volumes"] == 2 and health["tasks_failed"] == []
+    assert [(v["name"], v["reason"]) for v in health["volumes_not_served"]] == [
+        ("a", "primary n1 has not reported the volume yet"),
+        ("b", "no primary: not enough live nodes (have 1, need 2)"),
+    ]
 
 
 async def test_unknown_routes_are_json_errors(master: Master) -> None:
