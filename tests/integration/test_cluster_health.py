@@ -55,6 +55,8 @@ def test_healthz_is_503_while_the_volume_is_fenced_or_its_primary_dead(cluster: 
     finally:
         cluster.master.sigcont()
     wait_for(lambda: _health(node_url)[0] == 200, timeout=10, what="n1 healthy again")
+    # ... and the master has heard so (else its last word from n1 may still be "fenced").
+    wait_for(lambda: _health(cluster.master.api)[0] == 200, timeout=10, what="master healthy again")
 
     # n1 is cut off from the master: the master sees its primary die.
     cluster.proxy("n1").cut()
