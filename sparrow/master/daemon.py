@@ -80,6 +80,8 @@ class NodeRecorder:
         self.store = store
         self._queue: asyncio.Queue[Hello | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        #: Upserts that failed with an unexpected exception (logged with its traceback).
+        self.failures = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="node-recorder")
@@ -93,6 +95,10 @@ class NodeRecorder:
                 await asyncio.to_thread(self.store.upsert_hello, hello, seen_at=time.time())
             except AuthorityError as e:
                 log.error("cannot record node", node=hello.node_id, error=str(e))
+            except Exception:
+                # A bug or an I/O error must not stop recording the nodes that say hello later.
+                self.failures += 1
+                log.exception("recording node failed", node=hello.node_id)
 
     async def close(self, deadline: float) -> None:
         """Let the queued upserts finish (at most ``deadline`` seconds), then stop."""
