@@ -351,6 +351,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             heartbeat_interval=args.heartbeat_interval,
             log_format=args.log_format,
             log_level=args.log_level,
+            cluster_secret_file=args.cluster_secret_file,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -497,18 +498,45 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         )
     except ValueError as e:
         raise UsageError(f"sparrow master: error: {e}") from None
+    from sparrow.clustersecret import secret_from_flag
+
+    try:
+        secret = secret_from_flag(args.cluster_secret_file)
+    except ConfigError as e:
+        raise UsageError(f"sparrow master: error: {e}") from None
     config = MasterConfig(
         data_dir=Path(args.data_dir),
         listen=listen,
         http=http_addr,
         timing=timing,
         base_iqn=args.base_iqn or DEFAULT_BASE_IQN,
+        cluster_secret=secret,
     )
 
     from sparrow.logs import configure_logging
 
     configure_logging(LogFormat(args.log_format or "auto"), args.log_level or "info")
     return run(config)
+
+
+def cmd_secret_generate(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow secret generate PATH``: a fresh cluster secret, 0600, never over an existing file."""
+    from pathlib import Path
+
+    from sparrow.cluster.channel import generate_cluster_secret
+
+    path = Path(args.path).expanduser()
+    try:
+        generate_cluster_secret(path)
+    except FileExistsError:
+        raise CliError(f"sparrow secret generate: error: {path} exists; not overwritten") from None
+    except OSError as e:
+        raise CliError(f"sparrow secret generate: error: cannot write {path}: {e.strerror or e}") from None
+    print(
+        f"wrote a new cluster secret to {path} (mode 0600); give the same file to the master and every node",
+        file=out,
+    )
+    return 0
 
 
 def _add_cluster_commands(commands: Any) -> None:
@@ -552,7 +580,24 @@ def _add_cluster_commands(commands: Any) -> None:
         "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
     )
     master.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    master.add_argument(
+        "--cluster-secret-file",
+        metavar="PATH",
+        help="the cluster secret every node must prove it holds (make one: sparrow secret generate PATH)",
+    )
     master.set_defaults(func=cmd_master)
+
+    secret = commands.add_parser(
+        "secret",
+        help="the cluster secret",
+        description="The cluster secret that authenticates the master and its nodes to each other.",
+    )
+    secret_commands = secret.add_subparsers(dest="secret_command", required=True, metavar="COMMAND")
+    generate = secret_commands.add_parser(
+        "generate", help="write a fresh cluster secret to PATH (mode 0600; never overwrites)"
+    )
+    generate.add_argument("path", metavar="PATH")
+    generate.set_defaults(func=cmd_secret_generate)
 
     node = commands.choices.get("node")
     if node is None:
@@ -689,6 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    node.add_argument(
+        "--cluster-secret-file", metavar="PATH", help="the cluster secret, the same file as the master's"
+    )
     node.set_defaults(func=cmd_node)
 
     migrate = commands.add_parser(

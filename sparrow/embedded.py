@@ -37,9 +37,11 @@ from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, VolumeRecord
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import InvalidMessage, VolumeChap
-from sparrow.config import Config, HostPort
+from sparrow.clustersecret import serve_secret
+from sparrow.config import Config, ConfigError, HostPort
 from sparrow.httpjson import ApiError
 from sparrow.lifecycle import (
+    StartupError,
     StopSignals,
     begin_shutdown,
     bound_address,
@@ -172,6 +174,10 @@ async def serve(config: Config) -> int:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
 
+        try:
+            secret = serve_secret(config.data_dir, config.cluster_secret_file)
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
         metrics = PrometheusMetrics()
         master_config = MasterConfig(
             data_dir=config.data_dir,
@@ -179,6 +185,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             timing=TIMING,
             base_iqn=config.base_iqn,
+            cluster_secret=secret,
         )
         master = await start_master(master_config, cleanup, metrics=MasterMetrics(metrics.registry))
         node_config = NodeConfig(
@@ -189,6 +196,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             base_iqn=config.base_iqn,
             heartbeat_interval=TIMING.heartbeat_interval,
+            cluster_secret=secret,
         )
         node = await start_node(
             node_config,

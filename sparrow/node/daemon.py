@@ -34,9 +34,11 @@ from frontend.server import IscsiServer
 from frontend.target import DEFAULT_BASE_IQN, Portal, TargetRegistry, TargetSettings
 from sparrow import systemd
 from sparrow.cluster.adapter import Adapter
+from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import NODE_ID_PATTERN, Hello
 from sparrow.cluster.nodestate import NodeState
+from sparrow.clustersecret import NO_SECRET, secret_from_flag
 from sparrow.config import (
     _WILDCARDS,
     ConfigError,
@@ -86,6 +88,8 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+    #: The key this node proves it holds to the master (sparrow.cluster.channel); required to start.
+    cluster_secret: ClusterSecret | None = None
 
 
 def node_config(
@@ -99,6 +103,7 @@ def node_config(
     heartbeat_interval: float | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    cluster_secret_file: str | None = None,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -111,6 +116,7 @@ def node_config(
         )
     if not master:
         raise ConfigError("--master is required", usage=True)
+    secret = secret_from_flag(cluster_secret_file)
 
     def address(text: str | None, what: str, default: HostPort) -> HostPort:
         if text is None:
@@ -138,6 +144,7 @@ def node_config(
         heartbeat_interval=interval,
         log_format=LogFormat(log_format or "auto"),
         log_level=log_level or "info",
+        cluster_secret=secret,
     )
 
 
@@ -315,6 +322,8 @@ async def start_node(
     ``portals`` maps the bound iSCSI port to the advertised portals (default: the listen address,
     a wildcard replaced by this host's address). ``cleanup`` undoes a failed start."""
     loop = asyncio.get_running_loop()
+    if config.cluster_secret is None:
+        raise StartupError(NO_SECRET)
     state = NodeState(config.data_dir)
     try:
         problems = await state.load_async()
@@ -382,6 +391,7 @@ async def start_node(
     heartbeat = HeartbeatClient(
         (config.master.host, config.master.port),
         HeartbeatSession(lease),
+        secret=config.cluster_secret,
         hello=hello,
         observations=convergence.observations,
         on_ack=convergence.on_ack,
