@@ -221,6 +221,7 @@ async def serve(config: Config) -> int:
                 "listening",
                 iscsi=str(node.iscsi_portal),
                 http=str(http_bound),
+                heartbeats=str(master.listen),
                 portals=[str(p) for p in node.portals],
                 volumes=len(records),
                 offline=len(node.offline),

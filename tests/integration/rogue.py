@@ -60,12 +60,19 @@ class NodeLink:
         self.channel: Channel | None = None
         self.sent: list[bytes] = []
         if secret is not None:
-            self.channel = Channel(secret, Side.CLIENT, Purpose.HEARTBEAT, time.monotonic())
-            self._raw(self.channel.initiate())
-            while not self.channel.established:
-                for event in self.channel.feed(self._recv(), time.monotonic()):
-                    if isinstance(event, HandshakeBytes):
-                        self._raw(event.data)
+            try:
+                self._handshake(secret)
+            except BaseException:
+                self.sock.close()
+                raise
+
+    def _handshake(self, secret: ClusterSecret) -> None:
+        self.channel = Channel(secret, Side.CLIENT, Purpose.HEARTBEAT, time.monotonic())
+        self._raw(self.channel.initiate())
+        while not self.channel.established:
+            for event in self.channel.feed(self._recv(), time.monotonic()):
+                if isinstance(event, HandshakeBytes):
+                    self._raw(event.data)
 
     def _raw(self, data: bytes) -> None:
         self.sent.append(data)
