@@ -23,7 +23,7 @@ from sparrow.cluster.messages import Ack, Heartbeat
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
 from tests.integration.rogue import Closed, NodeLink, hello, other_secret, secret_file, secret_of
-from tests.tools import wait_for
+from tests.tools import free_port, wait_for
 
 #: The master's handshake and frame timeouts (sparrow.cluster.channel defaults), plus slack.
 CLOSE_WITHIN = 5.0 + 3.0
@@ -315,3 +315,26 @@ def test_serve_makes_its_own_secret_once_and_refuses_processes_without_it(serve:
     serve.start()
     assert path.read_bytes() == made
     assert serve.inspect("vol")["served"] is True
+
+
+def test_a_primary_restarted_at_a_new_portal_serves_again_under_a_new_epoch(
+    cluster: Cluster, served: dict[str, object]
+) -> None:
+    """The same id, a new incarnation and a new portal (here the real node, restarted with another
+    --iscsi) must not leave the volume fenced with the node refusing a changed epoch 1."""
+    primary = served["primary"]
+    assert isinstance(primary, dict)
+    node = cluster.node(str(primary["node_id"]))
+    volume_id = str(served["volume_id"])
+    node.kill9()
+    node.iscsi_port = free_port()
+    node.start()
+    v = wait_for(
+        lambda: (v := cluster.volume("door"))["epoch"] == 2 and v["served"] and v,
+        timeout=20,
+        what="the volume served again under epoch 2",
+        interval=0.1,
+    )
+    assert v["primary"]["portal"] == node.portal
+    cluster.wait_serving(node.node_id, volume_id)
+    assert "differs from the assignment already accepted" not in node.log()
