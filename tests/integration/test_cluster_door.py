@@ -19,7 +19,7 @@ import pytest
 
 from sparrow.cluster.channel import CLIENT_HELLO, ChannelError
 from sparrow.cluster.heartbeat import HEADER
-from sparrow.cluster.messages import Ack, Heartbeat
+from sparrow.cluster.messages import Ack, Health, Heartbeat, ReplicaState, Role, SyncState, VolumeObservation
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
 from tests.integration.rogue import Closed, NodeLink, hello, other_secret, secret_file, secret_of
@@ -242,6 +242,7 @@ def test_connections_past_the_handshake_cap_are_closed_at_once(cluster: Cluster)
     finally:
         for sock in held:
             sock.close()
+
     # Room again: a member completes its handshake.
     def handshake() -> bool:
         link = NodeLink(port, secret_of(cluster.root))
@@ -338,3 +339,52 @@ def test_a_primary_restarted_at_a_new_portal_serves_again_under_a_new_epoch(
     assert v["primary"]["portal"] == node.portal
     cluster.wait_serving(node.node_id, volume_id)
     assert "differs from the assignment already accepted" not in node.log()
+
+
+def test_a_forged_heartbeat_for_a_killed_primary_gets_no_liar_promoted(cluster: Cluster) -> None:
+    """A member (it holds the secret) lies: it is a replica, and once the primary is killed it says
+    hello under the primary's id and reports itself IN_SYNC. No promotion: no eligible replica."""
+    port, secret = cluster.master.listen_port, secret_of(cluster.root)
+    liar = NodeLink(port, secret)
+    liar.send(hello("liar", 1, free=1 << 30))
+    seq = 0
+    volume_id: str | None = None
+
+    def beat() -> Ack:
+        nonlocal seq
+        seq += 1
+        observations: tuple[VolumeObservation, ...] = ()
+        if volume_id is not None:
+            observations = (VolumeObservation(volume_id, 1, Role.REPLICA, Health.OK, 0, (), True),)
+        return liar.beat(seq, observations)
+
+    beat()
+    cluster.cli("volume", "create", "lied", "--size", "16MiB", "--replicas", "3", "--wait", "0")
+    ack = wait_for(lambda: (a := beat()).assignments and a, timeout=15, what="the liar named", interval=0.1)
+    assert isinstance(ack, Ack)
+    (assignment,) = ack.assignments
+    volume_id, primary = assignment.volume_id, assignment.primary
+    assert primary in ("n1", "n2") and "liar" in assignment.replicas
+    wait_for(lambda: beat() and cluster.volume("lied")["served"], timeout=15, what="served", interval=0.1)
+
+    cluster.node(str(primary)).kill9()
+    forged = NodeLink(port, secret)
+    forged.send(hello(str(primary), 10**18, portal=cluster.node(str(primary)).portal))
+    lie = VolumeObservation(
+        volume_id, 1, Role.PRIMARY, Health.OK, 0, (ReplicaState("liar", SyncState.IN_SYNC, 0),), True
+    )
+    forged.beat(1, (lie,))
+    forged.close()
+    t = cluster.timing
+    quiet_until = time.monotonic() + t.dead_after + t.lease + t.margin + 2.0
+    wait_for(
+        lambda: beat() and time.monotonic() > quiet_until,
+        timeout=30,
+        what="failover time to pass",
+        interval=0.2,
+    )
+    v = cluster.volume("lied")
+    assert v["epoch"] == 1 and v["primary"]["node_id"] == primary
+    assert "no eligible replica" in str(v["status"])
+    assert all(a.primary != "liar" for a in beat().assignments)
+    liar.close()
