@@ -16,8 +16,9 @@ node already accepted (it would refuse it and fence); the node grows its store o
 A primary that says hello from a new portal (a restart with another ``--iscsi``, or a second
 process under its id) changes the portal the authority derives for the *same* epoch; nodes that
 accepted that epoch refuse a same-epoch assignment that differs. So the loop keeps sending the
-assignment as published, and republishes the same placement under the next epoch (reason
-"primary portal moved") at its next step; the nodes accept the new epoch and the new portal.
+assignment as published, and once the primary heartbeats from there republishes the same
+placement under the next epoch (reason "primary portal moved"); the nodes accept the new epoch and
+the new portal.
 
 The latest :class:`~sparrow.cluster.controller.Decision`'s status per volume is kept for the API,
 and the current assignments are kept in memory for the heartbeat server's Acks
@@ -176,7 +177,11 @@ class ControlLoop:
         self.steps += 1
         to_publish = tuple(ask for ask in decision.asks if differs(ask, self.current(ask.volume_id)))
         asked = {ask.volume_id for ask in decision.asks}
-        to_publish += tuple(ask for volume_id, ask in sorted(self._moved.items()) if volume_id not in asked)
+        to_publish += tuple(
+            ask
+            for volume_id, ask in sorted(self._moved.items())
+            if volume_id not in asked and self.observations.alive(ask.primary, now)
+        )
         return decision, to_publish
 
     def publish(self, ask: AssignmentAsk) -> Assignment:
