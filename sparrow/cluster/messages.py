@@ -312,7 +312,7 @@ def _check_text(field_name: str, value: object) -> str:
 class VolumeChap:
     """CHAP for one volume's target (RFC 7143 12.1.3): the initiator proves ``user``/``secret``;
     with mutual CHAP the target proves ``mutual_user``/``mutual_secret`` back. Secrets travel on
-    the heartbeat connection, which therefore must stay on a trusted network (docs/cluster.md).
+    the heartbeat connection, sealed by the cluster channel (docs/cluster.md).
     The secrets are left out of ``repr`` so that logging an Assignment never prints them."""
 
     user: str
