@@ -332,6 +332,13 @@ class NodeConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self._handshaking and self.closed_reason is None:
+            # The peer gave up in the handshake (e.g. it found the master does not hold its secret).
+            self.closed_reason = "refused: handshake_abandoned"
+            log.warning(
+                "refused node connection", peer=self.peer, reason="handshake_abandoned", detail=str(exc)
+            )
+            self.server.refused("handshake_abandoned")
         self._left_handshake()
         if self._timer is not None:
             self._timer.cancel()

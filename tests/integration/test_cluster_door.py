@@ -307,7 +307,7 @@ def test_serve_makes_its_own_secret_once_and_refuses_processes_without_it(serve:
     status, body = serve.get("/v1/nodes")
     assert status == 200 and [n["node_id"] for n in json.loads(body)["nodes"]] == ["local"]
     _, metrics = serve.get("/metrics")
-    for reason in ("bad_magic", "live_incarnation"):
+    for reason in ("bad_magic", "handshake_abandoned", "live_incarnation"):
         assert sample(metrics.decode(), "sparrow_master_refused_connections_total", reason=reason) >= 1, (
             reason
         )

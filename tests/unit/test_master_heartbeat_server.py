@@ -391,6 +391,19 @@ def test_a_node_with_the_wrong_secret_is_refused(store: AuthorityStore) -> None:
     assert not h.control.observations.known("n1")
 
 
+def test_a_peer_that_gives_up_in_the_handshake_is_counted(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, _ = h.raw()
+    client = Channel(WRONG, Side.CLIENT, Purpose.HEARTBEAT, 0.0)
+    conn.data_received(client.initiate())
+    conn.connection_lost(None)  # the node saw the master's proof fail and left
+    assert h.refused == ["handshake_abandoned"]
+    assert h.server.handshaking == 0
+    link, _ = h.connect()
+    link.connection_lost(None)  # an authenticated connection that ends is no refusal
+    assert h.refused == ["handshake_abandoned"]
+
+
 def test_the_handshake_must_complete_in_time(store: AuthorityStore) -> None:
     h = Harness(store, handshake_timeout=5.0)
     conn, transport = h.raw()
@@ -414,7 +427,7 @@ def test_connections_past_the_handshake_cap_are_closed_at_once(store: AuthorityS
     _, fourth = h.raw()
     assert not fourth.closing
     _, fifth = h.raw()
-    assert fifth.aborted and h.refused == ["handshake_cap", "handshake_cap"]
+    assert fifth.aborted and h.refused == ["handshake_cap", "handshake_abandoned", "handshake_cap"]
 
 
 def test_an_authenticated_connection_leaves_the_handshake_count(store: AuthorityStore) -> None:
