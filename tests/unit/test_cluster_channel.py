@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sparrow.cluster.channel import (
     CLIENT_HELLO,
@@ -216,3 +219,27 @@ def test_secret_files(tmp_path: Path) -> None:
     path.chmod(0o600)
     assert made != load_cluster_secret(path)
     assert "key" not in repr(made) or made.key.hex() not in repr(made)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_channel_errors(data: bytes) -> None:
+    _, server = pair()
+    with contextlib.suppress(ChannelError):
+        server.feed(data, 0.1)
+    assert not server.established
+
+
+@given(st.data())
+def test_mutated_streams_only_raise_channel_errors(data: st.DataObject) -> None:
+    client, server = pair()
+    connect(client, server)
+    stream = bytearray(client.send(b"one") + client.send(b"two"))
+    index = data.draw(st.integers(0, len(stream) - 1))
+    stream[index] ^= data.draw(st.integers(1, 255))
+    try:
+        events = server.feed(bytes(stream), 0.2)
+    except ChannelError:
+        return
+    # A length prefix made longer: nothing forged comes out, the record waits for its deadline.
+    assert plaintexts(events) in ([], [b"one"])
+    assert server.buffered and server.deadline() == 0.2 + server.frame_timeout
