@@ -15,11 +15,18 @@
     sparrow master --data-dir DIR [--listen HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
+    sparrow node forget ID
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
+    sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
+                  [--data-dir DIR: offline, the daemon stopped]
+    sparrow token list [--json]
+    sparrow token revoke ID
 
 Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
-http://127.0.0.1:3280) with urllib. Every error is one line on stderr; the exit code is 1, or 2 for
+http://127.0.0.1:3280) with urllib, sending a bearer token: ``--token``, else $SPARROW_TOKEN, else
+the URL's entry in the credentials file (sparrow.auth.credentials; a daemon writes its bootstrap
+admin token there on its first start). Every error is one line on stderr; the exit code is 1, or 2 for
 a usage error (bad flag, bad size, bad URL). Never a traceback. ``migrate`` works on the data
 directory itself (the daemon must be stopped: it holds the directory's lock).
 """
@@ -48,6 +55,7 @@ API_ENV = "SPARROW_API"
 DEFAULT_WAIT = 10.0
 MAX_WAIT = 60.0
 API_TIMEOUT = 60.0
+TOKEN_HELP = "API token (default $SPARROW_TOKEN, else the credentials file's entry for the API URL)"
 
 
 class CliError(Exception):
@@ -76,12 +84,13 @@ class _Parser(argparse.ArgumentParser):
 class ApiClient:
     """A small synchronous JSON client for the daemon's API."""
 
-    def __init__(self, base_url: str, timeout: float = API_TIMEOUT) -> None:
+    def __init__(self, base_url: str, timeout: float = API_TIMEOUT, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UsageError(f"invalid API URL {base_url!r}: expected http://HOST:PORT")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.token = token
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         url = self.base_url + path
@@ -89,13 +98,19 @@ class ApiClient:
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             with e:
-                raise CliError(_http_error_message(e)) from None
+                message = _http_error_message(e)
+                if e.code == 401:
+                    how = "give --token, set $SPARROW_TOKEN or add it to the credentials file"
+                    message = f"{message} ({'no token found' if not self.token else 'token refused'}: {how})"
+                raise CliError(message) from None
         except urllib.error.URLError as e:
             raise CliError(self._unreachable(e.reason)) from None
         except (OSError, http.client.HTTPException) as e:
@@ -164,7 +179,10 @@ def _quote(name: str) -> str:
 
 
 def _client(args: argparse.Namespace, wait: float = 0.0) -> ApiClient:
-    return ApiClient(args.api or os.environ.get(API_ENV) or DEFAULT_API, timeout=API_TIMEOUT + wait)
+    from sparrow.auth.credentials import resolve_token
+
+    url = args.api or os.environ.get(API_ENV) or DEFAULT_API
+    return ApiClient(url, timeout=API_TIMEOUT + wait, token=resolve_token(url, getattr(args, "token", None)))
 
 
 def _wait_query(wait: float) -> str:
@@ -318,6 +336,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         demo_volume=args.demo_volume,
         log_format=args.log_format,
         log_level=args.log_level,
+        allow_backing=tuple(args.allow_backing) if args.allow_backing else None,
     )
     try:
         config = load_config(Path(args.config) if args.config else None, overrides)
@@ -352,6 +371,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             cluster_secret_file=args.cluster_secret_file,
+            allow_backing=tuple(args.allow_backing or ()),
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -464,6 +484,14 @@ def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_node_forget(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow node forget ID``: the master forgets a dead node that holds no copy
+    (DELETE /v1/nodes/ID; admin)."""
+    _client(args).request("DELETE", f"/v1/nodes/{_quote(args.node_id)}")
+    print(f"forgot node {args.node_id}", file=out)
+    return 0
+
+
 def _seconds_arg(text: str) -> float:
     try:
         value = float(text)
@@ -482,6 +510,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
     from sparrow.cluster.lease import LeaseConfig
     from sparrow.config import ConfigError, LogFormat, parse_host_port
     from sparrow.master.daemon import DEFAULT_HTTP, DEFAULT_LISTEN, MasterConfig, run
+    from store.backing import BackingPolicy
 
     try:
         listen = parse_host_port(args.listen, what="--listen") if args.listen else DEFAULT_LISTEN
@@ -504,6 +533,10 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         secret = secret_from_flag(args.cluster_secret_file)
     except ConfigError as e:
         raise UsageError(f"sparrow master: error: {e}") from None
+    try:
+        allowed_backing = BackingPolicy.of(args.allow_backing or ()).prefixes
+    except ValueError as e:
+        raise UsageError(f"sparrow master: error: --allow-backing: {e}") from None
     config = MasterConfig(
         data_dir=Path(args.data_dir),
         listen=listen,
@@ -511,6 +544,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         timing=timing,
         base_iqn=args.base_iqn or DEFAULT_BASE_IQN,
         cluster_secret=secret,
+        allowed_backing=allowed_backing,
     )
 
     from sparrow.logs import configure_logging
@@ -585,6 +619,12 @@ def _add_cluster_commands(commands: Any) -> None:
         metavar="PATH",
         help="the cluster secret every node must prove it holds (make one: sparrow secret generate PATH)",
     )
+    master.add_argument(
+        "--allow-backing",
+        metavar="PREFIX",
+        action="append",
+        help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
     master.set_defaults(func=cmd_master)
 
     secret = commands.add_parser(
@@ -610,8 +650,18 @@ def _add_cluster_commands(commands: Any) -> None:
         node_commands.required = node.get_default("func") is None
     lst = node_commands.add_parser("list", help="list the nodes the master knows")
     lst.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
+    lst.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
     lst.add_argument("--json", action="store_true", help="print the nodes as JSON")
     lst.set_defaults(func=cmd_node_list)
+    forget = node_commands.add_parser(
+        "forget",
+        help="forget a dead node that holds no copy of any volume",
+        description="Remove a dead node that holds no copy from the master (its record and what it "
+        "last reported). A live node, or one an assignment still names, is refused with the reason.",
+    )
+    forget.add_argument("node_id", metavar="ID", help="the node's id")
+    forget.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
+    forget.set_defaults(func=cmd_node_forget)
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -641,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--demo-volume", metavar="NAME:SIZE", help="create this volume at startup if missing")
     serve.add_argument(
+        "--allow-backing",
+        metavar="PREFIX",
+        action="append",
+        help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
+    serve.add_argument(
         "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
     )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -664,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_api(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--api", metavar="URL", help=f"daemon API (default ${API_ENV} or {DEFAULT_API})")
+        p.add_argument("--token", metavar="TOKEN", help=TOKEN_HELP)
         return p
 
     create = with_api(vcommands.add_parser("create", help="create a volume and export it"))
@@ -737,6 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--cluster-secret-file", metavar="PATH", help="the cluster secret, the same file as the master's"
     )
+    node.add_argument(
+        "--allow-backing",
+        metavar="PREFIX",
+        action="append",
+        help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
     node.set_defaults(func=cmd_node)
 
     migrate = commands.add_parser(
@@ -760,6 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--kind", choices=sorted(KINDS), help="only records of this kind (default: all)")
     migrate.set_defaults(func=cmd_migrate)
     _add_cluster_commands(commands)
+    from sparrow.auth.cli import add_token_commands
+
+    add_token_commands(commands, with_api)
     return parser
 
 

@@ -18,10 +18,17 @@ File layout (every key optional; see docs/sparrow.example.toml)::
 
     [http]
     listen = "127.0.0.1:3280"
+    header_timeout = 10.0               # seconds for a whole request head (sparrow.httplimits)
+    body_timeout = 30.0                 # seconds for a whole request body
+    idle_timeout = 60.0                 # seconds a kept-alive connection may sit idle
+    max_connections = 256               # open HTTP connections; more are closed at once
 
     [log]
     format = "auto"                     # auto (JSON unless stdout is a TTY), json, console
     level = "info"
+
+    allowed_backing_prefixes = ["/dev/disk/by-id/", "/srv/sparrow"]   # backing paths a volume may
+                                        # use (store.backing; none by default)
 
     [demo_volume]                       # created at startup when missing
     name = "demo"
@@ -51,12 +58,14 @@ import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from frontend.target import DEFAULT_BASE_IQN, ChapSecret
+from sparrow.httplimits import HttpLimits
 from sparrow.sizes import SizeError, parse_size
+from store.backing import BackingPolicy
 
 DEFAULT_ISCSI_PORT = 3260
 DEFAULT_HTTP_PORT = 3280
@@ -118,6 +127,9 @@ class Config:
     demo_volume: DemoVolume | None = None
     #: The cluster secret file (None: ``DATA_DIR/cluster.secret``, made on first start).
     cluster_secret_file: Path | None = None
+    #: Where a volume's ``backing`` may point (store.backing); empty: no backing is allowed.
+    allowed_backing: tuple[str, ...] = ()
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     def advertised_portals(
         self, *, bound_port: int | None = None, primary_address: Callable[[], str] | None = None
@@ -150,6 +162,7 @@ class Overrides:
     demo_volume: str | None = None
     log_format: str | None = None
     log_level: str | None = None
+    allow_backing: tuple[str, ...] | None = None
 
 
 def host_primary_address() -> str:
@@ -328,6 +341,17 @@ def load_config(
                 raise fail(f"{fgot[1]}: must be greater than zero", False)
             kwargs[name] = float(fgot[0])
 
+    limits: dict[str, Any] = {}
+    for key in ("header_timeout", "body_timeout", "idle_timeout", "max_connections"):
+        fgot = from_file(f"http.{key}")
+        if fgot is not None:
+            limits[key] = fgot[0]
+    if limits:
+        try:
+            kwargs["http_limits"] = HttpLimits(**limits)
+        except ValueError as e:
+            raise fail(f"{src}: [http] {e}", False) from None
+
     got = pick("log.format", "--log-format", overrides.log_format)
     if got is not None:
         value, what, usage = got
@@ -343,6 +367,16 @@ def load_config(
         if value.lower() not in LOG_LEVELS:
             raise fail(f"{what}: unknown log level {value!r} (choose from {', '.join(LOG_LEVELS)})", usage)
         kwargs["log_level"] = value.lower()
+
+    got = pick("allowed_backing_prefixes", "--allow-backing", overrides.allow_backing)
+    if got is not None:
+        value, what, usage = got
+        if not all(isinstance(v, str) for v in value):
+            raise fail(f"{what}: expected a list of absolute paths", usage)
+        try:
+            kwargs["allowed_backing"] = BackingPolicy.of(value).prefixes
+        except ValueError as e:
+            raise fail(f"{what}: {e}", usage) from None
 
     if overrides.demo_volume is not None:
         with _blame(True):
@@ -372,6 +406,7 @@ _SCHEMA: dict[str, Any] = {
     "data_dir": str,
     "base_iqn": str,
     "cluster_secret_file": str,
+    "allowed_backing_prefixes": list,
     "iscsi": {
         "listen": str,
         "advertise": (str, list),
@@ -379,7 +414,13 @@ _SCHEMA: dict[str, Any] = {
         "nop_timeout": (int, float),
         "discovery_chap": {"user": str, "secret": str},
     },
-    "http": {"listen": str},
+    "http": {
+        "listen": str,
+        "header_timeout": (int, float),
+        "body_timeout": (int, float),
+        "idle_timeout": (int, float),
+        "max_connections": int,
+    },
     "log": {"format": str, "level": str},
     "demo_volume": {"name": str, "size": (str, int)},
 }

@@ -51,12 +51,14 @@ from sparrow.lifecycle import (
     start_http,
 )
 from sparrow.master.api import MasterApi, MasterMetrics, build_app, served, volume_json
+from sparrow.master.auth import bootstrap
 from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.daemon import Node, NodeConfig, start_node
 from sparrow.sizes import format_size
+from sparrow.supervision import TaskSupervisor
 from store.blockstore import StoreError
-from store.volumes import Volume, validate_name
+from store.volumes import BackingNotAllowed, Volume, validate_name
 
 log = structlog.get_logger("sparrow.daemon")
 
@@ -101,6 +103,8 @@ class EmbeddedNode:
             validate_name(name)
             if backing is not None:
                 return await self.node.manager.probe_backing(backing, block_size=block_size, size=size)
+        except BackingNotAllowed as e:
+            raise ApiError(403, str(e)) from None
         except StoreError as e:
             raise ApiError(400, str(e)) from None
         if size is None:
@@ -179,6 +183,8 @@ async def serve(config: Config) -> int:
         except ConfigError as e:
             raise StartupError(str(e)) from None
         metrics = PrometheusMetrics()
+        supervisor = TaskSupervisor(metrics.registry)  # one for the master and the node
+        supervisor.install(asyncio.get_running_loop())
         master_config = MasterConfig(
             data_dir=config.data_dir,
             listen=HostPort("127.0.0.1", 0),
@@ -186,8 +192,11 @@ async def serve(config: Config) -> int:
             timing=TIMING,
             base_iqn=config.base_iqn,
             cluster_secret=secret,
+            allowed_backing=config.allowed_backing,
         )
-        master = await start_master(master_config, cleanup, metrics=MasterMetrics(metrics.registry))
+        master = await start_master(
+            master_config, cleanup, metrics=MasterMetrics(metrics.registry), supervisor=supervisor
+        )
         node_config = NodeConfig(
             data_dir=config.data_dir,
             node_id=NODE_ID,
@@ -197,6 +206,7 @@ async def serve(config: Config) -> int:
             base_iqn=config.base_iqn,
             heartbeat_interval=TIMING.heartbeat_interval,
             cluster_secret=secret,
+            allowed_backing=config.allowed_backing,
         )
         node = await start_node(
             node_config,
@@ -204,12 +214,21 @@ async def serve(config: Config) -> int:
             settings=target_settings(config),
             portals=lambda port: config.advertised_portals(bound_port=port),
             metrics=metrics,
+            supervisor=supervisor,
         )
         await adopt(master, node)
 
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))
-        runner = await start_http(build_app(api), config.http.host, config.http.port, cleanup)
+        runner = await start_http(
+            build_app(api),
+            config.http.host,
+            config.http.port,
+            cleanup,
+            limits=config.http_limits,
+            registry=metrics.registry,
+        )
         http_bound = bound_address(runner.addresses, config.http)
+        await bootstrap(master.store, http_bound)
         master.start_steps(stop)
         cleanup.push_async_callback(_end_steps, master, stop)  # only reached if a later step fails
         node.start_heartbeat(http_bound)

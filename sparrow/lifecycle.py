@@ -14,9 +14,11 @@ from typing import Any
 import structlog
 import uvloop
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from sparrow import systemd
+from sparrow import httplimits, systemd
 from sparrow.config import HostPort
+from sparrow.httplimits import GuardedSite, HttpLimits
 from store.blockstore import StoreError
 from store.lock import DataDirLock
 
@@ -90,13 +92,22 @@ def fail(message: str) -> None:
 
 
 async def start_http(
-    app: web.Application, host: str, port: int, cleanup: contextlib.AsyncExitStack
+    app: web.Application,
+    host: str,
+    port: int,
+    cleanup: contextlib.AsyncExitStack,
+    *,
+    limits: HttpLimits | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> web.AppRunner:
-    """Serve ``app`` on host:port (cleaned up by ``cleanup``); a bind failure is a StartupError."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    """Serve ``app`` on host:port (cleaned up by ``cleanup``); a bind failure is a StartupError.
+    Every connection is bounded by ``limits`` (sparrow.httplimits; its metrics go to ``registry``)."""
+    limits = limits if limits is not None else HttpLimits()
+    guard = httplimits.install(app, limits, registry)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=limits.idle_timeout)
     await runner.setup()
     cleanup.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, host, port, reuse_address=True, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
+    site = GuardedSite(runner, host, port, guard, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     try:
         await site.start()
     except OSError as e:

@@ -256,21 +256,40 @@ class FileBlockStore:
 
     @classmethod
     async def open(
-        cls, path: str | os.PathLike[str], *, block_size: int, size: int | None = None, create: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        block_size: int,
+        size: int | None = None,
+        create: bool = False,
+        grow: bool = True,
+        nofollow: bool = False,
     ) -> FileBlockStore:
         """Open (or with ``create=True`` create, sparse, and fsync) the file or block device at ``path``.
 
         ``size`` is the volume size in bytes; None means the size of the existing file or device
         (rounded down to ``block_size``). An existing regular file smaller than ``size`` is grown
-        (sparse); a block device smaller than ``size`` is refused.
+        (sparse), unless ``grow`` is False (a user-given backing, store.backing): then a regular
+        file must hold exactly ``size`` bytes. A block device smaller than ``size`` is refused.
+        ``nofollow``: ``path`` is a resolved path that was just checked; a symlink put there since
+        is not followed (O_NOFOLLOW).
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            _EXECUTOR, functools.partial(cls._open_sync, os.fspath(path), block_size, size, create)
+            _EXECUTOR,
+            functools.partial(cls._open_sync, os.fspath(path), block_size, size, create, grow, nofollow),
         )
 
     @classmethod
-    def _open_sync(cls, path: str, block_size: int, size: int | None, create: bool) -> FileBlockStore:
+    def _open_sync(
+        cls,
+        path: str,
+        block_size: int,
+        size: int | None,
+        create: bool,
+        grow: bool = True,
+        nofollow: bool = False,
+    ) -> FileBlockStore:
         if block_size <= 0 or block_size & (block_size - 1):
             raise StoreOpenError(path, f"block size {block_size} is not a power of two")
         if size is not None and (size <= 0 or size % block_size):
@@ -288,6 +307,8 @@ class FileBlockStore:
             raise StoreOpenError(path, "not a regular file or a block device")
         # O_EXCL on a block device: exclusive open, refused (EBUSY) while it is mounted or in use.
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if is_blockdev else 0)
+        if nofollow:
+            flags |= os.O_NOFOLLOW
         try:
             fd = os.open(path, flags)
         except OSError as e:
@@ -304,6 +325,12 @@ class FileBlockStore:
                 actual = os.fstat(fd).st_size
                 if size is None:
                     size = actual - actual % block_size
+                elif actual != size and not grow:
+                    raise StoreOpenError(
+                        path,
+                        f"the file holds {actual} bytes, the volume needs exactly {size} "
+                        "(a backing file is never grown or cut)",
+                    )
                 elif actual < size:
                     os.ftruncate(fd, size)  # grows sparse; never shrinks
                 supports_unmap = cls._probe_punch_hole(fd)

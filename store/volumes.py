@@ -28,6 +28,7 @@ from typing import Any
 import aiofiles.os
 import structlog
 
+from store.backing import BackingPolicy, BackingRefused, is_below
 from store.blockstore import FileBlockStore, StoreError, StoreOpenError, StoreRangeError
 from store.metadata import (
     CorruptRecord,
@@ -54,6 +55,10 @@ SPARROW_COMPANY_ID = 0x0A5350
 
 class InvalidVolume(StoreError):
     """A request the manager refuses: bad name, size, block size, CHAP, backing, or a shrink."""
+
+
+class BackingNotAllowed(InvalidVolume):
+    """A backing outside the operator's allowed prefixes (store.backing)."""
 
 
 class VolumeExists(StoreError):
@@ -247,8 +252,10 @@ class VolumeManager:
     replaced), so holders of it see the new metadata.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, backing_policy: BackingPolicy | None = None) -> None:
         self.data_dir = Path(data_dir)
+        #: Which backing files and devices a new volume may use (default: none).
+        self.backing_policy = backing_policy if backing_policy is not None else BackingPolicy()
         self.volumes_dir = self.data_dir / "volumes"
         self._volumes: dict[str, Volume] = {}
         self._lock = asyncio.Lock()
@@ -303,7 +310,9 @@ class VolumeManager:
         if meta.name != name:
             raise CorruptRecord(path, f"record names volume {meta.name!r}, file is named {name!r}")
         data = meta.backing if meta.backing is not None else self._image_path(name)
-        store = await FileBlockStore.open(data, block_size=meta.block_size, size=meta.size)
+        store = await FileBlockStore.open(
+            data, block_size=meta.block_size, size=meta.size, grow=meta.backing is None
+        )
         return Volume(meta, store)
 
     # ---- queries -----------------------------------------------------------------------------------
@@ -352,9 +361,11 @@ class VolumeManager:
             if await aiofiles.os.path.exists(record_path):
                 raise VolumeExists(name, " on disk but could not be loaded; delete it first")
             if backing is not None:
-                backing = self._check_backing(backing)
+                backing, real = self._check_backing(backing)
                 try:
-                    store = await FileBlockStore.open(backing, block_size=block_size, size=size)
+                    store = await FileBlockStore.open(
+                        real, block_size=block_size, size=size, grow=False, nofollow=True
+                    )
                 except StoreOpenError as e:
                     raise InvalidVolume(str(e)) from e
             else:
@@ -397,9 +408,11 @@ class VolumeManager:
         own size). Returns the size a volume on it gets. Raises InvalidVolume with the reason."""
         if block_size not in BLOCK_SIZES:
             raise InvalidVolume(f"block size must be 512 or 4096, not {block_size}")
-        path = self._check_backing(backing)
+        _, real = self._check_backing(backing)
         try:
-            store = await FileBlockStore.open(path, block_size=block_size, size=size)
+            store = await FileBlockStore.open(
+                real, block_size=block_size, size=size, grow=False, nofollow=True
+            )
         except StoreOpenError as e:
             raise InvalidVolume(str(e)) from e
         try:
@@ -407,15 +420,22 @@ class VolumeManager:
         finally:
             await store.close()
 
-    def _check_backing(self, backing: str) -> str:
-        path = os.path.abspath(backing)
-        real = os.path.realpath(path)
-        if os.path.dirname(real) == os.path.realpath(self.volumes_dir):
+    def _check_backing(self, backing: str) -> tuple[str, str]:
+        """An allowed backing (store.backing), not inside the data directory and not used by
+        another volume: the path to record (as given, normalized: a /dev/disk/by-id/ name stays
+        stable across reboots) and the resolved path to open now. Raises BackingNotAllowed,
+        InvalidVolume."""
+        try:
+            real = self.backing_policy.resolve(backing)
+        except BackingRefused as e:
+            raise BackingNotAllowed(str(e)) from None
+        path = os.path.normpath(backing)
+        if is_below(real, os.path.realpath(self.data_dir)):
             raise InvalidVolume(f"backing {backing} is inside the data directory")
         for volume in self._volumes.values():
             if volume.meta.backing is not None and os.path.realpath(volume.meta.backing) == real:
                 raise InvalidVolume(f"backing {backing} is already used by volume {volume.meta.name!r}")
-        return path
+        return path, real
 
     async def resize(self, name: str, new_size: int) -> Volume:
         """Grow a volume (data first, then the record). Shrinking is refused."""
@@ -430,6 +450,10 @@ class VolumeManager:
                 raise InvalidVolume(f"cannot shrink volume {name!r} from {meta.size} to {new_size} bytes")
             if new_size == meta.size:
                 return volume
+            if meta.backing is not None:
+                raise InvalidVolume(
+                    f"volume {name!r} is backed by {meta.backing}: a user-given backing is never grown"
+                )
             try:
                 await volume.store.resize(new_size)
             except StoreRangeError as e:

@@ -64,8 +64,10 @@ def wait_for(condition: Callable[[], T | None], *, timeout: float, what: str, in
         time.sleep(interval)
 
 
-def run(cmd: list[str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+def run(
+    cmd: list[str], *, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

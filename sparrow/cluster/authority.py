@@ -3,7 +3,7 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 2)::
+instant leaves either the old state or the new one. Tables (schema version 3)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
@@ -12,11 +12,14 @@ instant leaves either the old state or the new one. Tables (schema version 2)::
     nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
                 PRIMARY KEY (volume_id, epoch))
+    tokens(token_id PK, role, tenant, name, secret_sha256, created_at, revoked_at)   (v3)
 
 Rules the schema itself enforces (defence in depth behind the Publisher):
 
 - ``assignments`` is append-only (triggers refuse UPDATE and DELETE), and a new row's epoch must be
   exactly the volume's highest epoch + 1: epochs per volume are 1, 2, 3... with no gap and no reuse.
+- a token is never deleted, only revoked (``revoked_at``); only the sha256 of its secret is kept
+  (sparrow.auth.tokens).
 - a volume is never deleted, only marked (``deleted_at``), so its epochs stay recorded and a
   volume id is never reused; ``name`` is unique among volumes not deleted (a partial unique
   index), so a name can be reused after its volume is deleted.
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sparrow.auth.tokens import Role, TokenRecord
 from sparrow.cluster.epoch import Epoch
 from sparrow.cluster.messages import (
     BLOCK_SIZES,
@@ -64,11 +68,11 @@ from sparrow.cluster.messages import (
     check_volume_id,
 )
 from store.metadata import SchemaTooNew
-from store.migrations import AUTHORITY_FILE, SchemaTooOld, authority_v1_to_v2
+from store.migrations import AUTHORITY_FILE, SchemaTooOld, authority_v1_to_v2, authority_v2_to_v3
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -116,6 +120,17 @@ class AuthorityError(Exception):
     """A change the authority store refuses (nothing was written)."""
 
 
+class NodeInHistory(AuthorityError):
+    """A node the assignment history names as primary: its record stays (a foreign key)."""
+
+    def __init__(self, node_id: str, volume_id: str, epoch: int) -> None:
+        super().__init__(
+            f"node {node_id!r} is primary in the recorded assignment of volume {volume_id} at epoch "
+            f"{epoch}; the authority keeps that history, so the node's record stays"
+        )
+        self.node_id = node_id
+
+
 class InvalidAuthorityRecord(AuthorityError, ValueError):
     """A field that may not be stored (bad id, name, size ...)."""
 
@@ -136,6 +151,12 @@ class UnknownNode(AuthorityError):
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         super().__init__(f"no node {node_id!r} has ever said hello")
+
+
+class UnknownToken(AuthorityError):
+    def __init__(self, token_id: str) -> None:
+        self.token_id = token_id
+        super().__init__(f"no token {token_id!r} (or it is revoked)")
 
 
 class NotAnAuthorityDatabase(AuthorityError):
@@ -251,6 +272,22 @@ def _node_from_row(row: sqlite3.Row) -> NodeRecord:
     )
 
 
+def _token_from_row(row: sqlite3.Row) -> TokenRecord:
+    try:
+        role = Role(row["role"])
+    except ValueError:
+        raise AuthorityCorrupt(f"token {row['token_id']} has role {row['role']!r}") from None
+    return TokenRecord(
+        row["token_id"],
+        role,
+        row["tenant"],
+        row["name"],
+        row["secret_sha256"],
+        row["created_at"],
+        row["revoked_at"],
+    )
+
+
 class AuthorityTransaction:
     """Reads and the one assignment write, inside ``AuthorityStore.write_transaction`` (BEGIN
     IMMEDIATE: no other writer can slip in between a read and the write that depends on it)."""
@@ -352,6 +389,7 @@ class AuthorityStore:
                         for statement in _SCHEMA_V1:
                             conn.execute(statement)
                         authority_v1_to_v2.upgrade(conn)
+                        authority_v2_to_v3.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -531,10 +569,75 @@ class AuthorityStore:
             seen_at=seen_at,
         )
 
+    def forget_node(self, node_id: str) -> bool:
+        """Remove the node's record (False: there was none). Raises :class:`NodeInHistory` while a
+        recorded assignment, of any epoch, names it as primary (the history keeps its reference)."""
+        with self._lock, immediate_transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT volume_id, epoch FROM assignments WHERE primary_node = ? ORDER BY volume_id, epoch",
+                (node_id,),
+            ).fetchone()
+            if row is not None:
+                raise NodeInHistory(node_id, row["volume_id"], row["epoch"])
+            deleted = self._conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount
+        return bool(deleted)
+
     def nodes(self) -> tuple[NodeRecord, ...]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
         return tuple(_node_from_row(r) for r in rows)
+
+    # ---- tokens -------------------------------------------------------------------------------------
+
+    def add_token(self, record: TokenRecord) -> None:
+        """Record a new token (only its secret's sha256). Raises InvalidAuthorityRecord."""
+        try:
+            with self._lock, immediate_transaction(self._conn):
+                self._conn.execute(
+                    "INSERT INTO tokens (token_id, role, tenant, name, secret_sha256, created_at, "
+                    "revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.token_id,
+                        record.role.value,
+                        record.tenant,
+                        record.name,
+                        record.secret_sha256,
+                        float(record.created_at),
+                        record.revoked_at,
+                    ),
+                )
+        except sqlite3.IntegrityError as e:
+            raise InvalidAuthorityRecord(f"token {record.token_id}: {e}") from None
+
+    def token(self, token_id: str) -> TokenRecord | None:
+        """One token, revoked or not (None: no such id)."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+        return None if row is None else _token_from_row(row)
+
+    def tokens(self, *, include_revoked: bool = False) -> tuple[TokenRecord, ...]:
+        """Tokens in force (and revoked ones if asked), oldest first."""
+        query = "SELECT * FROM tokens" + ("" if include_revoked else " WHERE revoked_at IS NULL")
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY created_at, token_id").fetchall()
+        return tuple(_token_from_row(r) for r in rows)
+
+    def has_tokens(self) -> bool:
+        """True once any token was ever made (revoked ones count: bootstrap happens once)."""
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM tokens LIMIT 1").fetchone() is not None
+
+    def revoke_token(self, token_id: str, *, revoked_at: float) -> TokenRecord:
+        """Revoke a token in force; it stops working at once. Raises UnknownToken."""
+        with self._lock, immediate_transaction(self._conn):
+            cur = self._conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                (float(revoked_at), token_id),
+            )
+            if cur.rowcount != 1:
+                raise UnknownToken(token_id)
+            row = self._conn.execute("SELECT * FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+        return _token_from_row(row)
 
     # ---- assignments --------------------------------------------------------------------------------
 

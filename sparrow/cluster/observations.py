@@ -153,6 +153,11 @@ class ObservationStore:
             return
         raise TypeError(f"cannot record a {type(message).__name__}")
 
+    def forget(self, node_id: str) -> bool:
+        """Drop everything recorded for ``node_id`` (False: nothing was). A later Hello records it
+        as a new node."""
+        return self._nodes.pop(node_id, None) is not None
+
     # -- reading ----------------------------------------------------------------------------------
 
     def known(self, node_id: str) -> bool:

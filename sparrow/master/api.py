@@ -8,16 +8,24 @@
     GET    /v1/volumes/{name}                                                  -> 200 volume
     DELETE /v1/volumes/{name}                                                  -> 204
     GET    /v1/nodes                                                           -> 200 {"nodes": [node...]}
+    DELETE /v1/nodes/{node_id} (admin) forget a dead node that holds no copy   -> 204 (409: why not)
     GET    /metrics            Prometheus text exposition (the master's own registry)
-    GET    /healthz            200 {"status": "ok", "nodes": N, "nodes_alive": N, "volumes": N}
-                               (embedded: "ok"|"degraded", plus "offline": [...] and "node": {...})
+    GET    /healthz            200 {"status": "ok"|"degraded", "nodes": N, "nodes_alive": N,
+                               "volumes": N, "reasons": [], "volumes_not_served": [],
+                               "tasks_failed": []}; 503 with "status": "unhealthy" and the reasons
+                               while a volume is not served or a task has failed (sparrow.health)
+                               (embedded: plus "offline": [...] and "node": {...})
 
 ``?wait=SECONDS`` on create and resize (0..60; the CLI sends 10): answer once the volume is served
 at its current epoch -- its primary has reported the epoch, the role and convergence -- or when
 the controller says it cannot place it, or at the deadline; the answer is the volume as it then is
 (201/200 either way: the volume was recorded; ``status`` says why it is not served yet).
 
-``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. The volume id
+``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. A size larger
+than the largest capacity any node has reported (its Hello's ``capacity_bytes``, now or in an
+earlier run) is refused with 400; before any node has reported one, the size is not checked (the
+volume waits, unplaced, like any other). A volume on a ``backing`` device is not checked: the
+device holds the data, not the node's data directory. The volume id
 is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or none,
 mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
 ``backing`` (an absolute path on the node) is meant for the embedded one-node mode, where the
@@ -48,7 +56,13 @@ A node (see :func:`node_json`)::
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
      the master started)}
 
-Errors are ``{"error": "<one line>"}`` with 400, 404, 409 or 500 (sparrow.httpjson). Handlers
+Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
+valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
+sees only its own volumes. ``backing`` needs an admin token and a path under the allowed backing
+prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
+by the node that opens it (store.backing); a volume on a backing is never resized (400).
+
+Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson). Handlers
 run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 """
 
@@ -69,18 +83,26 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from frontend.target import DEFAULT_BASE_IQN
+from sparrow.auth.tokens import Action, can_see
 from sparrow.cluster.authority import (
     AuthorityError,
     InvalidAuthorityRecord,
+    NodeInHistory,
+    UnknownToken,
     UnknownVolume,
     VolumeExists,
     VolumeRecord,
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
-from sparrow.cluster.messages import Assignment, Health, InvalidMessage, Role, VolumeChap
+from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
+from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
+from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
 from sparrow.master.control import ControlLoop
+from sparrow.sizes import format_size
+from sparrow.supervision import TaskSupervisor
+from store.backing import NO_BACKING, BackingPolicy
 from store.volumes import naa_from_uuid, serial_from_uuid
 
 log = structlog.get_logger("sparrow.master.api")
@@ -202,6 +224,10 @@ class MasterApi:
     local: LocalNode | None = None
     #: How often a ``?wait`` request looks at the volume again (seconds).
     poll_interval: float = 0.02
+    #: Where a create's ``backing`` may point (store.backing; default: nowhere).
+    backing_policy: BackingPolicy = NO_BACKING
+    #: The daemon's tasks; their failures make /healthz unhealthy.
+    supervisor: TaskSupervisor | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -209,14 +235,17 @@ API_KEY = web.AppKey("master", MasterApi)
 
 def build_app(api: MasterApi) -> web.Application:
     errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
-    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    authenticate = auth_middleware(api.control.store)
+    app = web.Application(middlewares=[errors, authenticate], client_max_size=64 * 1024)
     app[API_KEY] = api
+    add_token_routes(app, AuthContext(api.control.store, api.wall_clock))
     app.router.add_post("/v1/volumes", create_volume)
     app.router.add_get("/v1/volumes", list_volumes)
     app.router.add_get("/v1/volumes/{name}", get_volume)
     app.router.add_delete("/v1/volumes/{name}", delete_volume)
     app.router.add_post("/v1/volumes/{name}/resize", resize_volume)
     app.router.add_get("/v1/nodes", list_nodes)
+    app.router.add_delete("/v1/nodes/{node_id}", forget_node)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -231,9 +260,17 @@ async def create_volume(request: web.Request) -> web.Response:
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "missing field 'name'" if name is None else "name must be a non-empty string")
+    require(request, Action.VOLUME_WRITE, name)
     wait = _wait_seconds(request)
     block_size = _int(body, "block_size", 512, "block_size must be an integer (512 or 4096)")
     backing = string_field(body, "backing")
+    if backing is not None:
+        require(request, Action.VOLUME_BACKING, name)
+        if not backing.startswith("/"):
+            raise ApiError(400, f"backing: must be an absolute path, not {backing!r}")
+        if not api.backing_policy.allows_name(backing):
+            allowed = ", ".join(api.backing_policy.prefixes) or "none are allowed"
+            raise ApiError(403, f"backing {backing} is not under an allowed backing prefix ({allowed})")
     size = size_field(body, required=api.local is None or backing is None)
     replicas = _int(body, "replicas", 1, f"replicas must be an integer ({MIN_REPLICAS}..{MAX_REPLICAS})")
     if not MIN_REPLICAS <= replicas <= MAX_REPLICAS:
@@ -245,6 +282,8 @@ async def create_volume(request: web.Request) -> web.Response:
     if api.local is not None:
         size = await api.local.check_create(name, size, block_size, backing)
     assert size is not None
+    if backing is None:
+        await _check_capacity(api, size)
     store = api.control.store
     record = await asyncio.to_thread(
         store.add_volume,
@@ -267,7 +306,8 @@ async def create_volume(request: web.Request) -> web.Response:
 async def list_volumes(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     records = await asyncio.to_thread(api.control.store.volumes)
-    return web.json_response({"volumes": [volume_json(api, r) for r in records]})
+    who = principal(request)
+    return web.json_response({"volumes": [volume_json(api, r) for r in records if can_see(who, r.name)]})
 
 
 async def get_volume(request: web.Request) -> web.Response:
@@ -281,6 +321,8 @@ async def resize_volume(request: web.Request) -> web.Response:
     size = _required_size(body)
     wait = _wait_seconds(request)
     record = await _find(api, request.match_info["name"])
+    if record.backing is not None and size != record.size:
+        raise ApiError(400, f"volume {record.name} is backed by {record.backing}: it is never resized")
     old_size = record.size
     record, assignment = await asyncio.to_thread(api.control.resize_volume, record.volume_id, size)
     api.control.resized(record, assignment, api.clock())
@@ -341,28 +383,61 @@ async def list_nodes(request: web.Request) -> web.Response:
     return web.json_response({"nodes": nodes})
 
 
+async def forget_node(request: web.Request) -> web.Response:
+    """Forget a dead node that holds no copy: its authority record and its observations."""
+    api = request.app[API_KEY]
+    node_id = request.match_info["node_id"]
+    control = api.control
+    if control.observations.alive(node_id, api.clock()):
+        raise ApiError(409, f"node {node_id!r} is alive; stop it (and wait until it is dead) first")
+    holding = sorted(
+        volume.name
+        for volume in control.desired()
+        if (a := control.current(volume.volume_id)) is not None
+        and (node_id == a.primary or node_id in a.replicas)
+    )
+    if holding:
+        raise ApiError(409, f"node {node_id!r} holds a copy of {', '.join(holding)}; move or delete it first")
+    try:
+        recorded = await asyncio.to_thread(control.store.forget_node, node_id)
+    except NodeInHistory as e:
+        raise ApiError(409, str(e)) from None
+    observed = control.observations.forget(node_id)
+    if not (recorded or observed):
+        raise ApiError(404, f"no node {node_id!r}")
+    log.info("node forgotten", node=node_id)
+    return web.Response(status=204)
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[API_KEY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Unhealthy (503) while a volume is not served or a task has failed (sparrow.health)."""
     api = request.app[API_KEY]
-    views = api.control.observations.nodes(api.clock())
+    now = api.clock()
+    views = api.control.observations.nodes(now)
     alive = sum(1 for v in views if v.state is NodeState.ALIVE)
     health: dict[str, Any] = {
-        "status": "ok",
         "nodes": len(views),
         "nodes_alive": alive,
         "volumes": len(api.control.desired()),
     }
+    problems = master_problems(api.control, now)
+    degraded = False
     if api.local is not None:
         node = dict(api.local.health())
         health["offline"] = node.get("offline", [])
         health["node"] = node
-        if node.get("status") != "ok" or health["offline"] or alive == 0:
-            health["status"] = "degraded"
-    return web.json_response(health)
+        degraded = node.get("status") != "ok" or bool(health["offline"]) or alive == 0
+        seen = {p.volume_id for p in problems}
+        for p in node.get("volumes_not_served", []):  # what the node knows first (a fence)
+            if p["volume_id"] not in seen:
+                problems.append(VolumeProblem(p["volume_id"], p["name"], f"node: {p['reason']}"))
+    failures = () if api.supervisor is None else api.supervisor.failures()
+    return health_response({**summary(problems, failures, degraded=degraded), **health})
 
 
 # --- JSON shapes -------------------------------------------------------------------------------
@@ -414,18 +489,7 @@ def is_served(api: MasterApi, volume_id: str) -> bool:
     """True when the volume's primary has reported its current epoch, as primary, converged and
     serving (health OK: a fenced primary reports DEGRADED), in a heartbeat the master still
     counts as alive."""
-    assignment = api.control.current(volume_id)
-    if assignment is None or assignment.primary is None or assignment.primary_portal is None:
-        return False
-    obs = api.control.observations.observation(assignment.primary, volume_id)
-    return (
-        obs is not None
-        and obs.epoch == assignment.epoch
-        and obs.role is Role.PRIMARY
-        and obs.converged
-        and obs.health is Health.OK
-        and api.control.observations.alive(assignment.primary, api.clock())
-    )
+    return unserved_reason(api.control, volume_id, api.clock()) is None
 
 
 async def served(api: MasterApi, volume_id: str, wait: float, *, give_up: bool = True) -> bool:
@@ -511,6 +575,22 @@ async def _find(api: MasterApi, name: str) -> VolumeRecord:
     raise ApiError(404, f"no volume named {name!r}")
 
 
+async def _check_capacity(api: MasterApi, size: int) -> None:
+    """Refuse (400) a size larger than the largest capacity any node has reported; see the module
+    docstring (no node reported yet: not checked)."""
+    records = await asyncio.to_thread(api.control.store.nodes)
+    capacities = {r.node_id: r.capacity for r in records}
+    for view in api.control.observations.nodes(api.clock()):
+        capacities[view.node_id] = view.capacity_bytes
+    if capacities and size > max(capacities.values()):
+        largest = max(capacities.values())
+        raise ApiError(
+            400,
+            f"size {size} bytes ({format_size(size)}) is larger than any node can hold: the largest "
+            f"capacity a node has reported is {largest} bytes ({format_size(largest)})",
+        )
+
+
 def _int(body: Mapping[str, Any], key: str, default: int, message: str) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -534,6 +614,7 @@ def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
 #: Authority errors that are the client's doing, and the status each one answers with.
 _AUTHORITY_STATUS: tuple[tuple[type[AuthorityError], int], ...] = (
     (UnknownVolume, 404),
+    (UnknownToken, 404),
     (VolumeExists, 409),
     (InvalidAuthorityRecord, 400),
 )

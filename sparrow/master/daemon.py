@@ -3,7 +3,8 @@
 Startup: lock the data directory (``store.lock.DataDirLock``), open ``DATA_DIR/authority.sqlite3``
 (``AuthorityStore.open_in``), rebuild the state from it (``control.restore``: every known node is
 treated as holding a lease granted now, observations start now), bind the heartbeat listener and
-the HTTP API, and only then tell systemd ``READY=1``. The first control step runs after that.
+the HTTP API, write the bootstrap admin token on a first start (sparrow.master.auth), and only
+then tell systemd ``READY=1``. The first control step runs after that.
 
 Main loop: one control step every ``heartbeat_interval`` seconds (``ControlLoop.step_async``).
 
@@ -46,8 +47,11 @@ from sparrow.lifecycle import (
     start_http,
 )
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.auth import bootstrap
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
+from sparrow.supervision import TaskSupervisor
+from store.backing import BackingPolicy
 from store.blockstore import StoreError
 
 log = structlog.get_logger("sparrow.master")
@@ -69,6 +73,8 @@ class MasterConfig:
     base_iqn: str = DEFAULT_BASE_IQN
     #: The key nodes must prove they hold (sparrow.cluster.channel); required to start.
     cluster_secret: ClusterSecret | None = None
+    #: Where a create's ``backing`` may point, by name (store.backing; the node checks it again).
+    allowed_backing: tuple[str, ...] = ()
 
 
 def run(config: MasterConfig) -> int:
@@ -78,17 +84,19 @@ def run(config: MasterConfig) -> int:
 
 class NodeRecorder:
     """Upserts each Hello in the authority store in a worker thread (an fsync), one at a time so a
-    node's records land in the order its Hellos came."""
+    node's records land in the order its Hellos came. An upsert that fails is logged (a bug with
+    its traceback, reported to ``supervisor``) and the next Hello is recorded all the same."""
 
-    def __init__(self, store: AuthorityStore) -> None:
+    TASK = "node-recorder"
+
+    def __init__(self, store: AuthorityStore, supervisor: TaskSupervisor | None = None) -> None:
         self.store = store
+        self.supervisor = supervisor if supervisor is not None else TaskSupervisor()
         self._queue: asyncio.Queue[Hello | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        #: Upserts that failed with an unexpected exception (logged with its traceback).
-        self.failures = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="node-recorder")
+        self._task = self.supervisor.spawn(self._run(), name=self.TASK)
 
     def hello(self, hello: Hello) -> None:
         self._queue.put_nowait(hello)
@@ -99,10 +107,10 @@ class NodeRecorder:
                 await asyncio.to_thread(self.store.upsert_hello, hello, seen_at=time.time())
             except AuthorityError as e:
                 log.error("cannot record node", node=hello.node_id, error=str(e))
-            except Exception:
-                # A bug or an I/O error must not stop recording the nodes that say hello later.
-                self.failures += 1
-                log.exception("recording node failed", node=hello.node_id)
+            except Exception as e:
+                self.supervisor.failed(self.TASK, e)
+            else:
+                self.supervisor.recovered(self.TASK)
 
     async def close(self, deadline: float) -> None:
         """Let the queued upserts finish (at most ``deadline`` seconds), then stop."""
@@ -116,16 +124,27 @@ class NodeRecorder:
             log.warning("node upserts did not finish before shutdown")
 
 
+#: The control loop's task name (TaskSupervisor, /healthz, sparrow_task_failures_total).
+CONTROL_TASK = "control-loop"
+
+
 async def control_task(
-    control: ControlLoop, clock: Callable[[], float], interval: float, stop: asyncio.Event
+    control: ControlLoop,
+    clock: Callable[[], float],
+    interval: float,
+    stop: asyncio.Event,
+    supervisor: TaskSupervisor | None = None,
 ) -> None:
     """One control step per ``interval`` until ``stop`` is set; a step in progress is finished."""
+    supervisor = supervisor if supervisor is not None else TaskSupervisor()
     while not stop.is_set():
         try:
             await control.step_async(clock)
-        except Exception:
-            # A bug or an I/O error must not silently end the control loop: log and go on.
-            log.exception("control step failed")
+        except Exception as e:
+            # A bug or an I/O error must not silently end the control loop: report and go on.
+            supervisor.failed(CONTROL_TASK, e)
+        else:
+            supervisor.recovered(CONTROL_TASK)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await stop.wait()
@@ -144,17 +163,24 @@ class MasterRuntime:
     #: The heartbeat listener's bound address (the configured port, or the one port 0 got).
     listen: HostPort
     clock: Callable[[], float]
+    supervisor: TaskSupervisor
     steps: asyncio.Task[None] | None = None
 
     def api(self) -> MasterApi:
         return MasterApi(
-            control=self.control, metrics=self.metrics, clock=self.clock, base_iqn=self.config.base_iqn
+            control=self.control,
+            metrics=self.metrics,
+            clock=self.clock,
+            base_iqn=self.config.base_iqn,
+            backing_policy=BackingPolicy(self.config.allowed_backing),
+            supervisor=self.supervisor,
         )
 
     def start_steps(self, stop: asyncio.Event) -> None:
         """Start the control loop: one step every heartbeat interval until ``stop`` is set."""
         interval = self.config.timing.heartbeat_interval
-        self.steps = asyncio.create_task(control_task(self.control, self.clock, interval, stop))
+        steps = control_task(self.control, self.clock, interval, stop, self.supervisor)
+        self.steps = self.supervisor.spawn(steps, name=CONTROL_TASK)
 
     async def end_steps(self) -> None:
         """Wait (at most STEP_SHUTDOWN_TIMEOUT) for the control loop to finish the step it is in;
@@ -176,11 +202,16 @@ class MasterRuntime:
 
 
 async def start_master(
-    config: MasterConfig, cleanup: contextlib.AsyncExitStack, *, metrics: MasterMetrics | None = None
+    config: MasterConfig,
+    cleanup: contextlib.AsyncExitStack,
+    *,
+    metrics: MasterMetrics | None = None,
+    supervisor: TaskSupervisor | None = None,
 ) -> MasterRuntime:
     """Open the authority store in ``config.data_dir`` (locked by the caller), rebuild the state
     from it and bind the heartbeat listener. The control loop is started by the caller
-    (:meth:`MasterRuntime.start_steps`) once everything else is up. ``cleanup`` undoes a failed start."""
+    (:meth:`MasterRuntime.start_steps`) once everything else is up. ``cleanup`` undoes a failed start.
+    The master's tasks run under ``supervisor`` (default: a new one, on the metrics' registry)."""
     loop = asyncio.get_running_loop()
     if config.cluster_secret is None:
         raise StartupError(NO_SECRET)
@@ -193,6 +224,7 @@ async def start_master(
     cleanup.callback(store.close)
 
     metrics = metrics if metrics is not None else MasterMetrics()
+    supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
     clock = loop.time
 
     def on_published(assignment: Assignment) -> None:
@@ -208,7 +240,7 @@ async def start_master(
     )
     metrics.bind(control, clock)
 
-    recorder = NodeRecorder(store)
+    recorder = NodeRecorder(store, supervisor)
     recorder.start()
     cleanup.push_async_callback(recorder.close, 1.0)
     heartbeats = HeartbeatServer(
@@ -228,7 +260,7 @@ async def start_master(
         raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
     cleanup.push_async_callback(heartbeats.close)
     listen = bound_address(heartbeats.sockets, config.listen)
-    return MasterRuntime(config, store, control, metrics, recorder, heartbeats, listen, clock)
+    return MasterRuntime(config, store, control, metrics, recorder, heartbeats, listen, clock, supervisor)
 
 
 async def serve(config: MasterConfig) -> int:
@@ -240,8 +272,13 @@ async def serve(config: MasterConfig) -> int:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
         master = await start_master(config, cleanup)
-        runner = await start_http(build_app(master.api()), config.http.host, config.http.port, cleanup)
+        master.supervisor.install(loop)
+        app = build_app(master.api())
+        runner = await start_http(
+            app, config.http.host, config.http.port, cleanup, registry=master.metrics.registry
+        )
         http_bound = bound_address(runner.addresses, config.http)
+        await bootstrap(master.store, http_bound)
 
         timing = config.timing
         log.info(

@@ -78,6 +78,7 @@ from sparrow.cluster.messages import (
 )
 from sparrow.metrics import VolumeMetrics
 from sparrow.node.sessions import NoSessions, SessionControl
+from sparrow.supervision import TaskSupervisor
 from store.blockstore import StoreError
 from store.metadata import RecordMissing, read_record_async
 from store.volumes import (
@@ -519,7 +520,8 @@ class Convergence:
     """Runs the adapter's plans in order on the event loop and keeps the fence timer.
 
     ``clock`` is the loop's monotonic clock (``loop.time``), the one ``LeaseClock`` is fed with;
-    ``schedule`` is ``loop.call_at``. Both default to the running loop's.
+    ``schedule`` is ``loop.call_at``. Both default to the running loop's. The worker and the fence
+    timer run under ``supervisor`` (tasks ``node-convergence`` and ``fence-timer``).
     """
 
     def __init__(
@@ -530,6 +532,7 @@ class Convergence:
         *,
         clock: Callable[[], float] | None = None,
         schedule: Scheduler | None = None,
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         self.adapter = adapter
         self.volumes = volumes
@@ -540,6 +543,8 @@ class Convergence:
             schedule = schedule or (lambda when, callback: loop.call_at(when, callback))
         self._clock = clock
         self._schedule = schedule
+        self.supervisor = supervisor if supervisor is not None else TaskSupervisor()
+        self._on_timer_guarded = self.supervisor.guard("fence-timer", self._on_timer)
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._timer: Cancellable | None = None
@@ -559,7 +564,7 @@ class Convergence:
         """Queue the restart plan (persisted volumes opened, primaries fenced) and start the worker."""
         self._enqueue(self.adapter.startup())
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="node-convergence")
+            self._worker = self.supervisor.spawn(self._run(), name="node-convergence")
 
     async def close(self) -> None:
         """Stop the timer and the worker (a plan in progress is cancelled between two actions).
@@ -651,7 +656,7 @@ class Convergence:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = expires
-        self._timer = self._schedule(expires, self._on_timer)
+        self._timer = self._schedule(expires, self._on_timer_guarded)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -662,7 +667,7 @@ class Convergence:
             # Fired a hair early (clock resolution), or the lease moved without a re-arm: wait on.
             assert expires is not None
             self._timer_at = max(expires, now + REARM_SLACK)
-            self._timer = self._schedule(self._timer_at, self._on_timer)
+            self._timer = self._schedule(self._timer_at, self._on_timer_guarded)
             return
         self.fence("lease expired")
 
@@ -740,4 +745,9 @@ class Convergence:
 
     async def _run(self) -> None:
         while True:
-            await self.run_once()
+            try:
+                await self.run_once()
+            except Exception as e:  # a bug outside the plan (a plan's own error is last_error)
+                self.supervisor.failed("node-convergence", e)
+            else:
+                self.supervisor.recovered("node-convergence")

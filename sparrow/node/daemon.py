@@ -47,6 +47,7 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
+from sparrow.health import health_response, node_problems, summary
 from sparrow.lifecycle import (
     StartupError,
     StopSignals,
@@ -62,6 +63,8 @@ from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
+from sparrow.supervision import TaskSupervisor
+from store.backing import BackingPolicy
 from store.blockstore import StoreError
 from store.volumes import VolumeLoadError, VolumeManager
 
@@ -90,6 +93,8 @@ class NodeConfig:
     log_level: str = "info"
     #: The key this node proves it holds to the master (sparrow.cluster.channel); required to start.
     cluster_secret: ClusterSecret | None = None
+    #: Backing files and devices an assignment may name (store.backing; empty: none).
+    allowed_backing: tuple[str, ...] = ()
 
 
 def node_config(
@@ -104,6 +109,7 @@ def node_config(
     log_format: str | None = None,
     log_level: str | None = None,
     cluster_secret_file: str | None = None,
+    allow_backing: tuple[str, ...] = (),
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -145,7 +151,15 @@ def node_config(
         log_format=LogFormat(log_format or "auto"),
         log_level=log_level or "info",
         cluster_secret=secret,
+        allowed_backing=_backing_prefixes(allow_backing),
     )
+
+
+def _backing_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return BackingPolicy.of(prefixes).prefixes
+    except ValueError as e:
+        raise ConfigError(f"--allow-backing: {e}", usage=True) from None
 
 
 def advertised(
@@ -191,6 +205,8 @@ class Node:
     metrics: PrometheusMetrics
     #: The portals initiators reach this node at (the first one is announced to the master).
     portals: tuple[HostPort, ...]
+    #: The node's tasks (heartbeat, convergence, fence timer); a failure makes /healthz unhealthy.
+    supervisor: TaskSupervisor
     #: The volumes in the data directory that failed to load (left alone, reported).
     offline: list[VolumeLoadError] = field(default_factory=list)
     #: The address announced as the node's HTTP endpoint (set once the listener is bound).
@@ -223,6 +239,9 @@ class Node:
         return failed
 
     def health(self) -> dict[str, Any]:
+        """The node's health (sparrow.health): ``status`` is ``unhealthy`` while a volume it holds
+        as primary is not served or a task has failed, ``degraded`` while it has no master
+        connection, a plan failed or a local volume failed to load; ``reasons`` says why."""
         now = self.loop.time()
         valid = self.lease.valid(now)
         exported = [
@@ -235,8 +254,10 @@ class Node:
             for e in self.volumes
         ]
         degraded = not self.heartbeat.connected or self.convergence.last_error is not None or self.offline
+        names = {e.volume_id: e.name for e in self.volumes}
+        problems = node_problems(self.convergence.observations(now), names)
         return {
-            "status": "degraded" if degraded else "ok",
+            **summary(problems, self.supervisor.failures(), degraded=bool(degraded)),
             "node_id": self.config.node_id,
             "incarnation": self.incarnation,
             "master": {
@@ -305,7 +326,7 @@ async def _get_metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response(request.app[NODE_KEY].health())
+    return health_response(request.app[NODE_KEY].health())
 
 
 async def start_node(
@@ -315,12 +336,14 @@ async def start_node(
     settings: TargetSettings | None = None,
     portals: Callable[[int | None], tuple[HostPort, ...]] | None = None,
     metrics: PrometheusMetrics | None = None,
+    supervisor: TaskSupervisor | None = None,
 ) -> Node:
     """Load the cluster state and the volumes of ``config.data_dir`` (locked by the caller), reopen
     what the node held (primaries fenced) and bind the iSCSI listener. The heartbeat starts with
     :meth:`Node.start_heartbeat`. ``settings`` are the target settings (portals are filled in),
     ``portals`` maps the bound iSCSI port to the advertised portals (default: the listen address,
-    a wildcard replaced by this host's address). ``cleanup`` undoes a failed start."""
+    a wildcard replaced by this host's address). ``cleanup`` undoes a failed start. The node's
+    tasks run under ``supervisor`` (default: a new one, on the metrics' registry)."""
     loop = asyncio.get_running_loop()
     if config.cluster_secret is None:
         raise StartupError(NO_SECRET)
@@ -338,7 +361,7 @@ async def start_node(
             reason=problem.reason,
         )
 
-    manager = VolumeManager(config.data_dir)
+    manager = VolumeManager(config.data_dir, backing_policy=BackingPolicy(config.allowed_backing))
     cleanup.push_async_callback(manager.close)
     try:
         offline = await manager.load_all()  # the manager logs the volumes it could not load
@@ -346,6 +369,7 @@ async def start_node(
         raise StartupError(f"cannot open the volumes in {config.data_dir}: {e}") from None
 
     metrics = metrics if metrics is not None else PrometheusMetrics()
+    supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
     metrics.set_offline(len(offline))
     registry = TargetRegistry()
     settings = settings if settings is not None else TargetSettings(portals=(), tpgt=TPGT)
@@ -360,7 +384,7 @@ async def start_node(
     )
     lease = LeaseClock()
     adapter = Adapter(config.node_id, state)
-    convergence = Convergence(adapter, volumes, lease)
+    convergence = Convergence(adapter, volumes, lease, supervisor=supervisor)
     cleanup.push_async_callback(convergence.close)
     convergence.start()  # reopens what this node held, primaries fenced
     await convergence.idle()
@@ -396,6 +420,7 @@ async def start_node(
         observations=convergence.observations,
         on_ack=convergence.on_ack,
         interval=config.heartbeat_interval,
+        supervisor=supervisor,
     )
     cleanup.push_async_callback(heartbeat.stop)
     node = Node(
@@ -410,6 +435,7 @@ async def start_node(
         manager,
         metrics,
         advertised_portals,
+        supervisor,
         list(offline),
     )
     metrics.registry.register(NodeCollector(node))
@@ -424,8 +450,11 @@ async def serve(config: NodeConfig) -> int:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
         node = await start_node(config, cleanup)
+        node.supervisor.install(asyncio.get_running_loop())
         app = build_node_app(node, node.metrics)
-        runner = await start_http(app, config.http.host, config.http.port, cleanup)
+        runner = await start_http(
+            app, config.http.host, config.http.port, cleanup, registry=node.metrics.registry
+        )
         node.start_heartbeat(advertised(config.http, bound_port(runner.addresses)))
 
         log.info(

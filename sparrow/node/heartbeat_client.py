@@ -13,7 +13,8 @@ channel's handshake (:class:`~sparrow.cluster.channel.Channel`, purpose HEARTBEA
 prove it holds the cluster secret before the node says anything), then write the Hello and a
 Heartbeat every ``interval`` on a fixed schedule, each sealed in a channel record, and hand each
 applied Ack to ``on_ack``; a protocol or channel error, EOF or any socket error closes the
-connection and it reconnects after a backoff.
+connection and it reconnects after a backoff; so does any other exception (a bug), which is
+reported to the TaskSupervisor (task ``node-heartbeat``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ from sparrow.cluster.channel import (
 from sparrow.cluster.heartbeat import ErrorCode, FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Heartbeat, Hello, VolumeObservation
+from sparrow.supervision import TaskSupervisor
 
 log = structlog.get_logger("sparrow.node.heartbeat")
 
 #: Bytes asked of the socket per read.
 READ_SIZE = 65536
+#: The heartbeat client's task name (TaskSupervisor, /healthz, sparrow_task_failures_total).
+TASK = "node-heartbeat"
 #: The lease assumed before the first Ack says otherwise (lease.LeaseConfig default).
 DEFAULT_LEASE_SECONDS = 5.0
 
@@ -139,6 +143,7 @@ class HeartbeatClient:
         interval: float = 1.0,
         backoff: Backoff | None = None,
         connect_timeout: float = 5.0,
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("the heartbeat interval must be positive")
@@ -151,6 +156,7 @@ class HeartbeatClient:
         self.interval = interval
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
+        self.supervisor = supervisor if supervisor is not None else TaskSupervisor()
         self._task: asyncio.Task[None] | None = None
         #: True while a connection is open and its Hello has been written.
         self.connected = False
@@ -173,7 +179,7 @@ class HeartbeatClient:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="node-heartbeat")
+            self._task = self.supervisor.spawn(self.run(), name=TASK)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -200,6 +206,9 @@ class HeartbeatClient:
                     await self._converse(reader, writer)
                 except (OSError, HeartbeatProtocolError, ChannelError, EOFError) as e:
                     self._failed(str(e) or type(e).__name__, attempt)
+                except Exception as e:  # a bug (building the Hello, applying an Ack): reconnect
+                    self.supervisor.failed(TASK, e)
+                    self._failed(f"{type(e).__name__}: {e}", attempt)
                 finally:
                     self.connected = False
                     self.session.connection_lost()
@@ -283,3 +292,4 @@ class HeartbeatClient:
                 self._last_ack_at = asyncio.get_running_loop().time()
                 self._last_lease = ack.lease_seconds
                 self._on_ack(ack)
+                self.supervisor.recovered(TASK)

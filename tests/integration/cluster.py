@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.integration.process import Proc
+from tests.integration.process import Proc, bearer, daemon_env
 from tests.integration.proxy import FaultProxy
 from tests.integration.rogue import secret_file
 from tests.tools import free_port, run, wait_for
@@ -46,9 +46,11 @@ class Timing:
 TIMING = Timing()
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=timeout
+        ) as resp:
             return int(resp.status), bytes(resp.read())
     except urllib.error.HTTPError as e:
         return int(e.code), bytes(e.read())
@@ -93,7 +95,7 @@ class Master(Proc):
         ]  # fmt: skip
 
     def get_json(self, path: str) -> Any:
-        status, body = http_get(self.api + path)
+        status, body = http_get(self.api + path, headers=bearer(self.root, self.api))
         assert status == 200, f"GET {path}: {status} {body!r}"
         return json.loads(body)
 
@@ -140,8 +142,9 @@ class Node(Proc):
         ]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
+        """GET /healthz: 200, or 503 while the node is unhealthy (a fenced primary, a failed task)."""
         status, body = http_get(f"http://127.0.0.1:{self.http_port}/healthz")
-        assert status == 200, status
+        assert status in (200, 503), status
         return dict(json.loads(body))
 
     def metrics(self) -> str:
@@ -213,7 +216,10 @@ class Cluster:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(
-            [sys.executable, "-m", "sparrow", *args, "--api", self.master.api], check=check, timeout=30
+            [sys.executable, "-m", "sparrow", *args, "--api", self.master.api],
+            check=check,
+            timeout=30,
+            env=daemon_env(self.root),
         )
 
     def inspect(self, volume: str) -> dict[str, Any]:

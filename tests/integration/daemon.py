@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.integration.process import Proc
+from tests.integration.process import Proc, bearer, daemon_env
 from tests.tools import free_port, run
 
 BASE_IQN = "iqn.2026-11.io.sparrow"
@@ -52,7 +52,12 @@ class Daemon(Proc):
         return f"iscsi://{auth}{self.portal}/{BASE_IQN}:{volume}/{lun}"
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return run([sys.executable, "-m", "sparrow", *args, "--api", self.api], check=check, timeout=timeout)
+        return run(
+            [sys.executable, "-m", "sparrow", *args, "--api", self.api],
+            check=check,
+            timeout=timeout,
+            env=daemon_env(self.root),
+        )
 
     def create_volume(self, name: str, size: str = "64MiB", *extra: str) -> dict[str, Any]:
         self.cli("volume", "create", name, "--size", size, *extra)
@@ -63,8 +68,10 @@ class Daemon(Proc):
         return dict(json.loads(out))
 
     def get(self, path: str) -> tuple[int, bytes]:
+        """GET as the bootstrap admin."""
+        request = urllib.request.Request(self.api + path, headers=bearer(self.root, self.api))
         try:
-            with urllib.request.urlopen(self.api + path, timeout=10) as resp:
+            with urllib.request.urlopen(request, timeout=10) as resp:
                 return int(resp.status), bytes(resp.read())
         except urllib.error.HTTPError as e:
             return int(e.code), bytes(e.read())

@@ -18,6 +18,34 @@ from pathlib import Path
 from typing import Any
 
 
+def daemon_env(root: Path) -> dict[str, str]:
+    """The environment of a test's daemons and CLI calls: XDG_CONFIG_HOME under the test's root, so
+    a daemon writes its bootstrap admin token to ROOT/xdg/sparrow/credentials.json and the CLI finds
+    it there by itself (sparrow.auth.credentials), as on a real machine."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SPARROW_CREDENTIALS", "SPARROW_TOKEN", "SPARROW_API")
+    }
+    env["XDG_CONFIG_HOME"] = str(root / "xdg")
+    return env
+
+
+def credentials_file(root: Path) -> Path:
+    return root / "xdg" / "sparrow" / "credentials.json"
+
+
+def admin_token(root: Path, api: str) -> str:
+    """The bootstrap admin token a daemon of this test wrote for ``api`` (http://HOST:PORT)."""
+    entry = json.loads(credentials_file(root).read_text())["apis"][api.rstrip("/")]
+    return str(entry["token"])
+
+
+def bearer(root: Path, api: str) -> dict[str, str]:
+    """The Authorization header for a direct urllib call to ``api`` as the bootstrap admin."""
+    return {"Authorization": f"Bearer {admin_token(root, api)}"}
+
+
 class Proc:
     """One daemon process, restartable on the same data directory and ports."""
 
@@ -46,7 +74,7 @@ class Proc:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(path))
         self._notify, self._notify_path = notify, path
-        env = dict(os.environ, NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1")
+        env = dict(daemon_env(self.root), NOTIFY_SOCKET=str(path), PYTHONUNBUFFERED="1")
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         self.stopped = False

@@ -102,8 +102,10 @@ def test_a_volume_that_failed_to_load_keeps_its_name_until_deleted(daemon: Daemo
     # A new volume never takes the name (and so never the files) of one that failed to load.
     taken = daemon.cli("volume", "create", "bad", "--size", "8MiB", check=False)
     assert taken.returncode != 0 and "already exists" in taken.stderr, taken.stderr
-    health = json.loads(daemon.get("/healthz")[1])
-    assert health["status"] == "degraded" and [o["name"] for o in health["offline"]] == ["bad"], health
+    status, body = daemon.get("/healthz")
+    health = json.loads(body)
+    assert status == 503 and [o["name"] for o in health["offline"]] == ["bad"], health
+    assert [v["name"] for v in health["volumes_not_served"]] == ["bad"], health
     daemon.cli("volume", "delete", "bad")
     assert not record.exists() and not (daemon.data_dir / "volumes" / "bad.img").exists()
     health = json.loads(daemon.get("/healthz")[1])

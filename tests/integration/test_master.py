@@ -17,7 +17,7 @@ import pytest
 
 from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.messages import Ack, Assignment, Health, Heartbeat, Hello, VolumeObservation
-from tests.integration.process import Proc
+from tests.integration.process import Proc, bearer, daemon_env
 from tests.integration.rogue import NodeLink, secret_file, secret_of
 from tests.tools import free_port, run, wait_for
 
@@ -53,10 +53,16 @@ class MasterProcess(Proc):
         return self.term(20)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run([sys.executable, "-m", "sparrow", *args, "--api", self.api], check=check, timeout=30)
+        return run(
+            [sys.executable, "-m", "sparrow", *args, "--api", self.api],
+            check=check,
+            timeout=30,
+            env=daemon_env(self.root),
+        )
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.api + path, timeout=10) as resp:
+        request = urllib.request.Request(self.api + path, headers=bearer(self.root, self.api))
+        with urllib.request.urlopen(request, timeout=10) as resp:
             body = resp.read()
         return json.loads(body) if path != "/metrics" else body.decode()
 
@@ -223,6 +229,6 @@ def test_an_unmigrated_v1_authority_is_refused_with_the_migrate_command(tmp_path
     )  # fmt: skip
     assert refused.returncode == 1
     assert f"`sparrow migrate {data_dir}`" in refused.stderr
-    assert "schema version 1; this Sparrow needs version 2" in refused.stderr
+    assert "schema version 1; this Sparrow needs version 3" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert (data_dir / "authority.sqlite3").read_bytes() == before

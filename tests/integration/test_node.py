@@ -43,6 +43,7 @@ from frontend.iscsi.pdu import (
 from sparrow.cluster.channel import ClusterSecret, Plaintext
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Assignment, Heartbeat, Hello
+from tests.integration.cluster import http_get
 from tests.integration.process import Proc
 from tests.integration.rogue import accept_channel, secret_file, secret_of
 from tests.tools import free_port, require_tool, run, wait_for
@@ -187,8 +188,10 @@ class NodeProcess(Proc):
         return f"iscsi://{self.portal}/{self.iqn}/0"
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=5) as resp:
-            return dict(json.loads(resp.read()))
+        """GET /healthz: 200, or 503 while a primary is fenced (sparrow.health)."""
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}/healthz")
+        assert status in (200, 503), status
+        return dict(json.loads(body))
 
     def access_state(self) -> str | None:
         for v in self.health()["volumes"]:

@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestServer
 from sparrow.cli import main
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
+from sparrow.config import HostPort
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.auth import bootstrap_admin
 from sparrow.master.control import restore
 
 BASE = "iqn.2026-11.io.sparrow"
@@ -147,14 +149,18 @@ def test_serve_bad_demo_volume(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def api_url(tmp_path: Path) -> AsyncIterator[str]:
+async def api_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     """The master's API (``sparrow serve`` and ``sparrow master`` both serve it) with no node: the
-    CLI's requests and answers end to end; nothing is placed, so creates pass ``--wait 0``."""
+    CLI's requests and answers end to end; nothing is placed, so creates pass ``--wait 0``. The
+    bootstrap admin token is in a credentials file of the test's own (``$SPARROW_CREDENTIALS``)."""
     store = AuthorityStore.open_in(tmp_path)
     control = restore(store, LeaseConfig(), 100.0)
     api = MasterApi(control=control, metrics=MasterMetrics(), clock=lambda: 100.0, base_iqn=BASE)
     server = TestServer(build_app(api))
     await server.start_server()
+    monkeypatch.delenv("SPARROW_TOKEN", raising=False)
+    monkeypatch.setenv("SPARROW_CREDENTIALS", str(tmp_path / "credentials.json"))
+    bootstrap_admin(store, HostPort(server.host, server.port or 0))
     yield str(server.make_url("")).rstrip("/")
     await server.close()
     store.close()
@@ -245,3 +251,68 @@ async def test_not_the_sparrow_api(api_url: str) -> None:
     code, _, err = await cli("volume", "list", "--api", api_url + "/metrics-and-more")
     assert code == 1
     assert one_line(err).startswith("sparrow: error: no such endpoint: GET /metrics-and-more/v1/volumes")
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+async def test_token_commands_end_to_end(api_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = await cli("token", "create", "--role", "reader", "--tenant", "team-a", "--api", api_url)
+    assert code == 0 and out.startswith("spw_") and out.count("\n") == 1 and "shown once" in one_line(err)
+    reader = out.strip()
+    code, out, _ = await cli("token", "list", "--json", "--api", api_url)
+    listed = json.loads(out)
+    assert [(t["role"], t["tenant"]) for t in listed] == [("admin", None), ("reader", "team-a")]
+    assert reader not in out
+
+    code, out, err = await cli("volume", "list", "--api", api_url, "--token", reader)
+    assert (code, out, err) == (0, "no volumes\n", "")
+    code, out, err = await cli(
+        "volume", "create", "team-a-x", "--size", "1M", "--api", api_url, "--token", reader
+    )
+    assert code == 1 and "needs operator" in one_line(err)
+    code, _, err = await cli("token", "list", "--api", api_url, "--token", reader)
+    assert code == 1 and "may not token.manage" in one_line(err)
+
+    code, out, _ = await cli("token", "revoke", listed[1]["id"], "--api", api_url)
+    assert (code, out) == (0, f"revoked token {listed[1]['id']}\n")
+    monkeypatch.setenv("SPARROW_TOKEN", reader)  # the environment beats the credentials file
+    code, _, err = await cli("volume", "list", "--api", api_url)
+    assert code == 1
+    assert one_line(err) == (
+        "sparrow: error: invalid or revoked token (token refused: give --token, set $SPARROW_TOKEN or "
+        "add it to the credentials file)"
+    )
+
+
+async def test_without_a_token_the_cli_says_so_in_one_line(
+    api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPARROW_CREDENTIALS", str(tmp_path / "none.json"))
+    monkeypatch.setattr("sparrow.auth.credentials.SYSTEM_CREDENTIALS", tmp_path / "none-either.json")
+    code, out, err = await cli("volume", "create", "v", "--size", "1M", "--api", api_url)
+    assert (code, out) == (1, "")
+    assert one_line(err).startswith(
+        "sparrow: error: missing token (send Authorization: Bearer <token>) (no token found"
+    )
+
+
+def test_token_create_offline_takes_the_lock_and_prints_a_working_token(tmp_path: Path) -> None:
+    AuthorityStore.open_in(tmp_path).close()
+    code, out, err = run("token", "create", "--role", "admin", "--data-dir", str(tmp_path), "--json")
+    assert code == 0, err
+    made = json.loads(out)
+    with AuthorityStore.open_in(tmp_path) as store:
+        record = store.token(made["id"])
+    from sparrow.auth import tokens
+
+    assert record is not None and tokens.verify(record, tokens.parse(made["token"])[1]).role == "admin"
+    from store.lock import DataDirLock
+
+    lock = DataDirLock(tmp_path)
+    lock.acquire()
+    try:
+        code, out, err = run("token", "create", "--role", "admin", "--data-dir", str(tmp_path))
+        assert code == 1 and "stop the daemon first" in one_line(err)
+    finally:
+        lock.release()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sparrow.auth import tokens
 from sparrow.cluster import authority
 from sparrow.cluster.authority import (
     SCHEMA_VERSION,
@@ -19,6 +20,7 @@ from sparrow.cluster.authority import (
     InvalidAuthorityRecord,
     NodeAddresses,
     NotAnAuthorityDatabase,
+    UnknownToken,
     UnknownVolume,
     VolumeExists,
     VolumeRecord,
@@ -76,7 +78,7 @@ def test_open_creates_the_schema_in_wal_with_full_sync(store: AuthorityStore, pa
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     other = raw(path)
     tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"meta", "volumes", "nodes", "assignments"}
+    assert tables == {"meta", "volumes", "nodes", "assignments", "tokens"}
     assert other.execute("SELECT schema_version FROM meta").fetchall() == [(SCHEMA_VERSION,)]
     other.close()
 
@@ -110,13 +112,13 @@ V1_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / AUTHORITY
 def test_a_v1_store_is_refused_with_the_migrate_command_and_migrate_fixes_it(tmp_path: Path) -> None:
     path = tmp_path / AUTHORITY_FILE
     shutil.copyfile(V1_FIXTURE, path)
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     with pytest.raises(SchemaTooOld) as info:
         AuthorityStore.open(path)
-    assert (info.value.found, info.value.required) == (1, 2)
+    assert (info.value.found, info.value.required) == (1, 3)
     assert info.value.command == f"sparrow migrate {tmp_path}"
     assert str(info.value) == (
-        f"{path} has schema version 1; this Sparrow needs version 2: stop Sparrow and run "
+        f"{path} has schema version 1; this Sparrow needs version 3: stop Sparrow and run "
         f"`sparrow migrate {tmp_path}`"
     )
     report = migrate(tmp_path)
@@ -355,3 +357,46 @@ def test_the_schema_refuses_what_the_rules_forbid(
     conn.close()
     assert store.max_epoch(VOL_A) == Epoch.restore(1)
     assert len(store.volumes()) == 1
+
+
+# --- tokens (schema v3) ----------------------------------------------------------------------------
+
+
+def test_tokens_are_stored_as_hashes_listed_and_revoked(store: AuthorityStore, path: Path) -> None:
+    assert not store.has_tokens()
+    admin = tokens.mint("admin", name="bootstrap", created_at=100.0)
+    reader = tokens.mint("reader", tenant="team-a", created_at=101.0)
+    store.add_token(admin.record)
+    store.add_token(reader.record)
+    assert store.has_tokens()
+    assert store.token(admin.record.token_id) == admin.record
+    assert store.tokens() == (admin.record, reader.record)
+
+    revoked = store.revoke_token(reader.record.token_id, revoked_at=200.0)
+    assert revoked.revoked_at == 200.0
+    assert store.tokens() == (admin.record,)
+    assert store.tokens(include_revoked=True)[1] == revoked
+    with pytest.raises(tokens.Unauthorized):
+        tokens.verify(store.token(reader.record.token_id), tokens.parse(reader.plaintext)[1])
+    with pytest.raises(UnknownToken):
+        store.revoke_token(reader.record.token_id, revoked_at=201.0)  # once only
+    with pytest.raises(UnknownToken):
+        store.revoke_token("0" * 16, revoked_at=201.0)
+    assert store.has_tokens()  # revoked tokens count: the bootstrap happens once
+
+    # Never deleted, and never the plaintext: neither the secret nor the whole token is on disk.
+    with pytest.raises(sqlite3.IntegrityError, match="never removed"):
+        raw(path).execute("DELETE FROM tokens")
+    store.close()
+    for file in path.parent.iterdir():
+        data = file.read_bytes()
+        for new in (admin, reader):
+            assert new.plaintext.encode() not in data
+            assert tokens.parse(new.plaintext)[1].encode() not in data
+
+
+def test_a_token_id_is_never_reused(store: AuthorityStore) -> None:
+    new = tokens.mint("operator", created_at=1.0)
+    store.add_token(new.record)
+    with pytest.raises(InvalidAuthorityRecord):
+        store.add_token(new.record)

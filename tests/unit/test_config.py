@@ -288,3 +288,15 @@ def test_serve_makes_its_secret_once_and_reuses_it(tmp_path: Path) -> None:
     assert serve_secret(tmp_path, None) == first
     with pytest.raises(ConfigError, match="does not exist"):
         serve_secret(tmp_path, tmp_path / "missing.secret")
+def test_allowed_backing_prefixes_from_the_file_and_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "sparrow.toml"
+    path.write_text('allowed_backing_prefixes = ["/dev/disk/by-id/", "/srv//disks/../vm"]\n')
+    assert load_config(path).allowed_backing == ("/dev/disk/by-id", "/srv/vm")
+    assert load_config(path, Overrides(allow_backing=("/mnt",))).allowed_backing == ("/mnt",)
+    assert load_config(None).allowed_backing == ()  # none by default
+    with pytest.raises(ConfigError, match="must be an absolute path") as info:
+        load_config(None, Overrides(allow_backing=("disks",)))
+    assert info.value.usage
+    path.write_text('allowed_backing_prefixes = "/dev"\n')
+    with pytest.raises(ConfigError, match="must be a list"):
+        load_config(path)

@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from sparrow.auth import tokens
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
 from sparrow.httpjson import ApiError
 from sparrow.master.api import LocalNode, MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
+from sparrow.supervision import TaskSupervisor
+from store.backing import BackingPolicy
 from store.volumes import naa_from_uuid, serial_from_uuid
 
 MiB = 1 << 20
@@ -36,8 +39,14 @@ class Clock:
 
 
 class Master:
-    def __init__(self, data_dir: Path, local: LocalNode | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, local: LocalNode | None = None, supervisor: TaskSupervisor | None = None
+    ) -> None:
         self.store = AuthorityStore.open_in(data_dir)
+        admin = tokens.mint("admin", created_at=1.0)
+        self.store.add_token(admin.record)
+        #: The token :meth:`json` sends (None: none).
+        self.token: str | None = admin.plaintext
         self.clock = Clock()
         self.control: ControlLoop = restore(self.store, TIMING, self.clock())
         self.metrics = MasterMetrics()
@@ -48,6 +57,8 @@ class Master:
             clock=self.clock,
             wall_clock=lambda: 1_800_000_000.0,
             local=local,
+            backing_policy=BackingPolicy.of(["/dev"]),
+            supervisor=supervisor,
         )
         self.client: TestClient[Any, Any] = TestClient(TestServer(build_app(self.api)))
 
@@ -60,7 +71,8 @@ class Master:
         self.control.observations.record(Heartbeat(seq=seq, observations=obs), node_id, self.clock())
 
     async def json(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
-        resp = await self.client.request(method, path, json=body)
+        headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+        resp = await self.client.request(method, path, json=body, headers=headers)
         assert resp.status == status, await resp.text()
         return await resp.json() if resp.status != 204 else None
 
@@ -275,12 +287,13 @@ async def test_metrics_and_healthz(master: Master) -> None:
     assert 'sparrow_master_volumes{status="not_enough_nodes"} 1.0' in text
     assert "sparrow_master_epochs_published_total 1.0" in text
     assert "sparrow_master_heartbeats_received_total 3.0" in text
-    assert await master.json("GET", "/healthz") == {
-        "status": "ok",
-        "nodes": 1,
-        "nodes_alive": 1,
-        "volumes": 2,
-    }
+    health = await master.json("GET", "/healthz", status=503)  # neither volume is served
+    assert health["status"] == "unhealthy" and (health["nodes"], health["nodes_alive"]) == (1, 1)
+    assert health["volumes"] == 2 and health["tasks_failed"] == []
+    assert [(v["name"], v["reason"]) for v in health["volumes_not_served"]] == [
+        ("a", "primary n1 has not reported the volume yet"),
+        ("b", "no primary: not enough live nodes (have 1, need 2)"),
+    ]
 
 
 async def test_unknown_routes_are_json_errors(master: Master) -> None:

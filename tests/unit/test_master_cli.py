@@ -18,8 +18,11 @@ from sparrow.cli import build_parser, main
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Heartbeat, Hello
+from sparrow.config import HostPort
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.auth import bootstrap_admin
 from sparrow.master.control import ControlLoop, restore
+from store.backing import BackingPolicy
 
 MiB = 1 << 20
 
@@ -42,13 +45,19 @@ class Clock:
 
 
 @pytest.fixture
-async def master(tmp_path: Path) -> AsyncIterator[tuple[str, ControlLoop, Clock]]:
+async def master(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, ControlLoop, Clock]]:
     store = AuthorityStore.open_in(tmp_path)
     clock = Clock()
     control = restore(store, LeaseConfig(), clock())
     metrics = MasterMetrics()
-    server = TestServer(build_app(MasterApi(control=control, metrics=metrics, clock=clock)))
+    api = MasterApi(control=control, metrics=metrics, clock=clock, backing_policy=BackingPolicy.of(["/dev"]))
+    server = TestServer(build_app(api))
     await server.start_server()
+    monkeypatch.delenv("SPARROW_TOKEN", raising=False)
+    monkeypatch.setenv("SPARROW_CREDENTIALS", str(tmp_path / "credentials.json"))
+    bootstrap_admin(store, HostPort(server.host, server.port or 0))
     yield str(server.make_url("")).rstrip("/"), control, clock
     await server.close()
     store.close()
@@ -182,12 +191,19 @@ async def test_create_with_every_flag_and_resize_against_the_master(
     (first,) = control.step(clock()).published
     assert first.chap is not None and first.chap.mutual_secret == "target-secret-9"
 
+    # A volume on a backing is never resized (its file or device is never grown).
     code, out, err = await cli("volume", "resize", "vol1", "--size", "96MiB", "--wait", "0", "--api", url)
+    assert (code, out) == (1, "") and "is never resized" in err
+
+    code, out, err = await cli("volume", "create", "vol2", "--size", "64MiB", "--wait", "0", "--api", url)
     assert (code, err) == (0, "")
-    assert out == f"volume vol1 is now 96 MiB ({96 * MiB} bytes)\n"
-    (current,) = control.assignments_for("n1")
+    control.step(clock())
+    code, out, err = await cli("volume", "resize", "vol2", "--size", "96MiB", "--wait", "0", "--api", url)
+    assert (code, err) == (0, "")
+    assert out == f"volume vol2 is now 96 MiB ({96 * MiB} bytes)\n"
+    current = next(a for a in control.assignments_for("n1") if a.name == "vol2")
     assert (current.size, current.epoch) == (96 * MiB, 2)
-    code, out, err = await cli("volume", "resize", "vol1", "--size", "32MiB", "--api", url)
+    code, out, err = await cli("volume", "resize", "vol2", "--size", "32MiB", "--api", url)
     assert code == 1 and "only grow" in err
 
 

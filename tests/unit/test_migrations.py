@@ -34,6 +34,7 @@ from store.migrations import (
     Step,
     StepGraph,
     authority_v1_to_v2,
+    authority_v2_to_v3,
     default_graph,
     discover_steps,
     migrate,
@@ -252,7 +253,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 2),
+        "authority": ({}, 0, 3),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -588,7 +589,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 2)",
+        "authority: 1 at version 1 (latest version 3)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -690,11 +691,11 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 2)
-    assert applied.steps == ("authority_v1_to_v2",)
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 3)
+    assert applied.steps == ("authority_v1_to_v2", "authority_v2_to_v3")
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 2
+    assert db_version(data_dir) == 3
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -708,18 +709,59 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 2)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 3)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
+    assert db_version(data_dir) == 3
+
+
+AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
+
+
+def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
+    """A v2 database gains an empty tokens table; no row it held changes; the store opens it and
+    stores a token's hash only."""
+    from sparrow.auth import tokens
+    from sparrow.cluster.authority import AuthorityStore
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V2, data_dir / AUTHORITY_FILE)
     assert db_version(data_dir) == 2
+    queries = (*IDENTITY_QUERIES, "SELECT * FROM volumes ORDER BY 1")
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (2, 3, ("authority_v2_to_v3",))
+    assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
+    assert db_version(data_dir) == 3
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
+    assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
+    assert report.backup_dir is not None
+    assert rows(report.backup_dir / AUTHORITY_FILE, "SELECT schema_version FROM meta") == [(2,)]
+    with AuthorityStore.open_in(data_dir) as store:
+        assert not store.has_tokens()
+        new = tokens.mint("admin", created_at=1.0)
+        store.add_token(new.record)
+        assert store.token(new.record.token_id) == new.record
+    # A new database and a migrated one have the same schema.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
 
 
-def test_the_authority_step_is_registered() -> None:
-    (step,) = [s for s in default_graph().steps if s.kind == "authority"]
-    assert (step.name, step.from_version, step.to_version) == ("authority_v1_to_v2", 1, 2)
-    assert default_graph().head("authority") == 2
+def test_the_authority_steps_are_registered() -> None:
+    steps = sorted(
+        (s.name, s.from_version, s.to_version) for s in default_graph().steps if s.kind == "authority"
+    )
+    assert steps == [("authority_v1_to_v2", 1, 2), ("authority_v2_to_v3", 2, 3)]
+    assert default_graph().head("authority") == 3
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Assignment, DeletedVolume, DirectoryEntry, Role, VolumeChap
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
+from store.backing import BackingPolicy
 from store.metadata import RecordWriteError
 from store.volumes import VolumeManager, VolumeNotFound
 
@@ -330,6 +331,8 @@ def target_chap(node: Node) -> ChapConfig | None:
 async def test_a_volume_created_here_gets_the_assignments_settings(node: Node, tmp_path: Path) -> None:
     backing = tmp_path.parent / f"{tmp_path.name}-backing.img"
     backing.write_bytes(b"")
+    os.truncate(backing, SIZE)  # a backing file holds exactly the volume's size
+    node.manager.backing_policy = BackingPolicy.of([str(backing)])
     await node.ack(with_settings(assign(), chap=MUTUAL, physical_block_size=4096, backing=str(backing)))
     assert node.access() is ACTIVE
     meta = node.manager.get(NAME).meta
@@ -341,6 +344,26 @@ async def test_a_volume_created_here_gets_the_assignments_settings(node: Node, t
     )
     lu = node.registry.get(IQN)
     assert lu is not None and lu.lu._lbppbe == 3  # 8 logical blocks per physical block (SBC-3 5.16.2)
+
+
+async def test_a_node_refuses_a_backing_outside_its_own_allowed_prefixes(node: Node, tmp_path: Path) -> None:
+    """Whatever the master published, the node opens only what its operator allowed, and never
+    grows a backing file: the volume stays unexported and the file as it was."""
+    allowed = tmp_path.parent / f"{tmp_path.name}-allowed"
+    allowed.mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.img"
+    outside.write_bytes(b"\x33" * 4096)
+    (allowed / "link.img").symlink_to(outside)
+    small = allowed / "small.img"
+    small.write_bytes(b"\x44" * 4096)  # smaller than SIZE: would be grown on main
+    node.manager.backing_policy = BackingPolicy.of([str(allowed)])
+    for path in (outside, allowed / "link.img", small):
+        await node.ack(with_settings(assign(), backing=str(path)))
+        assert node.access() is None, path  # not exported
+        with pytest.raises(VolumeNotFound):
+            node.manager.get(NAME)
+    assert outside.read_bytes() == b"\x33" * 4096
+    assert small.read_bytes() == b"\x44" * 4096
 
 
 async def test_a_chap_change_re_registers_the_target_without_a_new_epoch(node: Node) -> None:

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from store.backing import BackingPolicy
 from store.blockstore import StoreError
 from store.metadata import read_record, write_record
 from store.volumes import (
     VOLUME_SCHEMA_VERSION,
+    BackingNotAllowed,
     ChapCredentials,
     InvalidVolume,
     VolumeExists,
@@ -188,6 +190,7 @@ async def test_recreate_after_delete_is_a_new_empty_volume(manager: VolumeManage
 
 
 async def test_backing_file_is_used_and_never_deleted(manager: VolumeManager, tmp_path: Path) -> None:
+    manager.backing_policy = BackingPolicy.of([str(tmp_path)])
     backing = tmp_path / "disk.raw"
     backing.write_bytes(b"\x77" * 4096)
     os.truncate(backing, 2 * MiB)
@@ -205,8 +208,79 @@ async def test_backing_file_is_used_and_never_deleted(manager: VolumeManager, tm
 
 
 async def test_missing_backing_is_invalid(manager: VolumeManager, tmp_path: Path) -> None:
+    manager.backing_policy = BackingPolicy.of([str(tmp_path)])
     with pytest.raises(InvalidVolume, match="No such file"):
         await manager.create("v", None, backing=str(tmp_path / "absent"))
+    assert not (tmp_path / "absent").exists()  # never created
+
+
+# --- backing paths: only under the allowed prefixes, never grown (issue 7, finding 1) ------------
+
+
+def backing_file(path: Path, size: int, fill: bytes = b"\x5a") -> bytes:
+    data = fill * size
+    path.write_bytes(data)
+    return data
+
+
+async def test_no_backing_is_allowed_by_default(manager: VolumeManager, tmp_path: Path) -> None:
+    data = backing_file(tmp_path / "disk.raw", MiB)
+    with pytest.raises(BackingNotAllowed, match="no backing path is allowed"):
+        await manager.create("v", MiB, backing=str(tmp_path / "disk.raw"))
+    with pytest.raises(BackingNotAllowed):
+        await manager.probe_backing(str(tmp_path / "disk.raw"), block_size=512, size=None)
+    assert (tmp_path / "disk.raw").read_bytes() == data and manager.list() == []
+
+
+async def test_a_backing_outside_the_prefixes_or_through_a_symlink_out_is_refused(
+    manager: VolumeManager, tmp_path: Path
+) -> None:
+    allowed, outside = tmp_path / "disks", tmp_path / "secret"
+    allowed.mkdir()
+    outside.mkdir()
+    data = backing_file(outside / "file", MiB)
+    (allowed / "link").symlink_to(outside / "file")
+    backing_file(tmp_path / "disks2", MiB)  # a sibling whose name merely starts with the prefix
+    manager.backing_policy = BackingPolicy.of([str(allowed)])
+    for path in (outside / "file", allowed / "link", allowed / ".." / "secret" / "file", tmp_path / "disks2"):
+        with pytest.raises(BackingNotAllowed, match="not under an allowed backing prefix"):
+            await manager.create("v", MiB, backing=str(path))
+    assert (outside / "file").read_bytes() == data and manager.list() == []
+
+
+async def test_a_backing_in_the_data_directory_is_refused(manager: VolumeManager, tmp_path: Path) -> None:
+    await manager.create("a", MiB)
+    manager.backing_policy = BackingPolicy.of([str(tmp_path)])
+    with pytest.raises(InvalidVolume, match="inside the data directory"):
+        await manager.create("b", MiB, backing=str(manager.data_dir / "volumes" / "a.img"))
+
+
+async def test_a_backing_file_of_another_size_is_refused_never_grown_or_cut(
+    manager: VolumeManager, tmp_path: Path
+) -> None:
+    manager.backing_policy = BackingPolicy.of([str(tmp_path)])
+    path = tmp_path / "disk.raw"
+    data = backing_file(path, MiB)
+    for size in (2 * MiB, MiB // 2):
+        with pytest.raises(InvalidVolume, match="needs exactly"):
+            await manager.create("v", size, backing=str(path))
+        with pytest.raises(InvalidVolume, match="needs exactly"):
+            await manager.probe_backing(str(path), block_size=512, size=size)
+    assert path.read_bytes() == data
+    vol = await manager.create("v", MiB, backing=str(path))  # exactly its size: fine
+    assert vol.meta.size == MiB and vol.meta.backing == str(path)
+    with pytest.raises(InvalidVolume, match="never grown"):
+        await manager.resize("v", 2 * MiB)
+    assert path.read_bytes() == data and vol.meta.size == MiB
+
+
+async def test_a_backing_that_is_not_a_file_or_device_is_refused(
+    manager: VolumeManager, tmp_path: Path
+) -> None:
+    manager.backing_policy = BackingPolicy.of([str(tmp_path)])
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(InvalidVolume, match="not a regular file or a block device"):
+        await manager.create("v", MiB, backing=str(tmp_path / "dir"))
 
 
 async def test_save_reservations_is_durable(manager: VolumeManager) -> None:
@@ -359,3 +433,21 @@ async def test_close_volume_keeps_the_data_and_open_volume_brings_it_back(manage
         await manager.open_volume("never-created")
     with pytest.raises(VolumeNotFound):
         await manager.close_volume("never-created")
+
+
+async def test_a_symlink_inside_the_prefix_is_recorded_as_given(
+    manager: VolumeManager, tmp_path: Path
+) -> None:
+    """A stable name (as /dev/disk/by-id/... is) stays the recorded backing; what it resolves to is
+    checked and opened."""
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    backing_file(disks / "sdb", MiB)
+    (disks / "by-id").mkdir()
+    (disks / "by-id" / "wwn-1").symlink_to(disks / "sdb")
+    manager.backing_policy = BackingPolicy.of([str(disks)])
+    vol = await manager.create("v", None, backing=str(disks / "by-id" / "wwn-1"))
+    assert vol.meta.backing == str(disks / "by-id" / "wwn-1") and vol.meta.size == MiB
+    m2, errors = await reopen(manager)
+    assert errors == [] and m2.get("v").meta.size == MiB
+    await m2.close()

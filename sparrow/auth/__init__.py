@@ -1,0 +1,2 @@
+"""API authentication: bearer tokens, roles and tenants (``tokens``), and where the CLI keeps them
+(``credentials``)."""

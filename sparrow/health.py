@@ -1,0 +1,114 @@
+"""What ``/healthz`` says, on the master (and ``sparrow serve``) and on a node: the truth.
+
+A daemon is **unhealthy** (HTTP 503) while any volume that should be served is not, or while a
+daemon task has failed (``sparrow.supervision``); the answer lists each reason. Otherwise it is
+``ok`` (200), or ``degraded`` (200) for what does not stop a volume from being served (e.g. a
+node that has lost its master but still holds a valid lease, or a local volume that failed to
+load and the authority does not know).
+
+Served, on the master (:func:`unserved_reason`, the one definition the API's ``served`` and
+``?wait`` use too): the volume's primary has reported the current epoch, as primary, converged
+and serving (health OK: a fenced primary reports DEGRADED), in a heartbeat the master still counts
+as alive. On a node (:func:`node_problems`): every volume the node holds as primary is open and
+serving (not fenced, not waiting for its first lease), and no volume's state is unreadable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from sparrow.cluster.messages import Health, Role, VolumeObservation
+from sparrow.supervision import TaskFailure
+
+if TYPE_CHECKING:
+    from sparrow.master.control import ControlLoop
+
+OK = "ok"
+DEGRADED = "degraded"
+UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeProblem:
+    """A volume that should be served and is not, and why."""
+
+    volume_id: str
+    name: str | None
+    reason: str
+
+    def json(self) -> dict[str, Any]:
+        return {"volume_id": self.volume_id, "name": self.name, "reason": self.reason}
+
+
+def unserved_reason(control: ControlLoop, volume_id: str, now: float) -> str | None:
+    """Why the volume is not served at its current epoch (None: it is; see the module docstring)."""
+    assignment = control.current(volume_id)
+    status = control.status(volume_id)
+    if assignment is None or assignment.primary is None or assignment.primary_portal is None:
+        if status is not None and status.reason:
+            return f"no primary: {status.reason}"
+        return "no primary: not placed yet"
+    primary = assignment.primary
+    observations = control.observations
+    if not observations.alive(primary, now):
+        return f"primary {primary} is not alive"
+    obs = observations.observation(primary, volume_id)
+    if obs is None:
+        return f"primary {primary} has not reported the volume yet"
+    if obs.epoch != assignment.epoch or obs.role is not Role.PRIMARY or not obs.converged:
+        return (
+            f"transitioning: primary {primary} reports epoch {obs.epoch} as {obs.role.value}"
+            f"{'' if obs.converged else ', not converged'} (published: epoch {assignment.epoch})"
+        )
+    if obs.health is not Health.OK:
+        return f"primary {primary} is fenced (health {obs.health.value})"
+    return None
+
+
+def master_problems(control: ControlLoop, now: float) -> list[VolumeProblem]:
+    """Every live volume the master knows that is not served, by name."""
+    problems = []
+    for volume in control.desired():
+        reason = unserved_reason(control, volume.volume_id, now)
+        if reason is not None:
+            problems.append(VolumeProblem(volume.volume_id, volume.name, reason))
+    return sorted(problems, key=lambda p: (p.name or "", p.volume_id))
+
+
+def node_problems(observations: Iterable[VolumeObservation], names: Mapping[str, str]) -> list[VolumeProblem]:
+    """The volumes a node holds as primary and does not serve, and those whose state it cannot
+    read (``observations``: what its next heartbeat reports; ``names``: exported volumes' names)."""
+    problems = []
+    for obs in observations:
+        name = names.get(obs.volume_id)
+        if obs.health is Health.FAILED:
+            problems.append(VolumeProblem(obs.volume_id, name, "its cluster state cannot be read"))
+        elif obs.role is Role.PRIMARY and obs.health is not Health.OK:
+            what = "fenced (no valid lease)" if obs.health is Health.DEGRADED else "not open"
+            problems.append(VolumeProblem(obs.volume_id, name, f"primary {what}"))
+        elif obs.role is Role.PRIMARY and not obs.converged:
+            problems.append(VolumeProblem(obs.volume_id, name, "primary transitioning"))
+    return problems
+
+
+def summary(
+    problems: Sequence[VolumeProblem], failures: Sequence[TaskFailure], *, degraded: bool = False
+) -> dict[str, Any]:
+    """``status``, ``reasons``, ``volumes_not_served`` and ``tasks_failed`` of a health answer."""
+    reasons = [f"volume {p.name or p.volume_id}: {p.reason}" for p in problems]
+    reasons += [f"task {f.task} failed: {f.error}" for f in failures]
+    return {
+        "status": UNHEALTHY if reasons else DEGRADED if degraded else OK,
+        "reasons": reasons,
+        "volumes_not_served": [p.json() for p in problems],
+        "tasks_failed": [f.json() for f in failures],
+    }
+
+
+def health_response(body: dict[str, Any]) -> web.Response:
+    """``body`` (with a :func:`summary`) as JSON: 503 when it is unhealthy, else 200."""
+    return web.json_response(body, status=503 if body["status"] == UNHEALTHY else 200)

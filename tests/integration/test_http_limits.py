@@ -1,0 +1,188 @@
+"""Bounded HTTP resources (issue 7, finding 5; sparrow.httplimits) on a real `sparrow serve`.
+
+Every limit is set low in a TOML config so that the tests take seconds; the daemon applies the
+same code to the master's and the node's listeners (sparrow.lifecycle.start_http).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cluster import metric
+from tests.integration.daemon import Daemon
+from tests.integration.process import admin_token, bearer
+
+pytestmark = pytest.mark.integration
+
+HEADER_TIMEOUT = 2.0
+BODY_TIMEOUT = 1.0
+IDLE_TIMEOUT = 3.0
+MAX_CONNECTIONS = 230
+#: Scheduling slack on a loaded 2-CPU machine.
+SLACK = 1.5
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[Daemon]:
+    config = tmp_path / "sparrow.toml"
+    config.write_text(
+        "[http]\n"
+        f"header_timeout = {HEADER_TIMEOUT}\n"
+        f"body_timeout = {BODY_TIMEOUT}\n"
+        f"idle_timeout = {IDLE_TIMEOUT}\n"
+        f"max_connections = {MAX_CONNECTIONS}\n"
+    )
+    d = Daemon(tmp_path / "data", extra_args=("--config", str(config)))
+    d.start()
+    yield d
+    assert d.stop() == 0, d.log_tail()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the peer has closed ``sock`` (readable now, with EOF or a reset)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _closed_total(daemon: Daemon, reason: str) -> float | None:
+    status, body = daemon.get("/metrics")
+    assert status == 200
+    return metric(body.decode(), f'sparrow_http_connections_closed_total{{reason="{reason}"}}')
+
+
+def test_slow_headers_are_closed_after_the_header_timeout_and_others_are_served(limited: Daemon) -> None:
+    """200 connections send a request head a byte a second: each is closed within the header
+    timeout, and a normal request succeeds meanwhile."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 64
+    socks: dict[socket.socket, float] = {}
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", limited.http_port), timeout=5)
+        socks[s] = time.monotonic()
+    open_socks = dict(socks)
+    closed_after: list[float] = []
+    sent = 0
+    served = None
+    deadline = time.monotonic() + HEADER_TIMEOUT + SLACK + 2.0
+    next_byte = time.monotonic()
+    try:
+        while open_socks and time.monotonic() < deadline:  # bounded: at most a few seconds
+            now = time.monotonic()
+            if now >= next_byte and sent < len(head):
+                for s in list(open_socks):
+                    with contextlib.suppress(OSError):  # closed under us: found below
+                        s.send(head[sent : sent + 1])
+                sent += 1
+                next_byte = now + 1.0
+            if served is None and sent >= 2:  # the slow clients are all connected and sending
+                status, body = limited.get("/healthz")
+                served = (status, json.loads(body))
+            readable, _, _ = select.select(list(open_socks), [], [], max(0.0, min(0.1, next_byte - now)))
+            for s in readable:
+                if _closed_by_peer(s):
+                    closed_after.append(time.monotonic() - open_socks.pop(s))
+        assert not open_socks, f"{len(open_socks)} slow connections still open after the header timeout"
+        assert served is not None and served[0] == 200 and served[1]["status"] == "ok", served
+        assert sent < len(head), "the head was sent whole: the test proves nothing"
+        assert len(closed_after) == 200
+        assert max(closed_after) <= HEADER_TIMEOUT + SLACK, max(closed_after)
+        assert min(closed_after) >= HEADER_TIMEOUT - 0.1, min(closed_after)
+    finally:
+        for s in socks:
+            s.close()
+    assert _closed_total(limited, "header_timeout") == 200.0
+
+
+def test_connections_over_the_cap_are_closed_at_once_and_counted(limited: Daemon) -> None:
+    address = ("127.0.0.1", limited.http_port)
+    started = time.monotonic()
+    held = [socket.create_connection(address, timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        extra = [socket.create_connection(address, timeout=5) for _ in range(10)]
+        try:
+            for s in extra:
+                s.settimeout(HEADER_TIMEOUT / 2)  # closed long before any timeout could have done it
+                with contextlib.suppress(ConnectionResetError):
+                    assert s.recv(1) == b""
+        finally:
+            for s in extra:
+                s.close()
+        assert time.monotonic() - started < HEADER_TIMEOUT, "too slow to tell the cap from the timeout"
+        closed = [i for i, s in enumerate(held) if _closed_by_peer(s)]
+        assert closed == [], (closed, limited.log_tail())  # the ones under the cap are still open
+    finally:
+        for s in held:
+            s.close()
+    assert _closed_total(limited, "too_many_connections") == 10.0
+    status, _ = limited.get("/healthz")  # room again once they are gone
+    assert status == 200
+
+
+def test_a_slow_body_is_answered_408_and_closed(limited: Daemon) -> None:
+    # With a valid token: a request without one is refused (401) before its body is read.
+    token = admin_token(limited.root, limited.api).encode()
+    with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/volumes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + token + b"\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"name": "slow",'
+        )
+        started = time.monotonic()
+        answer = b""
+        while chunk := s.recv(65536):  # until the daemon closes the connection
+            answer += chunk
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"request body not received within 1 s" in answer, answer
+    assert elapsed >= BODY_TIMEOUT - 0.1, elapsed
+    assert _closed_total(limited, "body_timeout") == 1.0
+    assert json.loads(limited.get("/v1/volumes")[1]) == {"volumes": []}  # nothing was created
+
+
+def test_an_idle_kept_alive_connection_is_closed(limited: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", limited.http_port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        answered = time.monotonic()
+        s.settimeout(IDLE_TIMEOUT + 5)
+        assert s.recv(1) == b""  # closed by the daemon, not by this timeout
+        idle = time.monotonic() - answered
+    assert IDLE_TIMEOUT - 0.1 <= idle <= IDLE_TIMEOUT + SLACK, idle
+
+
+def test_a_whole_body_in_time_still_gets_its_answers(limited: Daemon) -> None:
+    """What held before stays: a body that arrives in time is read once; too large is a JSON 413."""
+    import urllib.error
+    import urllib.request
+
+    def post(body: bytes) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(
+            limited.api + "/v1/volumes",
+            data=body,
+            headers={"Content-Type": "application/json", **bearer(limited.root, limited.api)},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return int(resp.status), json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return int(e.code), json.loads(e.read())
+
+    assert post(b"x" * (1 << 20)) == (413, {"error": "request body too large"})
+    assert post(b"{") == (400, {"error": "request body is not valid JSON"})
+    status, created = post(b'{"name": "ok", "size": "8MiB"}')
+    assert status == 201 and created["name"] == "ok", created
