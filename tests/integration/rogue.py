@@ -13,6 +13,8 @@ import socket
 import time
 from pathlib import Path
 
+import msgpack
+
 from sparrow.cluster.channel import (
     Channel,
     ChannelError,
@@ -24,7 +26,7 @@ from sparrow.cluster.channel import (
     generate_cluster_secret,
     load_cluster_secret,
 )
-from sparrow.cluster.heartbeat import FrameDecoder, encode
+from sparrow.cluster.heartbeat import HEADER, FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message, VolumeObservation
 
 SECRET_NAME = "cluster.secret"
@@ -133,6 +135,17 @@ class NodeLink:
 
 def hello(node_id: str, incarnation: int, *, portal: str = "127.0.0.1:3261", free: int = 1 << 32) -> Hello:
     return Hello(node_id, incarnation, portal, "127.0.0.1:7001", "127.0.0.1:8081", max(free, 1 << 40), free)
+
+
+def raw_hello(node_id: str, **fields: int) -> bytes:
+    """A Hello frame with any numbers (the Hello dataclass refuses out-of-range ones)."""
+    body = {
+        "t": "hello", "v": 1, "node_id": node_id, "incarnation": 1, "iscsi_portal": "127.0.0.1:3261",
+        "replication": "127.0.0.1:7001", "http": "127.0.0.1:8081", "capacity_bytes": 1 << 40,
+        "free_bytes": 1 << 40, **fields,
+    }  # fmt: skip
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
 
 
 def accept_channel(conn: socket.socket, secret: ClusterSecret) -> tuple[Channel, bytes]:

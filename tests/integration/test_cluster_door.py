@@ -14,15 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from sparrow.cluster.channel import CLIENT_HELLO, ChannelError
-from sparrow.cluster.heartbeat import HEADER
 from sparrow.cluster.messages import Ack, Health, Heartbeat, ReplicaState, Role, SyncState, VolumeObservation
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
-from tests.integration.rogue import Closed, NodeLink, hello, other_secret, secret_file, secret_of
+from tests.integration.rogue import Closed, NodeLink, hello, other_secret, raw_hello, secret_file, secret_of
 from tests.tools import free_port, wait_for
 
 #: The master's handshake and frame timeouts (sparrow.cluster.channel defaults), plus slack.
@@ -40,17 +38,6 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 def node_ids(cluster: Cluster) -> dict[str, dict[str, object]]:
     return {n["node_id"]: n for n in cluster.master.get_json("/v1/nodes")["nodes"]}
-
-
-def raw_hello(node_id: str, **fields: int) -> bytes:
-    """A Hello frame with any numbers (the Hello dataclass refuses out-of-range ones)."""
-    body = {
-        "t": "hello", "v": 1, "node_id": node_id, "incarnation": 1, "iscsi_portal": "127.0.0.1:3261",
-        "replication": "127.0.0.1:7001", "http": "127.0.0.1:8081", "capacity_bytes": 1 << 40,
-        "free_bytes": 1 << 40, **fields,
-    }  # fmt: skip
-    payload: bytes = msgpack.packb(body, use_bin_type=True)
-    return HEADER.pack(len(payload)) + payload
 
 
 @pytest.fixture
