@@ -370,6 +370,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             heartbeat_interval=args.heartbeat_interval,
             log_format=args.log_format,
             log_level=args.log_level,
+            cluster_secret_file=args.cluster_secret_file,
             allow_backing=tuple(args.allow_backing or ()),
         )
     except ConfigError as e:
@@ -526,6 +527,12 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         )
     except ValueError as e:
         raise UsageError(f"sparrow master: error: {e}") from None
+    from sparrow.clustersecret import secret_from_flag
+
+    try:
+        secret = secret_from_flag(args.cluster_secret_file)
+    except ConfigError as e:
+        raise UsageError(f"sparrow master: error: {e}") from None
     try:
         allowed_backing = BackingPolicy.of(args.allow_backing or ()).prefixes
     except ValueError as e:
@@ -536,6 +543,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         http=http_addr,
         timing=timing,
         base_iqn=args.base_iqn or DEFAULT_BASE_IQN,
+        cluster_secret=secret,
         allowed_backing=allowed_backing,
     )
 
@@ -543,6 +551,26 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
 
     configure_logging(LogFormat(args.log_format or "auto"), args.log_level or "info")
     return run(config)
+
+
+def cmd_secret_generate(args: argparse.Namespace, out: TextIO) -> int:
+    """``sparrow secret generate PATH``: a fresh cluster secret, 0600, never over an existing file."""
+    from pathlib import Path
+
+    from sparrow.cluster.channel import generate_cluster_secret
+
+    path = Path(args.path).expanduser()
+    try:
+        generate_cluster_secret(path)
+    except FileExistsError:
+        raise CliError(f"sparrow secret generate: error: {path} exists; not overwritten") from None
+    except OSError as e:
+        raise CliError(f"sparrow secret generate: error: cannot write {path}: {e.strerror or e}") from None
+    print(
+        f"wrote a new cluster secret to {path} (mode 0600); give the same file to the master and every node",
+        file=out,
+    )
+    return 0
 
 
 def _add_cluster_commands(commands: Any) -> None:
@@ -587,12 +615,29 @@ def _add_cluster_commands(commands: Any) -> None:
     )
     master.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     master.add_argument(
+        "--cluster-secret-file",
+        metavar="PATH",
+        help="the cluster secret every node must prove it holds (make one: sparrow secret generate PATH)",
+    )
+    master.add_argument(
         "--allow-backing",
         metavar="PREFIX",
         action="append",
         help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
     )
     master.set_defaults(func=cmd_master)
+
+    secret = commands.add_parser(
+        "secret",
+        help="the cluster secret",
+        description="The cluster secret that authenticates the master and its nodes to each other.",
+    )
+    secret_commands = secret.add_subparsers(dest="secret_command", required=True, metavar="COMMAND")
+    generate = secret_commands.add_parser(
+        "generate", help="write a fresh cluster secret to PATH (mode 0600; never overwrites)"
+    )
+    generate.add_argument("path", metavar="PATH")
+    generate.set_defaults(func=cmd_secret_generate)
 
     node = commands.choices.get("node")
     if node is None:
@@ -746,6 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    node.add_argument(
+        "--cluster-secret-file", metavar="PATH", help="the cluster secret, the same file as the master's"
+    )
     node.add_argument(
         "--allow-backing",
         metavar="PREFIX",

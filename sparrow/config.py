@@ -4,6 +4,7 @@ File layout (every key optional; see docs/sparrow.example.toml)::
 
     data_dir = "/var/lib/sparrow"
     base_iqn = "iqn.2026-11.io.sparrow"
+    cluster_secret_file = "/etc/sparrow/cluster.secret"   # default: DATA_DIR/cluster.secret, made 0600
 
     [iscsi]
     listen = "0.0.0.0:3260"
@@ -124,6 +125,8 @@ class Config:
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
     demo_volume: DemoVolume | None = None
+    #: The cluster secret file (None: ``DATA_DIR/cluster.secret``, made on first start).
+    cluster_secret_file: Path | None = None
     #: Where a volume's ``backing`` may point (store.backing); empty: no backing is allowed.
     allowed_backing: tuple[str, ...] = ()
     http_limits: HttpLimits = field(default_factory=HttpLimits)
@@ -387,6 +390,12 @@ def load_config(
             raise fail(f"{src}: demo_volume.size: {e}", False) from None
         kwargs["demo_volume"] = DemoVolume(values["demo_volume.name"], size)
 
+    secret_file = from_file("cluster_secret_file")
+    if secret_file is not None:
+        if not secret_file[0]:
+            raise fail(f"{secret_file[1]}: must not be empty", False)
+        kwargs["cluster_secret_file"] = Path(secret_file[0]).expanduser()
+
     return Config(**kwargs)
 
 
@@ -396,6 +405,7 @@ def load_config(
 _SCHEMA: dict[str, Any] = {
     "data_dir": str,
     "base_iqn": str,
+    "cluster_secret_file": str,
     "allowed_backing_prefixes": list,
     "iscsi": {
         "listen": str,

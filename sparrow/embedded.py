@@ -37,9 +37,11 @@ from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, VolumeRecord
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import InvalidMessage, VolumeChap
-from sparrow.config import Config, HostPort
+from sparrow.clustersecret import serve_secret
+from sparrow.config import Config, ConfigError, HostPort
 from sparrow.httpjson import ApiError
 from sparrow.lifecycle import (
+    StartupError,
     StopSignals,
     begin_shutdown,
     bound_address,
@@ -176,6 +178,10 @@ async def serve(config: Config) -> int:
         lock = lock_data_dir(config.data_dir)
         cleanup.callback(lock.release)
 
+        try:
+            secret = serve_secret(config.data_dir, config.cluster_secret_file)
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
         metrics = PrometheusMetrics()
         supervisor = TaskSupervisor(metrics.registry)  # one for the master and the node
         supervisor.install(asyncio.get_running_loop())
@@ -185,6 +191,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             timing=TIMING,
             base_iqn=config.base_iqn,
+            cluster_secret=secret,
             allowed_backing=config.allowed_backing,
         )
         master = await start_master(
@@ -198,6 +205,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             base_iqn=config.base_iqn,
             heartbeat_interval=TIMING.heartbeat_interval,
+            cluster_secret=secret,
             allowed_backing=config.allowed_backing,
         )
         node = await start_node(
@@ -232,6 +240,7 @@ async def serve(config: Config) -> int:
                 "listening",
                 iscsi=str(node.iscsi_portal),
                 http=str(http_bound),
+                heartbeats=str(master.listen),
                 portals=[str(p) for p in node.portals],
                 volumes=len(records),
                 offline=len(node.offline),

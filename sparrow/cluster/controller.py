@@ -301,14 +301,23 @@ class TopologyController:
 
         A replica is eligible only if it is alive; its own observation says role REPLICA, the
         assignment's epoch, health OK and a ``write_position`` at least the primary's last observed
-        one; and the primary's last observation, at the same epoch, listed it IN_SYNC. Best is the
-        highest write position, then the order of ``assignment.replicas``.
+        one; and the primary's last observation, at the same epoch, listed it IN_SYNC. Only the
+        nodes ``assignment.replicas`` names are considered, and the primary's observation counts
+        only if it comes from the incarnation that first served the volume as primary at this epoch
+        (``ObservationStore.primary_claim``): a later incarnation under the primary's id (a
+        restart, or a forged Hello) cannot vouch for replicas it never fed; there is then no
+        eligible replica. Best is the highest
+        write position, then the order of ``assignment.replicas``.
         """
         primary = assignment.primary
         if primary is None:
             return ()
         primary_obs = observations.observation(primary, assignment.volume_id)
         if primary_obs is None or primary_obs.epoch != assignment.epoch:
+            return ()
+        hello = observations.hello(primary)
+        claim = observations.primary_claim(primary, assignment.volume_id)
+        if hello is None or claim != (hello.incarnation, assignment.epoch):
             return ()
         in_sync = {r.node_id for r in primary_obs.replica_states if r.state is SyncState.IN_SYNC}
         ranked: list[tuple[int, int, str]] = []

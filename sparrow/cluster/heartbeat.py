@@ -23,8 +23,8 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
 - ``ack`` v3 adds to each assignment its export settings: ``physical_block_size`` (int or nil),
   ``chap`` (nil or ``{user, secret, mutual_user, mutual_secret}``) and ``backing`` (str or nil).
   Assignments of a v1/v2 Ack decode with all three None; a v1/v2 assignment carrying one of them
-  is rejected (BAD_FIELD). CHAP secrets travel in clear: the heartbeat transport must stay on a
-  trusted network (loopback in the embedded ``sparrow serve``).
+  is rejected (BAD_FIELD). The frames travel inside the cluster channel
+  (``sparrow.cluster.channel``), which encrypts them, CHAP secrets included.
 - ``ack`` v4 adds ``deleted`` (an array of ``{volume_id, name}``: tombstones for volumes the node
   reported and the master has deleted); an older Ack decodes with ``deleted=()``, and one carrying
   a ``deleted`` field is rejected (BAD_FIELD).

@@ -36,8 +36,17 @@ BLOCK_SIZES = (512, 4096)
 #: The longest CHAP name or secret, and the longest backing path, an Assignment may carry (the
 #: codec's ``MAX_STR_LEN`` is 1024; RFC 7143 12.1.3 leaves CHAP lengths to the implementation).
 MAX_SETTING_LEN = 1024
-#: The largest int msgpack carries unsigned (all our ints are non-negative).
-MAX_UINT = 2**64 - 1
+#: The largest counter (seq, epoch, incarnation): it must fit SQLite's signed 64-bit INTEGER.
+MAX_UINT = 2**63 - 1
+#: The largest byte count (capacity, free space, sizes, write positions): 4 EiB, far beyond any
+#: disk and leaving room for sums in a signed 64-bit integer.
+MAX_BYTES = 2**62
+#: The most volumes one message may list (observations, assignments, directory, tombstones).
+MAX_VOLUMES = 16384
+#: The most copies a volume may list (replicas, replica states).
+MAX_COPIES = 8
+#: The longest lease a master may grant (seconds).
+MAX_LEASE_SECONDS = 3600.0
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -107,13 +116,24 @@ def check_volume_name(field: str, value: object) -> str:
     return value
 
 
-def check_uint(field: str, value: object, *, minimum: int = 0) -> int:
-    """An int in ``[minimum, 2**64 - 1]``; ``bool`` is not an int here."""
+def check_uint(field: str, value: object, *, minimum: int = 0, maximum: int = MAX_UINT) -> int:
+    """An int in ``[minimum, maximum]`` (default ``2**63 - 1``); ``bool`` is not an int here."""
     if type(value) is not int:
         raise InvalidMessage(field, f"expected an int, got {type(value).__name__}")
-    if value < minimum or value > MAX_UINT:
-        raise InvalidMessage(field, f"{value} is out of range [{minimum}, 2**64-1]")
+    if value < minimum or value > maximum:
+        raise InvalidMessage(field, f"{value} is out of range [{minimum}, {maximum}]")
     return value
+
+
+def check_bytes(field: str, value: object, *, minimum: int = 0) -> int:
+    """A byte count in ``[minimum, MAX_BYTES]``."""
+    return check_uint(field, value, minimum=minimum, maximum=MAX_BYTES)
+
+
+def check_count(field: str, items: tuple[object, ...], maximum: int) -> None:
+    """A list of at most ``maximum`` items."""
+    if len(items) > maximum:
+        raise InvalidMessage(field, f"{len(items)} items, at most {maximum} allowed")
 
 
 def check_bool(field: str, value: object) -> bool:
@@ -211,8 +231,8 @@ class Hello:
         check_portal("iscsi_portal", self.iscsi_portal)
         check_portal("replication", self.replication)
         check_portal("http", self.http)
-        check_uint("capacity_bytes", self.capacity_bytes)
-        check_uint("free_bytes", self.free_bytes)
+        check_bytes("capacity_bytes", self.capacity_bytes)
+        check_bytes("free_bytes", self.free_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +246,7 @@ class ReplicaState:
     def __post_init__(self) -> None:
         check_node_id("node_id", self.node_id)
         _check_enum("state", self.state, SyncState)
-        check_uint("write_position", self.write_position)
+        check_bytes("write_position", self.write_position)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +269,9 @@ class VolumeObservation:
         check_uint("epoch", self.epoch)
         _check_enum("role", self.role, Role)
         _check_enum("health", self.health, Health)
-        check_uint("write_position", self.write_position)
+        check_bytes("write_position", self.write_position)
         replicas = _check_records("replica_states", self.replica_states, ReplicaState)
+        check_count("replica_states", replicas, MAX_COPIES)
         if len({r.node_id for r in replicas}) != len(replicas):
             raise InvalidMessage("replica_states", "a node appears twice")
         check_bool("converged", self.converged)
@@ -273,6 +294,7 @@ class Heartbeat:
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
         observations = _check_records("observations", self.observations, VolumeObservation)
+        check_count("observations", observations, MAX_VOLUMES)
         if len({o.volume_id for o in observations}) != len(observations):
             raise InvalidMessage("observations", "a volume appears twice")
 
@@ -290,7 +312,7 @@ def _check_text(field_name: str, value: object) -> str:
 class VolumeChap:
     """CHAP for one volume's target (RFC 7143 12.1.3): the initiator proves ``user``/``secret``;
     with mutual CHAP the target proves ``mutual_user``/``mutual_secret`` back. Secrets travel on
-    the heartbeat connection, which therefore must stay on a trusted network (docs/cluster.md).
+    the heartbeat connection, sealed by the cluster channel (docs/cluster.md).
     The secrets are left out of ``repr`` so that logging an Assignment never prints them."""
 
     user: str
@@ -356,12 +378,13 @@ class Assignment:
             not _check_text("backing", self.backing).startswith("/") or "\0" in self.backing
         ):
             raise InvalidMessage("backing", f"must be an absolute path, not {self.backing!r}")
-        size = check_uint("size", self.size, minimum=1)
+        size = check_bytes("size", self.size, minimum=1)
         if size % self.block_size:
             raise InvalidMessage("size", f"{size} is not a multiple of the block size {self.block_size}")
         check_uint("epoch", self.epoch)
         if not isinstance(self.replicas, tuple):
             raise InvalidMessage("replicas", "expected a tuple of node ids")
+        check_count("replicas", self.replicas, MAX_COPIES)
         for index, node in enumerate(self.replicas):
             check_node_id(f"replicas[{index}]", node)
         if len(set(self.replicas)) != len(self.replicas):
@@ -444,13 +467,18 @@ class Ack:
         check_uint("seq", self.seq)
         # Normalise an int to a float so equality and the wire form do not depend on the caller.
         object.__setattr__(self, "lease_seconds", check_seconds("lease_seconds", self.lease_seconds))
+        if self.lease_seconds > MAX_LEASE_SECONDS:
+            raise InvalidMessage("lease_seconds", f"{self.lease_seconds} exceeds {MAX_LEASE_SECONDS}")
         assignments = _check_records("assignments", self.assignments, Assignment)
+        check_count("assignments", assignments, MAX_VOLUMES)
         if len({a.volume_id for a in assignments}) != len(assignments):
             raise InvalidMessage("assignments", "a volume appears twice")
         directory = _check_records("directory", self.directory, DirectoryEntry)
+        check_count("directory", directory, MAX_VOLUMES)
         if len({e.volume_id for e in directory}) != len(directory):
             raise InvalidMessage("directory", "a volume appears twice")
         deleted = _check_records("deleted", self.deleted, DeletedVolume)
+        check_count("deleted", deleted, MAX_VOLUMES)
         if len({d.volume_id for d in deleted}) != len(deleted):
             raise InvalidMessage("deleted", "a volume appears twice")
         live = {a.volume_id for a in assignments} | {e.volume_id for e in directory}

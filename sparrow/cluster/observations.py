@@ -17,6 +17,12 @@ Rules:
 - Two live nodes claiming PRIMARY for one volume is reported as a :class:`Conflict`; the store
   only reports, the published assignment settles it.
 - Heartbeats are observations, never authority (docs/cluster.md, "Messages").
+- A node's *claim* on a volume (:meth:`ObservationStore.primary_claim`) is the (incarnation,
+  epoch) of the first incarnation of that node that reported the volume as PRIMARY at the highest
+  epoch it reported. Claims outlive a new incarnation (a restart, or someone else using the id),
+  which cannot take them over at the same epoch: the controller trusts a primary's report of its
+  replicas only from the claiming incarnation (docs/cluster.md, "Failover"). A claim is dropped
+  when a heartbeat of the node no longer reports the volume.
 
 Before the master has been up for ``dead_after`` seconds, a node it has not heard from yet may
 simply not have reconnected: :meth:`ObservationStore.dead` does not call such a node dead until
@@ -105,6 +111,8 @@ class ObservationStore:
         self.dead_after = float(dead_after)
         self.started_at = None if started_at is None else _check_now(started_at)
         self._nodes: dict[str, _NodeRecord] = {}
+        #: Per node: volume id -> (incarnation, epoch) of its claim.
+        self._claims: dict[str, dict[str, tuple[int, int]]] = {}
 
     # -- feeding ----------------------------------------------------------------------------------
 
@@ -133,6 +141,15 @@ class ObservationStore:
                 raise ObservationError(f"Heartbeat from {node_id!r} before any Hello")
             volumes = {obs.volume_id: obs for obs in message.observations}
             self._nodes[node_id] = _NodeRecord(record.hello, record.hello_at, message, now, volumes)
+            old = self._claims.get(node_id, {})
+            claims: dict[str, tuple[int, int]] = {}
+            for obs in message.observations:
+                claim = old.get(obs.volume_id)
+                if obs.role is Role.PRIMARY and (claim is None or claim[1] < obs.epoch):
+                    claim = (record.hello.incarnation, obs.epoch)
+                if claim is not None:
+                    claims[obs.volume_id] = claim
+            self._claims[node_id] = claims
             return
         raise TypeError(f"cannot record a {type(message).__name__}")
 
@@ -176,6 +193,10 @@ class ObservationStore:
         """The last Heartbeat from the node's current incarnation."""
         record = self._nodes.get(node_id)
         return None if record is None else record.heartbeat
+
+    def primary_claim(self, node_id: str, volume_id: str) -> tuple[int, int] | None:
+        """(incarnation, epoch) of ``node_id``'s claim on ``volume_id`` (see the module docstring)."""
+        return self._claims.get(node_id, {}).get(volume_id)
 
     def observation(self, node_id: str, volume_id: str) -> VolumeObservation | None:
         """What ``node_id`` last reported for ``volume_id`` (also when the node is now dead)."""

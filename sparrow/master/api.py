@@ -146,6 +146,13 @@ class MasterMetrics:
             ["code"],
             registry=self.registry,
         )
+        self.refused_connections = Counter(
+            "sparrow_master_refused_connections",
+            "Heartbeat connections refused: failed authentication, handshake cap or timeout, or a "
+            "node id alive under another incarnation",
+            ["reason"],
+            registry=self.registry,
+        )
         self._collector = _StateCollector()
         self.registry.register(self._collector)
 

@@ -13,6 +13,13 @@ from a decision: the new size and the volume's next epoch (same primary, same re
 committed together by ``Publisher.resize``, so no Ack ever carries a new size under an epoch the
 node already accepted (it would refuse it and fence); the node grows its store on the new epoch.
 
+A primary that says hello from a new portal (a restart with another ``--iscsi``, or a second
+process under its id) changes the portal the authority derives for the *same* epoch; nodes that
+accepted that epoch refuse a same-epoch assignment that differs. So the loop keeps sending the
+assignment as published, and once the primary heartbeats from there republishes the same
+placement under the next epoch (reason "primary portal moved"); the nodes accept the new epoch and
+the new portal.
+
 The latest :class:`~sparrow.cluster.controller.Decision`'s status per volume is kept for the API,
 and the current assignments are kept in memory for the heartbeat server's Acks
 (:meth:`ControlLoop.assignments_for`).
@@ -115,6 +122,8 @@ class ControlLoop:
         #: Every deleted volume's name by id (from the authority at restore, then each delete): the
         #: tombstones sent to a node that still reports a copy (``tombstones_for``).
         self._tombstones: dict[str, str] = {}
+        #: Volumes whose primary's portal changed under a published epoch: republished next step.
+        self._moved: dict[str, AssignmentAsk] = {}
         self.steps = 0
 
     # -- phases -----------------------------------------------------------------------------------
@@ -128,16 +137,28 @@ class ControlLoop:
         after a restart) counts as published at ``now``."""
         self._volumes = {v.volume_id: v for v in snapshot.volumes if v.volume_id not in self._deleted}
         current: dict[str, PublishedAssignment] = {}
+        moved: dict[str, AssignmentAsk] = {}
         for volume_id, assignment in snapshot.assignments.items():
             if volume_id not in self._volumes:
                 continue
             known = self._current.get(volume_id)
             if known is not None and known.assignment.epoch == assignment.epoch:
                 published_at = known.published_at
+                old, new = known.assignment.primary_portal, assignment.primary_portal
+                if assignment.primary is not None and old != new:
+                    # Keep sending the epoch as the nodes accepted it; a new epoch carries the move.
+                    moved[volume_id] = AssignmentAsk(
+                        volume_id,
+                        assignment.primary,
+                        assignment.replicas,
+                        f"primary portal moved: {assignment.primary} from {old} to {new}",
+                    )
+                    assignment = known.assignment
             else:
                 published_at = now
             current[volume_id] = PublishedAssignment(assignment, published_at)
         self._current = current
+        self._moved = moved
         self._status = {k: v for k, v in self._status.items() if k in self._volumes}
 
     def desired(self) -> tuple[DesiredVolume, ...]:
@@ -155,6 +176,12 @@ class ControlLoop:
         self._status = dict(decision.status)
         self.steps += 1
         to_publish = tuple(ask for ask in decision.asks if differs(ask, self.current(ask.volume_id)))
+        asked = {ask.volume_id for ask in decision.asks}
+        to_publish += tuple(
+            ask
+            for volume_id, ask in sorted(self._moved.items())
+            if volume_id not in asked and self.observations.alive(ask.primary, now)
+        )
         return decision, to_publish
 
     def publish(self, ask: AssignmentAsk) -> Assignment:

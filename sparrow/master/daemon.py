@@ -29,9 +29,11 @@ import structlog
 from frontend.target import DEFAULT_BASE_IQN
 from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, AuthorityStore
+from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyController
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
+from sparrow.clustersecret import NO_SECRET
 from sparrow.config import HostPort
 from sparrow.lifecycle import (
     StartupError,
@@ -69,6 +71,8 @@ class MasterConfig:
     timing: LeaseConfig = field(default_factory=LeaseConfig)
     converge_deadline: float = DEFAULT_CONVERGE_DEADLINE
     base_iqn: str = DEFAULT_BASE_IQN
+    #: The key nodes must prove they hold (sparrow.cluster.channel); required to start.
+    cluster_secret: ClusterSecret | None = None
     #: Where a create's ``backing`` may point, by name (store.backing; the node checks it again).
     allowed_backing: tuple[str, ...] = ()
 
@@ -209,6 +213,8 @@ async def start_master(
     (:meth:`MasterRuntime.start_steps`) once everything else is up. ``cleanup`` undoes a failed start.
     The master's tasks run under ``supervisor`` (default: a new one, on the metrics' registry)."""
     loop = asyncio.get_running_loop()
+    if config.cluster_secret is None:
+        raise StartupError(NO_SECRET)
     try:
         store = AuthorityStore.open_in(config.data_dir)
     except (AuthorityError, StoreError) as e:
@@ -239,11 +245,14 @@ async def start_master(
     cleanup.push_async_callback(recorder.close, 1.0)
     heartbeats = HeartbeatServer(
         control,
+        secret=config.cluster_secret,
         lease_seconds=timing.lease_seconds,
         clock=clock,
         on_hello=recorder.hello,
         on_heartbeat=metrics.heartbeats_received.inc,
         on_protocol_error=lambda code: metrics.protocol_errors.labels(code=code).inc(),
+        on_refused=lambda reason: metrics.refused_connections.labels(reason=reason).inc(),
+        idle_timeout=timing.dead_after,
     )
     try:
         await heartbeats.start(config.listen.host, config.listen.port)

@@ -1,7 +1,10 @@
-"""The master's end of the heartbeat transport (docs/cluster.md, "Messages", "Lease arithmetic").
+"""The master's end of the heartbeat transport (docs/cluster.md, "Messages", "Lease arithmetic",
+"The cluster channel").
 
 One :class:`NodeConnection` (an asyncio Protocol) per TCP connection from a node. It only moves
-bytes: they go to ``heartbeat.FrameDecoder``; each decoded message is handled here:
+bytes: they go to a server-side :class:`~sparrow.cluster.channel.Channel` (purpose HEARTBEAT),
+which authenticates the node by the cluster secret before anything else; the plaintext of its
+records goes to ``heartbeat.FrameDecoder``; each decoded message is handled here:
 
 - ``Hello``: recorded in the ObservationStore at ``now`` (master clock) and remembered as the
   connection's node; the node is upserted in the AuthorityStore (in a worker thread: an fsync), so
@@ -19,6 +22,17 @@ bytes: they go to ``heartbeat.FrameDecoder``; each decoded message is handled he
   closed and the reason logged. Nothing else happens on a protocol error: a half-understood node
   gets no Ack, so no lease.
 
+Limits: at most ``max_handshaking`` connections may be in the handshake at once (past that a new
+one is closed at once); a handshake must complete within ``handshake_timeout``, a record or a
+heartbeat frame once begun within ``frame_timeout``; an authenticated connection silent for
+``idle_timeout`` (the master's dead_after) is closed. A peer that fails the handshake is refused:
+logged (warning, peer and reason) and counted (``on_refused(reason)``).
+
+One live incarnation per node id: a Hello for a node id that has another open connection, under
+another incarnation, whose last heartbeat is younger than dead_after is refused (logged at error
+level, counted with reason ``live_incarnation``); once that connection closes or goes silent the
+Hello is admitted, so a restarted node comes back at once.
+
 A peer that does not read its Acks (the write buffer passes :data:`MAX_WRITE_BUFFER`) is
 disconnected rather than buffered without bound.
 """
@@ -31,6 +45,17 @@ from typing import Any, cast
 
 import structlog
 
+from sparrow.cluster.channel import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Channel,
+    ChannelError,
+    ClusterSecret,
+    Established,
+    HandshakeBytes,
+    Purpose,
+    Side,
+)
 from sparrow.cluster.heartbeat import FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import MasterLeases
 from sparrow.cluster.messages import Ack, DirectoryEntry, Heartbeat, Hello, Message
@@ -41,6 +66,12 @@ log = structlog.get_logger("sparrow.master.heartbeat")
 
 #: Bytes of unsent Acks a connection may hold before the node is deemed not to be reading.
 MAX_WRITE_BUFFER = 4 << 20
+#: Connections that may be in the handshake at once; more are closed as they arrive.
+DEFAULT_MAX_HANDSHAKING = 64
+#: The reason label of a Hello refused because its node id is alive under another incarnation.
+LIVE_INCARNATION = "live_incarnation"
+#: The reason label of a connection closed because too many are in the handshake.
+HANDSHAKE_CAP = "handshake_cap"
 
 
 def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
@@ -56,34 +87,62 @@ def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
 
 
 class ConnectionRefused(Exception):
-    """A message that ends the connection (not a codec error); ``reason`` is logged."""
+    """A message that ends the connection (not a codec error); ``reason`` is logged.
+
+    ``refusal`` is set for a refusal counted in ``on_refused`` (and logged at error level)."""
+
+    def __init__(self, message: str, *, refusal: str | None = None) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class HeartbeatServer:
     """The shared state of all node connections, and the listening socket.
 
     ``clock`` is the master's monotonic clock (``loop.time``); ``on_hello(hello)`` is called for
-    every Hello (the daemon upserts the node in the authority store); ``on_heartbeat()`` counts.
+    every Hello (the daemon upserts the node in the authority store); ``on_heartbeat()`` counts;
+    ``on_refused(reason)`` counts a refused connection. ``idle_timeout`` defaults to the
+    ObservationStore's dead_after. Deadlines are armed on the running loop once :meth:`start` has
+    run; without it (unit tests) call :meth:`NodeConnection.check_deadline`.
     """
 
     def __init__(
         self,
         control: ControlLoop,
         *,
+        secret: ClusterSecret,
         lease_seconds: float,
         clock: Callable[[], float],
         on_hello: Callable[[Hello], None] | None = None,
         on_heartbeat: Callable[[], None] | None = None,
         on_protocol_error: Callable[[str], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        max_handshaking: int = DEFAULT_MAX_HANDSHAKING,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = None,
     ) -> None:
         self.control = control
+        self.secret = secret
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.on_hello = on_hello
         self.on_heartbeat = on_heartbeat
         self.on_protocol_error = on_protocol_error
+        self.on_refused = on_refused
+        self.max_handshaking = max_handshaking
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout if idle_timeout is not None else control.observations.dead_after
         self.connections: set[NodeConnection] = set()
+        #: Connections whose handshake has not completed.
+        self.handshaking = 0
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason)
 
     @property
     def observations(self) -> ObservationStore:
@@ -99,6 +158,7 @@ class HeartbeatServer:
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._server = await loop.create_server(self.protocol, host, port, reuse_address=True)
         return self._server
 
@@ -122,12 +182,30 @@ class NodeConnection(asyncio.Protocol):
 
     def __init__(self, server: HeartbeatServer) -> None:
         self.server = server
+        self.channel = Channel(
+            server.secret,
+            Side.SERVER,
+            Purpose.HEARTBEAT,
+            server.clock(),
+            handshake_timeout=server.handshake_timeout,
+            frame_timeout=server.frame_timeout,
+            idle_timeout=server.idle_timeout,
+        )
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.peer: str = "?"
         self.node_id: str | None = None
+        self.incarnation: int | None = None
+        #: Arrival (master clock) of the last Heartbeat on this connection.
+        self.last_heartbeat_at: float | None = None
         self.acks_sent = 0
         self.closed_reason: str | None = None
+        self._handshaking = False
+        #: True once the peer proved it holds the cluster secret.
+        self.authenticated = False
+        #: When the heartbeat frame now partly decoded began (None: none pending).
+        self._frame_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -138,11 +216,37 @@ class NodeConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connections.add(self)
         log.debug("node connected", peer=self.peer)
+        if self.server.handshaking >= self.server.max_handshaking:
+            self.refuse(HANDSHAKE_CAP, f"{self.server.handshaking} connections already in the handshake")
+            return
+        self.server.handshaking += 1
+        self._handshaking = True
+        self._arm()
+
+    def _left_handshake(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.server.handshaking -= 1
 
     def data_received(self, data: bytes) -> None:
         if self.closed_reason is not None:
             return
-        self.decoder.feed(data)
+        now = self.server.clock()
+        try:
+            events = self.channel.feed(data, now)
+        except ChannelError as e:
+            self._channel_error(e)
+            return
+        for event in events:
+            if isinstance(event, HandshakeBytes):
+                if self.transport is not None:
+                    self.transport.write(event.data)
+            elif isinstance(event, Established):
+                self.authenticated = True
+                self._left_handshake()
+                log.debug("node authenticated", peer=self.peer)
+            else:
+                self.decoder.feed(event.data)
         try:
             while (message := self.decoder.next_message()) is not None:
                 self.handle(message)
@@ -150,8 +254,71 @@ class NodeConnection(asyncio.Protocol):
                     return
         except HeartbeatProtocolError as e:
             self.protocol_error(e.code.value, str(e))
+            return
         except ConnectionRefused as e:
-            self.protocol_error("refused", str(e))
+            if e.refusal is not None:
+                log.error("refused node", peer=self.peer, node=self.node_id, reason=e.refusal, detail=str(e))
+                self.server.refused(e.refusal)
+                self.close(str(e), abort=True)
+            else:
+                self.protocol_error("refused", str(e))
+            return
+        if not self.decoder.buffered:
+            self._frame_since = None
+        elif self._frame_since is None:
+            self._frame_since = now
+        self._arm()
+
+    # -- deadlines --------------------------------------------------------------------------------
+
+    def deadline(self) -> float | None:
+        """The next instant :meth:`check_deadline` closes the connection at (handshake, a record
+        or a heartbeat frame begun and not completed, or an idle authenticated connection)."""
+        deadlines = [d for d in (self.channel.deadline(),) if d is not None]
+        if self._frame_since is not None:
+            deadlines.append(self._frame_since + self.server.frame_timeout)
+        return min(deadlines) if deadlines else None
+
+    def check_deadline(self) -> None:
+        """Close the connection if a deadline has passed; otherwise arm the next one."""
+        self._timer = None
+        if self.closed_reason is not None:
+            return
+        now = self.server.clock()
+        try:
+            self.channel.check(now)
+        except ChannelError as e:
+            self._channel_error(e)
+            return
+        if self._frame_since is not None and now >= self._frame_since + self.server.frame_timeout:
+            self.protocol_error(
+                "frame_timeout",
+                f"a heartbeat frame begun {now - self._frame_since:.1f}s ago is incomplete "
+                f"({self.decoder.buffered} bytes)",
+            )
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        loop = self.server._loop
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.deadline()
+        if loop is not None and deadline is not None and self.closed_reason is None:
+            self._timer = loop.call_at(deadline, self.check_deadline)
+
+    def _channel_error(self, error: ChannelError) -> None:
+        if self.authenticated:
+            self.protocol_error(error.code.value, str(error))
+        else:
+            self.refuse(error.code.value, error.message)
+
+    def refuse(self, reason: str, detail: str) -> None:
+        """Close a connection that never authenticated: logged (warning) and counted."""
+        log.warning("refused node connection", peer=self.peer, reason=reason, detail=detail)
+        self.server.refused(reason)
+        self.close(f"refused: {reason}", abort=True)
 
     def eof_received(self) -> bool | None:
         if self.decoder.buffered:
@@ -165,6 +332,17 @@ class NodeConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self._handshaking and self.closed_reason is None:
+            # The peer gave up in the handshake (e.g. it found the master does not hold its secret).
+            self.closed_reason = "refused: handshake_abandoned"
+            log.warning(
+                "refused node connection", peer=self.peer, reason="handshake_abandoned", detail=str(exc)
+            )
+            self.server.refused("handshake_abandoned")
+        self._left_handshake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         log.info(
             "node disconnected",
             peer=self.peer,
@@ -187,6 +365,7 @@ class NodeConnection(asyncio.Protocol):
     def _hello(self, hello: Hello) -> None:
         if self.node_id is not None and hello.node_id != self.node_id:
             raise ConnectionRefused(f"Hello from {hello.node_id!r} on the connection of {self.node_id!r}")
+        self._refuse_a_second_live_incarnation(hello)
         known = self.server.observations.hello(hello.node_id)
         self.server.observations.record(hello, hello.node_id, self.server.clock())
         if self.node_id is None:
@@ -199,8 +378,27 @@ class NodeConnection(asyncio.Protocol):
                 iscsi_portal=hello.iscsi_portal,
             )
         self.node_id = hello.node_id
+        self.incarnation = hello.incarnation
         if self.server.on_hello is not None:
             self.server.on_hello(hello)
+
+    def _refuse_a_second_live_incarnation(self, hello: Hello) -> None:
+        now = self.server.clock()
+        dead_after = self.server.observations.dead_after
+        for other in self.server.connections:
+            if (
+                other is not self
+                and other.closed_reason is None
+                and other.node_id == hello.node_id
+                and other.incarnation != hello.incarnation
+                and other.last_heartbeat_at is not None
+                and now - other.last_heartbeat_at < dead_after
+            ):
+                raise ConnectionRefused(
+                    f"node {hello.node_id!r} is alive under incarnation {other.incarnation} on {other.peer}; "
+                    f"Hello with incarnation {hello.incarnation} refused",
+                    refusal=LIVE_INCARNATION,
+                )
 
     def _heartbeat(self, heartbeat: Heartbeat) -> None:
         node_id = self.node_id
@@ -210,6 +408,7 @@ class NodeConnection(asyncio.Protocol):
             self.server.observations.record(heartbeat, node_id, self.server.clock())
         except ObservationError as e:
             raise ConnectionRefused(str(e)) from None
+        self.last_heartbeat_at = self.server.clock()
         if self.server.on_heartbeat is not None:
             self.server.on_heartbeat()
         ack = Ack(
@@ -230,7 +429,7 @@ class NodeConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             self.closed_reason = self.closed_reason or "connection closing"
             return
-        transport.write(encode(ack))
+        transport.write(self.channel.send(encode(ack)))
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self.protocol_error("not_reading", f"more than {MAX_WRITE_BUFFER} bytes of Acks unread")
 
@@ -245,6 +444,9 @@ class NodeConnection(asyncio.Protocol):
     def close(self, reason: str, *, abort: bool = False) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if abort:

@@ -34,9 +34,11 @@ from frontend.server import IscsiServer
 from frontend.target import DEFAULT_BASE_IQN, Portal, TargetRegistry, TargetSettings
 from sparrow import systemd
 from sparrow.cluster.adapter import Adapter
+from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import NODE_ID_PATTERN, Hello
 from sparrow.cluster.nodestate import NodeState
+from sparrow.clustersecret import NO_SECRET, secret_from_flag
 from sparrow.config import (
     _WILDCARDS,
     ConfigError,
@@ -89,6 +91,8 @@ class NodeConfig:
     heartbeat_interval: float = 1.0
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+    #: The key this node proves it holds to the master (sparrow.cluster.channel); required to start.
+    cluster_secret: ClusterSecret | None = None
     #: Backing files and devices an assignment may name (store.backing; empty: none).
     allowed_backing: tuple[str, ...] = ()
 
@@ -104,6 +108,7 @@ def node_config(
     heartbeat_interval: float | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    cluster_secret_file: str | None = None,
     allow_backing: tuple[str, ...] = (),
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
@@ -117,6 +122,7 @@ def node_config(
         )
     if not master:
         raise ConfigError("--master is required", usage=True)
+    secret = secret_from_flag(cluster_secret_file)
 
     def address(text: str | None, what: str, default: HostPort) -> HostPort:
         if text is None:
@@ -144,6 +150,7 @@ def node_config(
         heartbeat_interval=interval,
         log_format=LogFormat(log_format or "auto"),
         log_level=log_level or "info",
+        cluster_secret=secret,
         allowed_backing=_backing_prefixes(allow_backing),
     )
 
@@ -338,6 +345,8 @@ async def start_node(
     a wildcard replaced by this host's address). ``cleanup`` undoes a failed start. The node's
     tasks run under ``supervisor`` (default: a new one, on the metrics' registry)."""
     loop = asyncio.get_running_loop()
+    if config.cluster_secret is None:
+        raise StartupError(NO_SECRET)
     state = NodeState(config.data_dir)
     try:
         problems = await state.load_async()
@@ -406,6 +415,7 @@ async def start_node(
     heartbeat = HeartbeatClient(
         (config.master.host, config.master.port),
         HeartbeatSession(lease),
+        secret=config.cluster_secret,
         hello=hello,
         observations=convergence.observations,
         on_ack=convergence.on_ack,

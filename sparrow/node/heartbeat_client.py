@@ -8,10 +8,13 @@ lease is counted from the send), and turns the master's bytes into the Acks that
 (``LeaseClock.acked(seq, lease_seconds)``). Anything but an Ack from the master is a
 :class:`~sparrow.cluster.heartbeat.HeartbeatProtocolError`.
 
-:class:`HeartbeatClient` is the thin asyncio layer: connect with :class:`Backoff`, write the Hello
-and a Heartbeat every ``interval`` on a fixed schedule, hand each applied Ack to ``on_ack``; a
-protocol error, EOF or any socket error closes the connection and it reconnects after a backoff;
-so does any other exception (a bug), which is reported to the TaskSupervisor (task ``node-heartbeat``).
+:class:`HeartbeatClient` is the thin asyncio layer: connect with :class:`Backoff`, run the cluster
+channel's handshake (:class:`~sparrow.cluster.channel.Channel`, purpose HEARTBEAT: the master must
+prove it holds the cluster secret before the node says anything), then write the Hello and a
+Heartbeat every ``interval`` on a fixed schedule, each sealed in a channel record, and hand each
+applied Ack to ``on_ack``; a protocol or channel error, EOF or any socket error closes the
+connection and it reconnects after a backoff; so does any other exception (a bug), which is
+reported to the TaskSupervisor (task ``node-heartbeat``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from dataclasses import dataclass
 
 import structlog
 
+from sparrow.cluster.channel import (
+    Channel,
+    ChannelError,
+    ClusterSecret,
+    HandshakeBytes,
+    Plaintext,
+    Purpose,
+    Side,
+)
 from sparrow.cluster.heartbeat import ErrorCode, FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Heartbeat, Hello, VolumeObservation
@@ -124,6 +136,7 @@ class HeartbeatClient:
         master: tuple[str, int],
         session: HeartbeatSession,
         *,
+        secret: ClusterSecret,
         hello: Callable[[], Hello],
         observations: Callable[[float], tuple[VolumeObservation, ...]],
         on_ack: Callable[[Ack], None],
@@ -136,6 +149,7 @@ class HeartbeatClient:
             raise ValueError("the heartbeat interval must be positive")
         self.master = master
         self.session = session
+        self.secret = secret
         self._hello = hello
         self._observations = observations
         self._on_ack = on_ack
@@ -190,7 +204,7 @@ class HeartbeatClient:
             else:
                 try:
                     await self._converse(reader, writer)
-                except (OSError, HeartbeatProtocolError, EOFError) as e:
+                except (OSError, HeartbeatProtocolError, ChannelError, EOFError) as e:
                     self._failed(str(e) or type(e).__name__, attempt)
                 except Exception as e:  # a bug (building the Hello, applying an Ack): reconnect
                     self.supervisor.failed(TASK, e)
@@ -212,13 +226,36 @@ class HeartbeatClient:
             )
         self.last_error = reason
 
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Channel:
+        """Authenticate both ends (at most ``connect_timeout``); returns the open channel."""
+        loop = asyncio.get_running_loop()
+        channel = Channel(
+            self.secret, Side.CLIENT, Purpose.HEARTBEAT, loop.time(), handshake_timeout=self.connect_timeout
+        )
+        writer.write(channel.initiate())
+        while not channel.established:
+            deadline = channel.deadline()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(READ_SIZE)
+            except TimeoutError:
+                channel.check(loop.time())
+                continue
+            if not data:
+                raise EOFError("the master closed the connection in the handshake")
+            for event in channel.feed(data, loop.time()):
+                if isinstance(event, HandshakeBytes):
+                    writer.write(event.data)
+        return channel
+
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        writer.write(self.session.connection_made(self._hello()))
+        channel = await self._handshake(reader, writer)
+        writer.write(channel.send(self.session.connection_made(self._hello())))
         self.connected = True
         self.connections += 1
         log.info("connected to master", master=f"{self.master[0]}:{self.master[1]}")
-        receiving = loop.create_task(self._receive(reader), name="node-heartbeat-receive")
+        receiving = loop.create_task(self._receive(reader, channel), name="node-heartbeat-receive")
         self._last_ack_at = loop.time()
         try:
             next_at = loop.time()
@@ -226,7 +263,7 @@ class HeartbeatClient:
                 now = loop.time()
                 if now - self._last_ack_at > self.silence_limit():
                     raise TimeoutError(f"no Ack from the master for {now - self._last_ack_at:.1f}s")
-                writer.write(self.session.heartbeat(self._observations(now), now))
+                writer.write(channel.send(self.session.heartbeat(self._observations(now), now)))
                 await writer.drain()
                 next_at += self.interval
                 if next_at <= loop.time():  # fell behind (a stalled write): do not burst
@@ -243,12 +280,14 @@ class HeartbeatClient:
             if not receiving.cancelled():
                 receiving.exception()  # retrieved: the reason was already raised above
 
-    async def _receive(self, reader: asyncio.StreamReader) -> None:
+    async def _receive(self, reader: asyncio.StreamReader, channel: Channel) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             data = await reader.read(READ_SIZE)
             if not data:
                 return
-            for ack in self.session.receive(data):
+            plain = b"".join(e.data for e in channel.feed(data, loop.time()) if isinstance(e, Plaintext))
+            for ack in self.session.receive(plain):
                 self.acks += 1
                 self._last_ack_at = asyncio.get_running_loop().time()
                 self._last_lease = ack.lease_seconds

@@ -27,6 +27,7 @@ from typing import Any
 
 from tests.integration.process import Proc, bearer, daemon_env
 from tests.integration.proxy import FaultProxy
+from tests.integration.rogue import secret_file
 from tests.tools import free_port, run, wait_for
 
 BASE_IQN = "iqn.2026-11.io.sparrow"
@@ -90,6 +91,7 @@ class Master(Proc):
             "--dead-after", str(t.dead_after),
             "--margin", str(t.margin),
             "--log-format", "json",
+            "--cluster-secret-file", str(secret_file(self.root)),
         ]  # fmt: skip
 
     def get_json(self, path: str) -> Any:
@@ -136,6 +138,7 @@ class Node(Proc):
             "--http", f"127.0.0.1:{self.http_port}",
             "--heartbeat-interval", str(self.timing.heartbeat),
             "--log-format", "json",
+            "--cluster-secret-file", str(secret_file(self.root)),
         ]  # fmt: skip
 
     def health(self) -> dict[str, Any]:

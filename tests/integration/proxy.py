@@ -57,6 +57,8 @@ class FaultProxy:
         self._up_times: list[float] = []
         #: Connections accepted over the proxy's life.
         self.accepted = 0
+        #: Every byte forwarded, both directions (what a tap on the wire would see).
+        self.captured = bytearray()
         #: Bytes dropped while cut, per direction.
         self.dropped_up = 0
         self.dropped_down = 0
@@ -227,6 +229,8 @@ class FaultProxy:
                     self.dropped_down += len(data)
                 continue
             writer.write(data)
+            with self._lock:
+                self.captured += data  # every byte forwarded, both ways (what a tap would see)
             if upstream:
                 forwarded = time.monotonic()
                 with self._lock:

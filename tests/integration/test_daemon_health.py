@@ -4,7 +4,6 @@ node recorder without a log line, so no node saying Hello afterwards was ever re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.integration.cluster import http_get
+from tests.integration.rogue import NodeLink, raw_hello, secret_of
 from tests.integration.test_master import FakeNode, MasterProcess
 from tests.tools import wait_for
 
@@ -26,16 +26,15 @@ def _health(master: MasterProcess) -> tuple[int, dict[str, Any]]:
 def test_a_failed_upsert_is_logged_reported_and_the_recorder_goes_on(tmp_path: Path) -> None:
     master = MasterProcess(tmp_path / "master")
     master.start()
-    evil = FakeNode("evil", master.listen_port, incarnation=1)
-    evil.hello = dataclasses.replace(evil.hello, capacity_bytes=1 << 63)
-    good = FakeNode("n1", master.listen_port, incarnation=1)
+    evil = NodeLink(master.listen_port, secret_of(master.root))  # a member, with the secret
+    good = FakeNode("n1", master.listen_port, incarnation=1, secret=secret_of(master.root))
     try:
-        evil.connect()
+        evil.send_plain(raw_hello("evil", capacity_bytes=1 << 63))
 
         def outcome() -> str | None:
             if any(e.get("task") == "node-recorder" for e in master.events("task failed")):
                 return "recorder failed"
-            if any(e.get("node") == "evil" for e in master.events("closing node connection")):
+            if any(e.get("code") == "bad_field" for e in master.events("closing node connection")):
                 return "refused at the edge"  # a bounded codec refuses the Hello itself
             return None
 

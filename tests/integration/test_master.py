@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from sparrow.cluster.heartbeat import FrameDecoder, encode
+from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.messages import Ack, Assignment, Health, Heartbeat, Hello, VolumeObservation
 from tests.integration.process import Proc, bearer, daemon_env
+from tests.integration.rogue import NodeLink, secret_file, secret_of
 from tests.tools import free_port, run, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,6 +42,7 @@ class MasterProcess(Proc):
             "--http", f"127.0.0.1:{self.http_port}",
             "--heartbeat-interval", "0.2",
             "--log-format", "json",
+            "--cluster-secret-file", str(secret_file(self.root)),
         ]  # fmt: skip
 
     @property
@@ -69,47 +70,37 @@ class MasterProcess(Proc):
 class FakeNode:
     """A node that speaks the real codec: Hello, then a Heartbeat per call, reading each Ack."""
 
-    def __init__(self, node_id: str, port: int, incarnation: int) -> None:
+    def __init__(self, node_id: str, port: int, incarnation: int, secret: ClusterSecret) -> None:
         self.hello = Hello(
             node_id, incarnation, "127.0.0.1:3261", "127.0.0.1:7001", "127.0.0.1:8081", 1 << 40, 1 << 32
         )
         self.port = port
+        self.secret = secret
         self.seq = 0
         self.have: dict[str, Assignment] = {}  # what the node "applied"
-        self.sock: socket.socket | None = None
-        self.decoder = FrameDecoder()
+        self.link: NodeLink | None = None
 
     def connect(self) -> None:
         self.close()
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        self.decoder = FrameDecoder()
-        self.sock.sendall(encode(self.hello))
+        self.link = NodeLink(self.port, self.secret)
+        self.link.send(self.hello)
 
     def beat(self) -> Ack:
-        assert self.sock is not None
+        assert self.link is not None
         self.seq += 1
         observations = tuple(
             VolumeObservation(a.volume_id, a.epoch, a.role_of(self.hello.node_id), Health.OK, 0, (), True)
             for a in self.have.values()
         )
-        self.sock.sendall(encode(Heartbeat(seq=self.seq, observations=observations)))
-        while True:
-            message = self.decoder.next_message()
-            if message is not None:
-                assert isinstance(message, Ack), message
-                assert message.seq == self.seq
-                return message
-            data = self.sock.recv(65536)
-            assert data, "the master closed the connection"
-            self.decoder.feed(data)
+        return self.link.beat(self.seq, observations)
 
     def apply(self, ack: Ack) -> None:
         self.have = {a.volume_id: a for a in ack.assignments}
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
 
 @pytest.fixture
@@ -127,7 +118,7 @@ def assignment_for(ack: Ack, name: str) -> Assignment | None:
 
 
 def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) -> None:
-    node = FakeNode("n1", master.listen_port, incarnation=time.time_ns())
+    node = FakeNode("n1", master.listen_port, incarnation=time.time_ns(), secret=secret_of(master.root))
     node.connect()
     first = node.beat()
     assert first.lease_seconds == 5.0
@@ -195,7 +186,8 @@ def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) 
 def test_a_second_master_on_the_same_data_dir_is_refused(master: MasterProcess, tmp_path: Path) -> None:
     other = run(
         [sys.executable, "-m", "sparrow", "master", "--data-dir", str(master.data_dir),
-         "--listen", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
+         "--listen", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}",
+         "--cluster-secret-file", str(secret_file(master.root))],
         check=False, timeout=30,
     )  # fmt: skip
     assert other.returncode == 1
@@ -204,11 +196,11 @@ def test_a_second_master_on_the_same_data_dir_is_refused(master: MasterProcess, 
 
 
 def test_a_protocol_error_closes_only_that_connection(master: MasterProcess) -> None:
-    bad = socket.create_connection(("127.0.0.1", master.listen_port), timeout=5)
-    bad.sendall(encode(Heartbeat(seq=1, observations=())))  # no Hello first
-    assert bad.recv(100) == b""  # closed without an Ack
+    bad = NodeLink(master.listen_port, secret_of(master.root))
+    bad.send(Heartbeat(seq=1, observations=()))  # no Hello first
+    assert bad.closed_within(5)  # closed without an Ack
     bad.close()
-    node = FakeNode("n2", master.listen_port, incarnation=1)
+    node = FakeNode("n2", master.listen_port, incarnation=1, secret=secret_of(master.root))
     node.connect()
     assert node.beat().seq == 1
     node.close()
@@ -231,7 +223,8 @@ def test_an_unmigrated_v1_authority_is_refused_with_the_migrate_command(tmp_path
     before = (data_dir / "authority.sqlite3").read_bytes()
     refused = run(
         [sys.executable, "-m", "sparrow", "master", "--data-dir", str(data_dir),
-         "--listen", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"],
+         "--listen", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}",
+         "--cluster-secret-file", str(secret_file(tmp_path))],
         check=False, timeout=30,
     )  # fmt: skip
     assert refused.returncode == 1

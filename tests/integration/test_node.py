@@ -40,10 +40,12 @@ from frontend.iscsi.pdu import (
     encode_bytes,
     target_reader,
 )
+from sparrow.cluster.channel import ClusterSecret, Plaintext
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Assignment, Heartbeat, Hello
 from tests.integration.cluster import http_get
 from tests.integration.process import Proc
+from tests.integration.rogue import accept_channel, secret_file, secret_of
 from tests.tools import free_port, require_tool, run, wait_for
 
 pytestmark = pytest.mark.integration
@@ -67,6 +69,7 @@ GOOD, CHECK_CONDITION = 0x00, 0x02
 class FakeMaster:
     """Answers heartbeats with Acks while ``answering`` is set; records what it heard and sent."""
 
+    secret: ClusterSecret
     port: int = field(default_factory=free_port)
     answering: threading.Event = field(default_factory=threading.Event)
     hellos: list[Hello] = field(default_factory=list)
@@ -109,9 +112,12 @@ class FakeMaster:
 
     def _serve(self, conn: socket.socket) -> None:
         decoder = FrameDecoder()
-        conn.settimeout(0.2)
         hello: Hello | None = None
         with conn:
+            conn.settimeout(5.0)
+            channel, plain = accept_channel(conn, self.secret)
+            decoder.feed(plain)
+            conn.settimeout(0.2)
             while not self._stop.is_set():
                 try:
                     data = conn.recv(65536)
@@ -120,7 +126,9 @@ class FakeMaster:
                 arrived = time.monotonic()
                 if not data:
                     return
-                decoder.feed(data)
+                for event in channel.feed(data, arrived):
+                    if isinstance(event, Plaintext):
+                        decoder.feed(event.data)
                 while (message := decoder.next_message()) is not None:
                     if isinstance(message, Hello):
                         hello = message
@@ -134,7 +142,7 @@ class FakeMaster:
                         if not self.answering.is_set():
                             continue
                         ack = Ack(message.seq, LEASE, (self.assignment(hello.iscsi_portal),))
-                        conn.sendall(encode(ack))
+                        conn.sendall(channel.send(encode(ack)))
                         self.last_acked = (message.seq, arrived)
 
 
@@ -161,6 +169,7 @@ class NodeProcess(Proc):
             "--http", f"127.0.0.1:{self.http_port}",
             "--heartbeat-interval", str(INTERVAL),
             "--log-format", "json",
+            "--cluster-secret-file", str(secret_file(self.root)),
         ]  # fmt: skip
 
     def stop(self) -> int:
@@ -282,8 +291,8 @@ class RawSession:
 
 
 @pytest.fixture
-def master() -> Iterator[FakeMaster]:
-    m = FakeMaster()
+def master(tmp_path: Path) -> Iterator[FakeMaster]:
+    m = FakeMaster(secret_of(tmp_path))
     m.start()
     yield m
     m.stop()

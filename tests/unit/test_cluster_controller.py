@@ -405,6 +405,50 @@ def test_promotion_prefers_the_furthest_replica() -> None:
     assert [(a.primary, a.replicas) for a in asks] == [("n3", ("n3", "n2"))]
 
 
+def test_a_forged_heartbeat_in_a_dead_primarys_name_gets_nobody_promoted() -> None:
+    """Issue 7: after a kill -9 of primary n1, one heartbeat under n1's id (a new incarnation)
+    listing n3 IN_SYNC must not get n3 promoted: only the incarnation that served the volume at
+    this epoch vouches for replicas. n4, which the assignment does not name, never qualifies."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3", "n4"):
+        cluster.join(node, 0.0)
+    honest = obs(
+        3, Role.PRIMARY, write_position=100, replica_states=(ReplicaState("n2", SyncState.SYNCING, 0),)
+    )
+    cluster.beat("n1", 1.0, honest)
+    for node in ("n2", "n3", "n4"):
+        cluster.beat(node, 1.0, obs(3, Role.REPLICA, write_position=100))
+    # n1 is killed; a liar says Hello as n1 (new incarnation) and one heartbeat, then goes quiet.
+    forged = obs(
+        3,
+        Role.PRIMARY,
+        write_position=100,
+        replica_states=(
+            ReplicaState("n3", SyncState.IN_SYNC, 100),
+            ReplicaState("n4", SyncState.IN_SYNC, 100),
+        ),
+    )
+    cluster.store.record(hello("n1", incarnation=2), "n1", 2.0)
+    cluster.store.record(Heartbeat(99, (forged,)), "n1", 2.0)
+    for node in ("n2", "n3", "n4"):
+        cluster.beat(node, 11.0, obs(3, Role.REPLICA, write_position=100))
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    asks, status = decide(cluster, [desired(replicas=3)], current, 11.0)
+    assert asks == ()
+    assert status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
+    assert TopologyController().eligible_replicas(current[VOL_A].assignment, cluster.store, 11.0) == ()
+
+
+def test_the_incarnation_that_served_the_epoch_still_vouches_after_its_death() -> None:
+    cluster = Cluster()
+    for node in ("n1", "n2"):
+        cluster.join(node, 0.0)
+    cluster.beat("n1", 1.0, obs(3, Role.PRIMARY, replica_states=(ReplicaState("n2", SyncState.IN_SYNC, 0),)))
+    cluster.beat("n2", 11.0, obs(3, Role.REPLICA))
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    assert TopologyController().eligible_replicas(current[VOL_A].assignment, cluster.store, 11.0) == ("n2",)
+
+
 def test_primary_unknown_during_master_startup_waits() -> None:
     cluster = Cluster(started_at=100.0)
     cluster.join("n2", 101.0)

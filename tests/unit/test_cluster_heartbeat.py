@@ -218,6 +218,7 @@ def test_bad_portals_are_rejected(portal: str) -> None:
         (lambda: ReplicaState("n", "in_sync", 0), "state"),  # type: ignore[arg-type]
         (lambda: ReplicaState("n", SyncState.IN_SYNC, -1), "write_position"),
         (lambda: ReplicaState("n", SyncState.IN_SYNC, 2**64), "write_position"),
+        (lambda: ReplicaState("n", SyncState.IN_SYNC, 2**62 + 1), "write_position"),
         (lambda: ReplicaState("n", SyncState.IN_SYNC, True), "write_position"),
         (lambda: VolumeObservation("v1", 1, Role.NONE, Health.OK, 0, (), True), "volume_id"),
         (lambda: VolumeObservation(VOL_A.upper(), 1, Role.NONE, Health.OK, 0, (), True), "volume_id"),
@@ -626,6 +627,30 @@ NO_MUTUAL: dict[str, object] = {"mutual_user": None, "mutual_secret": None}
         (_set(["incarnation"], -5, HELLO), "incarnation"),
         (_set(["incarnation"], 1.5, HELLO), "incarnation"),
         (_set(["capacity_bytes"], True, HELLO), "capacity_bytes"),
+        # Every number bounded at the edge (issue 7, finding 4: 2**63 overflowed SQLite).
+        (_set(["capacity_bytes"], 2**63, HELLO), "capacity_bytes"),
+        (_set(["capacity_bytes"], 2**62 + 1, HELLO), "capacity_bytes"),
+        (_set(["free_bytes"], 2**62 + 1, HELLO), "free_bytes"),
+        (_set(["incarnation"], 2**63, HELLO), "incarnation"),
+        (_set(["seq"], 2**63, HEARTBEAT), "seq"),
+        (_set([*OBS0, "epoch"], 2**63, HEARTBEAT), "observations[0].epoch"),
+        (_set([*OBS0, "write_position"], 2**62 + 1, HEARTBEAT), "observations[0].write_position"),
+        (
+            _set([*REP0, "write_position"], 2**64 - 1, HEARTBEAT),
+            "observations[0].replica_states[0].write_position",
+        ),
+        (
+            _set(
+                [*OBS0, "replica_states"],
+                [{"node_id": f"n{i}", "state": "in_sync", "write_position": 0} for i in range(9)],
+                HEARTBEAT,
+            ),
+            "observations[0].replica_states",
+        ),
+        (_set(["lease_seconds"], 3601.0, ACK), "lease_seconds"),
+        (_set([*ASG0, "size"], 2**63, ACK), "assignments[0].size"),
+        (_set([*ASG0, "epoch"], 2**63, ACK), "assignments[0].epoch"),
+        (_set([*ASG0, "replicas"], ["node-1", *(f"r{i}" for i in range(8))], ACK), "assignments[0].replicas"),
         (_set(["iscsi_portal"], "10.0.0.1", HELLO), "iscsi_portal"),
         (_set(["http"], "host:99999", HELLO), "http"),
         (_set(["seq"], -1, HEARTBEAT), "seq"),
@@ -702,6 +727,13 @@ def test_bad_field(data: bytes, where: str) -> None:
     assert error.message == where or error.message.startswith(where + ":"), error.message
 
 
+def test_list_counts_are_bounded() -> None:
+    obs = tuple(VolumeObservation(f"{i:032x}", 1, Role.NONE, Health.OK, 0, (), True) for i in range(16385))
+    with pytest.raises(InvalidMessage, match="observations: 16385 items"):
+        Heartbeat(1, obs)
+    Heartbeat(1, obs[:16384])
+
+
 def test_decode_payload_rejects_garbage() -> None:
     with pytest.raises(HeartbeatProtocolError) as info:
         decode_payload(b"")
@@ -712,7 +744,8 @@ def test_decode_payload_rejects_garbage() -> None:
 
 node_ids = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,62}", fullmatch=True)
 volume_ids = st.uuids(version=4).map(lambda u: u.hex)
-uints = st.integers(0, 2**64 - 1)
+uints = st.integers(0, 2**63 - 1)
+byte_counts = st.integers(0, 2**62)
 labels = st.from_regex(r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 hosts = st.one_of(
     st.ip_addresses(v=4).map(str),
@@ -720,14 +753,14 @@ hosts = st.one_of(
     st.lists(labels, min_size=1, max_size=4).map(".".join).filter(lambda h: not h.replace(".", "").isdigit()),
 )
 portals = st.builds(lambda h, p: f"{h}:{p}", hosts, st.integers(1, 65535))
-replica_states = st.builds(ReplicaState, node_ids, st.sampled_from(SyncState), uints)
+replica_states = st.builds(ReplicaState, node_ids, st.sampled_from(SyncState), byte_counts)
 observations = st.builds(
     VolumeObservation,
     volume_ids,
     uints,
     st.sampled_from(Role),
     st.sampled_from(Health),
-    uints,
+    byte_counts,
     st.lists(replica_states, max_size=3, unique_by=lambda r: r.node_id).map(tuple),
     st.booleans(),
 )
@@ -773,7 +806,7 @@ def acks(draw: st.DrawFn) -> Ack:
     )
     return Ack(
         draw(uints),
-        draw(st.floats(0, 1e12, allow_nan=False, allow_infinity=False)),
+        draw(st.floats(0, 3600, allow_nan=False, allow_infinity=False)),
         assigned,
         directory,
         tuple(deleted),
@@ -781,7 +814,7 @@ def acks(draw: st.DrawFn) -> Ack:
 
 
 messages = st.one_of(
-    st.builds(Hello, node_ids, uints, portals, portals, portals, uints, uints),
+    st.builds(Hello, node_ids, uints, portals, portals, portals, byte_counts, byte_counts),
     st.builds(
         Heartbeat, uints, st.lists(observations, max_size=4, unique_by=lambda o: o.volume_id).map(tuple)
     ),

@@ -272,6 +272,22 @@ def test_example_config_file_loads() -> None:
     assert config.data_dir == Path("/var/lib/sparrow")
 
 
+def test_the_cluster_secret_file_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, 'cluster_secret_file = "/etc/sparrow/cluster.secret"\n'))
+    assert config.cluster_secret_file == Path("/etc/sparrow/cluster.secret")
+    assert load_config(write(tmp_path, "")).cluster_secret_file is None
+    with pytest.raises(ConfigError, match="cluster_secret_file: must not be empty"):
+        load_config(write(tmp_path, 'cluster_secret_file = ""\n'))
+
+
+def test_serve_makes_its_secret_once_and_reuses_it(tmp_path: Path) -> None:
+    from sparrow.clustersecret import serve_secret
+
+    first = serve_secret(tmp_path, None)
+    assert (tmp_path / "cluster.secret").stat().st_mode & 0o777 == 0o600
+    assert serve_secret(tmp_path, None) == first
+    with pytest.raises(ConfigError, match="does not exist"):
+        serve_secret(tmp_path, tmp_path / "missing.secret")
 def test_allowed_backing_prefixes_from_the_file_and_the_flag(tmp_path: Path) -> None:
     path = tmp_path / "sparrow.toml"
     path.write_text('allowed_backing_prefixes = ["/dev/disk/by-id/", "/srv//disks/../vm"]\n')

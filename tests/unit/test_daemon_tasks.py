@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 from sparrow.cluster.authority import AuthorityStore
+from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Heartbeat, Hello
@@ -15,6 +16,8 @@ from sparrow.master.daemon import CONTROL_TASK, NodeRecorder, control_task
 from sparrow.node.heartbeat_client import TASK as HEARTBEAT_TASK
 from sparrow.node.heartbeat_client import Backoff, HeartbeatClient, HeartbeatSession
 from sparrow.supervision import TaskSupervisor
+
+SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 
 
 def _hello(node_id: str, capacity: int) -> Hello:
@@ -84,11 +87,16 @@ async def test_the_heartbeat_client_reports_a_bug_and_reconnects() -> None:
         if connections == 2:
             second.set()
         decoder = FrameDecoder()
+        channel = Channel(SECRET, Side.SERVER, Purpose.HEARTBEAT, 0.0)
         while data := await reader.read(65536):
-            decoder.feed(data)
+            for event in channel.feed(data, 0.0):
+                if isinstance(event, HandshakeBytes):
+                    writer.write(event.data)
+                elif isinstance(event, Plaintext):
+                    decoder.feed(event.data)
             while (msg := decoder.next_message()) is not None:
                 if isinstance(msg, Heartbeat):
-                    writer.write(encode(Ack(msg.seq, 5.0, ())))
+                    writer.write(channel.send(encode(Ack(msg.seq, 5.0, ()))))
         writer.close()
 
     acks = 0
@@ -107,7 +115,8 @@ async def test_the_heartbeat_client_reports_a_bug_and_reconnects() -> None:
     server = await asyncio.start_server(master, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = HeartbeatClient(
-        ("127.0.0.1", port), HeartbeatSession(LeaseClock()), hello=lambda: _hello("n1", 1 << 40),
+        ("127.0.0.1", port), HeartbeatSession(LeaseClock()), secret=SECRET,
+        hello=lambda: _hello("n1", 1 << 40),
         observations=lambda now: (), on_ack=on_ack, interval=0.02,
         backoff=Backoff(initial=0.01, maximum=0.02), supervisor=supervisor,
     )  # fmt: skip

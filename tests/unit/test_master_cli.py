@@ -129,6 +129,14 @@ async def test_node_list_table_and_json(master: tuple[str, ControlLoop, Clock]) 
         (("master", "--data-dir", "/tmp/x", "--dead-after", "3"), "must not exceed dead_after"),
         (("master", "--data-dir", "/tmp/x", "--lease", "-1"), "invalid duration '-1'"),
         (("volume", "create", "v", "--size", "1MiB", "--replicas", "4"), "invalid choice: 4"),
+        (
+            ("master", "--data-dir", "/tmp/x"),
+            "--cluster-secret-file is required: make a secret with `sparrow secret",
+        ),
+        (
+            ("master", "--data-dir", "/tmp/x", "--cluster-secret-file", "/nonexistent/s"),
+            "cluster secret file /nonexistent/s does not exist",
+        ),
     ],
 )
 def test_bad_flags_are_usage_errors(argv: tuple[str, ...], fragment: str) -> None:
@@ -136,6 +144,22 @@ def test_bad_flags_are_usage_errors(argv: tuple[str, ...], fragment: str) -> Non
     assert code == 2, err
     assert out == ""
     assert fragment in err and err.count("\n") == 1
+
+
+def test_secret_generate_writes_a_0600_secret_once(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.secret"
+    code, out, err = run("secret", "generate", str(path))
+    assert code == 0, err
+    assert str(path) in out
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_text().strip()) == 64
+    before = path.read_bytes()
+    code, _, err = run("secret", "generate", str(path))
+    assert code == 1 and "exists; not overwritten" in err and err.count("\n") == 1
+    assert path.read_bytes() == before
+    path.chmod(0o644)
+    code, _, err = run("master", "--data-dir", str(tmp_path), "--cluster-secret-file", str(path))
+    assert code == 2 and "accessible by group or others" in err
 
 
 def test_the_node_command_keeps_its_subcommands() -> None:

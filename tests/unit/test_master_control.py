@@ -408,3 +408,28 @@ def test_a_restarted_master_loads_the_tombstones_of_the_authority(store: Authori
     second.step(6.0)
     assert placed.volume_id not in {a.volume_id for a in second.assignments_for("n1")}
     assert second.tombstones_for([placed.volume_id]) == (DeletedVolume(placed.volume_id, "placed"),)
+
+
+def test_a_primary_back_at_a_new_portal_gets_a_new_epoch_never_a_changed_one(store: AuthorityStore) -> None:
+    """Issue 7: a Hello under the primary's id from a new portal changed the portal of the published
+    epoch; the node, which had accepted that epoch, refused it and stayed fenced for good."""
+    control = restore(store, TIMING, now=100.0)
+    report(control, store, hello("n1"), 100.0)
+    vol = add_volume(store)
+    (first,) = control.step(101.0).published
+    assert first.primary_portal == "10.0.0.49:3260"
+    report(
+        control,
+        store,
+        hello("n1", incarnation=2, port=3299),
+        102.0,
+        observation(vol.volume_id, 1, Role.PRIMARY),
+    )
+    control.apply_snapshot(control.read_authority(), 102.5)
+    # Until the new epoch: the assignment exactly as the node accepted it.
+    assert control.assignments_for("n1") == (first,)
+    (moved,) = control.step(103.0).published
+    assert (moved.epoch, moved.primary, moved.replicas) == (2, "n1", ("n1",))
+    assert moved.primary_portal == "10.0.0.49:3299"
+    assert control.assignments_for("n1") == (moved,)
+    assert control.step(104.0).published == ()  # settled: no further epoch

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sparrow.cluster.authority import AuthorityStore, VolumeRecord
+from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import (
@@ -25,6 +26,7 @@ from sparrow.cluster.messages import (
 )
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import (
+    LIVE_INCARNATION,
     MAX_WRITE_BUFFER,
     HeartbeatServer,
     NodeConnection,
@@ -33,6 +35,8 @@ from sparrow.master.heartbeat_server import (
 
 MiB = 1 << 20
 TIMING = LeaseConfig()
+SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
+WRONG = ClusterSecret.from_text(b"another-secret-of-at-least-32-characters!")
 
 
 class FakeTransport(asyncio.Transport):
@@ -42,6 +46,10 @@ class FakeTransport(asyncio.Transport):
         self.closing = False
         self.aborted = False
         self.buffer_size = 0
+        #: The node's end of the channel, once the handshake is done (acks() opens the records).
+        self.client: Channel | None = None
+        self._read = 0
+        self._plain = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
@@ -63,8 +71,11 @@ class FakeTransport(asyncio.Transport):
         return ("192.0.2.7", 40000) if name == "peername" else default
 
     def acks(self) -> list[Ack]:
+        if self.client is not None:
+            new, self._read = bytes(self.written[self._read :]), len(self.written)
+            self._plain += b"".join(e.data for e in self.client.feed(new, 0.0) if isinstance(e, Plaintext))
         decoder = FrameDecoder()
-        decoder.feed(bytes(self.written))
+        decoder.feed(bytes(self._plain))
         out = []
         while (message := decoder.next_message()) is not None:
             assert isinstance(message, Ack)
@@ -87,16 +98,35 @@ def store(tmp_path: Path) -> Iterator[AuthorityStore]:
     s.close()
 
 
+class Link:
+    """The master's connection as a node with the cluster secret drives it: every
+    ``data_received`` is sealed in one channel record first."""
+
+    def __init__(self, conn: NodeConnection, client: Channel) -> None:
+        self.conn = conn
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.data_received(self.client.send(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
 class Harness:
-    def __init__(self, store: AuthorityStore) -> None:
+    def __init__(self, store: AuthorityStore, **server: Any) -> None:
         self.store = store
         self.clock = Clock()
         self.control: ControlLoop = restore(store, TIMING, self.clock())
         self.hellos: list[Hello] = []
         self.heartbeats = 0
         self.errors: list[str] = []
+        self.refused: list[str] = []
         self.server = HeartbeatServer(
             self.control,
+            secret=SECRET,
+            on_refused=self.refused.append,
+            **server,
             lease_seconds=TIMING.lease_seconds,
             clock=self.clock,
             on_hello=self.on_hello,
@@ -111,11 +141,23 @@ class Harness:
     def on_heartbeat(self) -> None:
         self.heartbeats += 1
 
-    def connect(self) -> tuple[NodeConnection, FakeTransport]:
+    def raw(self) -> tuple[NodeConnection, FakeTransport]:
+        """A TCP connection, before any handshake."""
         conn = self.server.protocol()
         transport = FakeTransport()
         conn.connection_made(transport)
         return conn, transport
+
+    def connect(self, secret: ClusterSecret = SECRET) -> tuple[Link, FakeTransport]:
+        """A connection that has completed the channel handshake with ``secret``."""
+        conn, transport = self.raw()
+        client = Channel(secret, Side.CLIENT, Purpose.HEARTBEAT, 0.0)
+        conn.data_received(client.initiate())
+        events = client.feed(bytes(transport.written), 0.0)
+        conn.data_received(b"".join(e.data for e in events if isinstance(e, HandshakeBytes)))
+        assert conn.channel.established
+        transport._read, transport.client = len(transport.written), client
+        return Link(conn, client), transport
 
 
 def hello(node_id: str = "n1", incarnation: int = 7) -> Hello:
@@ -249,7 +291,7 @@ def test_a_reconnect_with_a_new_incarnation_forgets_old_observations(store: Auth
     obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
     conn.data_received(encode(hello(incarnation=1)) + encode(heartbeat(1, obs)))
     conn.connection_lost(None)
-    assert conn not in h.server.connections
+    assert conn.conn not in h.server.connections
 
     again, transport = h.connect()
     again.data_received(encode(hello(incarnation=2)))
@@ -323,3 +365,134 @@ async def test_close_closes_every_connection(store: AuthorityStore) -> None:
     conns = [h.connect() for _ in range(3)]
     await h.server.close()
     assert all(t.closing for _, t in conns)
+
+
+# -- the cluster channel and the limits of the heartbeat port (issue 7) ---------------------------
+
+
+def test_a_plain_heartbeat_frame_without_the_handshake_is_refused_and_counted(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, transport = h.raw()
+    conn.data_received(encode(hello()) + encode(heartbeat(1)))
+    assert transport.aborted and transport.written == b""
+    assert h.refused == ["bad_magic"]
+    assert h.hellos == [] and not h.control.observations.known("n1")
+
+
+def test_a_node_with_the_wrong_secret_is_refused(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, transport = h.raw()
+    client = Channel(WRONG, Side.CLIENT, Purpose.HEARTBEAT, 0.0)
+    conn.data_received(client.initiate())
+    # The client sees the master cannot prove the secret it holds; a rogue sends a MAC anyway.
+    conn.data_received(bytes(32))
+    assert transport.aborted
+    assert h.refused == ["auth_failed"]
+    assert not h.control.observations.known("n1")
+
+
+def test_a_peer_that_gives_up_in_the_handshake_is_counted(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, _ = h.raw()
+    client = Channel(WRONG, Side.CLIENT, Purpose.HEARTBEAT, 0.0)
+    conn.data_received(client.initiate())
+    conn.connection_lost(None)  # the node saw the master's proof fail and left
+    assert h.refused == ["handshake_abandoned"]
+    assert h.server.handshaking == 0
+    link, _ = h.connect()
+    link.connection_lost(None)  # an authenticated connection that ends is no refusal
+    assert h.refused == ["handshake_abandoned"]
+
+
+def test_the_handshake_must_complete_in_time(store: AuthorityStore) -> None:
+    h = Harness(store, handshake_timeout=5.0)
+    conn, transport = h.raw()
+    conn.data_received(b"SPR")
+    assert conn.deadline() == 55.0
+    h.clock.now = 54.9
+    conn.check_deadline()
+    assert not transport.closing
+    h.clock.now = 55.0
+    conn.check_deadline()
+    assert transport.aborted and h.refused == ["handshake_timeout"]
+
+
+def test_connections_past_the_handshake_cap_are_closed_at_once(store: AuthorityStore) -> None:
+    h = Harness(store, max_handshaking=2)
+    pending = [h.raw() for _ in range(2)]
+    assert not any(t.closing for _, t in pending)
+    _, third = h.raw()
+    assert third.aborted and h.refused == ["handshake_cap"]
+    pending[0][0].connection_lost(None)  # one leaves the handshake: room for one more
+    _, fourth = h.raw()
+    assert not fourth.closing
+    _, fifth = h.raw()
+    assert fifth.aborted and h.refused == ["handshake_cap", "handshake_abandoned", "handshake_cap"]
+
+
+def test_an_authenticated_connection_leaves_the_handshake_count(store: AuthorityStore) -> None:
+    h = Harness(store, max_handshaking=1)
+    for _ in range(3):
+        link, transport = h.connect()
+        assert not transport.closing and link.conn.channel.established
+    assert h.server.handshaking == 0
+
+
+def test_a_truncated_heartbeat_frame_is_closed_after_the_frame_timeout(store: AuthorityStore) -> None:
+    h = Harness(store, frame_timeout=2.0)
+    link, transport = h.connect()
+    link.data_received(encode(hello()))
+    link.data_received(encode(heartbeat(1))[:-3])  # a whole record holding part of a frame
+    assert link.deadline() == 52.0
+    h.clock.now = 52.0
+    link.check_deadline()
+    assert transport.aborted and h.errors == ["frame_timeout"]
+
+
+def test_a_truncated_record_is_closed_after_the_frame_timeout(store: AuthorityStore) -> None:
+    h = Harness(store, frame_timeout=2.0)
+    link, transport = h.connect()
+    link.conn.data_received(link.client.send(encode(hello()))[:-1])
+    h.clock.now = 52.0
+    link.check_deadline()
+    assert transport.aborted and h.errors == ["frame_timeout"]
+
+
+def test_a_silent_authenticated_connection_is_closed_after_dead_after(store: AuthorityStore) -> None:
+    h = Harness(store)
+    link, transport = h.connect()
+    link.data_received(encode(hello()) + encode(heartbeat(1)))
+    assert link.deadline() == 50.0 + TIMING.dead_after
+    h.clock.now = 50.0 + TIMING.dead_after
+    link.check_deadline()
+    assert transport.aborted and h.errors == ["idle_timeout"]
+
+
+def test_a_second_live_incarnation_of_a_node_is_refused_until_the_first_is_gone(
+    store: AuthorityStore,
+) -> None:
+    h = Harness(store)
+    real, real_t = h.connect()
+    real.data_received(encode(hello(incarnation=1)) + encode(heartbeat(1)))
+
+    rogue, rogue_t = h.connect()
+    rogue.data_received(encode(hello(incarnation=2)) + encode(heartbeat(1)))
+    assert rogue_t.aborted and rogue_t.acks() == []
+    assert h.refused == [LIVE_INCARNATION]
+    assert h.control.observations.hello("n1") == hello(incarnation=1)  # nothing of it recorded
+    h.clock.now = 51.0
+    real.data_received(encode(heartbeat(2)))
+    assert [a.seq for a in real_t.acks()] == [1, 2] and not real_t.closing
+
+    # Silent past dead_after (a host that vanished): the new incarnation is admitted.
+    h.clock.now = 51.0 + TIMING.dead_after
+    late, late_t = h.connect()
+    late.data_received(encode(hello(incarnation=3)) + encode(heartbeat(3)))
+    assert not late_t.closing and [a.seq for a in late_t.acks()] == [3]
+
+    # A restart (the old connection closed): admitted at once.
+    late.connection_lost(None)
+    again, again_t = h.connect()
+    again.data_received(encode(hello(incarnation=4)) + encode(heartbeat(4)))
+    assert not again_t.closing and [a.seq for a in again_t.acks()] == [4]
+    assert h.refused == [LIVE_INCARNATION]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparrow import cli
+from sparrow.cluster.channel import generate_cluster_secret, load_cluster_secret
 from sparrow.config import ConfigError, HostPort
 from sparrow.node import daemon
 from sparrow.node.daemon import NodeConfig, advertised, filesystem_bytes, node_config
@@ -15,8 +16,15 @@ from sparrow.node.daemon import NodeConfig, advertised, filesystem_bytes, node_c
 REQUIRED: dict[str, object] = {"data_dir": "/d", "node_id": "n1", "master": "10.0.0.9:3290"}
 
 
-def test_defaults() -> None:
-    config = node_config(**REQUIRED)  # type: ignore[arg-type]
+@pytest.fixture
+def secret_file(tmp_path: Path) -> str:
+    path = tmp_path / "cluster.secret"
+    generate_cluster_secret(path)
+    return str(path)
+
+
+def test_defaults(secret_file: str) -> None:
+    config = node_config(**REQUIRED, cluster_secret_file=secret_file)  # type: ignore[arg-type]
     assert config == NodeConfig(
         data_dir=Path("/d"),
         node_id="n1",
@@ -24,7 +32,22 @@ def test_defaults() -> None:
         iscsi=HostPort("0.0.0.0", 3260),
         replication=HostPort("0.0.0.0", 3291),
         http=HostPort("127.0.0.1", 3281),
+        cluster_secret=load_cluster_secret(Path(secret_file)),
     )
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        (None, "--cluster-secret-file is required: make a secret with `sparrow secret generate PATH`"),
+        ("/nonexistent/cluster.secret", "does not exist"),
+    ],
+)
+def test_a_node_without_a_cluster_secret_is_a_usage_error(secret: str | None, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        node_config(**REQUIRED, cluster_secret_file=secret)  # type: ignore[arg-type]
+    assert info.value.usage
+    assert message in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -40,9 +63,9 @@ def test_defaults() -> None:
         ({"heartbeat_interval": 0.0}, "must be positive"),
     ],
 )
-def test_bad_flags_are_usage_errors(override: dict[str, object], message: str) -> None:
+def test_bad_flags_are_usage_errors(override: dict[str, object], message: str, secret_file: str) -> None:
     with pytest.raises(ConfigError) as info:
-        node_config(**{**REQUIRED, **override})  # type: ignore[arg-type]
+        node_config(**{**REQUIRED, "cluster_secret_file": secret_file, **override})  # type: ignore[arg-type]
     assert info.value.usage
     assert message in str(info.value)
 
@@ -57,7 +80,9 @@ def test_filesystem_bytes(tmp_path: Path) -> None:
     assert capacity >= free > 0
 
 
-def test_sparrow_node_runs_the_node_daemon_with_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sparrow_node_runs_the_node_daemon_with_the_flags(
+    monkeypatch: pytest.MonkeyPatch, secret_file: str
+) -> None:
     seen: list[NodeConfig] = []
 
     def fake_run(config: NodeConfig) -> int:
@@ -67,6 +92,7 @@ def test_sparrow_node_runs_the_node_daemon_with_the_flags(monkeypatch: pytest.Mo
     monkeypatch.setattr(daemon, "run", fake_run)
     monkeypatch.setattr("sparrow.logs.configure_logging", lambda *a, **k: None)
     argv = ["node", "--data-dir", "/d", "--node-id", "n1", "--master", "m:3290", "--iscsi", "127.0.0.1:3300"]
+    argv += ["--cluster-secret-file", secret_file]
     assert cli.main([*argv, "--heartbeat-interval", "0.5"]) == 0
     [config] = seen
     assert (config.node_id, config.master, config.iscsi) == (
@@ -81,3 +107,11 @@ def test_sparrow_node_without_its_flags_is_a_usage_error() -> None:
     err = io.StringIO()
     assert cli.main(["node", "--node-id", "n1"], out=io.StringIO(), err=err) == 2
     assert "--data-dir is required" in err.getvalue()
+
+
+def test_sparrow_node_without_a_secret_says_how_to_make_one(tmp_path: Path) -> None:
+    err = io.StringIO()
+    argv = ["node", "--data-dir", str(tmp_path), "--node-id", "n1", "--master", "m:3290"]
+    assert cli.main(argv, out=io.StringIO(), err=err) == 2
+    assert err.getvalue().count("\n") == 1
+    assert "sparrow secret generate PATH" in err.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.heartbeat import ErrorCode, HeartbeatProtocolError, decode, encode
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import (
@@ -16,6 +17,8 @@ from sparrow.cluster.messages import (
     VolumeObservation,
 )
 from sparrow.node.heartbeat_client import Backoff, HeartbeatSession
+
+SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 
 HELLO = Hello("n1", 7, "10.0.0.1:3260", "10.0.0.1:3291", "127.0.0.1:3281", 1 << 40, 1 << 39)
 VOL = "ab" * 16
@@ -142,20 +145,30 @@ async def test_a_master_that_goes_silent_is_left_and_dialled_again() -> None:
         if connections == 2:
             second_connection.set()
         decoder = FrameDecoder()
+        channel = Channel(SECRET, Side.SERVER, Purpose.HEARTBEAT, 0.0)
         acked = False
         while data := await reader.read(65536):
-            decoder.feed(data)
+            for event in channel.feed(data, 0.0):
+                if isinstance(event, HandshakeBytes):
+                    writer.write(event.data)
+                elif isinstance(event, Plaintext):
+                    decoder.feed(event.data)
             while (msg := decoder.next_message()) is not None:
                 if isinstance(msg, Heartbeat) and not acked and connections == 1:
-                    writer.write(encode(Ack(msg.seq, 0.1, ())))
+                    writer.write(channel.send(encode(Ack(msg.seq, 0.1, ()))))
                     acked = True
         writer.close()
 
     server = await asyncio.start_server(silent_after_one_ack, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = HeartbeatClient(
-        ("127.0.0.1", port), HeartbeatSession(LeaseClock()), hello=lambda: HELLO,
-        observations=lambda now: (), on_ack=lambda ack: None, interval=0.02,
+        ("127.0.0.1", port),
+        HeartbeatSession(LeaseClock()),
+        secret=SECRET,
+        hello=lambda: HELLO,
+        observations=lambda now: (),
+        on_ack=lambda ack: None,
+        interval=0.02,
         backoff=Backoff(initial=0.01, maximum=0.02),
     )
     assert client.silence_limit() == 10.0  # before any Ack: twice the default lease
@@ -166,6 +179,56 @@ async def test_a_master_that_goes_silent_is_left_and_dialled_again() -> None:
         assert client.acks == 1
         assert client.silence_limit() == pytest.approx(0.2)  # 2 x the 0.1 s lease it was given
         assert client.last_error is not None and "no Ack" in client.last_error
+    finally:
+        await client.stop()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_master_without_the_cluster_secret_hears_no_hello() -> None:
+    """The node checks the master's proof before it says anything: a master with another secret
+    gets the channel's first message and nothing more, and the node keeps retrying."""
+    import asyncio
+
+    from sparrow.node.heartbeat_client import HeartbeatClient
+
+    received: list[bytes] = []
+    dialled = 0
+    dialled_again = asyncio.Event()
+    impostor = ClusterSecret.from_text(b"not-the-cluster-secret-but-32-chars-long")
+
+    async def impostor_master(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dialled
+        dialled += 1
+        if dialled == 2:  # the first attempt failed: the node tries again
+            dialled_again.set()
+        channel = Channel(impostor, Side.SERVER, Purpose.HEARTBEAT, 0.0)
+        while data := await reader.read(65536):
+            received.append(data)
+            for event in channel.feed(data, 0.0):
+                if isinstance(event, HandshakeBytes):
+                    writer.write(event.data)
+        writer.close()
+
+    server = await asyncio.start_server(impostor_master, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = HeartbeatClient(
+        ("127.0.0.1", port),
+        HeartbeatSession(LeaseClock()),
+        secret=SECRET,
+        hello=lambda: HELLO,
+        observations=lambda now: (),
+        on_ack=lambda ack: None,
+        interval=0.02,
+        backoff=Backoff(initial=0.01, maximum=0.02),
+    )
+    client.start()
+    try:
+        async with asyncio.timeout(10):
+            await dialled_again.wait()
+        assert client.last_error is not None and "auth_failed" in client.last_error
+        assert client.acks == 0 and client.connections == 0
+        assert all(len(chunk) == 38 for chunk in received)  # only the channel's first message
     finally:
         await client.stop()
         server.close()

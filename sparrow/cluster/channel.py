@@ -1,0 +1,468 @@
+"""The cluster channel: a mutually authenticated, encrypted byte stream between cluster members
+(docs/cluster.md, "The cluster channel").
+
+Every member holds the same cluster secret (:func:`load_cluster_secret`): at least 32 characters of
+text in a file only its owner can read. From it, ``K = HKDF-SHA256(secret, info="sparrow cluster v1")``
+and the handshake key ``Ka = HKDF-SHA256(K, info="sparrow cluster v1 handshake")``. The secret and
+the keys never cross the wire.
+
+Handshake (fixed-size messages; ``purpose`` says what the stream carries, :class:`Purpose`)::
+
+    C -> S  b"SPRW" | version (1 byte) | purpose (1 byte) | nonce_c (32 bytes)
+    S -> C  nonce_s (32) | HMAC-SHA256(Ka, b"server" | transcript)
+    C -> S  HMAC-SHA256(Ka, b"client" | transcript)
+
+    transcript = b"SPRW" | version | purpose | nonce_c | nonce_s
+
+Each side checks the other's MAC with ``hmac.compare_digest``; the labels keep a MAC from being
+reflected to the other side, the fresh nonces keep a recorded handshake from being replayed. The
+client sends nothing but its handshake before it has checked the server's MAC; the server hands
+nothing to the layer above before it has checked the client's.
+
+Records: each direction gets its own key, ``HKDF-SHA256(K, salt=nonce_c | nonce_s,
+info=b"sparrow cluster v1 " + purpose + direction)``, and a record is ``length (4 bytes, big
+endian) | ChaCha20Poly1305(key, nonce=counter, plaintext, aad=length)``, the 96-bit nonce being
+the record's number in its direction (0, 1, 2 ...). A tampered, replayed, reordered or truncated
+record fails to open: :class:`ChannelError` with ``BAD_RECORD``; the connection is then closed.
+
+Sans-IO: :meth:`Channel.feed` takes bytes and ``now`` and returns :class:`ChannelEvent`\\ s
+(bytes to write during the handshake, ``Established``, plaintext); :meth:`Channel.send` seals
+plaintext. :meth:`Channel.deadline` is the one instant the asyncio layer arms a timer for, and
+:meth:`Channel.check` raises the timeout that has passed: the handshake must complete within
+``handshake_timeout``, a record once begun within ``frame_timeout``, and with ``idle_timeout`` set
+a record must arrive at least that often.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MAGIC = b"SPRW"
+VERSION = 1
+NONCE_SIZE = 32
+MAC_SIZE = 32
+TAG_SIZE = 16
+#: The length prefix of a record: unsigned 32-bit big-endian, the sealed size (tag included).
+RECORD_HEADER = struct.Struct(">I")
+CLIENT_HELLO = struct.Struct(f">4sBB{NONCE_SIZE}s")
+SERVER_HELLO_SIZE = NONCE_SIZE + MAC_SIZE
+CLIENT_FINISH_SIZE = MAC_SIZE
+#: The largest plaintext of one record by default (a heartbeat frame is at most 1 MiB + 4).
+DEFAULT_MAX_PLAINTEXT = (1 << 20) + 64
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_FRAME_TIMEOUT = 5.0
+#: The shortest cluster secret accepted (characters of text, e.g. 64 hex digits from `secret generate`).
+MIN_SECRET_LEN = 32
+#: A secret file larger than this is not a secret file.
+MAX_SECRET_FILE = 4096
+_INFO = b"sparrow cluster v1"
+_MAX_COUNTER = 2**96 - 1
+
+
+class Purpose(enum.IntEnum):
+    """What a channel carries; bound into the handshake and the record keys."""
+
+    HEARTBEAT = 1
+    REPLICATION = 2
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class ChannelErrorCode(enum.Enum):
+    """Why a channel was closed; the value is the ``reason`` label of the refusal metrics."""
+
+    #: The first bytes are not ``SPRW`` (e.g. a plain heartbeat frame from a node with no secret).
+    BAD_MAGIC = "bad_magic"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    #: The peer opened the channel for another purpose.
+    WRONG_PURPOSE = "wrong_purpose"
+    #: The peer's MAC does not verify: it does not hold the cluster secret.
+    AUTH_FAILED = "auth_failed"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    #: A record was begun and not completed in time (a truncated frame).
+    FRAME_TIMEOUT = "frame_timeout"
+    #: No record within ``idle_timeout``.
+    IDLE_TIMEOUT = "idle_timeout"
+    RECORD_TOO_LARGE = "record_too_large"
+    #: A record that does not open: tampered, replayed, reordered or cut.
+    BAD_RECORD = "bad_record"
+    #: Bytes sent before the handshake completed, or the channel is already broken.
+    NOT_ESTABLISHED = "not_established"
+
+
+class ChannelError(Exception):
+    """The channel cannot go on; ``code`` says why. The connection is closed."""
+
+    def __init__(self, code: ChannelErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class SecretError(Exception):
+    """A cluster secret file that is missing, unreadable, too short or readable by others."""
+
+
+# -- the secret ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSecret:
+    """The key derived from a cluster secret (``K``); the secret text itself is not kept."""
+
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def from_text(cls, text: bytes) -> ClusterSecret:
+        text = text.strip()
+        if len(text) < MIN_SECRET_LEN:
+            raise SecretError(f"a cluster secret needs at least {MIN_SECRET_LEN} characters, got {len(text)}")
+        return cls(_hkdf(text, salt=None, info=_INFO))
+
+    @property
+    def handshake_key(self) -> bytes:
+        return _hkdf(self.key, salt=None, info=_INFO + b" handshake")
+
+
+def _hkdf(key: bytes, *, salt: bytes | None, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
+
+
+def load_cluster_secret(path: Path) -> ClusterSecret:
+    """Read the secret at ``path``: it must exist, be a regular file not readable or writable by
+    group or others (like an ssh key), and hold at least MIN_SECRET_LEN characters. Raises
+    :class:`SecretError` with a one-line reason."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise SecretError(f"cluster secret file {path} does not exist") from None
+    except OSError as e:
+        raise SecretError(f"cannot open cluster secret file {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretError(f"cluster secret file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise SecretError(
+                f"cluster secret file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+            )
+        data = os.read(fd, MAX_SECRET_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE:
+        raise SecretError(f"cluster secret file {path} is larger than {MAX_SECRET_FILE} bytes")
+    try:
+        return ClusterSecret.from_text(data)
+    except SecretError as e:
+        raise SecretError(f"cluster secret file {path}: {e}") from None
+
+
+def generate_cluster_secret(path: Path) -> None:
+    """Write a fresh secret (64 hex digits, 256 random bits) to ``path``, mode 0600; refuses to
+    overwrite an existing file (raises FileExistsError)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, os.urandom(32).hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_cluster_secret(path: Path) -> ClusterSecret:
+    """The secret at ``path``, made first if there is none (``sparrow serve``'s own secret)."""
+    try:
+        generate_cluster_secret(path)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise SecretError(f"cannot create cluster secret file {path}: {e.strerror or e}") from None
+    return load_cluster_secret(path)
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeBytes:
+    """Bytes of the handshake to write to the peer now."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """Both ends are authenticated; :meth:`Channel.send` may be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plaintext:
+    """The opened content of one record from the peer."""
+
+    data: bytes
+
+
+ChannelEvent = HandshakeBytes | Established | Plaintext
+
+
+class _State(enum.Enum):
+    #: Client: ClientHello written, waiting for ServerHello. Server: waiting for ClientHello.
+    HELLO = "hello"
+    #: Server: ServerHello written, waiting for the client's MAC.
+    FINISH = "finish"
+    OPEN = "open"
+    BROKEN = "broken"
+
+
+# -- the channel -----------------------------------------------------------------------------------
+
+
+class Channel:
+    """One end of a cluster channel (``side``); see the module docstring."""
+
+    def __init__(
+        self,
+        secret: ClusterSecret,
+        side: Side,
+        purpose: Purpose,
+        now: float,
+        *,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = None,
+        max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.secret = secret
+        self.side = side
+        self.purpose = purpose
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.max_plaintext = max_plaintext
+        self._random = random_bytes
+        self._state = _State.HELLO
+        self._buffer = bytearray()
+        self._started = now
+        #: When the record now partly buffered began to arrive (None: no partial record).
+        self._partial_since: float | None = None
+        self._last_record = now
+        self._fed_at = now
+        self._nonce_c = b""
+        self._nonce_s = b""
+        self._seal: ChaCha20Poly1305 | None = None
+        self._open: ChaCha20Poly1305 | None = None
+        self._send_counter = 0
+        self._recv_counter = 0
+        self._error: ChannelError | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self._state is _State.OPEN
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed (a partial handshake message or record)."""
+        return len(self._buffer)
+
+    def deadline(self) -> float | None:
+        """The instant :meth:`check` will next raise at, unless bytes arrive first."""
+        if self._state is _State.BROKEN:
+            return None
+        if self._state is not _State.OPEN:
+            return self._started + self.handshake_timeout
+        deadlines = []
+        if self._partial_since is not None:
+            deadlines.append(self._partial_since + self.frame_timeout)
+        if self.idle_timeout is not None:
+            deadlines.append(self._last_record + self.idle_timeout)
+        return min(deadlines) if deadlines else None
+
+    def check(self, now: float) -> None:
+        """Raise ChannelError if a deadline has passed at ``now``."""
+        if self._error is not None:
+            raise self._error
+        if self._state is not _State.OPEN:
+            if now >= self._started + self.handshake_timeout:
+                self._fail(
+                    ChannelErrorCode.HANDSHAKE_TIMEOUT,
+                    f"handshake not complete after {self.handshake_timeout}s",
+                )
+            return
+        if self._partial_since is not None and now >= self._partial_since + self.frame_timeout:
+            self._fail(
+                ChannelErrorCode.FRAME_TIMEOUT,
+                f"a record begun {now - self._partial_since:.1f}s ago is incomplete ({self.buffered} bytes)",
+            )
+        if self.idle_timeout is not None and now >= self._last_record + self.idle_timeout:
+            self._fail(ChannelErrorCode.IDLE_TIMEOUT, f"no record for {now - self._last_record:.1f}s")
+
+    def _fail(self, code: ChannelErrorCode, message: str) -> NoReturn:
+        self._error = ChannelError(code, message)
+        self._state = _State.BROKEN
+        self._buffer.clear()
+        raise self._error
+
+    # -- handshake ---------------------------------------------------------------------------------
+
+    def initiate(self) -> bytes:
+        """The client's first message (call once, right after connecting)."""
+        if self.side is not Side.CLIENT or self._nonce_c:
+            raise RuntimeError("initiate() is called once, by the client")
+        self._nonce_c = self._random(NONCE_SIZE)
+        return CLIENT_HELLO.pack(MAGIC, VERSION, int(self.purpose), self._nonce_c)
+
+    def _transcript(self) -> bytes:
+        return MAGIC + bytes((VERSION, int(self.purpose))) + self._nonce_c + self._nonce_s
+
+    def _mac(self, label: bytes) -> bytes:
+        return hmac.new(self.secret.handshake_key, label + self._transcript(), hashlib.sha256).digest()
+
+    def _keys(self) -> None:
+        salt = self._nonce_c + self._nonce_s
+        base = _INFO + b" " + bytes((int(self.purpose),))
+        c2s = ChaCha20Poly1305(_hkdf(self.secret.key, salt=salt, info=base + b" c2s"))
+        s2c = ChaCha20Poly1305(_hkdf(self.secret.key, salt=salt, info=base + b" s2c"))
+        self._seal, self._open = (c2s, s2c) if self.side is Side.CLIENT else (s2c, c2s)
+
+    def _take(self, size: int) -> bytes | None:
+        if len(self._buffer) < size:
+            return None
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _server_hello(self, events: list[ChannelEvent]) -> bool:
+        # Reject a wrong magic as soon as the bytes that contradict it arrive.
+        head = bytes(self._buffer[: len(MAGIC)])
+        if head != MAGIC[: len(head)]:
+            self._fail(ChannelErrorCode.BAD_MAGIC, f"not a cluster channel (first bytes {head.hex()})")
+        message = self._take(CLIENT_HELLO.size)
+        if message is None:
+            return False
+        _, version, purpose, nonce_c = CLIENT_HELLO.unpack(message)
+        if version != VERSION:
+            self._fail(ChannelErrorCode.UNSUPPORTED_VERSION, f"channel version {version}, expected {VERSION}")
+        if purpose != int(self.purpose):
+            self._fail(ChannelErrorCode.WRONG_PURPOSE, f"purpose {purpose}, expected {int(self.purpose)}")
+        self._nonce_c = nonce_c
+        self._nonce_s = self._random(NONCE_SIZE)
+        events.append(HandshakeBytes(self._nonce_s + self._mac(b"server")))
+        self._state = _State.FINISH
+        return True
+
+    def _client_hello_answer(self, events: list[ChannelEvent]) -> bool:
+        message = self._take(SERVER_HELLO_SIZE)
+        if message is None:
+            return False
+        self._nonce_s = message[:NONCE_SIZE]
+        if not hmac.compare_digest(message[NONCE_SIZE:], self._mac(b"server")):
+            self._fail(ChannelErrorCode.AUTH_FAILED, "the server does not hold the cluster secret")
+        events.append(HandshakeBytes(self._mac(b"client")))
+        self._open_channel(events)
+        return True
+
+    def _server_finish(self, events: list[ChannelEvent]) -> bool:
+        message = self._take(CLIENT_FINISH_SIZE)
+        if message is None:
+            return False
+        if not hmac.compare_digest(message, self._mac(b"client")):
+            self._fail(ChannelErrorCode.AUTH_FAILED, "the client does not hold the cluster secret")
+        self._open_channel(events)
+        return True
+
+    def _open_channel(self, events: list[ChannelEvent]) -> None:
+        self._keys()
+        self._state = _State.OPEN
+        self._last_record = self._fed_at  # the idle clock starts when the channel opens
+        events.append(Established())
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def send(self, plaintext: bytes) -> bytes:
+        """One sealed record carrying ``plaintext`` (write it as is)."""
+        if self._state is not _State.OPEN or self._seal is None:
+            raise ChannelError(ChannelErrorCode.NOT_ESTABLISHED, "send before the handshake completed")
+        if len(plaintext) > self.max_plaintext:
+            raise ChannelError(
+                ChannelErrorCode.RECORD_TOO_LARGE, f"{len(plaintext)} bytes exceed {self.max_plaintext}"
+            )
+        if self._send_counter > _MAX_COUNTER:
+            raise ChannelError(ChannelErrorCode.BAD_RECORD, "record counter exhausted")
+        header = RECORD_HEADER.pack(len(plaintext) + TAG_SIZE)
+        sealed = self._seal.encrypt(self._send_counter.to_bytes(12, "big"), plaintext, header)
+        self._send_counter += 1
+        return header + sealed
+
+    def _record(self, events: list[ChannelEvent], now: float) -> bool:
+        if not self._buffer:
+            self._partial_since = None
+            return False
+        if self._partial_since is None:
+            self._partial_since = now
+        if len(self._buffer) < RECORD_HEADER.size:
+            return False
+        (length,) = RECORD_HEADER.unpack_from(self._buffer)
+        if length < TAG_SIZE or length > self.max_plaintext + TAG_SIZE:
+            self._fail(ChannelErrorCode.RECORD_TOO_LARGE, f"record of {length} bytes")
+        end = RECORD_HEADER.size + length
+        if len(self._buffer) < end:
+            return False
+        header = bytes(self._buffer[: RECORD_HEADER.size])
+        sealed = bytes(self._buffer[RECORD_HEADER.size : end])
+        del self._buffer[:end]
+        assert self._open is not None
+        try:
+            plaintext = self._open.decrypt(self._recv_counter.to_bytes(12, "big"), sealed, header)
+        except InvalidTag:
+            self._fail(ChannelErrorCode.BAD_RECORD, f"record {self._recv_counter} does not open")
+        self._recv_counter += 1
+        self._last_record = now
+        self._partial_since = now if self._buffer else None
+        events.append(Plaintext(plaintext))
+        return True
+
+    def feed(self, data: bytes, now: float) -> list[ChannelEvent]:
+        """Take ``data`` from the peer at ``now``; returns what follows from it, in order. Raises
+        ChannelError (and stays broken) on anything the protocol does not allow or a passed deadline."""
+        if self._error is not None:
+            raise self._error
+        self.check(now)
+        if self.side is Side.CLIENT and not self._nonce_c:
+            raise RuntimeError("the client must initiate() first")
+        self._fed_at = now
+        self._buffer += data
+        events: list[ChannelEvent] = []
+        while True:
+            if self._state is _State.HELLO:
+                progressed = (
+                    self._server_hello(events)
+                    if self.side is Side.SERVER
+                    else self._client_hello_answer(events)
+                )
+            elif self._state is _State.FINISH:
+                progressed = self._server_finish(events)
+            else:
+                progressed = self._record(events, now)
+            if not progressed:
+                return events

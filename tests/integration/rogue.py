@@ -1,0 +1,165 @@
+"""Heartbeat-codec peers for integration tests, with or without the cluster secret.
+
+:func:`secret_file` gives a test cluster its one secret file. :class:`NodeLink` is a blocking
+client of a real master's heartbeat port: it runs the cluster channel's handshake with a secret
+(or skips it: ``secret=None`` sends plain heartbeat frames, as a process without the secret would)
+and then speaks the heartbeat codec through the channel. :func:`accept_channel` is the same for a
+fake master's end of a connection from a real node.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import msgpack
+
+from sparrow.cluster.channel import (
+    Channel,
+    ChannelError,
+    ClusterSecret,
+    HandshakeBytes,
+    Plaintext,
+    Purpose,
+    Side,
+    generate_cluster_secret,
+    load_cluster_secret,
+)
+from sparrow.cluster.heartbeat import HEADER, FrameDecoder, encode
+from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message, VolumeObservation
+
+SECRET_NAME = "cluster.secret"
+
+
+def secret_file(root: Path) -> Path:
+    """``ROOT/cluster.secret``, made (0600) on first use."""
+    path = root / SECRET_NAME
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        generate_cluster_secret(path)
+    return path
+
+
+def secret_of(root: Path) -> ClusterSecret:
+    return load_cluster_secret(secret_file(root))
+
+
+def other_secret() -> ClusterSecret:
+    return ClusterSecret.from_text(b"not-the-cluster-secret-" + b"x" * 32)
+
+
+class Closed(Exception):
+    """The peer closed the connection (or it failed)."""
+
+
+class NodeLink:
+    """One heartbeat connection to a master, as a node (honest or not) would open it."""
+
+    def __init__(self, port: int, secret: ClusterSecret | None, *, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.decoder = FrameDecoder()
+        self.channel: Channel | None = None
+        self.sent: list[bytes] = []
+        if secret is not None:
+            try:
+                self._handshake(secret)
+            except BaseException:
+                self.sock.close()
+                raise
+
+    def _handshake(self, secret: ClusterSecret) -> None:
+        self.channel = Channel(secret, Side.CLIENT, Purpose.HEARTBEAT, time.monotonic())
+        self._raw(self.channel.initiate())
+        while not self.channel.established:
+            for event in self.channel.feed(self._recv(), time.monotonic()):
+                if isinstance(event, HandshakeBytes):
+                    self._raw(event.data)
+
+    def _raw(self, data: bytes) -> None:
+        self.sent.append(data)
+        self.sock.sendall(data)
+
+    def _recv(self) -> bytes:
+        try:
+            data = self.sock.recv(65536)
+        except OSError as e:
+            raise Closed(str(e)) from None
+        if not data:
+            raise Closed("closed by the master")
+        return data
+
+    def send_plain(self, data: bytes) -> None:
+        """``data`` as the content of one channel record (or as is, with no channel)."""
+        self._raw(data if self.channel is None else self.channel.send(data))
+
+    def send(self, message: Message) -> None:
+        self.send_plain(encode(message))
+
+    def receive(self) -> Message:
+        while True:
+            message = self.decoder.next_message()
+            if message is not None:
+                return message
+            data = self._recv()
+            if self.channel is None:
+                self.decoder.feed(data)
+                continue
+            try:
+                events = self.channel.feed(data, time.monotonic())
+            except ChannelError as e:
+                raise Closed(str(e)) from None
+            for event in events:
+                if isinstance(event, Plaintext):
+                    self.decoder.feed(event.data)
+
+    def beat(self, seq: int, observations: tuple[VolumeObservation, ...] = ()) -> Ack:
+        self.send(Heartbeat(seq, observations))
+        ack = self.receive()
+        assert isinstance(ack, Ack) and ack.seq == seq, ack
+        return ack
+
+    def closed_within(self, seconds: float) -> bool:
+        """True if the master closes the connection within ``seconds`` (nothing else arrives)."""
+        self.sock.settimeout(seconds)
+        try:
+            return self.sock.recv(65536) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hello(node_id: str, incarnation: int, *, portal: str = "127.0.0.1:3261", free: int = 1 << 32) -> Hello:
+    return Hello(node_id, incarnation, portal, "127.0.0.1:7001", "127.0.0.1:8081", max(free, 1 << 40), free)
+
+
+def raw_hello(node_id: str, **fields: int) -> bytes:
+    """A Hello frame with any numbers (the Hello dataclass refuses out-of-range ones)."""
+    body = {
+        "t": "hello", "v": 1, "node_id": node_id, "incarnation": 1, "iscsi_portal": "127.0.0.1:3261",
+        "replication": "127.0.0.1:7001", "http": "127.0.0.1:8081", "capacity_bytes": 1 << 40,
+        "free_bytes": 1 << 40, **fields,
+    }  # fmt: skip
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
+
+
+def accept_channel(conn: socket.socket, secret: ClusterSecret) -> tuple[Channel, bytes]:
+    """Run the master's end of the handshake on ``conn``; returns the open channel and the
+    plaintext of any records that came with the client's last handshake message."""
+    channel = Channel(secret, Side.SERVER, Purpose.HEARTBEAT, time.monotonic())
+    plain = b""
+    while not channel.established:
+        data = conn.recv(65536)
+        if not data:
+            raise Closed("the node closed the connection in the handshake")
+        for event in channel.feed(data, time.monotonic()):
+            if isinstance(event, HandshakeBytes):
+                conn.sendall(event.data)
+            elif isinstance(event, Plaintext):
+                plain += event.data
+    return channel, plain
