@@ -557,7 +557,7 @@ def cmd_secret_generate(args: argparse.Namespace, out: TextIO) -> int:
     """``sparrow secret generate PATH``: a fresh cluster secret, 0600, never over an existing file."""
     from pathlib import Path
 
-    from sparrow.cluster.channel import generate_cluster_secret
+    from sparrow.clustersecret import generate_cluster_secret
 
     path = Path(args.path).expanduser()
     try:

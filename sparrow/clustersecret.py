@@ -3,15 +3,92 @@
 ``sparrow master`` and ``sparrow node`` need ``--cluster-secret-file PATH`` (a file made by ``sparrow
 secret generate PATH``, copied to every member, mode 0600); ``sparrow serve`` makes its own in its
 data directory (:data:`SERVE_SECRET_NAME`) unless the TOML config names one (``cluster_secret_file``).
-Every problem is one line: a :class:`~sparrow.config.ConfigError`.
+Every problem is one line: a :class:`~sparrow.config.ConfigError` (the file functions raise
+:class:`~sparrow.cluster.channel.SecretError`).
+
+The file is read as an ssh key is: a regular file, not a symlink, not readable or writable by group
+or others. :func:`generate_cluster_secret` writes it whole or not at all (a temporary file, fsynced,
+then linked into place), so a crash while ``sparrow serve`` makes its first secret never leaves an
+empty or partial file behind that would keep it from starting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from pathlib import Path
 
-from sparrow.cluster.channel import ClusterSecret, SecretError, ensure_cluster_secret, load_cluster_secret
+from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.config import ConfigError
+
+#: A secret file larger than this is not a secret file.
+MAX_SECRET_FILE = 4096
+
+
+def load_cluster_secret(path: Path) -> ClusterSecret:
+    """Read the secret at ``path``: it must exist, be a regular file not readable or writable by
+    group or others (like an ssh key), and hold at least MIN_SECRET_LEN characters. Raises
+    :class:`SecretError` with a one-line reason."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise SecretError(f"cluster secret file {path} does not exist") from None
+    except OSError as e:
+        raise SecretError(f"cannot open cluster secret file {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretError(f"cluster secret file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise SecretError(
+                f"cluster secret file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+            )
+        data = os.read(fd, MAX_SECRET_FILE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE:
+        raise SecretError(f"cluster secret file {path} is larger than {MAX_SECRET_FILE} bytes")
+    try:
+        return ClusterSecret.from_text(data)
+    except SecretError as e:
+        raise SecretError(f"cluster secret file {path}: {e}") from None
+
+
+def generate_cluster_secret(path: Path) -> None:
+    """Write a fresh secret (64 hex digits, 256 random bits) to ``path``, mode 0600, atomically;
+    refuses to overwrite an existing file (raises FileExistsError)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, os.urandom(32).hex().encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)  # atomic, and never replaces an existing file
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def ensure_cluster_secret(path: Path) -> ClusterSecret:
+    """The secret at ``path``, made first if there is none (``sparrow serve``'s own secret)."""
+    try:
+        generate_cluster_secret(path)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise SecretError(f"cannot create cluster secret file {path}: {e.strerror or e}") from None
+    return load_cluster_secret(path)
+
 
 FLAG = "--cluster-secret-file"
 #: ``sparrow serve``'s own secret, in its data directory.

@@ -1,10 +1,11 @@
 """The cluster channel: a mutually authenticated, encrypted byte stream between cluster members
 (docs/cluster.md, "The cluster channel").
 
-Every member holds the same cluster secret (:func:`load_cluster_secret`): at least 32 characters of
-text in a file only its owner can read. From it, ``K = HKDF-SHA256(secret, info="sparrow cluster v1")``
-and the handshake key ``Ka = HKDF-SHA256(K, info="sparrow cluster v1 handshake")``. The secret and
-the keys never cross the wire.
+Every member holds the same cluster secret (``sparrow.clustersecret`` reads it from a file only its
+owner can read): at least 32 characters of text. From it,
+``K = HKDF-SHA256(secret, info="sparrow cluster v1")`` and the handshake key
+``Ka = HKDF-SHA256(K, info="sparrow cluster v1 handshake")``. The secret and the keys never cross
+the wire.
 
 Handshake (fixed-size messages; ``purpose`` says what the stream carries, :class:`Purpose`)::
 
@@ -39,11 +40,9 @@ import enum
 import hashlib
 import hmac
 import os
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
@@ -67,8 +66,6 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_FRAME_TIMEOUT = 5.0
 #: The shortest cluster secret accepted (characters of text, e.g. 64 hex digits from `secret generate`).
 MIN_SECRET_LEN = 32
-#: A secret file larger than this is not a secret file.
-MAX_SECRET_FILE = 4096
 _INFO = b"sparrow cluster v1"
 _MAX_COUNTER = 2**96 - 1
 
@@ -117,7 +114,8 @@ class ChannelError(Exception):
 
 
 class SecretError(Exception):
-    """A cluster secret file that is missing, unreadable, too short or readable by others."""
+    """A cluster secret (or its file: sparrow.clustersecret) that is missing, unreadable, too short
+    or readable by others."""
 
 
 # -- the secret ------------------------------------------------------------------------------------
@@ -143,59 +141,6 @@ class ClusterSecret:
 
 def _hkdf(key: bytes, *, salt: bytes | None, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
-
-
-def load_cluster_secret(path: Path) -> ClusterSecret:
-    """Read the secret at ``path``: it must exist, be a regular file not readable or writable by
-    group or others (like an ssh key), and hold at least MIN_SECRET_LEN characters. Raises
-    :class:`SecretError` with a one-line reason."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise SecretError(f"cluster secret file {path} does not exist") from None
-    except OSError as e:
-        raise SecretError(f"cannot open cluster secret file {path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SecretError(f"cluster secret file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise SecretError(
-                f"cluster secret file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-            )
-        data = os.read(fd, MAX_SECRET_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SECRET_FILE:
-        raise SecretError(f"cluster secret file {path} is larger than {MAX_SECRET_FILE} bytes")
-    try:
-        return ClusterSecret.from_text(data)
-    except SecretError as e:
-        raise SecretError(f"cluster secret file {path}: {e}") from None
-
-
-def generate_cluster_secret(path: Path) -> None:
-    """Write a fresh secret (64 hex digits, 256 random bits) to ``path``, mode 0600; refuses to
-    overwrite an existing file (raises FileExistsError)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, os.urandom(32).hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_cluster_secret(path: Path) -> ClusterSecret:
-    """The secret at ``path``, made first if there is none (``sparrow serve``'s own secret)."""
-    try:
-        generate_cluster_secret(path)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise SecretError(f"cannot create cluster secret file {path}: {e.strerror or e}") from None
-    return load_cluster_secret(path)
 
 
 # -- events ----------------------------------------------------------------------------------------

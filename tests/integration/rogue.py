@@ -23,11 +23,10 @@ from sparrow.cluster.channel import (
     Plaintext,
     Purpose,
     Side,
-    generate_cluster_secret,
-    load_cluster_secret,
 )
 from sparrow.cluster.heartbeat import HEADER, FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message, VolumeObservation
+from sparrow.clustersecret import generate_cluster_secret, load_cluster_secret
 
 SECRET_NAME = "cluster.secret"
 

@@ -23,10 +23,8 @@ from sparrow.cluster.channel import (
     Purpose,
     SecretError,
     Side,
-    ensure_cluster_secret,
-    generate_cluster_secret,
-    load_cluster_secret,
 )
+from sparrow.clustersecret import ensure_cluster_secret, generate_cluster_secret, load_cluster_secret
 
 SECRET = ClusterSecret.from_text(b"0123456789abcdef0123456789abcdef0123456789abcdef")
 OTHER = ClusterSecret.from_text(b"fedcba9876543210fedcba9876543210fedcba9876543210")
@@ -195,6 +193,18 @@ def test_truncated_record_deadline_and_idle_deadline() -> None:
     with pytest.raises(ChannelError) as e:
         server.feed(b"", 14.0)
     assert e.value.code is ChannelErrorCode.IDLE_TIMEOUT
+
+
+def test_a_secret_file_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.secret"
+    # What a crash in the middle of an earlier attempt leaves: a partial temporary file, never `path`.
+    (tmp_path / f".cluster.secret.{os.getpid()}.tmp").write_bytes(b"01")
+    generate_cluster_secret(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.secret"]
+    assert len(path.read_bytes().strip()) == 64
+    with pytest.raises(FileExistsError):
+        generate_cluster_secret(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.secret"]
 
 
 def test_secret_files(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparrow import cli
-from sparrow.cluster.channel import generate_cluster_secret, load_cluster_secret
+from sparrow.clustersecret import generate_cluster_secret, load_cluster_secret
 from sparrow.config import ConfigError, HostPort
 from sparrow.node import daemon
 from sparrow.node.daemon import NodeConfig, advertised, filesystem_bytes, node_config
