@@ -42,7 +42,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from sparrow.sizes import SizeError, format_size, parse_size
@@ -235,17 +235,35 @@ def cmd_volume_create(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_volume_list(args: argparse.Namespace, out: TextIO) -> int:
     answer = _client(args).request("GET", "/v1/volumes")
-    volumes = answer.get("volumes", []) if isinstance(answer, dict) else []
-    if args.json:
-        print(json.dumps(volumes, indent=2), file=out)
-        return 0
-    if not volumes:
-        print("no volumes", file=out)
-        return 0
-    rows = [("NAME", "SIZE", "BLOCK", "IQN")]
-    rows += [(v["name"], format_size(v["size"]), str(v["block_size"]), v["iqn"]) for v in volumes]
-    _print_table(rows, out)
+    _print_listing(
+        answer,
+        "volumes",
+        out,
+        as_json=args.json,
+        header=("NAME", "SIZE", "BLOCK", "IQN"),
+        row=lambda v: (v["name"], format_size(v["size"]), str(v["block_size"]), v["iqn"]),
+    )
     return 0
+
+
+def _print_listing(
+    answer: Any,
+    key: str,
+    out: TextIO,
+    *,
+    as_json: bool,
+    header: Sequence[str],
+    row: Callable[[dict[str, Any]], Sequence[str]],
+) -> None:
+    """A list answer (``{key: [...]}``) as JSON, as "no KEY", or as a table of ``header`` and one
+    ``row(item)`` per item."""
+    items = answer.get(key, []) if isinstance(answer, dict) else []
+    if as_json:
+        print(json.dumps(items, indent=2), file=out)
+    elif not items:
+        print(f"no {key}", file=out)
+    else:
+        _print_table([header, *(row(item) for item in items)], out)
 
 
 def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
@@ -461,26 +479,19 @@ def cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
     """``sparrow node list``: the nodes the master knows (GET /v1/nodes)."""
     answer = _client(args).request("GET", "/v1/nodes")
-    nodes = answer.get("nodes", []) if isinstance(answer, dict) else []
-    if args.json:
-        print(json.dumps(nodes, indent=2), file=out)
-        return 0
-    if not nodes:
-        print("no nodes", file=out)
-        return 0
-    rows = [("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL")]
-    for n in nodes:
+
+    def row(n: dict[str, Any]) -> tuple[str, ...]:
         age = n.get("last_heartbeat_age")
-        rows.append(
-            (
-                str(n["node_id"]),
-                str(n["state"]),
-                str(n["incarnation"]),
-                "-" if age is None else f"{age:.1f}s ago",
-                str(n.get("iscsi_portal") or "-"),
-            )
+        return (
+            str(n["node_id"]),
+            str(n["state"]),
+            str(n["incarnation"]),
+            "-" if age is None else f"{age:.1f}s ago",
+            str(n.get("iscsi_portal") or "-"),
         )
-    _print_table(rows, out)
+
+    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL")
+    _print_listing(answer, "nodes", out, as_json=args.json, header=header, row=row)
     return 0
 
 

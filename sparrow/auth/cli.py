@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sparrow.auth import tokens
-from sparrow.cli import CliError, UsageError, _client, _print_table, _quote
+from sparrow.cli import CliError, UsageError, _client, _print_listing, _quote
 
 
 def cmd_token_create(args: argparse.Namespace, out: TextIO) -> int:
@@ -65,18 +65,13 @@ def _create_offline(data_dir: Path, role: str, tenant: str | None, name: str | N
 
 def cmd_token_list(args: argparse.Namespace, out: TextIO) -> int:
     answer = _client(args).request("GET", "/v1/tokens")
-    items = answer.get("tokens", []) if isinstance(answer, dict) else []
-    if args.json:
-        print(json.dumps(items, indent=2), file=out)
-        return 0
-    if not items:
-        print("no tokens", file=out)
-        return 0
-    rows = [("ID", "ROLE", "TENANT", "NAME", "CREATED")]
-    for t in items:
+
+    def row(t: dict[str, Any]) -> tuple[str, ...]:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t["created_at"])))
-        rows.append((str(t["id"]), str(t["role"]), t.get("tenant") or "-", t.get("name") or "-", created))
-    _print_table(rows, out)
+        return (str(t["id"]), str(t["role"]), t.get("tenant") or "-", t.get("name") or "-", created)
+
+    header = ("ID", "ROLE", "TENANT", "NAME", "CREATED")
+    _print_listing(answer, "tokens", out, as_json=args.json, header=header, row=row)
     return 0
 
 
