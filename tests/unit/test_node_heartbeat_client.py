@@ -16,11 +16,25 @@ from sparrow.cluster.messages import (
     Role,
     VolumeObservation,
 )
-from sparrow.node.heartbeat_client import Backoff, HeartbeatSession
+from sparrow.node.heartbeat_client import Backoff, HeartbeatClient, HeartbeatSession
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 
 HELLO = Hello("n1", 7, "10.0.0.1:3260", "10.0.0.1:3291", "127.0.0.1:3281", 1 << 40, 1 << 39)
+
+
+def fast_client(port: int) -> HeartbeatClient:
+    """A client of a master on loopback ``port`` that heartbeats and reconnects every few ms."""
+    return HeartbeatClient(
+        ("127.0.0.1", port),
+        HeartbeatSession(LeaseClock()),
+        secret=SECRET,
+        hello=lambda: HELLO,
+        observations=lambda now: (),
+        on_ack=lambda ack: None,
+        interval=0.02,
+        backoff=Backoff(initial=0.01, maximum=0.02),
+    )
 VOL = "ab" * 16
 OBS = (VolumeObservation(VOL, 1, Role.PRIMARY, Health.OK, 0, (), True),)
 ASSIGNMENT = Assignment(VOL, "vol-a", 1 << 20, 512, 1, "n1", "10.0.0.1:3260", ("n1",))
@@ -134,7 +148,6 @@ async def test_a_master_that_goes_silent_is_left_and_dialled_again() -> None:
     import asyncio
 
     from sparrow.cluster.heartbeat import FrameDecoder
-    from sparrow.node.heartbeat_client import HeartbeatClient
 
     connections = 0
     second_connection = asyncio.Event()
@@ -161,16 +174,7 @@ async def test_a_master_that_goes_silent_is_left_and_dialled_again() -> None:
 
     server = await asyncio.start_server(silent_after_one_ack, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = HeartbeatClient(
-        ("127.0.0.1", port),
-        HeartbeatSession(LeaseClock()),
-        secret=SECRET,
-        hello=lambda: HELLO,
-        observations=lambda now: (),
-        on_ack=lambda ack: None,
-        interval=0.02,
-        backoff=Backoff(initial=0.01, maximum=0.02),
-    )
+    client = fast_client(port)
     assert client.silence_limit() == 10.0  # before any Ack: twice the default lease
     client.start()
     try:
@@ -190,7 +194,6 @@ async def test_a_master_without_the_cluster_secret_hears_no_hello() -> None:
     gets the channel's first message and nothing more, and the node keeps retrying."""
     import asyncio
 
-    from sparrow.node.heartbeat_client import HeartbeatClient
 
     received: list[bytes] = []
     dialled = 0
@@ -212,16 +215,7 @@ async def test_a_master_without_the_cluster_secret_hears_no_hello() -> None:
 
     server = await asyncio.start_server(impostor_master, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = HeartbeatClient(
-        ("127.0.0.1", port),
-        HeartbeatSession(LeaseClock()),
-        secret=SECRET,
-        hello=lambda: HELLO,
-        observations=lambda now: (),
-        on_ack=lambda ack: None,
-        interval=0.02,
-        backoff=Backoff(initial=0.01, maximum=0.02),
-    )
+    client = fast_client(port)
     client.start()
     try:
         async with asyncio.timeout(10):
