@@ -3,13 +3,14 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 3)::
+instant leaves either the old state or the new one. Tables (schema version 4)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
             physical_block_size, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret,
             backing)                                     (the last six: v2, all nullable)
-    nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen)
+    nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen,
+          forgotten_at)                                  (the last: v4, nullable)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
                 PRIMARY KEY (volume_id, epoch))
     tokens(token_id PK, role, tenant, name, secret_sha256, created_at, revoked_at)   (v3)
@@ -18,11 +19,20 @@ Rules the schema itself enforces (defence in depth behind the Publisher):
 
 - ``assignments`` is append-only (triggers refuse UPDATE and DELETE), and a new row's epoch must be
   exactly the volume's highest epoch + 1: epochs per volume are 1, 2, 3... with no gap and no reuse.
+- a new assignment may not name a forgotten node (``nodes.forgotten_at``; a trigger).
 - a token is never deleted, only revoked (``revoked_at``); only the sha256 of its secret is kept
   (sparrow.auth.tokens).
 - a volume is never deleted, only marked (``deleted_at``), so its epochs stay recorded and a
   volume id is never reused; ``name`` is unique among volumes not deleted (a partial unique
   index), so a name can be reused after its volume is deleted.
+
+Forgetting a node (``forget_node``): a node that no recorded assignment names is deleted; one that
+the history names keeps its row (the history's foreign key) and is marked ``forgotten_at``. A
+forgotten node is not a member: ``nodes()`` and ``AuthorityTransaction.node`` leave it out, so it is
+not listed, does not bound the size of a new volume, gets no lease at a master's start and cannot
+be placed on. Its Hello again (``upsert_node``) makes it a new node. A node the current assignment
+of a live volume names is never forgotten (``NodeHoldsCopy``), so an assignment in force never
+names a forgotten node.
 
 The store never mints an epoch: it has no method that invents an epoch number. It decodes the
 recorded ones with ``Epoch.restore``; only ``sparrow.cluster.publisher`` makes new ones.
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import sqlite3
 import threading
@@ -68,11 +79,17 @@ from sparrow.cluster.messages import (
     check_volume_id,
 )
 from store.metadata import SchemaTooNew
-from store.migrations import AUTHORITY_FILE, SchemaTooOld, authority_v1_to_v2, authority_v2_to_v3
+from store.migrations import (
+    AUTHORITY_FILE,
+    SchemaTooOld,
+    authority_v1_to_v2,
+    authority_v2_to_v3,
+    authority_v3_to_v4,
+)
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -120,15 +137,23 @@ class AuthorityError(Exception):
     """A change the authority store refuses (nothing was written)."""
 
 
-class NodeInHistory(AuthorityError):
-    """A node the assignment history names as primary: its record stays (a foreign key)."""
+class NodeHoldsCopy(AuthorityError):
+    """A node the current assignment of a live volume names (primary or replica): not forgotten."""
 
-    def __init__(self, node_id: str, volume_id: str, epoch: int) -> None:
-        super().__init__(
-            f"node {node_id!r} is primary in the recorded assignment of volume {volume_id} at epoch "
-            f"{epoch}; the authority keeps that history, so the node's record stays"
-        )
+    def __init__(self, node_id: str, volumes: tuple[str, ...]) -> None:
+        super().__init__(f"node {node_id!r} holds a copy of {', '.join(volumes)}; move or delete it first")
         self.node_id = node_id
+        #: The names of the volumes, sorted.
+        self.volumes = volumes
+
+
+class Forgotten(enum.Enum):
+    """What ``AuthorityStore.forget_node`` did."""
+
+    #: No assignment names the node: its row is gone.
+    REMOVED = "removed"
+    #: The assignment history names it: its row stays, marked ``forgotten_at``.
+    MARKED = "marked"
 
 
 class InvalidAuthorityRecord(AuthorityError, ValueError):
@@ -220,6 +245,8 @@ class NodeRecord:
     capacity: int
     first_seen: float
     last_seen: float
+    #: When it was forgotten (None: a member). ``nodes()`` never returns a forgotten node.
+    forgotten_at: float | None = None
 
 
 def _checked(check: Any, field: str, value: object) -> None:
@@ -269,6 +296,7 @@ def _node_from_row(row: sqlite3.Row) -> NodeRecord:
         row["capacity"],
         row["first_seen"],
         row["last_seen"],
+        row["forgotten_at"],
     )
 
 
@@ -300,7 +328,10 @@ class AuthorityTransaction:
         return None if row is None else _volume_from_row(row)
 
     def node(self, node_id: str) -> NodeRecord | None:
-        row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        """A member node (None: never said hello, or forgotten)."""
+        row = self._conn.execute(
+            "SELECT * FROM nodes WHERE node_id = ? AND forgotten_at IS NULL", (node_id,)
+        ).fetchone()
         return None if row is None else _node_from_row(row)
 
     def max_epoch(self, volume_id: str) -> Epoch | None:
@@ -390,6 +421,7 @@ class AuthorityStore:
                             conn.execute(statement)
                         authority_v1_to_v2.upgrade(conn)
                         authority_v2_to_v3.upgrade(conn)
+                        authority_v3_to_v4.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -542,7 +574,8 @@ class AuthorityStore:
     def upsert_node(
         self, node_id: str, *, incarnation: int, addresses: NodeAddresses, capacity: int, seen_at: float
     ) -> NodeRecord:
-        """Record a node's Hello: insert it, or update everything but ``first_seen``."""
+        """Record a node's Hello: insert it, or update everything but ``first_seen``. A forgotten
+        node's Hello makes it a new node: ``forgotten_at`` cleared, ``first_seen`` = ``seen_at``."""
         _checked(check_node_id, "node_id", node_id)
         _checked(check_uint, "incarnation", incarnation)
         _checked(check_uint, "capacity", capacity)
@@ -553,7 +586,9 @@ class AuthorityStore:
                 "INSERT INTO nodes (node_id, incarnation, addresses, capacity, first_seen, last_seen) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
                 "incarnation = excluded.incarnation, addresses = excluded.addresses, "
-                "capacity = excluded.capacity, last_seen = excluded.last_seen",
+                "capacity = excluded.capacity, last_seen = excluded.last_seen, "
+                "first_seen = CASE WHEN forgotten_at IS NULL THEN first_seen ELSE excluded.first_seen END, "
+                "forgotten_at = NULL",
                 (node_id, incarnation, addresses.to_json(), capacity, float(seen_at), float(seen_at)),
             )
             row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
@@ -569,22 +604,45 @@ class AuthorityStore:
             seen_at=seen_at,
         )
 
-    def forget_node(self, node_id: str) -> bool:
-        """Remove the node's record (False: there was none). Raises :class:`NodeInHistory` while a
-        recorded assignment, of any epoch, names it as primary (the history keeps its reference)."""
+    def forget_node(self, node_id: str, *, forgotten_at: float) -> Forgotten | None:
+        """Forget a member node (None: no such member, or already forgotten). A node that no
+        recorded assignment names (as primary or replica, any epoch, any volume) is deleted; one
+        the history names is marked ``forgotten_at`` (the append-only history keeps its foreign
+        key). Raises :class:`NodeHoldsCopy` while the current assignment of a live volume names
+        it. Whether the node is alive is the caller's to check (the store keeps no observations)."""
         with self._lock, immediate_transaction(self._conn):
             row = self._conn.execute(
-                "SELECT volume_id, epoch FROM assignments WHERE primary_node = ? ORDER BY volume_id, epoch",
+                "SELECT 1 FROM nodes WHERE node_id = ? AND forgotten_at IS NULL", (node_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            holding = self._conn.execute(
+                "SELECT DISTINCT v.name FROM volumes v JOIN assignments a ON a.volume_id = v.volume_id "
+                "AND a.epoch = (SELECT max(epoch) FROM assignments WHERE volume_id = v.volume_id) "
+                "WHERE v.deleted_at IS NULL AND (a.primary_node = ?1 "
+                "OR ?1 IN (SELECT value FROM json_each(a.replicas))) ORDER BY v.name",
+                (node_id,),
+            ).fetchall()
+            if holding:
+                raise NodeHoldsCopy(node_id, tuple(r["name"] for r in holding))
+            named = self._conn.execute(
+                "SELECT 1 FROM assignments WHERE primary_node = ?1 "
+                "OR ?1 IN (SELECT value FROM json_each(replicas)) LIMIT 1",
                 (node_id,),
             ).fetchone()
-            if row is not None:
-                raise NodeInHistory(node_id, row["volume_id"], row["epoch"])
-            deleted = self._conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount
-        return bool(deleted)
+            if named is None:
+                self._conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+                return Forgotten.REMOVED
+            self._conn.execute(
+                "UPDATE nodes SET forgotten_at = ? WHERE node_id = ?", (float(forgotten_at), node_id)
+            )
+            return Forgotten.MARKED
 
-    def nodes(self) -> tuple[NodeRecord, ...]:
+    def nodes(self, *, include_forgotten: bool = False) -> tuple[NodeRecord, ...]:
+        """Member nodes (and forgotten ones if asked), by node id."""
+        query = "SELECT * FROM nodes" + ("" if include_forgotten else " WHERE forgotten_at IS NULL")
         with self._lock:
-            rows = self._conn.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+            rows = self._conn.execute(query + " ORDER BY node_id").fetchall()
         return tuple(_node_from_row(r) for r in rows)
 
     # ---- tokens -------------------------------------------------------------------------------------

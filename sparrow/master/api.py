@@ -23,9 +23,9 @@ the controller says it cannot place it, or at the deadline; the answer is the vo
 
 ``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. A size larger
 than the largest capacity any node has reported (its Hello's ``capacity_bytes``, now or in an
-earlier run) is refused with 400; before any node has reported one, the size is not checked (the
-volume waits, unplaced, like any other). A volume on a ``backing`` device is not checked: the
-device holds the data, not the node's data directory. The volume id
+earlier run; not a forgotten node's) is refused with 400; before any node has reported one, the
+size is not checked (the volume waits, unplaced, like any other). A volume on a ``backing``
+device is not checked: the device holds the data, not the node's data directory. The volume id
 is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or none,
 mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
 ``backing`` (an absolute path on the node) is meant for the embedded one-node mode, where the
@@ -87,7 +87,7 @@ from sparrow.auth.tokens import Action, can_see
 from sparrow.cluster.authority import (
     AuthorityError,
     InvalidAuthorityRecord,
-    NodeInHistory,
+    NodeHoldsCopy,
     UnknownToken,
     UnknownVolume,
     VolumeExists,
@@ -384,28 +384,21 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def forget_node(request: web.Request) -> web.Response:
-    """Forget a dead node that holds no copy: its authority record and its observations."""
+    """Forget a dead node that holds no copy: its authority record (deleted, or marked forgotten
+    when the assignment history names it; AuthorityStore.forget_node) and its observations."""
     api = request.app[API_KEY]
     node_id = request.match_info["node_id"]
     control = api.control
     if control.observations.alive(node_id, api.clock()):
         raise ApiError(409, f"node {node_id!r} is alive; stop it (and wait until it is dead) first")
-    holding = sorted(
-        volume.name
-        for volume in control.desired()
-        if (a := control.current(volume.volume_id)) is not None
-        and (node_id == a.primary or node_id in a.replicas)
-    )
-    if holding:
-        raise ApiError(409, f"node {node_id!r} holds a copy of {', '.join(holding)}; move or delete it first")
     try:
-        recorded = await asyncio.to_thread(control.store.forget_node, node_id)
-    except NodeInHistory as e:
+        recorded = await asyncio.to_thread(control.store.forget_node, node_id, forgotten_at=api.wall_clock())
+    except NodeHoldsCopy as e:
         raise ApiError(409, str(e)) from None
     observed = control.observations.forget(node_id)
     if not (recorded or observed):
         raise ApiError(404, f"no node {node_id!r}")
-    log.info("node forgotten", node=node_id)
+    log.info("node forgotten", node=node_id, record=None if recorded is None else recorded.value)
     return web.Response(status=204)
 
 

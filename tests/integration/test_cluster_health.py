@@ -1,7 +1,7 @@
 """Issue 7 on a real cluster (a master and nodes on loopback, tests/integration/cluster.py):
 /healthz tells the truth about fenced and unserved volumes (503 with the reasons), a volume no
 node could hold is refused at create, and `sparrow node forget` removes only a dead node that
-holds no copy."""
+holds no copy (also one that the history of a deleted volume names)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,17 @@ def test_node_forget_removes_only_a_dead_node_that_holds_no_copy(cluster: Cluste
     missing = cluster.cli("node", "forget", idle.node_id, check=False)
     assert missing.returncode == 1 and f"no node {idle.node_id!r}" in missing.stderr
 
-    cluster.master.term()  # a restarted master does not bring it back
+    # The volume is deleted: its recorded history still names the holder as primary, and the
+    # holder is forgotten all the same (its record stays for the history, marked forgotten).
+    cluster.cli("volume", "delete", "v")
+    assert cluster.cli("node", "forget", holder.node_id).stdout == f"forgot node {holder.node_id}\n"
+    assert states() == {}
+    again = cluster.cli("node", "forget", holder.node_id, check=False)
+    assert again.returncode == 1 and f"no node {holder.node_id!r}" in again.stderr
+
+    cluster.master.term()  # a restarted master does not bring either back
     cluster.master.start()
-    assert states() == {holder.node_id: "dead"}
+    assert states() == {}
+
+    holder.start()  # its Hello again makes it a new node
+    wait_for(lambda: states() == {holder.node_id: "alive"}, timeout=10, what=f"{holder.node_id} back")

@@ -112,13 +112,13 @@ V1_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / AUTHORITY
 def test_a_v1_store_is_refused_with_the_migrate_command_and_migrate_fixes_it(tmp_path: Path) -> None:
     path = tmp_path / AUTHORITY_FILE
     shutil.copyfile(V1_FIXTURE, path)
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     with pytest.raises(SchemaTooOld) as info:
         AuthorityStore.open(path)
-    assert (info.value.found, info.value.required) == (1, 3)
+    assert (info.value.found, info.value.required) == (1, 4)
     assert info.value.command == f"sparrow migrate {tmp_path}"
     assert str(info.value) == (
-        f"{path} has schema version 1; this Sparrow needs version 3: stop Sparrow and run "
+        f"{path} has schema version 1; this Sparrow needs version 4: stop Sparrow and run "
         f"`sparrow migrate {tmp_path}`"
     )
     report = migrate(tmp_path)
@@ -298,6 +298,98 @@ def test_invalid_nodes_are_refused(
     with pytest.raises(InvalidAuthorityRecord, match=match):
         store.upsert_node(node_id, incarnation=1, addresses=addresses, capacity=1, seen_at=0.0)
     assert store.nodes() == ()
+
+
+# --- forgetting nodes (schema v4) --------------------------------------------------------------------
+
+
+def node(
+    store: AuthorityStore, node_id: str, addresses: NodeAddresses = ADDR_1, seen_at: float = 0.0
+) -> None:
+    store.upsert_node(node_id, incarnation=1, addresses=addresses, capacity=1 << 30, seen_at=seen_at)
+
+
+def test_forget_removes_a_node_no_assignment_names(store: AuthorityStore) -> None:
+    node(store, "n1")
+    node(store, "n2", ADDR_2)
+    assert store.forget_node("n2", forgotten_at=5.0) is authority.Forgotten.REMOVED
+    assert [n.node_id for n in store.nodes(include_forgotten=True)] == ["n1"]
+    assert store.forget_node("n2", forgotten_at=6.0) is None  # nothing left to forget
+    assert store.forget_node("never", forgotten_at=6.0) is None
+
+
+def test_forget_marks_a_node_only_the_history_of_deleted_volumes_names(
+    store: AuthorityStore, path: Path
+) -> None:
+    add(store, "vol1", VOL_A)
+    node(store, "n1")
+    node(store, "n2", ADDR_2)
+    publisher = Publisher(store, wall_clock=lambda: 1.0)
+    publisher.publish(Ask(VOL_A, "n1", ("n1", "n2")))
+    store.delete_volume(VOL_A, deleted_at=2.0)
+
+    assert store.forget_node("n1", forgotten_at=5.0) is authority.Forgotten.MARKED  # the primary
+    assert store.forget_node("n2", forgotten_at=6.0) is authority.Forgotten.MARKED  # a replica
+    assert store.nodes() == ()
+    assert [(n.node_id, n.forgotten_at) for n in store.nodes(include_forgotten=True)] == [
+        ("n1", 5.0),
+        ("n2", 6.0),
+    ]
+    assert store.forget_node("n1", forgotten_at=7.0) is None  # already forgotten
+    # The history stays as it was, its foreign key satisfied.
+    assert store.max_epoch(VOL_A) == Epoch.restore(1)
+    conn = raw(path)
+    history = conn.execute("SELECT primary_node, replicas FROM assignments").fetchall()
+    assert history == [("n1", '["n1", "n2"]')]
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
+    # Nothing can be placed on a forgotten node: the publisher does not see it, nor does the schema.
+    add(store, "vol2", VOL_B)
+    with pytest.raises(authority.UnknownNode):
+        publisher.publish(Ask(VOL_B, "n1", ("n1",)))
+    conn = raw(path)
+    for primary, replicas in (("'n1'", "'[\"n1\"]'"), ("NULL", "'[\"n2\"]'")):
+        with pytest.raises(sqlite3.IntegrityError, match="may not name a forgotten node"):
+            conn.execute(f"INSERT INTO assignments VALUES ('{VOL_B}', 1, {primary}, {replicas}, 0)")
+    conn.close()
+    assert store.max_epoch(VOL_B) is None
+
+
+def test_a_node_the_current_assignment_of_a_live_volume_names_is_not_forgotten(store: AuthorityStore) -> None:
+    add(store, "vol1", VOL_A)
+    add(store, "vol2", VOL_B)
+    for node_id, addresses in (("n1", ADDR_1), ("n2", ADDR_2), ("n3", ADDR_1)):
+        node(store, node_id, addresses)
+    publisher = Publisher(store, wall_clock=lambda: 1.0)
+    publisher.publish(Ask(VOL_A, "n3", ("n3",)))
+    publisher.publish(Ask(VOL_A, "n1", ("n1", "n2")))  # n3 is named by epoch 1 only
+    publisher.publish(Ask(VOL_B, "n2", ("n2",)))
+    for node_id, holds in (("n1", "vol1"), ("n2", "vol1, vol2")):
+        with pytest.raises(authority.NodeHoldsCopy) as info:
+            store.forget_node(node_id, forgotten_at=5.0)
+        assert str(info.value) == f"node {node_id!r} holds a copy of {holds}; move or delete it first"
+    assert store.forget_node("n3", forgotten_at=5.0) is authority.Forgotten.MARKED
+    assert [n.node_id for n in store.nodes()] == ["n1", "n2"]
+    store.delete_volume(VOL_A, deleted_at=6.0)  # n1 is named by deleted volumes only now
+    assert store.forget_node("n1", forgotten_at=7.0) is authority.Forgotten.MARKED
+    with pytest.raises(authority.NodeHoldsCopy, match="holds a copy of vol2;"):
+        store.forget_node("n2", forgotten_at=7.0)
+
+
+def test_a_hello_from_a_forgotten_node_makes_it_a_new_node(store: AuthorityStore, path: Path) -> None:
+    add(store, "vol1", VOL_A)
+    node(store, "n1", seen_at=1.0)
+    Publisher(store, wall_clock=lambda: 1.0).publish(Ask(VOL_A, "n1", ("n1",)))
+    store.delete_volume(VOL_A, deleted_at=2.0)
+    assert store.forget_node("n1", forgotten_at=3.0) is authority.Forgotten.MARKED
+    store.close()
+    with AuthorityStore.open(path) as again:  # forgotten stays forgotten across a restart
+        assert again.nodes() == ()
+        back = again.upsert_node("n1", incarnation=9, addresses=ADDR_2, capacity=5, seen_at=10.0)
+        assert back == authority.NodeRecord("n1", 9, ADDR_2, 5, 10.0, 10.0, None)
+        assert again.nodes() == (back,)
+        add(again, "vol2", VOL_B)
+        assert Publisher(again, wall_clock=lambda: 11.0).publish(Ask(VOL_B, "n1", ("n1",))).epoch == 1
 
 
 # --- assignments as the store shows them -------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The master API's bounds and truths (issue 7): /healthz answers 503 with the reasons while a
 volume is not served or a task has failed; a volume no node could hold is refused at create; a
-dead node that holds no copy can be forgotten (DELETE /v1/nodes/ID), a live or holding one not."""
+dead node that holds no copy can be forgotten (DELETE /v1/nodes/ID), a live or holding one not;
+one that only the history of deleted volumes names is forgotten too, and counts for nothing after."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sparrow.cluster.lease import LeaseConfig
-from sparrow.cluster.messages import Health, Role, VolumeObservation
+from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
 from sparrow.supervision import TaskSupervisor
 from tests.unit.test_master_api import Master
 
@@ -118,8 +119,49 @@ async def test_a_node_that_holds_a_copy_is_not_forgotten(master: Master) -> None
     master.clock.now += TIMING.dead_after
     refused = await master.json("DELETE", "/v1/nodes/n1", status=409)
     assert refused["error"] == "node 'n1' holds a copy of v; move or delete it first"
-    await master.json("DELETE", "/v1/volumes/v", status=204)
-    # The volume is gone, but its recorded assignment history still names n1 as primary.
-    refused = await master.json("DELETE", "/v1/nodes/n1", status=409)
-    assert f"primary in the recorded assignment of volume {vid} at epoch 1" in refused["error"]
     assert [n.node_id for n in master.store.nodes()] == ["n1"]
+    assert master.store.latest_assignment(vid) is not None
+
+
+async def test_a_node_only_deleted_volumes_named_is_forgotten_and_bounds_nothing(tmp_path: Path) -> None:
+    master = Master(tmp_path)
+    await master.client.start_server()
+    try:
+        master.node_reports("n1", 1)  # 1 TiB
+        big = Hello("big", 1, "192.0.2.9:3260", "192.0.2.9:7000", "192.0.2.9:8080", 4 * TiB, 4 * TiB)
+        master.control.observations.record(big, "big", master.clock())
+        master.store.upsert_hello(big, seen_at=1.0)
+        master.control.observations.record(Heartbeat(seq=1, observations=()), "big", master.clock())
+        body = {"name": "v", "size": 3 * TiB}
+        vid = (await master.json("POST", "/v1/volumes", body, status=201))["volume_id"]
+        master.control.step(master.clock())
+        assert master.control.current(vid).primary == "big"  # type: ignore[union-attr]
+        await master.json("DELETE", "/v1/volumes/v", status=204)
+        master.clock.now += TIMING.dead_after
+        master.node_reports("n1", 2)  # n1 stays alive; big is dead
+
+        # The recorded history names big as primary (of a deleted volume): it is forgotten all the same.
+        await master.json("DELETE", "/v1/nodes/big", status=204)
+        assert [n["node_id"] for n in (await master.json("GET", "/v1/nodes"))["nodes"]] == ["n1"]
+        assert [n.node_id for n in master.store.nodes()] == ["n1"]
+        assert master.store.max_epoch(vid) is not None  # the history stays
+        refused = await master.json("POST", "/v1/volumes", {"name": "w", "size": 3 * TiB}, status=400)
+        assert "the largest capacity a node has reported is 1099511627776 bytes (1 TiB)" in refused["error"]
+        assert (await master.json("DELETE", "/v1/nodes/big", status=404))["error"] == "no node 'big'"
+    finally:
+        await master.client.close()
+        master.store.close()
+
+    again = Master(tmp_path)  # a restarted master: neither listed, nor a bound, nor given a lease
+    await again.client.start_server()
+    try:
+        assert [n["node_id"] for n in (await again.json("GET", "/v1/nodes"))["nodes"]] == ["n1"]
+        await again.json("POST", "/v1/volumes", {"name": "w", "size": 3 * TiB}, status=400)
+        # Its Hello again makes it a new node.
+        again.control.observations.record(big, "big", again.clock())
+        again.store.upsert_hello(big, seen_at=2.0)
+        assert [n["node_id"] for n in (await again.json("GET", "/v1/nodes"))["nodes"]] == ["big", "n1"]
+        await again.json("POST", "/v1/volumes", {"name": "w", "size": 3 * TiB}, status=201)
+    finally:
+        await again.client.close()
+        again.store.close()

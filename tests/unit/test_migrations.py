@@ -35,6 +35,7 @@ from store.migrations import (
     StepGraph,
     authority_v1_to_v2,
     authority_v2_to_v3,
+    authority_v3_to_v4,
     default_graph,
     discover_steps,
     migrate,
@@ -253,7 +254,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 3),
+        "authority": ({}, 0, 4),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -589,7 +590,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 3)",
+        "authority: 1 at version 1 (latest version 4)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -668,7 +669,7 @@ AUTHORITY_V1 = FIXTURES.parent / AUTHORITY_FILE
 
 IDENTITY_QUERIES = (
     "SELECT volume_id, name, size, block_size, replicas, created_at, deleted_at FROM volumes ORDER BY 1",
-    "SELECT * FROM nodes ORDER BY 1",
+    "SELECT node_id, incarnation, addresses, capacity, first_seen, last_seen FROM nodes ORDER BY 1",
     "SELECT * FROM assignments ORDER BY 1, 2",
 )
 
@@ -691,11 +692,11 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 3)
-    assert applied.steps == ("authority_v1_to_v2", "authority_v2_to_v3")
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 4)
+    assert applied.steps == ("authority_v1_to_v2", "authority_v2_to_v3", "authority_v3_to_v4")
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 3
+    assert db_version(data_dir) == 4
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -709,12 +710,12 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 3)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 4)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
-    assert db_version(data_dir) == 3
+    assert db_version(data_dir) == 4
 
 
 AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
@@ -736,9 +737,10 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version, applied.steps) == (2, 3, ("authority_v2_to_v3",))
+    assert (applied.from_version, applied.to_version) == (2, 4)
+    assert applied.steps == ("authority_v2_to_v3", "authority_v3_to_v4")
     assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
-    assert db_version(data_dir) == 3
+    assert db_version(data_dir) == 4
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
     assert report.backup_dir is not None
@@ -756,12 +758,67 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
 
 
+AUTHORITY_V3 = FIXTURES.parents[1] / "v3" / AUTHORITY_FILE
+
+
+def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
+    """A v3 database gains ``nodes.forgotten_at`` (all NULL) and the trigger; no row it held
+    changes; on the migrated store a node the history names only through a deleted volume is
+    forgotten by a mark, one no assignment names is removed, one a live volume names is refused."""
+    from sparrow.cluster.authority import AuthorityStore, Forgotten, NodeHoldsCopy
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V3, data_dir / AUTHORITY_FILE)
+    assert db_version(data_dir) == 3
+    queries = (*IDENTITY_QUERIES, "SELECT * FROM volumes ORDER BY 1", "SELECT * FROM tokens ORDER BY 1")
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+    assert len(before[IDENTITY_QUERIES[1]]) == 4 and len(before[queries[-1]]) == 2  # see fixtures/README.md
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (3, 4, ("authority_v3_to_v4",))
+    assert applied.changes[0] == f"step authority_v3_to_v4: {authority_v3_to_v4.describe}"
+    assert db_version(data_dir) == 4
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
+    assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, forgotten_at FROM nodes ORDER BY 1") == [
+        ("node-a", None),
+        ("node-b", None),
+        ("node-c", None),
+        ("node-d", None),
+    ]
+    assert report.backup_dir is not None
+    assert rows(report.backup_dir / AUTHORITY_FILE, "SELECT schema_version FROM meta") == [(3,)]
+    with AuthorityStore.open_in(data_dir) as store:
+        assert [n.node_id for n in store.nodes()] == ["node-a", "node-b", "node-c", "node-d"]
+        with pytest.raises(NodeHoldsCopy, match="node 'node-a' holds a copy of alpha, beta;"):
+            store.forget_node("node-a", forgotten_at=2.0)  # primary of alpha, a replica of beta
+        with pytest.raises(NodeHoldsCopy, match="node 'node-b' holds a copy of beta"):
+            store.forget_node("node-b", forgotten_at=2.0)  # also primary of the deleted "gone"
+        assert store.forget_node("node-c", forgotten_at=2.0) is Forgotten.MARKED  # only the deleted "old"
+        assert store.forget_node("node-d", forgotten_at=2.0) is Forgotten.REMOVED  # never assigned
+        assert [n.node_id for n in store.nodes()] == ["node-a", "node-b"]
+        assert [(n.node_id, n.forgotten_at) for n in store.nodes(include_forgotten=True)] == [
+            ("node-a", None),
+            ("node-b", None),
+            ("node-c", 2.0),
+        ]
+        assert store.max_epoch("d4" * 16) is not None  # the history that names node-c stays
+    # A new database and a migrated one have the same schema.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
+
+
 def test_the_authority_steps_are_registered() -> None:
     steps = sorted(
         (s.name, s.from_version, s.to_version) for s in default_graph().steps if s.kind == "authority"
     )
-    assert steps == [("authority_v1_to_v2", 1, 2), ("authority_v2_to_v3", 2, 3)]
-    assert default_graph().head("authority") == 3
+    assert steps == [("authority_v1_to_v2", 1, 2), ("authority_v2_to_v3", 2, 3), ("authority_v3_to_v4", 3, 4)]
+    assert default_graph().head("authority") == 4
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:
