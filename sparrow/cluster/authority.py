@@ -56,13 +56,17 @@ import contextlib
 import dataclasses
 import enum
 import json
+import os
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from sparrow.auth.tokens import Role, TokenRecord
 from sparrow.cluster.epoch import Epoch
@@ -87,6 +91,8 @@ from store.migrations import (
     authority_v3_to_v4,
 )
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
+
+log = structlog.get_logger("sparrow.cluster.authority")
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
 SCHEMA_VERSION = 4
@@ -381,6 +387,27 @@ class AuthorityTransaction:
             raise AuthorityError(f"assignment {volume_id} {epoch} refused: {e}") from None
 
 
+def _make_private(path: Path) -> None:
+    """The database holds the volumes' CHAP secrets: it is made, or made again, readable by its
+    owner only (0600); SQLite gives its -wal and -shm files the database's mode."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise AuthorityError(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, 0o600)
+            for sidecar in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(sidecar, 0o600)
+            log.warning(
+                "authority database was readable by others; made it 0600", path=str(path), mode=f"{mode:04o}"
+            )
+    finally:
+        os.close(fd)
+
+
 class AuthorityStore:
     """The durable authority. Open with :meth:`open`; every method that changes something commits
     before it returns."""
@@ -400,6 +427,7 @@ class AuthorityStore:
         Raises SchemaTooNew / SchemaTooOld (see the module docstring) and NotAnAuthorityDatabase.
         """
         path = Path(path)
+        _make_private(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             conn.row_factory = sqlite3.Row

@@ -83,6 +83,22 @@ def test_open_creates_the_schema_in_wal_with_full_sync(store: AuthorityStore, pa
     other.close()
 
 
+def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It holds the volumes' CHAP secrets: made 0600 (and its WAL with it), an older 0644 one too."""
+    made = tmp_path / "made.sqlite3"
+    with AuthorityStore.open(made) as store:
+        chap = VolumeChap("u", "s3cret-s3cret", None, None)
+        store.add_volume("v", size=1 << 20, block_size=512, replicas=1, created_at=0.0, chap=chap)
+        for f in (made, made.with_name(made.name + "-wal")):
+            assert f.stat().st_mode & 0o777 == 0o600, f
+    older = tmp_path / "older.sqlite3"
+    shutil.copy(made, older)
+    older.chmod(0o644)
+    with AuthorityStore.open(older):
+        pass
+    assert older.stat().st_mode & 0o777 == 0o600
+
+
 def test_reopen_keeps_everything(path: Path) -> None:
     with AuthorityStore.open(path) as s:
         add(s)
