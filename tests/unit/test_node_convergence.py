@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import structlog
 
 from frontend.scsi.lu import AccessState
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
@@ -271,6 +272,19 @@ async def test_a_plan_that_runs_inside_the_fence_margin_never_serves(margined: N
     await node.conv.idle()
     assert node.access() is FENCED
     assert [f.reason for f in node.conv.fences] == ["lease lapsed before the plan ran"]
+
+
+async def test_a_lease_within_the_fence_margin_never_serves_and_is_logged_once(tmp_path: Path) -> None:
+    node = await start_node(tmp_path, Timers(), fence_margin=LEASE)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await node.ack(assign())
+            await node.ack(assign())
+        assert node.access() is FENCED
+        short = [e for e in logs if "fence margin" in e["event"]]
+        assert [(e["lease_seconds"], e["fence_margin"]) for e in short] == [(LEASE, LEASE)]
+    finally:
+        await stop_node(node)
 
 
 async def test_the_fence_does_not_wait_behind_a_running_plan(node: Node) -> None:
