@@ -51,9 +51,10 @@ def _check_duration(name: str, value: float) -> float:
 
 
 #: Seconds before its lease expires at which a node fences (``sparrow node --fence-margin``). A
-#: tenth of the default 5 s lease: some 20 times the worst fence lateness measured on a loaded host
-#: (27 ms), and it leaves 3.5 s of serving after each Ack at the default 1 s heartbeat; it fits the
-#: test cluster's 2 s lease and 0.25 s heartbeat too (1.5 s of serving per Ack).
+#: tenth of the default 5 s lease: four times the worst fence measured on a starved host (127 ms
+#: past the lease, 27 ms past the old lease + 100 ms budget; 0-3 ms normally), and it leaves 3.5 s
+#: of serving after each Ack at the default 1 s heartbeat; it fits the test cluster's 2 s lease and
+#: 0.25 s heartbeat too (1.5 s of serving per Ack).
 DEFAULT_FENCE_MARGIN = 0.5
 
 
