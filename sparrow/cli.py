@@ -17,7 +17,7 @@
     sparrow node list [--json]
     sparrow node forget ID
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
-                  [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S]
+                  [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S] [--fence-margin S]
     sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
@@ -390,6 +390,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             log_level=args.log_level,
             cluster_secret_file=args.cluster_secret_file,
             allow_backing=tuple(args.allow_backing or ()),
+            fence_margin=args.fence_margin,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -799,6 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--heartbeat-interval", metavar="SECONDS", type=float, help="seconds between heartbeats (default 1)"
+    )
+    node.add_argument(
+        "--fence-margin",
+        metavar="SECONDS",
+        type=float,
+        help="stop serving this long before the lease expires (default 0.5)",
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

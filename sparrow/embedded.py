@@ -65,7 +65,7 @@ log = structlog.get_logger("sparrow.daemon")
 #: The node id of the node inside ``sparrow serve``.
 NODE_ID = "local"
 #: Heartbeats over loopback are cheap: a short interval makes a new volume served within a second.
-TIMING = LeaseConfig(heartbeat_interval=0.25, lease_seconds=5.0, dead_after=8.0, margin=1.0)
+TIMING = LeaseConfig(heartbeat_interval=0.25, lease_seconds=5.0, dead_after=8.0, margin=1.0, fence_margin=0.5)
 #: The portal group tag of the node's one portal group.
 TPGT = 1
 #: Seconds startup waits for every volume to be served before saying READY=1 anyway.
@@ -205,6 +205,7 @@ async def serve(config: Config) -> int:
             http=config.http,
             base_iqn=config.base_iqn,
             heartbeat_interval=TIMING.heartbeat_interval,
+            fence_margin=TIMING.fence_margin,
             cluster_secret=secret,
             allowed_backing=config.allowed_backing,
         )

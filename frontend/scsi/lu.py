@@ -3,7 +3,9 @@
 ``execute`` runs the checks SAM-5 puts before a command (UNIT ATTENTION, reservation conflict, ALUA
 access state, write protect), then the command's handler from a dispatch table keyed by opcode (and
 service action). Handlers raise ``CheckCondition``; ``execute`` turns every SCSI-level error into a
-``ScsiResult`` and never raises for one.
+``ScsiResult`` and never raises for one. A command during which the LU left the serving access
+states (the node fenced it while the store I/O was in flight) is answered as the new state answers
+new commands (NOT READY, 04/0A when fenced), never GOOD: the one check after the handler.
 
 Write-cache truth: the store is write-back. FUA writes and SYNCHRONIZE CACHE await ``store.flush``;
 with WCE=0 (MODE SELECT on the caching page) every write-type command flushes before GOOD.
@@ -146,6 +148,9 @@ _UNIT_ATTENTION_RESETS = {
     ResetKind.TARGET_COLD: POWER_ON_OCCURRED,  # RFC 7143 11.5.1: cold reset is a power cycle, 29h/01h
 }
 
+#: The last access state in which the LU serves I/O (an int, compared on every command).
+_LAST_SERVING = int(AccessState.ACTIVE_NON_OPTIMIZED)
+
 _ALUA_NOT_READY = {
     AccessState.STANDBY: LU_NOT_ACCESSIBLE_STANDBY,
     AccessState.UNAVAILABLE: LU_NOT_ACCESSIBLE_UNAVAILABLE,
@@ -176,6 +181,15 @@ _G_INFO = Gate.UA_EXEMPT | Gate.STANDBY_OK | Gate.UNAVAILABLE_OK | Gate.SANITIZE
 _G_ANY_STATE = Gate.STANDBY_OK | Gate.UNAVAILABLE_OK
 
 Handler = Callable[["LogicalUnit", ScsiRequest, bytes], Awaitable[ScsiResult]]
+
+
+def _check_access(gate: int, state: AccessState) -> None:
+    """Refuse a command that the non-serving access state ``state`` does not let through: NOT
+    READY, LOGICAL UNIT NOT ACCESSIBLE with the state's ASCQ (SPC-4 5.15.2.4.4-6: 04/0B standby,
+    04/0C unavailable, 04/0A transitioning; retryable, the initiator tries another path)."""
+    allowed = Gate.STANDBY_OK if state == AccessState.STANDBY else Gate.UNAVAILABLE_OK
+    if not gate & allowed:
+        raise CheckCondition(SenseKey.NOT_READY, _ALUA_NOT_READY[state])
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,10 +405,8 @@ class LogicalUnit:
             raise self._sanitize_in_progress()
         if self._sanitize_failed is not None and gate & Gate.MEDIUM:
             raise CheckCondition(SenseKey.MEDIUM_ERROR, SANITIZE_COMMAND_FAILED)
-        if state > AccessState.ACTIVE_NON_OPTIMIZED:
-            allowed = Gate.STANDBY_OK if state == AccessState.STANDBY else Gate.UNAVAILABLE_OK
-            if not gate & allowed:
-                raise CheckCondition(SenseKey.NOT_READY, _ALUA_NOT_READY[state])
+        if state > _LAST_SERVING:
+            _check_access(gate, state)
         if gate & Gate.WRITES and self._mode.swp:
             raise CheckCondition(SenseKey.DATA_PROTECT, WRITE_PROTECTED)
 
@@ -422,11 +434,18 @@ class LogicalUnit:
             if (
                 self._sanitizing is not None
                 or self._sanitize_failed is not None
-                or state > AccessState.ACTIVE_NON_OPTIMIZED
+                or state > _LAST_SERVING
                 or self._mode.swp
             ):  # the uncommon states; the common path stays free of Flag arithmetic
                 self._check_gates(cmd.gate, state)
-            return await cmd.handler(self, req, cdb)
+            result = await cmd.handler(self, req, cdb)
+            if self._access_state > _LAST_SERVING:
+                # Fenced (or demoted) while the command ran: the store I/O may have happened, but
+                # the command is answered as the new state answers it, never GOOD. This is what
+                # keeps a deposed primary from acknowledging a write after its fence
+                # (docs/architecture.md, "The fencing bound").
+                _check_access(cmd.gate, self._access_state)
+            return result
         except CheckCondition as e:
             return ScsiResult(ScsiStatus.CHECK_CONDITION, sense=e.fixed_sense())
         except ReservationConflict:

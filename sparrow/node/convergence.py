@@ -1,4 +1,4 @@
-"""Convergence: the node carries out the adapter's actions, and fences the moment its lease lapses.
+"""Convergence: the node carries out the adapter's actions, and fences before its lease lapses.
 
 Two pieces, both on the event loop:
 
@@ -11,8 +11,9 @@ Two pieces, both on the event loop:
   volume id.
 - :class:`Convergence` runs the plans of :class:`~sparrow.cluster.adapter.Adapter` one at a time,
   in the order they were made (``execute_plan``: a volume's ``PersistRole`` is durable before any
-  other action for it), and keeps THE FENCE: one ``call_at`` timer at the lease's expiry, re-armed
-  whenever an Ack moves the expiry. When it fires and ``LeaseClock.valid(now)`` is false, the
+  other action for it), and keeps THE FENCE: one ``call_at`` timer at the lease's fence deadline
+  (``LeaseClock.fence_deadline``: the expiry minus the node's fence margin), re-armed whenever an
+  Ack moves it. When it fires and ``LeaseClock.valid(now)`` is false, the
   actions of ``Adapter.fence_all()`` are applied to the LUs at once, in the timer callback, without
   waiting behind a plan that is still running: every primary LU goes ``TRANSITIONING``, so reads
   and writes get CHECK CONDITION, NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE
@@ -94,7 +95,7 @@ from store.volumes import (
 
 log = structlog.get_logger("sparrow.node")
 
-#: Seconds past the expiry at which an early-firing fence timer is re-armed (loop clocks have
+#: Seconds past the fence deadline at which an early-firing fence timer is re-armed (loop clocks have
 #: millisecond resolution; a timer may fire a hair before the float deadline).
 REARM_SLACK = 0.001
 
@@ -467,17 +468,24 @@ Scheduler = Callable[[float, Callable[[], None]], Cancellable]
 
 @dataclass(frozen=True, slots=True)
 class Fence:
-    """One fence: when it was applied, when the lease had expired (loop clock), what it fenced."""
+    """One fence: when it was applied, when it was due and when the lease expires (loop clock),
+    what it fenced."""
 
     at: float
+    deadline: float | None
     expired_at: float | None
     volume_ids: tuple[str, ...]
     reason: str
 
     @property
     def late(self) -> float | None:
-        """Seconds between the lease's expiry and the fence."""
-        return None if self.expired_at is None else self.at - self.expired_at
+        """Seconds between the fence deadline (expiry minus the fence margin) and the fence."""
+        return None if self.deadline is None else self.at - self.deadline
+
+    @property
+    def before_expiry(self) -> float | None:
+        """Seconds the fence landed before the lease expired (negative: after it)."""
+        return None if self.expired_at is None else self.expired_at - self.at
 
 
 class _Guarded:
@@ -553,6 +561,7 @@ class Convergence:
         #: Remote entries for the volumes of the latest Ack's directory this node does not hold.
         self.directory = RemoteDirectory(volumes.registry, base_iqn=volumes.base_iqn, tpgt=volumes.tpgt)
         self._last_ack: Ack | None = None
+        self._short_lease: float | None = None  # a lease already logged as too short to serve
         #: Every fence applied, oldest first (the daemon exports the count; tests read the times).
         self.fences: list[Fence] = []
         #: The error of the last plan that failed part way, if any (None once a plan succeeds).
@@ -598,7 +607,7 @@ class Convergence:
         """An Ack was applied to the lease clock (``LeaseClock.acked``): plan its assignments under
         the lease as it stands now, destroy the copies of the volumes it says were deleted
         (``deleted``, after the plan that releases them), move the fence to the lease's new
-        expiry, and point the volumes of the directory this node does not hold at their primaries."""
+        fence deadline, and point the volumes of the directory this node does not hold at their primaries."""
         now = self._clock()
         self._last_ack = ack
         # Before the plan is queued: a volume newly assigned here loses its remote entry before
@@ -606,6 +615,13 @@ class Convergence:
         self._update_directory()
         destroyed = self.adapter.destroyed
         self.volumes.apply_settings(a for a in ack.assignments if a.volume_id not in destroyed)
+        if ack.lease_seconds <= self.lease.fence_margin and ack.lease_seconds != self._short_lease:
+            log.error(
+                "the master's lease is not longer than this node's fence margin: it cannot serve",
+                lease_seconds=ack.lease_seconds,
+                fence_margin=self.lease.fence_margin,
+            )
+        self._short_lease = ack.lease_seconds if ack.lease_seconds <= self.lease.fence_margin else None
         self._enqueue(self.adapter.plan(ack.assignments, self.lease.valid(now), now))
         for tombstone in ack.deleted:  # after the plan that releases them
             if tombstone.volume_id not in self.adapter.destroyed:
@@ -650,26 +666,26 @@ class Convergence:
         return self._timer_at
 
     def _arm(self) -> None:
-        expires = self.lease.expires_at
-        if expires is None or expires == self._timer_at:
+        deadline = self.lease.fence_deadline
+        if deadline is None or deadline == self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = expires
-        self._timer = self._schedule(expires, self._on_timer_guarded)
+        self._timer_at = deadline
+        self._timer = self._schedule(deadline, self._on_timer_guarded)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
         now = self._clock()
-        expires = self.lease.expires_at
+        deadline = self.lease.fence_deadline
         if self.lease.valid(now):
             # Fired a hair early (clock resolution), or the lease moved without a re-arm: wait on.
-            assert expires is not None
-            self._timer_at = max(expires, now + REARM_SLACK)
+            assert deadline is not None
+            self._timer_at = max(deadline, now + REARM_SLACK)
             self._timer = self._schedule(self._timer_at, self._on_timer_guarded)
             return
-        self.fence("lease expired")
+        self.fence("lease about to expire")
 
     def fence(self, reason: str) -> Fence:
         """Fence every primary now: ``Adapter.fence_all()`` applied to the LUs at once, then queued
@@ -681,17 +697,19 @@ class Convergence:
             if isinstance(action, SetAccess) and self.volumes.apply_access(action.volume_id, action.state):
                 fenced.append(action.volume_id)
         self._enqueue(plan)
-        record = Fence(now, self.lease.expires_at, tuple(fenced), reason)
+        record = Fence(now, self.lease.fence_deadline, self.lease.expires_at, tuple(fenced), reason)
         self.fences.append(record)
-        late = record.late
+        late, early = record.late, record.before_expiry
         log.warning(
             "fenced",
             reason=reason,
             volumes=len(fenced),
             volume_ids=fenced,
             lease_expired_at=record.expired_at,
+            fence_deadline=record.deadline,
             fenced_at=now,
             late_ms=None if late is None else round(late * 1000, 3),
+            before_expiry_ms=None if early is None else round(early * 1000, 3),
         )
         return record
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from frontend.target import DEFAULT_BASE_IQN, Portal, TargetRegistry, TargetSett
 from sparrow import systemd
 from sparrow.cluster.adapter import Adapter
 from sparrow.cluster.channel import ClusterSecret
-from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.lease import DEFAULT_FENCE_MARGIN, LeaseClock
 from sparrow.cluster.messages import NODE_ID_PATTERN, Hello
 from sparrow.cluster.nodestate import NodeState
 from sparrow.clustersecret import NO_SECRET, secret_from_flag
@@ -95,6 +96,8 @@ class NodeConfig:
     cluster_secret: ClusterSecret | None = None
     #: Backing files and devices an assignment may name (store.backing; empty: none).
     allowed_backing: tuple[str, ...] = ()
+    #: Seconds before its lease expires at which the node fences (sparrow.cluster.lease).
+    fence_margin: float = DEFAULT_FENCE_MARGIN
 
 
 def node_config(
@@ -110,6 +113,7 @@ def node_config(
     log_level: str | None = None,
     cluster_secret_file: str | None = None,
     allow_backing: tuple[str, ...] = (),
+    fence_margin: float | None = None,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -140,6 +144,9 @@ def node_config(
     interval = 1.0 if heartbeat_interval is None else heartbeat_interval
     if not interval > 0:
         raise ConfigError("--heartbeat-interval must be positive", usage=True)
+    margin = DEFAULT_FENCE_MARGIN if fence_margin is None else fence_margin
+    if not 0 <= margin < math.inf:
+        raise ConfigError("--fence-margin must be a non-negative number of seconds", usage=True)
     return NodeConfig(
         data_dir=Path(data_dir),
         node_id=node_id,
@@ -152,6 +159,7 @@ def node_config(
         log_level=log_level or "info",
         cluster_secret=secret,
         allowed_backing=_backing_prefixes(allow_backing),
+        fence_margin=margin,
     )
 
 
@@ -288,7 +296,7 @@ class NodeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "sparrow_node_lease_remaining_seconds",
-            "Seconds of lease left",
+            "Seconds left to serve: to the lease's expiry minus the fence margin",
             value=self.node.lease.remaining(now),
         )
         yield GaugeMetricFamily(
@@ -382,7 +390,7 @@ async def start_node(
         metrics=metrics,
         sessions=ServerSessions(server),
     )
-    lease = LeaseClock()
+    lease = LeaseClock(fence_margin=config.fence_margin)
     adapter = Adapter(config.node_id, state)
     convergence = Convergence(adapter, volumes, lease, supervisor=supervisor)
     cleanup.push_async_callback(convergence.close)

@@ -35,12 +35,14 @@ BASE_IQN = "iqn.2026-11.io.sparrow"
 
 @dataclass(frozen=True, slots=True)
 class Timing:
-    """Seconds; the master gets all four, each node the heartbeat interval."""
+    """Seconds; the master gets the first four, each node the heartbeat interval and the fence
+    margin (it fences that long before its lease expires)."""
 
     heartbeat: float = 0.25
     lease: float = 2.0
     dead_after: float = 3.5
     margin: float = 0.5
+    fence_margin: float = 0.5
 
 
 TIMING = Timing()
@@ -137,6 +139,7 @@ class Node(Proc):
             "--replication", f"127.0.0.1:{self.replication_port}",
             "--http", f"127.0.0.1:{self.http_port}",
             "--heartbeat-interval", str(self.timing.heartbeat),
+            "--fence-margin", str(self.timing.fence_margin),
             "--log-format", "json",
             "--cluster-secret-file", str(secret_file(self.root)),
         ]  # fmt: skip

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sparrow.cluster.lease import LeaseClock, LeaseConfig, MasterLeases
+from sparrow.cluster.lease import (
+    DEFAULT_FENCE_MARGIN,
+    LeaseClock,
+    LeaseConfig,
+    MasterLeases,
+    check_fence_margin,
+)
 
 # -- LeaseConfig ----------------------------------------------------------------------------------
 
@@ -23,6 +29,7 @@ def test_config_defaults() -> None:
         1.0,
     )
     assert config.max_rate_drift == pytest.approx(1 / 6)
+    assert config.fence_margin == DEFAULT_FENCE_MARGIN == 0.5
 
 
 @pytest.mark.parametrize(
@@ -38,6 +45,10 @@ def test_config_defaults() -> None:
         {"dead_after": math.inf},
         {"lease_seconds": math.nan},
         {"margin": True},
+        {"fence_margin": -0.1},
+        {"fence_margin": math.nan},
+        {"fence_margin": 4.0},  # heartbeat 1 + fence margin 4 leaves no time to hear the next Ack
+        {"heartbeat_interval": 4.5},  # ... nor does heartbeat 4.5 with the default fence margin
     ],
 )
 def test_config_rejects(kwargs: dict[str, float]) -> None:
@@ -47,6 +58,16 @@ def test_config_rejects(kwargs: dict[str, float]) -> None:
 
 def test_config_boundary_is_allowed() -> None:
     assert LeaseConfig(lease_seconds=7.0, margin=1.0, dead_after=8.0).lease_seconds == 7.0
+    assert LeaseConfig(heartbeat_interval=1.0, fence_margin=3.99).fence_margin == 3.99
+    assert LeaseConfig(fence_margin=0.0).fence_margin == 0.0
+
+
+def test_the_test_clusters_and_serves_timings_fit_the_default_fence_margin() -> None:
+    for heartbeat, lease in ((0.25, 2.0), (0.25, 5.0), (0.5, 2.0), (1.0, 5.0)):
+        margin = check_fence_margin(DEFAULT_FENCE_MARGIN, lease_seconds=lease, heartbeat_interval=heartbeat)
+        assert margin == 0.5
+    with pytest.raises(ValueError, match="must be less than lease_seconds"):
+        check_fence_margin(1.0, lease_seconds=2.0, heartbeat_interval=1.0)
 
 
 # -- LeaseClock (node) ----------------------------------------------------------------------------
@@ -72,6 +93,33 @@ def test_lease_counts_from_the_send_time() -> None:
     assert not clock.valid(105.0)  # valid(now) = now < expires
     assert clock.remaining(103.0) == 2.0
     assert clock.remaining(106.0) == 0.0
+
+
+def test_the_fence_margin_ends_service_before_the_lease() -> None:
+    clock = LeaseClock(fence_margin=0.5)
+    assert clock.fence_deadline is None and not clock.valid(0.0)
+    clock.sent(1, 100.0)
+    assert clock.acked(1, 5.0) == 105.0  # the lease itself still ends at send + lease ...
+    assert clock.expires_at == 105.0
+    assert clock.fence_deadline == 104.5  # ... but service ends fence_margin earlier
+    assert clock.valid(104.499)
+    assert not clock.valid(104.5)  # every "may I serve" answers with the margin applied
+    assert not clock.valid(104.9)
+    assert clock.remaining(103.0) == 1.5
+    assert clock.remaining(104.7) == 0.0
+
+
+def test_a_lease_no_longer_than_the_fence_margin_never_serves() -> None:
+    clock = LeaseClock(fence_margin=1.0)
+    clock.sent(1, 100.0)
+    clock.acked(1, 1.0)
+    assert not clock.valid(100.0)
+
+
+@pytest.mark.parametrize("margin", [-0.1, math.nan, math.inf])
+def test_bad_fence_margins_are_refused(margin: float) -> None:
+    with pytest.raises(ValueError):
+        LeaseClock(fence_margin=margin)
 
 
 def test_unknown_seq_is_ignored() -> None:

@@ -127,6 +127,10 @@ async def test_node_list_table_and_json(master: tuple[str, ControlLoop, Clock]) 
         (("master", "--data-dir", "/tmp/x", "--listen", "nope"), "invalid address 'nope' for --listen"),
         (("master", "--data-dir", "/tmp/x", "--lease", "0.5"), "lease_seconds (0.5) must exceed"),
         (("master", "--data-dir", "/tmp/x", "--dead-after", "3"), "must not exceed dead_after"),
+        (  # the nodes fence 0.5 s (the default fence margin) before the lease: no time to renew
+            ("master", "--data-dir", "/tmp/x", "--lease", "1", "--heartbeat-interval", "0.6"),
+            "heartbeat_interval + fence_margin (0.6 + 0.5) must be less than lease_seconds (1.0)",
+        ),
         (("master", "--data-dir", "/tmp/x", "--lease", "-1"), "invalid duration '-1'"),
         (("volume", "create", "v", "--size", "1MiB", "--replicas", "4"), "invalid choice: 4"),
         (

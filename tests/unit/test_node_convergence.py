@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import structlog
 
 from frontend.scsi.lu import AccessState
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
@@ -118,7 +119,7 @@ class Node:
         return None if target is None else target.lu.access_state
 
 
-async def start_node(data_dir: Path, timers: Timers) -> Node:
+async def start_node(data_dir: Path, timers: Timers, *, fence_margin: float = 0.0) -> Node:
     state = NodeState(data_dir)
     state.load()
     manager = VolumeManager(data_dir)
@@ -126,7 +127,7 @@ async def start_node(data_dir: Path, timers: Timers) -> Node:
     registry = TargetRegistry()
     volumes = NodeVolumes(manager, registry, base_iqn="iqn.2026-11.io.sparrow")
     adapter = Adapter(ME, state)
-    lease = LeaseClock()
+    lease = LeaseClock(fence_margin=fence_margin)
     conv = Convergence(adapter, volumes, lease, clock=timers.clock, schedule=timers.schedule)
     conv.start()
     await conv.idle()
@@ -235,6 +236,55 @@ async def test_when_the_lease_lapses_every_primary_is_fenced_at_once(node: Node)
     assert node.adapter.access_state(VOL) is FENCED
     [obs] = node.conv.observations(node.timers.now)
     assert (obs.epoch, obs.role) == (1, Role.PRIMARY)  # still the primary, by the assignment
+
+
+MARGIN = 0.5
+
+
+@pytest.fixture
+async def margined(tmp_path: Path) -> AsyncIterator[Node]:
+    n = await start_node(tmp_path, Timers(), fence_margin=MARGIN)
+    yield n
+    await stop_node(n)
+
+
+async def test_with_a_fence_margin_the_fence_lands_that_long_before_the_lease_expires(margined: Node) -> None:
+    node = margined
+    seq = node.heartbeat()  # sent at 100.0
+    node.timers.now = 100.3
+    await node.ack(assign(), seq=seq)
+    assert node.conv.fence_at == 100.0 + LEASE - MARGIN == node.lease.fence_deadline
+    node.timers.advance(100.0 + LEASE - MARGIN - 0.001)
+    assert node.access() is ACTIVE
+    node.timers.advance(100.0 + LEASE - MARGIN)
+    assert node.access() is FENCED
+    [fence] = node.conv.fences
+    assert (fence.deadline, fence.expired_at) == (100.0 + LEASE - MARGIN, 100.0 + LEASE)
+    assert fence.late == 0.0 and fence.before_expiry == MARGIN
+
+
+async def test_a_plan_that_runs_inside_the_fence_margin_never_serves(margined: Node) -> None:
+    """The plan guard asks the same question as the timer: past the fence deadline, even with the
+    lease itself still running, the LU stays fenced."""
+    node = margined
+    await node.ack(assign(), run=False)  # planned at 100.0 with a valid lease: serve
+    node.timers.now = 100.0 + LEASE - MARGIN / 2  # runs before the expiry, after the deadline
+    await node.conv.idle()
+    assert node.access() is FENCED
+    assert [f.reason for f in node.conv.fences] == ["lease lapsed before the plan ran"]
+
+
+async def test_a_lease_within_the_fence_margin_never_serves_and_is_logged_once(tmp_path: Path) -> None:
+    node = await start_node(tmp_path, Timers(), fence_margin=LEASE)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await node.ack(assign())
+            await node.ack(assign())
+        assert node.access() is FENCED
+        short = [e for e in logs if "fence margin" in e["event"]]
+        assert [(e["lease_seconds"], e["fence_margin"]) for e in short] == [(LEASE, LEASE)]
+    finally:
+        await stop_node(node)
 
 
 async def test_the_fence_does_not_wait_behind_a_running_plan(node: Node) -> None:

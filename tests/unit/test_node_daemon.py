@@ -34,6 +34,7 @@ def test_defaults(secret_file: str) -> None:
         http=HostPort("127.0.0.1", 3281),
         cluster_secret=load_cluster_secret(Path(secret_file)),
     )
+    assert config.fence_margin == 0.5  # sparrow.cluster.lease.DEFAULT_FENCE_MARGIN
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,9 @@ def test_a_node_without_a_cluster_secret_is_a_usage_error(secret: str | None, me
         ({"master": "master-host"}, "missing port"),
         ({"iscsi": "host:99999"}, "out of range"),
         ({"heartbeat_interval": 0.0}, "must be positive"),
+        ({"fence_margin": -0.5}, "--fence-margin must be a non-negative number"),
+        ({"fence_margin": float("nan")}, "--fence-margin must be a non-negative number"),
+        ({"fence_margin": float("inf")}, "--fence-margin must be a non-negative number"),
     ],
 )
 def test_bad_flags_are_usage_errors(override: dict[str, object], message: str, secret_file: str) -> None:
@@ -93,14 +97,14 @@ def test_sparrow_node_runs_the_node_daemon_with_the_flags(
     monkeypatch.setattr("sparrow.logs.configure_logging", lambda *a, **k: None)
     argv = ["node", "--data-dir", "/d", "--node-id", "n1", "--master", "m:3290", "--iscsi", "127.0.0.1:3300"]
     argv += ["--cluster-secret-file", secret_file]
-    assert cli.main([*argv, "--heartbeat-interval", "0.5"]) == 0
+    assert cli.main([*argv, "--heartbeat-interval", "0.5", "--fence-margin", "0.75"]) == 0
     [config] = seen
     assert (config.node_id, config.master, config.iscsi) == (
         "n1",
         HostPort("m", 3290),
         HostPort("127.0.0.1", 3300),
     )
-    assert config.heartbeat_interval == 0.5
+    assert (config.heartbeat_interval, config.fence_margin) == (0.5, 0.75)
 
 
 def test_sparrow_node_without_its_flags_is_a_usage_error() -> None:

@@ -947,6 +947,100 @@ async def test_inaccessible_states_refuse_media_access(state: AccessState, ascq:
     good(await run(lu, read10(0, 1)))
 
 
+# ---- fenced while a command runs --------------------------------------------------------------------
+
+
+class FlushGatedStore(GatedStore):
+    """A GatedStore whose flushes stop at the gate too (SYNCHRONIZE CACHE, FUA)."""
+
+    async def flush(self) -> None:
+        await self._gate("flush", 0)
+        await super().flush()
+
+
+NOT_READY_TRANSITION = (0x02, 0x04, 0x0A)
+
+
+@pytest.mark.parametrize(
+    ("cdb", "data", "fenced_during"),
+    [
+        (write10(2, 2), b"W" * 2 * BS, ("write", 2 * BS)),
+        (write16(2, 2), b"W" * 2 * BS, ("write", 2 * BS)),
+        (write10(2, 1, 0x08), b"W" * BS, ("flush", 0)),  # FUA: the write done, the flush in flight
+        (write16(2, 1, 0x08), b"W" * BS, ("write", 2 * BS)),  # FUA, fenced before the flush
+        (write_same10(2, 4), b"S" * BS, ("write", 2 * BS)),
+        (write_same16(2, 4), b"S" * BS, ("write", 2 * BS)),
+        (write_same16(2, 4, 0x08), bytes(BS), ("unmap", 2 * BS)),  # WRITE SAME with UNMAP
+        (unmap(24), unmap_params((2, 3)), ("unmap", 2 * BS)),
+        (compare_and_write(2, 1), b"A" * BS + b"C" * BS, ("write", 2 * BS)),
+        (rw10(0x35, 0, 0), b"", ("flush", 0)),  # SYNCHRONIZE CACHE(10)
+        (rw16(0x91, 0, 8), b"", ("flush", 0)),  # SYNCHRONIZE CACHE(16)
+        (read10(2, 1), b"", ("read", 2 * BS)),  # no stale read answered after the fence either
+    ],
+    ids=[
+        "write10",
+        "write16",
+        "write10-fua-in-flush",
+        "write16-fua-in-write",
+        "write-same10",
+        "write-same16",
+        "write-same16-unmap",
+        "unmap",
+        "compare-and-write",
+        "sync-cache10",
+        "sync-cache16",
+        "read10",
+    ],
+)
+async def test_a_command_in_flight_when_the_lu_is_fenced_is_failed_not_acknowledged(
+    cdb: bytes, data: bytes, fenced_during: tuple[str, int]
+) -> None:
+    """Past every check when it started, its store I/O held at the gate until the node fences the
+    LU (the fence timer sets TRANSITIONING): the command must not answer GOOD, but NOT READY,
+    ASYMMETRIC ACCESS STATE TRANSITION (02/04/0A), as a fenced LU answers a new command."""
+    store = FlushGatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY, sanitize_actions=SANITIZE_ACTIONS)
+    good(await run(lu, write10(2, 1), b"A" * BS))
+    store.shut()
+    task = asyncio.create_task(run(lu, cdb, data))
+    while True:  # let the command's store calls through until it reaches the one to fence during
+        await store.arrivals(1)
+        if store.log[-1] == fenced_during:
+            break
+        store.release(1)
+    lu.access_state = AccessState.TRANSITIONING  # the fence, while the I/O is in flight
+    store.open()
+    assert sense(await task) == NOT_READY_TRANSITION
+    assert sense(await run(lu, tur())) == (0x06, 0x2A, 0x06)  # then the state change is announced
+    assert sense(await run(lu, cdb, data)) == NOT_READY_TRANSITION  # and new commands are refused
+
+
+async def test_a_write_in_flight_when_the_lu_is_demoted_gets_the_new_states_answer() -> None:
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY)
+    store.shut()
+    task = asyncio.create_task(run(lu, write10(0, 1), b"W" * BS))
+    await store.arrivals(1)
+    lu.access_state = AccessState.STANDBY
+    store.open()
+    assert sense(await task) == (0x02, 0x04, 0x0B)
+
+
+async def test_a_command_that_ends_in_a_serving_state_is_acknowledged() -> None:
+    """The answer follows the state at the end: fenced and served again (a new lease) while the
+    write was in flight, it is GOOD; commands the fenced state allows stay GOOD when fenced."""
+    store = GatedStore(NBLOCKS * BS)
+    lu = LogicalUnit(store, IDENTITY)
+    store.shut()
+    task = asyncio.create_task(run(lu, write10(0, 1), b"W" * BS))
+    await store.arrivals(1)
+    lu.access_state = AccessState.TRANSITIONING
+    lu.access_state = AccessState.ACTIVE_OPTIMIZED
+    store.open()
+    good(await task)
+    assert bytes(good(await run(lu, read10(0, 1), nexus=B)).data) == b"W" * BS
+
+
 async def test_report_target_port_groups() -> None:
     lu, _ = make_lu(tpgt=7)
     data = bytes(good(await run(lu, rtpg())).data)
