@@ -607,12 +607,13 @@ class ReplicaStream:
         return events
 
     def _close(self, error: ReplicationError) -> None:
+        # The (volume, epoch) stays held: applies already handed out may still report done().
         self._error = error
         self.state = ReplicaState.CLOSED
-        self.positions.release(self)
 
     def close(self) -> None:
-        """The connection is gone: release the (volume, epoch) for the next stream."""
+        """The connection is gone and no apply is running any more: release the (volume, epoch)
+        for the next stream."""
         if self.state is not ReplicaState.CLOSED:
             self.state = ReplicaState.CLOSED
             self._error = ReplicationError(ErrorCode.UNEXPECTED, "stream closed")
