@@ -304,3 +304,50 @@ def test_a_peer_that_stops_reading_its_acks_is_disconnected(setup: Setup) -> Non
     setup.seq = int(closed["applied_seq"])
     assert setup.checksums() == before
     setup.still_serving()
+
+
+def test_the_handshake_is_capped_and_timed(setup: Setup) -> None:
+    before = setup.checksums()
+    port = setup.replica.replication_port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=CLOSE_WITHIN) for _ in range(64)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=CLOSE_WITHIN) as over:
+            assert over.recv(100) == b""  # the 65th in the handshake is cut off at once
+        setup.refusal_logged("handshake_cap")
+        for sock in idle:  # the 64 that never said anything are cut off after the handshake timeout
+            assert sock.recv(100) == b""
+        setup.refusal_logged("handshake_timeout")
+    finally:
+        for sock in idle:
+            sock.close()
+    # Authenticated, but no OPEN: cut off after the same timeout.
+    link = setup.link()
+    assert link.closed_within(CLOSE_WITHIN)
+    link.close()
+    setup.refusal_logged("open_timeout")
+    assert setup.checksums() == before
+    setup.still_serving()
+
+
+def test_a_replica_that_moved_to_a_new_epoch_refuses_the_old_primarys_next_write(setup: Setup) -> None:
+    link = setup.link()
+    setup.open(link)
+    s = setup.seq
+    link.send(Write(setup.volume_id, 2, s + 1, 12 * MiB, b"\x11" * 4096))
+    link.ack_until(s + 1)
+    setup.cluster.cli("volume", "resize", "rep", "--size", f"{SIZE + 16 * MiB}")  # epoch 3, same primary
+    wait_for(
+        lambda: (setup.replica.persisted(setup.volume_id) or {}).get("epoch") == 3,
+        timeout=10,
+        what="the replica to persist epoch 3",
+    )
+    link.send(Write(setup.volume_id, 2, s + 2, 12 * MiB, b"\x22" * 4096, fua=True))
+    answer = link.receive()
+    assert isinstance(answer, Refuse) and answer.code is ErrorCode.STALE_EPOCH, answer
+    assert link.closed_within(CLOSE_WITHIN)
+    link.close()
+    with setup.data_file(setup.replica).open("rb") as f:
+        f.seek(12 * MiB)
+        assert f.read(4096) == b"\x11" * 4096  # the deposed epoch's write never landed
+    setup.epoch, setup.seq = 3, 0
+    setup.still_serving()
