@@ -174,11 +174,11 @@ class ReplicaServer:
         self.connections: set[ReplicaConnection] = set()
         self.handshaking = 0
         self._server: asyncio.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
             lambda: ReplicaConnection(self), host, port, reuse_address=True
         )
         return self._server
@@ -400,10 +400,12 @@ class ReplicaConnection(asyncio.Protocol):
             self._timer = None
 
     def _arm(self) -> None:
+        """Arm the one timer (only once the server runs: unit tests call check_deadline)."""
         self._cancel_timer()
+        loop = self.server.loop
         deadline = self.deadline()
-        if deadline is not None and self.closed_reason is None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self.check_deadline)
+        if loop is not None and deadline is not None and self.closed_reason is None:
+            self._timer = loop.call_at(deadline, self.check_deadline)
 
     # -- applying -------------------------------------------------------------------------------------
 
@@ -517,7 +519,8 @@ class ReplicaConnection(asyncio.Protocol):
             transport.abort()
         else:
             transport.close()  # the REFUSE leaves first; a peer that does not take it is cut off
-            asyncio.get_running_loop().call_later(REFUSE_LINGER, self._abort)
+            if self.server.loop is not None:
+                self.server.loop.call_later(REFUSE_LINGER, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:
