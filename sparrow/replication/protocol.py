@@ -24,7 +24,8 @@ UNMAP        offset u64, len u32    (none)
 WRITE_SAME   offset u64, len u32    one logical block (512 or 4096 bytes)
 FLUSH        (none)                 (none)
 ACK          durable u64            (none); ``seq`` is the highest seq applied
-REFUSE       code u8                the reason, UTF-8, at most MAX_REASON bytes
+REFUSE       code u8                the reason, UTF-8, at most MAX_REASON bytes; ``seq``: the
+                                    replica's applied seq for that volume and epoch
 ===========  =====================  =========================================================
 
 Primary to replica: OPEN, then WRITE / UNMAP / WRITE_SAME / FLUSH numbered ``first_seq``,
@@ -579,6 +580,8 @@ class ReplicaStream:
         self.unapplied_bytes = 0
         self._position: _Position | None = None
         self._error: ReplicationError | None = None
+        #: The volume and epoch of the last message received (for a refusal before OPEN).
+        self._last: tuple[str, int] = ("0" * 32, 1)
 
     @property
     def unapplied(self) -> int:
@@ -620,12 +623,16 @@ class ReplicaStream:
         self.positions.release(self)
 
     def refusal(self, error: ReplicationError) -> bytes:
-        """The REFUSE message for ``error`` (send it, then close)."""
-        volume_id = self.volume_id or "0" * 32
+        """The REFUSE message for ``error`` (send it, then close): the volume and epoch of the
+        stream (or of the message refused before one opened), and as ``seq`` how far this replica
+        has applied that (volume, epoch), so a primary knows where a new stream must start."""
+        volume_id, epoch = (self.volume_id, self.epoch) if self.volume_id is not None else self._last
+        applied, _ = self.positions.get(volume_id, epoch)
         reason = error.message.encode()[:MAX_REASON].decode(errors="ignore")
-        return encode(Refuse(volume_id, max(self.epoch, 1), 0, error.code, reason))
+        return encode(Refuse(volume_id, max(epoch, 1), applied, error.code, reason))
 
     def _receive(self, message: Message) -> ReplicaEvent:
+        self._last = (message.volume_id, message.epoch)
         kind = _TYPE_OF[type(message)]
         after = REPLICA_TRANSITIONS.get((self.state, kind))
         if after is None:

@@ -338,6 +338,11 @@ def test_a_new_stream_of_the_same_epoch_goes_on_from_the_replicas_position() -> 
     assert refused(replica(positions=positions), Open(VID, 3, 3, "n1")) is ErrorCode.BUSY
     first.close()
     assert refused(replica(positions=positions), Open(VID, 3, 2, "n1")) is ErrorCode.REPEAT
+    late = replica(positions=positions)
+    with pytest.raises(ReplicationError) as e:
+        late.feed(encode(Open(VID, 3, 7, "n1")))
+    # The refusal tells the primary where a new stream must start.
+    assert decode_all(late.refusal(e.value)) == [Refuse(VID, 3, 2, ErrorCode.GAP, e.value.message)]
     assert refused(replica(positions=positions), Open(VID, 3, 4, "n1")) is ErrorCode.GAP
     again = replica(positions=positions)
     [opened] = again.feed(encode(Open(VID, 3, 3, "n1")))
