@@ -197,9 +197,10 @@ class ReplicaServer:
         """Stop listening, close every connection, and wait for their applies to finish."""
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
+        connections = list(self.connections)
+        workers = [c.worker for c in connections if c.worker is not None]
+        for conn in connections:
             conn.close("node shutting down", abort=True)
-        workers = [c.worker for c in list(self.connections) if c.worker is not None]
         if workers:
             await asyncio.wait(workers, timeout=10.0)
         if self._server is not None:
