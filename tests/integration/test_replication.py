@@ -359,3 +359,14 @@ def test_a_replica_that_moved_to_a_new_epoch_refuses_the_old_primarys_next_write
         assert f.read(4096) == b"\x11" * 4096  # the deposed epoch's write never landed
     setup.epoch, setup.seq = 3, 0
     setup.still_serving()
+
+
+def test_the_replica_stops_cleanly_with_a_stream_open(setup: Setup) -> None:
+    link = setup.link()
+    setup.open(link)
+    link.send(Write(setup.volume_id, setup.epoch, setup.seq + 1, 0, b"\x33" * 4096))
+    link.ack_until(setup.seq + 1)
+    assert setup.replica.term() == 0  # SIGTERM: the stream is closed, the stores flushed
+    assert link.closed_within(CLOSE_WITHIN)
+    link.close()
+    assert setup.data_file(setup.replica).read_bytes()[:4096] == b"\x33" * 4096
