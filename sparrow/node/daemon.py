@@ -63,6 +63,7 @@ from sparrow.lifecycle import (
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
+from sparrow.node.replication import ReplicaServer, start_replica_server
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
@@ -450,6 +451,24 @@ async def start_node(
     return node
 
 
+async def _start_replication(node: Node) -> ReplicaServer:
+    """The replication listener (``--replication``; docs/replication.md). Only ``sparrow node``
+    listens: in ``sparrow serve`` every volume has one copy."""
+    config = node.config
+    assert config.cluster_secret is not None  # start_node refuses to start without it
+    try:
+        return await start_replica_server(
+            host=config.replication.host,
+            port=config.replication.port,
+            secret=config.cluster_secret,
+            state=node.convergence.adapter.state,
+            volumes=node.volumes,
+            registry=node.metrics.registry,
+        )
+    except OSError as e:
+        raise StartupError(f"cannot listen for replication on {config.replication}: {os_reason(e)}") from None
+
+
 async def serve(config: NodeConfig) -> int:
     signals = StopSignals(asyncio.get_running_loop())
     stop = signals.event
@@ -463,6 +482,8 @@ async def serve(config: NodeConfig) -> int:
         runner = await start_http(
             app, config.http.host, config.http.port, cleanup, registry=node.metrics.registry
         )
+        replication = await _start_replication(node)
+        cleanup.push_async_callback(replication.close)
         node.start_heartbeat(advertised(config.http, bound_port(runner.addresses)))
 
         log.info(
@@ -471,6 +492,7 @@ async def serve(config: NodeConfig) -> int:
             incarnation=node.incarnation,
             iscsi=str(node.iscsi_portal),
             http=str(node.http),
+            replication=str(config.replication),
             master=str(config.master),
             volumes=len(node.volumes.exported()),
             data_dir=str(config.data_dir),
@@ -482,6 +504,7 @@ async def serve(config: NodeConfig) -> int:
 
         # --- shutdown, step by step ---
         await begin_shutdown(cleanup, signals, runner)
+        await replication.close()  # no replica write lands after the stores' last flush
         try:
             failed = await node.stop()
         finally:

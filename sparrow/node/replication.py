@@ -1,0 +1,528 @@
+"""The replica side of the replication channel (docs/replication.md): ``sparrow node --replication``.
+
+:class:`ReplicaServer` listens for primaries. Each connection runs the cluster channel's handshake
+(``Purpose.REPLICATION``: a peer that does not prove it holds the cluster secret is refused), then
+feeds the channel's plaintext to a :class:`~sparrow.replication.protocol.ReplicaStream`, which
+checks every message against what this node has persisted for the volume (``NodeState``: epoch,
+role, primary) and hands out the writes, unmaps, write-sames and flushes to apply in seq order.
+One task per connection applies them to the volume's local store (opened by the adapter for role
+REPLICA) and writes the ACK after each.
+
+Bounds (like the heartbeat server's): at most ``max_handshaking`` connections between accept and
+an accepted OPEN (the handshake and the OPEN must both arrive within ``handshake_timeout``); a
+channel record or a replication message begun and not completed within ``frame_timeout`` closes
+the connection; reading pauses while more than ``max_unapplied_bytes`` (or
+``max_unapplied`` messages) are received and not yet applied; a peer that leaves its ACKs unread
+(the write buffer above its high-water mark) for ``stall_timeout``, or lets more than
+:data:`MAX_ACK_BUFFER` bytes of them pile up, is disconnected. Reading is never paused for long: a
+pause that outlasts ``frame_timeout`` with a record half received ends the connection (a replica that
+slow is dropped by the primary's ack timeout first). Every refusal is
+a warning log line ``refused replication connection`` with the peer, the reason and the detail,
+counted in ``sparrow_replication_refused_total{reason}``; a refusal after the handshake is also
+sent to the peer as a REFUSE message.
+
+``sparrow serve`` (one node) starts no listener: a single-copy volume has no replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from sparrow.cluster.channel import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Channel,
+    ChannelError,
+    ClusterSecret,
+    Established,
+    HandshakeBytes,
+    Purpose,
+    Side,
+)
+from sparrow.cluster.nodestate import NodeState
+from sparrow.node.convergence import NodeVolumes
+from sparrow.replication.protocol import (
+    MAX_MESSAGE,
+    Apply,
+    ApplyFlush,
+    ApplyUnmap,
+    ApplyWrite,
+    ApplyWriteSame,
+    ErrorCode,
+    Lookup,
+    Opened,
+    ReplicaPositions,
+    ReplicaStream,
+    ReplicationError,
+    VolumeView,
+)
+from store.blockstore import BlockStore, StoreError
+
+log = structlog.get_logger("sparrow.node.replication")
+
+DEFAULT_MAX_HANDSHAKING = 64
+DEFAULT_STALL_TIMEOUT = 5.0
+DEFAULT_MAX_UNAPPLIED_BYTES = 16 << 20
+DEFAULT_MAX_UNAPPLIED = 4096
+#: The write buffer (ACKs not yet taken by the kernel) above which the stall clock runs...
+WRITE_HIGH_WATER = 64 << 10
+#: ... and above which the peer is cut off at once.
+MAX_ACK_BUFFER = 1 << 20
+#: The kernel send buffer asked for on each connection: a replica sends only small ACKs.
+SEND_BUFFER = 16 << 10
+#: Zeros written at a time where the store cannot punch holes, and write-same chunks.
+CHUNK = 1 << 20
+#: Seconds a REFUSE gets to leave before the connection is aborted.
+REFUSE_LINGER = 1.0
+
+StoreFor = Callable[[str], BlockStore | None]
+
+
+async def start_replica_server(
+    *,
+    host: str,
+    port: int,
+    secret: ClusterSecret,
+    state: NodeState,
+    volumes: NodeVolumes,
+    registry: CollectorRegistry | None,
+) -> ReplicaServer:
+    """Bind the node's replication listener (raises OSError when the address is taken)."""
+    lookup, store_for = node_lookup(state, volumes)
+    loop = asyncio.get_running_loop()
+    server = ReplicaServer(
+        secret=secret, lookup=lookup, store_for=store_for, clock=loop.time, registry=registry
+    )
+    await server.start(host, port)
+    return server
+
+
+def node_lookup(state: NodeState, volumes: NodeVolumes) -> tuple[Lookup, StoreFor]:
+    """What a replica stream checks (the persisted role, and whether the volume is open here) and
+    where it applies (the local store of the open volume)."""
+
+    def lookup(volume_id: str) -> VolumeView | None:
+        role = state.get(volume_id)
+        if role is None:
+            return None
+        volume = volumes.find(volume_id)
+        open_ = volume is not None and volume_id in volumes.exported()
+        size = volume.meta.size if volume is not None else role.size
+        return VolumeView(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_)
+
+    def store_for(volume_id: str) -> BlockStore | None:
+        volume = volumes.find(volume_id)
+        return None if volume is None else volume.store
+
+    return lookup, store_for
+
+
+class ReplicationMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.refused = Counter(
+            "sparrow_replication_refused",
+            "Replication connections refused or closed for a protocol violation, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.applied = Counter(
+            "sparrow_replication_applied", "Replication messages applied by this replica", registry=registry
+        )
+        self.applied_bytes = Counter(
+            "sparrow_replication_applied_bytes", "Payload bytes applied by this replica", registry=registry
+        )
+
+
+class ReplicaServer:
+    """The replication listener of one node; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        secret: ClusterSecret,
+        lookup: Lookup,
+        store_for: StoreFor,
+        clock: Callable[[], float],
+        registry: CollectorRegistry | None = None,
+        max_handshaking: int = DEFAULT_MAX_HANDSHAKING,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        max_unapplied_bytes: int = DEFAULT_MAX_UNAPPLIED_BYTES,
+        max_unapplied: int = DEFAULT_MAX_UNAPPLIED,
+    ) -> None:
+        self.secret = secret
+        self.lookup = lookup
+        self.store_for = store_for
+        self.clock = clock
+        self.metrics = ReplicationMetrics(registry)
+        self.max_handshaking = max_handshaking
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.stall_timeout = stall_timeout
+        self.max_unapplied_bytes = max_unapplied_bytes
+        self.max_unapplied = max_unapplied
+        self.positions = ReplicaPositions()
+        self.connections: set[ReplicaConnection] = set()
+        self.handshaking = 0
+        self._server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: ReplicaConnection(self), host, port, reuse_address=True
+        )
+        return self._server
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return () if self._server is None else tuple(self._server.sockets)
+
+    def refused(self, peer: str, reason: str, detail: str, volume_id: str | None = None) -> None:
+        log.warning(
+            "refused replication connection", peer=peer, reason=reason, detail=detail, volume_id=volume_id
+        )
+        self.metrics.refused.labels(reason).inc()
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, and wait for their applies to finish."""
+        if self._server is not None:
+            self._server.close()
+        connections = list(self.connections)
+        workers = [c.worker for c in connections if c.worker is not None]
+        for conn in connections:
+            conn.close("node shutting down", abort=True)
+        if workers:
+            await asyncio.wait(workers, timeout=10.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+class ReplicaConnection(asyncio.Protocol):
+    """One primary's connection (one volume); see the module docstring."""
+
+    def __init__(self, server: ReplicaServer) -> None:
+        self.server = server
+        now = server.clock()
+        self.channel = Channel(
+            server.secret,
+            Side.SERVER,
+            Purpose.REPLICATION,
+            now,
+            handshake_timeout=server.handshake_timeout,
+            frame_timeout=server.frame_timeout,
+            max_plaintext=MAX_MESSAGE,
+        )
+        self.stream = ReplicaStream(server.lookup, server.positions)
+        self.started = now
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.closed_reason: str | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self._queue: collections.deque[Apply] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._handshaking = False
+        self._opened = False
+        self._reading_paused = False
+        self._writing_paused_since: float | None = None
+        self._message_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.server.handshaking >= self.server.max_handshaking:
+            self.refuse("handshake_cap", f"{self.server.handshaking} connections already in the handshake")
+            return
+        self.server.handshaking += 1
+        self._handshaking = True
+        self.worker = asyncio.get_running_loop().create_task(self._apply_loop())
+        self._arm()
+
+    def _left_handshake(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.server.handshaking -= 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed_reason is not None:
+            return
+        now = self.server.clock()
+        try:
+            events = self.channel.feed(data, now)
+        except ChannelError as e:
+            self.refuse(e.code.value, e.message)
+            return
+        try:
+            for event in events:
+                if isinstance(event, HandshakeBytes):
+                    self._write(event.data)
+                elif isinstance(event, Established):
+                    log.debug("replication peer authenticated", peer=self.peer)
+                else:
+                    for applied in self.stream.feed(event.data):
+                        if isinstance(applied, Opened):
+                            self._opened = True
+                            self._left_handshake()
+                            log.info(
+                                "replication stream opened",
+                                peer=self.peer,
+                                volume_id=applied.volume_id,
+                                epoch=applied.epoch,
+                                primary=self.stream.primary,
+                                first_seq=self.stream.next_seq,
+                            )
+                            self._write(self.channel.send(applied.ack))
+                        else:
+                            self._queue.append(applied)
+                            self._wakeup.set()
+        except ReplicationError as e:
+            self.refuse(e.code.reason, e.message)
+            return
+        if self.stream.decoder.buffered == 0:
+            self._message_since = None
+        elif self._message_since is None:
+            self._message_since = now
+        self._flow()
+        self._arm()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._handshaking and self.closed_reason is None:
+            self.closed_reason = "refused: handshake_abandoned"
+            self.server.refused(self.peer, "handshake_abandoned", str(exc) if exc else "closed by peer")
+        self._left_handshake()
+        if self.closed_reason is None:
+            self.closed_reason = str(exc) if exc else "closed by peer"
+        self._cancel_timer()
+        self._wakeup.set()  # the worker stops
+        if self.worker is None:
+            self.stream.close()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._writing_paused_since = self.server.clock()
+        self._flow()
+        self._arm()
+
+    def resume_writing(self) -> None:
+        self._writing_paused_since = None
+        self._flow()
+        self._arm()
+
+    # -- flow control and deadlines -------------------------------------------------------------------
+
+    def _flow(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed_reason is not None:
+            return
+        full = (
+            self.stream.unapplied_bytes > self.server.max_unapplied_bytes
+            or self.stream.unapplied >= self.server.max_unapplied
+        )
+        if full and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not full and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def deadline(self) -> float | None:
+        deadlines = [d for d in (self.channel.deadline(),) if d is not None]
+        if not self._opened:
+            deadlines.append(self.started + self.server.handshake_timeout)
+        if self._message_since is not None and not self._reading_paused:
+            deadlines.append(self._message_since + self.server.frame_timeout)
+        if self._writing_paused_since is not None:
+            deadlines.append(self._writing_paused_since + self.server.stall_timeout)
+        return min(deadlines) if deadlines else None
+
+    def check_deadline(self) -> None:
+        self._timer = None
+        if self.closed_reason is not None:
+            return
+        now = self.server.clock()
+        try:
+            self.channel.check(now)
+        except ChannelError as e:
+            self.refuse(e.code.value, e.message)
+            return
+        if not self._opened and now >= self.started + self.server.handshake_timeout:
+            self.refuse("open_timeout", f"no OPEN within {self.server.handshake_timeout}s")
+            return
+        if (
+            self._message_since is not None
+            and not self._reading_paused
+            and now >= self._message_since + self.server.frame_timeout
+        ):
+            self.refuse(
+                ErrorCode.TRUNCATED.reason,
+                f"a message begun {now - self._message_since:.1f}s ago is incomplete "
+                f"({self.stream.decoder.buffered} bytes)",
+            )
+            return
+        if (
+            self._writing_paused_since is not None
+            and now >= self._writing_paused_since + self.server.stall_timeout
+        ):
+            self.refuse(
+                ErrorCode.NOT_READING.reason,
+                f"the peer has not read its ACKs for {now - self._writing_paused_since:.1f}s",
+                send=False,
+            )
+            return
+        self._arm()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        """Arm the one timer (only once the server runs: unit tests call check_deadline)."""
+        self._cancel_timer()
+        loop = self.server.loop
+        deadline = self.deadline()
+        if loop is not None and deadline is not None and self.closed_reason is None:
+            self._timer = loop.call_at(deadline, self.check_deadline)
+
+    # -- applying -------------------------------------------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        try:
+            while self.closed_reason is None:
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                apply = self._queue.popleft()
+                volume_id = self.stream.volume_id
+                store = None if volume_id is None else self.server.store_for(volume_id)
+                if store is None:
+                    self.refuse(ErrorCode.UNKNOWN_VOLUME.reason, f"volume {volume_id} is no longer open here")
+                    return
+                try:
+                    durable = await self._apply(store, apply)
+                except StoreError as e:
+                    log.error(
+                        "replica apply failed",
+                        peer=self.peer,
+                        volume_id=volume_id,
+                        seq=apply.seq,
+                        error=str(e),
+                    )
+                    self.refuse("apply_failed", str(e))
+                    return
+                ack = self.stream.done(apply.seq, durable=durable)
+                self.server.metrics.applied.inc()
+                if isinstance(apply, ApplyWrite):
+                    self.server.metrics.applied_bytes.inc(len(apply.data))
+                if self.closed_reason is None:
+                    self._write(self.channel.send(ack))
+                    self._flow()
+        except Exception:
+            log.exception("replication apply loop failed", peer=self.peer, volume_id=self.stream.volume_id)
+            self.server.metrics.refused.labels("internal_error").inc()
+            self.close("internal error", abort=True)
+        finally:
+            # Only now, with no apply running, may the next stream of this volume and epoch open.
+            self.stream.close()
+            if self._opened:
+                log.info(
+                    "replication stream closed",
+                    peer=self.peer,
+                    volume_id=self.stream.volume_id,
+                    applied_seq=self.stream.applied_seq,
+                    durable_seq=self.stream.durable_seq,
+                    reason=self.closed_reason,
+                )
+
+    @staticmethod
+    async def _apply(store: BlockStore, apply: Apply) -> bool:
+        """Apply one message to ``store``; True if everything up to it is now durable."""
+        if isinstance(apply, ApplyWrite):
+            await store.write(apply.offset, apply.data)
+            if apply.fua:
+                await store.flush()
+            return apply.fua
+        if isinstance(apply, ApplyFlush):
+            await store.flush()
+            return True
+        if isinstance(apply, ApplyUnmap) and store.supports_unmap:
+            await store.unmap(apply.offset, apply.length)
+            return False
+        pattern = apply.pattern if isinstance(apply, ApplyWriteSame) else bytes(4096)
+        chunk = bytes(pattern) * max(1, CHUNK // len(pattern))
+        pos, end = apply.offset, apply.offset + apply.length
+        while pos < end:
+            take = min(len(chunk), end - pos)
+            await store.write(pos, chunk if take == len(chunk) else memoryview(chunk)[:take])
+            pos += take
+        return False
+
+    # -- writing and closing ----------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_ACK_BUFFER:
+            self.refuse(
+                ErrorCode.NOT_READING.reason, f"more than {MAX_ACK_BUFFER} bytes of ACKs unread", send=False
+            )
+
+    def refuse(self, reason: str, detail: str, *, send: bool = True) -> None:
+        """Log, count and close; once authenticated, tell the peer why (a REFUSE) first."""
+        if self.closed_reason is not None:
+            return
+        self.server.refused(self.peer, reason, detail, self.stream.volume_id)
+        if send and self.channel.established:
+            code = next((c for c in ErrorCode if c.reason == reason), None)
+            if code is not None:
+                with contextlib.suppress(ChannelError):
+                    self._write(self.channel.send(self.stream.refusal(ReplicationError(code, detail))))
+                self.close(f"refused: {reason}")
+                return
+        self.close(f"refused: {reason}", abort=True)
+
+    def close(self, reason: str, *, abort: bool = False) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._cancel_timer()
+        self._wakeup.set()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if abort:
+            transport.abort()
+        else:
+            transport.close()  # the REFUSE leaves first; a peer that does not take it is cut off
+            if self.server.loop is not None:
+                self.server.loop.call_later(REFUSE_LINGER, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,959 @@
+"""The replication protocol's sans-IO core (docs/replication.md): the message codec and the two
+ends of one replication stream, :class:`ReplicaStream` and :class:`PrimaryStream`.
+
+One stream carries one volume from its primary to one replica, inside a cluster channel opened with
+``Purpose.REPLICATION`` (``sparrow.cluster.channel``: the peer has proved it holds the cluster
+secret, and every record is sealed). The plaintext of the records is a sequence of messages; a
+message may span records and a record may hold several.
+
+Every message is a fixed 40-byte header, a fixed body per type, and a raw payload::
+
+    version u8 | type u8 | flags u8 | reserved u8 (0) | body_length u32 | volume_id 16 bytes
+    | epoch u64 | seq u64 | body (fixed part by type) | payload
+
+``body_length`` counts the bytes after the header. Integers are big-endian; every field is bounded
+(:data:`MAX_PAYLOAD`, ids, epochs and seqs below 2**63, flags by type) and a message that breaks a
+bound is a :class:`ReplicationError` carrying its wire :class:`ErrorCode`.
+
+===========  =====================  =========================================================
+type         fixed body             payload
+===========  =====================  =========================================================
+OPEN         (none)                 the primary's node id (ASCII); ``seq`` is the first seq
+WRITE        offset u64             the data (1 .. MAX_PAYLOAD bytes); flag FUA
+UNMAP        offset u64, len u32    (none)
+WRITE_SAME   offset u64, len u32    one logical block (512 or 4096 bytes)
+FLUSH        (none)                 (none)
+ACK          durable u64            (none); ``seq`` is the highest seq applied
+REFUSE       code u8                the reason, UTF-8, at most MAX_REASON bytes; ``seq``: the
+                                    replica's applied seq for that volume and epoch
+===========  =====================  =========================================================
+
+Primary to replica: OPEN, then WRITE / UNMAP / WRITE_SAME / FLUSH numbered ``first_seq``,
+``first_seq + 1``, ... Replica to primary: ACK (the answer to OPEN, then after every applied
+message), or REFUSE and the connection closes. Seqs are per (volume, epoch) and only grow.
+
+Payloads are not copied on decode: a :class:`Write`'s ``data`` is a ``memoryview`` of the bytes fed
+in when the whole message arrived in one piece (the usual case: one record per message).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import NoReturn, TypeAlias
+
+from sparrow.cluster.messages import NODE_ID_PATTERN, VOLUME_ID_PATTERN, Role
+
+VERSION = 1
+HEADER = struct.Struct(">BBBBI16sQQ")
+#: The largest payload of one message (a WRITE's data); larger writes are sent as several WRITEs.
+MAX_PAYLOAD = 1 << 20
+#: The largest UTF-8 reason a REFUSE carries.
+MAX_REASON = 512
+#: Epochs and seqs are below 2**63 (as everywhere in the cluster messages).
+MAX_UINT63 = 2**63 - 1
+BLOCK_SIZES = frozenset({512, 4096})
+FLAG_FUA = 0x01
+#: The default ack timeout (issue 8: a replica that does not acknowledge within it is lagging).
+DEFAULT_ACK_TIMEOUT = 2.0
+#: The default window: messages and payload bytes sent and not yet acknowledged.
+DEFAULT_WINDOW = 1024
+DEFAULT_WINDOW_BYTES = 32 << 20
+
+
+class MsgType(enum.IntEnum):
+    OPEN = 1
+    WRITE = 2
+    UNMAP = 3
+    WRITE_SAME = 4
+    FLUSH = 5
+    ACK = 6
+    REFUSE = 7
+
+
+_RANGE = struct.Struct(">QI")
+_U64 = struct.Struct(">Q")
+_U8 = struct.Struct(">B")
+#: Per type: the fixed body, the payload bounds (min, max) and the flags it may carry.
+_LAYOUT: Mapping[MsgType, tuple[struct.Struct | None, int, int, int]] = {
+    MsgType.OPEN: (None, 1, 63, 0),
+    MsgType.WRITE: (_U64, 1, MAX_PAYLOAD, FLAG_FUA),
+    MsgType.UNMAP: (_RANGE, 0, 0, 0),
+    MsgType.WRITE_SAME: (_RANGE, 512, 4096, 0),
+    MsgType.FLUSH: (None, 0, 0, 0),
+    MsgType.ACK: (_U64, 0, 0, 0),
+    MsgType.REFUSE: (_U8, 0, MAX_REASON, 0),
+}
+#: The largest message: header, the largest fixed body, the largest payload.
+MAX_MESSAGE = HEADER.size + _RANGE.size + MAX_PAYLOAD
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a stream was refused or broken; the value is the REFUSE message's code on the wire, the
+    name (lower case) the ``reason`` label of the refusal metrics."""
+
+    #: Not a message of this protocol: a bad version, a reserved field set, a length out of bounds.
+    MALFORMED = 1
+    UNKNOWN_TYPE = 2
+    #: A message this side may not receive in its state (e.g. a WRITE before OPEN, a second OPEN).
+    UNEXPECTED = 3
+    #: The replica does not hold the volume (not assigned here, or not open yet).
+    UNKNOWN_VOLUME = 4
+    #: The sender's epoch is older than the one the replica has persisted: a deposed primary.
+    STALE_EPOCH = 5
+    #: The sender's epoch is newer than the replica's: it has not heard of it yet (retry later).
+    NEWER_EPOCH = 6
+    #: The replica's persisted role for the volume is not REPLICA.
+    NOT_REPLICA = 7
+    #: The sender is not the primary of the replica's persisted assignment.
+    NOT_PRIMARY = 8
+    #: A message for another volume or epoch than the stream's OPEN.
+    WRONG_STREAM = 9
+    #: A seq beyond the next one expected (a message was lost).
+    GAP = 10
+    #: A seq already applied or already seen.
+    REPEAT = 11
+    #: An offset or length outside the volume or not a multiple of its block size.
+    OUT_OF_RANGE = 12
+    #: Another stream of this volume and epoch is open on the replica.
+    BUSY = 13
+    #: An ACK the primary cannot match (beyond what was sent, or going back).
+    BAD_ACK = 14
+    #: The primary's window is full (a local error; never on the wire).
+    WINDOW_FULL = 15
+    #: A partial message not completed in time (the asyncio layer's frame timeout).
+    TRUNCATED = 16
+    #: The peer stopped reading (the asyncio layer's write buffer stayed full).
+    NOT_READING = 17
+
+    @property
+    def reason(self) -> str:
+        return self.name.lower()
+
+
+class ReplicationError(Exception):
+    """The stream cannot go on; ``code`` says why (and is what a REFUSE puts on the wire).
+    ``remote`` is True when the peer sent the refusal."""
+
+    def __init__(self, code: ErrorCode, message: str, *, remote: bool = False) -> None:
+        super().__init__(f"{code.reason}: {message}")
+        self.code = code
+        self.message = message
+        self.remote = remote
+
+
+def _fail(code: ErrorCode, message: str) -> NoReturn:
+    raise ReplicationError(code, message)
+
+
+def _check_ids(volume_id: str, epoch: int, seq: int) -> None:
+    if not isinstance(volume_id, str) or not VOLUME_ID_PATTERN.fullmatch(volume_id):
+        _fail(ErrorCode.MALFORMED, f"volume id {volume_id!r} is not 32 hex digits")
+    if not 1 <= epoch <= MAX_UINT63:
+        _fail(ErrorCode.MALFORMED, f"epoch {epoch} out of range")
+    if not 0 <= seq <= MAX_UINT63:
+        _fail(ErrorCode.MALFORMED, f"seq {seq} out of range")
+
+
+# -- messages --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Primary -> replica: the stream of ``volume_id`` at ``epoch`` from ``primary`` starts at
+    ``first_seq``."""
+
+    volume_id: str
+    epoch: int
+    first_seq: int
+    primary: str
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.first_seq)
+        if self.first_seq < 1:
+            _fail(ErrorCode.MALFORMED, "first seq must be at least 1")
+        if not isinstance(self.primary, str) or not NODE_ID_PATTERN.fullmatch(self.primary):
+            _fail(ErrorCode.MALFORMED, f"primary {self.primary!r} is not a node id")
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    volume_id: str
+    epoch: int
+    seq: int
+    offset: int
+    data: bytes | memoryview = field(repr=False)
+    fua: bool = False
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        if not 1 <= len(self.data) <= MAX_PAYLOAD:
+            _fail(ErrorCode.MALFORMED, f"write of {len(self.data)} bytes (1 .. {MAX_PAYLOAD})")
+        if not 0 <= self.offset <= MAX_UINT63:
+            _fail(ErrorCode.MALFORMED, f"offset {self.offset} out of range")
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Unmap:
+    volume_id: str
+    epoch: int
+    seq: int
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        _check_range(self.offset, self.length)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSame:
+    """Write ``pattern`` (one logical block) over ``length`` bytes at ``offset``."""
+
+    volume_id: str
+    epoch: int
+    seq: int
+    offset: int
+    length: int
+    pattern: bytes | memoryview = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        _check_range(self.offset, self.length)
+        if len(self.pattern) not in BLOCK_SIZES:
+            _fail(ErrorCode.MALFORMED, f"write-same pattern of {len(self.pattern)} bytes (512 or 4096)")
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    volume_id: str
+    epoch: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Replica -> primary: every message up to ``applied_seq`` is applied, every one up to
+    ``durable_seq`` is durable (a FLUSH or FUA write at or below it has completed)."""
+
+    volume_id: str
+    epoch: int
+    applied_seq: int
+    durable_seq: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.applied_seq)
+        if not 0 <= self.durable_seq <= self.applied_seq:
+            _fail(ErrorCode.MALFORMED, f"durable seq {self.durable_seq} beyond applied {self.applied_seq}")
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Replica -> primary, before it closes the connection: why (``code``) and a reason."""
+
+    volume_id: str
+    epoch: int
+    seq: int
+    code: ErrorCode
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        if not isinstance(self.code, ErrorCode):
+            _fail(ErrorCode.MALFORMED, f"refusal code {self.code!r}")
+        if len(self.reason.encode()) > MAX_REASON:
+            _fail(ErrorCode.MALFORMED, f"refusal reason longer than {MAX_REASON} bytes")
+
+
+Operation: TypeAlias = Write | Unmap | WriteSame | Flush
+Message: TypeAlias = Open | Write | Unmap | WriteSame | Flush | Ack | Refuse
+_TYPE_OF: Mapping[type, MsgType] = {
+    Open: MsgType.OPEN,
+    Write: MsgType.WRITE,
+    Unmap: MsgType.UNMAP,
+    WriteSame: MsgType.WRITE_SAME,
+    Flush: MsgType.FLUSH,
+    Ack: MsgType.ACK,
+    Refuse: MsgType.REFUSE,
+}
+
+
+def _check_range(offset: int, length: int) -> None:
+    if not 0 <= offset <= MAX_UINT63:
+        _fail(ErrorCode.MALFORMED, f"offset {offset} out of range")
+    if not 1 <= length <= 0xFFFFFFFF:
+        _fail(ErrorCode.MALFORMED, f"length {length} out of range")
+
+
+# -- the codec -------------------------------------------------------------------------------------
+
+
+def encode_parts(message: Message) -> tuple[bytes, bytes | memoryview]:
+    """The header and fixed body, and the payload (not copied)."""
+    kind = _TYPE_OF[type(message)]
+    flags = 0
+    payload: bytes | memoryview = b""
+    body = b""
+    seq: int
+    if isinstance(message, Open):
+        seq, payload = message.first_seq, message.primary.encode("ascii")
+    elif isinstance(message, Write):
+        seq, body, payload = message.seq, _U64.pack(message.offset), message.data
+        flags = FLAG_FUA if message.fua else 0
+    elif isinstance(message, Unmap):
+        seq, body = message.seq, _RANGE.pack(message.offset, message.length)
+    elif isinstance(message, WriteSame):
+        seq, body, payload = message.seq, _RANGE.pack(message.offset, message.length), message.pattern
+    elif isinstance(message, Flush):
+        seq = message.seq
+    elif isinstance(message, Ack):
+        seq, body = message.applied_seq, _U64.pack(message.durable_seq)
+    else:
+        seq, body, payload = message.seq, _U8.pack(int(message.code)), message.reason.encode()
+    head = HEADER.pack(
+        VERSION,
+        kind,
+        flags,
+        0,
+        len(body) + len(payload),
+        bytes.fromhex(message.volume_id),
+        message.epoch,
+        seq,
+    )
+    return head + body, payload
+
+
+def encode(message: Message) -> bytes:
+    """One message as bytes (the payload copied once, into the result)."""
+    head, payload = encode_parts(message)
+    return head + payload if payload else head
+
+
+def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, body: memoryview) -> Message:
+    layout, low, high, allowed = _LAYOUT[kind]
+    if flags & ~allowed:
+        _fail(ErrorCode.MALFORMED, f"flags {flags:#x} on {kind.name}")
+    fixed = 0 if layout is None else layout.size
+    if not fixed + low <= len(body) <= fixed + high:
+        _fail(ErrorCode.MALFORMED, f"{kind.name} with a body of {len(body)} bytes")
+    payload = body[fixed:]
+    if kind is MsgType.OPEN:
+        try:
+            primary = bytes(payload).decode("ascii")
+        except UnicodeDecodeError:
+            _fail(ErrorCode.MALFORMED, "primary node id is not ASCII")
+        return Open(volume_id, epoch, seq, primary)
+    if kind is MsgType.WRITE:
+        (offset,) = _U64.unpack_from(body)
+        return Write(volume_id, epoch, seq, offset, payload, bool(flags & FLAG_FUA))
+    if kind is MsgType.UNMAP:
+        return Unmap(volume_id, epoch, seq, *_RANGE.unpack_from(body))
+    if kind is MsgType.WRITE_SAME:
+        offset, length = _RANGE.unpack_from(body)
+        return WriteSame(volume_id, epoch, seq, offset, length, payload)
+    if kind is MsgType.FLUSH:
+        return Flush(volume_id, epoch, seq)
+    if kind is MsgType.ACK:
+        (durable,) = _U64.unpack_from(body)
+        return Ack(volume_id, epoch, seq, durable)
+    (code,) = _U8.unpack_from(body)
+    if code not in ErrorCode._value2member_map_:
+        _fail(ErrorCode.MALFORMED, f"unknown refusal code {code}")
+    try:
+        reason = bytes(payload).decode()
+    except UnicodeDecodeError:
+        _fail(ErrorCode.MALFORMED, "refusal reason is not UTF-8")
+    return Refuse(volume_id, epoch, seq, ErrorCode(code), reason)
+
+
+class MessageDecoder:
+    """Frames messages out of a byte stream (the channel's plaintexts, in order).
+
+    :meth:`feed` buffers (at most one partial message: :data:`MAX_MESSAGE` bytes, since the header
+    is checked as soon as it is complete); :meth:`next_message` returns a message or None when more
+    bytes are needed, and raises :class:`ReplicationError` for bytes that are not a message. Once
+    it has raised, it raises the same error again.
+    """
+
+    def __init__(self) -> None:
+        self._buf: bytes = b""
+        self._pos = 0
+        self._error: ReplicationError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if not data:
+            return
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = bytes(data), 0  # no copy for bytes
+        else:
+            self._buf, self._pos = self._buf[self._pos :] + data, 0
+
+    def next_message(self) -> Message | None:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except ReplicationError as e:
+            self._error = e
+            self._buf, self._pos = b"", 0
+            raise
+
+    def _next(self) -> Message | None:
+        if self.buffered < HEADER.size:
+            return None
+        view = memoryview(self._buf)
+        version, kind, flags, reserved, length, raw_id, epoch, seq = HEADER.unpack_from(view, self._pos)
+        if version != VERSION:
+            _fail(ErrorCode.MALFORMED, f"version {version}, expected {VERSION}")
+        if kind not in MsgType._value2member_map_:
+            _fail(ErrorCode.UNKNOWN_TYPE, f"message type {kind}")
+        if reserved:
+            _fail(ErrorCode.MALFORMED, "reserved byte set")
+        layout, low, high, _ = _LAYOUT[MsgType(kind)]
+        fixed = 0 if layout is None else layout.size
+        if not fixed + low <= length <= fixed + high:  # checked before waiting for the body
+            _fail(ErrorCode.MALFORMED, f"{MsgType(kind).name} with a body of {length} bytes")
+        end = self._pos + HEADER.size + length
+        if end > len(self._buf):
+            return None
+        body = view[self._pos + HEADER.size : end]
+        self._pos = end
+        return _decode(MsgType(kind), flags, raw_id.hex(), epoch, seq, body)
+
+
+# -- the replica's end -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeView:
+    """What the replica node has persisted for a volume (``sparrow.cluster.nodestate.VolumeRole``),
+    and whether its local store is open; the stream checks every message against it."""
+
+    volume_id: str
+    epoch: int
+    role: Role
+    primary: str | None
+    size: int
+    block_size: int
+    open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyWrite:
+    seq: int
+    offset: int
+    data: bytes | memoryview = field(repr=False)
+    fua: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyUnmap:
+    seq: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyWriteSame:
+    seq: int
+    offset: int
+    length: int
+    pattern: bytes | memoryview = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyFlush:
+    seq: int
+
+
+Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The stream is open; write ``ack`` (the answer to OPEN: the position already reached)."""
+
+    volume_id: str
+    epoch: int
+    ack: bytes
+
+
+ReplicaEvent: TypeAlias = Opened | Apply
+
+
+class ReplicaState(enum.Enum):
+    AWAIT_OPEN = "await_open"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+#: The replica's transitions: (state, message type received) -> next state. A message type not
+#: listed for a state is refused with UNEXPECTED.
+REPLICA_TRANSITIONS: Mapping[tuple[ReplicaState, MsgType], ReplicaState] = {
+    (ReplicaState.AWAIT_OPEN, MsgType.OPEN): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.WRITE): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.UNMAP): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.WRITE_SAME): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.FLUSH): ReplicaState.STREAMING,
+}
+
+
+@dataclass(slots=True)
+class _Position:
+    applied: int = 0
+    durable: int = 0
+    #: The stream that holds the (volume, epoch) now, if any.
+    owner: object | None = None
+
+
+class ReplicaPositions:
+    """In memory, per (volume, epoch): how far this node's replica has applied and made durable
+    the primary's stream, and which stream holds it. A new stream of the same epoch must go on from
+    there (a node restart forgets it: the primary's next OPEN past seq 1 is then a GAP)."""
+
+    def __init__(self) -> None:
+        self._positions: dict[tuple[str, int], _Position] = {}
+
+    def get(self, volume_id: str, epoch: int) -> tuple[int, int]:
+        p = self._positions.get((volume_id, epoch))
+        return (0, 0) if p is None else (p.applied, p.durable)
+
+    def claim(self, volume_id: str, epoch: int, owner: object) -> _Position:
+        # Older epochs of the volume are of no use any more.
+        for key in [k for k in self._positions if k[0] == volume_id and k[1] < epoch]:
+            if self._positions[key].owner is None:
+                del self._positions[key]
+        p = self._positions.setdefault((volume_id, epoch), _Position())
+        if p.owner is not None and p.owner is not owner:
+            _fail(ErrorCode.BUSY, f"another stream of volume {volume_id} at epoch {epoch} is open")
+        p.owner = owner
+        return p
+
+    def release(self, owner: object) -> None:
+        for p in self._positions.values():
+            if p.owner is owner:
+                p.owner = None
+
+
+Lookup: TypeAlias = Callable[[str], VolumeView | None]
+
+
+class ReplicaStream:
+    """The replica's end of one stream (sans-IO; see the module docstring).
+
+    ``lookup(volume_id)`` returns what the node has persisted for the volume now; it is asked on
+    OPEN and again for every message, so a replica that has moved to a newer epoch refuses the next
+    message of the old primary. :meth:`feed` returns :class:`Opened` and the apply actions, in seq
+    order; the caller applies them in that order and reports each with :meth:`done`, which returns
+    the ACK to write. Any refusal raises :class:`ReplicationError` (:meth:`refusal` gives the
+    REFUSE message to send before closing); from then on the stream is closed.
+    """
+
+    def __init__(self, lookup: Lookup, positions: ReplicaPositions) -> None:
+        self.lookup = lookup
+        self.positions = positions
+        self.state = ReplicaState.AWAIT_OPEN
+        self.decoder = MessageDecoder()
+        self.volume_id: str | None = None
+        self.epoch = 0
+        self.primary: str | None = None
+        #: The seq the next operation must carry.
+        self.next_seq = 0
+        #: Applies handed out and not yet reported done: (seq, payload bytes).
+        self._pending: collections.deque[tuple[int, int]] = collections.deque()
+        self.unapplied_bytes = 0
+        self._position: _Position | None = None
+        self._error: ReplicationError | None = None
+        #: The volume and epoch of the last message received (for a refusal before OPEN).
+        self._last: tuple[str, int] = ("0" * 32, 1)
+
+    @property
+    def unapplied(self) -> int:
+        return len(self._pending)
+
+    @property
+    def applied_seq(self) -> int:
+        return 0 if self._position is None else self._position.applied
+
+    @property
+    def durable_seq(self) -> int:
+        return 0 if self._position is None else self._position.durable
+
+    def feed(self, data: bytes) -> list[ReplicaEvent]:
+        """Bytes from the primary (channel plaintext) -> the events they complete."""
+        if self._error is not None:
+            raise self._error
+        events: list[ReplicaEvent] = []
+        try:
+            self.decoder.feed(data)
+            while (message := self.decoder.next_message()) is not None:
+                events.append(self._receive(message))
+        except ReplicationError as e:
+            self._close(e)
+            raise
+        return events
+
+    def _close(self, error: ReplicationError) -> None:
+        # The (volume, epoch) stays held: applies already handed out may still report done().
+        self._error = error
+        self.state = ReplicaState.CLOSED
+
+    def close(self) -> None:
+        """The connection is gone and no apply is running any more: release the (volume, epoch)
+        for the next stream."""
+        if self.state is not ReplicaState.CLOSED:
+            self.state = ReplicaState.CLOSED
+            self._error = ReplicationError(ErrorCode.UNEXPECTED, "stream closed")
+        self.positions.release(self)
+
+    def refusal(self, error: ReplicationError) -> bytes:
+        """The REFUSE message for ``error`` (send it, then close): the volume and epoch of the
+        stream (or of the message refused before one opened), and as ``seq`` how far this replica
+        has applied that (volume, epoch), so a primary knows where a new stream must start."""
+        volume_id, epoch = (self.volume_id, self.epoch) if self.volume_id is not None else self._last
+        applied, _ = self.positions.get(volume_id, epoch)
+        reason = error.message.encode()[:MAX_REASON].decode(errors="ignore")
+        return encode(Refuse(volume_id, max(epoch, 1), applied, error.code, reason))
+
+    def _receive(self, message: Message) -> ReplicaEvent:
+        self._last = (message.volume_id, message.epoch)
+        kind = _TYPE_OF[type(message)]
+        after = REPLICA_TRANSITIONS.get((self.state, kind))
+        if after is None:
+            _fail(ErrorCode.UNEXPECTED, f"{kind.name} in state {self.state.value}")
+        if isinstance(message, Open):
+            event: ReplicaEvent = self._open(message)
+        else:
+            assert not isinstance(message, Ack | Refuse)  # not in the table
+            event = self._operation(message)
+        self.state = after
+        return event
+
+    def _view(self, volume_id: str, epoch: int, primary: str) -> VolumeView:
+        view = self.lookup(volume_id)
+        if view is None:
+            _fail(ErrorCode.UNKNOWN_VOLUME, f"volume {volume_id} is not assigned to this node")
+        if epoch < view.epoch:
+            _fail(ErrorCode.STALE_EPOCH, f"epoch {epoch} is older than the persisted epoch {view.epoch}")
+        if epoch > view.epoch:
+            _fail(ErrorCode.NEWER_EPOCH, f"epoch {epoch} is newer than the persisted epoch {view.epoch}")
+        if view.role is not Role.REPLICA:
+            _fail(ErrorCode.NOT_REPLICA, f"this node's role for volume {volume_id} is {view.role.name}")
+        if view.primary != primary:
+            _fail(
+                ErrorCode.NOT_PRIMARY, f"{primary!r} is not the primary ({view.primary!r}) at epoch {epoch}"
+            )
+        if not view.open:
+            _fail(ErrorCode.UNKNOWN_VOLUME, f"volume {volume_id} is not open on this node yet")
+        return view
+
+    def _open(self, message: Open) -> Opened:
+        self._view(message.volume_id, message.epoch, message.primary)
+        applied, _ = self.positions.get(message.volume_id, message.epoch)
+        if message.first_seq > applied + 1:
+            _fail(ErrorCode.GAP, f"first seq {message.first_seq}, this replica has applied {applied}")
+        if message.first_seq <= applied:
+            _fail(ErrorCode.REPEAT, f"first seq {message.first_seq}, this replica has applied {applied}")
+        self._position = self.positions.claim(message.volume_id, message.epoch, self)
+        self.volume_id, self.epoch, self.primary = message.volume_id, message.epoch, message.primary
+        self.next_seq = message.first_seq
+        return Opened(message.volume_id, message.epoch, self._ack())
+
+    def _operation(self, message: Operation) -> Apply:
+        assert self.volume_id is not None and self.primary is not None
+        if message.volume_id != self.volume_id or message.epoch != self.epoch:
+            _fail(
+                ErrorCode.WRONG_STREAM,
+                f"message for {message.volume_id} at epoch {message.epoch} on the stream of "
+                f"{self.volume_id} at epoch {self.epoch}",
+            )
+        view = self._view(message.volume_id, message.epoch, self.primary)
+        if message.seq > self.next_seq:
+            _fail(ErrorCode.GAP, f"seq {message.seq}, expected {self.next_seq}")
+        if message.seq < self.next_seq:
+            _fail(ErrorCode.REPEAT, f"seq {message.seq}, expected {self.next_seq}")
+        size = 0
+        if not isinstance(message, Flush):
+            bs = view.block_size
+            if message.offset % bs or message.length % bs or message.offset + message.length > view.size:
+                _fail(
+                    ErrorCode.OUT_OF_RANGE,
+                    f"{message.length} bytes at offset {message.offset} (volume of {view.size} bytes, "
+                    f"blocks of {bs})",
+                )
+            if isinstance(message, WriteSame) and len(message.pattern) != bs:
+                _fail(
+                    ErrorCode.OUT_OF_RANGE,
+                    f"write-same pattern of {len(message.pattern)} bytes, blocks of {bs}",
+                )
+        apply: Apply
+        if isinstance(message, Write):
+            apply, size = ApplyWrite(message.seq, message.offset, message.data, message.fua), message.length
+        elif isinstance(message, Unmap):
+            apply = ApplyUnmap(message.seq, message.offset, message.length)
+        elif isinstance(message, WriteSame):
+            apply = ApplyWriteSame(message.seq, message.offset, message.length, message.pattern)
+        else:
+            apply = ApplyFlush(message.seq)
+        self.next_seq += 1
+        self._pending.append((message.seq, size))
+        self.unapplied_bytes += size
+        return apply
+
+    def done(self, seq: int, *, durable: bool = False) -> bytes:
+        """Every apply up to ``seq`` has completed (``durable``: and everything up to it is on
+        stable storage, after a flush); returns the ACK to send."""
+        if self._position is None or self.volume_id is None:
+            raise RuntimeError("done() before the stream was opened")
+        if not self._pending or seq < self._pending[0][0] or seq >= self.next_seq:
+            raise RuntimeError(f"done({seq}) matches no pending apply")
+        while self._pending and self._pending[0][0] <= seq:
+            _, size = self._pending.popleft()
+            self.unapplied_bytes -= size
+        self._position.applied = seq
+        if durable:
+            self._position.durable = seq
+        return self._ack()
+
+    def _ack(self) -> bytes:
+        assert self.volume_id is not None
+        return encode(Ack(self.volume_id, self.epoch, self.applied_seq, self.durable_seq))
+
+
+# -- the primary's end -----------------------------------------------------------------------------
+
+
+class PrimaryState(enum.Enum):
+    NEW = "new"
+    #: OPEN sent, its ACK not yet received (operations may already follow it: pipelined).
+    OPENING = "opening"
+    STREAMING = "streaming"
+    FAILED = "failed"
+
+
+class PrimaryInput(enum.Enum):
+    SEND_OPEN = "send_open"
+    SEND_OPERATION = "send_operation"
+    RECV_ACK = "recv_ack"
+    RECV_REFUSE = "recv_refuse"
+
+
+#: The primary's transitions; an input not listed for a state is an error (UNEXPECTED).
+PRIMARY_TRANSITIONS: Mapping[tuple[PrimaryState, PrimaryInput], PrimaryState] = {
+    (PrimaryState.NEW, PrimaryInput.SEND_OPEN): PrimaryState.OPENING,
+    (PrimaryState.OPENING, PrimaryInput.SEND_OPERATION): PrimaryState.OPENING,
+    (PrimaryState.OPENING, PrimaryInput.RECV_ACK): PrimaryState.STREAMING,
+    (PrimaryState.OPENING, PrimaryInput.RECV_REFUSE): PrimaryState.FAILED,
+    (PrimaryState.STREAMING, PrimaryInput.SEND_OPERATION): PrimaryState.STREAMING,
+    (PrimaryState.STREAMING, PrimaryInput.RECV_ACK): PrimaryState.STREAMING,
+    (PrimaryState.STREAMING, PrimaryInput.RECV_REFUSE): PrimaryState.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """The replica's position moved: everything up to ``applied_seq`` applied, up to
+    ``durable_seq`` durable. An initiator's write with seq s may complete (as far as this replica
+    is concerned) once ``applied_seq >= s``; a flush or FUA write once ``durable_seq >= s``."""
+
+    applied_seq: int
+    durable_seq: int
+
+
+@dataclass(slots=True)
+class _InFlight:
+    seq: int
+    sent_at: float
+    size: int
+    durable: bool
+
+
+class PrimaryStream:
+    """The primary's end of one stream to one replica (sans-IO; see the module docstring).
+
+    Operations are numbered from ``first_seq`` and may be sent while earlier ones are unacknowledged,
+    up to ``window`` messages and ``window_bytes`` payload bytes (:meth:`can_send`). :meth:`feed`
+    matches the replica's ACKs (:class:`Acked`) and raises :class:`ReplicationError` for a REFUSE
+    (``remote=True``) or an ACK it cannot match. :meth:`lagging` is True once the oldest message
+    not yet acknowledged (applied, or durable for a flush or FUA write) was sent ``ack_timeout`` or
+    more before ``now``; :meth:`deadline` is when that will be.
+    """
+
+    def __init__(
+        self,
+        volume_id: str,
+        epoch: int,
+        primary: str,
+        *,
+        first_seq: int = 1,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+    ) -> None:
+        if window < 1 or window_bytes < MAX_PAYLOAD or not ack_timeout > 0:
+            raise ValueError("window >= 1, window_bytes >= MAX_PAYLOAD and ack_timeout > 0 are required")
+        Open(volume_id, epoch, first_seq, primary)  # the same bounds as on the wire
+        self.volume_id = volume_id
+        self.epoch = epoch
+        self.primary = primary
+        self.first_seq = first_seq
+        self.window = window
+        self.window_bytes = window_bytes
+        self.ack_timeout = ack_timeout
+        self.state = PrimaryState.NEW
+        self.decoder = MessageDecoder()
+        #: The seq of the last operation sent (first_seq - 1 before any).
+        self.last_seq = first_seq - 1
+        self.applied_seq = first_seq - 1
+        self.durable_seq = 0
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
+        self._in_flight_bytes = 0
+        self._open_sent_at: float | None = None
+        self._error: ReplicationError | None = None
+
+    def _move(self, event: PrimaryInput) -> None:
+        after = PRIMARY_TRANSITIONS.get((self.state, event))
+        if after is None:
+            if self._error is not None:
+                raise self._error
+            _fail(ErrorCode.UNEXPECTED, f"{event.value} in state {self.state.value}")
+        self.state = after
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def open(self, now: float) -> bytes:
+        self._move(PrimaryInput.SEND_OPEN)
+        self._open_sent_at = now
+        return encode(Open(self.volume_id, self.epoch, self.first_seq, self.primary))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._in_flight_bytes
+
+    def can_send(self, size: int = 0) -> bool:
+        """True if an operation with ``size`` payload bytes fits in the window now."""
+        return len(self._in_flight) < self.window and self._in_flight_bytes + size <= self.window_bytes
+
+    def _send(
+        self, build: Callable[[int], Operation], size: int, durable: bool, now: float
+    ) -> tuple[int, bytes]:
+        if not self.can_send(size):
+            raise ReplicationError(
+                ErrorCode.WINDOW_FULL, f"{self.in_flight} messages, {self.in_flight_bytes} bytes in flight"
+            )
+        seq = self.last_seq + 1
+        message = build(seq)  # checks the bounds before anything changes
+        self._move(PrimaryInput.SEND_OPERATION)
+        self.last_seq = seq
+        self._in_flight.append(_InFlight(seq, now, size, durable))
+        self._in_flight_bytes += size
+        return seq, encode(message)
+
+    def write(
+        self, offset: int, data: bytes | memoryview, now: float, *, fua: bool = False
+    ) -> tuple[int, bytes]:
+        """Number and encode a WRITE; returns (seq, bytes to seal and send)."""
+        return self._send(
+            lambda s: Write(self.volume_id, self.epoch, s, offset, data, fua), len(data), fua, now
+        )
+
+    def unmap(self, offset: int, length: int, now: float) -> tuple[int, bytes]:
+        return self._send(lambda s: Unmap(self.volume_id, self.epoch, s, offset, length), 0, False, now)
+
+    def write_same(self, offset: int, length: int, pattern: bytes, now: float) -> tuple[int, bytes]:
+        return self._send(
+            lambda s: WriteSame(self.volume_id, self.epoch, s, offset, length, pattern),
+            len(pattern),
+            False,
+            now,
+        )
+
+    def flush(self, now: float) -> tuple[int, bytes]:
+        return self._send(lambda s: Flush(self.volume_id, self.epoch, s), 0, True, now)
+
+    # -- receiving ---------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Acked]:
+        """Bytes from the replica -> the ACKs they complete, in order."""
+        if self._error is not None:
+            raise self._error
+        events: list[Acked] = []
+        try:
+            self.decoder.feed(data)
+            while (message := self.decoder.next_message()) is not None:
+                events.append(self._receive(message))
+        except ReplicationError as e:
+            self._error = e
+            self.state = PrimaryState.FAILED
+            raise
+        return events
+
+    def _receive(self, message: Message) -> Acked:
+        if isinstance(message, Refuse):
+            self._move(PrimaryInput.RECV_REFUSE)
+            raise ReplicationError(message.code, message.reason, remote=True)
+        if not isinstance(message, Ack):
+            _fail(ErrorCode.UNEXPECTED, f"a replica sent {type(message).__name__}")
+        if message.volume_id != self.volume_id or message.epoch != self.epoch:
+            _fail(ErrorCode.WRONG_STREAM, f"ACK for {message.volume_id} at epoch {message.epoch}")
+        opening = self.state is PrimaryState.OPENING
+        self._move(PrimaryInput.RECV_ACK)
+        if opening and message.applied_seq != self.first_seq - 1:
+            _fail(
+                ErrorCode.BAD_ACK,
+                f"the OPEN was answered at seq {message.applied_seq}, not {self.first_seq - 1}",
+            )
+        if message.applied_seq > self.last_seq:
+            _fail(ErrorCode.BAD_ACK, f"ACK of seq {message.applied_seq}, only {self.last_seq} sent")
+        if message.applied_seq < self.applied_seq or message.durable_seq < self.durable_seq:
+            _fail(ErrorCode.BAD_ACK, f"ACK went back to ({message.applied_seq}, {message.durable_seq})")
+        self.applied_seq, self.durable_seq = message.applied_seq, message.durable_seq
+        self._open_sent_at = None
+        while self._in_flight:
+            head = self._in_flight[0]
+            if head.seq > self.applied_seq or (head.durable and head.seq > self.durable_seq):
+                break
+            self._in_flight.popleft()
+            self._in_flight_bytes -= head.size
+        return Acked(self.applied_seq, self.durable_seq)
+
+    # -- completion and lag ------------------------------------------------------------------------
+
+    def complete(self, seq: int, *, durable: bool = False) -> bool:
+        """True once the replica has acknowledged ``seq`` (made it durable, with ``durable``)."""
+        return (self.durable_seq if durable else self.applied_seq) >= seq
+
+    def deadline(self) -> float | None:
+        """When :meth:`lagging` turns True unless an ACK arrives first (None: nothing outstanding)."""
+        oldest = self._in_flight[0].sent_at if self._in_flight else self._open_sent_at
+        return None if oldest is None else oldest + self.ack_timeout
+
+    def lagging(self, now: float) -> bool:
+        deadline = self.deadline()
+        return deadline is not None and now >= deadline
+
+
+def all_complete(streams: Mapping[str, PrimaryStream], seq: int, *, durable: bool = False) -> bool:
+    """True once every stream in ``streams`` (the in-sync replicas, by node id) has acknowledged
+    ``seq``: the acknowledgement rule's replica half (docs/replication.md)."""
+    return all(s.complete(seq, durable=durable) for s in streams.values())

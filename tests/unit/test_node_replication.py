@@ -1,0 +1,256 @@
+"""The replica's asyncio layer (sparrow.node.replication) driven with a fake transport, a gated
+store and an injected clock: no sockets, no sleeps. Flow control, the ack buffer bounds, the
+deadlines and the handshake cap."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
+from sparrow.cluster.messages import Role
+from sparrow.node.replication import MAX_ACK_BUFFER, ReplicaConnection, ReplicaServer
+from sparrow.replication.protocol import (
+    MAX_MESSAGE,
+    Ack,
+    Flush,
+    Message,
+    MessageDecoder,
+    Open,
+    VolumeView,
+    Write,
+    encode,
+)
+from store.memstore import MemoryBlockStore
+
+SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
+VID = "0123456789abcdef0123456789abcdef"
+MiB = 1 << 20
+VIEW = VolumeView(VID, 2, Role.REPLICA, "n1", 16 * MiB, 512)
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+        self.aborted = False
+        self.paused = False
+        self.buffer_size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffer_size
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+        self.aborted = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.7", 40000) if name == "peername" else default
+
+
+class GatedStore(MemoryBlockStore):
+    """A memory store whose writes wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__(16 * MiB, 512)
+        self.gate = asyncio.Event()
+        self.flushes = 0
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self.gate.wait()
+        await super().write(offset, data)
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await super().flush()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Peer:
+    """The primary's end: a client channel over the fake transport."""
+
+    def __init__(self, conn: ReplicaConnection, transport: FakeTransport) -> None:
+        self.conn = conn
+        self.transport = transport
+        self.channel = Channel(SECRET, Side.CLIENT, Purpose.REPLICATION, 0.0, max_plaintext=MAX_MESSAGE)
+        self.decoder = MessageDecoder()
+        self._read = 0
+        conn.data_received(self.channel.initiate())
+        self._pump()
+        assert self.channel.established
+
+    def _pump(self) -> list[bytes]:
+        new, self._read = bytes(self.transport.written[self._read :]), len(self.transport.written)
+        plain = []
+        for event in self.channel.feed(new, 0.0) if new else []:
+            if isinstance(event, HandshakeBytes):
+                self.conn.data_received(event.data)
+            elif isinstance(event, Plaintext):
+                plain.append(event.data)
+        return plain
+
+    def send(self, *messages: Message) -> None:
+        for m in messages:
+            self.conn.data_received(self.channel.send(encode(m)))
+
+    def received(self) -> list[Message]:
+        for data in self._pump():
+            self.decoder.feed(data)
+        out = []
+        while (m := self.decoder.next_message()) is not None:
+            out.append(m)
+        return out
+
+
+def server(store: GatedStore | None, clock: Clock, **kwargs: Any) -> ReplicaServer:
+    return ReplicaServer(
+        secret=SECRET,
+        lookup=lambda vid: VIEW if vid == VID else None,
+        store_for=lambda vid: store,
+        clock=clock,
+        **kwargs,
+    )
+
+
+def connect(srv: ReplicaServer) -> tuple[ReplicaConnection, FakeTransport]:
+    conn = ReplicaConnection(srv)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+async def settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_reading_pauses_while_too_much_is_unapplied_and_resumes_once_applied() -> None:
+    store, clock = GatedStore(), Clock()
+    srv = server(store, clock, max_unapplied_bytes=2 * MiB)
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1"))
+    assert peer.received() == [Ack(VID, 2, 0, 0)]
+    peer.send(*(Write(VID, 2, seq, (seq - 1) * MiB, bytes([seq]) * MiB) for seq in (1, 2)))
+    assert not transport.paused  # 2 MiB unapplied: at the bound, not past it
+    peer.send(Write(VID, 2, 3, 2 * MiB, b"\x03" * MiB))
+    await settle()
+    assert transport.paused and conn.stream.unapplied_bytes == 3 * MiB  # the store holds every write
+    store.gate.set()
+    await settle()
+    assert not transport.paused and conn.stream.unapplied_bytes == 0
+    peer.send(Flush(VID, 2, 4))
+    await settle()
+    acks = peer.received()
+    assert acks[-1] == Ack(VID, 2, 4, 4) and [a.applied_seq for a in acks if isinstance(a, Ack)] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert bytes(await store.read(2 * MiB, 4)) == b"\x03" * 4 and store.flushes == 1
+    transport.close()
+    conn.connection_lost(None)
+    await settle()
+    assert srv.positions.get(VID, 2) == (4, 4)
+
+
+async def test_a_peer_whose_acks_pile_up_is_cut_off() -> None:
+    store, clock = GatedStore(), Clock()
+    store.gate.set()
+    srv = server(store, clock)
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1"))
+    transport.buffer_size = MAX_ACK_BUFFER + 1
+    peer.send(Write(VID, 2, 1, 0, b"x" * 512))
+    await settle()
+    assert transport.aborted and conn.closed_reason == "refused: not_reading"
+
+
+async def test_a_peer_that_leaves_the_write_buffer_full_is_cut_off_after_the_stall_timeout() -> None:
+    clock = Clock()
+    srv = server(GatedStore(), clock, stall_timeout=5.0)
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1"))
+    clock.now = 10.0
+    conn.pause_writing()
+    assert conn.deadline() == 15.0
+    clock.now = 14.9
+    conn.check_deadline()
+    assert not transport.closing
+    conn.resume_writing()
+    assert conn.deadline() is None  # reading the ACKs again: no deadline
+    conn.pause_writing()
+    clock.now = 19.9
+    conn.check_deadline()
+    assert transport.aborted and conn.closed_reason == "refused: not_reading"
+
+
+async def test_an_authenticated_peer_that_sends_no_open_is_cut_off() -> None:
+    clock = Clock()
+    conn, transport = connect(server(GatedStore(), clock, handshake_timeout=5.0))
+    Peer(conn, transport)
+    clock.now = 4.9
+    conn.check_deadline()
+    assert not transport.closing
+    clock.now = 5.0
+    conn.check_deadline()
+    assert transport.aborted and conn.closed_reason == "refused: open_timeout"
+
+
+async def test_a_message_begun_and_not_completed_is_refused_after_the_frame_timeout() -> None:
+    clock = Clock()
+    conn, transport = connect(server(GatedStore(), clock, frame_timeout=5.0))
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1"))
+    peer.received()
+    clock.now = 1.0
+    conn.data_received(peer.channel.send(encode(Write(VID, 2, 1, 0, b"x" * 512))[:100]))
+    assert conn.deadline() == 6.0
+    clock.now = 6.0
+    conn.check_deadline()
+    assert conn.closed_reason == "refused: truncated" and transport.closing
+    [refusal] = peer.received()
+    assert refusal.code.reason == "truncated"  # type: ignore[union-attr]
+
+
+async def test_the_handshake_cap() -> None:
+    srv = server(GatedStore(), Clock(), max_handshaking=2)
+    (c1, _), (c2, _), (c3, t3) = connect(srv), connect(srv), connect(srv)
+    assert t3.aborted and c3.closed_reason == "refused: handshake_cap" and srv.handshaking == 2
+    peer = Peer(c1, c1.transport)  # type: ignore[arg-type]
+    peer.send(Open(VID, 2, 1, "n1"))
+    assert srv.handshaking == 1  # an accepted OPEN leaves the handshake
+    _, t4 = connect(srv)
+    assert not t4.closing and srv.handshaking == 2
+    c2.connection_lost(None)  # a peer that gives up in the handshake is counted and frees its slot
+    assert srv.handshaking == 1 and c2.closed_reason == "refused: handshake_abandoned"
+    await settle()

@@ -1,0 +1,527 @@
+"""The replication protocol's sans-IO core (sparrow.replication.protocol): the codec, the replica's
+and the primary's state machines; no sockets, `now` passed in."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparrow.cluster.messages import Role
+from sparrow.replication.protocol import (
+    HEADER,
+    MAX_PAYLOAD,
+    PRIMARY_TRANSITIONS,
+    REPLICA_TRANSITIONS,
+    Ack,
+    Acked,
+    ApplyFlush,
+    ApplyUnmap,
+    ApplyWrite,
+    ApplyWriteSame,
+    ErrorCode,
+    Flush,
+    Message,
+    MessageDecoder,
+    MsgType,
+    Open,
+    Opened,
+    PrimaryInput,
+    PrimaryState,
+    PrimaryStream,
+    Refuse,
+    ReplicaPositions,
+    ReplicaState,
+    ReplicaStream,
+    ReplicationError,
+    Unmap,
+    VolumeView,
+    Write,
+    WriteSame,
+    all_complete,
+    encode,
+    encode_parts,
+)
+
+VID = "0123456789abcdef0123456789abcdef"
+OTHER_VID = "f" * 32
+SIZE = 1 << 20
+VIEW = VolumeView(VID, 3, Role.REPLICA, "n1", SIZE, 512)
+
+
+def sample_messages() -> list[Message]:
+    return [
+        Open(VID, 3, 1, "n1"),
+        Write(VID, 3, 1, 4096, b"a" * 1024, fua=True),
+        Write(VID, 3, 2, 0, b"b" * 512),
+        Unmap(VID, 3, 3, 512, 1024),
+        WriteSame(VID, 3, 4, 0, 8192, b"c" * 512),
+        Flush(VID, 3, 5),
+        Ack(VID, 3, 5, 4),
+        Refuse(VID, 3, 0, ErrorCode.STALE_EPOCH, "epoch 3 is older than 4"),
+    ]
+
+
+def decode_all(data: bytes, *, step: int | None = None) -> list[Message]:
+    decoder = MessageDecoder()
+    out: list[Message] = []
+    chunks = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    for chunk in chunks:
+        decoder.feed(chunk)
+        while (m := decoder.next_message()) is not None:
+            out.append(m)
+    assert decoder.buffered == 0
+    return out
+
+
+def same(a: Message, b: Message) -> bool:
+    return encode(a) == encode(b)
+
+
+# -- codec -----------------------------------------------------------------------------------------
+
+
+def test_every_message_round_trips_whole_and_byte_at_a_time() -> None:
+    messages = sample_messages()
+    stream = b"".join(encode(m) for m in messages)
+    for step in (None, 1, 7):
+        decoded = decode_all(stream, step=step)
+        assert len(decoded) == len(messages)
+        assert all(same(a, b) for a, b in zip(decoded, messages, strict=True))
+
+
+def test_header_is_fixed_and_the_payload_is_not_copied() -> None:
+    data = bytes(range(256)) * 4
+    head, payload = encode_parts(Write(VID, 3, 9, 512, data))
+    assert len(head) == HEADER.size + 8 and payload is data
+    decoder = MessageDecoder()
+    wire = head + payload
+    decoder.feed(wire)
+    message = decoder.next_message()
+    assert isinstance(message, Write) and isinstance(message.data, memoryview)
+    assert message.data.obj is wire  # a slice of the bytes fed in, not a copy
+    assert bytes(message.data) == data and message.offset == 512 and message.seq == 9
+
+
+def mutate(data: bytes, offset: int, value: int) -> bytes:
+    return data[:offset] + bytes([value]) + data[offset + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (mutate(encode(Flush(VID, 3, 1)), 0, 2), ErrorCode.MALFORMED),  # version
+        (mutate(encode(Flush(VID, 3, 1)), 1, 99), ErrorCode.UNKNOWN_TYPE),
+        (mutate(encode(Flush(VID, 3, 1)), 2, 1), ErrorCode.MALFORMED),  # FUA on a flush
+        (mutate(encode(Flush(VID, 3, 1)), 3, 1), ErrorCode.MALFORMED),  # reserved
+        (mutate(encode(Open(VID, 3, 1, "n1")), HEADER.size, ord("N")), ErrorCode.MALFORMED),  # id
+        (mutate(encode(Refuse(VID, 3, 0, ErrorCode.GAP, "")), HEADER.size, 200), ErrorCode.MALFORMED),
+        (encode(Flush(VID, 3, 1))[:8] + b"\x00" * 32, ErrorCode.MALFORMED),  # epoch 0
+        (encode(Ack(VID, 3, 2, 1))[: HEADER.size] + (9).to_bytes(8, "big"), ErrorCode.MALFORMED),
+    ],
+)
+def test_bounds_violations_carry_their_code(wire: bytes, code: ErrorCode) -> None:
+    decoder = MessageDecoder()
+    decoder.feed(wire)
+    with pytest.raises(ReplicationError) as e:
+        decoder.next_message()
+    assert e.value.code is code
+    with pytest.raises(ReplicationError):  # broken for good
+        decoder.next_message()
+
+
+def test_an_oversized_length_is_refused_before_the_body_arrives() -> None:
+    head = HEADER.pack(1, MsgType.WRITE, 0, 0, 8 + MAX_PAYLOAD + 1, bytes.fromhex(VID), 3, 1)
+    decoder = MessageDecoder()
+    decoder.feed(head)
+    with pytest.raises(ReplicationError) as e:
+        decoder.next_message()
+    assert e.value.code is ErrorCode.MALFORMED
+    flush_with_body = HEADER.pack(1, MsgType.FLUSH, 0, 0, 4096, bytes.fromhex(VID), 3, 1)
+    decoder = MessageDecoder()
+    decoder.feed(flush_with_body)
+    with pytest.raises(ReplicationError):
+        decoder.next_message()
+
+
+def test_message_constructors_check_their_bounds() -> None:
+    for build in (
+        lambda: Write(VID, 3, 1, 0, b""),
+        lambda: Write(VID, 3, 1, 0, b"x" * (MAX_PAYLOAD + 1)),
+        lambda: Write("nothex", 3, 1, 0, b"x"),
+        lambda: Write(VID, 2**63, 1, 0, b"x"),
+        lambda: Unmap(VID, 3, 1, 0, 0),
+        lambda: WriteSame(VID, 3, 1, 0, 512, b"x" * 100),
+        lambda: Open(VID, 3, 0, "n1"),
+        lambda: Ack(VID, 3, 1, 2),
+        lambda: Refuse(VID, 3, 0, ErrorCode.GAP, "x" * 600),
+    ):
+        with pytest.raises(ReplicationError):
+            build()
+
+
+@given(st.binary(max_size=400))
+def test_random_bytes_only_raise_the_protocol_error(data: bytes) -> None:
+    for stream in (ReplicaStream(lambda _v: VIEW, ReplicaPositions()), PrimaryStream(VID, 3, "n1")):
+        if isinstance(stream, PrimaryStream):
+            stream.open(0.0)
+        with contextlib.suppress(ReplicationError):
+            stream.feed(data)
+
+
+@given(st.data())
+def test_mutated_streams_only_raise_the_protocol_error(data: st.DataObject) -> None:
+    wire = bytearray(
+        b"".join(
+            encode(m)
+            for m in (
+                Open(VID, 3, 1, "n1"),
+                Write(VID, 3, 1, 512, b"a" * 512),
+                Unmap(VID, 3, 2, 0, 512),
+                WriteSame(VID, 3, 3, 1024, 2048, b"s" * 512),
+                Flush(VID, 3, 4),
+            )
+        )
+    )
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(wire) - 1))
+        wire[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(wire)))
+    step = data.draw(st.integers(1, 64))
+    stream = ReplicaStream(lambda _v: VIEW, ReplicaPositions())
+    try:
+        for i in range(0, cut, step):
+            for event in stream.feed(bytes(wire[i : min(i + step, cut)])):
+                if not isinstance(event, Opened):
+                    stream.done(event.seq)
+    except ReplicationError:
+        pass
+
+
+# -- the replica -----------------------------------------------------------------------------------
+
+
+def replica(view: VolumeView | None = VIEW, positions: ReplicaPositions | None = None) -> ReplicaStream:
+    return ReplicaStream(
+        lambda vid: view if view is not None and vid == view.volume_id else None,
+        positions or ReplicaPositions(),
+    )
+
+
+def refused(stream: ReplicaStream, *messages: Message) -> ErrorCode:
+    with pytest.raises(ReplicationError) as e:
+        for m in messages:
+            stream.feed(encode(m))
+    assert stream.state is ReplicaState.CLOSED
+    with pytest.raises(ReplicationError):  # closed for good
+        stream.feed(encode(Flush(VID, 3, 99)))
+    refusal = decode_all(stream.refusal(e.value))[0]
+    assert isinstance(refusal, Refuse) and refusal.code is e.value.code
+    return e.value.code
+
+
+def test_replica_opens_applies_in_order_and_acks() -> None:
+    stream = replica()
+    [opened] = stream.feed(encode(Open(VID, 3, 1, "n1")))
+    assert isinstance(opened, Opened) and stream.state is ReplicaState.STREAMING
+    assert decode_all(opened.ack) == [Ack(VID, 3, 0, 0)]
+    wire = b"".join(
+        encode(m)
+        for m in (
+            Write(VID, 3, 1, 512, b"w" * 1024, fua=True),
+            Unmap(VID, 3, 2, 0, 512),
+            WriteSame(VID, 3, 3, 4096, 4096, b"s" * 512),
+            Flush(VID, 3, 4),
+        )
+    )
+    events = [e for i in range(len(wire)) for e in stream.feed(wire[i : i + 1])]  # byte at a time
+    assert [type(e) for e in events] == [ApplyWrite, ApplyUnmap, ApplyWriteSame, ApplyFlush]
+    write = events[0]
+    assert isinstance(write, ApplyWrite) and write.fua and bytes(write.data) == b"w" * 1024
+    assert stream.unapplied == 4 and stream.unapplied_bytes == 1024
+    assert decode_all(stream.done(1, durable=True)) == [Ack(VID, 3, 1, 1)]
+    assert decode_all(stream.done(3)) == [Ack(VID, 3, 3, 1)]
+    assert decode_all(stream.done(4, durable=True)) == [Ack(VID, 3, 4, 4)]
+    assert stream.unapplied == 0 and stream.unapplied_bytes == 0
+    with pytest.raises(RuntimeError):
+        stream.done(5)
+
+
+@pytest.mark.parametrize(
+    ("view", "open_", "code"),
+    [
+        (None, Open(VID, 3, 1, "n1"), ErrorCode.UNKNOWN_VOLUME),
+        (VIEW, Open(OTHER_VID, 3, 1, "n1"), ErrorCode.UNKNOWN_VOLUME),
+        (VIEW, Open(VID, 2, 1, "n1"), ErrorCode.STALE_EPOCH),
+        (VIEW, Open(VID, 4, 1, "n1"), ErrorCode.NEWER_EPOCH),
+        (VolumeView(VID, 3, Role.PRIMARY, "n1", SIZE, 512), Open(VID, 3, 1, "n1"), ErrorCode.NOT_REPLICA),
+        (VolumeView(VID, 3, Role.NONE, "n1", SIZE, 512), Open(VID, 3, 1, "n1"), ErrorCode.NOT_REPLICA),
+        (VIEW, Open(VID, 3, 1, "n2"), ErrorCode.NOT_PRIMARY),
+        (
+            VolumeView(VID, 3, Role.REPLICA, "n1", SIZE, 512, open=False),
+            Open(VID, 3, 1, "n1"),
+            ErrorCode.UNKNOWN_VOLUME,
+        ),
+        (VIEW, Open(VID, 3, 2, "n1"), ErrorCode.GAP),
+    ],
+)
+def test_replica_refuses_an_open_it_must_not_accept(
+    view: VolumeView | None, open_: Open, code: ErrorCode
+) -> None:
+    assert refused(replica(view), open_) is code
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Write(VID, 3, 1, 0, b"x" * 512),
+        Unmap(VID, 3, 1, 0, 512),
+        WriteSame(VID, 3, 1, 0, 512, b"x" * 512),
+        Flush(VID, 3, 1),
+        Ack(VID, 3, 0, 0),
+        Refuse(VID, 3, 0, ErrorCode.GAP, ""),
+    ],
+)
+def test_replica_refuses_anything_before_open(message: Message) -> None:
+    assert refused(replica(), message) is ErrorCode.UNEXPECTED
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (Open(VID, 3, 1, "n1"), ErrorCode.UNEXPECTED),
+        (Ack(VID, 3, 0, 0), ErrorCode.UNEXPECTED),
+        (Write(VID, 3, 2, 0, b"x" * 512), ErrorCode.GAP),
+        (Write(OTHER_VID, 3, 1, 0, b"x" * 512), ErrorCode.WRONG_STREAM),
+        (Write(VID, 2, 1, 0, b"x" * 512), ErrorCode.WRONG_STREAM),
+        (Write(VID, 3, 1, 100, b"x" * 512), ErrorCode.OUT_OF_RANGE),
+        (Write(VID, 3, 1, SIZE, b"x" * 512), ErrorCode.OUT_OF_RANGE),
+        (Write(VID, 3, 1, 0, b"x" * 100), ErrorCode.OUT_OF_RANGE),
+        (Unmap(VID, 3, 1, SIZE - 512, 1024), ErrorCode.OUT_OF_RANGE),
+        (WriteSame(VID, 3, 1, 0, 4096, b"x" * 4096), ErrorCode.OUT_OF_RANGE),
+    ],
+)
+def test_replica_refuses_a_bad_message_on_an_open_stream(message: Message, code: ErrorCode) -> None:
+    stream = replica()
+    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    assert refused(stream, message) is code
+
+
+def test_replica_refuses_a_repeated_seq() -> None:
+    stream = replica()
+    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)))
+    assert refused(stream, Write(VID, 3, 1, 0, b"x" * 512)) is ErrorCode.REPEAT
+
+
+def test_a_replica_that_persisted_a_newer_epoch_refuses_the_old_primarys_next_write() -> None:
+    views = {VID: VIEW}
+    stream = ReplicaStream(views.get, ReplicaPositions())
+    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)))
+    views[VID] = VolumeView(VID, 4, Role.REPLICA, "n2", SIZE, 512)
+    assert refused(stream, Write(VID, 3, 2, 0, b"y" * 512)) is ErrorCode.STALE_EPOCH
+    views[VID] = VolumeView(VID, 4, Role.PRIMARY, "n2", SIZE, 512)
+    assert refused(replica(views[VID]), Open(VID, 4, 1, "n2")) is ErrorCode.NOT_REPLICA
+
+
+def test_a_new_stream_of_the_same_epoch_goes_on_from_the_replicas_position() -> None:
+    positions = ReplicaPositions()
+    first = replica(positions=positions)
+    first.feed(encode(Open(VID, 3, 1, "n1")))
+    first.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)) + encode(Flush(VID, 3, 2)))
+    first.done(1)
+    first.done(2, durable=True)
+    assert refused(replica(positions=positions), Open(VID, 3, 3, "n1")) is ErrorCode.BUSY
+    first.close()
+    assert refused(replica(positions=positions), Open(VID, 3, 2, "n1")) is ErrorCode.REPEAT
+    late = replica(positions=positions)
+    with pytest.raises(ReplicationError) as e:
+        late.feed(encode(Open(VID, 3, 7, "n1")))
+    # The refusal tells the primary where a new stream must start.
+    assert decode_all(late.refusal(e.value)) == [Refuse(VID, 3, 2, ErrorCode.GAP, e.value.message)]
+    assert refused(replica(positions=positions), Open(VID, 3, 4, "n1")) is ErrorCode.GAP
+    again = replica(positions=positions)
+    [opened] = again.feed(encode(Open(VID, 3, 3, "n1")))
+    assert isinstance(opened, Opened) and decode_all(opened.ack) == [Ack(VID, 3, 2, 2)]
+    # A newer epoch starts at 1 again and forgets the old positions.
+    views = {VID: VolumeView(VID, 4, Role.REPLICA, "n1", SIZE, 512)}
+    again.close()
+    newer = ReplicaStream(views.get, positions)
+    newer.feed(encode(Open(VID, 4, 1, "n1")))
+    assert positions.get(VID, 3) == (0, 0)
+
+
+@pytest.mark.parametrize("state", list(ReplicaState))
+@pytest.mark.parametrize("kind", list(MsgType))
+def test_replica_transitions_follow_the_table(state: ReplicaState, kind: MsgType) -> None:
+    stream = replica()
+    if state is not ReplicaState.AWAIT_OPEN:
+        stream.feed(encode(Open(VID, 3, 1, "n1")))
+    if state is ReplicaState.CLOSED:
+        stream.close()
+    message = {m.__class__: m for m in sample_messages()}
+    by_kind: dict[MsgType, Message] = {
+        MsgType.OPEN: Open(VID, 3, 1, "n1"),
+        MsgType.WRITE: Write(VID, 3, 1, 0, b"x" * 512),
+        MsgType.UNMAP: Unmap(VID, 3, 1, 0, 512),
+        MsgType.WRITE_SAME: WriteSame(VID, 3, 1, 0, 512, b"x" * 512),
+        MsgType.FLUSH: Flush(VID, 3, 1),
+        MsgType.ACK: message[Ack],
+        MsgType.REFUSE: message[Refuse],
+    }
+    after = REPLICA_TRANSITIONS.get((state, kind))
+    if after is None:
+        with pytest.raises(ReplicationError):
+            stream.feed(encode(by_kind[kind]))
+        assert stream.state is ReplicaState.CLOSED
+    else:
+        assert stream.feed(encode(by_kind[kind]))
+        assert stream.state is after
+
+
+# -- the primary -----------------------------------------------------------------------------------
+
+
+def ack(applied: int, durable: int = 0) -> bytes:
+    return encode(Ack(VID, 3, applied, durable))
+
+
+def opened_primary(**kwargs: object) -> PrimaryStream:
+    p = PrimaryStream(VID, 3, "n1", **kwargs)  # type: ignore[arg-type]
+    assert decode_all(p.open(0.0)) == [Open(VID, 3, 1, "n1")]
+    return p
+
+
+def test_primary_numbers_pipelines_and_matches_acks() -> None:
+    p = opened_primary()
+    assert p.state is PrimaryState.OPENING
+    sent = [
+        p.write(0, b"a" * 512, 0.1),
+        p.write(512, b"b" * 512, 0.2, fua=True),
+        p.unmap(1024, 512, 0.3),
+        p.write_same(2048, 1024, b"s" * 512, 0.4),
+        p.flush(0.5),
+    ]
+    assert [seq for seq, _ in sent] == [1, 2, 3, 4, 5] and p.in_flight == 5  # pipelined before any ack
+    decoded = decode_all(b"".join(w for _, w in sent))
+    assert [type(m) for m in decoded] == [Write, Write, Unmap, WriteSame, Flush]
+    assert p.feed(ack(0)) == [Acked(0, 0)] and p.state is PrimaryState.STREAMING
+    assert p.feed(ack(1) + ack(3)) == [Acked(1, 0), Acked(3, 0)]
+    # seq 2 is FUA: it stays in flight until durable, so the window and the lag clock keep it.
+    assert p.complete(3) and not p.complete(2, durable=True) and p.in_flight == 4
+    assert p.deadline() == 0.2 + 2.0
+    p.feed(ack(5, 5))
+    assert p.in_flight == 0 and p.in_flight_bytes == 0 and p.complete(5, durable=True)
+    assert p.deadline() is None
+
+
+def test_primary_reports_a_lagging_replica_by_now() -> None:
+    p = opened_primary(ack_timeout=2.0)
+    assert p.deadline() == 2.0 and not p.lagging(1.99) and p.lagging(2.0)  # the OPEN's answer
+    p.feed(ack(0))
+    assert p.deadline() is None and not p.lagging(100.0)
+    p.write(0, b"a" * 512, 10.0)
+    p.write(512, b"a" * 512, 11.0)
+    assert not p.lagging(11.9) and p.lagging(12.0)
+    p.feed(ack(1))
+    assert p.deadline() == 13.0 and not p.lagging(12.5) and p.lagging(13.0)
+
+
+def test_primary_window_is_bounded() -> None:
+    p = opened_primary(window=2)
+    p.write(0, b"a" * 512, 0.0)
+    p.write(0, b"a" * 512, 0.0)
+    assert not p.can_send()
+    with pytest.raises(ReplicationError) as e:
+        p.write(0, b"a" * 512, 0.0)
+    assert e.value.code is ErrorCode.WINDOW_FULL and p.last_seq == 2
+    p.feed(ack(0) + ack(1))
+    assert p.can_send(512)
+    q = opened_primary(window_bytes=MAX_PAYLOAD)
+    q.write(0, b"a" * MAX_PAYLOAD, 0.0)
+    assert not q.can_send(1) and q.can_send(0)
+
+
+@pytest.mark.parametrize(
+    ("answers", "code"),
+    [
+        ([ack(1)], ErrorCode.BAD_ACK),  # the OPEN's answer must be first_seq - 1
+        ([ack(0), ack(3)], ErrorCode.BAD_ACK),  # beyond what was sent
+        ([ack(0), ack(2), ack(1)], ErrorCode.BAD_ACK),  # backwards
+        ([encode(Ack(OTHER_VID, 3, 0, 0))], ErrorCode.WRONG_STREAM),
+        ([encode(Ack(VID, 2, 0, 0))], ErrorCode.WRONG_STREAM),
+        ([encode(Write(VID, 3, 1, 0, b"x"))], ErrorCode.UNEXPECTED),
+        ([ack(0), encode(Refuse(VID, 3, 0, ErrorCode.STALE_EPOCH, "deposed"))], ErrorCode.STALE_EPOCH),
+    ],
+)
+def test_primary_refuses_what_it_cannot_match(answers: list[bytes], code: ErrorCode) -> None:
+    p = opened_primary()
+    p.write(0, b"a" * 512, 0.0)
+    p.write(0, b"a" * 512, 0.0)
+    with pytest.raises(ReplicationError) as e:
+        for a in answers:
+            p.feed(a)
+    assert e.value.code is code and e.value.remote is (code is ErrorCode.STALE_EPOCH)
+    assert p.state is PrimaryState.FAILED
+    with pytest.raises(ReplicationError):
+        p.write(0, b"a" * 512, 0.0)
+
+
+def test_primary_sends_nothing_before_open_and_opens_once() -> None:
+    p = PrimaryStream(VID, 3, "n1")
+    with pytest.raises(ReplicationError) as e:
+        p.write(0, b"a", 0.0)
+    assert e.value.code is ErrorCode.UNEXPECTED and p.last_seq == 0
+    p.open(0.0)
+    with pytest.raises(ReplicationError):
+        p.open(0.0)
+
+
+@pytest.mark.parametrize("state", [PrimaryState.NEW, PrimaryState.OPENING, PrimaryState.STREAMING])
+@pytest.mark.parametrize("event", list(PrimaryInput))
+def test_primary_transitions_follow_the_table(state: PrimaryState, event: PrimaryInput) -> None:
+    p = PrimaryStream(VID, 3, "n1")
+    if state is not PrimaryState.NEW:
+        p.open(0.0)
+    if state is PrimaryState.STREAMING:
+        p.feed(ack(0))
+    actions: dict[PrimaryInput, Callable[[], object]] = {
+        PrimaryInput.SEND_OPEN: lambda: p.open(0.0),
+        PrimaryInput.SEND_OPERATION: lambda: p.flush(0.0),
+        PrimaryInput.RECV_ACK: lambda: p.feed(ack(0)),
+        PrimaryInput.RECV_REFUSE: lambda: p.feed(encode(Refuse(VID, 3, 0, ErrorCode.BUSY, ""))),
+    }
+    after = PRIMARY_TRANSITIONS.get((state, event))
+    if after is None or after is PrimaryState.FAILED:
+        with pytest.raises(ReplicationError):
+            actions[event]()
+        if after is PrimaryState.FAILED:
+            assert p.state is PrimaryState.FAILED
+    else:
+        actions[event]()
+        assert p.state is after
+
+
+def test_primary_to_replica_end_to_end_and_the_acknowledgement_rule() -> None:
+    stores = {"n2": bytearray(SIZE), "n3": bytearray(SIZE)}
+    primaries = {n: PrimaryStream(VID, 3, "n1") for n in stores}
+    replicas = {n: replica() for n in stores}
+    wires = {n: primaries[n].open(0.0) for n in stores}
+    for n in stores:
+        wires[n] += primaries[n].write(4096, b"\x01" * 4096, 0.0)[1] + primaries[n].flush(0.0)[1]
+    for n in stores:
+        for event in replicas[n].feed(wires[n]):
+            if isinstance(event, Opened):
+                primaries[n].feed(event.ack)
+            elif isinstance(event, ApplyWrite):
+                stores[n][event.offset : event.offset + len(event.data)] = event.data
+                primaries[n].feed(replicas[n].done(event.seq))
+            elif n == "n2":  # only n2 completes the flush
+                primaries[n].feed(replicas[n].done(event.seq, durable=True))
+    assert all_complete(primaries, 1) and not all_complete(primaries, 2, durable=True)
+    assert primaries["n2"].complete(2, durable=True)
+    assert stores["n2"] == stores["n3"] and stores["n2"][4096:8192] == b"\x01" * 4096
