@@ -47,6 +47,9 @@ log = structlog.get_logger("sparrow.node.heartbeat")
 READ_SIZE = 65536
 #: The heartbeat client's task name (TaskSupervisor, /healthz, sparrow_task_failures_total).
 TASK = "node-heartbeat"
+#: Bounds of the time one connect and handshake may take (:func:`default_connect_timeout`).
+MIN_CONNECT_TIMEOUT = 1.0
+MAX_CONNECT_TIMEOUT = 5.0
 #: The lease assumed before the first Ack says otherwise (lease.LeaseConfig default).
 DEFAULT_LEASE_SECONDS = 5.0
 
@@ -71,6 +74,13 @@ class Backoff:
         """Seconds to wait before reconnect ``attempt`` (0 = the first retry); ``rand`` in [0, 1)."""
         base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
         return base * (1.0 - self.jitter * rand)
+
+
+def default_connect_timeout(interval: float) -> float:
+    """How long one connect and handshake may take: two heartbeats, at least 1 s and at most 5 s. A
+    connection attempt lost in a partition is given up this soon, so a node is back at most about
+    this long after the network heals (a fixed 5 s made every healed partition cost ~5 s)."""
+    return min(MAX_CONNECT_TIMEOUT, max(MIN_CONNECT_TIMEOUT, 2 * interval))
 
 
 class HeartbeatSession:
@@ -142,7 +152,7 @@ class HeartbeatClient:
         on_ack: Callable[[Ack], None],
         interval: float = 1.0,
         backoff: Backoff | None = None,
-        connect_timeout: float = 5.0,
+        connect_timeout: float | None = None,
         supervisor: TaskSupervisor | None = None,
     ) -> None:
         if interval <= 0:
@@ -155,6 +165,8 @@ class HeartbeatClient:
         self._on_ack = on_ack
         self.interval = interval
         self.backoff = backoff or Backoff()
+        if connect_timeout is None:
+            connect_timeout = default_connect_timeout(interval)
         self.connect_timeout = connect_timeout
         self.supervisor = supervisor if supervisor is not None else TaskSupervisor()
         self._task: asyncio.Task[None] | None = None

@@ -16,7 +16,7 @@ from sparrow.cluster.messages import (
     Role,
     VolumeObservation,
 )
-from sparrow.node.heartbeat_client import Backoff, HeartbeatClient, HeartbeatSession
+from sparrow.node.heartbeat_client import Backoff, HeartbeatClient, HeartbeatSession, default_connect_timeout
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 
@@ -227,3 +227,10 @@ async def test_a_master_without_the_cluster_secret_hears_no_hello() -> None:
         await client.stop()
         server.close()
         await server.wait_closed()
+
+
+def test_a_connect_and_handshake_get_two_heartbeats_between_1_and_5_seconds() -> None:
+    assert default_connect_timeout(0.25) == 1.0
+    assert default_connect_timeout(1.0) == 2.0
+    assert default_connect_timeout(10.0) == 5.0
+    assert fast_client(1).connect_timeout == 1.0  # interval 0.02
