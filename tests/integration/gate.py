@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import run
+from tests.tools import APT_PACKAGES, run
 
 BLOCK = 4096
 RECORD = 40
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "tests" / "tools" / "gatewriter.c"
 BINARY = REPO / "build" / "gatewriter"
 HEADER = Path("/usr/include/iscsi/iscsi.h")
-INSTALL_HINT = "run `make test` (it installs the apt packages the suite needs, libiscsi-dev among them)"
+INSTALL_HINT = f"run `make test` (it installs: {APT_PACKAGES})"
 
 
 def gatewriter() -> Path:

@@ -25,9 +25,10 @@ from tests.integration.daemon import Daemon
 from tests.integration.gate import Content, Journal, Writer, read_data_file, read_through_target
 from tests.tools import wait_for
 
-pytestmark = pytest.mark.integration
-
 KILLS = int(os.environ.get("SPARROW_GATE_KILLS", "3"))
+
+#: Each kill point costs a restart (1-3 s); the per-test timeout grows with their number.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60 + 10 * KILLS)]
 BLOCKS = 2048  # 8 MiB of a 16 MiB volume: blocks are overwritten many times per run
 
 
@@ -38,7 +39,7 @@ def seed() -> int:
 
 def kill_moment(writer: Writer, rnd: random.Random) -> None:
     """A random moment under load: after a random number (50..1500) of further acknowledged writes."""
-    writer.wait_acked(writer.acked + rnd.randrange(50, 1500))
+    writer.wait_acked(writer.acked + rnd.randrange(50, 1500))  # tens of ms to a second at these rates
 
 
 def assert_nothing_lost(journal: Journal, contents: dict[str, dict[int, Content]], seed: int) -> None:
@@ -134,4 +135,55 @@ def test_whole_cluster_kill9_under_load_loses_no_acknowledged_write(cluster: Clu
             "n1 data file": read_data_file(node.data_dir / "volumes" / "gate.img", BLOCKS),
         },
         seed,
+    )
+
+
+# -- (c) the writer finds the primary through the login redirect, after each restart too -----------
+
+
+@pytest.fixture
+def cluster2(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, 2).start()
+    yield c
+    codes = c.close()
+    assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{c.logs()}"
+
+
+def test_the_writer_follows_the_login_redirect_and_reconnects_through_it(
+    cluster2: Cluster, seed: int
+) -> None:
+    """The writer (depth 1, FUA) logs in at the replica's portal, which redirects it to the primary
+    (libiscsi follows "target moved temporarily" by itself); kill -9 of the primary and a restart,
+    at each kill point: it logs in again through the redirect and goes on. The writes are on the
+    primary's copy (nothing forwards them to the replica yet)."""
+    rnd = random.Random(seed)
+    cluster2.cli("volume", "create", "gate", "--size", "16MiB", "--replicas", "2")
+    v = cluster2.wait_converged("gate", epoch=1, copies=2)
+    volume_id = v["volume_id"]
+    primary = cluster2.node(v["primary"]["node_id"])
+    replica = cluster2.node(next(r["node_id"] for r in v["replicas"] if r["role"] == "replica"))
+    cluster2.wait_serving(primary.node_id, volume_id)
+    writer = Writer(replica.url("gate"), run_id=seed, blocks=BLOCKS, depth=1, fua=True)
+    try:
+        writer.wait_acked(1)
+        for k in range(1, KILLS + 1):
+            kill_moment(writer, rnd)
+            primary.kill9()
+            primary.restart()
+            writer.wait_reconnects(k)
+        writer.wait_acked(writer.acked + 100)
+        journal = writer.stop()
+    finally:
+        writer.kill()
+    assert cluster2.volume("gate")["epoch"] == 1
+    assert_nothing_lost(
+        journal,
+        {
+            "through the redirect": read_through_target(replica.url("gate"), BLOCKS),
+            "primary's data file": read_data_file(primary.data_dir / "volumes" / "gate.img", BLOCKS),
+        },
+        seed,
+    )
+    assert read_data_file(replica.data_dir / "volumes" / "gate.img", BLOCKS) == dict.fromkeys(
+        range(BLOCKS), "zero"
     )
