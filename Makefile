@@ -47,7 +47,7 @@ build/gatewriter: tests/tools/gatewriter.c
 ## make chaos: the final gate with many kill points (SPARROW_GATE_KILLS, default 25 here)
 GATE_KILLS ?= 25
 chaos: venv apt-deps build/gatewriter
-	SPARROW_GATE_KILLS=$(GATE_KILLS) $(VENV)/bin/pytest -q tests/integration/test_gate.py
+	SPARROW_GATE_KILLS=$(GATE_KILLS) $(VENV)/bin/pytest -q -s tests/integration/test_gate.py
 
 bench: venv apt-deps
 	$(PY) bench/run.py

@@ -138,6 +138,7 @@ class Journal:
     acks: list[tuple[int, int]] = field(default_factory=list)  # (block, counter) in ack order
     unacked: dict[int, set[int]] = field(default_factory=dict)  # block -> counters sent, never acked
     durable: int = 0  # the first `durable` acks are known durable (SYNCHRONIZE CACHE GOOD)
+    fua: int = 0  # acks of FUA writes (each durable at its ack)
     reconnects: int = 0
     errors: list[str] = field(default_factory=list)
     done: bool = False
@@ -151,6 +152,7 @@ class Journal:
             block, counter = int(parts[1]), int(parts[2])
             self.acked[block] = counter
             self.acks.append((block, counter))
+            self.fua += parts[3] == "1"
         elif kind == "X":
             self.unacked.setdefault(int(parts[1]), set()).add(int(parts[2]))
         elif kind == "F":

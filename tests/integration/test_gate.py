@@ -45,6 +45,12 @@ def kill_moment(writer: Writer, rnd: random.Random) -> None:
 def assert_nothing_lost(journal: Journal, contents: dict[str, dict[int, Content]], seed: int) -> None:
     problems = [p for where, c in contents.items() for p in journal.check(c, where)]
     assert not problems, f"seed {seed}: {len(problems)} blocks lost writes:\n" + "\n".join(problems[:20])
+    unacked = sum(map(len, journal.unacked.values()))
+    print(  # shown with -s (make chaos): the figures of a run
+        f"gate: seed {seed}, {journal.reconnects} kills survived, {len(journal.acks)} writes acknowledged,"
+        f" {unacked} sent unacknowledged, {journal.durable} flushed + {journal.fua} FUA,"
+        f" {len(journal.acked)} blocks written, checked in: {', '.join(contents)}"
+    )
 
 
 # -- (a) sparrow serve ------------------------------------------------------------------------------

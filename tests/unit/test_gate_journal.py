@@ -56,4 +56,5 @@ def test_a_send_older_than_the_latest_ack_is_a_loss_even_if_it_was_unacknowledge
     assert j.check({0: Written(1, 7), 1: "zero", 2: "zero"}, "copy") != []
     assert j.durable == 0
     j.feed("F 1")
-    assert j.durable == 1 and j.acks == [(0, 2)]
+    j.feed("A 1 3 1")
+    assert j.durable == 1 and j.fua == 1 and j.acks == [(0, 2), (1, 3)]
