@@ -6,7 +6,7 @@ and goes on. Afterwards every block must hold its latest acknowledged write (or 
 sent but never acknowledged), read through the target and straight from the copy's data file.
 A process kill keeps the page cache, so every acknowledged write must be there, flushed or not.
 
-``SPARROW_GATE_KILLS`` sets the number of kill points per test (default 3; `make chaos` runs 20),
+``SPARROW_GATE_KILLS`` sets the number of kill points per test (default 3; `make chaos` runs 25),
 ``SPARROW_GATE_SEED`` the random seed (default: a fresh one, printed on failure). The three-copy
 variant with failover comes when the primary forwards writes (docs/replication.md).
 """
