@@ -3,10 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libiscsi-bin qemu-utils qemu-block-extra tgt
+APT_PACKAGES := libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt
 DATA_DIR ?= $(CURDIR)/var/data
 
-.PHONY: run test venv apt-deps lint conformance-update bench clean
+.PHONY: run test venv apt-deps lint conformance-update bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,16 @@ lint: venv
 
 conformance-update: venv apt-deps
 	SPARROW_UPDATE_CONFORMANCE=1 $(VENV)/bin/pytest -q tests/integration/test_conformance.py
+
+## build/gatewriter: the final gate's libiscsi writer (tests/integration/gate.py also builds it)
+build/gatewriter: tests/tools/gatewriter.c
+	@mkdir -p build
+	gcc -O2 -Wall -Wextra -Werror -o $@ $< -liscsi
+
+## make chaos: the final gate with many kill points (SPARROW_GATE_KILLS, default 25 here)
+GATE_KILLS ?= 25
+chaos: venv apt-deps build/gatewriter
+	SPARROW_GATE_KILLS=$(GATE_KILLS) $(VENV)/bin/pytest -q -s tests/integration/test_gate.py
 
 bench: venv apt-deps
 	$(PY) bench/run.py
