@@ -468,13 +468,26 @@ class TopologyController:
             return _Verdict(StatusKind.DEGRADED, reason)
         replicas = (*members, *added)
         what = f"replace dead {', '.join(dead)}" if dead else "add copies"
-        # The dead leave the in-sync set; a new copy starts outside it (it is filled by a resync).
+        # The dead leave the in-sync set, and so does a copy the serving primary reports behind
+        # (the rule of _in_sync_changes, applied in the same epoch); a new copy starts outside
+        # it (it is filled by a resync).
+        report = self.primary_report(assignment, observations)
+        behind = (
+            set()
+            if report is None
+            else {r.node_id for r in report.replica_states if r.state is not SyncState.IN_SYNC}
+        )
+        in_sync = tuple(
+            node
+            for node in assignment.in_sync
+            if node in members and (node == assignment.primary or node not in behind)
+        )
         ask = AssignmentAsk(
             volume_id=assignment.volume_id,
             primary=members[0],
             replicas=replicas,
             reason=f"{what} with {', '.join(added)}",
-            in_sync=tuple(node for node in assignment.in_sync if node in members),
+            in_sync=in_sync,
         )
         return _Verdict(StatusKind.DEGRADED, reason, ask)
 

@@ -885,3 +885,22 @@ def test_a_dead_replica_is_not_added_back() -> None:
     }
     ctl = TopologyController()
     assert ctl._in_sync_changes(current[VOL_A].assignment, cluster.store, 18.5) is None  # n2 heard at 10
+
+
+def test_a_replacement_also_drops_a_copy_the_primary_reports_behind() -> None:
+    """n2 is dead and replaced; in the same step the primary reports n3 behind: the one new epoch
+    records neither in sync."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3", "n4"):
+        cluster.join(node, 0.0)
+    for node in ("n1", "n3", "n4"):
+        cluster.beat(
+            node,
+            10.0,
+            primary_saying(("n3", SyncState.SYNCING, 10)) if node == "n1" else obs(3, Role.REPLICA),
+        )
+    current = {VOL_A: PublishedAssignment(assignment(THREE), published_at=0.0)}
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 10.0)
+    assert asks == (
+        AssignmentAsk(VOL_A, "n1", ("n1", "n3", "n4"), "replace dead n2 with n4", in_sync=("n1",)),
+    )
