@@ -3,7 +3,7 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 4)::
+instant leaves either the old state or the new one. Tables (schema version 5)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
@@ -12,6 +12,7 @@ instant leaves either the old state or the new one. Tables (schema version 4)::
     nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen,
           forgotten_at)                                  (the last: v4, nullable)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
+                in_sync json,                            (v5: the in-sync set, primary first)
                 PRIMARY KEY (volume_id, epoch))
     tokens(token_id PK, role, tenant, name, secret_sha256, created_at, revoked_at)   (v3)
 
@@ -89,13 +90,14 @@ from store.migrations import (
     authority_v1_to_v2,
     authority_v2_to_v3,
     authority_v3_to_v4,
+    authority_v4_to_v5,
 )
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 log = structlog.get_logger("sparrow.cluster.authority")
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -347,13 +349,20 @@ class AuthorityTransaction:
         ).fetchone()
         return None if row[0] is None else Epoch.restore(row[0])
 
-    def latest_placement(self, volume_id: str) -> tuple[str | None, tuple[str, ...]] | None:
-        """``(primary, replicas)`` of the volume's newest assignment (None: never assigned)."""
+    def latest_placement(self, volume_id: str) -> tuple[str | None, tuple[str, ...], tuple[str, ...]] | None:
+        """``(primary, replicas, in_sync)`` of the volume's newest assignment (None: never assigned)."""
         row = self._conn.execute(
-            "SELECT primary_node, replicas FROM assignments WHERE volume_id = ? ORDER BY epoch DESC LIMIT 1",
+            "SELECT primary_node, replicas, in_sync FROM assignments WHERE volume_id = ? "
+            "ORDER BY epoch DESC LIMIT 1",
             (volume_id,),
         ).fetchone()
-        return None if row is None else (row["primary_node"], tuple(json.loads(row["replicas"])))
+        if row is None:
+            return None
+        return (row["primary_node"], tuple(json.loads(row["replicas"])), tuple(json.loads(row["in_sync"])))
+
+    def replication_portals(self, replicas: tuple[str, ...]) -> tuple[str | None, ...]:
+        """Each node's replication address as its last Hello said (None: not a member)."""
+        return tuple(None if (n := self.node(node)) is None else n.addresses.replication for node in replicas)
 
     def grow_volume(self, volume_id: str, size: int) -> VolumeRecord:
         """Set a live volume's size: grow only, a multiple of its block size (the same size is
@@ -373,15 +382,29 @@ class AuthorityTransaction:
         return dataclasses.replace(volume, size=size)
 
     def record_assignment(
-        self, volume_id: str, epoch: Epoch, primary: str | None, replicas: tuple[str, ...], created_at: float
+        self,
+        volume_id: str,
+        epoch: Epoch,
+        primary: str | None,
+        replicas: tuple[str, ...],
+        created_at: float,
+        in_sync: tuple[str, ...],
     ) -> None:
         """Append an assignment row. Only the Publisher calls this, with the epoch it minted; the
-        schema refuses any epoch but the volume's highest + 1."""
+        schema refuses any epoch but the volume's highest + 1, and an ``in_sync`` naming a node
+        ``replicas`` does not."""
         try:
             self._conn.execute(
-                "INSERT INTO assignments (volume_id, epoch, primary_node, replicas, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (volume_id, epoch.value, primary, json.dumps(list(replicas)), created_at),
+                "INSERT INTO assignments (volume_id, epoch, primary_node, replicas, created_at, in_sync) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    volume_id,
+                    epoch.value,
+                    primary,
+                    json.dumps(list(replicas)),
+                    created_at,
+                    json.dumps(list(in_sync)),
+                ),
             )
         except sqlite3.IntegrityError as e:
             raise AuthorityError(f"assignment {volume_id} {epoch} refused: {e}") from None
@@ -450,6 +473,7 @@ class AuthorityStore:
                         authority_v1_to_v2.upgrade(conn)
                         authority_v2_to_v3.upgrade(conn)
                         authority_v3_to_v4.upgrade(conn)
+                        authority_v4_to_v5.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -742,7 +766,8 @@ class AuthorityStore:
 
     def _latest(self, where: str, params: tuple[str, ...]) -> dict[str, Assignment]:
         query = (
-            "SELECT v.*, a.epoch, a.primary_node, a.replicas AS placement, n.addresses FROM volumes v "
+            "SELECT v.*, a.epoch, a.primary_node, a.replicas AS placement, a.in_sync, n.addresses "
+            "FROM volumes v "
             "JOIN assignments a ON a.volume_id = v.volume_id AND a.epoch = "
             "(SELECT max(epoch) FROM assignments WHERE volume_id = v.volume_id) "
             "LEFT JOIN nodes n ON n.node_id = a.primary_node "
@@ -750,19 +775,31 @@ class AuthorityStore:
         )
         with self._lock:
             rows = self._conn.execute(query, params).fetchall()
+            replication = {
+                r["node_id"]: NodeAddresses.from_json(r["addresses"]).replication
+                for r in self._conn.execute("SELECT node_id, addresses FROM nodes WHERE forgotten_at IS NULL")
+            }
         out: dict[str, Assignment] = {}
         for row in rows:
             primary: str | None = row["primary_node"]
             if primary is not None and row["addresses"] is None:
                 raise AuthorityCorrupt(f"assignment of {row['volume_id']} names unknown node {primary!r}")
             portal = None if primary is None else NodeAddresses.from_json(row["addresses"]).iscsi_portal
-            out[row["volume_id"]] = assignment_of(
-                _volume_from_row(row),
-                Epoch.restore(row["epoch"]),
-                primary,
-                portal,
-                tuple(json.loads(row["placement"])),
-            )
+            replicas = tuple(json.loads(row["placement"]))
+            try:
+                out[row["volume_id"]] = assignment_of(
+                    _volume_from_row(row),
+                    Epoch.restore(row["epoch"]),
+                    primary,
+                    portal,
+                    replicas,
+                    in_sync=tuple(json.loads(row["in_sync"])),
+                    replication_portals=tuple(replication.get(node) for node in replicas),
+                )
+            except InvalidMessage as e:
+                raise AuthorityCorrupt(
+                    f"assignment of {row['volume_id']} epoch {row['epoch']}: {e}"
+                ) from None
         return out
 
 
@@ -772,9 +809,13 @@ def assignment_of(
     primary: str | None,
     primary_portal: str | None,
     replicas: tuple[str, ...],
+    *,
+    in_sync: tuple[str, ...],
+    replication_portals: tuple[str | None, ...],
 ) -> Assignment:
     """The wire Assignment of ``volume`` for a recorded (or just minted) epoch: name, size, block
-    size and the export settings come from the volume record."""
+    size and the export settings come from the volume record; ``in_sync`` from the assignment row;
+    ``replication_portals`` (aligned with ``replicas``) from the nodes' last Hellos."""
     return Assignment(
         volume_id=volume.volume_id,
         name=volume.name,
@@ -787,4 +828,6 @@ def assignment_of(
         physical_block_size=volume.physical_block_size,
         chap=volume.chap,
         backing=volume.backing,
+        in_sync=in_sync,
+        replication_portals=replication_portals,
     )

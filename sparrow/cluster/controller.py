@@ -48,6 +48,7 @@ from sparrow.cluster.messages import (
     Health,
     Role,
     SyncState,
+    VolumeObservation,
     check_node_id,
     check_volume_id,
 )
@@ -93,13 +94,15 @@ class PublishedAssignment:
 @dataclass(frozen=True, slots=True)
 class AssignmentAsk:
     """A proposal for the publisher: make ``primary`` the primary and ``replicas`` (primary first)
-    the copies of ``volume_id``. The publisher mints the epoch and fills in name, size, block size
-    and the primary's portal."""
+    the copies of ``volume_id``, of which ``in_sync`` (a subsequence of ``replicas``, the primary
+    first) hold every acknowledged write. The publisher mints the epoch and fills in name, size,
+    block size and the portals."""
 
     volume_id: str
     primary: str
     replicas: tuple[str, ...]
     reason: str
+    in_sync: tuple[str, ...]
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
@@ -109,6 +112,10 @@ class AssignmentAsk:
             raise ValueError("replicas must list the primary first")
         if len(set(self.replicas)) != len(self.replicas):
             raise ValueError("a node appears twice in replicas")
+        if tuple(node for node in self.replicas if node in self.in_sync) != self.in_sync:
+            raise ValueError("in_sync must be a subsequence of replicas")
+        if not self.in_sync or self.in_sync[0] != self.primary:
+            raise ValueError("in_sync must list the primary first")
 
 
 class StatusKind(enum.Enum):
@@ -123,6 +130,8 @@ class StatusKind(enum.Enum):
     NO_ELIGIBLE_REPLICA = "no_eligible_replica"
     PROMOTING = "promoting"
     DEGRADED = "degraded"
+    #: A caught-up copy is being recorded back in the in-sync set.
+    RESYNCED = "resynced"
     STUCK = "stuck"
 
 
@@ -238,6 +247,7 @@ class TopologyController:
             primary=chosen[0],
             replicas=chosen,
             reason=f"place {copies} on {', '.join(chosen)}",
+            in_sync=chosen,  # a new volume's copies are all zeros: nothing to copy
         )
         return _Verdict(StatusKind.UNPLACED, "not placed yet", ask)
 
@@ -263,6 +273,9 @@ class TopologyController:
         verdict = self._repair_replicas(volume, assignment, observations, free, now)
         if verdict is not None:
             return verdict
+        verdict = self._in_sync_changes(assignment, observations, now)
+        if verdict is not None:
+            return verdict
         return self._convergence(assignment, published.published_at, observations, now)
 
     def _dead_primary(
@@ -286,11 +299,21 @@ class TopologyController:
             for node in assignment.replicas
             if node not in (primary, chosen) and not observations.dead(node, now)
         )
+        # A survivor stays in sync only if it is eligible too and applied exactly as far as the
+        # new primary: the same prefix of the one ordered stream. One behind may lack a write the
+        # new primary applied (unacknowledged, but now readable): it must catch up first.
+        position = self._write_position(chosen, assignment, observations)
+        in_sync = tuple(
+            node
+            for node in survivors
+            if node in eligible and self._write_position(node, assignment, observations) == position
+        )
         ask = AssignmentAsk(
             volume_id=assignment.volume_id,
             primary=chosen,
             replicas=(chosen, *survivors),
             reason=f"promote {chosen}: primary {primary} dead",
+            in_sync=(chosen, *in_sync),
         )
         return _Verdict(StatusKind.PROMOTING, f"primary {primary} dead", ask)
 
@@ -299,30 +322,30 @@ class TopologyController:
     ) -> tuple[str, ...]:
         """Replicas of ``assignment`` that may take over from its primary, best first.
 
-        A replica is eligible only if it is alive; its own observation says role REPLICA, the
-        assignment's epoch, health OK and a ``write_position`` at least the primary's last observed
-        one; and the primary's last observation, at the same epoch, listed it IN_SYNC. Only the
-        nodes ``assignment.replicas`` names are considered, and the primary's observation counts
-        only if it comes from the incarnation that first served the volume as primary at this epoch
-        (``ObservationStore.primary_claim``): a later incarnation under the primary's id (a
-        restart, or a forged Hello) cannot vouch for replicas it never fed; there is then no
-        eligible replica. Best is the highest
-        write position, then the order of ``assignment.replicas``.
+        A replica is eligible only if the assignment records it in sync (``assignment.in_sync``:
+        it held every acknowledged write when the epoch was published); it is alive; its own
+        observation says role REPLICA, the assignment's epoch, health OK and a ``write_position``
+        at least the primary's last observed one; and the primary's last observation, at the same
+        epoch, listed it IN_SYNC. Only the nodes ``assignment.replicas`` names are considered, and
+        the primary's observation counts only if it is :meth:`primary_report` (the incarnation that
+        first served the volume as primary at this epoch): a later incarnation under the primary's
+        id (a restart, or a forged Hello) cannot vouch for replicas it never fed; there is then no
+        eligible replica. Best is the highest write position, then the order of
+        ``assignment.replicas``.
         """
         primary = assignment.primary
-        if primary is None:
-            return ()
-        primary_obs = observations.observation(primary, assignment.volume_id)
-        if primary_obs is None or primary_obs.epoch != assignment.epoch:
-            return ()
-        hello = observations.hello(primary)
-        claim = observations.primary_claim(primary, assignment.volume_id)
-        if hello is None or claim != (hello.incarnation, assignment.epoch):
+        primary_obs = self.primary_report(assignment, observations)
+        if primary is None or primary_obs is None:
             return ()
         in_sync = {r.node_id for r in primary_obs.replica_states if r.state is SyncState.IN_SYNC}
         ranked: list[tuple[int, int, str]] = []
         for index, node in enumerate(assignment.replicas):
-            if node == primary or node not in in_sync or not observations.alive(node, now):
+            if (
+                node == primary
+                or node not in assignment.in_sync
+                or node not in in_sync
+                or not observations.alive(node, now)
+            ):
                 continue
             obs = observations.observation(node, assignment.volume_id)
             if (
@@ -335,6 +358,89 @@ class TopologyController:
                 continue
             ranked.append((-obs.write_position, index, node))
         return tuple(node for _, _, node in sorted(ranked))
+
+    @staticmethod
+    def primary_report(assignment: Assignment, observations: ObservationStore) -> VolumeObservation | None:
+        """The primary's last observation of the volume, if it counts: it is at the assignment's
+        epoch and comes from the incarnation that first claimed the volume as primary at that
+        epoch (``ObservationStore.primary_claim``). None otherwise (no primary, not reported yet,
+        an older epoch, or a later incarnation under the primary's id)."""
+        primary = assignment.primary
+        if primary is None:
+            return None
+        obs = observations.observation(primary, assignment.volume_id)
+        if obs is None or obs.epoch != assignment.epoch or obs.role is not Role.PRIMARY:
+            return None
+        hello = observations.hello(primary)
+        claim = observations.primary_claim(primary, assignment.volume_id)
+        if hello is None or claim != (hello.incarnation, assignment.epoch):
+            return None
+        return obs
+
+    @staticmethod
+    def _write_position(node: str, assignment: Assignment, observations: ObservationStore) -> int | None:
+        obs = observations.observation(node, assignment.volume_id)
+        return None if obs is None or obs.epoch != assignment.epoch else obs.write_position
+
+    def _in_sync_changes(
+        self, assignment: Assignment, observations: ObservationStore, now: float
+    ) -> _Verdict | None:
+        """The in-sync set as the primary's report (:meth:`primary_report`) says it should be.
+
+        Dropped: a copy of ``assignment.in_sync`` the primary reports in any state but IN_SYNC
+        (it did not acknowledge in time, refused, or its connection broke); the primary holds its
+        writes until the new epoch is published. Added back: a copy outside the set the primary
+        reports IN_SYNC at least at the primary's own write position (caught up), that is alive
+        and reports the epoch as REPLICA with health OK. A copy the primary does not mention is
+        left as it is. None when nothing changes."""
+        report = self.primary_report(assignment, observations)
+        if report is None:
+            return None
+        states = {r.node_id: r for r in report.replica_states}
+        dropped = [
+            node
+            for node in assignment.in_sync[1:]
+            if node in states and states[node].state is not SyncState.IN_SYNC
+        ]
+        added = []
+        for node in assignment.replicas[1:]:
+            state = states.get(node)
+            if node in assignment.in_sync or state is None or state.state is not SyncState.IN_SYNC:
+                continue
+            obs = observations.observation(node, assignment.volume_id)
+            if (
+                state.write_position >= report.write_position
+                and observations.alive(node, now)
+                and obs is not None
+                and obs.epoch == assignment.epoch
+                and obs.role is Role.REPLICA
+                and obs.health is Health.OK
+            ):
+                added.append(node)
+        if not dropped and not added:
+            return None
+        keep = (set(assignment.in_sync) - set(dropped)) | set(added)
+        in_sync = tuple(node for node in assignment.replicas if node in keep)
+        assert assignment.primary is not None  # primary_report found one
+        if dropped:
+            word = "replicas" if len(dropped) > 1 else "replica"
+            reason = f"{word} {', '.join(dropped)} dropped from the in-sync set"
+            if added:
+                reason += f"; {', '.join(added)} back in sync"
+            kind = StatusKind.DEGRADED
+        else:
+            reason = (
+                f"{'replicas' if len(added) > 1 else 'replica'} {', '.join(added)} back in the in-sync set"
+            )
+            kind = StatusKind.RESYNCED
+        ask = AssignmentAsk(
+            volume_id=assignment.volume_id,
+            primary=assignment.primary,
+            replicas=assignment.replicas,
+            reason=reason,
+            in_sync=in_sync,
+        )
+        return _Verdict(kind, reason, ask)
 
     def _repair_replicas(
         self,
@@ -362,11 +468,26 @@ class TopologyController:
             return _Verdict(StatusKind.DEGRADED, reason)
         replicas = (*members, *added)
         what = f"replace dead {', '.join(dead)}" if dead else "add copies"
+        # The dead leave the in-sync set, and so does a copy the serving primary reports behind
+        # (the rule of _in_sync_changes, applied in the same epoch); a new copy starts outside
+        # it (it is filled by a resync).
+        report = self.primary_report(assignment, observations)
+        behind = (
+            set()
+            if report is None
+            else {r.node_id for r in report.replica_states if r.state is not SyncState.IN_SYNC}
+        )
+        in_sync = tuple(
+            node
+            for node in assignment.in_sync
+            if node in members and (node == assignment.primary or node not in behind)
+        )
         ask = AssignmentAsk(
             volume_id=assignment.volume_id,
             primary=members[0],
             replicas=replicas,
             reason=f"{what} with {', '.join(added)}",
+            in_sync=in_sync,
         )
         return _Verdict(StatusKind.DEGRADED, reason, ask)
 

@@ -28,6 +28,11 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
 - ``ack`` v4 adds ``deleted`` (an array of ``{volume_id, name}``: tombstones for volumes the node
   reported and the master has deleted); an older Ack decodes with ``deleted=()``, and one carrying
   a ``deleted`` field is rejected (BAD_FIELD).
+- ``ack`` v5 adds to each assignment ``in_sync`` (an array of node ids, a subsequence of
+  ``replicas``, the primary first) and ``replication_portals`` (an array aligned with
+  ``replicas``, each ``host:port`` or nil), both at most ``MAX_COPIES`` long. Assignments of an
+  older Ack decode with ``in_sync`` = the primary alone and every replication portal None; an
+  older assignment carrying either field is rejected (BAD_FIELD).
 """
 
 from __future__ import annotations
@@ -69,13 +74,15 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 4}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 5}
 #: The first ``ack`` version that carries the volume directory.
 ACK_DIRECTORY_VERSION = 2
 #: The first ``ack`` version whose assignments carry physical_block_size, chap and backing.
 ACK_SETTINGS_VERSION = 3
 #: The first ``ack`` version that carries tombstones (``deleted``).
 ACK_DELETED_VERSION = 4
+#: The first ``ack`` version whose assignments carry in_sync and replication_portals.
+ACK_IN_SYNC_VERSION = 5
 
 
 class ErrorCode(enum.Enum):
@@ -138,6 +145,8 @@ def _assignment_to_wire(assignment: Assignment) -> dict[str, object]:
         "physical_block_size": assignment.physical_block_size,
         "chap": None if assignment.chap is None else _chap_to_wire(assignment.chap),
         "backing": assignment.backing,
+        "in_sync": list(assignment.in_sync),
+        "replication_portals": list(assignment.replication_portals),
     }
 
 
@@ -292,6 +301,9 @@ def _assignment_from_wire(where: str, raw: object, version: int) -> Assignment:
         chap = f.take("chap")
         values["chap"] = None if chap is None else _chap_from_wire(f"{where}.chap", chap)
         values["backing"] = f.take("backing")
+    if version >= ACK_IN_SYNC_VERSION:
+        values["in_sync"] = tuple(f.take_list("in_sync"))
+        values["replication_portals"] = tuple(f.take_list("replication_portals"))
     return f.build(Assignment, **values)
 
 

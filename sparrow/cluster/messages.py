@@ -346,6 +346,16 @@ class Assignment:
     target's ``chap`` (None: no CHAP) and ``backing``, an absolute path of a file or block device
     on the node that holds the data (None: a sparse file in the node's data directory; only the
     embedded one-node mode sets it). Changing a setting is not a reason for a new epoch.
+
+    The in-sync set (ack schema v5; docs/replication.md): ``in_sync`` names the copies the master
+    records as holding every acknowledged write, a subsequence of ``replicas`` (so the primary
+    first); the primary waits for each of them before it answers a write, and only they may be
+    promoted. It changes only under a new epoch. Left empty it means the primary alone (and
+    nothing without a primary): what an Ack older than v5 means, and the only safe reading, since
+    before v5 no other copy was known to hold the data. ``replication_portals`` is aligned with
+    ``replicas``: each copy's replication address (its ``Hello.replication``; None: unknown);
+    left empty it means all unknown. A portal is an address, not authority: it may change under
+    the same epoch (a replica restarted on another port).
     """
 
     volume_id: str
@@ -359,6 +369,8 @@ class Assignment:
     physical_block_size: int | None = None
     chap: VolumeChap | None = None
     backing: str | None = None
+    in_sync: tuple[str, ...] = ()
+    replication_portals: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
@@ -399,6 +411,40 @@ class Assignment:
             check_portal("primary_portal", self.primary_portal)
             if not self.replicas or self.replicas[0] != self.primary:
                 raise InvalidMessage("replicas", "must list the primary first")
+        self._check_in_sync()
+        self._check_replication_portals()
+
+    def _check_in_sync(self) -> None:
+        if not isinstance(self.in_sync, tuple):
+            raise InvalidMessage("in_sync", "expected a tuple of node ids")
+        check_count("in_sync", self.in_sync, MAX_COPIES)
+        if not self.in_sync and self.primary is not None:
+            object.__setattr__(self, "in_sync", (self.primary,))
+        for index, node in enumerate(self.in_sync):
+            check_node_id(f"in_sync[{index}]", node)
+        position = {node: i for i, node in enumerate(self.replicas)}
+        if any(node not in position for node in self.in_sync):
+            raise InvalidMessage("in_sync", "names a node that holds no copy")
+        indices = [position[node] for node in self.in_sync]
+        if indices != sorted(set(indices)):
+            raise InvalidMessage("in_sync", "must list copies once each, in the order of replicas")
+        if self.in_sync and self.in_sync[0] != self.primary:
+            raise InvalidMessage("in_sync", "must list the primary first (and be empty without one)")
+
+    def _check_replication_portals(self) -> None:
+        portals = self.replication_portals
+        if not isinstance(portals, tuple):
+            raise InvalidMessage("replication_portals", "expected a tuple of portals")
+        if not portals:
+            portals = (None,) * len(self.replicas)
+            object.__setattr__(self, "replication_portals", portals)
+        if len(portals) != len(self.replicas):
+            raise InvalidMessage(
+                "replication_portals", f"{len(portals)} portals for {len(self.replicas)} replicas"
+            )
+        for index, portal in enumerate(portals):
+            if portal is not None:
+                check_portal(f"replication_portals[{index}]", portal)
 
     @property
     def restored_epoch(self) -> Epoch:
@@ -412,6 +458,12 @@ class Assignment:
         if node_id in self.replicas:
             return Role.REPLICA
         return Role.NONE
+
+    def replication_portal(self, node_id: str) -> str | None:
+        """Where ``node_id``'s copy listens for replication (None: unknown, or no copy)."""
+        if node_id not in self.replicas:
+            return None
+        return self.replication_portals[self.replicas.index(node_id)]
 
 
 @dataclass(frozen=True, slots=True)

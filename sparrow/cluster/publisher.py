@@ -7,8 +7,10 @@ disk) is the Assignment returned, so no node can hear of an epoch the master cou
 crash. A ``kill -9`` before COMMIT loses the whole publish (nobody heard of it); after, it is kept.
 After a restart the next publish continues from the recorded maximum, so an epoch is never reused.
 
-``resize(volume_id, size)`` grows a volume and republishes its placement under the next epoch in
-the same transaction (a resize is a reason for a new epoch: the node grows its store on it).
+Every ask carries the in-sync set (``in_sync``), recorded with the row: it changes only through a
+published assignment, under a new epoch, never in place. ``resize(volume_id, size)`` grows a
+volume and republishes its placement (and in-sync set) under the next epoch in the same
+transaction (a resize is a reason for a new epoch: the node grows its store on it).
 
 The publisher mints whatever it is asked: whether an assignment is worth publishing is the
 TopologyController's decision. It checks only that the ask is well-formed and names things the
@@ -35,7 +37,8 @@ from sparrow.cluster.messages import Assignment, InvalidMessage, check_node_id
 
 class AssignmentAsk(Protocol):
     """What the TopologyController asks for (any object with these attributes, e.g. its frozen
-    ``AssignmentAsk`` dataclass): the node ids holding the volume, primary first."""
+    ``AssignmentAsk`` dataclass): the node ids holding the volume, primary first, and those of
+    them in sync (a subsequence of ``replicas``, the primary first)."""
 
     @property
     def volume_id(self) -> str: ...
@@ -45,6 +48,9 @@ class AssignmentAsk(Protocol):
 
     @property
     def replicas(self) -> tuple[str, ...]: ...
+
+    @property
+    def in_sync(self) -> tuple[str, ...]: ...
 
 
 class InvalidAsk(InvalidAuthorityRecord):
@@ -66,7 +72,8 @@ class Publisher:
         """
         replicas = tuple(ask.replicas)
         primary = ask.primary
-        _check_ask(primary, replicas)
+        in_sync = tuple(ask.in_sync)
+        _check_ask(primary, replicas, in_sync)
         with self._store.write_transaction() as txn:
             volume = txn.volume(ask.volume_id)
             if volume is None or volume.deleted_at is not None:
@@ -81,8 +88,16 @@ class Publisher:
             previous = txn.max_epoch(volume.volume_id)
             epoch = Epoch(1 if previous is None else previous.value + 1)
             # Built before COMMIT so a message that could not be sent is never recorded.
-            assignment = assignment_of(volume, epoch, primary, portal, replicas)
-            txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock())
+            assignment = assignment_of(
+                volume,
+                epoch,
+                primary,
+                portal,
+                replicas,
+                in_sync=in_sync,
+                replication_portals=txn.replication_portals(replicas),
+            )
+            txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
         return assignment
 
     def resize(self, volume_id: str, size: int) -> tuple[VolumeRecord, Assignment | None]:
@@ -103,7 +118,7 @@ class Publisher:
             placement = txn.latest_placement(volume_id)
             if before is None or before.size == volume.size or placement is None:
                 return volume, None
-            primary, replicas = placement
+            primary, replicas, in_sync = placement
             portal = None
             if primary is not None:
                 node = txn.node(primary)
@@ -113,12 +128,20 @@ class Publisher:
             previous = txn.max_epoch(volume_id)
             assert previous is not None  # there is a placement, so there is an epoch
             epoch = Epoch(previous.value + 1)
-            assignment = assignment_of(volume, epoch, primary, portal, replicas)
-            txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock())
+            assignment = assignment_of(
+                volume,
+                epoch,
+                primary,
+                portal,
+                replicas,
+                in_sync=in_sync,
+                replication_portals=txn.replication_portals(replicas),
+            )
+            txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
         return volume, assignment
 
 
-def _check_ask(primary: str | None, replicas: tuple[str, ...]) -> None:
+def _check_ask(primary: str | None, replicas: tuple[str, ...], in_sync: tuple[str, ...]) -> None:
     try:
         for index, node_id in enumerate(replicas):
             check_node_id(f"replicas[{index}]", node_id)
@@ -128,3 +151,13 @@ def _check_ask(primary: str | None, replicas: tuple[str, ...]) -> None:
         raise InvalidAsk("replicas: a node appears twice")
     if primary is not None and (not replicas or replicas[0] != primary):
         raise InvalidAsk(f"replicas must list the primary {primary!r} first")
+    position = {node: i for i, node in enumerate(replicas)}
+    if any(node not in position for node in in_sync):
+        raise InvalidAsk("in_sync: names a node that holds no copy")
+    indices = [position[node] for node in in_sync]
+    if indices != sorted(set(indices)):
+        raise InvalidAsk("in_sync: must list copies once each, in the order of replicas")
+    if primary is None and in_sync:
+        raise InvalidAsk("in_sync: must be empty without a primary")
+    if primary is not None and (not in_sync or in_sync[0] != primary):
+        raise InvalidAsk(f"in_sync must list the primary {primary!r} first")

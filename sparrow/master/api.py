@@ -529,6 +529,9 @@ def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any
                 "health": None if obs is None else obs.health.value,
                 "converged": None if obs is None else obs.converged,
                 "write_position": None if obs is None else obs.write_position,
+                # The in-sync set the master recorded at this epoch (issue 8, "Inspect"):
+                # "stale" copies may lack acknowledged writes; "syncing" comes with resync.
+                "sync": "in_sync" if node_id in assignment.in_sync else "stale",
             }
         )
     return out

@@ -88,8 +88,14 @@ class StepResult:
 
 
 def differs(ask: AssignmentAsk, current: Assignment | None) -> bool:
-    """True when publishing ``ask`` would change the volume's assignment (primary or copies)."""
-    return current is None or ask.primary != current.primary or tuple(ask.replicas) != current.replicas
+    """True when publishing ``ask`` would change the volume's assignment (primary, copies or the
+    in-sync set)."""
+    return (
+        current is None
+        or ask.primary != current.primary
+        or tuple(ask.replicas) != current.replicas
+        or tuple(ask.in_sync) != current.in_sync
+    )
 
 
 class ControlLoop:
@@ -152,6 +158,7 @@ class ControlLoop:
                         assignment.primary,
                         assignment.replicas,
                         f"primary portal moved: {assignment.primary} from {old} to {new}",
+                        assignment.in_sync,
                     )
                     assignment = known.assignment
             else:
@@ -200,6 +207,7 @@ class ControlLoop:
             epoch=assignment.epoch,
             primary=assignment.primary,
             replicas=list(assignment.replicas),
+            in_sync=list(assignment.in_sync),
             reason=reason,
         )
         if self._on_published is not None:

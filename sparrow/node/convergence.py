@@ -654,6 +654,24 @@ class Convergence:
         self._enqueue(plan, done)
         await done
 
+    def replication_targets(self, volume_id: str) -> tuple[tuple[str, str | None], ...]:
+        """The replicas this node, as the volume's primary, must forward every write to and wait
+        for: ``(node_id, replication portal)`` for each copy of the latest Ack's ``in_sync`` but
+        this node, in its order. A portal is None while the master knows none: the primary must
+        still wait for that copy (or have it dropped), never skip it. Empty unless this node has
+        persisted the primary role at the epoch of that assignment (an Ack the adapter rejected,
+        or one not yet applied, names no targets)."""
+        ack = self._last_ack
+        held = self.adapter.state.get(volume_id)
+        if ack is None or held is None or held.role is not Role.PRIMARY:
+            return ()
+        for assignment in ack.assignments:
+            if assignment.volume_id == volume_id:
+                if assignment.epoch != held.epoch or assignment.primary != self.adapter.node_id:
+                    return ()
+                return tuple((node, assignment.replication_portal(node)) for node in assignment.in_sync[1:])
+        return ()
+
     def observations(self, now: float) -> tuple[VolumeObservation, ...]:
         """What the next heartbeat reports (the adapter's view: persisted epochs and roles)."""
         return self.adapter.observations(now)

@@ -464,3 +464,31 @@ def test_deleting_a_volume_removes_every_nodes_copy_even_of_a_node_that_was_down
         assert node.persisted(doomed["volume_id"]) is None  # its role record is forgotten too
         assert (node.data_dir / "volumes" / "kept.img").exists()
     cluster.wait_converged("kept", epoch=1, copies=3)
+
+
+def test_a_dead_replica_leaves_the_in_sync_set_and_its_replacement_starts_stale(
+    make_cluster: Callable[[int], Cluster],
+) -> None:
+    """Issue 8, the in-sync set at the master: a new volume's copies all start in sync; a replica
+    killed for good is replaced under a new epoch, leaves the set, and its replacement starts
+    stale (it holds none of the data until a resync); the set is recorded with the epoch, so a
+    master restarted with kill -9 reads back the same set and mints nothing."""
+    cluster = make_cluster(4)
+    create(cluster, "v", 3)
+    v = cluster.wait_converged("v", epoch=1, copies=3)
+    assert [r["sync"] for r in v["replicas"]] == ["in_sync"] * 3, v["replicas"]
+    primary = v["primary"]["node_id"]
+    dead, survivor = (r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+    (spare,) = {"n1", "n2", "n3", "n4"} - {r["node_id"] for r in v["replicas"]}
+
+    cluster.node(dead).kill9()
+    replaced = cluster.wait_converged("v", epoch=2, copies=3, timeout=TIMING.dead_after + 20)
+    sync = {r["node_id"]: r["sync"] for r in replaced["replicas"]}
+    assert sync == {primary: "in_sync", survivor: "in_sync", spare: "stale"}, replaced["replicas"]
+    assert replaced["primary"]["node_id"] == primary
+
+    cluster.master.kill9()
+    cluster.master.restart()
+    again = cluster.wait_converged("v", epoch=2, copies=3)
+    assert {r["node_id"]: r["sync"] for r in again["replicas"]} == sync
+    assert cluster.master.epochs_published() == 0, "the restarted master minted an epoch"

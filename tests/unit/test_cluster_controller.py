@@ -65,8 +65,13 @@ def desired(volume_id: str = VOL_A, size: int = 10 * MiB, replicas: int = 2) -> 
 
 
 def assignment(
-    replicas: tuple[str, ...], epoch: int = 3, volume_id: str = VOL_A, size: int = 10 * MiB
+    replicas: tuple[str, ...],
+    epoch: int = 3,
+    volume_id: str = VOL_A,
+    size: int = 10 * MiB,
+    in_sync: tuple[str, ...] | None = None,
 ) -> Assignment:
+    """``in_sync`` None: every copy in sync (a volume whose copies all hold every write)."""
     primary = replicas[0] if replicas else None
     return Assignment(
         volume_id=volume_id,
@@ -77,6 +82,7 @@ def assignment(
         primary=primary,
         primary_portal=None if primary is None else f"{primary}:3260",
         replicas=replicas,
+        in_sync=replicas if in_sync is None else in_sync,
     )
 
 
@@ -130,7 +136,7 @@ def test_new_volume_placed_on_distinct_nodes_most_free_first(
     for node, mib in free.items():
         cluster.join(node, 0.0, free=mib * MiB)
     asks, status = decide(cluster, [desired(replicas=replicas)], {}, 1.0)
-    assert asks == (AssignmentAsk(VOL_A, expected[0], expected, asks[0].reason),)
+    assert asks == (AssignmentAsk(VOL_A, expected[0], expected, asks[0].reason, in_sync=expected),)
     assert status[VOL_A].kind is StatusKind.UNPLACED
 
 
@@ -344,7 +350,8 @@ def test_eligible_replica_promoted_when_every_condition_holds() -> None:
     current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
     cluster.beat("n3", 20.0, obs(3, Role.REPLICA, write_position=50))  # alive but behind
     asks, status = decide(cluster, [desired(replicas=3)], current, 20.0)
-    assert asks == (AssignmentAsk(VOL_A, "n2", ("n2", "n3"), "promote n2: primary n1 dead"),)
+    # n3 is behind n2: it may lack a write n2 applied, so it is not in sync under the new primary.
+    assert asks == (AssignmentAsk(VOL_A, "n2", ("n2", "n3"), "promote n2: primary n1 dead", in_sync=("n2",)),)
     assert status[VOL_A].kind is StatusKind.PROMOTING
 
 
@@ -480,7 +487,10 @@ def test_dead_replica_replaced_by_a_live_node_keeping_the_primary() -> None:
     cluster.join("n4", 0.0, free=80 * MiB)
     current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=-20.0)}
     asks, status = decide(cluster, [desired(replicas=3)], current, 0.0)
-    assert asks == (AssignmentAsk(VOL_A, "n1", ("n1", "n3", "n4"), "replace dead n2 with n4"),)
+    # n2 leaves the in-sync set; n4 starts outside it (a resync fills it later).
+    assert asks == (
+        AssignmentAsk(VOL_A, "n1", ("n1", "n3", "n4"), "replace dead n2 with n4", in_sync=("n1", "n3")),
+    )
     assert status[VOL_A].reason == "degraded: replica n2 dead"
 
 
@@ -501,7 +511,7 @@ def test_missing_copies_are_topped_up() -> None:
     cluster.join("n2", 0.0)
     current = {VOL_A: PublishedAssignment(assignment(("n1",)), published_at=0.0)}
     asks, status = decide(cluster, [desired(replicas=2)], current, 1.0)
-    assert asks == (AssignmentAsk(VOL_A, "n1", ("n1", "n2"), "add copies with n2"),)
+    assert asks == (AssignmentAsk(VOL_A, "n1", ("n1", "n2"), "add copies with n2", in_sync=("n1",)),)
     assert status[VOL_A].reason == "degraded: 1 of 2 copies"
 
 
@@ -615,6 +625,17 @@ def test_asks_are_always_safe(
             assert replica.epoch == primary.epoch == published.assignment.epoch
             assert replica.write_position >= primary.write_position
             assert ask.primary in {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+            assert ask.primary in published.assignment.in_sync
+        # A copy joins the in-sync set only on the word of the primary that serves the epoch.
+        old_in_sync = set() if published is None else set(published.assignment.in_sync)
+        report = None if published is None else TopologyController.primary_report(published.assignment, store)
+        vouched = (
+            set()
+            if report is None
+            else {r.node_id for r in report.replica_states if r.state is SyncState.IN_SYNC}
+        )
+        if published is not None:
+            assert set(ask.in_sync) - {ask.primary} <= old_in_sync | vouched
 
 
 def test_core_modules_never_construct_an_epoch() -> None:
@@ -630,7 +651,10 @@ def dead_primary_scenarios(draw: st.DrawFn) -> tuple[Cluster, PublishedAssignmen
     now = 100.0
     cluster = Cluster()
     replicas = tuple(draw(st.lists(st.sampled_from(NODES[1:]), min_size=1, max_size=2, unique=True)))
-    published = PublishedAssignment(assignment(("n0", *replicas)), published_at=0.0)
+    recorded = tuple(node for node in replicas if draw(st.integers(0, 3)) > 0)
+    published = PublishedAssignment(
+        assignment(("n0", *replicas), in_sync=("n0", *recorded)), published_at=0.0
+    )
     primary_position = draw(st.integers(0, 3))
     states = tuple(
         ReplicaState(
@@ -683,6 +707,7 @@ def test_promotion_happens_exactly_when_a_replica_is_eligible(
             and primary.epoch == 3
             and report.write_position >= primary.write_position
             and node in in_sync
+            and node in published.assignment.in_sync
         )
 
     want = [desired(replicas=len(published.assignment.replicas))]
@@ -699,3 +724,183 @@ def test_promotion_happens_exactly_when_a_replica_is_eligible(
         assert ask.primary in candidates
         assert "n0" not in ask.replicas
         assert not any(store.dead(node, now) for node in ask.replicas)
+
+
+# -- the in-sync set ------------------------------------------------------------------------------
+
+
+def in_sync_cluster(primary_obs: VolumeObservation, *replica_obs: tuple[str, VolumeObservation]) -> Cluster:
+    """n1 primary, n2 and n3 replicas, all alive at 10."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3"):
+        cluster.join(node, 0.0)
+    cluster.beat("n1", 10.0, primary_obs)
+    reported = dict(replica_obs)
+    for node in ("n2", "n3"):
+        cluster.beat(node, 10.0, reported.get(node, obs(3, Role.REPLICA, write_position=100)))
+    return cluster
+
+
+def primary_saying(*states: tuple[str, SyncState, int], epoch: int = 3) -> VolumeObservation:
+    return obs(
+        epoch,
+        Role.PRIMARY,
+        write_position=100,
+        replica_states=tuple(ReplicaState(node, state, position) for node, state, position in states),
+    )
+
+
+THREE = ("n1", "n2", "n3")
+
+
+@pytest.mark.parametrize("state", [SyncState.SYNCING, SyncState.FAILED])
+def test_a_replica_the_primary_reports_lagging_is_dropped_under_a_new_epoch(state: SyncState) -> None:
+    cluster = in_sync_cluster(primary_saying(("n2", state, 40), ("n3", SyncState.IN_SYNC, 100)))
+    current = {VOL_A: PublishedAssignment(assignment(THREE), published_at=0.0)}
+    asks, status = decide(cluster, [desired(replicas=3)], current, 10.0)
+    reason = "replica n2 dropped from the in-sync set"
+    assert asks == (AssignmentAsk(VOL_A, "n1", THREE, reason, in_sync=("n1", "n3")),)
+    assert (status[VOL_A].kind, status[VOL_A].reason) == (StatusKind.DEGRADED, reason)
+    # Once published (a new epoch), the primary's report of the old epoch no longer counts.
+    dropped = {
+        VOL_A: PublishedAssignment(assignment(THREE, epoch=4, in_sync=("n1", "n3")), published_at=10.0)
+    }
+    asks, status = decide(cluster, [desired(replicas=3)], dropped, 11.0)
+    assert asks == () and status[VOL_A].kind is StatusKind.OK
+
+
+def test_a_copy_the_primary_does_not_mention_stays_as_recorded() -> None:
+    cluster = in_sync_cluster(primary_saying())
+    current = {VOL_A: PublishedAssignment(assignment(THREE), published_at=0.0)}
+    assert decide(cluster, [desired(replicas=3)], current, 10.0)[0] == ()
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        pytest.param(primary_saying(("n2", SyncState.SYNCING, 0), epoch=2), id="older-epoch"),
+        pytest.param(
+            replace(primary_saying(("n2", SyncState.SYNCING, 0)), role=Role.REPLICA), id="not-as-primary"
+        ),
+    ],
+)
+def test_a_report_not_about_the_current_epoch_as_primary_drops_nobody(report: VolumeObservation) -> None:
+    cluster = in_sync_cluster(report)
+    current = {VOL_A: PublishedAssignment(assignment(THREE), published_at=0.0)}
+    assert decide(cluster, [desired(replicas=3)], current, 10.0)[0] == ()
+
+
+def test_a_forged_report_from_an_incarnation_that_does_not_serve_the_epoch_is_ignored() -> None:
+    """A Hello under the primary's id with a new incarnation (a restart, or a forger) cannot drop
+    a replica, nor add one back: only the incarnation that claimed the epoch as primary counts."""
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.IN_SYNC, 100)))
+    cluster.store.record(hello("n1", incarnation=2), "n1", 11.0)
+    cluster.seq += 1
+    forged = primary_saying(("n2", SyncState.FAILED, 0), ("n3", SyncState.IN_SYNC, 100))
+    cluster.store.record(Heartbeat(cluster.seq, (forged,)), "n1", 11.0)
+    for node in ("n2", "n3"):
+        cluster.beat(node, 11.0, obs(3, Role.REPLICA, write_position=100))
+    current = {VOL_A: PublishedAssignment(assignment(THREE, in_sync=("n1", "n2")), published_at=0.0)}
+    ctl = TopologyController()
+    assert ctl.primary_report(current[VOL_A].assignment, cluster.store) is None
+    assert decide(cluster, [desired(replicas=3)], current, 11.0, ctl)[0] == ()
+
+
+def test_only_a_replica_recorded_in_sync_is_promoted() -> None:
+    """n2 looks perfect (the primary's last report says IN_SYNC at its position), but the
+    assignment records it out of the in-sync set: it may lack an acknowledged write."""
+    cluster = dead_primary_cluster(replica_obs=GOOD_REPLICA, primary_obs=IN_SYNC_PRIMARY)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2"), in_sync=("n1",)), published_at=0.0)}
+    ctl = TopologyController()
+    assert ctl.eligible_replicas(current[VOL_A].assignment, cluster.store, 20.0) == ()
+    asks, status = decide(cluster, [desired()], current, 20.0, ctl)
+    assert asks == () and status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
+    # Recorded in sync, the same n2 is promoted.
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    asks, _ = decide(cluster, [desired()], current, 20.0)
+    assert [(a.primary, a.in_sync) for a in asks] == [("n2", ("n2",))]
+
+
+def test_a_promotion_keeps_in_sync_the_survivors_at_the_new_primarys_position() -> None:
+    primary_obs = replace(
+        IN_SYNC_PRIMARY,
+        replica_states=(
+            ReplicaState("n2", SyncState.IN_SYNC, 100),
+            ReplicaState("n3", SyncState.IN_SYNC, 100),
+        ),
+    )
+    cluster = dead_primary_cluster(replica_obs=GOOD_REPLICA, primary_obs=primary_obs)
+    cluster.beat("n3", 20.0, obs(3, Role.REPLICA, write_position=100))
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 20.0)
+    assert asks == (
+        AssignmentAsk(VOL_A, "n2", ("n2", "n3"), "promote n2: primary n1 dead", in_sync=("n2", "n3")),
+    )
+
+
+def test_a_caught_up_replica_is_added_back_under_a_new_epoch() -> None:
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.IN_SYNC, 100), ("n3", SyncState.SYNCING, 60)))
+    current = {VOL_A: PublishedAssignment(assignment(THREE, in_sync=("n1",)), published_at=0.0)}
+    asks, status = decide(cluster, [desired(replicas=3)], current, 10.0)
+    reason = "replica n2 back in the in-sync set"
+    assert asks == (AssignmentAsk(VOL_A, "n1", THREE, reason, in_sync=("n1", "n2")),)
+    assert (status[VOL_A].kind, status[VOL_A].reason) == (StatusKind.RESYNCED, reason)
+
+
+def test_a_drop_and_a_return_in_one_ask() -> None:
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.FAILED, 0), ("n3", SyncState.IN_SYNC, 100)))
+    current = {VOL_A: PublishedAssignment(assignment(THREE, in_sync=("n1", "n2")), published_at=0.0)}
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 10.0)
+    reason = "replica n2 dropped from the in-sync set; n3 back in sync"
+    assert asks == (AssignmentAsk(VOL_A, "n1", THREE, reason, in_sync=("n1", "n3")),)
+
+
+@pytest.mark.parametrize(
+    ("position", "replica"),
+    [
+        pytest.param(99, obs(3, Role.REPLICA, write_position=100), id="primary-reports-it-behind"),
+        pytest.param(100, obs(2, Role.REPLICA, write_position=100), id="replica-at-an-older-epoch"),
+        pytest.param(100, obs(3, Role.NONE, write_position=100), id="replica-role-none"),
+        pytest.param(100, obs(3, Role.REPLICA, health=Health.DEGRADED), id="replica-degraded"),
+    ],
+)
+def test_a_replica_is_not_added_back_unless_every_condition_holds(
+    position: int, replica: VolumeObservation
+) -> None:
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.IN_SYNC, position)), ("n2", replica))
+    current = {VOL_A: PublishedAssignment(assignment(THREE, in_sync=("n1", "n3")), published_at=0.0)}
+    assert decide(cluster, [desired(replicas=3)], current, 10.0)[0] == ()
+
+
+def test_a_dead_replica_is_not_added_back() -> None:
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.IN_SYNC, 100)))
+    for node in ("n1", "n3"):
+        cluster.beat(
+            node,
+            15.0,
+            primary_saying(("n2", SyncState.IN_SYNC, 100)) if node == "n1" else obs(3, Role.REPLICA),
+        )
+    current = {
+        VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3"), in_sync=("n1", "n3")), published_at=0.0)
+    }
+    ctl = TopologyController()
+    assert ctl._in_sync_changes(current[VOL_A].assignment, cluster.store, 18.5) is None  # n2 heard at 10
+
+
+def test_a_replacement_also_drops_a_copy_the_primary_reports_behind() -> None:
+    """n2 is dead and replaced; in the same step the primary reports n3 behind: the one new epoch
+    records neither in sync."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3", "n4"):
+        cluster.join(node, 0.0)
+    for node in ("n1", "n3", "n4"):
+        cluster.beat(
+            node,
+            10.0,
+            primary_saying(("n3", SyncState.SYNCING, 10)) if node == "n1" else obs(3, Role.REPLICA),
+        )
+    current = {VOL_A: PublishedAssignment(assignment(THREE), published_at=0.0)}
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 10.0)
+    assert asks == (
+        AssignmentAsk(VOL_A, "n1", ("n1", "n3", "n4"), "replace dead n2 with n4", in_sync=("n1",)),
+    )

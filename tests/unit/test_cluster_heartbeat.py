@@ -115,8 +115,27 @@ ACK_DELETED = Ack(
     directory=ACK.directory,
     deleted=(DeletedVolume(VOL_D, "old-db"), DeletedVolume(VOL_E, "db")),  # a name may be reused
 )
+ACK_IN_SYNC = Ack(
+    seq=11,
+    lease_seconds=5.0,
+    assignments=(
+        Assignment(
+            VOL_A,
+            "db",
+            1 << 30,
+            4096,
+            4,
+            "node-1",
+            "10.0.0.1:3260",
+            ("node-1", "node-2", "node-3"),
+            in_sync=("node-1", "node-3"),
+            replication_portals=("10.0.0.1:3291", None, "[fd00::3]:3291"),
+        ),
+    ),
+)
 MESSAGES: list[Message] = [
     HELLO,
+    ACK_IN_SYNC,
     HEARTBEAT,
     EMPTY_HEARTBEAT,
     ACK,
@@ -304,7 +323,7 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
-    assert wire(ACK)["v"] == 4
+    assert wire(ACK)["v"] == 5
     assert wire(ACK)["deleted"] == []
     assert wire(ACK_DELETED)["deleted"] == [
         {"volume_id": VOL_D, "name": "old-db"},
@@ -329,9 +348,22 @@ def test_wire_form() -> None:
 SETTINGS_FIELDS = ("physical_block_size", "chap", "backing")
 
 
+IN_SYNC_FIELDS = ("in_sync", "replication_portals")
+
+
+def _v4_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v4 master wrote it: assignments without the in-sync set."""
+    body = wire(message)
+    body["v"] = 4
+    for assignment in body["assignments"]:
+        for name in IN_SYNC_FIELDS:
+            del assignment[name]
+    return body
+
+
 def _v3_ack_body(message: Ack) -> dict[str, Any]:
     """``message`` as a schema v3 master wrote it: no tombstones."""
-    body = wire(message)
+    body = _v4_ack_body(message)
     body["v"] = 3
     del body["deleted"]
     return body
@@ -909,3 +941,75 @@ def test_wrong_field_values_only_raise_protocol_errors(message: Message, data: s
         return
     # If it decoded, it is a valid message that survives another round trip.
     assert decode(encode(decoded)) == decoded
+
+
+# -- ack v5: the in-sync set and the replication portals ------------------------------------------
+
+
+def test_v5_wire_form_of_the_in_sync_set() -> None:
+    (assignment,) = wire(ACK_IN_SYNC)["assignments"]
+    assert assignment["in_sync"] == ["node-1", "node-3"]
+    assert assignment["replication_portals"] == ["10.0.0.1:3291", None, "[fd00::3]:3291"]
+    assert decode(encode(ACK_IN_SYNC)) == ACK_IN_SYNC
+    assert ACK_IN_SYNC.assignments[0].replication_portal("node-3") == "[fd00::3]:3291"
+    assert ACK_IN_SYNC.assignments[0].replication_portal("node-9") is None
+
+
+@pytest.mark.parametrize("body", [_v4_ack_body, _v3_ack_body, _v2_ack_body, _v1_ack_body])
+def test_an_ack_before_v5_decodes_with_the_primary_alone_in_sync(body: Any) -> None:
+    """An older master recorded no in-sync set: only the primary is known to hold the data."""
+    decoded = decode(frame(body(ACK_IN_SYNC)))
+    assert isinstance(decoded, Ack)
+    (assignment,) = decoded.assignments
+    assert assignment.in_sync == ("node-1",)
+    assert assignment.replication_portals == (None, None, None)
+    unassigned = decode(frame(body(ACK)))
+    assert isinstance(unassigned, Ack)
+    assert [a.in_sync for a in unassigned.assignments] == [("node-1",), ()]
+
+
+@pytest.mark.parametrize("name", IN_SYNC_FIELDS)
+def test_a_v4_assignment_may_not_carry_the_in_sync_set(name: str) -> None:
+    body = _v4_ack_body(ACK_IN_SYNC)
+    body["assignments"][0][name] = []
+    error = error_of(frame(body))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert f"unknown field(s) '{name}'" in error.message
+
+
+@pytest.mark.parametrize("name", IN_SYNC_FIELDS)
+def test_a_v5_assignment_must_carry_the_in_sync_set(name: str) -> None:
+    error = error_of(_drop(["assignments", 0, name], ACK_IN_SYNC))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message == f"assignments[0].{name}: missing"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field"),
+    [
+        ("in_sync", ["node-1", "node-9"], "assignments[0].in_sync"),  # holds no copy
+        ("in_sync", ["node-3", "node-1"], "assignments[0].in_sync"),  # primary not first / order
+        ("in_sync", ["node-1", "node-1"], "assignments[0].in_sync"),  # twice
+        ("in_sync", ["node-2"], "assignments[0].in_sync"),  # without the primary
+        ("in_sync", ["node-1"] * 9, "assignments[0].in_sync"),  # more than MAX_COPIES
+        ("in_sync", ["node-1", 7], "assignments[0].in_sync[1]"),
+        ("in_sync", "node-1", "assignments[0].in_sync"),
+        ("replication_portals", ["10.0.0.1:3291"], "assignments[0].replication_portals"),  # not aligned
+        ("replication_portals", ["10.0.0.1:3291", None, "nope"], "assignments[0].replication_portals[2]"),
+        ("replication_portals", ["10.0.0.1:99999", None, None], "assignments[0].replication_portals[0]"),
+        ("replication_portals", [None, None, 3291], "assignments[0].replication_portals[2]"),
+    ],
+)
+def test_a_bad_in_sync_set_or_replication_portal_is_refused(name: str, value: object, field: str) -> None:
+    body = wire(ACK_IN_SYNC)
+    body["assignments"][0][name] = value
+    error = error_of(frame(body))
+    assert error.code is ErrorCode.BAD_FIELD
+    assert error.message.startswith(f"{field}:"), error.message
+
+
+def test_an_assignment_without_a_primary_has_nobody_in_sync() -> None:
+    with pytest.raises(InvalidMessage) as info:
+        Assignment(VOL_B, "scratch", 512, 512, 1, None, None, ("node-3",), in_sync=("node-3",))
+    assert info.value.field == "in_sync"
+    assert Assignment(VOL_B, "scratch", 512, 512, 1, None, None, ("node-3",)).in_sync == ()

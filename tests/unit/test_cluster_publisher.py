@@ -46,6 +46,12 @@ class Ask:
     primary: str | None
     replicas: tuple[str, ...]
     reason: str = "test"
+    #: The in-sync set (None: every copy, as for a new volume).
+    sync: tuple[str, ...] | None = None
+
+    @property
+    def in_sync(self) -> tuple[str, ...]:
+        return self.replicas if self.sync is None else self.sync
 
 
 def seed(path: Path, volume_ids: tuple[str, ...] = (VOL_A, VOL_B)) -> None:
@@ -207,6 +213,10 @@ class Ask:
     volume_id: str
     primary: str | None
     replicas: tuple[str, ...]
+
+    @property
+    def in_sync(self) -> tuple[str, ...]:
+        return self.replicas
 
 
 store = AuthorityStore.open(sys.argv[1])

@@ -17,7 +17,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from sparrow.auth import tokens
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
-from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.cluster.messages import (
+    Health,
+    Heartbeat,
+    Hello,
+    ReplicaState,
+    Role,
+    SyncState,
+    VolumeObservation,
+)
 from sparrow.httpjson import ApiError
 from sparrow.master.api import LocalNode, MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
@@ -145,6 +153,7 @@ async def test_a_placed_volume_shows_its_epoch_primary_replicas_and_url(master: 
             "health": None,
             "converged": None,
             "write_position": None,
+            "sync": "in_sync",
         }
     ]
     master.clock.now = 12.0
@@ -160,12 +169,38 @@ async def test_a_placed_volume_shows_its_epoch_primary_replicas_and_url(master: 
         "health": "ok",
         "converged": True,
         "write_position": 4096,
+        "sync": "in_sync",
     }
     assert after["status"] is None and after["status_kind"] == "ok"
 
     master.clock.now = 12.0 + TIMING.dead_after
     dead = await master.json("GET", "/v1/volumes/vol1")
     assert dead["replicas"][0]["state"] == "dead"
+
+
+async def test_inspect_says_which_copies_are_in_sync(master: Master) -> None:
+    """Issue 8 "Inspect": each copy's ``sync``. The primary reports n2 behind: the master records
+    it out of the in-sync set under a new epoch, and inspect shows it stale."""
+    master.node_reports("n1", 1)
+    master.node_reports("n2", 1)
+    created = await master.json(
+        "POST", "/v1/volumes", {"name": "two", "size": 64 * MiB, "replicas": 2}, status=201
+    )
+    vid = created["volume_id"]
+    master.clock.now = 11.0
+    master.control.step(11.0)
+    placed = await master.json("GET", "/v1/volumes/two")
+    assert placed["epoch"] == 1
+    assert [(r["node_id"], r["sync"]) for r in placed["replicas"]] == [("n1", "in_sync"), ("n2", "in_sync")]
+    master.clock.now = 12.0
+    behind = ReplicaState("n2", SyncState.SYNCING, 0)
+    master.node_reports("n1", 201, VolumeObservation(vid, 1, Role.PRIMARY, Health.OK, 4096, (behind,), True))
+    master.node_reports("n2", 201, VolumeObservation(vid, 1, Role.REPLICA, Health.OK, 0, (), True))
+    master.control.step(12.0)
+    dropped = await master.json("GET", "/v1/volumes/two")
+    assert dropped["epoch"] == 2
+    assert [(r["node_id"], r["sync"]) for r in dropped["replicas"]] == [("n1", "in_sync"), ("n2", "stale")]
+    assert master.store.latest_assignment(vid).in_sync == ("n1",)  # type: ignore[union-attr]
 
 
 async def test_the_status_says_why_a_volume_is_not_placed(master: Master) -> None:

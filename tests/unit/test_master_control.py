@@ -181,7 +181,13 @@ class EchoController(TopologyController):
         now: float,
     ) -> Decision:
         asks = tuple(
-            AssignmentAsk(p.assignment.volume_id, p.assignment.primary or "", p.assignment.replicas, "echo")
+            AssignmentAsk(
+                p.assignment.volume_id,
+                p.assignment.primary or "",
+                p.assignment.replicas,
+                "echo",
+                p.assignment.in_sync,
+            )
             for p in current.values()
         )
         return Decision(asks=asks, status={a.volume_id: VolumeStatus(None, None) for a in asks})
@@ -200,7 +206,7 @@ def test_an_ask_equal_to_the_current_assignment_is_not_published(store: Authorit
     assert max_epoch is not None and max_epoch.value == 1
 
 
-def test_differs_compares_primary_and_copies(store: AuthorityStore) -> None:
+def test_differs_compares_primary_copies_and_the_in_sync_set(store: AuthorityStore) -> None:
     control = restore(store, TIMING, now=0.0)
     report(control, store, hello("n1"), 0.0)
     report(control, store, hello("n2"), 0.0)
@@ -209,10 +215,14 @@ def test_differs_compares_primary_and_copies(store: AuthorityStore) -> None:
     primary = assignment.primary
     assert primary is not None
     other = "n2" if primary == "n1" else "n1"
-    assert differs(AssignmentAsk(vol.volume_id, primary, (primary,), "x"), None)
-    assert not differs(AssignmentAsk(vol.volume_id, primary, (primary,), "x"), assignment)
-    assert differs(AssignmentAsk(vol.volume_id, other, (other,), "x"), assignment)
-    assert differs(AssignmentAsk(vol.volume_id, primary, (primary, other), "x"), assignment)
+    assert differs(AssignmentAsk(vol.volume_id, primary, (primary,), "x", (primary,)), None)
+    assert not differs(AssignmentAsk(vol.volume_id, primary, (primary,), "x", (primary,)), assignment)
+    assert differs(AssignmentAsk(vol.volume_id, other, (other,), "x", (other,)), assignment)
+    assert differs(AssignmentAsk(vol.volume_id, primary, (primary, other), "x", (primary, other)), assignment)
+    two = control.publish(AssignmentAsk(vol.volume_id, primary, (primary, other), "x", (primary, other)))
+    assert two.in_sync == (primary, other) and two.replication_portals == ("10.0.0.9:7000",) * 2
+    # Only the in-sync set changes: still worth an epoch (a replica dropped, or back in sync).
+    assert differs(AssignmentAsk(vol.volume_id, primary, (primary, other), "x", (primary,)), two)
 
 
 def test_a_node_unknown_to_the_authority_is_retried_not_fatal(store: AuthorityStore) -> None:

@@ -5,6 +5,7 @@ Version-1 inputs are the real records under tests/fixtures/v1/ (see tests/fixtur
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ from store.migrations import (
     authority_v1_to_v2,
     authority_v2_to_v3,
     authority_v3_to_v4,
+    authority_v4_to_v5,
     default_graph,
     discover_steps,
     migrate,
@@ -254,7 +256,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 4),
+        "authority": ({}, 0, 5),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -590,7 +592,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 4)",
+        "authority: 1 at version 1 (latest version 5)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -670,7 +672,8 @@ AUTHORITY_V1 = FIXTURES.parent / AUTHORITY_FILE
 IDENTITY_QUERIES = (
     "SELECT volume_id, name, size, block_size, replicas, created_at, deleted_at FROM volumes ORDER BY 1",
     "SELECT node_id, incarnation, addresses, capacity, first_seen, last_seen FROM nodes ORDER BY 1",
-    "SELECT * FROM assignments ORDER BY 1, 2",
+    # The columns every version has (v5 adds in_sync, checked by its own test).
+    "SELECT volume_id, epoch, primary_node, replicas, created_at FROM assignments ORDER BY 1, 2",
 )
 
 
@@ -692,11 +695,16 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 4)
-    assert applied.steps == ("authority_v1_to_v2", "authority_v2_to_v3", "authority_v3_to_v4")
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 5)
+    assert applied.steps == (
+        "authority_v1_to_v2",
+        "authority_v2_to_v3",
+        "authority_v3_to_v4",
+        "authority_v4_to_v5",
+    )
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 4
+    assert db_version(data_dir) == 5
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -710,12 +718,12 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 4)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 5)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
-    assert db_version(data_dir) == 4
+    assert db_version(data_dir) == 5
 
 
 AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
@@ -737,10 +745,10 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (2, 4)
-    assert applied.steps == ("authority_v2_to_v3", "authority_v3_to_v4")
+    assert (applied.from_version, applied.to_version) == (2, 5)
+    assert applied.steps == ("authority_v2_to_v3", "authority_v3_to_v4", "authority_v4_to_v5")
     assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
-    assert db_version(data_dir) == 4
+    assert db_version(data_dir) == 5
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
     assert report.backup_dir is not None
@@ -778,9 +786,10 @@ def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version, applied.steps) == (3, 4, ("authority_v3_to_v4",))
+    assert (applied.from_version, applied.to_version) == (3, 5)
+    assert applied.steps == ("authority_v3_to_v4", "authority_v4_to_v5")
     assert applied.changes[0] == f"step authority_v3_to_v4: {authority_v3_to_v4.describe}"
-    assert db_version(data_dir) == 4
+    assert db_version(data_dir) == 5
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, forgotten_at FROM nodes ORDER BY 1") == [
         ("node-a", None),
@@ -813,12 +822,98 @@ def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
     assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
 
 
+AUTHORITY_V4 = FIXTURES.parents[1] / "v4" / AUTHORITY_FILE
+
+
+def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
+    """A v4 database gains ``assignments.in_sync``: every existing row records its primary alone
+    (``[]`` without one), because before v5 only the primary held the data (the step's docstring);
+    no other row or column changes, the append-only triggers still hold, and the store reads the
+    set back into each Assignment with the replicas' replication portals."""
+    from sparrow.cluster.authority import AuthorityStore
+    from sparrow.cluster.publisher import Publisher
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V4, data_dir / AUTHORITY_FILE)
+    assert db_version(data_dir) == 4
+    queries = (*IDENTITY_QUERIES, "SELECT * FROM volumes ORDER BY 1", "SELECT * FROM tokens ORDER BY 1")
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+    assert len(before[IDENTITY_QUERIES[2]]) == 7  # see fixtures/README.md
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (4, 5, ("authority_v4_to_v5",))
+    assert applied.changes[0] == f"step authority_v4_to_v5: {authority_v4_to_v5.describe}"
+    assert db_version(data_dir) == 5
+    old_columns = "SELECT volume_id, epoch, primary_node, replicas, created_at FROM assignments ORDER BY 1, 2"
+    assert rows(data_dir / AUTHORITY_FILE, old_columns) == before[IDENTITY_QUERIES[2]]
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries[3:]} == {q: before[q] for q in queries[3:]}
+    assert rows(
+        data_dir / AUTHORITY_FILE, "SELECT volume_id, epoch, in_sync FROM assignments ORDER BY 1, 2"
+    ) == [
+        ("a1" * 16, 1, '["node-a"]'),
+        ("b2" * 16, 1, '["node-a"]'),
+        ("b2" * 16, 2, '["node-b"]'),
+        ("c3" * 16, 1, '["node-b"]'),
+        ("d4" * 16, 1, '["node-c"]'),
+        ("e5" * 16, 1, '["node-a"]'),  # three placements, one copy of the data
+        ("e5" * 16, 2, "[]"),
+    ]
+    assert report.backup_dir is not None
+    assert rows(report.backup_dir / AUTHORITY_FILE, "SELECT schema_version FROM meta") == [(4,)]
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE assignments SET in_sync = '[]'")
+        with pytest.raises(sqlite3.IntegrityError, match="in_sync must be an array of its replicas"):
+            conn.execute(
+                "INSERT INTO assignments VALUES (?, 3, 'node-b', ?, 0, ?)",
+                ("e5" * 16, '["node-b"]', '["node-b", "node-a"]'),
+            )
+    finally:
+        conn.close()
+    with AuthorityStore.open_in(data_dir) as store:
+        beta = store.latest_assignment("b2" * 16)
+        assert beta is not None
+        assert (beta.replicas, beta.in_sync) == (("node-b", "node-a"), ("node-b",))
+        assert beta.replication_portals == ("10.0.0.1:4261", "10.0.0.1:4260")
+        gamma = store.latest_assignment("e5" * 16)
+        assert gamma is not None and (gamma.primary, gamma.in_sync) == (None, ())
+
+        @dataclasses.dataclass(frozen=True)
+        class Ask:
+            volume_id: str
+            primary: str | None
+            replicas: tuple[str, ...]
+            in_sync: tuple[str, ...]
+
+        # The stale copy stays out until an ask (a later resync) puts it back, under a new epoch.
+        again = Publisher(store, wall_clock=lambda: 2.0).publish(
+            Ask("b2" * 16, "node-b", ("node-b", "node-a"), ("node-b", "node-a"))
+        )
+        assert (again.epoch, again.in_sync) == (3, ("node-b", "node-a"))
+        assert store.latest_assignment("b2" * 16) == again
+    # A new database and a migrated one have the same schema.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
+
+
 def test_the_authority_steps_are_registered() -> None:
     steps = sorted(
         (s.name, s.from_version, s.to_version) for s in default_graph().steps if s.kind == "authority"
     )
-    assert steps == [("authority_v1_to_v2", 1, 2), ("authority_v2_to_v3", 2, 3), ("authority_v3_to_v4", 3, 4)]
-    assert default_graph().head("authority") == 4
+    assert steps == [
+        ("authority_v1_to_v2", 1, 2),
+        ("authority_v2_to_v3", 2, 3),
+        ("authority_v3_to_v4", 3, 4),
+        ("authority_v4_to_v5", 4, 5),
+    ]
+    assert default_graph().head("authority") == 5
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:

@@ -772,3 +772,36 @@ async def test_a_tombstone_whose_destroy_failed_is_retried_by_the_next_one(
     assert [o.volume_id for o in node.conv.observations(node.timers.now)] == [VOL]
     await node.ack(deleted=(TOMBSTONE,))
     assert files(node) == set() and persisted(node) == set() and VOL in node.adapter.destroyed
+
+
+# -- the in-sync set: where a primary forwards ------------------------------------------------------
+
+
+async def test_a_primary_learns_its_in_sync_replicas_and_where_they_listen(node: Node) -> None:
+    three = dataclasses.replace(
+        assign(epoch=2, replicas=(ME, "n2", "n3")),
+        in_sync=(ME, "n3"),
+        replication_portals=("10.0.0.1:3291", "10.0.0.2:3291", None),
+    )
+    assert node.conv.replication_targets(VOL) == ()
+    await node.ack(three)
+    # n2 is out of the set (stale): not a target; n3 is, though its address is not known yet.
+    assert node.conv.replication_targets(VOL) == (("n3", None),)
+    moved = dataclasses.replace(
+        three, replication_portals=("10.0.0.1:3291", "10.0.0.2:3291", "10.0.0.3:3291")
+    )
+    await node.ack(moved)  # same epoch, a portal learnt: no new epoch needed
+    assert node.conv.replication_targets(VOL) == (("n3", "10.0.0.3:3291"),)
+    await node.ack(dataclasses.replace(moved, epoch=3, in_sync=(ME, "n2", "n3")))
+    assert node.conv.replication_targets(VOL) == (("n2", "10.0.0.2:3291"), ("n3", "10.0.0.3:3291"))
+
+
+async def test_a_replica_or_an_unapplied_ack_names_no_targets(node: Node) -> None:
+    replica = dataclasses.replace(assign(epoch=1, primary="n2", replicas=("n2", ME)), in_sync=("n2", ME))
+    await node.ack(replica)
+    assert node.conv.replication_targets(VOL) == ()
+    primary = dataclasses.replace(assign(epoch=2, replicas=(ME, "n2")), in_sync=(ME, "n2"))
+    await node.ack(primary, run=False)  # not persisted yet
+    assert node.conv.replication_targets(VOL) == ()
+    await node.conv.idle()
+    assert node.conv.replication_targets(VOL) == (("n2", None),)
