@@ -39,13 +39,11 @@ from frontend.scsi.cdb import (
     u32,
     u64,
 )
+from frontend.scsi.commands import DISPATCH, SA_DISPATCHED, CommandSpec, Gate, command_table
 from frontend.scsi.inquiry import BlockLimits, VpdContext, no_lun_inquiry, standard_inquiry, vpd_page
 from frontend.scsi.opcodes import (
-    MaintenanceIn,
     Opcode,
     SanitizeAction,
-    ServiceActionIn16,
-    command_table,
     report_supported_operation_codes,
 )
 from frontend.scsi.rangelock import RangeLock
@@ -157,28 +155,6 @@ _ALUA_NOT_READY = {
     AccessState.TRANSITIONING: LU_NOT_ACCESSIBLE_TRANSITION,
 }
 
-
-class Gate(enum.IntFlag):
-    """How a command passes the checks in front of it."""
-
-    NONE = 0
-    #: SAM-5 5.14: INQUIRY, REPORT LUNS and REQUEST SENSE are not stopped by a UA. We also let
-    #: PERSISTENT RESERVE IN through (read-only; the UA stays queued for the next command): an
-    #: initiator that checks reservations on an idle path (libiscsi's suite cleanup does, on every
-    #: path) must not fail because another path reset the LU or changed a mode page.
-    UA_EXEMPT = 0x1
-    STANDBY_OK = 0x2  # SPC-4 5.15.2.4.4: allowed in the standby access state
-    UNAVAILABLE_OK = 0x4  # SPC-4 5.15.2.4.5/6: allowed when unavailable or transitioning
-    WRITES = 0x8  # modifies the medium: refused while SWP=1
-    #: SBC-3 4.11: processed while a sanitize operation is in progress (INQUIRY, REPORT LUNS,
-    #: REQUEST SENSE); every other command gets NOT READY / SANITIZE IN PROGRESS.
-    SANITIZE_OK = 0x10
-    #: Reads or writes the medium: refused with SANITIZE COMMAND FAILED after a failed sanitize.
-    MEDIUM = 0x20
-
-
-_G_INFO = Gate.UA_EXEMPT | Gate.STANDBY_OK | Gate.UNAVAILABLE_OK | Gate.SANITIZE_OK
-_G_ANY_STATE = Gate.STANDBY_OK | Gate.UNAVAILABLE_OK
 
 Handler = Callable[["LogicalUnit", ScsiRequest, bytes], Awaitable[ScsiResult]]
 
@@ -417,7 +393,7 @@ class LogicalUnit:
                 return _INVALID_OPCODE
             cdb = bytes(cdb).ljust(16, b"\0")
         op = cdb[0]
-        cmd = _COMMANDS.get((op << 8) | (cdb[1] & 0x1F) if op in _SA_OPCODES else op)
+        cmd = _COMMANDS.get((op << 8) | (cdb[1] & 0x1F) if op in SA_DISPATCHED else op)
         queue = self._uas.get(req.nexus)
         if queue is None:
             queue = self._uas[req.nexus] = []
@@ -1175,69 +1151,15 @@ class LogicalUnit:
         return await self._release_6(req, cdb)
 
 
-_SA_OPCODES = frozenset((Opcode.SERVICE_ACTION_IN_16, Opcode.MAINTENANCE_IN))
+def _bind(spec: CommandSpec) -> _Command:
+    handler = getattr(LogicalUnit, spec.handler, None)
+    if handler is None:
+        raise TypeError(f"{spec.name}: LogicalUnit has no handler {spec.handler}")
+    return _Command(handler, int(spec.gate), spec.length)
 
-_W = Gate.WRITES | Gate.MEDIUM
-_R = Gate.MEDIUM
-_L = LogicalUnit
-_COMMANDS: dict[int, _Command] = {
-    Opcode.TEST_UNIT_READY: _Command(_L._test_unit_ready, Gate.NONE, 6),
-    Opcode.REQUEST_SENSE: _Command(_L._request_sense, _G_INFO, 6),
-    Opcode.READ_6: _Command(_L._read_6, _R, 6),
-    Opcode.WRITE_6: _Command(_L._write_6, _W, 6),
-    Opcode.INQUIRY: _Command(_L._inquiry, _G_INFO, 6),
-    Opcode.MODE_SELECT_6: _Command(_L._mode_select, Gate.STANDBY_OK, 6),
-    Opcode.RESERVE_6: _Command(_L._reserve_6, Gate.NONE, 6),
-    Opcode.RELEASE_6: _Command(_L._release_6, Gate.NONE, 6),
-    Opcode.RESERVE_10: _Command(_L._reserve_10, Gate.NONE, 10),
-    Opcode.RELEASE_10: _Command(_L._release_10, Gate.NONE, 10),
-    Opcode.MODE_SENSE_6: _Command(_L._mode_sense, _G_ANY_STATE, 6),
-    Opcode.START_STOP_UNIT: _Command(_L._start_stop_unit, Gate.NONE, 6),
-    Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL: _Command(_L._prevent_allow, Gate.NONE, 6),
-    Opcode.READ_CAPACITY_10: _Command(_L._read_capacity_10, _G_ANY_STATE, 10),
-    Opcode.READ_10: _Command(_L._read_10, _R, 10),
-    Opcode.WRITE_10: _Command(_L._write_10, _W, 10),
-    Opcode.WRITE_AND_VERIFY_10: _Command(_L._write_verify_10, _W, 10),
-    Opcode.VERIFY_10: _Command(_L._verify_10, _R, 10),
-    Opcode.PRE_FETCH_10: _Command(_L._prefetch_10, Gate.NONE, 10),
-    Opcode.SYNCHRONIZE_CACHE_10: _Command(_L._sync_cache_10, Gate.NONE, 10),
-    Opcode.READ_DEFECT_DATA_10: _Command(_L._read_defect_data_10, Gate.NONE, 10),
-    Opcode.WRITE_SAME_10: _Command(_L._write_same_10, _W, 10),
-    Opcode.UNMAP: _Command(_L._unmap_cmd, _W, 10),
-    Opcode.SANITIZE: _Command(_L._sanitize, Gate.WRITES, 10),
-    Opcode.MODE_SELECT_10: _Command(_L._mode_select, Gate.STANDBY_OK, 10),
-    Opcode.MODE_SENSE_10: _Command(_L._mode_sense, _G_ANY_STATE, 10),
-    Opcode.PERSISTENT_RESERVE_IN: _Command(_L._persistent_reserve_in, Gate.UA_EXEMPT | Gate.STANDBY_OK, 10),
-    Opcode.PERSISTENT_RESERVE_OUT: _Command(_L._persistent_reserve_out, Gate.STANDBY_OK, 10),
-    Opcode.READ_16: _Command(_L._read_16, _R, 16),
-    Opcode.COMPARE_AND_WRITE: _Command(_L._compare_and_write, _W, 16),
-    Opcode.WRITE_16: _Command(_L._write_16, _W, 16),
-    Opcode.ORWRITE_16: _Command(_L._orwrite_16, _W, 16),
-    Opcode.WRITE_AND_VERIFY_16: _Command(_L._write_verify_16, _W, 16),
-    Opcode.VERIFY_16: _Command(_L._verify_16, _R, 16),
-    Opcode.PRE_FETCH_16: _Command(_L._prefetch_16, Gate.NONE, 16),
-    Opcode.SYNCHRONIZE_CACHE_16: _Command(_L._sync_cache_16, Gate.NONE, 16),
-    Opcode.WRITE_SAME_16: _Command(_L._write_same_16, _W, 16),
-    Opcode.WRITE_ATOMIC_16: _Command(_L._write_atomic_16, _W, 16),
-    (Opcode.SERVICE_ACTION_IN_16 << 8) | ServiceActionIn16.READ_CAPACITY_16: _Command(
-        _L._read_capacity_16, _G_ANY_STATE, 16
-    ),
-    (Opcode.SERVICE_ACTION_IN_16 << 8) | ServiceActionIn16.GET_LBA_STATUS: _Command(
-        _L._get_lba_status, Gate.NONE, 16
-    ),
-    Opcode.REPORT_LUNS: _Command(_L._report_luns, _G_INFO, 12),
-    (Opcode.MAINTENANCE_IN << 8) | MaintenanceIn.REPORT_TARGET_PORT_GROUPS: _Command(
-        _L._report_target_port_groups, _G_ANY_STATE, 12
-    ),
-    (Opcode.MAINTENANCE_IN << 8) | MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES: _Command(
-        _L._report_supported_opcodes, _G_ANY_STATE, 12
-    ),
-    Opcode.READ_12: _Command(_L._read_12, _R, 12),
-    Opcode.WRITE_12: _Command(_L._write_12, _W, 12),
-    Opcode.WRITE_AND_VERIFY_12: _Command(_L._write_verify_12, _W, 12),
-    Opcode.VERIFY_12: _Command(_L._verify_12, _R, 12),
-    Opcode.READ_DEFECT_DATA_12: _Command(_L._read_defect_data_12, Gate.NONE, 12),
-}
+
+#: The dispatch view of ``commands.DISPATCH``: the bound handler, gate and CDB length per key.
+_COMMANDS: dict[int, _Command] = {key: _bind(spec) for key, spec in DISPATCH.items()}
 
 
 # ---- LUNs with nothing behind them ---------------------------------------------------------------
