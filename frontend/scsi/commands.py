@@ -4,7 +4,8 @@
 a command is derived from it, so the views cannot disagree (tests/unit/test_scsi_commands.py checks):
 
 * dispatch in lu.py: ``DISPATCH`` (keyed by :func:`dispatch_key`) names the ``LogicalUnit`` method
-  that runs the command, the checks it passes (``Gate``) and its CDB length (the NACA check);
+  that runs the command (defined in the handler module of its family, cmd_*.py), the checks it
+  passes (``Gate``) and its CDB length (the NACA check);
 * REPORT SUPPORTED OPERATION CODES (opcodes.py): :func:`command_table` with the CDB usage data;
 * the persistent-reservation conflict check (reservations.py): :func:`command_access` and the
   RESERVE(6) rules, from ``access``, ``reserve6_exempt`` and ``compat_reservation``;
@@ -93,6 +94,7 @@ class CommandSpec:
     opcode: int
     service_action: int | None
     #: Name of the ``LogicalUnit`` coroutine method that runs the command: (req, cdb) -> ScsiResult.
+    #: It lives in the handler class of the command's family (cmd_blockio.py, cmd_device.py, ...).
     handler: str
     usage: bytes
     gate: Gate
