@@ -331,6 +331,10 @@ def command_access(cdb: bytes) -> Access:
 
 _METRIC_BY_OPCODE: dict[int, MetricKind] = {s.opcode: s.metric for s in COMMANDS}
 
+#: Opcodes a per-command fast path may serve without the general dispatch (it must still fall back
+#: to ``LogicalUnit.execute`` for anything but the plain case).
+FAST_PATH_OPCODES: frozenset[int] = frozenset(s.opcode for s in COMMANDS if s.fast_path)
+
 
 def metric_kind(cdb: bytes | bytearray | memoryview) -> MetricKind:
     """The /metrics kind of a command (by opcode); OTHER for an empty CDB or an unknown opcode."""

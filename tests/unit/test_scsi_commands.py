@@ -14,6 +14,7 @@ from frontend.scsi.cdb import cdb_length
 from frontend.scsi.commands import (
     COMMANDS,
     DISPATCH,
+    FAST_PATH_OPCODES,
     SA_DISPATCHED,
     Access,
     CommandSpec,
@@ -160,7 +161,7 @@ def test_metric_kinds() -> None:
 
 def test_fast_path_is_the_plain_reads_and_writes() -> None:
     fast = {s.opcode for s in COMMANDS if s.fast_path}
-    assert fast == {Opcode.READ_10, Opcode.WRITE_10, Opcode.READ_16, Opcode.WRITE_16}
+    assert fast == FAST_PATH_OPCODES == {Opcode.READ_10, Opcode.WRITE_10, Opcode.READ_16, Opcode.WRITE_16}
     for s in COMMANDS:
         if s.fast_path:
             assert s.metric is not MetricKind.OTHER and s.service_action is None
