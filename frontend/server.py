@@ -27,6 +27,7 @@ from frontend.iscsi.connection import (
 )
 from frontend.iscsi.session import Session, SessionTable
 from frontend.metrics import FrontendMetrics, NoMetrics
+from frontend.scsi.commands import MetricKind, metric_kind
 from frontend.scsi.lu import LogicalUnit, ResetKind, no_such_lun
 from frontend.scsi.sense import INTERNAL_TARGET_FAILURE, CheckCondition, SenseKey
 from frontend.scsi.types import ScsiRequest, ScsiResult, ScsiStatus
@@ -51,19 +52,6 @@ _LOGIN_FAILURE_REASONS = {
     0x020A: "session_does_not_exist",
     0x020B: "invalid_request",
 }
-
-_READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
-_WRITE_OPCODES = frozenset({0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x89, 0x8B, 0x9C})
-
-
-def _op_kind(cdb: bytes) -> str:
-    op = cdb[0] if cdb else 0
-    if op in _READ_OPCODES:
-        return "read"
-    if op in _WRITE_OPCODES:
-        return "write"
-    return "other"
-
 
 class IscsiServer:
     """Accepts iSCSI connections and serves the targets in ``registry``."""
@@ -337,9 +325,11 @@ class IscsiProtocol(asyncio.Protocol):
             self.log.exception("SCSI command crashed", cdb=bytes(request.cdb).hex())
             result = _internal_error()
         if lu is not None:
-            kind = _op_kind(request.cdb)
-            nbytes = len(result.data) if kind == "read" else len(request.data_out)
-            self.server.metrics.command_done(lu.identity.volume, kind, nbytes, time.perf_counter() - started)
+            kind = metric_kind(request.cdb)
+            nbytes = len(result.data) if kind is MetricKind.READ else len(request.data_out)
+            self.server.metrics.command_done(
+                lu.identity.volume, kind.value, nbytes, time.perf_counter() - started
+            )
         if self.conn is not None and not self._closing:
             self.conn.complete(task_id, result, self.loop.time())
 

@@ -1,7 +1,7 @@
 """Operation codes, service actions, and REPORT SUPPORTED OPERATION CODES (SPC-4 6.35).
 
-``command_table(supports_unmap)`` is the single list of what the logical unit implements; the
-dispatcher in lu.py and the RSOC answer are both built from it, so they cannot disagree.
+The commands themselves are listed once, in commands.py; ``commands.command_table`` derives the
+``CommandInfo`` entries this module encodes.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ RECOMMENDED_TIMEOUT = 30
 
 @dataclass(frozen=True, slots=True)
 class CommandInfo:
-    """One supported command: its opcode, service action, and CDB USAGE DATA (SPC-4 6.35.3).
+    """One reported command: its opcode, service action, and CDB USAGE DATA (SPC-4 6.35.3).
 
     ``usage`` is the CDB usage bitmap: byte 0 is the opcode, and every other bit is set when the
     device server evaluates that bit of the CDB (a clear bit is reserved or unsupported).
@@ -119,22 +119,6 @@ class CommandInfo:
         return self.service_action is not None
 
 
-def _c(opcode: int, *usage: int, sa: int | None = None) -> CommandInfo:
-    return CommandInfo(opcode, sa, bytes((opcode, *usage)))
-
-
-def _rw16(opcode: int, flags: int) -> CommandInfo:
-    return _c(opcode, flags, *(0xFF,) * 12, 0x1F, 0x00)
-
-
-def _rw10(opcode: int, flags: int) -> CommandInfo:
-    return _c(opcode, flags, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0x00)
-
-
-def _rw12(opcode: int, flags: int) -> CommandInfo:
-    return _c(opcode, flags, *(0xFF,) * 8, 0x1F, 0x00)
-
-
 #: The SANITIZE service actions a thin-provisioned logical unit carries out (see lu.py).
 SANITIZE_ACTIONS: tuple[SanitizeAction, ...] = (
     SanitizeAction.OVERWRITE,
@@ -142,116 +126,6 @@ SANITIZE_ACTIONS: tuple[SanitizeAction, ...] = (
     SanitizeAction.CRYPTO_ERASE,
     SanitizeAction.EXIT_FAILURE_MODE,
 )
-
-
-def command_table(
-    *, supports_unmap: bool, sanitize_actions: tuple[SanitizeAction, ...] = SANITIZE_ACTIONS
-) -> tuple[CommandInfo, ...]:
-    """Every command this logical unit supports, in opcode order.
-
-    SANITIZE needs deallocation (BLOCK and CRYPTO ERASE are carried out by deallocating), so it is
-    listed only with ``supports_unmap``; ``sanitize_actions`` picks the service actions offered.
-    """
-    o = Opcode
-    dpofua = 0x18
-    ws_flags = 0x08 if supports_unmap else 0x00  # UNMAP bit
-    cmds: list[CommandInfo] = [
-        _c(o.TEST_UNIT_READY, 0, 0, 0, 0, 0),
-        _c(o.REQUEST_SENSE, 0x01, 0, 0, 0xFF, 0),
-        _c(o.READ_6, 0x1F, 0xFF, 0xFF, 0xFF, 0),
-        _c(o.WRITE_6, 0x1F, 0xFF, 0xFF, 0xFF, 0),
-        _c(o.INQUIRY, 0x01, 0xFF, 0xFF, 0xFF, 0),
-        _c(o.MODE_SELECT_6, 0x11, 0, 0, 0xFF, 0),
-        _c(o.RESERVE_6, 0, 0, 0, 0, 0),
-        _c(o.RELEASE_6, 0, 0, 0, 0, 0),
-        _c(o.MODE_SENSE_6, 0x08, 0xFF, 0xFF, 0xFF, 0),
-        _c(o.START_STOP_UNIT, 0x01, 0, 0x0F, 0xF7, 0),
-        _c(o.PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 0x03, 0),
-        _c(o.READ_CAPACITY_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0),
-        _rw10(o.READ_10, dpofua),
-        _rw10(o.WRITE_10, dpofua),
-        _rw10(o.WRITE_AND_VERIFY_10, 0x12),
-        _rw10(o.VERIFY_10, 0x16),
-        _rw10(o.PRE_FETCH_10, 0x02),
-        _rw10(o.SYNCHRONIZE_CACHE_10, 0x02),
-        _c(o.READ_DEFECT_DATA_10, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0),
-        _rw10(o.WRITE_SAME_10, ws_flags),
-    ]
-    if supports_unmap:
-        cmds.append(_c(o.UNMAP, 0, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0))
-        # SANITIZE (SBC-3 5.30): IMMED and AUSE are evaluated; only OVERWRITE takes a parameter list.
-        for sa in sanitize_actions:
-            plen = 0xFF if sa == SanitizeAction.OVERWRITE else 0x00
-            cmds.append(_c(o.SANITIZE, 0x80 | 0x20 | sa, 0, 0, 0, 0, 0, plen, plen, 0, sa=sa))
-    cmds += [
-        _c(o.MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0),
-        _c(o.RESERVE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0),  # no third-party reservations (3RDPTY, LONGID)
-        _c(o.RELEASE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-        _c(o.MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0),
-    ]
-    cmds += [_c(o.PERSISTENT_RESERVE_IN, sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, sa=sa) for sa in range(4)]
-    cmds += [
-        _c(o.PERSISTENT_RESERVE_OUT, sa, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, sa=sa) for sa in range(8)
-    ]
-    cmds += [
-        _rw16(o.READ_16, dpofua),
-        _c(o.COMPARE_AND_WRITE, dpofua, *(0xFF,) * 8, 0, 0, 0, 0xFF, 0x1F, 0),
-        _rw16(o.WRITE_16, dpofua),
-        _rw16(o.ORWRITE_16, dpofua),
-        _rw16(o.WRITE_AND_VERIFY_16, 0x12),
-        _rw16(o.VERIFY_16, 0x16),
-        _rw16(o.PRE_FETCH_16, 0x02),
-        _rw16(o.SYNCHRONIZE_CACHE_16, 0x02),
-        _rw16(o.WRITE_SAME_16, ws_flags | 0x01),
-        _rw16(o.WRITE_ATOMIC_16, dpofua),
-        _c(
-            o.SERVICE_ACTION_IN_16,
-            ServiceActionIn16.READ_CAPACITY_16,
-            *(0xFF,) * 12,
-            0x01,
-            0,
-            sa=ServiceActionIn16.READ_CAPACITY_16,
-        ),
-        _c(
-            o.SERVICE_ACTION_IN_16,
-            ServiceActionIn16.GET_LBA_STATUS,
-            *(0xFF,) * 12,
-            0,
-            0,
-            sa=ServiceActionIn16.GET_LBA_STATUS,
-        ),
-        _c(o.REPORT_LUNS, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
-        _c(
-            o.MAINTENANCE_IN,
-            0xE0 | MaintenanceIn.REPORT_TARGET_PORT_GROUPS,  # PARAMETER DATA FORMAT + SA
-            *(0,) * 4,
-            *(0xFF,) * 4,
-            0,
-            0,
-            sa=MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
-        ),
-        _c(
-            o.MAINTENANCE_IN,
-            MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
-            0x87,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0xFF,
-            0,
-            0,
-            sa=MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
-        ),
-        _rw12(o.READ_12, dpofua),
-        _rw12(o.WRITE_12, dpofua),
-        _rw12(o.WRITE_AND_VERIFY_12, 0x12),
-        _rw12(o.VERIFY_12, 0x16),
-        _c(o.READ_DEFECT_DATA_12, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
-    ]
-    return tuple(cmds)
 
 
 _TIMEOUTS = struct.pack(">HBBII", 0x0A, 0, 0, NOMINAL_TIMEOUT, RECOMMENDED_TIMEOUT)

@@ -29,10 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from frontend.scsi.cdb import invalid_cdb, invalid_param, u16, u32
+from frontend.scsi.commands import Access, spec_for
 from frontend.scsi.sense import (
     INSUFFICIENT_REGISTRATION_RESOURCES,
-    INVALID_FIELD_IN_CDB,
-    INVALID_FIELD_IN_PARAMETER_LIST,
     INVALID_RELEASE_OF_PERSISTENT_RESERVATION,
     PARAMETER_LIST_LENGTH_ERROR,
     REGISTRATIONS_PREEMPTED,
@@ -40,17 +40,9 @@ from frontend.scsi.sense import (
     RESERVATIONS_RELEASED,
     Asc,
     CheckCondition,
-    FieldPointer,
     SenseKey,
 )
 from frontend.scsi.types import Nexus, ScsiStatus
-
-PERSISTENT_RESERVE_IN: Final = 0x5E
-PERSISTENT_RESERVE_OUT: Final = 0x5F
-RESERVE_6: Final = 0x16
-RELEASE_6: Final = 0x17
-RESERVE_10: Final = 0x56
-RELEASE_10: Final = 0x57
 
 #: Size of the basic PERSISTENT RESERVE OUT parameter list (SPC-4 6.16.3).
 BASIC_PARAMETER_LIST_LENGTH: Final = 24
@@ -164,137 +156,6 @@ LU_SCOPE: Final = 0x0
 
 
 # --------------------------------------------------------------------------------------------------
-# The conflict table
-
-
-class Access(enum.Enum):
-    """How a command fares against a persistent reservation (SPC-4 5.13.1 table 60, SBC-3 4.17)."""
-
-    ALLOWED = "allowed"
-    """Allowed through every reservation type, from any I_T nexus."""
-    READ = "read"
-    """Allowed through Write Exclusive types from any I_T nexus; reserved under Exclusive Access."""
-    WRITE = "write"
-    """Allowed only for the holder (or any registrant of a registrants-only/all-registrants type)."""
-
-
-#: Commands by opcode. Opcodes not listed count as WRITE (the conservative answer); opcodes whose
-#: answer depends on a service action or a CDB bit are decided in :func:`command_access`.
-_ACCESS_BY_OPCODE: Final[dict[int, Access]] = {
-    # SPC-4 5.13.1 table 60 ------------------------------------------------------------
-    0x00: Access.ALLOWED,  # TEST UNIT READY (ALLOW COMMANDS 011b)
-    0x03: Access.ALLOWED,  # REQUEST SENSE
-    0x12: Access.ALLOWED,  # INQUIRY
-    0x4D: Access.ALLOWED,  # LOG SENSE
-    0x5E: Access.ALLOWED,  # PERSISTENT RESERVE IN
-    0x5F: Access.ALLOWED,  # PERSISTENT RESERVE OUT (its service actions check the registration)
-    0x86: Access.ALLOWED,  # ACCESS CONTROL IN
-    0x87: Access.ALLOWED,  # ACCESS CONTROL OUT
-    0xA0: Access.ALLOWED,  # REPORT LUNS
-    0x1A: Access.READ,  # MODE SENSE(6)
-    0x5A: Access.READ,  # MODE SENSE(10)
-    0x1C: Access.READ,  # RECEIVE DIAGNOSTIC RESULTS
-    0x3C: Access.READ,  # READ BUFFER
-    0x84: Access.READ,  # RECEIVE COPY RESULTS
-    0x8C: Access.READ,  # READ ATTRIBUTE
-    0xA2: Access.READ,  # SECURITY PROTOCOL IN
-    0x15: Access.WRITE,  # MODE SELECT(6)
-    0x55: Access.WRITE,  # MODE SELECT(10)
-    0x1D: Access.WRITE,  # SEND DIAGNOSTIC
-    0x3B: Access.WRITE,  # WRITE BUFFER
-    0x4C: Access.WRITE,  # LOG SELECT
-    0x83: Access.WRITE,  # EXTENDED COPY
-    0x8D: Access.WRITE,  # WRITE ATTRIBUTE
-    0xA4: Access.WRITE,  # MAINTENANCE OUT (SET TARGET PORT GROUPS, ...)
-    0xB5: Access.WRITE,  # SECURITY PROTOCOL OUT
-    RESERVE_6: Access.WRITE,
-    RELEASE_6: Access.WRITE,
-    RESERVE_10: Access.WRITE,
-    RELEASE_10: Access.WRITE,
-    # SBC-3 4.17 table 13 --------------------------------------------------------------
-    0x25: Access.ALLOWED,  # READ CAPACITY(10)
-    0x08: Access.READ,  # READ(6)
-    0x28: Access.READ,  # READ(10)
-    0xA8: Access.READ,  # READ(12)
-    0x88: Access.READ,  # READ(16)
-    0x2F: Access.READ,  # VERIFY(10)
-    0xAF: Access.READ,  # VERIFY(12)
-    0x8F: Access.READ,  # VERIFY(16)
-    0x34: Access.READ,  # PRE-FETCH(10)
-    0x90: Access.READ,  # PRE-FETCH(16)
-    0x37: Access.READ,  # READ DEFECT DATA(10)
-    0xB7: Access.READ,  # READ DEFECT DATA(12)
-    0x3E: Access.READ,  # READ LONG(10)
-    0x04: Access.WRITE,  # FORMAT UNIT
-    0x07: Access.WRITE,  # REASSIGN BLOCKS
-    0x0A: Access.WRITE,  # WRITE(6)
-    0x2A: Access.WRITE,  # WRITE(10)
-    0xAA: Access.WRITE,  # WRITE(12)
-    0x8A: Access.WRITE,  # WRITE(16)
-    0x2E: Access.WRITE,  # WRITE AND VERIFY(10)
-    0xAE: Access.WRITE,  # WRITE AND VERIFY(12)
-    0x8E: Access.WRITE,  # WRITE AND VERIFY(16)
-    0x41: Access.WRITE,  # WRITE SAME(10)
-    0x93: Access.WRITE,  # WRITE SAME(16)
-    0x3F: Access.WRITE,  # WRITE LONG(10)
-    0x42: Access.WRITE,  # UNMAP
-    0x89: Access.WRITE,  # COMPARE AND WRITE
-    0x8B: Access.WRITE,  # ORWRITE(16)
-    0x9C: Access.WRITE,  # WRITE ATOMIC(16)
-    0x35: Access.WRITE,  # SYNCHRONIZE CACHE(10)
-    0x91: Access.WRITE,  # SYNCHRONIZE CACHE(16)
-    0x48: Access.WRITE,  # SANITIZE
-    0x9F: Access.WRITE,  # SERVICE ACTION OUT(16): WRITE LONG(16)
-}
-
-#: MAINTENANCE IN (0xA3) service actions that are allowed through every reservation (table 60).
-_MAINTENANCE_IN_ALLOWED: Final = frozenset(
-    {
-        0x05,  # REPORT IDENTIFYING INFORMATION
-        0x0A,  # REPORT TARGET PORT GROUPS
-        0x0B,  # REPORT ALIASES
-        0x0E,  # REPORT PRIORITY
-        0x0F,  # REPORT TIMESTAMP
-    }
-)
-#: SERVICE ACTION IN(16) (0x9E): READ CAPACITY(16) is allowed; GET LBA STATUS, READ LONG(16) read.
-_SERVICE_ACTION_IN_16_ALLOWED: Final = frozenset({0x10})
-#: SERVICE ACTION IN(12) (0xAB): READ MEDIA SERIAL NUMBER is allowed.
-_SERVICE_ACTION_IN_12_ALLOWED: Final = frozenset({0x01})
-#: Variable-length CDB (0x7F) service actions that read: READ(32), VERIFY(32).
-_VARIABLE_LENGTH_READS: Final = frozenset({0x0009, 0x000A})
-
-#: Commands a RESERVE(6) held by another I_T nexus lets through (SPC-2 5.5.1).
-_ALLOWED_UNDER_OTHERS_RESERVE6: Final = frozenset(
-    {0x12, 0xA0, 0x03, PERSISTENT_RESERVE_IN, RELEASE_6, RELEASE_10}
-)
-
-
-def command_access(cdb: bytes) -> Access:
-    """Classify a CDB for the persistent reservation conflict check (SPC-4 table 60, SBC-3 table 13)."""
-    opcode = cdb[0]
-    if opcode == 0x1E:  # PREVENT ALLOW MEDIUM REMOVAL: only PREVENT=00b is allowed (SBC-3 table 13)
-        return Access.ALLOWED if len(cdb) > 4 and cdb[4] & 0x03 == 0 else Access.WRITE
-    if opcode == 0x1B:  # START STOP UNIT: START=1 with POWER CONDITION=0 is allowed (SBC-3 table 13)
-        if len(cdb) > 4 and cdb[4] & 0x01 and cdb[4] >> 4 == 0:
-            return Access.ALLOWED
-        return Access.WRITE
-    if opcode == 0xA3:  # MAINTENANCE IN: report commands; REPORT SUPPORTED OPCODES/TMF read
-        action = cdb[1] & 0x1F if len(cdb) > 1 else -1
-        return Access.ALLOWED if action in _MAINTENANCE_IN_ALLOWED else Access.READ
-    if opcode == 0x9E:  # SERVICE ACTION IN(16)
-        action = cdb[1] & 0x1F if len(cdb) > 1 else -1
-        return Access.ALLOWED if action in _SERVICE_ACTION_IN_16_ALLOWED else Access.READ
-    if opcode == 0xAB:  # SERVICE ACTION IN(12)
-        action = cdb[1] & 0x1F if len(cdb) > 1 else -1
-        return Access.ALLOWED if action in _SERVICE_ACTION_IN_12_ALLOWED else Access.READ
-    if opcode == 0x7F:  # variable length CDB: service action in bytes 8-9 (SBC-3 5.1)
-        action = _U16.unpack_from(cdb, 8)[0] if len(cdb) >= 10 else -1
-        return Access.READ if action in _VARIABLE_LENGTH_READS else Access.WRITE
-    return _ACCESS_BY_OPCODE.get(opcode, Access.WRITE)
-
-
-# --------------------------------------------------------------------------------------------------
 # I_T nexus identity, TransportIDs
 
 
@@ -331,27 +192,27 @@ def parse_iscsi_transport_id(data: bytes, offset: int) -> tuple[str, int]:
     Format 00b (a name without ISID names an initiator device, not a port) is not accepted.
     """
     if len(data) < 4:
-        raise _invalid_param(offset)
+        raise invalid_param(offset)
     if data[0] & 0x0F != _ISCSI_PROTOCOL_ID:
-        raise _invalid_param(offset, 3)
+        raise invalid_param(offset, 3)
     if data[0] >> 6 != _TRANSPORT_ID_FORMAT_PORT:
-        raise _invalid_param(offset, 7)
+        raise invalid_param(offset, 7)
     length = _U16.unpack_from(data, 2)[0]
     body = data[4 : 4 + length]
     if len(body) < length or b"\x00" not in body:
-        raise _invalid_param(offset + 2)
+        raise invalid_param(offset + 2)
     try:
         text = body.split(b"\x00", 1)[0].decode("utf-8")
     except UnicodeDecodeError:
-        raise _invalid_param(offset + 4) from None
+        raise invalid_param(offset + 4) from None
     cut = text.lower().rfind(",i,0x")
     name, isid_hex = text[:cut], text[cut + 5 :]
     if cut <= 0 or not 1 <= len(isid_hex) <= 12:
-        raise _invalid_param(offset + 4)
+        raise invalid_param(offset + 4)
     try:
         isid = int(isid_hex, 16)
     except ValueError:
-        raise _invalid_param(offset + 4) from None
+        raise invalid_param(offset + 4) from None
     return name, isid
 
 
@@ -406,43 +267,29 @@ class _MoveParameters:
     isid: int
 
 
-def _invalid_cdb(byte: int, bit: int | None = None) -> CheckCondition:
-    return CheckCondition(
-        SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, field=FieldPointer(in_cdb=True, byte=byte, bit=bit)
-    )
-
-
-def _invalid_param(byte: int, bit: int | None = None) -> CheckCondition:
-    return CheckCondition(
-        SenseKey.ILLEGAL_REQUEST,
-        INVALID_FIELD_IN_PARAMETER_LIST,
-        field=FieldPointer(in_cdb=False, byte=byte, bit=bit),
-    )
-
-
 def _parameter_list_length_error() -> CheckCondition:
     return CheckCondition(SenseKey.ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
 
 
 def _decode_pr_out_cdb(cdb: bytes) -> _PrOutCdb:
     if len(cdb) < 10:
-        raise _invalid_cdb(0)
+        raise invalid_cdb(0)
     try:
         action = PrOutAction(cdb[1] & 0x1F)
     except ValueError:
-        raise _invalid_cdb(1, 4) from None
+        raise invalid_cdb(1, 4) from None
     return _PrOutCdb(
         action=action,
         scope=cdb[2] >> 4,
         type=cdb[2] & 0x0F,
-        parameter_list_length=_U32.unpack_from(cdb, 5)[0],
+        parameter_list_length=u32(cdb, 5),
     )
 
 
 def _decode_basic(params: bytes, length: int) -> _BasicParameters:
     """SPC-4 6.16.3: SPEC_I_PT=1 is not supported; otherwise the list is exactly 24 bytes."""
     if min(length, len(params)) >= BASIC_PARAMETER_LIST_LENGTH and params[20] & 0x08:
-        raise _invalid_param(20, 3)  # SPEC_I_PT: SIP_C=0
+        raise invalid_param(20, 3)  # SPEC_I_PT: SIP_C=0
     if length != BASIC_PARAMETER_LIST_LENGTH or len(params) < BASIC_PARAMETER_LIST_LENGTH:
         raise _parameter_list_length_error()
     flags = params[20]
@@ -481,7 +328,7 @@ def _pr_type(code: int) -> PrType:
     try:
         return PrType(code)
     except ValueError:
-        raise _invalid_cdb(2, 3) from None
+        raise invalid_cdb(2, 3) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,20 +399,20 @@ class Reservations:
             return False  # nothing reserved or registered: nothing can conflict (the common case)
         if not cdb:
             return False
-        opcode = cdb[0]
+        spec = spec_for(cdb)  # None: a command the LU does not implement, treated as a write
         port = _port(nexus)
         if (
             self._reserve6 is not None
             and not self._holds_reserve6(port)
-            and opcode not in _ALLOWED_UNDER_OTHERS_RESERVE6
+            and (spec is None or not spec.reserve6_exempt)
         ):
             return True
-        if opcode in (RESERVE_6, RELEASE_6, RESERVE_10, RELEASE_10):
+        if spec is not None and spec.compat_reservation:
             return bool(self._registrations)  # SPC-4 5.13.3 with CRH=0
         res = self._reservation
         if res is None:
             return False
-        access = command_access(cdb)
+        access = Access.WRITE if spec is None else spec.access_for(cdb)
         if access is Access.ALLOWED:
             return False
         if self.is_holder(nexus) or (res.type.registrants_have_access and port in self._registrations):
@@ -607,12 +454,12 @@ class Reservations:
         """
         del nexus  # the data is the same from every I_T nexus
         if len(cdb) < 10:
-            raise _invalid_cdb(0)
+            raise invalid_cdb(0)
         try:
             action = PrInAction(cdb[1] & 0x1F)
         except ValueError:
-            raise _invalid_cdb(1, 4) from None
-        allocation_length = _U16.unpack_from(cdb, 7)[0]
+            raise invalid_cdb(1, 4) from None
+        allocation_length = u16(cdb, 7)
         match action:
             case PrInAction.READ_KEYS:
                 data = self._read_keys()
@@ -717,7 +564,7 @@ class Reservations:
     def _register(self, nexus: Nexus, p: _BasicParameters, *, ignore_existing_key: bool) -> PrOutOutcome:
         """REGISTER and REGISTER AND IGNORE EXISTING KEY (SPC-4 5.13.7 table 56, 5.13.11.3)."""
         if p.all_tg_pt:
-            raise _invalid_param(20, 2)  # ATP_C=0
+            raise invalid_param(20, 2)  # ATP_C=0
         port = _port(nexus)
         current = self._registrations.get(port)
         if current is None:
@@ -769,7 +616,7 @@ class Reservations:
     def _reserve(self, nexus: Nexus, cdb: _PrOutCdb, p: _BasicParameters) -> PrOutOutcome:
         """RESERVE (SPC-4 5.13.9): no change to PRgeneration."""
         if cdb.scope != LU_SCOPE:
-            raise _invalid_cdb(2, 7)
+            raise invalid_cdb(2, 7)
         pr_type = _pr_type(cdb.type)
         self._registration_of(nexus, p.reservation_key)
         res = self._reservation
@@ -816,7 +663,7 @@ class Reservations:
         nexuses handed back with REGISTRATIONS PREEMPTED.
         """
         if cdb.scope != LU_SCOPE:
-            raise _invalid_cdb(2, 7)
+            raise invalid_cdb(2, 7)
         pr_type = _pr_type(cdb.type)
         self._registration_of(nexus, p.reservation_key)
         port = _port(nexus)
@@ -834,7 +681,7 @@ class Reservations:
                 victims = [q for q, r in self._registrations.items() if r.key == sark and q != port]
                 return self._preempt_reservation(port, victims, res, pr_type)
         if sark == 0:
-            raise _invalid_param(8)  # 5.13.11.4.4: zero names no registration to remove
+            raise invalid_param(8)  # 5.13.11.4.4: zero names no registration to remove
         # 5.13.11.4.4: remove the registrations with that key; the reservation is not touched.
         victims = [q for q, r in self._registrations.items() if r.key == sark]
         if not victims:
@@ -869,20 +716,20 @@ class Reservations:
         identifier (the TPGT). The reservation keeps its scope and type.
         """
         if cdb.scope != LU_SCOPE:
-            raise _invalid_cdb(2, 7)
+            raise invalid_cdb(2, 7)
         self._registration_of(nexus, p.reservation_key)
         res = self._reservation
         port = _port(nexus)
         if res is None or res.type.all_registrants or res.holder != port:
             raise ReservationConflict("REGISTER AND MOVE from an I_T nexus that is not the holder")
         if p.service_action_key == 0:
-            raise _invalid_param(8)
+            raise invalid_param(8)
         if p.isid > _MAX_ISID:
-            raise _invalid_param(BASIC_PARAMETER_LIST_LENGTH + 4)
+            raise invalid_param(BASIC_PARAMETER_LIST_LENGTH + 4)
         destination = Nexus(p.initiator_name, p.isid, nexus.target_name, p.relative_target_port)
         dest_port = _port(destination)
         if dest_port == port:
-            raise _invalid_param(BASIC_PARAMETER_LIST_LENGTH)
+            raise invalid_param(BASIC_PARAMETER_LIST_LENGTH)
         if dest_port not in self._registrations:
             if len(self._registrations) >= MAX_REGISTRATIONS:
                 raise CheckCondition(SenseKey.ILLEGAL_REQUEST, INSUFFICIENT_REGISTRATION_RESOURCES)

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from frontend.scsi.opcodes import command_table
+from frontend.scsi.commands import command_table
 from tests.unit.test_scsi_helpers import good, make_lu, rsoc, run, sense
 
 

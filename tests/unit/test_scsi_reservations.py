@@ -16,16 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from frontend.scsi.commands import Access, command_access
 from frontend.scsi.reservations import (
     MAX_REGISTRATIONS,
-    Access,
     PrInAction,
     PrOutAction,
     PrOutOutcome,
     PrType,
     ReservationConflict,
     Reservations,
-    command_access,
     iscsi_transport_id,
     parse_iscsi_transport_id,
 )
@@ -962,7 +961,6 @@ ALWAYS_ALLOWED = {
     "READ CAPACITY(16)": bytes([0x9E, 0x10]) + bytes(14),
     "PERSISTENT RESERVE IN": pr_in_cdb(0),
     "PERSISTENT RESERVE OUT": pr_out_cdb(0),
-    "LOG SENSE": bytes([0x4D]) + bytes(9),
     "REPORT TARGET PORT GROUPS": bytes([0xA3, 0x0A]) + bytes(10),
     "PREVENT ALLOW (allow)": bytes([0x1E, 0, 0, 0, 0, 0]),
     "START STOP UNIT (start)": bytes([0x1B, 0, 0, 0, 0x01, 0]),
@@ -980,8 +978,6 @@ READS = {
     "MODE SENSE(6)": MODE_SENSE6,
     "MODE SENSE(10)": bytes([0x5A]) + bytes(9),
     "REPORT SUPPORTED OPCODES": bytes([0xA3, 0x0C]) + bytes(10),
-    "READ BUFFER": bytes([0x3C]) + bytes(9),
-    "READ(32)": bytes([0x7F, 0, 0, 0, 0, 0, 0, 0x18, 0x00, 0x09]) + bytes(22),
 }
 WRITES = {
     "WRITE(6)": bytes([0x0A]) + bytes(5),
@@ -1021,6 +1017,21 @@ WRITES = {
 )
 def test_command_access(name: str, cdb: bytes, access: Access) -> None:
     assert command_access(cdb) is access, name
+
+
+@pytest.mark.parametrize(
+    "cdb",
+    [
+        bytes([0x4D]) + bytes(9),  # LOG SENSE: ALLOWED in SPC-4 table 60
+        bytes([0x3C]) + bytes(9),  # READ BUFFER: READ
+        bytes([0x7F, 0, 0, 0, 0, 0, 0, 0x18, 0x00, 0x09]) + bytes(22),  # READ(32): READ
+        bytes([0xA3, 0x05]) + bytes(10),  # REPORT IDENTIFYING INFORMATION: ALLOWED
+    ],
+)
+def test_commands_the_lu_does_not_implement_count_as_writes(cdb: bytes) -> None:
+    """The classes come from the command table (commands.py); a command outside it is classed WRITE,
+    the conservative answer. The LU never asks: it answers INVALID COMMAND OPERATION CODE first."""
+    assert command_access(cdb) is Access.WRITE
 
 
 def expected_conflict(pr_type: PrType, role: str, access: Access) -> bool:
