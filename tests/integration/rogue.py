@@ -12,10 +12,12 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 from sparrow.cluster.channel import (
+    DEFAULT_MAX_PLAINTEXT,
     Channel,
     ChannelError,
     ClusterSecret,
@@ -52,23 +54,36 @@ class Closed(Exception):
     """The peer closed the connection (or it failed)."""
 
 
-class NodeLink:
-    """One heartbeat connection to a master, as a node (honest or not) would open it."""
+class ChannelLink:
+    """One blocking connection through the cluster channel (``purpose``), or plain when ``secret``
+    is None, as a member (honest or not) would open it; ``decoder`` frames the plaintext (it has
+    ``feed`` and ``next_message``). Every byte written is kept in :attr:`sent`."""
 
-    def __init__(self, port: int, secret: ClusterSecret | None, *, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.decoder = FrameDecoder()
+    #: Who is at the other end, for the Closed messages.
+    peer = "the peer"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        secret: ClusterSecret | None,
+        purpose: Purpose,
+        decoder: Any,
+        *,
+        max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
+    ) -> None:
+        self.sock = sock
+        self.decoder = decoder
         self.channel: Channel | None = None
         self.sent: list[bytes] = []
         if secret is not None:
             try:
-                self._handshake(secret)
+                self._handshake(secret, purpose, max_plaintext)
             except BaseException:
                 self.sock.close()
                 raise
 
-    def _handshake(self, secret: ClusterSecret) -> None:
-        self.channel = Channel(secret, Side.CLIENT, Purpose.HEARTBEAT, time.monotonic())
+    def _handshake(self, secret: ClusterSecret, purpose: Purpose, max_plaintext: int) -> None:
+        self.channel = Channel(secret, Side.CLIENT, purpose, time.monotonic(), max_plaintext=max_plaintext)
         self._raw(self.channel.initiate())
         while not self.channel.established:
             for event in self.channel.feed(self._recv(), time.monotonic()):
@@ -85,17 +100,18 @@ class NodeLink:
         except OSError as e:
             raise Closed(str(e)) from None
         if not data:
-            raise Closed("closed by the master")
+            raise Closed(f"closed by {self.peer}")
         return data
+
+    def send_raw(self, data: bytes) -> None:
+        self._raw(data)
 
     def send_plain(self, data: bytes) -> None:
         """``data`` as the content of one channel record (or as is, with no channel)."""
         self._raw(data if self.channel is None else self.channel.send(data))
 
-    def send(self, message: Message) -> None:
-        self.send_plain(encode(message))
-
-    def receive(self) -> Message:
+    def receive_message(self) -> Any:
+        """The next framed message from the peer (raises Closed)."""
         while True:
             message = self.decoder.next_message()
             if message is not None:
@@ -112,24 +128,50 @@ class NodeLink:
                 if isinstance(event, Plaintext):
                     self.decoder.feed(event.data)
 
+    def closed_within(self, seconds: float, *, read_through: bool = False) -> bool:
+        """True if the peer closes the connection within ``seconds``. Bytes it sends first end the
+        wait with False, or are read and passed over with ``read_through``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.sock.settimeout(left)
+            try:
+                if self.sock.recv(65536) == b"":
+                    return True
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            except TimeoutError:
+                return False
+            if not read_through:
+                return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class NodeLink(ChannelLink):
+    """One heartbeat connection to a master, as a node (honest or not) would open it."""
+
+    peer = "the master"
+
+    def __init__(self, port: int, secret: ClusterSecret | None, *, timeout: float = 5.0) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        super().__init__(sock, secret, Purpose.HEARTBEAT, FrameDecoder())
+
+    def send(self, message: Message) -> None:
+        self.send_plain(encode(message))
+
+    def receive(self) -> Message:
+        message: Message = self.receive_message()
+        return message
+
     def beat(self, seq: int, observations: tuple[VolumeObservation, ...] = ()) -> Ack:
         self.send(Heartbeat(seq, observations))
         ack = self.receive()
         assert isinstance(ack, Ack) and ack.seq == seq, ack
         return ack
-
-    def closed_within(self, seconds: float) -> bool:
-        """True if the master closes the connection within ``seconds`` (nothing else arrives)."""
-        self.sock.settimeout(seconds)
-        try:
-            return self.sock.recv(65536) == b""
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def hello(node_id: str, incarnation: int, *, portal: str = "127.0.0.1:3261", free: int = 1 << 32) -> Hello:
