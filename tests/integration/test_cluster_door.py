@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import socket
 import stat
 import time
@@ -215,19 +216,27 @@ def test_ten_thousand_hellos_do_not_make_a_live_node_look_dead(
 
 def test_connections_past_the_handshake_cap_are_closed_at_once(cluster: Cluster) -> None:
     port = cluster.master.listen_port
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(64)]
+    # 64 (the cap) + 5 connections that never start a handshake. Which ones the master takes last
+    # is the kernel's and the scheduler's business (a node's own reconnect may hold a slot for a
+    # moment), so the test counts: at least 5 are closed long before the 5 s handshake timeout.
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(64 + 5)]
     try:
-        # Accepted in order: by the time the master takes this one, it holds the 64 above.
-        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
-        extra.settimeout(2.0)
-        with contextlib.suppress(ConnectionResetError):
-            assert extra.recv(100) == b""
-        extra.close()
+        open_socks = set(socks)
+        closed = 0
+        deadline = time.monotonic() + 2.0
+        while closed < 5 and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(open_socks), [], [], max(0.0, deadline - time.monotonic()))
+            for s in readable:
+                open_socks.discard(s)
+                with contextlib.suppress(ConnectionResetError):
+                    assert s.recv(100) == b""  # closed, and nothing was sent first
+                closed += 1
+        assert closed >= 5, f"only {closed} connections past the cap were closed within 2 s"
         metrics = cluster.master.metrics()
-        assert sample(metrics, "sparrow_master_refused_connections_total", reason="handshake_cap") >= 1
+        assert sample(metrics, "sparrow_master_refused_connections_total", reason="handshake_cap") >= 5
         assert all(n["state"] == "alive" for n in node_ids(cluster).values())
     finally:
-        for sock in held:
+        for sock in socks:
             sock.close()
 
     # Room again: a member completes its handshake.
