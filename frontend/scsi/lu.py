@@ -80,7 +80,15 @@ from frontend.scsi.sense import (
     fixed_sense,
 )
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
-from store.blockstore import BlockStore, StoreClosed, StoreError, StoreIOError, StoreOp, StoreRangeError
+from store.blockstore import (
+    BlockStore,
+    StoreClosed,
+    StoreError,
+    StoreIOError,
+    StoreOp,
+    StoreRangeError,
+    StoreUnavailable,
+)
 
 
 class AccessState(enum.IntEnum):
@@ -461,6 +469,8 @@ class LogicalUnit:
             return _check_result(SenseKey.MEDIUM_ERROR, WRITE_ERROR)
         except StoreClosed:
             return _check_result(SenseKey.NOT_READY, LU_NOT_READY_CAUSE_NOT_REPORTABLE)
+        except StoreUnavailable:  # replicas did not acknowledge in time: retryable, never GOOD
+            return _check_result(SenseKey.NOT_READY, LU_NOT_ACCESSIBLE_TRANSITION)
         except StoreRangeError:
             return _check_result(SenseKey.ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 
