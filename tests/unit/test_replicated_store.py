@@ -1,0 +1,208 @@
+"""ReplicatedStore: the acknowledgement rule with fake links, the time passed in (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from sparrow.cluster.messages import SyncState
+from sparrow.node.replicated_store import ReplicatedStore
+from sparrow.replication import protocol
+from sparrow.replication.protocol import MessageDecoder, PrimaryStream
+from store.blockstore import StoreUnavailable
+from store.memstore import MemoryBlockStore
+
+VOLUME = uuid.UUID(int=7).hex
+BS = 4096
+
+
+class FakeLink:
+    def __init__(self, store: ReplicatedStore, node: str, stream: PrimaryStream) -> None:
+        self.store, self.node, self.stream = store, node, stream
+        self.sent: list[protocol.Message] = []
+        self.closed = False
+        self._decoder = MessageDecoder()
+
+    def send(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        while (m := self._decoder.next_message()) is not None:
+            self.sent.append(m)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def up(self) -> None:
+        """The channel is up and the replica answers the OPEN."""
+        self.store.stream_open(self.node, self.stream)
+        self.ack(0)
+
+    def ack(self, applied: int, durable: int = 0) -> None:
+        data = protocol.encode(protocol.Ack(VOLUME, self.stream.epoch, applied, durable))
+        for acked in self.stream.feed(data):
+            self.store.on_acked(self.node, self.stream, acked)
+
+    def ops(self) -> list[protocol.Message]:
+        return [m for m in self.sent if not isinstance(m, protocol.Open)]
+
+
+class Harness:
+    def __init__(self, *, hold_timeout: float = 30.0) -> None:
+        self.now = 100.0
+        self.links: dict[str, FakeLink] = {}
+        self.lagged = 0
+        self.inner = MemoryBlockStore(1 << 20, BS)
+        self.store = ReplicatedStore(
+            self.inner,
+            VOLUME,
+            "n1",
+            clock=lambda: self.now,
+            open_link=self.open_link,
+            ack_timeout=2.0,
+            hold_timeout=hold_timeout,
+            on_lagging=self.on_lagging,
+        )
+
+    def open_link(self, store: ReplicatedStore, node: str, portal: str, stream: PrimaryStream) -> FakeLink:
+        link = FakeLink(store, node, stream)
+        self.links[node] = link
+        return link
+
+    def on_lagging(self) -> None:
+        self.lagged += 1
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_write_completes_only_after_every_replica_acknowledged_it() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
+    for link in h.links.values():
+        link.up()
+    task = asyncio.create_task(h.store.write(0, b"a" * BS))
+    await settle()
+    assert not task.done()
+    assert await h.inner.read(0, BS) == b"a" * BS  # the local write ran meanwhile
+    (w,) = h.links["n2"].ops()
+    assert isinstance(w, protocol.Write) and w.seq == 1 and bytes(w.data) == b"a" * BS
+    h.links["n2"].ack(1)
+    await settle()
+    assert not task.done()  # n3 has not acknowledged
+    h.links["n3"].ack(1)
+    await settle()
+    assert task.done() and task.exception() is None
+
+
+async def test_a_flush_waits_for_durability_not_just_applied() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    h.links["n2"].up()
+    task = asyncio.create_task(h.store.flush())
+    await settle()
+    assert isinstance(h.links["n2"].ops()[0], protocol.Flush)
+    h.links["n2"].ack(1, 0)
+    await settle()
+    assert not task.done()
+    h.links["n2"].ack(1, 1)
+    await settle()
+    assert task.done() and task.exception() is None
+
+
+async def test_writes_wait_before_the_first_configuration_and_are_sent_once_known() -> None:
+    h = Harness()
+    task = asyncio.create_task(h.store.write(BS, b"b" * BS))
+    await settle()
+    assert not task.done()
+    h.store.configure(1, [("n2", "h:1")])
+    h.links["n2"].up()
+    assert [m.seq for m in h.links["n2"].ops()] == [1]
+    h.links["n2"].ack(1)
+    await settle()
+    assert task.done()
+
+
+async def test_no_replicas_is_the_plain_store() -> None:
+    h = Harness()
+    h.store.configure(1, [])
+    await h.store.write(0, b"c" * BS)
+    await h.store.flush()
+    assert h.links == {}
+    assert await h.inner.read(0, BS) == b"c" * BS
+
+
+async def test_a_lagging_replica_is_reported_and_writes_wait_until_a_new_epoch_drops_it() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
+    for link in h.links.values():
+        link.up()
+    task = asyncio.create_task(h.store.write(0, b"d" * BS))
+    await settle()
+    h.links["n2"].ack(1)
+    h.now += 1.9
+    assert not h.store.check(h.now)
+    assert {s.node_id: s.state for s in h.store.replica_states(h.now)} == {
+        "n2": SyncState.IN_SYNC,
+        "n3": SyncState.IN_SYNC,
+    }
+    h.now += 0.1
+    assert h.store.check(h.now) and h.lagged == 1
+    assert {s.node_id: s.state for s in h.store.replica_states(h.now)}["n3"] is SyncState.FAILED
+    await settle()
+    assert not task.done()  # never completed without n3 while n3 is in sync
+    old_n2 = h.links["n2"]
+    h.store.configure(2, [("n2", "h:1")])  # the master dropped n3 under epoch 2
+    await settle()
+    assert task.done() and task.exception() is None
+    assert h.links["n3"].closed and old_n2.closed
+    assert h.links["n2"].stream.epoch == 2
+
+
+async def test_a_new_epoch_resends_what_a_replica_has_not_acknowledged() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    h.links["n2"].up()
+    first = asyncio.create_task(h.store.write(0, b"e" * BS))
+    second = asyncio.create_task(h.store.write(BS, b"f" * BS))
+    await settle()
+    h.links["n2"].ack(1)
+    await settle()
+    assert first.done() and not second.done()
+    h.store.configure(2, [("n2", "h:1")])
+    link = h.links["n2"]
+    link.up()
+    (again,) = link.ops()
+    assert isinstance(again, protocol.Write) and again.epoch == 2 and again.seq == 1 and again.offset == BS
+    link.ack(1)
+    await settle()
+    assert second.done() and second.exception() is None
+
+
+async def test_past_the_hold_bound_a_write_fails_retryably_never_succeeds() -> None:
+    h = Harness(hold_timeout=0.05)
+    h.store.configure(1, [("n2", "h:1")])
+    h.links["n2"].up()
+    with pytest.raises(StoreUnavailable, match="n2"):
+        await h.store.write(0, b"g" * BS)
+
+
+async def test_a_write_larger_than_a_message_is_split_and_waits_for_its_last_part() -> None:
+    h = Harness()
+    h.inner = MemoryBlockStore(4 << 20, BS)
+    h.store.inner = h.inner
+    h.store.configure(1, [("n2", "h:1")])
+    h.links["n2"].up()
+    data = bytes(range(256)) * (protocol.MAX_PAYLOAD // 256 + 16)
+    task = asyncio.create_task(h.store.write(0, data))
+    await settle()
+    ops = h.links["n2"].ops()
+    assert [len(m.data) for m in ops if isinstance(m, protocol.Write)] == [protocol.MAX_PAYLOAD, 4096]
+    h.links["n2"].ack(1)
+    await settle()
+    assert not task.done()
+    h.links["n2"].ack(2)
+    await settle()
+    assert task.done()
