@@ -108,3 +108,34 @@ def _in_sync(v: dict[str, object]) -> set[str]:
     replicas = v["replicas"]
     assert isinstance(replicas, list)
     return {r["node_id"] for r in replicas if r.get("sync") == "in_sync"}
+
+
+def test_kill_9_of_the_primary_fails_over_to_an_in_sync_copy_and_loses_no_acknowledged_write(
+    make_cluster: Callable[[int], Cluster],
+) -> None:
+    """The final gate with three copies (issue 8, test 1, one kill point): the writer logs in at a
+    replica's portal and is redirected to the primary; the primary dies by kill -9 under load; an
+    in-sync replica is promoted under a new epoch, the writer finds it through the redirect, and
+    every acknowledged write is on both remaining in-sync copies."""
+    cluster = make_cluster(3)
+    volume_id, primary, entry, other = three_copies(cluster)
+    writer = Writer(cluster.node(entry).url("fw"), run_id=13, blocks=BLOCKS, depth=16, sync_every=128)
+    try:
+        writer.wait_acked(800)
+        cluster.node(primary).kill9()
+        writer.wait_reconnects(1, timeout=TIMING.lease + 30)
+        writer.wait_acked(writer.acked + 800, timeout=60)
+        journal = writer.stop()
+    finally:
+        writer.kill()
+    v = cluster.volume("fw")
+    new_primary = v["primary"]["node_id"]
+    assert new_primary in (entry, other) and v["epoch"] >= 2, v
+    in_sync = _in_sync(v)
+    assert in_sync == {entry, other}, v["replicas"]
+    contents = {f"{n} data file": read_data_file(data_file(cluster, n), BLOCKS) for n in sorted(in_sync)}
+    contents["through the target"] = read_through_target(cluster.node(new_primary).url("fw"), BLOCKS)
+    assert_nothing_lost(journal, contents, 13)
+    for n in in_sync:
+        persisted = cluster.node(n).persisted(volume_id)
+        assert persisted is not None and int(persisted["epoch"]) == v["epoch"]
