@@ -124,7 +124,7 @@ class ReplicatedStore:
         self.last = 0  # op index of the last op appended
         self._log_bytes = 0
         self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
-        self._space: asyncio.Event | None = None
+        self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
 
     # ---- BlockStore ---------------------------------------------------------------------------------
@@ -400,40 +400,53 @@ class ReplicatedStore:
                 self._ops.popleft()
                 self._log_bytes -= op.length if op.data is not None else 0
                 self._first += 1
-        if self._space is not None and self._has_room(0):
-            self._space.set()
+        if self._room_waiters and self._has_room(0):
+            for future in self._room_waiters:
+                if not future.done():
+                    future.set_result(None)
+            self._room_waiters = []
 
     def _has_room(self, size: int) -> bool:
         return len(self._ops) < LOG_OPS and self._log_bytes + size <= LOG_BYTES
 
     async def _room(self, size: int) -> None:
         size = min(size, LOG_BYTES)
+        started = self.clock()
         while not self._has_room(size):
-            if self._space is None:
-                self._space = asyncio.Event()
-            self._space.clear()
-            try:
-                async with asyncio.timeout(self.hold_timeout):
-                    await self._space.wait()
-            except TimeoutError:
-                raise StoreUnavailable(f"volume {self.volume_id}: the replicas did not keep up") from None
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(future)
+            left = self.hold_timeout - (self.clock() - started)
+            await self._bounded(future, left, "the replicas did not keep up")
 
     async def _wait(self, index: int, *, durable: bool) -> None:
         if self._done(index, durable):
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((index, durable, future))
+        await self._bounded(
+            future, self.hold_timeout, f"no acknowledgement from every replica in {self.hold_timeout:g}s"
+        )
+
+    async def _bounded(self, future: asyncio.Future[None], within: float, why: str) -> None:
+        """Await ``future``; past ``within`` seconds it fails with StoreUnavailable. (A timer, not
+        ``asyncio.timeout``: SCSI commands may run outside a task.)"""
+
+        def expire() -> None:
+            if not future.done():
+                behind = sorted(
+                    r.node_id for r in self.replicas.values() if self._oldest_pending(r) is not None
+                )
+                future.set_exception(
+                    StoreUnavailable(
+                        f"volume {self.volume_id}: {why} (behind: {', '.join(behind) or 'none'})"
+                    )
+                )
+
+        timer = asyncio.get_running_loop().call_later(max(0.0, within), expire)
         try:
-            async with asyncio.timeout(self.hold_timeout):
-                await future
-        except TimeoutError:
-            behind = [
-                r.node_id for r in self.replicas.values() if (r.durable if durable else r.applied) < index
-            ]
-            raise StoreUnavailable(
-                f"volume {self.volume_id}: no acknowledgement from replica(s) {', '.join(behind) or '?'} "
-                f"within {self.hold_timeout:g}s"
-            ) from None
+            await future
+        finally:
+            timer.cancel()
 
     def _fail_waiters(self, reason: str) -> None:
         for _, _, future in self._waiters:

@@ -206,3 +206,24 @@ async def test_a_write_larger_than_a_message_is_split_and_waits_for_its_last_par
     h.links["n2"].ack(2)
     await settle()
     assert task.done()
+
+
+async def test_a_write_may_run_outside_a_task() -> None:
+    """The iSCSI server steps a command eagerly, outside any asyncio Task, until it suspends
+    (frontend/server.py): waiting for the replicas must work there (no asyncio.timeout)."""
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    h.links["n2"].up()
+    coro = h.store.write(0, b"h" * BS)
+    loop = asyncio.get_running_loop()
+    stepped: asyncio.Future[object] = loop.create_future()
+
+    def step() -> None:  # a loop callback: no current task
+        try:
+            stepped.set_result(coro.send(None))
+        except BaseException as e:
+            stepped.set_exception(e)
+
+    loop.call_soon(step)
+    assert isinstance(await stepped, asyncio.Future)  # suspended on the replicas' ACK
+    coro.close()
