@@ -87,6 +87,8 @@ class _Replica:
     sent: int = 0
     link: Link | None = None
     lagging: bool = False
+    #: A lost connection waits RECONNECT_DELAY before the next attempt.
+    backing_off: bool = False
 
 
 OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
@@ -277,14 +279,17 @@ class ReplicatedStore:
         log.info("replication stream lost", volume_id=self.volume_id, replica=node, reason=reason)
         replica.link = None
         replica.stream = None
+        replica.backing_off = True
         loop = asyncio.get_running_loop()
-        loop.call_later(RECONNECT_DELAY, self._reconnect, node, stream)
+        loop.call_later(RECONNECT_DELAY, self._reconnect, node)
 
-    def _reconnect(self, node: str, old: PrimaryStream) -> None:
+    def _reconnect(self, node: str) -> None:
         replica = self.replicas.get(node)
-        if replica is None or self.closed or replica.stream is not None:
+        if replica is None or self.closed:
             return
-        self._connect(replica)
+        replica.backing_off = False
+        if replica.stream is None:
+            self._connect(replica)
 
     # ---- internals ----------------------------------------------------------------------------------
 
@@ -295,6 +300,8 @@ class ReplicatedStore:
         replica.stream = None
         if replica.portal is None or self.epoch is None or self.open_link is None:
             return  # waited for until the master knows its portal or drops it
+        if self._oldest_pending(replica) is None:
+            return  # lazily: the first op to send opens the stream
         stream = PrimaryStream(
             self.volume_id,
             self.epoch,
@@ -327,7 +334,10 @@ class ReplicatedStore:
         self._log_bytes += op.length if op.data is not None else 0
         self.last += 1
         for replica in self.replicas.values():
-            self._pump(replica)
+            if replica.link is None and not replica.backing_off:
+                self._connect(replica)
+            else:
+                self._pump(replica)
         return self.last
 
     def _pump(self, replica: _Replica) -> None:

@@ -23,6 +23,7 @@ class FakeLink:
         self.store, self.node, self.stream = store, node, stream
         self.sent: list[protocol.Message] = []
         self.closed = False
+        self.is_up = False
         self._decoder = MessageDecoder()
 
     def send(self, data: bytes) -> None:
@@ -35,8 +36,10 @@ class FakeLink:
 
     def up(self) -> None:
         """The channel is up and the replica answers the OPEN."""
-        self.store.stream_open(self.node, self.stream)
-        self.ack(0)
+        if not self.is_up:
+            self.is_up = True
+            self.store.stream_open(self.node, self.stream)
+            self.ack(0)
 
     def ack(self, applied: int, durable: int = 0) -> None:
         data = protocol.encode(protocol.Ack(VOLUME, self.stream.epoch, applied, durable))
@@ -72,6 +75,13 @@ class Harness:
     def on_lagging(self) -> None:
         self.lagged += 1
 
+    async def up(self) -> None:
+        """Let the started operations run, then bring up every link they opened (lazily)."""
+        await settle()
+        for link in list(self.links.values()):
+            link.up()
+        await settle()
+
 
 async def settle() -> None:
     for _ in range(5):
@@ -81,9 +91,8 @@ async def settle() -> None:
 async def test_a_write_completes_only_after_every_replica_acknowledged_it() -> None:
     h = Harness()
     h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
-    for link in h.links.values():
-        link.up()
     task = asyncio.create_task(h.store.write(0, b"a" * BS))
+    await h.up()
     await settle()
     assert not task.done()
     assert await h.inner.read(0, BS) == b"a" * BS  # the local write ran meanwhile
@@ -100,8 +109,8 @@ async def test_a_write_completes_only_after_every_replica_acknowledged_it() -> N
 async def test_a_flush_waits_for_durability_not_just_applied() -> None:
     h = Harness()
     h.store.configure(1, [("n2", "h:1")])
-    h.links["n2"].up()
     task = asyncio.create_task(h.store.flush())
+    await h.up()
     await settle()
     assert isinstance(h.links["n2"].ops()[0], protocol.Flush)
     h.links["n2"].ack(1, 0)
@@ -115,6 +124,7 @@ async def test_a_flush_waits_for_durability_not_just_applied() -> None:
 async def test_writes_wait_before_the_first_configuration_and_are_sent_once_known() -> None:
     h = Harness()
     task = asyncio.create_task(h.store.write(BS, b"b" * BS))
+    await h.up()
     await settle()
     assert not task.done()
     h.store.configure(1, [("n2", "h:1")])
@@ -137,9 +147,8 @@ async def test_no_replicas_is_the_plain_store() -> None:
 async def test_a_lagging_replica_is_reported_and_writes_wait_until_a_new_epoch_drops_it() -> None:
     h = Harness()
     h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
-    for link in h.links.values():
-        link.up()
     task = asyncio.create_task(h.store.write(0, b"d" * BS))
+    await h.up()
     await settle()
     h.links["n2"].ack(1)
     h.now += 1.9
@@ -158,15 +167,21 @@ async def test_a_lagging_replica_is_reported_and_writes_wait_until_a_new_epoch_d
     await settle()
     assert task.done() and task.exception() is None
     assert h.links["n3"].closed and old_n2.closed
-    assert h.links["n2"].stream.epoch == 2
+    later = asyncio.create_task(h.store.write(BS, b"d" * BS))
+    await h.up()
+    assert h.links["n2"] is not old_n2 and h.links["n2"].stream.epoch == 2
+    assert "n3" not in h.store.replicas
+    h.links["n2"].ack(1)
+    await settle()
+    assert later.done() and later.exception() is None
 
 
 async def test_a_new_epoch_resends_what_a_replica_has_not_acknowledged() -> None:
     h = Harness()
     h.store.configure(1, [("n2", "h:1")])
-    h.links["n2"].up()
     first = asyncio.create_task(h.store.write(0, b"e" * BS))
     second = asyncio.create_task(h.store.write(BS, b"f" * BS))
+    await h.up()
     await settle()
     h.links["n2"].ack(1)
     await settle()
@@ -184,7 +199,7 @@ async def test_a_new_epoch_resends_what_a_replica_has_not_acknowledged() -> None
 async def test_past_the_hold_bound_a_write_fails_retryably_never_succeeds() -> None:
     h = Harness(hold_timeout=0.05)
     h.store.configure(1, [("n2", "h:1")])
-    h.links["n2"].up()
+    assert h.links == {}  # opened lazily, by the first operation
     with pytest.raises(StoreUnavailable, match="n2"):
         await h.store.write(0, b"g" * BS)
 
@@ -194,9 +209,9 @@ async def test_a_write_larger_than_a_message_is_split_and_waits_for_its_last_par
     h.inner = MemoryBlockStore(4 << 20, BS)
     h.store.inner = h.inner
     h.store.configure(1, [("n2", "h:1")])
-    h.links["n2"].up()
     data = bytes(range(256)) * (protocol.MAX_PAYLOAD // 256 + 16)
     task = asyncio.create_task(h.store.write(0, data))
+    await h.up()
     await settle()
     ops = h.links["n2"].ops()
     assert [len(m.data) for m in ops if isinstance(m, protocol.Write)] == [protocol.MAX_PAYLOAD, 4096]
@@ -213,8 +228,7 @@ async def test_a_write_may_run_outside_a_task() -> None:
     (frontend/server.py): waiting for the replicas must work there (no asyncio.timeout)."""
     h = Harness()
     h.store.configure(1, [("n2", "h:1")])
-    h.links["n2"].up()
-    coro = h.store.write(0, b"h" * BS)
+    coro = h.store.write(0, b"h" * BS)  # its link is opened and never answers
     loop = asyncio.get_running_loop()
     stepped: asyncio.Future[object] = loop.create_future()
 
