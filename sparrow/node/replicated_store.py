@@ -483,11 +483,43 @@ class ChannelLink:
         self.channel: Channel | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._closed = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"forward-{node}")
 
     def send(self, data: bytes) -> None:
-        if self.channel is not None and self.writer is not None and not self._closed:
-            self.writer.write(self.channel.send(data))
+        """Queue ``data`` (whole messages); what is queued in one turn of the loop goes out sealed
+        in as few records as fit (a record may hold several messages)."""
+        if self.channel is None or self.writer is None or self._closed:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= protocol.MAX_MESSAGE:
+            self._flush_out()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        if not self._out or self.channel is None or self.writer is None or self._closed:
+            self._out.clear()
+            self._out_bytes = 0
+            return
+        records: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        for data in self._out:
+            if batch and size + len(data) > protocol.MAX_MESSAGE:
+                records.append(self.channel.send(b"".join(batch)))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        records.append(self.channel.send(batch[0] if len(batch) == 1 else b"".join(batch)))
+        self._out.clear()
+        self._out_bytes = 0
+        self.writer.writelines(records)
 
     def close(self) -> None:
         self._closed = True
