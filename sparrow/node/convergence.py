@@ -706,6 +706,11 @@ class Convergence:
             ):
                 targets[assignment.volume_id] = (held.epoch, self.replication_targets(assignment.volume_id))
         forwarding.retarget(targets)
+        forwarding.stand_down(
+            volume_id
+            for volume_id in self.volumes.exported()
+            if (held := self.adapter.state.get(volume_id)) is None or held.role is not Role.PRIMARY
+        )
 
     # ---- the fence ----------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -220,6 +220,20 @@ class ReplicatedStore:
                 replica.portal = portal
                 self._connect(replica)
         self._progress()
+
+    def stand_down(self) -> None:
+        """No longer this volume's primary (demoted or released): stop forwarding, forget the log,
+        fail the waiting operations (the LU no longer answers them GOOD anyway); a later
+        ``configure`` starts afresh."""
+        for replica in self.replicas.values():
+            if replica.link is not None:
+                replica.link.close()
+        self.replicas.clear()
+        self.epoch = None
+        self._ops.clear()
+        self._log_bytes = 0
+        self._first = self.last + 1
+        self._fail_waiters("this node is no longer the volume's primary")
 
     def replica_states(self, now: float) -> tuple[ReplicaState, ...]:
         """Each target as this primary reports it: IN_SYNC while it keeps up, FAILED once lagging."""
@@ -627,6 +641,13 @@ class Forwarding:
             store = self.stores.get(volume_id)
             if store is not None:
                 store.configure(epoch, replicas)
+
+    def stand_down(self, volume_ids: Iterable[str]) -> None:
+        """These volumes are held here but not as primary: no forwarding (see ReplicatedStore)."""
+        for volume_id in volume_ids:
+            store = self.stores.get(volume_id)
+            if store is not None and store.epoch is not None:
+                store.stand_down()
 
     def replica_states(self, now: float) -> dict[str, tuple[ReplicaState, ...]]:
         return {vid: s.replica_states(now) for vid, s in self.stores.items() if s.replicas}

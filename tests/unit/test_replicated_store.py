@@ -241,3 +241,21 @@ async def test_a_write_may_run_outside_a_task() -> None:
     loop.call_soon(step)
     assert isinstance(await stepped, asyncio.Future)  # suspended on the replicas' ACK
     coro.close()
+
+
+async def test_standing_down_fails_the_waiting_writes_and_stops_forwarding() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    task = asyncio.create_task(h.store.write(0, b"i" * BS))
+    await h.up()
+    h.store.stand_down()  # demoted: a new epoch made another node primary
+    await settle()
+    assert isinstance(task.exception(), StoreUnavailable)
+    assert h.links["n2"].closed and h.store.replicas == {} and h.store.epoch is None
+    h.store.configure(3, [("n3", "h:2")])  # primary again later: afresh, nothing old resent
+    again = asyncio.create_task(h.store.write(BS, b"j" * BS))
+    await h.up()
+    assert [(m.epoch, m.seq) for m in h.links["n3"].ops()] == [(3, 1)]
+    h.links["n3"].ack(1)
+    await settle()
+    assert again.done() and again.exception() is None
