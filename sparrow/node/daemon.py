@@ -103,6 +103,9 @@ class NodeConfig:
     fence_margin: float = DEFAULT_FENCE_MARGIN
     #: Seconds a replica may leave a forwarded write unacknowledged before it is reported behind.
     replication_ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    #: Wrap each volume's store so a primary forwards to its replicas (False: ``sparrow serve``,
+    #: one copy, the plain store).
+    forward_writes: bool = True
 
 
 def node_config(
@@ -393,10 +396,12 @@ async def start_node(
     settings = settings if settings is not None else TargetSettings(portals=(), tpgt=TPGT)
     server = IscsiServer(registry, settings, metrics)
     assert config.cluster_secret is not None  # node_config requires it
-    forwarding = Forwarding(
-        config.node_id, config.cluster_secret, ack_timeout=config.replication_ack_timeout, clock=loop.time
-    )
-    cleanup.push_async_callback(forwarding.close)
+    forwarding = None
+    if config.forward_writes:
+        forwarding = Forwarding(
+            config.node_id, config.cluster_secret, ack_timeout=config.replication_ack_timeout, clock=loop.time
+        )
+        cleanup.push_async_callback(forwarding.close)
     volumes = NodeVolumes(
         manager,
         registry,
@@ -447,7 +452,8 @@ async def start_node(
         supervisor=supervisor,
     )
     cleanup.push_async_callback(heartbeat.stop)
-    forwarding.on_lagging = heartbeat.send_now
+    if forwarding is not None:
+        forwarding.on_lagging = heartbeat.send_now
     node = Node(
         config,
         record.incarnation,

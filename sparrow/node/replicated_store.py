@@ -89,6 +89,9 @@ class _Replica:
     lagging: bool = False
     #: A lost connection waits RECONNECT_DELAY before the next attempt.
     backing_off: bool = False
+    #: ``base`` is chosen for the epoch (by its first stream); the highest op index sent in it.
+    based: bool = False
+    sent_high: int = 0
 
 
 OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
@@ -218,6 +221,7 @@ class ReplicatedStore:
                 self._connect(replica)
             elif new_epoch or portal != replica.portal:
                 replica.portal = portal
+                replica.based = replica.based and not new_epoch
                 self._connect(replica)
         self._progress()
 
@@ -286,10 +290,22 @@ class ReplicatedStore:
             replica.durable = max(replica.durable, replica.base + acked.durable_seq)
         self._progress()
 
-    def on_link_lost(self, node: str, stream: PrimaryStream, reason: str) -> None:
+    def on_link_lost(
+        self, node: str, stream: PrimaryStream, reason: str, *, ahead: int | None = None
+    ) -> None:
+        """The stream ended; ``ahead``: the replica refused it as a REPEAT, having applied that
+        seq of this epoch. Ops of ours: it has them. More than this process sent in the epoch
+        (this primary restarted at the same epoch): the next stream goes on after its position;
+        what the earlier process sent and did not get acknowledged was never acknowledged to
+        an initiator."""
         replica = self.replicas.get(node)
         if replica is None or replica.stream is not stream or self.closed:
             return
+        if ahead is not None and replica.based:
+            if replica.base + ahead <= replica.sent_high:
+                replica.applied = max(replica.applied, replica.base + ahead)
+            else:
+                replica.base = replica.applied - ahead
         log.info("replication stream lost", volume_id=self.volume_id, replica=node, reason=reason)
         replica.link = None
         replica.stream = None
@@ -316,23 +332,26 @@ class ReplicatedStore:
             return  # waited for until the master knows its portal or drops it
         if self._oldest_pending(replica) is None:
             return  # lazily: the first op to send opens the stream
+        if not replica.based:
+            # The epoch's first stream: seq 1 is the first op the replica has not acknowledged,
+            # or a flush it applied and has not yet said is durable (resent under the new epoch).
+            start = replica.applied
+            for index in range(max(replica.durable + 1, self._first), replica.applied + 1):
+                if self._ops[index - self._first].kind is MsgType.FLUSH:
+                    start = index - 1
+                    break
+            replica.base, replica.based, replica.sent_high = start, True, start
+            replica.sent = start
+        else:  # the same epoch again: the replica's position goes on, nothing is resent
+            replica.sent = replica.applied
         stream = PrimaryStream(
             self.volume_id,
             self.epoch,
             self.node_id,
-            first_seq=1,
+            first_seq=replica.sent - replica.base + 1,
             ack_timeout=self.ack_timeout,
         )
         replica.stream = stream
-        # Resend from the first op the replica has not acknowledged, or from a flush it applied
-        # and has not yet said is durable.
-        start = replica.applied
-        for index in range(max(replica.durable + 1, self._first), replica.applied + 1):
-            if self._ops[index - self._first].kind is MsgType.FLUSH:
-                start = index - 1
-                break
-        replica.base = start
-        replica.sent = start
         replica.link = self.open_link(self, replica.node_id, replica.portal, stream)
 
     def stream_open(self, node: str, stream: PrimaryStream) -> None:
@@ -379,6 +398,7 @@ class ReplicatedStore:
                 return
             link.send(data)
             replica.sent += 1
+            replica.sent_high = max(replica.sent_high, replica.sent)
 
     def _oldest_pending(self, replica: _Replica) -> float | None:
         if replica.applied < self.last:
@@ -543,6 +563,7 @@ class ChannelLink:
 
     async def _run(self) -> None:
         reason = "closed"
+        ahead: int | None = None
         try:
             host, _, port = self.portal.rpartition(":")
             reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
@@ -573,13 +594,17 @@ class ChannelLink:
                         self._acks(event.data)
         except asyncio.CancelledError:
             raise
+        except ReplicationError as e:
+            reason = f"{type(e).__name__}: {e}"
+            if e.remote and e.code is protocol.ErrorCode.REPEAT and e.seq is not None:
+                ahead = e.seq
         except Exception as e:  # any end of the connection: the store reconnects
             reason = f"{type(e).__name__}: {e}"
         finally:
             if self.writer is not None:
                 self.writer.transport.abort()
         if not self._closed:
-            self.store.on_link_lost(self.node, self.stream, reason)
+            self.store.on_link_lost(self.node, self.stream, reason, ahead=ahead)
 
     def _acks(self, data: bytes) -> None:
         for acked in self.stream.feed(data):

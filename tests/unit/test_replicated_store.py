@@ -39,7 +39,7 @@ class FakeLink:
         if not self.is_up:
             self.is_up = True
             self.store.stream_open(self.node, self.stream)
-            self.ack(0)
+            self.ack(self.stream.first_seq - 1)
 
     def ack(self, applied: int, durable: int = 0) -> None:
         data = protocol.encode(protocol.Ack(VOLUME, self.stream.epoch, applied, durable))
@@ -259,3 +259,22 @@ async def test_standing_down_fails_the_waiting_writes_and_stops_forwarding() -> 
     h.links["n3"].ack(1)
     await settle()
     assert again.done() and again.exception() is None
+
+
+async def test_a_restarted_primary_resumes_the_epoch_where_the_replica_stands() -> None:
+    """Same epoch, new process: the replica refuses seq 1 as a REPEAT at its position (520); the
+    next stream goes on at 521 and the write completes once it is acknowledged there."""
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    task = asyncio.create_task(h.store.write(0, b"k" * BS))
+    await settle()
+    first = h.links["n2"]
+    h.store.on_link_lost("n2", first.stream, "repeat", ahead=520)
+    h.store._reconnect("n2")  # the 50 ms timer's callback
+    again = h.links["n2"]
+    assert again is not first and again.stream.first_seq == 521
+    again.up()
+    assert [m.seq for m in again.ops()] == [521]
+    again.ack(521)
+    await settle()
+    assert task.done() and task.exception() is None
