@@ -18,6 +18,7 @@
     sparrow node forget ID
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S] [--fence-margin S]
+                  [--replication-ack-timeout S]
     sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
@@ -391,6 +392,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             cluster_secret_file=args.cluster_secret_file,
             allow_backing=tuple(args.allow_backing or ()),
             fence_margin=args.fence_margin,
+            replication_ack_timeout=args.replication_ack_timeout,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -806,6 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=float,
         help="stop serving this long before the lease expires (default 0.5)",
+    )
+    node.add_argument(
+        "--replication-ack-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="report a replica behind after this long without its acknowledgement (default 2)",
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

@@ -208,6 +208,7 @@ async def serve(config: Config) -> int:
             fence_margin=TIMING.fence_margin,
             cluster_secret=secret,
             allowed_backing=config.allowed_backing,
+            forward_writes=False,  # one copy: the plain store
         )
         node = await start_node(
             node_config,

@@ -93,6 +93,12 @@ class StoreClosed(StoreError):
         super().__init__(f"block store {path} is closed")
 
 
+class StoreUnavailable(StoreError):
+    """The operation cannot complete now but may later (a replicated volume whose replicas did not
+    acknowledge in time). The SCSI layer answers NOT READY, ASYMMETRIC ACCESS STATE TRANSITION
+    (04h/0Ah), which initiators retry; the command is never answered GOOD."""
+
+
 class StoreRangeError(StoreError):
     """An offset, length or size outside what the store holds (a caller bug: the LU checks LBAs first)."""
 

@@ -53,6 +53,7 @@ from frontend.scsi.sense import (
     CAPACITY_DATA_CHANGED,
     LBA_OUT_OF_RANGE,
     LOGICAL_UNIT_NOT_SUPPORTED,
+    LU_NOT_ACCESSIBLE_TRANSITION,
     LU_NOT_READY_CAUSE_NOT_REPORTABLE,
     MODE_PARAMETERS_CHANGED,
     POWER_ON_OCCURRED,
@@ -68,7 +69,7 @@ from frontend.scsi.sense import (
     fixed_sense,
 )
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
-from store.blockstore import BlockStore, StoreClosed, StoreIOError, StoreOp, StoreRangeError
+from store.blockstore import BlockStore, StoreClosed, StoreIOError, StoreOp, StoreRangeError, StoreUnavailable
 
 __all__ = ["AccessState", "LogicalUnit", "LuIdentity", "ResetKind", "no_such_lun", "report_luns"]
 
@@ -316,6 +317,8 @@ class LogicalUnit(
             return check_result(SenseKey.MEDIUM_ERROR, WRITE_ERROR)
         except StoreClosed:
             return check_result(SenseKey.NOT_READY, LU_NOT_READY_CAUSE_NOT_REPORTABLE)
+        except StoreUnavailable:  # replicas did not acknowledge in time: retryable, never GOOD
+            return check_result(SenseKey.NOT_READY, LU_NOT_ACCESSIBLE_TRANSITION)
         except StoreRangeError:
             return check_result(SenseKey.ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 

@@ -78,6 +78,7 @@ from sparrow.cluster.messages import (
     split_portal,
 )
 from sparrow.metrics import VolumeMetrics
+from sparrow.node.replicated_store import Forwarding
 from sparrow.node.sessions import NoSessions, SessionControl
 from sparrow.supervision import TaskSupervisor
 from store.blockstore import StoreError
@@ -164,8 +165,11 @@ class NodeVolumes:
         tpgt: int = 1,
         metrics: VolumeMetrics | None = None,
         sessions: SessionControl | None = None,
+        forwarding: Forwarding | None = None,
     ) -> None:
         self.manager = manager
+        #: Wraps each exported store so a primary forwards to its replicas (None: ``sparrow serve``).
+        self.forwarding = forwarding
         self.registry = registry
         self.base_iqn = base_iqn
         self.tpgt = tpgt
@@ -283,6 +287,8 @@ class NodeVolumes:
         await self.sessions.disconnect(entry.iqn, "volume released by this node")
         if self.metrics is not None:
             self.metrics.volume_removed(entry.name)
+        if self.forwarding is not None:
+            self.forwarding.forget(volume_id)
         with contextlib.suppress(StoreError):  # flush and close the store; data and record stay
             await self.manager.close_volume(entry.name)
         log.info("target unexported", volume=entry.name, volume_id=volume_id)
@@ -372,8 +378,11 @@ class NodeVolumes:
 
     def _export(self, volume: Volume) -> None:
         meta = volume.meta
+        store = (
+            volume.store if self.forwarding is None else self.forwarding.wrap(meta.volume_id, volume.store)
+        )
         lu = LogicalUnit(
-            volume.store,
+            store,
             LuIdentity(volume=meta.name, serial=meta.serial, naa=bytes.fromhex(meta.naa)),
             reservations=Reservations(meta.reservations or None),
             on_reservations_changed=self._reservation_saver(meta.name),
@@ -673,8 +682,35 @@ class Convergence:
         return ()
 
     def observations(self, now: float) -> tuple[VolumeObservation, ...]:
-        """What the next heartbeat reports (the adapter's view: persisted epochs and roles)."""
-        return self.adapter.observations(now)
+        """What the next heartbeat reports (the adapter's view: persisted epochs and roles; a
+        primary's replicas as its forwarding sees them)."""
+        forwarding = self.volumes.forwarding
+        if forwarding is None:
+            return self.adapter.observations(now)
+        return self.adapter.observations(now, replica_states=forwarding.replica_states(now))
+
+    def _retarget(self) -> None:
+        """Tell the forwarding the in-sync replicas of each volume this node has persisted as
+        primary at the latest Ack's epoch (others are left as they are)."""
+        forwarding, ack = self.volumes.forwarding, self._last_ack
+        if forwarding is None or ack is None:
+            return
+        targets = {}
+        for assignment in ack.assignments:
+            held = self.adapter.state.get(assignment.volume_id)
+            if (
+                held is not None
+                and held.role is Role.PRIMARY
+                and held.epoch == assignment.epoch
+                and assignment.primary == self.adapter.node_id
+            ):
+                targets[assignment.volume_id] = (held.epoch, self.replication_targets(assignment.volume_id))
+        forwarding.retarget(targets)
+        forwarding.stand_down(
+            volume_id
+            for volume_id in self.volumes.exported()
+            if (held := self.adapter.state.get(volume_id)) is None or held.role is not Role.PRIMARY
+        )
 
     # ---- the fence ----------------------------------------------------------------------------------
 
@@ -772,6 +808,7 @@ class Convergence:
             self.last_error = None
         finally:
             self._update_directory()  # a volume closed by the plan is now served elsewhere
+            self._retarget()  # after the plan persisted the assignment: forward under its epoch
             self._queue.task_done()
         if done is not None and not done.done():  # the waiter may have given up
             if error is None:

@@ -63,8 +63,10 @@ from sparrow.lifecycle import (
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
+from sparrow.node.replicated_store import Forwarding
 from sparrow.node.replication import ReplicaServer, start_replica_server
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
+from sparrow.replication.protocol import DEFAULT_ACK_TIMEOUT
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.blockstore import StoreError
@@ -99,6 +101,11 @@ class NodeConfig:
     allowed_backing: tuple[str, ...] = ()
     #: Seconds before its lease expires at which the node fences (sparrow.cluster.lease).
     fence_margin: float = DEFAULT_FENCE_MARGIN
+    #: Seconds a replica may leave a forwarded write unacknowledged before it is reported behind.
+    replication_ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    #: Wrap each volume's store so a primary forwards to its replicas (False: ``sparrow serve``,
+    #: one copy, the plain store).
+    forward_writes: bool = True
 
 
 def node_config(
@@ -115,6 +122,7 @@ def node_config(
     cluster_secret_file: str | None = None,
     allow_backing: tuple[str, ...] = (),
     fence_margin: float | None = None,
+    replication_ack_timeout: float | None = None,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -148,7 +156,11 @@ def node_config(
     margin = DEFAULT_FENCE_MARGIN if fence_margin is None else fence_margin
     if not 0 <= margin < math.inf:
         raise ConfigError("--fence-margin must be a non-negative number of seconds", usage=True)
+    ack_timeout = DEFAULT_ACK_TIMEOUT if replication_ack_timeout is None else replication_ack_timeout
+    if not 0 < ack_timeout < math.inf:
+        raise ConfigError("--replication-ack-timeout must be a positive number of seconds", usage=True)
     return NodeConfig(
+        replication_ack_timeout=ack_timeout,
         data_dir=Path(data_dir),
         node_id=node_id,
         master=master_hp,
@@ -383,6 +395,13 @@ async def start_node(
     registry = TargetRegistry()
     settings = settings if settings is not None else TargetSettings(portals=(), tpgt=TPGT)
     server = IscsiServer(registry, settings, metrics)
+    assert config.cluster_secret is not None  # node_config requires it
+    forwarding = None
+    if config.forward_writes:
+        forwarding = Forwarding(
+            config.node_id, config.cluster_secret, ack_timeout=config.replication_ack_timeout, clock=loop.time
+        )
+        cleanup.push_async_callback(forwarding.close)
     volumes = NodeVolumes(
         manager,
         registry,
@@ -390,6 +409,7 @@ async def start_node(
         tpgt=settings.tpgt,
         metrics=metrics,
         sessions=ServerSessions(server),
+        forwarding=forwarding,
     )
     lease = LeaseClock(fence_margin=config.fence_margin)
     adapter = Adapter(config.node_id, state)
@@ -432,6 +452,8 @@ async def start_node(
         supervisor=supervisor,
     )
     cleanup.push_async_callback(heartbeat.stop)
+    if forwarding is not None:
+        forwarding.on_lagging = heartbeat.send_now
     node = Node(
         config,
         record.incarnation,

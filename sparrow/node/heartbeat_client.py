@@ -181,6 +181,13 @@ class HeartbeatClient:
         #: The lease the last Ack granted; sets how long a silent master is waited for.
         self._last_lease = DEFAULT_LEASE_SECONDS
         self._last_ack_at = 0.0
+        #: Set by :meth:`send_now`: the next heartbeat goes out at once.
+        self._now = asyncio.Event()
+
+    def send_now(self) -> None:
+        """Send the next heartbeat at once (a replica stopped acknowledging: the master must hear
+        it now, not at the next tick); the schedule stays as it was."""
+        self._now.set()
 
     def silence_limit(self) -> float:
         """How long a connection may go without an Ack before it is dropped and made again: twice
@@ -280,8 +287,15 @@ class HeartbeatClient:
                 next_at += self.interval
                 if next_at <= loop.time():  # fell behind (a stalled write): do not burst
                     next_at = loop.time() + self.interval
-                done, _ = await asyncio.wait({receiving}, timeout=next_at - loop.time())
-                if done:
+                poked = loop.create_task(self._now.wait(), name="node-heartbeat-now")
+                try:
+                    done, _ = await asyncio.wait(
+                        {receiving, poked}, timeout=next_at - loop.time(), return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    poked.cancel()
+                self._now.clear()
+                if receiving in done:
                     receiving.result()  # raises why the receive side ended
                     raise EOFError("the master closed the connection")
         finally:

@@ -76,6 +76,8 @@ DEFAULT_MAX_UNAPPLIED = 4096
 WRITE_HIGH_WATER = 64 << 10
 #: ... and above which the peer is cut off at once.
 MAX_ACK_BUFFER = 1 << 20
+#: The replica ACKs at least every this many applies while more are queued (docs/replication.md).
+ACK_EVERY = 16
 #: The kernel send buffer asked for on each connection: a replica sends only small ACKs.
 SEND_BUFFER = 16 << 10
 #: Zeros written at a time where the store cannot punch holes, and write-same chunks.
@@ -411,6 +413,7 @@ class ReplicaConnection(asyncio.Protocol):
     # -- applying -------------------------------------------------------------------------------------
 
     async def _apply_loop(self) -> None:
+        unacked = 0
         try:
             while self.closed_reason is None:
                 if not self._queue:
@@ -439,7 +442,11 @@ class ReplicaConnection(asyncio.Protocol):
                 self.server.metrics.applied.inc()
                 if isinstance(apply, ApplyWrite):
                     self.server.metrics.applied_bytes.inc(len(apply.data))
-                if self.closed_reason is None:
+                unacked += 1
+                # ACKs are cumulative: one for a run of applies queued back to back (at most
+                # ACK_EVERY), at once for a durable one or when nothing more is queued.
+                if self.closed_reason is None and (durable or not self._queue or unacked >= ACK_EVERY):
+                    unacked = 0
                     self._write(self.channel.send(ack))
                     self._flow()
         except Exception:

@@ -138,11 +138,15 @@ class ReplicationError(Exception):
     """The stream cannot go on; ``code`` says why (and is what a REFUSE puts on the wire).
     ``remote`` is True when the peer sent the refusal."""
 
-    def __init__(self, code: ErrorCode, message: str, *, remote: bool = False) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, *, remote: bool = False, seq: int | None = None
+    ) -> None:
         super().__init__(f"{code.reason}: {message}")
         self.code = code
         self.message = message
         self.remote = remote
+        #: For a REFUSE: the replica's applied seq for that volume and epoch (where to reopen).
+        self.seq = seq
 
 
 def _fail(code: ErrorCode, message: str) -> NoReturn:
@@ -911,7 +915,7 @@ class PrimaryStream:
     def _receive(self, message: Message) -> Acked:
         if isinstance(message, Refuse):
             self._move(PrimaryInput.RECV_REFUSE)
-            raise ReplicationError(message.code, message.reason, remote=True)
+            raise ReplicationError(message.code, message.reason, remote=True, seq=message.seq)
         if not isinstance(message, Ack):
             _fail(ErrorCode.UNEXPECTED, f"a replica sent {type(message).__name__}")
         if message.volume_id != self.volume_id or message.epoch != self.epoch:

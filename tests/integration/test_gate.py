@@ -160,8 +160,9 @@ def test_the_writer_follows_the_login_redirect_and_reconnects_through_it(
 ) -> None:
     """The writer (depth 1, FUA) logs in at the replica's portal, which redirects it to the primary
     (libiscsi follows "target moved temporarily" by itself); kill -9 of the primary and a restart,
-    at each kill point: it logs in again through the redirect and goes on. The writes are on the
-    primary's copy (nothing forwards them to the replica yet)."""
+    at each kill point: it logs in again through the redirect and goes on. The restarted primary
+    resumes its stream to the replica where the replica stands (same epoch), so every acknowledged
+    write is on both copies."""
     rnd = random.Random(seed)
     cluster2.cli("volume", "create", "gate", "--size", "16MiB", "--replicas", "2")
     v = cluster2.wait_converged("gate", epoch=1, copies=2)
@@ -187,9 +188,7 @@ def test_the_writer_follows_the_login_redirect_and_reconnects_through_it(
         {
             "through the redirect": read_through_target(replica.url("gate"), BLOCKS),
             "primary's data file": read_data_file(primary.data_dir / "volumes" / "gate.img", BLOCKS),
+            "replica's data file": read_data_file(replica.data_dir / "volumes" / "gate.img", BLOCKS),
         },
         seed,
-    )
-    assert read_data_file(replica.data_dir / "volumes" / "gate.img", BLOCKS) == dict.fromkeys(
-        range(BLOCKS), "zero"
     )

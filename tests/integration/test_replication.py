@@ -82,14 +82,16 @@ class Setup:
     def refusals(self, reason: str) -> float:
         return sample(self.replica.metrics(), "sparrow_replication_refused_total", reason=reason)
 
-    def refusal_logged(self, reason: str) -> dict[str, object]:
+    def refusal_logged(self, reason: str, timeout: float = 0.0) -> dict[str, object]:
         def found() -> dict[str, object] | None:
             records = [
                 r for r in self.replica.events("refused replication connection") if r["reason"] == reason
             ]
             return records[-1] if records else None
 
-        record = wait_for(found, timeout=CLOSE_WITHIN, what=f"a refusal ({reason}) in the replica's log")
+        record = wait_for(
+            found, timeout=timeout or CLOSE_WITHIN, what=f"a refusal ({reason}) in the replica's log"
+        )
         assert record["level"] == "warning" and str(record["peer"]).startswith("127.0.0.1:"), record
         return record
 
@@ -286,7 +288,7 @@ def test_a_peer_that_stops_reading_its_acks_is_disconnected(setup: Setup) -> Non
     def flood() -> None:
         seq = first
         try:
-            for _ in range(400):
+            for _ in range(1000):  # the replica ACKs at most every 16 applies: ~4000 ACKs unread
                 batch = []
                 for _ in range(64):
                     batch.append(Write(setup.volume_id, 2, seq, region + (seq % 2048) * 512, bytes(512)))
@@ -297,7 +299,9 @@ def test_a_peer_that_stops_reading_its_acks_is_disconnected(setup: Setup) -> Non
 
     sender = threading.Thread(target=flood, daemon=True)
     sender.start()
-    setup.refusal_logged("not_reading")  # never reading a byte of the ACKs
+    # Never reading a byte of the ACKs. They are cumulative (one per up to 16 applies), so it is
+    # the 64 KiB-for-5 s rule that cuts the peer off, once the flood has piled them up.
+    setup.refusal_logged("not_reading", timeout=CLOSE_WITHIN + 10)
     sender.join(timeout=30)
     assert not sender.is_alive()
     assert link.closed_within(CLOSE_WITHIN)  # cut off (what it sends may have been buffered first)

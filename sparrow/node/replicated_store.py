@@ -1,0 +1,702 @@
+"""The primary's write path: a BlockStore that forwards every write, unmap and flush to each in-sync
+replica and returns only once its own operation and every in-sync replica's ACK are in
+(docs/replication.md, "The acknowledgement rule").
+
+Below the LU: the LU calls ``write``/``unmap``/``flush`` as on any store (WRITE SAME arrives as
+writes or an unmap, a FUA write as a write then a flush). Each operation is appended to the volume's
+forward log in call order (one op index per message; a write larger than ``MAX_PAYLOAD`` is several)
+and handed at once to every replica's stream, so all replicas get the same operations in the same
+order; the local operation runs meanwhile. The caller waits until every replica of the current target
+set has applied its last op (made it durable, for a flush). The log keeps each op until every target
+has applied it, so a stream reopened under a new epoch (or a new connection) resends what is not yet
+acknowledged, in order.
+
+A target set is known only once the node has persisted the assignment (``configure``, called after
+each convergence plan); until then writes wait (no targets known is not zero targets). A replica
+whose oldest unacknowledged op is ``ack_timeout`` old is *lagging*: reported not IN_SYNC
+(``replica_states``) and ``on_lagging`` is called (the daemon sends a heartbeat at once); writes go on
+waiting for it until a new epoch's target set no longer names it. Past ``hold_timeout`` a write fails
+with :class:`StoreUnavailable` (the LU answers NOT READY, 04/0A, which initiators retry), never GOOD.
+
+The core (log, per-replica progress, waiters, lag) takes ``now`` from ``clock``; the network side is
+:class:`ChannelLink` (one cluster-channel connection per (volume, replica)), created through
+``open_link`` so unit tests pass fake links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
+from sparrow.cluster.messages import ReplicaState, SyncState
+from sparrow.replication import protocol
+from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
+from store.blockstore import BlockStore, StoreUnavailable
+
+log = structlog.get_logger("sparrow.node.forward")
+
+#: How long a write may wait for its replicas (including a lagging one being dropped by the master
+#: under a new epoch) before it fails with a retryable error.
+DEFAULT_HOLD_TIMEOUT = 10.0
+#: The forward log's bounds: appending waits while this many ops or bytes are not yet applied by
+#: every target.
+LOG_OPS = 4096
+LOG_BYTES = 64 << 20
+#: An UNMAP message's length is a u32: larger unmaps are sent as several of this size.
+UNMAP_CHUNK = 1 << 30
+#: Between two connection attempts to a replica (it may not have persisted the epoch yet).
+RECONNECT_DELAY = 0.05
+READ_SIZE = 1 << 16
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: MsgType
+    offset: int
+    data: memoryview | None
+    length: int
+    at: float
+
+
+class Link(Protocol):
+    """One connection carrying a stream to one replica (the I/O side)."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Replica:
+    node_id: str
+    portal: str | None
+    #: Highest op index applied by the replica / made durable (as its ACKs said).
+    applied: int
+    durable: int
+    #: The stream of the current connection; op index = base + seq.
+    stream: PrimaryStream | None = None
+    base: int = 0
+    #: Highest op index handed to the current stream.
+    sent: int = 0
+    link: Link | None = None
+    lagging: bool = False
+    #: A lost connection waits RECONNECT_DELAY before the next attempt.
+    backing_off: bool = False
+    #: ``base`` is chosen for the epoch (by its first stream); the highest op index sent in it.
+    based: bool = False
+    sent_high: int = 0
+
+
+OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
+
+
+class ReplicatedStore:
+    """A primary's store: ``inner`` plus forwarding to the in-sync replicas (see the module docstring)."""
+
+    def __init__(
+        self,
+        inner: BlockStore,
+        volume_id: str,
+        node_id: str,
+        *,
+        clock: Callable[[], float],
+        open_link: OpenLink | None,
+        ack_timeout: float = protocol.DEFAULT_ACK_TIMEOUT,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
+        on_lagging: Callable[[], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.block_size = inner.block_size
+        self.volume_id = volume_id
+        self.node_id = node_id
+        self.clock = clock
+        self.open_link = open_link
+        self.ack_timeout = ack_timeout
+        self.hold_timeout = hold_timeout
+        self.on_lagging = on_lagging
+        #: None until the first ``configure``: writes wait.
+        self.epoch: int | None = None
+        self.replicas: dict[str, _Replica] = {}
+        self._ops: collections.deque[_Op] = collections.deque()
+        self._first = 1  # op index of _ops[0]
+        self.last = 0  # op index of the last op appended
+        self._log_bytes = 0
+        self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
+        self._room_waiters: list[asyncio.Future[None]] = []
+        self.closed = False
+
+    # ---- BlockStore ---------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def supports_unmap(self) -> bool:
+        return self.inner.supports_unmap
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.inner.read(offset, length)
+
+    async def mapped_extent(self, offset: int) -> tuple[bool, int]:
+        return await self.inner.mapped_extent(offset)
+
+    async def resize(self, new_size: int) -> None:
+        await self.inner.resize(new_size)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.epoch is not None and not self.replicas:
+            await self.inner.write(offset, data)  # one copy: no overhead
+            return
+        view = memoryview(data).cast("B")
+        await self._room(len(view))
+        index = 0
+        for start in range(0, len(view), MAX_PAYLOAD):
+            chunk = view[start : start + MAX_PAYLOAD]
+            index = self._append(_Op(MsgType.WRITE, offset + start, chunk, len(chunk), self.clock()))
+        await self.inner.write(offset, data)
+        await self._wait(index, durable=False)
+
+    async def unmap(self, offset: int, length: int) -> None:
+        if self.epoch is not None and not self.replicas:
+            await self.inner.unmap(offset, length)
+            return
+        await self._room(0)
+        index = 0
+        for start in range(0, length, UNMAP_CHUNK):
+            take = min(UNMAP_CHUNK, length - start)
+            index = self._append(_Op(MsgType.UNMAP, offset + start, None, take, self.clock()))
+        await self.inner.unmap(offset, length)
+        await self._wait(index, durable=False)
+
+    async def flush(self) -> None:
+        if self.epoch is not None and not self.replicas:
+            await self.inner.flush()
+            return
+        await self._room(0)
+        index = self._append(_Op(MsgType.FLUSH, 0, None, 0, self.clock()))
+        await self.inner.flush()
+        await self._wait(index, durable=True)
+
+    async def close(self) -> None:
+        self.closed = True
+        for replica in self.replicas.values():
+            if replica.link is not None:
+                replica.link.close()
+                replica.link = None
+        self._fail_waiters("the volume was closed here")
+        await self.inner.close()
+
+    # ---- configuration ------------------------------------------------------------------------------
+
+    def configure(self, epoch: int, targets: Sequence[tuple[str, str | None]]) -> None:
+        """The persisted assignment at ``epoch`` names ``targets`` (in-sync replicas, with their
+        replication portals). A new epoch reopens every stream under it (resending what each replica
+        has not acknowledged); a replica no longer named stops counting for the waiting writes."""
+        if self.epoch is not None and epoch < self.epoch:
+            return
+        wanted = dict(targets)
+        new_epoch = epoch != self.epoch
+        self.epoch = epoch
+        for node in [n for n in self.replicas if n not in wanted]:
+            gone = self.replicas.pop(node)
+            if gone.link is not None:
+                gone.link.close()
+            log.info("replica no longer forwarded to", volume_id=self.volume_id, replica=node, epoch=epoch)
+        for node, portal in wanted.items():
+            replica = self.replicas.get(node)
+            if replica is None:
+                # Named in sync by the master: at the first configuration every op still in the log
+                # (queued before it) is sent; later (added back) everything the log still holds.
+                start = self._first - 1
+                replica = _Replica(node, portal, applied=start, durable=start)
+                self.replicas[node] = replica
+                self._connect(replica)
+            elif new_epoch or portal != replica.portal:
+                replica.portal = portal
+                replica.based = replica.based and not new_epoch
+                self._connect(replica)
+        self._progress()
+
+    def stand_down(self) -> None:
+        """No longer this volume's primary (demoted or released): stop forwarding, forget the log,
+        fail the waiting operations (the LU no longer answers them GOOD anyway); a later
+        ``configure`` starts afresh."""
+        for replica in self.replicas.values():
+            if replica.link is not None:
+                replica.link.close()
+        self.replicas.clear()
+        self.epoch = None
+        self._ops.clear()
+        self._log_bytes = 0
+        self._first = self.last + 1
+        self._fail_waiters("this node is no longer the volume's primary")
+
+    def replica_states(self, now: float) -> tuple[ReplicaState, ...]:
+        """Each target as this primary reports it: IN_SYNC while it keeps up, FAILED once lagging."""
+        self.check(now)
+        return tuple(
+            ReplicaState(r.node_id, SyncState.FAILED if r.lagging else SyncState.IN_SYNC, 0)
+            for r in self.replicas.values()
+        )
+
+    def check(self, now: float) -> bool:
+        """Mark replicas whose oldest unacknowledged op is ``ack_timeout`` old as lagging; True
+        (and ``on_lagging`` called) if one newly is."""
+        newly = False
+        for replica in self.replicas.values():
+            if replica.lagging:
+                continue
+            since = self._oldest_pending(replica)
+            if since is not None and now - since >= self.ack_timeout:
+                replica.lagging = True
+                newly = True
+                log.warning(
+                    "replica lagging",
+                    volume_id=self.volume_id,
+                    replica=replica.node_id,
+                    epoch=self.epoch,
+                    applied=replica.applied,
+                    last=self.last,
+                )
+        if newly and self.on_lagging is not None:
+            self.on_lagging()
+        return newly
+
+    def deadline(self) -> float | None:
+        """When the next replica would turn lagging unless ACKs arrive (None: nothing pending)."""
+        times = [
+            t for r in self.replicas.values() if not r.lagging and (t := self._oldest_pending(r)) is not None
+        ]
+        return min(times) + self.ack_timeout if times else None
+
+    # ---- link events --------------------------------------------------------------------------------
+
+    def on_acked(self, node: str, stream: PrimaryStream, acked: Acked) -> None:
+        replica = self.replicas.get(node)
+        if replica is None or replica.stream is not stream:
+            return  # a closed stream's late ACK
+        applied = replica.base + acked.applied_seq
+        if applied > replica.applied:
+            replica.applied = applied
+        if acked.durable_seq > 0:
+            replica.durable = max(replica.durable, replica.base + acked.durable_seq)
+        self._progress()
+
+    def on_link_lost(
+        self, node: str, stream: PrimaryStream, reason: str, *, ahead: int | None = None
+    ) -> None:
+        """The stream ended; ``ahead``: the replica refused it as a REPEAT, having applied that
+        seq of this epoch. Ops of ours: it has them. More than this process sent in the epoch
+        (this primary restarted at the same epoch): the next stream goes on after its position;
+        what the earlier process sent and did not get acknowledged was never acknowledged to
+        an initiator."""
+        replica = self.replicas.get(node)
+        if replica is None or replica.stream is not stream or self.closed:
+            return
+        if ahead is not None and replica.based:
+            if replica.base + ahead <= replica.sent_high:
+                replica.applied = max(replica.applied, replica.base + ahead)
+            else:
+                replica.base = replica.applied - ahead
+        log.info("replication stream lost", volume_id=self.volume_id, replica=node, reason=reason)
+        replica.link = None
+        replica.stream = None
+        replica.backing_off = True
+        loop = asyncio.get_running_loop()
+        loop.call_later(RECONNECT_DELAY, self._reconnect, node)
+
+    def _reconnect(self, node: str) -> None:
+        replica = self.replicas.get(node)
+        if replica is None or self.closed:
+            return
+        replica.backing_off = False
+        if replica.stream is None:
+            self._connect(replica)
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _connect(self, replica: _Replica) -> None:
+        if replica.link is not None:
+            replica.link.close()
+            replica.link = None
+        replica.stream = None
+        if replica.portal is None or self.epoch is None or self.open_link is None:
+            return  # waited for until the master knows its portal or drops it
+        if self._oldest_pending(replica) is None:
+            return  # lazily: the first op to send opens the stream
+        if not replica.based:
+            # The epoch's first stream: seq 1 is the first op the replica has not acknowledged,
+            # or a flush it applied and has not yet said is durable (resent under the new epoch).
+            start = replica.applied
+            for index in range(max(replica.durable + 1, self._first), replica.applied + 1):
+                if self._ops[index - self._first].kind is MsgType.FLUSH:
+                    start = index - 1
+                    break
+            replica.base, replica.based, replica.sent_high = start, True, start
+            replica.sent = start
+        else:  # the same epoch again: the replica's position goes on, nothing is resent
+            replica.sent = replica.applied
+        stream = PrimaryStream(
+            self.volume_id,
+            self.epoch,
+            self.node_id,
+            first_seq=replica.sent - replica.base + 1,
+            ack_timeout=self.ack_timeout,
+        )
+        replica.stream = stream
+        replica.link = self.open_link(self, replica.node_id, replica.portal, stream)
+
+    def stream_open(self, node: str, stream: PrimaryStream) -> None:
+        """The link's channel is up: send the OPEN and everything pending."""
+        replica = self.replicas.get(node)
+        if replica is None or replica.stream is not stream or replica.link is None:
+            return
+        replica.link.send(stream.open(self.clock()))
+        self._pump(replica)
+
+    def _append(self, op: _Op) -> int:
+        self._ops.append(op)
+        self._log_bytes += op.length if op.data is not None else 0
+        self.last += 1
+        for replica in self.replicas.values():
+            if replica.link is None and not replica.backing_off:
+                self._connect(replica)
+            else:
+                self._pump(replica)
+        return self.last
+
+    def _pump(self, replica: _Replica) -> None:
+        stream, link = replica.stream, replica.link
+        if stream is None or link is None or stream.state is protocol.PrimaryState.NEW:
+            return
+        now = self.clock()
+        while replica.sent < self.last:
+            op = self._ops[replica.sent + 1 - self._first]
+            size = op.length if op.data is not None else 0
+            if not stream.can_send(size):
+                return
+            try:
+                if op.kind is MsgType.WRITE:
+                    assert op.data is not None
+                    _, data = stream.write(op.offset, op.data, now)
+                elif op.kind is MsgType.UNMAP:
+                    _, data = stream.unmap(op.offset, op.length, now)
+                else:
+                    _, data = stream.flush(now)
+            except ReplicationError as e:  # the stream failed (a REFUSE): the link reconnects
+                log.debug(
+                    "stream cannot send", volume_id=self.volume_id, replica=replica.node_id, error=str(e)
+                )
+                return
+            link.send(data)
+            replica.sent += 1
+            replica.sent_high = max(replica.sent_high, replica.sent)
+
+    def _oldest_pending(self, replica: _Replica) -> float | None:
+        if replica.applied < self.last:
+            return self._ops[replica.applied + 1 - self._first].at
+        for index in range(max(replica.durable + 1, self._first), self.last + 1):
+            op = self._ops[index - self._first]
+            if op.kind is MsgType.FLUSH:
+                return op.at
+        return None
+
+    def _done(self, index: int, durable: bool) -> bool:
+        if self.epoch is None:
+            return False
+        for replica in self.replicas.values():
+            if (replica.durable if durable else replica.applied) < index:
+                return False
+        return True
+
+    def _progress(self) -> None:
+        # Wake the writers whose ops every target has.
+        if self._waiters:
+            keep = []
+            for index, durable, future in self._waiters:
+                if future.done():
+                    continue
+                if self._done(index, durable):
+                    future.set_result(None)
+                else:
+                    keep.append((index, durable, future))
+            self._waiters = keep
+        for replica in self.replicas.values():
+            if replica.lagging and self._oldest_pending(replica) is None:
+                replica.lagging = False  # caught up (the master decides whether it is back in sync)
+            self._pump(replica)
+        # Trim what every target has applied, but no flush that a target has not made durable.
+        if self.epoch is not None:
+            floor = min((r.applied for r in self.replicas.values()), default=self.last)
+            floor_durable = min((r.durable for r in self.replicas.values()), default=self.last)
+            while self._ops and self._first <= floor:
+                op = self._ops[0]
+                if op.kind is MsgType.FLUSH and self._first > floor_durable:
+                    break
+                self._ops.popleft()
+                self._log_bytes -= op.length if op.data is not None else 0
+                self._first += 1
+        if self._room_waiters and self._has_room(0):
+            for future in self._room_waiters:
+                if not future.done():
+                    future.set_result(None)
+            self._room_waiters = []
+
+    def _has_room(self, size: int) -> bool:
+        return len(self._ops) < LOG_OPS and self._log_bytes + size <= LOG_BYTES
+
+    async def _room(self, size: int) -> None:
+        size = min(size, LOG_BYTES)
+        started = self.clock()
+        while not self._has_room(size):
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(future)
+            left = self.hold_timeout - (self.clock() - started)
+            await self._bounded(future, left, "the replicas did not keep up")
+
+    async def _wait(self, index: int, *, durable: bool) -> None:
+        if self._done(index, durable):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((index, durable, future))
+        await self._bounded(
+            future, self.hold_timeout, f"no acknowledgement from every replica in {self.hold_timeout:g}s"
+        )
+
+    async def _bounded(self, future: asyncio.Future[None], within: float, why: str) -> None:
+        """Await ``future``; past ``within`` seconds it fails with StoreUnavailable. (A timer, not
+        ``asyncio.timeout``: SCSI commands may run outside a task.)"""
+
+        def expire() -> None:
+            if not future.done():
+                behind = sorted(
+                    r.node_id for r in self.replicas.values() if self._oldest_pending(r) is not None
+                )
+                future.set_exception(
+                    StoreUnavailable(
+                        f"volume {self.volume_id}: {why} (behind: {', '.join(behind) or 'none'})"
+                    )
+                )
+
+        timer = asyncio.get_running_loop().call_later(max(0.0, within), expire)
+        try:
+            await future
+        finally:
+            timer.cancel()
+
+    def _fail_waiters(self, reason: str) -> None:
+        for _, _, future in self._waiters:
+            if not future.done():
+                future.set_exception(StoreUnavailable(f"volume {self.volume_id}: {reason}"))
+        self._waiters = []
+
+
+# -- the network side ------------------------------------------------------------------------------
+
+
+class ChannelLink:
+    """One cluster-channel connection (``Purpose.REPLICATION``) to a replica's portal carrying one
+    :class:`PrimaryStream`; reports ACKs and its end to the store."""
+
+    def __init__(
+        self, store: ReplicatedStore, node: str, portal: str, stream: PrimaryStream, secret: ClusterSecret
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.portal = portal
+        self.stream = stream
+        self.secret = secret
+        self.channel: Channel | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._closed = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"forward-{node}")
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` (whole messages); what is queued in one turn of the loop goes out sealed
+        in as few records as fit (a record may hold several messages)."""
+        if self.channel is None or self.writer is None or self._closed:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= protocol.MAX_MESSAGE:
+            self._flush_out()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        if not self._out or self.channel is None or self.writer is None or self._closed:
+            self._out.clear()
+            self._out_bytes = 0
+            return
+        records: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        for data in self._out:
+            if batch and size + len(data) > protocol.MAX_MESSAGE:
+                records.append(self.channel.send(b"".join(batch)))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        records.append(self.channel.send(batch[0] if len(batch) == 1 else b"".join(batch)))
+        self._out.clear()
+        self._out_bytes = 0
+        self.writer.writelines(records)
+
+    def close(self) -> None:
+        self._closed = True
+        self.task.cancel()
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+    async def _run(self) -> None:
+        reason = "closed"
+        ahead: int | None = None
+        try:
+            host, _, port = self.portal.rpartition(":")
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            self.writer = writer
+            loop = asyncio.get_running_loop()
+            channel = Channel(
+                self.secret, Side.CLIENT, Purpose.REPLICATION, loop.time(), max_plaintext=protocol.MAX_MESSAGE
+            )
+            writer.write(channel.initiate())
+            while not channel.established:
+                async with asyncio.timeout_at(channel.deadline()):
+                    data = await reader.read(READ_SIZE)
+                if not data:
+                    raise EOFError("the replica closed the connection in the handshake")
+                for event in channel.feed(data, loop.time()):
+                    if isinstance(event, HandshakeBytes):
+                        writer.write(event.data)
+                    elif isinstance(event, Plaintext):
+                        self._acks(event.data)
+            self.channel = channel
+            self.store.stream_open(self.node, self.stream)
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    raise EOFError("the replica closed the connection")
+                for event in channel.feed(data, loop.time()):
+                    if isinstance(event, Plaintext):
+                        self._acks(event.data)
+        except asyncio.CancelledError:
+            raise
+        except ReplicationError as e:
+            reason = f"{type(e).__name__}: {e}"
+            if e.remote and e.code is protocol.ErrorCode.REPEAT and e.seq is not None:
+                ahead = e.seq
+        except Exception as e:  # any end of the connection: the store reconnects
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            if self.writer is not None:
+                self.writer.transport.abort()
+        if not self._closed:
+            self.store.on_link_lost(self.node, self.stream, reason, ahead=ahead)
+
+    def _acks(self, data: bytes) -> None:
+        for acked in self.stream.feed(data):
+            self.store.on_acked(self.node, self.stream, acked)
+
+
+class Forwarding:
+    """The node's replicated stores by volume id: wraps each exported volume's store
+    (:meth:`wrap`), configures it from the persisted assignments (:meth:`retarget`), reports its
+    replicas (:meth:`replica_states`) and checks for lagging replicas on a timer."""
+
+    def __init__(
+        self,
+        node_id: str,
+        secret: ClusterSecret,
+        *,
+        ack_timeout: float = protocol.DEFAULT_ACK_TIMEOUT,
+        hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
+        clock: Callable[[], float],
+    ) -> None:
+        self.node_id = node_id
+        self.secret = secret
+        self.ack_timeout = ack_timeout
+        self.hold_timeout = hold_timeout
+        self.clock = clock
+        self.stores: dict[str, ReplicatedStore] = {}
+        #: Called when a replica newly lags (the daemon: send a heartbeat now).
+        self.on_lagging: Callable[[], None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    def wrap(self, volume_id: str, inner: BlockStore) -> BlockStore:
+        store = ReplicatedStore(
+            inner,
+            volume_id,
+            self.node_id,
+            clock=self.clock,
+            open_link=self._open_link,
+            ack_timeout=self.ack_timeout,
+            hold_timeout=self.hold_timeout,
+            on_lagging=self._lagging,
+        )
+        self.stores[volume_id] = store
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="forward-lag")
+        return store
+
+    def forget(self, volume_id: str) -> None:
+        store = self.stores.pop(volume_id, None)
+        if store is not None:
+            for replica in store.replicas.values():
+                if replica.link is not None:
+                    replica.link.close()
+            store._fail_waiters("the volume is no longer served here")
+
+    def retarget(self, targets: Mapping[str, tuple[int, Sequence[tuple[str, str | None]]]]) -> None:
+        """``targets``: for each volume this node serves as persisted primary, (epoch, in-sync
+        replicas). Volumes not named are left as they are (not yet persisted: writes keep waiting)."""
+        for volume_id, (epoch, replicas) in targets.items():
+            store = self.stores.get(volume_id)
+            if store is not None:
+                store.configure(epoch, replicas)
+
+    def stand_down(self, volume_ids: Iterable[str]) -> None:
+        """These volumes are held here but not as primary: no forwarding (see ReplicatedStore)."""
+        for volume_id in volume_ids:
+            store = self.stores.get(volume_id)
+            if store is not None and store.epoch is not None:
+                store.stand_down()
+
+    def replica_states(self, now: float) -> dict[str, tuple[ReplicaState, ...]]:
+        return {vid: s.replica_states(now) for vid, s in self.stores.items() if s.replicas}
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        for volume_id in list(self.stores):
+            self.forget(volume_id)
+
+    def _open_link(self, store: ReplicatedStore, node: str, portal: str, stream: PrimaryStream) -> Link:
+        return ChannelLink(store, node, portal, stream, self.secret)
+
+    def _lagging(self) -> None:
+        if self.on_lagging is not None:
+            self.on_lagging()
+
+    async def _tick(self) -> None:
+        period = min(0.1, self.ack_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock()
+            for store in list(self.stores.values()):
+                store.check(now)
