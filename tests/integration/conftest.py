@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
 
 
@@ -17,3 +18,19 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     if d.proc is not None and d.proc.poll() is None:
         code = d.stop()
         assert code == 0, f"daemon exited {code} on SIGTERM:\n{d.log()}"
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
+    """``make_cluster(n)``: a started master and ``n`` nodes; all SIGTERMed afterwards, exit 0."""
+    clusters: list[Cluster] = []
+
+    def make(n: int) -> Cluster:
+        cluster = Cluster(tmp_path / f"c{len(clusters)}", n)
+        clusters.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in clusters:
+        codes = cluster.close()
+        assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,22 +44,6 @@ pytestmark = pytest.mark.integration
 #: heartbeat (docs/architecture.md, "The fencing bound"); the node aims at lease - fence margin.
 FENCE_BUDGET = TIMING.lease
 SERVING = frozenset({"active_optimized", "active_non_optimized"})
-
-
-@pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
-    """``make_cluster(n)``: a started master and ``n`` nodes; all SIGTERMed afterwards, exit 0."""
-    clusters: list[Cluster] = []
-
-    def make(n: int) -> Cluster:
-        cluster = Cluster(tmp_path / f"c{len(clusters)}", n)
-        clusters.append(cluster)
-        return cluster.start()
-
-    yield make
-    for cluster in clusters:
-        codes = cluster.close()
-        assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"
 
 
 def create(cluster: Cluster, name: str, replicas: int) -> None:

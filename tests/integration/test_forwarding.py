@@ -9,7 +9,7 @@ under a new epoch and writes go on with the others, none acknowledged missing fr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,21 +22,6 @@ from tests.tools import wait_for
 pytestmark = pytest.mark.integration
 
 BLOCKS = 2048
-
-
-@pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
-    clusters: list[Cluster] = []
-
-    def make(n: int) -> Cluster:
-        cluster = Cluster(tmp_path / f"c{len(clusters)}", n)
-        clusters.append(cluster)
-        return cluster.start()
-
-    yield make
-    for cluster in clusters:
-        codes = cluster.close()
-        assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"
 
 
 def data_file(cluster: Cluster, node: str) -> Path:
