@@ -15,8 +15,14 @@ Rules, per desired volume:
    placements in the same decision is subtracted. Too few such nodes: no ask, status
    ``"not enough live nodes (have X, need N)"`` (or ``"not enough free space: ..."`` when there
    are enough live nodes but too few with ``size`` bytes free: placement does not overcommit).
-2. **Dead primary**: nothing before ``leases.safe_to_reassign(old_primary, now, margin)`` (status
-   ``"waiting for the old primary's lease to expire"``). Then promote only an *eligible* replica
+2. **Dead or silent primary**: a primary is replaced once it is dead (``dead_after``) or, with
+   ``primary_silence`` set (the master passes ``lease + margin``), once it has been silent that
+   long (:meth:`ObservationStore.silent`: no heartbeat from its current incarnation); in both cases
+   nothing before ``leases.safe_to_reassign(old_primary, now, margin)`` (status ``"waiting for the
+   old primary's lease to expire"``). The lease alone is what makes a replacement safe (a primary
+   past it is fenced, docs/architecture.md "The fencing bound"); waiting for ``dead_after`` on top
+   of it would only be downtime. Replicas keep ``dead_after`` (rule 3): a blip must not cost a
+   copy. Then promote only an *eligible* replica
    (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
    assignment's epoch, health OK and ``write_position`` at least the primary's last observed one;
    and the primary's last observation (same epoch) listed it IN_SYNC. None eligible: no ask, status
@@ -175,14 +181,23 @@ class TopologyController:
     """Decides placements, promotions and replacements; see the module docstring for the rules.
 
     ``margin`` is passed to ``MasterLeases.safe_to_reassign`` (None: the leases' own margin).
+    ``primary_silence`` (seconds; None: only a dead primary is replaced) lets a primary silent that
+    long be replaced before it is dead, still never before its lease has run out (rule 2).
     The only state kept between calls is when each volume's current status kind began.
     """
 
     def __init__(
-        self, *, converge_deadline: float = DEFAULT_CONVERGE_DEADLINE, margin: float | None = None
+        self,
+        *,
+        converge_deadline: float = DEFAULT_CONVERGE_DEADLINE,
+        margin: float | None = None,
+        primary_silence: float | None = None,
     ) -> None:
         self.converge_deadline = _check_seconds("converge_deadline", converge_deadline)
         self.margin = None if margin is None else _check_seconds("margin", margin)
+        self.primary_silence = (
+            None if primary_silence is None else _check_seconds("primary_silence", primary_silence)
+        )
         self._since: dict[str, tuple[StatusKind, float]] = {}
 
     def decide(
@@ -266,7 +281,9 @@ class TopologyController:
             # The data may live on nodes this assignment no longer names: placing fresh empty
             # copies could look like a volume that lost its data. An operator decides.
             return _Verdict(StatusKind.NO_PRIMARY, "assignment names no primary")
-        if observations.dead(primary, now):
+        if observations.dead(primary, now) or (
+            self.primary_silence is not None and observations.silent(primary, now, self.primary_silence)
+        ):
             return self._dead_primary(volume, assignment, primary, observations, leases, free, now)
         if not observations.alive(primary, now):
             return _Verdict(StatusKind.WAITING_FOR_NODE, f"waiting for node {primary} to report")
@@ -308,14 +325,15 @@ class TopologyController:
             for node in survivors
             if node in eligible and self._write_position(node, assignment, observations) == position
         )
+        gone = "dead" if observations.dead(primary, now) else "silent past its lease"
         ask = AssignmentAsk(
             volume_id=assignment.volume_id,
             primary=chosen,
             replicas=(chosen, *survivors),
-            reason=f"promote {chosen}: primary {primary} dead",
+            reason=f"promote {chosen}: primary {primary} {gone}",
             in_sync=(chosen, *in_sync),
         )
-        return _Verdict(StatusKind.PROMOTING, f"primary {primary} dead", ask)
+        return _Verdict(StatusKind.PROMOTING, f"primary {primary} {gone}", ask)
 
     def eligible_replicas(
         self, assignment: Assignment, observations: ObservationStore, now: float

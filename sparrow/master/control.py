@@ -335,6 +335,12 @@ class ControlLoop:
         self._status.pop(volume_id, None)
 
 
+def default_controller(timing: LeaseConfig) -> TopologyController:
+    """The controller at ``timing``: a silent primary is replaced once silent for ``lease +
+    margin`` and past its lease, not at ``dead_after`` (docs/cluster.md, "Failover")."""
+    return TopologyController(margin=timing.margin, primary_silence=timing.lease_seconds + timing.margin)
+
+
 def restore(
     store: AuthorityStore,
     timing: LeaseConfig,
@@ -358,7 +364,7 @@ def restore(
         store,
         observations=observations,
         leases=leases,
-        controller=controller if controller is not None else TopologyController(margin=timing.margin),
+        controller=controller if controller is not None else default_controller(timing),
         publisher=publisher if publisher is not None else Publisher(store),
         on_published=on_published,
     )

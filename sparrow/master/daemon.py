@@ -235,7 +235,11 @@ async def start_master(
         store,
         timing,
         clock(),
-        controller=TopologyController(converge_deadline=config.converge_deadline, margin=timing.margin),
+        controller=TopologyController(
+            converge_deadline=config.converge_deadline,
+            margin=timing.margin,
+            primary_silence=timing.lease_seconds + timing.margin,
+        ),
         on_published=on_published,
     )
     metrics.bind(control, clock)
