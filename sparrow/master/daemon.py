@@ -227,8 +227,13 @@ async def start_master(
     supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
     clock = loop.time
 
+    #: Set once the heartbeat server exists: a publish is pushed to the nodes at once.
+    push: list[Callable[[], None]] = []
+
     def on_published(assignment: Assignment) -> None:
         metrics.epochs_published.inc()
+        for send in push:
+            send()
 
     timing = config.timing
     control = restore(
@@ -263,6 +268,7 @@ async def start_master(
     except OSError as e:
         raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
     cleanup.push_async_callback(heartbeats.close)
+    push.append(heartbeats.push_assignments)
     listen = bound_address(heartbeats.sockets, config.listen)
     return MasterRuntime(config, store, control, metrics, recorder, heartbeats, listen, clock, supervisor)
 
