@@ -1,6 +1,7 @@
 """The master's control loop (docs/cluster.md, "TopologyController", "Publisher and AuthorityStore").
 
-Every heartbeat interval the loop runs one :meth:`ControlLoop.step`:
+Every heartbeat interval (or sooner, when a primary's lease may be reassigned before that:
+:meth:`ControlLoop.next_step_at`) the loop runs one :meth:`ControlLoop.step`:
 
 1. read the authority (live volumes and the newest published assignment of each);
 2. ``TopologyController.decide(desired, current, observations, leases, now)``;
@@ -254,6 +255,21 @@ class ControlLoop:
     def _refused(ask: AssignmentAsk, error: AuthorityError) -> PublishFailure:
         log.warning("publish refused", volume_id=ask.volume_id, reason=ask.reason, error=str(error))
         return PublishFailure(ask, str(error))
+
+    def next_step_at(self, now: float, interval: float) -> float:
+        """When the next step should run: ``interval`` after ``now``, or sooner, at the instant a
+        current primary's lease may be reassigned (``expires_at + margin``, the instant
+        ``safe_to_reassign`` turns true) when that falls before. A live primary's lease always ends
+        more than an interval ahead, so this only moves the step of a primary gone silent: it is
+        replaced at that instant, not up to an interval later."""
+        margin = self.controller.margin if self.controller.margin is not None else self.leases.margin
+        at = now + interval
+        for published in self._current.values():
+            primary = published.assignment.primary
+            expires = None if primary is None else self.leases.expires_at(primary)
+            if expires is not None and now < expires + margin < at:
+                at = expires + margin
+        return at
 
     # -- reading (event loop) ---------------------------------------------------------------------
 

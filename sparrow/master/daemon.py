@@ -135,7 +135,9 @@ async def control_task(
     stop: asyncio.Event,
     supervisor: TaskSupervisor | None = None,
 ) -> None:
-    """One control step per ``interval`` until ``stop`` is set; a step in progress is finished."""
+    """One control step per ``interval`` (sooner when a primary's lease may be reassigned
+    before that, ``ControlLoop.next_step_at``) until ``stop`` is set; a step in progress is
+    finished."""
     supervisor = supervisor if supervisor is not None else TaskSupervisor()
     while not stop.is_set():
         try:
@@ -145,8 +147,9 @@ async def control_task(
             supervisor.failed(CONTROL_TASK, e)
         else:
             supervisor.recovered(CONTROL_TASK)
+        now = clock()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
+            async with asyncio.timeout(control.next_step_at(now, interval) - now):
                 await stop.wait()
 
 

@@ -49,6 +49,11 @@ def test_failover_at_the_default_timings_takes_at_most_10_seconds(cluster: Clust
     # The old primary's lease had to run out first: t_a + lease + margin, t_a within one heartbeat.
     assert failover.published >= fo.DEFAULTS.lease + fo.DEFAULTS.margin - fo.DEFAULTS.heartbeat, failover
     assert failover.first_ack <= BOUND, fo.describe(fo.DEFAULTS, failover)
+    # Before the old primary could even be called dead (its last heartbeat came at most one interval
+    # before the kill): waiting for dead_after as well as the lease was pure downtime.
+    assert failover.first_ack < fo.DEFAULTS.dead_after - fo.DEFAULTS.heartbeat, fo.describe(
+        fo.DEFAULTS, failover
+    )
     contents = {f"{n} data file": read_data_file(fo.data_file(cluster, n), fo.BLOCKS) for n in (entry, other)}
     new_primary = cluster.node(failover.new_primary)
     contents["through the target"] = read_through_target(new_primary.url(fo.VOLUME), fo.BLOCKS)
