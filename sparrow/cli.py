@@ -18,7 +18,7 @@
     sparrow node forget ID
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S] [--fence-margin S]
-                  [--replication-ack-timeout S]
+                  [--replication-ack-timeout S] [--advertise-replication HOST:PORT]
     sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
@@ -393,6 +393,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             allow_backing=tuple(args.allow_backing or ()),
             fence_margin=args.fence_margin,
             replication_ack_timeout=args.replication_ack_timeout,
+            advertise_replication=args.advertise_replication,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -797,6 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--master", metavar="HOST:PORT", help="the master's heartbeat address")
     node.add_argument("--iscsi", metavar="HOST:PORT", help="iSCSI listen address (default 0.0.0.0:3260)")
     node.add_argument("--replication", metavar="HOST:PORT", help="replication address (default 0.0.0.0:3291)")
+    node.add_argument(
+        "--advertise-replication",
+        metavar="HOST:PORT",
+        help="the replication address other nodes dial (default: --replication's)",
+    )
     node.add_argument(
         "--http", metavar="HOST:PORT", help="/metrics and /healthz listen address (default 127.0.0.1:3281)"
     )

@@ -90,6 +90,9 @@ class NodeConfig:
     master: HostPort
     iscsi: HostPort = DEFAULT_NODE_ISCSI
     replication: HostPort = DEFAULT_NODE_REPLICATION
+    #: The replication address other nodes dial (``--advertise-replication``; None: the listen
+    #: address, a wildcard host made this host's address), e.g. a NAT or a proxy in front.
+    advertise_replication: HostPort | None = None
     http: HostPort = DEFAULT_NODE_HTTP
     base_iqn: str = DEFAULT_BASE_IQN
     heartbeat_interval: float = 1.0
@@ -123,6 +126,7 @@ def node_config(
     allow_backing: tuple[str, ...] = (),
     fence_margin: float | None = None,
     replication_ack_timeout: float | None = None,
+    advertise_replication: str | None = None,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -166,6 +170,9 @@ def node_config(
         master=master_hp,
         iscsi=address(iscsi, "--iscsi", DEFAULT_NODE_ISCSI),
         replication=address(replication, "--replication", DEFAULT_NODE_REPLICATION),
+        advertise_replication=None
+        if advertise_replication is None
+        else address(advertise_replication, "--advertise-replication", DEFAULT_NODE_REPLICATION),
         http=address(http, "--http", DEFAULT_NODE_HTTP),
         heartbeat_interval=interval,
         log_format=LogFormat(log_format or "auto"),
@@ -435,7 +442,7 @@ async def start_node(
             node_id=config.node_id,
             incarnation=record.incarnation,
             iscsi_portal=str(advertised_portals[0]),
-            replication=str(advertised(config.replication)),
+            replication=str(config.advertise_replication or advertised(config.replication)),
             http=str(node.http if node.http is not None else config.http),
             capacity_bytes=capacity,
             free_bytes=free,
