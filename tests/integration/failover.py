@@ -58,17 +58,19 @@ def three_copies(cluster: Cluster, timeout: float = 30.0) -> tuple[str, str, str
 
 def kill_primary(cluster: Cluster, writer: Writer, timeout: float = 60.0) -> Failover:
     """kill -9 the volume's primary under the writer's load; wait for the first write acknowledged
-    after it (necessarily by the new primary: the old one is dead) and for the publish."""
+    on the writer's next session (by the new primary: acks the old one wrote before it died may
+    still arrive after the kill, on the old session) and for the publish."""
     before = cluster.volume(VOLUME)
     old = before["primary"]["node_id"]
+    session = writer.journal.reconnects  # the writer's next reconnect is this kill's
     killed_at = time.time()
     cluster.node(old).kill9()
     writer.wait(
-        "the first write acknowledged after the kill",
-        lambda j: bool(j.ack_times) and j.ack_times[-1] > killed_at,
+        "the first write acknowledged on the writer's next session",
+        lambda j: len(j.reconnect_acks) > session and len(j.acks) > j.reconnect_acks[session],
         timeout,
     )
-    first = next(t for t in writer.journal.ack_times if t > killed_at)
+    first = writer.journal.ack_times[writer.journal.reconnect_acks[session]]
     after = cluster.volume(VOLUME)
     published = wait_for(
         lambda: [
