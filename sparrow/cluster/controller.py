@@ -22,7 +22,8 @@ Rules, per desired volume:
    old primary's lease to expire"``). The lease alone is what makes a replacement safe (a primary
    past it is fenced, docs/architecture.md "The fencing bound"); waiting for ``dead_after`` on top
    of it would only be downtime. Replicas keep ``dead_after`` (rule 3): a blip must not cost a
-   copy. Then promote only an *eligible* replica
+   copy, and a node silent that long is no candidate for a new copy (rules 1 and 3) either. Then
+   promote only an *eligible* replica
    (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
    assignment's epoch, health OK and ``write_position`` at least the primary's last observed one;
    and the primary's last observation (same epoch) listed it IN_SYNC. None eligible: no ask, status
@@ -212,9 +213,17 @@ class TopologyController:
         volumes = sorted(desired, key=lambda v: v.volume_id)
         if len({v.volume_id for v in volumes}) != len(volumes):
             raise ValueError("a volume appears twice in desired")
-        # Free bytes per live node, debited as this decision places copies.
+        # Free bytes per live node, debited as this decision places copies. A node silent for
+        # primary_silence (one that would be replaced as a primary) is no place for a new copy:
+        # a primary just replaced for its silence would otherwise come straight back as a copy.
         free = {
-            view.node_id: view.free_bytes for view in observations.nodes(now) if view.state is NodeState.ALIVE
+            view.node_id: view.free_bytes
+            for view in observations.nodes(now)
+            if view.state is NodeState.ALIVE
+            and (
+                self.primary_silence is None
+                or not observations.silent(view.node_id, now, self.primary_silence)
+            )
         }
         asks: list[AssignmentAsk] = []
         status: dict[str, VolumeStatus] = {}

@@ -292,6 +292,16 @@ def test_partitioned_primary_fences_within_the_lease_and_no_epoch_is_minted(
             interval=0.05,
         )
         status_at = time.monotonic()
+        # The status comes once the primary is silent past its lease (lease + margin); the node
+        # list calls it dead only at dead_after.
+        wait_for(
+            lambda: (
+                {r["node_id"]: r["state"] for r in cluster.volume("v")["replicas"]}[primary.node_id] == "dead"
+            ),
+            timeout=TIMING.dead_after + 5,
+            what=f"{primary.node_id} dead",
+            interval=0.05,
+        )
         samples = watcher.finish()
         assert stalled["epoch"] == 1 and stalled["primary"] == v["primary"], stalled
         inspected = cluster.inspect("v")

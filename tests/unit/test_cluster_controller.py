@@ -501,6 +501,20 @@ def test_a_silent_primary_is_replaced_once_its_lease_is_over_not_once_it_is_dead
     assert asks == ()
 
 
+def test_a_primary_replaced_for_its_silence_is_not_brought_back_as_a_new_copy() -> None:
+    """After the promotion the volume lacks a copy; the silent old primary is still alive by
+    dead_after but must not be chosen for it (it went silent: it is the node that failed)."""
+    cluster = silent_primary_cluster()
+    ctl = TopologyController(primary_silence=SILENCE)
+    (ask,) = decide(cluster, [desired()], CURRENT, 6.0, ctl)[0]
+    promoted = {VOL_A: PublishedAssignment(assignment(ask.replicas, epoch=4), published_at=6.0)}
+    cluster.beat("n2", 6.25, replace(GOOD_REPLICA, epoch=4, role=Role.PRIMARY))
+    cluster.beat("n3", 6.25)
+    asks, _ = decide(cluster, [desired()], promoted, 6.25, ctl)
+    # n1 and n3 have the same free space: by node id n1 would come first, were it not silent.
+    assert [(a.replicas, a.reason) for a in asks] == [(("n2", "n3"), "add copies with n3")]
+
+
 def test_a_silent_primary_still_waits_for_its_lease() -> None:
     """Silence is not enough: a lease the master granted later (an Ack in flight) is waited for."""
     cluster = silent_primary_cluster()
