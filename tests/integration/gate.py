@@ -17,7 +17,6 @@ write counter, run id, FNV-1a-64 of those 32 bytes, repeated 102 times, then 16 
 
 from __future__ import annotations
 
-import copy
 import shutil
 import subprocess
 import tempfile
@@ -242,11 +241,6 @@ class Writer:
     def acked(self) -> int:
         with self._lock:
             return len(self.journal.acks)
-
-    def snapshot(self) -> Journal:
-        """A copy of the journal as it stands (the writer goes on feeding the original)."""
-        with self._lock:
-            return copy.deepcopy(self.journal)
 
     def wait(self, what: str, predicate: Callable[[Journal], bool], timeout: float) -> None:
         """Wait until ``predicate(journal)`` holds (the writer must keep running meanwhile)."""
