@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import Cluster, Timing
 from tests.integration.daemon import Daemon
 from tests.integration.gate import Content, Journal, Writer, read_data_file, read_through_target
 from tests.integration.process import Proc
@@ -151,9 +151,15 @@ def test_whole_cluster_kill9_under_load_loses_no_acknowledged_write(cluster: Clu
 # -- (c) the writer finds the primary through the login redirect, after each restart too -----------
 
 
+#: (c) restarts the killed primary and expects it back at the same epoch: it must heartbeat again
+#: before the master may replace it, lease + margin after its last Ack (2.5 s at the test timing,
+#: about what a restart takes on a busy host), so this test gets a longer lease.
+RESTART_TIMING = Timing(heartbeat=0.25, lease=5.0, dead_after=6.5, margin=0.5, fence_margin=0.5)
+
+
 @pytest.fixture
 def cluster2(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 2).start()
+    c = Cluster(tmp_path, 2, RESTART_TIMING).start()
     yield c
     codes = c.close()
     assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{c.logs()}"
