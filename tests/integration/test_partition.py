@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import pytest
 
 from tests.integration.cluster import TIMING, Cluster
 from tests.integration.failover import log_time
-from tests.integration.gate import Writer, read_data_file, read_through_target
+from tests.integration.gate import Journal, Writer, read_data_file, read_through_target
 from tests.integration.test_gate import assert_nothing_lost
 from tests.tools import wait_for
 
@@ -55,14 +56,29 @@ def data_file(cluster: Cluster, node: str) -> Path:
     return cluster.node(node).data_dir / "volumes" / f"{VOLUME}.img"
 
 
-def test_a_partitioned_primary_is_replaced_and_acknowledges_nothing_after_the_new_epoch(
-    cluster: Cluster,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class Partitioned:
+    """What :func:`partition_the_primary` left: the volume, the old and new primary, the writer's
+    journal (run 31) and when (wall clock) the cut began and epoch 2 was published."""
+
+    volume_id: str
+    old: str
+    new: str
+    replicas: frozenset[str]
+    journal: Journal
+    cut_at: float
+    new_epoch_at: float
+
+
+def partition_the_primary(cluster: Cluster) -> Partitioned:
+    """Create the three-copy volume, write at its primary, cut the primary off from the master and
+    both replicas, and assert the promotion, that nothing was acknowledged after epoch 2 began and
+    that every earlier acknowledged write is on every in-sync copy; then heal every link."""
     cluster.cli("volume", "create", VOLUME, "--size", "16MiB", "--replicas", "3")
     v = cluster.wait_converged(VOLUME, epoch=1, copies=3)
     volume_id = v["volume_id"]
     old = v["primary"]["node_id"]
-    replicas = {r["node_id"] for r in v["replicas"] if r["role"] == "replica"}
+    replicas = frozenset(r["node_id"] for r in v["replicas"] if r["role"] == "replica")
     cluster.wait_serving(old, volume_id)
     old_primary = cluster.node(old)
     writer = Writer(old_primary.url(VOLUME), run_id=31, blocks=BLOCKS, depth=8, sync_every=64)
@@ -108,20 +124,26 @@ def test_a_partitioned_primary_is_replaced_and_acknowledges_nothing_after_the_ne
         assert_nothing_lost(journal, contents, 31)
     finally:
         writer.kill()
-    partitioned = new_epoch_at - cut_at
-
-    # Heal: the old primary hears of the new epoch, is demoted, and does not serve.
     for node in replicas:
         cluster.replication_proxy(node).restore()
     cluster.proxy(old).restore()
+    return Partitioned(volume_id, old, new, replicas, journal, cut_at, new_epoch_at)
 
+
+def test_a_partitioned_primary_is_replaced_and_acknowledges_nothing_after_the_new_epoch(
+    cluster: Cluster,
+) -> None:
+    p = partition_the_primary(cluster)
+    old_primary = cluster.node(p.old)
+
+    # Healed: the old primary hears of the new epoch, is demoted, and does not serve.
     def demoted() -> dict[str, Any] | None:
-        record = old_primary.persisted(volume_id)
+        record = old_primary.persisted(p.volume_id)
         ok = record is not None and int(record["epoch"]) >= 2 and record["role"] != "primary"
         return record if ok else None
 
-    record = wait_for(demoted, timeout=10, what=f"{old} demoted")
-    assert old_primary.access_state(volume_id) != "active_optimized"
+    record = wait_for(demoted, timeout=10, what=f"{p.old} demoted")
+    assert old_primary.access_state(p.volume_id) != "active_optimized"
     after = Writer(old_primary.url(VOLUME), run_id=32, blocks=BLOCKS, depth=8, sync_every=64)
     try:
         after.wait_acked(300)  # through the old primary's portal: redirected to the new primary
@@ -130,16 +152,17 @@ def test_a_partitioned_primary_is_replaced_and_acknowledges_nothing_after_the_ne
         after.kill()
     assert second.reconnects == 0
     final = cluster.volume(VOLUME)
-    assert final["primary"]["node_id"] == new and final["epoch"] >= 2, final
+    assert final["primary"]["node_id"] == p.new and final["epoch"] >= 2, final
     # The second run's writes are on the new primary (the blocks it did not write hold run 31's).
     contents = {
-        "through the new primary": read_through_target(cluster.node(new).url(VOLUME), BLOCKS),
-        f"{new} data file": read_data_file(data_file(cluster, new), BLOCKS),
+        "through the new primary": read_through_target(cluster.node(p.new).url(VOLUME), BLOCKS),
+        f"{p.new} data file": read_data_file(data_file(cluster, p.new), BLOCKS),
     }
     ours = {w: {b: c if b in second.acked else "zero" for b, c in got.items()} for w, got in contents.items()}
     assert_nothing_lost(second, ours, 32)
+    quiet = p.new_epoch_at - max(p.journal.ack_times)
     print(
-        f"\nPARTITION: epoch 2 published {partitioned:.2f} s after the cut, {len(journal.acks)} writes"
-        f" acknowledged, the last {new_epoch_at - max(journal.ack_times):.2f} s before it;"
-        f" old primary {old} demoted to {record['role']} at epoch {record['epoch']}"
+        f"\nPARTITION: epoch 2 published {p.new_epoch_at - p.cut_at:.2f} s after the cut,"
+        f" {len(p.journal.acks)} writes acknowledged, the last {quiet:.2f} s before it;"
+        f" old primary {p.old} demoted to {record['role']} at epoch {record['epoch']}"
     )
