@@ -161,6 +161,7 @@ class IscsiProtocol(asyncio.Protocol):
             self.server.sessions,
             now=self.loop.time(),
             peer=peer_text,
+            metrics=self.server.metrics,
         )
         self._pump()
 

@@ -51,10 +51,11 @@ Behaviour, with the RFC 7143 section each rule comes from:
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from frontend.constructors import positional_constructor
 from frontend.iscsi.discovery import TextNegotiation
@@ -66,6 +67,7 @@ from frontend.iscsi.errors import (
     RejectReason,
     TextRequestRejected,
 )
+from frontend.iscsi.fastpath import COMMAND_FIELDS, READ_FLAGS, WRITE_FLAGS, ResponseBatch, plain_command
 from frontend.iscsi.login import LoginFailed, LoginMachine, LoginSucceeded
 from frontend.iscsi.params import SessionParams, SessionType
 from frontend.iscsi.pdu import (
@@ -73,6 +75,7 @@ from frontend.iscsi.pdu import (
     LOGIN_MAX_DATA_SEGMENT_LENGTH,
     R2T,
     RESERVED_TAG,
+    Data,
     DataOut,
     InitiatorPdu,
     LoginRequest,
@@ -94,13 +97,11 @@ from frontend.iscsi.pdu import (
     encode_scsi_response,
 )
 from frontend.iscsi.session import Session, SessionTable
-from frontend.scsi.lu import ResetKind
+from frontend.metrics import FrontendMetrics, NoMetrics
+from frontend.scsi.lu import LogicalUnit, ResetKind
 from frontend.scsi.sense import Asc, SenseKey, fixed_sense
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus, TaskAttr
 from frontend.target import Target, TargetRegistry, TargetSettings
-
-if TYPE_CHECKING:
-    from frontend.scsi.lu import LogicalUnit
 
 SN_MASK: Final = 0xFFFFFFFF
 #: How many tags of aborted or dropped tasks we remember, so that their late Data-Out is dropped
@@ -428,8 +429,18 @@ class Connection:
         *,
         now: float,
         peer: str = "",
+        metrics: FrontendMetrics | None = None,
+        fast_path: bool = True,
     ) -> None:
         self.settings = settings
+        self.metrics: FrontendMetrics = metrics or NoMetrics()
+        #: False: every command takes the general path (the tests compare the two).
+        self.fast_path = fast_path
+        #: The LU when the fast path is on for this connection (a normal session without digests
+        #: whose LUN 0 store answers inline); fast commands received, not yet run (``_fast_take``).
+        self._fast_lu: LogicalUnit | None = None
+        self._fast: list[tuple[Data, Data, int, bool, int, int, int]] = []
+        self._fast_itts: set[int] = set()
         self.targets = targets
         self.sessions = sessions
         self.peer = peer
@@ -642,16 +653,26 @@ class Connection:
             return
         while self._phase is Phase.LOGIN or self._phase is Phase.FULL_FEATURE:
             try:
-                pdu = reader.next_pdu()
+                frame = reader.next_frame()
+                if frame is None:
+                    break
+                bhs, segment, ahs = frame
+                if self._fast_lu is not None and bhs[0] == 0x01 and not ahs and self._fast_take(bhs, segment):
+                    continue
+                pdu = reader.decode(bhs, segment, ahs)
             except PduError as e:
+                if self._fast:
+                    self._fast_demote(self._fast)
                 self._on_pdu_error(e)
                 continue
-            if pdu is None:
-                break
+            if self._fast:
+                self._fast_demote(self._fast)  # the general path sees every command before this PDU
             if self._phase is Phase.LOGIN:
                 self._on_login_phase_pdu(pdu, now)
             else:
                 self._dispatch(pdu)
+        if self._fast:
+            self._fast_run()
         self._pump_release()
 
     def _dispatch(self, pdu: InitiatorPdu) -> None:
@@ -737,6 +758,16 @@ class Connection:
         self._immediate_data = params.immediate_data
         self._initial_r2t = params.initial_r2t
         self._text = TextNegotiation(params, self.targets, self.settings)
+        lu = outcome.target.lu if outcome.target is not None else None
+        if (
+            self.fast_path
+            and params.session_type is SessionType.NORMAL
+            and not params.header_digest
+            and not params.data_digest
+            and isinstance(lu, LogicalUnit)
+            and lu.inline_io
+        ):
+            self._fast_lu = lu
         self._move(PhaseInput.LOGIN_SUCCEEDED)
         self._events.append(LoggedIn(session, displaced))
 
@@ -798,6 +829,118 @@ class Connection:
 
     # --- SCSI commands and Data-Out ----------------------------------------------------------------------
 
+    # --- the fast path (fastpath.py; docs/architecture.md, "The fast path") ------------------------------
+    #
+    # A plain READ/WRITE is taken from its BHS (``_fast_take``) and run once the whole batch of bytes
+    # received has been read (``_fast_run``), where the general path would run it: after every PDU
+    # of the batch has been seen, in CmdSN order. Any other PDU first turns the fast commands taken so
+    # far into general tasks (``_fast_demote``), so that it finds the state the general path would
+    # show it; and so does a command the LU or the store cannot answer inline. Hence both paths send
+    # the same bytes (tests/unit/test_fastpath.py).
+
+    def _fast_take(self, bhs: Data, segment: Data) -> bool:
+        """Take a SCSI Command PDU on the fast path if it is the plain case and nothing is queued
+        before it (no command waiting for its CmdSN, for data or for release, no event not yet
+        handed out, no TMF response held). False: the general path decodes it."""
+        b1 = bhs[1]
+        if b1 != READ_FLAGS and b1 != WRITE_FLAGS:
+            return False
+        _b0, _b1, _b2, _b3, _dl, lun, itt, edtl, cmd_sn, exp_stat_sn = COMMAND_FIELDS.unpack_from(bhs)
+        if (
+            lun
+            or cmd_sn != self._exp_cmd_sn
+            or self._pending
+            or self._release
+            or self._events
+            or self._held
+            or itt == RESERVED_TAG
+            or itt in self._tasks
+            or itt in self._fast_itts
+        ):
+            return False
+        plain = plain_command(bhs, b1)
+        if plain is None:
+            return False
+        write, lba, n = plain
+        if write:
+            if len(segment) != edtl or not edtl or not self._immediate_data or edtl > self._first_burst:
+                return False
+        elif len(segment) or not edtl or edtl > self._max_send:
+            return False
+        self.exp_stat_sn = exp_stat_sn
+        self._exp_cmd_sn = (cmd_sn + 1) & SN_MASK
+        self._fast.append((bhs, segment, itt, write, lba, n, edtl))
+        self._fast_itts.add(itt)
+        return True
+
+    def _fast_demote(self, entries: list[tuple[Data, Data, int, bool, int, int, int]]) -> None:
+        """Make general tasks of fast commands taken but not run, in order (their CmdSNs are
+        already counted, as ``_order`` counts an in-order command)."""
+        self._fast = []
+        self._fast_itts.clear()
+        for bhs, segment, *_ in entries:
+            cmd = self._reader.decode(bhs, segment, b"")
+            assert isinstance(cmd, ScsiCommand)
+            self._accept_task(self._new_task(cmd), ordered=True)
+
+    def _fast_run(self) -> None:
+        """Run the fast commands taken from this batch: inline on the LU, responses packed into one
+        buffer. The first one the LU cannot answer inline goes, with those after it, to the general
+        path."""
+        entries = self._fast
+        self._fast = []
+        self._fast_itts.clear()
+        lu = self._fast_lu
+        nexus = self._nexus
+        if self._phase is not Phase.FULL_FEATURE or lu is None or nexus is None:
+            return
+        started = time.perf_counter()
+        exp_cmd_sn = self._exp_cmd_sn
+        max_cmd_sn = (exp_cmd_sn + self._window - 1) & SN_MASK
+        batch = ResponseBatch(len(entries), self._out)
+        done = reads = read_bytes = writes = write_bytes = 0
+        for _bhs, segment, itt, write, lba, n, edtl in entries:
+            if write:
+                if not lu.write_now(nexus, lba, n, segment):
+                    break
+                batch.response(itt, self._stat_sn, exp_cmd_sn, max_cmd_sn)
+                writes += 1
+                write_bytes += edtl
+            else:
+                data = lu.read_now(nexus, lba, n, edtl)
+                if data is None:
+                    break
+                batch.data_in(itt, data, self._stat_sn, exp_cmd_sn, max_cmd_sn)
+                reads += 1
+                read_bytes += edtl
+            self._stat_sn = (self._stat_sn + 1) & SN_MASK
+            done += 1
+        batch.close()
+        if done < len(entries):
+            self._fast_demote(entries[done:])
+        if done:
+            # One latency figure per command: the batch's time shared out (they ran back to back).
+            each = (time.perf_counter() - started) / done
+            volume = lu.identity.volume
+            metrics = self.metrics
+            for _ in range(reads):
+                metrics.command_done(volume, "read", read_bytes // reads, each)
+            for _ in range(writes):
+                metrics.command_done(volume, "write", write_bytes // writes, each)
+
+    def _new_task(self, cmd: ScsiCommand) -> Task:
+        """A task for an acceptable command (``_check_command``), its immediate data stored."""
+        task = Task(self._next_task_id, cmd, lun_number(cmd.lun))
+        self._next_task_id += 1
+        n = len(cmd.data)
+        if cmd.write:
+            task.unsolicited_limit = min(self._first_burst, cmd.expected_length)
+            task.unsolicited_done = cmd.final or n >= task.unsolicited_limit
+            if n:
+                task.store(0, cmd.data)
+        self._tasks[cmd.itt] = task
+        return task
+
     def _on_scsi_command(self, cmd: ScsiCommand) -> None:
         self.exp_stat_sn = cmd.exp_stat_sn
         if not cmd.immediate and not self._in_window(cmd.cmd_sn):
@@ -811,15 +954,7 @@ class Connection:
             self._reject(reason, self._reader.last_header())
             self._consume_cmd_sn(cmd.cmd_sn, cmd.immediate)
             return
-        task = Task(self._next_task_id, cmd, lun_number(cmd.lun))
-        self._next_task_id += 1
-        n = len(cmd.data)
-        if cmd.write:
-            task.unsolicited_limit = min(self._first_burst, cmd.expected_length)
-            task.unsolicited_done = cmd.final or n >= task.unsolicited_limit
-            if n:
-                task.store(0, cmd.data)
-        self._tasks[cmd.itt] = task
+        task = self._new_task(cmd)
         if cmd.immediate:
             self._accept_task(task, ordered=False)
         else:
