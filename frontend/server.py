@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import structlog
 
+from frontend.internal_errors import Where, caught
 from frontend.iscsi.connection import (
     CancelExecution,
     CloseConnection,
@@ -322,8 +323,8 @@ class IscsiProtocol(asyncio.Protocol):
                 result = no_such_lun(request)
             else:
                 result = await lu.execute(request)
-        except Exception:  # a bug in the SCSI layer must not take the connection down silently
-            self.log.exception("SCSI command crashed", cdb=bytes(request.cdb).hex())
+        except Exception as e:  # a bug in the SCSI layer must not take the connection down silently
+            caught(Where.SCSI, e, self.server.metrics, cdb=bytes(request.cdb).hex())
             result = _internal_error()
         if lu is not None:
             kind = metric_kind(request.cdb)

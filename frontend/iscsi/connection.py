@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from frontend.constructors import positional_constructor
+from frontend.internal_errors import Where, caught
 from frontend.iscsi.discovery import TextNegotiation
 from frontend.iscsi.errors import (
     DataDigestError,
@@ -485,7 +486,8 @@ class Connection:
         self._ping_deadline = 0.0
         #: Why Data-Out sequences were broken (for logs and tests).
         self.data_errors: deque[str] = deque(maxlen=16)
-        #: Exceptions that escaped a handler (bugs). They close the connection; tests assert none.
+        #: Exceptions that escaped a handler (bugs): logged and counted where caught
+        #: (``_internal_error``); they close the connection.
         self.internal_errors: list[BaseException] = []
         self._handlers: dict[type, Callable[[object], None]] = {
             ScsiCommand: self._on_scsi_command,  # type: ignore[dict-item]
@@ -534,8 +536,7 @@ class Connection:
         try:
             self._receive(data, now)
         except Exception as e:  # a bug must not take the server down; the connection goes
-            self.internal_errors.append(e)
-            self._close(f"internal error: {type(e).__name__}: {e}")
+            self._internal_error(Where.RECEIVE, e)
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -560,8 +561,7 @@ class Connection:
             if self._phase is Phase.FULL_FEATURE:
                 self._respond(task, result)
         except Exception as e:
-            self.internal_errors.append(e)
-            self._close(f"internal error: {type(e).__name__}: {e}")
+            self._internal_error(Where.COMPLETE, e)
 
     def aborted(self, task_id: int, now: float) -> None:
         """The SCSI layer stopped task ``task_id`` without a result, as ``CancelExecution`` asked.
@@ -573,8 +573,7 @@ class Connection:
             self._abort(task, None)            # cancelled though not aborted here: still no response
             self._aborted_task_returned(task)
         except Exception as e:
-            self.internal_errors.append(e)
-            self._close(f"internal error: {type(e).__name__}: {e}")
+            self._internal_error(Where.COMPLETE, e)
 
     def next_deadline(self) -> float | None:
         if self._phase is Phase.LOGIN:
@@ -620,6 +619,12 @@ class Connection:
         for task in list(self._tasks.values()):
             self._abort(task, executing)
         self._cancel(executing)
+
+    def _internal_error(self, where: Where, e: Exception) -> None:
+        """A bug: logged with its traceback and counted (internal_errors.py); the connection goes."""
+        self.internal_errors.append(e)
+        caught(where, e, self.metrics, peer=self.peer)
+        self._close(f"internal error: {type(e).__name__}: {e}")
 
     # --- phases --------------------------------------------------------------------------------------
 

@@ -58,6 +58,9 @@ class Metrics:
     def login_failed(self, reason: str) -> None:
         pass
 
+    def internal_error(self, where: str) -> None:
+        raise AssertionError(f"internal error in {where}")
+
 
 def run_now(coro: Coroutine[Any, Any, ScsiResult]) -> ScsiResult:
     try:
