@@ -59,6 +59,7 @@ from typing import Final
 
 from frontend.constructors import positional_constructor
 from frontend.internal_errors import Where, caught
+from frontend.iscsi.dataout import PROTOCOL_SERVICE_CRC_ERROR, DataOutCollector
 from frontend.iscsi.discovery import TextNegotiation
 from frontend.iscsi.errors import (
     DataDigestError,
@@ -98,6 +99,8 @@ from frontend.iscsi.pdu import (
     encode_scsi_response,
 )
 from frontend.iscsi.session import Session, SessionTable
+from frontend.iscsi.tasks import ACTIVE, Task, TaskInput, TaskState
+from frontend.iscsi.tmf import HeldResponses, HeldTmfResponse, TmfResponse, TmfScope, rule_for
 from frontend.metrics import FrontendMetrics, NoMetrics
 from frontend.scsi.lu import LogicalUnit, ResetKind
 from frontend.scsi.sense import Asc, SenseKey, fixed_sense
@@ -109,11 +112,6 @@ SN_MASK: Final = 0xFFFFFFFF
 #: silently instead of rejected.
 FORGOTTEN_TAGS: Final = 256
 
-# iSCSI sense codes with ABORTED COMMAND, RFC 7143 11.4.7.2 (and SPC-4 for DATA PHASE ERROR)
-PROTOCOL_SERVICE_CRC_ERROR: Final = Asc(0x47, 0x05, "PROTOCOL SERVICE CRC ERROR")
-UNEXPECTED_UNSOLICITED_DATA: Final = Asc(0x0C, 0x0C, "WRITE ERROR - UNEXPECTED UNSOLICITED DATA")
-INCORRECT_AMOUNT_OF_DATA: Final = Asc(0x0C, 0x0D, "WRITE ERROR - NOT ENOUGH UNSOLICITED DATA")
-DATA_PHASE_ERROR: Final = Asc(0x4B, 0x00, "DATA PHASE ERROR")
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -220,119 +218,6 @@ PHASE_TRANSITIONS: Final[dict[tuple[Phase, PhaseInput], Phase]] = {
 }
 
 
-# --- tasks -----------------------------------------------------------------------------------------
-
-
-class TaskState(enum.Enum):
-    AWAITING_CMDSN = "awaiting-cmdsn"      # received, a lower CmdSN is still missing
-    COLLECTING_DATA = "collecting-data"    # its turn came; Data-Out still to come
-    READY = "ready"                        # all data here; waiting for earlier commands' release
-    EXECUTING = "executing"                # handed to the SCSI layer (ExecuteScsi)
-    ABORTED = "aborted"                    # by a TMF, logout or reset: no response will be sent
-    DONE = "done"                          # response sent, or the aborted execution came back
-
-    __hash__ = object.__hash__  # members are singletons; enum's own hash is slow Python code
-
-
-class TaskInput(enum.Enum):
-    ACCEPT_NEEDS_DATA = "accept-needs-data"   # CmdSN reached (or immediate), data missing
-    ACCEPT_COMPLETE = "accept-complete"       # CmdSN reached (or immediate), data complete
-    DATA_COMPLETE = "data-complete"
-    RELEASE = "release"
-    COMPLETE = "complete"
-    ABORT = "abort"
-
-    __hash__ = object.__hash__  # members are singletons; enum's own hash is slow Python code
-
-
-TASK_TRANSITIONS: Final[dict[tuple[TaskState, TaskInput], TaskState]] = {
-    (TaskState.AWAITING_CMDSN, TaskInput.ACCEPT_NEEDS_DATA): TaskState.COLLECTING_DATA,
-    (TaskState.AWAITING_CMDSN, TaskInput.ACCEPT_COMPLETE): TaskState.READY,
-    (TaskState.COLLECTING_DATA, TaskInput.DATA_COMPLETE): TaskState.READY,
-    (TaskState.READY, TaskInput.RELEASE): TaskState.EXECUTING,
-    (TaskState.EXECUTING, TaskInput.COMPLETE): TaskState.DONE,
-    (TaskState.AWAITING_CMDSN, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.COLLECTING_DATA, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.READY, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.EXECUTING, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.ABORTED, TaskInput.COMPLETE): TaskState.DONE,
-}
-
-_ACTIVE: Final = frozenset(
-    {TaskState.AWAITING_CMDSN, TaskState.COLLECTING_DATA, TaskState.READY, TaskState.EXECUTING}
-)
-
-
-class _R2TSequence:
-    """One outstanding R2T: the data it asked for and what has arrived (RFC 7143 11.8)."""
-
-    __slots__ = ("length", "next_data_sn", "offset", "received")
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
-        self.received = 0
-        self.next_data_sn = 0
-
-
-class Task:
-    """One SCSI command on this connection."""
-
-    __slots__ = (
-        "buffer", "cmd", "discarding", "failure", "id", "lun", "next_r2t_offset", "r2t_sn", "r2ts",
-        "received",
-        "state", "unsolicited_data_sn", "unsolicited_done", "unsolicited_limit",
-    )
-
-    def __init__(self, task_id: int, cmd: ScsiCommand, lun: int) -> None:
-        self.id = task_id
-        self.cmd = cmd
-        self.lun = lun
-        self.state = TaskState.AWAITING_CMDSN
-        self.buffer: bytes | bytearray | memoryview = b""
-        self.received = 0
-        self.unsolicited_limit = 0
-        self.unsolicited_done = True
-        self.unsolicited_data_sn = 0
-        self.next_r2t_offset = 0
-        self.r2t_sn = 0
-        self.r2ts: dict[int, _R2TSequence] = {}
-        self.failure: ScsiResult | None = None
-        self.discarding = False
-
-    @property
-    def itt(self) -> int:
-        return self.cmd.itt
-
-    @property
-    def data_complete(self) -> bool:
-        return not self.cmd.write or self.received >= self.cmd.expected_length
-
-    def move(self, event: TaskInput) -> None:
-        try:
-            self.state = TASK_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise IllegalTransition(
-                f"task {self.itt:#x}: {event.value} in state {self.state.value}"
-            ) from None
-
-    def store(self, offset: int, data: bytes | memoryview) -> None:
-        n = len(data)
-        buf = self.buffer
-        if offset == 0 and not buf and n == self.cmd.expected_length:
-            self.buffer = data                      # all data in one PDU: no copy
-        else:
-            if not isinstance(buf, bytearray):
-                buf = self.buffer = bytearray(buf)
-            if offset == len(buf):
-                buf += data
-            else:
-                if offset + n > len(buf):
-                    buf.extend(bytes(offset + n - len(buf)))
-                buf[offset : offset + n] = data
-        self.received += n
-
-
 class _Phantom:
     """A CmdSN counted as received without a command (RFC 7143 11.5.1 ABORT TASK rule; rejected
     commands)."""
@@ -340,44 +225,6 @@ class _Phantom:
 
 _PHANTOM: Final = _Phantom()
 _Pending = Task | NopOut | TaskManagementRequest | TextRequest | LogoutRequest | _Phantom
-
-
-class _HeldTmfResponse:
-    """A TMF response that waits for aborted tasks to come back from the SCSI layer."""
-
-    __slots__ = ("close_after", "itt", "response", "waiting")
-
-    def __init__(self, itt: int, response: int, waiting: set[int], close_after: bool) -> None:
-        self.itt = itt
-        self.response = response
-        self.waiting = waiting
-        self.close_after = close_after
-
-
-class TmfFunction(enum.IntEnum):
-    """RFC 7143 11.5.1."""
-
-    ABORT_TASK = 1
-    ABORT_TASK_SET = 2
-    CLEAR_ACA = 3
-    CLEAR_TASK_SET = 4
-    LOGICAL_UNIT_RESET = 5
-    TARGET_WARM_RESET = 6
-    TARGET_COLD_RESET = 7
-    TASK_REASSIGN = 8
-
-
-class TmfResponse(enum.IntEnum):
-    """RFC 7143 11.6.1."""
-
-    FUNCTION_COMPLETE = 0
-    TASK_DOES_NOT_EXIST = 1
-    LUN_DOES_NOT_EXIST = 2
-    TASK_STILL_ALLEGIANT = 3
-    REASSIGNMENT_NOT_SUPPORTED = 4
-    NOT_SUPPORTED = 5
-    AUTHORIZATION_FAILED = 6
-    REJECTED = 255
 
 
 class LogoutReason(enum.IntEnum):
@@ -473,11 +320,12 @@ class Connection:
         self._pending: dict[int, _Pending] = {}    # received, CmdSN not reached yet, by CmdSN
         self._release: deque[Task] = deque()       # accepted non-immediate tasks in CmdSN order
         self._forgotten: deque[int] = deque(maxlen=FORGOTTEN_TAGS)
-        self._held: list[_HeldTmfResponse] = []
+        self._held = HeldResponses()
         self._max_send = LOGIN_MAX_DATA_SEGMENT_LENGTH
         self._max_burst = settings.max_burst_length
         self._first_burst = settings.first_burst_length
-        self._max_r2t = 1
+        self._collector = DataOutCollector(self._send_r2t, self._new_ttt, max_burst=self._max_burst,
+                                           max_r2t=1)
         self._immediate_data = True
         self._initial_r2t = True
         # timers
@@ -759,7 +607,8 @@ class Connection:
         self._max_send = params.max_send_data_segment_length
         self._max_burst = params.max_burst_length
         self._first_burst = params.first_burst_length
-        self._max_r2t = max(1, params.max_outstanding_r2t)
+        self._collector = DataOutCollector(self._send_r2t, self._new_ttt, max_burst=params.max_burst_length,
+                                           max_r2t=params.max_outstanding_r2t)
         self._immediate_data = params.immediate_data
         self._initial_r2t = params.initial_r2t
         self._text = TextNegotiation(params, self.targets, self.settings)
@@ -998,26 +847,16 @@ class Connection:
             self._start(task)
 
     def _solicit(self, task: Task) -> None:
-        """Send R2Ts for the data not yet asked for (RFC 7143 4.2.5.2, 11.8)."""
-        if not task.unsolicited_done or task.state is not TaskState.COLLECTING_DATA:
-            return
-        if not task.r2ts and task.next_r2t_offset < task.received:
-            task.next_r2t_offset = task.received
-        edtl = task.cmd.expected_length
-        while len(task.r2ts) < self._max_r2t and task.next_r2t_offset < edtl:
-            offset = task.next_r2t_offset
-            length = min(self._max_burst, edtl - offset)
-            ttt = self._new_ttt()
-            task.r2ts[ttt] = _R2TSequence(offset, length)
-            task.next_r2t_offset = offset + length
-            self._send(R2T(task.cmd.lun, task.itt, ttt, self._stat_sn, self._exp_cmd_sn, self.max_cmd_sn,
-                           task.r2t_sn, offset, length))
-            task.r2t_sn += 1
+        self._collector.solicit(task)
+
+    def _send_r2t(self, task: Task, ttt: int, r2t_sn: int, offset: int, length: int) -> None:
+        self._send(R2T(task.cmd.lun, task.itt, ttt, self._stat_sn, self._exp_cmd_sn, self.max_cmd_sn,
+                       r2t_sn, offset, length))
 
     def _on_data_out(self, pdu: DataOut) -> None:
         self.exp_stat_sn = pdu.exp_stat_sn
         task = self._tasks.get(pdu.itt)
-        if task is None or task.state not in _ACTIVE:
+        if task is None or task.state not in ACTIVE:
             if pdu.itt not in self._forgotten:
                 self._reject(RejectReason.INVALID_PDU_FIELD, self._reader.last_header())
             return
@@ -1026,47 +865,10 @@ class Connection:
         if not task.cmd.write or task.state is TaskState.EXECUTING or task.state is TaskState.READY:
             self._reject(RejectReason.PROTOCOL_ERROR, self._reader.last_header())
             return
-        n = len(pdu.data)
-        if pdu.ttt == RESERVED_TAG:
-            # unsolicited data (RFC 7143 4.2.5.1): contiguous from the immediate data
-            if task.unsolicited_done:
-                self._data_error(task, UNEXPECTED_UNSOLICITED_DATA, "unsolicited Data-Out after its sequence")
-                return
-            if pdu.data_sn != task.unsolicited_data_sn:
-                why = f"DataSN {pdu.data_sn}, expected {task.unsolicited_data_sn}"
-                self._data_error(task, DATA_PHASE_ERROR, why)
-                return
-            if pdu.buffer_offset != task.received or task.received + n > task.unsolicited_limit:
-                why = "unsolicited Data-Out outside the first burst"
-                self._data_error(task, INCORRECT_AMOUNT_OF_DATA, why)
-                return
-            task.unsolicited_data_sn += 1
-            if n:
-                task.store(pdu.buffer_offset, pdu.data)
-            if pdu.final or task.received >= task.unsolicited_limit:
-                task.unsolicited_done = True
-                self._solicit(task)
-        else:
-            seq = task.r2ts.get(pdu.ttt)
-            if seq is None:
-                self._data_error(task, DATA_PHASE_ERROR, f"unknown Target Transfer Tag {pdu.ttt:#x}")
-                return
-            if pdu.data_sn != seq.next_data_sn:
-                self._data_error(task, DATA_PHASE_ERROR, f"DataSN {pdu.data_sn}, expected {seq.next_data_sn}")
-                return
-            if pdu.buffer_offset != seq.offset + seq.received or seq.received + n > seq.length:
-                self._data_error(task, INCORRECT_AMOUNT_OF_DATA, "Data-Out outside the R2T's range")
-                return
-            seq.next_data_sn += 1
-            if n:
-                task.store(pdu.buffer_offset, pdu.data)
-                seq.received += n
-            if seq.received >= seq.length:
-                del task.r2ts[pdu.ttt]
-                self._solicit(task)
-            elif pdu.final:
-                self._data_error(task, INCORRECT_AMOUNT_OF_DATA, "F bit before the R2T's data was complete")
-                return
+        fault = self._collector.receive(task, pdu)
+        if fault is not None:
+            self._data_error(task, fault.code, fault.why)
+            return
         self._data_arrived(task)
 
     def _data_arrived(self, task: Task) -> None:
@@ -1217,57 +1019,49 @@ class Connection:
             self._order(pdu.cmd_sn, pdu)
 
     def _on_tmf(self, req: TaskManagementRequest) -> None:
-        """ABORT TASK / ABORT TASK SET / CLEAR TASK SET / LOGICAL UNIT RESET abort this session's
-        tasks; TARGET WARM/COLD RESET also reset the LU and ask the server to abort the other
-        sessions' tasks (COLD drops this connection after the response). CLEAR ACA is not supported
-        (we never establish ACA); TASK REASSIGN is refused at ERL 0 (11.5.1)."""
-        fn = req.function
-        lun = lun_number(req.lun)
+        """Apply the function's rule (``tmf.TMF_RULES``): ABORT TASK aborts the referenced task;
+        ABORT TASK SET / CLEAR TASK SET / LOGICAL UNIT RESET this session's tasks on the LUN;
+        TARGET WARM/COLD RESET all of them and ask the server to abort the other sessions' tasks
+        (COLD drops this connection after the response). The LU gets the rule's reset."""
+        rule = rule_for(req.function)
+        scope = rule.scope
+        code = rule.response
         waiting: set[int] = set()
-        if fn == TmfFunction.ABORT_TASK:
+        if scope is TmfScope.REFERENCED_TASK:
             task = self._tasks.get(req.referenced_task_tag)
-            if task is not None and task.state in _ACTIVE:
+            if task is not None and task.state in ACTIVE:
                 self._abort(task, waiting)
-                code = TmfResponse.FUNCTION_COMPLETE
             elif self._in_window(req.ref_cmd_sn) and sn_lt(req.ref_cmd_sn, req.cmd_sn):
                 # never received, though sent before the TMF: count its CmdSN as received (11.5.1)
-                code = TmfResponse.FUNCTION_COMPLETE
                 if req.ref_cmd_sn not in self._pending:
                     self._order(req.ref_cmd_sn, _PHANTOM)
             else:
                 code = TmfResponse.TASK_DOES_NOT_EXIST
-        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+        elif scope is TmfScope.LUN:
+            lun = lun_number(req.lun)
             if lun != 0:
                 code = TmfResponse.LUN_DOES_NOT_EXIST
             else:
                 for task in list(self._tasks.values()):
                     if task.lun == lun:
                         self._abort(task, waiting)
-                if fn == TmfFunction.LOGICAL_UNIT_RESET and self._target is not None:
-                    self._target.lu.reset(ResetKind.LUN, self._nexus)
-                code = TmfResponse.FUNCTION_COMPLETE
-        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            kind = ResetKind.TARGET_WARM if fn == TmfFunction.TARGET_WARM_RESET else ResetKind.TARGET_COLD
+                if rule.reset is not None and self._target is not None:
+                    self._target.lu.reset(rule.reset, self._nexus)
+        elif scope is TmfScope.TARGET:
+            assert rule.reset is not None
             for task in list(self._tasks.values()):
                 self._abort(task, waiting)
             if self._target is not None and self.session is not None:
-                self._target.lu.reset(kind, self._nexus)
-                self._events.append(TargetResetRequested(self._target.iqn, kind, self.session))
-            held = _HeldTmfResponse(req.itt, TmfResponse.FUNCTION_COMPLETE, waiting,
-                                    close_after=kind is ResetKind.TARGET_COLD)
-            self._hold_or_send(held)
+                self._target.lu.reset(rule.reset, self._nexus)
+                self._events.append(TargetResetRequested(self._target.iqn, rule.reset, self.session))
+            close_after = rule.reset is ResetKind.TARGET_COLD
+            self._hold_or_send(HeldTmfResponse(req.itt, code, waiting, close_after=close_after))
             return
-        elif fn == TmfFunction.CLEAR_ACA:
-            code = TmfResponse.NOT_SUPPORTED
-        elif fn == TmfFunction.TASK_REASSIGN:
-            code = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
-        else:
-            code = TmfResponse.REJECTED
-        self._hold_or_send(_HeldTmfResponse(req.itt, code, waiting, close_after=False))
+        self._hold_or_send(HeldTmfResponse(req.itt, code, waiting, close_after=False))
 
-    def _hold_or_send(self, held: _HeldTmfResponse) -> None:
+    def _hold_or_send(self, held: HeldTmfResponse) -> None:
         if held.waiting:
-            self._held.append(held)
+            self._held.hold(held)
             self._cancel(held.waiting)
         else:
             self._send_tmf_response(held)
@@ -1276,7 +1070,7 @@ class Connection:
         if task_ids:
             self._events.append(CancelExecution(tuple(sorted(task_ids))))
 
-    def _send_tmf_response(self, held: _HeldTmfResponse) -> None:
+    def _send_tmf_response(self, held: HeldTmfResponse) -> None:
         if self._phase is not Phase.FULL_FEATURE:
             return
         self._send(TaskManagementResponse(held.response, held.itt, self._take_stat_sn(), self._exp_cmd_sn,
@@ -1286,7 +1080,7 @@ class Connection:
 
     def _abort(self, task: Task, waiting: set[int] | None) -> None:
         """Abort one task: no response will be sent for it."""
-        if task.state not in _ACTIVE:
+        if task.state not in ACTIVE:
             return
         was_executing = task.state is TaskState.EXECUTING
         if task.state is TaskState.AWAITING_CMDSN and self._pending.get(task.cmd.cmd_sn) is task:
@@ -1309,12 +1103,7 @@ class Connection:
         task.move(TaskInput.COMPLETE)
         if not self._held:
             return
-        still: list[_HeldTmfResponse] = []
-        ready: list[_HeldTmfResponse] = []
-        for held in self._held:
-            held.waiting.discard(task.id)
-            (still if held.waiting else ready).append(held)
-        self._held = still
+        ready = self._held.task_returned(task.id)
         for held in ready:
             self._send_tmf_response(held)
 
