@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Coroutine, Generator, Iterable
 from functools import partial
@@ -35,6 +36,9 @@ from frontend.scsi.types import ScsiRequest, ScsiResult, ScsiStatus
 from frontend.target import TargetRegistry, TargetSettings
 
 log = structlog.get_logger("sparrow.iscsi")
+
+#: SPARROW_FAST_PATH=0 sends every command through the general path (debugging, A/B measurement).
+FAST_PATH = os.environ.get("SPARROW_FAST_PATH", "1") != "0"
 
 #: Connections beyond this many are closed as soon as they are accepted.
 MAX_CONNECTIONS = 1024
@@ -163,6 +167,7 @@ class IscsiProtocol(asyncio.Protocol):
             now=self.loop.time(),
             peer=peer_text,
             metrics=self.server.metrics,
+            fast_path=FAST_PATH,
         )
         self._pump()
 
