@@ -38,7 +38,7 @@ from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plai
 from sparrow.cluster.messages import ReplicaState, SyncState
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
-from store.blockstore import BlockStore, StoreUnavailable
+from store.blockstore import BlockStore, InlineIo, StoreUnavailable
 
 log = structlog.get_logger("sparrow.node.forward")
 
@@ -147,6 +147,20 @@ class ReplicatedStore:
 
     async def mapped_extent(self, offset: int) -> tuple[bool, int]:
         return await self.inner.mapped_extent(offset)
+
+    # ``store.blockstore.InlineIo`` (the iSCSI fast path): reads as ``read`` does; a write only in
+    # the one-copy case, where ``write`` is the inner store's. With replicas it must await their ACKs:
+    # False, and the fast path hands the command to the general path.
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        inner = self.inner
+        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        inner = self.inner
+        if self.epoch is None or self.replicas or not isinstance(inner, InlineIo):
+            return False
+        return inner.write_now(offset, data)
 
     async def resize(self, new_size: int) -> None:
         await self.inner.resize(new_size)

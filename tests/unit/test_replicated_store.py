@@ -278,3 +278,16 @@ async def test_a_restarted_primary_resumes_the_epoch_where_the_replica_stands() 
     again.ack(521)
     await settle()
     assert task.done() and task.exception() is None
+
+
+async def test_inline_io_only_where_the_awaited_call_is_the_inner_store() -> None:
+    """The iSCSI fast path (store.blockstore.InlineIo): reads always; writes only with no replica
+    and a configured epoch; with replicas a write must await their ACKs, so it declines."""
+    h = Harness()
+    assert not h.store.write_now(0, b"d" * BS)          # no epoch yet: writes wait
+    h.store.configure(1, [])
+    assert h.store.write_now(0, b"d" * BS)
+    assert h.store.read_now(0, BS) == b"d" * BS == await h.inner.read(0, BS)
+    h.store.configure(2, [("n2", "h:1")])
+    assert not h.store.write_now(0, b"e" * BS)
+    assert h.store.read_now(0, BS) == b"d" * BS
