@@ -24,6 +24,7 @@ import struct
 from typing import Final
 
 from frontend.iscsi.pdu import RESERVED_TAG
+from frontend.scsi.commands import COMMANDS, MetricKind
 
 #: b0, b1, b2, b3, TotalAHSLength|DataSegmentLength, LUN, ITT, EDTL, CmdSN, ExpStatSN (bytes 0..31).
 COMMAND_FIELDS: Final = struct.Struct(">BBBBIQIIII")
@@ -39,29 +40,25 @@ _PROTECT: Final = 0xE0
 _FUA: Final = 0x08
 _NACA: Final = 0x04
 
-READ_10: Final = 0x28
-WRITE_10: Final = 0x2A
-READ_16: Final = 0x88
-WRITE_16: Final = 0x8A
+#: opcode -> (is a write, CDB length), derived from the command table's ``fast_path`` entries
+#: (frontend/scsi/commands.py: READ/WRITE(10)/(16)).
+FAST_COMMANDS: Final[dict[int, tuple[bool, int]]] = {
+    s.opcode: (s.metric is MetricKind.WRITE, s.length) for s in COMMANDS if s.fast_path
+}
+_LBA_AND_LENGTH: Final = {10: _RW10, 16: _RW16}
 
 
 def plain_command(bhs: bytes | bytearray | memoryview, b1: int) -> tuple[bool, int, int] | None:
     """(write, lba, blocks) of a READ/WRITE(10/16) CDB in the plain case; None for anything else.
     ``b1`` is BHS byte 1, already known to be ``READ_FLAGS`` or ``WRITE_FLAGS``; the CDB is BHS
     bytes 32..47."""
-    op = bhs[32]
-    if op in (READ_10, WRITE_10):
-        write = op == WRITE_10
-        lba, n = _RW10.unpack_from(bhs, 34)
-        control = bhs[41]
-    elif op in (READ_16, WRITE_16):
-        write = op == WRITE_16
-        lba, n = _RW16.unpack_from(bhs, 34)
-        control = bhs[47]
-    else:
+    fast = FAST_COMMANDS.get(bhs[32])
+    if fast is None:
         return None
+    write, length = fast
+    lba, n = _LBA_AND_LENGTH[length].unpack_from(bhs, 34)
     refused = _PROTECT | _FUA if write else _PROTECT
-    if write is not (b1 == WRITE_FLAGS) or control & _NACA or bhs[33] & refused:
+    if write is not (b1 == WRITE_FLAGS) or bhs[31 + length] & _NACA or bhs[33] & refused:
         return None
     return write, lba, n
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frontend.iscsi.connection import CancelExecution, CloseConnection, Connection, ExecuteScsi, LoggedIn
-from frontend.iscsi.fastpath import READ_FLAGS, WRITE_FLAGS, plain_command
+from frontend.iscsi.fastpath import FAST_COMMANDS, READ_FLAGS, WRITE_FLAGS, plain_command
 from frontend.iscsi.pdu import (
     DataOut,
     LoginRequest,
@@ -26,6 +26,7 @@ from frontend.iscsi.pdu import (
     encode_bytes,
 )
 from frontend.iscsi.session import SessionTable
+from frontend.scsi.commands import FAST_PATH_OPCODES
 from frontend.scsi.lu import LogicalUnit, LuIdentity, no_such_lun
 from frontend.scsi.types import ScsiResult
 from frontend.target import Target, TargetRegistry, TargetSettings
@@ -312,6 +313,11 @@ def test_a_unit_attention_is_reported_as_the_general_path_reports_it() -> None:
         side.lu.capacity_changed()
     feed_both(sides, plain_stream(4), [])
     assert_same(sides)
+
+
+def test_the_fast_opcodes_come_from_the_command_table() -> None:
+    assert set(FAST_COMMANDS) == FAST_PATH_OPCODES
+    assert FAST_COMMANDS == {0x28: (False, 10), 0x2A: (True, 10), 0x88: (False, 16), 0x8A: (True, 16)}
 
 
 def test_plain_command_decoding() -> None:
