@@ -21,12 +21,16 @@ Behaviour, with the RFC 7143 section each rule comes from:
   Immediate commands (I bit) bypass ordering. SCSI commands are released to the SCSI layer
   (``ExecuteScsi``) strictly in CmdSN order, each once its Data-Out is complete; data for a later
   command is solicited and collected meanwhile.
-- Write data (4.2.5, 11.7, 11.8): immediate data (ImmediateData=Yes), unsolicited Data-Out
-  (InitialR2T=No) up to FirstBurstLength, then R2Ts of at most MaxBurstLength, at most
-  MaxOutstandingR2T at a time. DataSN (per sequence), BufferOffset and TTT are checked; ERL 0 has
-  no within-command recovery (7.1.4), so a broken sequence ends the task: Reject (protocol error),
-  the rest of its data dropped, CHECK CONDITION / ABORTED COMMAND (11.4.7.2). The connection stays
-  (libiscsi's iSCSIDataSnInvalid sends several such commands on one session).
+- Tasks move through ``tasks.TASK_TRANSITIONS``. Plain READ/WRITE(10/16) take the fast path
+  (``fastpath.py``; ``_fast_take``, ``_fast_run``), which sends the same bytes as the rest of this
+  module would.
+- Write data (4.2.5, 11.7, 11.8; the rules in ``dataout.DataOutCollector``): immediate data
+  (ImmediateData=Yes), unsolicited Data-Out (InitialR2T=No) up to FirstBurstLength, then R2Ts of at
+  most MaxBurstLength, at most MaxOutstandingR2T at a time. DataSN (per sequence), BufferOffset and
+  TTT are checked; ERL 0 has no within-command recovery (7.1.4), so a broken sequence ends the task:
+  Reject (protocol error), the rest of its data dropped, CHECK CONDITION / ABORTED COMMAND
+  (11.4.7.2). The connection stays (libiscsi's iSCSIDataSnInvalid sends several such commands on one
+  session).
 - Digests (7.8): a header digest error closes the connection (no sync layer to find the next PDU).
   A data digest error is answered with Reject 0x02 and the PDU discarded; for a Data-Out the task
   goes on collecting and then ends with CHECK CONDITION, ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR
@@ -38,12 +42,13 @@ Behaviour, with the RFC 7143 section each rule comes from:
   SenseLength. Residuals compare the EDTL with ``ScsiResult.transfer_length``; data is cut to EDTL.
 - NOP (11.18, 11.19): NOP-Out with an ITT is answered; idle for ``nop_interval`` -> NOP-In ping;
   nothing received within ``nop_timeout`` after it -> close.
-- Task management (11.5, 11.6): see ``_on_tmf``. Aborted tasks send no response; a TMF response
-  waits until every task it aborted while executing has left the SCSI layer. So that it need not wait
-  for a long command (SANITIZE, a big WRITE SAME), the TMF emits ``CancelExecution`` for those tasks;
-  the asyncio layer cancels them and reports each with ``aborted(task_id, now)`` (or ``complete``,
-  if the command finished first). The response goes out once the last of them has come back
-  (SAM-5 7.1: FUNCTION COMPLETE only after the affected commands are aborted).
+- Task management (11.5, 11.6): ``tmf.TMF_RULES``, applied by ``_on_tmf``. Aborted tasks send no
+  response; a TMF response waits until every task it aborted while executing has left the SCSI
+  layer. So that it need not wait for a long command (SANITIZE, a big WRITE SAME), the TMF emits
+  ``CancelExecution`` for those tasks; the asyncio layer cancels them and reports each with
+  ``aborted(task_id, now)`` (or ``complete``, if the command finished first). The response goes out
+  once the last of them has come back (SAM-5 7.1: FUNCTION COMPLETE only after the affected commands
+  are aborted).
 - Logout (11.14, 11.15), Text (11.10, via ``discovery.TextNegotiation``), SNACK at ERL 0 -> Reject
   protocol error. Discovery sessions accept only Text, Logout and NOP-Out (others: Reject).
 """
