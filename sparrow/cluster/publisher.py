@@ -15,6 +15,11 @@ transaction (a resize is a reason for a new epoch: the node grows its store on i
 The publisher mints whatever it is asked: whether an assignment is worth publishing is the
 TopologyController's decision. It checks only that the ask is well-formed and names things the
 store knows (a live volume, nodes that have said hello).
+
+``on_mint(assignment, reason)`` (the master's audit log, sparrow.master.audit) is called inside
+the transaction, before COMMIT: if it raises, the transaction rolls back and no epoch is minted,
+so no epoch is ever announced that the audit trail does not hold. ``reason`` is the ask's
+``reason`` when it has one.
 """
 
 from __future__ import annotations
@@ -60,9 +65,16 @@ class InvalidAsk(InvalidAuthorityRecord):
 class Publisher:
     """Mints epochs durably. ``wall_clock`` stamps ``created_at`` (wall-clock seconds)."""
 
-    def __init__(self, store: AuthorityStore, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: AuthorityStore,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        on_mint: Callable[[Assignment, str], None] | None = None,
+    ) -> None:
         self._store = store
         self._wall_clock = wall_clock
+        self._on_mint = on_mint
 
     def publish(self, ask: AssignmentAsk) -> Assignment:
         """Record ``ask`` under the volume's next epoch; returns it once it is committed.
@@ -98,6 +110,9 @@ class Publisher:
                 replication_portals=txn.replication_portals(replicas),
             )
             txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
+            if self._on_mint is not None:
+                reason = getattr(ask, "reason", None)
+                self._on_mint(assignment, reason if isinstance(reason, str) else "")
         return assignment
 
     def resize(self, volume_id: str, size: int) -> tuple[VolumeRecord, Assignment | None]:
@@ -138,6 +153,8 @@ class Publisher:
                 replication_portals=txn.replication_portals(replicas),
             )
             txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
+            if self._on_mint is not None:
+                self._on_mint(assignment, f"resized to {volume.size} bytes")
         return volume, assignment
 
 

@@ -98,6 +98,7 @@ from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
+from sparrow.master.audit import AuditLog, audit_middlewares
 from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
 from sparrow.master.control import ControlLoop
 from sparrow.sizes import format_size
@@ -228,6 +229,8 @@ class MasterApi:
     backing_policy: BackingPolicy = NO_BACKING
     #: The daemon's tasks; their failures make /healthz unhealthy.
     supervisor: TaskSupervisor | None = None
+    #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
+    audit: AuditLog | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -236,7 +239,11 @@ API_KEY = web.AppKey("master", MasterApi)
 def build_app(api: MasterApi) -> web.Application:
     errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
     authenticate = auth_middleware(api.control.store)
-    app = web.Application(middlewares=[errors, authenticate], client_max_size=64 * 1024)
+    middlewares = [errors, authenticate]
+    if api.audit is not None:
+        outer, inner = audit_middlewares(api.audit)
+        middlewares = [outer, errors, authenticate, inner]
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[API_KEY] = api
     add_token_routes(app, AuthContext(api.control.store, api.wall_clock))
     app.router.add_post("/v1/volumes", create_volume)
