@@ -19,7 +19,9 @@ store knows (a live volume, nodes that have said hello).
 ``on_mint(assignment, reason)`` (the master's audit log, sparrow.master.audit) is called inside
 the transaction, before COMMIT: if it raises, the transaction rolls back and no epoch is minted,
 so no epoch is ever announced that the audit trail does not hold. ``reason`` is the ask's
-``reason`` when it has one.
+``reason`` when it has one. An ask with an ``epoch_floor`` (sparrow.cluster.epochfloor: an epoch
+a node reported above the authority's, after a restore) gets an epoch above it: the epochs in
+between are recorded unplaced (no primary, no copies) in the same transaction, and never announced.
 """
 
 from __future__ import annotations
@@ -98,7 +100,14 @@ class Publisher:
                 if node_id == primary:
                     portal = node.addresses.iscsi_portal
             previous = txn.max_epoch(volume.volume_id)
-            epoch = Epoch(1 if previous is None else previous.value + 1)
+            last = 0 if previous is None else previous.value
+            floor = getattr(ask, "epoch_floor", 0)  # an epoch a node reported (cluster.epochfloor)
+            floor = floor if isinstance(floor, int) else 0
+            for skipped in range(last + 1, floor + 1):
+                # Epochs the nodes saw and this authority lost (a restore): recorded unplaced, in
+                # this transaction, so the history stays contiguous; never announced.
+                txn.record_assignment(volume.volume_id, Epoch(skipped), None, (), self._wall_clock(), ())
+            epoch = Epoch(max(last, floor) + 1)
             # Built before COMMIT so a message that could not be sent is never recorded.
             assignment = assignment_of(
                 volume,

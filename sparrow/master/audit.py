@@ -31,6 +31,8 @@ written and fsync'ed before what it records takes effect:
     {"time": ..., "type": "epoch", "volume": "db1", "volume_id": "<hex>", "epoch": 7,
      "primary": "n2" | null, "copies": ["n2", "n1"], "in_sync": ["n2"], "reason": "..."}
 
+``sparrow restore`` adds a ``restore`` line (sparrow.backup).
+
 :func:`read_records` reads the file back (a torn last line from a crash is skipped) and joins each
 call with its result; ``sparrow audit`` prints them (sparrow.opscli).
 """
@@ -363,7 +365,7 @@ class AuditRecord:
     """One record as ``sparrow audit`` shows it: a call joined with its result, or an epoch."""
 
     time: str
-    type: str  # "call" | "epoch"
+    type: str  # "call" | "epoch" | "restore"
     fields: dict[str, Any]
 
     @property
@@ -408,8 +410,8 @@ def read_records(path: Path) -> list[AuditRecord]:
             if call is not None:
                 call["status"] = line.get("status")
                 call["error"] = line.get("error")
-        elif kind == "epoch":
-            records.append(AuditRecord(when, "epoch", line))
+        elif kind in ("epoch", "restore"):
+            records.append(AuditRecord(when, kind, line))
     return records
 
 
@@ -445,6 +447,11 @@ def format_record(record: AuditRecord) -> str:
         return (
             f"{record.time}  epoch  {f.get('volume')} epoch {f.get('epoch')} "
             f"primary {f.get('primary') or '-'} copies {copies}  ({f.get('reason') or ''})"
+        )
+    if record.type == "restore":
+        return (
+            f"{record.time}  restore  authority restored from {f.get('backup')} "
+            f"({f.get('volumes')} volumes, highest epoch {f.get('max_epoch')})"
         )
     args = " ".join(f"{k}={json.dumps(v)}" for k, v in (f.get("args") or {}).items())
     redacted = f.get("redacted") or []

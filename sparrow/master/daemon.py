@@ -31,6 +31,7 @@ from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, AuthorityStore
 from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyController
+from sparrow.cluster.epochfloor import RESTORE_MARKER, EpochFloor
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
 from sparrow.cluster.publisher import Publisher
@@ -206,6 +207,23 @@ class MasterRuntime:
         self.store.close()
 
 
+def epoch_floor(config: MasterConfig, now: float) -> EpochFloor:
+    """The epoch floor (sparrow.cluster.epochfloor); holding every assignment for ``dead_after``
+    from ``now`` when ``sparrow restore`` left its marker (removed once the hold is over)."""
+    timing = config.timing
+    marker = config.data_dir / RESTORE_MARKER
+    if not marker.exists():
+        return EpochFloor(timing.lease_seconds, timing.margin)
+    hold = max(timing.dead_after, timing.lease_seconds + timing.margin)
+    log.warning("restored authority: no assignment announced until every node reported", hold=hold)
+
+    def hold_over() -> None:
+        marker.unlink(missing_ok=True)
+        log.info("restore hold over: assignments announced again (epochs above what the nodes reported)")
+
+    return EpochFloor(timing.lease_seconds, timing.margin, hold_until=now + hold, on_hold_end=hold_over)
+
+
 async def start_master(
     config: MasterConfig,
     cleanup: contextlib.AsyncExitStack,
@@ -247,6 +265,7 @@ async def start_master(
         controller=TopologyController(converge_deadline=config.converge_deadline, margin=timing.margin),
         on_published=on_published,
         publisher=Publisher(store, on_mint=audit.epoch_minted),
+        epoch_floor=epoch_floor(config, clock()),
     )
     metrics.bind(control, clock)
 
