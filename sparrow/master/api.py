@@ -177,13 +177,25 @@ class _StateCollector(Collector):
         volumes = GaugeMetricFamily(
             "sparrow_master_volumes", "Volumes by the controller's status", labels=["status"]
         )
+        unserved = GaugeMetricFamily(
+            "sparrow_master_volumes_unserved",
+            "Live volumes not served at their current epoch: no primary, primary dead, fenced, "
+            "transitioning or not converged (sparrow.health)",
+        )
         by_state = dict.fromkeys((s.value for s in NodeState), 0)
         by_status = dict.fromkeys((k.value for k in StatusKind), 0)
+        not_served = 0
         if self.control is not None:
-            for view in self.control.observations.nodes(self.clock()):
+            now = self.clock()
+            for view in self.control.observations.nodes(now):
                 by_state[view.state.value] += 1
             for status in self.control.statuses().values():
                 by_status[status.kind.value] += 1
+            not_served = sum(
+                unserved_reason(self.control, v.volume_id, now) is not None for v in self.control.desired()
+            )
+        unserved.add_metric([], not_served)
+        yield unserved
         for state, count in by_state.items():
             nodes.add_metric([state], count)
         for status_kind, count in by_status.items():
