@@ -62,7 +62,8 @@ sees only its own volumes. ``backing`` needs an admin token and a path under the
 prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
 by the node that opens it (store.backing); a volume on a backing is never resized (400).
 
-Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson). Handlers
+Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson), and
+503 for a mutating call when the audit log cannot be written (sparrow.master.audit: nothing changed). Handlers
 run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 """
 
