@@ -852,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.auth.cli import add_token_commands
 
     add_token_commands(commands, with_api)
+    from sparrow.opscli import add_ops_commands
+
+    add_ops_commands(commands)
     return parser
 
 

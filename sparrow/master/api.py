@@ -62,7 +62,8 @@ sees only its own volumes. ``backing`` needs an admin token and a path under the
 prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
 by the node that opens it (store.backing); a volume on a backing is never resized (400).
 
-Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson). Handlers
+Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson), and
+503 for a mutating call when the audit log cannot be written (sparrow.master.audit: nothing changed). Handlers
 run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 """
 
@@ -98,6 +99,7 @@ from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
+from sparrow.master.audit import AuditLog, audit_middlewares
 from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
 from sparrow.master.control import ControlLoop
 from sparrow.sizes import format_size
@@ -176,13 +178,25 @@ class _StateCollector(Collector):
         volumes = GaugeMetricFamily(
             "sparrow_master_volumes", "Volumes by the controller's status", labels=["status"]
         )
+        unserved = GaugeMetricFamily(
+            "sparrow_master_volumes_unserved",
+            "Live volumes not served at their current epoch: no primary, primary dead, fenced, "
+            "transitioning or not converged (sparrow.health)",
+        )
         by_state = dict.fromkeys((s.value for s in NodeState), 0)
         by_status = dict.fromkeys((k.value for k in StatusKind), 0)
+        not_served = 0
         if self.control is not None:
-            for view in self.control.observations.nodes(self.clock()):
+            now = self.clock()
+            for view in self.control.observations.nodes(now):
                 by_state[view.state.value] += 1
             for status in self.control.statuses().values():
                 by_status[status.kind.value] += 1
+            not_served = sum(
+                unserved_reason(self.control, v.volume_id, now) is not None for v in self.control.desired()
+            )
+        unserved.add_metric([], not_served)
+        yield unserved
         for state, count in by_state.items():
             nodes.add_metric([state], count)
         for status_kind, count in by_status.items():
@@ -228,6 +242,8 @@ class MasterApi:
     backing_policy: BackingPolicy = NO_BACKING
     #: The daemon's tasks; their failures make /healthz unhealthy.
     supervisor: TaskSupervisor | None = None
+    #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
+    audit: AuditLog | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -236,7 +252,11 @@ API_KEY = web.AppKey("master", MasterApi)
 def build_app(api: MasterApi) -> web.Application:
     errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
     authenticate = auth_middleware(api.control.store)
-    app = web.Application(middlewares=[errors, authenticate], client_max_size=64 * 1024)
+    middlewares = [errors, authenticate]
+    if api.audit is not None:
+        outer, inner = audit_middlewares(api.audit)
+        middlewares = [outer, errors, authenticate, inner]
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[API_KEY] = api
     add_token_routes(app, AuthContext(api.control.store, api.wall_clock))
     app.router.add_post("/v1/volumes", create_volume)

@@ -112,6 +112,7 @@ def auth_middleware(store: AuthorityStore) -> Middleware:
             who = tokens.verify(record, secret)
         except AuthError as e:
             return unauthorized(str(e))
+        request[PRINCIPAL_KEY] = who  # set before the route check: the audit names who was refused
         if canonical is not None:  # else no such endpoint: the handler answers 404/405
             method = "GET" if request.method == "HEAD" else request.method
             action = ROUTE_ACTIONS.get((method, canonical), Action.ADMIN)
@@ -120,7 +121,6 @@ def auth_middleware(store: AuthorityStore) -> Middleware:
             except AuthError as e:
                 log.info("request refused", token_id=who.token_id, method=request.method, path=request.path)
                 return error_response(e.status, str(e))
-        request[PRINCIPAL_KEY] = who
         return await handler(request)
 
     return authenticate
