@@ -319,6 +319,9 @@ class OperatorMoves:
         return request
 
     def _busy(self, assignment: Assignment) -> None:
+        failover = self._failovers.get(assignment.volume_id)
+        if failover is not None and assignment.epoch > failover.epoch:
+            del self._failovers[assignment.volume_id]  # published (``apply`` would say so next step)
         if assignment.volume_id in self._failovers:
             raise MoveRefused(f"a failover of {assignment.name} is in progress")
         if assignment.volume_id in self._rebuilds:
