@@ -155,7 +155,7 @@ def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) 
         ("n1", "alive", node.hello.incarnation)
     ]
     table = master.cli("node", "list").stdout.splitlines()
-    assert table[0].split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL"]
+    assert table[0].split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING"]
     assert table[1].split()[:3] == ["n1", "alive", str(node.hello.incarnation)]
 
     # kill -9 the master, start it again on the same data directory and ports.
