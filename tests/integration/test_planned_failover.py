@@ -147,3 +147,61 @@ def test_planned_failover_and_drain_through_the_cli_lose_nothing(
         f" {drain_pause:.2f} s (drain of the primary); {journal.reconnects} reconnects,"
         f" {len(journal.errors)} retryable errors, {len(journal.acks)} writes acknowledged"
     )
+
+
+def test_rebuild_releases_the_copy_and_adds_it_back_while_io_runs(
+    make_cluster: Callable[[int], Cluster],
+) -> None:
+    """``sparrow volume rebuild``: the copy is released by its node, then added back as a new copy
+    outside the in-sync set (resync, when merged, copies it in full and brings it back); the
+    volume serves throughout and the in-sync copies hold every acknowledged write. The primary's
+    copy and the last in-sync replica are refused with the reason."""
+    cluster = make_cluster(3)
+    cluster.cli("volume", "create", "rb", "--size", "16MiB", "--replicas", "3")
+    v = cluster.wait_converged("rb", epoch=1, copies=3)
+    volume_id, primary = v["volume_id"], v["primary"]["node_id"]
+    victim, other = (r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+    cluster.wait_serving(primary, volume_id)
+    refused = cluster.cli("volume", "rebuild", "rb", "--replica", primary, check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith(
+        f"sparrow: error: node {primary} is the primary"
+    )
+    writer = Writer(cluster.node(primary).url("rb"), run_id=32, blocks=BLOCKS, depth=16, sync_every=128)
+    try:
+        writer.wait_acked(500)
+        out = cluster.cli("volume", "rebuild", "rb", "--replica", victim).stdout
+        assert out.startswith("volume rb: rebuild the copy on ")
+
+        def back() -> dict[str, Any] | None:
+            v = cluster.volume("rb")
+            copies = {r["node_id"]: r for r in v["replicas"]}
+            copy = copies.get(victim)
+            ok = copy is not None and copy["observed_epoch"] == v["epoch"] and copy["converged"]
+            return v if ok and v["epoch"] == 3 else None
+
+        v = wait_for(back, timeout=30, what=f"the copy on {victim} added back")
+        assert [(r["node_id"], r["sync"]) for r in v["replicas"]] == [
+            (primary, "in_sync"),
+            (other, "in_sync"),
+            (victim, "stale"),  # a new copy: resync fills it
+        ]
+        again = cluster.cli("volume", "rebuild", "rb", "--replica", other, check=False)
+        assert again.returncode == 1 and "last in-sync replica" in again.stderr
+        writer.wait_acked(writer.acked + 500, timeout=60)
+        journal = writer.stop()
+    finally:
+        writer.kill()
+    reasons = [e["reason"] for e in cluster.master.events("published assignment")]
+    assert reasons[1:] == [
+        f"rebuild the copy on {victim}: release it",
+        f"rebuild the copy on {victim}: add it back as a new copy",
+    ]
+    assert cluster.node(victim).events("target unexported"), "the node did not release its copy"
+    assert journal.reconnects == 0 and not journal.errors, writer.summary()
+    contents = {
+        f"{n} data file": read_data_file(cluster.node(n).data_dir / "volumes" / "rb.img", BLOCKS)
+        for n in (primary, other)
+    }
+    assert_nothing_lost(journal, contents, 32)
+    persisted = cluster.node(victim).persisted(volume_id)
+    assert persisted is not None and (persisted["epoch"], persisted["role"]) == (3, "replica")
