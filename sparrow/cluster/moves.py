@@ -27,7 +27,9 @@ Rules (each an ask for the volume's whole placement):
   failover); a copy there that is in sync gets a new copy on a spare node first (outside the
   in-sync set: resync fills it), and is dropped only once at least ``replicas`` copies off the
   draining nodes are recorded in sync; a stale copy there is replaced at once (it holds nothing the
-  others lack). No eligible replica or no spare node: the drain waits, the status says why.
+  others lack). No eligible replica or no spare node: the drain waits, the status says why. A
+  copy a drain added and no longer needs (``undrain`` came first) is dropped while it is outside
+  the in-sync set and the volume has more copies than wanted.
 - **Rebuild** (:meth:`OperatorMoves.request_rebuild`): refused for the primary's copy and for the
   last in-sync replica. Phase RELEASE asks the placement without the copy; once the node no
   longer reports the volume (its adapter released it), phase READD asks it back as a new copy
@@ -224,7 +226,7 @@ def drain_move(
     """The next step of moving ``volume`` off the draining nodes (None: it holds no copy there)."""
     on = [node for node in assignment.replicas if node in draining]
     if not on:
-        return None
+        return _trim(volume, assignment)
     primary = assignment.primary
     if primary is not None and primary in draining:
         try:
@@ -262,6 +264,21 @@ def drain_move(
         return _Move(_ask(assignment, tuple(keep), in_sync, reason), reason)
     behind = ", ".join(node for node in keep if node not in assignment.in_sync)
     return _Move(None, f"draining {on[0]}: waiting for the copies on {behind} to be in sync")
+
+
+def _trim(volume: DesiredVolume, assignment: Assignment) -> _Move | None:
+    """A copy a drain added that is no longer needed (the drain was ended by ``undrain`` before it
+    dropped the drained copy): with more copies than wanted, the newest copy outside the in-sync
+    set goes. An in-sync copy is never dropped here."""
+    if assignment.primary is None or len(assignment.replicas) <= volume.replicas:
+        return None
+    stale = [node for node in reversed(assignment.replicas) if node not in assignment.in_sync]
+    if not stale:
+        return None
+    node = stale[0]
+    reason = f"drop the extra copy on {node} ({len(assignment.replicas)} copies, {volume.replicas} wanted)"
+    replicas = tuple(n for n in assignment.replicas if n != node)
+    return _Move(_ask(assignment, replicas, assignment.in_sync, reason), reason)
 
 
 def _ask(

@@ -214,6 +214,17 @@ def test_drain_replaces_a_stale_copy_at_once() -> None:
     assert asks == (AssignmentAsk(VOL_A, "n1", ("n1", "n2", "n4"), reason, in_sync=("n1", "n2")),)
 
 
+def test_after_an_undrain_the_copy_the_drain_added_goes_while_it_is_stale() -> None:
+    four = assignment((*THREE, "n4"), epoch=4, in_sync=THREE)
+    moves = OperatorMoves(TopologyController())
+    asks, status = step(moves, cluster_of(four), four)  # n3 no longer draining
+    reason = "drop the extra copy on n4 (4 copies, 3 wanted)"
+    assert asks == (AssignmentAsk(VOL_A, "n1", THREE, reason, in_sync=THREE),)
+    assert status.kind is StatusKind.MOVING
+    synced = assignment((*THREE, "n4"), epoch=5)  # every copy in sync: none is dropped
+    assert step(moves, cluster_of(synced), synced)[0] == ()
+
+
 # -- rebuild -------------------------------------------------------------------------------------------
 
 
