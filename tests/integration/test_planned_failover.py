@@ -22,8 +22,11 @@ from typing import Any
 
 import pytest
 
+from sparrow.replication.protocol import Ack, ErrorCode, Open, Refuse, Write
 from tests.integration.cluster import Cluster
 from tests.integration.gate import Writer, read_data_file, read_through_target
+from tests.integration.replication_peer import ReplicationLink
+from tests.integration.rogue import secret_of
 from tests.integration.test_gate import assert_nothing_lost
 from tests.tools import wait_for
 
@@ -205,3 +208,40 @@ def test_rebuild_releases_the_copy_and_adds_it_back_while_io_runs(
     assert_nothing_lost(journal, contents, 32)
     persisted = cluster.node(victim).persisted(volume_id)
     assert persisted is not None and (persisted["epoch"], persisted["role"]) == (3, "replica")
+
+
+def test_after_a_planned_failover_every_replica_refuses_the_old_primarys_epoch(
+    make_cluster: Callable[[int], Cluster],
+) -> None:
+    """The test plays the old primary on both replicas' replication ports, at epoch 1, with the
+    cluster secret: a write is applied before the failover; once each has persisted epoch 2 (the
+    target as primary, the other as its replica) the old primary's next write is refused
+    ``stale_epoch`` and never lands: the refusal that keeps a deposed primary from completing a
+    write."""
+    cluster = make_cluster(3)
+    cluster.cli("volume", "create", "fe", "--size", "16MiB", "--replicas", "3")
+    v = cluster.wait_converged("fe", epoch=1, copies=3)
+    volume_id, old = v["volume_id"], v["primary"]["node_id"]
+    target, other = (r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+    offset = 4 << 20
+    links = {}
+    for node in (target, other):  # nothing writes to the real primary: it opens no stream
+        link = ReplicationLink(cluster.node(node).replication_port, secret_of(cluster.root))
+        assert link.open(Open(volume_id, 1, 1, old)) == Ack(volume_id, 1, 0, 0)
+        link.send(Write(volume_id, 1, 1, offset, b"\x11" * 4096))
+        link.ack_until(1)
+        links[node] = link
+    cluster.cli("volume", "failover", "fe", "--to", target, "--wait", "30")
+    for node in (target, other):
+        wait_for(
+            lambda node=node: (cluster.node(node).persisted(volume_id) or {}).get("epoch") == 2,  # type: ignore[misc]
+            timeout=10,
+            what=f"{node} to persist epoch 2",
+        )
+        links[node].send(Write(volume_id, 1, 2, offset, b"\x22" * 4096, fua=True))
+        answer = links[node].receive()
+        assert isinstance(answer, Refuse) and answer.code is ErrorCode.STALE_EPOCH, (node, answer)
+        links[node].close()
+        with (cluster.node(node).data_dir / "volumes" / "fe.img").open("rb") as f:
+            f.seek(offset)
+            assert f.read(4096) == b"\x11" * 4096  # the deposed epoch's write never landed
