@@ -245,3 +245,32 @@ def test_after_a_planned_failover_every_replica_refuses_the_old_primarys_epoch(
         with (cluster.node(node).data_dir / "volumes" / "fe.img").open("rb") as f:
             f.seek(offset)
             assert f.read(4096) == b"\x11" * 4096  # the deposed epoch's write never landed
+
+
+def test_drain_of_an_in_sync_replica_adds_a_copy_and_waits_for_it_and_undrain_takes_it_back(
+    make_cluster: Callable[[int], Cluster],
+) -> None:
+    """An in-sync copy on a draining node stays until the copy placed on the spare node is in sync
+    (resync fills it; until then the drain waits and says so); ``undrain`` ends the drain and the
+    copy it added, still stale, is dropped again."""
+    cluster = make_cluster(4)
+    cluster.cli("volume", "create", "dr", "--size", "16MiB", "--replicas", "3")
+    v = cluster.wait_converged("dr", epoch=1, copies=3)
+    placed = [r["node_id"] for r in v["replicas"]]
+    drained = placed[1]
+    (spare,) = set(cluster.nodes) - set(placed)
+    waiting = f"draining {drained}: waiting for the copies on {spare} to be in sync"
+    timed_out = cluster.cli("node", "drain", drained, "--wait", "3", check=False)
+    assert timed_out.returncode == 1
+    assert timed_out.stderr.startswith("sparrow: error: timed out after 3s waiting for ")
+    v = cluster.wait_converged("dr", epoch=2, copies=4)
+    assert [(r["node_id"], r["sync"]) for r in v["replicas"]] == [
+        *((n, "in_sync") for n in placed),
+        (spare, "stale"),
+    ]
+    assert v["status"] == waiting and v["status_kind"] == "moving"
+    node = {n["node_id"]: n for n in cluster.node_list()}[drained]
+    assert (node["draining"], node["drain_status"]) == (True, waiting)
+    cluster.cli("node", "undrain", drained)
+    v = cluster.wait_converged("dr", epoch=3, copies=3)
+    assert [(r["node_id"], r["sync"]) for r in v["replicas"]] == [(n, "in_sync") for n in placed]
