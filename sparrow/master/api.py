@@ -54,7 +54,9 @@ A node (see :func:`node_json`)::
 
     {"node_id", "state": "alive"|"dead", "incarnation", "last_heartbeat_age" (seconds | null),
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
-     the master started)}
+     the master started), "draining": bool, "drain_status": what the drain does or waits for | null}
+
+The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -266,6 +268,9 @@ def build_app(api: MasterApi) -> web.Application:
     app.router.add_post("/v1/volumes/{name}/resize", resize_volume)
     app.router.add_get("/v1/nodes", list_nodes)
     app.router.add_delete("/v1/nodes/{node_id}", forget_node)
+    from sparrow.master.moves_api import add_move_routes  # it builds on this module
+
+    add_move_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -383,6 +388,12 @@ async def list_nodes(request: web.Request) -> web.Response:
     now = api.clock()
     views = {v.node_id: v for v in api.control.observations.nodes(now)}
     nodes: list[dict[str, Any]] = [node_json(views[node_id]) for node_id in sorted(views)]
+    from sparrow.master.moves_api import drain_status
+
+    draining = {r.node_id: r.draining for r in records}
+    for node in nodes:
+        node["draining"] = draining.get(node["node_id"], False)
+        node["drain_status"] = drain_status(api, node["node_id"], node["draining"])
     for record in records:
         if record.node_id not in views:
             # Known from an earlier run, not heard from since this master started.
@@ -397,6 +408,8 @@ async def list_nodes(request: web.Request) -> web.Response:
                     "http": record.addresses.http,
                     "capacity_bytes": record.capacity,
                     "free_bytes": None,
+                    "draining": record.draining,
+                    "drain_status": drain_status(api, record.node_id, record.draining),
                 }
             )
     nodes.sort(key=lambda n: str(n["node_id"]))

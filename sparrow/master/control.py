@@ -57,6 +57,7 @@ from sparrow.cluster.controller import (
 from sparrow.cluster.epochfloor import EpochFloor
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
 from sparrow.cluster.messages import Assignment, DeletedVolume
+from sparrow.cluster.moves import OperatorMoves
 from sparrow.cluster.observations import ObservationStore
 from sparrow.cluster.publisher import Publisher
 
@@ -69,6 +70,8 @@ class AuthoritySnapshot:
 
     volumes: tuple[VolumeRecord, ...]
     assignments: Mapping[str, Assignment]
+    #: Nodes the operator is draining (authority v6; sparrow.cluster.moves).
+    draining: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +138,16 @@ class ControlLoop:
         #: Volumes whose primary's portal changed under a published epoch: republished next step.
         self._moved: dict[str, AssignmentAsk] = {}
         self.steps = 0
+        #: Operator moves in progress (planned failover, rebuild) and the drain rule.
+        self.moves = OperatorMoves(controller)
+        self.draining: frozenset[str] = frozenset()
 
     # -- phases -----------------------------------------------------------------------------------
 
     def read_authority(self) -> AuthoritySnapshot:
         """Blocking: the live volumes and their current assignments, from SQLite."""
-        return AuthoritySnapshot(self.store.volumes(), self.store.latest_assignments())
+        draining = frozenset(n.node_id for n in self.store.nodes() if n.draining)
+        return AuthoritySnapshot(self.store.volumes(), self.store.latest_assignments(), draining)
 
     def apply_snapshot(self, snapshot: AuthoritySnapshot, now: float) -> None:
         """Adopt ``snapshot`` as the master's view. An assignment seen for the first time (e.g.
@@ -171,6 +178,7 @@ class ControlLoop:
         self._current = current
         self._moved = moved
         self._status = {k: v for k, v in self._status.items() if k in self._volumes}
+        self.draining = snapshot.draining
 
     def desired(self) -> tuple[DesiredVolume, ...]:
         return tuple(
@@ -183,7 +191,11 @@ class ControlLoop:
     def decide(self, now: float) -> tuple[Decision, tuple[AssignmentAsk, ...]]:
         """Ask the controller; keep its status per volume; return the decision and the asks that
         would change something (the only ones worth an epoch)."""
-        decision = self.controller.decide(self.desired(), self._current, self.observations, self.leases, now)
+        desired = self.moves.adjust(self.desired())
+        decision = self.controller.decide(
+            desired, self._current, self.observations, self.leases, now, draining=self.draining
+        )
+        decision = self.moves.apply(decision, desired, self._current, self.observations, self.draining, now)
         floor: tuple[AssignmentAsk, ...] = ()
         if self.epoch_floor is not None:
             current = {v: p.assignment for v, p in self._current.items()}

@@ -131,6 +131,9 @@ class ReplicatedStore:
         self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
+        #: Demoted or released (``stand_down``) and not configured since: an operation still in
+        #: flight then (its local I/O running) fails at once instead of waiting the hold bound.
+        self._stood_down = False
 
     # ---- BlockStore ---------------------------------------------------------------------------------
 
@@ -219,6 +222,7 @@ class ReplicatedStore:
         wanted = dict(targets)
         new_epoch = epoch != self.epoch
         self.epoch = epoch
+        self._stood_down = False
         for node in [n for n in self.replicas if n not in wanted]:
             gone = self.replicas.pop(node)
             if gone.link is not None:
@@ -251,6 +255,7 @@ class ReplicatedStore:
         self._ops.clear()
         self._log_bytes = 0
         self._first = self.last + 1
+        self._stood_down = True
         self._fail_waiters("this node is no longer the volume's primary")
 
     def replica_states(self, now: float) -> tuple[ReplicaState, ...]:
@@ -479,6 +484,8 @@ class ReplicatedStore:
     async def _wait(self, index: int, *, durable: bool) -> None:
         if self._done(index, durable):
             return
+        if self._stood_down:
+            raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((index, durable, future))
         await self._bounded(
