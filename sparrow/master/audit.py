@@ -79,6 +79,10 @@ VERBS: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/nodes/{node_id}"): "node.forget",
     ("POST", "/v1/tokens"): "token.create",
     ("DELETE", "/v1/tokens/{id}"): "token.revoke",
+    ("POST", "/v1/volumes/{name}/failover"): "volume.failover",
+    ("POST", "/v1/volumes/{name}/rebuild"): "volume.rebuild",
+    ("POST", "/v1/nodes/{node_id}/drain"): "node.drain",
+    ("POST", "/v1/nodes/{node_id}/undrain"): "node.undrain",
 }
 
 #: Body fields whose values are written to the log. Every other field's value is left out (its
@@ -95,6 +99,8 @@ PUBLIC_ARGS = frozenset(
         "backing",
         "role",
         "tenant",
+        "to",
+        "replica",
     }
 )
 #: Query parameters written to the log.

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from sparrow.cluster.authority import AuthorityStore
+from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment
 from sparrow.cluster.publisher import Publisher
+from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.audit import (
+    VERBS,
     AuditError,
     AuditLog,
     call_args,
@@ -24,6 +27,7 @@ from sparrow.master.audit import (
     select,
     verb,
 )
+from sparrow.master.control import restore
 from store.migrations import AUTHORITY_FILE
 from tests.unit.test_cluster_publisher import VOL_A, Ask, committed, seed
 
@@ -56,6 +60,20 @@ def test_verbs_name_known_routes_and_fall_back_to_method_and_route() -> None:
     assert verb("POST", "/v1/volumes") == "volume.create"
     assert verb("DELETE", "/v1/tokens/{id}") == "token.revoke"
     assert verb("POST", "/v1/volumes/{name}/pause") == "POST /v1/volumes/{name}/pause"
+
+
+def test_every_mutating_route_of_the_api_has_a_verb(tmp_path: Path) -> None:
+    """A route added without a VERBS row would be audited as "METHOD /route": name it."""
+    control = restore(AuthorityStore.open_in(tmp_path), LeaseConfig(), 100.0)
+    api = MasterApi(control=control, metrics=MasterMetrics(), clock=lambda: 100.0, base_iqn="iqn.x")
+    app = build_app(api)
+    mutating = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method in {"POST", "PUT", "PATCH", "DELETE"} and route.resource is not None
+    }
+    assert mutating, "no mutating route found"
+    assert mutating - set(VERBS) == set()
 
 
 def test_appends_are_whole_lines_in_a_0600_file_and_the_reader_joins_calls_with_results(
