@@ -439,6 +439,8 @@ class NodeConnection(asyncio.Protocol):
         self.last_seq = heartbeat.seq
         if self.server.on_heartbeat is not None:
             self.server.on_heartbeat()
+        if self.server.control.holding:  # a restored authority: no lease, no assignment yet
+            return
         ack = Ack(
             seq=heartbeat.seq,
             lease_seconds=self.server.lease_seconds,

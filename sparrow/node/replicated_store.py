@@ -38,7 +38,7 @@ from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plai
 from sparrow.cluster.messages import ReplicaState, SyncState
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
-from store.blockstore import BlockStore, StoreUnavailable
+from store.blockstore import BlockStore, InlineIo, StoreUnavailable
 
 log = structlog.get_logger("sparrow.node.forward")
 
@@ -131,6 +131,9 @@ class ReplicatedStore:
         self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
+        #: Demoted or released (``stand_down``) and not configured since: an operation still in
+        #: flight then (its local I/O running) fails at once instead of waiting the hold bound.
+        self._stood_down = False
 
     # ---- BlockStore ---------------------------------------------------------------------------------
 
@@ -147,6 +150,20 @@ class ReplicatedStore:
 
     async def mapped_extent(self, offset: int) -> tuple[bool, int]:
         return await self.inner.mapped_extent(offset)
+
+    # ``store.blockstore.InlineIo`` (the iSCSI fast path): reads as ``read`` does; a write only in
+    # the one-copy case, where ``write`` is the inner store's. With replicas it must await their ACKs:
+    # False, and the fast path hands the command to the general path.
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        inner = self.inner
+        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        inner = self.inner
+        if self.epoch is None or self.replicas or not isinstance(inner, InlineIo):
+            return False
+        return inner.write_now(offset, data)
 
     async def resize(self, new_size: int) -> None:
         await self.inner.resize(new_size)
@@ -205,6 +222,7 @@ class ReplicatedStore:
         wanted = dict(targets)
         new_epoch = epoch != self.epoch
         self.epoch = epoch
+        self._stood_down = False
         for node in [n for n in self.replicas if n not in wanted]:
             gone = self.replicas.pop(node)
             if gone.link is not None:
@@ -237,6 +255,7 @@ class ReplicatedStore:
         self._ops.clear()
         self._log_bytes = 0
         self._first = self.last + 1
+        self._stood_down = True
         self._fail_waiters("this node is no longer the volume's primary")
 
     def replica_states(self, now: float) -> tuple[ReplicaState, ...]:
@@ -465,6 +484,8 @@ class ReplicatedStore:
     async def _wait(self, index: int, *, durable: bool) -> None:
         if self._done(index, durable):
             return
+        if self._stood_down:
+            raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((index, durable, future))
         await self._bounded(
