@@ -22,8 +22,8 @@ Rules, per desired volume:
    old primary's lease to expire"``). The lease alone is what makes a replacement safe (a primary
    past it is fenced, docs/architecture.md "The fencing bound"); waiting for ``dead_after`` on top
    of it would only be downtime. Replicas keep ``dead_after`` (rule 3): a blip must not cost a
-   copy, and a node silent that long is no candidate for a new copy (rules 1 and 3) either. Then
-   promote only an *eligible* replica
+   copy, and a node silent that long is no candidate for a new copy (rules 1 and 3) nor for the
+   new primary either. Then promote only an *eligible* replica
    (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
    assignment's epoch, health OK and ``write_position`` at least the primary's last observed one;
    and the primary's last observation (same epoch) listed it IN_SYNC. None eligible: no ask, status
@@ -323,9 +323,16 @@ class TopologyController:
         if not leases.safe_to_reassign(primary, now, self.margin):
             return _Verdict(StatusKind.WAITING_FOR_LEASE, "waiting for the old primary's lease to expire")
         eligible = self.eligible_replicas(assignment, observations, now)
-        if not eligible:
+        # The new primary must be heard from: one silent as long as the old primary was would not
+        # hear of its promotion either (it may stay in the in-sync set, as it is by the rules).
+        heard = [
+            node
+            for node in eligible
+            if self.primary_silence is None or not observations.silent(node, now, self.primary_silence)
+        ]
+        if not heard:
             return _Verdict(StatusKind.NO_ELIGIBLE_REPLICA, "no eligible replica")
-        chosen = eligible[0]
+        chosen = heard[0]
         survivors = tuple(
             node
             for node in assignment.replicas

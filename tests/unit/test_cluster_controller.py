@@ -515,6 +515,33 @@ def test_a_primary_replaced_for_its_silence_is_not_brought_back_as_a_new_copy() 
     assert [(a.replicas, a.reason) for a in asks] == [(("n2", "n3"), "add copies with n3")]
 
 
+def test_a_replica_as_silent_as_the_primary_is_not_promoted() -> None:
+    """Two failures: n2 and n3 were both in sync, n2 went silent with the primary; n3 is promoted,
+    and n2 (not dead yet) stays in the in-sync set as the rules have it."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3"):
+        cluster.join(node, 0.0)
+    both = replace(
+        IN_SYNC_PRIMARY,
+        replica_states=(
+            ReplicaState("n2", SyncState.IN_SYNC, 100),
+            ReplicaState("n3", SyncState.IN_SYNC, 100),
+        ),
+    )
+    cluster.beat("n1", 0.0, both)
+    cluster.beat("n2", 0.0, GOOD_REPLICA)
+    for t in (2.5, 5.0):
+        cluster.beat("n3", t, GOOD_REPLICA)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    ctl = TopologyController(primary_silence=SILENCE)
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 6.0, ctl)
+    assert [(a.primary, a.replicas, a.in_sync) for a in asks] == [("n3", ("n3", "n2"), ("n3", "n2"))]
+    cluster.beat("n3", 7.5, GOOD_REPLICA)
+    cluster.store.record(Heartbeat(998, ()), "n3", 7.9)  # n3 now reports nothing: not eligible
+    asks, status = decide(cluster, [desired(replicas=3)], current, 7.9, ctl)
+    assert asks == () and status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA  # n2 is silent
+
+
 def test_a_silent_primary_still_waits_for_its_lease() -> None:
     """Silence is not enough: a lease the master granted later (an Ack in flight) is waited for."""
     cluster = silent_primary_cluster()
