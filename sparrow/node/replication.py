@@ -53,6 +53,7 @@ from sparrow.replication.protocol import (
     MAX_MESSAGE,
     Apply,
     ApplyFlush,
+    ApplyNop,
     ApplyUnmap,
     ApplyWrite,
     ApplyWriteSame,
@@ -63,8 +64,10 @@ from sparrow.replication.protocol import (
     ReplicaStream,
     ReplicationError,
     VolumeView,
+    dirty_report,
 )
 from store.blockstore import BlockStore, StoreError
+from store.dirtymap import DirtyBitmap, DirtyMap, regions_for
 
 log = structlog.get_logger("sparrow.node.replication")
 
@@ -86,6 +89,8 @@ CHUNK = 1 << 20
 REFUSE_LINGER = 1.0
 
 StoreFor = Callable[[str], BlockStore | None]
+#: The volume's dirty map on this node (None: unknown, reported as every region dirty).
+DirtyFor = Callable[[str], DirtyMap | None]
 
 
 async def start_replica_server(
@@ -101,7 +106,12 @@ async def start_replica_server(
     lookup, store_for = node_lookup(state, volumes)
     loop = asyncio.get_running_loop()
     server = ReplicaServer(
-        secret=secret, lookup=lookup, store_for=store_for, clock=loop.time, registry=registry
+        secret=secret,
+        lookup=lookup,
+        store_for=store_for,
+        clock=loop.time,
+        registry=registry,
+        dirty_for=volumes.dirty_map,
     )
     await server.start(host, port)
     return server
@@ -121,6 +131,10 @@ def node_lookup(state: NodeState, volumes: NodeVolumes) -> tuple[Lookup, StoreFo
         return VolumeView(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_)
 
     def store_for(volume_id: str) -> BlockStore | None:
+        # The store that marks the dirty map before each write (the volume's own if it has none).
+        tracked = volumes.marking_store(volume_id)
+        if tracked is not None:
+            return tracked
         volume = volumes.find(volume_id)
         return None if volume is None else volume.store
 
@@ -160,8 +174,10 @@ class ReplicaServer:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         max_unapplied_bytes: int = DEFAULT_MAX_UNAPPLIED_BYTES,
         max_unapplied: int = DEFAULT_MAX_UNAPPLIED,
+        dirty_for: DirtyFor | None = None,
     ) -> None:
         self.secret = secret
+        self.dirty_for = dirty_for
         self.lookup = lookup
         self.store_for = store_for
         self.clock = clock
@@ -294,6 +310,9 @@ class ReplicaConnection(asyncio.Protocol):
                                 first_seq=self.stream.next_seq,
                             )
                             self._write(self.channel.send(applied.ack))
+                            if applied.report_dirty:
+                                for message in self._dirty_report(applied.volume_id, applied.epoch):
+                                    self._write(self.channel.send(message))
                         else:
                             self._queue.append(applied)
                             self._wakeup.set()
@@ -333,6 +352,16 @@ class ReplicaConnection(asyncio.Protocol):
         self._writing_paused_since = None
         self._flow()
         self._arm()
+
+    def _dirty_report(self, volume_id: str, epoch: int) -> list[bytes]:
+        """This copy's dirty map, as DIRTY messages (every region dirty when there is none)."""
+        dirty = None if self.server.dirty_for is None else self.server.dirty_for(volume_id)
+        if dirty is None:
+            view = self.server.lookup(volume_id)
+            bits = DirtyBitmap(regions_for(view.size if view is not None else 1), dirty=True)
+        else:
+            bits = dirty.bits
+        return dirty_report(volume_id, epoch, self.stream.applied_seq, bits.regions, bits.to_bytes())
 
     # -- flow control and deadlines -------------------------------------------------------------------
 
@@ -477,6 +506,8 @@ class ReplicaConnection(asyncio.Protocol):
         if isinstance(apply, ApplyFlush):
             await store.flush()
             return True
+        if isinstance(apply, ApplyNop):
+            return False
         if isinstance(apply, ApplyUnmap) and store.supports_unmap:
             await store.unmap(apply.offset, apply.length)
             return False

@@ -113,9 +113,12 @@ class Master(Proc):
 
 
 class Node(Proc):
-    def __init__(self, node_id: str, root: Path, master: str, timing: Timing) -> None:
+    def __init__(
+        self, node_id: str, root: Path, master: str, timing: Timing, extra_args: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(node_id, root)
         self.node_id = node_id
+        self.extra_args = extra_args
         self.timing = timing
         self.master = master  # the heartbeat address it is given (its proxy)
         self.iscsi_port = free_port()
@@ -142,6 +145,7 @@ class Node(Proc):
             "--fence-margin", str(self.timing.fence_margin),
             "--log-format", "json",
             "--cluster-secret-file", str(secret_file(self.root)),
+            *self.extra_args,
         ]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
@@ -171,7 +175,9 @@ class Node(Proc):
 class Cluster:
     """A master and ``n`` nodes ``n1..nN``, each node's heartbeats through its own proxy."""
 
-    def __init__(self, root: Path, n: int, timing: Timing = TIMING) -> None:
+    def __init__(
+        self, root: Path, n: int, timing: Timing = TIMING, node_args: tuple[str, ...] = ()
+    ) -> None:
         self.root = root
         self.timing = timing
         self.master = Master(root, timing)
@@ -181,7 +187,7 @@ class Cluster:
             node_id = f"n{i}"
             proxy = FaultProxy(("127.0.0.1", self.master.listen_port)).start()
             self.proxies[node_id] = proxy
-            self.nodes[node_id] = Node(node_id, root, proxy.address, timing)
+            self.nodes[node_id] = Node(node_id, root, proxy.address, timing, node_args)
 
     def start(self) -> Cluster:
         self.master.start()
