@@ -796,6 +796,7 @@ class Convergence:
                     held.epoch,
                     self.replication_targets(assignment.volume_id),
                     self.resync_targets(assignment.volume_id),
+                    len(assignment.in_sync) == len(assignment.replicas),
                 )
         forwarding.retarget(targets)
         forwarding.stand_down(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,11 +38,12 @@ from prometheus_client import CollectorRegistry
 
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.messages import ReplicaState, SyncState
+from sparrow.node.checkpoint import CHECKPOINT_INTERVAL, checkpoint_round
 from sparrow.node.resync import DEFAULT_RESYNC_RATE, LockFor, Resync, ResyncMetrics, TokenBucket
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
 from store.blockstore import BlockStore, StoreUnavailable
-from store.dirtymap import DirtyMap
+from store.dirtymap import DirtyMap, region_span
 
 log = structlog.get_logger("sparrow.node.forward")
 
@@ -56,6 +58,8 @@ LOG_BYTES = 64 << 20
 UNMAP_CHUNK = 1 << 30
 #: Between two connection attempts to a replica (it may not have persisted the epoch yet).
 RECONNECT_DELAY = 0.05
+#: ... and to a syncing copy (it may be down for long: nothing waits for it).
+SYNCING_RECONNECT_DELAY = 0.5
 READ_SIZE = 1 << 16
 
 
@@ -134,6 +138,15 @@ class ReplicatedStore:
         self.inner = inner
         #: Called when a replica starts syncing (the node starts its resync driver).
         self.on_syncing = on_syncing
+        #: This copy's dirty map (cleared by checkpoints, sparrow/node/checkpoint.py), the random
+        #: id of this process's streams, the op index that last wrote each region in this term
+        #: as primary, and the regions dirty when the term began (never cleared by it).
+        self.dirty_map: DirtyMap | None = None
+        self.session = secrets.randbits(63)
+        self.touched: dict[int, int] = {}
+        self.sticky: frozenset[int] | None = None
+        #: The assignment lists every copy in sync (checkpoints may clear dirty bits).
+        self.complete = False
         self.block_size = inner.block_size
         self.volume_id = volume_id
         self.node_id = node_id
@@ -223,6 +236,8 @@ class ReplicatedStore:
         epoch: int,
         targets: Sequence[tuple[str, str | None]],
         syncing: Sequence[tuple[str, str]] = (),
+        *,
+        complete: bool = False,
     ) -> None:
         """The persisted assignment at ``epoch`` names ``targets`` (in-sync replicas, with their
         replication portals) and ``syncing`` (its other copies that have a portal: resynced while
@@ -234,7 +249,10 @@ class ReplicatedStore:
         wanted = dict(targets)
         resync = {node: portal for node, portal in syncing if node not in wanted}
         new_epoch = epoch != self.epoch
+        if self.epoch is None and self.dirty_map is not None:
+            self.sticky = frozenset(self.dirty_map.bits)  # a new term as primary
         self.epoch = epoch
+        self.complete = complete and not resync
         for node, address in resync.items():
             self._sync(node, address, new_epoch)
         for node in [n for n in self.replicas if n not in wanted and n not in resync]:
@@ -281,6 +299,7 @@ class ReplicatedStore:
         elif not replica.syncing:  # dropped from the in-sync set: its stream goes on
             replica.syncing, replica.resynced, replica.lagging = True, False, False
             replica.generation += 1
+            replica.progress = (0, 0)
             replica.changed = replica.changed or asyncio.Event()
             log.info("replica syncing", volume_id=self.volume_id, replica=node, epoch=self.epoch)
         elif not new_epoch and portal == replica.portal:
@@ -325,6 +344,40 @@ class ReplicatedStore:
     async def room(self, size: int) -> None:
         await self._room(size)
 
+    # ---- checkpoints (sparrow/node/checkpoint.py) --------------------------------------------------
+
+    def checkpoint_due(self) -> bool:
+        """Every copy in sync and keeping up, and regions written since the last checkpoint."""
+        return (
+            self.epoch is not None
+            and self.complete
+            and self.dirty_map is not None
+            and bool(self.touched)
+            and all(not r.syncing and not r.lagging for r in self.replicas.values())
+        )
+
+    def flush_everywhere(self) -> int:
+        """Queue a flush for every replica (the caller holds off writers); its op index."""
+        return self._append(_Op(MsgType.FLUSH, 0, None, 0, self.clock()))
+
+    async def durable_everywhere(self, index: int) -> None:
+        """Until every in-sync replica has made op ``index`` durable (bounded: StoreUnavailable)."""
+        await self._wait(index, durable=True)
+
+    def checkpoint(self, upto: int) -> list[int]:
+        """Every copy has made every op up to ``upto`` durable (and this one its own writes):
+        queue a CHECKPOINT so the replicas clear what those ops dirtied, and clear it here; the
+        regions cleared here."""
+        self._append(_Op(MsgType.CHECKPOINT, upto, None, 0, self.clock()))
+        sticky = self.sticky or frozenset()
+        done = [r for r, index in self.touched.items() if index <= upto]
+        for region in done:
+            del self.touched[region]
+        cleared = [r for r in done if r not in sticky]
+        if self.dirty_map is not None:
+            self.dirty_map.clear(cleared)
+        return cleared
+
     def _detach(self, replica: _Replica) -> None:
         """A syncing replica holds the log full: skip it to the end (its resync starts over; every
         op skipped is in this copy's dirty map) so the writers go on."""
@@ -367,6 +420,9 @@ class ReplicatedStore:
                 replica.link.close()
         self.replicas.clear()
         self.epoch = None
+        self.touched.clear()
+        self.sticky = None
+        self.complete = False
         self._ops.clear()
         self._log_bytes = 0
         self._first = self.last + 1
@@ -473,7 +529,8 @@ class ReplicatedStore:
         replica.stream = None
         replica.backing_off = True
         loop = asyncio.get_running_loop()
-        loop.call_later(RECONNECT_DELAY, self._reconnect, node)
+        delay = SYNCING_RECONNECT_DELAY if replica.syncing and not replica.resynced else RECONNECT_DELAY
+        loop.call_later(delay, self._reconnect, node)
 
     def _reconnect(self, node: str) -> None:
         replica = self.replicas.get(node)
@@ -513,6 +570,7 @@ class ReplicatedStore:
             first_seq=replica.sent - replica.base + 1,
             ack_timeout=self.ack_timeout,
             report_dirty=replica.syncing,
+            session=self.session,
         )
         replica.dirty_report = None
         replica.stream = stream
@@ -530,6 +588,9 @@ class ReplicatedStore:
         self._ops.append(op)
         self._log_bytes += op.length if op.data is not None else 0
         self.last += 1
+        if self.dirty_map is not None and op.only is None and op.kind in _WRITES:
+            for region in region_span(op.offset, op.length):
+                self.touched[region] = self.last
         for replica in self.replicas.values():
             if replica.link is None and not replica.backing_off:
                 self._connect(replica)
@@ -551,6 +612,8 @@ class ReplicatedStore:
             try:
                 if other:
                     _, data = stream.nop(now)
+                elif op.kind is MsgType.CHECKPOINT:
+                    _, data = stream.checkpoint(op.offset - replica.base, now)
                 elif op.kind is MsgType.WRITE:
                     assert op.data is not None
                     _, data = stream.write(op.offset, op.data, now)
@@ -672,6 +735,9 @@ class ReplicatedStore:
             if not future.done():
                 future.set_exception(StoreUnavailable(f"volume {self.volume_id}: {reason}"))
         self._waiters = []
+
+
+_WRITES = frozenset({MsgType.WRITE, MsgType.UNMAP})
 
 
 def _state(replica: _Replica) -> ReplicaState:
@@ -824,6 +890,7 @@ class Forwarding:
         self.resync_metrics = ResyncMetrics(registry)
         self.dirty: dict[str, DirtyMap | None] = {}
         self.resyncs: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._checkpoints: asyncio.Task[None] | None = None
         self.secret = secret
         self.ack_timeout = ack_timeout
         self.hold_timeout = hold_timeout
@@ -847,9 +914,14 @@ class Forwarding:
             on_lagging=self._lagging,
             on_syncing=self._resync,
         )
+        store.dirty_map = dirty
         self.stores[volume_id] = store
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="forward-lag")
+        if self._checkpoints is None:
+            self._checkpoints = asyncio.get_running_loop().create_task(
+                self._checkpoint_loop(), name="checkpoints"
+            )
         return store
 
     def forget(self, volume_id: str) -> None:
@@ -866,16 +938,28 @@ class Forwarding:
     def retarget(
         self,
         targets: Mapping[
-            str, tuple[int, Sequence[tuple[str, str | None]], Sequence[tuple[str, str]]]
+            str, tuple[int, Sequence[tuple[str, str | None]], Sequence[tuple[str, str]], bool]
         ],
     ) -> None:
         """``targets``: for each volume this node serves as persisted primary, (epoch, in-sync
-        replicas, copies to resync). Volumes not named are left as they are (not yet persisted:
-        writes keep waiting)."""
-        for volume_id, (epoch, replicas, syncing) in targets.items():
+        replicas, copies to resync, whether every copy is in sync). Volumes not named are left as
+        they are (not yet persisted: writes keep waiting)."""
+        for volume_id, (epoch, replicas, syncing, complete) in targets.items():
             store = self.stores.get(volume_id)
             if store is not None:
-                store.configure(epoch, replicas, syncing)
+                store.configure(epoch, replicas, syncing, complete=complete)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            for store in list(self.stores.values()):
+                lock = self.lock_for(store.volume_id)
+                if lock is None or not store.checkpoint_due():
+                    continue
+                try:
+                    await checkpoint_round(store, lock)
+                except Exception:
+                    log.exception("checkpoint failed", volume_id=store.volume_id)
 
     def _resync(self, store: ReplicatedStore, node: str) -> None:
         """Start the resync of ``node`` (sparrow/node/resync.py) unless one runs."""
@@ -926,6 +1010,11 @@ class Forwarding:
         for task in list(self.resyncs.values()):
             task.cancel()
         self.resyncs.clear()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

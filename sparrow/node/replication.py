@@ -52,6 +52,7 @@ from sparrow.node.convergence import NodeVolumes
 from sparrow.replication.protocol import (
     MAX_MESSAGE,
     Apply,
+    ApplyCheckpoint,
     ApplyFlush,
     ApplyNop,
     ApplyUnmap,
@@ -67,7 +68,7 @@ from sparrow.replication.protocol import (
     dirty_report,
 )
 from store.blockstore import BlockStore, StoreError
-from store.dirtymap import DirtyBitmap, DirtyMap, regions_for
+from store.dirtymap import REGION_SIZE, DirtyBitmap, DirtyMap, region_span, regions_for
 
 log = structlog.get_logger("sparrow.node.replication")
 
@@ -178,6 +179,11 @@ class ReplicaServer:
     ) -> None:
         self.secret = secret
         self.dirty_for = dirty_for
+        #: Per volume, for the primary session streaming to it (docs/replication.md, "Clearing"):
+        #: the session, the (epoch, seq) that last wrote each region, and the regions already
+        #: dirty when the session's first stream opened (never cleared by its checkpoints).
+        self.touched: dict[str, tuple[int, dict[int, tuple[int, int]]]] = {}
+        self.sticky: dict[str, set[int]] = {}
         self.lookup = lookup
         self.store_for = store_for
         self.clock = clock
@@ -255,6 +261,8 @@ class ReplicaConnection(asyncio.Protocol):
         self._writing_paused_since: float | None = None
         self._message_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: The primary session of this connection's stream (set at OPEN).
+        self._session: int | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -299,6 +307,7 @@ class ReplicaConnection(asyncio.Protocol):
                 else:
                     for applied in self.stream.feed(event.data):
                         if isinstance(applied, Opened):
+                            self._track(applied.volume_id, applied.session)
                             self._opened = True
                             self._left_handshake()
                             log.info(
@@ -352,6 +361,52 @@ class ReplicaConnection(asyncio.Protocol):
         self._writing_paused_since = None
         self._flow()
         self._arm()
+
+    def _track(self, volume_id: str, session: int) -> None:
+        """A stream of ``session`` opened: a new session forgets what the earlier one wrote (its
+        bits stay set) and takes the bits set now as sticky."""
+        self._session = session
+        held = self.server.touched.get(volume_id)
+        if held is not None and held[0] == session:
+            return
+        dirty = None if self.server.dirty_for is None else self.server.dirty_for(volume_id)
+        self.server.touched[volume_id] = (session, {})
+        self.server.sticky[volume_id] = set(dirty.bits) if dirty is not None else set()
+
+    def _touch(self, apply: Apply) -> None:
+        """Record the regions ``apply`` wrote, or clear the ones a checkpoint covers."""
+        volume_id = self.stream.volume_id
+        held = None if volume_id is None else self.server.touched.get(volume_id)
+        if volume_id is None or held is None or held[0] != self._session:
+            return  # another session took over: this stream's writes stay dirty
+        touched, epoch = held[1], self.stream.epoch
+        if isinstance(apply, ApplyWrite | ApplyUnmap | ApplyWriteSame):
+            length = len(apply.data) if isinstance(apply, ApplyWrite) else apply.length
+            for region in region_span(apply.offset, length):
+                touched[region] = (epoch, apply.seq)
+            if isinstance(apply, ApplyWrite) and apply.offset % REGION_SIZE == 0:
+                # A whole region written (a resync's copy): it holds what the primary holds.
+                view = self.server.lookup(volume_id)
+                if length == REGION_SIZE or (view is not None and apply.offset + length >= view.size):
+                    self.server.sticky.get(volume_id, set()).discard(apply.offset // REGION_SIZE)
+        elif isinstance(apply, ApplyCheckpoint):
+            sticky = self.server.sticky.get(volume_id, set())
+            done = [r for r, at in touched.items() if at <= (epoch, apply.upto)]
+            for region in done:
+                del touched[region]
+            dirty = self.server.dirty_for(volume_id) if self.server.dirty_for is not None else None
+            if dirty is not None:
+                dirty.clear(r for r in done if r not in sticky)
+
+    async def _sync_dirty(self, volume_id: str | None) -> None:
+        """Write the cleared bits now (once per checkpoint), so a restart copies less."""
+        dirty_for = self.server.dirty_for
+        dirty = None if dirty_for is None or volume_id is None else dirty_for(volume_id)
+        if dirty is not None:
+            try:
+                await dirty.sync()
+            except StoreError as e:
+                log.warning("dirty map not written", volume_id=volume_id, error=str(e))
 
     def _dirty_report(self, volume_id: str, epoch: int) -> list[bytes]:
         """This copy's dirty map, as DIRTY messages (every region dirty when there is none)."""
@@ -467,6 +522,9 @@ class ReplicaConnection(asyncio.Protocol):
                     )
                     self.refuse("apply_failed", str(e))
                     return
+                self._touch(apply)
+                if isinstance(apply, ApplyCheckpoint):
+                    await self._sync_dirty(volume_id)
                 ack = self.stream.done(apply.seq, durable=durable)
                 self.server.metrics.applied.inc()
                 if isinstance(apply, ApplyWrite):
@@ -506,7 +564,7 @@ class ReplicaConnection(asyncio.Protocol):
         if isinstance(apply, ApplyFlush):
             await store.flush()
             return True
-        if isinstance(apply, ApplyNop):
+        if isinstance(apply, ApplyNop | ApplyCheckpoint):
             return False
         if isinstance(apply, ApplyUnmap) and store.supports_unmap:
             await store.unmap(apply.offset, apply.length)

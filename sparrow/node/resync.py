@@ -45,7 +45,7 @@ log = structlog.get_logger("sparrow.node.resync")
 #: Default ``sparrow node --resync-rate``: bytes per second of region copies per node (0: unlimited).
 DEFAULT_RESYNC_RATE = 200 << 20
 #: Region copies queued and not yet acknowledged by the replica, at most.
-WINDOW = 8 << 20
+WINDOW = 32 << 20
 #: How long to wait for the LU (its range lock) before trying again.
 RETRY = 0.05
 

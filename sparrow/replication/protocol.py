@@ -18,8 +18,9 @@ bound is a :class:`ReplicationError` carrying its wire :class:`ErrorCode`.
 ===========  =====================  =========================================================
 type         fixed body             payload
 ===========  =====================  =========================================================
-OPEN         (none)                 the primary's node id (ASCII); ``seq`` is the first seq;
-                                    flag REPORT_DIRTY: answer with the replica's dirty map
+OPEN         session u64            the primary's node id (ASCII); ``seq`` is the first seq;
+                                    flag REPORT_DIRTY: answer with the replica's dirty map;
+                                    ``session``: the primary process's random id
 WRITE        offset u64             the data (1 .. MAX_PAYLOAD bytes); flag FUA
 UNMAP        offset u64, len u32    (none)
 WRITE_SAME   offset u64, len u32    one logical block (512 or 4096 bytes)
@@ -31,9 +32,12 @@ DIRTY        offset u32, regions    a slice (from byte ``offset``) of the replic
              u32                    bitmap of ``regions`` bits; flag LAST on the final slice
 NOP          (none)                 (none): applied as nothing (a region copy meant for another
                                     replica keeps every stream's seqs equal)
+CHECKPOINT   upto u64               (none): every copy is in sync and has made every op up to
+                                    seq ``upto`` durable: clear the dirty bits written by them
 ===========  =====================  =========================================================
 
-Version 2 added DIRTY, NOP and the OPEN's REPORT_DIRTY flag (resync, docs/replication.md).
+Version 2 added DIRTY, NOP, CHECKPOINT and the OPEN's REPORT_DIRTY flag (resync,
+docs/replication.md).
 ===========  =====================  =========================================================
 
 Primary to replica: OPEN, then WRITE / UNMAP / WRITE_SAME / FLUSH / NOP numbered ``first_seq``,
@@ -89,6 +93,7 @@ class MsgType(enum.IntEnum):
     REFUSE = 7
     DIRTY = 8
     NOP = 9
+    CHECKPOINT = 10
 
 
 _RANGE = struct.Struct(">QI")
@@ -97,7 +102,7 @@ _U8 = struct.Struct(">B")
 _SLICE = struct.Struct(">II")
 #: Per type: the fixed body, the payload bounds (min, max) and the flags it may carry.
 _LAYOUT: Mapping[MsgType, tuple[struct.Struct | None, int, int, int]] = {
-    MsgType.OPEN: (None, 1, 63, FLAG_REPORT_DIRTY),
+    MsgType.OPEN: (_U64, 1, 63, FLAG_REPORT_DIRTY),
     MsgType.WRITE: (_U64, 1, MAX_PAYLOAD, FLAG_FUA),
     MsgType.UNMAP: (_RANGE, 0, 0, 0),
     MsgType.WRITE_SAME: (_RANGE, 512, 4096, 0),
@@ -106,6 +111,7 @@ _LAYOUT: Mapping[MsgType, tuple[struct.Struct | None, int, int, int]] = {
     MsgType.REFUSE: (_U8, 0, MAX_REASON, 0),
     MsgType.DIRTY: (_SLICE, 0, MAX_PAYLOAD, FLAG_LAST),
     MsgType.NOP: (None, 0, 0, 0),
+    MsgType.CHECKPOINT: (_U64, 0, 0, 0),
 }
 #: The largest message: header, the largest fixed body, the largest payload.
 MAX_MESSAGE = HEADER.size + _RANGE.size + MAX_PAYLOAD
@@ -196,9 +202,14 @@ class Open:
     primary: str
     #: Ask the replica for its dirty-region bitmap (a copy being resynced).
     report_dirty: bool = False
+    #: The primary process's id (random, below 2**63): a replica clears dirty bits on a
+    #: CHECKPOINT only for what it applied from this session.
+    session: int = 0
 
     def __post_init__(self) -> None:
         _check_ids(self.volume_id, self.epoch, self.first_seq)
+        if not 0 <= self.session <= MAX_UINT63:
+            _fail(ErrorCode.MALFORMED, f"session {self.session} out of range")
         if self.first_seq < 1:
             _fail(ErrorCode.MALFORMED, "first seq must be at least 1")
         if not isinstance(self.primary, str) or not NODE_ID_PATTERN.fullmatch(self.primary):
@@ -353,8 +364,24 @@ def dirty_report(volume_id: str, epoch: int, seq: int, regions: int, bitmap: byt
         offset += len(chunk)
 
 
-Operation: TypeAlias = Write | Unmap | WriteSame | Flush | Nop
-Message: TypeAlias = Open | Write | Unmap | WriteSame | Flush | Ack | Refuse | Dirty | Nop
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Primary -> replica: every copy of the volume is in sync and has made every op up to seq
+    ``upto`` (< ``seq``) durable; the replica may clear the dirty bits only those ops set."""
+
+    volume_id: str
+    epoch: int
+    seq: int
+    upto: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        if not 0 <= self.upto < self.seq:
+            _fail(ErrorCode.MALFORMED, f"checkpoint up to {self.upto} at seq {self.seq}")
+
+
+Operation: TypeAlias = Write | Unmap | WriteSame | Flush | Nop | Checkpoint
+Message: TypeAlias = Open | Write | Unmap | WriteSame | Flush | Ack | Refuse | Dirty | Nop | Checkpoint
 _TYPE_OF: Mapping[type, MsgType] = {
     Open: MsgType.OPEN,
     Write: MsgType.WRITE,
@@ -365,6 +392,7 @@ _TYPE_OF: Mapping[type, MsgType] = {
     Refuse: MsgType.REFUSE,
     Dirty: MsgType.DIRTY,
     Nop: MsgType.NOP,
+    Checkpoint: MsgType.CHECKPOINT,
 }
 
 
@@ -386,7 +414,7 @@ def encode_parts(message: Message) -> tuple[bytes, bytes | memoryview]:
     body = b""
     seq: int
     if isinstance(message, Open):
-        seq, payload = message.first_seq, message.primary.encode("ascii")
+        seq, body, payload = message.first_seq, _U64.pack(message.session), message.primary.encode("ascii")
         flags = FLAG_REPORT_DIRTY if message.report_dirty else 0
     elif isinstance(message, Write):
         seq, body, payload = message.seq, _U64.pack(message.offset), message.data
@@ -397,6 +425,8 @@ def encode_parts(message: Message) -> tuple[bytes, bytes | memoryview]:
         seq, body, payload = message.seq, _RANGE.pack(message.offset, message.length), message.pattern
     elif isinstance(message, Flush | Nop):
         seq = message.seq
+    elif isinstance(message, Checkpoint):
+        seq, body = message.seq, _U64.pack(message.upto)
     elif isinstance(message, Dirty):
         seq, body, payload = message.seq, _SLICE.pack(message.offset, message.regions), message.bitmap
         flags = FLAG_LAST if message.last else 0
@@ -436,7 +466,8 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
             primary = bytes(payload).decode("ascii")
         except UnicodeDecodeError:
             _fail(ErrorCode.MALFORMED, "primary node id is not ASCII")
-        return Open(volume_id, epoch, seq, primary, bool(flags & FLAG_REPORT_DIRTY))
+        (session,) = _U64.unpack_from(body)
+        return Open(volume_id, epoch, seq, primary, bool(flags & FLAG_REPORT_DIRTY), session)
     if kind is MsgType.WRITE:
         (offset,) = _U64.unpack_from(body)
         return Write(volume_id, epoch, seq, offset, payload, bool(flags & FLAG_FUA))
@@ -449,6 +480,9 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
         return Flush(volume_id, epoch, seq)
     if kind is MsgType.NOP:
         return Nop(volume_id, epoch, seq)
+    if kind is MsgType.CHECKPOINT:
+        (upto,) = _U64.unpack_from(body)
+        return Checkpoint(volume_id, epoch, seq, upto)
     if kind is MsgType.DIRTY:
         offset, regions = _SLICE.unpack_from(body)
         return Dirty(volume_id, epoch, seq, offset, regions, payload, bool(flags & FLAG_LAST))
@@ -576,7 +610,15 @@ class ApplyNop:
     seq: int
 
 
-Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush | ApplyNop
+@dataclass(frozen=True, slots=True)
+class ApplyCheckpoint:
+    """Clear the dirty bits set by this stream's ops up to seq ``upto`` (all durable everywhere)."""
+
+    seq: int
+    upto: int
+
+
+Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush | ApplyNop | ApplyCheckpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +630,8 @@ class Opened:
     ack: bytes
     #: The OPEN asked for the replica's dirty map (send :func:`dirty_report` after ``ack``).
     report_dirty: bool = False
+    #: The primary process's session id (the OPEN's).
+    session: int = 0
 
 
 ReplicaEvent: TypeAlias = Opened | Apply
@@ -608,6 +652,7 @@ REPLICA_TRANSITIONS: Mapping[tuple[ReplicaState, MsgType], ReplicaState] = {
     (ReplicaState.STREAMING, MsgType.WRITE_SAME): ReplicaState.STREAMING,
     (ReplicaState.STREAMING, MsgType.FLUSH): ReplicaState.STREAMING,
     (ReplicaState.STREAMING, MsgType.NOP): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.CHECKPOINT): ReplicaState.STREAMING,
 }
 
 
@@ -770,7 +815,7 @@ class ReplicaStream:
         self._position = self.positions.claim(message.volume_id, message.epoch, self)
         self.volume_id, self.epoch, self.primary = message.volume_id, message.epoch, message.primary
         self.next_seq = message.first_seq
-        return Opened(message.volume_id, message.epoch, self._ack(), message.report_dirty)
+        return Opened(message.volume_id, message.epoch, self._ack(), message.report_dirty, message.session)
 
     def _operation(self, message: Operation) -> Apply:
         assert self.volume_id is not None and self.primary is not None
@@ -786,7 +831,7 @@ class ReplicaStream:
         if message.seq < self.next_seq:
             _fail(ErrorCode.REPEAT, f"seq {message.seq}, expected {self.next_seq}")
         size = 0
-        if not isinstance(message, Flush | Nop):
+        if not isinstance(message, Flush | Nop | Checkpoint):
             bs = view.block_size
             if message.offset % bs or message.length % bs or message.offset + message.length > view.size:
                 _fail(
@@ -808,6 +853,8 @@ class ReplicaStream:
             apply = ApplyWriteSame(message.seq, message.offset, message.length, message.pattern)
         elif isinstance(message, Nop):
             apply = ApplyNop(message.seq)
+        elif isinstance(message, Checkpoint):
+            apply = ApplyCheckpoint(message.seq, message.upto)
         else:
             apply = ApplyFlush(message.seq)
         self.next_seq += 1
@@ -916,6 +963,7 @@ class PrimaryStream:
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         report_dirty: bool = False,
+        session: int = 0,
     ) -> None:
         if window < 1 or window_bytes < MAX_PAYLOAD or not ack_timeout > 0:
             raise ValueError("window >= 1, window_bytes >= MAX_PAYLOAD and ack_timeout > 0 are required")
@@ -938,6 +986,7 @@ class PrimaryStream:
         self._open_sent_at: float | None = None
         self._error: ReplicationError | None = None
         self.report_dirty = report_dirty
+        self.session = session
         #: The DIRTY slices received so far (their bitmap bytes) and the region count they carry.
         self._dirty = bytearray()
         self._dirty_regions = 0
@@ -956,7 +1005,9 @@ class PrimaryStream:
     def open(self, now: float) -> bytes:
         self._move(PrimaryInput.SEND_OPEN)
         self._open_sent_at = now
-        return encode(Open(self.volume_id, self.epoch, self.first_seq, self.primary, self.report_dirty))
+        return encode(
+            Open(self.volume_id, self.epoch, self.first_seq, self.primary, self.report_dirty, self.session)
+        )
 
     @property
     def in_flight(self) -> int:
@@ -1009,6 +1060,13 @@ class PrimaryStream:
 
     def nop(self, now: float) -> tuple[int, bytes]:
         return self._send(lambda s: Nop(self.volume_id, self.epoch, s), 0, False, now)
+
+    def checkpoint(self, upto: int, now: float) -> tuple[int, bytes]:
+        """A CHECKPOINT up to seq ``upto`` of this stream (clamped to what this stream numbered:
+        a stream that began after it has nothing of it to clear)."""
+        return self._send(
+            lambda s: Checkpoint(self.volume_id, self.epoch, s, max(0, min(upto, s - 1))), 0, False, now
+        )
 
     # -- receiving ---------------------------------------------------------------------------------
 

@@ -12,10 +12,12 @@ from prometheus_client import CollectorRegistry
 from frontend.scsi.rangelock import RangeLock
 from sparrow.cluster.messages import SyncState
 from sparrow.node import replicated_store
+from sparrow.node.checkpoint import checkpoint_round
 from sparrow.node.resync import Region, Resync, ResyncMetrics, TokenBucket, plan, total_bytes
 from sparrow.replication import protocol
 from sparrow.replication.protocol import DirtyReport
 from store.dirtymap import REGION_SIZE, DirtyBitmap, DirtyMap
+from store.memstore import MemoryBlockStore
 from tests.unit.test_replicated_store import VOLUME, Harness, settle
 
 MIB = 1 << 20
@@ -188,3 +190,52 @@ async def test_the_driver_copies_the_dirty_regions_under_the_range_lock_then_rep
     await asyncio.wait_for(run, 1.0)
     assert resync.copied == resync.total == REGION_SIZE
     assert [(s.state, s.resync_done) for s in h.store.replica_states(h.now)] == [(SyncState.IN_SYNC, 0)]
+
+
+# -- checkpoints: clearing dirty bits ------------------------------------------------------------------
+
+
+async def test_a_checkpoint_round_clears_what_every_copy_made_durable(tmp_path: Path) -> None:
+    h = Harness()
+    h.inner = MemoryBlockStore(8 * MIB, 4096)
+    h.store.inner = h.inner
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VOLUME, 8 * MIB, missing_clean=True)
+    await dirty.mark(7 * MIB, 4096)  # dirty before this term: sticky
+    h.store.dirty_map = dirty
+    lock = RangeLock()
+    h.store.configure(1, [("n2", "h:1")], complete=True)
+    for region in (0, 3, 7):
+        await dirty.mark(region * MIB, 4096)  # what the MarkingStore under it does
+        task = asyncio.create_task(h.store.write(region * MIB, b"a" * 4096))
+        await h.up()
+        h.links["n2"].ack(h.store.last)
+        await settle()
+        assert task.done()
+    assert h.store.checkpoint_due()
+    round_ = asyncio.create_task(checkpoint_round(h.store, lock))
+    await settle()
+    assert isinstance(h.links["n2"].ops()[-1], protocol.Flush)
+    writer = asyncio.create_task(h.store.write(5 * MIB, b"b" * 4096))  # after the flush
+    await dirty.mark(5 * MIB, 4096)
+    await settle()
+    h.links["n2"].ack(5, 4)  # the flush (seq 4) durable, the later write applied
+    cleared = await asyncio.wait_for(round_, 1.0)
+    await writer
+    assert cleared == 2
+    assert dirty.dirty_regions() == [5, 7]  # written after the flush; sticky
+    checkpoint = h.links["n2"].ops()[-1]
+    assert checkpoint == protocol.Checkpoint(VOLUME, 1, 6, 4)
+    assert h.store.touched == {5: 5}
+    dirty.close()
+
+
+async def test_no_checkpoint_while_a_copy_is_out_of_sync(tmp_path: Path) -> None:
+    h = Harness()
+    h.store.dirty_map = DirtyMap.open(tmp_path / "v.dirty", VOLUME, MIB, missing_clean=True)
+    h.store.configure(1, [("n2", "h:1")], [("n3", "h:2")], complete=True)
+    h.store.touched[0] = 1
+    assert not h.store.checkpoint_due()  # n3 syncs
+    h.store.configure(2, [("n2", "h:1"), ("n3", "h:2")], complete=False)
+    assert not h.store.checkpoint_due()  # a copy without a portal, say
+    h.store.configure(3, [("n2", "h:1"), ("n3", "h:2")], complete=True)
+    assert h.store.checkpoint_due()

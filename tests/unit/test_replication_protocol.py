@@ -18,11 +18,13 @@ from sparrow.replication.protocol import (
     REPLICA_TRANSITIONS,
     Ack,
     Acked,
+    ApplyCheckpoint,
     ApplyFlush,
     ApplyNop,
     ApplyUnmap,
     ApplyWrite,
     ApplyWriteSame,
+    Checkpoint,
     Dirty,
     DirtyReport,
     ErrorCode,
@@ -70,6 +72,8 @@ def sample_messages() -> list[Message]:
         Open(VID, 3, 6, "n1", report_dirty=True),
         Nop(VID, 3, 6),
         Dirty(VID, 3, 5, 0, 20, b"\x01\x00\x08", True),
+        Checkpoint(VID, 3, 7, 5),
+        Open(VID, 3, 8, "n1", session=2**63 - 1),
     ]
 
 
@@ -125,7 +129,7 @@ def mutate(data: bytes, offset: int, value: int) -> bytes:
         (mutate(encode(Flush(VID, 3, 1)), 1, 99), ErrorCode.UNKNOWN_TYPE),
         (mutate(encode(Flush(VID, 3, 1)), 2, 1), ErrorCode.MALFORMED),  # FUA on a flush
         (mutate(encode(Flush(VID, 3, 1)), 3, 1), ErrorCode.MALFORMED),  # reserved
-        (mutate(encode(Open(VID, 3, 1, "n1")), HEADER.size, ord("N")), ErrorCode.MALFORMED),  # id
+        (mutate(encode(Open(VID, 3, 1, "n1")), HEADER.size + 8, ord("N")), ErrorCode.MALFORMED),  # id
         (mutate(encode(Refuse(VID, 3, 0, ErrorCode.GAP, "")), HEADER.size, 200), ErrorCode.MALFORMED),
         (encode(Flush(VID, 3, 1))[:8] + b"\x00" * 32, ErrorCode.MALFORMED),  # epoch 0
         (encode(Ack(VID, 3, 2, 1))[: HEADER.size] + (9).to_bytes(8, "big"), ErrorCode.MALFORMED),
@@ -382,6 +386,7 @@ def test_replica_transitions_follow_the_table(state: ReplicaState, kind: MsgType
         MsgType.REFUSE: message[Refuse],
         MsgType.DIRTY: message[Dirty],
         MsgType.NOP: Nop(VID, 3, 1),
+        MsgType.CHECKPOINT: Checkpoint(VID, 3, 1, 0),
     }
     after = REPLICA_TRANSITIONS.get((state, kind))
     if after is None:
@@ -594,3 +599,18 @@ def test_a_nop_takes_a_seq_and_changes_nothing() -> None:
     p.feed(opened.ack)
     stream.done(1)
     assert p.feed(stream.done(2)) == [Acked(2, 0)]
+
+
+def test_a_checkpoint_is_applied_in_order_and_clamped_to_the_stream() -> None:
+    p = PrimaryStream(VID, 3, "n1", first_seq=5)  # seqs 1..4 came in earlier streams of the epoch
+    with pytest.raises(ReplicationError):
+        Checkpoint(VID, 3, 2, 2)  # up to itself or later
+    p.open(0.0)
+    _, wire = p.checkpoint(2, 0.0)
+    (message,) = decode_all(wire)
+    assert message == Checkpoint(VID, 3, 5, 2)
+    _, wire = p.checkpoint(9, 0.0)
+    (message,) = decode_all(wire)
+    assert message == Checkpoint(VID, 3, 6, 5)  # clamped below its own seq
+    events = replica().feed(encode(Open(VID, 3, 1, "n1")) + encode(Checkpoint(VID, 3, 1, 0)))
+    assert events[1] == ApplyCheckpoint(1, 0)
