@@ -16,6 +16,8 @@
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
     sparrow node forget ID
+    sparrow volume failover NAME [--to NODE] | rebuild NAME --replica NODE, sparrow node drain|undrain
+                  NODE: the operator verbs (sparrow.moves_cli)
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S] [--fence-margin S]
                   [--replication-ack-timeout S] [--resync-rate BYTES/s]
@@ -492,9 +494,10 @@ def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
             str(n["incarnation"]),
             "-" if age is None else f"{age:.1f}s ago",
             str(n.get("iscsi_portal") or "-"),
+            "yes" if n.get("draining") else "no",
         )
 
-    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL")
+    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING")
     _print_listing(answer, "nodes", out, as_json=args.json, header=header, row=row)
     return 0
 
@@ -677,6 +680,9 @@ def _add_cluster_commands(commands: Any) -> None:
     forget.add_argument("node_id", metavar="ID", help="the node's id")
     forget.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
     forget.set_defaults(func=cmd_node_forget)
+    from sparrow.moves_cli import add_node_moves
+
+    add_node_moves(node_commands, f"master API (default ${API_ENV} or {DEFAULT_API})", TOKEN_HELP)
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -787,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete = with_api(vcommands.add_parser("delete", help="delete a volume (its data is gone)"))
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
+    from sparrow.moves_cli import add_volume_moves
+
+    add_volume_moves(vcommands, with_api)
 
     node = commands.add_parser(
         "node",
@@ -858,6 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.auth.cli import add_token_commands
 
     add_token_commands(commands, with_api)
+    from sparrow.opscli import add_ops_commands
+
+    add_ops_commands(commands)
     return parser
 
 

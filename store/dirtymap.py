@@ -38,7 +38,7 @@ from pathlib import Path
 import crc32c
 import structlog
 
-from store.blockstore import BlockStore, StoreError
+from store.blockstore import BlockStore, InlineIo, StoreError
 from store.metadata import fsync_dir
 
 log = structlog.get_logger("store.dirtymap")
@@ -377,7 +377,8 @@ class DirtyMap:
 
 class MarkingStore:
     """A BlockStore that marks ``dirty`` before every write and unmap of ``inner`` (a rewrite of a
-    durably dirty region goes straight through)."""
+    durably dirty region goes straight through). ``InlineIo`` too when ``inner`` is: a read, and a
+    write to a durably dirty region, at once; a write that needs a mark takes the general path."""
 
     def __init__(self, inner: BlockStore, dirty: DirtyMap) -> None:
         self.inner = inner
@@ -394,6 +395,17 @@ class MarkingStore:
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.inner.read(offset, length)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        inner = self.inner
+        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        inner = self.inner
+        length = data.nbytes if isinstance(data, memoryview) else len(data)
+        if not isinstance(inner, InlineIo) or not self.dirty.covered(offset, length):
+            return False
+        return inner.write_now(offset, data)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = data.nbytes if isinstance(data, memoryview) else len(data)

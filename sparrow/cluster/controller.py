@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from sparrow.cluster.lease import MasterLeases
@@ -132,6 +132,8 @@ class StatusKind(enum.Enum):
     DEGRADED = "degraded"
     #: A caught-up copy is being recorded back in the in-sync set.
     RESYNCED = "resynced"
+    #: An operator move (planned failover, drain, rebuild: sparrow.cluster.moves) acts or waits.
+    MOVING = "moving"
     STUCK = "stuck"
 
 
@@ -192,14 +194,19 @@ class TopologyController:
         observations: ObservationStore,
         leases: MasterLeases,
         now: float,
+        *,
+        draining: Collection[str] = (),
     ) -> Decision:
-        """Propose assignments for ``desired`` given the newest published ones in ``current``."""
+        """Propose assignments for ``desired`` given the newest published ones in ``current``.
+        ``draining`` nodes get no new copy (sparrow.cluster.moves moves the copies off them)."""
         volumes = sorted(desired, key=lambda v: v.volume_id)
         if len({v.volume_id for v in volumes}) != len(volumes):
             raise ValueError("a volume appears twice in desired")
-        # Free bytes per live node, debited as this decision places copies.
+        # Free bytes per live node that takes new copies, debited as this decision places copies.
         free = {
-            view.node_id: view.free_bytes for view in observations.nodes(now) if view.state is NodeState.ALIVE
+            view.node_id: view.free_bytes
+            for view in observations.nodes(now)
+            if view.state is NodeState.ALIVE and view.node_id not in draining
         }
         asks: list[AssignmentAsk] = []
         status: dict[str, VolumeStatus] = {}

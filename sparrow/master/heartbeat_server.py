@@ -411,6 +411,8 @@ class NodeConnection(asyncio.Protocol):
         self.last_heartbeat_at = self.server.clock()
         if self.server.on_heartbeat is not None:
             self.server.on_heartbeat()
+        if self.server.control.holding:  # a restored authority: no lease, no assignment yet
+            return
         ack = Ack(
             seq=heartbeat.seq,
             lease_seconds=self.server.lease_seconds,

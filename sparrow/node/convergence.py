@@ -387,15 +387,25 @@ class NodeVolumes:
             return True, None
 
     async def redirect(self, volume_id: str, portal: str | None) -> None:
-        """Logins to the volume's target go to ``portal`` (``host:port``), or are served here (None)."""
+        """Logins to the volume's target go to ``portal`` (``host:port``), or are served here (None).
+
+        Redirected elsewhere (the volume is served by another node now, e.g. this primary was
+        demoted by a planned failover): the sessions logged in here are closed, so their initiators
+        log in again and follow the redirect instead of retrying a standby LU forever. The
+        forwarding stands down first, so the writes it holds fail (retryably) at once rather than
+        keep the disconnect waiting."""
         entry = self._exported.get(volume_id)
         if entry is None:
             return
         if portal is None:
             self.registry.redirect(entry.iqn, None)
-        else:
-            host, port = split_portal(portal)
-            self.registry.redirect(entry.iqn, Portal(host, port, self.tpgt))
+            return
+        host, port = split_portal(portal)
+        self.registry.redirect(entry.iqn, Portal(host, port, self.tpgt))
+        if self.sessions.session_count(entry.iqn):
+            if self.forwarding is not None:
+                self.forwarding.stand_down([volume_id])
+            await self.sessions.disconnect(entry.iqn, f"volume served at {portal}")
 
     def apply_access(self, volume_id: str, state: AccessState) -> bool:
         """Set the LU's access state now (synchronously); False if the volume is not open."""

@@ -42,7 +42,7 @@ from sparrow.node.checkpoint import CHECKPOINT_INTERVAL, checkpoint_round
 from sparrow.node.resync import DEFAULT_RESYNC_RATE, LockFor, Resync, ResyncMetrics, TokenBucket
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
-from store.blockstore import BlockStore, StoreUnavailable
+from store.blockstore import BlockStore, InlineIo, StoreUnavailable
 from store.dirtymap import DirtyMap, region_span
 
 log = structlog.get_logger("sparrow.node.forward")
@@ -165,6 +165,9 @@ class ReplicatedStore:
         self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
+        #: Demoted or released (``stand_down``) and not configured since: an operation still in
+        #: flight then (its local I/O running) fails at once instead of waiting the hold bound.
+        self._stood_down = False
 
     # ---- BlockStore ---------------------------------------------------------------------------------
 
@@ -181,6 +184,20 @@ class ReplicatedStore:
 
     async def mapped_extent(self, offset: int) -> tuple[bool, int]:
         return await self.inner.mapped_extent(offset)
+
+    # ``store.blockstore.InlineIo`` (the iSCSI fast path): reads as ``read`` does; a write only in
+    # the one-copy case, where ``write`` is the inner store's. With replicas it must await their ACKs:
+    # False, and the fast path hands the command to the general path.
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        inner = self.inner
+        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        inner = self.inner
+        if self.epoch is None or self.replicas or not isinstance(inner, InlineIo):
+            return False
+        return inner.write_now(offset, data)
 
     async def resize(self, new_size: int) -> None:
         await self.inner.resize(new_size)
@@ -252,6 +269,7 @@ class ReplicatedStore:
         if self.epoch is None and self.dirty_map is not None:
             self.sticky = frozenset(self.dirty_map.bits)  # a new term as primary
         self.epoch = epoch
+        self._stood_down = False
         self.complete = complete and not resync
         for node, address in resync.items():
             self._sync(node, address, new_epoch)
@@ -426,6 +444,7 @@ class ReplicatedStore:
         self._ops.clear()
         self._log_bytes = 0
         self._first = self.last + 1
+        self._stood_down = True
         self._fail_waiters("this node is no longer the volume's primary")
 
     def replica_states(self, now: float) -> tuple[ReplicaState, ...]:
@@ -703,6 +722,8 @@ class ReplicatedStore:
     async def _wait(self, index: int, *, durable: bool) -> None:
         if self._done(index, durable):
             return
+        if self._stood_down:
+            raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((index, durable, future))
         await self._bounded(

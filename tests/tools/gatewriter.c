@@ -286,7 +286,11 @@ static void sync_cb(struct iscsi_context *iscsi, int status, void *command_data,
         printf("F %llu\n", (unsigned long long)gen_acked);
         fflush(stdout);
     } else if (W.sync_inflight) {
-        printf("E synchronize cache: status 0x%x\n", status);
+        if (status == SCSI_STATUS_CHECK_CONDITION && task)
+            printf("E synchronize cache: check condition %s (0x%x) ascq 0x%04x\n",
+                   scsi_sense_key_str(task->sense.key), task->sense.key, task->sense.ascq);
+        else
+            printf("E synchronize cache: status 0x%x\n", status);
         fflush(stdout);
     }
     W.sync_inflight = 0;

@@ -179,6 +179,8 @@ class EchoController(TopologyController):
         observations: ObservationStore,
         leases: MasterLeases,
         now: float,
+        *,
+        draining: object = (),
     ) -> Decision:
         asks = tuple(
             AssignmentAsk(
