@@ -21,6 +21,7 @@
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S] [--fence-margin S]
                   [--replication-ack-timeout S] [--advertise-replication HOST:PORT]
+                  [--resync-rate BYTES/s]
     sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
@@ -396,6 +397,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             fence_margin=args.fence_margin,
             replication_ack_timeout=args.replication_ack_timeout,
             advertise_replication=args.advertise_replication,
+            resync_rate=args.resync_rate,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -829,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=float,
         help="report a replica behind after this long without its acknowledgement (default 2)",
+    )
+    node.add_argument(
+        "--resync-rate",
+        metavar="BYTES/s",
+        help="resync copies sent by this node per second, e.g. 200MiB (default 200MiB; 0: unlimited)",
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))

@@ -96,8 +96,8 @@ from sparrow.cluster.authority import (
     VolumeExists,
     VolumeRecord,
 )
-from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
-from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
+from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
+from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
@@ -549,9 +549,17 @@ def _wait_seconds(request: web.Request) -> float:
 def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any]]:
     observations = api.control.observations
     now = api.clock()
+    # A copy outside the in-sync set that the serving primary reports SYNCING is being resynced.
+    report = TopologyController.primary_report(assignment, observations)
+    syncing = {
+        r.node_id: r
+        for r in (() if report is None else report.replica_states)
+        if r.state is SyncState.SYNCING and r.node_id not in assignment.in_sync
+    }
     out = []
     for node_id in assignment.replicas:
         obs = observations.observation(node_id, assignment.volume_id)
+        resync = syncing.get(node_id)
         out.append(
             {
                 "node_id": node_id,
@@ -563,8 +571,13 @@ def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any
                 "converged": None if obs is None else obs.converged,
                 "write_position": None if obs is None else obs.write_position,
                 # The in-sync set the master recorded at this epoch (issue 8, "Inspect"):
-                # "stale" copies may lack acknowledged writes; "syncing" comes with resync.
-                "sync": "in_sync" if node_id in assignment.in_sync else "stale",
+                # "stale" copies may lack acknowledged writes; "syncing" ones are being copied to.
+                "sync": "in_sync"
+                if node_id in assignment.in_sync
+                else ("syncing" if resync is not None else "stale"),
+                "resync": None
+                if resync is None
+                else {"done_bytes": resync.resync_done, "total_bytes": resync.resync_total},
             }
         )
     return out

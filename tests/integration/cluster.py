@@ -113,9 +113,12 @@ class Master(Proc):
 
 
 class Node(Proc):
-    def __init__(self, node_id: str, root: Path, master: str, timing: Timing) -> None:
+    def __init__(
+        self, node_id: str, root: Path, master: str, timing: Timing, extra_args: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(node_id, root)
         self.node_id = node_id
+        self.extra_args = extra_args
         self.timing = timing
         self.master = master  # the heartbeat address it is given (its proxy)
         self.iscsi_port = free_port()
@@ -145,6 +148,7 @@ class Node(Proc):
             "--log-format", "json",
             "--cluster-secret-file", str(secret_file(self.root)),
             *(("--advertise-replication", self.advertise_replication) if self.advertise_replication else ()),
+            *self.extra_args,
         ]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
@@ -177,7 +181,13 @@ class Cluster:
     every replication connection *to* that node; the node advertises the proxy)."""
 
     def __init__(
-        self, root: Path, n: int, timing: Timing = TIMING, *, replication_proxies: bool = False
+        self,
+        root: Path,
+        n: int,
+        timing: Timing = TIMING,
+        node_args: tuple[str, ...] = (),
+        *,
+        replication_proxies: bool = False,
     ) -> None:
         self.root = root
         self.timing = timing
@@ -189,7 +199,7 @@ class Cluster:
             node_id = f"n{i}"
             proxy = FaultProxy(("127.0.0.1", self.master.listen_port)).start()
             self.proxies[node_id] = proxy
-            node = self.nodes[node_id] = Node(node_id, root, proxy.address, timing)
+            node = self.nodes[node_id] = Node(node_id, root, proxy.address, timing, node_args)
             if replication_proxies:
                 inbound = FaultProxy(("127.0.0.1", node.replication_port)).start()
                 self.replication_proxies[node_id] = inbound

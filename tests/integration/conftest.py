@@ -23,12 +23,13 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
-    """``make_cluster(n)``: a started master and ``n`` nodes; all SIGTERMed afterwards, exit 0."""
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(n, node_args=())``: a started master and ``n`` nodes (each given the extra
+    ``node_args``); all SIGTERMed afterwards, exit 0."""
     clusters: list[Cluster] = []
 
-    def make(n: int) -> Cluster:
-        cluster = Cluster(tmp_path / f"c{len(clusters)}", n)
+    def make(n: int, node_args: tuple[str, ...] = ()) -> Cluster:
+        cluster = Cluster(tmp_path / f"c{len(clusters)}", n, node_args=node_args)
         clusters.append(cluster)
         return cluster.start()
 

@@ -33,7 +33,7 @@ class FakeForwarding:
     def __init__(self) -> None:
         self.stood_down: list[str] = []
 
-    def wrap(self, volume_id: str, store: object) -> object:
+    def wrap(self, volume_id: str, store: object, *, dirty: object = None) -> object:
         return store
 
     def stand_down(self, volume_ids: object) -> None:

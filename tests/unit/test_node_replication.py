@@ -5,6 +5,8 @@ deadlines and the handshake cap."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
@@ -13,6 +15,8 @@ from sparrow.node.replication import MAX_ACK_BUFFER, ReplicaConnection, ReplicaS
 from sparrow.replication.protocol import (
     MAX_MESSAGE,
     Ack,
+    Checkpoint,
+    Dirty,
     Flush,
     Message,
     MessageDecoder,
@@ -21,6 +25,7 @@ from sparrow.replication.protocol import (
     Write,
     encode,
 )
+from store.dirtymap import DirtyBitmap, DirtyMap, MarkingStore
 from store.memstore import MemoryBlockStore
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
@@ -250,3 +255,68 @@ async def test_the_handshake_cap() -> None:
     c2.connection_lost(None)  # a peer that gives up in the handshake is counted and frees its slot
     assert srv.handshaking == 1 and c2.closed_reason == "refused: handshake_abandoned"
     await settle()
+
+
+async def until(condition: Callable[[], object], within: float = 5.0) -> None:
+    """Wait for ``condition`` (the dirty map's marks sync in a thread), failing after ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+# -- resync: the dirty map on this replica --------------------------------------------------------
+
+
+async def test_the_replica_marks_reports_and_clears_its_dirty_map_on_a_checkpoint(tmp_path: Path) -> None:
+    inner = GatedStore()
+    inner.gate.set()
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    await dirty.mark(15 * MiB, 512)  # dirty before this session: sticky
+    marking = MarkingStore(inner, dirty)
+    srv = server(None, Clock(), dirty_for=lambda vid: dirty)
+    srv.store_for = lambda vid: marking
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1", report_dirty=True, session=7))
+    ack, *report = peer.received()
+    assert ack == Ack(VID, 2, 0, 0)
+    (slice_,) = report  # the map as it was at the OPEN: region 15
+    assert isinstance(slice_, Dirty) and slice_.last
+    assert list(DirtyBitmap.from_bytes(slice_.bitmap, slice_.regions)) == [15]
+    peer.send(
+        Write(VID, 2, 1, 0, b"a" * 512),
+        Write(VID, 2, 2, 3 * MiB, b"b" * 512),
+        Write(VID, 2, 3, 15 * MiB, b"c" * 512),
+        Flush(VID, 2, 4),
+        Write(VID, 2, 5, 5 * MiB, b"d" * 512),
+        Checkpoint(VID, 2, 6, 4),  # every copy made seqs <= 4 durable
+    )
+    acks: list[Message] = []
+    await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 6, 4) in acks)
+    # Regions 0 and 3 cleared; 5 (written after the flush) and the sticky 15 stay.
+    assert dirty.dirty_regions() == [5, 15]
+    dirty.close()
+
+
+async def test_a_new_primary_session_leaves_what_the_earlier_one_wrote_dirty(tmp_path: Path) -> None:
+    inner = GatedStore()
+    inner.gate.set()
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    marking = MarkingStore(inner, dirty)
+    srv = server(None, Clock(), dirty_for=lambda vid: dirty)
+    srv.store_for = lambda vid: marking
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1", session=7), Write(VID, 2, 1, 2 * MiB, b"a" * 512))
+    await until(lambda: srv.positions.get(VID, 2)[0] == 1)
+    transport.close()
+    conn.connection_lost(None)
+    await settle()
+    # The primary restarted (another session) in the same epoch: it goes on at seq 2.
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 2, "n1", session=8), Flush(VID, 2, 2), Checkpoint(VID, 2, 3, 2))
+    await until(lambda: srv.positions.get(VID, 2)[0] == 3)
+    assert dirty.dirty_regions() == [2]  # written by session 7: not this checkpoint's to clear
+    dirty.close()
