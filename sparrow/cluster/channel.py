@@ -226,6 +226,16 @@ class Channel:
         return self._state is _State.OPEN
 
     @property
+    def binding(self) -> bytes:
+        """This connection's channel binding: the handshake transcript (magic, version, purpose and
+        both nonces), which both ends know once the handshake is done and no other connection
+        shares. A proof bound to it cannot be replayed on another connection (the replication
+        OPEN's, ``sparrow.replication.streamauth``)."""
+        if self._state is not _State.OPEN:
+            raise ChannelError(ChannelErrorCode.NOT_ESTABLISHED, "no channel binding before the handshake")
+        return self._transcript()
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet consumed (a partial handshake message or record)."""
         return len(self._buffer)

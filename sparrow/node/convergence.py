@@ -752,6 +752,18 @@ class Convergence:
                 return tuple((node, assignment.replication_portal(node)) for node in assignment.in_sync[1:])
         return ()
 
+    def stream_key(self, volume_id: str, epoch: int, replica: str) -> bytes | None:
+        """The replication stream key of ``volume_id`` at ``epoch`` to ``replica`` that the latest
+        Ack gave this node (ack v6; docs/replication.md, "Who may open a stream"): as the
+        primary, one per replica; as a replica, its own. None when the latest Ack assigns the
+        volume at another epoch or carries no such key (e.g. none since this process started)."""
+        ack = self._last_ack
+        if ack is None or not any(a.volume_id == volume_id and a.epoch == epoch for a in ack.assignments):
+            return None
+        return next(
+            (k.key for k in ack.stream_keys if k.volume_id == volume_id and k.replica == replica), None
+        )
+
     def resync_targets(self, volume_id: str) -> tuple[tuple[str, str], ...]:
         """The copies this node, as the volume's primary, must resync: ``(node_id, replication
         portal)`` for each copy of the assignment outside ``in_sync`` whose portal is known (the
