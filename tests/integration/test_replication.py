@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sparrow.cluster.channel import CLIENT_HELLO, SERVER_HELLO_SIZE, Channel, Purpose, Side
+from sparrow.cluster.channel import CLIENT_HELLO_SIZE, SERVER_HELLO_SIZE, Channel, Purpose, Side
 from sparrow.replication.protocol import (
     HEADER,
     Ack,
@@ -218,7 +218,7 @@ def test_a_peer_without_the_secret_is_refused(setup: Setup) -> None:
         ("127.0.0.1", setup.replica.replication_port), timeout=CLOSE_WITHIN
     ) as sock:
         hello = heartbeat.initiate()
-        assert len(hello) == CLIENT_HELLO.size
+        assert len(hello) == CLIENT_HELLO_SIZE
         sock.sendall(hello)
         assert cut_off(sock)
     setup.refusal_logged("wrong_purpose")
