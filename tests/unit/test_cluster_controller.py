@@ -954,6 +954,19 @@ def test_a_forged_report_from_an_incarnation_that_does_not_serve_the_epoch_is_ig
     assert decide(cluster, [desired(replicas=3)], current, 11.0, ctl)[0] == ()
 
 
+@pytest.mark.parametrize("liar", ["n3", "n4"])
+def test_a_member_that_is_not_the_primary_cannot_report_on_another_nodes_copy(liar: str) -> None:
+    """docs/cluster.md, "What a member can still say": a replica (n3), or a member holding no
+    copy (n4), claims to be the volume's primary at the current epoch and reports n2 failed and
+    itself in sync: nothing moves (only the assignment's primary reports on its replicas)."""
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.IN_SYNC, 100)))
+    cluster.join("n4", 0.0)
+    lie = primary_saying(("n2", SyncState.FAILED, 0), (liar, SyncState.IN_SYNC, 100))
+    cluster.beat(liar, 11.0, lie)
+    current = {VOL_A: PublishedAssignment(assignment(THREE, in_sync=("n1", "n2")), published_at=0.0)}
+    assert decide(cluster, [desired(replicas=3)], current, 11.0)[0] == ()
+
+
 def test_only_a_replica_recorded_in_sync_is_promoted() -> None:
     """n2 looks perfect (the primary's last report says IN_SYNC at its position), but the
     assignment records it out of the in-sync set: it may lack an acknowledged write."""
