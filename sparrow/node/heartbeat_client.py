@@ -288,9 +288,10 @@ class HeartbeatClient:
                     raise TimeoutError(f"no Ack from the master for {now - self._last_ack_at:.1f}s")
                 writer.write(channel.send(self.session.heartbeat(self._observations(now), now)))
                 await writer.drain()
-                next_at += self.interval
-                if next_at <= loop.time():  # fell behind (a stalled write): do not burst
-                    next_at = loop.time() + self.interval
+                if now >= next_at:  # the scheduled one (one sent early by send_now moves nothing)
+                    next_at += self.interval
+                    if next_at <= loop.time():  # fell behind (a stalled write): do not burst
+                        next_at = loop.time() + self.interval
                 poked = loop.create_task(self._now.wait(), name="node-heartbeat-now")
                 try:
                     done, _ = await asyncio.wait(

@@ -259,3 +259,57 @@ def test_a_connect_and_handshake_get_two_heartbeats_between_1_and_5_seconds() ->
     assert default_connect_timeout(1.0) == 2.0
     assert default_connect_timeout(10.0) == 5.0
     assert fast_client(1).connect_timeout == 1.0  # interval 0.02
+
+
+async def test_a_heartbeat_sent_at_once_leaves_the_schedule_as_it_was() -> None:
+    """send_now sends one heartbeat early; the next scheduled one still goes out on time (it used
+    to be pushed back a whole interval, so the master heard nothing for up to two)."""
+    import asyncio
+
+    from sparrow.cluster.heartbeat import FrameDecoder
+
+    arrivals: list[float] = []
+    three = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def master(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        channel = Channel(SECRET, Side.SERVER, Purpose.HEARTBEAT, 0.0)
+        while data := await reader.read(65536):
+            for event in channel.feed(data, 0.0):
+                if isinstance(event, HandshakeBytes):
+                    writer.write(event.data)
+                elif isinstance(event, Plaintext):
+                    decoder.feed(event.data)
+            while (msg := decoder.next_message()) is not None:
+                if isinstance(msg, Heartbeat):
+                    arrivals.append(loop.time())
+                    writer.write(channel.send(encode(Ack(msg.seq, 5.0, ()))))
+                    if len(arrivals) == 1:  # 0.1 s into the first interval: one heartbeat now
+                        loop.call_later(0.1, client.send_now)
+                    if len(arrivals) == 3:
+                        three.set()
+        writer.close()
+
+    server = await asyncio.start_server(master, "127.0.0.1", 0)
+    interval = 1.0
+    client = HeartbeatClient(
+        ("127.0.0.1", server.sockets[0].getsockname()[1]),
+        HeartbeatSession(LeaseClock()),
+        secret=SECRET,
+        hello=lambda: HELLO,
+        observations=lambda now: (),
+        on_ack=lambda ack: None,
+        interval=interval,
+    )
+    client.start()
+    try:
+        async with asyncio.timeout(10):
+            await three.wait()
+    finally:
+        await client.stop()
+        server.close()
+        await server.wait_closed()
+    early, scheduled = arrivals[1] - arrivals[0], arrivals[2] - arrivals[0]
+    assert early < 0.5 * interval, arrivals
+    assert scheduled < 1.45 * interval, f"the scheduled heartbeat came {scheduled:.2f} s after the first"
