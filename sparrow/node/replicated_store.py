@@ -65,6 +65,18 @@ class _Op:
     at: float
 
 
+@dataclass(slots=True)
+class _Waiters:
+    """The operations that started waiting in one turn of the loop, each for every target to have
+    applied (made durable) its op index: one entry and one hold timer for them all."""
+
+    durable: bool
+    #: (op index, future) per operation, and the highest index among them.
+    futures: list[tuple[int, asyncio.Future[None]]]
+    index: int
+    timer: asyncio.TimerHandle | None = None
+
+
 class Link(Protocol):
     """One connection carrying a stream to one replica (the I/O side)."""
 
@@ -128,7 +140,9 @@ class ReplicatedStore:
         self._first = 1  # op index of _ops[0]
         self.last = 0  # op index of the last op appended
         self._log_bytes = 0
-        self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
+        self._waiters: list[_Waiters] = []
+        #: The waiters still open to joiners in this turn of the loop (applied, durable).
+        self._joinable: dict[bool, _Waiters] = {}
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
 
@@ -156,7 +170,8 @@ class ReplicatedStore:
             await self.inner.write(offset, data)  # one copy: no overhead
             return
         view = memoryview(data).cast("B")
-        await self._room(len(view))
+        if not self._has_room(len(view)):
+            await self._room(len(view))
         index = 0
         for start in range(0, len(view), MAX_PAYLOAD):
             chunk = view[start : start + MAX_PAYLOAD]
@@ -168,7 +183,8 @@ class ReplicatedStore:
         if self.epoch is not None and not self.replicas:
             await self.inner.unmap(offset, length)
             return
-        await self._room(0)
+        if not self._has_room(0):
+            await self._room(0)
         index = 0
         for start in range(0, length, UNMAP_CHUNK):
             take = min(UNMAP_CHUNK, length - start)
@@ -180,7 +196,8 @@ class ReplicatedStore:
         if self.epoch is not None and not self.replicas:
             await self.inner.flush()
             return
-        await self._room(0)
+        if not self._has_room(0):
+            await self._room(0)
         index = self._append(_Op(MsgType.FLUSH, 0, None, 0, self.clock()))
         await self.inner.flush()
         await self._wait(index, durable=True)
@@ -419,15 +436,20 @@ class ReplicatedStore:
 
     def _progress(self) -> None:
         # Wake the writers whose ops every target has.
-        if self._waiters:
+        if self._waiters and self.epoch is not None:
+            replicas = self.replicas.values()
+            applied = min((r.applied for r in replicas), default=self.last)
+            durable = min((r.durable for r in replicas), default=self.last)
             keep = []
-            for index, durable, future in self._waiters:
-                if future.done():
+            for waiters in self._waiters:
+                floor = durable if waiters.durable else applied
+                if waiters.index <= floor:
+                    self._wake(waiters, None)
                     continue
-                if self._done(index, durable):
-                    future.set_result(None)
-                else:
-                    keep.append((index, durable, future))
+                for index, future in waiters.futures:
+                    if index <= floor and not future.done():
+                        future.set_result(None)
+                keep.append(waiters)
             self._waiters = keep
         for replica in self.replicas.values():
             if replica.lagging and self._oldest_pending(replica) is None:
@@ -465,11 +487,49 @@ class ReplicatedStore:
     async def _wait(self, index: int, *, durable: bool) -> None:
         if self._done(index, durable):
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((index, durable, future))
-        await self._bounded(
-            future, self.hold_timeout, f"no acknowledgement from every replica in {self.hold_timeout:g}s"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiters = self._joinable.get(durable)
+        if waiters is None:
+            waiters = _Waiters(durable, [(index, future)], index)
+            waiters.timer = loop.call_later(max(0.0, self.hold_timeout), self._expire, waiters)
+            self._waiters.append(waiters)
+            if not self._joinable:
+                loop.call_soon(self._joinable.clear)  # the next turn opens new ones
+            self._joinable[durable] = waiters
+        else:
+            waiters.futures.append((index, future))
+            if index > waiters.index:
+                waiters.index = index
+        await future
+
+    def _expire(self, waiters: _Waiters) -> None:
+        """The hold bound passed: fail the operations, retryably (StoreUnavailable)."""
+        waiters.timer = None
+        if waiters in self._waiters:
+            self._waiters.remove(waiters)
+        if self._joinable.get(waiters.durable) is waiters:
+            del self._joinable[waiters.durable]
+        behind = sorted(r.node_id for r in self.replicas.values() if self._oldest_pending(r) is not None)
+        self._wake(
+            waiters,
+            StoreUnavailable(
+                f"volume {self.volume_id}: no acknowledgement from every replica in "
+                f"{self.hold_timeout:g}s (behind: {', '.join(behind) or 'none'})"
+            ),
         )
+
+    @staticmethod
+    def _wake(waiters: _Waiters, error: Exception | None) -> None:
+        if waiters.timer is not None:
+            waiters.timer.cancel()
+            waiters.timer = None
+        for _, future in waiters.futures:
+            if not future.done():  # woken already, or an aborted command's (cancelled)
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
 
     async def _bounded(self, future: asyncio.Future[None], within: float, why: str) -> None:
         """Await ``future``; past ``within`` seconds it fails with StoreUnavailable. (A timer, not
@@ -493,10 +553,10 @@ class ReplicatedStore:
             timer.cancel()
 
     def _fail_waiters(self, reason: str) -> None:
-        for _, _, future in self._waiters:
-            if not future.done():
-                future.set_exception(StoreUnavailable(f"volume {self.volume_id}: {reason}"))
+        for waiters in self._waiters:
+            self._wake(waiters, StoreUnavailable(f"volume {self.volume_id}: {reason}"))
         self._waiters = []
+        self._joinable.clear()
 
 
 # -- the network side ------------------------------------------------------------------------------

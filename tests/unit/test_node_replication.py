@@ -5,7 +5,11 @@ deadlines and the handshake cap."""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.messages import Role
@@ -21,6 +25,7 @@ from sparrow.replication.protocol import (
     Write,
     encode,
 )
+from store.blockstore import BlockStore, FileBlockStore
 from store.memstore import MemoryBlockStore
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
@@ -128,7 +133,7 @@ class Peer:
         return out
 
 
-def server(store: GatedStore | None, clock: Clock, **kwargs: Any) -> ReplicaServer:
+def server(store: BlockStore | None, clock: Clock, **kwargs: Any) -> ReplicaServer:
     return ReplicaServer(
         secret=SECRET,
         lookup=lambda vid: VIEW if vid == VID else None,
@@ -250,3 +255,46 @@ async def test_the_handshake_cap() -> None:
     c2.connection_lost(None)  # a peer that gives up in the handshake is counted and frees its slot
     assert srv.handshaking == 1 and c2.closed_reason == "refused: handshake_abandoned"
     await settle()
+
+
+async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a store that writes inline (tmpfs), plain writes that continue each other are applied
+    with one pwritev; a gap starts another run; a later write over the first run lands after it;
+    the messages applied back to back are reported with one cumulative ACK."""
+    calls: list[list[bytes]] = []
+    real_pwritev = os.pwritev
+
+    def counting_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        calls.append([bytes(b) for b in buffers])
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counting_pwritev)
+    path = Path("/dev/shm") / f"sparrow-test-replica-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    try:
+        srv = server(store, Clock())
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1"))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        peer.send(
+            Write(VID, 2, 1, 0, b"a" * 512),
+            Write(VID, 2, 2, 512, b"b" * 1024),
+            Write(VID, 2, 3, 1536, b"c" * 512),
+            Write(VID, 2, 4, 8192, b"d" * 512),  # not contiguous: a run of its own
+            Write(VID, 2, 5, 512, b"e" * 512),  # over the first run: applied after it
+        )
+        await settle()
+        assert calls == [[b"a" * 512, b"b" * 1024, b"c" * 512]]
+        assert peer.received() == [Ack(VID, 2, 5, 0)]
+        assert await store.read(0, 2048) == b"a" * 512 + b"e" * 512 + b"b" * 512 + b"c" * 512
+        assert await store.read(8192, 512) == b"d" * 512
+        transport.close()
+        conn.connection_lost(None)
+        await settle()
+        assert srv.positions.get(VID, 2) == (5, 0)
+    finally:
+        await store.close()
+        os.unlink(path)

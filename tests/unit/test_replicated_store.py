@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -278,3 +279,40 @@ async def test_a_restarted_primary_resumes_the_epoch_where_the_replica_stands() 
     again.ack(521)
     await settle()
     assert task.done() and task.exception() is None
+
+
+async def test_writes_of_one_turn_share_one_hold_timer_yet_complete_and_cancel_on_their_own() -> None:
+    """The operations that start waiting in one turn of the loop share one waiter entry and one
+    hold timer (not one each); each still completes when its own op is acknowledged, an aborted
+    one leaves the others waiting, and past the bound all of them fail retryably."""
+    h = Harness(hold_timeout=5.0)
+    h.store.configure(1, [("n2", "h:1")])
+    loop = asyncio.get_running_loop()
+    timers = 0
+    real_call_later = loop.call_later
+
+    def counting_call_later(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        timers += 1
+        return real_call_later(delay, callback, *args)
+
+    loop.call_later = counting_call_later  # type: ignore[method-assign]
+    try:
+        tasks = [asyncio.create_task(h.store.write(i * BS, bytes([i]) * BS)) for i in range(4)]
+        await h.up()
+        assert timers == 1 and len(h.store._waiters) == 1
+        tasks[1].cancel()  # an aborted command
+        h.links["n2"].ack(1)
+        await settle()
+        assert tasks[0].done() and tasks[0].exception() is None
+        assert tasks[1].cancelled() and not tasks[2].done() and not tasks[3].done()
+        h.links["n2"].ack(3)
+        await settle()
+        assert tasks[2].done() and not tasks[3].done()
+        (waiters,) = h.store._waiters
+        assert waiters.timer is not None
+        h.store._expire(waiters)  # the hold timer's callback: the bound passed
+        await settle()
+        assert isinstance(tasks[3].exception(), StoreUnavailable) and h.store._waiters == []
+    finally:
+        loop.call_later = real_call_later  # type: ignore[method-assign]
