@@ -518,6 +518,8 @@ class ApplyFlush:
 
 Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush
 _make_apply_write = positional_constructor(ApplyWrite)
+#: The replica's messages (never received by a replica).
+_REPLIES = (Ack, Refuse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,7 +688,7 @@ class ReplicaStream:
         if isinstance(message, Open):
             event: ReplicaEvent = self._open(message)
         else:
-            assert not isinstance(message, Ack | Refuse)  # not in the table
+            assert not isinstance(message, _REPLIES)  # not in the table
             event = self._operation(message)
         self.state = after
         return event
@@ -742,10 +744,11 @@ class ReplicaStream:
         size = 0
         if not isinstance(message, Flush):
             bs = view.block_size
-            if message.offset % bs or message.length % bs or message.offset + message.length > view.size:
+            length = len(message.data) if isinstance(message, Write) else message.length
+            if message.offset % bs or length % bs or message.offset + length > view.size:
                 _fail(
                     ErrorCode.OUT_OF_RANGE,
-                    f"{message.length} bytes at offset {message.offset} (volume of {view.size} bytes, "
+                    f"{length} bytes at offset {message.offset} (volume of {view.size} bytes, "
                     f"blocks of {bs})",
                 )
             if isinstance(message, WriteSame) and len(message.pattern) != bs:
