@@ -16,7 +16,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 
 class BlockStore(Protocol):
@@ -46,6 +46,16 @@ class BlockStore(Protocol):
     async def resize(self, new_size: int) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class InlineWrites(Protocol):
+    """A store that can write a run of buffers at once on the calling thread when that is cheap
+    (``FileBlockStore`` on tmpfs): ``write_inline`` writes them back to back and returns True, or
+    writes nothing and returns False (the caller awaits ``write`` for each). A wrapper that must do
+    something first (e.g. make a dirty bit durable) returns False until it can do it inline."""
+
+    def write_inline(self, offset: int, buffers: Sequence[bytes | memoryview]) -> bool: ...
 
 
 # --------------------------------------------------------------------------------------------------

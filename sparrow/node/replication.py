@@ -64,7 +64,7 @@ from sparrow.replication.protocol import (
     ReplicationError,
     VolumeView,
 )
-from store.blockstore import BlockStore, FileBlockStore, StoreError
+from store.blockstore import BlockStore, InlineWrites, StoreError
 
 log = structlog.get_logger("sparrow.node.replication")
 
@@ -451,7 +451,7 @@ class ReplicaConnection(asyncio.Protocol):
         store that writes inline (tmpfs) with one pwritev, on the loop. False if the connection
         ends."""
         queue = self._queue
-        inline = store if isinstance(store, FileBlockStore) else None
+        inline = store if isinstance(store, InlineWrites) else None
         applied = 0
         payload = 0
         seq = 0
