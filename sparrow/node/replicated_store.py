@@ -426,20 +426,25 @@ class ReplicatedStore:
                 return op.at
         return None
 
+    def _waited_for(self) -> tuple[int, int]:
+        """The highest op index every target the writers wait for has applied, and has made
+        durable (``last`` with no target): the one rule of :meth:`_done` and :meth:`_progress`."""
+        replicas = self.replicas.values()
+        return (
+            min((r.applied for r in replicas), default=self.last),
+            min((r.durable for r in replicas), default=self.last),
+        )
+
     def _done(self, index: int, durable: bool) -> bool:
         if self.epoch is None:
             return False
-        for replica in self.replicas.values():
-            if (replica.durable if durable else replica.applied) < index:
-                return False
-        return True
+        applied, made_durable = self._waited_for()
+        return index <= (made_durable if durable else applied)
 
     def _progress(self) -> None:
         # Wake the writers whose ops every target has.
         if self._waiters and self.epoch is not None:
-            replicas = self.replicas.values()
-            applied = min((r.applied for r in replicas), default=self.last)
-            durable = min((r.durable for r in replicas), default=self.last)
+            applied, durable = self._waited_for()
             keep = []
             for waiters in self._waiters:
                 floor = durable if waiters.durable else applied
