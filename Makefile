@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt
+APT_PACKAGES := libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt prometheus
 DATA_DIR ?= $(CURDIR)/var/data
 
 .PHONY: run test venv apt-deps lint conformance-update bench chaos clean

@@ -111,8 +111,8 @@ def start_sparrow(size: int, workdir: Path) -> Target:
     return Target("sparrow", f"iscsi://127.0.0.1:{iscsi}/{SPARROW_IQN}/0", stop)
 
 
-def iscsi_perf(url: str, seconds: int, blocks: int, random: bool) -> float:
-    cmd = ["iscsi-perf", "-m", "32", "-b", str(blocks), "-t", str(seconds)]
+def iscsi_perf(url: str, seconds: int, blocks: int, random: bool, depth: int = 32) -> float:
+    cmd = ["iscsi-perf", "-m", str(depth), "-b", str(blocks), "-t", str(seconds)]
     if random:
         cmd.append("-r")
     out = run([*cmd, url], timeout=seconds + 60)
@@ -122,8 +122,8 @@ def iscsi_perf(url: str, seconds: int, blocks: int, random: bool) -> float:
     return float(found[-1])
 
 
-def qemu_write(url: str, count: int) -> float:
-    out = run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-w", "-c", str(count), "-d", "32",
+def qemu_write(url: str, count: int, depth: int = 32) -> float:
+    out = run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-w", "-c", str(count), "-d", str(depth),
                "-s", "4k", url], timeout=600)
     m = re.search(r"Run completed in ([\d.]+) seconds", out)
     if not m:
@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--writes", type=int, default=50000, help="4 KiB writes per qemu-img bench run")
+    ap.add_argument("--writes-qd1", type=int, default=20000, help="4 KiB writes per QD1 qemu-img bench run")
     ap.add_argument("--size", type=int, default=1 << 30)
     args = ap.parse_args()
     for tool in ("tgtd", "tgtadm", "iscsi-perf", "qemu-img"):
@@ -148,6 +149,8 @@ def main() -> int:
             lambda u: iscsi_perf(u, args.seconds, 256, False)
         ),
         "4k write QD32 (qemu-img bench -w), IOPS": lambda u: qemu_write(u, args.writes),
+        "4k random read QD1 (iscsi-perf -m 1 -r), IOPS": lambda u: iscsi_perf(u, args.seconds, 8, True, 1),
+        "4k write QD1 (qemu-img bench -w -d 1), IOPS": lambda u: qemu_write(u, args.writes_qd1, 1),
     }
     workdir = Path(tempfile.mkdtemp(prefix="sparrow-bench-logs-"))
     targets = [start_sparrow(args.size, workdir), start_tgt(args.size, workdir)]

@@ -16,6 +16,9 @@ class FrontendMetrics(Protocol):
 
     def login_failed(self, reason: str) -> None: ...
 
+    def internal_error(self, where: str) -> None:
+        """A bug caught inside the iSCSI core (frontend/internal_errors.py)."""
+
 
 class NoMetrics:
     def command_done(self, volume: str, op: str, nbytes: int, seconds: float) -> None:
@@ -28,4 +31,7 @@ class NoMetrics:
         pass
 
     def login_failed(self, reason: str) -> None:
+        pass
+
+    def internal_error(self, where: str) -> None:
         pass

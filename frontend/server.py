@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Coroutine, Generator, Iterable
 from functools import partial
@@ -16,6 +17,7 @@ from typing import Any, cast
 
 import structlog
 
+from frontend.internal_errors import Where, caught
 from frontend.iscsi.connection import (
     CancelExecution,
     CloseConnection,
@@ -34,6 +36,9 @@ from frontend.scsi.types import ScsiRequest, ScsiResult, ScsiStatus
 from frontend.target import TargetRegistry, TargetSettings
 
 log = structlog.get_logger("sparrow.iscsi")
+
+#: SPARROW_FAST_PATH=0 sends every command through the general path (debugging, A/B measurement).
+FAST_PATH = os.environ.get("SPARROW_FAST_PATH", "1") != "0"
 
 #: Connections beyond this many are closed as soon as they are accepted.
 MAX_CONNECTIONS = 1024
@@ -161,6 +166,8 @@ class IscsiProtocol(asyncio.Protocol):
             self.server.sessions,
             now=self.loop.time(),
             peer=peer_text,
+            metrics=self.server.metrics,
+            fast_path=FAST_PATH,
         )
         self._pump()
 
@@ -321,8 +328,8 @@ class IscsiProtocol(asyncio.Protocol):
                 result = no_such_lun(request)
             else:
                 result = await lu.execute(request)
-        except Exception:  # a bug in the SCSI layer must not take the connection down silently
-            self.log.exception("SCSI command crashed", cdb=bytes(request.cdb).hex())
+        except Exception as e:  # a bug in the SCSI layer must not take the connection down silently
+            caught(Where.SCSI, e, self.server.metrics, cdb=bytes(request.cdb).hex())
             result = _internal_error()
         if lu is not None:
             kind = metric_kind(request.cdb)

@@ -16,9 +16,12 @@
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
     sparrow node forget ID
+    sparrow volume failover NAME [--to NODE] | rebuild NAME --replica NODE, sparrow node drain|undrain
+                  NODE: the operator verbs (sparrow.moves_cli)
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
                   [--replication HOST:PORT] [--http HOST:PORT] [--heartbeat-interval S] [--fence-margin S]
-                  [--replication-ack-timeout S]
+                  [--replication-ack-timeout S] [--advertise-replication HOST:PORT]
+                  [--resync-rate BYTES/s]
     sparrow token create --role admin|operator|reader [--tenant PREFIX] [--name NAME] [--json]
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
@@ -393,6 +396,8 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             allow_backing=tuple(args.allow_backing or ()),
             fence_margin=args.fence_margin,
             replication_ack_timeout=args.replication_ack_timeout,
+            advertise_replication=args.advertise_replication,
+            resync_rate=args.resync_rate,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -491,9 +496,10 @@ def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
             str(n["incarnation"]),
             "-" if age is None else f"{age:.1f}s ago",
             str(n.get("iscsi_portal") or "-"),
+            "yes" if n.get("draining") else "no",
         )
 
-    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL")
+    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING")
     _print_listing(answer, "nodes", out, as_json=args.json, header=header, row=row)
     return 0
 
@@ -676,6 +682,9 @@ def _add_cluster_commands(commands: Any) -> None:
     forget.add_argument("node_id", metavar="ID", help="the node's id")
     forget.add_argument("--api", metavar="URL", help=f"master API (default ${API_ENV} or {DEFAULT_API})")
     forget.set_defaults(func=cmd_node_forget)
+    from sparrow.moves_cli import add_node_moves
+
+    add_node_moves(node_commands, f"master API (default ${API_ENV} or {DEFAULT_API})", TOKEN_HELP)
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -786,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete = with_api(vcommands.add_parser("delete", help="delete a volume (its data is gone)"))
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
+    from sparrow.moves_cli import add_volume_moves
+
+    add_volume_moves(vcommands, with_api)
 
     node = commands.add_parser(
         "node",
@@ -797,6 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--master", metavar="HOST:PORT", help="the master's heartbeat address")
     node.add_argument("--iscsi", metavar="HOST:PORT", help="iSCSI listen address (default 0.0.0.0:3260)")
     node.add_argument("--replication", metavar="HOST:PORT", help="replication address (default 0.0.0.0:3291)")
+    node.add_argument(
+        "--advertise-replication",
+        metavar="HOST:PORT",
+        help="the replication address other nodes dial (default: --replication's)",
+    )
     node.add_argument(
         "--http", metavar="HOST:PORT", help="/metrics and /healthz listen address (default 127.0.0.1:3281)"
     )
@@ -814,6 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=float,
         help="report a replica behind after this long without its acknowledgement (default 2)",
+    )
+    node.add_argument(
+        "--resync-rate",
+        metavar="BYTES/s",
+        help="resync copies sent by this node per second, e.g. 200MiB (default 200MiB; 0: unlimited)",
     )
     node.add_argument("--log-format", choices=("auto", "json", "console"))
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
@@ -852,6 +874,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.auth.cli import add_token_commands
 
     add_token_commands(commands, with_api)
+    from sparrow.opscli import add_ops_commands
+
+    add_ops_commands(commands)
     return parser
 
 

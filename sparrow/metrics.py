@@ -118,6 +118,12 @@ class PrometheusMetrics:
         self.volumes_offline = Gauge(
             "sparrow_volumes_offline", "Volumes that failed to open at startup", registry=self.registry
         )
+        self.internal_errors = Counter(
+            "sparrow_internal_errors",
+            "Bugs caught inside the iSCSI core (logged with their traceback)",
+            ["where"],
+            registry=self.registry,
+        )
         for kind in SESSION_KINDS:
             self.sessions.labels(kind=kind).set(0)
 
@@ -140,6 +146,9 @@ class PrometheusMetrics:
 
     def login_failed(self, reason: str) -> None:
         self.login_failures.labels(reason=reason).inc()
+
+    def internal_error(self, where: str) -> None:
+        self.internal_errors.labels(where=where).inc()
 
     # --- volumes (called by the node's volume layer, NodeVolumes) ---------------------------
 

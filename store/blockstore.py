@@ -58,6 +58,19 @@ class InlineWrites(Protocol):
     def write_inline(self, offset: int, buffers: Sequence[bytes | memoryview]) -> bool: ...
 
 
+@runtime_checkable
+class InlineIo(Protocol):
+    """What a store offers the iSCSI fast path (docs/architecture.md, "The fast path"): a read or a
+    write done at once, on the calling thread, when that cannot block (tmpfs, a page-cache hit).
+    Each answers None / False, having done nothing, when it cannot; the caller then takes the
+    general (awaited) path, which also reports every error. Stores without these methods (the
+    replicated store, which must await its replicas) always take the general path."""
+
+    def read_now(self, offset: int, length: int) -> bytes | None: ...
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool: ...
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors shared by the whole store package
 # --------------------------------------------------------------------------------------------------
@@ -418,6 +431,36 @@ class FileBlockStore:
         if self._io_path is IoPath.NOWAIT and (cached := self._read_cached(offset, length)) is not None:
             return cached
         return await _off_loop(self._read_sync, offset, length)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """``InlineIo``: the data if it can be read without waiting (tmpfs, or all of it in the page
+        cache), else None. Never raises: an error is for the awaited ``read`` to report."""
+        if self._fd < 0 or offset < 0 or length < 0:
+            return None
+        if self._io_path is IoPath.MEMORY:
+            try:
+                return self._read_sync(offset, length)
+            except StoreError:
+                return None
+        if self._io_path is IoPath.NOWAIT:
+            return self._read_cached(offset, length)
+        return None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """``InlineIo``: write at once on tmpfs (a memory copy); False, having written nothing,
+        anywhere else or on any error (the awaited ``write`` then does it and reports)."""
+        if self._io_path is not IoPath.MEMORY or self._fd < 0:
+            return False
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        if offset < 0 or offset + n > self._size:
+            return False
+        fd = self._enter()
+        try:
+            return os.pwrite(fd, data, offset) == n  # a short write: the awaited write finishes it
+        except OSError:
+            return False
+        finally:
+            self._exit()
 
     def _read_cached(self, offset: int, length: int) -> bytes | None:
         """The data if the page cache holds all of it, without waiting on the disk; else None."""

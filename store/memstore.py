@@ -57,10 +57,27 @@ class MemoryBlockStore:
     def supports_unmap(self) -> bool:
         return self._supports_unmap
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """``InlineIo``; None while a failure is armed, so that the awaited call raises it."""
+        if self._closed or self._failures or offset < 0 or length < 0:
+            return None
+        return self._read(offset, length)
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """``InlineIo``; False while a failure is armed, so that the awaited call raises it."""
+        view = memoryview(data).cast("B")
+        if self._closed or self._failures or offset < 0 or offset + view.nbytes > self._size:
+            return False
+        self._write(offset, view)
+        return True
+
     async def read(self, offset: int, length: int) -> bytes:
         self._check(StoreOp.READ, offset)
         if offset < 0 or length < 0:
             raise StoreRangeError(f"read of {length} bytes at offset {offset}")
+        return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
         bs = self.block_size
         pos, end = offset, min(offset + length, self._size)
@@ -79,8 +96,11 @@ class MemoryBlockStore:
         n = view.nbytes
         if offset < 0 or offset + n > self._size:
             raise StoreRangeError(f"write of {n} bytes at offset {offset} is outside {self._size} bytes")
+        self._write(offset, view)
+
+    def _write(self, offset: int, view: memoryview) -> None:
         bs = self.block_size
-        pos, end = offset, offset + n
+        pos, end = offset, offset + view.nbytes
         while pos < end:
             index, within = divmod(pos, bs)
             take = min(bs - within, end - pos)

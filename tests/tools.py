@@ -14,7 +14,7 @@ import pytest
 
 T = TypeVar("T")
 
-APT_PACKAGES = "libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt"
+APT_PACKAGES = "libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt prometheus"
 
 
 def require_tool(name: str) -> str:

@@ -21,12 +21,16 @@ Behaviour, with the RFC 7143 section each rule comes from:
   Immediate commands (I bit) bypass ordering. SCSI commands are released to the SCSI layer
   (``ExecuteScsi``) strictly in CmdSN order, each once its Data-Out is complete; data for a later
   command is solicited and collected meanwhile.
-- Write data (4.2.5, 11.7, 11.8): immediate data (ImmediateData=Yes), unsolicited Data-Out
-  (InitialR2T=No) up to FirstBurstLength, then R2Ts of at most MaxBurstLength, at most
-  MaxOutstandingR2T at a time. DataSN (per sequence), BufferOffset and TTT are checked; ERL 0 has
-  no within-command recovery (7.1.4), so a broken sequence ends the task: Reject (protocol error),
-  the rest of its data dropped, CHECK CONDITION / ABORTED COMMAND (11.4.7.2). The connection stays
-  (libiscsi's iSCSIDataSnInvalid sends several such commands on one session).
+- Tasks move through ``tasks.TASK_TRANSITIONS``. Plain READ/WRITE(10/16) take the fast path
+  (``fastpath.py``; ``_fast_take``, ``_fast_run``), which sends the same bytes as the rest of this
+  module would.
+- Write data (4.2.5, 11.7, 11.8; the rules in ``dataout.DataOutCollector``): immediate data
+  (ImmediateData=Yes), unsolicited Data-Out (InitialR2T=No) up to FirstBurstLength, then R2Ts of at
+  most MaxBurstLength, at most MaxOutstandingR2T at a time. DataSN (per sequence), BufferOffset and
+  TTT are checked; ERL 0 has no within-command recovery (7.1.4), so a broken sequence ends the task:
+  Reject (protocol error), the rest of its data dropped, CHECK CONDITION / ABORTED COMMAND
+  (11.4.7.2). The connection stays (libiscsi's iSCSIDataSnInvalid sends several such commands on one
+  session).
 - Digests (7.8): a header digest error closes the connection (no sync layer to find the next PDU).
   A data digest error is answered with Reject 0x02 and the PDU discarded; for a Data-Out the task
   goes on collecting and then ends with CHECK CONDITION, ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR
@@ -38,12 +42,13 @@ Behaviour, with the RFC 7143 section each rule comes from:
   SenseLength. Residuals compare the EDTL with ``ScsiResult.transfer_length``; data is cut to EDTL.
 - NOP (11.18, 11.19): NOP-Out with an ITT is answered; idle for ``nop_interval`` -> NOP-In ping;
   nothing received within ``nop_timeout`` after it -> close.
-- Task management (11.5, 11.6): see ``_on_tmf``. Aborted tasks send no response; a TMF response
-  waits until every task it aborted while executing has left the SCSI layer. So that it need not wait
-  for a long command (SANITIZE, a big WRITE SAME), the TMF emits ``CancelExecution`` for those tasks;
-  the asyncio layer cancels them and reports each with ``aborted(task_id, now)`` (or ``complete``,
-  if the command finished first). The response goes out once the last of them has come back
-  (SAM-5 7.1: FUNCTION COMPLETE only after the affected commands are aborted).
+- Task management (11.5, 11.6): ``tmf.TMF_RULES``, applied by ``_on_tmf``. Aborted tasks send no
+  response; a TMF response waits until every task it aborted while executing has left the SCSI
+  layer. So that it need not wait for a long command (SANITIZE, a big WRITE SAME), the TMF emits
+  ``CancelExecution`` for those tasks; the asyncio layer cancels them and reports each with
+  ``aborted(task_id, now)`` (or ``complete``, if the command finished first). The response goes out
+  once the last of them has come back (SAM-5 7.1: FUNCTION COMPLETE only after the affected commands
+  are aborted).
 - Logout (11.14, 11.15), Text (11.10, via ``discovery.TextNegotiation``), SNACK at ERL 0 -> Reject
   protocol error. Discovery sessions accept only Text, Logout and NOP-Out (others: Reject).
 """
@@ -51,12 +56,15 @@ Behaviour, with the RFC 7143 section each rule comes from:
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from frontend.constructors import positional_constructor
+from frontend.internal_errors import Where, caught
+from frontend.iscsi.dataout import PROTOCOL_SERVICE_CRC_ERROR, DataOutCollector
 from frontend.iscsi.discovery import TextNegotiation
 from frontend.iscsi.errors import (
     DataDigestError,
@@ -66,6 +74,7 @@ from frontend.iscsi.errors import (
     RejectReason,
     TextRequestRejected,
 )
+from frontend.iscsi.fastpath import COMMAND_FIELDS, READ_FLAGS, WRITE_FLAGS, ResponseBatch, plain_command
 from frontend.iscsi.login import LoginFailed, LoginMachine, LoginSucceeded
 from frontend.iscsi.params import SessionParams, SessionType
 from frontend.iscsi.pdu import (
@@ -73,6 +82,7 @@ from frontend.iscsi.pdu import (
     LOGIN_MAX_DATA_SEGMENT_LENGTH,
     R2T,
     RESERVED_TAG,
+    Data,
     DataOut,
     InitiatorPdu,
     LoginRequest,
@@ -94,24 +104,19 @@ from frontend.iscsi.pdu import (
     encode_scsi_response,
 )
 from frontend.iscsi.session import Session, SessionTable
-from frontend.scsi.lu import ResetKind
+from frontend.iscsi.tasks import ACTIVE, Task, TaskInput, TaskState
+from frontend.iscsi.tmf import HeldResponses, HeldTmfResponse, TmfResponse, TmfScope, rule_for
+from frontend.metrics import FrontendMetrics, NoMetrics
+from frontend.scsi.lu import LogicalUnit, ResetKind
 from frontend.scsi.sense import Asc, SenseKey, fixed_sense
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus, TaskAttr
 from frontend.target import Target, TargetRegistry, TargetSettings
-
-if TYPE_CHECKING:
-    from frontend.scsi.lu import LogicalUnit
 
 SN_MASK: Final = 0xFFFFFFFF
 #: How many tags of aborted or dropped tasks we remember, so that their late Data-Out is dropped
 #: silently instead of rejected.
 FORGOTTEN_TAGS: Final = 256
 
-# iSCSI sense codes with ABORTED COMMAND, RFC 7143 11.4.7.2 (and SPC-4 for DATA PHASE ERROR)
-PROTOCOL_SERVICE_CRC_ERROR: Final = Asc(0x47, 0x05, "PROTOCOL SERVICE CRC ERROR")
-UNEXPECTED_UNSOLICITED_DATA: Final = Asc(0x0C, 0x0C, "WRITE ERROR - UNEXPECTED UNSOLICITED DATA")
-INCORRECT_AMOUNT_OF_DATA: Final = Asc(0x0C, 0x0D, "WRITE ERROR - NOT ENOUGH UNSOLICITED DATA")
-DATA_PHASE_ERROR: Final = Asc(0x4B, 0x00, "DATA PHASE ERROR")
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -218,119 +223,6 @@ PHASE_TRANSITIONS: Final[dict[tuple[Phase, PhaseInput], Phase]] = {
 }
 
 
-# --- tasks -----------------------------------------------------------------------------------------
-
-
-class TaskState(enum.Enum):
-    AWAITING_CMDSN = "awaiting-cmdsn"      # received, a lower CmdSN is still missing
-    COLLECTING_DATA = "collecting-data"    # its turn came; Data-Out still to come
-    READY = "ready"                        # all data here; waiting for earlier commands' release
-    EXECUTING = "executing"                # handed to the SCSI layer (ExecuteScsi)
-    ABORTED = "aborted"                    # by a TMF, logout or reset: no response will be sent
-    DONE = "done"                          # response sent, or the aborted execution came back
-
-    __hash__ = object.__hash__  # members are singletons; enum's own hash is slow Python code
-
-
-class TaskInput(enum.Enum):
-    ACCEPT_NEEDS_DATA = "accept-needs-data"   # CmdSN reached (or immediate), data missing
-    ACCEPT_COMPLETE = "accept-complete"       # CmdSN reached (or immediate), data complete
-    DATA_COMPLETE = "data-complete"
-    RELEASE = "release"
-    COMPLETE = "complete"
-    ABORT = "abort"
-
-    __hash__ = object.__hash__  # members are singletons; enum's own hash is slow Python code
-
-
-TASK_TRANSITIONS: Final[dict[tuple[TaskState, TaskInput], TaskState]] = {
-    (TaskState.AWAITING_CMDSN, TaskInput.ACCEPT_NEEDS_DATA): TaskState.COLLECTING_DATA,
-    (TaskState.AWAITING_CMDSN, TaskInput.ACCEPT_COMPLETE): TaskState.READY,
-    (TaskState.COLLECTING_DATA, TaskInput.DATA_COMPLETE): TaskState.READY,
-    (TaskState.READY, TaskInput.RELEASE): TaskState.EXECUTING,
-    (TaskState.EXECUTING, TaskInput.COMPLETE): TaskState.DONE,
-    (TaskState.AWAITING_CMDSN, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.COLLECTING_DATA, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.READY, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.EXECUTING, TaskInput.ABORT): TaskState.ABORTED,
-    (TaskState.ABORTED, TaskInput.COMPLETE): TaskState.DONE,
-}
-
-_ACTIVE: Final = frozenset(
-    {TaskState.AWAITING_CMDSN, TaskState.COLLECTING_DATA, TaskState.READY, TaskState.EXECUTING}
-)
-
-
-class _R2TSequence:
-    """One outstanding R2T: the data it asked for and what has arrived (RFC 7143 11.8)."""
-
-    __slots__ = ("length", "next_data_sn", "offset", "received")
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
-        self.received = 0
-        self.next_data_sn = 0
-
-
-class Task:
-    """One SCSI command on this connection."""
-
-    __slots__ = (
-        "buffer", "cmd", "discarding", "failure", "id", "lun", "next_r2t_offset", "r2t_sn", "r2ts",
-        "received",
-        "state", "unsolicited_data_sn", "unsolicited_done", "unsolicited_limit",
-    )
-
-    def __init__(self, task_id: int, cmd: ScsiCommand, lun: int) -> None:
-        self.id = task_id
-        self.cmd = cmd
-        self.lun = lun
-        self.state = TaskState.AWAITING_CMDSN
-        self.buffer: bytes | bytearray | memoryview = b""
-        self.received = 0
-        self.unsolicited_limit = 0
-        self.unsolicited_done = True
-        self.unsolicited_data_sn = 0
-        self.next_r2t_offset = 0
-        self.r2t_sn = 0
-        self.r2ts: dict[int, _R2TSequence] = {}
-        self.failure: ScsiResult | None = None
-        self.discarding = False
-
-    @property
-    def itt(self) -> int:
-        return self.cmd.itt
-
-    @property
-    def data_complete(self) -> bool:
-        return not self.cmd.write or self.received >= self.cmd.expected_length
-
-    def move(self, event: TaskInput) -> None:
-        try:
-            self.state = TASK_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise IllegalTransition(
-                f"task {self.itt:#x}: {event.value} in state {self.state.value}"
-            ) from None
-
-    def store(self, offset: int, data: bytes | memoryview) -> None:
-        n = len(data)
-        buf = self.buffer
-        if offset == 0 and not buf and n == self.cmd.expected_length:
-            self.buffer = data                      # all data in one PDU: no copy
-        else:
-            if not isinstance(buf, bytearray):
-                buf = self.buffer = bytearray(buf)
-            if offset == len(buf):
-                buf += data
-            else:
-                if offset + n > len(buf):
-                    buf.extend(bytes(offset + n - len(buf)))
-                buf[offset : offset + n] = data
-        self.received += n
-
-
 class _Phantom:
     """A CmdSN counted as received without a command (RFC 7143 11.5.1 ABORT TASK rule; rejected
     commands)."""
@@ -338,44 +230,6 @@ class _Phantom:
 
 _PHANTOM: Final = _Phantom()
 _Pending = Task | NopOut | TaskManagementRequest | TextRequest | LogoutRequest | _Phantom
-
-
-class _HeldTmfResponse:
-    """A TMF response that waits for aborted tasks to come back from the SCSI layer."""
-
-    __slots__ = ("close_after", "itt", "response", "waiting")
-
-    def __init__(self, itt: int, response: int, waiting: set[int], close_after: bool) -> None:
-        self.itt = itt
-        self.response = response
-        self.waiting = waiting
-        self.close_after = close_after
-
-
-class TmfFunction(enum.IntEnum):
-    """RFC 7143 11.5.1."""
-
-    ABORT_TASK = 1
-    ABORT_TASK_SET = 2
-    CLEAR_ACA = 3
-    CLEAR_TASK_SET = 4
-    LOGICAL_UNIT_RESET = 5
-    TARGET_WARM_RESET = 6
-    TARGET_COLD_RESET = 7
-    TASK_REASSIGN = 8
-
-
-class TmfResponse(enum.IntEnum):
-    """RFC 7143 11.6.1."""
-
-    FUNCTION_COMPLETE = 0
-    TASK_DOES_NOT_EXIST = 1
-    LUN_DOES_NOT_EXIST = 2
-    TASK_STILL_ALLEGIANT = 3
-    REASSIGNMENT_NOT_SUPPORTED = 4
-    NOT_SUPPORTED = 5
-    AUTHORIZATION_FAILED = 6
-    REJECTED = 255
 
 
 class LogoutReason(enum.IntEnum):
@@ -428,8 +282,18 @@ class Connection:
         *,
         now: float,
         peer: str = "",
+        metrics: FrontendMetrics | None = None,
+        fast_path: bool = True,
     ) -> None:
         self.settings = settings
+        self.metrics: FrontendMetrics = metrics or NoMetrics()
+        #: False: every command takes the general path (the tests compare the two).
+        self.fast_path = fast_path
+        #: The LU when the fast path is on for this connection (a normal session without digests
+        #: whose LUN 0 store answers inline); fast commands received, not yet run (``_fast_take``).
+        self._fast_lu: LogicalUnit | None = None
+        self._fast: list[tuple[Data, Data, int, bool, int, int, int]] = []
+        self._fast_itts: set[int] = set()
         self.targets = targets
         self.sessions = sessions
         self.peer = peer
@@ -461,11 +325,12 @@ class Connection:
         self._pending: dict[int, _Pending] = {}    # received, CmdSN not reached yet, by CmdSN
         self._release: deque[Task] = deque()       # accepted non-immediate tasks in CmdSN order
         self._forgotten: deque[int] = deque(maxlen=FORGOTTEN_TAGS)
-        self._held: list[_HeldTmfResponse] = []
+        self._held = HeldResponses()
         self._max_send = LOGIN_MAX_DATA_SEGMENT_LENGTH
         self._max_burst = settings.max_burst_length
         self._first_burst = settings.first_burst_length
-        self._max_r2t = 1
+        self._collector = DataOutCollector(self._send_r2t, self._new_ttt, max_burst=self._max_burst,
+                                           max_r2t=1)
         self._immediate_data = True
         self._initial_r2t = True
         # timers
@@ -474,7 +339,8 @@ class Connection:
         self._ping_deadline = 0.0
         #: Why Data-Out sequences were broken (for logs and tests).
         self.data_errors: deque[str] = deque(maxlen=16)
-        #: Exceptions that escaped a handler (bugs). They close the connection; tests assert none.
+        #: Exceptions that escaped a handler (bugs): logged and counted where caught
+        #: (``_internal_error``); they close the connection.
         self.internal_errors: list[BaseException] = []
         self._handlers: dict[type, Callable[[object], None]] = {
             ScsiCommand: self._on_scsi_command,  # type: ignore[dict-item]
@@ -523,8 +389,7 @@ class Connection:
         try:
             self._receive(data, now)
         except Exception as e:  # a bug must not take the server down; the connection goes
-            self.internal_errors.append(e)
-            self._close(f"internal error: {type(e).__name__}: {e}")
+            self._internal_error(Where.RECEIVE, e)
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -549,8 +414,7 @@ class Connection:
             if self._phase is Phase.FULL_FEATURE:
                 self._respond(task, result)
         except Exception as e:
-            self.internal_errors.append(e)
-            self._close(f"internal error: {type(e).__name__}: {e}")
+            self._internal_error(Where.COMPLETE, e)
 
     def aborted(self, task_id: int, now: float) -> None:
         """The SCSI layer stopped task ``task_id`` without a result, as ``CancelExecution`` asked.
@@ -562,8 +426,7 @@ class Connection:
             self._abort(task, None)            # cancelled though not aborted here: still no response
             self._aborted_task_returned(task)
         except Exception as e:
-            self.internal_errors.append(e)
-            self._close(f"internal error: {type(e).__name__}: {e}")
+            self._internal_error(Where.COMPLETE, e)
 
     def next_deadline(self) -> float | None:
         if self._phase is Phase.LOGIN:
@@ -610,6 +473,12 @@ class Connection:
             self._abort(task, executing)
         self._cancel(executing)
 
+    def _internal_error(self, where: Where, e: Exception) -> None:
+        """A bug: logged with its traceback and counted (internal_errors.py); the connection goes."""
+        self.internal_errors.append(e)
+        caught(where, e, self.metrics, peer=self.peer)
+        self._close(f"internal error: {type(e).__name__}: {e}")
+
     # --- phases --------------------------------------------------------------------------------------
 
     def _move(self, event: PhaseInput) -> None:
@@ -642,16 +511,26 @@ class Connection:
             return
         while self._phase is Phase.LOGIN or self._phase is Phase.FULL_FEATURE:
             try:
-                pdu = reader.next_pdu()
+                frame = reader.next_frame()
+                if frame is None:
+                    break
+                bhs, segment, ahs = frame
+                if self._fast_lu is not None and bhs[0] == 0x01 and not ahs and self._fast_take(bhs, segment):
+                    continue
+                pdu = reader.decode(bhs, segment, ahs)
             except PduError as e:
+                if self._fast:
+                    self._fast_demote(self._fast)
                 self._on_pdu_error(e)
                 continue
-            if pdu is None:
-                break
+            if self._fast:
+                self._fast_demote(self._fast)  # the general path sees every command before this PDU
             if self._phase is Phase.LOGIN:
                 self._on_login_phase_pdu(pdu, now)
             else:
                 self._dispatch(pdu)
+        if self._fast:
+            self._fast_run()
         self._pump_release()
 
     def _dispatch(self, pdu: InitiatorPdu) -> None:
@@ -733,10 +612,21 @@ class Connection:
         self._max_send = params.max_send_data_segment_length
         self._max_burst = params.max_burst_length
         self._first_burst = params.first_burst_length
-        self._max_r2t = max(1, params.max_outstanding_r2t)
+        self._collector = DataOutCollector(self._send_r2t, self._new_ttt, max_burst=params.max_burst_length,
+                                           max_r2t=params.max_outstanding_r2t)
         self._immediate_data = params.immediate_data
         self._initial_r2t = params.initial_r2t
         self._text = TextNegotiation(params, self.targets, self.settings)
+        lu = outcome.target.lu if outcome.target is not None else None
+        if (
+            self.fast_path
+            and params.session_type is SessionType.NORMAL
+            and not params.header_digest
+            and not params.data_digest
+            and isinstance(lu, LogicalUnit)
+            and lu.inline_io
+        ):
+            self._fast_lu = lu
         self._move(PhaseInput.LOGIN_SUCCEEDED)
         self._events.append(LoggedIn(session, displaced))
 
@@ -798,6 +688,118 @@ class Connection:
 
     # --- SCSI commands and Data-Out ----------------------------------------------------------------------
 
+    # --- the fast path (fastpath.py; docs/architecture.md, "The fast path") ------------------------------
+    #
+    # A plain READ/WRITE is taken from its BHS (``_fast_take``) and run once the whole batch of bytes
+    # received has been read (``_fast_run``), where the general path would run it: after every PDU
+    # of the batch has been seen, in CmdSN order. Any other PDU first turns the fast commands taken so
+    # far into general tasks (``_fast_demote``), so that it finds the state the general path would
+    # show it; and so does a command the LU or the store cannot answer inline. Hence both paths send
+    # the same bytes (tests/unit/test_fastpath.py).
+
+    def _fast_take(self, bhs: Data, segment: Data) -> bool:
+        """Take a SCSI Command PDU on the fast path if it is the plain case and nothing is queued
+        before it (no command waiting for its CmdSN, for data or for release, no event not yet
+        handed out, no TMF response held). False: the general path decodes it."""
+        b1 = bhs[1]
+        if b1 != READ_FLAGS and b1 != WRITE_FLAGS:
+            return False
+        _b0, _b1, _b2, _b3, _dl, lun, itt, edtl, cmd_sn, exp_stat_sn = COMMAND_FIELDS.unpack_from(bhs)
+        if (
+            lun
+            or cmd_sn != self._exp_cmd_sn
+            or self._pending
+            or self._release
+            or self._events
+            or self._held
+            or itt == RESERVED_TAG
+            or itt in self._tasks
+            or itt in self._fast_itts
+        ):
+            return False
+        plain = plain_command(bhs, b1)
+        if plain is None:
+            return False
+        write, lba, n = plain
+        if write:
+            if len(segment) != edtl or not edtl or not self._immediate_data or edtl > self._first_burst:
+                return False
+        elif len(segment) or not edtl or edtl > self._max_send:
+            return False
+        self.exp_stat_sn = exp_stat_sn
+        self._exp_cmd_sn = (cmd_sn + 1) & SN_MASK
+        self._fast.append((bhs, segment, itt, write, lba, n, edtl))
+        self._fast_itts.add(itt)
+        return True
+
+    def _fast_demote(self, entries: list[tuple[Data, Data, int, bool, int, int, int]]) -> None:
+        """Make general tasks of fast commands taken but not run, in order (their CmdSNs are
+        already counted, as ``_order`` counts an in-order command)."""
+        self._fast = []
+        self._fast_itts.clear()
+        for bhs, segment, *_ in entries:
+            cmd = self._reader.decode(bhs, segment, b"")
+            assert isinstance(cmd, ScsiCommand)
+            self._accept_task(self._new_task(cmd), ordered=True)
+
+    def _fast_run(self) -> None:
+        """Run the fast commands taken from this batch: inline on the LU, responses packed into one
+        buffer. The first one the LU cannot answer inline goes, with those after it, to the general
+        path."""
+        entries = self._fast
+        self._fast = []
+        self._fast_itts.clear()
+        lu = self._fast_lu
+        nexus = self._nexus
+        if self._phase is not Phase.FULL_FEATURE or lu is None or nexus is None:
+            return
+        started = time.perf_counter()
+        exp_cmd_sn = self._exp_cmd_sn
+        max_cmd_sn = (exp_cmd_sn + self._window - 1) & SN_MASK
+        batch = ResponseBatch(len(entries), self._out)
+        done = reads = read_bytes = writes = write_bytes = 0
+        for _bhs, segment, itt, write, lba, n, edtl in entries:
+            if write:
+                if not lu.write_now(nexus, lba, n, segment):
+                    break
+                batch.response(itt, self._stat_sn, exp_cmd_sn, max_cmd_sn)
+                writes += 1
+                write_bytes += edtl
+            else:
+                data = lu.read_now(nexus, lba, n, edtl)
+                if data is None:
+                    break
+                batch.data_in(itt, data, self._stat_sn, exp_cmd_sn, max_cmd_sn)
+                reads += 1
+                read_bytes += edtl
+            self._stat_sn = (self._stat_sn + 1) & SN_MASK
+            done += 1
+        batch.close()
+        if done < len(entries):
+            self._fast_demote(entries[done:])
+        if done:
+            # One latency figure per command: the batch's time shared out (they ran back to back).
+            each = (time.perf_counter() - started) / done
+            volume = lu.identity.volume
+            metrics = self.metrics
+            for _ in range(reads):
+                metrics.command_done(volume, "read", read_bytes // reads, each)
+            for _ in range(writes):
+                metrics.command_done(volume, "write", write_bytes // writes, each)
+
+    def _new_task(self, cmd: ScsiCommand) -> Task:
+        """A task for an acceptable command (``_check_command``), its immediate data stored."""
+        task = Task(self._next_task_id, cmd, lun_number(cmd.lun))
+        self._next_task_id += 1
+        n = len(cmd.data)
+        if cmd.write:
+            task.unsolicited_limit = min(self._first_burst, cmd.expected_length)
+            task.unsolicited_done = cmd.final or n >= task.unsolicited_limit
+            if n:
+                task.store(0, cmd.data)
+        self._tasks[cmd.itt] = task
+        return task
+
     def _on_scsi_command(self, cmd: ScsiCommand) -> None:
         self.exp_stat_sn = cmd.exp_stat_sn
         if not cmd.immediate and not self._in_window(cmd.cmd_sn):
@@ -811,15 +813,7 @@ class Connection:
             self._reject(reason, self._reader.last_header())
             self._consume_cmd_sn(cmd.cmd_sn, cmd.immediate)
             return
-        task = Task(self._next_task_id, cmd, lun_number(cmd.lun))
-        self._next_task_id += 1
-        n = len(cmd.data)
-        if cmd.write:
-            task.unsolicited_limit = min(self._first_burst, cmd.expected_length)
-            task.unsolicited_done = cmd.final or n >= task.unsolicited_limit
-            if n:
-                task.store(0, cmd.data)
-        self._tasks[cmd.itt] = task
+        task = self._new_task(cmd)
         if cmd.immediate:
             self._accept_task(task, ordered=False)
         else:
@@ -858,26 +852,16 @@ class Connection:
             self._start(task)
 
     def _solicit(self, task: Task) -> None:
-        """Send R2Ts for the data not yet asked for (RFC 7143 4.2.5.2, 11.8)."""
-        if not task.unsolicited_done or task.state is not TaskState.COLLECTING_DATA:
-            return
-        if not task.r2ts and task.next_r2t_offset < task.received:
-            task.next_r2t_offset = task.received
-        edtl = task.cmd.expected_length
-        while len(task.r2ts) < self._max_r2t and task.next_r2t_offset < edtl:
-            offset = task.next_r2t_offset
-            length = min(self._max_burst, edtl - offset)
-            ttt = self._new_ttt()
-            task.r2ts[ttt] = _R2TSequence(offset, length)
-            task.next_r2t_offset = offset + length
-            self._send(R2T(task.cmd.lun, task.itt, ttt, self._stat_sn, self._exp_cmd_sn, self.max_cmd_sn,
-                           task.r2t_sn, offset, length))
-            task.r2t_sn += 1
+        self._collector.solicit(task)
+
+    def _send_r2t(self, task: Task, ttt: int, r2t_sn: int, offset: int, length: int) -> None:
+        self._send(R2T(task.cmd.lun, task.itt, ttt, self._stat_sn, self._exp_cmd_sn, self.max_cmd_sn,
+                       r2t_sn, offset, length))
 
     def _on_data_out(self, pdu: DataOut) -> None:
         self.exp_stat_sn = pdu.exp_stat_sn
         task = self._tasks.get(pdu.itt)
-        if task is None or task.state not in _ACTIVE:
+        if task is None or task.state not in ACTIVE:
             if pdu.itt not in self._forgotten:
                 self._reject(RejectReason.INVALID_PDU_FIELD, self._reader.last_header())
             return
@@ -886,47 +870,10 @@ class Connection:
         if not task.cmd.write or task.state is TaskState.EXECUTING or task.state is TaskState.READY:
             self._reject(RejectReason.PROTOCOL_ERROR, self._reader.last_header())
             return
-        n = len(pdu.data)
-        if pdu.ttt == RESERVED_TAG:
-            # unsolicited data (RFC 7143 4.2.5.1): contiguous from the immediate data
-            if task.unsolicited_done:
-                self._data_error(task, UNEXPECTED_UNSOLICITED_DATA, "unsolicited Data-Out after its sequence")
-                return
-            if pdu.data_sn != task.unsolicited_data_sn:
-                why = f"DataSN {pdu.data_sn}, expected {task.unsolicited_data_sn}"
-                self._data_error(task, DATA_PHASE_ERROR, why)
-                return
-            if pdu.buffer_offset != task.received or task.received + n > task.unsolicited_limit:
-                why = "unsolicited Data-Out outside the first burst"
-                self._data_error(task, INCORRECT_AMOUNT_OF_DATA, why)
-                return
-            task.unsolicited_data_sn += 1
-            if n:
-                task.store(pdu.buffer_offset, pdu.data)
-            if pdu.final or task.received >= task.unsolicited_limit:
-                task.unsolicited_done = True
-                self._solicit(task)
-        else:
-            seq = task.r2ts.get(pdu.ttt)
-            if seq is None:
-                self._data_error(task, DATA_PHASE_ERROR, f"unknown Target Transfer Tag {pdu.ttt:#x}")
-                return
-            if pdu.data_sn != seq.next_data_sn:
-                self._data_error(task, DATA_PHASE_ERROR, f"DataSN {pdu.data_sn}, expected {seq.next_data_sn}")
-                return
-            if pdu.buffer_offset != seq.offset + seq.received or seq.received + n > seq.length:
-                self._data_error(task, INCORRECT_AMOUNT_OF_DATA, "Data-Out outside the R2T's range")
-                return
-            seq.next_data_sn += 1
-            if n:
-                task.store(pdu.buffer_offset, pdu.data)
-                seq.received += n
-            if seq.received >= seq.length:
-                del task.r2ts[pdu.ttt]
-                self._solicit(task)
-            elif pdu.final:
-                self._data_error(task, INCORRECT_AMOUNT_OF_DATA, "F bit before the R2T's data was complete")
-                return
+        fault = self._collector.receive(task, pdu)
+        if fault is not None:
+            self._data_error(task, fault.code, fault.why)
+            return
         self._data_arrived(task)
 
     def _data_arrived(self, task: Task) -> None:
@@ -1077,57 +1024,49 @@ class Connection:
             self._order(pdu.cmd_sn, pdu)
 
     def _on_tmf(self, req: TaskManagementRequest) -> None:
-        """ABORT TASK / ABORT TASK SET / CLEAR TASK SET / LOGICAL UNIT RESET abort this session's
-        tasks; TARGET WARM/COLD RESET also reset the LU and ask the server to abort the other
-        sessions' tasks (COLD drops this connection after the response). CLEAR ACA is not supported
-        (we never establish ACA); TASK REASSIGN is refused at ERL 0 (11.5.1)."""
-        fn = req.function
-        lun = lun_number(req.lun)
+        """Apply the function's rule (``tmf.TMF_RULES``): ABORT TASK aborts the referenced task;
+        ABORT TASK SET / CLEAR TASK SET / LOGICAL UNIT RESET this session's tasks on the LUN;
+        TARGET WARM/COLD RESET all of them and ask the server to abort the other sessions' tasks
+        (COLD drops this connection after the response). The LU gets the rule's reset."""
+        rule = rule_for(req.function)
+        scope = rule.scope
+        code = rule.response
         waiting: set[int] = set()
-        if fn == TmfFunction.ABORT_TASK:
+        if scope is TmfScope.REFERENCED_TASK:
             task = self._tasks.get(req.referenced_task_tag)
-            if task is not None and task.state in _ACTIVE:
+            if task is not None and task.state in ACTIVE:
                 self._abort(task, waiting)
-                code = TmfResponse.FUNCTION_COMPLETE
             elif self._in_window(req.ref_cmd_sn) and sn_lt(req.ref_cmd_sn, req.cmd_sn):
                 # never received, though sent before the TMF: count its CmdSN as received (11.5.1)
-                code = TmfResponse.FUNCTION_COMPLETE
                 if req.ref_cmd_sn not in self._pending:
                     self._order(req.ref_cmd_sn, _PHANTOM)
             else:
                 code = TmfResponse.TASK_DOES_NOT_EXIST
-        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET, TmfFunction.LOGICAL_UNIT_RESET):
+        elif scope is TmfScope.LUN:
+            lun = lun_number(req.lun)
             if lun != 0:
                 code = TmfResponse.LUN_DOES_NOT_EXIST
             else:
                 for task in list(self._tasks.values()):
                     if task.lun == lun:
                         self._abort(task, waiting)
-                if fn == TmfFunction.LOGICAL_UNIT_RESET and self._target is not None:
-                    self._target.lu.reset(ResetKind.LUN, self._nexus)
-                code = TmfResponse.FUNCTION_COMPLETE
-        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            kind = ResetKind.TARGET_WARM if fn == TmfFunction.TARGET_WARM_RESET else ResetKind.TARGET_COLD
+                if rule.reset is not None and self._target is not None:
+                    self._target.lu.reset(rule.reset, self._nexus)
+        elif scope is TmfScope.TARGET:
+            assert rule.reset is not None
             for task in list(self._tasks.values()):
                 self._abort(task, waiting)
             if self._target is not None and self.session is not None:
-                self._target.lu.reset(kind, self._nexus)
-                self._events.append(TargetResetRequested(self._target.iqn, kind, self.session))
-            held = _HeldTmfResponse(req.itt, TmfResponse.FUNCTION_COMPLETE, waiting,
-                                    close_after=kind is ResetKind.TARGET_COLD)
-            self._hold_or_send(held)
+                self._target.lu.reset(rule.reset, self._nexus)
+                self._events.append(TargetResetRequested(self._target.iqn, rule.reset, self.session))
+            close_after = rule.reset is ResetKind.TARGET_COLD
+            self._hold_or_send(HeldTmfResponse(req.itt, code, waiting, close_after=close_after))
             return
-        elif fn == TmfFunction.CLEAR_ACA:
-            code = TmfResponse.NOT_SUPPORTED
-        elif fn == TmfFunction.TASK_REASSIGN:
-            code = TmfResponse.REASSIGNMENT_NOT_SUPPORTED
-        else:
-            code = TmfResponse.REJECTED
-        self._hold_or_send(_HeldTmfResponse(req.itt, code, waiting, close_after=False))
+        self._hold_or_send(HeldTmfResponse(req.itt, code, waiting, close_after=False))
 
-    def _hold_or_send(self, held: _HeldTmfResponse) -> None:
+    def _hold_or_send(self, held: HeldTmfResponse) -> None:
         if held.waiting:
-            self._held.append(held)
+            self._held.hold(held)
             self._cancel(held.waiting)
         else:
             self._send_tmf_response(held)
@@ -1136,7 +1075,7 @@ class Connection:
         if task_ids:
             self._events.append(CancelExecution(tuple(sorted(task_ids))))
 
-    def _send_tmf_response(self, held: _HeldTmfResponse) -> None:
+    def _send_tmf_response(self, held: HeldTmfResponse) -> None:
         if self._phase is not Phase.FULL_FEATURE:
             return
         self._send(TaskManagementResponse(held.response, held.itt, self._take_stat_sn(), self._exp_cmd_sn,
@@ -1146,7 +1085,7 @@ class Connection:
 
     def _abort(self, task: Task, waiting: set[int] | None) -> None:
         """Abort one task: no response will be sent for it."""
-        if task.state not in _ACTIVE:
+        if task.state not in ACTIVE:
             return
         was_executing = task.state is TaskState.EXECUTING
         if task.state is TaskState.AWAITING_CMDSN and self._pending.get(task.cmd.cmd_sn) is task:
@@ -1169,12 +1108,7 @@ class Connection:
         task.move(TaskInput.COMPLETE)
         if not self._held:
             return
-        still: list[_HeldTmfResponse] = []
-        ready: list[_HeldTmfResponse] = []
-        for held in self._held:
-            held.waiting.discard(task.id)
-            (still if held.waiting else ready).append(held)
-        self._held = still
+        ready = self._held.task_returned(task.id)
         for held in ready:
             self._send_tmf_response(held)
 

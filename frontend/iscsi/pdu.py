@@ -943,6 +943,18 @@ class PduReader(Generic[P]):
         return bytes(self._buf[self._last : self._last + BHS_LENGTH])
 
     def next_pdu(self) -> P | None:
+        frame = self.next_frame()
+        if frame is None:
+            return None
+        return self._decoder(*frame)
+
+    def decode(self, bhs: Data, data: Data, ahs: Data) -> P:
+        """Decode a frame ``next_frame`` returned (raises what the decoder raises)."""
+        return self._decoder(bhs, data, ahs)
+
+    def next_frame(self) -> tuple[Data, Data, Data] | None:
+        """The next PDU undecoded: (BHS, data segment, AHS), digests checked, padding removed. The
+        fast path reads the BHS itself and decodes only what it does not take (``decode``)."""
         if self._dead:
             return None
         buf = self._buf
@@ -985,7 +997,7 @@ class PduReader(Generic[P]):
         if dd and _digest.crc32c_one(segment) != _digest.digest_value(buf, pos + hlen + hd + padded):
             pdu = self._decoder(head[:BHS_LENGTH], b"", ahs)
             raise DataDigestError("data digest mismatch", header=bytes(head[:BHS_LENGTH]), pdu=pdu)
-        return self._decoder(head[:BHS_LENGTH], data, ahs)
+        return head[:BHS_LENGTH], data, ahs
 
 
 def initiator_reader(**kwargs: int | bool) -> PduReader[InitiatorPdu]:

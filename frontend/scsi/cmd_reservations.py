@@ -3,10 +3,14 @@ handlers; the state and the rules are in reservations.py."""
 
 from __future__ import annotations
 
+import structlog
+
 from frontend.scsi.cdb import invalid_cdb, truncate, u16, u32
 from frontend.scsi.lubase import GOOD, LuBase, result_with
 from frontend.scsi.sense import INTERNAL_TARGET_FAILURE, CheckCondition, SenseKey
 from frontend.scsi.types import ScsiRequest, ScsiResult, ScsiStatus
+
+log = structlog.get_logger("sparrow.scsi")
 
 
 class ReservationCommands(LuBase):
@@ -27,7 +31,8 @@ class ReservationCommands(LuBase):
         if outcome.changed and self._on_reservations_changed is not None:
             try:
                 await self._on_reservations_changed(self.reservations.to_record())
-            except Exception as e:  # the new state is not durable: tell the initiator
+            except Exception as e:  # the new state is not durable: say why, and tell the initiator
+                log.error("reservations not saved", volume=self.identity.volume, exc_info=e)
                 raise CheckCondition(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE) from e
         return ScsiResult(ScsiStatus.GOOD, b"", None, plen)
 

@@ -69,7 +69,15 @@ from frontend.scsi.sense import (
     fixed_sense,
 )
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
-from store.blockstore import BlockStore, StoreClosed, StoreIOError, StoreOp, StoreRangeError, StoreUnavailable
+from store.blockstore import (
+    BlockStore,
+    InlineIo,
+    StoreClosed,
+    StoreIOError,
+    StoreOp,
+    StoreRangeError,
+    StoreUnavailable,
+)
 
 __all__ = ["AccessState", "LogicalUnit", "LuIdentity", "ResetKind", "no_such_lun", "report_luns"]
 
@@ -203,6 +211,7 @@ class LogicalUnit(
             lbprz=self._lbprz,
         )
         self._sanitize_actions = frozenset(sanitize_actions)
+        self._inline = store if isinstance(store, InlineIo) else None
         self._table = command_table(supports_unmap=self._unmap, sanitize_actions=tuple(sanitize_actions))
 
     # ---- state the daemon sets -------------------------------------------------------------------
@@ -321,6 +330,56 @@ class LogicalUnit(
             return check_result(SenseKey.NOT_READY, LU_NOT_ACCESSIBLE_TRANSITION)
         except StoreRangeError:
             return check_result(SenseKey.ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
+
+
+    # ---- the fast path (docs/architecture.md, "The fast path") -------------------------------------
+
+    @property
+    def inline_io(self) -> bool:
+        """Whether the store can answer reads and writes inline (the iSCSI fast path uses the LU)."""
+        return self._inline is not None
+
+    def _plain(self, nexus: Nexus, lba: int, n: int, length: int) -> bool:
+        """Whether READ/WRITE(10/16) of ``n`` blocks at ``lba`` moving ``length`` bytes from ``nexus``
+        is the plain case that ``execute`` would answer GOOD with no other effect than the I/O: no
+        UNIT ATTENTION queued, no reservation or registration at all, a serving access state, no
+        SANITIZE, no software write protect, no exclusive range lock anywhere, the range and length
+        valid. (The caller has checked the CDB's PROTECT, FUA and NACA bits.) Like ``execute``, the
+        first command of a nexus registers it for later UNIT ATTENTIONs."""
+        queue = self._uas.get(nexus)
+        if queue is None:
+            self._uas[nexus] = []
+        elif queue:
+            return False
+        res = self.reservations
+        return (
+            0 < n <= self._max_transfer
+            and n * self._bs == length
+            and lba + n <= self.store.size // self._bs
+            and self._access_state <= _LAST_SERVING
+            and self._sanitizing is None
+            and self._sanitize_failed is None
+            and not self._mode.swp
+            and self._ranges.uncontended
+            and not res.any_registered
+        )
+
+    def read_now(self, nexus: Nexus, lba: int, n: int, length: int) -> bytes | None:
+        """READ(10/16), plain case, answered inline: the data (GOOD), or None, having done nothing
+        but register ``nexus``, when ``execute`` must answer it. No range lock is taken: nothing
+        else runs while an inline read does, and no exclusive holder exists (``_plain``)."""
+        inline = self._inline
+        if inline is None or not self._plain(nexus, lba, n, length):
+            return None
+        return inline.read_now(lba * self._bs, length)
+
+    def write_now(self, nexus: Nexus, lba: int, n: int, data: bytes | bytearray | memoryview) -> bool:
+        """WRITE(10/16) without FUA, plain case, with the write cache on, done inline: True (GOOD),
+        or False, having written nothing, when ``execute`` must answer it."""
+        inline = self._inline
+        if inline is None or not self._mode.wce or not self._plain(nexus, lba, n, len(data)):
+            return False
+        return inline.write_now(lba * self._bs, data)
 
 
 def _bind(spec: CommandSpec) -> _Command:

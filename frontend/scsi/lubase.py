@@ -182,6 +182,12 @@ class LuBase:
 
     # ---- shared holds on block ranges (rangelock.py) ---------------------------------------------------
 
+    @property
+    def range_lock(self) -> RangeLock:
+        """The LU's range lock: an exclusive claim waits for the writes in flight on its blocks and
+        holds off new ones (a resync's region copy, sparrow/node/resync.py)."""
+        return self._ranges
+
     async def _hold(self, lba: int, nblocks: int) -> int:
         """A shared hold on ``nblocks`` blocks from ``lba`` (release with ``_ranges.release_shared``):
         O(1) and without awaiting unless some CAW/ORWRITE/WRITE ATOMIC/SANITIZE claims blocks."""

@@ -389,6 +389,12 @@ class Reservations:
 
     # ---- the conflict check ---------------------------------------------------------------
 
+    @property
+    def any_registered(self) -> bool:
+        """Whether any reservation (persistent or RESERVE(6)) or registration exists: when not,
+        no command can conflict (the fast path's check)."""
+        return not (self._reserve6 is None and self._reservation is None and not self._registrations)
+
     def conflicts(self, nexus: Nexus, cdb: bytes) -> bool:
         """Whether the command in ``cdb`` from ``nexus`` ends in RESERVATION CONFLICT.
 

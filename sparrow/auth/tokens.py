@@ -9,7 +9,8 @@ URL-safe base64. The plaintext is shown once, when the token is made; the author
 Roles (:class:`Role`), each allowed what the one below it is, plus more:
 
 - ``reader``: list and inspect volumes, list nodes;
-- ``operator``: create, resize and delete volumes (and the operator verbs other modules add);
+- ``operator``: create, resize and delete volumes, fail them over and rebuild their copies, drain
+  and undrain nodes;
 - ``admin``: everything, tokens and a volume's ``backing`` too.
 
 A token may be scoped to a *tenant*, a volume-name prefix: it lists, sees and changes only volumes
@@ -64,6 +65,8 @@ class Action(enum.StrEnum):
     VOLUME_BACKING = "volume.backing"
     NODE_READ = "node.read"
     NODE_WRITE = "node.write"
+    #: Drain or undrain a node (sparrow.cluster.moves).
+    NODE_DRAIN = "node.drain"
     TOKEN_MANAGE = "token.manage"
     #: A route the table of sparrow.master.auth does not name: admin only.
     ADMIN = "admin"
@@ -83,6 +86,7 @@ RULES: dict[Action, Rule] = {
     Action.VOLUME_BACKING: Rule(Role.ADMIN, tenant=True),
     Action.NODE_READ: Rule(Role.READER, tenant=False),
     Action.NODE_WRITE: Rule(Role.ADMIN, tenant=False),
+    Action.NODE_DRAIN: Rule(Role.OPERATOR, tenant=False),
     Action.TOKEN_MANAGE: Rule(Role.ADMIN, tenant=False),
     Action.ADMIN: Rule(Role.ADMIN, tenant=False),
 }

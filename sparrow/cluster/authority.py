@@ -3,14 +3,15 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 5)::
+instant leaves either the old state or the new one. Tables (schema version 6)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
             physical_block_size, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret,
             backing)                                     (the last six: v2, all nullable)
     nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen,
-          forgotten_at)                                  (the last: v4, nullable)
+          forgotten_at,                                  (v4, nullable)
+          draining)                                      (v6, 0/1: sparrow node drain)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
                 in_sync json,                            (v5: the in-sync set, primary first)
                 PRIMARY KEY (volume_id, epoch))
@@ -91,13 +92,14 @@ from store.migrations import (
     authority_v2_to_v3,
     authority_v3_to_v4,
     authority_v4_to_v5,
+    authority_v5_to_v6,
 )
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 log = structlog.get_logger("sparrow.cluster.authority")
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -255,6 +257,8 @@ class NodeRecord:
     last_seen: float
     #: When it was forgotten (None: a member). ``nodes()`` never returns a forgotten node.
     forgotten_at: float | None = None
+    #: The operator is draining it (schema v6): no new copies, its copies moved off.
+    draining: bool = False
 
 
 def _checked(check: Any, field: str, value: object) -> None:
@@ -305,6 +309,7 @@ def _node_from_row(row: sqlite3.Row) -> NodeRecord:
         row["first_seen"],
         row["last_seen"],
         row["forgotten_at"],
+        bool(row["draining"]),
     )
 
 
@@ -474,6 +479,7 @@ class AuthorityStore:
                         authority_v2_to_v3.upgrade(conn)
                         authority_v3_to_v4.upgrade(conn)
                         authority_v4_to_v5.upgrade(conn)
+                        authority_v5_to_v6.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -640,6 +646,7 @@ class AuthorityStore:
                 "incarnation = excluded.incarnation, addresses = excluded.addresses, "
                 "capacity = excluded.capacity, last_seen = excluded.last_seen, "
                 "first_seen = CASE WHEN forgotten_at IS NULL THEN first_seen ELSE excluded.first_seen END, "
+                "draining = CASE WHEN forgotten_at IS NULL THEN draining ELSE 0 END, "
                 "forgotten_at = NULL",
                 (node_id, incarnation, addresses.to_json(), capacity, float(seen_at), float(seen_at)),
             )
@@ -689,6 +696,18 @@ class AuthorityStore:
                 "UPDATE nodes SET forgotten_at = ? WHERE node_id = ?", (float(forgotten_at), node_id)
             )
             return Forgotten.MARKED
+
+    def set_draining(self, node_id: str, draining: bool) -> NodeRecord:
+        """Mark a member node draining (or not). Raises UnknownNode (never said hello, or forgotten)."""
+        with self._lock, immediate_transaction(self._conn):
+            cur = self._conn.execute(
+                "UPDATE nodes SET draining = ? WHERE node_id = ? AND forgotten_at IS NULL",
+                (int(bool(draining)), node_id),
+            )
+            if cur.rowcount != 1:
+                raise UnknownNode(node_id)
+            row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node_from_row(row)
 
     def nodes(self, *, include_forgotten: bool = False) -> tuple[NodeRecord, ...]:
         """Member nodes (and forgotten ones if asked), by node id."""

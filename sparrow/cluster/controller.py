@@ -15,8 +15,15 @@ Rules, per desired volume:
    placements in the same decision is subtracted. Too few such nodes: no ask, status
    ``"not enough live nodes (have X, need N)"`` (or ``"not enough free space: ..."`` when there
    are enough live nodes but too few with ``size`` bytes free: placement does not overcommit).
-2. **Dead primary**: nothing before ``leases.safe_to_reassign(old_primary, now, margin)`` (status
-   ``"waiting for the old primary's lease to expire"``). Then promote only an *eligible* replica
+2. **Dead or silent primary**: a primary is replaced once it is dead (``dead_after``) or, with
+   ``primary_silence`` set (the master passes ``lease + margin``), once it has been silent that
+   long (:meth:`ObservationStore.silent`: no heartbeat from its current incarnation); in both cases
+   nothing before ``leases.safe_to_reassign(old_primary, now, margin)`` (status ``"waiting for the
+   old primary's lease to expire"``). The lease alone is what makes a replacement safe (a primary
+   past it is fenced, docs/architecture.md "The fencing bound"); waiting for ``dead_after`` on top
+   of it would only be downtime. Replicas keep ``dead_after`` (rule 3): a blip must not cost a
+   copy, and a node silent that long is no candidate for a new copy (rules 1 and 3) nor for the
+   new primary either. Then promote only an *eligible* replica
    (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
    assignment's epoch, health OK and ``write_position`` at least the primary's last observed one;
    and the primary's last observation (same epoch) listed it IN_SYNC. None eligible: no ask, status
@@ -37,7 +44,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from sparrow.cluster.lease import MasterLeases
@@ -132,6 +139,8 @@ class StatusKind(enum.Enum):
     DEGRADED = "degraded"
     #: A caught-up copy is being recorded back in the in-sync set.
     RESYNCED = "resynced"
+    #: An operator move (planned failover, drain, rebuild: sparrow.cluster.moves) acts or waits.
+    MOVING = "moving"
     STUCK = "stuck"
 
 
@@ -175,14 +184,23 @@ class TopologyController:
     """Decides placements, promotions and replacements; see the module docstring for the rules.
 
     ``margin`` is passed to ``MasterLeases.safe_to_reassign`` (None: the leases' own margin).
+    ``primary_silence`` (seconds; None: only a dead primary is replaced) lets a primary silent that
+    long be replaced before it is dead, still never before its lease has run out (rule 2).
     The only state kept between calls is when each volume's current status kind began.
     """
 
     def __init__(
-        self, *, converge_deadline: float = DEFAULT_CONVERGE_DEADLINE, margin: float | None = None
+        self,
+        *,
+        converge_deadline: float = DEFAULT_CONVERGE_DEADLINE,
+        margin: float | None = None,
+        primary_silence: float | None = None,
     ) -> None:
         self.converge_deadline = _check_seconds("converge_deadline", converge_deadline)
         self.margin = None if margin is None else _check_seconds("margin", margin)
+        self.primary_silence = (
+            None if primary_silence is None else _check_seconds("primary_silence", primary_silence)
+        )
         self._since: dict[str, tuple[StatusKind, float]] = {}
 
     def decide(
@@ -192,14 +210,26 @@ class TopologyController:
         observations: ObservationStore,
         leases: MasterLeases,
         now: float,
+        *,
+        draining: Collection[str] = (),
     ) -> Decision:
-        """Propose assignments for ``desired`` given the newest published ones in ``current``."""
+        """Propose assignments for ``desired`` given the newest published ones in ``current``.
+        ``draining`` nodes get no new copy (sparrow.cluster.moves moves the copies off them)."""
         volumes = sorted(desired, key=lambda v: v.volume_id)
         if len({v.volume_id for v in volumes}) != len(volumes):
             raise ValueError("a volume appears twice in desired")
-        # Free bytes per live node, debited as this decision places copies.
+        # Free bytes per live node that takes new copies, debited as this decision places copies.
+        # A node silent for primary_silence (one that would be replaced as a primary) is no place
+        # for a new copy: a primary just replaced for its silence would come straight back as one.
         free = {
-            view.node_id: view.free_bytes for view in observations.nodes(now) if view.state is NodeState.ALIVE
+            view.node_id: view.free_bytes
+            for view in observations.nodes(now)
+            if view.state is NodeState.ALIVE
+            and view.node_id not in draining
+            and (
+                self.primary_silence is None
+                or not observations.silent(view.node_id, now, self.primary_silence)
+            )
         }
         asks: list[AssignmentAsk] = []
         status: dict[str, VolumeStatus] = {}
@@ -266,7 +296,9 @@ class TopologyController:
             # The data may live on nodes this assignment no longer names: placing fresh empty
             # copies could look like a volume that lost its data. An operator decides.
             return _Verdict(StatusKind.NO_PRIMARY, "assignment names no primary")
-        if observations.dead(primary, now):
+        if observations.dead(primary, now) or (
+            self.primary_silence is not None and observations.silent(primary, now, self.primary_silence)
+        ):
             return self._dead_primary(volume, assignment, primary, observations, leases, free, now)
         if not observations.alive(primary, now):
             return _Verdict(StatusKind.WAITING_FOR_NODE, f"waiting for node {primary} to report")
@@ -291,9 +323,16 @@ class TopologyController:
         if not leases.safe_to_reassign(primary, now, self.margin):
             return _Verdict(StatusKind.WAITING_FOR_LEASE, "waiting for the old primary's lease to expire")
         eligible = self.eligible_replicas(assignment, observations, now)
-        if not eligible:
+        # The new primary must be heard from: one silent as long as the old primary was would not
+        # hear of its promotion either (it may stay in the in-sync set, as it is by the rules).
+        heard = [
+            node
+            for node in eligible
+            if self.primary_silence is None or not observations.silent(node, now, self.primary_silence)
+        ]
+        if not heard:
             return _Verdict(StatusKind.NO_ELIGIBLE_REPLICA, "no eligible replica")
-        chosen = eligible[0]
+        chosen = heard[0]
         survivors = tuple(
             node
             for node in assignment.replicas
@@ -308,14 +347,15 @@ class TopologyController:
             for node in survivors
             if node in eligible and self._write_position(node, assignment, observations) == position
         )
+        gone = "dead" if observations.dead(primary, now) else "silent past its lease"
         ask = AssignmentAsk(
             volume_id=assignment.volume_id,
             primary=chosen,
             replicas=(chosen, *survivors),
-            reason=f"promote {chosen}: primary {primary} dead",
+            reason=f"promote {chosen}: primary {primary} {gone}",
             in_sync=(chosen, *in_sync),
         )
-        return _Verdict(StatusKind.PROMOTING, f"primary {primary} dead", ask)
+        return _Verdict(StatusKind.PROMOTING, f"primary {primary} {gone}", ask)
 
     def eligible_replicas(
         self, assignment: Assignment, observations: ObservationStore, now: float

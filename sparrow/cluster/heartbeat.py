@@ -33,6 +33,9 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   ``replicas``, each ``host:port`` or nil), both at most ``MAX_COPIES`` long. Assignments of an
   older Ack decode with ``in_sync`` = the primary alone and every replication portal None; an
   older assignment carrying either field is rejected (BAD_FIELD).
+- ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
+  SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
+  either is rejected (BAD_FIELD).
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 1, "ack": 5}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 2, "ack": 5}
+#: The first ``heartbeat`` version whose replica states carry resync progress.
+HEARTBEAT_RESYNC_VERSION = 2
 #: The first ``ack`` version that carries the volume directory.
 ACK_DIRECTORY_VERSION = 2
 #: The first ``ack`` version whose assignments carry physical_block_size, chap and backing.
@@ -117,6 +122,8 @@ def _replica_state_to_wire(replica: ReplicaState) -> dict[str, object]:
         "node_id": replica.node_id,
         "state": replica.state.value,
         "write_position": replica.write_position,
+        "resync_done": replica.resync_done,
+        "resync_total": replica.resync_total,
     }
 
 
@@ -257,17 +264,20 @@ class _Fields:
             raise _bad(self._path(exc.field), exc.reason) from None
 
 
-def _replica_state_from_wire(where: str, raw: object) -> ReplicaState:
+def _replica_state_from_wire(where: str, raw: object, version: int) -> ReplicaState:
     f = _Fields(where, raw)
-    return f.build(
-        ReplicaState,
-        node_id=f.take("node_id"),
-        state=f.take_enum("state", SyncState),
-        write_position=f.take("write_position"),
-    )
+    values: dict[str, object] = {
+        "node_id": f.take("node_id"),
+        "state": f.take_enum("state", SyncState),
+        "write_position": f.take("write_position"),
+    }
+    if version >= HEARTBEAT_RESYNC_VERSION:
+        values["resync_done"] = f.take("resync_done")
+        values["resync_total"] = f.take("resync_total")
+    return f.build(ReplicaState, **values)
 
 
-def _observation_from_wire(where: str, raw: object) -> VolumeObservation:
+def _observation_from_wire(where: str, raw: object, version: int) -> VolumeObservation:
     f = _Fields(where, raw)
     return f.build(
         VolumeObservation,
@@ -277,7 +287,7 @@ def _observation_from_wire(where: str, raw: object) -> VolumeObservation:
         health=f.take_enum("health", Health),
         write_position=f.take("write_position"),
         replica_states=tuple(
-            _replica_state_from_wire(f"{where}.replica_states[{i}]", r)
+            _replica_state_from_wire(f"{where}.replica_states[{i}]", r, version)
             for i, r in enumerate(f.take_list("replica_states"))
         ),
         converged=f.take("converged"),
@@ -346,7 +356,8 @@ def _heartbeat_from_wire(f: _Fields, version: int) -> Heartbeat:
         Heartbeat,
         seq=f.take("seq"),
         observations=tuple(
-            _observation_from_wire(f"observations[{i}]", o) for i, o in enumerate(f.take_list("observations"))
+            _observation_from_wire(f"observations[{i}]", o, version)
+            for i, o in enumerate(f.take_list("observations"))
         ),
     )
 

@@ -166,6 +166,11 @@ class LeaseClock:
         return self._expires_at
 
     @property
+    def last_acked(self) -> int | None:
+        """The seq of the last Ack applied (None before any)."""
+        return self._last_acked
+
+    @property
     def expires_at(self) -> float | None:
         """When the lease ends on this node's clock; None if no ack was ever applied."""
         return self._expires_at

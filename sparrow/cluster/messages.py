@@ -242,11 +242,19 @@ class ReplicaState:
     node_id: str
     state: SyncState
     write_position: int
+    #: A SYNCING copy's resync progress: bytes copied and acknowledged, of bytes to copy
+    #: (heartbeat v2; both 0 otherwise).
+    resync_done: int = 0
+    resync_total: int = 0
 
     def __post_init__(self) -> None:
         check_node_id("node_id", self.node_id)
         _check_enum("state", self.state, SyncState)
         check_bytes("write_position", self.write_position)
+        check_bytes("resync_done", self.resync_done)
+        check_bytes("resync_total", self.resync_total)
+        if self.resync_done > self.resync_total:
+            raise InvalidMessage("resync_done", "more than resync_total")
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,6 +171,15 @@ class ObservationStore:
             return False
         return now - record.heartbeat_at < self.dead_after
 
+    def silent(self, node_id: str, now: float, seconds: float) -> bool:
+        """True when ``node_id`` said Hello and its current incarnation has sent no heartbeat for at
+        least ``seconds`` (or none at all). A node never heard from is not silent: during a
+        master's startup it may just not have reconnected (:meth:`dead` covers that case)."""
+        record = self._nodes.get(node_id)
+        if record is None:
+            return False
+        return record.heartbeat_at is None or now - record.heartbeat_at >= seconds
+
     def dead(self, node_id: str, now: float) -> bool:
         """True when ``node_id`` is not alive and the master has had time to hear from it.
 

@@ -15,6 +15,13 @@ transaction (a resize is a reason for a new epoch: the node grows its store on i
 The publisher mints whatever it is asked: whether an assignment is worth publishing is the
 TopologyController's decision. It checks only that the ask is well-formed and names things the
 store knows (a live volume, nodes that have said hello).
+
+``on_mint(assignment, reason)`` (the master's audit log, sparrow.master.audit) is called inside
+the transaction, before COMMIT: if it raises, the transaction rolls back and no epoch is minted,
+so no epoch is ever announced that the audit trail does not hold. ``reason`` is the ask's
+``reason`` when it has one. An ask with an ``epoch_floor`` (sparrow.cluster.epochfloor: an epoch
+a node reported above the authority's, after a restore) gets an epoch above it: the epochs in
+between are recorded unplaced (no primary, no copies) in the same transaction, and never announced.
 """
 
 from __future__ import annotations
@@ -60,9 +67,16 @@ class InvalidAsk(InvalidAuthorityRecord):
 class Publisher:
     """Mints epochs durably. ``wall_clock`` stamps ``created_at`` (wall-clock seconds)."""
 
-    def __init__(self, store: AuthorityStore, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: AuthorityStore,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        on_mint: Callable[[Assignment, str], None] | None = None,
+    ) -> None:
         self._store = store
         self._wall_clock = wall_clock
+        self._on_mint = on_mint
 
     def publish(self, ask: AssignmentAsk) -> Assignment:
         """Record ``ask`` under the volume's next epoch; returns it once it is committed.
@@ -86,7 +100,14 @@ class Publisher:
                 if node_id == primary:
                     portal = node.addresses.iscsi_portal
             previous = txn.max_epoch(volume.volume_id)
-            epoch = Epoch(1 if previous is None else previous.value + 1)
+            last = 0 if previous is None else previous.value
+            floor = getattr(ask, "epoch_floor", 0)  # an epoch a node reported (cluster.epochfloor)
+            floor = floor if isinstance(floor, int) else 0
+            for skipped in range(last + 1, floor + 1):
+                # Epochs the nodes saw and this authority lost (a restore): recorded unplaced, in
+                # this transaction, so the history stays contiguous; never announced.
+                txn.record_assignment(volume.volume_id, Epoch(skipped), None, (), self._wall_clock(), ())
+            epoch = Epoch(max(last, floor) + 1)
             # Built before COMMIT so a message that could not be sent is never recorded.
             assignment = assignment_of(
                 volume,
@@ -98,6 +119,9 @@ class Publisher:
                 replication_portals=txn.replication_portals(replicas),
             )
             txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
+            if self._on_mint is not None:
+                reason = getattr(ask, "reason", None)
+                self._on_mint(assignment, reason if isinstance(reason, str) else "")
         return assignment
 
     def resize(self, volume_id: str, size: int) -> tuple[VolumeRecord, Assignment | None]:
@@ -138,6 +162,8 @@ class Publisher:
                 replication_portals=txn.replication_portals(replicas),
             )
             txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
+            if self._on_mint is not None:
+                self._on_mint(assignment, f"resized to {volume.size} bytes")
         return volume, assignment
 
 

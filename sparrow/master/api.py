@@ -54,7 +54,9 @@ A node (see :func:`node_json`)::
 
     {"node_id", "state": "alive"|"dead", "incarnation", "last_heartbeat_age" (seconds | null),
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
-     the master started)}
+     the master started), "draining": bool, "drain_status": what the drain does or waits for | null}
+
+The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -62,7 +64,8 @@ sees only its own volumes. ``backing`` needs an admin token and a path under the
 prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
 by the node that opens it (store.backing); a volume on a backing is never resized (400).
 
-Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson). Handlers
+Errors are ``{"error": "<one line>"}`` with 400, 401, 403, 404, 409 or 500 (sparrow.httpjson), and
+503 for a mutating call when the audit log cannot be written (sparrow.master.audit: nothing changed). Handlers
 run on the event loop; SQLite writes (an fsync each) go to a worker thread.
 """
 
@@ -93,11 +96,12 @@ from sparrow.cluster.authority import (
     VolumeExists,
     VolumeRecord,
 )
-from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
-from sparrow.cluster.messages import Assignment, InvalidMessage, VolumeChap
+from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
+from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
+from sparrow.master.audit import AuditLog, audit_middlewares
 from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
 from sparrow.master.control import ControlLoop
 from sparrow.sizes import format_size
@@ -176,13 +180,25 @@ class _StateCollector(Collector):
         volumes = GaugeMetricFamily(
             "sparrow_master_volumes", "Volumes by the controller's status", labels=["status"]
         )
+        unserved = GaugeMetricFamily(
+            "sparrow_master_volumes_unserved",
+            "Live volumes not served at their current epoch: no primary, primary dead, fenced, "
+            "transitioning or not converged (sparrow.health)",
+        )
         by_state = dict.fromkeys((s.value for s in NodeState), 0)
         by_status = dict.fromkeys((k.value for k in StatusKind), 0)
+        not_served = 0
         if self.control is not None:
-            for view in self.control.observations.nodes(self.clock()):
+            now = self.clock()
+            for view in self.control.observations.nodes(now):
                 by_state[view.state.value] += 1
             for status in self.control.statuses().values():
                 by_status[status.kind.value] += 1
+            not_served = sum(
+                unserved_reason(self.control, v.volume_id, now) is not None for v in self.control.desired()
+            )
+        unserved.add_metric([], not_served)
+        yield unserved
         for state, count in by_state.items():
             nodes.add_metric([state], count)
         for status_kind, count in by_status.items():
@@ -228,6 +244,8 @@ class MasterApi:
     backing_policy: BackingPolicy = NO_BACKING
     #: The daemon's tasks; their failures make /healthz unhealthy.
     supervisor: TaskSupervisor | None = None
+    #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
+    audit: AuditLog | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -236,7 +254,11 @@ API_KEY = web.AppKey("master", MasterApi)
 def build_app(api: MasterApi) -> web.Application:
     errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
     authenticate = auth_middleware(api.control.store)
-    app = web.Application(middlewares=[errors, authenticate], client_max_size=64 * 1024)
+    middlewares = [errors, authenticate]
+    if api.audit is not None:
+        outer, inner = audit_middlewares(api.audit)
+        middlewares = [outer, errors, authenticate, inner]
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[API_KEY] = api
     add_token_routes(app, AuthContext(api.control.store, api.wall_clock))
     app.router.add_post("/v1/volumes", create_volume)
@@ -246,6 +268,9 @@ def build_app(api: MasterApi) -> web.Application:
     app.router.add_post("/v1/volumes/{name}/resize", resize_volume)
     app.router.add_get("/v1/nodes", list_nodes)
     app.router.add_delete("/v1/nodes/{node_id}", forget_node)
+    from sparrow.master.moves_api import add_move_routes  # it builds on this module
+
+    add_move_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -363,6 +388,12 @@ async def list_nodes(request: web.Request) -> web.Response:
     now = api.clock()
     views = {v.node_id: v for v in api.control.observations.nodes(now)}
     nodes: list[dict[str, Any]] = [node_json(views[node_id]) for node_id in sorted(views)]
+    from sparrow.master.moves_api import drain_status
+
+    draining = {r.node_id: r.draining for r in records}
+    for node in nodes:
+        node["draining"] = draining.get(node["node_id"], False)
+        node["drain_status"] = drain_status(api, node["node_id"], node["draining"])
     for record in records:
         if record.node_id not in views:
             # Known from an earlier run, not heard from since this master started.
@@ -377,6 +408,8 @@ async def list_nodes(request: web.Request) -> web.Response:
                     "http": record.addresses.http,
                     "capacity_bytes": record.capacity,
                     "free_bytes": None,
+                    "draining": record.draining,
+                    "drain_status": drain_status(api, record.node_id, record.draining),
                 }
             )
     nodes.sort(key=lambda n: str(n["node_id"]))
@@ -516,9 +549,17 @@ def _wait_seconds(request: web.Request) -> float:
 def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any]]:
     observations = api.control.observations
     now = api.clock()
+    # A copy outside the in-sync set that the serving primary reports SYNCING is being resynced.
+    report = TopologyController.primary_report(assignment, observations)
+    syncing = {
+        r.node_id: r
+        for r in (() if report is None else report.replica_states)
+        if r.state is SyncState.SYNCING and r.node_id not in assignment.in_sync
+    }
     out = []
     for node_id in assignment.replicas:
         obs = observations.observation(node_id, assignment.volume_id)
+        resync = syncing.get(node_id)
         out.append(
             {
                 "node_id": node_id,
@@ -530,8 +571,13 @@ def _replicas_json(api: MasterApi, assignment: Assignment) -> list[dict[str, Any
                 "converged": None if obs is None else obs.converged,
                 "write_position": None if obs is None else obs.write_position,
                 # The in-sync set the master recorded at this epoch (issue 8, "Inspect"):
-                # "stale" copies may lack acknowledged writes; "syncing" comes with resync.
-                "sync": "in_sync" if node_id in assignment.in_sync else "stale",
+                # "stale" copies may lack acknowledged writes; "syncing" ones are being copied to.
+                "sync": "in_sync"
+                if node_id in assignment.in_sync
+                else ("syncing" if resync is not None else "stale"),
+                "resync": None
+                if resync is None
+                else {"done_bytes": resync.resync_done, "total_bytes": resync.resync_total},
             }
         )
     return out

@@ -63,6 +63,10 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/v1/volumes/{name}/resize"): Action.VOLUME_WRITE,
     ("GET", "/v1/nodes"): Action.NODE_READ,
     ("DELETE", "/v1/nodes/{node_id}"): Action.NODE_WRITE,
+    ("POST", "/v1/volumes/{name}/failover"): Action.VOLUME_WRITE,
+    ("POST", "/v1/volumes/{name}/rebuild"): Action.VOLUME_WRITE,
+    ("POST", "/v1/nodes/{node_id}/drain"): Action.NODE_DRAIN,
+    ("POST", "/v1/nodes/{node_id}/undrain"): Action.NODE_DRAIN,
     ("GET", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("POST", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("DELETE", "/v1/tokens/{id}"): Action.TOKEN_MANAGE,
@@ -112,6 +116,7 @@ def auth_middleware(store: AuthorityStore) -> Middleware:
             who = tokens.verify(record, secret)
         except AuthError as e:
             return unauthorized(str(e))
+        request[PRINCIPAL_KEY] = who  # set before the route check: the audit names who was refused
         if canonical is not None:  # else no such endpoint: the handler answers 404/405
             method = "GET" if request.method == "HEAD" else request.method
             action = ROUTE_ACTIONS.get((method, canonical), Action.ADMIN)
@@ -120,7 +125,6 @@ def auth_middleware(store: AuthorityStore) -> Middleware:
             except AuthError as e:
                 log.info("request refused", token_id=who.token_id, method=request.method, path=request.path)
                 return error_response(e.status, str(e))
-        request[PRINCIPAL_KEY] = who
         return await handler(request)
 
     return authenticate

@@ -1,6 +1,7 @@
 """The master's control loop (docs/cluster.md, "TopologyController", "Publisher and AuthorityStore").
 
-Every heartbeat interval the loop runs one :meth:`ControlLoop.step`:
+Every heartbeat interval (or sooner, when a primary's lease may be reassigned before that:
+:meth:`ControlLoop.next_step_at`) the loop runs one :meth:`ControlLoop.step`:
 
 1. read the authority (live volumes and the newest published assignment of each);
 2. ``TopologyController.decide(desired, current, observations, leases, now)``;
@@ -54,8 +55,10 @@ from sparrow.cluster.controller import (
     TopologyController,
     VolumeStatus,
 )
+from sparrow.cluster.epochfloor import EpochFloor
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
 from sparrow.cluster.messages import Assignment, DeletedVolume
+from sparrow.cluster.moves import OperatorMoves
 from sparrow.cluster.observations import ObservationStore
 from sparrow.cluster.publisher import Publisher
 
@@ -68,6 +71,8 @@ class AuthoritySnapshot:
 
     volumes: tuple[VolumeRecord, ...]
     assignments: Mapping[str, Assignment]
+    #: Nodes the operator is draining (authority v6; sparrow.cluster.moves).
+    draining: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +118,11 @@ class ControlLoop:
         controller: TopologyController,
         publisher: Publisher,
         on_published: Callable[[Assignment], None] | None = None,
+        epoch_floor: EpochFloor | None = None,
     ) -> None:
         self.store = store
+        #: Epochs never go back after a restore (sparrow.cluster.epochfloor); None: not checked.
+        self.epoch_floor = epoch_floor
         self.observations = observations
         self.leases = leases
         self.controller = controller
@@ -131,12 +139,16 @@ class ControlLoop:
         #: Volumes whose primary's portal changed under a published epoch: republished next step.
         self._moved: dict[str, AssignmentAsk] = {}
         self.steps = 0
+        #: Operator moves in progress (planned failover, rebuild) and the drain rule.
+        self.moves = OperatorMoves(controller)
+        self.draining: frozenset[str] = frozenset()
 
     # -- phases -----------------------------------------------------------------------------------
 
     def read_authority(self) -> AuthoritySnapshot:
         """Blocking: the live volumes and their current assignments, from SQLite."""
-        return AuthoritySnapshot(self.store.volumes(), self.store.latest_assignments())
+        draining = frozenset(n.node_id for n in self.store.nodes() if n.draining)
+        return AuthoritySnapshot(self.store.volumes(), self.store.latest_assignments(), draining)
 
     def apply_snapshot(self, snapshot: AuthoritySnapshot, now: float) -> None:
         """Adopt ``snapshot`` as the master's view. An assignment seen for the first time (e.g.
@@ -167,6 +179,7 @@ class ControlLoop:
         self._current = current
         self._moved = moved
         self._status = {k: v for k, v in self._status.items() if k in self._volumes}
+        self.draining = snapshot.draining
 
     def desired(self) -> tuple[DesiredVolume, ...]:
         return tuple(
@@ -179,7 +192,16 @@ class ControlLoop:
     def decide(self, now: float) -> tuple[Decision, tuple[AssignmentAsk, ...]]:
         """Ask the controller; keep its status per volume; return the decision and the asks that
         would change something (the only ones worth an epoch)."""
-        decision = self.controller.decide(self.desired(), self._current, self.observations, self.leases, now)
+        desired = self.moves.adjust(self.desired())
+        decision = self.controller.decide(
+            desired, self._current, self.observations, self.leases, now, draining=self.draining
+        )
+        decision = self.moves.apply(decision, desired, self._current, self.observations, self.draining, now)
+        floor: tuple[AssignmentAsk, ...] = ()
+        if self.epoch_floor is not None:
+            current = {v: p.assignment for v, p in self._current.items()}
+            wanted = {v.volume_id: v.replicas for v in self._volumes.values()}
+            decision, floor = self.epoch_floor.step(decision, current, wanted, self.observations, now)
         self._status = dict(decision.status)
         self.steps += 1
         to_publish = tuple(ask for ask in decision.asks if differs(ask, self.current(ask.volume_id)))
@@ -187,8 +209,11 @@ class ControlLoop:
         to_publish += tuple(
             ask
             for volume_id, ask in sorted(self._moved.items())
-            if volume_id not in asked and self.observations.alive(ask.primary, now)
+            if volume_id not in asked
+            and self.observations.alive(ask.primary, now)
+            and self._announced(volume_id)
         )
+        to_publish += floor
         return decision, to_publish
 
     def publish(self, ask: AssignmentAsk) -> Assignment:
@@ -255,6 +280,21 @@ class ControlLoop:
         log.warning("publish refused", volume_id=ask.volume_id, reason=ask.reason, error=str(error))
         return PublishFailure(ask, str(error))
 
+    def next_step_at(self, now: float, interval: float) -> float:
+        """When the next step should run: ``interval`` after ``now``, or sooner, at the instant a
+        current primary's lease may be reassigned (``expires_at + margin``, the instant
+        ``safe_to_reassign`` turns true) when that falls before. A live primary's lease always ends
+        more than an interval ahead, so this only moves the step of a primary gone silent: it is
+        replaced at that instant, not up to an interval later."""
+        margin = self.controller.margin if self.controller.margin is not None else self.leases.margin
+        at = now + interval
+        for published in self._current.values():
+            primary = published.assignment.primary
+            expires = None if primary is None else self.leases.expires_at(primary)
+            if expires is not None and now < expires + margin < at:
+                at = expires + margin
+        return at
+
     # -- reading (event loop) ---------------------------------------------------------------------
 
     def current(self, volume_id: str) -> Assignment | None:
@@ -276,11 +316,23 @@ class ControlLoop:
     def assignments_for(self, node_id: str) -> tuple[Assignment, ...]:
         """The current assignments naming ``node_id`` (primary or replica), by volume id: what its
         next Ack carries."""
+        if self.epoch_floor is not None:
+            current = {v: p.assignment for v, p in self._current.items()}
+            self.epoch_floor.note(node_id, self.observations.heartbeat(node_id), current)
         return tuple(
             p.assignment
-            for _, p in sorted(self._current.items())
-            if node_id == p.assignment.primary or node_id in p.assignment.replicas
+            for volume_id, p in sorted(self._current.items())
+            if (node_id == p.assignment.primary or node_id in p.assignment.replicas)
+            and self._announced(volume_id)
         )
+
+    @property
+    def holding(self) -> bool:
+        """True while a restored master sends no Ack (sparrow.cluster.epochfloor)."""
+        return self.epoch_floor is not None and self.epoch_floor.holding
+
+    def _announced(self, volume_id: str) -> bool:
+        return self.epoch_floor is None or self.epoch_floor.announced(volume_id)
 
     # -- changes from the API ---------------------------------------------------------------------
 
@@ -335,6 +387,12 @@ class ControlLoop:
         self._status.pop(volume_id, None)
 
 
+def default_controller(timing: LeaseConfig) -> TopologyController:
+    """The controller at ``timing``: a silent primary is replaced once silent for ``lease +
+    margin`` and past its lease, not at ``dead_after`` (docs/cluster.md, "Failover")."""
+    return TopologyController(margin=timing.margin, primary_silence=timing.lease_seconds + timing.margin)
+
+
 def restore(
     store: AuthorityStore,
     timing: LeaseConfig,
@@ -343,6 +401,7 @@ def restore(
     controller: TopologyController | None = None,
     publisher: Publisher | None = None,
     on_published: Callable[[Assignment], None] | None = None,
+    epoch_floor: EpochFloor | None = None,
 ) -> ControlLoop:
     """Build the master's state at (re)start ``now`` from the authority store (blocking reads).
 
@@ -358,9 +417,10 @@ def restore(
         store,
         observations=observations,
         leases=leases,
-        controller=controller if controller is not None else TopologyController(margin=timing.margin),
+        controller=controller if controller is not None else default_controller(timing),
         publisher=publisher if publisher is not None else Publisher(store),
         on_published=on_published,
+        epoch_floor=epoch_floor,
     )
     loop.apply_snapshot(loop.read_authority(), now)
     loop.load_tombstones()

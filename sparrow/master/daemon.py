@@ -31,8 +31,10 @@ from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, AuthorityStore
 from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyController
+from sparrow.cluster.epochfloor import RESTORE_MARKER, EpochFloor
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
+from sparrow.cluster.publisher import Publisher
 from sparrow.clustersecret import NO_SECRET
 from sparrow.config import HostPort
 from sparrow.lifecycle import (
@@ -47,6 +49,7 @@ from sparrow.lifecycle import (
     start_http,
 )
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
+from sparrow.master.audit import AuditError, AuditLog
 from sparrow.master.auth import bootstrap
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
@@ -135,7 +138,9 @@ async def control_task(
     stop: asyncio.Event,
     supervisor: TaskSupervisor | None = None,
 ) -> None:
-    """One control step per ``interval`` until ``stop`` is set; a step in progress is finished."""
+    """One control step per ``interval`` (sooner when a primary's lease may be reassigned
+    before that, ``ControlLoop.next_step_at``) until ``stop`` is set; a step in progress is
+    finished."""
     supervisor = supervisor if supervisor is not None else TaskSupervisor()
     while not stop.is_set():
         try:
@@ -145,8 +150,9 @@ async def control_task(
             supervisor.failed(CONTROL_TASK, e)
         else:
             supervisor.recovered(CONTROL_TASK)
+        now = clock()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
+            async with asyncio.timeout(control.next_step_at(now, interval) - now):
                 await stop.wait()
 
 
@@ -164,6 +170,8 @@ class MasterRuntime:
     listen: HostPort
     clock: Callable[[], float]
     supervisor: TaskSupervisor
+    #: DATA_DIR/audit.jsonl: every mutating API call and every epoch minted (sparrow.master.audit).
+    audit: AuditLog | None = None
     steps: asyncio.Task[None] | None = None
 
     def api(self) -> MasterApi:
@@ -174,6 +182,7 @@ class MasterRuntime:
             base_iqn=self.config.base_iqn,
             backing_policy=BackingPolicy(self.config.allowed_backing),
             supervisor=self.supervisor,
+            audit=self.audit,
         )
 
     def start_steps(self, stop: asyncio.Event) -> None:
@@ -201,6 +210,23 @@ class MasterRuntime:
         self.store.close()
 
 
+def epoch_floor(config: MasterConfig, now: float) -> EpochFloor:
+    """The epoch floor (sparrow.cluster.epochfloor); holding every assignment for ``dead_after``
+    from ``now`` when ``sparrow restore`` left its marker (removed once the hold is over)."""
+    timing = config.timing
+    marker = config.data_dir / RESTORE_MARKER
+    if not marker.exists():
+        return EpochFloor(timing.lease_seconds, timing.margin)
+    hold = max(timing.dead_after, timing.lease_seconds + timing.margin)
+    log.warning("restored authority: no assignment announced until every node reported", hold=hold)
+
+    def hold_over() -> None:
+        marker.unlink(missing_ok=True)
+        log.info("restore hold over: assignments announced again (epochs above what the nodes reported)")
+
+    return EpochFloor(timing.lease_seconds, timing.margin, hold_until=now + hold, on_hold_end=hold_over)
+
+
 async def start_master(
     config: MasterConfig,
     cleanup: contextlib.AsyncExitStack,
@@ -222,21 +248,36 @@ async def start_master(
     except Exception as e:  # sqlite3.Error, OSError
         raise StartupError(f"cannot open the authority database in {config.data_dir}: {e}") from None
     cleanup.callback(store.close)
+    try:
+        audit = AuditLog.open_in(config.data_dir)
+    except AuditError as e:
+        raise StartupError(str(e)) from None
 
     metrics = metrics if metrics is not None else MasterMetrics()
     supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
     clock = loop.time
 
+    #: Set once the heartbeat server exists: a publish is pushed to the nodes at once.
+    push: list[Callable[[], None]] = []
+
     def on_published(assignment: Assignment) -> None:
         metrics.epochs_published.inc()
+        for send in push:
+            send()
 
     timing = config.timing
     control = restore(
         store,
         timing,
         clock(),
-        controller=TopologyController(converge_deadline=config.converge_deadline, margin=timing.margin),
+        controller=TopologyController(
+            converge_deadline=config.converge_deadline,
+            margin=timing.margin,
+            primary_silence=timing.lease_seconds + timing.margin,
+        ),
         on_published=on_published,
+        publisher=Publisher(store, on_mint=audit.epoch_minted),
+        epoch_floor=epoch_floor(config, clock()),
     )
     metrics.bind(control, clock)
 
@@ -259,8 +300,11 @@ async def start_master(
     except OSError as e:
         raise StartupError(f"cannot listen for heartbeats on {config.listen}: {os_reason(e)}") from None
     cleanup.push_async_callback(heartbeats.close)
+    push.append(heartbeats.push_assignments)
     listen = bound_address(heartbeats.sockets, config.listen)
-    return MasterRuntime(config, store, control, metrics, recorder, heartbeats, listen, clock, supervisor)
+    return MasterRuntime(
+        config, store, control, metrics, recorder, heartbeats, listen, clock, supervisor, audit=audit
+    )
 
 
 async def serve(config: MasterConfig) -> int:

@@ -18,6 +18,14 @@ records goes to ``heartbeat.FrameDecoder``; each decoded message is handled here
   Ack has been written, ``MasterLeases.granted(node, now, lease_seconds)`` records the lease (a
   lease counts on the master from *after* the Ack left, so the node's copy, counted from its send
   time, always ends first).
+- A newly published assignment is not left waiting for each node's next heartbeat:
+  :meth:`HeartbeatServer.push_assignments` (the daemon calls it on every publish; pushes of one
+  loop turn are coalesced) sends every connected node that has heartbeated an Ack *repeating the
+  seq of its last Heartbeat* with the current assignments, directory and no tombstones. The node
+  applies a repeat of its latest Ack's seq for its assignments only; its lease is not extended
+  (``LeaseClock.acked`` ignores a seq already applied), and the master records no grant for it.
+  This saves up to one heartbeat interval on the promoted node, and on each replica that must
+  persist the new epoch before it accepts the new primary's stream.
 - anything else (an Ack from a node, a Heartbeat before Hello, a bad frame): the connection is
   closed and the reason logged. Nothing else happens on a protocol error: a half-understood node
   gets no Ack, so no lease.
@@ -139,6 +147,21 @@ class HeartbeatServer:
         self.handshaking = 0
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._push_pending = False
+
+    def push_assignments(self) -> None:
+        """Send every connected node its current assignments now (see the module docstring);
+        pushes asked in one loop turn go out once, at the end of it."""
+        if self._loop is None:  # unit tests without start(): at once
+            self._push()
+        elif not self._push_pending:
+            self._push_pending = True
+            self._loop.call_soon(self._push)
+
+    def _push(self) -> None:
+        self._push_pending = False
+        for conn in list(self.connections):
+            conn.push()
 
     def refused(self, reason: str) -> None:
         if self.on_refused is not None:
@@ -198,7 +221,11 @@ class NodeConnection(asyncio.Protocol):
         self.incarnation: int | None = None
         #: Arrival (master clock) of the last Heartbeat on this connection.
         self.last_heartbeat_at: float | None = None
+        #: Seq of the last Heartbeat on this connection (what a pushed Ack repeats).
+        self.last_seq: int | None = None
         self.acks_sent = 0
+        #: Acks pushed on a publish (:meth:`push`), not answering a heartbeat.
+        self.pushes_sent = 0
         self.closed_reason: str | None = None
         self._handshaking = False
         #: True once the peer proved it holds the cluster secret.
@@ -409,8 +436,11 @@ class NodeConnection(asyncio.Protocol):
         except ObservationError as e:
             raise ConnectionRefused(str(e)) from None
         self.last_heartbeat_at = self.server.clock()
+        self.last_seq = heartbeat.seq
         if self.server.on_heartbeat is not None:
             self.server.on_heartbeat()
+        if self.server.control.holding:  # a restored authority: no lease, no assignment yet
+            return
         ack = Ack(
             seq=heartbeat.seq,
             lease_seconds=self.server.lease_seconds,
@@ -423,6 +453,22 @@ class NodeConnection(asyncio.Protocol):
             self.acks_sent += 1
             # After the write: the master's view of the lease starts no earlier than the node's.
             self.server.leases.granted(node_id, self.server.clock(), self.server.lease_seconds)
+
+    def push(self) -> None:
+        """Send the node its current assignments in an Ack repeating its last heartbeat's seq
+        (module docstring). No lease is granted: the node extends nothing on a repeat."""
+        node_id, seq = self.node_id, self.last_seq
+        if node_id is None or seq is None or self.closed_reason is not None:
+            return
+        ack = Ack(
+            seq=seq,
+            lease_seconds=self.server.lease_seconds,
+            assignments=self.server.control.assignments_for(node_id),
+            directory=volume_directory(self.server.control),
+        )
+        self._send(ack)
+        if self.closed_reason is None:
+            self.pushes_sent += 1
 
     def _send(self, ack: Ack) -> None:
         transport = self.transport

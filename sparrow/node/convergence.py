@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ import aiofiles.os
 import structlog
 
 from frontend.scsi.lu import AccessState, LogicalUnit, LuIdentity
+from frontend.scsi.rangelock import RangeLock
 from frontend.scsi.reservations import Reservations
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster.adapter import (
@@ -81,7 +83,8 @@ from sparrow.metrics import VolumeMetrics
 from sparrow.node.replicated_store import Forwarding
 from sparrow.node.sessions import NoSessions, SessionControl
 from sparrow.supervision import TaskSupervisor
-from store.blockstore import StoreError
+from store.blockstore import BlockStore, StoreError
+from store.dirtymap import DirtyMap, MarkingStore, dirty_path
 from store.metadata import RecordMissing, read_record_async
 from store.volumes import (
     VOLUME_KIND,
@@ -178,6 +181,13 @@ class NodeVolumes:
         self._exported: dict[str, Exported] = {}
         #: The export settings of the latest Ack, by volume id (absent: not heard of yet).
         self._settings: dict[str, VolumeSettings] = {}
+        #: Cluster nodes only: each open volume's dirty map and the store that marks it before
+        #: writing (store/dirtymap.py); whether the latest Ack lists this node's copy in sync.
+        self._dirty: dict[str, DirtyMap] = {}
+        self._marking: dict[str, MarkingStore] = {}
+        self._in_sync_here: dict[str, bool] = {}
+        if forwarding is not None:
+            forwarding.lock_for = self.range_lock
 
     # ---- queries ------------------------------------------------------------------------------------
 
@@ -205,6 +215,22 @@ class NodeVolumes:
     def settings(self, volume_id: str) -> VolumeSettings | None:
         return self._settings.get(volume_id)
 
+    def dirty_map(self, volume_id: str) -> DirtyMap | None:
+        return self._dirty.get(volume_id)
+
+    def marking_store(self, volume_id: str) -> MarkingStore | None:
+        return self._marking.get(volume_id)
+
+    def range_lock(self, volume_id: str) -> RangeLock | None:
+        lu = self.lu(volume_id)
+        return None if lu is None else lu.range_lock
+
+    def note_in_sync(self, node_id: str, assignments: Iterable[Assignment]) -> None:
+        """Remember whether each assignment lists this node's copy in sync: a copy created in
+        sync (a new volume: every copy zeros) starts with a clean dirty map, any other all dirty."""
+        for assignment in assignments:
+            self._in_sync_here[assignment.volume_id] = node_id in assignment.in_sync
+
     def apply_settings(self, assignments: Iterable[Assignment]) -> None:
         """Remember each assignment's export settings; re-register an exported target whose CHAP
         differs (see the module docstring)."""
@@ -226,6 +252,7 @@ class NodeVolumes:
         """Make the volume's LU exist: create the local store with the master's id if there is none
         (never truncating one), then export it fenced (``TRANSITIONING``, no redirect)."""
         volume = self.find(action.volume_id)
+        created = False
         if volume is None:
             try:  # closed earlier (released by this node): its store and record are still on disk
                 reopened = await self.manager.open_volume(action.name)
@@ -254,6 +281,7 @@ class NodeVolumes:
                 backing=settings.backing,
                 physical_block_size=settings.physical_block_size,
             )
+            created = True
             log.info("volume created", volume=action.name, volume_id=action.volume_id, size=action.size)
         meta = volume.meta
         if meta.block_size != action.block_size:
@@ -268,6 +296,8 @@ class NodeVolumes:
         if grew:
             volume = await self.manager.resize(meta.name, action.size)
             log.info("volume grown", volume=meta.name, size=action.size)
+        if self.forwarding is not None and action.volume_id not in self._dirty:
+            await self._open_dirty(volume, created)
         entry = self._exported.get(action.volume_id)
         if entry is None:
             self._export(volume)
@@ -289,6 +319,7 @@ class NodeVolumes:
             self.metrics.volume_removed(entry.name)
         if self.forwarding is not None:
             self.forwarding.forget(volume_id)
+        await self._release_dirty(volume_id)
         with contextlib.suppress(StoreError):  # flush and close the store; data and record stay
             await self.manager.close_volume(entry.name)
         log.info("target unexported", volume=entry.name, volume_id=volume_id)
@@ -331,6 +362,8 @@ class NodeVolumes:
         self._settings.pop(volume_id, None)
         if not present:
             return
+        with contextlib.suppress(OSError):
+            await aiofiles.os.unlink(dirty_path(self.manager.volumes_dir, name))
         try:
             await asyncio.shield(self.manager.delete(name))
         except VolumeNotFound:
@@ -354,15 +387,25 @@ class NodeVolumes:
             return True, None
 
     async def redirect(self, volume_id: str, portal: str | None) -> None:
-        """Logins to the volume's target go to ``portal`` (``host:port``), or are served here (None)."""
+        """Logins to the volume's target go to ``portal`` (``host:port``), or are served here (None).
+
+        Redirected elsewhere (the volume is served by another node now, e.g. this primary was
+        demoted by a planned failover): the sessions logged in here are closed, so their initiators
+        log in again and follow the redirect instead of retrying a standby LU forever. The
+        forwarding stands down first, so the writes it holds fail (retryably) at once rather than
+        keep the disconnect waiting."""
         entry = self._exported.get(volume_id)
         if entry is None:
             return
         if portal is None:
             self.registry.redirect(entry.iqn, None)
-        else:
-            host, port = split_portal(portal)
-            self.registry.redirect(entry.iqn, Portal(host, port, self.tpgt))
+            return
+        host, port = split_portal(portal)
+        self.registry.redirect(entry.iqn, Portal(host, port, self.tpgt))
+        if self.sessions.session_count(entry.iqn):
+            if self.forwarding is not None:
+                self.forwarding.stand_down([volume_id])
+            await self.sessions.disconnect(entry.iqn, f"volume served at {portal}")
 
     def apply_access(self, volume_id: str, state: AccessState) -> bool:
         """Set the LU's access state now (synchronously); False if the volume is not open."""
@@ -376,10 +419,37 @@ class NodeVolumes:
 
     # ---- internals ----------------------------------------------------------------------------------
 
+    async def _open_dirty(self, volume: Volume, created: bool) -> None:
+        meta = volume.meta
+        path = dirty_path(self.manager.volumes_dir, meta.name)
+        clean = created and self._in_sync_here.get(meta.volume_id, False)
+        loop = asyncio.get_running_loop()
+        dirty = await loop.run_in_executor(
+            None, functools.partial(DirtyMap.open, path, meta.volume_id, meta.size, missing_clean=clean)
+        )
+        self._dirty[meta.volume_id] = dirty
+        self._marking[meta.volume_id] = MarkingStore(volume.store, dirty)
+
+    async def _release_dirty(self, volume_id: str) -> None:
+        """The copy leaves its assignment: every region dirty (a later re-add is a full copy)."""
+        self._marking.pop(volume_id, None)
+        dirty = self._dirty.pop(volume_id, None)
+        if dirty is None:
+            return
+        try:
+            await dirty.mark_all()
+        except StoreError as e:
+            log.warning("dirty map not marked at release", volume_id=volume_id, error=str(e))
+        dirty.close()
+
     def _export(self, volume: Volume) -> None:
         meta = volume.meta
+        marking = self._marking.get(meta.volume_id)
+        local: BlockStore = volume.store if marking is None else marking
         store = (
-            volume.store if self.forwarding is None else self.forwarding.wrap(meta.volume_id, volume.store)
+            local
+            if self.forwarding is None
+            else self.forwarding.wrap(meta.volume_id, local, dirty=self._dirty.get(meta.volume_id))
         )
         lu = LogicalUnit(
             store,
@@ -624,6 +694,7 @@ class Convergence:
         self._update_directory()
         destroyed = self.adapter.destroyed
         self.volumes.apply_settings(a for a in ack.assignments if a.volume_id not in destroyed)
+        self.volumes.note_in_sync(self.adapter.node_id, ack.assignments)
         if ack.lease_seconds <= self.lease.fence_margin and ack.lease_seconds != self._short_lease:
             log.error(
                 "the master's lease is not longer than this node's fence margin: it cannot serve",
@@ -681,6 +752,33 @@ class Convergence:
                 return tuple((node, assignment.replication_portal(node)) for node in assignment.in_sync[1:])
         return ()
 
+    def resync_targets(self, volume_id: str) -> tuple[tuple[str, str], ...]:
+        """The copies this node, as the volume's primary, must resync: ``(node_id, replication
+        portal)`` for each copy of the assignment outside ``in_sync`` whose portal is known (the
+        same conditions as :meth:`replication_targets`)."""
+        ack = self._last_ack
+        if ack is None or not self._primary_here(volume_id):
+            return ()
+        for assignment in ack.assignments:
+            if assignment.volume_id == volume_id:
+                return tuple(
+                    (node, portal)
+                    for node in assignment.replicas[1:]
+                    if node not in assignment.in_sync
+                    and (portal := assignment.replication_portal(node)) is not None
+                )
+        return ()
+
+    def _primary_here(self, volume_id: str) -> bool:
+        ack = self._last_ack
+        held = self.adapter.state.get(volume_id)
+        if ack is None or held is None or held.role is not Role.PRIMARY:
+            return False
+        return any(
+            a.volume_id == volume_id and a.epoch == held.epoch and a.primary == self.adapter.node_id
+            for a in ack.assignments
+        )
+
     def observations(self, now: float) -> tuple[VolumeObservation, ...]:
         """What the next heartbeat reports (the adapter's view: persisted epochs and roles; a
         primary's replicas as its forwarding sees them)."""
@@ -704,7 +802,12 @@ class Convergence:
                 and held.epoch == assignment.epoch
                 and assignment.primary == self.adapter.node_id
             ):
-                targets[assignment.volume_id] = (held.epoch, self.replication_targets(assignment.volume_id))
+                targets[assignment.volume_id] = (
+                    held.epoch,
+                    self.replication_targets(assignment.volume_id),
+                    self.resync_targets(assignment.volume_id),
+                    len(assignment.in_sync) == len(assignment.replicas),
+                )
         forwarding.retarget(targets)
         forwarding.stand_down(
             volume_id

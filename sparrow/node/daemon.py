@@ -65,8 +65,10 @@ from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.replicated_store import Forwarding
 from sparrow.node.replication import ReplicaServer, start_replica_server
+from sparrow.node.resync import DEFAULT_RESYNC_RATE
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
 from sparrow.replication.protocol import DEFAULT_ACK_TIMEOUT
+from sparrow.sizes import parse_size
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.blockstore import StoreError
@@ -90,6 +92,9 @@ class NodeConfig:
     master: HostPort
     iscsi: HostPort = DEFAULT_NODE_ISCSI
     replication: HostPort = DEFAULT_NODE_REPLICATION
+    #: The replication address other nodes dial (``--advertise-replication``; None: the listen
+    #: address, a wildcard host made this host's address), e.g. a NAT or a proxy in front.
+    advertise_replication: HostPort | None = None
     http: HostPort = DEFAULT_NODE_HTTP
     base_iqn: str = DEFAULT_BASE_IQN
     heartbeat_interval: float = 1.0
@@ -106,6 +111,8 @@ class NodeConfig:
     #: Wrap each volume's store so a primary forwards to its replicas (False: ``sparrow serve``,
     #: one copy, the plain store).
     forward_writes: bool = True
+    #: Bytes per second of resync region copies this node sends, all volumes together (0: unlimited).
+    resync_rate: int = DEFAULT_RESYNC_RATE
 
 
 def node_config(
@@ -123,6 +130,8 @@ def node_config(
     allow_backing: tuple[str, ...] = (),
     fence_margin: float | None = None,
     replication_ack_timeout: float | None = None,
+    advertise_replication: str | None = None,
+    resync_rate: str | None = None,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -159,13 +168,23 @@ def node_config(
     ack_timeout = DEFAULT_ACK_TIMEOUT if replication_ack_timeout is None else replication_ack_timeout
     if not 0 < ack_timeout < math.inf:
         raise ConfigError("--replication-ack-timeout must be a positive number of seconds", usage=True)
+    rate = DEFAULT_RESYNC_RATE
+    if resync_rate is not None:
+        try:
+            rate = 0 if resync_rate.strip() == "0" else parse_size(resync_rate.removesuffix("/s"))
+        except ValueError as e:
+            raise ConfigError(f"invalid --resync-rate {resync_rate!r}: {e}", usage=True) from None
     return NodeConfig(
         replication_ack_timeout=ack_timeout,
+        resync_rate=rate,
         data_dir=Path(data_dir),
         node_id=node_id,
         master=master_hp,
         iscsi=address(iscsi, "--iscsi", DEFAULT_NODE_ISCSI),
         replication=address(replication, "--replication", DEFAULT_NODE_REPLICATION),
+        advertise_replication=None
+        if advertise_replication is None
+        else address(advertise_replication, "--advertise-replication", DEFAULT_NODE_REPLICATION),
         http=address(http, "--http", DEFAULT_NODE_HTTP),
         heartbeat_interval=interval,
         log_format=LogFormat(log_format or "auto"),
@@ -399,7 +418,12 @@ async def start_node(
     forwarding = None
     if config.forward_writes:
         forwarding = Forwarding(
-            config.node_id, config.cluster_secret, ack_timeout=config.replication_ack_timeout, clock=loop.time
+            config.node_id,
+            config.cluster_secret,
+            ack_timeout=config.replication_ack_timeout,
+            clock=loop.time,
+            resync_rate=config.resync_rate,
+            registry=metrics.registry,
         )
         cleanup.push_async_callback(forwarding.close)
     volumes = NodeVolumes(
@@ -435,7 +459,7 @@ async def start_node(
             node_id=config.node_id,
             incarnation=record.incarnation,
             iscsi_portal=str(advertised_portals[0]),
-            replication=str(advertised(config.replication)),
+            replication=str(config.advertise_replication or advertised(config.replication)),
             http=str(node.http if node.http is not None else config.http),
             capacity_bytes=capacity,
             free_bytes=free,

@@ -113,8 +113,10 @@ class HeartbeatSession:
         return frame
 
     def receive(self, data: bytes) -> list[Ack]:
-        """Feed bytes from the master; returns the Acks that were applied to the lease clock, in
-        order. An Ack the clock ignores (stale, or for a seq it no longer remembers) is dropped: its
+        """Feed bytes from the master; returns the Acks to act on, in order: those applied to the
+        lease clock, and repeats of the latest applied seq (the master pushes a newly published
+        assignment that way, docs/cluster.md "Messages"; a repeat extends no lease). Any other
+        Ack the clock ignores (stale, or for a seq it no longer remembers) is dropped: its
         assignments are older than ones already acted on. Raises HeartbeatProtocolError."""
         self._decoder.feed(data)
         applied: list[Ack] = []
@@ -124,7 +126,9 @@ class HeartbeatSession:
                     ErrorCode.UNKNOWN_TYPE,
                     f"the master sent a {type(message).__name__}; only acks are expected",
                 )
-            if self.lease.acked(message.seq, message.lease_seconds) is not None:
+            if message.seq == self.lease.last_acked:
+                applied.append(message)  # a push: newer assignments, the same lease
+            elif self.lease.acked(message.seq, message.lease_seconds) is not None:
                 applied.append(message)
         return applied
 

@@ -28,17 +28,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.messages import ReplicaState, SyncState
+from sparrow.node.checkpoint import CHECKPOINT_INTERVAL, checkpoint_round
+from sparrow.node.resync import DEFAULT_RESYNC_RATE, LockFor, Resync, ResyncMetrics, TokenBucket
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
-from store.blockstore import BlockStore, StoreUnavailable
+from store.blockstore import BlockStore, InlineIo, StoreUnavailable
+from store.dirtymap import DirtyMap, region_span
 
 log = structlog.get_logger("sparrow.node.forward")
 
@@ -53,6 +58,8 @@ LOG_BYTES = 64 << 20
 UNMAP_CHUNK = 1 << 30
 #: Between two connection attempts to a replica (it may not have persisted the epoch yet).
 RECONNECT_DELAY = 0.05
+#: ... and to a syncing copy (it may be down for long: nothing waits for it).
+SYNCING_RECONNECT_DELAY = 0.5
 READ_SIZE = 1 << 16
 
 
@@ -63,6 +70,8 @@ class _Op:
     data: memoryview | None
     length: int
     at: float
+    #: A region copy of a resync: sent to this replica only (the others get a NOP in its place).
+    only: str | None = None
 
 
 @dataclass(slots=True)
@@ -104,6 +113,19 @@ class _Replica:
     #: ``base`` is chosen for the epoch (by its first stream); the highest op index sent in it.
     based: bool = False
     sent_high: int = 0
+    #: Not in the in-sync set: fed every op, copied its dirty regions (sparrow/node/resync.py),
+    #: never waited for until ``resynced`` (then reported IN_SYNC and waited for).
+    syncing: bool = False
+    resynced: bool = False
+    #: Ops were skipped (the replica fell off the log): the next refusal's seq re-bases the stream.
+    rebase: bool = False
+    #: Bumped whenever the resync must start over (skipped ops, a replica that lost its position).
+    generation: int = 0
+    #: The replica's dirty map from the last OPEN, (done, total) bytes of the current resync.
+    dirty_report: protocol.DirtyReport | None = None
+    progress: tuple[int, int] = (0, 0)
+    lagging_at: float = 0.0
+    changed: asyncio.Event | None = None
 
 
 OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
@@ -123,8 +145,20 @@ class ReplicatedStore:
         ack_timeout: float = protocol.DEFAULT_ACK_TIMEOUT,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
         on_lagging: Callable[[], None] | None = None,
+        on_syncing: Callable[[ReplicatedStore, str], None] | None = None,
     ) -> None:
         self.inner = inner
+        #: Called when a replica starts syncing (the node starts its resync driver).
+        self.on_syncing = on_syncing
+        #: This copy's dirty map (cleared by checkpoints, sparrow/node/checkpoint.py), the random
+        #: id of this process's streams, the op index that last wrote each region in this term
+        #: as primary, and the regions dirty when the term began (never cleared by it).
+        self.dirty_map: DirtyMap | None = None
+        self.session = secrets.randbits(63)
+        self.touched: dict[int, int] = {}
+        self.sticky: frozenset[int] | None = None
+        #: The assignment lists every copy in sync (checkpoints may clear dirty bits).
+        self.complete = False
         self.block_size = inner.block_size
         self.volume_id = volume_id
         self.node_id = node_id
@@ -145,6 +179,9 @@ class ReplicatedStore:
         self._joinable: dict[bool, _Waiters] = {}
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
+        #: Demoted or released (``stand_down``) and not configured since: an operation still in
+        #: flight then (its local I/O running) fails at once instead of waiting the hold bound.
+        self._stood_down = False
 
     # ---- BlockStore ---------------------------------------------------------------------------------
 
@@ -161,6 +198,20 @@ class ReplicatedStore:
 
     async def mapped_extent(self, offset: int) -> tuple[bool, int]:
         return await self.inner.mapped_extent(offset)
+
+    # ``store.blockstore.InlineIo`` (the iSCSI fast path): reads as ``read`` does; a write only in
+    # the one-copy case, where ``write`` is the inner store's. With replicas it must await their ACKs:
+    # False, and the fast path hands the command to the general path.
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        inner = self.inner
+        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        inner = self.inner
+        if self.epoch is None or self.replicas or not isinstance(inner, InlineIo):
+            return False
+        return inner.write_now(offset, data)
 
     async def resize(self, new_size: int) -> None:
         await self.inner.resize(new_size)
@@ -205,6 +256,7 @@ class ReplicatedStore:
     async def close(self) -> None:
         self.closed = True
         for replica in self.replicas.values():
+            self._changed(replica)
             if replica.link is not None:
                 replica.link.close()
                 replica.link = None
@@ -213,17 +265,34 @@ class ReplicatedStore:
 
     # ---- configuration ------------------------------------------------------------------------------
 
-    def configure(self, epoch: int, targets: Sequence[tuple[str, str | None]]) -> None:
+    def configure(
+        self,
+        epoch: int,
+        targets: Sequence[tuple[str, str | None]],
+        syncing: Sequence[tuple[str, str]] = (),
+        *,
+        complete: bool = False,
+    ) -> None:
         """The persisted assignment at ``epoch`` names ``targets`` (in-sync replicas, with their
-        replication portals). A new epoch reopens every stream under it (resending what each replica
-        has not acknowledged); a replica no longer named stops counting for the waiting writes."""
+        replication portals) and ``syncing`` (its other copies that have a portal: resynced while
+        fed every op, never waited for until caught up). A new epoch reopens every stream under it
+        (resending what each replica has not acknowledged); a replica no longer named stops counting
+        for the waiting writes."""
         if self.epoch is not None and epoch < self.epoch:
             return
         wanted = dict(targets)
+        resync = {node: portal for node, portal in syncing if node not in wanted}
         new_epoch = epoch != self.epoch
+        if self.epoch is None and self.dirty_map is not None:
+            self.sticky = frozenset(self.dirty_map.bits)  # a new term as primary
         self.epoch = epoch
-        for node in [n for n in self.replicas if n not in wanted]:
+        self._stood_down = False
+        self.complete = complete and not resync
+        for node, address in resync.items():
+            self._sync(node, address, new_epoch)
+        for node in [n for n in self.replicas if n not in wanted and n not in resync]:
             gone = self.replicas.pop(node)
+            self._changed(gone)  # its resync stops
             if gone.link is not None:
                 gone.link.close()
             log.info("replica no longer forwarded to", volume_id=self.volume_id, replica=node, epoch=epoch)
@@ -236,44 +305,191 @@ class ReplicatedStore:
                 replica = _Replica(node, portal, applied=start, durable=start)
                 self.replicas[node] = replica
                 self._connect(replica)
+            elif replica.syncing:
+                # Back in the in-sync set (resynced and reported): waited for from now on. One
+                # that skipped ops since cannot hold them: lagging at once (the master drops it).
+                replica.syncing = replica.resynced = False
+                self._changed(replica)
+                replica.portal = portal
+                replica.based = replica.based and not new_epoch
+                if replica.rebase:
+                    replica.lagging = True
+                    if self.on_lagging is not None:
+                        self.on_lagging()
+                self._connect(replica)
             elif new_epoch or portal != replica.portal:
                 replica.portal = portal
                 replica.based = replica.based and not new_epoch
                 self._connect(replica)
         self._progress()
 
+    def _sync(self, node: str, portal: str, new_epoch: bool) -> None:
+        replica = self.replicas.get(node)
+        if replica is None:
+            # Fed from now on; everything before is in the dirty maps the resync copies.
+            replica = _Replica(node, portal, applied=self.last, durable=self.last, syncing=True)
+            replica.changed = asyncio.Event()
+            self.replicas[node] = replica
+            log.info("replica syncing", volume_id=self.volume_id, replica=node, epoch=self.epoch)
+        elif not replica.syncing:  # dropped from the in-sync set: its stream goes on
+            replica.syncing, replica.resynced, replica.lagging = True, False, False
+            replica.generation += 1
+            replica.progress = (0, 0)
+            replica.changed = replica.changed or asyncio.Event()
+            log.info("replica syncing", volume_id=self.volume_id, replica=node, epoch=self.epoch)
+        elif not new_epoch and portal == replica.portal:
+            return
+        replica.portal = portal
+        replica.based = replica.based and not new_epoch
+        self._connect(replica)
+        if self.on_syncing is not None:
+            self.on_syncing(self, node)
+
+    # ---- the resync driver's side (sparrow/node/resync.py) ---------------------------------------
+
+    def syncing_replica(self, node: str) -> _Replica | None:
+        replica = self.replicas.get(node)
+        return replica if replica is not None and replica.syncing else None
+
+    def copy_region(self, node: str, offset: int, data: bytes) -> int:
+        """Queue a region copy for ``node`` (the caller holds the region's range lock and has just
+        read ``data``): the next op(s) in the one ordered stream; the op index of the last."""
+        view = memoryview(data)
+        index = 0
+        for start in range(0, len(view), MAX_PAYLOAD):
+            chunk = view[start : start + MAX_PAYLOAD]
+            index = self._append(_Op(MsgType.WRITE, offset + start, chunk, len(chunk), self.clock(), node))
+        return index
+
+    def flush_replica(self, node: str) -> int:
+        """Queue a flush for ``node`` only; its op index."""
+        return self._append(_Op(MsgType.FLUSH, 0, None, 0, self.clock(), node))
+
+    def resynced(self, node: str) -> None:
+        """``node`` has every region and every op since: report it IN_SYNC (the master adds it back
+        under a new epoch) and wait for it from now on."""
+        replica = self.syncing_replica(node)
+        if replica is None or replica.resynced:
+            return
+        replica.resynced = True
+        log.info("replica resynced", volume_id=self.volume_id, replica=node, applied=replica.applied)
+        if self.on_lagging is not None:
+            self.on_lagging()  # report it now
+
+    async def room(self, size: int) -> None:
+        await self._room(size)
+
+    # ---- checkpoints (sparrow/node/checkpoint.py) --------------------------------------------------
+
+    def checkpoint_due(self) -> bool:
+        """Every copy in sync and keeping up, and regions written since the last checkpoint."""
+        return (
+            self.epoch is not None
+            and self.complete
+            and self.dirty_map is not None
+            and bool(self.touched)
+            and all(not r.syncing and not r.lagging for r in self.replicas.values())
+        )
+
+    def flush_everywhere(self) -> int:
+        """Queue a flush for every replica (the caller holds off writers); its op index."""
+        return self._append(_Op(MsgType.FLUSH, 0, None, 0, self.clock()))
+
+    async def durable_everywhere(self, index: int) -> None:
+        """Until every in-sync replica has made op ``index`` durable (bounded: StoreUnavailable)."""
+        await self._wait(index, durable=True)
+
+    def checkpoint(self, upto: int) -> list[int]:
+        """Every copy has made every op up to ``upto`` durable (and this one its own writes):
+        queue a CHECKPOINT so the replicas clear what those ops dirtied, and clear it here; the
+        regions cleared here."""
+        self._append(_Op(MsgType.CHECKPOINT, upto, None, 0, self.clock()))
+        sticky = self.sticky or frozenset()
+        done = [r for r, index in self.touched.items() if index <= upto]
+        for region in done:
+            del self.touched[region]
+        cleared = [r for r in done if r not in sticky]
+        if self.dirty_map is not None:
+            self.dirty_map.clear(cleared)
+        return cleared
+
+    def _detach(self, replica: _Replica) -> None:
+        """A syncing replica holds the log full: skip it to the end (its resync starts over; every
+        op skipped is in this copy's dirty map) so the writers go on."""
+        log.warning(
+            "syncing replica fell behind: resync starts over",
+            volume_id=self.volume_id,
+            replica=replica.node_id,
+            applied=replica.applied,
+            last=self.last,
+        )
+        replica.applied = replica.durable = replica.sent = self.last
+        replica.rebase = True
+        replica.generation += 1
+        self._changed(replica)
+        if replica.link is not None:
+            replica.link.close()
+            replica.link = None
+        replica.stream = None
+        self._connect(replica)
+
+    @staticmethod
+    def _changed(replica: _Replica) -> None:
+        if replica.changed is not None:
+            replica.changed.set()
+
+    def on_dirty_report(self, node: str, stream: PrimaryStream, report: protocol.DirtyReport) -> None:
+        replica = self.replicas.get(node)
+        if replica is None or replica.stream is not stream:
+            return
+        replica.dirty_report = report
+        self._changed(replica)
+
     def stand_down(self) -> None:
         """No longer this volume's primary (demoted or released): stop forwarding, forget the log,
         fail the waiting operations (the LU no longer answers them GOOD anyway); a later
         ``configure`` starts afresh."""
         for replica in self.replicas.values():
+            self._changed(replica)
             if replica.link is not None:
                 replica.link.close()
         self.replicas.clear()
         self.epoch = None
+        self.touched.clear()
+        self.sticky = None
+        self.complete = False
         self._ops.clear()
         self._log_bytes = 0
         self._first = self.last + 1
+        self._stood_down = True
         self._fail_waiters("this node is no longer the volume's primary")
 
     def replica_states(self, now: float) -> tuple[ReplicaState, ...]:
-        """Each target as this primary reports it: IN_SYNC while it keeps up, FAILED once lagging."""
+        """Each target as this primary reports it: IN_SYNC while it keeps up, FAILED once lagging;
+        a syncing copy SYNCING (with its progress) until resynced."""
         self.check(now)
-        return tuple(
-            ReplicaState(r.node_id, SyncState.FAILED if r.lagging else SyncState.IN_SYNC, 0)
-            for r in self.replicas.values()
-        )
+        return tuple(_state(r) for r in self.replicas.values())
 
     def check(self, now: float) -> bool:
         """Mark replicas whose oldest unacknowledged op is ``ack_timeout`` old as lagging; True
         (and ``on_lagging`` called) if one newly is."""
         newly = False
         for replica in self.replicas.values():
+            if replica.syncing and not replica.resynced:
+                continue
             if replica.lagging:
+                if replica.syncing and now - replica.lagging_at >= self.hold_timeout:
+                    # Resynced, not added back, and not keeping up: syncing again, not waited for.
+                    replica.resynced = replica.lagging = False
+                    replica.generation += 1
+                    self._changed(replica)
+                    if self.on_syncing is not None:
+                        self.on_syncing(self, replica.node_id)
                 continue
             since = self._oldest_pending(replica)
             if since is not None and now - since >= self.ack_timeout:
                 replica.lagging = True
+                replica.lagging_at = now
                 newly = True
                 log.warning(
                     "replica lagging",
@@ -290,7 +506,11 @@ class ReplicatedStore:
     def deadline(self) -> float | None:
         """When the next replica would turn lagging unless ACKs arrive (None: nothing pending)."""
         times = [
-            t for r in self.replicas.values() if not r.lagging and (t := self._oldest_pending(r)) is not None
+            t
+            for r in self.replicas.values()
+            if not r.lagging
+            and (r.resynced or not r.syncing)
+            and (t := self._oldest_pending(r)) is not None
         ]
         return min(times) + self.ack_timeout if times else None
 
@@ -305,10 +525,18 @@ class ReplicatedStore:
             replica.applied = applied
         if acked.durable_seq > 0:
             replica.durable = max(replica.durable, replica.base + acked.durable_seq)
+        if replica.syncing:
+            self._changed(replica)
         self._progress()
 
     def on_link_lost(
-        self, node: str, stream: PrimaryStream, reason: str, *, ahead: int | None = None
+        self,
+        node: str,
+        stream: PrimaryStream,
+        reason: str,
+        *,
+        ahead: int | None = None,
+        gap: int | None = None,
     ) -> None:
         """The stream ended; ``ahead``: the replica refused it as a REPEAT, having applied that
         seq of this epoch. Ops of ours: it has them. More than this process sent in the epoch
@@ -318,7 +546,16 @@ class ReplicatedStore:
         replica = self.replicas.get(node)
         if replica is None or replica.stream is not stream or self.closed:
             return
-        if ahead is not None and replica.based:
+        position = ahead if ahead is not None else gap
+        if replica.syncing and position is not None and (replica.rebase or gap is not None):
+            # Skipped ops, or the replica lost its position (restarted): go on from its seq; the
+            # resync starts over (what it lacks is in the dirty maps).
+            replica.base = replica.applied - position
+            replica.rebase = False
+            if gap is not None:
+                replica.generation += 1
+                self._changed(replica)
+        elif ahead is not None and replica.based:
             if replica.base + ahead <= replica.sent_high:
                 replica.applied = max(replica.applied, replica.base + ahead)
             else:
@@ -328,7 +565,8 @@ class ReplicatedStore:
         replica.stream = None
         replica.backing_off = True
         loop = asyncio.get_running_loop()
-        loop.call_later(RECONNECT_DELAY, self._reconnect, node)
+        delay = SYNCING_RECONNECT_DELAY if replica.syncing and not replica.resynced else RECONNECT_DELAY
+        loop.call_later(delay, self._reconnect, node)
 
     def _reconnect(self, node: str) -> None:
         replica = self.replicas.get(node)
@@ -347,7 +585,7 @@ class ReplicatedStore:
         replica.stream = None
         if replica.portal is None or self.epoch is None or self.open_link is None:
             return  # waited for until the master knows its portal or drops it
-        if self._oldest_pending(replica) is None:
+        if self._oldest_pending(replica) is None and not replica.syncing:
             return  # lazily: the first op to send opens the stream
         if not replica.based:
             # The epoch's first stream: seq 1 is the first op the replica has not acknowledged,
@@ -367,7 +605,10 @@ class ReplicatedStore:
             self.node_id,
             first_seq=replica.sent - replica.base + 1,
             ack_timeout=self.ack_timeout,
+            report_dirty=replica.syncing,
+            session=self.session,
         )
+        replica.dirty_report = None
         replica.stream = stream
         replica.link = self.open_link(self, replica.node_id, replica.portal, stream)
 
@@ -383,6 +624,9 @@ class ReplicatedStore:
         self._ops.append(op)
         self._log_bytes += op.length if op.data is not None else 0
         self.last += 1
+        if self.dirty_map is not None and op.only is None and op.kind in _WRITES:
+            for region in region_span(op.offset, op.length):
+                self.touched[region] = self.last
         for replica in self.replicas.values():
             if replica.link is None and not replica.backing_off:
                 self._connect(replica)
@@ -397,11 +641,16 @@ class ReplicatedStore:
         now = self.clock()
         while replica.sent < self.last:
             op = self._ops[replica.sent + 1 - self._first]
-            size = op.length if op.data is not None else 0
+            other = op.only is not None and op.only != replica.node_id
+            size = op.length if op.data is not None and not other else 0
             if not stream.can_send(size):
                 return
             try:
-                if op.kind is MsgType.WRITE:
+                if other:
+                    _, data = stream.nop(now)
+                elif op.kind is MsgType.CHECKPOINT:
+                    _, data = stream.checkpoint(op.offset - replica.base, now)
+                elif op.kind is MsgType.WRITE:
                     assert op.data is not None
                     _, data = stream.write(op.offset, op.data, now)
                 elif op.kind is MsgType.UNMAP:
@@ -427,9 +676,10 @@ class ReplicatedStore:
         return None
 
     def _waited_for(self) -> tuple[int, int]:
-        """The highest op index every target the writers wait for has applied, and has made
-        durable (``last`` with no target): the one rule of :meth:`_done` and :meth:`_progress`."""
-        replicas = self.replicas.values()
+        """The highest op index every target the writers wait for (not a copy still syncing) has
+        applied, and has made durable (``last`` with no target): the one rule of :meth:`_done` and
+        :meth:`_progress`."""
+        replicas = [r for r in self.replicas.values() if not (r.syncing and not r.resynced)]
         return (
             min((r.applied for r in replicas), default=self.last),
             min((r.durable for r in replicas), default=self.last),
@@ -483,6 +733,12 @@ class ReplicatedStore:
     async def _room(self, size: int) -> None:
         size = min(size, LOG_BYTES)
         started = self.clock()
+        if not self._has_room(size):
+            floor = min((r.applied for r in self.replicas.values() if not r.syncing), default=self.last)
+            for replica in list(self.replicas.values()):
+                if replica.syncing and not replica.resynced and replica.applied < floor:
+                    self._detach(replica)
+            self._progress()
         while not self._has_room(size):
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._room_waiters.append(future)
@@ -492,6 +748,8 @@ class ReplicatedStore:
     async def _wait(self, index: int, *, durable: bool) -> None:
         if self._done(index, durable):
             return
+        if self._stood_down:
+            raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         waiters = self._joinable.get(durable)
@@ -564,6 +822,18 @@ class ReplicatedStore:
         self._joinable.clear()
 
 
+_WRITES = frozenset({MsgType.WRITE, MsgType.UNMAP})
+
+
+def _state(replica: _Replica) -> ReplicaState:
+    if replica.lagging:
+        return ReplicaState(replica.node_id, SyncState.FAILED, 0)
+    if replica.syncing and not replica.resynced:
+        done, total = replica.progress
+        return ReplicaState(replica.node_id, SyncState.SYNCING, 0, done, total)
+    return ReplicaState(replica.node_id, SyncState.IN_SYNC, 0)
+
+
 # -- the network side ------------------------------------------------------------------------------
 
 
@@ -629,6 +899,7 @@ class ChannelLink:
     async def _run(self) -> None:
         reason = "closed"
         ahead: int | None = None
+        gap: int | None = None
         try:
             host, _, port = self.portal.rpartition(":")
             reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
@@ -663,17 +934,22 @@ class ChannelLink:
             reason = f"{type(e).__name__}: {e}"
             if e.remote and e.code is protocol.ErrorCode.REPEAT and e.seq is not None:
                 ahead = e.seq
+            if e.remote and e.code is protocol.ErrorCode.GAP and e.seq is not None:
+                gap = e.seq
         except Exception as e:  # any end of the connection: the store reconnects
             reason = f"{type(e).__name__}: {e}"
         finally:
             if self.writer is not None:
                 self.writer.transport.abort()
         if not self._closed:
-            self.store.on_link_lost(self.node, self.stream, reason, ahead=ahead)
+            self.store.on_link_lost(self.node, self.stream, reason, ahead=ahead, gap=gap)
 
     def _acks(self, data: bytes) -> None:
         for acked in self.stream.feed(data):
-            self.store.on_acked(self.node, self.stream, acked)
+            if isinstance(acked, Acked):
+                self.store.on_acked(self.node, self.stream, acked)
+            else:
+                self.store.on_dirty_report(self.node, self.stream, acked)
 
 
 class Forwarding:
@@ -689,8 +965,17 @@ class Forwarding:
         ack_timeout: float = protocol.DEFAULT_ACK_TIMEOUT,
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
         clock: Callable[[], float],
+        resync_rate: int = DEFAULT_RESYNC_RATE,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.node_id = node_id
+        #: The LU's range lock of a volume (NodeVolumes sets it): a region copy's ordering point.
+        self.lock_for: LockFor = lambda volume_id: None
+        self.bucket = TokenBucket(resync_rate, clock())
+        self.resync_metrics = ResyncMetrics(registry)
+        self.dirty: dict[str, DirtyMap | None] = {}
+        self.resyncs: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._checkpoints: asyncio.Task[None] | None = None
         self.secret = secret
         self.ack_timeout = ack_timeout
         self.hold_timeout = hold_timeout
@@ -700,7 +985,9 @@ class Forwarding:
         self.on_lagging: Callable[[], None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
-    def wrap(self, volume_id: str, inner: BlockStore) -> BlockStore:
+    def wrap(self, volume_id: str, inner: BlockStore, *, dirty: DirtyMap | None = None) -> BlockStore:
+        """``inner``: the local store (marking ``dirty``, this copy's dirty map, before writing)."""
+        self.dirty[volume_id] = dirty
         store = ReplicatedStore(
             inner,
             volume_id,
@@ -710,13 +997,22 @@ class Forwarding:
             ack_timeout=self.ack_timeout,
             hold_timeout=self.hold_timeout,
             on_lagging=self._lagging,
+            on_syncing=self._resync,
         )
+        store.dirty_map = dirty
         self.stores[volume_id] = store
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="forward-lag")
+        if self._checkpoints is None:
+            self._checkpoints = asyncio.get_running_loop().create_task(
+                self._checkpoint_loop(), name="checkpoints"
+            )
         return store
 
     def forget(self, volume_id: str) -> None:
+        for key in [k for k in self.resyncs if k[0] == volume_id]:
+            self.resyncs.pop(key).cancel()
+        self.dirty.pop(volume_id, None)
         store = self.stores.pop(volume_id, None)
         if store is not None:
             for replica in store.replicas.values():
@@ -724,13 +1020,66 @@ class Forwarding:
                     replica.link.close()
             store._fail_waiters("the volume is no longer served here")
 
-    def retarget(self, targets: Mapping[str, tuple[int, Sequence[tuple[str, str | None]]]]) -> None:
+    def retarget(
+        self,
+        targets: Mapping[
+            str, tuple[int, Sequence[tuple[str, str | None]], Sequence[tuple[str, str]], bool]
+        ],
+    ) -> None:
         """``targets``: for each volume this node serves as persisted primary, (epoch, in-sync
-        replicas). Volumes not named are left as they are (not yet persisted: writes keep waiting)."""
-        for volume_id, (epoch, replicas) in targets.items():
+        replicas, copies to resync, whether every copy is in sync). Volumes not named are left as
+        they are (not yet persisted: writes keep waiting)."""
+        for volume_id, (epoch, replicas, syncing, complete) in targets.items():
             store = self.stores.get(volume_id)
             if store is not None:
-                store.configure(epoch, replicas)
+                store.configure(epoch, replicas, syncing, complete=complete)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            for store in list(self.stores.values()):
+                lock = self.lock_for(store.volume_id)
+                if lock is None or not store.checkpoint_due():
+                    continue
+                try:
+                    await checkpoint_round(store, lock)
+                except Exception:
+                    log.exception("checkpoint failed", volume_id=store.volume_id)
+
+    def _resync(self, store: ReplicatedStore, node: str) -> None:
+        """Start the resync of ``node`` (sparrow/node/resync.py) unless one runs."""
+        key = (store.volume_id, node)
+        running = self.resyncs.get(key)
+        if running is not None and not running.done():
+            return
+        resync = Resync(
+            store,
+            node,
+            dirty=self.dirty.get(store.volume_id),
+            lock_for=self.lock_for,
+            bucket=self.bucket,
+            metrics=self.resync_metrics,
+            clock=self.clock,
+        )
+        task = asyncio.get_running_loop().create_task(self._run_resync(resync), name=f"resync-{node}")
+        self.resyncs[key] = task
+
+    async def _run_resync(self, resync: Resync) -> None:
+        try:
+            await resync.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("resync failed", volume_id=resync.store.volume_id, replica=resync.node)
+        finally:
+            # A resync that ended while its copy still syncs (a new generation) starts again.
+            replica = resync.store.syncing_replica(resync.node)
+            key = (resync.store.volume_id, resync.node)
+            if self.resyncs.get(key) is asyncio.current_task():
+                del self.resyncs[key]
+            if replica is not None and not replica.resynced and not resync.store.closed:
+                loop = asyncio.get_running_loop()
+                loop.call_later(RECONNECT_DELAY, self._resync, resync.store, resync.node)
 
     def stand_down(self, volume_ids: Iterable[str]) -> None:
         """These volumes are held here but not as primary: no forwarding (see ReplicatedStore)."""
@@ -743,6 +1092,14 @@ class Forwarding:
         return {vid: s.replica_states(now) for vid, s in self.stores.items() if s.replicas}
 
     async def close(self) -> None:
+        for task in list(self.resyncs.values()):
+            task.cancel()
+        self.resyncs.clear()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
+            self._checkpoints = None
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -52,7 +52,9 @@ from sparrow.node.convergence import NodeVolumes
 from sparrow.replication.protocol import (
     MAX_MESSAGE,
     Apply,
+    ApplyCheckpoint,
     ApplyFlush,
+    ApplyNop,
     ApplyUnmap,
     ApplyWrite,
     ApplyWriteSame,
@@ -63,8 +65,10 @@ from sparrow.replication.protocol import (
     ReplicaStream,
     ReplicationError,
     VolumeView,
+    dirty_report,
 )
 from store.blockstore import BlockStore, InlineWrites, StoreError
+from store.dirtymap import REGION_SIZE, DirtyBitmap, DirtyMap, region_span, regions_for
 
 log = structlog.get_logger("sparrow.node.replication")
 
@@ -88,6 +92,8 @@ CHUNK = 1 << 20
 REFUSE_LINGER = 1.0
 
 StoreFor = Callable[[str], BlockStore | None]
+#: The volume's dirty map on this node (None: unknown, reported as every region dirty).
+DirtyFor = Callable[[str], DirtyMap | None]
 
 
 async def start_replica_server(
@@ -103,7 +109,12 @@ async def start_replica_server(
     lookup, store_for = node_lookup(state, volumes)
     loop = asyncio.get_running_loop()
     server = ReplicaServer(
-        secret=secret, lookup=lookup, store_for=store_for, clock=loop.time, registry=registry
+        secret=secret,
+        lookup=lookup,
+        store_for=store_for,
+        clock=loop.time,
+        registry=registry,
+        dirty_for=volumes.dirty_map,
     )
     await server.start(host, port)
     return server
@@ -123,6 +134,10 @@ def node_lookup(state: NodeState, volumes: NodeVolumes) -> tuple[Lookup, StoreFo
         return VolumeView(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_)
 
     def store_for(volume_id: str) -> BlockStore | None:
+        # The store that marks the dirty map before each write (the volume's own if it has none).
+        tracked = volumes.marking_store(volume_id)
+        if tracked is not None:
+            return tracked
         volume = volumes.find(volume_id)
         return None if volume is None else volume.store
 
@@ -162,8 +177,15 @@ class ReplicaServer:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         max_unapplied_bytes: int = DEFAULT_MAX_UNAPPLIED_BYTES,
         max_unapplied: int = DEFAULT_MAX_UNAPPLIED,
+        dirty_for: DirtyFor | None = None,
     ) -> None:
         self.secret = secret
+        self.dirty_for = dirty_for
+        #: Per volume, for the primary session streaming to it (docs/replication.md, "Clearing"):
+        #: the session, the (epoch, seq) that last wrote each region, and the regions already
+        #: dirty when the session's first stream opened (never cleared by its checkpoints).
+        self.touched: dict[str, tuple[int, dict[int, tuple[int, int]]]] = {}
+        self.sticky: dict[str, set[int]] = {}
         self.lookup = lookup
         self.store_for = store_for
         self.clock = clock
@@ -241,6 +263,8 @@ class ReplicaConnection(asyncio.Protocol):
         self._writing_paused_since: float | None = None
         self._message_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: The primary session of this connection's stream (set at OPEN).
+        self._session: int | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -285,6 +309,7 @@ class ReplicaConnection(asyncio.Protocol):
                 else:
                     for applied in self.stream.feed(event.data):
                         if isinstance(applied, Opened):
+                            self._track(applied.volume_id, applied.session)
                             self._opened = True
                             self._left_handshake()
                             log.info(
@@ -296,6 +321,9 @@ class ReplicaConnection(asyncio.Protocol):
                                 first_seq=self.stream.next_seq,
                             )
                             self._write(self.channel.send(applied.ack))
+                            if applied.report_dirty:
+                                for message in self._dirty_report(applied.volume_id, applied.epoch):
+                                    self._write(self.channel.send(message))
                         else:
                             self._queue.append(applied)
                             self._wakeup.set()
@@ -335,6 +363,62 @@ class ReplicaConnection(asyncio.Protocol):
         self._writing_paused_since = None
         self._flow()
         self._arm()
+
+    def _track(self, volume_id: str, session: int) -> None:
+        """A stream of ``session`` opened: a new session forgets what the earlier one wrote (its
+        bits stay set) and takes the bits set now as sticky."""
+        self._session = session
+        held = self.server.touched.get(volume_id)
+        if held is not None and held[0] == session:
+            return
+        dirty = None if self.server.dirty_for is None else self.server.dirty_for(volume_id)
+        self.server.touched[volume_id] = (session, {})
+        self.server.sticky[volume_id] = set(dirty.bits) if dirty is not None else set()
+
+    def _touch(self, apply: Apply) -> None:
+        """Record the regions ``apply`` wrote, or clear the ones a checkpoint covers."""
+        volume_id = self.stream.volume_id
+        held = None if volume_id is None else self.server.touched.get(volume_id)
+        if volume_id is None or held is None or held[0] != self._session:
+            return  # another session took over: this stream's writes stay dirty
+        touched, epoch = held[1], self.stream.epoch
+        if isinstance(apply, ApplyWrite | ApplyUnmap | ApplyWriteSame):
+            length = len(apply.data) if isinstance(apply, ApplyWrite) else apply.length
+            for region in region_span(apply.offset, length):
+                touched[region] = (epoch, apply.seq)
+            if isinstance(apply, ApplyWrite) and apply.offset % REGION_SIZE == 0:
+                # A whole region written (a resync's copy): it holds what the primary holds.
+                view = self.server.lookup(volume_id)
+                if length == REGION_SIZE or (view is not None and apply.offset + length >= view.size):
+                    self.server.sticky.get(volume_id, set()).discard(apply.offset // REGION_SIZE)
+        elif isinstance(apply, ApplyCheckpoint):
+            sticky = self.server.sticky.get(volume_id, set())
+            done = [r for r, at in touched.items() if at <= (epoch, apply.upto)]
+            for region in done:
+                del touched[region]
+            dirty = self.server.dirty_for(volume_id) if self.server.dirty_for is not None else None
+            if dirty is not None:
+                dirty.clear(r for r in done if r not in sticky)
+
+    async def _sync_dirty(self, volume_id: str | None) -> None:
+        """Write the cleared bits now (once per checkpoint), so a restart copies less."""
+        dirty_for = self.server.dirty_for
+        dirty = None if dirty_for is None or volume_id is None else dirty_for(volume_id)
+        if dirty is not None:
+            try:
+                await dirty.sync()
+            except StoreError as e:
+                log.warning("dirty map not written", volume_id=volume_id, error=str(e))
+
+    def _dirty_report(self, volume_id: str, epoch: int) -> list[bytes]:
+        """This copy's dirty map, as DIRTY messages (every region dirty when there is none)."""
+        dirty = None if self.server.dirty_for is None else self.server.dirty_for(volume_id)
+        if dirty is None:
+            view = self.server.lookup(volume_id)
+            bits = DirtyBitmap(regions_for(view.size if view is not None else 1), dirty=True)
+        else:
+            bits = dirty.bits
+        return dirty_report(volume_id, epoch, self.stream.applied_seq, bits.regions, bits.to_bytes())
 
     # -- flow control and deadlines -------------------------------------------------------------------
 
@@ -461,7 +545,10 @@ class ReplicaConnection(asyncio.Protocol):
             try:
                 if inline is not None and isinstance(apply, ApplyWrite) and not apply.fua:
                     run = self._contiguous(apply, ACK_EVERY - applied)
+                    # A marking store writes inline only into regions already durably dirty.
                     if inline.write_inline(apply.offset, [a.data for a in run]):
+                        for written in run:
+                            self._touch(written)
                         seq = run[-1].seq
                         applied += len(run)
                         payload += sum(len(a.data) for a in run)
@@ -477,10 +564,14 @@ class ReplicaConnection(asyncio.Protocol):
                 )  # fmt: skip
                 self.refuse("apply_failed", str(e))
                 return False
+            self._touch(apply)
             seq = apply.seq
             applied += 1
             if isinstance(apply, ApplyWrite):
                 payload += len(apply.data)
+            if isinstance(apply, ApplyCheckpoint):
+                await self._sync_dirty(self.stream.volume_id)
+                break  # the cleared bits written: ACK what came before
         if not applied:
             return self.closed_reason is None
         ack = self.stream.done(seq, durable=durable)
@@ -520,6 +611,8 @@ class ReplicaConnection(asyncio.Protocol):
         if isinstance(apply, ApplyFlush):
             await store.flush()
             return True
+        if isinstance(apply, ApplyNop | ApplyCheckpoint):
+            return False
         if isinstance(apply, ApplyUnmap) and store.supports_unmap:
             await store.unmap(apply.offset, apply.length)
             return False

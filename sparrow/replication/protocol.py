@@ -18,7 +18,9 @@ bound is a :class:`ReplicationError` carrying its wire :class:`ErrorCode`.
 ===========  =====================  =========================================================
 type         fixed body             payload
 ===========  =====================  =========================================================
-OPEN         (none)                 the primary's node id (ASCII); ``seq`` is the first seq
+OPEN         session u64            the primary's node id (ASCII); ``seq`` is the first seq;
+                                    flag REPORT_DIRTY: answer with the replica's dirty map;
+                                    ``session``: the primary process's random id
 WRITE        offset u64             the data (1 .. MAX_PAYLOAD bytes); flag FUA
 UNMAP        offset u64, len u32    (none)
 WRITE_SAME   offset u64, len u32    one logical block (512 or 4096 bytes)
@@ -26,11 +28,22 @@ FLUSH        (none)                 (none)
 ACK          durable u64            (none); ``seq`` is the highest seq applied
 REFUSE       code u8                the reason, UTF-8, at most MAX_REASON bytes; ``seq``: the
                                     replica's applied seq for that volume and epoch
+DIRTY        offset u32, regions    a slice (from byte ``offset``) of the replica's dirty-region
+             u32                    bitmap of ``regions`` bits; flag LAST on the final slice
+NOP          (none)                 (none): applied as nothing (a region copy meant for another
+                                    replica keeps every stream's seqs equal)
+CHECKPOINT   upto u64               (none): every copy is in sync and has made every op up to
+                                    seq ``upto`` durable: clear the dirty bits written by them
 ===========  =====================  =========================================================
 
-Primary to replica: OPEN, then WRITE / UNMAP / WRITE_SAME / FLUSH numbered ``first_seq``,
+Version 2 added DIRTY, NOP, CHECKPOINT and the OPEN's REPORT_DIRTY flag (resync,
+docs/replication.md).
+===========  =====================  =========================================================
+
+Primary to replica: OPEN, then WRITE / UNMAP / WRITE_SAME / FLUSH / NOP numbered ``first_seq``,
 ``first_seq + 1``, ... Replica to primary: ACK (the answer to OPEN, then after every applied
-message), or REFUSE and the connection closes. Seqs are per (volume, epoch) and only grow.
+message), or REFUSE and the connection closes; after the OPEN's ACK, the DIRTY slices if the
+OPEN asked for them. Seqs are per (volume, epoch) and only grow.
 
 Payloads are not copied on decode: a :class:`Write`'s ``data`` is a ``memoryview`` of the bytes fed
 in when the whole message arrived in one piece (the usual case: one record per message).
@@ -48,7 +61,7 @@ from typing import NoReturn, TypeAlias
 from frontend.constructors import positional_constructor
 from sparrow.cluster.messages import NODE_ID_PATTERN, VOLUME_ID_PATTERN, Role
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">BBBBI16sQQ")
 #: The largest payload of one message (a WRITE's data); larger writes are sent as several WRITEs.
 MAX_PAYLOAD = 1 << 20
@@ -58,6 +71,12 @@ MAX_REASON = 512
 MAX_UINT63 = 2**63 - 1
 BLOCK_SIZES = frozenset({512, 4096})
 FLAG_FUA = 0x01
+#: On OPEN: the replica answers with its dirty-region bitmap (DIRTY messages) after the ACK.
+FLAG_REPORT_DIRTY = 0x01
+#: On DIRTY: the last slice of the bitmap.
+FLAG_LAST = 0x01
+#: The most regions a dirty map has (``store.dirtymap.MAX_REGIONS``: 16 TiB of 1 MiB regions).
+MAX_DIRTY_REGIONS = 1 << 24
 #: The default ack timeout (issue 8: a replica that does not acknowledge within it is lagging).
 DEFAULT_ACK_TIMEOUT = 2.0
 #: The default window: messages and payload bytes sent and not yet acknowledged.
@@ -73,6 +92,9 @@ class MsgType(enum.IntEnum):
     FLUSH = 5
     ACK = 6
     REFUSE = 7
+    DIRTY = 8
+    NOP = 9
+    CHECKPOINT = 10
 
 
 _RANGE = struct.Struct(">QI")
@@ -81,15 +103,19 @@ _U8 = struct.Struct(">B")
 #: The header and a u64 body in one: a WRITE's (offset) and an ACK's (durable seq), packed directly
 #: on the hot paths (the same bytes as ``encode``).
 _HEADER_U64 = struct.Struct(HEADER.format + "Q")
+_SLICE = struct.Struct(">II")
 #: Per type: the fixed body, the payload bounds (min, max) and the flags it may carry.
 _LAYOUT: Mapping[MsgType, tuple[struct.Struct | None, int, int, int]] = {
-    MsgType.OPEN: (None, 1, 63, 0),
+    MsgType.OPEN: (_U64, 1, 63, FLAG_REPORT_DIRTY),
     MsgType.WRITE: (_U64, 1, MAX_PAYLOAD, FLAG_FUA),
     MsgType.UNMAP: (_RANGE, 0, 0, 0),
     MsgType.WRITE_SAME: (_RANGE, 512, 4096, 0),
     MsgType.FLUSH: (None, 0, 0, 0),
     MsgType.ACK: (_U64, 0, 0, 0),
     MsgType.REFUSE: (_U8, 0, MAX_REASON, 0),
+    MsgType.DIRTY: (_SLICE, 0, MAX_PAYLOAD, FLAG_LAST),
+    MsgType.NOP: (None, 0, 0, 0),
+    MsgType.CHECKPOINT: (_U64, 0, 0, 0),
 }
 _MSG_TYPES: Mapping[int, MsgType] = {int(t): t for t in MsgType}
 #: Per type: the least and the most bytes after the header (fixed body and payload).
@@ -184,9 +210,16 @@ class Open:
     epoch: int
     first_seq: int
     primary: str
+    #: Ask the replica for its dirty-region bitmap (a copy being resynced).
+    report_dirty: bool = False
+    #: The primary process's id (random, below 2**63): a replica clears dirty bits on a
+    #: CHECKPOINT only for what it applied from this session.
+    session: int = 0
 
     def __post_init__(self) -> None:
         _check_ids(self.volume_id, self.epoch, self.first_seq)
+        if not 0 <= self.session <= MAX_UINT63:
+            _fail(ErrorCode.MALFORMED, f"session {self.session} out of range")
         if self.first_seq < 1:
             _fail(ErrorCode.MALFORMED, "first seq must be at least 1")
         if not isinstance(self.primary, str) or not NODE_ID_PATTERN.fullmatch(self.primary):
@@ -289,8 +322,76 @@ class Refuse:
             _fail(ErrorCode.MALFORMED, f"refusal reason longer than {MAX_REASON} bytes")
 
 
-Operation: TypeAlias = Write | Unmap | WriteSame | Flush
-Message: TypeAlias = Open | Write | Unmap | WriteSame | Flush | Ack | Refuse
+@dataclass(frozen=True, slots=True)
+class Nop:
+    """Primary -> replica: an operation that changes nothing (it keeps the seqs of every stream of
+    the volume equal when a region copy goes to one replica only)."""
+
+    volume_id: str
+    epoch: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Dirty:
+    """Replica -> primary, after the ACK of an OPEN with REPORT_DIRTY: bytes ``offset`` ..
+    ``offset + len(bitmap)`` of its dirty-region bitmap of ``regions`` bits (``last``: the final
+    slice). ``seq`` is the replica's applied seq."""
+
+    volume_id: str
+    epoch: int
+    seq: int
+    offset: int
+    regions: int
+    bitmap: bytes | memoryview = field(repr=False)
+    last: bool
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        if not 1 <= self.regions <= MAX_DIRTY_REGIONS:
+            _fail(ErrorCode.MALFORMED, f"dirty map of {self.regions} regions (1 .. {MAX_DIRTY_REGIONS})")
+        size = -(-self.regions // 8)
+        if not 0 <= self.offset <= size or self.offset + len(self.bitmap) > size:
+            _fail(ErrorCode.MALFORMED, f"dirty slice of {len(self.bitmap)} bytes at {self.offset} of {size}")
+        if self.last and self.offset + len(self.bitmap) != size:
+            _fail(ErrorCode.MALFORMED, "the last dirty slice does not end the bitmap")
+
+
+def dirty_report(volume_id: str, epoch: int, seq: int, regions: int, bitmap: bytes) -> list[bytes]:
+    """The DIRTY messages carrying ``bitmap`` (``regions`` bits), in slices of at most
+    MAX_PAYLOAD bytes."""
+    out = []
+    offset = 0
+    while True:
+        chunk = bitmap[offset : offset + MAX_PAYLOAD]
+        last = offset + len(chunk) >= len(bitmap)
+        out.append(encode(Dirty(volume_id, epoch, seq, offset, regions, chunk, last)))
+        if last:
+            return out
+        offset += len(chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Primary -> replica: every copy of the volume is in sync and has made every op up to seq
+    ``upto`` (< ``seq``) durable; the replica may clear the dirty bits only those ops set."""
+
+    volume_id: str
+    epoch: int
+    seq: int
+    upto: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.volume_id, self.epoch, self.seq)
+        if not 0 <= self.upto < self.seq:
+            _fail(ErrorCode.MALFORMED, f"checkpoint up to {self.upto} at seq {self.seq}")
+
+
+Operation: TypeAlias = Write | Unmap | WriteSame | Flush | Nop | Checkpoint
+Message: TypeAlias = Open | Write | Unmap | WriteSame | Flush | Ack | Refuse | Dirty | Nop | Checkpoint
 _TYPE_OF: Mapping[type, MsgType] = {
     Open: MsgType.OPEN,
     Write: MsgType.WRITE,
@@ -299,6 +400,9 @@ _TYPE_OF: Mapping[type, MsgType] = {
     Flush: MsgType.FLUSH,
     Ack: MsgType.ACK,
     Refuse: MsgType.REFUSE,
+    Dirty: MsgType.DIRTY,
+    Nop: MsgType.NOP,
+    Checkpoint: MsgType.CHECKPOINT,
 }
 
 
@@ -326,7 +430,8 @@ def encode_parts(message: Message) -> tuple[bytes, bytes | memoryview]:
     body = b""
     seq: int
     if isinstance(message, Open):
-        seq, payload = message.first_seq, message.primary.encode("ascii")
+        seq, body, payload = message.first_seq, _U64.pack(message.session), message.primary.encode("ascii")
+        flags = FLAG_REPORT_DIRTY if message.report_dirty else 0
     elif isinstance(message, Write):
         seq, body, payload = message.seq, _U64.pack(message.offset), message.data
         flags = FLAG_FUA if message.fua else 0
@@ -334,8 +439,13 @@ def encode_parts(message: Message) -> tuple[bytes, bytes | memoryview]:
         seq, body = message.seq, _RANGE.pack(message.offset, message.length)
     elif isinstance(message, WriteSame):
         seq, body, payload = message.seq, _RANGE.pack(message.offset, message.length), message.pattern
-    elif isinstance(message, Flush):
+    elif isinstance(message, Flush | Nop):
         seq = message.seq
+    elif isinstance(message, Checkpoint):
+        seq, body = message.seq, _U64.pack(message.upto)
+    elif isinstance(message, Dirty):
+        seq, body, payload = message.seq, _SLICE.pack(message.offset, message.regions), message.bitmap
+        flags = FLAG_LAST if message.last else 0
     elif isinstance(message, Ack):
         seq, body = message.applied_seq, _U64.pack(message.durable_seq)
     else:
@@ -385,7 +495,8 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
             primary = bytes(payload).decode("ascii")
         except UnicodeDecodeError:
             _fail(ErrorCode.MALFORMED, "primary node id is not ASCII")
-        return Open(volume_id, epoch, seq, primary)
+        (session,) = _U64.unpack_from(body)
+        return Open(volume_id, epoch, seq, primary, bool(flags & FLAG_REPORT_DIRTY), session)
     if kind is MsgType.UNMAP:
         return Unmap(volume_id, epoch, seq, *_RANGE.unpack_from(body))
     if kind is MsgType.WRITE_SAME:
@@ -393,6 +504,14 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
         return WriteSame(volume_id, epoch, seq, offset, length, payload)
     if kind is MsgType.FLUSH:
         return Flush(volume_id, epoch, seq)
+    if kind is MsgType.NOP:
+        return Nop(volume_id, epoch, seq)
+    if kind is MsgType.CHECKPOINT:
+        (upto,) = _U64.unpack_from(body)
+        return Checkpoint(volume_id, epoch, seq, upto)
+    if kind is MsgType.DIRTY:
+        offset, regions = _SLICE.unpack_from(body)
+        return Dirty(volume_id, epoch, seq, offset, regions, payload, bool(flags & FLAG_LAST))
     (code,) = _U8.unpack_from(body)
     if code not in ErrorCode._value2member_map_:
         _fail(ErrorCode.MALFORMED, f"unknown refusal code {code}")
@@ -516,10 +635,23 @@ class ApplyFlush:
     seq: int
 
 
-Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush
+@dataclass(frozen=True, slots=True)
+class ApplyNop:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyCheckpoint:
+    """Clear the dirty bits set by this stream's ops up to seq ``upto`` (all durable everywhere)."""
+
+    seq: int
+    upto: int
+
+
+Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush | ApplyNop | ApplyCheckpoint
 _make_apply_write = positional_constructor(ApplyWrite)
 #: The replica's messages (never received by a replica).
-_REPLIES = (Ack, Refuse)
+_REPLIES = (Ack, Refuse, Dirty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +661,10 @@ class Opened:
     volume_id: str
     epoch: int
     ack: bytes
+    #: The OPEN asked for the replica's dirty map (send :func:`dirty_report` after ``ack``).
+    report_dirty: bool = False
+    #: The primary process's session id (the OPEN's).
+    session: int = 0
 
 
 ReplicaEvent: TypeAlias = Opened | Apply
@@ -552,6 +688,8 @@ REPLICA_TRANSITIONS: Mapping[tuple[ReplicaState, MsgType], ReplicaState] = {
     (ReplicaState.STREAMING, MsgType.UNMAP): ReplicaState.STREAMING,
     (ReplicaState.STREAMING, MsgType.WRITE_SAME): ReplicaState.STREAMING,
     (ReplicaState.STREAMING, MsgType.FLUSH): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.NOP): ReplicaState.STREAMING,
+    (ReplicaState.STREAMING, MsgType.CHECKPOINT): ReplicaState.STREAMING,
 }
 
 
@@ -726,7 +864,7 @@ class ReplicaStream:
         self._position = self.positions.claim(message.volume_id, message.epoch, self)
         self.volume_id, self.epoch, self.primary = message.volume_id, message.epoch, message.primary
         self.next_seq = message.first_seq
-        return Opened(message.volume_id, message.epoch, self._ack())
+        return Opened(message.volume_id, message.epoch, self._ack(), message.report_dirty, message.session)
 
     def _operation(self, message: Operation) -> Apply:
         assert self.volume_id is not None and self.primary is not None
@@ -742,7 +880,7 @@ class ReplicaStream:
         if message.seq < self.next_seq:
             _fail(ErrorCode.REPEAT, f"seq {message.seq}, expected {self.next_seq}")
         size = 0
-        if not isinstance(message, Flush):
+        if not isinstance(message, Flush | Nop | Checkpoint):
             bs = view.block_size
             length = len(message.data) if isinstance(message, Write) else message.length
             if message.offset % bs or length % bs or message.offset + length > view.size:
@@ -764,6 +902,10 @@ class ReplicaStream:
             apply = ApplyUnmap(message.seq, message.offset, message.length)
         elif isinstance(message, WriteSame):
             apply = ApplyWriteSame(message.seq, message.offset, message.length, message.pattern)
+        elif isinstance(message, Nop):
+            apply = ApplyNop(message.seq)
+        elif isinstance(message, Checkpoint):
+            apply = ApplyCheckpoint(message.seq, message.upto)
         else:
             apply = ApplyFlush(message.seq)
         self.next_seq += 1
@@ -815,6 +957,7 @@ class PrimaryInput(enum.Enum):
     SEND_OPERATION = "send_operation"
     RECV_ACK = "recv_ack"
     RECV_REFUSE = "recv_refuse"
+    RECV_DIRTY = "recv_dirty"
 
     __hash__ = object.__hash__  # as ReplicaState's
 
@@ -828,6 +971,7 @@ PRIMARY_TRANSITIONS: Mapping[tuple[PrimaryState, PrimaryInput], PrimaryState] = 
     (PrimaryState.STREAMING, PrimaryInput.SEND_OPERATION): PrimaryState.STREAMING,
     (PrimaryState.STREAMING, PrimaryInput.RECV_ACK): PrimaryState.STREAMING,
     (PrimaryState.STREAMING, PrimaryInput.RECV_REFUSE): PrimaryState.FAILED,
+    (PrimaryState.STREAMING, PrimaryInput.RECV_DIRTY): PrimaryState.STREAMING,
 }
 
 
@@ -847,6 +991,15 @@ class Acked:
 
     applied_seq: int
     durable_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyReport:
+    """The replica's dirty-region bitmap (all its DIRTY slices), answering an OPEN with
+    REPORT_DIRTY: ``regions`` bits in ``bitmap`` (``store.dirtymap.DirtyBitmap.from_bytes``)."""
+
+    regions: int
+    bitmap: bytes = field(repr=False)
 
 
 @dataclass(slots=True)
@@ -878,6 +1031,8 @@ class PrimaryStream:
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        report_dirty: bool = False,
+        session: int = 0,
     ) -> None:
         if window < 1 or window_bytes < MAX_PAYLOAD or not ack_timeout > 0:
             raise ValueError("window >= 1, window_bytes >= MAX_PAYLOAD and ack_timeout > 0 are required")
@@ -900,6 +1055,12 @@ class PrimaryStream:
         self._open_sent_at: float | None = None
         self._error: ReplicationError | None = None
         self._raw_id = bytes.fromhex(volume_id)
+        self.report_dirty = report_dirty
+        self.session = session
+        #: The DIRTY slices received so far (their bitmap bytes) and the region count they carry.
+        self._dirty = bytearray()
+        self._dirty_regions = 0
+        self._dirty_done = not report_dirty
 
     def _move(self, event: PrimaryInput) -> None:
         after = PRIMARY_TRANSITIONS.get((self.state, event))
@@ -914,7 +1075,9 @@ class PrimaryStream:
     def open(self, now: float) -> bytes:
         self._move(PrimaryInput.SEND_OPEN)
         self._open_sent_at = now
-        return encode(Open(self.volume_id, self.epoch, self.first_seq, self.primary))
+        return encode(
+            Open(self.volume_id, self.epoch, self.first_seq, self.primary, self.report_dirty, self.session)
+        )
 
     @property
     def in_flight(self) -> int:
@@ -982,22 +1145,55 @@ class PrimaryStream:
     def flush(self, now: float) -> tuple[int, bytes]:
         return self._send(lambda s: Flush(self.volume_id, self.epoch, s), 0, True, now)
 
+    def nop(self, now: float) -> tuple[int, bytes]:
+        return self._send(lambda s: Nop(self.volume_id, self.epoch, s), 0, False, now)
+
+    def checkpoint(self, upto: int, now: float) -> tuple[int, bytes]:
+        """A CHECKPOINT up to seq ``upto`` of this stream (clamped to what this stream numbered:
+        a stream that began after it has nothing of it to clear)."""
+        return self._send(
+            lambda s: Checkpoint(self.volume_id, self.epoch, s, max(0, min(upto, s - 1))), 0, False, now
+        )
+
     # -- receiving ---------------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[Acked]:
-        """Bytes from the replica -> the ACKs they complete, in order."""
+    def feed(self, data: bytes) -> list[Acked | DirtyReport]:
+        """Bytes from the replica -> the ACKs they complete, in order (and the replica's dirty
+        map once its last DIRTY slice is in, if the OPEN asked for it)."""
         if self._error is not None:
             raise self._error
-        events: list[Acked] = []
+        events: list[Acked | DirtyReport] = []
         try:
             self.decoder.feed(data)
             while (message := self.decoder.next_message()) is not None:
+                if isinstance(message, Dirty):
+                    report = self._dirty_slice(message)
+                    if report is not None:
+                        events.append(report)
+                    continue
                 events.append(self._receive(message))
         except ReplicationError as e:
             self._error = e
             self.state = PrimaryState.FAILED
             raise
         return events
+
+    def _dirty_slice(self, message: Dirty) -> DirtyReport | None:
+        if message.volume_id != self.volume_id or message.epoch != self.epoch:
+            _fail(ErrorCode.WRONG_STREAM, f"DIRTY for {message.volume_id} at epoch {message.epoch}")
+        if self._dirty_done:
+            _fail(ErrorCode.UNEXPECTED, "a DIRTY slice that was not asked for")
+        self._move(PrimaryInput.RECV_DIRTY)  # only after the OPEN's ACK
+        if message.offset != len(self._dirty) or (self._dirty and message.regions != self._dirty_regions):
+            _fail(ErrorCode.MALFORMED, f"DIRTY slice at {message.offset}, expected {len(self._dirty)}")
+        self._dirty_regions = message.regions
+        self._dirty += message.bitmap
+        if not message.last:
+            return None
+        self._dirty_done = True
+        report = DirtyReport(self._dirty_regions, bytes(self._dirty))
+        self._dirty = bytearray()
+        return report
 
     def _receive(self, message: Message) -> Acked:
         if isinstance(message, Refuse):

@@ -113,14 +113,19 @@ class Master(Proc):
 
 
 class Node(Proc):
-    def __init__(self, node_id: str, root: Path, master: str, timing: Timing) -> None:
+    def __init__(
+        self, node_id: str, root: Path, master: str, timing: Timing, extra_args: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(node_id, root)
         self.node_id = node_id
+        self.extra_args = extra_args
         self.timing = timing
         self.master = master  # the heartbeat address it is given (its proxy)
         self.iscsi_port = free_port()
         self.http_port = free_port()
         self.replication_port = free_port()
+        #: What the node tells the master others should dial for replication (None: its listener).
+        self.advertise_replication: str | None = None
 
     @property
     def portal(self) -> str:
@@ -142,6 +147,8 @@ class Node(Proc):
             "--fence-margin", str(self.timing.fence_margin),
             "--log-format", "json",
             "--cluster-secret-file", str(secret_file(self.root)),
+            *(("--advertise-replication", self.advertise_replication) if self.advertise_replication else ()),
+            *self.extra_args,
         ]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
@@ -169,19 +176,34 @@ class Node(Proc):
 
 
 class Cluster:
-    """A master and ``n`` nodes ``n1..nN``, each node's heartbeats through its own proxy."""
+    """A master and ``n`` nodes ``n1..nN``, each node's heartbeats through its own proxy; with
+    ``replication_proxies`` each node's replication listener too (``replication_proxy(node_id)``:
+    every replication connection *to* that node; the node advertises the proxy)."""
 
-    def __init__(self, root: Path, n: int, timing: Timing = TIMING) -> None:
+    def __init__(
+        self,
+        root: Path,
+        n: int,
+        timing: Timing = TIMING,
+        node_args: tuple[str, ...] = (),
+        *,
+        replication_proxies: bool = False,
+    ) -> None:
         self.root = root
         self.timing = timing
         self.master = Master(root, timing)
         self.proxies: dict[str, FaultProxy] = {}
+        self.replication_proxies: dict[str, FaultProxy] = {}
         self.nodes: dict[str, Node] = {}
         for i in range(1, n + 1):
             node_id = f"n{i}"
             proxy = FaultProxy(("127.0.0.1", self.master.listen_port)).start()
             self.proxies[node_id] = proxy
-            self.nodes[node_id] = Node(node_id, root, proxy.address, timing)
+            node = self.nodes[node_id] = Node(node_id, root, proxy.address, timing, node_args)
+            if replication_proxies:
+                inbound = FaultProxy(("127.0.0.1", node.replication_port)).start()
+                self.replication_proxies[node_id] = inbound
+                node.advertise_replication = inbound.address
 
     def start(self) -> Cluster:
         self.master.start()
@@ -201,12 +223,15 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     proc.kill9()
                     codes[proc.name] = -9
-        for proxy in self.proxies.values():
+        for proxy in [*self.proxies.values(), *self.replication_proxies.values()]:
             proxy.close()
         return codes
 
     def proxy(self, node_id: str) -> FaultProxy:
         return self.proxies[node_id]
+
+    def replication_proxy(self, node_id: str) -> FaultProxy:
+        return self.replication_proxies[node_id]
 
     def node(self, node_id: str) -> Node:
         return self.nodes[node_id]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from frontend.internal_errors import INTERNAL_ERROR_EVENT
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
 
@@ -18,15 +19,17 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     if d.proc is not None and d.proc.poll() is None:
         code = d.stop()
         assert code == 0, f"daemon exited {code} on SIGTERM:\n{d.log()}"
+    assert INTERNAL_ERROR_EVENT not in d.log(), f"the iSCSI core caught an internal error:\n{d.log()}"
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
-    """``make_cluster(n)``: a started master and ``n`` nodes; all SIGTERMed afterwards, exit 0."""
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(n, node_args=())``: a started master and ``n`` nodes (each given the extra
+    ``node_args``); all SIGTERMed afterwards, exit 0."""
     clusters: list[Cluster] = []
 
-    def make(n: int) -> Cluster:
-        cluster = Cluster(tmp_path / f"c{len(clusters)}", n)
+    def make(n: int, node_args: tuple[str, ...] = ()) -> Cluster:
+        cluster = Cluster(tmp_path / f"c{len(clusters)}", n, node_args=node_args)
         clusters.append(cluster)
         return cluster.start()
 
@@ -34,3 +37,6 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
     for cluster in clusters:
         codes = cluster.close()
         assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{cluster.logs()}"
+        for proc in [cluster.master, *cluster.nodes.values()]:
+            log = proc.log()
+            assert INTERNAL_ERROR_EVENT not in log, f"the iSCSI core caught an internal error:\n{log}"

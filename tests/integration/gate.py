@@ -136,6 +136,9 @@ class Journal:
     blocks: int = 0
     acked: dict[int, int] = field(default_factory=dict)  # block -> latest acknowledged counter
     acks: list[tuple[int, int]] = field(default_factory=list)  # (block, counter) in ack order
+    ack_times: list[float] = field(default_factory=list)  # wall-clock time of each ack (time.time())
+    #: Per reconnect, the number of acks before it: acks[i] for i >= that came on the new session.
+    reconnect_acks: list[int] = field(default_factory=list)
     unacked: dict[int, set[int]] = field(default_factory=dict)  # block -> counters sent, never acked
     durable: int = 0  # the first `durable` acks are known durable (SYNCHRONIZE CACHE GOOD)
     fua: int = 0  # acks of FUA writes (each durable at its ack)
@@ -153,12 +156,14 @@ class Journal:
             self.acked[block] = counter
             self.acks.append((block, counter))
             self.fua += parts[3] == "1"
+            self.ack_times.append(float(parts[4]) if len(parts) > 4 else float("nan"))
         elif kind == "X":
             self.unacked.setdefault(int(parts[1]), set()).add(int(parts[2]))
         elif kind == "F":
             self.durable = max(self.durable, int(parts[1]))
         elif kind == "R":
             self.reconnects = int(parts[1])
+            self.reconnect_acks.append(len(self.acks))
         elif kind == "I":
             self.blocks = int(parts[1])
         elif kind == "E":

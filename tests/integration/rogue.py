@@ -168,10 +168,15 @@ class NodeLink(ChannelLink):
         return message
 
     def beat(self, seq: int, observations: tuple[VolumeObservation, ...] = ()) -> Ack:
+        """Send Heartbeat ``seq``; its Ack. Acks the master pushed on a publish before it (they
+        repeat an earlier seq, docs/cluster.md "Pushed Acks") are skipped: the next heartbeat's
+        Ack carries the same assignments."""
         self.send(Heartbeat(seq, observations))
-        ack = self.receive()
-        assert isinstance(ack, Ack) and ack.seq == seq, ack
-        return ack
+        while True:
+            ack = self.receive()
+            assert isinstance(ack, Ack) and ack.seq <= seq, ack
+            if ack.seq == seq:
+                return ack
 
 
 def hello(node_id: str, incarnation: int, *, portal: str = "127.0.0.1:3261", free: int = 1 << 32) -> Hello:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from frontend.internal_errors import INTERNAL_ERROR_EVENT
 from tests.conformance.score import counts, merged, score
 from tests.integration.daemon import Daemon
 from tests.tools import require_tool, run
@@ -73,4 +74,4 @@ def test_iscsi_test_cu_matches_expected(daemon: Daemon) -> None:
         + "\n".join(f"  {n}: expected {a}, got {b}" for n, (a, b) in changed.items())
         + "\nIf these are improvements, run `make conformance-update` and commit expected.json."
     )
-    assert "SCSI command crashed" not in daemon.log(), "the SCSI layer raised during the suite"
+    assert INTERNAL_ERROR_EVENT not in daemon.log(), "the iSCSI core caught a bug during the suite"

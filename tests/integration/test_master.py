@@ -155,7 +155,7 @@ def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) 
         ("n1", "alive", node.hello.incarnation)
     ]
     table = master.cli("node", "list").stdout.splitlines()
-    assert table[0].split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL"]
+    assert table[0].split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING"]
     assert table[1].split()[:3] == ["n1", "alive", str(node.hello.incarnation)]
 
     # kill -9 the master, start it again on the same data directory and ports.
@@ -229,6 +229,6 @@ def test_an_unmigrated_v1_authority_is_refused_with_the_migrate_command(tmp_path
     )  # fmt: skip
     assert refused.returncode == 1
     assert f"`sparrow migrate {data_dir}`" in refused.stderr
-    assert "schema version 1; this Sparrow needs version 5" in refused.stderr
+    assert "schema version 1; this Sparrow needs version 6" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert (data_dir / "authority.sqlite3").read_bytes() == before

@@ -13,7 +13,9 @@
  * issued, across reconnects. stdout, one line per event, flushed at once:
  *
  *   I <blocks> <block_length>       logged in (first time), volume geometry
- *   A <block> <counter> <fua>        the write was acknowledged GOOD (fua 1: durable at its ack)
+ *   A <block> <counter> <fua> <t>    the write was acknowledged GOOD (fua 1: durable at its ack) at
+ *                                    wall-clock time t (CLOCK_REALTIME seconds, the clock of the
+ *                                    daemons' log timestamps)
  *   F <n>                            SYNCHRONIZE CACHE GOOD: the first n acknowledged writes are durable
  *   X <block> <counter>              the write was sent but not acknowledged (lost connection, error):
  *                                    its content may or may not be on the block
@@ -56,6 +58,12 @@ static void on_stop(int sig) { (void)sig; stop_requested = 1; }
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double wall_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
@@ -256,7 +264,8 @@ static void write_cb(struct iscsi_context *iscsi, int status, void *command_data
     }
     W.last_progress = now_s();
     if (status == SCSI_STATUS_GOOD) {
-        printf("A %llu %llu %d\n", (unsigned long long)s->block, (unsigned long long)s->counter, s->fua);
+        printf("A %llu %llu %d %.6f\n", (unsigned long long)s->block, (unsigned long long)s->counter, s->fua,
+               wall_s());
         W.acked++;
         W.busy[s->block] = 0;
         s->state = FREE;
@@ -286,7 +295,11 @@ static void sync_cb(struct iscsi_context *iscsi, int status, void *command_data,
         printf("F %llu\n", (unsigned long long)gen_acked);
         fflush(stdout);
     } else if (W.sync_inflight) {
-        printf("E synchronize cache: status 0x%x\n", status);
+        if (status == SCSI_STATUS_CHECK_CONDITION && task)
+            printf("E synchronize cache: check condition %s (0x%x) ascq 0x%04x\n",
+                   scsi_sense_key_str(task->sense.key), task->sense.key, task->sense.ascq);
+        else
+            printf("E synchronize cache: status 0x%x\n", status);
         fflush(stdout);
     }
     W.sync_inflight = 0;

@@ -467,6 +467,120 @@ def test_primary_unknown_during_master_startup_waits() -> None:
     assert status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
 
 
+def silent_primary_cluster() -> Cluster:
+    """n1 primary of VOL_A, last heard (and granted a lease) at 0; n2 an in-sync replica and n3 a
+    spare, both heartbeating until 7.5: at 6 n1 is silent for lease + margin, not yet dead (8)."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3"):
+        cluster.join(node, 0.0)
+    cluster.beat("n1", 0.0, IN_SYNC_PRIMARY)
+    for t in (0.0, 2.5, 5.0, 7.5):
+        cluster.beat("n2", t, GOOD_REPLICA)
+        cluster.beat("n3", t)
+    return cluster
+
+
+SILENCE = LEASE + MARGIN
+
+
+def test_a_silent_primary_is_replaced_once_its_lease_is_over_not_once_it_is_dead() -> None:
+    """Issue 8's failover time: a primary silent for lease + margin is past its lease (fenced)
+    and is replaced then, not at dead_after."""
+    cluster = silent_primary_cluster()
+    ctl = TopologyController(primary_silence=SILENCE)
+    asks, _ = decide(cluster, [desired()], CURRENT, 5.999, ctl)
+    assert asks == ()
+    asks, status = decide(cluster, [desired()], CURRENT, 6.0, ctl)
+    assert asks == (
+        AssignmentAsk(VOL_A, "n2", ("n2",), "promote n2: primary n1 silent past its lease", in_sync=("n2",)),
+    )
+    assert status[VOL_A].kind is StatusKind.PROMOTING
+    assert cluster.store.alive("n1", 6.0)  # not dead yet: dead_after would have waited until 8
+    # Without primary_silence the old rule holds: nothing until n1 is dead.
+    asks, _ = decide(cluster, [desired()], CURRENT, 6.0, TopologyController())
+    assert asks == ()
+
+
+def test_a_primary_replaced_for_its_silence_is_not_brought_back_as_a_new_copy() -> None:
+    """After the promotion the volume lacks a copy; the silent old primary is still alive by
+    dead_after but must not be chosen for it (it went silent: it is the node that failed)."""
+    cluster = silent_primary_cluster()
+    ctl = TopologyController(primary_silence=SILENCE)
+    (ask,) = decide(cluster, [desired()], CURRENT, 6.0, ctl)[0]
+    promoted = {VOL_A: PublishedAssignment(assignment(ask.replicas, epoch=4), published_at=6.0)}
+    cluster.beat("n2", 6.25, replace(GOOD_REPLICA, epoch=4, role=Role.PRIMARY))
+    cluster.beat("n3", 6.25)
+    asks, _ = decide(cluster, [desired()], promoted, 6.25, ctl)
+    # n1 and n3 have the same free space: by node id n1 would come first, were it not silent.
+    assert [(a.replicas, a.reason) for a in asks] == [(("n2", "n3"), "add copies with n3")]
+
+
+def test_a_replica_as_silent_as_the_primary_is_not_promoted() -> None:
+    """Two failures: n2 and n3 were both in sync, n2 went silent with the primary; n3 is promoted,
+    and n2 (not dead yet) stays in the in-sync set as the rules have it."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3"):
+        cluster.join(node, 0.0)
+    both = replace(
+        IN_SYNC_PRIMARY,
+        replica_states=(
+            ReplicaState("n2", SyncState.IN_SYNC, 100),
+            ReplicaState("n3", SyncState.IN_SYNC, 100),
+        ),
+    )
+    cluster.beat("n1", 0.0, both)
+    cluster.beat("n2", 0.0, GOOD_REPLICA)
+    for t in (2.5, 5.0):
+        cluster.beat("n3", t, GOOD_REPLICA)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    ctl = TopologyController(primary_silence=SILENCE)
+    asks, _ = decide(cluster, [desired(replicas=3)], current, 6.0, ctl)
+    assert [(a.primary, a.replicas, a.in_sync) for a in asks] == [("n3", ("n3", "n2"), ("n3", "n2"))]
+    cluster.beat("n3", 7.5, GOOD_REPLICA)
+    cluster.store.record(Heartbeat(998, ()), "n3", 7.9)  # n3 now reports nothing: not eligible
+    asks, status = decide(cluster, [desired(replicas=3)], current, 7.9, ctl)
+    assert asks == () and status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA  # n2 is silent
+
+
+def test_a_silent_primary_still_waits_for_its_lease() -> None:
+    """Silence is not enough: a lease the master granted later (an Ack in flight) is waited for."""
+    cluster = silent_primary_cluster()
+    cluster.leases.granted("n1", 3.0, LEASE)  # runs until 8, safe at 9
+    ctl = TopologyController(primary_silence=SILENCE)
+    for now in (6.0, 7.5):
+        asks, status = decide(cluster, [desired()], CURRENT, now, ctl)
+        assert asks == ()
+        assert status[VOL_A].kind is StatusKind.WAITING_FOR_LEASE
+    cluster.beat("n2", 9.0, GOOD_REPLICA)
+    asks, _ = decide(cluster, [desired()], CURRENT, 9.0, ctl)
+    assert [a.primary for a in asks] == ["n2"]
+
+
+def test_a_silent_replica_is_replaced_only_once_dead() -> None:
+    """Replicas keep dead_after: a blip of a replica must not cost a copy."""
+    cluster = Cluster()
+    for node in ("n1", "n2", "n3"):
+        cluster.join(node, 0.0)
+    for t in (2.5, 5.0, 7.5):
+        cluster.beat("n1", t)
+        cluster.beat("n3", t)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    ctl = TopologyController(primary_silence=SILENCE)
+    asks, _ = decide(cluster, [desired()], current, 7.5, ctl)  # n2 silent 7.5 s, alive
+    assert asks == ()
+    asks, _ = decide(cluster, [desired()], current, 8.0, ctl)
+    assert [(a.replicas, a.reason) for a in asks] == [(("n1", "n3"), "replace dead n2 with n3")]
+
+
+def test_a_primary_not_heard_from_since_the_master_started_is_not_silent() -> None:
+    cluster = Cluster(started_at=100.0)
+    cluster.join("n2", 101.0)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2")), published_at=0.0)}
+    ctl = TopologyController(primary_silence=SILENCE)
+    _, status = decide(cluster, [desired()], current, 107.0, ctl)
+    assert status[VOL_A].reason == "waiting for node n1 to report"
+
+
 def test_assignment_without_primary_is_left_to_the_operator() -> None:
     cluster = Cluster()
     cluster.join("n1", 0.0)

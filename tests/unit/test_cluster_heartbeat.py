@@ -66,7 +66,7 @@ HEARTBEAT = Heartbeat(
             write_position=123456,
             replica_states=(
                 ReplicaState("node-2", SyncState.IN_SYNC, 123456),
-                ReplicaState("node-3", SyncState.SYNCING, 1000),
+                ReplicaState("node-3", SyncState.SYNCING, 1000, 5 << 20, 64 << 20),
             ),
             converged=True,
         ),
@@ -314,12 +314,19 @@ def test_round_trip(message: Message) -> None:
 def test_wire_form() -> None:
     body = wire(HEARTBEAT)
     assert body["t"] == "heartbeat"
-    assert body["v"] == 1
+    assert body["v"] == 2
     assert body["seq"] == 42
     obs = body["observations"][0]
     assert obs["role"] == "primary"
     assert obs["health"] == "degraded"
-    assert obs["replica_states"][0] == {"node_id": "node-2", "state": "in_sync", "write_position": 123456}
+    assert obs["replica_states"][0] == {
+        "node_id": "node-2",
+        "state": "in_sync",
+        "write_position": 123456,
+        "resync_done": 0,
+        "resync_total": 0,
+    }
+    assert obs["replica_states"][1]["resync_done"] == 5 << 20
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
@@ -674,7 +681,16 @@ NO_MUTUAL: dict[str, object] = {"mutual_user": None, "mutual_secret": None}
         (
             _set(
                 [*OBS0, "replica_states"],
-                [{"node_id": f"n{i}", "state": "in_sync", "write_position": 0} for i in range(9)],
+                [
+                    {
+                        "node_id": f"n{i}",
+                        "state": "in_sync",
+                        "write_position": 0,
+                        "resync_done": 0,
+                        "resync_total": 0,
+                    }
+                    for i in range(9)
+                ],
                 HEARTBEAT,
             ),
             "observations[0].replica_states",
@@ -698,6 +714,9 @@ NO_MUTUAL: dict[str, object] = {"mutual_user": None, "mutual_secret": None}
         (_drop([*OBS0, "write_position"], HEARTBEAT), "observations[0].write_position"),
         (_set([*OBS0, "surprise"], 0, HEARTBEAT), "observations[0]: unknown field(s) 'surprise'"),
         (_set([*REP0, "state"], "done", HEARTBEAT), "observations[0].replica_states[0].state"),
+        (_set([*REP0, "resync_done"], 2**62 + 1, HEARTBEAT), "observations[0].replica_states[0].resync_done"),
+        (_set([*REP0, "resync_done"], 1, HEARTBEAT), "observations[0].replica_states[0].resync_done"),
+        (_drop([*REP0, "resync_total"], HEARTBEAT), "observations[0].replica_states[0].resync_total"),
         (_set([*REP0, "write_position"], -1, HEARTBEAT), "observations[0].replica_states[0].write_position"),
         (_set(["lease_seconds"], -0.5, ACK), "lease_seconds"),
         (_set(["lease_seconds"], math.nan, ACK), "lease_seconds"),
@@ -1013,3 +1032,18 @@ def test_an_assignment_without_a_primary_has_nobody_in_sync() -> None:
         Assignment(VOL_B, "scratch", 512, 512, 1, None, None, ("node-3",), in_sync=("node-3",))
     assert info.value.field == "in_sync"
     assert Assignment(VOL_B, "scratch", 512, 512, 1, None, None, ("node-3",)).in_sync == ()
+
+
+def test_a_v1_heartbeat_decodes_without_resync_progress_and_may_not_carry_it() -> None:
+    body = wire(HEARTBEAT)
+    body["v"] = 1
+    for observation in body["observations"]:
+        for state in observation["replica_states"]:
+            del state["resync_done"], state["resync_total"]
+    decoded = decode(frame(body))
+    assert isinstance(decoded, Heartbeat)
+    assert decoded.observations[0].replica_states[1] == ReplicaState("node-3", SyncState.SYNCING, 1000)
+    body["observations"][0]["replica_states"][0]["resync_done"] = 0
+    with pytest.raises(HeartbeatProtocolError) as e:
+        decode(frame(body))
+    assert e.value.code is ErrorCode.BAD_FIELD

@@ -84,6 +84,24 @@ def test_alive_iff_last_heartbeat_younger_than_dead_after(age: float, alive: boo
     assert store.dead("n1", 50.0 + age) is not alive
 
 
+@pytest.mark.parametrize(("age", "silent"), [(0.0, False), (5.999, False), (6.0, True), (100.0, True)])
+def test_silent_iff_no_heartbeat_for_that_long(age: float, silent: bool) -> None:
+    store = ObservationStore(dead_after=8.0)
+    store.record(hello("n1"), "n1", now=0.0)
+    store.record(beat(1), "n1", now=50.0)
+    assert store.silent("n1", 50.0 + age, 6.0) is silent
+
+
+def test_silence_of_known_and_unknown_nodes() -> None:
+    store = ObservationStore(dead_after=8.0, started_at=0.0)
+    assert not store.silent("ghost", 100.0, 6.0)  # never heard from: maybe not reconnected yet
+    store.record(hello("n1"), "n1", now=1.0)
+    assert store.silent("n1", 1.0, 6.0)  # said Hello, no heartbeat from this incarnation
+    store.record(beat(1), "n1", now=2.0)
+    store.record(hello("n1", incarnation=2), "n1", now=3.0)  # restarted: the old beats are void
+    assert store.silent("n1", 3.0, 6.0)
+
+
 def test_unknown_node_is_not_alive() -> None:
     store = ObservationStore()
     assert not store.alive("ghost", 0.0)

@@ -68,6 +68,9 @@ async def test_the_control_loop_reports_a_failed_step_and_steps_on() -> None:
                 stop.set()
             return None  # type: ignore[return-value]
 
+        def next_step_at(self, now: float, interval: float) -> float:
+            return now + interval
+
     async with asyncio.timeout(5):
         await control_task(Control(), lambda: 0.0, 0.001, stop, supervisor)  # type: ignore[arg-type]
     assert steps == 3

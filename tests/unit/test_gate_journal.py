@@ -58,3 +58,14 @@ def test_a_send_older_than_the_latest_ack_is_a_loss_even_if_it_was_unacknowledge
     j.feed("F 1")
     j.feed("A 1 3 1")
     assert j.durable == 1 and j.fua == 1 and j.acks == [(0, 2), (1, 3)]
+
+
+def test_each_ack_keeps_its_wall_clock_time() -> None:
+    j = journal("A 0 1 0 1764670000.250000", "A 1 2 1 1764670000.500000")
+    assert j.ack_times == [1764670000.25, 1764670000.5]
+
+
+def test_a_reconnect_marks_where_the_new_sessions_acks_begin() -> None:
+    j = journal("A 0 1 0 1.0", "R 1 0.5", "A 1 2 0 3.0", "R 2 0.1")
+    assert j.reconnect_acks == [1, 2]
+    assert j.ack_times[j.reconnect_acks[0]] == 3.0

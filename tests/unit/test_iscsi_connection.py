@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from frontend.iscsi.connection import (
     PHASE_TRANSITIONS,
-    TASK_TRANSITIONS,
     CancelExecution,
     CloseConnection,
     Connection,
@@ -20,9 +19,6 @@ from frontend.iscsi.connection import (
     LoggedIn,
     Phase,
     TargetResetRequested,
-    Task,
-    TaskInput,
-    TaskState,
     lun_number,
 )
 from frontend.iscsi.errors import IllegalTransition
@@ -49,6 +45,7 @@ from frontend.iscsi.pdu import (
     target_reader,
 )
 from frontend.iscsi.session import SessionTable
+from frontend.iscsi.tasks import TASK_TRANSITIONS, Task, TaskInput, TaskState
 from frontend.scsi.lu import ResetKind, no_such_lun
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
 from frontend.target import Target, TargetRegistry, TargetSettings

@@ -154,6 +154,7 @@ async def test_a_placed_volume_shows_its_epoch_primary_replicas_and_url(master: 
             "converged": None,
             "write_position": None,
             "sync": "in_sync",
+            "resync": None,
         }
     ]
     master.clock.now = 12.0
@@ -170,6 +171,7 @@ async def test_a_placed_volume_shows_its_epoch_primary_replicas_and_url(master: 
         "converged": True,
         "write_position": 4096,
         "sync": "in_sync",
+        "resync": None,
     }
     assert after["status"] is None and after["status_kind"] == "ok"
 
@@ -201,6 +203,30 @@ async def test_inspect_says_which_copies_are_in_sync(master: Master) -> None:
     assert dropped["epoch"] == 2
     assert [(r["node_id"], r["sync"]) for r in dropped["replicas"]] == [("n1", "in_sync"), ("n2", "stale")]
     assert master.store.latest_assignment(vid).in_sync == ("n1",)  # type: ignore[union-attr]
+    assert dropped["replicas"][1]["resync"] is None
+    # The primary resyncs it: `syncing`, with its progress (the shape the CLI's --wait reads).
+    # (Seqs 201 apart: the test's Hello portal follows the seq.)
+    master.clock.now = 13.0
+    syncing = ReplicaState("n2", SyncState.SYNCING, 0, 5 * MiB, 64 * MiB)
+    master.node_reports("n1", 401, VolumeObservation(vid, 2, Role.PRIMARY, Health.OK, 0, (syncing,), True))
+    master.node_reports("n2", 401, VolumeObservation(vid, 2, Role.REPLICA, Health.OK, 0, (), True))
+    master.control.step(13.0)
+    v = await master.json("GET", "/v1/volumes/two")
+    assert v["epoch"] == 2
+    assert v["replicas"][1]["sync"] == "syncing"
+    assert v["replicas"][1]["resync"] == {"done_bytes": 5 * MiB, "total_bytes": 64 * MiB}
+    assert v["replicas"][0]["resync"] is None
+    # Caught up: reported IN_SYNC, added back under a new epoch (the controller's RESYNCED rule).
+    master.clock.now = 14.0
+    caught_up = ReplicaState("n2", SyncState.IN_SYNC, 0)
+    master.node_reports("n1", 601, VolumeObservation(vid, 2, Role.PRIMARY, Health.OK, 0, (caught_up,), True))
+    master.control.step(14.0)
+    back = await master.json("GET", "/v1/volumes/two")
+    assert back["epoch"] == 3
+    assert [(r["node_id"], r["sync"], r["resync"]) for r in back["replicas"]] == [
+        ("n1", "in_sync", None),
+        ("n2", "in_sync", None),
+    ]
 
 
 async def test_the_status_says_why_a_volume_is_not_placed(master: Master) -> None:
@@ -296,6 +322,8 @@ async def test_nodes_lists_observed_and_remembered_nodes(master: Master) -> None
         "http": "192.0.2.50:8080",
         "capacity_bytes": 1 << 40,
         "free_bytes": None,
+        "draining": False,
+        "drain_status": None,
     }
     assert nodes[1]["state"] == "alive"
     assert nodes[1]["incarnation"] == 1

@@ -101,6 +101,25 @@ def test_without_live_nodes_nothing_is_published_and_the_status_says_why(store: 
     assert store.max_epoch(vol.volume_id) is None
 
 
+def test_the_next_step_comes_at_once_when_a_silent_primarys_lease_may_be_reassigned(
+    store: AuthorityStore,
+) -> None:
+    """Failover time: the step that may replace a silent primary runs when its lease plus margin
+    ends, not up to an interval later; a live primary's lease never moves the step."""
+    control = restore(store, TIMING, now=100.0)
+    report(control, store, hello("n1"), 100.0)
+    add_volume(store)
+    (assignment,) = control.step(100.0).published
+    assert assignment.primary == "n1"
+    control.leases.granted("n1", 100.5, TIMING.lease_seconds)  # the Ack of its last heartbeat
+    safe_at = 100.5 + TIMING.lease_seconds + TIMING.margin  # 106.5
+    assert control.next_step_at(101.0, 1.0) == 102.0  # alive: its lease ends far ahead
+    assert control.next_step_at(105.9, 1.0) == safe_at
+    assert control.next_step_at(safe_at, 1.0) == safe_at + 1.0  # the instant itself: a normal step
+    # At that instant the silent primary may be replaced (by nobody here: no replica).
+    assert control.leases.safe_to_reassign("n1", safe_at)
+
+
 def test_restore_grants_every_known_node_a_lease_before_deciding(store: AuthorityStore) -> None:
     store.upsert_hello(hello("n1"), seen_at=1.0)
     store.upsert_hello(hello("n2"), seen_at=1.0)
@@ -179,6 +198,8 @@ class EchoController(TopologyController):
         observations: ObservationStore,
         leases: MasterLeases,
         now: float,
+        *,
+        draining: object = (),
     ) -> Decision:
         asks = tuple(
             AssignmentAsk(

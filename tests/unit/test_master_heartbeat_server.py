@@ -212,6 +212,28 @@ def test_the_ack_carries_the_assignments_naming_the_node(store: AuthorityStore) 
     assert [a.assignments for a in other_transport.acks()] == [()]  # n2 is named by nothing
 
 
+def test_a_publish_is_pushed_in_an_ack_repeating_the_last_seq_without_a_grant(store: AuthorityStore) -> None:
+    """Issue 8's failover time: a new assignment reaches every connected node at once, not at its
+    next heartbeat, in an Ack that repeats its last seq; the master records no lease for it."""
+    h = Harness(store)
+    conn, transport = h.connect()
+    conn.data_received(encode(hello()) + encode(heartbeat(1)))
+    quiet, quiet_transport = h.connect()
+    quiet.data_received(encode(hello("n2")))  # no heartbeat yet: nothing to repeat
+    granted = h.control.leases.expires_at("n1")
+    add_volume(store)
+    (assignment,) = h.control.step(52.0).published
+    h.clock.now = 53.0
+    h.server.push_assignments()
+    acks = transport.acks()
+    assert [a.seq for a in acks] == [1, 1]
+    assert acks[1].assignments == (assignment,)
+    assert [e.primary_portal for e in acks[1].directory] == ["192.0.2.7:3260"]
+    assert h.control.leases.expires_at("n1") == granted  # no grant: the node extends nothing
+    assert conn.pushes_sent == 1 and conn.acks_sent == 1
+    assert quiet_transport.acks() == []
+
+
 def test_every_ack_carries_the_directory_of_every_live_volume(store: AuthorityStore) -> None:
     h = Harness(store)
     n1, t1 = h.connect()

@@ -38,6 +38,7 @@ from store.migrations import (
     authority_v2_to_v3,
     authority_v3_to_v4,
     authority_v4_to_v5,
+    authority_v5_to_v6,
     default_graph,
     discover_steps,
     migrate,
@@ -256,7 +257,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 5),
+        "authority": ({}, 0, 6),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -592,7 +593,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 5)",
+        "authority: 1 at version 1 (latest version 6)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -695,16 +696,17 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 5)
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 6)
     assert applied.steps == (
         "authority_v1_to_v2",
         "authority_v2_to_v3",
         "authority_v3_to_v4",
         "authority_v4_to_v5",
+        "authority_v5_to_v6",
     )
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 5
+    assert db_version(data_dir) == 6
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -718,12 +720,12 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 5)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 6)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
-    assert db_version(data_dir) == 5
+    assert db_version(data_dir) == 6
 
 
 AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
@@ -745,10 +747,15 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (2, 5)
-    assert applied.steps == ("authority_v2_to_v3", "authority_v3_to_v4", "authority_v4_to_v5")
+    assert (applied.from_version, applied.to_version) == (2, 6)
+    assert applied.steps == (
+        "authority_v2_to_v3",
+        "authority_v3_to_v4",
+        "authority_v4_to_v5",
+        "authority_v5_to_v6",
+    )
     assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
-    assert db_version(data_dir) == 5
+    assert db_version(data_dir) == 6
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
     assert report.backup_dir is not None
@@ -786,10 +793,10 @@ def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (3, 5)
-    assert applied.steps == ("authority_v3_to_v4", "authority_v4_to_v5")
+    assert (applied.from_version, applied.to_version) == (3, 6)
+    assert applied.steps == ("authority_v3_to_v4", "authority_v4_to_v5", "authority_v5_to_v6")
     assert applied.changes[0] == f"step authority_v3_to_v4: {authority_v3_to_v4.describe}"
-    assert db_version(data_dir) == 5
+    assert db_version(data_dir) == 6
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, forgotten_at FROM nodes ORDER BY 1") == [
         ("node-a", None),
@@ -844,9 +851,10 @@ def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version, applied.steps) == (4, 5, ("authority_v4_to_v5",))
+    assert (applied.from_version, applied.to_version) == (4, 6)
+    assert applied.steps == ("authority_v4_to_v5", "authority_v5_to_v6")
     assert applied.changes[0] == f"step authority_v4_to_v5: {authority_v4_to_v5.describe}"
-    assert db_version(data_dir) == 5
+    assert db_version(data_dir) == 6
     old_columns = "SELECT volume_id, epoch, primary_node, replicas, created_at FROM assignments ORDER BY 1, 2"
     assert rows(data_dir / AUTHORITY_FILE, old_columns) == before[IDENTITY_QUERIES[2]]
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries[3:]} == {q: before[q] for q in queries[3:]}
@@ -903,6 +911,79 @@ def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
     assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
 
 
+AUTHORITY_V5 = FIXTURES.parents[1] / "v5" / AUTHORITY_FILE
+
+
+def test_authority_v5_to_v6_on_the_fixture(tmp_path: Path) -> None:
+    """A v5 database gains ``nodes.draining`` (0 on every row); no other row or column changes; the
+    migrated store marks a node draining and back, refuses an unknown one, and a forgotten node
+    that says hello again comes back not draining."""
+    from sparrow.cluster.authority import AuthorityStore, NodeAddresses, UnknownNode
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V5, data_dir / AUTHORITY_FILE)
+    assert db_version(data_dir) == 5
+    queries = (
+        *IDENTITY_QUERIES,
+        "SELECT * FROM volumes ORDER BY 1",
+        "SELECT * FROM tokens ORDER BY 1",
+        "SELECT * FROM assignments ORDER BY 1, 2",
+    )
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+    assert len(before[queries[-1]]) == 8  # see fixtures/README.md
+    nodes_before = rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1")
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (5, 6, ("authority_v5_to_v6",))
+    assert applied.changes[0] == f"step authority_v5_to_v6: {authority_v5_to_v6.describe}"
+    assert db_version(data_dir) == 6
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
+    nodes_after = rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1")
+    assert nodes_after == [(*n, 0) for n in nodes_before]
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE nodes SET draining = 2")
+    finally:
+        conn.close()
+    with AuthorityStore.open_in(data_dir) as store:
+        assert not any(n.draining for n in store.nodes())
+        assert store.set_draining("node-b", True).draining
+        assert [n.node_id for n in store.nodes() if n.draining] == ["node-b"]
+        assert not store.set_draining("node-b", False).draining
+        with pytest.raises(UnknownNode):
+            store.set_draining("node-z", True)
+        store.set_draining("node-c", True)  # named only by the deleted "old"
+        store.forget_node("node-c", forgotten_at=3.0)
+        with pytest.raises(UnknownNode):
+            store.set_draining("node-c", True)  # forgotten: not a member
+        back = store.upsert_node(
+            "node-c",
+            incarnation=9,
+            addresses=NodeAddresses("10.0.0.4:3260", "10.0.0.4:3291", "10.0.0.4:3281"),
+            capacity=1 << 30,
+            seen_at=4.0,
+        )
+        assert not back.draining  # a new node
+        store.set_draining("node-a", True)
+        again = store.upsert_node(
+            "node-a",
+            incarnation=10,
+            addresses=NodeAddresses("10.0.0.1:3260", "10.0.0.1:3291", "10.0.0.1:3281"),
+            capacity=1 << 30,
+            seen_at=5.0,
+        )
+        assert again.draining  # a restart does not end a drain
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
+
+
 def test_the_authority_steps_are_registered() -> None:
     steps = sorted(
         (s.name, s.from_version, s.to_version) for s in default_graph().steps if s.kind == "authority"
@@ -912,8 +993,9 @@ def test_the_authority_steps_are_registered() -> None:
         ("authority_v2_to_v3", 2, 3),
         ("authority_v3_to_v4", 3, 4),
         ("authority_v4_to_v5", 4, 5),
+        ("authority_v5_to_v6", 5, 6),
     ]
-    assert default_graph().head("authority") == 5
+    assert default_graph().head("authority") == 6
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:

@@ -19,11 +19,14 @@ from frontend.scsi.lu import AccessState
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster import nodestate
 from sparrow.cluster.adapter import Adapter, AdapterPlan, OpenVolume
+from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Assignment, DeletedVolume, DirectoryEntry, Role, VolumeChap
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
+from sparrow.node.replicated_store import Forwarding
 from store.backing import BackingPolicy
+from store.dirtymap import DirtyBitmap
 from store.metadata import RecordWriteError
 from store.volumes import VolumeManager, VolumeNotFound
 
@@ -805,3 +808,61 @@ async def test_a_replica_or_an_unapplied_ack_names_no_targets(node: Node) -> Non
     assert node.conv.replication_targets(VOL) == ()
     await node.conv.idle()
     assert node.conv.replication_targets(VOL) == (("n2", None),)
+
+
+# ---- dirty maps: which copies start dirty (docs/replication.md, "Catch-up") -----------------------
+
+
+async def start_cluster_node(data_dir: Path, timers: Timers) -> tuple[Node, Forwarding]:
+    """A node whose volumes are wrapped for forwarding (``sparrow node``): it keeps dirty maps."""
+    state = NodeState(data_dir)
+    state.load()
+    manager = VolumeManager(data_dir)
+    await manager.load_all()
+    registry = TargetRegistry()
+    secret = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
+    forwarding = Forwarding(ME, secret, clock=timers.clock)
+    volumes = NodeVolumes(manager, registry, base_iqn="iqn.2026-11.io.sparrow", forwarding=forwarding)
+    adapter = Adapter(ME, state)
+    lease = LeaseClock(fence_margin=0.0)
+    conv = Convergence(adapter, volumes, lease, clock=timers.clock, schedule=timers.schedule)
+    conv.start()
+    await conv.idle()
+    return Node(data_dir, timers, manager, registry, volumes, state, adapter, lease, conv), forwarding
+
+
+def on_disk(node: Node) -> list[int]:
+    path = node.data_dir / "volumes" / f"{NAME}.dirty"
+    return list(DirtyBitmap.decode(path.read_bytes(), VOL, 1))
+
+
+async def test_a_copy_created_in_sync_starts_clean_and_a_released_one_all_dirty(tmp_path: Path) -> None:
+    node, forwarding = await start_cluster_node(tmp_path, Timers())
+    try:
+        both = (ME, "n2")
+        await node.ack(dataclasses.replace(assign(replicas=both), in_sync=both))
+        assert on_disk(node) == []  # a new volume: every copy zeros
+        dirty = node.volumes.dirty_map(VOL)
+        assert dirty is not None
+        target = node.registry.get(IQN)
+        assert target is not None
+        await node.ack()  # released: a later re-add must be a full copy
+        assert on_disk(node) == [0]
+        assert node.volumes.dirty_map(VOL) is None and dirty.closed
+    finally:
+        await forwarding.close()
+        await stop_node(node)
+
+
+async def test_a_copy_created_outside_the_in_sync_set_starts_all_dirty(tmp_path: Path) -> None:
+    node, forwarding = await start_cluster_node(tmp_path, Timers())
+    try:
+        replacement = dataclasses.replace(assign(primary="n2", replicas=("n2", ME)), in_sync=("n2",))
+        await node.ack(replacement)
+        assert on_disk(node) == [0]
+        # The replica's store marks before it writes.
+        marking = node.volumes.marking_store(VOL)
+        assert marking is not None and marking.dirty is node.volumes.dirty_map(VOL)
+    finally:
+        await forwarding.close()
+        await stop_node(node)

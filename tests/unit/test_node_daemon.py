@@ -65,6 +65,7 @@ def test_a_node_without_a_cluster_secret_is_a_usage_error(secret: str | None, me
         ({"fence_margin": -0.5}, "--fence-margin must be a non-negative number"),
         ({"fence_margin": float("nan")}, "--fence-margin must be a non-negative number"),
         ({"fence_margin": float("inf")}, "--fence-margin must be a non-negative number"),
+        ({"advertise_replication": "proxy-host"}, "missing port"),
     ],
 )
 def test_bad_flags_are_usage_errors(override: dict[str, object], message: str, secret_file: str) -> None:
@@ -97,8 +98,10 @@ def test_sparrow_node_runs_the_node_daemon_with_the_flags(
     monkeypatch.setattr("sparrow.logs.configure_logging", lambda *a, **k: None)
     argv = ["node", "--data-dir", "/d", "--node-id", "n1", "--master", "m:3290", "--iscsi", "127.0.0.1:3300"]
     argv += ["--cluster-secret-file", secret_file]
+    argv += ["--advertise-replication", "10.0.0.5:4291"]
     assert cli.main([*argv, "--heartbeat-interval", "0.5", "--fence-margin", "0.75"]) == 0
     [config] = seen
+    assert config.advertise_replication == HostPort("10.0.0.5", 4291)
     assert (config.node_id, config.master, config.iscsi) == (
         "n1",
         HostPort("m", 3290),

@@ -101,6 +101,23 @@ def test_a_stale_or_unknown_ack_is_not_acted_on() -> None:
     assert lease.expires_at == 6.0
 
 
+def test_a_repeat_of_the_latest_acks_seq_is_acted_on_without_extending_the_lease() -> None:
+    """The master pushes a newly published assignment in an Ack repeating the seq it answered
+    last: its assignments are acted on, the lease stays what the first Ack made it."""
+    lease = LeaseClock()
+    session = HeartbeatSession(lease)
+    session.connection_made(HELLO)
+    session.heartbeat(OBS, 0.0)
+    session.heartbeat(OBS, 1.0)
+    assert [a.seq for a in session.receive(encode(Ack(1, 5.0, ())))] == [1]
+    [pushed] = session.receive(encode(Ack(1, 60.0, (ASSIGNMENT,))))
+    assert pushed.assignments == (ASSIGNMENT,)
+    assert lease.expires_at == 5.0 and lease.last_acked == 1
+    assert [a.seq for a in session.receive(encode(Ack(2, 5.0, ())))] == [2]
+    assert lease.expires_at == 6.0
+    assert session.receive(encode(Ack(1, 5.0, (ASSIGNMENT,)))) == []  # older than the latest
+
+
 @pytest.mark.parametrize("frame", [encode(HELLO), encode(Heartbeat(1, ()))])
 def test_anything_but_an_ack_from_the_master_is_a_protocol_error(frame: bytes) -> None:
     session = HeartbeatSession(LeaseClock())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from sparrow.node.replication import MAX_ACK_BUFFER, ReplicaConnection, ReplicaS
 from sparrow.replication.protocol import (
     MAX_MESSAGE,
     Ack,
+    Checkpoint,
+    Dirty,
     Flush,
     Message,
     MessageDecoder,
@@ -26,6 +29,7 @@ from sparrow.replication.protocol import (
     encode,
 )
 from store.blockstore import BlockStore, FileBlockStore
+from store.dirtymap import DirtyBitmap, DirtyMap, MarkingStore
 from store.memstore import MemoryBlockStore
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
@@ -296,5 +300,127 @@ async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_
         await settle()
         assert srv.positions.get(VID, 2) == (5, 0)
     finally:
+        await store.close()
+        os.unlink(path)
+
+
+async def until(condition: Callable[[], object], within: float = 5.0) -> None:
+    """Wait for ``condition`` (the dirty map's marks sync in a thread), failing after ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+# -- resync: the dirty map on this replica --------------------------------------------------------
+
+
+async def test_the_replica_marks_reports_and_clears_its_dirty_map_on_a_checkpoint(tmp_path: Path) -> None:
+    inner = GatedStore()
+    inner.gate.set()
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    await dirty.mark(15 * MiB, 512)  # dirty before this session: sticky
+    marking = MarkingStore(inner, dirty)
+    srv = server(None, Clock(), dirty_for=lambda vid: dirty)
+    srv.store_for = lambda vid: marking
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1", report_dirty=True, session=7))
+    ack, *report = peer.received()
+    assert ack == Ack(VID, 2, 0, 0)
+    (slice_,) = report  # the map as it was at the OPEN: region 15
+    assert isinstance(slice_, Dirty) and slice_.last
+    assert list(DirtyBitmap.from_bytes(slice_.bitmap, slice_.regions)) == [15]
+    peer.send(
+        Write(VID, 2, 1, 0, b"a" * 512),
+        Write(VID, 2, 2, 3 * MiB, b"b" * 512),
+        Write(VID, 2, 3, 15 * MiB, b"c" * 512),
+        Flush(VID, 2, 4),
+        Write(VID, 2, 5, 5 * MiB, b"d" * 512),
+        Checkpoint(VID, 2, 6, 4),  # every copy made seqs <= 4 durable
+    )
+    acks: list[Message] = []
+    await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 6, 4) in acks)
+    # Regions 0 and 3 cleared; 5 (written after the flush) and the sticky 15 stay.
+    assert dirty.dirty_regions() == [5, 15]
+    dirty.close()
+
+
+async def test_a_new_primary_session_leaves_what_the_earlier_one_wrote_dirty(tmp_path: Path) -> None:
+    inner = GatedStore()
+    inner.gate.set()
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    marking = MarkingStore(inner, dirty)
+    srv = server(None, Clock(), dirty_for=lambda vid: dirty)
+    srv.store_for = lambda vid: marking
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1", session=7), Write(VID, 2, 1, 2 * MiB, b"a" * 512))
+    await until(lambda: srv.positions.get(VID, 2)[0] == 1)
+    transport.close()
+    conn.connection_lost(None)
+    await settle()
+    # The primary restarted (another session) in the same epoch: it goes on at seq 2.
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 2, "n1", session=8), Flush(VID, 2, 2), Checkpoint(VID, 2, 3, 2))
+    await until(lambda: srv.positions.get(VID, 2)[0] == 3)
+    assert dirty.dirty_regions() == [2]  # written by session 7: not this checkpoint's to clear
+    dirty.close()
+
+
+async def test_a_marking_store_writes_a_run_inline_only_into_regions_already_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica's dirty-map marking store over tmpfs: the first write into a clean region takes
+    the general path (marked durably, then written); the rest of its run goes inline only once the
+    region is durably dirty; every write of an inline run is recorded for the checkpoint, which
+    clears their regions."""
+    inline: list[tuple[int, int, bool]] = []
+    real_write_inline = FileBlockStore.write_inline
+
+    def spying(self: FileBlockStore, offset: int, buffers: Any) -> bool:
+        length = sum(len(b) for b in buffers)
+        inline.append((offset, length, dirty.covered(offset, length)))
+        return real_write_inline(self, offset, buffers)
+
+    monkeypatch.setattr(FileBlockStore, "write_inline", spying)
+    path = Path("/dev/shm") / f"sparrow-test-marking-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    try:
+        marking = MarkingStore(store, dirty)
+        srv = server(marking, Clock(), dirty_for=lambda vid: dirty)
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1", session=7))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        peer.send(
+            Write(VID, 2, 1, 0, b"a" * 512),
+            Write(VID, 2, 2, 512, b"b" * 512),
+            Write(VID, 2, 3, 1024, b"c" * 512),
+            Write(VID, 2, 4, 3 * MiB, b"d" * 512),
+            Write(VID, 2, 5, 3 * MiB + 512, b"e" * 512),
+        )
+        acks: list[Message] = []
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 5, 0) in acks)
+        # Each clean region's first write was declined inline (not covered), then marked and
+        # written; what followed in the same region went inline, into a durably dirty region.
+        assert (512, 1024, True) in inline and (3 * MiB + 512, 512, True) in inline
+        assert all(covered for _, _, covered in inline)
+        assert dirty.dirty_regions() == [0, 3]
+        assert await store.read(0, 1536) == b"a" * 512 + b"b" * 512 + b"c" * 512
+        peer.send(Flush(VID, 2, 6), Checkpoint(VID, 2, 7, 6))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 7, 6) in acks)
+        assert dirty.dirty_regions() == []  # the inline writes were recorded as this session's
+        # A region's latest write is the one a checkpoint must cover: one written inline after the
+        # checkpoint's seq keeps the region dirty although an earlier write there is covered.
+        peer.send(Write(VID, 2, 8, 0, b"f" * 512), Flush(VID, 2, 9), Write(VID, 2, 10, 512, b"g" * 512))
+        peer.send(Checkpoint(VID, 2, 11, 9))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 11, 9) in acks)
+        assert inline[-1] == (512, 512, True)
+        assert dirty.dirty_regions() == [0]
+    finally:
+        dirty.close()
         await store.close()
         os.unlink(path)

@@ -262,6 +262,28 @@ async def test_standing_down_fails_the_waiting_writes_and_stops_forwarding() -> 
     assert again.done() and again.exception() is None
 
 
+async def test_a_write_whose_local_io_runs_across_the_stand_down_fails_at_once() -> None:
+    """Demoted while a write's local I/O runs: when that returns, the write fails (retryably) at
+    once rather than wait the hold bound for replicas it will never hear from again."""
+    h = Harness(hold_timeout=30.0)
+    h.store.configure(1, [("n2", "h:1")])
+    release = asyncio.Event()
+    write = h.inner.write
+
+    async def slow_write(offset: int, data: bytes | bytearray | memoryview) -> None:
+        await release.wait()
+        await write(offset, data)
+
+    h.inner.write = slow_write  # type: ignore[method-assign]
+    task = asyncio.create_task(h.store.write(0, b"s" * BS))
+    await h.up()
+    h.store.stand_down()
+    release.set()
+    await settle()
+    assert task.done() and isinstance(task.exception(), StoreUnavailable)
+    assert "no longer the volume's primary" in str(task.exception())
+
+
 async def test_a_restarted_primary_resumes_the_epoch_where_the_replica_stands() -> None:
     """Same epoch, new process: the replica refuses seq 1 as a REPEAT at its position (520); the
     next stream goes on at 521 and the write completes once it is acknowledged there."""
@@ -316,3 +338,16 @@ async def test_writes_of_one_turn_share_one_hold_timer_yet_complete_and_cancel_o
         assert isinstance(tasks[3].exception(), StoreUnavailable) and h.store._waiters == []
     finally:
         loop.call_later = real_call_later  # type: ignore[method-assign]
+
+
+async def test_inline_io_only_where_the_awaited_call_is_the_inner_store() -> None:
+    """The iSCSI fast path (store.blockstore.InlineIo): reads always; writes only with no replica
+    and a configured epoch; with replicas a write must await their ACKs, so it declines."""
+    h = Harness()
+    assert not h.store.write_now(0, b"d" * BS)          # no epoch yet: writes wait
+    h.store.configure(1, [])
+    assert h.store.write_now(0, b"d" * BS)
+    assert h.store.read_now(0, BS) == b"d" * BS == await h.inner.read(0, BS)
+    h.store.configure(2, [("n2", "h:1")])
+    assert not h.store.write_now(0, b"e" * BS)
+    assert h.store.read_now(0, BS) == b"d" * BS

@@ -18,15 +18,21 @@ from sparrow.replication.protocol import (
     REPLICA_TRANSITIONS,
     Ack,
     Acked,
+    ApplyCheckpoint,
     ApplyFlush,
+    ApplyNop,
     ApplyUnmap,
     ApplyWrite,
     ApplyWriteSame,
+    Checkpoint,
+    Dirty,
+    DirtyReport,
     ErrorCode,
     Flush,
     Message,
     MessageDecoder,
     MsgType,
+    Nop,
     Open,
     Opened,
     PrimaryInput,
@@ -42,6 +48,7 @@ from sparrow.replication.protocol import (
     Write,
     WriteSame,
     all_complete,
+    dirty_report,
     encode,
     encode_parts,
 )
@@ -62,6 +69,11 @@ def sample_messages() -> list[Message]:
         Flush(VID, 3, 5),
         Ack(VID, 3, 5, 4),
         Refuse(VID, 3, 0, ErrorCode.STALE_EPOCH, "epoch 3 is older than 4"),
+        Open(VID, 3, 6, "n1", report_dirty=True),
+        Nop(VID, 3, 6),
+        Dirty(VID, 3, 5, 0, 20, b"\x01\x00\x08", True),
+        Checkpoint(VID, 3, 7, 5),
+        Open(VID, 3, 8, "n1", session=2**63 - 1),
     ]
 
 
@@ -113,11 +125,11 @@ def mutate(data: bytes, offset: int, value: int) -> bytes:
 @pytest.mark.parametrize(
     ("wire", "code"),
     [
-        (mutate(encode(Flush(VID, 3, 1)), 0, 2), ErrorCode.MALFORMED),  # version
+        (mutate(encode(Flush(VID, 3, 1)), 0, 1), ErrorCode.MALFORMED),  # version 1 (before DIRTY, NOP)
         (mutate(encode(Flush(VID, 3, 1)), 1, 99), ErrorCode.UNKNOWN_TYPE),
         (mutate(encode(Flush(VID, 3, 1)), 2, 1), ErrorCode.MALFORMED),  # FUA on a flush
         (mutate(encode(Flush(VID, 3, 1)), 3, 1), ErrorCode.MALFORMED),  # reserved
-        (mutate(encode(Open(VID, 3, 1, "n1")), HEADER.size, ord("N")), ErrorCode.MALFORMED),  # id
+        (mutate(encode(Open(VID, 3, 1, "n1")), HEADER.size + 8, ord("N")), ErrorCode.MALFORMED),  # id
         (mutate(encode(Refuse(VID, 3, 0, ErrorCode.GAP, "")), HEADER.size, 200), ErrorCode.MALFORMED),
         (encode(Flush(VID, 3, 1))[:8] + b"\x00" * 32, ErrorCode.MALFORMED),  # epoch 0
         (encode(Ack(VID, 3, 2, 1))[: HEADER.size] + (9).to_bytes(8, "big"), ErrorCode.MALFORMED),
@@ -408,6 +420,9 @@ def test_replica_transitions_follow_the_table(state: ReplicaState, kind: MsgType
         MsgType.FLUSH: Flush(VID, 3, 1),
         MsgType.ACK: message[Ack],
         MsgType.REFUSE: message[Refuse],
+        MsgType.DIRTY: message[Dirty],
+        MsgType.NOP: Nop(VID, 3, 1),
+        MsgType.CHECKPOINT: Checkpoint(VID, 3, 1, 0),
     }
     after = REPLICA_TRANSITIONS.get((state, kind))
     if after is None:
@@ -520,7 +535,7 @@ def test_primary_sends_nothing_before_open_and_opens_once() -> None:
 @pytest.mark.parametrize("state", [PrimaryState.NEW, PrimaryState.OPENING, PrimaryState.STREAMING])
 @pytest.mark.parametrize("event", list(PrimaryInput))
 def test_primary_transitions_follow_the_table(state: PrimaryState, event: PrimaryInput) -> None:
-    p = PrimaryStream(VID, 3, "n1")
+    p = PrimaryStream(VID, 3, "n1", report_dirty=True)
     if state is not PrimaryState.NEW:
         p.open(0.0)
     if state is PrimaryState.STREAMING:
@@ -530,6 +545,7 @@ def test_primary_transitions_follow_the_table(state: PrimaryState, event: Primar
         PrimaryInput.SEND_OPERATION: lambda: p.flush(0.0),
         PrimaryInput.RECV_ACK: lambda: p.feed(ack(0)),
         PrimaryInput.RECV_REFUSE: lambda: p.feed(encode(Refuse(VID, 3, 0, ErrorCode.BUSY, ""))),
+        PrimaryInput.RECV_DIRTY: lambda: p.feed(encode(Dirty(VID, 3, 0, 0, 8, b"\x01", True))),
     }
     after = PRIMARY_TRANSITIONS.get((state, event))
     if after is None or after is PrimaryState.FAILED:
@@ -561,3 +577,76 @@ def test_primary_to_replica_end_to_end_and_the_acknowledgement_rule() -> None:
     assert all_complete(primaries, 1) and not all_complete(primaries, 2, durable=True)
     assert primaries["n2"].complete(2, durable=True)
     assert stores["n2"] == stores["n3"] and stores["n2"][4096:8192] == b"\x01" * 4096
+
+
+# -- resync: the replica's dirty map, NOPs ---------------------------------------------------------
+
+
+def test_the_dirty_map_answers_an_open_that_asks_for_it_in_slices() -> None:
+    stream = replica()
+    [opened] = stream.feed(encode(Open(VID, 3, 1, "n1", report_dirty=True)))
+    assert isinstance(opened, Opened) and opened.report_dirty
+    bitmap = bytes(range(256)) * 5000  # 1.28 MB: two slices
+    regions = len(bitmap) * 8
+    wire = dirty_report(VID, 3, 0, regions, bitmap)
+    assert len(wire) == 2 and all(len(w) <= HEADER.size + 8 + MAX_PAYLOAD for w in wire)
+    p = PrimaryStream(VID, 3, "n1", report_dirty=True)
+    p.open(0.0)
+    joined = opened.ack + b"".join(wire)
+    events: list[object] = []
+    for i in range(0, len(joined), 65536):  # in pieces, like records
+        events += p.feed(joined[i : i + 65536])
+    assert events == [Acked(0, 0), DirtyReport(regions, bitmap)]
+
+
+def test_dirty_slices_are_checked() -> None:
+    with pytest.raises(ReplicationError) as e:
+        Dirty(VID, 3, 0, 0, 8, b"\x01\x02", True)  # longer than the bitmap
+    assert e.value.code is ErrorCode.MALFORMED
+    with pytest.raises(ReplicationError):
+        Dirty(VID, 3, 0, 0, 16, b"\x01", True)  # last, but the bitmap is not complete
+    with pytest.raises(ReplicationError):
+        Dirty(VID, 3, 0, 0, 0, b"", True)  # no regions
+    # Unasked for: refused.
+    p = PrimaryStream(VID, 3, "n1")
+    p.open(0.0)
+    p.feed(ack(0))
+    with pytest.raises(ReplicationError) as e:
+        p.feed(encode(Dirty(VID, 3, 0, 0, 8, b"\x01", True)))
+    assert e.value.code is ErrorCode.UNEXPECTED
+    # A slice out of order.
+    p = PrimaryStream(VID, 3, "n1", report_dirty=True)
+    p.open(0.0)
+    p.feed(ack(0))
+    with pytest.raises(ReplicationError) as e:
+        p.feed(encode(Dirty(VID, 3, 0, 1, 16, b"\x01", True)))
+    assert e.value.code is ErrorCode.MALFORMED
+
+
+def test_a_nop_takes_a_seq_and_changes_nothing() -> None:
+    p = PrimaryStream(VID, 3, "n1")
+    stream = replica()
+    wire = p.open(0.0) + p.write(0, b"x" * 512, 0.0)[1] + p.nop(0.0)[1]
+    events = stream.feed(wire)
+    assert [type(e).__name__ for e in events] == ["Opened", "ApplyWrite", "ApplyNop"]
+    assert events[2] == ApplyNop(2)
+    opened = events[0]
+    assert isinstance(opened, Opened)
+    p.feed(opened.ack)
+    stream.done(1)
+    assert p.feed(stream.done(2)) == [Acked(2, 0)]
+
+
+def test_a_checkpoint_is_applied_in_order_and_clamped_to_the_stream() -> None:
+    p = PrimaryStream(VID, 3, "n1", first_seq=5)  # seqs 1..4 came in earlier streams of the epoch
+    with pytest.raises(ReplicationError):
+        Checkpoint(VID, 3, 2, 2)  # up to itself or later
+    p.open(0.0)
+    _, wire = p.checkpoint(2, 0.0)
+    (message,) = decode_all(wire)
+    assert message == Checkpoint(VID, 3, 5, 2)
+    _, wire = p.checkpoint(9, 0.0)
+    (message,) = decode_all(wire)
+    assert message == Checkpoint(VID, 3, 6, 5)  # clamped below its own seq
+    events = replica().feed(encode(Open(VID, 3, 1, "n1")) + encode(Checkpoint(VID, 3, 1, 0)))
+    assert events[1] == ApplyCheckpoint(1, 0)

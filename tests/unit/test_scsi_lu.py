@@ -7,6 +7,7 @@ import struct
 from typing import Any
 
 import pytest
+import structlog
 
 from frontend.scsi.lu import AccessState, LogicalUnit, ResetKind, no_such_lun
 from frontend.scsi.opcodes import SANITIZE_ACTIONS
@@ -1120,4 +1121,7 @@ async def test_failed_persistence_is_a_hardware_error() -> None:
 
     lu = LogicalUnit(MemoryBlockStore(NBLOCKS * BS, BS), IDENTITY, on_reservations_changed=broken)
     cdb, params = pr_out(0x00, 0, 0x1)
-    assert sense(await run(lu, cdb, params)) == (0x04, 0x44, 0x00)
+    with structlog.testing.capture_logs() as logs:
+        assert sense(await run(lu, cdb, params)) == (0x04, 0x44, 0x00)
+    (record,) = [r for r in logs if r["event"] == "reservations not saved"]   # said where it happened
+    assert isinstance(record["exc_info"], OSError)

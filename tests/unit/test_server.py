@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from frontend import internal_errors
 from frontend.iscsi.pdu import (
     RESERVED_TAG,
     LoginRequest,
@@ -220,3 +221,24 @@ async def test_commands_that_are_not_aborted_still_complete(client: Client, lu: 
     (resp,) = await _answers(client, 1)
     assert isinstance(resp, ScsiResponse) and resp.itt == write.itt and resp.status == 0
     assert lu.ended == ["finished"]
+
+
+class CrashingLu(BlockingLu):
+    """TEST UNIT READY raises: a bug in the SCSI layer."""
+
+    async def execute(self, req: ScsiRequest) -> ScsiResult:
+        if req.cdb[0] == 0x00:
+            raise RuntimeError("a bug in the SCSI layer")
+        return await super().execute(req)
+
+
+@pytest.mark.internal_errors_expected
+@pytest.mark.parametrize("lu", [CrashingLu()])
+async def test_a_crashing_command_is_answered_logged_and_counted(client: Client, lu: BlockingLu) -> None:
+    before = internal_errors.count()
+    tur = client.tur()
+    client.send(tur)
+    (resp,) = await _answers(client, 1)
+    assert isinstance(resp, ScsiResponse) and resp.itt == tur.itt and resp.status == 0x02  # CHECK CONDITION
+    assert resp.data[2] & 0x0F == 0x04                                                   # HARDWARE ERROR
+    assert internal_errors.count() == before + 1

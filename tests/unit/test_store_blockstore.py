@@ -15,6 +15,8 @@ import pytest
 from store.blockstore import (
     BlockStore,
     FileBlockStore,
+    InlineIo,
+    IoPath,
     StoreClosed,
     StoreIOError,
     StoreOp,
@@ -145,6 +147,37 @@ def test_both_stores_satisfy_the_protocol() -> None:
 
     accepts(FileBlockStore)  # mypy checks these two lines
     accepts(MemoryBlockStore)
+
+
+SHM_PRESENT = os.path.isdir("/dev/shm")
+
+
+async def test_inline_io_does_what_the_awaited_calls_do_or_nothing(tmp_path: Path) -> None:
+    """The fast path's InlineIo: on tmpfs both answer inline; out of range, closed, or with a
+    failure armed they decline, having done nothing, and the awaited call reports."""
+    stores: list[Any] = [MemoryBlockStore(4 * MiB, 512)]
+    if SHM_PRESENT:
+        path = Path("/dev/shm") / f"inline-{os.getpid()}.img"
+        stores.append(await FileBlockStore.open(path, block_size=512, size=4 * MiB, create=True))
+        assert stores[-1].io_path is IoPath.MEMORY
+    for s in stores:
+        assert isinstance(s, InlineIo)
+        assert s.write_now(1024, b"\x5a" * 512)
+        assert s.read_now(1024, 512) == b"\x5a" * 512 == await s.read(1024, 512)
+        assert not s.write_now(4 * MiB, bytes(512))
+        if isinstance(s, MemoryBlockStore):
+            s.fail_next(StoreOp.READ)
+            assert s.read_now(0, 512) is None
+            with pytest.raises(StoreIOError):
+                await s.read(0, 512)
+        await s.close()
+        assert s.read_now(0, 512) is None and not s.write_now(0, bytes(512))
+    if len(stores) > 1:
+        os.unlink(stores[1].path)
+    disk = await file_store(tmp_path)
+    if disk.io_path is not IoPath.MEMORY:
+        assert not disk.write_now(0, bytes(512))       # a disk: writes go to the pool
+    await disk.close()
 
 
 # ---- FileBlockStore specifics ------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""A bug caught inside the iSCSI core is logged with its traceback, counted in /metrics and in the
+process, and fails the test suite (tests/conftest.py) unless the test expects it."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+from prometheus_client import generate_latest
+
+from frontend import internal_errors
+from frontend.iscsi.connection import CloseConnection, Connection, Phase
+from frontend.iscsi.pdu import NopOut, encode_bytes
+from frontend.iscsi.session import SessionTable
+from frontend.metrics import NoMetrics
+from frontend.target import TargetRegistry, TargetSettings
+from sparrow.metrics import PrometheusMetrics
+
+
+class Recorder(NoMetrics):
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def internal_error(self, where: str) -> None:
+        self.errors.append(where)
+
+
+@pytest.mark.internal_errors_expected
+def test_a_bug_in_the_core_is_logged_counted_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = Recorder()
+    conn = Connection(TargetSettings(nop_interval=0), TargetRegistry(), SessionTable(), now=0.0, peer="p",
+                      metrics=metrics)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(conn, "_on_login_phase_pdu", broken)
+    before = internal_errors.count()
+    with structlog.testing.capture_logs() as logs:
+        conn.receive_data(encode_bytes(NopOut(True, 0, 1, 0xFFFFFFFF, 0, 0)), 1.0)
+    assert internal_errors.count() == before + 1
+    assert metrics.errors == ["receive"]
+    (record,) = [r for r in logs if r["event"] == internal_errors.INTERNAL_ERROR_EVENT]
+    assert record["where"] == "receive" and isinstance(record["exc_info"], RuntimeError)
+    assert record["log_level"] == "error"
+    assert conn.phase is Phase.CLOSED
+    assert isinstance(conn.next_event(), CloseConnection)
+
+
+def test_prometheus_exports_the_counter() -> None:
+    metrics = PrometheusMetrics()
+    metrics.internal_error("scsi")
+    metrics.internal_error("scsi")
+    text = generate_latest(metrics.registry).decode()
+    assert 'sparrow_internal_errors_total{where="scsi"} 2.0' in text
