@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.messages import ReplicaState, SyncState
 from sparrow.node.checkpoint import CHECKPOINT_INTERVAL, checkpoint_round
+from sparrow.node.reconcile import Reconcile
 from sparrow.node.resync import DEFAULT_RESYNC_RATE, LockFor, Resync, ResyncMetrics, TokenBucket
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
@@ -126,6 +127,9 @@ class _Replica:
     progress: tuple[int, int] = (0, 0)
     lagging_at: float = 0.0
     changed: asyncio.Event | None = None
+    #: In sync at the start of this primary's term, its dirty regions not yet all queued
+    #: (sparrow/node/reconcile.py): its streams ask for its dirty map.
+    reconcile: bool = False
 
 
 OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
@@ -146,10 +150,13 @@ class ReplicatedStore:
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
         on_lagging: Callable[[], None] | None = None,
         on_syncing: Callable[[ReplicatedStore, str], None] | None = None,
+        on_reconcile: Callable[[ReplicatedStore, str], None] | None = None,
     ) -> None:
         self.inner = inner
-        #: Called when a replica starts syncing (the node starts its resync driver).
+        #: Called when a replica starts syncing (the node starts its resync driver), and for each
+        #: in-sync replica at the start of a term (the node starts its reconcile).
         self.on_syncing = on_syncing
+        self.on_reconcile = on_reconcile
         #: This copy's dirty map (cleared by checkpoints, sparrow/node/checkpoint.py), the random
         #: id of this process's streams, the op index that last wrote each region in this term
         #: as primary, and the regions dirty when the term began (never cleared by it).
@@ -283,8 +290,10 @@ class ReplicatedStore:
         wanted = dict(targets)
         resync = {node: portal for node, portal in syncing if node not in wanted}
         new_epoch = epoch != self.epoch
-        if self.epoch is None and self.dirty_map is not None:
-            self.sticky = frozenset(self.dirty_map.bits)  # a new term as primary
+        term = self.epoch is None  # a new term as primary
+        if term and self.dirty_map is not None:
+            self.sticky = frozenset(self.dirty_map.bits)
+        reconcile = []
         self.epoch = epoch
         self._stood_down = False
         self.complete = complete and not resync
@@ -304,6 +313,10 @@ class ReplicatedStore:
                 start = self._first - 1
                 replica = _Replica(node, portal, applied=start, durable=start)
                 self.replicas[node] = replica
+                if term and self.dirty_map is not None:
+                    # It may differ from this copy where the old primary's last writes went.
+                    replica.reconcile, replica.changed = True, asyncio.Event()
+                    reconcile.append(node)
                 self._connect(replica)
             elif replica.syncing:
                 # Back in the in-sync set (resynced and reported): waited for from now on. One
@@ -322,6 +335,9 @@ class ReplicatedStore:
                 replica.based = replica.based and not new_epoch
                 self._connect(replica)
         self._progress()
+        for node in reconcile:
+            if self.on_reconcile is not None:
+                self.on_reconcile(self, node)
 
     def _sync(self, node: str, portal: str, new_epoch: bool) -> None:
         replica = self.replicas.get(node)
@@ -336,6 +352,7 @@ class ReplicatedStore:
             replica.generation += 1
             replica.progress = (0, 0)
             replica.changed = replica.changed or asyncio.Event()
+            self._changed(replica)  # a reconcile gives way
             log.info("replica syncing", volume_id=self.volume_id, replica=node, epoch=self.epoch)
         elif not new_epoch and portal == replica.portal:
             return
@@ -378,6 +395,19 @@ class ReplicatedStore:
 
     async def room(self, size: int) -> None:
         await self._room(size)
+
+    # ---- the reconcile's side (sparrow/node/reconcile.py) -------------------------------------------
+
+    def reconciling(self, node: str) -> _Replica | None:
+        """``node`` if it is in sync and its reconcile has not queued every region yet."""
+        replica = self.replicas.get(node)
+        return replica if replica is not None and replica.reconcile and not replica.syncing else None
+
+    def reconciled(self, node: str) -> None:
+        """Every region queued (or the reconcile gave way to a resync): no more dirty maps asked."""
+        replica = self.replicas.get(node)
+        if replica is not None:
+            replica.reconcile = False
 
     # ---- checkpoints (sparrow/node/checkpoint.py) --------------------------------------------------
 
@@ -586,7 +616,7 @@ class ReplicatedStore:
         if replica.portal is None or self.epoch is None or self.open_link is None:
             return  # waited for until the master knows its portal or drops it
         if self._oldest_pending(replica) is None and not replica.syncing:
-            return  # lazily: the first op to send opens the stream
+            return  # lazily: the first op to send opens the stream (and asks for a reconcile's map)
         if not replica.based:
             # The epoch's first stream: seq 1 is the first op the replica has not acknowledged,
             # or a flush it applied and has not yet said is durable (resent under the new epoch).
@@ -605,7 +635,7 @@ class ReplicatedStore:
             self.node_id,
             first_seq=replica.sent - replica.base + 1,
             ack_timeout=self.ack_timeout,
-            report_dirty=replica.syncing,
+            report_dirty=replica.syncing or replica.reconcile,
             session=self.session,
         )
         replica.dirty_report = None
@@ -975,6 +1005,7 @@ class Forwarding:
         self.resync_metrics = ResyncMetrics(registry)
         self.dirty: dict[str, DirtyMap | None] = {}
         self.resyncs: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.reconciles: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._checkpoints: asyncio.Task[None] | None = None
         self.secret = secret
         self.ack_timeout = ack_timeout
@@ -998,6 +1029,7 @@ class Forwarding:
             hold_timeout=self.hold_timeout,
             on_lagging=self._lagging,
             on_syncing=self._resync,
+            on_reconcile=self._reconcile,
         )
         store.dirty_map = dirty
         self.stores[volume_id] = store
@@ -1012,6 +1044,8 @@ class Forwarding:
     def forget(self, volume_id: str) -> None:
         for key in [k for k in self.resyncs if k[0] == volume_id]:
             self.resyncs.pop(key).cancel()
+        for key in [k for k in self.reconciles if k[0] == volume_id]:
+            self.reconciles.pop(key).cancel()
         self.dirty.pop(volume_id, None)
         store = self.stores.pop(volume_id, None)
         if store is not None:
@@ -1064,6 +1098,29 @@ class Forwarding:
         task = asyncio.get_running_loop().create_task(self._run_resync(resync), name=f"resync-{node}")
         self.resyncs[key] = task
 
+    def _reconcile(self, store: ReplicatedStore, node: str) -> None:
+        """Start the reconcile of in-sync ``node`` at the start of a term (sparrow/node/reconcile.py)."""
+        key = (store.volume_id, node)
+        running = self.reconciles.pop(key, None)
+        if running is not None:
+            running.cancel()  # an earlier term's
+        reconcile = Reconcile(store, node, lock_for=self.lock_for, bucket=self.bucket, clock=self.clock)
+        task = asyncio.get_running_loop().create_task(
+            self._run_reconcile(key, reconcile), name=f"reconcile-{node}"
+        )
+        self.reconciles[key] = task
+
+    async def _run_reconcile(self, key: tuple[str, str], reconcile: Reconcile) -> None:
+        try:
+            await reconcile.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile failed", volume_id=reconcile.store.volume_id, replica=reconcile.node)
+        finally:
+            if self.reconciles.get(key) is asyncio.current_task():
+                del self.reconciles[key]
+
     async def _run_resync(self, resync: Resync) -> None:
         try:
             await resync.run()
@@ -1092,9 +1149,10 @@ class Forwarding:
         return {vid: s.replica_states(now) for vid, s in self.stores.items() if s.replicas}
 
     async def close(self) -> None:
-        for task in list(self.resyncs.values()):
+        for task in [*self.resyncs.values(), *self.reconciles.values()]:
             task.cancel()
         self.resyncs.clear()
+        self.reconciles.clear()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
