@@ -30,7 +30,7 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -260,10 +260,26 @@ class GuardedSite(web.BaseSite):
         )
 
 
+_READS_BODY = "_sparrow_reads_body"
+
+M = TypeVar("M")
+
+
+def reads_body(middleware: M) -> M:
+    """Mark a middleware that reads the request body (the audit's call line): :func:`install` puts
+    the guard's body timeout in front of it, so a slow body is answered 408 there too."""
+    setattr(middleware, _READS_BODY, True)
+    return middleware
+
+
 def install(app: web.Application, limits: HttpLimits, registry: CollectorRegistry | None) -> HttpGuard:
-    """A guard for ``app`` (not yet set up): its middleware is appended, innermost."""
+    """A guard for ``app`` (not yet set up): its middleware goes innermost (after authentication,
+    so a request without credentials is refused before its body is read), but in front of the
+    first middleware marked :func:`reads_body`."""
     guard = HttpGuard(limits, registry)
-    app.middlewares.append(guard.middleware)
+    middlewares = list(app.middlewares)
+    at = next((i for i, m in enumerate(middlewares) if getattr(m, _READS_BODY, False)), len(middlewares))
+    app.middlewares.insert(at, guard.middleware)
     return guard
 
 

@@ -60,6 +60,7 @@ from sparrow.auth import tokens
 from sparrow.auth.tokens import AuthError
 from sparrow.cluster.messages import Assignment
 from sparrow.httpjson import ApiError, Handler, error_response
+from sparrow.httplimits import reads_body
 from sparrow.master.auth import PRINCIPAL_KEY
 
 log = structlog.get_logger("sparrow.master.audit")
@@ -289,6 +290,8 @@ def audit_middlewares(audit: AuditLog) -> tuple[Middleware, Middleware]:
             return await handler(request)
         except AuditError as e:  # an epoch the handler tried to mint (resize) was not audited
             raise ApiError(503, f"{e}; nothing changed") from None
+
+    reads_body(inner)  # the guard's body timeout goes in front of it (sparrow.httplimits)
 
     @web.middleware
     async def outer(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -8,8 +8,8 @@ A process kill keeps the page cache, so every acknowledged write must be there, 
 
 ``SPARROW_GATE_KILLS`` sets the number of kill points per test (default 3; `make chaos` runs 25),
 ``SPARROW_GATE_SEED`` the random seed (default: a fresh one, printed on failure). The three-copy
-variant with failover is tests/integration/test_forwarding.py; the three-copy whole-cluster crash
-is (d) below.
+whole-cluster crash is (d) below; the three-copy failover, repeated (the primary killed, an in-sync
+replica promoted, the old primary back and caught up, again), is (e).
 """
 
 from __future__ import annotations
@@ -285,3 +285,75 @@ def test_whole_three_copy_cluster_kill9_under_load_loses_no_flushed_write(
     contents["through the target"] = read_through_target(primary.url("gate"), BLOCKS)
     assert_nothing_lost(journal, contents, seed)
     print(f"three copies, whole cluster: in sync at the end {sorted(in_sync_copies(final))}, epochs {epochs}")
+
+
+# -- (e) three copies: kill -9 the primary, fail over, bring it back, catch up, again (test 1) -----
+
+
+@pytest.mark.timeout(120 + 40 * KILLS)  # a failover, a restart and a catch-up per kill point
+def test_three_copy_primary_kill9_fails_over_and_catches_up_at_every_kill_point(
+    cluster3: Cluster, seed: int
+) -> None:
+    """Issue 8, test 1: a volume with three copies, the writer entering at a replica's portal and
+    redirected to the primary. At each kill point the primary dies by kill -9 at a random moment;
+    the master promotes an in-sync replica under a new epoch; the dead node is restarted, rejoins
+    as a replica, is caught up while the writer goes on, and is recorded in sync again before the
+    next kill point, so every kill point kills a primary of a fully replicated volume. Afterwards
+    every acknowledged write is on every in-sync copy and through the target."""
+    rnd = random.Random(seed)
+    cluster3.cli("volume", "create", "gate", "--size", "16MiB", "--replicas", "3")
+    v = cluster3.wait_converged("gate", epoch=1, copies=3)
+    volume_id = v["volume_id"]
+    cluster3.wait_serving(v["primary"]["node_id"], volume_id)
+    entry = next(r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+    writer = Writer(cluster3.node(entry).url("gate"), run_id=seed, blocks=BLOCKS, depth=8, sync_every=64)
+    t = cluster3.timing
+    promoted_within = t.lease + t.margin + t.dead_after + 10
+    try:
+        writer.wait_acked(1)
+        for k in range(1, KILLS + 1):
+            kill_moment(writer, rnd)
+            before = cluster3.volume("gate")
+            old = before["primary"]["node_id"]
+            assert in_sync_copies(before) == set(cluster3.nodes), f"seed {seed}: {before['replicas']}"
+            cluster3.node(old).kill9()
+            killed = time.monotonic()
+            after = wait_for(
+                lambda e=before["epoch"], o=old: (
+                    (w := cluster3.volume("gate"))["epoch"] > e and w["primary"]["node_id"] != o and w
+                ),
+                timeout=promoted_within,
+                what=f"kill point {k}: a new primary instead of {old}",
+            )
+            new = after["primary"]["node_id"]
+            assert new in in_sync_copies(before), f"seed {seed}: {new} promoted, in sync: {before}"
+            cluster3.node(old).spawn()  # back, as a replica that must catch up
+            cluster3.node(old).wait_ready()
+            writer.wait_reconnects(k, timeout=60)
+            writer.wait_acked(writer.acked + 1)
+            failover = time.monotonic() - killed
+            wait_for(
+                lambda: in_sync_copies(cluster3.volume("gate")) == set(cluster3.nodes),
+                timeout=60,
+                what=f"kill point {k}: {old} caught up and back in the in-sync set",
+                interval=0.1,
+            )
+            print(
+                f"kill point {k}: {old} killed, {new} primary (epoch {after['epoch']}), writing again"
+                f" after {failover:.1f} s, all three in sync after {time.monotonic() - killed:.1f} s"
+            )
+        writer.wait_acked(writer.acked + 100)
+        journal = writer.stop()
+    finally:
+        writer.kill()
+    assert journal.reconnects >= KILLS, writer.summary()
+    final = cluster3.volume("gate")
+    primary = cluster3.node(final["primary"]["node_id"])
+    wait_for(lambda: primary.access_state(volume_id) == "active_optimized", timeout=10, what="serving")
+    contents = {
+        f"{n} data file": read_data_file(cluster3.node(n).data_dir / "volumes" / "gate.img", BLOCKS)
+        for n in sorted(in_sync_copies(final))
+    }
+    assert len(contents) == 3, final["replicas"]
+    contents["through the target"] = read_through_target(primary.url("gate"), BLOCKS)
+    assert_nothing_lost(journal, contents, seed)
