@@ -730,6 +730,8 @@ class ReplicatedStore:
                 floor = durable if waiters.durable else applied
                 if waiters.index <= floor:
                     self._wake(waiters, None)
+                    if self._joinable.get(waiters.durable) is waiters:
+                        del self._joinable[waiters.durable]  # a later waiter of this turn: a new entry
                     continue
                 for index, future in waiters.futures:
                     if index <= floor and not future.done():

@@ -351,3 +351,29 @@ async def test_inline_io_only_where_the_awaited_call_is_the_inner_store() -> Non
     h.store.configure(2, [("n2", "h:1")])
     assert not h.store.write_now(0, b"e" * BS)
     assert h.store.read_now(0, BS) == b"d" * BS
+
+
+async def test_a_waiter_after_its_turns_entry_was_woken_gets_an_entry_of_its_own() -> None:
+    """The writes of one loop turn share an entry; once that entry is woken (every op in it
+    acknowledged), a write that starts waiting later in the same turn must not join it (nothing
+    would wake it again): it gets a new entry and completes on its own ACK."""
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    first = asyncio.create_task(h.store.write(0, b"a" * BS))
+    second = asyncio.create_task(h.store.write(BS, b"b" * BS))
+    await h.up()
+    assert not first.done() and not second.done()
+    # One turn, stepped by hand: a waiter for op 1, its ACK, then a waiter for op 2.
+    early = h.store._wait(1, durable=False)
+    early_future = early.send(None)
+    h.links["n2"].ack(1)
+    assert early_future.done()
+    late = h.store._wait(2, durable=False)
+    late_future = late.send(None)
+    h.links["n2"].ack(2)
+    assert late_future.done(), "the late waiter joined an entry that was already woken"
+    for coro in (early, late):
+        with pytest.raises(StopIteration):
+            coro.send(None)
+    await settle()
+    assert first.done() and second.done()
