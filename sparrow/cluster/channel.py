@@ -9,19 +9,23 @@ the wire.
 
 Handshake (fixed-size messages; ``purpose`` says what the stream carries, :class:`Purpose`)::
 
-    C -> S  b"SPRW" | version (1 byte) | purpose (1 byte) | nonce_c (32 bytes)
-    S -> C  nonce_s (32) | HMAC-SHA256(Ka, b"server" | transcript)
+    C -> S  b"SPRW" | version (1 byte) | purpose (1 byte) | nonce_c (32 bytes) | share_c (32)
+    S -> C  nonce_s (32) | share_s (32) | HMAC-SHA256(Ka, b"server" | transcript)
     C -> S  HMAC-SHA256(Ka, b"client" | transcript)
 
-    transcript = b"SPRW" | version | purpose | nonce_c | nonce_s
+    transcript = b"SPRW" | version | purpose | nonce_c | share_c | nonce_s | share_s
 
-Each side checks the other's MAC with ``hmac.compare_digest``; the labels keep a MAC from being
-reflected to the other side, the fresh nonces keep a recorded handshake from being replayed. The
-client sends nothing but its handshake before it has checked the server's MAC; the server hands
-nothing to the layer above before it has checked the client's.
+``share_c`` and ``share_s`` are ephemeral X25519 public keys (version 2). Each side checks the
+other's MAC with ``hmac.compare_digest``; the labels keep a MAC from being reflected to the other
+side, the fresh nonces keep a recorded handshake from being replayed. The client sends nothing but
+its handshake before it has checked the server's MAC; the server hands nothing to the layer above
+before it has checked the client's.
 
-Records: each direction gets its own key, ``HKDF-SHA256(K, salt=nonce_c | nonce_s,
-info=b"sparrow cluster v1 " + purpose + direction)``, and a record is ``length (4 bytes, big
+Records: each direction gets its own key, ``HKDF-SHA256(K | X25519(shares), salt=nonce_c |
+nonce_s, info=b"sparrow cluster v1 " + purpose + direction)``: every member holds ``K``, but only
+the two ends of this connection hold the shared X25519 secret, so another member that sees the
+bytes (on the path) cannot open or forge the records, and a recorded connection stays sealed even
+if the cluster secret leaks later. A record is ``length (4 bytes, big
 endian) | ChaCha20Poly1305(key, nonce=counter, plaintext, aad=length)``, the 96-bit nonce being
 the record's number in its direction (0, 1, 2 ...). A tampered, replayed, reordered or truncated
 record fails to open: :class:`ChannelError` with ``BAD_RECORD``; the connection is then closed.
@@ -47,18 +51,25 @@ from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 MAGIC = b"SPRW"
-VERSION = 1
+#: Version 2 added the X25519 shares (docs/cluster.md, "The cluster channel").
+VERSION = 2
 NONCE_SIZE = 32
+#: An X25519 public key.
+SHARE_SIZE = 32
 MAC_SIZE = 32
 TAG_SIZE = 16
 #: The length prefix of a record: unsigned 32-bit big-endian, the sealed size (tag included).
 RECORD_HEADER = struct.Struct(">I")
+#: The client's hello: magic, version, purpose, nonce_c; its X25519 share follows.
 CLIENT_HELLO = struct.Struct(f">4sBB{NONCE_SIZE}s")
-SERVER_HELLO_SIZE = NONCE_SIZE + MAC_SIZE
+CLIENT_HELLO_SIZE = CLIENT_HELLO.size + SHARE_SIZE
+SERVER_HELLO_SIZE = NONCE_SIZE + SHARE_SIZE + MAC_SIZE
 CLIENT_FINISH_SIZE = MAC_SIZE
 #: The largest plaintext of one record by default (a heartbeat frame is at most 1 MiB + 4).
 DEFAULT_MAX_PLAINTEXT = (1 << 20) + 64
@@ -213,6 +224,11 @@ class Channel:
         self._fed_at = now
         self._nonce_c = b""
         self._nonce_s = b""
+        self._share_c = b""
+        self._share_s = b""
+        #: This end's ephemeral X25519 key (from ``random_bytes``, so tests can fix it).
+        self._dh = X25519PrivateKey.from_private_bytes(random_bytes(SHARE_SIZE))
+        self._shared = b""
         self._seal: ChaCha20Poly1305 | None = None
         self._open: ChaCha20Poly1305 | None = None
         self._send_counter = 0
@@ -224,6 +240,17 @@ class Channel:
     @property
     def established(self) -> bool:
         return self._state is _State.OPEN
+
+    @property
+    def binding(self) -> bytes:
+        """This connection's channel binding: the handshake transcript (magic, version, purpose,
+        both nonces and both X25519 shares), which both ends know once the handshake is done and
+        no other connection shares (a member in the middle runs two handshakes: two bindings). A
+        proof bound to it cannot be replayed on another connection (the replication OPEN's,
+        ``sparrow.replication.streamauth``)."""
+        if self._state is not _State.OPEN:
+            raise ChannelError(ChannelErrorCode.NOT_ESTABLISHED, "no channel binding before the handshake")
+        return self._transcript()
 
     @property
     def buffered(self) -> int:
@@ -275,10 +302,27 @@ class Channel:
         if self.side is not Side.CLIENT or self._nonce_c:
             raise RuntimeError("initiate() is called once, by the client")
         self._nonce_c = self._random(NONCE_SIZE)
-        return CLIENT_HELLO.pack(MAGIC, VERSION, int(self.purpose), self._nonce_c)
+        self._share_c = self._own_share()
+        return CLIENT_HELLO.pack(MAGIC, VERSION, int(self.purpose), self._nonce_c) + self._share_c
+
+    def _own_share(self) -> bytes:
+        return self._dh.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def _exchange(self, peer_share: bytes) -> None:
+        try:
+            self._shared = self._dh.exchange(X25519PublicKey.from_public_bytes(peer_share))
+        except ValueError:  # a low-order point: no shared secret
+            self._fail(ChannelErrorCode.AUTH_FAILED, "the peer's key share is not usable")
 
     def _transcript(self) -> bytes:
-        return MAGIC + bytes((VERSION, int(self.purpose))) + self._nonce_c + self._nonce_s
+        return (
+            MAGIC
+            + bytes((VERSION, int(self.purpose)))
+            + self._nonce_c
+            + self._share_c
+            + self._nonce_s
+            + self._share_s
+        )
 
     def _mac(self, label: bytes) -> bytes:
         return hmac.new(self.secret.handshake_key, label + self._transcript(), hashlib.sha256).digest()
@@ -286,8 +330,9 @@ class Channel:
     def _keys(self) -> None:
         salt = self._nonce_c + self._nonce_s
         base = _INFO + b" " + bytes((int(self.purpose),))
-        c2s = ChaCha20Poly1305(_hkdf(self.secret.key, salt=salt, info=base + b" c2s"))
-        s2c = ChaCha20Poly1305(_hkdf(self.secret.key, salt=salt, info=base + b" s2c"))
+        ikm = self.secret.key + self._shared
+        c2s = ChaCha20Poly1305(_hkdf(ikm, salt=salt, info=base + b" c2s"))
+        s2c = ChaCha20Poly1305(_hkdf(ikm, salt=salt, info=base + b" s2c"))
         self._seal, self._open = (c2s, s2c) if self.side is Side.CLIENT else (s2c, c2s)
 
     def _take(self, size: int) -> bytes | None:
@@ -302,17 +347,21 @@ class Channel:
         head = bytes(self._buffer[: len(MAGIC)])
         if head != MAGIC[: len(head)]:
             self._fail(ChannelErrorCode.BAD_MAGIC, f"not a cluster channel (first bytes {head.hex()})")
-        message = self._take(CLIENT_HELLO.size)
+        # ... and a version this end does not speak as soon as its byte arrives (the sizes differ).
+        if len(self._buffer) > len(MAGIC) and self._buffer[len(MAGIC)] != VERSION:
+            version = self._buffer[len(MAGIC)]
+            self._fail(ChannelErrorCode.UNSUPPORTED_VERSION, f"channel version {version}, expected {VERSION}")
+        message = self._take(CLIENT_HELLO_SIZE)
         if message is None:
             return False
-        _, version, purpose, nonce_c = CLIENT_HELLO.unpack(message)
-        if version != VERSION:
-            self._fail(ChannelErrorCode.UNSUPPORTED_VERSION, f"channel version {version}, expected {VERSION}")
+        _, version, purpose, nonce_c = CLIENT_HELLO.unpack_from(message)
         if purpose != int(self.purpose):
             self._fail(ChannelErrorCode.WRONG_PURPOSE, f"purpose {purpose}, expected {int(self.purpose)}")
-        self._nonce_c = nonce_c
+        self._nonce_c, self._share_c = nonce_c, message[CLIENT_HELLO.size :]
+        self._exchange(self._share_c)
         self._nonce_s = self._random(NONCE_SIZE)
-        events.append(HandshakeBytes(self._nonce_s + self._mac(b"server")))
+        self._share_s = self._own_share()
+        events.append(HandshakeBytes(self._nonce_s + self._share_s + self._mac(b"server")))
         self._state = _State.FINISH
         return True
 
@@ -321,8 +370,10 @@ class Channel:
         if message is None:
             return False
         self._nonce_s = message[:NONCE_SIZE]
-        if not hmac.compare_digest(message[NONCE_SIZE:], self._mac(b"server")):
+        self._share_s = message[NONCE_SIZE : NONCE_SIZE + SHARE_SIZE]
+        if not hmac.compare_digest(message[NONCE_SIZE + SHARE_SIZE :], self._mac(b"server")):
             self._fail(ChannelErrorCode.AUTH_FAILED, "the server does not hold the cluster secret")
+        self._exchange(self._share_s)
         events.append(HandshakeBytes(self._mac(b"client")))
         self._open_channel(events)
         return True

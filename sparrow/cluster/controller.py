@@ -24,9 +24,10 @@ Rules, per desired volume:
    of it would only be downtime. Replicas keep ``dead_after`` (rule 3): a blip must not cost a
    copy, and a node silent that long is no candidate for a new copy (rules 1 and 3) nor for the
    new primary either. Then promote only an *eligible* replica
-   (:meth:`TopologyController.eligible_replicas`): alive; its observation has role REPLICA, the
-   assignment's epoch, health OK and ``write_position`` at least the primary's last observed one;
-   and the primary's last observation (same epoch) listed it IN_SYNC. None eligible: no ask, status
+   (:meth:`TopologyController.eligible_replicas`): recorded in the assignment's in-sync set; alive;
+   its observation has role REPLICA, the assignment's epoch and health OK; and, if the primary
+   reported at this epoch, that report listed it IN_SYNC at a ``write_position`` at least the
+   primary's. None eligible: no ask, status
    ``"no eligible replica"`` -- an empty copy is never promoted.
 3. **Dead replica(s)**: replace each with a live node not already in the assignment (keeping the
    primary and the order of the survivors); none available: status ``"degraded: replica X dead"``.
@@ -363,21 +364,31 @@ class TopologyController:
         """Replicas of ``assignment`` that may take over from its primary, best first.
 
         A replica is eligible only if the assignment records it in sync (``assignment.in_sync``:
-        it held every acknowledged write when the epoch was published); it is alive; its own
-        observation says role REPLICA, the assignment's epoch, health OK and a ``write_position``
-        at least the primary's last observed one; and the primary's last observation, at the same
-        epoch, listed it IN_SYNC. Only the nodes ``assignment.replicas`` names are considered, and
-        the primary's observation counts only if it is :meth:`primary_report` (the incarnation that
-        first served the volume as primary at this epoch): a later incarnation under the primary's
-        id (a restart, or a forged Hello) cannot vouch for replicas it never fed; there is then no
-        eligible replica. Best is the highest write position, then the order of
-        ``assignment.replicas``.
+        it held every acknowledged write when the epoch was published, and the primary
+        acknowledges no write at this epoch without its ACK); it is alive; its own observation says
+        role REPLICA, the assignment's epoch and health OK. The primary's report narrows the choice
+        when there is one that counts (:meth:`primary_report`: at this epoch, from the incarnation
+        that first served the volume as primary at it): then the replica must also be listed
+        IN_SYNC there, at a ``write_position`` at least the primary's. Without such a report (the
+        primary died just after the publish, or only a later incarnation under its id spoke: a
+        restart or a forged Hello, which vouches for nobody) the master's record alone decides.
+        Only the nodes ``assignment.replicas`` names are considered. Best is the highest write
+        position, then the order of ``assignment.replicas``.
         """
         primary = assignment.primary
-        primary_obs = self.primary_report(assignment, observations)
-        if primary is None or primary_obs is None:
+        if primary is None:
             return ()
-        in_sync = {r.node_id for r in primary_obs.replica_states if r.state is SyncState.IN_SYNC}
+        primary_obs = self.primary_report(assignment, observations)
+        if primary_obs is None:
+            # The primary never reported at this epoch (it died just after the publish, or only a
+            # later incarnation spoke): the master's own record is enough. The primary acknowledged
+            # no write at this epoch without the ACK of every copy in ``assignment.in_sync``, and a
+            # copy entered that set only holding every write acknowledged before.
+            in_sync = set(assignment.in_sync)
+            position = 0
+        else:
+            in_sync = {r.node_id for r in primary_obs.replica_states if r.state is SyncState.IN_SYNC}
+            position = primary_obs.write_position
         ranked: list[tuple[int, int, str]] = []
         for index, node in enumerate(assignment.replicas):
             if (
@@ -393,7 +404,7 @@ class TopologyController:
                 or obs.role is not Role.REPLICA
                 or obs.epoch != assignment.epoch
                 or obs.health is not Health.OK
-                or obs.write_position < primary_obs.write_position
+                or obs.write_position < position
             ):
                 continue
             ranked.append((-obs.write_position, index, node))

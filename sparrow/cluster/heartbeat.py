@@ -33,6 +33,10 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   ``replicas``, each ``host:port`` or nil), both at most ``MAX_COPIES`` long. Assignments of an
   older Ack decode with ``in_sync`` = the primary alone and every replication portal None; an
   older assignment carrying either field is rejected (BAD_FIELD).
+- ``ack`` v6 adds ``stream_keys`` (an array of ``{volume_id, replica, key}``, ``key`` 64 hex
+  digits: the replication stream keys, docs/replication.md); an older Ack decodes with
+  ``stream_keys=()`` (its node then refuses every replication stream, and a primary's OPENs are
+  refused), and one carrying the field is rejected (BAD_FIELD).
 - ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
   SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
   either is rejected (BAD_FIELD).
@@ -48,6 +52,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from sparrow.cluster.messages import (
+    STREAM_KEY_SIZE,
     Ack,
     Assignment,
     DeletedVolume,
@@ -59,6 +64,7 @@ from sparrow.cluster.messages import (
     Message,
     ReplicaState,
     Role,
+    StreamKey,
     SyncState,
     VolumeChap,
     VolumeObservation,
@@ -77,7 +83,7 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 2, "ack": 5}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 2, "ack": 6}
 #: The first ``heartbeat`` version whose replica states carry resync progress.
 HEARTBEAT_RESYNC_VERSION = 2
 #: The first ``ack`` version that carries the volume directory.
@@ -88,6 +94,8 @@ ACK_SETTINGS_VERSION = 3
 ACK_DELETED_VERSION = 4
 #: The first ``ack`` version whose assignments carry in_sync and replication_portals.
 ACK_IN_SYNC_VERSION = 5
+#: The first ``ack`` version that carries the replication stream keys.
+ACK_STREAM_KEYS_VERSION = 6
 
 
 class ErrorCode(enum.Enum):
@@ -189,6 +197,9 @@ def _to_wire(message: Message) -> dict[str, object]:
         "assignments": [_assignment_to_wire(a) for a in message.assignments],
         "directory": [_directory_entry_to_wire(e) for e in message.directory],
         "deleted": [{"volume_id": d.volume_id, "name": d.name} for d in message.deleted],
+        "stream_keys": [
+            {"volume_id": k.volume_id, "replica": k.replica, "key": k.key.hex()} for k in message.stream_keys
+        ],
     }
 
 
@@ -377,6 +388,11 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
     deleted: tuple[DeletedVolume, ...] = ()
     if version >= ACK_DELETED_VERSION:
         deleted = tuple(_deleted_from_wire(f"deleted[{i}]", d) for i, d in enumerate(f.take_list("deleted")))
+    stream_keys: tuple[StreamKey, ...] = ()
+    if version >= ACK_STREAM_KEYS_VERSION:
+        stream_keys = tuple(
+            _stream_key_from_wire(f"stream_keys[{i}]", k) for i, k in enumerate(f.take_list("stream_keys"))
+        )
     return f.build(
         Ack,
         seq=seq,
@@ -384,7 +400,20 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
         assignments=assignments,
         directory=directory,
         deleted=deleted,
+        stream_keys=stream_keys,
     )
+
+
+def _stream_key_from_wire(where: str, raw: object) -> StreamKey:
+    f = _Fields(where, raw)
+    volume_id, replica, text = f.take("volume_id"), f.take("replica"), f.take("key")
+    if not isinstance(text, str) or len(text) != 2 * STREAM_KEY_SIZE:
+        raise _bad(f"{where}.key", f"expected {2 * STREAM_KEY_SIZE} hex digits")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise _bad(f"{where}.key", "not hex") from None
+    return f.build(StreamKey, volume_id=volume_id, replica=replica, key=key)
 
 
 def _deleted_from_wire(where: str, raw: object) -> DeletedVolume:

@@ -506,6 +506,28 @@ class DeletedVolume:
         check_volume_name("name", self.name)
 
 
+#: The size of a replication stream key (``sparrow.replication.streamauth``).
+STREAM_KEY_SIZE = 32
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """The key of the replication stream of ``volume_id``, at the epoch of the same Ack's
+    assignment, from its primary to ``replica`` (ack v6; docs/replication.md, "Who may open a
+    stream"). Derived by the master from a key only it holds; the primary proves it in its OPEN.
+    Kept out of ``repr``."""
+
+    volume_id: str
+    replica: str
+    key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        check_volume_id("volume_id", self.volume_id)
+        check_node_id("replica", self.replica)
+        if type(self.key) is not bytes or len(self.key) != STREAM_KEY_SIZE:
+            raise InvalidMessage("key", f"expected {STREAM_KEY_SIZE} bytes")
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
     """The master's answer to heartbeat ``seq``.
@@ -515,6 +537,9 @@ class Ack:
     ``assignments`` are the node's own (volumes it holds a copy of); ``directory`` lists every live
     volume of the cluster with its primary's portal (schema v2; empty in a v1 Ack); ``deleted``
     names the deleted volumes among those the heartbeat reported (schema v4; empty before).
+    ``stream_keys`` (schema v6; empty before) are the replication stream keys of the assignments
+    that name the node primary (one per other copy) or replica (its own): each names a volume
+    assigned in this Ack with a primary, and a copy of it other than the primary.
     """
 
     seq: int
@@ -522,6 +547,7 @@ class Ack:
     assignments: tuple[Assignment, ...]
     directory: tuple[DirectoryEntry, ...] = ()
     deleted: tuple[DeletedVolume, ...] = ()
+    stream_keys: tuple[StreamKey, ...] = ()
 
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
@@ -544,6 +570,20 @@ class Ack:
         live = {a.volume_id for a in assignments} | {e.volume_id for e in directory}
         if any(d.volume_id in live for d in deleted):
             raise InvalidMessage("deleted", "a deleted volume is also assigned or in the directory")
+        self._check_stream_keys(assignments)
+
+    def _check_stream_keys(self, assignments: tuple[Assignment, ...]) -> None:
+        keys = _check_records("stream_keys", self.stream_keys, StreamKey)
+        check_count("stream_keys", keys, MAX_VOLUMES * (MAX_COPIES - 1))
+        if len({(k.volume_id, k.replica) for k in keys}) != len(keys):
+            raise InvalidMessage("stream_keys", "a (volume, replica) appears twice")
+        by_id = {a.volume_id: a for a in assignments}
+        for index, k in enumerate(keys):
+            a = by_id.get(k.volume_id)
+            if a is None or a.primary is None or k.replica == a.primary or k.replica not in a.replicas:
+                raise InvalidMessage(
+                    f"stream_keys[{index}]", "names no replica of a volume this Ack assigns with a primary"
+                )
 
 
 #: Every message that travels in a heartbeat frame.

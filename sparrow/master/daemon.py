@@ -29,7 +29,7 @@ import structlog
 from frontend.target import DEFAULT_BASE_IQN
 from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, AuthorityStore
-from sparrow.cluster.channel import ClusterSecret
+from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyController
 from sparrow.cluster.epochfloor import RESTORE_MARKER, EpochFloor
 from sparrow.cluster.lease import LeaseConfig
@@ -53,6 +53,7 @@ from sparrow.master.audit import AuditError, AuditLog
 from sparrow.master.auth import bootstrap
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
+from sparrow.masterkey import master_key
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.blockstore import StoreError
@@ -252,6 +253,10 @@ async def start_master(
         audit = AuditLog.open_in(config.data_dir)
     except AuditError as e:
         raise StartupError(str(e)) from None
+    try:
+        key = master_key(config.data_dir)
+    except SecretError as e:
+        raise StartupError(str(e)) from None
 
     metrics = metrics if metrics is not None else MasterMetrics()
     supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
@@ -294,6 +299,7 @@ async def start_master(
         on_protocol_error=lambda code: metrics.protocol_errors.labels(code=code).inc(),
         on_refused=lambda reason: metrics.refused_connections.labels(reason=reason).inc(),
         idle_timeout=timing.dead_after,
+        master_key=key,
     )
     try:
         await heartbeats.start(config.listen.host, config.listen.port)

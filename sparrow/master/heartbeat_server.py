@@ -66,9 +66,10 @@ from sparrow.cluster.channel import (
 )
 from sparrow.cluster.heartbeat import FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import MasterLeases
-from sparrow.cluster.messages import Ack, DirectoryEntry, Heartbeat, Hello, Message
+from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Heartbeat, Hello, Message, StreamKey
 from sparrow.cluster.observations import ObservationError, ObservationStore
 from sparrow.master.control import ControlLoop
+from sparrow.replication.streamauth import stream_keys_for
 
 log = structlog.get_logger("sparrow.master.heartbeat")
 
@@ -129,9 +130,12 @@ class HeartbeatServer:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         idle_timeout: float | None = None,
+        master_key: bytes | None = None,
     ) -> None:
         self.control = control
         self.secret = secret
+        #: Derives the replication stream keys each Ack carries (None: no keys, streams refused).
+        self.master_key = master_key
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.on_hello = on_hello
@@ -148,6 +152,12 @@ class HeartbeatServer:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._push_pending = False
+
+    def stream_keys(self, node_id: str, assignments: tuple[Assignment, ...]) -> tuple[StreamKey, ...]:
+        """The replication stream keys an Ack to ``node_id`` carries (``streamauth.stream_keys_for``)."""
+        if self.master_key is None:
+            return ()
+        return stream_keys_for(self.master_key, node_id, assignments)
 
     def push_assignments(self) -> None:
         """Send every connected node its current assignments now (see the module docstring);
@@ -441,12 +451,14 @@ class NodeConnection(asyncio.Protocol):
             self.server.on_heartbeat()
         if self.server.control.holding:  # a restored authority: no lease, no assignment yet
             return
+        assignments = self.server.control.assignments_for(node_id)
         ack = Ack(
             seq=heartbeat.seq,
             lease_seconds=self.server.lease_seconds,
-            assignments=self.server.control.assignments_for(node_id),
+            assignments=assignments,
             directory=volume_directory(self.server.control),
             deleted=self.server.control.tombstones_for(o.volume_id for o in heartbeat.observations),
+            stream_keys=self.server.stream_keys(node_id, assignments),
         )
         self._send(ack)
         if self.closed_reason is None:
@@ -460,11 +472,13 @@ class NodeConnection(asyncio.Protocol):
         node_id, seq = self.node_id, self.last_seq
         if node_id is None or seq is None or self.closed_reason is not None:
             return
+        assignments = self.server.control.assignments_for(node_id)
         ack = Ack(
             seq=seq,
             lease_seconds=self.server.lease_seconds,
-            assignments=self.server.control.assignments_for(node_id),
+            assignments=assignments,
             directory=volume_directory(self.server.control),
+            stream_keys=self.server.stream_keys(node_id, assignments),
         )
         self._send(ack)
         if self.closed_reason is None:

@@ -640,6 +640,8 @@ class Convergence:
         #: Remote entries for the volumes of the latest Ack's directory this node does not hold.
         self.directory = RemoteDirectory(volumes.registry, base_iqn=volumes.base_iqn, tpgt=volumes.tpgt)
         self._last_ack: Ack | None = None
+        #: The latest Ack's stream keys: (volume id, replica) -> (the assignment's epoch, key).
+        self._stream_keys: dict[tuple[str, str], tuple[int, bytes]] = {}
         self._short_lease: float | None = None  # a lease already logged as too short to serve
         #: Every fence applied, oldest first (the daemon exports the count; tests read the times).
         self.fences: list[Fence] = []
@@ -689,6 +691,8 @@ class Convergence:
         fence deadline, and point the volumes of the directory this node does not hold at their primaries."""
         now = self._clock()
         self._last_ack = ack
+        epochs = {a.volume_id: a.epoch for a in ack.assignments}
+        self._stream_keys = {(k.volume_id, k.replica): (epochs[k.volume_id], k.key) for k in ack.stream_keys}
         # Before the plan is queued: a volume newly assigned here loses its remote entry before
         # its LU is opened, so the adapter's "newly opened: no redirect" holds.
         self._update_directory()
@@ -751,6 +755,15 @@ class Convergence:
                     return ()
                 return tuple((node, assignment.replication_portal(node)) for node in assignment.in_sync[1:])
         return ()
+
+    def stream_key(self, volume_id: str, epoch: int, replica: str) -> bytes | None:
+        """The replication stream key of ``volume_id`` at ``epoch`` to ``replica`` that the latest
+        Ack gave this node (ack v6; docs/replication.md, "Who may open a stream"): as the
+        primary, one per replica; as a replica, its own. None when the latest Ack assigns the
+        volume at another epoch or carries no such key (e.g. none since this process started).
+        Two dict lookups: a replica asks it for every message it receives."""
+        held = self._stream_keys.get((volume_id, replica))
+        return held[1] if held is not None and held[0] == epoch else None
 
     def resync_targets(self, volume_id: str) -> tuple[tuple[str, str], ...]:
         """The copies this node, as the volume's primary, must resync: ``(node_id, replication

@@ -478,6 +478,7 @@ async def start_node(
     cleanup.push_async_callback(heartbeat.stop)
     if forwarding is not None:
         forwarding.on_lagging = heartbeat.send_now
+        forwarding.stream_key = convergence.stream_key
     node = Node(
         config,
         record.incarnation,
@@ -510,6 +511,7 @@ async def _start_replication(node: Node) -> ReplicaServer:
             state=node.convergence.adapter.state,
             volumes=node.volumes,
             registry=node.metrics.registry,
+            stream_key=lambda volume_id, epoch: node.convergence.stream_key(volume_id, epoch, config.node_id),
         )
     except OSError as e:
         raise StartupError(f"cannot listen for replication on {config.replication}: {os_reason(e)}") from None

@@ -874,8 +874,16 @@ class ChannelLink:
     :class:`PrimaryStream`; reports ACKs and its end to the store."""
 
     def __init__(
-        self, store: ReplicatedStore, node: str, portal: str, stream: PrimaryStream, secret: ClusterSecret
+        self,
+        store: ReplicatedStore,
+        node: str,
+        portal: str,
+        stream: PrimaryStream,
+        secret: ClusterSecret,
+        stream_key: bytes | None = None,
     ) -> None:
+        #: The key the OPEN proves (the latest Ack's for this replica; None: the OPEN is refused).
+        self.stream_key = stream_key
         self.store = store
         self.node = node
         self.portal = portal
@@ -952,6 +960,8 @@ class ChannelLink:
                     elif isinstance(event, Plaintext):
                         self._acks(event.data)
             self.channel = channel
+            if self.stream_key is not None:
+                self.stream.authorize(self.stream_key, channel.binding)
             self.store.stream_open(self.node, self.stream)
             while True:
                 data = await reader.read(READ_SIZE)
@@ -1016,6 +1026,8 @@ class Forwarding:
         self.stores: dict[str, ReplicatedStore] = {}
         #: Called when a replica newly lags (the daemon: send a heartbeat now).
         self.on_lagging: Callable[[], None] | None = None
+        #: The stream key for (volume id, epoch, replica) (the daemon: ``Convergence.stream_key``).
+        self.stream_key: Callable[[str, int, str], bytes | None] = lambda volume_id, epoch, replica: None
         self._ticker: asyncio.Task[None] | None = None
 
     def wrap(self, volume_id: str, inner: BlockStore, *, dirty: DirtyMap | None = None) -> BlockStore:
@@ -1169,7 +1181,8 @@ class Forwarding:
             self.forget(volume_id)
 
     def _open_link(self, store: ReplicatedStore, node: str, portal: str, stream: PrimaryStream) -> Link:
-        return ChannelLink(store, node, portal, stream, self.secret)
+        key = self.stream_key(store.volume_id, stream.epoch, node)
+        return ChannelLink(store, node, portal, stream, self.secret, key)
 
     def _lagging(self) -> None:
         if self.on_lagging is not None:

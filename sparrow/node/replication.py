@@ -92,6 +92,8 @@ CHUNK = 1 << 20
 REFUSE_LINGER = 1.0
 
 StoreFor = Callable[[str], BlockStore | None]
+#: The stream key this node holds as a replica for (volume id, epoch) (``Convergence.stream_key``).
+KeyFor = Callable[[str, int], bytes | None]
 #: The volume's dirty map on this node (None: unknown, reported as every region dirty).
 DirtyFor = Callable[[str], DirtyMap | None]
 
@@ -104,9 +106,10 @@ async def start_replica_server(
     state: NodeState,
     volumes: NodeVolumes,
     registry: CollectorRegistry | None,
+    stream_key: KeyFor,
 ) -> ReplicaServer:
     """Bind the node's replication listener (raises OSError when the address is taken)."""
-    lookup, store_for = node_lookup(state, volumes)
+    lookup, store_for = node_lookup(state, volumes, stream_key)
     loop = asyncio.get_running_loop()
     server = ReplicaServer(
         secret=secret,
@@ -120,9 +123,11 @@ async def start_replica_server(
     return server
 
 
-def node_lookup(state: NodeState, volumes: NodeVolumes) -> tuple[Lookup, StoreFor]:
-    """What a replica stream checks (the persisted role, and whether the volume is open here) and
-    where it applies (the local store of the open volume)."""
+def node_lookup(
+    state: NodeState, volumes: NodeVolumes, stream_key: KeyFor = lambda volume_id, epoch: None
+) -> tuple[Lookup, StoreFor]:
+    """What a replica stream checks (the persisted role, whether the volume is open here, the
+    stream key for the persisted epoch) and where it applies (the local store of the open volume)."""
 
     def lookup(volume_id: str) -> VolumeView | None:
         role = state.get(volume_id)
@@ -131,7 +136,8 @@ def node_lookup(state: NodeState, volumes: NodeVolumes) -> tuple[Lookup, StoreFo
         volume = volumes.find(volume_id)
         open_ = volume is not None and volume_id in volumes.exported()
         size = volume.meta.size if volume is not None else role.size
-        return VolumeView(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_)
+        key = stream_key(volume_id, role.epoch)
+        return VolumeView(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_, key)
 
     def store_for(volume_id: str) -> BlockStore | None:
         # The store that marks the dirty map before each write (the volume's own if it has none).
@@ -305,6 +311,7 @@ class ReplicaConnection(asyncio.Protocol):
                 if isinstance(event, HandshakeBytes):
                     self._write(event.data)
                 elif isinstance(event, Established):
+                    self.stream.binding = self.channel.binding  # what the OPEN's proof is bound to
                     log.debug("replication peer authenticated", peer=self.peer)
                 else:
                     for applied in self.stream.feed(event.data):

@@ -18,9 +18,11 @@ bound is a :class:`ReplicationError` carrying its wire :class:`ErrorCode`.
 ===========  =====================  =========================================================
 type         fixed body             payload
 ===========  =====================  =========================================================
-OPEN         session u64            the primary's node id (ASCII); ``seq`` is the first seq;
-                                    flag REPORT_DIRTY: answer with the replica's dirty map;
-                                    ``session``: the primary process's random id
+OPEN         session u64,           the primary's node id (ASCII); ``seq`` is the first seq;
+             proof 32 bytes         flag REPORT_DIRTY: answer with the replica's dirty map;
+                                    ``session``: the primary process's random id; ``proof``:
+                                    the stream key's proof bound to this connection
+                                    (``sparrow.replication.streamauth``)
 WRITE        offset u64             the data (1 .. MAX_PAYLOAD bytes); flag FUA
 UNMAP        offset u64, len u32    (none)
 WRITE_SAME   offset u64, len u32    one logical block (512 or 4096 bytes)
@@ -37,7 +39,8 @@ CHECKPOINT   upto u64               (none): every copy is in sync and has made e
 ===========  =====================  =========================================================
 
 Version 2 added DIRTY, NOP, CHECKPOINT and the OPEN's REPORT_DIRTY flag (resync,
-docs/replication.md).
+docs/replication.md). Version 3 added the OPEN's proof: a replica opens a stream only for the
+holder of the stream key the master derived for (volume, epoch, primary, replica).
 ===========  =====================  =========================================================
 
 Primary to replica: OPEN, then WRITE / UNMAP / WRITE_SAME / FLUSH / NOP numbered ``first_seq``,
@@ -60,8 +63,9 @@ from typing import NoReturn, TypeAlias
 
 from frontend.constructors import positional_constructor
 from sparrow.cluster.messages import NODE_ID_PATTERN, VOLUME_ID_PATTERN, Role
+from sparrow.replication.streamauth import NO_PROOF, PROOF_SIZE, open_proof, proof_matches
 
-VERSION = 2
+VERSION = 3
 HEADER = struct.Struct(">BBBBI16sQQ")
 #: The largest payload of one message (a WRITE's data); larger writes are sent as several WRITEs.
 MAX_PAYLOAD = 1 << 20
@@ -104,9 +108,10 @@ _U8 = struct.Struct(">B")
 #: on the hot paths (the same bytes as ``encode``).
 _HEADER_U64 = struct.Struct(HEADER.format + "Q")
 _SLICE = struct.Struct(">II")
+_OPEN = struct.Struct(f">Q{PROOF_SIZE}s")
 #: Per type: the fixed body, the payload bounds (min, max) and the flags it may carry.
 _LAYOUT: Mapping[MsgType, tuple[struct.Struct | None, int, int, int]] = {
-    MsgType.OPEN: (_U64, 1, 63, FLAG_REPORT_DIRTY),
+    MsgType.OPEN: (_OPEN, 1, 63, FLAG_REPORT_DIRTY),
     MsgType.WRITE: (_U64, 1, MAX_PAYLOAD, FLAG_FUA),
     MsgType.UNMAP: (_RANGE, 0, 0, 0),
     MsgType.WRITE_SAME: (_RANGE, 512, 4096, 0),
@@ -164,6 +169,9 @@ class ErrorCode(enum.IntEnum):
     TRUNCATED = 16
     #: The peer stopped reading (the asyncio layer's write buffer stayed full).
     NOT_READING = 17
+    #: The OPEN does not prove the stream key of (volume, epoch, primary, this replica) on this
+    #: connection: not the primary, a replayed OPEN, or a replica not (yet) given the key.
+    NOT_AUTHORIZED = 18
 
     @property
     def reason(self) -> str:
@@ -215,15 +223,45 @@ class Open:
     #: The primary process's id (random, below 2**63): a replica clears dirty bits on a
     #: CHECKPOINT only for what it applied from this session.
     session: int = 0
+    #: HMAC of the stream key over this connection's binding and the fields above
+    #: (``streamauth.open_proof``; :meth:`signed`).
+    proof: bytes = field(default=NO_PROOF, repr=False)
 
     def __post_init__(self) -> None:
         _check_ids(self.volume_id, self.epoch, self.first_seq)
         if not 0 <= self.session <= MAX_UINT63:
             _fail(ErrorCode.MALFORMED, f"session {self.session} out of range")
+        if not isinstance(self.proof, bytes) or len(self.proof) != PROOF_SIZE:
+            _fail(ErrorCode.MALFORMED, f"an OPEN's proof is {PROOF_SIZE} bytes")
         if self.first_seq < 1:
             _fail(ErrorCode.MALFORMED, "first seq must be at least 1")
         if not isinstance(self.primary, str) or not NODE_ID_PATTERN.fullmatch(self.primary):
             _fail(ErrorCode.MALFORMED, f"primary {self.primary!r} is not a node id")
+
+    def expected_proof(self, key: bytes, binding: bytes) -> bytes:
+        """The proof of ``key`` for this OPEN on the connection of ``binding``."""
+        return open_proof(
+            key,
+            binding,
+            volume_id=self.volume_id,
+            epoch=self.epoch,
+            first_seq=self.first_seq,
+            session=self.session,
+            flags=FLAG_REPORT_DIRTY if self.report_dirty else 0,
+            primary=self.primary,
+        )
+
+    def signed(self, key: bytes, binding: bytes) -> Open:
+        """This OPEN carrying the proof of ``key`` on the connection of ``binding``."""
+        return Open(
+            self.volume_id,
+            self.epoch,
+            self.first_seq,
+            self.primary,
+            self.report_dirty,
+            self.session,
+            self.expected_proof(key, binding),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +468,8 @@ def encode_parts(message: Message) -> tuple[bytes, bytes | memoryview]:
     body = b""
     seq: int
     if isinstance(message, Open):
-        seq, body, payload = message.first_seq, _U64.pack(message.session), message.primary.encode("ascii")
+        seq, body = message.first_seq, _OPEN.pack(message.session, message.proof)
+        payload = message.primary.encode("ascii")
         flags = FLAG_REPORT_DIRTY if message.report_dirty else 0
     elif isinstance(message, Write):
         seq, body, payload = message.seq, _U64.pack(message.offset), message.data
@@ -495,8 +534,8 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
             primary = bytes(payload).decode("ascii")
         except UnicodeDecodeError:
             _fail(ErrorCode.MALFORMED, "primary node id is not ASCII")
-        (session,) = _U64.unpack_from(body)
-        return Open(volume_id, epoch, seq, primary, bool(flags & FLAG_REPORT_DIRTY), session)
+        session, proof = _OPEN.unpack_from(body)
+        return Open(volume_id, epoch, seq, primary, bool(flags & FLAG_REPORT_DIRTY), session, proof)
     if kind is MsgType.UNMAP:
         return Unmap(volume_id, epoch, seq, *_RANGE.unpack_from(body))
     if kind is MsgType.WRITE_SAME:
@@ -605,6 +644,9 @@ class VolumeView:
     size: int
     block_size: int
     open: bool = True
+    #: The stream key this node was given for (volume, ``epoch``) as a replica (the latest Ack's
+    #: ``stream_keys``; None: none, so every OPEN is refused NOT_AUTHORIZED).
+    stream_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +789,9 @@ class ReplicaStream:
     def __init__(self, lookup: Lookup, positions: ReplicaPositions) -> None:
         self.lookup = lookup
         self.positions = positions
+        #: The connection's channel binding (``Channel.binding``), set once the channel is up; an
+        #: OPEN before it is refused NOT_AUTHORIZED.
+        self.binding: bytes | None = None
         self.state = ReplicaState.AWAIT_OPEN
         self.decoder = MessageDecoder()
         self.volume_id: str | None = None
@@ -855,7 +900,19 @@ class ReplicaStream:
         return view
 
     def _open(self, message: Open) -> Opened:
-        self._view(message.volume_id, message.epoch, message.primary)
+        view = self._view(message.volume_id, message.epoch, message.primary)
+        if view.stream_key is None:
+            _fail(
+                ErrorCode.NOT_AUTHORIZED,
+                f"no stream key for volume {message.volume_id} at epoch {view.epoch}",
+            )
+        if self.binding is None:
+            _fail(ErrorCode.NOT_AUTHORIZED, "no channel binding")
+        if not proof_matches(message.expected_proof(view.stream_key, self.binding), message.proof):
+            _fail(
+                ErrorCode.NOT_AUTHORIZED,
+                f"the OPEN does not prove the stream key of {message.primary!r} at epoch {view.epoch}",
+            )
         applied, _ = self.positions.get(message.volume_id, message.epoch)
         if message.first_seq > applied + 1:
             _fail(ErrorCode.GAP, f"first seq {message.first_seq}, this replica has applied {applied}")
@@ -1057,6 +1114,8 @@ class PrimaryStream:
         self._raw_id = bytes.fromhex(volume_id)
         self.report_dirty = report_dirty
         self.session = session
+        #: The stream key and the connection's binding the OPEN proves (:meth:`authorize`).
+        self._auth: tuple[bytes, bytes] | None = None
         #: The DIRTY slices received so far (their bitmap bytes) and the region count they carry.
         self._dirty = bytearray()
         self._dirty_regions = 0
@@ -1072,12 +1131,18 @@ class PrimaryStream:
 
     # -- sending -----------------------------------------------------------------------------------
 
+    def authorize(self, key: bytes, binding: bytes) -> None:
+        """The OPEN will prove ``key`` (the stream key for this replica) on the connection of
+        ``binding`` (``Channel.binding``). Without it the OPEN carries no proof and is refused."""
+        self._auth = (key, binding)
+
     def open(self, now: float) -> bytes:
         self._move(PrimaryInput.SEND_OPEN)
         self._open_sent_at = now
-        return encode(
-            Open(self.volume_id, self.epoch, self.first_seq, self.primary, self.report_dirty, self.session)
+        message = Open(
+            self.volume_id, self.epoch, self.first_seq, self.primary, self.report_dirty, self.session
         )
+        return encode(message if self._auth is None else message.signed(*self._auth))
 
     @property
     def in_flight(self) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sparrow.cluster.channel import CLIENT_HELLO, ChannelError
+from sparrow.cluster.channel import CLIENT_HELLO, SERVER_HELLO_SIZE, VERSION, ChannelError
 from sparrow.cluster.messages import Ack, Health, Heartbeat, ReplicaState, Role, SyncState, VolumeObservation
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
@@ -88,10 +88,11 @@ def test_a_process_with_a_wrong_secret_is_refused(cluster: Cluster) -> None:
     assert e.value.code.value == "auth_failed"
     # ... and a rogue that answers the master's challenge with a guess is refused.
     sock = socket.create_connection(("127.0.0.1", cluster.master.listen_port), timeout=5)
-    sock.sendall(CLIENT_HELLO.pack(b"SPRW", 1, 1, os.urandom(32)))
+    share = bytes([9]) + bytes(31)  # an X25519 key share
+    sock.sendall(CLIENT_HELLO.pack(b"SPRW", VERSION, 1, os.urandom(32)) + share)
     answer = b""
-    while len(answer) < 64:
-        answer += sock.recv(64 - len(answer))
+    while len(answer) < SERVER_HELLO_SIZE:
+        answer += sock.recv(SERVER_HELLO_SIZE - len(answer))
     sock.sendall(os.urandom(32) + raw_hello("fake"))
     sock.settimeout(CLOSE_WITHIN)
     assert sock.recv(100) == b""
@@ -164,7 +165,7 @@ def test_an_out_of_range_hello_is_refused_and_later_nodes_are_still_recorded(clu
 def test_truncated_handshakes_records_and_frames_are_closed_within_the_timeout(cluster: Cluster) -> None:
     port, secret = cluster.master.listen_port, secret_of(cluster.root)
     half_handshake = socket.create_connection(("127.0.0.1", port), timeout=5)
-    half_handshake.sendall(b"SPRW\x01")
+    half_handshake.sendall(b"SPRW" + bytes([VERSION]))
     half_record = NodeLink(port, secret)
     assert half_record.channel is not None
     half_record._raw(half_record.channel.send(raw_hello("cut"))[:-5])

@@ -25,7 +25,7 @@ import pytest
 from sparrow.replication.protocol import Ack, ErrorCode, Open, Refuse, Write
 from tests.integration.cluster import Cluster
 from tests.integration.gate import Writer, read_data_file, read_through_target
-from tests.integration.replication_peer import ReplicationLink
+from tests.integration.replication_peer import ReplicationLink, stream_key
 from tests.integration.rogue import secret_of
 from tests.integration.test_gate import assert_nothing_lost
 from tests.tools import wait_for
@@ -229,7 +229,8 @@ def test_after_a_planned_failover_every_replica_refuses_the_old_primarys_epoch(
     offset = 4 << 20
     links = {}
     for node in (target, other):  # nothing writes to the real primary: it opens no stream
-        link = ReplicationLink(cluster.node(node).replication_port, secret_of(cluster.root))
+        key = stream_key(cluster.master.data_dir, volume_id, 1, old, node)  # as the old primary holds it
+        link = ReplicationLink(cluster.node(node).replication_port, secret_of(cluster.root), stream_key=key)
         assert link.open(Open(volume_id, 1, 1, old)) == Ack(volume_id, 1, 0, 0)
         link.send(Write(volume_id, 1, 1, offset, b"\x11" * 4096))
         link.ack_until(1)

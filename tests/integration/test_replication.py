@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sparrow.cluster.channel import CLIENT_HELLO, SERVER_HELLO_SIZE, Channel, Purpose, Side
+from sparrow.cluster.channel import CLIENT_HELLO_SIZE, SERVER_HELLO_SIZE, Channel, Purpose, Side
 from sparrow.replication.protocol import (
     HEADER,
     Ack,
@@ -35,7 +35,7 @@ from sparrow.replication.protocol import (
     encode,
 )
 from tests.integration.cluster import Cluster, Node
-from tests.integration.replication_peer import ReplicationLink
+from tests.integration.replication_peer import ReplicationLink, stream_key
 from tests.integration.rogue import other_secret, secret_of
 from tests.integration.test_cluster_door import sample
 from tests.tools import wait_for
@@ -72,7 +72,19 @@ class Setup:
             hashlib.sha256(self.data_file(n).read_bytes()).hexdigest() for n in (self.primary, self.replica)
         )
 
+    def stream_key(self) -> bytes:
+        """The key the master gave the primary for this replica at this epoch."""
+        return stream_key(
+            self.cluster.master.data_dir,
+            self.volume_id,
+            self.epoch,
+            self.primary.node_id,
+            self.replica.node_id,
+        )
+
     def link(self, **kwargs: object) -> ReplicationLink:
+        """A connection as the real primary opens it (holding its stream key)."""
+        kwargs.setdefault("stream_key", self.stream_key())
         return ReplicationLink(self.replica.replication_port, secret_of(self.cluster.root), **kwargs)  # type: ignore[arg-type]
 
     def open(self, link: ReplicationLink) -> None:
@@ -206,7 +218,7 @@ def test_a_peer_without_the_secret_is_refused(setup: Setup) -> None:
         ("127.0.0.1", setup.replica.replication_port), timeout=CLOSE_WITHIN
     ) as sock:
         hello = heartbeat.initiate()
-        assert len(hello) == CLIENT_HELLO.size
+        assert len(hello) == CLIENT_HELLO_SIZE
         sock.sendall(hello)
         assert cut_off(sock)
     setup.refusal_logged("wrong_purpose")
@@ -256,6 +268,57 @@ def test_a_wrong_volume_or_sender_is_refused(setup: Setup, case: str) -> None:
     assert isinstance(answer, Refuse) and answer.code is code, answer
     assert link.closed_within(CLOSE_WITHIN)
     link.close()
+    assert setup.checksums() == before
+    setup.still_serving()
+
+
+@pytest.mark.parametrize("key", ["none", "another epoch's", "the wrong master's"])
+def test_a_member_that_is_not_the_primary_cannot_open_a_stream_as_the_primary(setup: Setup, key: str) -> None:
+    """Issue 8: a member holds the cluster secret and says it is the primary, at the current epoch,
+    at the replica's position: without the stream key the master gave the primary its OPEN is
+    refused ``not_authorized`` and the write behind it never lands."""
+    before = setup.checksums()
+    refused_before = setup.refusals("not_authorized")
+    keys = {
+        "none": None,
+        # What a deposed primary holds: the key of epoch 1.
+        "another epoch's": stream_key(
+            setup.cluster.master.data_dir, setup.volume_id, 1, setup.primary.node_id, setup.replica.node_id
+        ),
+        "the wrong master's": hashlib.sha256(b"a guess").digest(),
+    }
+    link = setup.link(stream_key=keys[key])
+    link.send(
+        Open(setup.volume_id, setup.epoch, setup.seq + 1, setup.primary.node_id),
+        Write(setup.volume_id, setup.epoch, setup.seq + 1, 0, b"\xee" * 4096, fua=True),
+    )
+    answer = link.receive()
+    assert isinstance(answer, Refuse) and answer.code is ErrorCode.NOT_AUTHORIZED, answer
+    assert link.closed_within(CLOSE_WITHIN)
+    link.close()
+    setup.refusal_logged("not_authorized")
+    assert setup.refusals("not_authorized") == refused_before + 1
+    assert setup.checksums() == before
+    setup.still_serving()
+
+
+def test_an_open_replayed_on_another_connection_is_refused(setup: Setup) -> None:
+    """An OPEN the real primary sent (recorded by a member on the path) proves nothing on a
+    connection of the member's own: the proof is bound to the channel's nonces."""
+    before = setup.checksums()
+    honest = setup.link()
+    recorded = Open(setup.volume_id, setup.epoch, setup.seq + 1, setup.primary.node_id).signed(
+        setup.stream_key(), honest.channel.binding if honest.channel is not None else b""
+    )
+    opened = honest.open(recorded)
+    assert opened == Ack(setup.volume_id, setup.epoch, setup.seq, opened.durable_seq), opened
+    honest.close()
+    replay = setup.link(stream_key=None)
+    answer = replay.open(recorded)
+    assert isinstance(answer, Refuse) and answer.code is ErrorCode.NOT_AUTHORIZED, answer
+    assert replay.closed_within(CLOSE_WITHIN)
+    replay.close()
+    assert "does not prove" in str(setup.refusal_logged("not_authorized")["detail"])
     assert setup.checksums() == before
     setup.still_serving()
 

@@ -7,11 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sparrow.cluster.channel import (
     CLIENT_HELLO,
+    VERSION,
     Channel,
     ChannelError,
     ChannelErrorCode,
@@ -28,6 +33,8 @@ from sparrow.clustersecret import ensure_cluster_secret, generate_cluster_secret
 
 SECRET = ClusterSecret.from_text(b"0123456789abcdef0123456789abcdef0123456789abcdef")
 OTHER = ClusterSecret.from_text(b"fedcba9876543210fedcba9876543210fedcba9876543210")
+#: A client's X25519 key share (any valid public key).
+SHARE = bytes([9]) + bytes(31)
 
 
 def handshake_bytes(events: list[ChannelEvent]) -> bytes:
@@ -111,12 +118,41 @@ def test_plain_heartbeat_frame_is_bad_magic_and_nothing_is_handed_up() -> None:
 def test_wrong_purpose_and_version() -> None:
     _, server = pair()
     with pytest.raises(ChannelError) as e:
-        server.feed(CLIENT_HELLO.pack(b"SPRW", 1, 2, bytes(32)), 0.1)
+        server.feed(CLIENT_HELLO.pack(b"SPRW", VERSION, 2, bytes(32)) + SHARE, 0.1)
     assert e.value.code is ChannelErrorCode.WRONG_PURPOSE
     _, server = pair()
     with pytest.raises(ChannelError) as e:
         server.feed(CLIENT_HELLO.pack(b"SPRW", 9, 1, bytes(32)), 0.1)
     assert e.value.code is ChannelErrorCode.UNSUPPORTED_VERSION
+    # A version-1 client (no key share) is told at once, not left to time out.
+    _, server = pair()
+    with pytest.raises(ChannelError) as e:
+        server.feed(b"SPRW\x01", 0.1)
+    assert e.value.code is ChannelErrorCode.UNSUPPORTED_VERSION
+
+
+def test_a_member_that_sees_the_bytes_cannot_open_the_records() -> None:
+    """Version 2: the record keys need the connection's X25519 secret, not only the cluster
+    secret: a third member that sees every byte and holds the secret derives the keys as version 1
+    made them (from the secret and the nonces on the wire) and opens nothing."""
+    client, server = pair()
+    hello = client.initiate()
+    answer = handshake_bytes(server.feed(hello, 0.1))
+    server.feed(handshake_bytes(client.feed(answer, 0.1)), 0.1)
+    record = client.send(b"a CHAP secret")
+    nonces = hello[6 : 6 + 32] + answer[:32]
+    info = b"sparrow cluster v1 " + bytes((int(Purpose.HEARTBEAT),)) + b" c2s"
+    eve = ChaCha20Poly1305(HKDF(hashes.SHA256(), 32, salt=nonces, info=info).derive(SECRET.key))
+    with pytest.raises(InvalidTag):
+        eve.decrypt(bytes(12), record[4:], record[:4])
+    assert plaintexts(server.feed(record, 0.2)) == [b"a CHAP secret"]
+
+
+def test_a_low_order_key_share_is_refused() -> None:
+    _, server = pair()
+    with pytest.raises(ChannelError) as e:
+        server.feed(CLIENT_HELLO.pack(b"SPRW", VERSION, 1, bytes(32)) + bytes(32), 0.1)
+    assert e.value.code is ChannelErrorCode.AUTH_FAILED
 
 
 def test_replayed_server_answer_fails() -> None:

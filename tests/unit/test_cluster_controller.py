@@ -359,12 +359,10 @@ def test_eligible_replica_promoted_when_every_condition_holds() -> None:
     ("replica_obs", "primary_obs"),
     [
         pytest.param(None, IN_SYNC_PRIMARY, id="replica-reports-nothing"),
-        pytest.param(GOOD_REPLICA, None, id="primary-reported-nothing"),
         pytest.param(replace(GOOD_REPLICA, role=Role.NONE), IN_SYNC_PRIMARY, id="role-none"),
         pytest.param(replace(GOOD_REPLICA, role=Role.PRIMARY), IN_SYNC_PRIMARY, id="role-primary"),
         pytest.param(replace(GOOD_REPLICA, epoch=2), IN_SYNC_PRIMARY, id="replica-old-epoch"),
         pytest.param(replace(GOOD_REPLICA, epoch=4), IN_SYNC_PRIMARY, id="replica-other-epoch"),
-        pytest.param(GOOD_REPLICA, replace(IN_SYNC_PRIMARY, epoch=2), id="primary-old-epoch"),
         pytest.param(replace(GOOD_REPLICA, health=Health.DEGRADED), IN_SYNC_PRIMARY, id="degraded"),
         pytest.param(replace(GOOD_REPLICA, health=Health.FAILED), IN_SYNC_PRIMARY, id="failed"),
         pytest.param(replace(GOOD_REPLICA, write_position=99), IN_SYNC_PRIMARY, id="behind"),
@@ -386,6 +384,29 @@ def test_ineligible_replica_never_promoted(
 ) -> None:
     cluster = dead_primary_cluster(replica_obs=replica_obs, primary_obs=primary_obs)
     asks, status = decide(cluster, [desired()], CURRENT, 20.0)
+    assert asks == ()
+    assert status[VOL_A].reason == "no eligible replica"
+
+
+@pytest.mark.parametrize(
+    "primary_obs",
+    [
+        pytest.param(None, id="primary-reported-nothing"),
+        pytest.param(replace(IN_SYNC_PRIMARY, epoch=2), id="old-epoch"),
+    ],
+)
+def test_without_the_primarys_report_at_the_epoch_the_masters_in_sync_record_decides(
+    primary_obs: VolumeObservation | None,
+) -> None:
+    """A primary killed just after an epoch was published (a copy added back, say) never reported
+    at it. It acknowledged nothing at that epoch without every copy of ``in_sync``, so a copy the
+    master recorded in sync is promoted; one outside the record is not."""
+    cluster = dead_primary_cluster(replica_obs=GOOD_REPLICA, primary_obs=primary_obs)
+    asks, status = decide(cluster, [desired()], CURRENT, 20.0)
+    assert [(a.primary, a.replicas) for a in asks] == [("n2", ("n2",))]
+    assert status[VOL_A].kind is StatusKind.PROMOTING
+    outside = {VOL_A: PublishedAssignment(assignment(("n1", "n2"), in_sync=("n1",)), published_at=0.0)}
+    asks, status = decide(cluster, [desired()], outside, 20.0)
     assert asks == ()
     assert status[VOL_A].reason == "no eligible replica"
 
@@ -412,10 +433,12 @@ def test_promotion_prefers_the_furthest_replica() -> None:
     assert [(a.primary, a.replicas) for a in asks] == [("n3", ("n3", "n2"))]
 
 
-def test_a_forged_heartbeat_in_a_dead_primarys_name_gets_nobody_promoted() -> None:
+def test_a_forged_heartbeat_in_a_dead_primarys_name_vouches_for_nobody() -> None:
     """Issue 7: after a kill -9 of primary n1, one heartbeat under n1's id (a new incarnation)
-    listing n3 IN_SYNC must not get n3 promoted: only the incarnation that served the volume at
-    this epoch vouches for replicas. n4, which the assignment does not name, never qualifies."""
+    listing n3 and n4 IN_SYNC vouches for nobody: only the incarnation that served the volume at
+    this epoch may narrow the choice, and without its report the master's own in-sync record
+    decides. n4, which the assignment does not name, never qualifies; the promoted copy is one the
+    master recorded in sync."""
     cluster = Cluster()
     for node in ("n1", "n2", "n3", "n4"):
         cluster.join(node, 0.0)
@@ -440,10 +463,13 @@ def test_a_forged_heartbeat_in_a_dead_primarys_name_gets_nobody_promoted() -> No
     for node in ("n2", "n3", "n4"):
         cluster.beat(node, 11.0, obs(3, Role.REPLICA, write_position=100))
     current = {VOL_A: PublishedAssignment(assignment(("n1", "n2", "n3")), published_at=0.0)}
+    assert TopologyController.primary_report(current[VOL_A].assignment, cluster.store) is None
+    eligible = TopologyController().eligible_replicas(current[VOL_A].assignment, cluster.store, 11.0)
+    assert eligible == ("n2", "n3")  # the master's record, in its order: not the liar's word
     asks, status = decide(cluster, [desired(replicas=3)], current, 11.0)
-    assert asks == ()
-    assert status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
-    assert TopologyController().eligible_replicas(current[VOL_A].assignment, cluster.store, 11.0) == ()
+    (ask,) = asks
+    assert ask.primary == "n2" and "n4" not in ask.in_sync
+    assert status[VOL_A].kind is StatusKind.PROMOTING
 
 
 def test_the_incarnation_that_served_the_epoch_still_vouches_after_its_death() -> None:
@@ -733,13 +759,16 @@ def test_asks_are_always_safe(
             assert cluster.leases.safe_to_reassign(old_primary, now, MARGIN)
             assert ask.primary in old_members
             replica = store.observation(ask.primary, ask.volume_id)
-            primary = store.observation(old_primary, ask.volume_id)
-            assert replica is not None and primary is not None
+            assert replica is not None
             assert replica.role is Role.REPLICA and replica.health is Health.OK
-            assert replica.epoch == primary.epoch == published.assignment.epoch
-            assert replica.write_position >= primary.write_position
-            assert ask.primary in {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+            assert replica.epoch == published.assignment.epoch
             assert ask.primary in published.assignment.in_sync
+            # The report of the primary that served the epoch, if it made one, must agree.
+            primary = TopologyController.primary_report(published.assignment, store)
+            if primary is not None:
+                assert replica.write_position >= primary.write_position
+                vouched_for = {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+                assert ask.primary in vouched_for
         # A copy joins the in-sync set only on the word of the primary that serves the epoch.
         old_in_sync = set() if published is None else set(published.assignment.in_sync)
         report = None if published is None else TopologyController.primary_report(published.assignment, store)
@@ -808,9 +837,10 @@ def test_promotion_happens_exactly_when_a_replica_is_eligible(
 ) -> None:
     cluster, published, now = scenario
     store = cluster.store
-    primary = store.observation("n0", VOL_A)
-    assert primary is not None and store.dead("n0", now)
-    in_sync = {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+    assert store.dead("n0", now)
+    # The dead primary's report counts only at the epoch (and from the incarnation that served
+    # it); without one, the master's own in-sync record decides.
+    primary = TopologyController.primary_report(published.assignment, store)
 
     def eligible(node: str) -> bool:
         report = store.observation(node, VOL_A)
@@ -818,10 +848,14 @@ def test_promotion_happens_exactly_when_a_replica_is_eligible(
             store.alive(node, now)
             and report is not None
             and (report.role, report.epoch, report.health) == (Role.REPLICA, 3, Health.OK)
-            and primary.epoch == 3
-            and report.write_position >= primary.write_position
-            and node in in_sync
             and node in published.assignment.in_sync
+            and (
+                primary is None
+                or (
+                    report.write_position >= primary.write_position
+                    and node in {r.node_id for r in primary.replica_states if r.state is SyncState.IN_SYNC}
+                )
+            )
         )
 
     want = [desired(replicas=len(published.assignment.replicas))]
@@ -918,6 +952,19 @@ def test_a_forged_report_from_an_incarnation_that_does_not_serve_the_epoch_is_ig
     ctl = TopologyController()
     assert ctl.primary_report(current[VOL_A].assignment, cluster.store) is None
     assert decide(cluster, [desired(replicas=3)], current, 11.0, ctl)[0] == ()
+
+
+@pytest.mark.parametrize("liar", ["n3", "n4"])
+def test_a_member_that_is_not_the_primary_cannot_report_on_another_nodes_copy(liar: str) -> None:
+    """docs/cluster.md, "What a member can still say": a replica (n3), or a member holding no
+    copy (n4), claims to be the volume's primary at the current epoch and reports n2 failed and
+    itself in sync: nothing moves (only the assignment's primary reports on its replicas)."""
+    cluster = in_sync_cluster(primary_saying(("n2", SyncState.IN_SYNC, 100)))
+    cluster.join("n4", 0.0)
+    lie = primary_saying(("n2", SyncState.FAILED, 0), (liar, SyncState.IN_SYNC, 100))
+    cluster.beat(liar, 11.0, lie)
+    current = {VOL_A: PublishedAssignment(assignment(THREE, in_sync=("n1", "n2")), published_at=0.0)}
+    assert decide(cluster, [desired(replicas=3)], current, 11.0)[0] == ()
 
 
 def test_only_a_replica_recorded_in_sync_is_promoted() -> None:

@@ -34,6 +34,7 @@ from sparrow.cluster.messages import (
     Message,
     ReplicaState,
     Role,
+    StreamKey,
     SyncState,
     VolumeChap,
     VolumeObservation,
@@ -133,9 +134,16 @@ ACK_IN_SYNC = Ack(
         ),
     ),
 )
+ACK_STREAM_KEYS = Ack(
+    seq=12,
+    lease_seconds=5.0,
+    assignments=ACK_IN_SYNC.assignments,
+    stream_keys=(StreamKey(VOL_A, "node-2", b"\x02" * 32), StreamKey(VOL_A, "node-3", b"\x03" * 32)),
+)
 MESSAGES: list[Message] = [
     HELLO,
     ACK_IN_SYNC,
+    ACK_STREAM_KEYS,
     HEARTBEAT,
     EMPTY_HEARTBEAT,
     ACK,
@@ -330,7 +338,7 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
-    assert wire(ACK)["v"] == 5
+    assert wire(ACK)["v"] == 6
     assert wire(ACK)["deleted"] == []
     assert wire(ACK_DELETED)["deleted"] == [
         {"volume_id": VOL_D, "name": "old-db"},
@@ -358,9 +366,17 @@ SETTINGS_FIELDS = ("physical_block_size", "chap", "backing")
 IN_SYNC_FIELDS = ("in_sync", "replication_portals")
 
 
+def _v5_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v5 master wrote it: no stream keys."""
+    body = wire(message)
+    body["v"] = 5
+    del body["stream_keys"]
+    return body
+
+
 def _v4_ack_body(message: Ack) -> dict[str, Any]:
     """``message`` as a schema v4 master wrote it: assignments without the in-sync set."""
-    body = wire(message)
+    body = _v5_ack_body(message)
     body["v"] = 4
     for assignment in body["assignments"]:
         for name in IN_SYNC_FIELDS:
@@ -1047,3 +1063,59 @@ def test_a_v1_heartbeat_decodes_without_resync_progress_and_may_not_carry_it() -
     with pytest.raises(HeartbeatProtocolError) as e:
         decode(frame(body))
     assert e.value.code is ErrorCode.BAD_FIELD
+
+
+# -- ack v6: replication stream keys ---------------------------------------------------------------
+
+
+def test_stream_keys_travel_as_hex_and_stay_out_of_repr() -> None:
+    body = wire(ACK_STREAM_KEYS)
+    assert body["stream_keys"] == [
+        {"volume_id": VOL_A, "replica": "node-2", "key": "02" * 32},
+        {"volume_id": VOL_A, "replica": "node-3", "key": "03" * 32},
+    ]
+    assert decode(encode(ACK_STREAM_KEYS)) == ACK_STREAM_KEYS
+    assert "0202" not in repr(ACK_STREAM_KEYS) and "\\x02" not in repr(ACK_STREAM_KEYS)
+
+
+def test_an_ack_before_v6_decodes_with_no_stream_keys_and_may_not_carry_them() -> None:
+    decoded = decode(frame(_v5_ack_body(ACK_STREAM_KEYS)))
+    assert isinstance(decoded, Ack) and decoded.stream_keys == ()
+    old = _v5_ack_body(ACK_STREAM_KEYS)
+    old["stream_keys"] = []
+    error = error_of(frame(old))
+    assert error.code is ErrorCode.BAD_FIELD and error.message == "unknown field(s) 'stream_keys'"
+    error = error_of(_drop(["stream_keys"], ACK_STREAM_KEYS))
+    assert error.code is ErrorCode.BAD_FIELD and error.message == "stream_keys: missing"
+
+
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [
+        ("02" * 31, "stream_keys[0].key"),
+        ("zz" * 32, "stream_keys[0].key"),
+        (2, "stream_keys[0].key"),
+    ],
+)
+def test_a_stream_key_is_64_hex_digits(key: object, where: str) -> None:
+    body = wire(ACK_STREAM_KEYS)
+    body["stream_keys"][0]["key"] = key
+    error = error_of(frame(body))
+    assert error.code is ErrorCode.BAD_FIELD and error.message.startswith(where)
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ((StreamKey(VOL_B, "node-2", bytes(32)),), "names no replica"),  # not assigned in the Ack
+        ((StreamKey(VOL_A, "node-1", bytes(32)),), "names no replica"),  # the primary itself
+        ((StreamKey(VOL_A, "node-9", bytes(32)),), "names no replica"),  # holds no copy
+        ((StreamKey(VOL_A, "node-2", bytes(32)),) * 2, "appears twice"),
+    ],
+)
+def test_stream_keys_name_replicas_of_the_acks_assignments(keys: tuple[StreamKey, ...], reason: str) -> None:
+    with pytest.raises(InvalidMessage) as e:
+        Ack(1, 1.0, ACK_IN_SYNC.assignments, stream_keys=keys)
+    assert reason in str(e.value)
+    with pytest.raises(InvalidMessage):
+        StreamKey(VOL_A, "node-2", bytes(31))

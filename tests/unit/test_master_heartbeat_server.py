@@ -22,6 +22,7 @@ from sparrow.cluster.messages import (
     Heartbeat,
     Hello,
     Role,
+    StreamKey,
     VolumeObservation,
 )
 from sparrow.master.control import ControlLoop, restore
@@ -32,6 +33,7 @@ from sparrow.master.heartbeat_server import (
     NodeConnection,
     volume_directory,
 )
+from sparrow.replication.streamauth import derive_stream_key
 
 MiB = 1 << 20
 TIMING = LeaseConfig()
@@ -518,3 +520,34 @@ def test_a_second_live_incarnation_of_a_node_is_refused_until_the_first_is_gone(
     again.data_received(encode(hello(incarnation=4)) + encode(heartbeat(4)))
     assert not again_t.closing and [a.seq for a in again_t.acks()] == [4]
     assert h.refused == [LIVE_INCARNATION]
+
+
+def test_acks_carry_the_stream_keys_the_primary_and_each_replica_need(store: AuthorityStore) -> None:
+    """docs/replication.md, "Who may open a stream": the primary gets a key per replica, a replica
+    only its own, in answers and in pushes; a node named by nothing gets none."""
+    master_key = b"K" * 32
+    h = Harness(store, master_key=master_key)
+    links = {}
+    for node in ("n1", "n2", "n3"):
+        conn, transport = h.connect()
+        conn.data_received(encode(hello(node)) + encode(heartbeat(1)))
+        links[node] = (conn, transport)
+    store.add_volume("vol1", size=64 * MiB, block_size=512, replicas=2, created_at=1.0)
+    (assignment,) = h.control.step(52.0).published
+    assert assignment.primary is not None
+    (replica,) = [n for n in assignment.replicas if n != assignment.primary]
+    (bystander,) = {"n1", "n2", "n3"} - set(assignment.replicas)
+    key = derive_stream_key(master_key, assignment.volume_id, assignment.epoch, assignment.primary, replica)
+    h.server.push_assignments()
+    for node in links:
+        links[node][0].data_received(encode(heartbeat(2)))
+    want = {
+        assignment.primary: (StreamKey(assignment.volume_id, replica, key),),
+        replica: (StreamKey(assignment.volume_id, replica, key),),
+        bystander: (),
+    }
+    for node, (_, transport) in links.items():
+        pushed, answered = transport.acks()[1:]
+        assert pushed.stream_keys == answered.stream_keys == want[node], node
+    # Without a master key (a unit harness) no key is handed out.
+    assert Harness(store).server.stream_keys(assignment.primary, (assignment,)) == ()

@@ -21,7 +21,15 @@ from sparrow.cluster import nodestate
 from sparrow.cluster.adapter import Adapter, AdapterPlan, OpenVolume
 from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, Assignment, DeletedVolume, DirectoryEntry, Role, VolumeChap
+from sparrow.cluster.messages import (
+    Ack,
+    Assignment,
+    DeletedVolume,
+    DirectoryEntry,
+    Role,
+    StreamKey,
+    VolumeChap,
+)
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
 from sparrow.node.replicated_store import Forwarding
@@ -109,11 +117,12 @@ class Node:
         run: bool = True,
         directory: tuple[DirectoryEntry, ...] = (),
         deleted: tuple[DeletedVolume, ...] = (),
+        stream_keys: tuple[StreamKey, ...] = (),
     ) -> None:
         """The Ack for ``seq`` (default: a heartbeat sent now) arrives, and its plan runs."""
         seq = self.heartbeat() if seq is None else seq
         assert self.lease.acked(seq, LEASE) is not None
-        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments), directory, deleted))
+        self.conv.on_ack(Ack(seq, LEASE, tuple(assignments), directory, deleted, stream_keys))
         if run:
             await self.conv.idle()
 
@@ -808,6 +817,23 @@ async def test_a_replica_or_an_unapplied_ack_names_no_targets(node: Node) -> Non
     assert node.conv.replication_targets(VOL) == ()
     await node.conv.idle()
     assert node.conv.replication_targets(VOL) == (("n2", None),)
+
+
+async def test_the_stream_keys_of_the_latest_ack_are_kept_for_its_epoch_only(node: Node) -> None:
+    """docs/replication.md, "Who may open a stream": in memory, from the latest Ack alone."""
+    primary = assign(epoch=2, replicas=(ME, "n2", "n3"))
+    keys = (StreamKey(VOL, "n2", b"\x02" * 32), StreamKey(VOL, "n3", b"\x03" * 32))
+    assert node.conv.stream_key(VOL, 2, "n2") is None  # no Ack yet (a restarted node)
+    await node.ack(primary, stream_keys=keys)
+    assert node.conv.stream_key(VOL, 2, "n2") == b"\x02" * 32
+    assert node.conv.stream_key(VOL, 2, "n3") == b"\x03" * 32
+    assert node.conv.stream_key(VOL, 1, "n2") is None  # another epoch
+    assert node.conv.stream_key(VOL, 2, ME) is None
+    await node.ack(dataclasses.replace(primary, epoch=3), stream_keys=keys[:1])
+    assert node.conv.stream_key(VOL, 2, "n2") is None and node.conv.stream_key(VOL, 3, "n3") is None
+    assert node.conv.stream_key(VOL, 3, "n2") == b"\x02" * 32
+    await node.ack(dataclasses.replace(primary, epoch=3))  # an Ack without keys forgets them
+    assert node.conv.stream_key(VOL, 3, "n2") is None
 
 
 # ---- dirty maps: which copies start dirty (docs/replication.md, "Catch-up") -----------------------

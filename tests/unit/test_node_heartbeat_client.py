@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
+from sparrow.cluster.channel import (
+    CLIENT_HELLO_SIZE,
+    Channel,
+    ClusterSecret,
+    HandshakeBytes,
+    Plaintext,
+    Purpose,
+    Side,
+)
 from sparrow.cluster.heartbeat import ErrorCode, HeartbeatProtocolError, decode, encode
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import (
@@ -239,7 +247,7 @@ async def test_a_master_without_the_cluster_secret_hears_no_hello() -> None:
             await dialled_again.wait()
         assert client.last_error is not None and "auth_failed" in client.last_error
         assert client.acks == 0 and client.connections == 0
-        assert all(len(chunk) == 38 for chunk in received)  # only the channel's first message
+        assert all(len(chunk) == CLIENT_HELLO_SIZE for chunk in received)  # only the channel's first message
     finally:
         await client.stop()
         server.close()

@@ -28,6 +28,7 @@ from sparrow.replication.protocol import (
     Write,
     encode,
 )
+from sparrow.replication.streamauth import derive_stream_key
 from store.blockstore import BlockStore, FileBlockStore
 from store.dirtymap import DirtyBitmap, DirtyMap, MarkingStore
 from store.memstore import MemoryBlockStore
@@ -35,7 +36,9 @@ from store.memstore import MemoryBlockStore
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 VID = "0123456789abcdef0123456789abcdef"
 MiB = 1 << 20
-VIEW = VolumeView(VID, 2, Role.REPLICA, "n1", 16 * MiB, 512)
+#: The stream key the replica holds for (VID, 2); the Peer's OPENs prove it.
+KEY = derive_stream_key(b"m" * 32, VID, 2, "n1", "n2")
+VIEW = VolumeView(VID, 2, Role.REPLICA, "n1", 16 * MiB, 512, stream_key=KEY)
 
 
 class FakeTransport(asyncio.Transport):
@@ -124,8 +127,11 @@ class Peer:
                 plain.append(event.data)
         return plain
 
-    def send(self, *messages: Message) -> None:
+    def send(self, *messages: Message, key: bytes | None = KEY) -> None:
+        """Send ``messages``; an OPEN proves ``key`` on this connection (None: sent as given)."""
         for m in messages:
+            if isinstance(m, Open) and key is not None:
+                m = m.signed(key, self.channel.binding)
             self.conn.data_received(self.channel.send(encode(m)))
 
     def received(self) -> list[Message]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -29,6 +30,7 @@ from sparrow.replication.protocol import (
     DirtyReport,
     ErrorCode,
     Flush,
+    Lookup,
     Message,
     MessageDecoder,
     MsgType,
@@ -52,16 +54,34 @@ from sparrow.replication.protocol import (
     encode,
     encode_parts,
 )
+from sparrow.replication.streamauth import derive_stream_key
 
 VID = "0123456789abcdef0123456789abcdef"
 OTHER_VID = "f" * 32
 SIZE = 1 << 20
-VIEW = VolumeView(VID, 3, Role.REPLICA, "n1", SIZE, 512)
+#: The stream key the replica holds for (VID, 3), and the channel binding of the test connection.
+KEY = derive_stream_key(b"k" * 32, VID, 3, "n1", "n2")
+BINDING = b"SPRW\x01\x02" + b"c" * 32 + b"s" * 32
+VIEW = VolumeView(VID, 3, Role.REPLICA, "n1", SIZE, 512, stream_key=KEY)
+
+
+def primary(*args: Any, **kwargs: Any) -> PrimaryStream:
+    """A primary's stream that proves KEY on the connection of BINDING."""
+    stream = PrimaryStream(*args, **kwargs)
+    stream.authorize(KEY, BINDING)
+    return stream
+
+
+def replica_stream(lookup: Lookup, positions: ReplicaPositions) -> ReplicaStream:
+    """A replica's stream on the connection of BINDING."""
+    stream = ReplicaStream(lookup, positions)
+    stream.binding = BINDING
+    return stream
 
 
 def sample_messages() -> list[Message]:
     return [
-        Open(VID, 3, 1, "n1"),
+        Open(VID, 3, 1, "n1").signed(KEY, BINDING),
         Write(VID, 3, 1, 4096, b"a" * 1024, fua=True),
         Write(VID, 3, 2, 0, b"b" * 512),
         Unmap(VID, 3, 3, 512, 1024),
@@ -69,11 +89,11 @@ def sample_messages() -> list[Message]:
         Flush(VID, 3, 5),
         Ack(VID, 3, 5, 4),
         Refuse(VID, 3, 0, ErrorCode.STALE_EPOCH, "epoch 3 is older than 4"),
-        Open(VID, 3, 6, "n1", report_dirty=True),
+        Open(VID, 3, 6, "n1", report_dirty=True).signed(KEY, BINDING),
         Nop(VID, 3, 6),
         Dirty(VID, 3, 5, 0, 20, b"\x01\x00\x08", True),
         Checkpoint(VID, 3, 7, 5),
-        Open(VID, 3, 8, "n1", session=2**63 - 1),
+        Open(VID, 3, 8, "n1", session=2**63 - 1).signed(KEY, BINDING),
     ]
 
 
@@ -129,7 +149,10 @@ def mutate(data: bytes, offset: int, value: int) -> bytes:
         (mutate(encode(Flush(VID, 3, 1)), 1, 99), ErrorCode.UNKNOWN_TYPE),
         (mutate(encode(Flush(VID, 3, 1)), 2, 1), ErrorCode.MALFORMED),  # FUA on a flush
         (mutate(encode(Flush(VID, 3, 1)), 3, 1), ErrorCode.MALFORMED),  # reserved
-        (mutate(encode(Open(VID, 3, 1, "n1")), HEADER.size + 8, ord("N")), ErrorCode.MALFORMED),  # id
+        (
+            mutate(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)), HEADER.size + 8 + 32, ord("N")),
+            ErrorCode.MALFORMED,
+        ),  # id
         (mutate(encode(Refuse(VID, 3, 0, ErrorCode.GAP, "")), HEADER.size, 200), ErrorCode.MALFORMED),
         (encode(Flush(VID, 3, 1))[:8] + b"\x00" * 32, ErrorCode.MALFORMED),  # epoch 0
         (encode(Ack(VID, 3, 2, 1))[: HEADER.size] + (9).to_bytes(8, "big"), ErrorCode.MALFORMED),
@@ -177,7 +200,7 @@ def test_message_constructors_check_their_bounds() -> None:
 
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_the_protocol_error(data: bytes) -> None:
-    for stream in (ReplicaStream(lambda _v: VIEW, ReplicaPositions()), PrimaryStream(VID, 3, "n1")):
+    for stream in (replica_stream(lambda _v: VIEW, ReplicaPositions()), primary(VID, 3, "n1")):
         if isinstance(stream, PrimaryStream):
             stream.open(0.0)
         with contextlib.suppress(ReplicationError):
@@ -190,7 +213,7 @@ def test_mutated_streams_only_raise_the_protocol_error(data: st.DataObject) -> N
         b"".join(
             encode(m)
             for m in (
-                Open(VID, 3, 1, "n1"),
+                Open(VID, 3, 1, "n1").signed(KEY, BINDING),
                 Write(VID, 3, 1, 512, b"a" * 512),
                 Unmap(VID, 3, 2, 0, 512),
                 WriteSame(VID, 3, 3, 1024, 2048, b"s" * 512),
@@ -203,7 +226,7 @@ def test_mutated_streams_only_raise_the_protocol_error(data: st.DataObject) -> N
         wire[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(wire)))
     step = data.draw(st.integers(1, 64))
-    stream = ReplicaStream(lambda _v: VIEW, ReplicaPositions())
+    stream = replica_stream(lambda _v: VIEW, ReplicaPositions())
     try:
         for i in range(0, cut, step):
             for event in stream.feed(bytes(wire[i : min(i + step, cut)])):
@@ -217,7 +240,7 @@ def test_mutated_streams_only_raise_the_protocol_error(data: st.DataObject) -> N
 
 
 def replica(view: VolumeView | None = VIEW, positions: ReplicaPositions | None = None) -> ReplicaStream:
-    return ReplicaStream(
+    return replica_stream(
         lambda vid: view if view is not None and vid == view.volume_id else None,
         positions or ReplicaPositions(),
     )
@@ -237,7 +260,7 @@ def refused(stream: ReplicaStream, *messages: Message) -> ErrorCode:
 
 def test_replica_opens_applies_in_order_and_acks() -> None:
     stream = replica()
-    [opened] = stream.feed(encode(Open(VID, 3, 1, "n1")))
+    [opened] = stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     assert isinstance(opened, Opened) and stream.state is ReplicaState.STREAMING
     assert decode_all(opened.ack) == [Ack(VID, 3, 0, 0)]
     wire = b"".join(
@@ -265,19 +288,27 @@ def test_replica_opens_applies_in_order_and_acks() -> None:
 @pytest.mark.parametrize(
     ("view", "open_", "code"),
     [
-        (None, Open(VID, 3, 1, "n1"), ErrorCode.UNKNOWN_VOLUME),
-        (VIEW, Open(OTHER_VID, 3, 1, "n1"), ErrorCode.UNKNOWN_VOLUME),
-        (VIEW, Open(VID, 2, 1, "n1"), ErrorCode.STALE_EPOCH),
-        (VIEW, Open(VID, 4, 1, "n1"), ErrorCode.NEWER_EPOCH),
-        (VolumeView(VID, 3, Role.PRIMARY, "n1", SIZE, 512), Open(VID, 3, 1, "n1"), ErrorCode.NOT_REPLICA),
-        (VolumeView(VID, 3, Role.NONE, "n1", SIZE, 512), Open(VID, 3, 1, "n1"), ErrorCode.NOT_REPLICA),
-        (VIEW, Open(VID, 3, 1, "n2"), ErrorCode.NOT_PRIMARY),
+        (None, Open(VID, 3, 1, "n1").signed(KEY, BINDING), ErrorCode.UNKNOWN_VOLUME),
+        (VIEW, Open(OTHER_VID, 3, 1, "n1").signed(KEY, BINDING), ErrorCode.UNKNOWN_VOLUME),
+        (VIEW, Open(VID, 2, 1, "n1").signed(KEY, BINDING), ErrorCode.STALE_EPOCH),
+        (VIEW, Open(VID, 4, 1, "n1").signed(KEY, BINDING), ErrorCode.NEWER_EPOCH),
+        (
+            VolumeView(VID, 3, Role.PRIMARY, "n1", SIZE, 512),
+            Open(VID, 3, 1, "n1").signed(KEY, BINDING),
+            ErrorCode.NOT_REPLICA,
+        ),
+        (
+            VolumeView(VID, 3, Role.NONE, "n1", SIZE, 512),
+            Open(VID, 3, 1, "n1").signed(KEY, BINDING),
+            ErrorCode.NOT_REPLICA,
+        ),
+        (VIEW, Open(VID, 3, 1, "n2").signed(KEY, BINDING), ErrorCode.NOT_PRIMARY),
         (
             VolumeView(VID, 3, Role.REPLICA, "n1", SIZE, 512, open=False),
-            Open(VID, 3, 1, "n1"),
+            Open(VID, 3, 1, "n1").signed(KEY, BINDING),
             ErrorCode.UNKNOWN_VOLUME,
         ),
-        (VIEW, Open(VID, 3, 2, "n1"), ErrorCode.GAP),
+        (VIEW, Open(VID, 3, 2, "n1").signed(KEY, BINDING), ErrorCode.GAP),
     ],
 )
 def test_replica_refuses_an_open_it_must_not_accept(
@@ -304,7 +335,7 @@ def test_replica_refuses_anything_before_open(message: Message) -> None:
 @pytest.mark.parametrize(
     ("message", "code"),
     [
-        (Open(VID, 3, 1, "n1"), ErrorCode.UNEXPECTED),
+        (Open(VID, 3, 1, "n1").signed(KEY, BINDING), ErrorCode.UNEXPECTED),
         (Ack(VID, 3, 0, 0), ErrorCode.UNEXPECTED),
         (Write(VID, 3, 2, 0, b"x" * 512), ErrorCode.GAP),
         (Write(OTHER_VID, 3, 1, 0, b"x" * 512), ErrorCode.WRONG_STREAM),
@@ -318,26 +349,26 @@ def test_replica_refuses_anything_before_open(message: Message) -> None:
 )
 def test_replica_refuses_a_bad_message_on_an_open_stream(message: Message, code: ErrorCode) -> None:
     stream = replica()
-    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     assert refused(stream, message) is code
 
 
 def test_replica_refuses_a_repeated_seq() -> None:
     stream = replica()
-    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     stream.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)))
     assert refused(stream, Write(VID, 3, 1, 0, b"x" * 512)) is ErrorCode.REPEAT
 
 
 def test_a_replica_that_persisted_a_newer_epoch_refuses_the_old_primarys_next_write() -> None:
     views = {VID: VIEW}
-    stream = ReplicaStream(views.get, ReplicaPositions())
-    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream = replica_stream(views.get, ReplicaPositions())
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     stream.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)))
     views[VID] = VolumeView(VID, 4, Role.REPLICA, "n2", SIZE, 512)
     assert refused(stream, Write(VID, 3, 2, 0, b"y" * 512)) is ErrorCode.STALE_EPOCH
     views[VID] = VolumeView(VID, 4, Role.PRIMARY, "n2", SIZE, 512)
-    assert refused(replica(views[VID]), Open(VID, 4, 1, "n2")) is ErrorCode.NOT_REPLICA
+    assert refused(replica(views[VID]), Open(VID, 4, 1, "n2").signed(KEY, BINDING)) is ErrorCode.NOT_REPLICA
 
 
 def test_the_persisted_role_is_looked_up_once_per_feed_and_again_for_the_next() -> None:
@@ -350,11 +381,11 @@ def test_the_persisted_role_is_looked_up_once_per_feed_and_again_for_the_next() 
         asked.append(volume_id)
         return views.get(volume_id)
 
-    stream = ReplicaStream(lookup, ReplicaPositions())
-    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream = replica_stream(lookup, ReplicaPositions())
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     events = stream.feed(b"".join(encode(Write(VID, 3, seq, 0, b"x" * 512)) for seq in (1, 2, 3)))
     assert [e.seq for e in events if isinstance(e, ApplyWrite)] == [1, 2, 3] and asked == [VID, VID]
-    views[VID] = VolumeView(VID, 4, Role.REPLICA, "n2", SIZE, 512)
+    views[VID] = VolumeView(VID, 4, Role.REPLICA, "n2", SIZE, 512, stream_key=KEY)
     assert refused(stream, Write(VID, 3, 4, 0, b"y" * 512)) is ErrorCode.STALE_EPOCH
     assert len(asked) == 3
 
@@ -370,7 +401,7 @@ def test_the_hot_paths_encode_what_the_codec_encodes() -> None:
         p.write(0, b"", 0.0)
     assert e.value.code is ErrorCode.MALFORMED and p.last_seq == 2
     stream = replica()
-    stream.feed(encode(Open(VID, 3, 1, "n1")))
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     stream.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)) + encode(Flush(VID, 3, 2)))
     assert stream.done(1) == encode(Ack(VID, 3, 1, 0))
     assert stream.done(2, durable=True) == encode(Ack(VID, 3, 2, 2))
@@ -379,27 +410,29 @@ def test_the_hot_paths_encode_what_the_codec_encodes() -> None:
 def test_a_new_stream_of_the_same_epoch_goes_on_from_the_replicas_position() -> None:
     positions = ReplicaPositions()
     first = replica(positions=positions)
-    first.feed(encode(Open(VID, 3, 1, "n1")))
+    first.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     first.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)) + encode(Flush(VID, 3, 2)))
     first.done(1)
     first.done(2, durable=True)
-    assert refused(replica(positions=positions), Open(VID, 3, 3, "n1")) is ErrorCode.BUSY
+    assert refused(replica(positions=positions), Open(VID, 3, 3, "n1").signed(KEY, BINDING)) is ErrorCode.BUSY
     first.close()
-    assert refused(replica(positions=positions), Open(VID, 3, 2, "n1")) is ErrorCode.REPEAT
+    assert (
+        refused(replica(positions=positions), Open(VID, 3, 2, "n1").signed(KEY, BINDING)) is ErrorCode.REPEAT
+    )
     late = replica(positions=positions)
     with pytest.raises(ReplicationError) as e:
-        late.feed(encode(Open(VID, 3, 7, "n1")))
+        late.feed(encode(Open(VID, 3, 7, "n1").signed(KEY, BINDING)))
     # The refusal tells the primary where a new stream must start.
     assert decode_all(late.refusal(e.value)) == [Refuse(VID, 3, 2, ErrorCode.GAP, e.value.message)]
-    assert refused(replica(positions=positions), Open(VID, 3, 4, "n1")) is ErrorCode.GAP
+    assert refused(replica(positions=positions), Open(VID, 3, 4, "n1").signed(KEY, BINDING)) is ErrorCode.GAP
     again = replica(positions=positions)
-    [opened] = again.feed(encode(Open(VID, 3, 3, "n1")))
+    [opened] = again.feed(encode(Open(VID, 3, 3, "n1").signed(KEY, BINDING)))
     assert isinstance(opened, Opened) and decode_all(opened.ack) == [Ack(VID, 3, 2, 2)]
     # A newer epoch starts at 1 again and forgets the old positions.
-    views = {VID: VolumeView(VID, 4, Role.REPLICA, "n1", SIZE, 512)}
+    views = {VID: VolumeView(VID, 4, Role.REPLICA, "n1", SIZE, 512, stream_key=KEY)}
     again.close()
-    newer = ReplicaStream(views.get, positions)
-    newer.feed(encode(Open(VID, 4, 1, "n1")))
+    newer = replica_stream(views.get, positions)
+    newer.feed(encode(Open(VID, 4, 1, "n1").signed(KEY, BINDING)))
     assert positions.get(VID, 3) == (0, 0)
 
 
@@ -408,12 +441,12 @@ def test_a_new_stream_of_the_same_epoch_goes_on_from_the_replicas_position() -> 
 def test_replica_transitions_follow_the_table(state: ReplicaState, kind: MsgType) -> None:
     stream = replica()
     if state is not ReplicaState.AWAIT_OPEN:
-        stream.feed(encode(Open(VID, 3, 1, "n1")))
+        stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     if state is ReplicaState.CLOSED:
         stream.close()
     message = {m.__class__: m for m in sample_messages()}
     by_kind: dict[MsgType, Message] = {
-        MsgType.OPEN: Open(VID, 3, 1, "n1"),
+        MsgType.OPEN: Open(VID, 3, 1, "n1").signed(KEY, BINDING),
         MsgType.WRITE: Write(VID, 3, 1, 0, b"x" * 512),
         MsgType.UNMAP: Unmap(VID, 3, 1, 0, 512),
         MsgType.WRITE_SAME: WriteSame(VID, 3, 1, 0, 512, b"x" * 512),
@@ -442,8 +475,8 @@ def ack(applied: int, durable: int = 0) -> bytes:
 
 
 def opened_primary(**kwargs: object) -> PrimaryStream:
-    p = PrimaryStream(VID, 3, "n1", **kwargs)  # type: ignore[arg-type]
-    assert decode_all(p.open(0.0)) == [Open(VID, 3, 1, "n1")]
+    p = primary(VID, 3, "n1", **kwargs)  # type: ignore[arg-type]
+    assert decode_all(p.open(0.0)) == [Open(VID, 3, 1, "n1").signed(KEY, BINDING)]
     return p
 
 
@@ -523,7 +556,7 @@ def test_primary_refuses_what_it_cannot_match(answers: list[bytes], code: ErrorC
 
 
 def test_primary_sends_nothing_before_open_and_opens_once() -> None:
-    p = PrimaryStream(VID, 3, "n1")
+    p = primary(VID, 3, "n1")
     with pytest.raises(ReplicationError) as e:
         p.write(0, b"a", 0.0)
     assert e.value.code is ErrorCode.UNEXPECTED and p.last_seq == 0
@@ -535,7 +568,7 @@ def test_primary_sends_nothing_before_open_and_opens_once() -> None:
 @pytest.mark.parametrize("state", [PrimaryState.NEW, PrimaryState.OPENING, PrimaryState.STREAMING])
 @pytest.mark.parametrize("event", list(PrimaryInput))
 def test_primary_transitions_follow_the_table(state: PrimaryState, event: PrimaryInput) -> None:
-    p = PrimaryStream(VID, 3, "n1", report_dirty=True)
+    p = primary(VID, 3, "n1", report_dirty=True)
     if state is not PrimaryState.NEW:
         p.open(0.0)
     if state is PrimaryState.STREAMING:
@@ -560,7 +593,7 @@ def test_primary_transitions_follow_the_table(state: PrimaryState, event: Primar
 
 def test_primary_to_replica_end_to_end_and_the_acknowledgement_rule() -> None:
     stores = {"n2": bytearray(SIZE), "n3": bytearray(SIZE)}
-    primaries = {n: PrimaryStream(VID, 3, "n1") for n in stores}
+    primaries = {n: primary(VID, 3, "n1") for n in stores}
     replicas = {n: replica() for n in stores}
     wires = {n: primaries[n].open(0.0) for n in stores}
     for n in stores:
@@ -584,13 +617,13 @@ def test_primary_to_replica_end_to_end_and_the_acknowledgement_rule() -> None:
 
 def test_the_dirty_map_answers_an_open_that_asks_for_it_in_slices() -> None:
     stream = replica()
-    [opened] = stream.feed(encode(Open(VID, 3, 1, "n1", report_dirty=True)))
+    [opened] = stream.feed(encode(Open(VID, 3, 1, "n1", report_dirty=True).signed(KEY, BINDING)))
     assert isinstance(opened, Opened) and opened.report_dirty
     bitmap = bytes(range(256)) * 5000  # 1.28 MB: two slices
     regions = len(bitmap) * 8
     wire = dirty_report(VID, 3, 0, regions, bitmap)
     assert len(wire) == 2 and all(len(w) <= HEADER.size + 8 + MAX_PAYLOAD for w in wire)
-    p = PrimaryStream(VID, 3, "n1", report_dirty=True)
+    p = primary(VID, 3, "n1", report_dirty=True)
     p.open(0.0)
     joined = opened.ack + b"".join(wire)
     events: list[object] = []
@@ -608,14 +641,14 @@ def test_dirty_slices_are_checked() -> None:
     with pytest.raises(ReplicationError):
         Dirty(VID, 3, 0, 0, 0, b"", True)  # no regions
     # Unasked for: refused.
-    p = PrimaryStream(VID, 3, "n1")
+    p = primary(VID, 3, "n1")
     p.open(0.0)
     p.feed(ack(0))
     with pytest.raises(ReplicationError) as e:
         p.feed(encode(Dirty(VID, 3, 0, 0, 8, b"\x01", True)))
     assert e.value.code is ErrorCode.UNEXPECTED
     # A slice out of order.
-    p = PrimaryStream(VID, 3, "n1", report_dirty=True)
+    p = primary(VID, 3, "n1", report_dirty=True)
     p.open(0.0)
     p.feed(ack(0))
     with pytest.raises(ReplicationError) as e:
@@ -624,7 +657,7 @@ def test_dirty_slices_are_checked() -> None:
 
 
 def test_a_nop_takes_a_seq_and_changes_nothing() -> None:
-    p = PrimaryStream(VID, 3, "n1")
+    p = primary(VID, 3, "n1")
     stream = replica()
     wire = p.open(0.0) + p.write(0, b"x" * 512, 0.0)[1] + p.nop(0.0)[1]
     events = stream.feed(wire)
@@ -638,7 +671,7 @@ def test_a_nop_takes_a_seq_and_changes_nothing() -> None:
 
 
 def test_a_checkpoint_is_applied_in_order_and_clamped_to_the_stream() -> None:
-    p = PrimaryStream(VID, 3, "n1", first_seq=5)  # seqs 1..4 came in earlier streams of the epoch
+    p = primary(VID, 3, "n1", first_seq=5)  # seqs 1..4 came in earlier streams of the epoch
     with pytest.raises(ReplicationError):
         Checkpoint(VID, 3, 2, 2)  # up to itself or later
     p.open(0.0)
@@ -648,5 +681,7 @@ def test_a_checkpoint_is_applied_in_order_and_clamped_to_the_stream() -> None:
     _, wire = p.checkpoint(9, 0.0)
     (message,) = decode_all(wire)
     assert message == Checkpoint(VID, 3, 6, 5)  # clamped below its own seq
-    events = replica().feed(encode(Open(VID, 3, 1, "n1")) + encode(Checkpoint(VID, 3, 1, 0)))
+    events = replica().feed(
+        encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)) + encode(Checkpoint(VID, 3, 1, 0))
+    )
     assert events[1] == ApplyCheckpoint(1, 0)
