@@ -1,20 +1,30 @@
 """4 KiB write IOPS at QD32 of a three-copy volume against a one-copy volume (issue 8).
 
-    .venv/bin/python bench/copies.py [--rounds 5] [--writes 20000]
+    .venv/bin/python bench/copies.py [--rounds 5] [--writes 20000] [--profile DIR]
 
 A master and three nodes (the integration tests' harness, data directories under /dev/shm), one
 volume with ``--replicas 1`` and one with ``--replicas 3`` in the same cluster; each round runs
 ``qemu-img bench -w -d 32 -s 4k`` against each, alternating which goes first, and prints three/one
 per round and the median. Loopback: every copy shares the machine's cores.
+
+``--profile DIR`` then runs one more bench of each volume while ``py-spy record --gil``
+(``pip install py-spy``; needs ptrace rights) samples the one-copy node, then the three-copy
+primary and both replicas, and writes each one's collapsed stacks to ``DIR/<role>-<node>.txt``;
+it prints per process the CPU time per write and the read/write syscalls per write (/proc) and a
+summary of the samples (own time by function, time under each function).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,6 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--writes", type=int, default=20000, help="4 KiB writes per qemu-img bench run")
+    ap.add_argument("--profile", type=Path, help="py-spy the three processes of a three-copy run into DIR")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sparrow-copies-", dir="/dev/shm"))
     cluster = Cluster(root, 3).start()
@@ -47,11 +58,117 @@ def main() -> int:
                 f" ratio {ratios[-1]:.2f}",
                 flush=True,
             )
-        print(f"median three/one: {statistics.median(ratios):.2f}")
+        if ratios:
+            print(f"median three/one: {statistics.median(ratios):.2f}")
+        if args.profile is not None:
+            one = cluster.inspect("one")["primary"]["node_id"]
+            print("one copy:")
+            profile(cluster, {one: "one"}, urls["one"], args.writes, args.profile)
+            three = cluster.inspect("three")
+            primary = three["primary"]["node_id"]
+            roles = {primary: "primary"} | {
+                r["node_id"]: "replica" for r in three["replicas"] if r["node_id"] != primary
+            }
+            print("three copies:")
+            profile(cluster, roles, urls["three"], args.writes, args.profile)
     finally:
         cluster.close()
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def io_calls(pid: int) -> tuple[int, int]:
+    """(read, write) syscalls so far (/proc/PID/io: socket and file I/O alike)."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["syscr"]), int(fields["syscw"])
+
+
+def profile(cluster: Cluster, roles: dict[str, str], url: str, writes: int, out: Path) -> None:
+    """One more three-copy run with py-spy on each node (see the module docstring)."""
+    out.mkdir(parents=True, exist_ok=True)
+    pids = {node: cluster.node(node).proc.pid for node in roles}  # type: ignore[union-attr]
+    spy = str(Path(sys.executable).parent / "py-spy")
+    spies = {
+        node: subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--gil", "--nonblocking",
+             "--output", str(out / f"{roles[node]}-{node}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for node, pid in pids.items()
+    }  # fmt: skip
+    time.sleep(1.0)  # py-spy attaches
+    cpu = {node: cpu_seconds(pid) for node, pid in pids.items()}
+    calls = {node: io_calls(pid) for node, pid in pids.items()}
+    started = time.monotonic()
+    iops = qemu_write(url, writes)
+    wall = time.monotonic() - started
+    cpu = {node: cpu_seconds(pid) - cpu[node] for node, pid in pids.items()}
+    after = {node: io_calls(pid) for node, pid in pids.items()}
+    calls = {node: (after[node][0] - calls[node][0], after[node][1] - calls[node][1]) for node in pids}
+    for spy in spies.values():
+        spy.send_signal(2)
+    for spy in spies.values():
+        spy.wait(timeout=60)
+    print(f"profiled run: three copies {iops:.0f} IOPS, {wall:.1f}s")
+    for node, role in roles.items():
+        per_op = cpu[node] / writes * 1e6
+        reads, written = (n / writes for n in calls[node])
+        print(
+            f"{role} {node}: {cpu[node]:.2f} CPU s ({cpu[node] / wall:.0%} of a core), {per_op:.1f} us/write,"
+            f" syscalls per write: {reads:.2f} reads, {written:.2f} writes"
+        )
+        summarize(out / f"{role}-{node}.txt")
+
+
+#: Where a sample's time goes: the first of these functions found from the innermost frame out.
+BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("local store write", ("FileBlockStore.", "MemoryBlockStore.")),
+    ("socket sends (replication records, ACKs)", ("StreamWriter.write", "ReplicaConnection._write")),
+    ("channel seal/open (ChaCha20-Poly1305)", ("Channel.",)),
+    ("replication codec (PrimaryStream, ReplicaStream)", ("replication/protocol.py",)),
+    ("replica apply loop", ("ReplicaConnection._apply", "ReplicaConnection._contiguous")),
+    ("replica receive (data_received)", ("ReplicaConnection.",)),
+    ("forward log, waiters, ACK matching (ReplicatedStore)", ("ReplicatedStore.",)),
+    ("replication link (ChannelLink)", ("ChannelLink.",)),
+    ("iSCSI send (responses)", ("IscsiProtocol._flush",)),
+    ("iSCSI + SCSI (frontend, LU)", ("IscsiProtocol.", "Connection.", "LogicalUnit.", "BlockIo")),
+    ("heartbeat, convergence", ("Heartbeat", "Convergence", "Adapter")),
+)  # fmt: skip
+
+
+def summarize(path: Path, top: int = 12) -> None:
+    """Own time by function and a breakdown by :data:`BUCKETS`, from py-spy's raw output."""
+    own: collections.Counter[str] = collections.Counter()
+    buckets: collections.Counter[str] = collections.Counter()
+    total = 0
+    if not path.exists():
+        print(f"  (no profile in {path})")
+        return
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = stack.split(";")  # "function (path:line)"
+        total += n
+        own[frames[-1].split(":")[0]] += n
+        label = next(
+            (label for f in reversed(frames) for label, names in BUCKETS if any(x in f for x in names)),
+            "other (event loop, asyncio)",
+        )
+        buckets[label] += n
+    if not total:
+        print("  (no samples)")
+        return
+    print(f"  {total} samples holding the GIL; by part:")
+    for name, n in buckets.most_common():
+        print(f"    {n / total:6.1%}  {name}")
+    print("  own time by function:")
+    for name, n in own.most_common(top):
+        print(f"    {n / total:6.1%}  {name}")
 
 
 if __name__ == "__main__":

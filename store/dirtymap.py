@@ -32,13 +32,13 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import crc32c
 import structlog
 
-from store.blockstore import BlockStore, InlineIo, StoreError
+from store.blockstore import BlockStore, InlineIo, InlineWrites, StoreError
 from store.metadata import fsync_dir
 
 log = structlog.get_logger("store.dirtymap")
@@ -377,8 +377,9 @@ class DirtyMap:
 
 class MarkingStore:
     """A BlockStore that marks ``dirty`` before every write and unmap of ``inner`` (a rewrite of a
-    durably dirty region goes straight through). ``InlineIo`` too when ``inner`` is: a read, and a
-    write to a durably dirty region, at once; a write that needs a mark takes the general path."""
+    durably dirty region goes straight through). ``InlineIo`` and ``InlineWrites`` too when ``inner``
+    is: a read, and a write to a durably dirty region, at once; a write that needs a mark takes the
+    general path."""
 
     def __init__(self, inner: BlockStore, dirty: DirtyMap) -> None:
         self.inner = inner
@@ -406,6 +407,15 @@ class MarkingStore:
         if not isinstance(inner, InlineIo) or not self.dirty.covered(offset, length):
             return False
         return inner.write_now(offset, data)
+
+    def write_inline(self, offset: int, buffers: Sequence[bytes | memoryview]) -> bool:
+        """``InlineWrites`` (a replica's run of contiguous writes): only into regions already
+        durably dirty, so the mark is never skipped; False (nothing written) otherwise."""
+        inner = self.inner
+        length = sum(len(b) for b in buffers)
+        if not isinstance(inner, InlineWrites) or not self.dirty.covered(offset, length):
+            return False
+        return inner.write_inline(offset, buffers)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = data.nbytes if isinstance(data, memoryview) else len(data)

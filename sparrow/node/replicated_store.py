@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.messages import ReplicaState, SyncState
 from sparrow.node.checkpoint import CHECKPOINT_INTERVAL, checkpoint_round
+from sparrow.node.reconcile import Reconcile
 from sparrow.node.resync import DEFAULT_RESYNC_RATE, LockFor, Resync, ResyncMetrics, TokenBucket
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
@@ -72,6 +73,18 @@ class _Op:
     at: float
     #: A region copy of a resync: sent to this replica only (the others get a NOP in its place).
     only: str | None = None
+
+
+@dataclass(slots=True)
+class _Waiters:
+    """The operations that started waiting in one turn of the loop, each for every target to have
+    applied (made durable) its op index: one entry and one hold timer for them all."""
+
+    durable: bool
+    #: (op index, future) per operation, and the highest index among them.
+    futures: list[tuple[int, asyncio.Future[None]]]
+    index: int
+    timer: asyncio.TimerHandle | None = None
 
 
 class Link(Protocol):
@@ -114,6 +127,9 @@ class _Replica:
     progress: tuple[int, int] = (0, 0)
     lagging_at: float = 0.0
     changed: asyncio.Event | None = None
+    #: In sync at the start of this primary's term, its dirty regions not yet all queued
+    #: (sparrow/node/reconcile.py): its streams ask for its dirty map.
+    reconcile: bool = False
 
 
 OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
@@ -134,10 +150,13 @@ class ReplicatedStore:
         hold_timeout: float = DEFAULT_HOLD_TIMEOUT,
         on_lagging: Callable[[], None] | None = None,
         on_syncing: Callable[[ReplicatedStore, str], None] | None = None,
+        on_reconcile: Callable[[ReplicatedStore, str], None] | None = None,
     ) -> None:
         self.inner = inner
-        #: Called when a replica starts syncing (the node starts its resync driver).
+        #: Called when a replica starts syncing (the node starts its resync driver), and for each
+        #: in-sync replica at the start of a term (the node starts its reconcile).
         self.on_syncing = on_syncing
+        self.on_reconcile = on_reconcile
         #: This copy's dirty map (cleared by checkpoints, sparrow/node/checkpoint.py), the random
         #: id of this process's streams, the op index that last wrote each region in this term
         #: as primary, and the regions dirty when the term began (never cleared by it).
@@ -162,7 +181,9 @@ class ReplicatedStore:
         self._first = 1  # op index of _ops[0]
         self.last = 0  # op index of the last op appended
         self._log_bytes = 0
-        self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
+        self._waiters: list[_Waiters] = []
+        #: The waiters still open to joiners in this turn of the loop (applied, durable).
+        self._joinable: dict[bool, _Waiters] = {}
         self._room_waiters: list[asyncio.Future[None]] = []
         self.closed = False
         #: Demoted or released (``stand_down``) and not configured since: an operation still in
@@ -207,7 +228,8 @@ class ReplicatedStore:
             await self.inner.write(offset, data)  # one copy: no overhead
             return
         view = memoryview(data).cast("B")
-        await self._room(len(view))
+        if not self._has_room(len(view)):
+            await self._room(len(view))
         index = 0
         for start in range(0, len(view), MAX_PAYLOAD):
             chunk = view[start : start + MAX_PAYLOAD]
@@ -219,7 +241,8 @@ class ReplicatedStore:
         if self.epoch is not None and not self.replicas:
             await self.inner.unmap(offset, length)
             return
-        await self._room(0)
+        if not self._has_room(0):
+            await self._room(0)
         index = 0
         for start in range(0, length, UNMAP_CHUNK):
             take = min(UNMAP_CHUNK, length - start)
@@ -231,7 +254,8 @@ class ReplicatedStore:
         if self.epoch is not None and not self.replicas:
             await self.inner.flush()
             return
-        await self._room(0)
+        if not self._has_room(0):
+            await self._room(0)
         index = self._append(_Op(MsgType.FLUSH, 0, None, 0, self.clock()))
         await self.inner.flush()
         await self._wait(index, durable=True)
@@ -266,8 +290,10 @@ class ReplicatedStore:
         wanted = dict(targets)
         resync = {node: portal for node, portal in syncing if node not in wanted}
         new_epoch = epoch != self.epoch
-        if self.epoch is None and self.dirty_map is not None:
-            self.sticky = frozenset(self.dirty_map.bits)  # a new term as primary
+        term = self.epoch is None  # a new term as primary
+        if term and self.dirty_map is not None:
+            self.sticky = frozenset(self.dirty_map.bits)
+        reconcile = []
         self.epoch = epoch
         self._stood_down = False
         self.complete = complete and not resync
@@ -287,6 +313,10 @@ class ReplicatedStore:
                 start = self._first - 1
                 replica = _Replica(node, portal, applied=start, durable=start)
                 self.replicas[node] = replica
+                if term and self.dirty_map is not None:
+                    # It may differ from this copy where the old primary's last writes went.
+                    replica.reconcile, replica.changed = True, asyncio.Event()
+                    reconcile.append(node)
                 self._connect(replica)
             elif replica.syncing:
                 # Back in the in-sync set (resynced and reported): waited for from now on. One
@@ -305,6 +335,9 @@ class ReplicatedStore:
                 replica.based = replica.based and not new_epoch
                 self._connect(replica)
         self._progress()
+        for node in reconcile:
+            if self.on_reconcile is not None:
+                self.on_reconcile(self, node)
 
     def _sync(self, node: str, portal: str, new_epoch: bool) -> None:
         replica = self.replicas.get(node)
@@ -319,6 +352,7 @@ class ReplicatedStore:
             replica.generation += 1
             replica.progress = (0, 0)
             replica.changed = replica.changed or asyncio.Event()
+            self._changed(replica)  # a reconcile gives way
             log.info("replica syncing", volume_id=self.volume_id, replica=node, epoch=self.epoch)
         elif not new_epoch and portal == replica.portal:
             return
@@ -361,6 +395,19 @@ class ReplicatedStore:
 
     async def room(self, size: int) -> None:
         await self._room(size)
+
+    # ---- the reconcile's side (sparrow/node/reconcile.py) -------------------------------------------
+
+    def reconciling(self, node: str) -> _Replica | None:
+        """``node`` if it is in sync and its reconcile has not queued every region yet."""
+        replica = self.replicas.get(node)
+        return replica if replica is not None and replica.reconcile and not replica.syncing else None
+
+    def reconciled(self, node: str) -> None:
+        """Every region queued (or the reconcile gave way to a resync): no more dirty maps asked."""
+        replica = self.replicas.get(node)
+        if replica is not None:
+            replica.reconcile = False
 
     # ---- checkpoints (sparrow/node/checkpoint.py) --------------------------------------------------
 
@@ -569,7 +616,7 @@ class ReplicatedStore:
         if replica.portal is None or self.epoch is None or self.open_link is None:
             return  # waited for until the master knows its portal or drops it
         if self._oldest_pending(replica) is None and not replica.syncing:
-            return  # lazily: the first op to send opens the stream
+            return  # lazily: the first op to send opens the stream (and asks for a reconcile's map)
         if not replica.based:
             # The epoch's first stream: seq 1 is the first op the replica has not acknowledged,
             # or a flush it applied and has not yet said is durable (resent under the new epoch).
@@ -588,7 +635,7 @@ class ReplicatedStore:
             self.node_id,
             first_seq=replica.sent - replica.base + 1,
             ack_timeout=self.ack_timeout,
-            report_dirty=replica.syncing,
+            report_dirty=replica.syncing or replica.reconcile,
             session=self.session,
         )
         replica.dirty_report = None
@@ -658,27 +705,38 @@ class ReplicatedStore:
                 return op.at
         return None
 
+    def _waited_for(self) -> tuple[int, int]:
+        """The highest op index every target the writers wait for (not a copy still syncing) has
+        applied, and has made durable (``last`` with no target): the one rule of :meth:`_done` and
+        :meth:`_progress`."""
+        replicas = [r for r in self.replicas.values() if not (r.syncing and not r.resynced)]
+        return (
+            min((r.applied for r in replicas), default=self.last),
+            min((r.durable for r in replicas), default=self.last),
+        )
+
     def _done(self, index: int, durable: bool) -> bool:
         if self.epoch is None:
             return False
-        for replica in self.replicas.values():
-            if replica.syncing and not replica.resynced:
-                continue
-            if (replica.durable if durable else replica.applied) < index:
-                return False
-        return True
+        applied, made_durable = self._waited_for()
+        return index <= (made_durable if durable else applied)
 
     def _progress(self) -> None:
         # Wake the writers whose ops every target has.
-        if self._waiters:
+        if self._waiters and self.epoch is not None:
+            applied, durable = self._waited_for()
             keep = []
-            for index, durable, future in self._waiters:
-                if future.done():
+            for waiters in self._waiters:
+                floor = durable if waiters.durable else applied
+                if waiters.index <= floor:
+                    self._wake(waiters, None)
+                    if self._joinable.get(waiters.durable) is waiters:
+                        del self._joinable[waiters.durable]  # a later waiter of this turn: a new entry
                     continue
-                if self._done(index, durable):
-                    future.set_result(None)
-                else:
-                    keep.append((index, durable, future))
+                for index, future in waiters.futures:
+                    if index <= floor and not future.done():
+                        future.set_result(None)
+                keep.append(waiters)
             self._waiters = keep
         for replica in self.replicas.values():
             if replica.lagging and self._oldest_pending(replica) is None:
@@ -724,11 +782,49 @@ class ReplicatedStore:
             return
         if self._stood_down:
             raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((index, durable, future))
-        await self._bounded(
-            future, self.hold_timeout, f"no acknowledgement from every replica in {self.hold_timeout:g}s"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiters = self._joinable.get(durable)
+        if waiters is None:
+            waiters = _Waiters(durable, [(index, future)], index)
+            waiters.timer = loop.call_later(max(0.0, self.hold_timeout), self._expire, waiters)
+            self._waiters.append(waiters)
+            if not self._joinable:
+                loop.call_soon(self._joinable.clear)  # the next turn opens new ones
+            self._joinable[durable] = waiters
+        else:
+            waiters.futures.append((index, future))
+            if index > waiters.index:
+                waiters.index = index
+        await future
+
+    def _expire(self, waiters: _Waiters) -> None:
+        """The hold bound passed: fail the operations, retryably (StoreUnavailable)."""
+        waiters.timer = None
+        if waiters in self._waiters:
+            self._waiters.remove(waiters)
+        if self._joinable.get(waiters.durable) is waiters:
+            del self._joinable[waiters.durable]
+        behind = sorted(r.node_id for r in self.replicas.values() if self._oldest_pending(r) is not None)
+        self._wake(
+            waiters,
+            StoreUnavailable(
+                f"volume {self.volume_id}: no acknowledgement from every replica in "
+                f"{self.hold_timeout:g}s (behind: {', '.join(behind) or 'none'})"
+            ),
         )
+
+    @staticmethod
+    def _wake(waiters: _Waiters, error: Exception | None) -> None:
+        if waiters.timer is not None:
+            waiters.timer.cancel()
+            waiters.timer = None
+        for _, future in waiters.futures:
+            if not future.done():  # woken already, or an aborted command's (cancelled)
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
 
     async def _bounded(self, future: asyncio.Future[None], within: float, why: str) -> None:
         """Await ``future``; past ``within`` seconds it fails with StoreUnavailable. (A timer, not
@@ -752,10 +848,10 @@ class ReplicatedStore:
             timer.cancel()
 
     def _fail_waiters(self, reason: str) -> None:
-        for _, _, future in self._waiters:
-            if not future.done():
-                future.set_exception(StoreUnavailable(f"volume {self.volume_id}: {reason}"))
+        for waiters in self._waiters:
+            self._wake(waiters, StoreUnavailable(f"volume {self.volume_id}: {reason}"))
         self._waiters = []
+        self._joinable.clear()
 
 
 _WRITES = frozenset({MsgType.WRITE, MsgType.UNMAP})
@@ -921,6 +1017,7 @@ class Forwarding:
         self.resync_metrics = ResyncMetrics(registry)
         self.dirty: dict[str, DirtyMap | None] = {}
         self.resyncs: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.reconciles: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._checkpoints: asyncio.Task[None] | None = None
         self.secret = secret
         self.ack_timeout = ack_timeout
@@ -946,6 +1043,7 @@ class Forwarding:
             hold_timeout=self.hold_timeout,
             on_lagging=self._lagging,
             on_syncing=self._resync,
+            on_reconcile=self._reconcile,
         )
         store.dirty_map = dirty
         self.stores[volume_id] = store
@@ -960,6 +1058,8 @@ class Forwarding:
     def forget(self, volume_id: str) -> None:
         for key in [k for k in self.resyncs if k[0] == volume_id]:
             self.resyncs.pop(key).cancel()
+        for key in [k for k in self.reconciles if k[0] == volume_id]:
+            self.reconciles.pop(key).cancel()
         self.dirty.pop(volume_id, None)
         store = self.stores.pop(volume_id, None)
         if store is not None:
@@ -1012,6 +1112,29 @@ class Forwarding:
         task = asyncio.get_running_loop().create_task(self._run_resync(resync), name=f"resync-{node}")
         self.resyncs[key] = task
 
+    def _reconcile(self, store: ReplicatedStore, node: str) -> None:
+        """Start the reconcile of in-sync ``node`` at the start of a term (sparrow/node/reconcile.py)."""
+        key = (store.volume_id, node)
+        running = self.reconciles.pop(key, None)
+        if running is not None:
+            running.cancel()  # an earlier term's
+        reconcile = Reconcile(store, node, lock_for=self.lock_for, bucket=self.bucket, clock=self.clock)
+        task = asyncio.get_running_loop().create_task(
+            self._run_reconcile(key, reconcile), name=f"reconcile-{node}"
+        )
+        self.reconciles[key] = task
+
+    async def _run_reconcile(self, key: tuple[str, str], reconcile: Reconcile) -> None:
+        try:
+            await reconcile.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reconcile failed", volume_id=reconcile.store.volume_id, replica=reconcile.node)
+        finally:
+            if self.reconciles.get(key) is asyncio.current_task():
+                del self.reconciles[key]
+
     async def _run_resync(self, resync: Resync) -> None:
         try:
             await resync.run()
@@ -1040,9 +1163,10 @@ class Forwarding:
         return {vid: s.replica_states(now) for vid, s in self.stores.items() if s.replicas}
 
     async def close(self) -> None:
-        for task in list(self.resyncs.values()):
+        for task in [*self.resyncs.values(), *self.reconciles.values()]:
             task.cancel()
         self.resyncs.clear()
+        self.reconciles.clear()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):

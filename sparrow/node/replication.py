@@ -67,7 +67,7 @@ from sparrow.replication.protocol import (
     VolumeView,
     dirty_report,
 )
-from store.blockstore import BlockStore, StoreError
+from store.blockstore import BlockStore, InlineWrites, StoreError
 from store.dirtymap import REGION_SIZE, DirtyBitmap, DirtyMap, region_span, regions_for
 
 log = structlog.get_logger("sparrow.node.replication")
@@ -84,6 +84,8 @@ MAX_ACK_BUFFER = 1 << 20
 ACK_EVERY = 16
 #: The kernel send buffer asked for on each connection: a replica sends only small ACKs.
 SEND_BUFFER = 16 << 10
+#: The most buffers of one pwritev (Linux's IOV_MAX).
+IOV_MAX = 1024
 #: Zeros written at a time where the store cannot punch holes, and write-same chunks.
 CHUNK = 1 << 20
 #: Seconds a REFUSE gets to leave before the connection is aborted.
@@ -504,45 +506,19 @@ class ReplicaConnection(asyncio.Protocol):
     # -- applying -------------------------------------------------------------------------------------
 
     async def _apply_loop(self) -> None:
-        unacked = 0
         try:
             while self.closed_reason is None:
                 if not self._queue:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                apply = self._queue.popleft()
                 volume_id = self.stream.volume_id
                 store = None if volume_id is None else self.server.store_for(volume_id)
                 if store is None:
                     self.refuse(ErrorCode.UNKNOWN_VOLUME.reason, f"volume {volume_id} is no longer open here")
                     return
-                try:
-                    durable = await self._apply(store, apply)
-                except StoreError as e:
-                    log.error(
-                        "replica apply failed",
-                        peer=self.peer,
-                        volume_id=volume_id,
-                        seq=apply.seq,
-                        error=str(e),
-                    )
-                    self.refuse("apply_failed", str(e))
+                if not await self._apply_run(store):
                     return
-                self._touch(apply)
-                if isinstance(apply, ApplyCheckpoint):
-                    await self._sync_dirty(volume_id)
-                ack = self.stream.done(apply.seq, durable=durable)
-                self.server.metrics.applied.inc()
-                if isinstance(apply, ApplyWrite):
-                    self.server.metrics.applied_bytes.inc(len(apply.data))
-                unacked += 1
-                # ACKs are cumulative: one for a run of applies queued back to back (at most
-                # ACK_EVERY), at once for a durable one or when nothing more is queued.
-                if self.closed_reason is None and (durable or not self._queue or unacked >= ACK_EVERY):
-                    unacked = 0
-                    self._write(self.channel.send(ack))
-                    self._flow()
         except Exception:
             log.exception("replication apply loop failed", peer=self.peer, volume_id=self.stream.volume_id)
             self.server.metrics.refused.labels("internal_error").inc()
@@ -559,6 +535,77 @@ class ReplicaConnection(asyncio.Protocol):
                     durable_seq=self.stream.durable_seq,
                     reason=self.closed_reason,
                 )
+
+    async def _apply_run(self, store: BlockStore) -> bool:
+        """Apply what is queued, in order, up to ACK_EVERY messages or a durable one, then report
+        them done and ACK once (ACKs are cumulative). Plain writes to contiguous blocks go to a
+        store that writes inline (tmpfs) with one pwritev, on the loop. False if the connection
+        ends."""
+        queue = self._queue
+        inline = store if isinstance(store, InlineWrites) else None
+        applied = 0
+        payload = 0
+        seq = 0
+        durable = False
+        while queue and applied < ACK_EVERY and not durable and self.closed_reason is None:
+            apply = queue.popleft()
+            try:
+                if inline is not None and isinstance(apply, ApplyWrite) and not apply.fua:
+                    run = self._contiguous(apply, ACK_EVERY - applied)
+                    # A marking store writes inline only into regions already durably dirty.
+                    if inline.write_inline(apply.offset, [a.data for a in run]):
+                        for written in run:
+                            self._touch(written)
+                        seq = run[-1].seq
+                        applied += len(run)
+                        payload += sum(len(a.data) for a in run)
+                        continue
+                    queue.extendleft(reversed(run[1:]))  # the pool: one at a time below
+                durable = await self._apply(store, apply)
+            except StoreError as e:
+                if applied:
+                    self.stream.done(seq)
+                log.error(
+                    "replica apply failed", peer=self.peer, volume_id=self.stream.volume_id, seq=apply.seq,
+                    error=str(e),
+                )  # fmt: skip
+                self.refuse("apply_failed", str(e))
+                return False
+            self._touch(apply)
+            seq = apply.seq
+            applied += 1
+            if isinstance(apply, ApplyWrite):
+                payload += len(apply.data)
+            if isinstance(apply, ApplyCheckpoint):
+                await self._sync_dirty(self.stream.volume_id)
+                break  # the cleared bits written: ACK what came before
+        if not applied:
+            return self.closed_reason is None
+        ack = self.stream.done(seq, durable=durable)
+        self.server.metrics.applied.inc(applied)
+        if payload:
+            self.server.metrics.applied_bytes.inc(payload)
+        if self.closed_reason is not None:
+            return False
+        self._write(self.channel.send(ack))
+        self._flow()
+        return True
+
+    def _contiguous(self, first: ApplyWrite, most: int) -> list[ApplyWrite]:
+        """``first`` and the plain writes queued right after it that continue it on the volume
+        (taken off the queue), at most ``most`` and IOV_MAX in all."""
+        run = [first]
+        end = first.offset + len(first.data)
+        queue = self._queue
+        most = min(most, IOV_MAX)
+        while queue and len(run) < most:
+            nxt = queue[0]
+            if not isinstance(nxt, ApplyWrite) or nxt.fua or nxt.offset != end:
+                break
+            run.append(nxt)
+            queue.popleft()
+            end += len(nxt.data)
+        return run
 
     @staticmethod
     async def _apply(store: BlockStore, apply: Apply) -> bool:

@@ -246,21 +246,31 @@ class Resync:
         return True
 
     async def _copy(self, region: Region) -> int | None:
-        """Read ``region`` under the LU's exclusive range claim and queue it; its op index."""
-        bs = self.store.block_size
-        while True:
-            lock = self.lock_for(self.store.volume_id)
-            if lock is not None:
-                break
-            if self.store.syncing_replica(self.node) is None:
-                return None
-            await asyncio.sleep(RETRY)  # the LU is not exported yet: nothing writes either
-        first, end = region.offset // bs, (region.offset + region.length) // bs
-        token = await lock.acquire_exclusive(first, end)
-        try:
-            data = await self.store.inner.read(region.offset, region.length)
-            if self.store.syncing_replica(self.node) is None:
-                return None
-            return self.store.copy_region(self.node, region.offset, data)
-        finally:
-            lock.release_exclusive(token)
+        def wanted() -> bool:
+            return self.store.syncing_replica(self.node) is not None
+
+        return await copy_locked(self.store, self.node, region, self.lock_for, wanted)
+
+
+async def copy_locked(
+    store: ReplicatedStore, node: str, region: Region, lock_for: LockFor, wanted: Callable[[], bool]
+) -> int | None:
+    """Read ``region`` under the LU's exclusive range claim and queue it for ``node`` only (the
+    ordering point of a region copy); its op index, or None once ``wanted()`` turns False."""
+    bs = store.block_size
+    while True:
+        lock = lock_for(store.volume_id)
+        if lock is not None:
+            break
+        if not wanted():
+            return None
+        await asyncio.sleep(RETRY)  # the LU is not exported yet: nothing writes either
+    first, end = region.offset // bs, (region.offset + region.length) // bs
+    token = await lock.acquire_exclusive(first, end)
+    try:
+        data = await store.inner.read(region.offset, region.length)
+        if not wanted():
+            return None
+        return store.copy_region(node, region.offset, data)
+    finally:
+        lock.release_exclusive(token)

@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeAlias
 
+from frontend.constructors import positional_constructor
 from sparrow.cluster.messages import NODE_ID_PATTERN, VOLUME_ID_PATTERN, Role
 from sparrow.replication.streamauth import NO_PROOF, PROOF_SIZE, open_proof, proof_matches
 
@@ -103,6 +104,9 @@ class MsgType(enum.IntEnum):
 _RANGE = struct.Struct(">QI")
 _U64 = struct.Struct(">Q")
 _U8 = struct.Struct(">B")
+#: The header and a u64 body in one: a WRITE's (offset) and an ACK's (durable seq), packed directly
+#: on the hot paths (the same bytes as ``encode``).
+_HEADER_U64 = struct.Struct(HEADER.format + "Q")
 _SLICE = struct.Struct(">II")
 _OPEN = struct.Struct(f">Q{PROOF_SIZE}s")
 #: Per type: the fixed body, the payload bounds (min, max) and the flags it may carry.
@@ -117,6 +121,12 @@ _LAYOUT: Mapping[MsgType, tuple[struct.Struct | None, int, int, int]] = {
     MsgType.DIRTY: (_SLICE, 0, MAX_PAYLOAD, FLAG_LAST),
     MsgType.NOP: (None, 0, 0, 0),
     MsgType.CHECKPOINT: (_U64, 0, 0, 0),
+}
+_MSG_TYPES: Mapping[int, MsgType] = {int(t): t for t in MsgType}
+#: Per type: the least and the most bytes after the header (fixed body and payload).
+_BODY_BOUNDS: Mapping[MsgType, tuple[int, int]] = {
+    kind: ((0 if layout is None else layout.size) + low, (0 if layout is None else layout.size) + high)
+    for kind, (layout, low, high, _) in _LAYOUT.items()
 }
 #: The largest message: header, the largest fixed body, the largest payload.
 MAX_MESSAGE = HEADER.size + _RANGE.size + MAX_PAYLOAD
@@ -434,6 +444,12 @@ _TYPE_OF: Mapping[type, MsgType] = {
 }
 
 
+#: The hot path builds these with their bounds already checked by the decoder (``_next``), skipping
+#: ``__post_init__`` (frontend.constructors).
+_make_write = positional_constructor(Write)
+_make_ack = positional_constructor(Ack)
+
+
 def _check_range(offset: int, length: int) -> None:
     if not 0 <= offset <= MAX_UINT63:
         _fail(ErrorCode.MALFORMED, f"offset {offset} out of range")
@@ -500,6 +516,19 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
     if not fixed + low <= len(body) <= fixed + high:
         _fail(ErrorCode.MALFORMED, f"{kind.name} with a body of {len(body)} bytes")
     payload = body[fixed:]
+    if kind is MsgType.WRITE or kind is MsgType.ACK:
+        # The hot messages: every field bounded here, then built without __post_init__ (the
+        # volume id is 16 raw bytes, the payload size was checked against the layout above).
+        if not 1 <= epoch <= MAX_UINT63 or seq > MAX_UINT63:
+            _check_ids(volume_id, epoch, seq)  # raises with the field named
+        (value,) = _U64.unpack_from(body)
+        if kind is MsgType.ACK:
+            if value > seq:
+                _fail(ErrorCode.MALFORMED, f"durable seq {value} beyond applied {seq}")
+            return _make_ack(volume_id, epoch, seq, value)
+        if value > MAX_UINT63:
+            _fail(ErrorCode.MALFORMED, f"offset {value} out of range")
+        return _make_write(volume_id, epoch, seq, value, payload, bool(flags & FLAG_FUA))
     if kind is MsgType.OPEN:
         try:
             primary = bytes(payload).decode("ascii")
@@ -507,9 +536,6 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
             _fail(ErrorCode.MALFORMED, "primary node id is not ASCII")
         session, proof = _OPEN.unpack_from(body)
         return Open(volume_id, epoch, seq, primary, bool(flags & FLAG_REPORT_DIRTY), session, proof)
-    if kind is MsgType.WRITE:
-        (offset,) = _U64.unpack_from(body)
-        return Write(volume_id, epoch, seq, offset, payload, bool(flags & FLAG_FUA))
     if kind is MsgType.UNMAP:
         return Unmap(volume_id, epoch, seq, *_RANGE.unpack_from(body))
     if kind is MsgType.WRITE_SAME:
@@ -525,9 +551,6 @@ def _decode(kind: MsgType, flags: int, volume_id: str, epoch: int, seq: int, bod
     if kind is MsgType.DIRTY:
         offset, regions = _SLICE.unpack_from(body)
         return Dirty(volume_id, epoch, seq, offset, regions, payload, bool(flags & FLAG_LAST))
-    if kind is MsgType.ACK:
-        (durable,) = _U64.unpack_from(body)
-        return Ack(volume_id, epoch, seq, durable)
     (code,) = _U8.unpack_from(body)
     if code not in ErrorCode._value2member_map_:
         _fail(ErrorCode.MALFORMED, f"unknown refusal code {code}")
@@ -549,8 +572,12 @@ class MessageDecoder:
 
     def __init__(self) -> None:
         self._buf: bytes = b""
+        self._view = memoryview(self._buf)
         self._pos = 0
         self._error: ReplicationError | None = None
+        #: The last volume id seen, raw and as hex (one stream carries one volume).
+        self._raw_id = b""
+        self._hex_id = ""
 
     @property
     def buffered(self) -> int:
@@ -565,6 +592,7 @@ class MessageDecoder:
             self._buf, self._pos = bytes(data), 0  # no copy for bytes
         else:
             self._buf, self._pos = self._buf[self._pos :] + data, 0
+        self._view = memoryview(self._buf)
 
     def next_message(self) -> Message | None:
         if self._error is not None:
@@ -577,26 +605,28 @@ class MessageDecoder:
             raise
 
     def _next(self) -> Message | None:
-        if self.buffered < HEADER.size:
+        pos = self._pos
+        if len(self._buf) - pos < HEADER.size:
             return None
-        view = memoryview(self._buf)
-        version, kind, flags, reserved, length, raw_id, epoch, seq = HEADER.unpack_from(view, self._pos)
+        version, kind, flags, reserved, length, raw_id, epoch, seq = HEADER.unpack_from(self._buf, pos)
         if version != VERSION:
             _fail(ErrorCode.MALFORMED, f"version {version}, expected {VERSION}")
-        if kind not in MsgType._value2member_map_:
+        msg_type = _MSG_TYPES.get(kind)
+        if msg_type is None:
             _fail(ErrorCode.UNKNOWN_TYPE, f"message type {kind}")
         if reserved:
             _fail(ErrorCode.MALFORMED, "reserved byte set")
-        layout, low, high, _ = _LAYOUT[MsgType(kind)]
-        fixed = 0 if layout is None else layout.size
-        if not fixed + low <= length <= fixed + high:  # checked before waiting for the body
-            _fail(ErrorCode.MALFORMED, f"{MsgType(kind).name} with a body of {length} bytes")
-        end = self._pos + HEADER.size + length
+        low, high = _BODY_BOUNDS[msg_type]
+        if not low <= length <= high:  # checked before waiting for the body
+            _fail(ErrorCode.MALFORMED, f"{msg_type.name} with a body of {length} bytes")
+        end = pos + HEADER.size + length
         if end > len(self._buf):
             return None
-        body = view[self._pos + HEADER.size : end]
+        body = self._view[pos + HEADER.size : end]
         self._pos = end
-        return _decode(MsgType(kind), flags, raw_id.hex(), epoch, seq, body)
+        if raw_id != self._raw_id:
+            self._raw_id, self._hex_id = raw_id, raw_id.hex()
+        return _decode(msg_type, flags, self._hex_id, epoch, seq, body)
 
 
 # -- the replica's end -----------------------------------------------------------------------------
@@ -661,6 +691,9 @@ class ApplyCheckpoint:
 
 
 Apply: TypeAlias = ApplyWrite | ApplyUnmap | ApplyWriteSame | ApplyFlush | ApplyNop | ApplyCheckpoint
+_make_apply_write = positional_constructor(ApplyWrite)
+#: The replica's messages (never received by a replica).
+_REPLIES = (Ack, Refuse, Dirty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,6 +716,10 @@ class ReplicaState(enum.Enum):
     AWAIT_OPEN = "await_open"
     STREAMING = "streaming"
     CLOSED = "closed"
+
+    #: Members are singletons: hash by identity (C) rather than Enum's hash of the name (Python),
+    #: since every message looks its transition up.
+    __hash__ = object.__hash__
 
 
 #: The replica's transitions: (state, message type received) -> next state. A message type not
@@ -769,6 +806,10 @@ class ReplicaStream:
         self._error: ReplicationError | None = None
         #: The volume and epoch of the last message received (for a refusal before OPEN).
         self._last: tuple[str, int] = ("0" * 32, 1)
+        #: What ``lookup`` answered during the current :meth:`feed` (volume id, view): the messages
+        #: of one feed arrive at the same moment, and nothing can persist a new role in between.
+        self._looked_up: tuple[str, VolumeView | None] | None = None
+        self._raw_id: bytes | None = None
 
     @property
     def unapplied(self) -> int:
@@ -787,6 +828,7 @@ class ReplicaStream:
         if self._error is not None:
             raise self._error
         events: list[ReplicaEvent] = []
+        self._looked_up = None
         try:
             self.decoder.feed(data)
             while (message := self.decoder.next_message()) is not None:
@@ -794,6 +836,8 @@ class ReplicaStream:
         except ReplicationError as e:
             self._close(e)
             raise
+        finally:
+            self._looked_up = None
         return events
 
     def _close(self, error: ReplicationError) -> None:
@@ -827,13 +871,18 @@ class ReplicaStream:
         if isinstance(message, Open):
             event: ReplicaEvent = self._open(message)
         else:
-            assert not isinstance(message, Ack | Refuse | Dirty)  # not in the table
+            assert not isinstance(message, _REPLIES)  # not in the table
             event = self._operation(message)
         self.state = after
         return event
 
     def _view(self, volume_id: str, epoch: int, primary: str) -> VolumeView:
-        view = self.lookup(volume_id)
+        looked_up = self._looked_up
+        if looked_up is not None and looked_up[0] == volume_id:
+            view = looked_up[1]
+        else:
+            view = self.lookup(volume_id)
+            self._looked_up = (volume_id, view)
         if view is None:
             _fail(ErrorCode.UNKNOWN_VOLUME, f"volume {volume_id} is not assigned to this node")
         if epoch < view.epoch:
@@ -890,10 +939,11 @@ class ReplicaStream:
         size = 0
         if not isinstance(message, Flush | Nop | Checkpoint):
             bs = view.block_size
-            if message.offset % bs or message.length % bs or message.offset + message.length > view.size:
+            length = len(message.data) if isinstance(message, Write) else message.length
+            if message.offset % bs or length % bs or message.offset + length > view.size:
                 _fail(
                     ErrorCode.OUT_OF_RANGE,
-                    f"{message.length} bytes at offset {message.offset} (volume of {view.size} bytes, "
+                    f"{length} bytes at offset {message.offset} (volume of {view.size} bytes, "
                     f"blocks of {bs})",
                 )
             if isinstance(message, WriteSame) and len(message.pattern) != bs:
@@ -903,7 +953,8 @@ class ReplicaStream:
                 )
         apply: Apply
         if isinstance(message, Write):
-            apply, size = ApplyWrite(message.seq, message.offset, message.data, message.fua), message.length
+            apply = _make_apply_write(message.seq, message.offset, message.data, message.fua)
+            size = len(message.data)
         elif isinstance(message, Unmap):
             apply = ApplyUnmap(message.seq, message.offset, message.length)
         elif isinstance(message, WriteSame):
@@ -936,7 +987,13 @@ class ReplicaStream:
 
     def _ack(self) -> bytes:
         assert self.volume_id is not None
-        return encode(Ack(self.volume_id, self.epoch, self.applied_seq, self.durable_seq))
+        if self._raw_id is None:
+            Ack(self.volume_id, self.epoch, self.applied_seq, self.durable_seq)  # the bounds, once
+            self._raw_id = bytes.fromhex(self.volume_id)
+        # encode(Ack(...)), packed directly: seqs only grow from values already checked.
+        return _HEADER_U64.pack(
+            VERSION, MsgType.ACK, 0, 0, 8, self._raw_id, self.epoch, self.applied_seq, self.durable_seq
+        )
 
 
 # -- the primary's end -----------------------------------------------------------------------------
@@ -949,6 +1006,8 @@ class PrimaryState(enum.Enum):
     STREAMING = "streaming"
     FAILED = "failed"
 
+    __hash__ = object.__hash__  # as ReplicaState's
+
 
 class PrimaryInput(enum.Enum):
     SEND_OPEN = "send_open"
@@ -956,6 +1015,8 @@ class PrimaryInput(enum.Enum):
     RECV_ACK = "recv_ack"
     RECV_REFUSE = "recv_refuse"
     RECV_DIRTY = "recv_dirty"
+
+    __hash__ = object.__hash__  # as ReplicaState's
 
 
 #: The primary's transitions; an input not listed for a state is an error (UNEXPECTED).
@@ -969,6 +1030,14 @@ PRIMARY_TRANSITIONS: Mapping[tuple[PrimaryState, PrimaryInput], PrimaryState] = 
     (PrimaryState.STREAMING, PrimaryInput.RECV_REFUSE): PrimaryState.FAILED,
     (PrimaryState.STREAMING, PrimaryInput.RECV_DIRTY): PrimaryState.STREAMING,
 }
+
+
+#: The states a sent operation leaves as they are (derived from the table; a tuple: identity tests).
+_KEEP_ON_SEND: tuple[PrimaryState, ...] = tuple(
+    state
+    for (state, event), after in PRIMARY_TRANSITIONS.items()
+    if event is PrimaryInput.SEND_OPERATION and after is state
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1042,6 +1111,7 @@ class PrimaryStream:
         self._in_flight_bytes = 0
         self._open_sent_at: float | None = None
         self._error: ReplicationError | None = None
+        self._raw_id = bytes.fromhex(volume_id)
         self.report_dirty = report_dirty
         self.session = session
         #: The stream key and the connection's binding the OPEN proves (:meth:`authorize`).
@@ -1104,10 +1174,27 @@ class PrimaryStream:
     def write(
         self, offset: int, data: bytes | memoryview, now: float, *, fua: bool = False
     ) -> tuple[int, bytes]:
-        """Number and encode a WRITE; returns (seq, bytes to seal and send)."""
-        return self._send(
-            lambda s: Write(self.volume_id, self.epoch, s, offset, data, fua), len(data), fua, now
+        """Number and encode a WRITE; returns (seq, bytes to seal and send). The hot path: the
+        bounds of ``Write`` checked inline, the header packed directly (the bytes ``encode`` gives)."""
+        size = len(data)
+        seq = self.last_seq + 1
+        if not (1 <= size <= MAX_PAYLOAD and 0 <= offset <= MAX_UINT63 and seq <= MAX_UINT63):
+            return self._send(
+                lambda s: Write(self.volume_id, self.epoch, s, offset, data, fua), size, fua, now
+            )  # raises with the bound named
+        if len(self._in_flight) >= self.window or self._in_flight_bytes + size > self.window_bytes:
+            raise ReplicationError(
+                ErrorCode.WINDOW_FULL, f"{self.in_flight} messages, {self.in_flight_bytes} bytes in flight"
+            )
+        if self.state not in _KEEP_ON_SEND:
+            self._move(PrimaryInput.SEND_OPERATION)
+        self.last_seq = seq
+        self._in_flight.append(_InFlight(seq, now, size, fua))
+        self._in_flight_bytes += size
+        head = _HEADER_U64.pack(
+            VERSION, MsgType.WRITE, FLAG_FUA if fua else 0, 0, 8 + size, self._raw_id, self.epoch, seq, offset
         )
+        return seq, head + data
 
     def unmap(self, offset: int, length: int, now: float) -> tuple[int, bytes]:
         return self._send(lambda s: Unmap(self.volume_id, self.epoch, s, offset, length), 0, False, now)

@@ -69,6 +69,11 @@ class FaultProxy:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Sockets of forwarded connections still open (two per connection)."""
+        return len(self._writers)
+
     def start(self) -> FaultProxy:
         ready = threading.Event()
         failure: list[BaseException] = []

@@ -5,9 +5,12 @@ deadlines and the handshake cap."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
 from sparrow.cluster.messages import Role
@@ -26,6 +29,7 @@ from sparrow.replication.protocol import (
     encode,
 )
 from sparrow.replication.streamauth import derive_stream_key
+from store.blockstore import BlockStore, FileBlockStore
 from store.dirtymap import DirtyBitmap, DirtyMap, MarkingStore
 from store.memstore import MemoryBlockStore
 
@@ -139,7 +143,7 @@ class Peer:
         return out
 
 
-def server(store: GatedStore | None, clock: Clock, **kwargs: Any) -> ReplicaServer:
+def server(store: BlockStore | None, clock: Clock, **kwargs: Any) -> ReplicaServer:
     return ReplicaServer(
         secret=SECRET,
         lookup=lambda vid: VIEW if vid == VID else None,
@@ -263,6 +267,49 @@ async def test_the_handshake_cap() -> None:
     await settle()
 
 
+async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a store that writes inline (tmpfs), plain writes that continue each other are applied
+    with one pwritev; a gap starts another run; a later write over the first run lands after it;
+    the messages applied back to back are reported with one cumulative ACK."""
+    calls: list[list[bytes]] = []
+    real_pwritev = os.pwritev
+
+    def counting_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        calls.append([bytes(b) for b in buffers])
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counting_pwritev)
+    path = Path("/dev/shm") / f"sparrow-test-replica-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    try:
+        srv = server(store, Clock())
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1"))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        peer.send(
+            Write(VID, 2, 1, 0, b"a" * 512),
+            Write(VID, 2, 2, 512, b"b" * 1024),
+            Write(VID, 2, 3, 1536, b"c" * 512),
+            Write(VID, 2, 4, 8192, b"d" * 512),  # not contiguous: a run of its own
+            Write(VID, 2, 5, 512, b"e" * 512),  # over the first run: applied after it
+        )
+        await settle()
+        assert calls == [[b"a" * 512, b"b" * 1024, b"c" * 512]]
+        assert peer.received() == [Ack(VID, 2, 5, 0)]
+        assert await store.read(0, 2048) == b"a" * 512 + b"e" * 512 + b"b" * 512 + b"c" * 512
+        assert await store.read(8192, 512) == b"d" * 512
+        transport.close()
+        conn.connection_lost(None)
+        await settle()
+        assert srv.positions.get(VID, 2) == (5, 0)
+    finally:
+        await store.close()
+        os.unlink(path)
+
+
 async def until(condition: Callable[[], object], within: float = 5.0) -> None:
     """Wait for ``condition`` (the dirty map's marks sync in a thread), failing after ``within`` s."""
     deadline = asyncio.get_running_loop().time() + within
@@ -326,3 +373,60 @@ async def test_a_new_primary_session_leaves_what_the_earlier_one_wrote_dirty(tmp
     await until(lambda: srv.positions.get(VID, 2)[0] == 3)
     assert dirty.dirty_regions() == [2]  # written by session 7: not this checkpoint's to clear
     dirty.close()
+
+
+async def test_a_marking_store_writes_a_run_inline_only_into_regions_already_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica's dirty-map marking store over tmpfs: the first write into a clean region takes
+    the general path (marked durably, then written); the rest of its run goes inline only once the
+    region is durably dirty; every write of an inline run is recorded for the checkpoint, which
+    clears their regions."""
+    inline: list[tuple[int, int, bool]] = []
+    real_write_inline = FileBlockStore.write_inline
+
+    def spying(self: FileBlockStore, offset: int, buffers: Any) -> bool:
+        length = sum(len(b) for b in buffers)
+        inline.append((offset, length, dirty.covered(offset, length)))
+        return real_write_inline(self, offset, buffers)
+
+    monkeypatch.setattr(FileBlockStore, "write_inline", spying)
+    path = Path("/dev/shm") / f"sparrow-test-marking-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    try:
+        marking = MarkingStore(store, dirty)
+        srv = server(marking, Clock(), dirty_for=lambda vid: dirty)
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1", session=7))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        peer.send(
+            Write(VID, 2, 1, 0, b"a" * 512),
+            Write(VID, 2, 2, 512, b"b" * 512),
+            Write(VID, 2, 3, 1024, b"c" * 512),
+            Write(VID, 2, 4, 3 * MiB, b"d" * 512),
+            Write(VID, 2, 5, 3 * MiB + 512, b"e" * 512),
+        )
+        acks: list[Message] = []
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 5, 0) in acks)
+        # Each clean region's first write was declined inline (not covered), then marked and
+        # written; what followed in the same region went inline, into a durably dirty region.
+        assert (512, 1024, True) in inline and (3 * MiB + 512, 512, True) in inline
+        assert all(covered for _, _, covered in inline)
+        assert dirty.dirty_regions() == [0, 3]
+        assert await store.read(0, 1536) == b"a" * 512 + b"b" * 512 + b"c" * 512
+        peer.send(Flush(VID, 2, 6), Checkpoint(VID, 2, 7, 6))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 7, 6) in acks)
+        assert dirty.dirty_regions() == []  # the inline writes were recorded as this session's
+        # A region's latest write is the one a checkpoint must cover: one written inline after the
+        # checkpoint's seq keeps the region dirty although an earlier write there is covered.
+        peer.send(Write(VID, 2, 8, 0, b"f" * 512), Flush(VID, 2, 9), Write(VID, 2, 10, 512, b"g" * 512))
+        peer.send(Checkpoint(VID, 2, 11, 9))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 11, 9) in acks)
+        assert inline[-1] == (512, 512, True)
+        assert dirty.dirty_regions() == [0]
+    finally:
+        dirty.close()
+        await store.close()
+        os.unlink(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -302,6 +303,43 @@ async def test_a_restarted_primary_resumes_the_epoch_where_the_replica_stands() 
     assert task.done() and task.exception() is None
 
 
+async def test_writes_of_one_turn_share_one_hold_timer_yet_complete_and_cancel_on_their_own() -> None:
+    """The operations that start waiting in one turn of the loop share one waiter entry and one
+    hold timer (not one each); each still completes when its own op is acknowledged, an aborted
+    one leaves the others waiting, and past the bound all of them fail retryably."""
+    h = Harness(hold_timeout=5.0)
+    h.store.configure(1, [("n2", "h:1")])
+    loop = asyncio.get_running_loop()
+    timers = 0
+    real_call_later = loop.call_later
+
+    def counting_call_later(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        timers += 1
+        return real_call_later(delay, callback, *args)
+
+    loop.call_later = counting_call_later  # type: ignore[method-assign]
+    try:
+        tasks = [asyncio.create_task(h.store.write(i * BS, bytes([i]) * BS)) for i in range(4)]
+        await h.up()
+        assert timers == 1 and len(h.store._waiters) == 1
+        tasks[1].cancel()  # an aborted command
+        h.links["n2"].ack(1)
+        await settle()
+        assert tasks[0].done() and tasks[0].exception() is None
+        assert tasks[1].cancelled() and not tasks[2].done() and not tasks[3].done()
+        h.links["n2"].ack(3)
+        await settle()
+        assert tasks[2].done() and not tasks[3].done()
+        (waiters,) = h.store._waiters
+        assert waiters.timer is not None
+        h.store._expire(waiters)  # the hold timer's callback: the bound passed
+        await settle()
+        assert isinstance(tasks[3].exception(), StoreUnavailable) and h.store._waiters == []
+    finally:
+        loop.call_later = real_call_later  # type: ignore[method-assign]
+
+
 async def test_inline_io_only_where_the_awaited_call_is_the_inner_store() -> None:
     """The iSCSI fast path (store.blockstore.InlineIo): reads always; writes only with no replica
     and a configured epoch; with replicas a write must await their ACKs, so it declines."""
@@ -313,3 +351,29 @@ async def test_inline_io_only_where_the_awaited_call_is_the_inner_store() -> Non
     h.store.configure(2, [("n2", "h:1")])
     assert not h.store.write_now(0, b"e" * BS)
     assert h.store.read_now(0, BS) == b"d" * BS
+
+
+async def test_a_waiter_after_its_turns_entry_was_woken_gets_an_entry_of_its_own() -> None:
+    """The writes of one loop turn share an entry; once that entry is woken (every op in it
+    acknowledged), a write that starts waiting later in the same turn must not join it (nothing
+    would wake it again): it gets a new entry and completes on its own ACK."""
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    first = asyncio.create_task(h.store.write(0, b"a" * BS))
+    second = asyncio.create_task(h.store.write(BS, b"b" * BS))
+    await h.up()
+    assert not first.done() and not second.done()
+    # One turn, stepped by hand: a waiter for op 1, its ACK, then a waiter for op 2.
+    early = h.store._wait(1, durable=False)
+    early_future = early.send(None)
+    h.links["n2"].ack(1)
+    assert early_future.done()
+    late = h.store._wait(2, durable=False)
+    late_future = late.send(None)
+    h.links["n2"].ack(2)
+    assert late_future.done(), "the late waiter joined an entry that was already woken"
+    for coro in (early, late):
+        with pytest.raises(StopIteration):
+            coro.send(None)
+    await settle()
+    assert first.done() and second.done()

@@ -371,6 +371,42 @@ def test_a_replica_that_persisted_a_newer_epoch_refuses_the_old_primarys_next_wr
     assert refused(replica(views[VID]), Open(VID, 4, 1, "n2").signed(KEY, BINDING)) is ErrorCode.NOT_REPLICA
 
 
+def test_the_persisted_role_is_looked_up_once_per_feed_and_again_for_the_next() -> None:
+    """The messages of one feed arrive at the same moment: one lookup answers for all of them,
+    each still checked against it; the next feed asks again and sees a newer epoch at once."""
+    views = {VID: VIEW}
+    asked: list[str] = []
+
+    def lookup(volume_id: str) -> VolumeView | None:
+        asked.append(volume_id)
+        return views.get(volume_id)
+
+    stream = replica_stream(lookup, ReplicaPositions())
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
+    events = stream.feed(b"".join(encode(Write(VID, 3, seq, 0, b"x" * 512)) for seq in (1, 2, 3)))
+    assert [e.seq for e in events if isinstance(e, ApplyWrite)] == [1, 2, 3] and asked == [VID, VID]
+    views[VID] = VolumeView(VID, 4, Role.REPLICA, "n2", SIZE, 512, stream_key=KEY)
+    assert refused(stream, Write(VID, 3, 4, 0, b"y" * 512)) is ErrorCode.STALE_EPOCH
+    assert len(asked) == 3
+
+
+def test_the_hot_paths_encode_what_the_codec_encodes() -> None:
+    """PrimaryStream.write and the replica's ACK pack their bytes directly: the same bytes as
+    ``encode`` of the message, and a write out of bounds is refused as the message would be."""
+    p = opened_primary()
+    for offset, data, fua in ((0, b"a" * 512, False), (1 << 40, b"b" * 4096, True)):
+        seq, wire = p.write(offset, memoryview(data), 0.0, fua=fua)
+        assert wire == encode(Write(VID, 3, seq, offset, data, fua))
+    with pytest.raises(ReplicationError) as e:
+        p.write(0, b"", 0.0)
+    assert e.value.code is ErrorCode.MALFORMED and p.last_seq == 2
+    stream = replica()
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
+    stream.feed(encode(Write(VID, 3, 1, 0, b"x" * 512)) + encode(Flush(VID, 3, 2)))
+    assert stream.done(1) == encode(Ack(VID, 3, 1, 0))
+    assert stream.done(2, durable=True) == encode(Ack(VID, 3, 2, 2))
+
+
 def test_a_new_stream_of_the_same_epoch_goes_on_from_the_replicas_position() -> None:
     positions = ReplicaPositions()
     first = replica(positions=positions)

@@ -422,6 +422,40 @@ async def test_io_path_is_chosen_by_filesystem(tmp_path: Path) -> None:
         os.unlink(path)
 
 
+async def test_write_inline_writes_a_run_with_one_pwritev_on_tmpfs_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica applies a run of contiguous writes with one pwritev when the store writes inline;
+    a store whose writes go to the pool writes nothing and says so (the caller awaits write())."""
+    calls: list[int] = []
+    real_pwritev = os.pwritev
+
+    def counting_pwritev(fd: int, buffers: Any, offset: int) -> int:
+        calls.append(len(buffers))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counting_pwritev)
+    path = Path("/dev/shm") / f"sparrow-test-inline-{os.getpid()}.img"
+    mem = await FileBlockStore.open(path, block_size=512, size=1 << 20, create=True)
+    try:
+        parts = [b"a" * 512, memoryview(b"b" * 1024), b"c" * 512]
+        assert mem.write_inline(4096, parts)
+        assert calls == [3]
+        assert await mem.read(4096, 2048) == b"a" * 512 + b"b" * 1024 + b"c" * 512
+        with pytest.raises(StoreRangeError):
+            mem.write_inline((1 << 20) - 512, [b"x" * 512, b"y" * 512])
+        assert calls == [3]
+    finally:
+        await mem.close()
+        os.unlink(path)
+    disk = await file_store(tmp_path)
+    try:
+        assert not disk.write_inline(0, [b"d" * 512, b"e" * 512])
+        assert await disk.read(0, 1024) == bytes(1024) and calls == [3]
+    finally:
+        await disk.close()
+
+
 async def test_uncached_read_falls_back_to_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = await file_store(tmp_path)
     await s.write(0, b"z" * 512)
