@@ -20,6 +20,7 @@ catch-up (docs/replication.md, "Catch-up"), not in this tree yet.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,3 +167,34 @@ def test_a_partitioned_primary_is_replaced_and_acknowledges_nothing_after_the_ne
         f" {len(p.journal.acks)} writes acknowledged, the last {quiet:.2f} s before it;"
         f" old primary {p.old} demoted to {record['role']} at epoch {record['epoch']}"
     )
+
+
+def test_after_healing_the_old_primary_catches_up_and_the_three_copies_are_identical(
+    cluster: Cluster,
+) -> None:
+    """Issue 8, test 2, the rest (needs catch-up): healed, the old primary rejoins as a replica, is
+    caught up while the writer goes on through the redirect (its own unacknowledged writes are
+    overwritten with the new primary's content) and recorded back in the in-sync set; the three
+    copies end identical."""
+    p = partition_the_primary(cluster)
+    writer = Writer(cluster.node(p.old).url(VOLUME), run_id=33, blocks=BLOCKS, depth=8, sync_every=64)
+    try:
+        writer.wait_acked(300)  # writing during the catch-up
+        wait_for(
+            lambda: in_sync(cluster.volume(VOLUME)) == set(cluster.nodes),
+            timeout=60,
+            what="all three copies back in sync",
+            interval=0.1,
+        )
+        writer.wait_acked(writer.acked + 300)
+        journal = writer.stop()
+    finally:
+        writer.kill()
+    nodes = sorted(cluster.nodes)
+    contents = {f"{n} data file": read_data_file(data_file(cluster, n), BLOCKS) for n in nodes}
+    ours = {
+        w: {b: c if b in journal.acked else "zero" for b, c in got.items()} for w, got in contents.items()
+    }
+    assert_nothing_lost(journal, ours, 33)
+    digests = {n: hashlib.sha256(data_file(cluster, n).read_bytes()).hexdigest() for n in nodes}
+    assert len(set(digests.values())) == 1, f"the copies differ: {digests}"
