@@ -216,6 +216,16 @@ def _device_size(fd: int) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
 
 
+def _pwrite_rest(fd: int, view: memoryview, offset: int, done: int) -> None:
+    """Finish a short write: bytes ``done`` .. ``len(view)`` of ``view`` at ``offset + done``.
+    A write that makes no progress is a full device (ENOSPC)."""
+    while done < len(view):
+        wrote = os.pwrite(fd, view[done:], offset + done)
+        if wrote <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done += wrote
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -508,12 +518,7 @@ class FileBlockStore:
         try:
             done = os.pwritev(fd, buffers, offset)
             if done < n:  # short (on tmpfs only when it is full): the rest from one joined copy
-                rest = memoryview(b"".join(buffers))
-                while done < n:
-                    wrote = os.pwrite(fd, rest[done:], offset + done)
-                    if wrote <= 0:
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                    done += wrote
+                _pwrite_rest(fd, memoryview(b"".join(buffers)), offset, done)
         except OSError as e:
             raise StoreIOError(StoreOp.WRITE, offset, e.errno or errno.EIO) from e
         finally:
@@ -605,14 +610,8 @@ class FileBlockStore:
         fd = self._enter()
         try:
             done = os.pwrite(fd, data, offset)
-            if done == n:
-                return
-            view = memoryview(data).cast("B")
-            while done < n:
-                wrote = os.pwrite(fd, view[done:], offset + done)
-                if wrote <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                done += wrote
+            if done < n:
+                _pwrite_rest(fd, memoryview(data).cast("B"), offset, done)
         except OSError as e:
             raise StoreIOError(StoreOp.WRITE, offset, e.errno or errno.EIO) from e
         finally:
