@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from frontend.internal_errors import INTERNAL_ERROR_EVENT
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import TIMING, Cluster, Timing
 from tests.integration.daemon import Daemon
 
 
@@ -24,12 +24,13 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 @pytest.fixture
 def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    """``make_cluster(n, node_args=())``: a started master and ``n`` nodes (each given the extra
-    ``node_args``); all SIGTERMed afterwards, exit 0."""
+    """``make_cluster(n, node_args=(), timing=TIMING)``: a started master and ``n`` nodes (each
+    given the extra ``node_args``); all SIGTERMed afterwards, exit 0, and no internal error in any
+    log."""
     clusters: list[Cluster] = []
 
-    def make(n: int, node_args: tuple[str, ...] = ()) -> Cluster:
-        cluster = Cluster(tmp_path / f"c{len(clusters)}", n, node_args=node_args)
+    def make(n: int, node_args: tuple[str, ...] = (), timing: Timing = TIMING) -> Cluster:
+        cluster = Cluster(tmp_path / f"c{len(clusters)}", n, timing, node_args=node_args)
         clusters.append(cluster)
         return cluster.start()
 

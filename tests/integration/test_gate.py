@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +99,8 @@ def test_serve_acknowledged_writes_survive_kill9_under_load(serve: Daemon, seed:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 1).start()
-    yield c
-    codes = c.close()
-    assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{c.logs()}"
+def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster(1)
 
 
 def test_whole_cluster_kill9_under_load_loses_no_acknowledged_write(cluster: Cluster, seed: int) -> None:
@@ -158,11 +155,8 @@ RESTART_TIMING = Timing(heartbeat=0.25, lease=5.0, dead_after=6.5, margin=0.5, f
 
 
 @pytest.fixture
-def cluster2(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 2, RESTART_TIMING).start()
-    yield c
-    codes = c.close()
-    assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{c.logs()}"
+def cluster2(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster(2, timing=RESTART_TIMING)
 
 
 def test_the_writer_follows_the_login_redirect_and_reconnects_through_it(
@@ -208,15 +202,37 @@ def test_the_writer_follows_the_login_redirect_and_reconnects_through_it(
 
 
 @pytest.fixture
-def cluster3(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, 3).start()
-    yield c
-    codes = c.close()
-    assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{c.logs()}"
+def cluster3(make_cluster: Callable[..., Cluster]) -> Cluster:
+    return make_cluster(3)
 
 
 def in_sync_copies(view: dict[str, Any]) -> set[str]:
     return {r["node_id"] for r in view["replicas"] if r.get("sync") == "in_sync"}
+
+
+def three_copies(cluster: Cluster) -> tuple[str, str]:
+    """Create the volume "gate" with three copies; (volume id, a replica for the writer to enter
+    at, redirected to the primary) once served."""
+    cluster.cli("volume", "create", "gate", "--size", "16MiB", "--replicas", "3")
+    v = cluster.wait_converged("gate", epoch=1, copies=3)
+    volume_id = v["volume_id"]
+    cluster.wait_serving(v["primary"]["node_id"], volume_id)
+    return volume_id, next(r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+
+
+def judge_in_sync_copies(cluster: Cluster, volume_id: str, journal: Journal, seed: int) -> dict[str, Any]:
+    """Every acknowledged write on each copy the master records in sync and through the serving
+    primary; returns the volume's final view."""
+    final = cluster.volume("gate")
+    primary = cluster.node(final["primary"]["node_id"])
+    wait_for(lambda: primary.access_state(volume_id) == "active_optimized", timeout=10, what="serving")
+    contents = {
+        f"{n} data file": read_data_file(cluster.node(n).data_dir / "volumes" / "gate.img", BLOCKS)
+        for n in sorted(in_sync_copies(final))
+    }
+    contents["through the target"] = read_through_target(primary.url("gate"), BLOCKS)
+    assert_nothing_lost(journal, contents, seed)
+    return final
 
 
 @pytest.mark.timeout(120 + 25 * KILLS)  # four restarts per kill point, and three copies write slower
@@ -231,11 +247,7 @@ def test_whole_three_copy_cluster_kill9_under_load_loses_no_flushed_write(
     always comes from the copies that were in sync before it (a copy that missed writes is never
     made primary)."""
     rnd = random.Random(seed)
-    cluster3.cli("volume", "create", "gate", "--size", "16MiB", "--replicas", "3")
-    v = cluster3.wait_converged("gate", epoch=1, copies=3)
-    volume_id = v["volume_id"]
-    cluster3.wait_serving(v["primary"]["node_id"], volume_id)
-    entry = next(r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+    volume_id, entry = three_copies(cluster3)
     nodes = list(cluster3.nodes.values())
     epochs = {"master": 1, **{n.node_id: 1 for n in nodes}}
     writer = Writer(cluster3.node(entry).url("gate"), run_id=seed, blocks=BLOCKS, depth=8, sync_every=64)
@@ -275,15 +287,7 @@ def test_whole_three_copy_cluster_kill9_under_load_loses_no_flushed_write(
     finally:
         writer.kill()
     assert journal.reconnects == KILLS and journal.durable > 0, writer.summary()
-    final = cluster3.volume("gate")
-    primary = cluster3.node(final["primary"]["node_id"])
-    wait_for(lambda: primary.access_state(volume_id) == "active_optimized", timeout=10, what="serving")
-    contents = {
-        f"{n} data file": read_data_file(cluster3.node(n).data_dir / "volumes" / "gate.img", BLOCKS)
-        for n in sorted(in_sync_copies(final))
-    }
-    contents["through the target"] = read_through_target(primary.url("gate"), BLOCKS)
-    assert_nothing_lost(journal, contents, seed)
+    final = judge_in_sync_copies(cluster3, volume_id, journal, seed)
     print(f"three copies, whole cluster: in sync at the end {sorted(in_sync_copies(final))}, epochs {epochs}")
 
 
@@ -301,11 +305,7 @@ def test_three_copy_primary_kill9_fails_over_and_catches_up_at_every_kill_point(
     next kill point, so every kill point kills a primary of a fully replicated volume. Afterwards
     every acknowledged write is on every in-sync copy and through the target."""
     rnd = random.Random(seed)
-    cluster3.cli("volume", "create", "gate", "--size", "16MiB", "--replicas", "3")
-    v = cluster3.wait_converged("gate", epoch=1, copies=3)
-    volume_id = v["volume_id"]
-    cluster3.wait_serving(v["primary"]["node_id"], volume_id)
-    entry = next(r["node_id"] for r in v["replicas"] if r["role"] == "replica")
+    volume_id, entry = three_copies(cluster3)
     writer = Writer(cluster3.node(entry).url("gate"), run_id=seed, blocks=BLOCKS, depth=8, sync_every=64)
     t = cluster3.timing
     promoted_within = t.lease + t.margin + t.dead_after + 10
@@ -347,13 +347,5 @@ def test_three_copy_primary_kill9_fails_over_and_catches_up_at_every_kill_point(
     finally:
         writer.kill()
     assert journal.reconnects >= KILLS, writer.summary()
-    final = cluster3.volume("gate")
-    primary = cluster3.node(final["primary"]["node_id"])
-    wait_for(lambda: primary.access_state(volume_id) == "active_optimized", timeout=10, what="serving")
-    contents = {
-        f"{n} data file": read_data_file(cluster3.node(n).data_dir / "volumes" / "gate.img", BLOCKS)
-        for n in sorted(in_sync_copies(final))
-    }
-    assert len(contents) == 3, final["replicas"]
-    contents["through the target"] = read_through_target(primary.url("gate"), BLOCKS)
-    assert_nothing_lost(journal, contents, seed)
+    final = judge_in_sync_copies(cluster3, volume_id, journal, seed)
+    assert in_sync_copies(final) == set(cluster3.nodes), final["replicas"]
