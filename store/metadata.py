@@ -96,6 +96,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def write_durably(path: str | os.PathLike[str], data: bytes, flags: int) -> None:
+    """Open ``path`` write-only with ``flags`` (O_CREAT makes it 0600), write all of ``data`` and
+    fsync it; OSError as it comes. Append (O_APPEND) or create anew (O_CREAT | O_EXCL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_record(path: str | os.PathLike[str], kind: str, schema_version: int, body: dict[str, Any]) -> None:
     """Atomically replace the record at ``path``; durable when it returns. Raises RecordWriteError.
 
@@ -106,14 +119,7 @@ def write_record(path: str | os.PathLike[str], kind: str, schema_version: int, b
     payload = (json.dumps(envelope, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
     tmp = target.with_name(f".{target.name}{TMP_MARKER}{secrets.token_hex(4)}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(tmp, payload, os.O_CREAT | os.O_EXCL)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except OSError as e:

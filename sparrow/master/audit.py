@@ -62,6 +62,7 @@ from sparrow.cluster.messages import Assignment
 from sparrow.httpjson import ApiError, Handler, error_response
 from sparrow.httplimits import reads_body
 from sparrow.master.auth import PRINCIPAL_KEY
+from store.metadata import write_durably
 
 log = structlog.get_logger("sparrow.master.audit")
 
@@ -161,14 +162,7 @@ class AuditLog:
         data = (line + "\n").encode()
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                write_durably(self.path, data, os.O_APPEND)  # never created here: see open()
             except OSError as e:
                 raise AuditError(f"cannot write the audit log {self.path}: {e.strerror or e}") from None
 
@@ -442,9 +436,7 @@ def parse_time(text: str, now: float) -> str:
 
 def select(records: list[AuditRecord], *, since: str | None, volume: str | None) -> list[AuditRecord]:
     return [
-        r
-        for r in records
-        if (since is None or r.time >= since) and (volume is None or r.volume == volume)
+        r for r in records if (since is None or r.time >= since) and (volume is None or r.volume == volume)
     ]
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from store.lock import DataDirLock
-from store.metadata import canonical_json, checksum, fsync_dir, read_record, write_record
+from store.metadata import canonical_json, checksum, fsync_dir, read_record, write_durably, write_record
 from store.migrations.errors import IdentityChanged, MigrationError, NoMigrationPath
 from store.migrations.graph import JSON_KINDS, KINDS, SQLITE_KINDS, Step, StepGraph, default_graph
 from store.migrations.sqlitemeta import immediate_transaction, read_version, write_version
@@ -410,14 +410,7 @@ def _write_backup(backup: Path, prepared: list[_Prepared]) -> None:
             raw = unit.path.read_bytes()
             if sha256_text(raw) != unit.checksum:
                 raise MigrationError(f"{unit.item} changed since it was planned; run the migration again")
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(raw)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_durably(dest, raw, os.O_CREAT | os.O_EXCL)
         else:
             source = sqlite3.connect(unit.path, isolation_level=None)
             target = sqlite3.connect(dest, isolation_level=None)
@@ -460,14 +453,7 @@ def _with_after(applied: Applied, after: str) -> Applied:
 def _append_history(data_dir: Path, entry: dict[str, Any]) -> None:
     line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode()
     path = data_dir / HISTORY_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(path, line, os.O_APPEND | os.O_CREAT)
     fsync_dir(data_dir)
 
 
