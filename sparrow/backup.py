@@ -37,6 +37,7 @@ from pathlib import Path
 from sparrow.cluster.authority import SCHEMA_VERSION
 from sparrow.cluster.epochfloor import RESTORE_MARKER
 from store.lock import DataDirLock, DataDirLocked
+from store.metadata import fsync_dir
 from store.migrations import AUTHORITY_FILE
 from store.migrations.sqlitemeta import read_version
 
@@ -61,14 +62,6 @@ def _stamp(now: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -84,7 +77,11 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """SQLite's online backup of ``source`` into the new file ``target``, in one step."""
+    """SQLite's online backup of ``source`` into the new file ``target``, in one step. The file is
+    made 0600 before the first page is written (the authority holds CHAP secrets): SQLite keeps
+    the mode of a file that exists, where one it created would be readable under the umask until
+    the copy ended."""
+    os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
     src = _connect(source)
     try:
         dst = sqlite3.connect(target, isolation_level=None)
@@ -147,7 +144,7 @@ def backup(data_dir: Path, dest: Path, *, now: float | None = None) -> BackupRes
             os.link(partial, dest)  # never replaces an existing file
         except FileExistsError:
             raise BackupError(f"{dest} exists: a backup never overwrites a file") from None
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     finally:
         partial.unlink(missing_ok=True)
     return BackupResult(dest, volumes, max_epoch)
@@ -182,7 +179,7 @@ def restore(backup_file: Path, data_dir: Path, *, now: float | None = None) -> B
                     if old.exists():
                         os.replace(old, f"{previous}{suffix}")
             os.replace(incoming, target)
-            _fsync_dir(data_dir)
+            fsync_dir(data_dir)
         except (sqlite3.Error, OSError) as e:
             raise BackupError(f"cannot restore {backup_file} into {data_dir}: {e}") from None
         finally:
@@ -201,7 +198,7 @@ def _write_marker(data_dir: Path, backup_file: Path, max_epoch: int, now: float)
     os.chmod(tmp, FILE_MODE)
     _fsync_file(tmp)
     os.replace(tmp, marker)
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
 
 
 def _audit(data_dir: Path, backup_file: Path, volumes: int, max_epoch: int) -> None:
