@@ -302,13 +302,27 @@ def cmd_volume_delete(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _copy_text(r: dict[str, Any]) -> str:
+    """One copy of a volume: "n2 (replica, alive, syncing 12 MiB of 1 GiB)"; its sync state as the
+    master recorded it (``in sync``, ``stale``: may lack acknowledged writes, or ``syncing`` with
+    the bytes copied so far)."""
+    sync = r.get("sync")
+    resync = r.get("resync")
+    if sync == "syncing" and resync:
+        sync_text = f"syncing {format_size(resync['done_bytes'])} of {format_size(resync['total_bytes'])}"
+    else:
+        sync_text = {"in_sync": "in sync", None: ""}.get(sync, str(sync))
+    parts = [r["role"], r["state"], *([sync_text] if sync_text else [])]
+    return f"{r['node_id']} ({', '.join(parts)})"
+
+
 def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
     """A volume as the master describes it (sparrow.master.api.volume_json)."""
     if as_json:
         print(json.dumps(v, indent=2), file=out)
         return
     primary = v.get("primary")
-    copies = ", ".join(f"{r['node_id']} ({r['role']}, {r['state']})" for r in v.get("replicas") or [])
+    copies = ", ".join(_copy_text(r) for r in v.get("replicas") or [])
     chap = v.get("chap")
     if chap is None:
         chap_text = "none"

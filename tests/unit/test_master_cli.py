@@ -222,3 +222,34 @@ async def test_create_waits_and_says_when_the_volume_is_not_served(
     assert code == 0 and "lonely" in out  # the volume was recorded ...
     assert err == "sparrow: warning: volume lonely is not served yet: not placed yet\n"  # ... not served
     assert [r.name for r in control.store.volumes()] == ["lonely"]
+
+
+def test_inspect_text_shows_each_copy_sync_state_and_resync_progress() -> None:
+    from sparrow.cli import _print_volume
+
+    volume: dict[str, Any] = {
+        "name": "vol1",
+        "size": 1 << 30,
+        "block_size": 512,
+        "replicas_wanted": 3,
+        "volume_id": "0" * 32,
+        "epoch": 7,
+        "primary": {"node_id": "n1", "portal": "192.0.2.4:3260"},
+        "replicas": [
+            {"node_id": "n1", "role": "primary", "state": "alive", "sync": "in_sync", "resync": None},
+            {
+                "node_id": "n2",
+                "role": "replica",
+                "state": "alive",
+                "sync": "syncing",
+                "resync": {"done_bytes": 256 * MiB, "total_bytes": 1 << 30},
+            },
+            {"node_id": "n3", "role": "replica", "state": "dead", "sync": "stale", "resync": None},
+        ],
+    }
+    out = io.StringIO()
+    _print_volume(volume, out, as_json=False)
+    lines = dict(line.split(":", 1) for line in out.getvalue().splitlines())
+    assert lines["copies"].strip() == (
+        "n1 (primary, alive, in sync), n2 (replica, alive, syncing 256 MiB of 1 GiB), n3 (replica, dead, stale)"
+    )
