@@ -16,6 +16,7 @@
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
     sparrow node forget ID
+    sparrow node rekey NODE [--key HEX]: rebind a node's identity (sparrow.nodekeys_cli)
     sparrow volume failover NAME [--to NODE] | rebuild NAME --replica NODE, sparrow node drain|undrain
                   NODE: the operator verbs (sparrow.moves_cli)
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
@@ -699,6 +700,9 @@ def _add_cluster_commands(commands: Any) -> None:
     from sparrow.moves_cli import add_node_moves
 
     add_node_moves(node_commands, f"master API (default ${API_ENV} or {DEFAULT_API})", TOKEN_HELP)
+    from sparrow.nodekeys_cli import add_node_key_commands
+
+    add_node_key_commands(node_commands, f"master API (default ${API_ENV} or {DEFAULT_API})", TOKEN_HELP)
 
 
 # --- the parser --------------------------------------------------------------------------------

@@ -206,7 +206,19 @@ def _check_records(field: str, value: object, kind: type[_R]) -> tuple[_R, ...]:
     return value
 
 
+def check_key_bytes(field: str, value: object, size: int) -> bytes:
+    """Exactly ``size`` bytes (a key, a signature)."""
+    if type(value) is not bytes or len(value) != size:
+        raise InvalidMessage(field, f"expected {size} bytes")
+    return value
+
+
 # -- node -> master ---------------------------------------------------------------------------------
+
+#: A node's public key: Ed25519 (sparrow.cluster.nodeidentity).
+NODE_KEY_SIZE = 32
+#: An Ed25519 signature.
+PROOF_SIZE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +236,13 @@ class Hello:
     http: str
     capacity_bytes: int
     free_bytes: int
+    #: The node's public key (Ed25519, :data:`NODE_KEY_SIZE` bytes; hello v2, None in a v1 Hello):
+    #: the identity the master binds to ``node_id`` (sparrow.cluster.nodeidentity).
+    node_key: bytes | None = None
+    #: The node's signature over this connection's channel binding and its identity
+    #: (``nodeidentity.proof_message``; :data:`PROOF_SIZE` bytes). It belongs to one connection,
+    #: so it is not part of what a Hello says about the node: not compared, not in ``repr``.
+    proof: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_node_id("node_id", self.node_id)
@@ -233,6 +252,12 @@ class Hello:
         check_portal("http", self.http)
         check_bytes("capacity_bytes", self.capacity_bytes)
         check_bytes("free_bytes", self.free_bytes)
+        if self.node_key is not None:
+            check_key_bytes("node_key", self.node_key, NODE_KEY_SIZE)
+        if self.proof is not None:
+            if self.node_key is None:
+                raise InvalidMessage("proof", "a proof without a node_key")
+            check_key_bytes("proof", self.proof, PROOF_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,5 +611,28 @@ class Ack:
                 )
 
 
+#: A refusal's ``reason``: the label of the master's refused-connections metric.
+REFUSAL_REASON_PATTERN = re.compile(r"[a-z_]{1,32}")
+#: The longest ``detail`` of a refusal (one line).
+MAX_REFUSAL_DETAIL = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Master -> node, the last message on a connection the master refuses after the handshake
+    (a Hello it does not admit: sparrow.cluster.nodeidentity, or a live incarnation), so the node
+    can log why; the master closes the connection after it (refusal v1, since hello v2).
+    ``reason`` is the label the master counts it under, ``detail`` one line for the operator."""
+
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not REFUSAL_REASON_PATTERN.fullmatch(self.reason):
+            raise InvalidMessage("reason", f"not a refusal reason: {self.reason!r}")
+        if not isinstance(self.detail, str) or len(self.detail) > MAX_REFUSAL_DETAIL or "\n" in self.detail:
+            raise InvalidMessage("detail", f"expected one line of at most {MAX_REFUSAL_DETAIL} characters")
+
+
 #: Every message that travels in a heartbeat frame.
-Message: TypeAlias = Hello | Heartbeat | Ack
+Message: TypeAlias = Hello | Heartbeat | Ack | Refusal

@@ -9,6 +9,7 @@
     DELETE /v1/volumes/{name}                                                  -> 204
     GET    /v1/nodes                                                           -> 200 {"nodes": [node...]}
     DELETE /v1/nodes/{node_id} (admin) forget a dead node that holds no copy   -> 204 (409: why not)
+    POST   /v1/nodes/{node_id}/rekey (admin) {key?} rebind its identity      -> 200 (nodekeys_api)
     GET    /metrics            Prometheus text exposition (the master's own registry)
     GET    /healthz            200 {"status": "ok"|"degraded", "nodes": N, "nodes_alive": N,
                                "volumes": N, "reasons": [], "volumes_not_served": [],
@@ -54,7 +55,8 @@ A node (see :func:`node_json`)::
 
     {"node_id", "state": "alive"|"dead", "incarnation", "last_heartbeat_age" (seconds | null),
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
-     the master started), "draining": bool, "drain_status": what the drain does or waits for | null}
+     the master started), "draining": bool, "drain_status": what the drain does or waits for | null,
+     "node_key": the public key bound to the node id (64 hex digits) | null: bound at its next Hello}
 
 The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
 
@@ -98,6 +100,7 @@ from sparrow.cluster.authority import (
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
 from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
+from sparrow.cluster.nodeidentity import NodeKeys, key_text
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
@@ -246,6 +249,8 @@ class MasterApi:
     supervisor: TaskSupervisor | None = None
     #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
     audit: AuditLog | None = None
+    #: The node identity bindings (sparrow.cluster.nodeidentity); forget and rekey change them.
+    node_keys: NodeKeys | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -271,6 +276,9 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.moves_api import add_move_routes  # it builds on this module
 
     add_move_routes(app)
+    from sparrow.master.nodekeys_api import add_node_key_routes
+
+    add_node_key_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -391,6 +399,9 @@ async def list_nodes(request: web.Request) -> web.Response:
     from sparrow.master.moves_api import drain_status
 
     draining = {r.node_id: r.draining for r in records}
+    keys = {r.node_id: r.public_key for r in records}
+    if api.node_keys is not None:
+        keys = {node_id: api.node_keys.key(node_id) for node_id in {*keys, *views}}
     for node in nodes:
         node["draining"] = draining.get(node["node_id"], False)
         node["drain_status"] = drain_status(api, node["node_id"], node["draining"])
@@ -412,6 +423,9 @@ async def list_nodes(request: web.Request) -> web.Response:
                     "drain_status": drain_status(api, record.node_id, record.draining),
                 }
             )
+    for node in nodes:
+        key = keys.get(str(node["node_id"]))
+        node["node_key"] = None if key is None else key_text(key)
     nodes.sort(key=lambda n: str(n["node_id"]))
     return web.json_response({"nodes": nodes})
 
@@ -429,6 +443,8 @@ async def forget_node(request: web.Request) -> web.Response:
     except NodeHoldsCopy as e:
         raise ApiError(409, str(e)) from None
     observed = control.observations.forget(node_id)
+    if api.node_keys is not None:
+        api.node_keys.drop(node_id)  # the authority dropped it with the record: a new node's key next
     if not (recorded or observed):
         raise ApiError(404, f"no node {node_id!r}")
     log.info("node forgotten", node=node_id, record=None if recorded is None else recorded.value)

@@ -324,6 +324,7 @@ async def test_nodes_lists_observed_and_remembered_nodes(master: Master) -> None
         "free_bytes": None,
         "draining": False,
         "drain_status": None,
+        "node_key": None,
     }
     assert nodes[1]["state"] == "alive"
     assert nodes[1]["incarnation"] == 1
