@@ -251,5 +251,6 @@ def test_inspect_text_shows_each_copy_sync_state_and_resync_progress() -> None:
     _print_volume(volume, out, as_json=False)
     lines = dict(line.split(":", 1) for line in out.getvalue().splitlines())
     assert lines["copies"].strip() == (
-        "n1 (primary, alive, in sync), n2 (replica, alive, syncing 256 MiB of 1 GiB), n3 (replica, dead, stale)"
+        "n1 (primary, alive, in sync), n2 (replica, alive, syncing 256 MiB of 1 GiB), "
+        "n3 (replica, dead, stale)"
     )
