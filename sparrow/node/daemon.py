@@ -62,6 +62,7 @@ from sparrow.lifecycle import (
 )
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
+from sparrow.node.diagnostics import NodeDiagnostics, skipped_volumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.replicated_store import Forwarding
 from sparrow.node.replication import ReplicaServer, start_replica_server
@@ -434,6 +435,7 @@ async def start_node(
         metrics=metrics,
         sessions=ServerSessions(server),
         forwarding=forwarding,
+        diagnostics=NodeDiagnostics(metrics.unsupported_command),
     )
     lease = LeaseClock(fence_margin=config.fence_margin)
     adapter = Adapter(config.node_id, state)
@@ -474,6 +476,7 @@ async def start_node(
         on_ack=convergence.on_ack,
         interval=config.heartbeat_interval,
         supervisor=supervisor,
+        skipped=lambda: skipped_volumes(node.offline),
     )
     cleanup.push_async_callback(heartbeat.stop)
     if forwarding is not None:
