@@ -56,7 +56,9 @@ A node (see :func:`node_json`)::
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
      the master started), "draining": bool, "drain_status": what the drain does or waits for | null}
 
-The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
+The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Why a volume is
+in its state (``GET /v1/volumes/{name}/explain``): sparrow.master.explain_api. ``GET /v1/nodes``
+also lists each node's ``skipped``: the volumes it did not load at start, ``[{"name", "reason"}]``.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -271,6 +273,9 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.moves_api import add_move_routes  # it builds on this module
 
     add_move_routes(app)
+    from sparrow.master.explain_api import add_explain_routes
+
+    add_explain_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -392,6 +397,9 @@ async def list_nodes(request: web.Request) -> web.Response:
 
     draining = {r.node_id: r.draining for r in records}
     for node in nodes:
+        heartbeat = api.control.observations.heartbeat(node["node_id"])
+        skipped = () if heartbeat is None else heartbeat.skipped
+        node["skipped"] = [{"name": v.name, "reason": v.reason} for v in skipped]
         node["draining"] = draining.get(node["node_id"], False)
         node["drain_status"] = drain_status(api, node["node_id"], node["draining"])
     for record in records:
@@ -408,6 +416,7 @@ async def list_nodes(request: web.Request) -> web.Response:
                     "http": record.addresses.http,
                     "capacity_bytes": record.capacity,
                     "free_bytes": None,
+                    "skipped": [],
                     "draining": record.draining,
                     "drain_status": drain_status(api, record.node_id, record.draining),
                 }
