@@ -12,8 +12,10 @@ commands, the volumes a node skipped at start) and the :class:`~sparrow.cluster.
 
 The headline follows the order in which a volume gets served: paused, placed (enough live nodes,
 enough free space), a primary that is alive (else: its lease, then an eligible replica), that
-primary converged on the current epoch (else: the node's error), not fenced. "Served" is the
-definition ``/healthz`` and ``?wait`` use (``sparrow.health.unserved``). Findings after the
+primary converged on the current epoch (else: the node's error), not fenced. ``served`` is the
+definition ``/healthz`` and ``?wait`` use (``sparrow.health.unserved``) and a ``served`` headline:
+a primary silent for ``lease + margin`` is replaced then, while ``/healthz`` calls it alive until
+``dead_after``. Findings after the
 headline say what else is going on: a copy resyncing, stale, dead or stuck, a draining node, an
 operator move.
 
@@ -213,8 +215,13 @@ def explain(
 ) -> Explanation:
     """Why ``volume`` is in its state at ``now``; see the module docstring."""
     ctx = _Context(volume, observations, leases, controller, now)
-    served = volume.paused is None and unserved(volume.assignment, volume.status, observations, now) is None
     headline = ctx.headline()
+    # /healthz's definition, and the headline's: a primary silent past its lease (replaced at
+    # that instant) still counts as alive for /healthz until dead_after, but it no longer serves.
+    served = (
+        headline.reason is Reason.SERVED
+        and unserved(volume.assignment, volume.status, observations, now) is None
+    )
     others = [] if volume.paused is not None else ctx.copies(headline)
     findings = (headline, *[f for f in others if f.reason is not headline.reason or f.node != headline.node])
     return Explanation(
@@ -528,11 +535,22 @@ class _Context:
         age = None if published is None else self.now - published
         waited = "" if age is None else f" for {_seconds(age)}"
         said = f": {error}" if error else " (it reports no error)"
+        name = self.volume.name
+        skipped = [v.reason for v in _node_skipped(self.observations, node) if v.name == name]
+        if skipped:
+            action = (
+                f"{node} did not load its copy at start ({skipped[0]}): repair or restore that file "
+                f"on {node} and restart it, or, if that copy is lost, sparrow volume delete {name}"
+            )
+        else:
+            action = (
+                f"fix what the error names on {node} (its log has the details); the node tries "
+                "again at every heartbeat"
+            )
         return Finding(
             Reason.STUCK,
             f"node {node} has not converged on epoch {assignment.epoch}{waited}{said}",
-            f"fix what the error names on {node} (its log has the details; a volume it skipped at "
-            "start is listed below); the node tries again at every heartbeat",
+            action,
             node=node,
             since=published,
             facts={"epoch": assignment.epoch, "error": error},

@@ -323,3 +323,14 @@ def test_the_json_and_the_text_carry_the_reason_the_time_and_what_to_do() -> Non
     assert text.splitlines()[0] == f"volume {NAME}: NOT served (stuck)"
     assert "what to do: fix what the error names on n1" in text
     assert "on n1: 0x9e 0x1f x2 i" in text
+
+
+def test_a_node_stuck_on_a_copy_it_skipped_at_start_is_told_to_repair_that_file() -> None:
+    scene = Scene()
+    scene.join("n1", 0.0)
+    skipped = (SkippedVolume(NAME, "corrupt record /d/vol-a.json: not JSON"),)
+    scene.beat("n1", 1.0, obs(3, Role.PRIMARY, converged=False, error="VolumeExists: x"), skipped=skipped)
+    explained, _ = scene.explain(assignment(("n1",)), 2.0)
+    action = explained.findings[0].action
+    assert action is not None and action.startswith("n1 did not load its copy at start (corrupt record")
+    assert f"sparrow volume delete {NAME}" in action
