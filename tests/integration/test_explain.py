@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from frontend.internal_errors import INTERNAL_ERROR_EVENT
 from tests.integration.cluster import Cluster
+from tests.integration.daemon import Daemon
 from tests.integration.gate import HEADER, INSTALL_HINT, REPO
 from tests.tools import run, wait_for
 
@@ -161,3 +163,33 @@ def test_not_enough_space_a_node_that_cannot_converge_and_a_volume_skipped_after
     assert text.startswith("volume db: NOT served (stuck)") and "skipped at start:" in text, text
     assert "n1 did not load its copy at start (corrupt record" in text, text
     print("\n" + text)
+
+
+def test_sparrow_serve_explains_a_volume_whose_backing_it_cannot_open_after_a_restart(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    backing = allowed / "disk.img"
+    backing.write_bytes(bytes(16 * MiB))
+    daemon = Daemon(tmp_path / "data", extra_args=("--allow-backing", str(allowed)))
+    daemon.start()
+    try:
+        daemon.cli("volume", "create", "bk", "--backing", str(backing))
+        assert json.loads(daemon.cli("volume", "explain", "bk", "--json").stdout)["served"] is True
+        assert daemon.stop() == 0
+        backing.unlink()  # the device is gone when the daemon comes back
+        daemon.start()
+
+        def stuck() -> dict[str, Any] | None:
+            body = json.loads(daemon.cli("volume", "explain", "bk", "--json").stdout)
+            return body if body["reason"] == "stuck" and body["skipped_at_start"] else None
+
+        body = wait_for(stuck, timeout=20, what="bk stuck and skipped", interval=0.1)
+        [skipped] = body["skipped_at_start"]
+        assert skipped["node"] == "local" and str(backing) in skipped["reason"], skipped
+        headline = body["findings"][0]
+        assert body["served"] is False and headline["node"] == "local" and headline["facts"]["error"]
+        assert headline["action"].startswith("local did not load its copy at start")
+    finally:
+        if daemon.running:
+            assert daemon.stop() == 0, daemon.log_tail()
+    assert INTERNAL_ERROR_EVENT not in daemon.log()
