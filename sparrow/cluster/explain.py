@@ -35,7 +35,7 @@ from typing import Any
 
 from sparrow.cluster.controller import StatusKind, TopologyController, VolumeStatus
 from sparrow.cluster.lease import MasterLeases
-from sparrow.cluster.messages import Assignment, Health, Role, SyncState
+from sparrow.cluster.messages import Assignment, Health, Role, SkippedVolume, SyncState, UnsupportedCommand
 from sparrow.cluster.observations import NodeState, ObservationStore
 from sparrow.health import unserved
 from sparrow.sizes import format_size
@@ -125,22 +125,12 @@ class VolumeFacts:
 
 
 @dataclass(frozen=True, slots=True)
-class UnsupportedSeen:
-    """SCSI commands the volume's LU on ``node`` answered INVALID COMMAND OPERATION CODE."""
+class OnNode:
+    """What ``node`` reported about the volume: a SCSI command its LU answered as unsupported,
+    or a local copy of the volume's name it skipped at start."""
 
     node: str
-    opcode: int
-    service_action: int | None
-    count: int
-    last_initiator: str
-
-
-@dataclass(frozen=True, slots=True)
-class SkippedSeen:
-    """``node`` did not load a local volume of this name at its start, for ``reason``."""
-
-    node: str
-    reason: str
+    what: UnsupportedCommand | SkippedVolume
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +141,10 @@ class Explanation:
     name: str
     served: bool
     findings: tuple[Finding, ...]
-    unsupported: tuple[UnsupportedSeen, ...] = ()
-    skipped: tuple[SkippedSeen, ...] = ()
+    #: Each ``what`` an :class:`UnsupportedCommand`.
+    unsupported: tuple[OnNode, ...] = ()
+    #: Each ``what`` a :class:`SkippedVolume` of the volume's name.
+    skipped: tuple[OnNode, ...] = ()
 
     @property
     def reason(self) -> Reason:
@@ -171,14 +163,19 @@ class Explanation:
             "unsupported_commands": [
                 {
                     "node": u.node,
-                    "opcode": u.opcode,
-                    "service_action": u.service_action,
-                    "count": u.count,
-                    "last_initiator": u.last_initiator,
+                    "opcode": u.what.opcode,
+                    "service_action": u.what.service_action,
+                    "count": u.what.count,
+                    "last_initiator": u.what.last_initiator,
                 }
                 for u in self.unsupported
+                if isinstance(u.what, UnsupportedCommand)
             ],
-            "skipped_at_start": [{"node": s.node, "reason": s.reason} for s in self.skipped],
+            "skipped_at_start": [
+                {"node": s.node, "reason": s.what.reason}
+                for s in self.skipped
+                if isinstance(s.what, SkippedVolume)
+            ],
         }
 
 
@@ -234,27 +231,24 @@ def explain(
     )
 
 
-def _unsupported(
-    volume: VolumeFacts, observations: ObservationStore, now: float
-) -> tuple[UnsupportedSeen, ...]:
-    seen = []
-    for view in observations.nodes(now):
-        obs = observations.observation(view.node_id, volume.volume_id)
-        for u in () if obs is None else obs.unsupported:
-            seen.append(UnsupportedSeen(view.node_id, u.opcode, u.service_action, u.count, u.last_initiator))
-    return tuple(seen)
+def _unsupported(volume: VolumeFacts, observations: ObservationStore, now: float) -> tuple[OnNode, ...]:
+    seen = (
+        (view.node_id, observations.observation(view.node_id, volume.volume_id))
+        for view in observations.nodes(now)
+    )
+    return tuple(OnNode(node, u) for node, obs in seen if obs is not None for u in obs.unsupported)
 
 
-def _skipped(volume: VolumeFacts, observations: ObservationStore, now: float) -> tuple[SkippedSeen, ...]:
+def _skipped(volume: VolumeFacts, observations: ObservationStore, now: float) -> tuple[OnNode, ...]:
     return tuple(
-        SkippedSeen(view.node_id, skipped.reason)
+        OnNode(view.node_id, skipped)
         for view in observations.nodes(now)
         for skipped in _node_skipped(observations, view.node_id)
         if skipped.name == volume.name
     )
 
 
-def _node_skipped(observations: ObservationStore, node: str) -> Sequence[Any]:
+def _node_skipped(observations: ObservationStore, node: str) -> Sequence[SkippedVolume]:
     heartbeat = observations.heartbeat(node)
     return () if heartbeat is None else heartbeat.skipped
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparrow.cluster.controller import DesiredVolume, PublishedAssignment, TopologyController, VolumeStatus
-from sparrow.cluster.explain import Explanation, Paused, Reason, VolumeFacts, explain, render
+from sparrow.cluster.explain import Explanation, OnNode, Paused, Reason, VolumeFacts, explain, render
 from sparrow.cluster.lease import MasterLeases
 from sparrow.cluster.messages import (
     Assignment,
@@ -293,10 +293,8 @@ def test_unsupported_commands_and_skipped_volumes_are_listed_by_node() -> None:
         skipped=(SkippedVolume(NAME, "corrupt record: checksum mismatch"), SkippedVolume("other", "x")),
     )
     explained, _ = scene.explain(assignment(("n1",)), 2.0)
-    [unsupported] = explained.unsupported
-    assert (unsupported.node, unsupported.opcode, unsupported.count) == ("n1", 0xC1, 4)
-    [skipped] = explained.skipped
-    assert (skipped.node, skipped.reason) == ("n2", "corrupt record: checksum mismatch")
+    assert explained.unsupported == (OnNode("n1", seen),)
+    assert explained.skipped == (OnNode("n2", SkippedVolume(NAME, "corrupt record: checksum mismatch")),)
 
 
 def test_the_json_and_the_text_carry_the_reason_the_time_and_what_to_do() -> None:
