@@ -8,6 +8,7 @@
                   [--backing PATH] [--replicas 1|2|3] [--json]
     sparrow volume list [--json]
     sparrow volume inspect NAME [--json]
+    sparrow volume explain NAME [--json]   why it is (not) served, and what to do
     sparrow volume resize NAME --size SIZE
     sparrow volume delete NAME
     sparrow migrate DATA_DIR [--list-versions] [--dry-run] [--target-version V]
@@ -281,6 +282,17 @@ def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
 def cmd_volume_inspect(args: argparse.Namespace, out: TextIO) -> int:
     volume = _client(args).request("GET", f"/v1/volumes/{_quote(args.name)}")
     _print_volume(volume, out, as_json=args.json)
+    return 0
+
+
+def cmd_volume_explain(args: argparse.Namespace, out: TextIO) -> int:
+    body = _client(args).request("GET", f"/v1/volumes/{_quote(args.name)}/explain")
+    if args.json:
+        print(json.dumps(body, indent=2), file=out)
+    else:
+        from sparrow.cluster.explain import render
+
+        print(render(body), file=out)
     return 0
 
 
@@ -800,6 +812,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("name")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_volume_inspect)
+
+    why = with_api(
+        vcommands.add_parser(
+            "explain",
+            help="why a volume is (not) served, and what to do",
+            description="Why the volume is in its state, in words and (--json) as fields: the reason, "
+            "since when, which node, the numbers; the SCSI commands it answered as unsupported; "
+            "local volumes of its name a node skipped at start.",
+        )
+    )
+    why.add_argument("name")
+    why.add_argument("--json", action="store_true")
+    why.set_defaults(func=cmd_volume_explain)
 
     resize = with_api(vcommands.add_parser("resize", help="grow a volume"))
     resize.add_argument("name")

@@ -44,6 +44,12 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
 - ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
   SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
   either is rejected (BAD_FIELD).
+- ``heartbeat`` v3 adds diagnostics: to each observation ``error`` (str or nil: why the node's
+  last attempt to act on the volume's assignment failed) and ``unsupported`` (an array of
+  ``{opcode, service_action, count, last_initiator}``: SCSI commands answered INVALID COMMAND
+  OPERATION CODE), and to the heartbeat ``skipped`` (an array of ``{name, reason}``: volumes not
+  loaded at start). An older heartbeat decodes with ``error`` None and both arrays empty, and one
+  carrying any of them is rejected (BAD_FIELD).
 """
 
 from __future__ import annotations
@@ -71,8 +77,10 @@ from sparrow.cluster.messages import (
     Refusal,
     ReplicaState,
     Role,
+    SkippedVolume,
     StreamKey,
     SyncState,
+    UnsupportedCommand,
     VolumeChap,
     VolumeObservation,
 )
@@ -90,11 +98,13 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack", Refusal: "refusal"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 2, "ack": 6, "refusal": 1}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 3, "ack": 6, "refusal": 1}
 #: The first ``hello`` version that carries the node's key and proof.
 HELLO_IDENTITY_VERSION = 2
 #: The first ``heartbeat`` version whose replica states carry resync progress.
 HEARTBEAT_RESYNC_VERSION = 2
+#: The first ``heartbeat`` version that carries diagnostics (errors, unsupported commands, skipped).
+HEARTBEAT_DIAGNOSTICS_VERSION = 3
 #: The first ``ack`` version that carries the volume directory.
 ACK_DIRECTORY_VERSION = 2
 #: The first ``ack`` version whose assignments carry physical_block_size, chap and backing.
@@ -153,6 +163,16 @@ def _observation_to_wire(obs: VolumeObservation) -> dict[str, object]:
         "write_position": obs.write_position,
         "replica_states": [_replica_state_to_wire(r) for r in obs.replica_states],
         "converged": obs.converged,
+        "error": obs.error,
+        "unsupported": [
+            {
+                "opcode": u.opcode,
+                "service_action": u.service_action,
+                "count": u.count,
+                "last_initiator": u.last_initiator,
+            }
+            for u in obs.unsupported
+        ],
     }
 
 
@@ -203,7 +223,11 @@ def _to_wire(message: Message) -> dict[str, object]:
     if isinstance(message, Refusal):
         return {"reason": message.reason, "detail": message.detail}
     if isinstance(message, Heartbeat):
-        return {"seq": message.seq, "observations": [_observation_to_wire(o) for o in message.observations]}
+        return {
+            "seq": message.seq,
+            "observations": [_observation_to_wire(o) for o in message.observations],
+            "skipped": [{"name": v.name, "reason": v.reason} for v in message.skipped],
+        }
     return {
         "seq": message.seq,
         "lease_seconds": message.lease_seconds,
@@ -303,19 +327,41 @@ def _replica_state_from_wire(where: str, raw: object, version: int) -> ReplicaSt
 
 def _observation_from_wire(where: str, raw: object, version: int) -> VolumeObservation:
     f = _Fields(where, raw)
-    return f.build(
-        VolumeObservation,
-        volume_id=f.take("volume_id"),
-        epoch=f.take("epoch"),
-        role=f.take_enum("role", Role),
-        health=f.take_enum("health", Health),
-        write_position=f.take("write_position"),
-        replica_states=tuple(
+    values: dict[str, object] = {
+        "volume_id": f.take("volume_id"),
+        "epoch": f.take("epoch"),
+        "role": f.take_enum("role", Role),
+        "health": f.take_enum("health", Health),
+        "write_position": f.take("write_position"),
+        "replica_states": tuple(
             _replica_state_from_wire(f"{where}.replica_states[{i}]", r, version)
             for i, r in enumerate(f.take_list("replica_states"))
         ),
-        converged=f.take("converged"),
+        "converged": f.take("converged"),
+    }
+    if version >= HEARTBEAT_DIAGNOSTICS_VERSION:
+        values["error"] = f.take("error")
+        values["unsupported"] = tuple(
+            _unsupported_from_wire(f"{where}.unsupported[{i}]", u)
+            for i, u in enumerate(f.take_list("unsupported"))
+        )
+    return f.build(VolumeObservation, **values)
+
+
+def _unsupported_from_wire(where: str, raw: object) -> UnsupportedCommand:
+    f = _Fields(where, raw)
+    return f.build(
+        UnsupportedCommand,
+        opcode=f.take("opcode"),
+        service_action=f.take("service_action"),
+        count=f.take("count"),
+        last_initiator=f.take("last_initiator"),
     )
+
+
+def _skipped_from_wire(where: str, raw: object) -> SkippedVolume:
+    f = _Fields(where, raw)
+    return f.build(SkippedVolume, name=f.take("name"), reason=f.take("reason"))
 
 
 def _assignment_from_wire(where: str, raw: object, version: int) -> Assignment:
@@ -395,14 +441,15 @@ def _refusal_from_wire(f: _Fields, version: int) -> Refusal:
 
 
 def _heartbeat_from_wire(f: _Fields, version: int) -> Heartbeat:
-    return f.build(
-        Heartbeat,
-        seq=f.take("seq"),
-        observations=tuple(
-            _observation_from_wire(f"observations[{i}]", o, version)
-            for i, o in enumerate(f.take_list("observations"))
-        ),
+    seq = f.take("seq")
+    observations = tuple(
+        _observation_from_wire(f"observations[{i}]", o, version)
+        for i, o in enumerate(f.take_list("observations"))
     )
+    skipped: tuple[SkippedVolume, ...] = ()
+    if version >= HEARTBEAT_DIAGNOSTICS_VERSION:
+        skipped = tuple(_skipped_from_wire(f"skipped[{i}]", v) for i, v in enumerate(f.take_list("skipped")))
+    return f.build(Heartbeat, seq=seq, observations=observations, skipped=skipped)
 
 
 def _ack_from_wire(f: _Fields, version: int) -> Ack:

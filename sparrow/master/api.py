@@ -58,7 +58,9 @@ A node (see :func:`node_json`)::
      the master started), "draining": bool, "drain_status": what the drain does or waits for | null,
      "node_key": the public key bound to the node id (64 hex digits) | null: bound at its next Hello}
 
-The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
+The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Why a volume is
+in its state (``GET /v1/volumes/{name}/explain``): sparrow.master.explain_api. ``GET /v1/nodes``
+also lists each node's ``skipped``: the volumes it did not load at start, ``[{"name", "reason"}]``.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -279,6 +281,9 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.nodekeys_api import add_node_key_routes
 
     add_node_key_routes(app)
+    from sparrow.master.explain_api import add_explain_routes
+
+    add_explain_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -403,6 +408,9 @@ async def list_nodes(request: web.Request) -> web.Response:
     if api.node_keys is not None:
         keys = {node_id: api.node_keys.key(node_id) for node_id in {*keys, *views}}
     for node in nodes:
+        heartbeat = api.control.observations.heartbeat(node["node_id"])
+        skipped = () if heartbeat is None else heartbeat.skipped
+        node["skipped"] = [{"name": v.name, "reason": v.reason} for v in skipped]
         node["draining"] = draining.get(node["node_id"], False)
         node["drain_status"] = drain_status(api, node["node_id"], node["draining"])
     for record in records:
@@ -419,6 +427,7 @@ async def list_nodes(request: web.Request) -> web.Response:
                     "http": record.addresses.http,
                     "capacity_bytes": record.capacity,
                     "free_bytes": None,
+                    "skipped": [],
                     "draining": record.draining,
                     "drain_status": drain_status(api, record.node_id, record.draining),
                 }

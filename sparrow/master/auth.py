@@ -59,6 +59,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/v1/volumes"): Action.VOLUME_READ,
     ("POST", "/v1/volumes"): Action.VOLUME_WRITE,
     ("GET", "/v1/volumes/{name}"): Action.VOLUME_READ,
+    ("GET", "/v1/volumes/{name}/explain"): Action.VOLUME_READ,
     ("DELETE", "/v1/volumes/{name}"): Action.VOLUME_WRITE,
     ("POST", "/v1/volumes/{name}/resize"): Action.VOLUME_WRITE,
     ("GET", "/v1/nodes"): Action.NODE_READ,

@@ -64,6 +64,7 @@ from sparrow.lifecycle import (
 )
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
+from sparrow.node.diagnostics import NodeDiagnostics, skipped_volumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.replicated_store import Forwarding
 from sparrow.node.replication import ReplicaServer, start_replica_server
@@ -442,6 +443,7 @@ async def start_node(
         metrics=metrics,
         sessions=ServerSessions(server),
         forwarding=forwarding,
+        diagnostics=NodeDiagnostics(metrics.unsupported_command),
     )
     lease = LeaseClock(fence_margin=config.fence_margin)
     adapter = Adapter(config.node_id, state)
@@ -483,6 +485,7 @@ async def start_node(
         interval=config.heartbeat_interval,
         supervisor=supervisor,
         identity=identity,
+        skipped=lambda: skipped_volumes(node.offline),
     )
     cleanup.push_async_callback(heartbeat.stop)
     if forwarding is not None:

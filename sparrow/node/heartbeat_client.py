@@ -42,7 +42,7 @@ from sparrow.cluster.channel import (
 )
 from sparrow.cluster.heartbeat import ErrorCode, FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, Heartbeat, Hello, Refusal, VolumeObservation
+from sparrow.cluster.messages import Ack, Heartbeat, Hello, Refusal, SkippedVolume, VolumeObservation
 from sparrow.cluster.nodeidentity import NodeKey, key_text
 from sparrow.supervision import TaskSupervisor
 
@@ -119,10 +119,15 @@ class HeartbeatSession:
         self._decoder = FrameDecoder()
         return encode(hello)
 
-    def heartbeat(self, observations: tuple[VolumeObservation, ...], now: float) -> bytes:
+    def heartbeat(
+        self,
+        observations: tuple[VolumeObservation, ...],
+        now: float,
+        skipped: tuple[SkippedVolume, ...] = (),
+    ) -> bytes:
         """The next Heartbeat's frame; records it as sent at ``now`` (write it right away)."""
         seq = self._seq + 1
-        frame = encode(Heartbeat(seq, observations))
+        frame = encode(Heartbeat(seq, observations, skipped))
         self._seq = seq
         self.lease.sent(seq, now)
         return frame
@@ -158,7 +163,8 @@ class HeartbeatClient:
     """Keeps one heartbeat connection to the master open, forever (until :meth:`stop`).
 
     ``hello()`` builds the Hello for each new connection (free space changes), ``observations(now)``
-    the observations of each Heartbeat, ``on_ack(ack)`` is called for every Ack that extended the
+    the observations of each Heartbeat (``skipped()`` the volumes not loaded at start),
+    ``on_ack(ack)`` is called for every Ack that extended the
     lease (after ``LeaseClock.acked``). ``clock`` is the event loop's clock, the lease clock's too.
     ``identity`` signs each Hello (None: an unsigned Hello, which a master refuses; tests only).
     """
@@ -177,6 +183,7 @@ class HeartbeatClient:
         connect_timeout: float | None = None,
         supervisor: TaskSupervisor | None = None,
         identity: NodeKey | None = None,
+        skipped: Callable[[], tuple[SkippedVolume, ...]] = tuple,
     ) -> None:
         if interval <= 0:
             raise ValueError("the heartbeat interval must be positive")
@@ -186,6 +193,7 @@ class HeartbeatClient:
         self.identity = identity
         self._hello = hello
         self._observations = observations
+        self._skipped = skipped
         self._on_ack = on_ack
         self.interval = interval
         self.backoff = backoff or Backoff()
@@ -323,7 +331,8 @@ class HeartbeatClient:
                 now = loop.time()
                 if now - self._last_ack_at > self.silence_limit():
                     raise TimeoutError(f"no Ack from the master for {now - self._last_ack_at:.1f}s")
-                writer.write(channel.send(self.session.heartbeat(self._observations(now), now)))
+                frame = self.session.heartbeat(self._observations(now), now, self._skipped())
+                writer.write(channel.send(frame))
                 await writer.drain()
                 if now >= next_at:  # the scheduled one (one sent early by send_now moves nothing)
                     next_at += self.interval

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from sparrow.cli import build_parser, main
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
-from sparrow.cluster.messages import Heartbeat, Hello
+from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, SkippedVolume, VolumeObservation
 from sparrow.config import HostPort
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.auth import bootstrap_admin
@@ -118,6 +118,34 @@ async def test_node_list_table_and_json(master: tuple[str, ControlLoop, Clock]) 
     code, out, _ = await cli("node", "list", "--json", "--api", url)
     nodes: list[dict[str, Any]] = json.loads(out)
     assert [(n["node_id"], n["state"], n["last_heartbeat_age"]) for n in nodes] == [("n1", "alive", 1.25)]
+
+
+async def test_volume_explain_in_words_and_as_json(master: tuple[str, ControlLoop, Clock]) -> None:
+    url, control, clock = master
+    node_reports(control, "n1", 42, clock())
+    code, _, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--wait", "0", "--api", url)
+    assert code == 0, err
+    control.step(clock())
+    (record,) = control.store.volumes()
+    error = "VolumeExists: volume 'vol1' already exists"
+    seen = VolumeObservation(record.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), False, error)
+    skipped = (SkippedVolume("vol1", "corrupt record: bad checksum"),)
+    control.observations.record(Heartbeat(2, (seen,), skipped), "n1", clock())
+    clock.now += 2.5
+    code, out, err = await cli("volume", "explain", "vol1", "--json", "--api", url)
+    assert code == 0, err
+    body = json.loads(out)
+    assert (body["reason"], body["served"], body["findings"][0]["node"]) == ("stuck", False, "n1")
+    assert body["findings"][0]["facts"]["error"] == error
+    assert body["skipped_at_start"] == [{"node": "n1", "reason": "corrupt record: bad checksum"}]
+    code, out, err = await cli("volume", "explain", "vol1", "--api", url)
+    assert code == 0, err
+    assert out.splitlines()[0] == "volume vol1: NOT served (stuck)"
+    assert "node n1 has not converged on epoch 1 for 2.5 s: VolumeExists" in out and "what to do:" in out
+    code, out, _ = await cli("node", "list", "--json", "--api", url)
+    assert json.loads(out)[0]["skipped"] == [{"name": "vol1", "reason": "corrupt record: bad checksum"}]
+    code, _, err = await cli("volume", "explain", "nope", "--api", url)
+    assert code == 1 and "no volume named 'nope'" in err
 
 
 @pytest.mark.parametrize(
