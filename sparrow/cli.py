@@ -878,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.opscli import add_ops_commands
 
     add_ops_commands(commands)
-    from sparrow.top.cli import add_top_command
+    from sparrow.top import add_top_command
 
     add_top_command(commands, with_api)
     return parser

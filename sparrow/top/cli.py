@@ -37,47 +37,11 @@ from sparrow.cli import ApiClient, CliError, _client, _reason_text
 from sparrow.top.render import frame, plain_text
 from sparrow.top.snapshot import IoRate, Snapshot, io_rates, metrics_targets, nodes_from_json, snapshot
 
-DEFAULT_INTERVAL = 2.0
 #: Seconds a node's /metrics may take before it is reported as not read (the frame waits for it).
 SCRAPE_TIMEOUT = 2.0
 #: Columns of a plain frame when $COLUMNS does not say.
 PLAIN_WIDTH = 160
 QUIT_KEYS = frozenset({"q", "Q"})
-
-
-def _interval_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError("--interval must be 0.1..3600 seconds")
-    return value
-
-
-def add_top_command(
-    commands: Any, with_api: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
-) -> None:
-    top = with_api(
-        commands.add_parser(
-            "top",
-            help="a live view of nodes, volumes, copies and I/O rates",
-            description="A live view of the cluster: nodes (state, heartbeat, capacity, draining), "
-            "volumes (epoch, primary, copies and their sync state, served) and each volume's I/O "
-            "rates from the nodes' /metrics. q or Ctrl-C quits. Not a terminal: plain frames.",
-        )
-    )
-    top.add_argument(
-        "--interval",
-        type=_interval_arg,
-        default=DEFAULT_INTERVAL,
-        metavar="SECONDS",
-        help=f"seconds between refreshes, and the span of the rates (default {DEFAULT_INTERVAL:g})",
-    )
-    top.add_argument(
-        "--once", action="store_true", help="print one plain frame (rates over one interval) and exit"
-    )
-    top.set_defaults(func=cmd_top)
 
 
 # --- fetching ----------------------------------------------------------------------------------
