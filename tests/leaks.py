@@ -338,5 +338,13 @@ def register_secret(value: str | bytes, what: str) -> None:
     WATCH.secret(value, what)
 
 
+def register_token(token: str, what: str) -> None:
+    """An API token (``spw_<id>_<secret>``) the test minted over plain HTTP: its secret part (the
+    id is public and may be logged)."""
+    m = TOKEN.fullmatch(token.encode())
+    assert m is not None, "not a Sparrow API token"
+    WATCH.secret(m["secret"], what)
+
+
 def is_sparrow_command(cmd: Sequence[str]) -> bool:
     return (len(cmd) >= 3 and cmd[1:3] == ["-m", "sparrow"]) or (bool(cmd) and cmd[0].endswith("/sparrow"))

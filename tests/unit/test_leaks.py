@@ -13,7 +13,16 @@ import pytest
 
 from sparrow.masterkey import master_key
 from sparrow.replication.streamauth import derive_stream_key
-from tests.leaks import Leak, SecretWatch, find_leaks, forms, harvest, secrets_on_command_line
+from tests.leaks import (
+    WATCH,
+    Leak,
+    SecretWatch,
+    find_leaks,
+    forms,
+    harvest,
+    register_token,
+    secrets_on_command_line,
+)
 from tests.unit.test_master_api import Master
 
 SECRET = "a-test-secret-0123456789"
@@ -103,6 +112,15 @@ def test_a_replaced_log_is_read_from_its_start(tmp_path: Path) -> None:
     p.log_path.unlink()
     p.log_path.write_text(SECRET + "\n")
     assert watch.check() == [Leak(str(p.log_path), 1, "s")]
+
+
+def test_a_token_a_test_registers_is_looked_for_by_its_secret_part() -> None:
+    token = "spw_0123456789abcdef_" + "C" * 43
+    register_token(token, "the reader token")  # the session's watch, for this test only
+    assert WATCH.extra[b"C" * 43] == "the reader token"
+    assert not any(b"0123456789abcdef" in needle for needle in WATCH.extra)  # the id is public
+    with pytest.raises(AssertionError):
+        register_token("not-a-token", "x")
 
 
 def test_the_cli_secrets_given_and_printed_are_registered_and_its_output_checked(tmp_path: Path) -> None:

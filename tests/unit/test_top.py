@@ -4,10 +4,13 @@ real control loop (tests.unit.test_master_api.Master) and a real node metrics re
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparrow.cluster.messages import Health, ReplicaState, Role, SyncState, VolumeObservation
 from sparrow.metrics import PrometheusMetrics
@@ -248,3 +251,36 @@ def test_a_tenant_sees_volumes_and_why_there_are_no_nodes() -> None:
     assert lines[1] == "volumes 0/0 served  rates over 2s"
     assert "nodes: forbidden: a tenant token sees no nodes" in lines
     assert any(x.split()[:1] == ["(none)"] for x in lines)
+
+
+# --- whatever the answers hold -------------------------------------------------------------------
+
+FIELDS = (
+    "name", "node_id", "state", "size", "epoch", "primary", "replicas", "role", "sync", "resync",
+    "done_bytes", "total_bytes", "served", "status", "last_heartbeat_age", "capacity_bytes",
+    "free_bytes", "draining", "drain_status", "http", "iscsi_portal", "replicas_wanted",
+)  # fmt: skip
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=8),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(volumes=st.lists(JSON, max_size=4), nodes=st.lists(JSON, max_size=4), metrics=st.text(max_size=200))
+def test_any_json_answer_gives_a_frame_never_an_exception(
+    volumes: list[object], nodes: list[object], metrics: str
+) -> None:
+    """Only what the master's JSON can hold (a half-upgraded master, a proxy's error page as metrics)."""
+    s = snapshot(1.0, {"volumes": volumes}, {"nodes": nodes}, scrapes={"n1": metrics})
+    assert plain_text(frame(s, io_rates(s, s), source="m", clock_text="t", interval=1.0), width=120)
+
+
+def test_the_interval_is_checked_like_every_other_flag() -> None:
+    from sparrow import cli
+
+    err = io.StringIO()
+    assert cli.main(["top", "--interval", "0"], out=io.StringIO(), err=err) == 2
+    assert "--interval must be 0.1..3600 seconds" in err.getvalue()
+    assert err.getvalue().count("\n") == 1
