@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,7 @@ from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
 from tests.integration.gate import Writer
 from tests.integration.process import daemon_env
+from tests.tools import free_port, run
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +138,38 @@ def test_in_a_terminal_it_refreshes_in_place_and_quits_cleanly(daemon: Daemon, k
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_piped_it_prints_plain_frames_until_interrupted(daemon: Daemon) -> None:
+    daemon.create_volume("piped", "16MiB")
+    command = [sys.executable, "-m", "sparrow", "top", "--api", daemon.api, "--interval", "0.2"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=daemon_env(daemon.root)
+    )
+    try:
+        assert proc.stdout is not None
+        frames = 0
+        deadline = time.monotonic() + 30
+        while frames < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            frames += line.startswith("sparrow top  ")
+        assert frames == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"\x1b[" not in out and b"Traceback" not in err, (out[-300:], err)
+
+
+def test_once_against_no_master_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    api = f"http://127.0.0.1:{free_port()}"
+    proc = run(
+        [sys.executable, "-m", "sparrow", "top", "--once", "--api", api],
+        check=False,
+        env=daemon_env(tmp_path),
+    )
+    assert proc.returncode == 1, proc
+    assert proc.stderr == f"sparrow: error: cannot reach the Sparrow daemon at {api}: connection refused\n"
