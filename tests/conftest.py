@@ -34,6 +34,19 @@ def _no_secret_in_logs() -> Iterator[None]:
         pytest.fail("a secret leaked:\n" + "\n".join(f"  {leak}" for leak in leaks[:20]), pytrace=False)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A test whose captured output (its in-process logs, stdout, stderr) holds a secret fails too."""
+    report: pytest.TestReport = yield
+    if report.when == "call" and report.passed:
+        tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+        leaks = WATCH.check_captured(report.sections, tmp_path)
+        if leaks:
+            report.outcome = "failed"
+            report.longrepr = "a secret leaked:\n" + "\n".join(f"  {leak}" for leak in leaks[:20])
+    return report
+
+
 #: What the session's last check found (printed in the terminal summary).
 _SESSION_PROBLEMS: list[str] = []
 

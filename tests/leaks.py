@@ -12,7 +12,12 @@ nothing is still checked:
 - :meth:`SecretWatch.cli_run` (called by ``tests.tools.run`` for each ``sparrow`` command): CHAP
   secrets and tokens given on its command line and tokens it printed are registered, and its
   output is checked (but the stdout of ``token create``, whose purpose is to show one);
-- :func:`register_secret`: anything else a test makes (a CHAP secret sent in a plain HTTP body).
+- :func:`register_secret`, :func:`register_token`: anything else a test makes (a CHAP secret
+  sent in a plain HTTP body, a token minted over HTTP).
+
+:meth:`SecretWatch.check_captured` reads what pytest captured of a test (stdout, stderr, log
+records: the in-process daemons of the unit tests log there) against the same secrets and those
+harvested from the test's ``tmp_path`` (tests/conftest.py, ``pytest_runtest_makereport``).
 
 :meth:`SecretWatch.check` reads what was appended to each watched file since the last check (whole
 lines only, so it costs one read of each log over the whole run) and looks for every secret of
@@ -293,6 +298,20 @@ class SecretWatch:
             leaks.extend(find_leaks(text.encode(), self._secrets([root]) | secrets, label))
         self.outputs.clear()
         self.extra.clear()
+        return leaks
+
+    def check_captured(self, sections: Iterable[tuple[str, str]], tmp_path: Path | None) -> list[Leak]:
+        """What pytest captured of a test (its in-process logs and prints: ``(title, text)``),
+        against the secrets of the watched daemons, the test's own and those a test made in its
+        ``tmp_path`` (a data directory or credentials file of an in-process daemon)."""
+        secrets = self._secrets({p.root for p in self.processes})
+        if tmp_path is not None:
+            secrets.update(harvest(tmp_path, tmp_path))
+            for data_dir in (d for d in tmp_path.iterdir() if d.is_dir()) if tmp_path.is_dir() else ():
+                secrets.update(harvest(tmp_path, data_dir))
+        leaks: list[Leak] = []
+        for title, text in sections:
+            leaks.extend(find_leaks(text.encode(errors="replace"), secrets, title))
         return leaks
 
     def _scan(self, path: Path, secrets: Mapping[bytes, str], *, whole: bool) -> list[Leak]:

@@ -182,3 +182,21 @@ async def test_the_harvest_finds_what_the_daemons_made(master: Master, tmp_path:
     stream_key = derive_stream_key(key, published.volume_id, published.epoch, published.primary, replica)
     assert found[stream_key.hex().encode()].startswith("stream key (")
     assert key.hex().encode() in found  # the master key itself (derived from the file's text)
+
+
+def test_a_tests_captured_output_is_checked_against_the_secrets_in_its_tmp_path(tmp_path: Path) -> None:
+    """In-process daemons (unit tests) log to pytest's capture: their data directory under
+    tmp_path is harvested (here an authority-less master's master.key) and the capture read."""
+    watch = SecretWatch()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "master.key").write_text("k" * 64 + "\n")
+    sections = [("Captured stdout call", "fine\nkey " + "k" * 64 + "\n"), ("Captured log call", "fine\n")]
+    assert watch.check_captured(sections, tmp_path) == [
+        Leak("Captured stdout call", 2, "the master.key file in data/")
+    ]
+    assert watch.check_captured(sections, None) == []  # nothing registered, no tmp_path
+    watch.secret("fine", "a registered word")  # too short to look for
+    watch.secret("a-registered-secret", "the test's own")
+    assert watch.check_captured([("Captured stderr call", "x a-registered-secret")], None) == [
+        Leak("Captured stderr call", 1, "the test's own")
+    ]
