@@ -28,6 +28,7 @@
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
     sparrow token revoke ID
+    sparrow top [--interval S] [--once]: nodes, volumes, copies and I/O rates, live (sparrow.top)
 
 Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
 http://127.0.0.1:3280) with urllib, sending a bearer token: ``--token``, else $SPARROW_TOKEN, else
@@ -920,6 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.opscli import add_ops_commands
 
     add_ops_commands(commands)
+    from sparrow.top import add_top_command
+
+    add_top_command(commands, with_api)
     return parser
 
 

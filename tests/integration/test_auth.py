@@ -22,6 +22,7 @@ from sparrow.auth import tokens
 from tests.integration.cluster import TIMING, Master, http_get
 from tests.integration.daemon import Daemon
 from tests.integration.process import Proc, admin_token, credentials_file, daemon_env
+from tests.leaks import register_token
 from tests.tools import run
 
 pytestmark = pytest.mark.integration
@@ -64,6 +65,7 @@ class Server:
         body = {"role": role, **({"tenant": tenant} if tenant else {})}
         made = self.ok("POST", "/v1/tokens", body, status=201)
         self.tokens[kind] = made["token"]
+        register_token(made["token"], f"the {kind} token")  # minted over plain HTTP (tests/leaks.py)
         return str(made["id"])
 
     def state(self) -> Any:
