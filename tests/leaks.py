@@ -135,8 +135,10 @@ def _secret_file(path: Path, what: str) -> dict[bytes, str]:
     if text is None or not text.strip():
         return {}
     found = dict.fromkeys(forms(text.strip()), what)
-    with contextlib.suppress(ValueError):  # a node.key: the hex of its Ed25519 seed
-        found.update(dict.fromkeys(forms(bytes.fromhex(text.strip().decode("ascii"))), f"{what}, its seed"))
+    if path.name == "node.key":  # the hex of the node's Ed25519 seed (sparrow.nodekey)
+        with contextlib.suppress(ValueError):
+            seed = bytes.fromhex(text.strip().decode("ascii"))
+            found.update(dict.fromkeys(forms(seed), f"{what}, its seed"))
     with contextlib.suppress(SecretError):
         found.update(dict.fromkeys(forms(ClusterSecret.from_text(text).key), f"{what}, derived key"))
     return found
