@@ -102,7 +102,7 @@ def wrong_token() -> str:
 
 def test_every_verb_with_every_kind_of_token(server: Server) -> None:
     for name in ("team-a-vol", "team-b-vol"):
-        server.ok("POST", "/v1/volumes?wait=0", {"name": name, "size": "1MiB"}, status=201)
+        server.ok("POST", "/v1/volumes?wait=10", {"name": name, "size": "1MiB"}, status=201)
     server.mint("operator", "operator")
     server.mint("reader", "reader")
     server.mint("tenant", "operator", tenant="team-a")
@@ -115,7 +115,7 @@ def test_every_verb_with_every_kind_of_token(server: Server) -> None:
         # method, path, body, the least token that may, its status, the tokens that get 403
         (
             "POST",
-            "/v1/volumes?wait=0",
+            "/v1/volumes?wait=10",
             {"name": "team-b-new", "size": "1MiB"},
             "operator",
             201,
@@ -125,7 +125,7 @@ def test_every_verb_with_every_kind_of_token(server: Server) -> None:
         ("GET", "/v1/volumes/team-b-vol", None, "reader", 200, ("tenant",)),
         (
             "POST",
-            "/v1/volumes/team-b-vol/resize?wait=0",
+            "/v1/volumes/team-b-vol/resize?wait=10",
             {"size": "2MiB"},
             "operator",
             200,
