@@ -37,6 +37,8 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   digits: the replication stream keys, docs/replication.md); an older Ack decodes with
   ``stream_keys=()`` (its node then refuses every replication stream, and a primary's OPENs are
   refused), and one carrying the field is rejected (BAD_FIELD).
+- ``ack`` v7 adds to each assignment ``paused`` (a bool: the operator paused the volume); an older
+  assignment decodes with ``paused`` false, and one carrying the field is rejected (BAD_FIELD).
 - ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
   SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
   either is rejected (BAD_FIELD).
@@ -83,7 +85,7 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 2, "ack": 6}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 2, "ack": 7}
 #: The first ``heartbeat`` version whose replica states carry resync progress.
 HEARTBEAT_RESYNC_VERSION = 2
 #: The first ``ack`` version that carries the volume directory.
@@ -96,6 +98,8 @@ ACK_DELETED_VERSION = 4
 ACK_IN_SYNC_VERSION = 5
 #: The first ``ack`` version that carries the replication stream keys.
 ACK_STREAM_KEYS_VERSION = 6
+#: The first ``ack`` version whose assignments carry ``paused``.
+ACK_PAUSED_VERSION = 7
 
 
 class ErrorCode(enum.Enum):
@@ -162,6 +166,7 @@ def _assignment_to_wire(assignment: Assignment) -> dict[str, object]:
         "backing": assignment.backing,
         "in_sync": list(assignment.in_sync),
         "replication_portals": list(assignment.replication_portals),
+        "paused": assignment.paused,
     }
 
 
@@ -325,6 +330,8 @@ def _assignment_from_wire(where: str, raw: object, version: int) -> Assignment:
     if version >= ACK_IN_SYNC_VERSION:
         values["in_sync"] = tuple(f.take_list("in_sync"))
         values["replication_portals"] = tuple(f.take_list("replication_portals"))
+    if version >= ACK_PAUSED_VERSION:
+        values["paused"] = f.take("paused")
     return f.build(Assignment, **values)
 
 

@@ -364,6 +364,10 @@ class Assignment:
     ``replicas``: each copy's replication address (its ``Hello.replication``; None: unknown);
     left empty it means all unknown. A portal is an address, not authority: it may change under
     the same epoch (a replica restarted on another port).
+
+    ``paused`` (ack schema v7; docs/cluster.md, "Pause and resume"): the operator paused the
+    volume; its primary answers reads and writes with NOT READY (frontend.scsi.lu). It changes only
+    under a new epoch, and every epoch of a paused volume carries it (a failover stays paused).
     """
 
     volume_id: str
@@ -379,10 +383,13 @@ class Assignment:
     backing: str | None = None
     in_sync: tuple[str, ...] = ()
     replication_portals: tuple[str | None, ...] = ()
+    paused: bool = False
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
         check_volume_name("name", self.name)
+        if type(self.paused) is not bool:
+            raise InvalidMessage("paused", f"expected a bool, not {self.paused!r}")
         if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
             raise InvalidMessage("block_size", f"must be 512 or 4096, not {self.block_size!r}")
         physical = self.physical_block_size

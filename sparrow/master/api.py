@@ -99,7 +99,14 @@ from sparrow.cluster.authority import (
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
 from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
 from sparrow.cluster.observations import NodeState, NodeView
-from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
+from sparrow.health import (
+    VolumeProblem,
+    health_response,
+    master_problems,
+    paused_volumes,
+    summary,
+    unserved_reason,
+)
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.audit import AuditLog, audit_middlewares
 from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
@@ -463,6 +470,7 @@ async def healthz(request: web.Request) -> web.Response:
             if p["volume_id"] not in seen:
                 problems.append(VolumeProblem(p["volume_id"], p["name"], f"node: {p['reason']}"))
     failures = () if api.supervisor is None else api.supervisor.failures()
+    health["volumes_paused"] = paused_volumes(api.control)
     return health_response({**summary(problems, failures, degraded=degraded), **health})
 
 

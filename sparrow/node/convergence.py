@@ -407,6 +407,15 @@ class NodeVolumes:
                 self.forwarding.stand_down([volume_id])
             await self.sessions.disconnect(entry.iqn, f"volume served at {portal}")
 
+    async def set_paused(self, volume_id: str, paused: bool) -> None:
+        """Pause (or resume) the volume's LU: NOT READY to reads and writes (frontend.scsi.lu)."""
+        entry = self._exported.get(volume_id)
+        if entry is None:
+            return
+        if entry.lu.paused != paused:
+            log.info("volume paused" if paused else "volume resumed", volume=entry.name, volume_id=volume_id)
+        entry.lu.paused = paused
+
     def apply_access(self, volume_id: str, state: AccessState) -> bool:
         """Set the LU's access state now (synchronously); False if the volume is not open."""
         entry = self._exported.get(volume_id)
@@ -590,6 +599,9 @@ class _Guarded:
 
     async def redirect(self, volume_id: str, portal: str | None) -> None:
         await self._volumes.redirect(volume_id, portal)
+
+    async def set_paused(self, volume_id: str, paused: bool) -> None:
+        await self._volumes.set_paused(volume_id, paused)
 
     async def destroy_volume(self, volume_id: str, name: str) -> None:
         await self._volumes.destroy_volume(volume_id, name)

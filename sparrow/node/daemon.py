@@ -290,6 +290,7 @@ class Node:
                 "name": e.name,
                 "iqn": e.iqn,
                 "access_state": e.lu.access_state.name.lower(),
+                "paused": e.lu.paused,
             }
             for e in self.volumes
         ]

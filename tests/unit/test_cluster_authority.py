@@ -134,13 +134,13 @@ V1_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / AUTHORITY
 def test_a_v1_store_is_refused_with_the_migrate_command_and_migrate_fixes_it(tmp_path: Path) -> None:
     path = tmp_path / AUTHORITY_FILE
     shutil.copyfile(V1_FIXTURE, path)
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     with pytest.raises(SchemaTooOld) as info:
         AuthorityStore.open(path)
-    assert (info.value.found, info.value.required) == (1, 6)
+    assert (info.value.found, info.value.required) == (1, 7)
     assert info.value.command == f"sparrow migrate {tmp_path}"
     assert str(info.value) == (
-        f"{path} has schema version 1; this Sparrow needs version 6: stop Sparrow and run "
+        f"{path} has schema version 1; this Sparrow needs version 7: stop Sparrow and run "
         f"`sparrow migrate {tmp_path}`"
     )
     report = migrate(tmp_path)
@@ -372,7 +372,7 @@ def test_forget_marks_a_node_only_the_history_of_deleted_volumes_names(
     conn = raw(path)
     for primary, replicas in (("'n1'", "'[\"n1\"]'"), ("NULL", "'[\"n2\"]'")):
         with pytest.raises(sqlite3.IntegrityError, match="may not name a forgotten node"):
-            conn.execute(f"INSERT INTO assignments VALUES ('{VOL_B}', 1, {primary}, {replicas}, 0, '[]')")
+            conn.execute(f"INSERT INTO assignments VALUES ('{VOL_B}', 1, {primary}, {replicas}, 0, '[]', 0)")
     conn.close()
     assert store.max_epoch(VOL_B) is None
 
@@ -453,10 +453,10 @@ def test_latest_assignment_joins_volume_and_primary_portal(store: AuthorityStore
     [
         ("UPDATE assignments SET primary_node = NULL", "append-only"),
         ("DELETE FROM assignments", "append-only"),
-        (f"INSERT INTO assignments VALUES ('{VOL_A}', 3, NULL, '[]', 0, '[]')", "highest epoch \\+ 1"),
-        (f"INSERT INTO assignments VALUES ('{VOL_A}', 1, NULL, '[]', 0, '[]')", "highest epoch \\+ 1"),
-        (f"INSERT INTO assignments VALUES ('{VOL_B}', 1, NULL, '[]', 0, '[]')", "FOREIGN KEY"),
-        (f"INSERT INTO assignments VALUES ('{VOL_A}', 2, 'ghost', '[]', 0, '[]')", "FOREIGN KEY"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 3, NULL, '[]', 0, '[]', 0)", "highest epoch \\+ 1"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 1, NULL, '[]', 0, '[]', 0)", "highest epoch \\+ 1"),
+        (f"INSERT INTO assignments VALUES ('{VOL_B}', 1, NULL, '[]', 0, '[]', 0)", "FOREIGN KEY"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 2, 'ghost', '[]', 0, '[]', 0)", "FOREIGN KEY"),
         ("DELETE FROM volumes", "never removed"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -338,7 +339,8 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
-    assert wire(ACK)["v"] == 6
+    assert wire(ACK)["v"] == 7
+    assert wire(ACK)["assignments"][0]["paused"] is False
     assert wire(ACK)["deleted"] == []
     assert wire(ACK_DELETED)["deleted"] == [
         {"volume_id": VOL_D, "name": "old-db"},
@@ -366,9 +368,18 @@ SETTINGS_FIELDS = ("physical_block_size", "chap", "backing")
 IN_SYNC_FIELDS = ("in_sync", "replication_portals")
 
 
+def _v6_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v6 master wrote it: assignments without ``paused``."""
+    body = wire(message)
+    body["v"] = 6
+    for assignment in body["assignments"]:
+        del assignment["paused"]
+    return body
+
+
 def _v5_ack_body(message: Ack) -> dict[str, Any]:
     """``message`` as a schema v5 master wrote it: no stream keys."""
-    body = wire(message)
+    body = _v6_ack_body(message)
     body["v"] = 5
     del body["stream_keys"]
     return body
@@ -1119,3 +1130,18 @@ def test_stream_keys_name_replicas_of_the_acks_assignments(keys: tuple[StreamKey
     assert reason in str(e.value)
     with pytest.raises(InvalidMessage):
         StreamKey(VOL_A, "node-2", bytes(31))
+
+
+def test_an_ack_before_v7_decodes_unpaused_and_may_not_carry_paused() -> None:
+    paused = Ack(ACK.seq, ACK.lease_seconds, (dataclasses.replace(ACK.assignments[0], paused=True),))
+    assert wire(paused)["assignments"][0]["paused"] is True
+    assert decode(encode(paused)) == paused
+    decoded = decode(frame(_v6_ack_body(paused)))
+    assert isinstance(decoded, Ack) and decoded.assignments[0].paused is False
+    old = _v6_ack_body(paused)
+    old["assignments"][0]["paused"] = True
+    error = error_of(frame(old))
+    assert error.code is ErrorCode.BAD_FIELD and error.message == "assignments[0]: unknown field(s) 'paused'"
+    body = wire(paused)
+    body["assignments"][0]["paused"] = 1
+    assert error_of(frame(body)).code is ErrorCode.BAD_FIELD

@@ -1,0 +1,34 @@
+"""Authority v6 -> v7: a volume can be paused (docs/cluster.md, "Pause and resume").
+
+``volumes.paused`` (INTEGER 0/1, NOT NULL, default 0): what the operator asked for, set by
+``sparrow volume pause`` and cleared by ``sparrow volume resume`` (``AuthorityStore.set_paused``).
+``assignments.paused`` (the same): whether the assignment published at that epoch pauses the
+volume. The control loop asks for a new epoch whenever the two differ (sparrow.cluster.pause), so
+a pause reaches the nodes only through the Publisher, and the history records when it did.
+
+Existing rows get 0: nothing was paused before v7. No identity (volume ids, node ids, epochs)
+changes and no other row is touched (the assignments' append-only triggers refuse UPDATE, not
+ALTER TABLE). Runs inside the runner's transaction, which also records version 7;
+``sparrow.cluster.authority`` creates a new database as the v1 schema followed by every step, so
+both have the same schema.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+kind = "authority"
+from_version = 6
+to_version = 7
+describe = "volumes and assignments gain paused (existing rows: 0, not paused)"
+
+STATEMENTS = (
+    "ALTER TABLE volumes ADD COLUMN paused INTEGER NOT NULL DEFAULT 0 CHECK (paused IN (0, 1))",
+    "ALTER TABLE assignments ADD COLUMN paused INTEGER NOT NULL DEFAULT 0 CHECK (paused IN (0, 1))",
+)
+
+
+def upgrade(connection: sqlite3.Connection) -> None:
+    """Add the columns (inside the caller's transaction; never COMMITs)."""
+    for statement in STATEMENTS:
+        connection.execute(statement)
