@@ -326,6 +326,7 @@ def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
         ("primary", f"{primary['node_id']} at {primary['portal']}" if primary else "-"),
         ("copies", copies or "-"),
         ("status", v.get("status") or "ok"),
+        ("paused", "yes" if v.get("paused") else "no"),
         ("iqn", v.get("iqn") or "-"),
         ("lun", str(v.get("lun", 0))),
         ("url", v.get("url") or "-"),
@@ -796,8 +797,10 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
     from sparrow.moves_cli import add_volume_moves
+    from sparrow.volverbs_cli import add_volume_verbs
 
     add_volume_moves(vcommands, with_api)
+    add_volume_verbs(vcommands, with_api, add_wait)
 
     node = commands.add_parser(
         "node",

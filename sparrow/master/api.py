@@ -3,6 +3,8 @@
     POST   /v1/volumes         {name, size, block_size?=512, replicas?=1,
                                 physical_block_size?, chap_user?, chap_secret?,
                                 chap_mutual_user?, chap_mutual_secret?, backing?} -> 201 volume
+                               (200 with the existing volume when a live one of that name has
+                               these parameters; 409 naming each that differs otherwise)
     POST   /v1/volumes/{name}/resize  {size}  (grow only; a new epoch)         -> 200 volume
     GET    /v1/volumes                                                         -> 200 {"volumes": [volume...]}
     GET    /v1/volumes/{name}                                                  -> 200 volume
@@ -39,6 +41,7 @@ A volume (see :func:`volume_json`); secrets are never returned::
     {"name", "volume_id", "serial", "naa" (both derived from volume_id: the same on every node),
      "size", "block_size", "physical_block_size" (null: block_size),
      "chap": {"user", "mutual_user"} | null, "backing": path | null,
+     "paused": the operator paused it (its status says once it is applied),
      "replicas_wanted", "created_at" (ISO 8601 UTC),
      "iqn", "lun": 0,
      "epoch": int (0: never assigned),
@@ -56,7 +59,8 @@ A node (see :func:`node_json`)::
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
      the master started), "draining": bool, "drain_status": what the drain does or waits for | null}
 
-The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
+The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Pause, resume,
+update of export settings (PATCH) and the create's idempotency: sparrow.master.volume_verbs_api.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -278,6 +282,9 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.moves_api import add_move_routes  # it builds on this module
 
     add_move_routes(app)
+    from sparrow.master.volume_verbs_api import add_volume_verb_routes  # it builds on this module
+
+    add_volume_verb_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -311,24 +318,45 @@ async def create_volume(request: web.Request) -> web.Response:
     if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)):
         raise ApiError(400, "physical_block_size must be an integer (512 or 4096)")
     chap = _chap(body)
+    from sparrow.master.volume_verbs_api import existing_for_create
+
+    asked = {
+        "size": size,
+        "block_size": block_size,
+        "replicas": replicas,
+        "physical_block_size": physical,
+        "chap": chap,
+        "backing": backing,
+    }
+    existing = await existing_for_create(api, name, asked)
+    if existing is not None:  # a retry of the create that made it: the volume as it is (200)
+        await served(api, existing.volume_id, wait)
+        return web.json_response(volume_json(api, existing), status=200)
     if api.local is not None:
         size = await api.local.check_create(name, size, block_size, backing)
     assert size is not None
     if backing is None:
         await _check_capacity(api, size)
     store = api.control.store
-    record = await asyncio.to_thread(
-        store.add_volume,
-        name,
-        size=size,
-        block_size=block_size,
-        replicas=replicas,
-        created_at=api.wall_clock(),
-        volume_id=_new_volume_id(),
-        physical_block_size=physical,
-        chap=chap,
-        backing=backing,
-    )
+    try:
+        record = await asyncio.to_thread(
+            store.add_volume,
+            name,
+            size=size,
+            block_size=block_size,
+            replicas=replicas,
+            created_at=api.wall_clock(),
+            volume_id=_new_volume_id(),
+            physical_block_size=physical,
+            chap=chap,
+            backing=backing,
+        )
+    except VolumeExists:
+        existing = await existing_for_create(api, name, asked)  # a concurrent twin made it first
+        if existing is None:
+            raise
+        await served(api, existing.volume_id, wait)
+        return web.json_response(volume_json(api, existing), status=200)
     api.control.volume_added(record)
     log.info("volume created", volume=name, volume_id=record.volume_id, size=size, replicas=replicas)
     await served(api, record.volume_id, wait)
@@ -500,6 +528,7 @@ def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
         if record.chap is None
         else {"user": record.chap.user, "mutual_user": record.chap.mutual_user},
         "backing": record.backing,
+        "paused": record.paused,
         "replicas_wanted": record.replicas,
         "created_at": _iso(record.created_at),
         "iqn": iqn,

@@ -85,6 +85,9 @@ VERBS: dict[tuple[str, str], str] = {
     ("POST", "/v1/volumes/{name}/rebuild"): "volume.rebuild",
     ("POST", "/v1/nodes/{node_id}/drain"): "node.drain",
     ("POST", "/v1/nodes/{node_id}/undrain"): "node.undrain",
+    ("POST", "/v1/volumes/{name}/pause"): "volume.pause",
+    ("POST", "/v1/volumes/{name}/resume"): "volume.resume",
+    ("PATCH", "/v1/volumes/{name}"): "volume.update",
 }
 
 #: Body fields whose values are written to the log. Every other field's value is left out (its
@@ -98,6 +101,7 @@ PUBLIC_ARGS = frozenset(
         "physical_block_size",
         "chap_user",
         "chap_mutual_user",
+        "chap",
         "backing",
         "role",
         "tenant",

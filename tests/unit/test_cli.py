@@ -228,10 +228,17 @@ async def test_create_list_inspect_resize_delete(api_url: str) -> None:
 
 
 async def test_daemon_errors_are_one_line(api_url: str) -> None:
-    assert (await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--api", api_url))[0] == 0
-    code, out, err = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--api", api_url)
+    first = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--json", "--api", api_url)
+    assert first[0] == 0
+    # A retried create with the same parameters answers with the volume (idempotent).
+    again = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--json", "--api", api_url)
+    assert again[0] == 0 and json.loads(again[1])["volume_id"] == json.loads(first[1])["volume_id"]
+    code, out, err = await cli("volume", "create", "dup", "--size", "2M", "--wait", "0", "--api", api_url)
     assert (code, out) == (1, "")
-    assert one_line(err) == "sparrow: error: a volume with name 'dup' already exists"
+    assert one_line(err) == (
+        "sparrow: error: volume dup exists with other parameters: size is 1048576 (1 MiB), "
+        "asked 2097152 (2 MiB)"
+    )
 
     code, _, err = await cli("volume", "inspect", "ghost", "--api", api_url)
     assert code == 1 and one_line(err) == "sparrow: error: no volume named 'ghost'"
