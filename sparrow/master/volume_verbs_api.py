@@ -41,6 +41,7 @@ from aiohttp import web
 
 from sparrow.cluster.authority import VolumeRecord
 from sparrow.cluster.messages import VolumeChap
+from sparrow.cluster.pause import PAUSING_REASON, RESUMING_REASON
 from sparrow.httpjson import ApiError, json_object
 from sparrow.master.api import API_KEY, MasterApi, _chap, _find, _wait_seconds, is_served, volume_json
 from sparrow.sizes import format_size
@@ -69,12 +70,15 @@ async def resume_volume(request: web.Request) -> web.Response:
 
 
 def pause_applied(api: MasterApi, record: VolumeRecord) -> bool:
-    """True once the volume's current assignment carries the wish and its primary serves that
-    epoch (sparrow.health); a volume not placed yet has nothing to apply."""
+    """True once the volume's current assignment carries the wish, its primary serves that epoch
+    (sparrow.health) and the control loop has stepped since (its status no longer says "pausing"
+    or "resuming"); a volume not placed yet has nothing to apply."""
     assignment = api.control.current(record.volume_id)
     if assignment is None or assignment.primary is None:
         return True
-    return assignment.paused == record.paused and is_served(api, record.volume_id)
+    status = api.control.status(record.volume_id)
+    pending = status is not None and status.reason in (PAUSING_REASON, RESUMING_REASON)
+    return assignment.paused == record.paused and is_served(api, record.volume_id) and not pending
 
 
 async def _set_paused(request: web.Request, paused: bool) -> web.Response:
