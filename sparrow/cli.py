@@ -797,10 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
     from sparrow.moves_cli import add_volume_moves
-    from sparrow.volverbs_cli import add_volume_verbs
+    from sparrow.volverbs_cli import add_cluster_commands, add_volume_verbs
 
     add_volume_moves(vcommands, with_api)
     add_volume_verbs(vcommands, with_api, add_wait)
+    add_cluster_commands(commands, with_api)
 
     node = commands.add_parser(
         "node",

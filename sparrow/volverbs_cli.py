@@ -1,9 +1,14 @@
-"""``sparrow volume pause|resume|update`` (the API: sparrow.master.volume_verbs_api).
+"""``sparrow volume pause|resume|update`` and ``sparrow cluster show|update`` (the API:
+sparrow.master.volume_verbs_api, sparrow.master.settings_api).
 
     sparrow volume pause NAME [--wait SECONDS] [--json]
     sparrow volume resume NAME [--wait SECONDS] [--json]
     sparrow volume update NAME (--chap-user U --chap-secret-file F
                                 [--chap-mutual-user U --chap-mutual-secret-file F] | --no-chap) [--json]
+    sparrow cluster show [--json]
+    sparrow cluster update (--discovery-chap-user U --discovery-chap-secret-file F
+                            [--discovery-chap-mutual-user U --discovery-chap-mutual-secret-file F]
+                            | --no-discovery-chap) [--json]
 
 Pause and resume wait (``--wait``, default 10 s, 0: do not) until the primary has applied them;
 a wait that runs out is a one-line warning (exit 0: the wish is recorded, the master goes on).
@@ -98,31 +103,87 @@ def _secret(path: Path | None, flag: str) -> str | None:
     return secret
 
 
-def update_body(args: argparse.Namespace) -> dict[str, Any]:
-    """The PATCH body of ``volume update`` (UsageError for a bad combination of flags)."""
+def update_body(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The PATCH body of ``volume update`` (``cluster update``: ``prefix`` "discovery_"), a
+    UsageError for a bad combination of flags."""
     from sparrow.cli import UsageError
 
-    chap = (args.chap_user, args.chap_secret_file, args.chap_mutual_user, args.chap_mutual_secret_file)
-    if args.no_chap:
-        if any(v is not None for v in chap):
-            raise UsageError("sparrow volume update: error: --no-chap goes alone")
-        return {"chap": None}
-    if args.chap_user is None or args.chap_secret_file is None:
+    command = "cluster update" if prefix else "volume update"
+    flag = "--" + prefix.replace("_", "-")
+    user, secret_file = getattr(args, f"{prefix}chap_user"), getattr(args, f"{prefix}chap_secret_file")
+    mutual_user = getattr(args, f"{prefix}chap_mutual_user")
+    mutual_file = getattr(args, f"{prefix}chap_mutual_secret_file")
+    if getattr(args, f"no_{prefix}chap"):
+        if any(v is not None for v in (user, secret_file, mutual_user, mutual_file)):
+            raise UsageError(f"sparrow {command}: error: --no-{flag[2:]}chap goes alone")
+        return {f"{prefix}chap": None}
+    if user is None or secret_file is None:
+        either = f"{flag}chap-user and {flag}chap-secret-file, or --no-{flag[2:]}chap"
+        raise UsageError(f"sparrow {command}: error: give {either}")
+    if (mutual_user is None) != (mutual_file is None):
         raise UsageError(
-            "sparrow volume update: error: give --chap-user and --chap-secret-file, or --no-chap"
-        )
-    if (args.chap_mutual_user is None) != (args.chap_mutual_secret_file is None):
-        raise UsageError(
-            "sparrow volume update: error: --chap-mutual-user and --chap-mutual-secret-file go together"
+            f"sparrow {command}: error: {flag}chap-mutual-user and {flag}chap-mutual-secret-file go together"
         )
     body: dict[str, Any] = {
-        "chap_user": args.chap_user,
-        "chap_secret": _secret(args.chap_secret_file, "--chap-secret-file"),
+        f"{prefix}chap_user": user,
+        f"{prefix}chap_secret": _secret(secret_file, f"{flag}chap-secret-file"),
     }
-    if args.chap_mutual_user is not None:
-        body["chap_mutual_user"] = args.chap_mutual_user
-        body["chap_mutual_secret"] = _secret(args.chap_mutual_secret_file, "--chap-mutual-secret-file")
+    if mutual_user is not None:
+        body[f"{prefix}chap_mutual_user"] = mutual_user
+        body[f"{prefix}chap_mutual_secret"] = _secret(mutual_file, f"{flag}chap-mutual-secret-file")
     return body
+
+
+def add_cluster_commands(
+    commands: Any, with_api: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+) -> None:
+    """``cluster show`` and ``cluster update`` (the cluster's settings, held by the master)."""
+    cluster = commands.add_parser("cluster", help="the cluster's settings, held by the master")
+    sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    show = with_api(sub.add_parser("show", help="show the cluster's settings"))
+    show.add_argument("--json", action="store_true", help="print the settings as JSON")
+    show.set_defaults(func=cmd_cluster_show)
+    update = with_api(
+        sub.add_parser(
+            "update",
+            help="change the discovery CHAP of every node",
+            description="The next discovery (SendTargets) login at any node needs it; sessions "
+            "already logged in are kept.",
+        )
+    )
+    update.add_argument("--discovery-chap-user", metavar="USER")
+    update.add_argument("--discovery-chap-secret-file", metavar="FILE", type=Path)
+    update.add_argument("--discovery-chap-mutual-user", metavar="USER")
+    update.add_argument("--discovery-chap-mutual-secret-file", metavar="FILE", type=Path)
+    update.add_argument("--no-discovery-chap", action="store_true", help="turn discovery CHAP off")
+    update.add_argument("--json", action="store_true", help="print the settings as JSON")
+    update.set_defaults(func=cmd_cluster_update)
+
+
+def _print_settings(settings: Any, out: TextIO, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(settings, indent=2), file=out)
+        return
+    chap = settings.get("discovery_chap") if isinstance(settings, dict) else None
+    text = "off" if chap is None else f"user {chap['user']}" + (
+        f", mutual user {chap['mutual_user']}" if chap.get("mutual_user") else ""
+    )
+    print(f"discovery chap: {text}", file=out)
+
+
+def cmd_cluster_show(args: argparse.Namespace, out: TextIO) -> int:
+    from sparrow.cli import _client
+
+    _print_settings(_client(args).request("GET", "/v1/cluster"), out, args.json)
+    return 0
+
+
+def cmd_cluster_update(args: argparse.Namespace, out: TextIO) -> int:
+    from sparrow.cli import _client
+
+    body = update_body(args, "discovery_")
+    _print_settings(_client(args).request("PATCH", "/v1/cluster", body), out, args.json)
+    return 0
 
 
 def cmd_volume_update(args: argparse.Namespace, out: TextIO) -> int:

@@ -18,6 +18,8 @@ instant leaves either the old state or the new one. Tables (schema version 7)::
                 paused,                                  (v7, 0/1: this epoch pauses the volume)
                 PRIMARY KEY (volume_id, epoch))
     tokens(token_id PK, role, tenant, name, secret_sha256, created_at, revoked_at)   (v3)
+    cluster_settings(id = 1, discovery_chap_user, discovery_chap_secret,
+                     discovery_chap_mutual_user, discovery_chap_mutual_secret)       (v7)
 
 Rules the schema itself enforces (defence in depth behind the Publisher):
 
@@ -657,6 +659,43 @@ class AuthorityStore:
                 raise UnknownVolume(volume_id)
             row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
         return _volume_from_row(row)
+
+    # ---- cluster settings ---------------------------------------------------------------------------
+
+    def discovery_chap(self) -> tuple[bool, VolumeChap | None]:
+        """``(recorded, chap)``: the discovery CHAP of every node (None: none), and whether it was
+        ever set (``sparrow serve`` seeds it from its configuration only when it never was)."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM cluster_settings WHERE id = 1").fetchone()
+        if row is None:
+            return False, None
+        if row["discovery_chap_user"] is None:
+            return True, None
+        try:
+            chap = VolumeChap(
+                row["discovery_chap_user"],
+                row["discovery_chap_secret"],
+                row["discovery_chap_mutual_user"],
+                row["discovery_chap_mutual_secret"],
+            )
+        except (InvalidMessage, TypeError) as e:
+            raise AuthorityCorrupt(f"the discovery CHAP is invalid: {e}") from None
+        return True, chap
+
+    def set_discovery_chap(self, chap: VolumeChap | None) -> None:
+        """Record the discovery CHAP (None: none). Raises InvalidAuthorityRecord."""
+        if chap is not None and not isinstance(chap, VolumeChap):
+            raise InvalidAuthorityRecord(f"discovery chap: not a VolumeChap: {type(chap).__name__}")
+        with self._lock, immediate_transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO cluster_settings (id, discovery_chap_user, discovery_chap_secret, "
+                "discovery_chap_mutual_user, discovery_chap_mutual_secret) VALUES (1, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET discovery_chap_user = excluded.discovery_chap_user, "
+                "discovery_chap_secret = excluded.discovery_chap_secret, "
+                "discovery_chap_mutual_user = excluded.discovery_chap_mutual_user, "
+                "discovery_chap_mutual_secret = excluded.discovery_chap_mutual_secret",
+                _chap_columns(chap),
+            )
 
     def volume(self, volume_id: str) -> VolumeRecord | None:
         """One volume, deleted or not (None if it never existed)."""

@@ -37,8 +37,10 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   digits: the replication stream keys, docs/replication.md); an older Ack decodes with
   ``stream_keys=()`` (its node then refuses every replication stream, and a primary's OPENs are
   refused), and one carrying the field is rejected (BAD_FIELD).
-- ``ack`` v7 adds to each assignment ``paused`` (a bool: the operator paused the volume); an older
-  assignment decodes with ``paused`` false, and one carrying the field is rejected (BAD_FIELD).
+- ``ack`` v7 adds to each assignment ``paused`` (a bool: the operator paused the volume), and
+  ``discovery_chap`` (nil or ``{user, secret, mutual_user, mutual_secret}``: the cluster's discovery
+  CHAP); an older Ack decodes unpaused with no discovery CHAP, and one carrying either field is
+  rejected (BAD_FIELD).
 - ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
   SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
   either is rejected (BAD_FIELD).
@@ -98,7 +100,7 @@ ACK_DELETED_VERSION = 4
 ACK_IN_SYNC_VERSION = 5
 #: The first ``ack`` version that carries the replication stream keys.
 ACK_STREAM_KEYS_VERSION = 6
-#: The first ``ack`` version whose assignments carry ``paused``.
+#: The first ``ack`` version whose assignments carry ``paused``, and that carries ``discovery_chap``.
 ACK_PAUSED_VERSION = 7
 
 
@@ -205,6 +207,7 @@ def _to_wire(message: Message) -> dict[str, object]:
         "stream_keys": [
             {"volume_id": k.volume_id, "replica": k.replica, "key": k.key.hex()} for k in message.stream_keys
         ],
+        "discovery_chap": None if message.discovery_chap is None else _chap_to_wire(message.discovery_chap),
     }
 
 
@@ -400,6 +403,10 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
         stream_keys = tuple(
             _stream_key_from_wire(f"stream_keys[{i}]", k) for i, k in enumerate(f.take_list("stream_keys"))
         )
+    discovery_chap: VolumeChap | None = None
+    if version >= ACK_PAUSED_VERSION:
+        raw = f.take("discovery_chap")
+        discovery_chap = None if raw is None else _chap_from_wire("discovery_chap", raw)
     return f.build(
         Ack,
         seq=seq,
@@ -408,6 +415,7 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
         directory=directory,
         deleted=deleted,
         stream_keys=stream_keys,
+        discovery_chap=discovery_chap,
     )
 
 

@@ -547,6 +547,8 @@ class Ack:
     ``stream_keys`` (schema v6; empty before) are the replication stream keys of the assignments
     that name the node primary (one per other copy) or replica (its own): each names a volume
     assigned in this Ack with a primary, and a copy of it other than the primary.
+    ``discovery_chap`` (schema v7; None before): the CHAP the node asks of every SendTargets
+    (discovery) session, the master's cluster setting (None: none); secrets kept out of ``repr``.
     """
 
     seq: int
@@ -555,9 +557,13 @@ class Ack:
     directory: tuple[DirectoryEntry, ...] = ()
     deleted: tuple[DeletedVolume, ...] = ()
     stream_keys: tuple[StreamKey, ...] = ()
+    discovery_chap: VolumeChap | None = None
 
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
+        if self.discovery_chap is not None and not isinstance(self.discovery_chap, VolumeChap):
+            kind = type(self.discovery_chap).__name__
+            raise InvalidMessage("discovery_chap", f"expected a VolumeChap, got {kind}")
         # Normalise an int to a float so equality and the wire form do not depend on the caller.
         object.__setattr__(self, "lease_seconds", check_seconds("lease_seconds", self.lease_seconds))
         if self.lease_seconds > MAX_LEASE_SECONDS:

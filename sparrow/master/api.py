@@ -61,6 +61,7 @@ A node (see :func:`node_json`)::
 
 The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Pause, resume,
 update of export settings (PATCH) and the create's idempotency: sparrow.master.volume_verbs_api.
+The cluster's settings (discovery CHAP, GET/PATCH /v1/cluster): sparrow.master.settings_api.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -285,6 +286,9 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.volume_verbs_api import add_volume_verb_routes  # it builds on this module
 
     add_volume_verb_routes(app)
+    from sparrow.master.settings_api import add_settings_routes  # it builds on this module
+
+    add_settings_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app

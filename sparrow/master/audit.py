@@ -88,6 +88,7 @@ VERBS: dict[tuple[str, str], str] = {
     ("POST", "/v1/volumes/{name}/pause"): "volume.pause",
     ("POST", "/v1/volumes/{name}/resume"): "volume.resume",
     ("PATCH", "/v1/volumes/{name}"): "volume.update",
+    ("PATCH", "/v1/cluster"): "cluster.update",
 }
 
 #: Body fields whose values are written to the log. Every other field's value is left out (its
@@ -102,6 +103,9 @@ PUBLIC_ARGS = frozenset(
         "chap_user",
         "chap_mutual_user",
         "chap",
+        "discovery_chap_user",
+        "discovery_chap_mutual_user",
+        "discovery_chap",
         "backing",
         "role",
         "tenant",

@@ -70,6 +70,8 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/v1/volumes/{name}/pause"): Action.VOLUME_WRITE,
     ("POST", "/v1/volumes/{name}/resume"): Action.VOLUME_WRITE,
     ("PATCH", "/v1/volumes/{name}"): Action.VOLUME_WRITE,
+    ("GET", "/v1/cluster"): Action.NODE_READ,
+    ("PATCH", "/v1/cluster"): Action.NODE_WRITE,
     ("GET", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("POST", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("DELETE", "/v1/tokens/{id}"): Action.TOKEN_MANAGE,

@@ -58,7 +58,7 @@ from sparrow.cluster.controller import (
 )
 from sparrow.cluster.epochfloor import EpochFloor
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
-from sparrow.cluster.messages import Assignment, DeletedVolume
+from sparrow.cluster.messages import Assignment, DeletedVolume, VolumeChap
 from sparrow.cluster.moves import OperatorMoves
 from sparrow.cluster.observations import ObservationStore
 from sparrow.cluster.pause import apply_pause, with_pause
@@ -145,6 +145,8 @@ class ControlLoop:
         #: Operator moves in progress (planned failover, rebuild) and the drain rule.
         self.moves = OperatorMoves(controller)
         self.draining: frozenset[str] = frozenset()
+        #: The discovery CHAP every Ack carries (the authority's cluster setting; None: none).
+        self.discovery_chap: VolumeChap | None = None
 
     # -- phases -----------------------------------------------------------------------------------
 
@@ -448,4 +450,5 @@ def restore(
     )
     loop.apply_snapshot(loop.read_authority(), now)
     loop.load_tombstones()
+    loop.discovery_chap = store.discovery_chap()[1]
     return loop

@@ -246,6 +246,14 @@ class NodeVolumes:
                 self.registry.add(Target(entry.iqn, entry.name, entry.lu, wanted))
                 log.info("target CHAP changed", volume=entry.name, chap=wanted is not None)
 
+    def apply_discovery_chap(self, chap: VolumeChap | None) -> None:
+        """The cluster's discovery CHAP from an Ack: the next discovery login needs it (sessions
+        already logged in are kept)."""
+        wanted = target_chap(chap)
+        if self.registry.discovery_chap != wanted:
+            self.registry.discovery_chap = wanted
+            log.info("discovery CHAP changed", chap=wanted is not None)
+
     # ---- LocalVolumes -------------------------------------------------------------------------------
 
     async def open_volume(self, action: OpenVolume) -> None:
@@ -710,6 +718,7 @@ class Convergence:
         self._update_directory()
         destroyed = self.adapter.destroyed
         self.volumes.apply_settings(a for a in ack.assignments if a.volume_id not in destroyed)
+        self.volumes.apply_discovery_chap(ack.discovery_chap)
         self.volumes.note_in_sync(self.adapter.node_id, ack.assignments)
         if ack.lease_seconds <= self.lease.fence_margin and ack.lease_seconds != self._short_lease:
             log.error(

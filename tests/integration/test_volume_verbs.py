@@ -7,7 +7,9 @@
    (the volume fails over, paused, to its in-sync replica), and of every process at once (the
    restarted primary comes back paused). Resume serves it again, data intact.
 2. CHAP update without recreating: on (no CHAP refused), changed (the old secret refused, the new
-   one accepted), off (no CHAP accepted); a session logged in before stays. Create idempotency: an
+   one accepted), off (no CHAP accepted); a session logged in before stays. The discovery CHAP,
+   a cluster setting on the master: on (a SendTargets without it or with a wrong secret refused),
+   off. Create idempotency: an
    identical retry exits 0 with the same volume, a create with other parameters is a one-line 409
    naming what differs. No secret in the audit log or any daemon's log.
 
@@ -193,6 +195,27 @@ def test_chap_update_takes_effect_for_new_logins_and_create_is_idempotent(
         "sparrow: error: volume cv exists with other parameters: size is 8388608 (8 MiB), "
         "asked 16777216 (16 MiB)\n"
     ), other.stderr
+
+    # Discovery CHAP, the master's cluster setting: on (SendTargets without it refused), off.
+    iscsi_ls = require_tool("iscsi-ls")
+    secrets["disco"] = "discovery-secret-6"
+    (tmp_path / "disco").write_text(secrets["disco"] + "\n")
+
+    def discovers(auth: str = "") -> bool:
+        listed = run([iscsi_ls, f"iscsi://{auth}{portal}"], check=False, timeout=20)
+        return f"{BASE_IQN}:cv" in listed.stdout
+
+    assert discovers()
+    disco = ("--discovery-chap-user", "disco", "--discovery-chap-secret-file", str(tmp_path / "disco"))
+    assert cluster.cli("cluster", "update", *disco).stdout == "discovery chap: user disco\n"
+    wait_for(lambda: not discovers(), timeout=10, what="discovery without CHAP refused")
+    assert discovers(f"disco%{secrets['disco']}@")
+    assert not discovers("disco%wrong-secret-789@")
+    assert json.loads(cluster.cli("cluster", "show", "--json").stdout) == {
+        "discovery_chap": {"user": "disco", "mutual_user": None}
+    }
+    cluster.cli("cluster", "update", "--no-discovery-chap")
+    wait_for(discovers, timeout=10, what="discovery without CHAP accepted again")
 
     # Secrets never in the audit log or any daemon's log.
     audit = (cluster.master.data_dir / "audit.jsonl").read_text()

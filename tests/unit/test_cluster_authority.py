@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sparrow.auth import tokens
-from sparrow.cluster import authority
+from sparrow.cluster import authority, controller
 from sparrow.cluster.authority import (
     SCHEMA_VERSION,
     AuthorityStore,
@@ -84,7 +84,7 @@ def test_open_creates_the_schema_in_wal_with_full_sync(store: AuthorityStore, pa
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     other = raw(path)
     tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"meta", "volumes", "nodes", "assignments", "tokens"}
+    assert tables == {"meta", "volumes", "nodes", "assignments", "tokens", "cluster_settings"}
     assert other.execute("SELECT schema_version FROM meta").fetchall() == [(SCHEMA_VERSION,)]
     other.close()
 
@@ -514,3 +514,33 @@ def test_a_token_id_is_never_reused(store: AuthorityStore) -> None:
     store.add_token(new.record)
     with pytest.raises(InvalidAuthorityRecord):
         store.add_token(new.record)
+
+
+def test_pause_chap_and_discovery_chap_are_recorded_and_survive_a_reopen(path: Path) -> None:
+    """Authority v7: the pause wish per volume, the pause per published epoch, CHAP replaced in
+    place, and the cluster's discovery CHAP (never set / set / off)."""
+    with AuthorityStore.open(path) as s:
+        s.upsert_node("n1", incarnation=1, addresses=ADDR_1, capacity=1 << 40, seen_at=1.0)
+        v = s.add_volume("v", size=1 << 20, block_size=512, replicas=1, created_at=1.0)
+        assert v.paused is False and s.discovery_chap() == (False, None)
+        assert s.set_paused(v.volume_id, True).paused is True
+        publisher = Publisher(s, wall_clock=lambda: 2.0)
+        ask = controller.AssignmentAsk(v.volume_id, "n1", ("n1",), "place", ("n1",), paused=True)
+        first = publisher.publish(ask)
+        assert first.paused is True
+        chap = VolumeChap("alice", "alice-secret-1", None, None)
+        assert s.set_chap(v.volume_id, chap).chap == chap
+        _, again = publisher.resize(v.volume_id, 2 << 20)
+        assert again is not None and again.paused is True and again.chap == chap  # a resize keeps it
+        s.set_discovery_chap(VolumeChap("disco", "discovery-secret-1", None, None))
+    with AuthorityStore.open(path) as s:
+        (record,) = s.volumes()
+        assert record.paused is True and record.chap == chap
+        latest = s.latest_assignment(v.volume_id)
+        assert latest is not None and latest.paused is True and latest.epoch == 2
+        assert s.discovery_chap() == (True, VolumeChap("disco", "discovery-secret-1", None, None))
+        s.set_discovery_chap(None)
+        assert s.discovery_chap() == (True, None)
+        assert s.set_chap(v.volume_id, None).chap is None
+        with pytest.raises(UnknownVolume):
+            s.set_paused("f" * 32, True)

@@ -369,11 +369,12 @@ IN_SYNC_FIELDS = ("in_sync", "replication_portals")
 
 
 def _v6_ack_body(message: Ack) -> dict[str, Any]:
-    """``message`` as a schema v6 master wrote it: assignments without ``paused``."""
+    """``message`` as a schema v6 master wrote it: assignments without ``paused``, no discovery CHAP."""
     body = wire(message)
     body["v"] = 6
     for assignment in body["assignments"]:
         del assignment["paused"]
+    del body["discovery_chap"]
     return body
 
 
@@ -1145,3 +1146,21 @@ def test_an_ack_before_v7_decodes_unpaused_and_may_not_carry_paused() -> None:
     body = wire(paused)
     body["assignments"][0]["paused"] = 1
     assert error_of(frame(body)).code is ErrorCode.BAD_FIELD
+
+
+def test_the_discovery_chap_travels_from_v7_and_an_older_ack_may_not_carry_it() -> None:
+    chap = VolumeChap("disco", "discovery-secret-1", None, None)
+    ack = Ack(ACK.seq, ACK.lease_seconds, ACK.assignments, discovery_chap=chap)
+    assert wire(ack)["discovery_chap"] == {
+        "user": "disco",
+        "secret": "discovery-secret-1",
+        "mutual_user": None,
+        "mutual_secret": None,
+    }
+    assert wire(ACK)["discovery_chap"] is None
+    assert decode(encode(ack)) == ack and "discovery-secret-1" not in repr(ack)
+    old = _v6_ack_body(ack)
+    decoded = decode(frame(old))
+    assert isinstance(decoded, Ack) and decoded.discovery_chap is None
+    old["discovery_chap"] = None
+    assert error_of(frame(old)).message == "unknown field(s) 'discovery_chap'"
