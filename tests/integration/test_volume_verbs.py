@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.integration.cluster import BASE_IQN, Cluster, http_get
+from tests.integration.daemon import Daemon
 from tests.integration.test_node import GOOD, NOT_READY, UNIT_ATTENTION, Answer, RawSession, qemu_io
 from tests.tools import require_tool, run, wait_for
 
@@ -223,3 +224,33 @@ def test_chap_update_takes_effect_for_new_logins_and_create_is_idempotent(
     texts = [audit, cluster.master.log(), *(n.log() for n in cluster.nodes.values())]
     for secret in secrets.values():
         assert not any(secret in text for text in texts), secret
+
+
+def test_serve_records_its_toml_discovery_chap_once_and_the_cluster_setting_wins(tmp_path: Path) -> None:
+    """``sparrow serve``: ``[iscsi.discovery_chap]`` applies from the start (before any Ack); it is
+    recorded in the authority once; ``cluster update`` turns it off, and a restart with the same
+    TOML keeps it off (the authority's value wins)."""
+    iscsi_ls = require_tool("iscsi-ls")
+    secret = "toml-discovery-secret-7"
+    config = tmp_path / "sparrow.toml"
+    config.write_text(f'[iscsi.discovery_chap]\nuser = "tomluser"\nsecret = "{secret}"\n')
+    daemon = Daemon(tmp_path / "data", extra_args=("--config", str(config)))
+    daemon.start()
+    try:
+        daemon.create_volume("dv", "8MiB")
+
+        def discovers(auth: str = "") -> bool:
+            listed = run([iscsi_ls, f"iscsi://{auth}{daemon.portal}"], check=False, timeout=20)
+            return f"{BASE_IQN}:dv" in listed.stdout
+
+        assert not discovers() and discovers(f"tomluser%{secret}@")
+        assert daemon.cli("cluster", "show").stdout == "discovery chap: user tomluser\n"
+        daemon.cli("cluster", "update", "--no-discovery-chap")
+        wait_for(discovers, timeout=10, what="discovery without CHAP accepted")
+        assert daemon.stop() == 0
+        daemon.start()
+        assert discovers() and daemon.cli("cluster", "show").stdout == "discovery chap: off\n"
+        assert secret not in daemon.log()
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            assert daemon.stop() == 0
