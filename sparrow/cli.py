@@ -244,8 +244,14 @@ def cmd_volume_list(args: argparse.Namespace, out: TextIO) -> int:
         "volumes",
         out,
         as_json=args.json,
-        header=("NAME", "SIZE", "BLOCK", "IQN"),
-        row=lambda v: (v["name"], format_size(v["size"]), str(v["block_size"]), v["iqn"]),
+        header=("NAME", "SIZE", "BLOCK", "IQN", "PAUSED"),
+        row=lambda v: (
+            v["name"],
+            format_size(v["size"]),
+            str(v["block_size"]),
+            v["iqn"],
+            "yes" if v.get("paused") else "no",
+        ),
     )
     return 0
 
