@@ -190,6 +190,25 @@ def test_chap_update_takes_effect_for_new_logins_and_create_is_idempotent(
     old_refused = lambda: not logs_in(url_with("alice", secrets["one"]))  # noqa: E731
     wait_for(old_refused, timeout=10, what="the old secret refused")
     assert logs_in(url_with("alice", secrets["two"]))
+    # The node keeps the master's CHAP in its volume record: restarted while the master is
+    # stopped (no Ack), it exports with the current CHAP, not the one it was created with.
+    record = node.data_dir / "volumes" / "cv.json"
+    wait_for(lambda: secrets["two"] in record.read_text(), timeout=10, what="the new CHAP in the record")
+
+    def inq(target: str) -> str:
+        answer = run([iscsi_inq, target], check=False, timeout=20)
+        return answer.stdout + answer.stderr
+
+    cluster.master.sigstop()
+    try:
+        node.kill9()
+        node.restart()
+        assert "0x040a" in inq(url_with("alice", secrets["two"]))  # logged in, fenced: no Ack yet
+        refused = inq(url_with("alice", secrets["one"]))
+        assert "NOT READY" not in refused and "SPARROW" not in refused, refused  # refused at login
+    finally:
+        cluster.master.sigcont()
+    wait_for(lambda: logs_in(url_with("alice", secrets["two"])), timeout=20, what="cv served again")
     # Off.
     off = cluster.cli("volume", "update", "cv", "--no-chap").stdout
     assert off == "volume cv: chap off\n"
