@@ -83,7 +83,6 @@ class TargetSettings:
     """Limits and timers shared by all connections of one iSCSI listener."""
 
     portals: tuple[Portal, ...] = ()
-    discovery_chap: ChapConfig | None = None
     tpgt: int = 1
     max_recv_data_segment_length: int = 262144
     max_burst_length: int = 1048576
@@ -109,6 +108,9 @@ class TargetRegistry:
 
     _targets: dict[str, Target] = field(default_factory=dict)
     _elsewhere: dict[str, RemoteTarget] = field(default_factory=dict)
+    #: The CHAP a discovery (SendTargets) session must pass (None: none). Set at any time: it
+    #: applies to the next discovery login (a cluster node takes it from each Ack).
+    discovery_chap: ChapConfig | None = None
 
     def add(self, target: Target) -> None:
         """Serve ``target`` here (replacing a local target of the same IQN)."""

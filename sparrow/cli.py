@@ -247,8 +247,14 @@ def cmd_volume_list(args: argparse.Namespace, out: TextIO) -> int:
         "volumes",
         out,
         as_json=args.json,
-        header=("NAME", "SIZE", "BLOCK", "IQN"),
-        row=lambda v: (v["name"], format_size(v["size"]), str(v["block_size"]), v["iqn"]),
+        header=("NAME", "SIZE", "BLOCK", "IQN", "PAUSED"),
+        row=lambda v: (
+            v["name"],
+            format_size(v["size"]),
+            str(v["block_size"]),
+            v["iqn"],
+            "yes" if v.get("paused") else "no",
+        ),
     )
     return 0
 
@@ -354,6 +360,7 @@ def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
         ("primary", f"{primary['node_id']} at {primary['portal']}" if primary else "-"),
         ("copies", copies or "-"),
         ("status", v.get("status") or "ok"),
+        ("paused", "yes" if v.get("paused") else "no"),
         ("iqn", v.get("iqn") or "-"),
         ("lun", str(v.get("lun", 0))),
         ("url", v.get("url") or "-"),
@@ -840,8 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name")
     delete.set_defaults(func=cmd_volume_delete)
     from sparrow.moves_cli import add_volume_moves
+    from sparrow.volverbs_cli import add_cluster_commands, add_volume_verbs
 
     add_volume_moves(vcommands, with_api)
+    add_volume_verbs(vcommands, with_api, add_wait)
+    add_cluster_commands(commands, with_api)
 
     node = commands.add_parser(
         "node",

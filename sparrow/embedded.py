@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from frontend.target import ChapConfig, TargetSettings
+from frontend.target import TargetSettings
 from sparrow import systemd
 from sparrow.cluster.authority import AuthorityError, VolumeRecord
 from sparrow.cluster.lease import LeaseConfig
@@ -52,8 +52,10 @@ from sparrow.lifecycle import (
 )
 from sparrow.master.api import MasterApi, MasterMetrics, build_app, served, volume_json
 from sparrow.master.auth import bootstrap
+from sparrow.master.control import ControlLoop
 from sparrow.master.daemon import MasterConfig, MasterRuntime, start_master
 from sparrow.metrics import PrometheusMetrics
+from sparrow.node.convergence import target_chap
 from sparrow.node.daemon import Node, NodeConfig, start_node
 from sparrow.sizes import format_size
 from sparrow.supervision import TaskSupervisor
@@ -74,14 +76,24 @@ READY_TIMEOUT = 10.0
 
 def target_settings(config: Config) -> TargetSettings:
     """The iSCSI target settings from the configuration (the portals are filled in once bound)."""
-    discovery = ChapConfig(initiator=config.discovery_chap) if config.discovery_chap is not None else None
     return TargetSettings(
         portals=(),
-        discovery_chap=discovery,
         tpgt=TPGT,
         nop_interval=config.nop_interval,
         nop_timeout=config.nop_timeout,
     )
+
+
+async def seed_discovery_chap(control: ControlLoop, config: Config) -> VolumeChap | None:
+    """The TOML ``[iscsi.discovery_chap]`` is the discovery CHAP's first value: recorded in the
+    authority when it never held one; after that the authority's (``sparrow cluster update``)
+    wins. Returns the discovery CHAP in force."""
+    recorded, chap = await asyncio.to_thread(control.store.discovery_chap)
+    if not recorded and config.discovery_chap is not None:
+        chap = VolumeChap(config.discovery_chap.user, config.discovery_chap.secret, None, None)
+        await asyncio.to_thread(control.store.set_discovery_chap, chap)
+        control.discovery_chap = chap
+    return chap
 
 
 def run(config: Config) -> int:
@@ -197,6 +209,7 @@ async def serve(config: Config) -> int:
         master = await start_master(
             master_config, cleanup, metrics=MasterMetrics(metrics.registry), supervisor=supervisor
         )
+        discovery = await seed_discovery_chap(master.control, config)
         node_config = NodeConfig(
             data_dir=config.data_dir,
             node_id=NODE_ID,
@@ -217,6 +230,7 @@ async def serve(config: Config) -> int:
             portals=lambda port: config.advertised_portals(bound_port=port),
             metrics=metrics,
             supervisor=supervisor,
+            discovery_chap=target_chap(discovery),
         )
         # The master's own node: its key is the data directory's, so it is pinned, never refused.
         assert node.heartbeat.identity is not None

@@ -11,6 +11,10 @@ Served, on the master (:func:`unserved_reason`, the one definition the API's ``s
 and serving (health OK: a fenced primary reports DEGRADED), in a heartbeat the master still counts
 as alive. On a node (:func:`node_problems`): every volume the node holds as primary is open and
 serving (not fenced, not waiting for its first lease), and no volume's state is unreadable.
+
+A paused volume (docs/cluster.md, "Pause and resume") is served in this sense once its primary has
+applied the paused epoch: it answers NOT READY because the operator asked for it, which is no
+fault. The health answer lists it in ``volumes_paused`` (:func:`paused_volumes`) and stays ``ok``.
 """
 
 from __future__ import annotations
@@ -84,6 +88,18 @@ def master_problems(control: ControlLoop, now: float) -> list[VolumeProblem]:
         if reason is not None:
             problems.append(VolumeProblem(volume.volume_id, volume.name, reason))
     return sorted(problems, key=lambda p: (p.name or "", p.volume_id))
+
+
+def paused_volumes(control: ControlLoop) -> list[dict[str, Any]]:
+    """The live volumes the operator paused, by name: ``{volume_id, name, applied}``, ``applied``
+    once the current assignment carries the pause (the nodes are told; ``served`` says when the
+    primary has applied it)."""
+    out = []
+    for volume in control.paused():
+        assignment = control.current(volume.volume_id)
+        applied = assignment is not None and assignment.paused
+        out.append({"volume_id": volume.volume_id, "name": volume.name, "applied": applied})
+    return sorted(out, key=lambda v: (str(v["name"]), str(v["volume_id"])))
 
 
 def node_problems(observations: Iterable[VolumeObservation], names: Mapping[str, str]) -> list[VolumeProblem]:

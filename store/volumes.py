@@ -472,6 +472,15 @@ class VolumeManager:
             await self._save(new_meta)
             volume.meta = new_meta
 
+    async def save_chap(self, name: str, chap: ChapCredentials | None) -> None:
+        """Replace the CHAP the volume's record keeps (what a restarted node exports with before
+        the master's first word); durable on return."""
+        async with self._lock:
+            volume = self.get(name)
+            new_meta = dataclasses.replace(volume.meta, chap=chap)
+            await self._save(new_meta)
+            volume.meta = new_meta
+
     async def delete(self, name: str) -> None:
         """Remove a volume: its record, then its data file (a user-given backing is left alone).
 

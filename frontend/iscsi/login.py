@@ -394,7 +394,7 @@ class LoginMachine:
             self._chap_config = target.chap
         else:
             # A TargetName on a discovery login names nothing we serve; it is ignored.
-            self._chap_config = self._settings.discovery_chap
+            self._chap_config = self._targets.discovery_chap
         self._session_type = session_type
         self._negotiator = OperationalNegotiator(self._settings, session_type)
 

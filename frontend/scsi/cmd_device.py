@@ -13,6 +13,7 @@ from frontend.scsi.inquiry import standard_inquiry, vpd_page
 from frontend.scsi.lubase import ALUA_NOT_READY, GOOD, LuBase, result_with
 from frontend.scsi.opcodes import Opcode, report_supported_operation_codes
 from frontend.scsi.sense import (
+    LU_NOT_READY_BECOMING_READY,
     MODE_PARAMETERS_CHANGED,
     NO_ADDITIONAL_SENSE,
     SANITIZE_COMMAND_FAILED,
@@ -105,7 +106,7 @@ class DeviceCommands(LuBase):
     async def _request_sense(self, req: ScsiRequest, cdb: bytes) -> ScsiResult:
         """REQUEST SENSE (SPC-4 6.39): a pending UA is returned and cleared; else SANITIZE IN
         PROGRESS with its progress, or SANITIZE COMMAND FAILED; else the NOT READY condition of the
-        access state; else NO SENSE."""
+        access state, or of a pause (04/01); else NO SENSE."""
         if cdb[1] & 0x01:
             raise invalid_cdb(1, 0)  # DESC: only fixed format sense data
         queue = self._uas.get(req.nexus)
@@ -117,6 +118,8 @@ class DeviceCommands(LuBase):
             data = fixed_sense(SenseKey.MEDIUM_ERROR, SANITIZE_COMMAND_FAILED)
         elif self._access_state in ALUA_NOT_READY:
             data = fixed_sense(SenseKey.NOT_READY, ALUA_NOT_READY[self._access_state])
+        elif self._paused:
+            data = fixed_sense(SenseKey.NOT_READY, LU_NOT_READY_BECOMING_READY)
         else:
             data = fixed_sense(SenseKey.NO_SENSE, NO_ADDITIONAL_SENSE)
         return result_with(ScsiStatus.GOOD, truncate(data, cdb[4]))

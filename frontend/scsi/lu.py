@@ -7,6 +7,12 @@ service action). Handlers raise ``CheckCondition``; ``execute`` turns every SCSI
 states (the node fenced it while the store I/O was in flight) is answered as the new state answers
 new commands (NOT READY, 04/0A when fenced), never GOOD: the one check after the handler.
 
+A *paused* LU (``paused``: the operator paused the volume, docs/cluster.md "Pause and resume")
+answers every command an unavailable target port would refuse with NOT READY, LOGICAL UNIT IS IN
+PROCESS OF BECOMING READY (04/01: retried by initiators; sense.py says why this one); INQUIRY,
+REPORT LUNS, REQUEST SENSE (which reports it), READ CAPACITY and the other information commands
+still answer. A command already running when the pause arrives completes.
+
 Write-cache truth: the store is write-back. FUA writes and SYNCHRONIZE CACHE await ``store.flush``;
 with WCE=0 (MODE SELECT on the caching page) every write-type command flushes before GOOD.
 """
@@ -54,6 +60,7 @@ from frontend.scsi.sense import (
     LBA_OUT_OF_RANGE,
     LOGICAL_UNIT_NOT_SUPPORTED,
     LU_NOT_ACCESSIBLE_TRANSITION,
+    LU_NOT_READY_BECOMING_READY,
     LU_NOT_READY_CAUSE_NOT_REPORTABLE,
     MODE_PARAMETERS_CHANGED,
     POWER_ON_OCCURRED,
@@ -174,6 +181,7 @@ class LogicalUnit(
         self._ranges = RangeLock()
         self._sanitizing: SanitizeRun | None = None
         self._sanitize_failed: SanitizeRun | None = None
+        self._paused = False
         bs = store.block_size
         self._bs = bs
         self._unmap = bool(store.supports_unmap)
@@ -234,6 +242,16 @@ class LogicalUnit(
             self._queue_ua_all(ASYMMETRIC_ACCESS_STATE_CHANGED)
 
     @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        """The operator paused (or resumed) the volume: no UNIT ATTENTION (the LU's inventory and
+        parameters did not change; the NOT READY answers say it)."""
+        self._paused = bool(value)
+
+    @property
     def write_cache_enabled(self) -> bool:
         return self._mode.wce
 
@@ -276,6 +294,8 @@ class LogicalUnit(
             raise CheckCondition(SenseKey.MEDIUM_ERROR, SANITIZE_COMMAND_FAILED)
         if state > _LAST_SERVING:
             _check_access(gate, state)
+        if self._paused and not gate & Gate.UNAVAILABLE_OK:
+            raise CheckCondition(SenseKey.NOT_READY, LU_NOT_READY_BECOMING_READY)
         if gate & Gate.WRITES and self._mode.swp:
             raise CheckCondition(SenseKey.DATA_PROTECT, WRITE_PROTECTED)
 
@@ -306,6 +326,7 @@ class LogicalUnit(
                 or self._sanitize_failed is not None
                 or state > _LAST_SERVING
                 or self._mode.swp
+                or self._paused
             ):  # the uncommon states; the common path stays free of Flag arithmetic
                 self._check_gates(cmd.gate, state)
             result = await cmd.handler(self, req, cdb)
@@ -362,6 +383,7 @@ class LogicalUnit(
             and n * self._bs == length
             and lba + n <= self.store.size // self._bs
             and self._access_state <= _LAST_SERVING
+            and not self._paused
             and self._sanitizing is None
             and self._sanitize_failed is None
             and not self._mode.swp

@@ -127,6 +127,7 @@ class LuBase:
     _uas: dict[Nexus, list[Asc]]
     _ranges: RangeLock
     _sanitizing: SanitizeRun | None
+    _paused: bool
     _sanitize_failed: SanitizeRun | None
     _bs: int
     _unmap: bool

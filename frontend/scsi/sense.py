@@ -40,6 +40,11 @@ class Asc:
 
 NO_ADDITIONAL_SENSE = Asc(0x00, 0x00, "NO ADDITIONAL SENSE INFORMATION")
 LU_NOT_READY_CAUSE_NOT_REPORTABLE = Asc(0x04, 0x00, "LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE")
+#: A paused volume (sparrow volume pause): 04/01, the NOT READY every initiator retries (Linux sd
+#: waits and retries, and its spin-up loop waits rather than sending START UNIT as it would for
+#: 04/02); 04/03 (manual intervention required) is failed at once, and 04/0A-0C are path states that
+#: make multipath fail the path over, while a pause holds on every path. docs/operations.md.
+LU_NOT_READY_BECOMING_READY = Asc(0x04, 0x01, "LOGICAL UNIT IS IN PROCESS OF BECOMING READY")
 LU_NOT_ACCESSIBLE_TRANSITION = Asc(
     0x04, 0x0A, "LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION"
 )

@@ -36,13 +36,18 @@ Rules (docs/cluster.md; SPC-4 5.15.2 for the asymmetric access states):
   so it is destroyed then.
 - **A restart serves nothing as primary** until an Ack confirms it: after :meth:`Adapter.startup`
   primaries are opened fenced, and only a :meth:`Adapter.plan` with ``lease_valid`` makes them active.
+- **A paused primary** (the accepted assignment's ``paused``, docs/cluster.md "Pause and resume")
+  is served paused: :class:`SetPaused` comes before the :class:`SetAccess` that makes it serve, so
+  no command is answered between the two. The pause is kept in memory only (the latest accepted
+  assignment's): a restarted node serves nothing before an Ack, and that Ack carries it. A replica
+  is never paused (it stands by; its promotion's epoch carries the pause).
 
 Action semantics the executor must honour (all idempotent, so a repeated action is harmless):
 ``OpenVolume`` makes the volume's LU exist (creating an empty local store only if none exists; never
-truncating one); a newly opened LU starts ``TRANSITIONING`` with no redirect, an open one keeps its
-state. ``CloseVolume`` removes the LU and closes the store (data stays). ``SetAccess`` and
-``Redirect`` on a volume that is not open do nothing. Plans are executed one at a time, in the order
-they were made. ``DestroyVolume`` first removes the volume's record durably
+truncating one); a newly opened LU starts ``TRANSITIONING`` with no redirect, not paused; an open
+one keeps its state. ``CloseVolume`` removes the LU and closes the store (data stays). ``SetAccess``,
+``Redirect`` and ``SetPaused`` on a volume that is not open do nothing. Plans are executed one at a
+time, in the order they were made. ``DestroyVolume`` first removes the volume's record durably
 (``NodeState.forget``: a crash after that never reopens or re-creates the volume at startup), then
 deletes the local volume (``LocalVolumes.destroy_volume``: its record and data; a user-given backing
 stays); it never deletes a local volume that carries another volume id, and with nothing left to
@@ -127,6 +132,14 @@ class Redirect:
 
 
 @dataclass(frozen=True, slots=True)
+class SetPaused:
+    """Pause the LU (NOT READY to reads and writes) or resume it."""
+
+    volume_id: str
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DestroyVolume:
     """The master deleted the volume: forget its record, then delete its local store and data."""
 
@@ -134,7 +147,9 @@ class DestroyVolume:
     name: str
 
 
-Action: TypeAlias = PersistRole | OpenVolume | CloseVolume | SetAccess | Redirect | DestroyVolume
+Action: TypeAlias = (
+    PersistRole | OpenVolume | CloseVolume | SetAccess | Redirect | SetPaused | DestroyVolume
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +184,7 @@ class _Local:
     spec: OpenVolume
     access: AccessState
     redirect: str | None
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +192,7 @@ class _Desired:
     spec: OpenVolume
     access: AccessState
     redirect: str | None
+    paused: bool = False
 
 
 def _fold(local: dict[str, _Local], action: Action) -> None:
@@ -186,13 +203,15 @@ def _fold(local: dict[str, _Local], action: Action) -> None:
         if current is None:
             local[volume_id] = _Local(action, AccessState.TRANSITIONING, None)
         else:
-            local[volume_id] = _Local(action, current.access, current.redirect)
+            local[volume_id] = _Local(action, current.access, current.redirect, current.paused)
     elif isinstance(action, (CloseVolume, DestroyVolume)):
         local.pop(volume_id, None)
     elif isinstance(action, SetAccess) and current is not None:
-        local[volume_id] = _Local(current.spec, action.state, current.redirect)
+        local[volume_id] = _Local(current.spec, action.state, current.redirect, current.paused)
     elif isinstance(action, Redirect) and current is not None:
-        local[volume_id] = _Local(current.spec, current.access, action.portal)
+        local[volume_id] = _Local(current.spec, current.access, action.portal, current.paused)
+    elif isinstance(action, SetPaused) and current is not None:
+        local[volume_id] = _Local(current.spec, current.access, current.redirect, action.paused)
 
 
 class Adapter:
@@ -217,6 +236,8 @@ class Adapter:
         self._outstanding: list[AdapterPlan] = []
         #: Volumes the master deleted (:meth:`destroy`): never opened again by this process.
         self._destroyed: set[str] = set()
+        #: The ``paused`` of the latest assignment accepted per volume (in memory: module docstring).
+        self._paused: dict[str, bool] = {}
         self._lease_valid = False
 
     # ---- queries ------------------------------------------------------------------------------------
@@ -277,7 +298,8 @@ class Adapter:
         if role.role is Role.REPLICA:
             return _Desired(spec, AccessState.STANDBY, role.primary_portal)
         serving = confirmed and self._lease_valid
-        return _Desired(spec, AccessState.ACTIVE_OPTIMIZED if serving else AccessState.TRANSITIONING, None)
+        access = AccessState.ACTIVE_OPTIMIZED if serving else AccessState.TRANSITIONING
+        return _Desired(spec, access, None, self._paused.get(volume_id, False))
 
     def converged(self, volume_id: str) -> bool:
         """True once everything planned for the volume's latest accepted epoch has been applied.
@@ -299,10 +321,11 @@ class Adapter:
         local = self._local.get(volume_id)
         if desired is None:
             return local is None
-        return local is not None and (local.spec, local.access, local.redirect) == (
+        return local is not None and (local.spec, local.access, local.redirect, local.paused) == (
             desired.spec,
             desired.access,
             desired.redirect,
+            desired.paused,
         )
 
     # ---- planning -----------------------------------------------------------------------------------
@@ -316,21 +339,22 @@ class Adapter:
         actions: list[Action] = []
         if local is None:
             actions.append(desired.spec)
-            access, redirect = AccessState.TRANSITIONING, None
+            access, redirect, paused = AccessState.TRANSITIONING, None, False
         else:
             if local.spec != desired.spec:
                 actions.append(desired.spec)
-            access, redirect = local.access, local.redirect
+            access, redirect, paused = local.access, local.redirect, local.paused
         set_access: list[Action] = [] if access == desired.access else [SetAccess(volume_id, desired.access)]
         set_redirect: list[Action] = (
             [] if redirect == desired.redirect else [Redirect(volume_id, desired.redirect)]
         )
+        set_paused: list[Action] = [] if paused == desired.paused else [SetPaused(volume_id, desired.paused)]
         if desired.access in SERVING_STATES:
-            # Point logins here before serving.
-            actions += set_redirect + set_access
+            # Point logins here, and pause, before serving.
+            actions += set_redirect + set_paused + set_access
         else:
             # Stop serving before pointing logins elsewhere.
-            actions += set_access + set_redirect
+            actions += set_access + set_redirect + set_paused
         return actions
 
     def _settle(self, expected: Mapping[str, _Local], volume_id: str) -> list[Action]:
@@ -386,6 +410,7 @@ class Adapter:
             else:
                 self._confirmed.add(volume_id)
                 self._target[volume_id] = offered
+                self._paused[volume_id] = assignment.paused
                 actions += self._settle(expected, volume_id)
                 continue
             rejected.append(Rejection(volume_id, offered.epoch, floor, reason))
@@ -416,6 +441,7 @@ class Adapter:
         expected = self._expected()
         self._destroyed.add(volume_id)
         self._target.pop(volume_id, None)
+        self._paused.pop(volume_id, None)
         self._confirmed.discard(volume_id)
         self._released.discard(volume_id)
         actions: list[Action] = []
@@ -574,6 +600,8 @@ class LocalVolumes(Protocol):
 
     async def redirect(self, volume_id: str, portal: str | None) -> None: ...
 
+    async def set_paused(self, volume_id: str, paused: bool) -> None: ...
+
     async def destroy_volume(self, volume_id: str, name: str) -> None:
         """Delete the local volume ``name`` (closed first if open), record and data; a no-op when
         there is none; refuses (raises) when the local ``name`` carries another volume id."""
@@ -628,6 +656,8 @@ async def _run(action: Action, adapter: Adapter, volumes: LocalVolumes) -> None:
         await volumes.set_access(action.volume_id, action.state)
     elif isinstance(action, Redirect):
         await volumes.redirect(action.volume_id, action.portal)
+    elif isinstance(action, SetPaused):
+        await volumes.set_paused(action.volume_id, action.paused)
     else:
         await adapter.state.forget_async(action.volume_id)
         await volumes.destroy_volume(action.volume_id, action.name)

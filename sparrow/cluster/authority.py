@@ -3,20 +3,24 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 7)::
+instant leaves either the old state or the new one. Tables (schema version 8)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
             physical_block_size, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret,
-            backing)                                     (the last six: v2, all nullable)
+            backing,                                     (the last six: v2, all nullable)
+            paused)                                      (v8, 0/1: sparrow volume pause)
     nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen,
           forgotten_at,                                  (v4, nullable)
           draining,                                      (v6, 0/1: sparrow node drain)
           public_key)                                    (v7, 64 hex | NULL: its identity key)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
                 in_sync json,                            (v5: the in-sync set, primary first)
+                paused,                                  (v8, 0/1: this epoch pauses the volume)
                 PRIMARY KEY (volume_id, epoch))
     tokens(token_id PK, role, tenant, name, secret_sha256, created_at, revoked_at)   (v3)
+    cluster_settings(id = 1, discovery_chap_user, discovery_chap_secret,
+                     discovery_chap_mutual_user, discovery_chap_mutual_secret)       (v8)
 
 Rules the schema itself enforces (defence in depth behind the Publisher):
 
@@ -96,13 +100,14 @@ from store.migrations import (
     authority_v4_to_v5,
     authority_v5_to_v6,
     authority_v6_to_v7,
+    authority_v7_to_v8,
 )
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 log = structlog.get_logger("sparrow.cluster.authority")
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -224,6 +229,8 @@ class VolumeRecord:
     chap: VolumeChap | None = None
     #: An absolute path on the node (None: a sparse file in the node's data directory).
     backing: str | None = None
+    #: The operator paused it (schema v8; sparrow.cluster.pause publishes it under a new epoch).
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +298,7 @@ def _volume_from_row(row: sqlite3.Row) -> VolumeRecord:
         row["physical_block_size"],
         _chap_from_row(row),
         row["backing"],
+        bool(row["paused"]),
     )
 
 
@@ -366,16 +374,24 @@ class AuthorityTransaction:
         ).fetchone()
         return None if row[0] is None else Epoch.restore(row[0])
 
-    def latest_placement(self, volume_id: str) -> tuple[str | None, tuple[str, ...], tuple[str, ...]] | None:
-        """``(primary, replicas, in_sync)`` of the volume's newest assignment (None: never assigned)."""
+    def latest_placement(
+        self, volume_id: str
+    ) -> tuple[str | None, tuple[str, ...], tuple[str, ...], bool] | None:
+        """``(primary, replicas, in_sync, paused)`` of the volume's newest assignment (None: never
+        assigned)."""
         row = self._conn.execute(
-            "SELECT primary_node, replicas, in_sync FROM assignments WHERE volume_id = ? "
+            "SELECT primary_node, replicas, in_sync, paused FROM assignments WHERE volume_id = ? "
             "ORDER BY epoch DESC LIMIT 1",
             (volume_id,),
         ).fetchone()
         if row is None:
             return None
-        return (row["primary_node"], tuple(json.loads(row["replicas"])), tuple(json.loads(row["in_sync"])))
+        return (
+            row["primary_node"],
+            tuple(json.loads(row["replicas"])),
+            tuple(json.loads(row["in_sync"])),
+            bool(row["paused"]),
+        )
 
     def replication_portals(self, replicas: tuple[str, ...]) -> tuple[str | None, ...]:
         """Each node's replication address as its last Hello said (None: not a member)."""
@@ -406,14 +422,15 @@ class AuthorityTransaction:
         replicas: tuple[str, ...],
         created_at: float,
         in_sync: tuple[str, ...],
+        paused: bool = False,
     ) -> None:
         """Append an assignment row. Only the Publisher calls this, with the epoch it minted; the
         schema refuses any epoch but the volume's highest + 1, and an ``in_sync`` naming a node
         ``replicas`` does not."""
         try:
             self._conn.execute(
-                "INSERT INTO assignments (volume_id, epoch, primary_node, replicas, created_at, in_sync) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO assignments (volume_id, epoch, primary_node, replicas, created_at, in_sync, "
+                "paused) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     volume_id,
                     epoch.value,
@@ -421,6 +438,7 @@ class AuthorityTransaction:
                     json.dumps(list(replicas)),
                     created_at,
                     json.dumps(list(in_sync)),
+                    int(bool(paused)),
                 ),
             )
         except sqlite3.IntegrityError as e:
@@ -493,6 +511,7 @@ class AuthorityStore:
                         authority_v4_to_v5.upgrade(conn)
                         authority_v5_to_v6.upgrade(conn)
                         authority_v6_to_v7.upgrade(conn)
+                        authority_v7_to_v8.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -624,6 +643,72 @@ class AuthorityStore:
                 raise UnknownVolume(volume_id)
             row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
         return _volume_from_row(row)
+
+    def set_paused(self, volume_id: str, paused: bool) -> VolumeRecord:
+        """Record the operator's pause (or resume) of a live volume; the control loop publishes it
+        under the next epoch (sparrow.cluster.pause). Raises UnknownVolume."""
+        with self._lock, immediate_transaction(self._conn):
+            cur = self._conn.execute(
+                "UPDATE volumes SET paused = ? WHERE volume_id = ? AND deleted_at IS NULL",
+                (int(bool(paused)), volume_id),
+            )
+            if cur.rowcount != 1:
+                raise UnknownVolume(volume_id)
+            row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
+        return _volume_from_row(row)
+
+    def set_chap(self, volume_id: str, chap: VolumeChap | None) -> VolumeRecord:
+        """Replace a live volume's CHAP (None: none). An export setting, not a reason for a new
+        epoch: the next Acks carry it (docs/cluster.md). Raises UnknownVolume, InvalidAuthorityRecord."""
+        if chap is not None and not isinstance(chap, VolumeChap):
+            raise InvalidAuthorityRecord(f"chap: not a VolumeChap: {type(chap).__name__}")
+        with self._lock, immediate_transaction(self._conn):
+            cur = self._conn.execute(
+                "UPDATE volumes SET chap_user = ?, chap_secret = ?, chap_mutual_user = ?, "
+                "chap_mutual_secret = ? WHERE volume_id = ? AND deleted_at IS NULL",
+                (*_chap_columns(chap), volume_id),
+            )
+            if cur.rowcount != 1:
+                raise UnknownVolume(volume_id)
+            row = self._conn.execute("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,)).fetchone()
+        return _volume_from_row(row)
+
+    # ---- cluster settings ---------------------------------------------------------------------------
+
+    def discovery_chap(self) -> tuple[bool, VolumeChap | None]:
+        """``(recorded, chap)``: the discovery CHAP of every node (None: none), and whether it was
+        ever set (``sparrow serve`` seeds it from its configuration only when it never was)."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM cluster_settings WHERE id = 1").fetchone()
+        if row is None:
+            return False, None
+        if row["discovery_chap_user"] is None:
+            return True, None
+        try:
+            chap = VolumeChap(
+                row["discovery_chap_user"],
+                row["discovery_chap_secret"],
+                row["discovery_chap_mutual_user"],
+                row["discovery_chap_mutual_secret"],
+            )
+        except (InvalidMessage, TypeError) as e:
+            raise AuthorityCorrupt(f"the discovery CHAP is invalid: {e}") from None
+        return True, chap
+
+    def set_discovery_chap(self, chap: VolumeChap | None) -> None:
+        """Record the discovery CHAP (None: none). Raises InvalidAuthorityRecord."""
+        if chap is not None and not isinstance(chap, VolumeChap):
+            raise InvalidAuthorityRecord(f"discovery chap: not a VolumeChap: {type(chap).__name__}")
+        with self._lock, immediate_transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO cluster_settings (id, discovery_chap_user, discovery_chap_secret, "
+                "discovery_chap_mutual_user, discovery_chap_mutual_secret) VALUES (1, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET discovery_chap_user = excluded.discovery_chap_user, "
+                "discovery_chap_secret = excluded.discovery_chap_secret, "
+                "discovery_chap_mutual_user = excluded.discovery_chap_mutual_user, "
+                "discovery_chap_mutual_secret = excluded.discovery_chap_mutual_secret",
+                _chap_columns(chap),
+            )
 
     def volume(self, volume_id: str) -> VolumeRecord | None:
         """One volume, deleted or not (None if it never existed)."""
@@ -833,7 +918,8 @@ class AuthorityStore:
 
     def _latest(self, where: str, params: tuple[str, ...]) -> dict[str, Assignment]:
         query = (
-            "SELECT v.*, a.epoch, a.primary_node, a.replicas AS placement, a.in_sync, n.addresses "
+            "SELECT v.*, a.epoch, a.primary_node, a.replicas AS placement, a.in_sync, "
+            "a.paused AS published_paused, n.addresses "
             "FROM volumes v "
             "JOIN assignments a ON a.volume_id = v.volume_id AND a.epoch = "
             "(SELECT max(epoch) FROM assignments WHERE volume_id = v.volume_id) "
@@ -862,6 +948,7 @@ class AuthorityStore:
                     replicas,
                     in_sync=tuple(json.loads(row["in_sync"])),
                     replication_portals=tuple(replication.get(node) for node in replicas),
+                    paused=bool(row["published_paused"]),
                 )
             except InvalidMessage as e:
                 raise AuthorityCorrupt(
@@ -879,10 +966,13 @@ def assignment_of(
     *,
     in_sync: tuple[str, ...],
     replication_portals: tuple[str | None, ...],
+    paused: bool = False,
 ) -> Assignment:
     """The wire Assignment of ``volume`` for a recorded (or just minted) epoch: name, size, block
-    size and the export settings come from the volume record; ``in_sync`` from the assignment row;
-    ``replication_portals`` (aligned with ``replicas``) from the nodes' last Hellos."""
+    size and the export settings come from the volume record; ``in_sync`` and ``paused`` from the
+    assignment row (what was published at the epoch, not ``volume.paused``, the operator's wish:
+    the two differ until the control loop publishes the change); ``replication_portals`` (aligned
+    with ``replicas``) from the nodes' last Hellos."""
     return Assignment(
         volume_id=volume.volume_id,
         name=volume.name,
@@ -897,4 +987,5 @@ def assignment_of(
         backing=volume.backing,
         in_sync=in_sync,
         replication_portals=replication_portals,
+        paused=paused,
     )

@@ -104,13 +104,15 @@ class AssignmentAsk:
     """A proposal for the publisher: make ``primary`` the primary and ``replicas`` (primary first)
     the copies of ``volume_id``, of which ``in_sync`` (a subsequence of ``replicas``, the primary
     first) hold every acknowledged write. The publisher mints the epoch and fills in name, size,
-    block size and the portals."""
+    block size and the portals. ``paused``: the assignment pauses the volume; the control loop
+    sets it on every ask from the operator's wish (sparrow.cluster.pause), the rules here never do."""
 
     volume_id: str
     primary: str
     replicas: tuple[str, ...]
     reason: str
     in_sync: tuple[str, ...]
+    paused: bool = False
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
@@ -142,6 +144,8 @@ class StatusKind(enum.Enum):
     RESYNCED = "resynced"
     #: An operator move (planned failover, drain, rebuild: sparrow.cluster.moves) acts or waits.
     MOVING = "moving"
+    #: The operator paused the volume (sparrow.cluster.pause): asked for, not a fault.
+    PAUSED = "paused"
     STUCK = "stuck"
 
 

@@ -19,10 +19,8 @@ a primary silent for ``lease + margin`` is replaced then, while ``/healthz`` cal
 headline say what else is going on: a copy resyncing, stale, dead or stuck, a draining node, an
 operator move.
 
-**Pause** (issue 10) is another engineer's: its controller/authority state is not on this branch.
-:class:`Paused` is the place for it: pass ``VolumeFacts(paused=Paused(...))`` for a paused volume
-and the headline is :attr:`Reason.PAUSED` (nothing else is looked at: a paused volume is not
-served on purpose).
+**Pause** (sparrow.cluster.pause): a paused volume (``VolumeFacts(paused=Paused(...))``) has the
+headline :attr:`Reason.PAUSED` and nothing else is looked at: it is not served on purpose.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ class Reason(enum.StrEnum):
 
     #: Served by its primary at the current epoch.
     SERVED = "served"
-    #: Paused by an operator (see the module docstring: the place for pause/resume).
+    #: Paused by an operator (``sparrow volume pause``).
     PAUSED = "paused"
     #: Recorded, not placed yet: the control loop places it at its next step.
     UNPLACED = "unplaced"
@@ -100,11 +98,11 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class Paused:
-    """A paused volume (pause/resume: not on this branch; see the module docstring). ``since``:
-    when it was paused, on the master's monotonic clock (None: unknown); ``by``: the token id."""
+    """A paused volume (``sparrow volume pause``, sparrow.cluster.pause). ``since``: when the epoch
+    that paused it was published, on the master's monotonic clock (None: not yet published);
+    who paused it is in the audit log."""
 
     since: float | None = None
-    by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +270,6 @@ class _Context:
                 "told NOT READY and retry)",
                 f"sparrow volume resume {volume.name}",
                 since=volume.paused.since,
-                facts={"by": volume.paused.by},
             )
         assignment = volume.assignment
         if assignment is None:

@@ -41,6 +41,10 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   (128 hex digits: its signature over the channel binding, sparrow.cluster.nodeidentity); a v1
   Hello decodes with both None (the master refuses it: ``no_identity``), and one carrying either
   is rejected (BAD_FIELD). ``refusal`` (v1, master -> node) came with it.
+- ``ack`` v7 adds to each assignment ``paused`` (a bool: the operator paused the volume), and
+  ``discovery_chap`` (nil or ``{user, secret, mutual_user, mutual_secret}``: the cluster's discovery
+  CHAP); an older Ack decodes unpaused with no discovery CHAP, and one carrying either field is
+  rejected (BAD_FIELD).
 - ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
   SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
   either is rejected (BAD_FIELD).
@@ -98,7 +102,7 @@ MAX_MAP_LEN = 32
 #: Wire name of each message type.
 TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack", Refusal: "refusal"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 3, "ack": 6, "refusal": 1}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 3, "ack": 7, "refusal": 1}
 #: The first ``hello`` version that carries the node's key and proof.
 HELLO_IDENTITY_VERSION = 2
 #: The first ``heartbeat`` version whose replica states carry resync progress.
@@ -115,6 +119,8 @@ ACK_DELETED_VERSION = 4
 ACK_IN_SYNC_VERSION = 5
 #: The first ``ack`` version that carries the replication stream keys.
 ACK_STREAM_KEYS_VERSION = 6
+#: The first ``ack`` version whose assignments carry ``paused``, and that carries ``discovery_chap``.
+ACK_PAUSED_VERSION = 7
 
 
 class ErrorCode(enum.Enum):
@@ -191,6 +197,7 @@ def _assignment_to_wire(assignment: Assignment) -> dict[str, object]:
         "backing": assignment.backing,
         "in_sync": list(assignment.in_sync),
         "replication_portals": list(assignment.replication_portals),
+        "paused": assignment.paused,
     }
 
 
@@ -237,6 +244,7 @@ def _to_wire(message: Message) -> dict[str, object]:
         "stream_keys": [
             {"volume_id": k.volume_id, "replica": k.replica, "key": k.key.hex()} for k in message.stream_keys
         ],
+        "discovery_chap": None if message.discovery_chap is None else _chap_to_wire(message.discovery_chap),
     }
 
 
@@ -384,6 +392,8 @@ def _assignment_from_wire(where: str, raw: object, version: int) -> Assignment:
     if version >= ACK_IN_SYNC_VERSION:
         values["in_sync"] = tuple(f.take_list("in_sync"))
         values["replication_portals"] = tuple(f.take_list("replication_portals"))
+    if version >= ACK_PAUSED_VERSION:
+        values["paused"] = f.take("paused")
     return f.build(Assignment, **values)
 
 
@@ -472,6 +482,10 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
         stream_keys = tuple(
             _stream_key_from_wire(f"stream_keys[{i}]", k) for i, k in enumerate(f.take_list("stream_keys"))
         )
+    discovery_chap: VolumeChap | None = None
+    if version >= ACK_PAUSED_VERSION:
+        raw = f.take("discovery_chap")
+        discovery_chap = None if raw is None else _chap_from_wire("discovery_chap", raw)
     return f.build(
         Ack,
         seq=seq,
@@ -480,6 +494,7 @@ def _ack_from_wire(f: _Fields, version: int) -> Ack:
         directory=directory,
         deleted=deleted,
         stream_keys=stream_keys,
+        discovery_chap=discovery_chap,
     )
 
 

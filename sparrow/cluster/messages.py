@@ -459,6 +459,10 @@ class Assignment:
     ``replicas``: each copy's replication address (its ``Hello.replication``; None: unknown);
     left empty it means all unknown. A portal is an address, not authority: it may change under
     the same epoch (a replica restarted on another port).
+
+    ``paused`` (ack schema v7; docs/cluster.md, "Pause and resume"): the operator paused the
+    volume; its primary answers reads and writes with NOT READY (frontend.scsi.lu). It changes only
+    under a new epoch, and every epoch of a paused volume carries it (a failover stays paused).
     """
 
     volume_id: str
@@ -474,10 +478,13 @@ class Assignment:
     backing: str | None = None
     in_sync: tuple[str, ...] = ()
     replication_portals: tuple[str | None, ...] = ()
+    paused: bool = False
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
         check_volume_name("name", self.name)
+        if type(self.paused) is not bool:
+            raise InvalidMessage("paused", f"expected a bool, not {self.paused!r}")
         if type(self.block_size) is not int or self.block_size not in BLOCK_SIZES:
             raise InvalidMessage("block_size", f"must be 512 or 4096, not {self.block_size!r}")
         physical = self.physical_block_size
@@ -635,6 +642,8 @@ class Ack:
     ``stream_keys`` (schema v6; empty before) are the replication stream keys of the assignments
     that name the node primary (one per other copy) or replica (its own): each names a volume
     assigned in this Ack with a primary, and a copy of it other than the primary.
+    ``discovery_chap`` (schema v7; None before): the CHAP the node asks of every SendTargets
+    (discovery) session, the master's cluster setting (None: none); secrets kept out of ``repr``.
     """
 
     seq: int
@@ -643,9 +652,13 @@ class Ack:
     directory: tuple[DirectoryEntry, ...] = ()
     deleted: tuple[DeletedVolume, ...] = ()
     stream_keys: tuple[StreamKey, ...] = ()
+    discovery_chap: VolumeChap | None = None
 
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
+        if self.discovery_chap is not None and not isinstance(self.discovery_chap, VolumeChap):
+            kind = type(self.discovery_chap).__name__
+            raise InvalidMessage("discovery_chap", f"expected a VolumeChap, got {kind}")
         # Normalise an int to a float so equality and the wire form do not depend on the caller.
         object.__setattr__(self, "lease_seconds", check_seconds("lease_seconds", self.lease_seconds))
         if self.lease_seconds > MAX_LEASE_SECONDS:

@@ -19,9 +19,11 @@ store knows (a live volume, nodes that have said hello).
 ``on_mint(assignment, reason)`` (the master's audit log, sparrow.master.audit) is called inside
 the transaction, before COMMIT: if it raises, the transaction rolls back and no epoch is minted,
 so no epoch is ever announced that the audit trail does not hold. ``reason`` is the ask's
-``reason`` when it has one. An ask with an ``epoch_floor`` (sparrow.cluster.epochfloor: an epoch
-a node reported above the authority's, after a restore) gets an epoch above it: the epochs in
-between are recorded unplaced (no primary, no copies) in the same transaction, and never announced.
+``reason`` when it has one. An ask's ``paused`` is recorded with the row and carried by the
+assignment (sparrow.cluster.pause); a resize keeps the placement's. An ask with an
+``epoch_floor`` (sparrow.cluster.epochfloor: an epoch a node reported above the authority's, after
+a restore) gets an epoch above it: the epochs in between are recorded unplaced (no primary, no
+copies) in the same transaction, and never announced.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Publisher:
         replicas = tuple(ask.replicas)
         primary = ask.primary
         in_sync = tuple(ask.in_sync)
+        paused = getattr(ask, "paused", False) is True  # sparrow.cluster.pause sets it on every ask
         _check_ask(primary, replicas, in_sync)
         with self._store.write_transaction() as txn:
             volume = txn.volume(ask.volume_id)
@@ -117,8 +120,11 @@ class Publisher:
                 replicas,
                 in_sync=in_sync,
                 replication_portals=txn.replication_portals(replicas),
+                paused=paused,
             )
-            txn.record_assignment(volume.volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
+            txn.record_assignment(
+                volume.volume_id, epoch, primary, replicas, self._wall_clock(), in_sync, paused
+            )
             if self._on_mint is not None:
                 reason = getattr(ask, "reason", None)
                 self._on_mint(assignment, reason if isinstance(reason, str) else "")
@@ -142,7 +148,7 @@ class Publisher:
             placement = txn.latest_placement(volume_id)
             if before is None or before.size == volume.size or placement is None:
                 return volume, None
-            primary, replicas, in_sync = placement
+            primary, replicas, in_sync, paused = placement
             portal = None
             if primary is not None:
                 node = txn.node(primary)
@@ -160,8 +166,9 @@ class Publisher:
                 replicas,
                 in_sync=in_sync,
                 replication_portals=txn.replication_portals(replicas),
+                paused=paused,
             )
-            txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock(), in_sync)
+            txn.record_assignment(volume_id, epoch, primary, replicas, self._wall_clock(), in_sync, paused)
             if self._on_mint is not None:
                 self._on_mint(assignment, f"resized to {volume.size} bytes")
         return volume, assignment

@@ -3,6 +3,8 @@
     POST   /v1/volumes         {name, size, block_size?=512, replicas?=1,
                                 physical_block_size?, chap_user?, chap_secret?,
                                 chap_mutual_user?, chap_mutual_secret?, backing?} -> 201 volume
+                               (200 with the existing volume when a live one of that name has
+                               these parameters; 409 naming each that differs otherwise)
     POST   /v1/volumes/{name}/resize  {size}  (grow only; a new epoch)         -> 200 volume
     GET    /v1/volumes                                                         -> 200 {"volumes": [volume...]}
     GET    /v1/volumes/{name}                                                  -> 200 volume
@@ -40,6 +42,7 @@ A volume (see :func:`volume_json`); secrets are never returned::
     {"name", "volume_id", "serial", "naa" (both derived from volume_id: the same on every node),
      "size", "block_size", "physical_block_size" (null: block_size),
      "chap": {"user", "mutual_user"} | null, "backing": path | null,
+     "paused": the operator paused it (its status says once it is applied),
      "replicas_wanted", "created_at" (ISO 8601 UTC),
      "iqn", "lun": 0,
      "epoch": int (0: never assigned),
@@ -61,6 +64,9 @@ A node (see :func:`node_json`)::
 The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Why a volume is
 in its state (``GET /v1/volumes/{name}/explain``): sparrow.master.explain_api. ``GET /v1/nodes``
 also lists each node's ``skipped``: the volumes it did not load at start, ``[{"name", "reason"}]``.
+Pause, resume, update of export settings (PATCH) and the create's idempotency:
+sparrow.master.volume_verbs_api.
+The cluster's settings (discovery CHAP, GET/PATCH /v1/cluster): sparrow.master.settings_api.
 
 Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -104,7 +110,14 @@ from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, T
 from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
 from sparrow.cluster.nodeidentity import NodeKeys, key_text
 from sparrow.cluster.observations import NodeState, NodeView
-from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
+from sparrow.health import (
+    VolumeProblem,
+    health_response,
+    master_problems,
+    paused_volumes,
+    summary,
+    unserved_reason,
+)
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.audit import AuditLog, audit_middlewares
 from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
@@ -284,6 +297,12 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.explain_api import add_explain_routes
 
     add_explain_routes(app)
+    from sparrow.master.volume_verbs_api import add_volume_verb_routes  # it builds on this module
+
+    add_volume_verb_routes(app)
+    from sparrow.master.settings_api import add_settings_routes  # it builds on this module
+
+    add_settings_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -317,24 +336,45 @@ async def create_volume(request: web.Request) -> web.Response:
     if physical is not None and (isinstance(physical, bool) or not isinstance(physical, int)):
         raise ApiError(400, "physical_block_size must be an integer (512 or 4096)")
     chap = _chap(body)
+    from sparrow.master.volume_verbs_api import existing_for_create
+
+    asked = {
+        "size": size,
+        "block_size": block_size,
+        "replicas": replicas,
+        "physical_block_size": physical,
+        "chap": chap,
+        "backing": backing,
+    }
+    existing = await existing_for_create(api, name, asked)
+    if existing is not None:  # a retry of the create that made it: the volume as it is (200)
+        await served(api, existing.volume_id, wait)
+        return web.json_response(volume_json(api, existing), status=200)
     if api.local is not None:
         size = await api.local.check_create(name, size, block_size, backing)
     assert size is not None
     if backing is None:
         await _check_capacity(api, size)
     store = api.control.store
-    record = await asyncio.to_thread(
-        store.add_volume,
-        name,
-        size=size,
-        block_size=block_size,
-        replicas=replicas,
-        created_at=api.wall_clock(),
-        volume_id=_new_volume_id(),
-        physical_block_size=physical,
-        chap=chap,
-        backing=backing,
-    )
+    try:
+        record = await asyncio.to_thread(
+            store.add_volume,
+            name,
+            size=size,
+            block_size=block_size,
+            replicas=replicas,
+            created_at=api.wall_clock(),
+            volume_id=_new_volume_id(),
+            physical_block_size=physical,
+            chap=chap,
+            backing=backing,
+        )
+    except VolumeExists:
+        existing = await existing_for_create(api, name, asked)  # a concurrent twin made it first
+        if existing is None:
+            raise
+        await served(api, existing.volume_id, wait)
+        return web.json_response(volume_json(api, existing), status=200)
     api.control.volume_added(record)
     log.info("volume created", volume=name, volume_id=record.volume_id, size=size, replicas=replicas)
     await served(api, record.volume_id, wait)
@@ -488,6 +528,7 @@ async def healthz(request: web.Request) -> web.Response:
             if p["volume_id"] not in seen:
                 problems.append(VolumeProblem(p["volume_id"], p["name"], f"node: {p['reason']}"))
     failures = () if api.supervisor is None else api.supervisor.failures()
+    health["volumes_paused"] = paused_volumes(api.control)
     return health_response({**summary(problems, failures, degraded=degraded), **health})
 
 
@@ -517,6 +558,7 @@ def volume_json(api: MasterApi, record: VolumeRecord) -> dict[str, Any]:
         if record.chap is None
         else {"user": record.chap.user, "mutual_user": record.chap.mutual_user},
         "backing": record.backing,
+        "paused": record.paused,
         "replicas_wanted": record.replicas,
         "created_at": _iso(record.created_at),
         "iqn": iqn,

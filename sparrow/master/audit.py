@@ -86,6 +86,10 @@ VERBS: dict[tuple[str, str], str] = {
     ("POST", "/v1/nodes/{node_id}/drain"): "node.drain",
     ("POST", "/v1/nodes/{node_id}/undrain"): "node.undrain",
     ("POST", "/v1/nodes/{node_id}/rekey"): "node.rekey",
+    ("POST", "/v1/volumes/{name}/pause"): "volume.pause",
+    ("POST", "/v1/volumes/{name}/resume"): "volume.resume",
+    ("PATCH", "/v1/volumes/{name}"): "volume.update",
+    ("PATCH", "/v1/cluster"): "cluster.update",
 }
 
 #: Body fields whose values are written to the log. Every other field's value is left out (its
@@ -99,6 +103,10 @@ PUBLIC_ARGS = frozenset(
         "physical_block_size",
         "chap_user",
         "chap_mutual_user",
+        "chap",
+        "discovery_chap_user",
+        "discovery_chap_mutual_user",
+        "discovery_chap",
         "backing",
         "role",
         "tenant",

@@ -41,6 +41,7 @@ which is the only thread touching the ObservationStore and MasterLeases.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -57,9 +58,10 @@ from sparrow.cluster.controller import (
 )
 from sparrow.cluster.epochfloor import EpochFloor
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
-from sparrow.cluster.messages import Assignment, DeletedVolume
+from sparrow.cluster.messages import Assignment, DeletedVolume, VolumeChap
 from sparrow.cluster.moves import OperatorMoves
 from sparrow.cluster.observations import ObservationStore
+from sparrow.cluster.pause import apply_pause, with_pause
 from sparrow.cluster.publisher import Publisher
 
 log = structlog.get_logger("sparrow.master.control")
@@ -93,13 +95,14 @@ class StepResult:
 
 
 def differs(ask: AssignmentAsk, current: Assignment | None) -> bool:
-    """True when publishing ``ask`` would change the volume's assignment (primary, copies or the
-    in-sync set)."""
+    """True when publishing ``ask`` would change the volume's assignment (primary, copies, the
+    in-sync set or the pause)."""
     return (
         current is None
         or ask.primary != current.primary
         or tuple(ask.replicas) != current.replicas
         or tuple(ask.in_sync) != current.in_sync
+        or ask.paused != current.paused
     )
 
 
@@ -142,6 +145,8 @@ class ControlLoop:
         #: Operator moves in progress (planned failover, rebuild) and the drain rule.
         self.moves = OperatorMoves(controller)
         self.draining: frozenset[str] = frozenset()
+        #: The discovery CHAP every Ack carries (the authority's cluster setting; None: none).
+        self.discovery_chap: VolumeChap | None = None
 
     # -- phases -----------------------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class ControlLoop:
                         assignment.replicas,
                         f"primary portal moved: {assignment.primary} from {old} to {new}",
                         assignment.in_sync,
+                        assignment.paused,
                     )
                     assignment = known.assignment
             else:
@@ -189,6 +195,10 @@ class ControlLoop:
             for v in self._volumes.values()
         )
 
+    def paused(self) -> tuple[VolumeRecord, ...]:
+        """The live volumes the operator paused (their wish; sparrow.cluster.pause publishes it)."""
+        return tuple(v for v in self._volumes.values() if v.paused)
+
     def decide(self, now: float) -> tuple[Decision, tuple[AssignmentAsk, ...]]:
         """Ask the controller; keep its status per volume; return the decision and the asks that
         would change something (the only ones worth an epoch)."""
@@ -202,6 +212,9 @@ class ControlLoop:
             current = {v: p.assignment for v, p in self._current.items()}
             wanted = {v.volume_id: v.replicas for v in self._volumes.values()}
             decision, floor = self.epoch_floor.step(decision, current, wanted, self.observations, now)
+        pauses = {v.volume_id: v.paused for v in self._volumes.values()}
+        decision = apply_pause(decision, pauses, self._current, now, self._status)
+        floor = tuple(with_pause(ask, pauses) for ask in floor)
         self._status = dict(decision.status)
         self.steps += 1
         to_publish = tuple(ask for ask in decision.asks if differs(ask, self.current(ask.volume_id)))
@@ -340,6 +353,19 @@ class ControlLoop:
         """A volume was just recorded; the next step places it."""
         self._volumes[volume.volume_id] = volume
 
+    def volume_changed(self, volume: VolumeRecord) -> None:
+        """A live volume's record was just changed (its pause wish, its CHAP): adopt it now. The
+        pause wish is published by the next step (sparrow.cluster.pause); an export setting is
+        carried at once by the current assignment (the same epoch: not a reason for a new one),
+        so the next Acks have it."""
+        if volume.volume_id in self._deleted:
+            return
+        self._volumes[volume.volume_id] = volume
+        published = self._current.get(volume.volume_id)
+        if published is not None and published.assignment.chap != volume.chap:
+            assignment = dataclasses.replace(published.assignment, chap=volume.chap)
+            self._current[volume.volume_id] = PublishedAssignment(assignment, published.published_at)
+
     def resize_volume(self, volume_id: str, size: int) -> tuple[VolumeRecord, Assignment | None]:
         """Blocking: grow the volume and publish its placement under the next epoch, in one
         transaction (``Publisher.resize``; raises its errors). Follow with :meth:`resized`."""
@@ -424,4 +450,5 @@ def restore(
     )
     loop.apply_snapshot(loop.read_authority(), now)
     loop.load_tombstones()
+    loop.discovery_chap = store.discovery_chap()[1]
     return loop

@@ -26,11 +26,14 @@ def add_explain_routes(app: web.Application) -> None:
 
 
 def paused(api: MasterApi, record: VolumeRecord) -> Paused | None:
-    """Whether the volume is paused. Pause/resume is not on this branch: wire it here (from the
-    volume's record or the control loop, with when it was paused on the master's monotonic clock
-    and the token that did it) and the explanation's headline becomes ``paused``."""
-    del api, record
-    return None
+    """Whether the operator paused the volume (its record's wish, sparrow.cluster.pause); since
+    when: the publication of the epoch that paused it, once published (None: not yet). Who paused
+    it is in the audit log (``sparrow audit --volume NAME``)."""
+    if not record.paused:
+        return None
+    assignment = api.control.current(record.volume_id)
+    published = assignment is not None and assignment.paused
+    return Paused(since=api.control.published_at(record.volume_id) if published else None)
 
 
 def volume_facts(api: MasterApi, record: VolumeRecord) -> VolumeFacts:

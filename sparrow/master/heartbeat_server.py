@@ -492,6 +492,7 @@ class NodeConnection(asyncio.Protocol):
             directory=volume_directory(self.server.control),
             deleted=self.server.control.tombstones_for(o.volume_id for o in heartbeat.observations),
             stream_keys=self.server.stream_keys(node_id, assignments),
+            discovery_chap=self.server.control.discovery_chap,
         )
         self._send(ack)
         if self.closed_reason is None:
@@ -512,6 +513,7 @@ class NodeConnection(asyncio.Protocol):
             assignments=assignments,
             directory=volume_directory(self.server.control),
             stream_keys=self.server.stream_keys(node_id, assignments),
+            discovery_chap=self.server.control.discovery_chap,
         )
         self._send(ack)
         if self.closed_reason is None:

@@ -185,6 +185,9 @@ class NodeVolumes:
         self._exported: dict[str, Exported] = {}
         #: The export settings of the latest Ack, by volume id (absent: not heard of yet).
         self._settings: dict[str, VolumeSettings] = {}
+        #: Local volumes (by name) whose record keeps another CHAP than the master's: saved by
+        #: :meth:`save_settings` (the worker, after each plan).
+        self._chap_to_save: dict[str, VolumeChap | None] = {}
         #: Cluster nodes only: each open volume's dirty map and the store that marks it before
         #: writing (store/dirtymap.py); whether the latest Ack lists this node's copy in sync.
         self._dirty: dict[str, DirtyMap] = {}
@@ -241,6 +244,16 @@ class NodeVolumes:
         for assignment in assignments:
             settings = VolumeSettings.of(assignment)
             self._settings[assignment.volume_id] = settings
+            try:
+                local = self.manager.get(assignment.name)
+            except StoreError:
+                local = None
+            if (
+                local is not None
+                and local.meta.volume_id == assignment.volume_id
+                and local.meta.chap != chap_credentials(settings.chap)
+            ):
+                self._chap_to_save[assignment.name] = settings.chap
             entry = self._exported.get(assignment.volume_id)
             if entry is None:
                 continue
@@ -249,6 +262,32 @@ class NodeVolumes:
             if target is not None and target.chap != wanted:
                 self.registry.add(Target(entry.iqn, entry.name, entry.lu, wanted))
                 log.info("target CHAP changed", volume=entry.name, chap=wanted is not None)
+
+    @property
+    def settings_pending(self) -> bool:
+        """Whether a local record's CHAP is to be saved (:meth:`save_settings`)."""
+        return bool(self._chap_to_save)
+
+    async def save_settings(self) -> None:
+        """Keep each local record's CHAP the master's (``volume update``), so a restarted node
+        exports with the current CHAP before its first Ack. A failure is logged and retried after
+        the next plan."""
+        for name, chap in list(self._chap_to_save.items()):
+            try:
+                await self.manager.save_chap(name, chap_credentials(chap))
+            except StoreError as e:
+                log.warning("volume CHAP not saved in its record", volume=name, error=str(e))
+                continue
+            if self._chap_to_save.get(name) == chap:
+                del self._chap_to_save[name]
+
+    def apply_discovery_chap(self, chap: VolumeChap | None) -> None:
+        """The cluster's discovery CHAP from an Ack: the next discovery login needs it (sessions
+        already logged in are kept)."""
+        wanted = target_chap(chap)
+        if self.registry.discovery_chap != wanted:
+            self.registry.discovery_chap = wanted
+            log.info("discovery CHAP changed", chap=wanted is not None)
 
     # ---- LocalVolumes -------------------------------------------------------------------------------
 
@@ -411,6 +450,15 @@ class NodeVolumes:
             if self.forwarding is not None:
                 self.forwarding.stand_down([volume_id])
             await self.sessions.disconnect(entry.iqn, f"volume served at {portal}")
+
+    async def set_paused(self, volume_id: str, paused: bool) -> None:
+        """Pause (or resume) the volume's LU: NOT READY to reads and writes (frontend.scsi.lu)."""
+        entry = self._exported.get(volume_id)
+        if entry is None:
+            return
+        if entry.lu.paused != paused:
+            log.info("volume paused" if paused else "volume resumed", volume=entry.name, volume_id=volume_id)
+        entry.lu.paused = paused
 
     def apply_access(self, volume_id: str, state: AccessState) -> bool:
         """Set the LU's access state now (synchronously); False if the volume is not open."""
@@ -597,6 +645,9 @@ class _Guarded:
     async def redirect(self, volume_id: str, portal: str | None) -> None:
         await self._volumes.redirect(volume_id, portal)
 
+    async def set_paused(self, volume_id: str, paused: bool) -> None:
+        await self._volumes.set_paused(volume_id, paused)
+
     async def destroy_volume(self, volume_id: str, name: str) -> None:
         await self._volumes.destroy_volume(volume_id, name)
 
@@ -704,6 +755,7 @@ class Convergence:
         self._update_directory()
         destroyed = self.adapter.destroyed
         self.volumes.apply_settings(a for a in ack.assignments if a.volume_id not in destroyed)
+        self.volumes.apply_discovery_chap(ack.discovery_chap)
         self.volumes.note_in_sync(self.adapter.node_id, ack.assignments)
         if ack.lease_seconds <= self.lease.fence_margin and ack.lease_seconds != self._short_lease:
             log.error(
@@ -896,7 +948,9 @@ class Convergence:
     # ---- the worker ---------------------------------------------------------------------------------
 
     def _enqueue(self, plan: AdapterPlan, done: asyncio.Future[None] | None = None) -> None:
-        if plan.actions:  # the adapter holds only plans with actions as outstanding
+        if plan.actions or self.volumes.settings_pending:
+            # The adapter holds only plans with actions as outstanding; an empty one still runs
+            # the worker, which saves the settings after it (NodeVolumes.save_settings).
             self._queue.put_nowait(_Queued(plan, done))
         elif done is not None:
             done.set_result(None)
@@ -938,6 +992,7 @@ class Convergence:
             self._update_directory()  # a volume closed by the plan is now served elsewhere
             self._retarget()  # after the plan persisted the assignment: forward under its epoch
             self._queue.task_done()
+        await self.volumes.save_settings()  # after a failed plan too: another volume's CHAP
         if done is not None and not done.done():  # the waiter may have given up
             if error is None:
                 done.set_result(None)

@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from frontend.server import IscsiServer
-from frontend.target import DEFAULT_BASE_IQN, Portal, TargetRegistry, TargetSettings
+from frontend.target import DEFAULT_BASE_IQN, ChapConfig, Portal, TargetRegistry, TargetSettings
 from sparrow import systemd
 from sparrow.cluster.adapter import Adapter
 from sparrow.cluster.channel import ClusterSecret, SecretError
@@ -294,6 +294,7 @@ class Node:
                 "name": e.name,
                 "iqn": e.iqn,
                 "access_state": e.lu.access_state.name.lower(),
+                "paused": e.lu.paused,
             }
             for e in self.volumes
         ]
@@ -381,13 +382,15 @@ async def start_node(
     portals: Callable[[int | None], tuple[HostPort, ...]] | None = None,
     metrics: PrometheusMetrics | None = None,
     supervisor: TaskSupervisor | None = None,
+    discovery_chap: ChapConfig | None = None,
 ) -> Node:
     """Load the cluster state and the volumes of ``config.data_dir`` (locked by the caller), reopen
     what the node held (primaries fenced) and bind the iSCSI listener. The heartbeat starts with
     :meth:`Node.start_heartbeat`. ``settings`` are the target settings (portals are filled in),
     ``portals`` maps the bound iSCSI port to the advertised portals (default: the listen address,
     a wildcard replaced by this host's address). ``cleanup`` undoes a failed start. The node's
-    tasks run under ``supervisor`` (default: a new one, on the metrics' registry)."""
+    tasks run under ``supervisor`` (default: a new one, on the metrics' registry).
+    ``discovery_chap`` is asked of discovery sessions until the first Ack says the cluster's."""
     loop = asyncio.get_running_loop()
     if config.cluster_secret is None:
         raise StartupError(NO_SECRET)
@@ -420,7 +423,7 @@ async def start_node(
     metrics = metrics if metrics is not None else PrometheusMetrics()
     supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
     metrics.set_offline(len(offline))
-    registry = TargetRegistry()
+    registry = TargetRegistry(discovery_chap=discovery_chap)
     settings = settings if settings is not None else TargetSettings(portals=(), tpgt=TPGT)
     server = IscsiServer(registry, settings, metrics)
     assert config.cluster_secret is not None  # node_config requires it

@@ -99,9 +99,14 @@ def test_a_volume_that_failed_to_load_keeps_its_name_until_deleted(daemon: Daemo
     record = daemon.data_dir / "volumes" / "bad.json"
     record.write_text(record.read_text()[:-20] + "garbage")
     daemon.start()
-    # A new volume never takes the name (and so never the files) of one that failed to load.
-    taken = daemon.cli("volume", "create", "bad", "--size", "8MiB", check=False)
-    assert taken.returncode != 0 and "already exists" in taken.stderr, taken.stderr
+    # A new volume never takes the name (and so never the files) of one that failed to load: a
+    # create with other parameters is refused, an identical one is a retry answered with the
+    # recorded volume, not served (the warning), and nothing is created.
+    taken = daemon.cli("volume", "create", "bad", "--size", "16MiB", check=False)
+    assert taken.returncode != 0 and "exists with other parameters" in taken.stderr, taken.stderr
+    retry = daemon.cli("volume", "create", "bad", "--size", "8MiB", "--wait", "1", check=False)
+    assert retry.returncode == 0 and "is not served yet" in retry.stderr, retry.stderr
+    assert record.read_text().endswith("garbage")
     status, body = daemon.get("/healthz")
     health = json.loads(body)
     assert status == 503 and [o["name"] for o in health["offline"]] == ["bad"], health

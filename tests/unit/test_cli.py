@@ -197,13 +197,17 @@ async def test_create_list_inspect_resize_delete(api_url: str) -> None:
     assert code == 0
     assert "chap:       user u" in out and "secret-12345" not in out
 
+    code, out, _ = await cli("volume", "pause", "big", "--wait", "0", "--api", api_url)
+    assert (code, out) == (0, "volume big paused\n")
     code, out, _ = await cli("volume", "list", "--api", api_url)
     assert code == 0
     assert out.splitlines() == [
-        "NAME  SIZE     BLOCK  IQN",
-        "big   1.5 GiB  4096   iqn.2026-11.io.sparrow:big",
-        "vol1  64 MiB   512    iqn.2026-11.io.sparrow:vol1",
+        "NAME  SIZE     BLOCK  IQN                          PAUSED",
+        "big   1.5 GiB  4096   iqn.2026-11.io.sparrow:big   yes",
+        "vol1  64 MiB   512    iqn.2026-11.io.sparrow:vol1  no",
     ]
+    code, out, _ = await cli("volume", "resume", "big", "--wait", "0", "--api", api_url)
+    assert (code, out) == (0, "volume big serving\n")
 
     code, out, _ = await cli("volume", "inspect", "vol1", "--api", api_url)
     assert code == 0
@@ -228,10 +232,17 @@ async def test_create_list_inspect_resize_delete(api_url: str) -> None:
 
 
 async def test_daemon_errors_are_one_line(api_url: str) -> None:
-    assert (await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--api", api_url))[0] == 0
-    code, out, err = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--api", api_url)
+    first = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--json", "--api", api_url)
+    assert first[0] == 0
+    # A retried create with the same parameters answers with the volume (idempotent).
+    again = await cli("volume", "create", "dup", "--size", "1M", "--wait", "0", "--json", "--api", api_url)
+    assert again[0] == 0 and json.loads(again[1])["volume_id"] == json.loads(first[1])["volume_id"]
+    code, out, err = await cli("volume", "create", "dup", "--size", "2M", "--wait", "0", "--api", api_url)
     assert (code, out) == (1, "")
-    assert one_line(err) == "sparrow: error: a volume with name 'dup' already exists"
+    assert one_line(err) == (
+        "sparrow: error: volume dup exists with other parameters: size is 1048576 (1 MiB), "
+        "asked 2097152 (2 MiB)"
+    )
 
     code, _, err = await cli("volume", "inspect", "ghost", "--api", api_url)
     assert code == 1 and one_line(err) == "sparrow: error: no volume named 'ghost'"
@@ -316,3 +327,28 @@ def test_token_create_offline_takes_the_lock_and_prints_a_working_token(tmp_path
         assert code == 1 and "stop the daemon first" in one_line(err)
     finally:
         lock.release()
+
+
+async def test_volume_update_reads_secrets_from_files_and_its_errors_are_one_line(
+    api_url: str, tmp_path: Path
+) -> None:
+    assert (await cli("volume", "create", "u1", "--size", "1M", "--wait", "0", "--api", api_url))[0] == 0
+    secret = tmp_path / "secret"
+    secret.write_text("file-secret-123\nignored second line\n")
+    code, out, err = await cli(
+        "volume", "update", "u1", "--chap-user", "bob", "--chap-secret-file", str(secret), "--api", api_url
+    )
+    assert (code, out, err) == (0, "volume u1: chap user bob\n", "")
+    code, out, _ = await cli("volume", "inspect", "u1", "--json", "--api", api_url)
+    assert json.loads(out)["chap"] == {"user": "bob", "mutual_user": None} and "file-secret" not in out
+    for argv, message in [
+        (("--no-chap", "--chap-user", "x"), "sparrow volume update: error: --no-chap goes alone"),
+        (("--chap-user", "x"), "give --chap-user and --chap-secret-file, or --no-chap"),
+        (("--chap-user", "x", "--chap-secret-file", str(tmp_path / "none")), "No such file or directory"),
+    ]:
+        code, _, err = await cli("volume", "update", "u1", *argv, "--api", api_url)
+        assert code != 0 and message in one_line(err), err
+    code, _, err = await cli("volume", "update", "ghost", "--no-chap", "--api", api_url)
+    assert code == 1 and one_line(err) == "sparrow: error: no volume named 'ghost'"
+    code, out, _ = await cli("volume", "update", "u1", "--no-chap", "--api", api_url)
+    assert (code, out) == (0, "volume u1: chap off\n")

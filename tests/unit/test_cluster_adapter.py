@@ -25,6 +25,7 @@ from sparrow.cluster.adapter import (
     Redirect,
     Rejection,
     SetAccess,
+    SetPaused,
     execute_plan,
 )
 from sparrow.cluster.lease import LeaseClock
@@ -75,6 +76,7 @@ class Lu:
     spec: OpenVolume
     access: AccessState = FENCED
     redirect: str | None = None
+    paused: bool = False
 
 
 @dataclass
@@ -102,6 +104,8 @@ class FakeVolumes:
                 lu.access = action.state
         elif isinstance(action, Redirect) and lu is not None:
             lu.redirect = action.portal
+        elif isinstance(action, SetPaused) and lu is not None:
+            lu.paused = action.paused
 
     # LocalVolumes protocol, for execute_plan
     async def open_volume(self, action: OpenVolume) -> None:
@@ -115,6 +119,9 @@ class FakeVolumes:
 
     async def redirect(self, volume_id: str, portal: str | None) -> None:
         self.run(Redirect(volume_id, portal))
+
+    async def set_paused(self, volume_id: str, paused: bool) -> None:
+        self.run(SetPaused(volume_id, paused))
 
     async def destroy_volume(self, volume_id: str, name: str) -> None:
         self.run(DestroyVolume(volume_id, name))

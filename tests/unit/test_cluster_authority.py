@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sparrow.auth import tokens
-from sparrow.cluster import authority
+from sparrow.cluster import authority, controller
 from sparrow.cluster.authority import (
     SCHEMA_VERSION,
     AuthorityStore,
@@ -84,7 +84,7 @@ def test_open_creates_the_schema_in_wal_with_full_sync(store: AuthorityStore, pa
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     other = raw(path)
     tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"meta", "volumes", "nodes", "assignments", "tokens"}
+    assert tables == {"meta", "volumes", "nodes", "assignments", "tokens", "cluster_settings"}
     assert other.execute("SELECT schema_version FROM meta").fetchall() == [(SCHEMA_VERSION,)]
     other.close()
 
@@ -134,13 +134,13 @@ V1_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / AUTHORITY
 def test_a_v1_store_is_refused_with_the_migrate_command_and_migrate_fixes_it(tmp_path: Path) -> None:
     path = tmp_path / AUTHORITY_FILE
     shutil.copyfile(V1_FIXTURE, path)
-    assert SCHEMA_VERSION == 7
+    assert SCHEMA_VERSION == 8
     with pytest.raises(SchemaTooOld) as info:
         AuthorityStore.open(path)
-    assert (info.value.found, info.value.required) == (1, 7)
+    assert (info.value.found, info.value.required) == (1, 8)
     assert info.value.command == f"sparrow migrate {tmp_path}"
     assert str(info.value) == (
-        f"{path} has schema version 1; this Sparrow needs version 7: stop Sparrow and run "
+        f"{path} has schema version 1; this Sparrow needs version 8: stop Sparrow and run "
         f"`sparrow migrate {tmp_path}`"
     )
     report = migrate(tmp_path)
@@ -372,7 +372,7 @@ def test_forget_marks_a_node_only_the_history_of_deleted_volumes_names(
     conn = raw(path)
     for primary, replicas in (("'n1'", "'[\"n1\"]'"), ("NULL", "'[\"n2\"]'")):
         with pytest.raises(sqlite3.IntegrityError, match="may not name a forgotten node"):
-            conn.execute(f"INSERT INTO assignments VALUES ('{VOL_B}', 1, {primary}, {replicas}, 0, '[]')")
+            conn.execute(f"INSERT INTO assignments VALUES ('{VOL_B}', 1, {primary}, {replicas}, 0, '[]', 0)")
     conn.close()
     assert store.max_epoch(VOL_B) is None
 
@@ -453,10 +453,10 @@ def test_latest_assignment_joins_volume_and_primary_portal(store: AuthorityStore
     [
         ("UPDATE assignments SET primary_node = NULL", "append-only"),
         ("DELETE FROM assignments", "append-only"),
-        (f"INSERT INTO assignments VALUES ('{VOL_A}', 3, NULL, '[]', 0, '[]')", "highest epoch \\+ 1"),
-        (f"INSERT INTO assignments VALUES ('{VOL_A}', 1, NULL, '[]', 0, '[]')", "highest epoch \\+ 1"),
-        (f"INSERT INTO assignments VALUES ('{VOL_B}', 1, NULL, '[]', 0, '[]')", "FOREIGN KEY"),
-        (f"INSERT INTO assignments VALUES ('{VOL_A}', 2, 'ghost', '[]', 0, '[]')", "FOREIGN KEY"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 3, NULL, '[]', 0, '[]', 0)", "highest epoch \\+ 1"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 1, NULL, '[]', 0, '[]', 0)", "highest epoch \\+ 1"),
+        (f"INSERT INTO assignments VALUES ('{VOL_B}', 1, NULL, '[]', 0, '[]', 0)", "FOREIGN KEY"),
+        (f"INSERT INTO assignments VALUES ('{VOL_A}', 2, 'ghost', '[]', 0, '[]', 0)", "FOREIGN KEY"),
         ("DELETE FROM volumes", "never removed"),
     ],
 )
@@ -514,3 +514,33 @@ def test_a_token_id_is_never_reused(store: AuthorityStore) -> None:
     store.add_token(new.record)
     with pytest.raises(InvalidAuthorityRecord):
         store.add_token(new.record)
+
+
+def test_pause_chap_and_discovery_chap_are_recorded_and_survive_a_reopen(path: Path) -> None:
+    """Authority v8: the pause wish per volume, the pause per published epoch, CHAP replaced in
+    place, and the cluster's discovery CHAP (never set / set / off)."""
+    with AuthorityStore.open(path) as s:
+        s.upsert_node("n1", incarnation=1, addresses=ADDR_1, capacity=1 << 40, seen_at=1.0)
+        v = s.add_volume("v", size=1 << 20, block_size=512, replicas=1, created_at=1.0)
+        assert v.paused is False and s.discovery_chap() == (False, None)
+        assert s.set_paused(v.volume_id, True).paused is True
+        publisher = Publisher(s, wall_clock=lambda: 2.0)
+        ask = controller.AssignmentAsk(v.volume_id, "n1", ("n1",), "place", ("n1",), paused=True)
+        first = publisher.publish(ask)
+        assert first.paused is True
+        chap = VolumeChap("alice", "alice-secret-1", None, None)
+        assert s.set_chap(v.volume_id, chap).chap == chap
+        _, again = publisher.resize(v.volume_id, 2 << 20)
+        assert again is not None and again.paused is True and again.chap == chap  # a resize keeps it
+        s.set_discovery_chap(VolumeChap("disco", "discovery-secret-1", None, None))
+    with AuthorityStore.open(path) as s:
+        (record,) = s.volumes()
+        assert record.paused is True and record.chap == chap
+        latest = s.latest_assignment(v.volume_id)
+        assert latest is not None and latest.paused is True and latest.epoch == 2
+        assert s.discovery_chap() == (True, VolumeChap("disco", "discovery-secret-1", None, None))
+        s.set_discovery_chap(None)
+        assert s.discovery_chap() == (True, None)
+        assert s.set_chap(v.volume_id, None).chap is None
+        with pytest.raises(UnknownVolume):
+            s.set_paused("f" * 32, True)

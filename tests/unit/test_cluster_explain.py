@@ -275,7 +275,7 @@ def test_a_paused_volume_is_paused_whatever_else_holds() -> None:
     scene = Scene()
     scene.join("n1", 0.0)
     scene.beat("n1", 1.0, obs(3, Role.PRIMARY))
-    explained, _ = scene.explain(assignment(("n1",)), 2.0, paused=Paused(since=1.5, by="tok1"))
+    explained, _ = scene.explain(assignment(("n1",)), 2.0, paused=Paused(since=1.5))
     assert not explained.served and explained.reason is Reason.PAUSED
     [headline] = explained.findings
     assert headline.action == f"sparrow volume resume {NAME}" and headline.since == 1.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -344,7 +345,8 @@ def test_wire_form() -> None:
     assert wire(ACK)["assignments"][1]["primary"] is None
     assert wire(HELLO)["t"] == "hello"
     assert wire(ACK)["t"] == "ack"
-    assert wire(ACK)["v"] == 6
+    assert wire(ACK)["v"] == 7
+    assert wire(ACK)["assignments"][0]["paused"] is False
     assert wire(ACK)["deleted"] == []
     assert wire(ACK_DELETED)["deleted"] == [
         {"volume_id": VOL_D, "name": "old-db"},
@@ -372,9 +374,19 @@ SETTINGS_FIELDS = ("physical_block_size", "chap", "backing")
 IN_SYNC_FIELDS = ("in_sync", "replication_portals")
 
 
+def _v6_ack_body(message: Ack) -> dict[str, Any]:
+    """``message`` as a schema v6 master wrote it: assignments without ``paused``, no discovery CHAP."""
+    body = wire(message)
+    body["v"] = 6
+    for assignment in body["assignments"]:
+        del assignment["paused"]
+    del body["discovery_chap"]
+    return body
+
+
 def _v5_ack_body(message: Ack) -> dict[str, Any]:
     """``message`` as a schema v5 master wrote it: no stream keys."""
-    body = wire(message)
+    body = _v6_ack_body(message)
     body["v"] = 5
     del body["stream_keys"]
     return body
@@ -1245,3 +1257,34 @@ def test_clip_cuts_long_reasons_to_what_the_wire_allows() -> None:
     cut = clip("x" * 2000)
     assert len(cut) == MAX_REASON_LEN and cut.endswith("\u2026")
     SkippedVolume("db", cut)  # fits
+def test_an_ack_before_v7_decodes_unpaused_and_may_not_carry_paused() -> None:
+    paused = Ack(ACK.seq, ACK.lease_seconds, (dataclasses.replace(ACK.assignments[0], paused=True),))
+    assert wire(paused)["assignments"][0]["paused"] is True
+    assert decode(encode(paused)) == paused
+    decoded = decode(frame(_v6_ack_body(paused)))
+    assert isinstance(decoded, Ack) and decoded.assignments[0].paused is False
+    old = _v6_ack_body(paused)
+    old["assignments"][0]["paused"] = True
+    error = error_of(frame(old))
+    assert error.code is ErrorCode.BAD_FIELD and error.message == "assignments[0]: unknown field(s) 'paused'"
+    body = wire(paused)
+    body["assignments"][0]["paused"] = 1
+    assert error_of(frame(body)).code is ErrorCode.BAD_FIELD
+
+
+def test_the_discovery_chap_travels_from_v7_and_an_older_ack_may_not_carry_it() -> None:
+    chap = VolumeChap("disco", "discovery-secret-1", None, None)
+    ack = Ack(ACK.seq, ACK.lease_seconds, ACK.assignments, discovery_chap=chap)
+    assert wire(ack)["discovery_chap"] == {
+        "user": "disco",
+        "secret": "discovery-secret-1",
+        "mutual_user": None,
+        "mutual_secret": None,
+    }
+    assert wire(ACK)["discovery_chap"] is None
+    assert decode(encode(ack)) == ack and "discovery-secret-1" not in repr(ack)
+    old = _v6_ack_body(ack)
+    decoded = decode(frame(old))
+    assert isinstance(decoded, Ack) and decoded.discovery_chap is None
+    old["discovery_chap"] = None
+    assert error_of(frame(old)).message == "unknown field(s) 'discovery_chap'"

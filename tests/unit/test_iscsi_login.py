@@ -87,8 +87,8 @@ class FakeSessions:
         return self.next_tsih
 
 
-def registry() -> TargetRegistry:
-    reg = TargetRegistry()
+def registry(discovery_chap: ChapConfig | None = None) -> TargetRegistry:
+    reg = TargetRegistry(discovery_chap=discovery_chap)
     lu = cast(Any, object())
     reg.add(Target(IQN, "vol1", lu))
     reg.add(Target(CHAP_IQN, "secure", lu, chap=ONE_WAY))
@@ -102,9 +102,14 @@ def fixed_random(n: int) -> bytes:
 
 
 def machine(
-    settings: TargetSettings = SETTINGS, sessions: FakeSessions | None = None, now: float = 1000.0
+    settings: TargetSettings = SETTINGS,
+    sessions: FakeSessions | None = None,
+    now: float = 1000.0,
+    discovery_chap: ChapConfig | None = None,
 ) -> LoginMachine:
-    return LoginMachine(settings, registry(), sessions or FakeSessions(), now=now, random_bytes=fixed_random)
+    return LoginMachine(
+        settings, registry(discovery_chap), sessions or FakeSessions(), now=now, random_bytes=fixed_random
+    )
 
 
 Keys = list[tuple[str, str]]
@@ -389,10 +394,10 @@ def test_mutual_chap_login() -> None:
 
 
 def test_discovery_chap() -> None:
-    m = machine(TargetSettings(discovery_chap=ONE_WAY))
+    m = machine(discovery_chap=ONE_WAY)
     step = m.receive(request(1, 3, True, identity(None, "Discovery")), 1000.0)
     assert status(step) == (2, 1)
-    m = machine(TargetSettings(discovery_chap=ONE_WAY))
+    m = machine(discovery_chap=ONE_WAY)
     step = m.receive(request(0, 1, True, [*identity(None, "Discovery"), ("AuthMethod", "CHAP")]), 1000.0)
     assert answers(step.response) == {"AuthMethod": "CHAP"}
 
@@ -798,8 +803,7 @@ REQUESTS = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(REQUESTS, st.floats(0, 30)), min_size=1, max_size=8), st.booleans())
 def test_random_request_sequences_never_raise(sequence: list[tuple[LoginRequest, float]], chap: bool) -> None:
-    settings_ = TargetSettings(discovery_chap=ONE_WAY) if chap else SETTINGS
-    m = machine(settings_, FakeSessions(existing={5}), now=0.0)
+    m = machine(SETTINGS, FakeSessions(existing={5}), now=0.0, discovery_chap=ONE_WAY if chap else None)
     finished = False
     for req, now in sequence:
         step = m.receive(req, now)

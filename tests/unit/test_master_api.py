@@ -109,6 +109,7 @@ async def test_create_get_list_and_delete_a_volume(master: Master) -> None:
         "physical_block_size": None,
         "chap": None,
         "backing": None,
+        "paused": False,
         "replicas_wanted": 1,
         "created_at": "2027-01-15T08:00:00Z",
         "iqn": f"{BASE}:vol1",
@@ -297,10 +298,23 @@ async def test_bad_creates_are_refused_with_a_reason(
     assert master.store.volumes() == ()
 
 
-async def test_a_taken_name_is_409(master: Master) -> None:
-    await master.json("POST", "/v1/volumes", {"name": "v", "size": "1MiB"}, status=201)
-    answer = await master.json("POST", "/v1/volumes", {"name": "v", "size": "1MiB"}, status=409)
-    assert "already exists" in answer["error"]
+async def test_a_taken_name_is_409_naming_what_differs_and_a_retry_is_200(master: Master) -> None:
+    body = {"name": "v", "size": "1MiB", "chap_user": "u", "chap_secret": "secret-one-12"}
+    created = await master.json("POST", "/v1/volumes", body, status=201)
+    # A retry with identical parameters (defaults included) answers with the volume, 200.
+    again = await master.json("POST", "/v1/volumes", {**body, "block_size": 512, "replicas": 1}, status=200)
+    assert again["volume_id"] == created["volume_id"]
+    other = {**body, "size": "2MiB", "replicas": 2, "chap_secret": "secret-two-34"}
+    answer = await master.json("POST", "/v1/volumes", other, status=409)
+    assert answer["error"] == (
+        "volume v exists with other parameters: size is 1048576 (1 MiB), asked 2097152 (2 MiB); "
+        "replicas is 1, asked 2; chap_secret differs"
+    )
+    no_chap = await master.json("POST", "/v1/volumes", {"name": "v", "size": "1MiB"}, status=409)
+    assert no_chap["error"] == (
+        "volume v exists with other parameters: chap_user is 'u', asked None; chap_secret differs"
+    )
+    assert len(master.store.volumes()) == 1
 
 
 async def test_nodes_lists_observed_and_remembered_nodes(master: Master) -> None:

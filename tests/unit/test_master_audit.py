@@ -59,7 +59,9 @@ def test_only_public_fields_are_logged_and_secret_values_are_cut_from_messages()
 def test_verbs_name_known_routes_and_fall_back_to_method_and_route() -> None:
     assert verb("POST", "/v1/volumes") == "volume.create"
     assert verb("DELETE", "/v1/tokens/{id}") == "token.revoke"
-    assert verb("POST", "/v1/volumes/{name}/pause") == "POST /v1/volumes/{name}/pause"
+    assert verb("POST", "/v1/volumes/{name}/pause") == "volume.pause"
+    assert verb("PATCH", "/v1/volumes/{name}") == "volume.update"
+    assert verb("POST", "/v1/volumes/{name}/nope") == "POST /v1/volumes/{name}/nope"
 
 
 def test_every_mutating_route_of_the_api_has_a_verb(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ async def test_only_healthz_and_metrics_are_public(master: Master) -> None:
     ]:
         status, body = await as_(master, None, method, path)
         assert status == 401 and "missing token" in body["error"]
-    assert {m for m, _ in ROUTE_ACTIONS} <= {"GET", "POST", "DELETE"}
+    assert {m for m, _ in ROUTE_ACTIONS} <= {"GET", "POST", "PATCH", "DELETE"}
 
 
 @pytest.mark.parametrize(

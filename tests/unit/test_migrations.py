@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -40,6 +41,7 @@ from store.migrations import (
     authority_v4_to_v5,
     authority_v5_to_v6,
     authority_v6_to_v7,
+    authority_v7_to_v8,
     default_graph,
     discover_steps,
     migrate,
@@ -258,7 +260,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 7),
+        "authority": ({}, 0, 8),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -594,7 +596,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 7)",
+        "authority: 1 at version 1 (latest version 8)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -679,9 +681,19 @@ IDENTITY_QUERIES = (
 )
 
 
+#: Columns later steps add to tables an earlier step's test compares whole (``SELECT *``): left
+#: out, so each step's test compares what that step touched (authority_v7_to_v8: ``paused``).
+LATER_COLUMNS = frozenset({"paused"})
+
+
 def rows(path: Path, query: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(path)
     try:
+        match = re.fullmatch(r"SELECT \* FROM (\w+)( .*)?", query)
+        if match is not None:
+            table = match[1]
+            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[1] not in LATER_COLUMNS]
+            query = f"SELECT {', '.join(columns)} FROM {table}{match[2] or ''}"
         return conn.execute(query).fetchall()
     finally:
         conn.close()
@@ -697,7 +709,7 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 7)
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 8)
     assert applied.steps == (
         "authority_v1_to_v2",
         "authority_v2_to_v3",
@@ -705,10 +717,11 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
         "authority_v4_to_v5",
         "authority_v5_to_v6",
         "authority_v6_to_v7",
+        "authority_v7_to_v8",
     )
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -722,12 +735,12 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 7)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 8)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
 
 
 AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
@@ -749,16 +762,17 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (2, 7)
+    assert (applied.from_version, applied.to_version) == (2, 8)
     assert applied.steps == (
         "authority_v2_to_v3",
         "authority_v3_to_v4",
         "authority_v4_to_v5",
         "authority_v5_to_v6",
         "authority_v6_to_v7",
+        "authority_v7_to_v8",
     )
     assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
     assert report.backup_dir is not None
@@ -796,15 +810,16 @@ def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (3, 7)
+    assert (applied.from_version, applied.to_version) == (3, 8)
     assert applied.steps == (
         "authority_v3_to_v4",
         "authority_v4_to_v5",
         "authority_v5_to_v6",
         "authority_v6_to_v7",
+        "authority_v7_to_v8",
     )
     assert applied.changes[0] == f"step authority_v3_to_v4: {authority_v3_to_v4.describe}"
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, forgotten_at FROM nodes ORDER BY 1") == [
         ("node-a", None),
@@ -859,10 +874,15 @@ def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (4, 7)
-    assert applied.steps == ("authority_v4_to_v5", "authority_v5_to_v6", "authority_v6_to_v7")
+    assert (applied.from_version, applied.to_version) == (4, 8)
+    assert applied.steps == (
+        "authority_v4_to_v5",
+        "authority_v5_to_v6",
+        "authority_v6_to_v7",
+        "authority_v7_to_v8",
+    )
     assert applied.changes[0] == f"step authority_v4_to_v5: {authority_v4_to_v5.describe}"
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
     old_columns = "SELECT volume_id, epoch, primary_node, replicas, created_at FROM assignments ORDER BY 1, 2"
     assert rows(data_dir / AUTHORITY_FILE, old_columns) == before[IDENTITY_QUERIES[2]]
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries[3:]} == {q: before[q] for q in queries[3:]}
@@ -885,7 +905,7 @@ def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
             conn.execute("UPDATE assignments SET in_sync = '[]'")
         with pytest.raises(sqlite3.IntegrityError, match="in_sync must be an array of its replicas"):
             conn.execute(
-                "INSERT INTO assignments VALUES (?, 3, 'node-b', ?, 0, ?)",
+                "INSERT INTO assignments VALUES (?, 3, 'node-b', ?, 0, ?, 0)",
                 ("e5" * 16, '["node-b"]', '["node-b", "node-a"]'),
             )
     finally:
@@ -945,10 +965,10 @@ def test_authority_v5_to_v6_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (5, 7)
-    assert applied.steps == ("authority_v5_to_v6", "authority_v6_to_v7")
+    assert (applied.from_version, applied.to_version) == (5, 8)
+    assert applied.steps == ("authority_v5_to_v6", "authority_v6_to_v7", "authority_v7_to_v8")
     assert applied.changes[0] == f"step authority_v5_to_v6: {authority_v5_to_v6.describe}"
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     nodes_after = rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1")
     assert nodes_after == [(*n, 0, None) for n in nodes_before]
@@ -1018,9 +1038,10 @@ def test_authority_v6_to_v7_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version, applied.steps) == (6, 7, ("authority_v6_to_v7",))
+    assert (applied.from_version, applied.to_version) == (6, 8)
+    assert applied.steps == ("authority_v6_to_v7", "authority_v7_to_v8")
     assert applied.changes[0] == f"step authority_v6_to_v7: {authority_v6_to_v7.describe}"
-    assert db_version(data_dir) == 7
+    assert db_version(data_dir) == 8
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1") == [
         (*n, None) for n in nodes_before
@@ -1066,6 +1087,46 @@ def test_authority_v6_to_v7_on_the_fixture(tmp_path: Path) -> None:
     assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
 
 
+def test_authority_v7_to_v8_on_the_fixture(tmp_path: Path) -> None:
+    """A v7 database (the v5 fixture migrated to 7) gains ``volumes.paused`` and
+    ``assignments.paused``, 0 on every row (nothing was paused before), and an empty
+    ``cluster_settings`` (no discovery CHAP); no other row or column changes, the append-only
+    assignments included; the result has the schema of a new database."""
+    from sparrow.cluster.authority import AuthorityStore
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V5, data_dir / AUTHORITY_FILE)
+    migrate(data_dir, 7, clock=Clock())
+    assert db_version(data_dir) == 7
+    queries = (
+        *IDENTITY_QUERIES,
+        "SELECT * FROM volumes ORDER BY 1",
+        "SELECT * FROM nodes ORDER BY 1",
+        "SELECT * FROM tokens ORDER BY 1",
+        "SELECT * FROM assignments ORDER BY 1, 2",
+    )
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+    assert before["SELECT * FROM assignments ORDER BY 1, 2"]
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (7, 8, ("authority_v7_to_v8",))
+    assert applied.changes[0] == f"step authority_v7_to_v8: {authority_v7_to_v8.describe}"
+    assert db_version(data_dir) == 8
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
+    for table in ("volumes", "assignments"):
+        paused = rows(data_dir / AUTHORITY_FILE, f"SELECT DISTINCT paused FROM {table}")
+        assert paused == [(0,)], table
+    assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM cluster_settings") == []
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
+
+
 def test_the_authority_steps_are_registered() -> None:
     steps = sorted(
         (s.name, s.from_version, s.to_version) for s in default_graph().steps if s.kind == "authority"
@@ -1077,8 +1138,9 @@ def test_the_authority_steps_are_registered() -> None:
         ("authority_v4_to_v5", 4, 5),
         ("authority_v5_to_v6", 5, 6),
         ("authority_v6_to_v7", 6, 7),
+        ("authority_v7_to_v8", 7, 8),
     ]
-    assert default_graph().head("authority") == 7
+    assert default_graph().head("authority") == 8
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:
