@@ -34,7 +34,8 @@ run: venv
 
 ## make test: install what the tests need, then run every test (unit, integration, conformance) on
 ## the compiled build, and the tests of the compiled modules again on pure Python (SPARROW_PURE_PYTHON=1)
-PURE_TESTS := tests/unit tests/integration/test_build.py tests/integration/test_conformance.py \
+PURE_TESTS := tests/unit tests/integration/test_build.py::test_the_daemon_reports_the_build_it_runs \
+	tests/integration/test_conformance.py \
 	tests/integration/test_real_clients.py tests/integration/test_bad_input.py
 test: apt-deps venv lint
 	$(VENV)/bin/pytest -q
