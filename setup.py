@@ -40,22 +40,31 @@ class BuildHot(build_ext):
     (the sources compiled) beside frontend/build.py once it succeeds."""
 
     def run(self) -> None:
+        self._remove_strays({e.name for e in self.extensions})
         try:
             super().run()
         except Exception as e:  # distutils' CompileError, LinkError, DistutilsExecError, PlatformError
             fall_back(f"{type(e).__name__}: {e}")
             self.extensions = []
-            self._forget_built()
+            self._remove_strays(set())
             return
         manifest = json.dumps({"compiler": "mypyc", "modules": build.source_hashes(HERE)}, indent=1)
         for root in {Path(self.build_lib), HERE} if self.inplace else {Path(self.build_lib)}:
             (root / "frontend" / build.MANIFEST.name).write_text(manifest + "\n")
 
-    def _forget_built(self) -> None:
-        """An editable build that failed leaves no older extension or manifest in the source tree."""
+    def _remove_strays(self, keep: set[str]) -> None:
+        """An editable build leaves in the source tree no extension of an earlier build that this one
+        does not make (a module taken off the list would still shadow its .py), nor, failing, the
+        manifest."""
         if not self.inplace:
             return
-        (HERE / "frontend" / build.MANIFEST.name).unlink(missing_ok=True)
+        for path in (HERE / "frontend").rglob("*.so"):
+            relative = path.relative_to(HERE)
+            name = ".".join((*relative.parts[:-1], path.name.split(".")[0]))
+            if name not in keep:
+                path.unlink()
+        if not keep:
+            (HERE / "frontend" / build.MANIFEST.name).unlink(missing_ok=True)
 
     def get_outputs(self) -> list[str]:
         return super().get_outputs() if self.extensions else []
