@@ -3,12 +3,16 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt prometheus
+APT_PACKAGES := libiscsi-bin libiscsi-dev gcc python3-dev qemu-utils qemu-block-extra tgt prometheus
 DATA_DIR ?= $(CURDIR)/var/data
 
 .PHONY: run test venv apt-deps lint conformance-update bench chaos clean
 
-$(VENV)/.installed: pyproject.toml
+# The install compiles the hot modules with mypyc (setup.py, frontend/build.py): rebuilt when they
+# change, so that the tests run the compiled build of this source, as CI does.
+HOT_SOURCES := $(shell $(PYTHON) -c 'import runpy; print(*(m.replace(".", "/") + ".py" for m in runpy.run_path("frontend/build.py")["COMPILED_MODULES"]))')
+
+$(VENV)/.installed: pyproject.toml setup.py frontend/build.py $(HOT_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -28,9 +32,14 @@ run: venv
 	@mkdir -p $(DATA_DIR)
 	$(VENV)/bin/sparrow serve --data-dir $(DATA_DIR) --demo-volume demo:1GiB --advertise 127.0.0.1
 
-## make test: install what the tests need, then run every test (unit, integration, conformance)
-test: venv apt-deps lint
+## make test: install what the tests need, then run every test (unit, integration, conformance) on
+## the compiled build, and the tests of the compiled modules again on pure Python (SPARROW_PURE_PYTHON=1)
+PURE_TESTS := tests/unit tests/integration/test_build.py::test_the_daemon_reports_the_build_it_runs \
+	tests/integration/test_conformance.py \
+	tests/integration/test_real_clients.py tests/integration/test_bad_input.py
+test: apt-deps venv lint
 	$(VENV)/bin/pytest -q
+	SPARROW_PURE_PYTHON=1 $(VENV)/bin/pytest -q $(PURE_TESTS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

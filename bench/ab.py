@@ -6,12 +6,15 @@ Both daemons serve a 1 GiB volume from /dev/shm at the same time; every round ru
 (iscsi-perf 4 KiB random reads at QD32, qemu-img bench 4 KiB writes at QD32) against each, in
 alternating order, and prints this/base per round and the medians. Use it to tell whether a change
 moved the I/O path; use bench/run.py to compare with tgt. The base revision is checked out in a
-temporary git worktree and run with this checkout's virtualenv.
+temporary git worktree and run with this checkout's virtualenv. Both run pure Python
+(SPARROW_PURE_PYTHON=1): the base tree is not compiled, and a compiled checkout against it would
+measure the compiler (bench/fastpath_ab.py --pure measures that).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import statistics
@@ -47,7 +50,7 @@ def serve(tree: Path, name: str, size: int) -> Iterator[Served]:
     proc = subprocess.Popen(
         [*py, "serve", "--data-dir", str(data), "--iscsi", f"127.0.0.1:{iscsi}", "--http",
          f"127.0.0.1:{http}", "--log-format", "json", "--log-level", "warning"],
-        cwd=tree, stdout=log, stderr=subprocess.STDOUT,
+        cwd=tree, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "SPARROW_PURE_PYTHON": "1"},
     )  # fmt: skip
     try:
         wait_port(http, SERVE_READY)

@@ -12,7 +12,11 @@ T = TypeVar("T")
 def positional_constructor(cls: type[T]) -> Callable[..., T]:
     """A constructor for a frozen, slotted dataclass taking every field positionally, which skips
     the generated ``__init__``'s ``object.__setattr__`` calls (about twice as fast; hot paths only).
-    Built from ``fields(cls)`` at import time, so it follows changes to the class."""
+    Built from ``fields(cls)`` at import time, so it follows changes to the class. A class compiled
+    by mypyc (frontend/build.py) refuses ``object.__new__``; its own ``__init__`` is native code
+    already, so it is returned as it is."""
+    if cls.__new__ is not object.__new__:
+        return cls
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     env: dict[str, object] = {"_new": object.__new__, "_cls": cls}
     body = [f"def make({', '.join(names)}):", "    o = _new(_cls)"]

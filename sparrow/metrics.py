@@ -17,10 +17,13 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Info,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from frontend import build
 
 #: Latency buckets for block I/O, from 50 µs (page-cache hit) to 10 s (a stalled fdatasync).
 LATENCY_BUCKETS = (
@@ -133,6 +136,10 @@ class PrometheusMetrics:
         )
         for kind in SESSION_KINDS:
             self.sessions.labels(kind=kind).set(0)
+        Info(
+            "sparrow_build", "Whether the hot iSCSI modules run compiled (frontend/build.py)",
+            registry=self.registry,
+        ).info({"compiled": "true" if build.compiled() else "false"})
 
     # --- FrontendMetrics ---------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ from prometheus_client import generate_latest
 
 from frontend import internal_errors
 from frontend.iscsi.connection import CloseConnection, Connection, Phase
-from frontend.iscsi.pdu import NopOut, encode_bytes
+from frontend.iscsi.login import LoginMachine
+from frontend.iscsi.pdu import LoginRequest, encode_bytes
 from frontend.iscsi.session import SessionTable
 from frontend.metrics import NoMetrics
 from frontend.target import TargetRegistry, TargetSettings
@@ -33,10 +34,13 @@ def test_a_bug_in_the_core_is_logged_counted_and_closes(monkeypatch: pytest.Monk
     def broken(*_: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(conn, "_on_login_phase_pdu", broken)
+    # The login machine is pure Python in both builds; Connection's own methods cannot be replaced
+    # when it is compiled (frontend/build.py).
+    monkeypatch.setattr(LoginMachine, "receive", broken)
     before = internal_errors.count()
     with structlog.testing.capture_logs() as logs:
-        conn.receive_data(encode_bytes(NopOut(True, 0, 1, 0xFFFFFFFF, 0, 0)), 1.0)
+        conn.receive_data(encode_bytes(LoginRequest(True, False, 1, 3, 0, 0, 0x23D000000001, 0, 1, 0, 0, 0,
+                                                    b"InitiatorName=iqn.2026-12.test:i\0")), 1.0)
     assert internal_errors.count() == before + 1
     assert metrics.errors == ["receive"]
     (record,) = [r for r in logs if r["event"] == internal_errors.INTERNAL_ERROR_EVENT]
