@@ -271,6 +271,9 @@ class ReplicaConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         #: The primary session of this connection's stream (set at OPEN).
         self._session: int | None = None
+        #: The store applied to last, and it as ``InlineWrites`` (None if it is not one).
+        self._store: BlockStore | None = None
+        self._inline: InlineWrites | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -542,7 +545,10 @@ class ReplicaConnection(asyncio.Protocol):
         store that writes inline (tmpfs) with one pwritev, on the loop. False if the connection
         ends."""
         queue = self._queue
-        inline = store if isinstance(store, InlineWrites) else None
+        if store is not self._store:  # a runtime Protocol check costs microseconds: once per store
+            self._store = store
+            self._inline = store if isinstance(store, InlineWrites) else None
+        inline = self._inline
         applied = 0
         payload = 0
         seq = 0
