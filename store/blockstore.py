@@ -71,6 +71,19 @@ class InlineIo(Protocol):
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool: ...
 
 
+@runtime_checkable
+class ForwardedWrites(Protocol):
+    """What a store that must wait for others before a write is answered (the replicated store)
+    offers the iSCSI fast path: ``write_forward`` writes locally at once and queues the write to
+    the others, returning a ticket (or None, having done nothing: the general path then awaits
+    ``write``); ``written(ticket)`` is a future done when the write may be answered GOOD, or
+    failed with a ``StoreError``."""
+
+    def write_forward(self, offset: int, data: bytes | bytearray | memoryview) -> int | None: ...
+
+    def written(self, index: int) -> asyncio.Future[None]: ...
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors shared by the whole store package
 # --------------------------------------------------------------------------------------------------

@@ -202,6 +202,59 @@ class ReplicatedStore(DelegatingStore):
             return False
         return inline.write_now(offset, data)
 
+    # ``store.blockstore.ForwardedWrites`` (the fast path's replicated write): the local write done
+    # inline and the op queued to every replica in one step (so no range lock is needed to keep a
+    # region copy behind it: it is in the log before anything can read the region again); the
+    # caller then waits for ``written(index)``, as ``write`` does.
+
+    def write_forward(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """Write ``data`` locally at once and queue it to the replicas: its op index; or None,
+        having done nothing, when ``write`` must do it (no replicas, no epoch, not inline, a dirty
+        bit to make durable first, the log full, more than one message)."""
+        inline = self.inline_io
+        size = len(data)
+        if (
+            self.epoch is None
+            or not self.replicas
+            or inline is None
+            or self._stood_down
+            or self.closed
+            or size > MAX_PAYLOAD
+            or not self._has_room(size)
+            or not inline.write_now(offset, data)
+        ):
+            return None
+        # The log keeps the op until every replica applied it: never a view of a buffer that changes.
+        view = memoryview(bytes(data) if isinstance(data, bytearray) else data)
+        return self._append(_Op(MsgType.WRITE, offset, view, size, self.clock()))
+
+    def written(self, index: int, *, durable: bool = False) -> asyncio.Future[None]:
+        """A future done once every target waited for has applied (made durable) op ``index``;
+        StoreUnavailable past the hold bound, or once this node stood down."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self._done(index, durable):
+            future.set_result(None)
+            return future
+        if self._stood_down:
+            future.set_exception(
+                StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
+            )
+            return future
+        waiters = self._joinable.get(durable)
+        if waiters is None:
+            waiters = _Waiters(durable, [(index, future)], index)
+            waiters.timer = loop.call_later(max(0.0, self.hold_timeout), self._expire, waiters)
+            self._waiters.append(waiters)
+            if not self._joinable:
+                loop.call_soon(self._joinable.clear)  # the next turn opens new ones
+            self._joinable[durable] = waiters
+        else:
+            waiters.futures.append((index, future))
+            if index > waiters.index:
+                waiters.index = index
+        return future
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.epoch is not None and not self.replicas:
             await self.inner.write(offset, data)  # one copy: no overhead
@@ -761,21 +814,7 @@ class ReplicatedStore(DelegatingStore):
             return
         if self._stood_down:
             raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        waiters = self._joinable.get(durable)
-        if waiters is None:
-            waiters = _Waiters(durable, [(index, future)], index)
-            waiters.timer = loop.call_later(max(0.0, self.hold_timeout), self._expire, waiters)
-            self._waiters.append(waiters)
-            if not self._joinable:
-                loop.call_soon(self._joinable.clear)  # the next turn opens new ones
-            self._joinable[durable] = waiters
-        else:
-            waiters.futures.append((index, future))
-            if index > waiters.index:
-                waiters.index = index
-        await future
+        await self.written(index, durable=durable)
 
     def _expire(self, waiters: _Waiters) -> None:
         """The hold bound passed: fail the operations, retryably (StoreUnavailable)."""
