@@ -496,6 +496,13 @@ class Connection:
         for task in list(self._tasks.values()):
             self._abort(task, executing)
         self._cancel(executing)
+        if self._forwarded:  # aborted too: no responses (their writes went on, as an executing task's)
+            self._forwarded.clear()
+            self._forwarded_itts.clear()
+            try:
+                self._receive(b"", self._last_rx)  # the PDUs held behind them
+            except Exception as e:
+                self._internal_error(Where.RECEIVE, e)
 
     def _internal_error(self, where: Where, e: Exception) -> None:
         """A bug: logged with its traceback and counted (internal_errors.py); the connection goes."""

@@ -194,7 +194,7 @@ class ReplicatedStore(DelegatingStore):
 
     # ``store.blockstore.InlineIo`` (the iSCSI fast path): reads as ``read`` does; a write only in
     # the one-copy case, where ``write`` is the inner store's. With replicas it must await their ACKs:
-    # False, and the fast path hands the command to the general path.
+    # False, and the fast path forwards it (``write_forward``) or hands it to the general path.
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         inline = self.inline_io

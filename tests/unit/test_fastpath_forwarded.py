@@ -277,3 +277,25 @@ async def test_a_forwarded_write_past_the_hold_bound_fails_retryably() -> None:
     assert side.forwarded == 1 and isinstance(response, ScsiResponse) and response.status == 2
     assert response.data[2] & 0x0F == SenseKey.NOT_READY
     assert (response.data[12], response.data[13]) == TRANSITION
+
+
+async def test_another_sessions_target_reset_drops_forwarded_writes_and_reads_what_waited() -> None:
+    side = Side(True)
+    s = Stream()
+    s.write(0x2A, 0, 1)
+    s.write(0x2A, 8, 1)
+    side.feed(s.bytes())
+    first = len(s.pdus)
+    s.nop()
+    side.feed(b"".join(s.pdus[first:]))
+    await settle()
+    assert side.forwarded == 1 and side.responses() == []
+    side.conn.abort_all_tasks()  # as for a target reset from another session: no responses
+    side.pump()
+    (nop,) = side.responses()
+    assert isinstance(nop, NopIn)
+    assert side.replica is not None
+    side.replica.ack_all()
+    await settle()
+    assert [type(r) for r in side.responses()] == [NopIn]
+    assert not side.conn.internal_errors
