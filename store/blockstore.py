@@ -63,8 +63,8 @@ class InlineIo(Protocol):
     """What a store offers the iSCSI fast path (docs/architecture.md, "The fast path"): a read or a
     write done at once, on the calling thread, when that cannot block (tmpfs, a page-cache hit).
     Each answers None / False, having done nothing, when it cannot; the caller then takes the
-    general (awaited) path, which also reports every error. Stores without these methods (the
-    replicated store, which must await its replicas) always take the general path."""
+    general (awaited) path, which also reports every error. A write that must wait for replicas
+    is not inline: the replicated store says no, and offers ``ForwardedWrites`` instead."""
 
     def read_now(self, offset: int, length: int) -> bytes | None: ...
 
