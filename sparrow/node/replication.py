@@ -274,6 +274,9 @@ class ReplicaConnection(asyncio.Protocol):
         #: The store applied to last, and it as ``InlineWrites`` (None if it is not one).
         self._store: BlockStore | None = None
         self._inline: InlineWrites | None = None
+        #: The worker waits for work (nothing it took is unfinished): what arrives may be applied
+        #: at once (``_apply_now``).
+        self._idle = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -336,10 +339,15 @@ class ReplicaConnection(asyncio.Protocol):
                                     self._write(self.channel.send(message))
                         else:
                             self._queue.append(applied)
-                            self._wakeup.set()
         except ReplicationError as e:
             self.refuse(e.code.reason, e.message)
             return
+        if self._queue:
+            if self._idle:
+                self._apply_now()
+            if self._queue and self.closed_reason is None:
+                self._idle = False
+                self._wakeup.set()
         if self.stream.decoder.buffered == 0:
             self._message_since = None
         elif self._message_since is None:
@@ -513,7 +521,9 @@ class ReplicaConnection(asyncio.Protocol):
             while self.closed_reason is None:
                 if not self._queue:
                     self._wakeup.clear()
+                    self._idle = True
                     await self._wakeup.wait()
+                    self._idle = False
                     continue
                 volume_id = self.stream.volume_id
                 store = None if volume_id is None else self.server.store_for(volume_id)
@@ -539,16 +549,61 @@ class ReplicaConnection(asyncio.Protocol):
                     reason=self.closed_reason,
                 )
 
+    def _inline_writes(self, store: BlockStore) -> InlineWrites | None:
+        if store is not self._store:  # a runtime Protocol check costs microseconds: once per store
+            self._store = store
+            self._inline = store if isinstance(store, InlineWrites) else None
+        return self._inline
+
+    def _apply_now(self) -> None:
+        """The worker is idle: apply the plain writes at the head of the queue here, in the turn
+        they arrived, a contiguous run per pwritev, and ACK once for all of them (a store that
+        writes inline: tmpfs, a durably dirty region). Whatever cannot go inline, and all after
+        it, is left to the worker, in order."""
+        volume_id = self.stream.volume_id
+        store = None if volume_id is None else self.server.store_for(volume_id)
+        inline = None if store is None else self._inline_writes(store)
+        if inline is None:
+            return  # the worker applies (or refuses: the volume is no longer open here)
+        queue = self._queue
+        applied = payload = seq = 0
+        while queue:
+            head = queue[0]
+            if not isinstance(head, ApplyWrite) or head.fua:
+                break
+            queue.popleft()
+            run = self._contiguous(head, IOV_MAX)
+            try:
+                written = inline.write_inline(head.offset, [a.data for a in run])
+            except StoreError as e:
+                if applied:
+                    self.stream.done(seq)
+                log.error(
+                    "replica apply failed", peer=self.peer, volume_id=volume_id, seq=head.seq, error=str(e)
+                )
+                self.refuse("apply_failed", str(e))
+                return
+            if not written:
+                queue.extendleft(reversed(run))  # a dirty bit to make durable first: the worker
+                break
+            for write in run:
+                self._touch(write)
+            seq = run[-1].seq
+            applied += len(run)
+            payload += sum(len(a.data) for a in run)
+        if applied:
+            ack = self.stream.done(seq)
+            self.server.metrics.applied.inc(applied)
+            self.server.metrics.applied_bytes.inc(payload)
+            self._write(self.channel.send(ack))
+
     async def _apply_run(self, store: BlockStore) -> bool:
         """Apply what is queued, in order, up to ACK_EVERY messages or a durable one, then report
         them done and ACK once (ACKs are cumulative). Plain writes to contiguous blocks go to a
         store that writes inline (tmpfs) with one pwritev, on the loop. False if the connection
         ends."""
         queue = self._queue
-        if store is not self._store:  # a runtime Protocol check costs microseconds: once per store
-            self._store = store
-            self._inline = store if isinstance(store, InlineWrites) else None
-        inline = self._inline
+        inline = self._inline_writes(store)
         applied = 0
         payload = 0
         seq = 0

@@ -310,6 +310,40 @@ async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_
         os.unlink(path)
 
 
+async def test_writes_reaching_an_idle_replica_are_applied_and_acked_in_the_same_turn() -> None:
+    """The worker waits for work: plain writes to a store that writes inline are applied in the
+    ``data_received`` that brought them, with one ACK; what cannot go inline (a FLUSH) and all
+    after it is left to the worker, in order."""
+    path = Path("/dev/shm") / f"sparrow-test-replica-now-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    try:
+        srv = server(store, Clock())
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1"))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        await settle()  # the worker waits
+        def together(*messages: Message) -> None:  # one record: one data_received
+            conn.data_received(peer.channel.send(b"".join(encode(m) for m in messages)))
+
+        together(Write(VID, 2, 1, 0, b"a" * 512), Write(VID, 2, 2, 512, b"b" * 512))
+        assert peer.received() == [Ack(VID, 2, 2, 0)]  # no turn of the loop in between, one ACK
+        assert await store.read(0, 1024) == b"a" * 512 + b"b" * 512
+        together(
+            Write(VID, 2, 3, 1024, b"c" * 512),
+            Flush(VID, 2, 4),
+            Write(VID, 2, 5, 0, b"d" * 512),  # after the flush: not before it
+        )
+        assert peer.received() == [Ack(VID, 2, 3, 0)]
+        acks: list[Message] = []
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 5, 4) in acks)
+        assert acks == [Ack(VID, 2, 4, 4), Ack(VID, 2, 5, 4)]
+        assert await store.read(0, 1536) == b"d" * 512 + b"b" * 512 + b"c" * 512
+    finally:
+        await store.close()
+        os.unlink(path)
+
+
 async def until(condition: Callable[[], object], within: float = 5.0) -> None:
     """Wait for ``condition`` (the dirty map's marks sync in a thread), failing after ``within`` s."""
     deadline = asyncio.get_running_loop().time() + within
