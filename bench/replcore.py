@@ -116,7 +116,7 @@ class Primary:
         loop = asyncio.get_running_loop()
         batch = 32
         pdus = [commands(True, b * batch, batch) for b in range(n // batch)]
-        tasks: list[asyncio.Task[Any]] = []
+        tasks: set[asyncio.Task[Any]] = set()
         answered = 0
 
         def done(ev: AwaitForwarded, fut: asyncio.Future[None]) -> None:
@@ -141,7 +141,9 @@ class Primary:
                         first = coro.send(None)
                     except StopIteration:
                         continue
-                    tasks.append(loop.create_task(finish(_Resumed(coro, first))))
+                    task = loop.create_task(finish(_Resumed(coro, first)))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
                 elif isinstance(ev, AwaitForwarded):
                     ev.lu.forwarded(ev.ticket).add_done_callback(lambda f, ev=ev: done(ev, f))  # type: ignore[misc]
             await asyncio.sleep(0)  # the turn ends: the links come up, the sends go out
