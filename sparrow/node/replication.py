@@ -507,12 +507,19 @@ class ReplicaConnection(asyncio.Protocol):
             self._timer = None
 
     def _arm(self) -> None:
-        """Arm the one timer (only once the server runs: unit tests call check_deadline)."""
-        self._cancel_timer()
+        """Arm the one timer (only once the server runs: unit tests call check_deadline). A timer
+        already armed at or before the deadline is kept (most messages move a deadline later):
+        firing early, ``check_deadline`` finds nothing due and arms it again."""
         loop = self.server.loop
         deadline = self.deadline()
-        if loop is not None and deadline is not None and self.closed_reason is None:
-            self._timer = loop.call_at(deadline, self.check_deadline)
+        if loop is None or deadline is None or self.closed_reason is not None:
+            self._cancel_timer()
+            return
+        timer = self._timer
+        if timer is not None and timer.when() <= deadline:
+            return
+        self._cancel_timer()
+        self._timer = loop.call_at(deadline, self.check_deadline)
 
     # -- applying -------------------------------------------------------------------------------------
 

@@ -253,6 +253,28 @@ async def test_a_message_begun_and_not_completed_is_refused_after_the_frame_time
     assert refusal.code.reason == "truncated"  # type: ignore[union-attr]
 
 
+async def test_the_deadline_timer_is_kept_across_messages_not_rearmed_per_message() -> None:
+    clock = Clock()
+    srv = server(GatedStore(), clock, frame_timeout=5.0)
+    srv.loop = asyncio.get_running_loop()  # as a started server: the connection arms its timer
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1"))
+    peer.received()
+    data = encode(Write(VID, 2, 1, 0, b"x" * 512))
+    clock.now = 1.0
+    conn.data_received(peer.channel.send(data[:100]))  # a message begun: due at 6.0
+    timer = conn._timer
+    assert timer is not None
+    for now in (2.0, 3.0):  # more records: the same timer, no new one per message
+        clock.now = now
+        conn.data_received(peer.channel.send(data[100 + int(now) : 101 + int(now)]))
+        assert conn._timer is timer
+    clock.now = 6.0  # it fires: nothing has moved the message's own deadline
+    conn.check_deadline()
+    assert conn.closed_reason == "refused: truncated"
+
+
 async def test_the_handshake_cap() -> None:
     srv = server(GatedStore(), Clock(), max_handshaking=2)
     (c1, _), (c2, _), (c3, t3) = connect(srv), connect(srv), connect(srv)
