@@ -10,8 +10,9 @@ per round and the median. Loopback: every copy shares the machine's cores.
 ``--profile DIR`` then runs one more bench of each volume while ``py-spy record --gil``
 (``pip install py-spy``; needs ptrace rights) samples the one-copy node, then the three-copy
 primary and both replicas, and writes each one's collapsed stacks to ``DIR/<role>-<node>.txt``;
-it prints per process the CPU time per write and the read/write syscalls per write (/proc) and a
-summary of the samples (own time by function, time under each function).
+it prints per process the CPU time per write and the read/write syscalls per write (/proc), the
+client's (qemu-img's) CPU time per write, and a summary of the samples (own time by function,
+time under each function).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -105,8 +107,11 @@ def profile(cluster: Cluster, roles: dict[str, str], url: str, writes: int, out:
     cpu = {node: cpu_seconds(pid) for node, pid in pids.items()}
     calls = {node: io_calls(pid) for node, pid in pids.items()}
     started = time.monotonic()
+    client = resource.getrusage(resource.RUSAGE_CHILDREN)
     iops = qemu_write(url, writes)
     wall = time.monotonic() - started
+    after_client = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after_client.ru_utime - client.ru_utime) + (after_client.ru_stime - client.ru_stime)
     cpu = {node: cpu_seconds(pid) - cpu[node] for node, pid in pids.items()}
     after = {node: io_calls(pid) for node, pid in pids.items()}
     calls = {node: (after[node][0] - calls[node][0], after[node][1] - calls[node][1]) for node in pids}
@@ -114,7 +119,8 @@ def profile(cluster: Cluster, roles: dict[str, str], url: str, writes: int, out:
         spy.send_signal(2)
     for spy in spies.values():
         spy.wait(timeout=60)
-    print(f"profiled run: three copies {iops:.0f} IOPS, {wall:.1f}s")
+    print(f"profiled run: {iops:.0f} IOPS, {wall:.1f}s")
+    print(f"client (qemu-img): {client_cpu:.2f} CPU s, {client_cpu / writes * 1e6:.1f} us/write")
     for node, role in roles.items():
         per_op = cpu[node] / writes * 1e6
         reads, written = (n / writes for n in calls[node])

@@ -19,6 +19,7 @@ import structlog
 
 from frontend.internal_errors import Where, caught
 from frontend.iscsi.connection import (
+    AwaitForwarded,
     CancelExecution,
     CloseConnection,
     Connection,
@@ -241,6 +242,10 @@ class IscsiProtocol(asyncio.Protocol):
                 self._cancel(event)
             elif isinstance(event, TargetResetRequested):
                 self._target_reset(event)
+            elif isinstance(event, AwaitForwarded):
+                event.lu.forwarded(event.ticket).add_done_callback(
+                    partial(self._forwarded_done, event.batch, event.lu)
+                )
             elif isinstance(event, CloseConnection):
                 self.close(event.reason)
                 return
@@ -266,6 +271,21 @@ class IscsiProtocol(asyncio.Protocol):
 
     async def _finish(self, rest: _Resumed) -> None:
         await rest
+        self._pump(flush_now=False)
+
+    def _forwarded_done(self, batch: int, lu: LogicalUnit, done: asyncio.Future[None]) -> None:
+        """Fast-path writes forwarded to replicas (``AwaitForwarded``) may be answered; the
+        responses of one loop iteration leave in one writelines, as completions do."""
+        if self.conn is None or self._closing:
+            return
+        try:
+            error = asyncio.CancelledError() if done.cancelled() else done.exception()
+            sense = lu.forwarded_sense(error)  # nothing cancels it: one that is, is a bug
+        except Exception as e:  # a bug in the SCSI layer: the connection goes, logged and counted
+            caught(Where.SCSI, e, self.server.metrics, batch=batch)
+            self.close(f"internal error: {type(e).__name__}: {e}")
+            return
+        self.conn.forwarded_done(batch, sense, self.loop.time())
         self._pump(flush_now=False)
 
     def _cancel(self, event: CancelExecution) -> None:

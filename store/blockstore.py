@@ -63,12 +63,25 @@ class InlineIo(Protocol):
     """What a store offers the iSCSI fast path (docs/architecture.md, "The fast path"): a read or a
     write done at once, on the calling thread, when that cannot block (tmpfs, a page-cache hit).
     Each answers None / False, having done nothing, when it cannot; the caller then takes the
-    general (awaited) path, which also reports every error. Stores without these methods (the
-    replicated store, which must await its replicas) always take the general path."""
+    general (awaited) path, which also reports every error. A write that must wait for replicas
+    is not inline: the replicated store says no, and offers ``ForwardedWrites`` instead."""
 
     def read_now(self, offset: int, length: int) -> bytes | None: ...
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool: ...
+
+
+@runtime_checkable
+class ForwardedWrites(Protocol):
+    """What a store that must wait for others before a write is answered (the replicated store)
+    offers the iSCSI fast path: ``write_forward`` writes locally at once and queues the write to
+    the others, returning a ticket (or None, having done nothing: the general path then awaits
+    ``write``); ``written(ticket)`` is a future done when the write may be answered GOOD, or
+    failed with a ``StoreError``."""
+
+    def write_forward(self, offset: int, data: bytes | bytearray | memoryview) -> int | None: ...
+
+    def written(self, index: int) -> asyncio.Future[None]: ...
 
 
 # --------------------------------------------------------------------------------------------------

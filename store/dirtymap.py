@@ -38,7 +38,8 @@ from pathlib import Path
 import crc32c
 import structlog
 
-from store.blockstore import BlockStore, InlineIo, InlineWrites, StoreError
+from store.blockstore import BlockStore, StoreError
+from store.delegating import DelegatingStore
 from store.metadata import fsync_dir
 
 log = structlog.get_logger("store.dirtymap")
@@ -375,47 +376,30 @@ class DirtyMap:
         os.fdatasync(fd)
 
 
-class MarkingStore:
+class MarkingStore(DelegatingStore):
     """A BlockStore that marks ``dirty`` before every write and unmap of ``inner`` (a rewrite of a
     durably dirty region goes straight through). ``InlineIo`` and ``InlineWrites`` too when ``inner``
     is: a read, and a write to a durably dirty region, at once; a write that needs a mark takes the
     general path."""
 
     def __init__(self, inner: BlockStore, dirty: DirtyMap) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.dirty = dirty
-        self.block_size = inner.block_size
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def supports_unmap(self) -> bool:
-        return self.inner.supports_unmap
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.inner.read(offset, length)
-
-    def read_now(self, offset: int, length: int) -> bytes | None:
-        inner = self.inner
-        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        inner = self.inner
+        inline = self.inline_io
         length = data.nbytes if isinstance(data, memoryview) else len(data)
-        if not isinstance(inner, InlineIo) or not self.dirty.covered(offset, length):
+        if inline is None or not self.dirty.covered(offset, length):
             return False
-        return inner.write_now(offset, data)
+        return inline.write_now(offset, data)
 
     def write_inline(self, offset: int, buffers: Sequence[bytes | memoryview]) -> bool:
         """``InlineWrites`` (a replica's run of contiguous writes): only into regions already
         durably dirty, so the mark is never skipped; False (nothing written) otherwise."""
-        inner = self.inner
-        length = sum(len(b) for b in buffers)
-        if not isinstance(inner, InlineWrites) or not self.dirty.covered(offset, length):
+        inline = self.inline_writes
+        if inline is None or not self.dirty.covered(offset, sum(len(b) for b in buffers)):
             return False
-        return inner.write_inline(offset, buffers)
+        return inline.write_inline(offset, buffers)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -427,15 +411,3 @@ class MarkingStore:
         if not self.dirty.covered(offset, length):
             await self.dirty.mark(offset, length)
         await self.inner.unmap(offset, length)
-
-    async def flush(self) -> None:
-        await self.inner.flush()
-
-    async def mapped_extent(self, offset: int) -> tuple[bool, int]:
-        return await self.inner.mapped_extent(offset)
-
-    async def resize(self, new_size: int) -> None:
-        await self.inner.resize(new_size)
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -181,7 +181,26 @@ class CloseConnection:
     reason: str
 
 
-Event = ExecuteScsi | CancelExecution | LoggedIn | LoginRejected | TargetResetRequested | CloseConnection
+@dataclass(frozen=True, slots=True)
+class AwaitForwarded:
+    """Fast-path writes the LU's store wrote and forwards to replicas (``LogicalUnit.write_fast``):
+    once ``lu.forwarded(ticket)`` is done, call ``Connection.forwarded_done(batch, sense, now)``
+    with ``lu.forwarded_sense`` of its outcome."""
+
+    batch: int
+    lu: LogicalUnit
+    ticket: int
+
+
+Event = (
+    ExecuteScsi
+    | CancelExecution
+    | LoggedIn
+    | LoginRejected
+    | TargetResetRequested
+    | CloseConnection
+    | AwaitForwarded
+)
 
 _make_request = positional_constructor(ScsiRequest)
 _make_execute = positional_constructor(ExecuteScsi)
@@ -294,6 +313,11 @@ class Connection:
         self._fast_lu: LogicalUnit | None = None
         self._fast: list[tuple[Data, Data, int, bool, int, int, int]] = []
         self._fast_itts: set[int] = set()
+        #: Fast writes forwarded to replicas, not yet answered: per batch its (ITT, EDTL)s and
+        #: start time; their ITTs (``AwaitForwarded``, ``forwarded_done``).
+        self._forwarded: dict[int, tuple[list[tuple[int, int]], float]] = {}
+        self._forwarded_itts: set[int] = set()
+        self._next_batch = 1
         self.targets = targets
         self.sessions = sessions
         self.peer = peer
@@ -472,6 +496,13 @@ class Connection:
         for task in list(self._tasks.values()):
             self._abort(task, executing)
         self._cancel(executing)
+        if self._forwarded:  # aborted too: no responses (their writes went on, as an executing task's)
+            self._forwarded.clear()
+            self._forwarded_itts.clear()
+            try:
+                self._receive(b"", self._last_rx)  # the PDUs held behind them
+            except Exception as e:
+                self._internal_error(Where.RECEIVE, e)
 
     def _internal_error(self, where: Where, e: Exception) -> None:
         """A bug: logged with its traceback and counted (internal_errors.py); the connection goes."""
@@ -517,6 +548,11 @@ class Connection:
                 bhs, segment, ahs = frame
                 if self._fast_lu is not None and bhs[0] == 0x01 and not ahs and self._fast_take(bhs, segment):
                     continue
+                if self._forwarded:
+                    # Any other PDU waits until the forwarded writes before it are answered, as if
+                    # it came after them (a TMF, a logout, a NOP then find them done).
+                    reader.unread()
+                    break
                 pdu = reader.decode(bhs, segment, ahs)
             except PduError as e:
                 if self._fast:
@@ -715,6 +751,7 @@ class Connection:
             or itt == RESERVED_TAG
             or itt in self._tasks
             or itt in self._fast_itts
+            or itt in self._forwarded_itts
         ):
             return False
         plain = plain_command(bhs, b1)
@@ -757,11 +794,18 @@ class Connection:
         exp_cmd_sn = self._exp_cmd_sn
         max_cmd_sn = (exp_cmd_sn + self._window - 1) & SN_MASK
         batch = ResponseBatch(len(entries), self._out)
-        done = reads = read_bytes = writes = write_bytes = 0
+        taken = done = reads = read_bytes = writes = write_bytes = ticket = 0
+        forwarded: list[tuple[int, int]] = []
         for _bhs, segment, itt, write, lba, n, edtl in entries:
             if write:
-                if not lu.write_now(nexus, lba, n, segment):
+                ticket_or_none = lu.write_fast(nexus, lba, n, segment)
+                if ticket_or_none is None:
                     break
+                taken += 1
+                if ticket_or_none:  # forwarded to replicas: answered by ``forwarded_done``
+                    ticket = ticket_or_none
+                    forwarded.append((itt, edtl))
+                    continue
                 batch.response(itt, self._stat_sn, exp_cmd_sn, max_cmd_sn)
                 writes += 1
                 write_bytes += edtl
@@ -769,14 +813,21 @@ class Connection:
                 data = lu.read_now(nexus, lba, n, edtl)
                 if data is None:
                     break
+                taken += 1
                 batch.data_in(itt, data, self._stat_sn, exp_cmd_sn, max_cmd_sn)
                 reads += 1
                 read_bytes += edtl
             self._stat_sn = (self._stat_sn + 1) & SN_MASK
             done += 1
         batch.close()
-        if done < len(entries):
-            self._fast_demote(entries[done:])
+        if forwarded:
+            number = self._next_batch
+            self._next_batch = number + 1
+            self._forwarded[number] = (forwarded, started)
+            self._forwarded_itts.update(itt for itt, _ in forwarded)
+            self._events.append(AwaitForwarded(number, lu, ticket))
+        if taken < len(entries):
+            self._fast_demote(entries[taken:])
         if done:
             # One latency figure per command: the batch's time shared out (they ran back to back).
             each = (time.perf_counter() - started) / done
@@ -786,6 +837,44 @@ class Connection:
                 metrics.command_done(volume, "read", read_bytes // reads, each)
             for _ in range(writes):
                 metrics.command_done(volume, "write", write_bytes // writes, each)
+
+    def forwarded_done(self, batch: int, sense: bytes | None, now: float) -> None:
+        """The forwarded writes of ``batch`` are answered: GOOD (``sense`` None), else CHECK
+        CONDITION with ``sense`` (the bytes the general path sends for them); then the PDUs held
+        behind the forwarded writes are read."""
+        entry = self._forwarded.pop(batch, None)
+        if entry is None:
+            return
+        try:
+            writes, started = entry
+            held = self._forwarded_itts
+            for itt, _ in writes:
+                held.discard(itt)
+            if self._phase is not Phase.FULL_FEATURE:
+                return
+            exp_cmd_sn = self._exp_cmd_sn
+            max_cmd_sn = self.max_cmd_sn
+            if sense is None:
+                out = ResponseBatch(len(writes), self._out)
+                for itt, _ in writes:
+                    out.response(itt, self._stat_sn, exp_cmd_sn, max_cmd_sn)
+                    self._stat_sn = (self._stat_sn + 1) & SN_MASK
+                out.close()
+            else:
+                for itt, _ in writes:
+                    self._out += encode_scsi_response(
+                        itt, int(ScsiStatus.CHECK_CONDITION), self._take_stat_sn(), exp_cmd_sn, max_cmd_sn,
+                        0, 0, 0, sense, self._hd, self._dd,
+                    )  # fmt: skip
+            lu = self._fast_lu
+            if lu is not None:
+                seconds = time.perf_counter() - started
+                for _, edtl in writes:
+                    self.metrics.command_done(lu.identity.volume, "write", edtl, seconds)
+            if not self._forwarded:
+                self._receive(b"", now)
+        except Exception as e:
+            self._internal_error(Where.COMPLETE, e)
 
     def _new_task(self, cmd: ScsiCommand) -> Task:
         """A task for an acceptable command (``_check_command``), its immediate data stored."""

@@ -14,8 +14,10 @@ The plain case (anything else takes the general path, which answers it as RFC 71
 - CDB byte 1 without RDPROTECT/WRPROTECT (and without FUA for a write); CONTROL without NACA.
 
 The LU then decides whether the command is plain on its side (``LogicalUnit.read_now`` /
-``write_now``: no UNIT ATTENTION, reservation, fence, sanitize, write protect, range lock; a valid
-range; EDTL equal to the transfer length) and whether the store can answer inline.
+``write_fast``: no UNIT ATTENTION, reservation, fence, sanitize, write protect, range lock; a valid
+range; EDTL equal to the transfer length) and whether the store can answer inline. A write the
+store forwards to replicas is written and forwarded inline and answered once they acknowledged it
+(``Connection.forwarded_done``; tests/unit/test_fastpath_forwarded.py).
 """
 
 from __future__ import annotations

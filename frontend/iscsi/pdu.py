@@ -938,6 +938,11 @@ class PduReader(Generic[P]):
             self._dead = True
             raise BufferFull(f"{len(buf)} unparsed bytes exceed {MAX_BUFFERED_BYTES}")
 
+    def unread(self) -> None:
+        """Put back the frame ``next_frame`` returned last (no feed since): the next call returns
+        it again (the connection holds a PDU behind writes still in flight)."""
+        self._pos = self._last
+
     def last_header(self) -> bytes:
         """The BHS of the PDU ``next_pdu`` returned last (for a Reject). Valid until the next feed."""
         return bytes(self._buf[self._last : self._last + BHS_LENGTH])

@@ -19,6 +19,7 @@ with WCE=0 (MODE SELECT on the caching page) every write-type command flushes be
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 from collections.abc import Awaitable, Callable
@@ -79,8 +80,10 @@ from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
 from frontend.scsi.unsupported import UnsupportedCommands
 from store.blockstore import (
     BlockStore,
+    ForwardedWrites,
     InlineIo,
     StoreClosed,
+    StoreError,
     StoreIOError,
     StoreOp,
     StoreRangeError,
@@ -224,6 +227,7 @@ class LogicalUnit(
         )
         self._sanitize_actions = frozenset(sanitize_actions)
         self._inline = store if isinstance(store, InlineIo) else None
+        self._forwarding = store if isinstance(store, ForwardedWrites) else None
         self._table = command_table(supports_unmap=self._unmap, sanitize_actions=tuple(sanitize_actions))
 
     # ---- state the daemon sets -------------------------------------------------------------------
@@ -409,6 +413,48 @@ class LogicalUnit(
         return inline.write_now(lba * self._bs, data)
 
 
+    def write_fast(
+        self, nexus: Nexus, lba: int, n: int, data: bytes | bytearray | memoryview
+    ) -> int | None:
+        """WRITE(10/16) without FUA, plain case, with the write cache on: 0 when done inline (GOOD
+        now, as ``write_now``); a ticket (> 0) when the store wrote it locally and forwards it to
+        replicas (``ForwardedWrites``): answer it once ``forwarded(ticket)`` is done, as
+        ``forwarded_sense`` says; None, having done nothing, when ``execute`` must answer it."""
+        if not self._mode.wce or not self._plain(nexus, lba, n, len(data)):
+            return None
+        offset = lba * self._bs
+        inline = self._inline
+        if inline is not None and inline.write_now(offset, data):
+            return 0
+        forwarding = self._forwarding
+        return None if forwarding is None else forwarding.write_forward(offset, data)
+
+    def forwarded(self, ticket: int) -> asyncio.Future[None]:
+        """Done when the forwarded write ``ticket`` may be answered (``write_fast``)."""
+        assert self._forwarding is not None
+        return self._forwarding.written(ticket)
+
+    def forwarded_sense(self, error: BaseException | None) -> bytes | None:
+        """How ``execute`` ends a forwarded WRITE whose wait ended with ``error`` (None: it did not
+        fail): None for GOOD, else the sense data of its CHECK CONDITION. The access state is
+        checked after the I/O, as ``execute`` does (a write that returns after the fence is never
+        GOOD: docs/architecture.md, "The fencing bound")."""
+        if error is not None:
+            if isinstance(error, StoreUnavailable):
+                return CheckCondition(SenseKey.NOT_READY, LU_NOT_ACCESSIBLE_TRANSITION).fixed_sense()
+            if isinstance(error, StoreClosed):
+                return CheckCondition(SenseKey.NOT_READY, LU_NOT_READY_CAUSE_NOT_REPORTABLE).fixed_sense()
+            if isinstance(error, StoreError):
+                return CheckCondition(SenseKey.MEDIUM_ERROR, WRITE_ERROR).fixed_sense()
+            raise error
+        if self._access_state > _LAST_SERVING:
+            try:
+                _check_access(_WRITE_GATE, self._access_state)
+            except CheckCondition as e:
+                return e.fixed_sense()
+        return None
+
+
 def _bind(spec: CommandSpec) -> _Command:
     handler = getattr(LogicalUnit, spec.handler, None)
     if handler is None:
@@ -418,6 +464,9 @@ def _bind(spec: CommandSpec) -> _Command:
 
 #: The dispatch view of ``commands.DISPATCH``: the bound handler, gate and CDB length per key.
 _COMMANDS: dict[int, _Command] = {key: _bind(spec) for key, spec in DISPATCH.items()}
+#: The gate of the fast path's writes (WRITE(10) and WRITE(16) share it).
+_WRITE_GATE = _COMMANDS[Opcode.WRITE_10].gate
+assert _COMMANDS[Opcode.WRITE_16].gate == _WRITE_GATE
 
 
 def no_such_lun(req: ScsiRequest) -> ScsiResult:

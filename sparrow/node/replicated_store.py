@@ -43,7 +43,8 @@ from sparrow.node.reconcile import Reconcile
 from sparrow.node.resync import DEFAULT_RESYNC_RATE, LockFor, Resync, ResyncMetrics, TokenBucket
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
-from store.blockstore import BlockStore, InlineIo, StoreUnavailable
+from store.blockstore import BlockStore, StoreUnavailable
+from store.delegating import DelegatingStore
 from store.dirtymap import DirtyMap, region_span
 
 log = structlog.get_logger("sparrow.node.forward")
@@ -135,7 +136,7 @@ class _Replica:
 OpenLink = Callable[["ReplicatedStore", str, str, PrimaryStream], Link]
 
 
-class ReplicatedStore:
+class ReplicatedStore(DelegatingStore):
     """A primary's store: ``inner`` plus forwarding to the in-sync replicas (see the module docstring)."""
 
     def __init__(
@@ -152,7 +153,7 @@ class ReplicatedStore:
         on_syncing: Callable[[ReplicatedStore, str], None] | None = None,
         on_reconcile: Callable[[ReplicatedStore, str], None] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         #: Called when a replica starts syncing (the node starts its resync driver), and for each
         #: in-sync replica at the start of a term (the node starts its reconcile).
         self.on_syncing = on_syncing
@@ -166,7 +167,6 @@ class ReplicatedStore:
         self.sticky: frozenset[int] | None = None
         #: The assignment lists every copy in sync (checkpoints may clear dirty bits).
         self.complete = False
-        self.block_size = inner.block_size
         self.volume_id = volume_id
         self.node_id = node_id
         self.clock = clock
@@ -190,38 +190,70 @@ class ReplicatedStore:
         #: flight then (its local I/O running) fails at once instead of waiting the hold bound.
         self._stood_down = False
 
-    # ---- BlockStore ---------------------------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def supports_unmap(self) -> bool:
-        return self.inner.supports_unmap
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.inner.read(offset, length)
-
-    async def mapped_extent(self, offset: int) -> tuple[bool, int]:
-        return await self.inner.mapped_extent(offset)
+    # ---- BlockStore (size, reads, extents, resize: the inner store's, DelegatingStore) -------------
 
     # ``store.blockstore.InlineIo`` (the iSCSI fast path): reads as ``read`` does; a write only in
     # the one-copy case, where ``write`` is the inner store's. With replicas it must await their ACKs:
-    # False, and the fast path hands the command to the general path.
-
-    def read_now(self, offset: int, length: int) -> bytes | None:
-        inner = self.inner
-        return inner.read_now(offset, length) if isinstance(inner, InlineIo) else None
+    # False, and the fast path forwards it (``write_forward``) or hands it to the general path.
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        inner = self.inner
-        if self.epoch is None or self.replicas or not isinstance(inner, InlineIo):
+        inline = self.inline_io
+        if self.epoch is None or self.replicas or inline is None:
             return False
-        return inner.write_now(offset, data)
+        return inline.write_now(offset, data)
 
-    async def resize(self, new_size: int) -> None:
-        await self.inner.resize(new_size)
+    # ``store.blockstore.ForwardedWrites`` (the fast path's replicated write): the local write done
+    # inline and the op queued to every replica in one step (so no range lock is needed to keep a
+    # region copy behind it: it is in the log before anything can read the region again); the
+    # caller then waits for ``written(index)``, as ``write`` does.
+
+    def write_forward(self, offset: int, data: bytes | bytearray | memoryview) -> int | None:
+        """Write ``data`` locally at once and queue it to the replicas: its op index; or None,
+        having done nothing, when ``write`` must do it (no replicas, no epoch, not inline, a dirty
+        bit to make durable first, the log full, more than one message)."""
+        inline = self.inline_io
+        size = len(data)
+        if (
+            self.epoch is None
+            or not self.replicas
+            or inline is None
+            or self._stood_down
+            or self.closed
+            or size > MAX_PAYLOAD
+            or not self._has_room(size)
+            or not inline.write_now(offset, data)
+        ):
+            return None
+        # The log keeps the op until every replica applied it: never a view of a buffer that changes.
+        view = memoryview(bytes(data) if isinstance(data, bytearray) else data)
+        return self._append(_Op(MsgType.WRITE, offset, view, size, self.clock()))
+
+    def written(self, index: int, *, durable: bool = False) -> asyncio.Future[None]:
+        """A future done once every target waited for has applied (made durable) op ``index``;
+        StoreUnavailable past the hold bound, or once this node stood down."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self._done(index, durable):
+            future.set_result(None)
+            return future
+        if self._stood_down:
+            future.set_exception(
+                StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
+            )
+            return future
+        waiters = self._joinable.get(durable)
+        if waiters is None:
+            waiters = _Waiters(durable, [(index, future)], index)
+            waiters.timer = loop.call_later(max(0.0, self.hold_timeout), self._expire, waiters)
+            self._waiters.append(waiters)
+            if not self._joinable:
+                loop.call_soon(self._joinable.clear)  # the next turn opens new ones
+            self._joinable[durable] = waiters
+        else:
+            waiters.futures.append((index, future))
+            if index > waiters.index:
+                waiters.index = index
+        return future
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.epoch is not None and not self.replicas:
@@ -782,21 +814,7 @@ class ReplicatedStore:
             return
         if self._stood_down:
             raise StoreUnavailable(f"volume {self.volume_id}: this node is no longer the volume's primary")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        waiters = self._joinable.get(durable)
-        if waiters is None:
-            waiters = _Waiters(durable, [(index, future)], index)
-            waiters.timer = loop.call_later(max(0.0, self.hold_timeout), self._expire, waiters)
-            self._waiters.append(waiters)
-            if not self._joinable:
-                loop.call_soon(self._joinable.clear)  # the next turn opens new ones
-            self._joinable[durable] = waiters
-        else:
-            waiters.futures.append((index, future))
-            if index > waiters.index:
-                waiters.index = index
-        await future
+        await self.written(index, durable=durable)
 
     def _expire(self, waiters: _Waiters) -> None:
         """The hold bound passed: fail the operations, retryably (StoreUnavailable)."""

@@ -271,6 +271,12 @@ class ReplicaConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         #: The primary session of this connection's stream (set at OPEN).
         self._session: int | None = None
+        #: The store applied to last, and it as ``InlineWrites`` (None if it is not one).
+        self._store: BlockStore | None = None
+        self._inline: InlineWrites | None = None
+        #: The worker waits for work (nothing it took is unfinished): what arrives may be applied
+        #: at once (``_apply_now``).
+        self._idle = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -333,10 +339,15 @@ class ReplicaConnection(asyncio.Protocol):
                                     self._write(self.channel.send(message))
                         else:
                             self._queue.append(applied)
-                            self._wakeup.set()
         except ReplicationError as e:
             self.refuse(e.code.reason, e.message)
             return
+        if self._queue:
+            if self._idle:
+                self._apply_now()
+            if self._queue and self.closed_reason is None:
+                self._idle = False
+                self._wakeup.set()
         if self.stream.decoder.buffered == 0:
             self._message_since = None
         elif self._message_since is None:
@@ -496,12 +507,19 @@ class ReplicaConnection(asyncio.Protocol):
             self._timer = None
 
     def _arm(self) -> None:
-        """Arm the one timer (only once the server runs: unit tests call check_deadline)."""
-        self._cancel_timer()
+        """Arm the one timer (only once the server runs: unit tests call check_deadline). A timer
+        already armed at or before the deadline is kept (most messages move a deadline later):
+        firing early, ``check_deadline`` finds nothing due and arms it again."""
         loop = self.server.loop
         deadline = self.deadline()
-        if loop is not None and deadline is not None and self.closed_reason is None:
-            self._timer = loop.call_at(deadline, self.check_deadline)
+        if loop is None or deadline is None or self.closed_reason is not None:
+            self._cancel_timer()
+            return
+        timer = self._timer
+        if timer is not None and timer.when() <= deadline:
+            return
+        self._cancel_timer()
+        self._timer = loop.call_at(deadline, self.check_deadline)
 
     # -- applying -------------------------------------------------------------------------------------
 
@@ -510,7 +528,9 @@ class ReplicaConnection(asyncio.Protocol):
             while self.closed_reason is None:
                 if not self._queue:
                     self._wakeup.clear()
+                    self._idle = True
                     await self._wakeup.wait()
+                    self._idle = False
                     continue
                 volume_id = self.stream.volume_id
                 store = None if volume_id is None else self.server.store_for(volume_id)
@@ -536,13 +556,61 @@ class ReplicaConnection(asyncio.Protocol):
                     reason=self.closed_reason,
                 )
 
+    def _inline_writes(self, store: BlockStore) -> InlineWrites | None:
+        if store is not self._store:  # a runtime Protocol check costs microseconds: once per store
+            self._store = store
+            self._inline = store if isinstance(store, InlineWrites) else None
+        return self._inline
+
+    def _apply_now(self) -> None:
+        """The worker is idle: apply the plain writes at the head of the queue here, in the turn
+        they arrived, a contiguous run per pwritev, and ACK once for all of them (a store that
+        writes inline: tmpfs, a durably dirty region). Whatever cannot go inline, and all after
+        it, is left to the worker, in order."""
+        volume_id = self.stream.volume_id
+        store = None if volume_id is None else self.server.store_for(volume_id)
+        inline = None if store is None else self._inline_writes(store)
+        if inline is None:
+            return  # the worker applies (or refuses: the volume is no longer open here)
+        queue = self._queue
+        applied = payload = seq = 0
+        while queue:
+            head = queue[0]
+            if not isinstance(head, ApplyWrite) or head.fua:
+                break
+            queue.popleft()
+            run = self._contiguous(head, IOV_MAX)
+            try:
+                written = inline.write_inline(head.offset, [a.data for a in run])
+            except StoreError as e:
+                if applied:
+                    self.stream.done(seq)
+                log.error(
+                    "replica apply failed", peer=self.peer, volume_id=volume_id, seq=head.seq, error=str(e)
+                )
+                self.refuse("apply_failed", str(e))
+                return
+            if not written:
+                queue.extendleft(reversed(run))  # a dirty bit to make durable first: the worker
+                break
+            for write in run:
+                self._touch(write)
+            seq = run[-1].seq
+            applied += len(run)
+            payload += sum(len(a.data) for a in run)
+        if applied:
+            ack = self.stream.done(seq)
+            self.server.metrics.applied.inc(applied)
+            self.server.metrics.applied_bytes.inc(payload)
+            self._write(self.channel.send(ack))
+
     async def _apply_run(self, store: BlockStore) -> bool:
         """Apply what is queued, in order, up to ACK_EVERY messages or a durable one, then report
         them done and ACK once (ACKs are cumulative). Plain writes to contiguous blocks go to a
         store that writes inline (tmpfs) with one pwritev, on the loop. False if the connection
         ends."""
         queue = self._queue
-        inline = store if isinstance(store, InlineWrites) else None
+        inline = self._inline_writes(store)
         applied = 0
         payload = 0
         seq = 0

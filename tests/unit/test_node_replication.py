@@ -253,6 +253,28 @@ async def test_a_message_begun_and_not_completed_is_refused_after_the_frame_time
     assert refusal.code.reason == "truncated"  # type: ignore[union-attr]
 
 
+async def test_the_deadline_timer_is_kept_across_messages_not_rearmed_per_message() -> None:
+    clock = Clock()
+    srv = server(GatedStore(), clock, frame_timeout=5.0)
+    srv.loop = asyncio.get_running_loop()  # as a started server: the connection arms its timer
+    conn, transport = connect(srv)
+    peer = Peer(conn, transport)
+    peer.send(Open(VID, 2, 1, "n1"))
+    peer.received()
+    data = encode(Write(VID, 2, 1, 0, b"x" * 512))
+    clock.now = 1.0
+    conn.data_received(peer.channel.send(data[:100]))  # a message begun: due at 6.0
+    timer = conn._timer
+    assert timer is not None
+    for now in (2.0, 3.0):  # more records: the same timer, no new one per message
+        clock.now = now
+        conn.data_received(peer.channel.send(data[100 + int(now) : 101 + int(now)]))
+        assert conn._timer is timer
+    clock.now = 6.0  # it fires: nothing has moved the message's own deadline
+    conn.check_deadline()
+    assert conn.closed_reason == "refused: truncated"
+
+
 async def test_the_handshake_cap() -> None:
     srv = server(GatedStore(), Clock(), max_handshaking=2)
     (c1, _), (c2, _), (c3, t3) = connect(srv), connect(srv), connect(srv)
@@ -305,6 +327,40 @@ async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_
         conn.connection_lost(None)
         await settle()
         assert srv.positions.get(VID, 2) == (5, 0)
+    finally:
+        await store.close()
+        os.unlink(path)
+
+
+async def test_writes_reaching_an_idle_replica_are_applied_and_acked_in_the_same_turn() -> None:
+    """The worker waits for work: plain writes to a store that writes inline are applied in the
+    ``data_received`` that brought them, with one ACK; what cannot go inline (a FLUSH) and all
+    after it is left to the worker, in order."""
+    path = Path("/dev/shm") / f"sparrow-test-replica-now-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    try:
+        srv = server(store, Clock())
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1"))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        await settle()  # the worker waits
+        def together(*messages: Message) -> None:  # one record: one data_received
+            conn.data_received(peer.channel.send(b"".join(encode(m) for m in messages)))
+
+        together(Write(VID, 2, 1, 0, b"a" * 512), Write(VID, 2, 2, 512, b"b" * 512))
+        assert peer.received() == [Ack(VID, 2, 2, 0)]  # no turn of the loop in between, one ACK
+        assert await store.read(0, 1024) == b"a" * 512 + b"b" * 512
+        together(
+            Write(VID, 2, 3, 1024, b"c" * 512),
+            Flush(VID, 2, 4),
+            Write(VID, 2, 5, 0, b"d" * 512),  # after the flush: not before it
+        )
+        assert peer.received() == [Ack(VID, 2, 3, 0)]
+        acks: list[Message] = []
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 5, 4) in acks)
+        assert acks == [Ack(VID, 2, 4, 4), Ack(VID, 2, 5, 4)]
+        assert await store.read(0, 1536) == b"d" * 512 + b"b" * 512 + b"c" * 512
     finally:
         await store.close()
         os.unlink(path)
