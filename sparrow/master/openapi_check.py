@@ -46,6 +46,8 @@ log = structlog.get_logger("sparrow.master.openapi")
 VALIDATE_ENV = "SPARROW_OPENAPI_VALIDATE"
 #: The log event of a violation (the integration fixtures look for it).
 VIOLATION_EVENT = "openapi violation"
+#: Logged once when the checker is put in place.
+CHECKING_EVENT = "checking API traffic against the OpenAPI document"
 #: jsonschema keywords whose message names fields only (never a value).
 _NAMES_ONLY = frozenset({"additionalProperties", "required"})
 
@@ -71,6 +73,7 @@ def document_to_check(served: bytes, environ: Mapping[str, str] = os.environ) ->
 def validation_middleware(document: bytes) -> Middleware:
     """The middleware checking traffic against ``document`` (an OpenAPI document's bytes)."""
     validator = OpenApiValidator(json.loads(document))
+    log.info(CHECKING_EVENT, variable=VALIDATE_ENV)
 
     @web.middleware
     async def validate(request: web.Request, handler: Handler) -> web.StreamResponse:
