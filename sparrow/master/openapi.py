@@ -42,6 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
+from frontend.scsi.lubase import AccessState
 from sparrow.auth.tokens import NAME_MAX, TENANT_PATTERN, TOKEN_ID_PATTERN, Role
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
 from sparrow.cluster.messages import (
@@ -57,6 +58,7 @@ from sparrow.health import DEGRADED, OK, UNHEALTHY
 from sparrow.master.api import MAX_WAIT
 from sparrow.master.audit import VERBS
 from sparrow.master.auth import PUBLIC_PATHS, ROUTE_ACTIONS
+from sparrow.master.moves_api import PUBLISH_TIMEOUT
 
 #: The document's path in the package, and the route that serves it.
 DOCUMENT = "openapi.json"
@@ -227,11 +229,38 @@ SCHEMAS: dict[str, Schema] = {
         {
             "offline": {
                 "type": "array",
-                "items": {"type": "object"},
+                "items": _ref("OfflineVolume"),
                 "description": "`sparrow serve`: local volumes that failed to load",
             },
-            "node": {"type": "object", "description": "`sparrow serve`: the local node's own health"},
+            "node": {**_ref("NodeHealth"), "description": "`sparrow serve`: the local node's own health"},
         },
+    ),
+    "OfflineVolume": _obj({"name": STRING, "path": STRING, "reason": STRING}),
+    "NodeHealth": _obj(
+        {
+            "status": _enum([OK, DEGRADED, UNHEALTHY]),
+            "reasons": {"type": "array", "items": STRING},
+            "volumes_not_served": {"type": "array", "items": _ref("VolumeProblem")},
+            "tasks_failed": {"type": "array", "items": _ref("TaskFailure")},
+            "node_id": _ref("NodeId"),
+            "incarnation": COUNT,
+            "master": _obj({"address": STRING, "connected": BOOL, "last_error": TEXT}),
+            "lease": _obj({"valid": BOOL, "remaining_seconds": {"type": "number"}}),
+            "fences": COUNT,
+            "last_error": TEXT,
+            "volumes": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "volume_id": STRING,
+                        "name": STRING,
+                        "iqn": STRING,
+                        "access_state": _enum(s.name.lower() for s in AccessState),
+                    }
+                ),
+            },
+            "offline": {"type": "array", "items": _ref("OfflineVolume")},
+        }
     ),
 }
 
@@ -309,7 +338,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: "Volume", 202: "Volume", 404: None, 409: None}, request="Failover",
         parameters=("VolumeName", "Wait"), tags=("volumes", "moves"),
         description="200 once the new primary is published (with ?wait: once it serves); 202 when "
-        "the control loop has not published it within 10 s (still queued).",
+        f"the control loop has not published it within {PUBLISH_TIMEOUT:g} s (still queued).",
     ),
     Operation(
         "POST", "/v1/volumes/{name}/rebuild", "rebuildVolume", "Replace a copy with a fresh one",
@@ -396,6 +425,14 @@ def _operation(op: Operation) -> Schema:
     return out
 
 
+def _error(status: int, text: str) -> Schema:
+    answer: Schema = {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
+    if status == 401:
+        challenge = {"description": 'Bearer realm="sparrow"', "required": True, "schema": STRING}
+        answer["headers"] = {"WWW-Authenticate": challenge}
+    return answer
+
+
 def document() -> dict[str, Any]:
     """The document, built from :data:`OPERATIONS`, :data:`SCHEMAS` and the code's own tables."""
     paths: dict[str, dict[str, Any]] = {}
@@ -418,13 +455,7 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": SCHEMAS,
             "parameters": PARAMETERS,
-            "responses": {
-                str(status): {
-                    "description": text,
-                    "content": {"application/json": {"schema": _ref("Error")}},
-                }
-                for status, text in ERRORS.items()
-            },
+            "responses": {str(status): _error(status, text) for status, text in ERRORS.items()},
         },
     }
 

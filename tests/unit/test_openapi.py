@@ -140,7 +140,9 @@ def _token(**changes: Any) -> dict[str, Any]:
 def test_an_answer_the_document_describes_passes() -> None:
     assert _problems("GET", "/v1/tokens", web.json_response({"tokens": [_token()]})) == []
     assert _problems("GET", "/v1/volumes/nope", web.json_response({"error": "no"}, status=404)) == []
-    assert _problems("GET", "/v1/volumes", web.json_response({"error": "who?"}, status=401), auth=False) == []
+    challenge = {"WWW-Authenticate": 'Bearer realm="sparrow"'}
+    refused = web.json_response({"error": "who?"}, status=401, headers=challenge)
+    assert _problems("GET", "/v1/volumes", refused, auth=False) == []
     assert _problems("DELETE", "/v1/tokens/0123456789abcdef", web.Response(status=204)) == []
 
 
@@ -151,6 +153,10 @@ def test_an_undocumented_field_status_or_shape_is_a_violation() -> None:
     assert "'role' is a required property" in missing
     [status] = _problems("GET", "/v1/volumes", web.json_response({"error": "boom"}, status=500))
     assert "500" in status
+    [challenge] = _problems(
+        "GET", "/v1/volumes", web.json_response({"error": "who?"}, status=401), auth=False
+    )
+    assert "WWW-Authenticate" in challenge
     [enum] = _problems("GET", "/v1/tokens", web.json_response({"tokens": [_token(role="root")]}))
     assert "$.tokens[0].role" in enum and "enum" in enum
 
