@@ -36,7 +36,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -56,7 +56,7 @@ from sparrow.cluster.messages import Role as CopyRole
 from sparrow.cluster.observations import NodeState
 from sparrow.health import DEGRADED, OK, UNHEALTHY
 from sparrow.master.api import MAX_WAIT
-from sparrow.master.audit import VERBS
+from sparrow.master.audit import READ_METHODS, VERBS
 from sparrow.master.auth import PUBLIC_PATHS, ROUTE_ACTIONS
 from sparrow.master.moves_api import PUBLISH_TIMEOUT
 
@@ -312,7 +312,7 @@ class Operation:
     request: str | None = None
     parameters: tuple[str, ...] = ()
     description: str | None = None
-    tags: tuple[str, ...] = field(default=())
+    tags: tuple[str, ...] = ()
 
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -370,9 +370,6 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", ROUTE, "getOpenApi", "This document (no token)", {200: "application/json"},
               tags=("monitoring",)),
 )  # fmt: skip
-
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
 
 def _response(status: int, body: str | None) -> Schema:
     if body is None and status in ERRORS:
