@@ -16,8 +16,8 @@ For each request to a route the app has (not HEAD; the router's own 404/405 are 
   answer below 400 to it is a violation. (A valid request may still be refused: the document
   cannot say everything the API checks, such as a size larger than any node.)
 
-The check runs in a worker thread (jsonschema needs about 3 ms for one volume and 10-30 ms for
-a list of ten on this machine: ``bench/openapi_check.py``), before the answer is sent, so a
+The check runs in a worker thread (it adds about 4 ms to an answer of one volume or a list of
+ten on this machine: ``bench/openapi_check.py``), before the answer is sent, so a
 violation is in the log before the client has its answer. A violation is logged as an error
 (event :data:`VIOLATION_EVENT`; the integration fixtures fail a test whose daemon logged one) and
 counted in this process (:func:`count`; tests/conftest.py fails the test). It is described
