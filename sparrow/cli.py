@@ -8,6 +8,7 @@
                   [--backing PATH] [--replicas 1|2|3] [--json]
     sparrow volume list [--json]
     sparrow volume inspect NAME [--json]
+    sparrow volume explain NAME [--json]   why it is (not) served, and what to do
     sparrow volume resize NAME --size SIZE
     sparrow volume delete NAME
     sparrow migrate DATA_DIR [--list-versions] [--dry-run] [--target-version V]
@@ -16,6 +17,7 @@
                   [--lease S] [--dead-after S] [--margin S] [--base-iqn IQN] [--log-format F]
     sparrow node list [--json]
     sparrow node forget ID
+    sparrow node rekey NODE [--key HEX]: rebind a node's identity (sparrow.nodekeys_cli)
     sparrow volume failover NAME [--to NODE] | rebuild NAME --replica NODE, sparrow node drain|undrain
                   NODE: the operator verbs (sparrow.moves_cli)
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
@@ -26,6 +28,7 @@
                   [--data-dir DIR: offline, the daemon stopped]
     sparrow token list [--json]
     sparrow token revoke ID
+    sparrow top [--interval S] [--once]: nodes, volumes, copies and I/O rates, live (sparrow.top)
 
 Volume commands talk to the daemon's HTTP API (``--api URL``, else $SPARROW_API, else
 http://127.0.0.1:3280) with urllib, sending a bearer token: ``--token``, else $SPARROW_TOKEN, else
@@ -283,6 +286,17 @@ def cmd_volume_inspect(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_volume_explain(args: argparse.Namespace, out: TextIO) -> int:
+    body = _client(args).request("GET", f"/v1/volumes/{_quote(args.name)}/explain")
+    if args.json:
+        print(json.dumps(body, indent=2), file=out)
+    else:
+        from sparrow.cluster.explain import render
+
+        print(render(body), file=out)
+    return 0
+
+
 def cmd_volume_resize(args: argparse.Namespace, out: TextIO) -> int:
     path = f"/v1/volumes/{_quote(args.name)}/resize{_wait_query(args.wait)}"
     volume = _client(args, args.wait).request("POST", path, {"size": args.size})
@@ -302,13 +316,27 @@ def cmd_volume_delete(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _copy_text(r: dict[str, Any]) -> str:
+    """One copy of a volume: "n2 (replica, alive, syncing 12 MiB of 1 GiB)"; its sync state as the
+    master recorded it (``in sync``, ``stale``: may lack acknowledged writes, or ``syncing`` with
+    the bytes copied so far)."""
+    sync = r.get("sync")
+    resync = r.get("resync")
+    if sync == "syncing" and resync:
+        sync_text = f"syncing {format_size(resync['done_bytes'])} of {format_size(resync['total_bytes'])}"
+    else:
+        sync_text = {"in_sync": "in sync", None: ""}.get(sync, str(sync))
+    parts = [r["role"], r["state"], *([sync_text] if sync_text else [])]
+    return f"{r['node_id']} ({', '.join(parts)})"
+
+
 def _print_volume(v: dict[str, Any], out: TextIO, *, as_json: bool) -> None:
     """A volume as the master describes it (sparrow.master.api.volume_json)."""
     if as_json:
         print(json.dumps(v, indent=2), file=out)
         return
     primary = v.get("primary")
-    copies = ", ".join(f"{r['node_id']} ({r['role']}, {r['state']})" for r in v.get("replicas") or [])
+    copies = ", ".join(_copy_text(r) for r in v.get("replicas") or [])
     chap = v.get("chap")
     if chap is None:
         chap_text = "none"
@@ -685,6 +713,9 @@ def _add_cluster_commands(commands: Any) -> None:
     from sparrow.moves_cli import add_node_moves
 
     add_node_moves(node_commands, f"master API (default ${API_ENV} or {DEFAULT_API})", TOKEN_HELP)
+    from sparrow.nodekeys_cli import add_node_key_commands
+
+    add_node_key_commands(node_commands, f"master API (default ${API_ENV} or {DEFAULT_API})", TOKEN_HELP)
 
 
 # --- the parser --------------------------------------------------------------------------------
@@ -783,6 +814,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_volume_inspect)
 
+    why = with_api(
+        vcommands.add_parser(
+            "explain",
+            help="why a volume is (not) served, and what to do",
+            description="Why the volume is in its state, in words and (--json) as fields: the reason, "
+            "since when, which node, the numbers; the SCSI commands it answered as unsupported; "
+            "local volumes of its name a node skipped at start.",
+        )
+    )
+    why.add_argument("name")
+    why.add_argument("--json", action="store_true")
+    why.set_defaults(func=cmd_volume_explain)
+
     resize = with_api(vcommands.add_parser("resize", help="grow a volume"))
     resize.add_argument("name")
     resize.add_argument(
@@ -877,6 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.opscli import add_ops_commands
 
     add_ops_commands(commands)
+    from sparrow.top import add_top_command
+
+    add_top_command(commands, with_api)
     return parser
 
 

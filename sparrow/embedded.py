@@ -218,6 +218,9 @@ async def serve(config: Config) -> int:
             metrics=metrics,
             supervisor=supervisor,
         )
+        # The master's own node: its key is the data directory's, so it is pinned, never refused.
+        assert node.heartbeat.identity is not None
+        master.node_keys.rebind(NODE_ID, node.heartbeat.identity.public)
         await adopt(master, node)
 
         api = dataclasses.replace(master.api(), local=EmbeddedNode(node))

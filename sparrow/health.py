@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from sparrow.cluster.messages import Health, Role, VolumeObservation
+from sparrow.cluster.controller import VolumeStatus
+from sparrow.cluster.messages import Assignment, Health, Role, VolumeObservation
+from sparrow.cluster.observations import ObservationStore
 from sparrow.supervision import TaskFailure
 
 if TYPE_CHECKING:
@@ -46,17 +48,22 @@ class VolumeProblem:
 
 def unserved_reason(control: ControlLoop, volume_id: str, now: float) -> str | None:
     """Why the volume is not served at its current epoch (None: it is; see the module docstring)."""
-    assignment = control.current(volume_id)
-    status = control.status(volume_id)
+    return unserved(control.current(volume_id), control.status(volume_id), control.observations, now)
+
+
+def unserved(
+    assignment: Assignment | None, status: VolumeStatus | None, observations: ObservationStore, now: float
+) -> str | None:
+    """:func:`unserved_reason` from the volume's current assignment, the controller's status and
+    what the nodes reported (``sparrow.cluster.explain`` uses it too)."""
     if assignment is None or assignment.primary is None or assignment.primary_portal is None:
         if status is not None and status.reason:
             return f"no primary: {status.reason}"
         return "no primary: not placed yet"
     primary = assignment.primary
-    observations = control.observations
     if not observations.alive(primary, now):
         return f"primary {primary} is not alive"
-    obs = observations.observation(primary, volume_id)
+    obs = observations.observation(primary, assignment.volume_id)
     if obs is None:
         return f"primary {primary} has not reported the volume yet"
     if obs.epoch != assignment.epoch or obs.role is not Role.PRIMARY or not obs.converged:

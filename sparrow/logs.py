@@ -50,7 +50,11 @@ def configure_logging(
         transformer = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         shared.append(structlog.processors.ExceptionRenderer(transformer))
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_colors(stream))
+        # Plain tracebacks: with rich installed (sparrow top) structlog would default to rich's,
+        # which print every frame's local variables (secrets among them).
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=_colors(stream), exception_formatter=structlog.dev.plain_traceback
+        )
 
     structlog.configure(
         processors=[

@@ -124,6 +124,13 @@ class PrometheusMetrics:
             ["where"],
             registry=self.registry,
         )
+        self.unsupported_commands = Counter(
+            "sparrow_scsi_unsupported",
+            "SCSI commands answered INVALID COMMAND OPERATION CODE, by volume, opcode and service "
+            "action (hex; empty for an opcode without one)",
+            ["volume", "opcode", "service_action"],
+            registry=self.registry,
+        )
         for kind in SESSION_KINDS:
             self.sessions.labels(kind=kind).set(0)
 
@@ -166,6 +173,11 @@ class PrometheusMetrics:
 
     def set_offline(self, count: int) -> None:
         self.volumes_offline.set(count)
+
+    def unsupported_command(self, volume: str, opcode: int, service_action: int | None) -> None:
+        """One command the volume's LU answered as unsupported (sparrow.node.diagnostics)."""
+        sa = "" if service_action is None else f"0x{service_action:02x}"
+        self.unsupported_commands.labels(volume=volume, opcode=f"0x{opcode:02x}", service_action=sa).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its Content-Type, for GET /metrics."""

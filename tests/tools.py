@@ -12,6 +12,8 @@ from typing import TypeVar
 
 import pytest
 
+from tests.leaks import WATCH, is_sparrow_command
+
 T = TypeVar("T")
 
 APT_PACKAGES = "libiscsi-bin libiscsi-dev gcc qemu-utils qemu-block-extra tgt prometheus"
@@ -68,6 +70,8 @@ def run(
     cmd: list[str], *, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
+    if is_sparrow_command(cmd):  # its output is checked for secrets (tests/leaks.py)
+        WATCH.cli_run(cmd, env, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -69,6 +69,7 @@ from frontend.scsi.sense import (
     fixed_sense,
 )
 from frontend.scsi.types import Nexus, ScsiRequest, ScsiResult, ScsiStatus
+from frontend.scsi.unsupported import UnsupportedCommands
 from store.blockstore import (
     BlockStore,
     InlineIo,
@@ -156,8 +157,11 @@ class LogicalUnit(
         tpgt: int = 1,
         physical_block_size: int | None = None,
         sanitize_actions: tuple[SanitizeAction, ...] = DEFAULT_SANITIZE_ACTIONS,
+        unsupported: UnsupportedCommands | None = None,
     ) -> None:
         self.store = store
+        #: The commands answered INVALID COMMAND OPERATION CODE (the node keeps one per volume).
+        self.unsupported = unsupported if unsupported is not None else UnsupportedCommands()
         self.identity = identity
         self.reservations = reservations if reservations is not None else Reservations()
         self._on_reservations_changed = on_reservations_changed
@@ -289,6 +293,7 @@ class LogicalUnit(
         if queue and (cmd is None or not cmd.gate & Gate.UA_EXEMPT):
             return check_result(SenseKey.UNIT_ATTENTION, queue.pop(0))
         if cmd is None:
+            self.unsupported.note(cdb, req.nexus.initiator_name)
             return INVALID_OPCODE
         try:
             if cdb[cmd.length - 1] & 0x04:  # NACA: ACA is not supported (SAM-5 5.9.1)

@@ -62,6 +62,7 @@ from sparrow.cluster.messages import (
     Health,
     ReplicaState,
     Role,
+    UnsupportedCommand,
     VolumeObservation,
     check_node_id,
     check_volume_id,
@@ -74,6 +75,8 @@ SERVING_STATES = frozenset({AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON
 _NO_POSITIONS: Mapping[str, int] = types.MappingProxyType({})
 _NO_HEALTH: Mapping[str, Health] = types.MappingProxyType({})
 _NO_REPLICA_STATES: Mapping[str, tuple[ReplicaState, ...]] = types.MappingProxyType({})
+_NO_ERRORS: Mapping[str, str] = types.MappingProxyType({})
+_NO_UNSUPPORTED: Mapping[str, tuple[UnsupportedCommand, ...]] = types.MappingProxyType({})
 
 
 # -- actions ------------------------------------------------------------------------------------------
@@ -513,6 +516,8 @@ class Adapter:
         write_positions: Mapping[str, int] = _NO_POSITIONS,
         health: Mapping[str, Health] = _NO_HEALTH,
         replica_states: Mapping[str, tuple[ReplicaState, ...]] = _NO_REPLICA_STATES,
+        errors: Mapping[str, str] = _NO_ERRORS,
+        unsupported: Mapping[str, tuple[UnsupportedCommand, ...]] = _NO_UNSUPPORTED,
     ) -> tuple[VolumeObservation, ...]:
         """Per-volume observations for the next heartbeat, sorted by volume id.
 
@@ -523,7 +528,8 @@ class Adapter:
         newer is pending).
         Health defaults to OK for an open volume, DEGRADED for a primary that is open but not
         serving (fenced: no lease, or not yet confirmed), OFFLINE for a volume that is not open;
-        write positions to 0.
+        write positions to 0. ``errors`` and ``unsupported`` are the node's diagnostics
+        (sparrow/node/diagnostics.py), reported with the volumes that are reported.
         ``now`` is the heartbeat's time (the observation carries no timestamp of its own).
         """
         del now  # part of the sans-IO signature; nothing here depends on time yet
@@ -547,6 +553,8 @@ class Adapter:
                     write_position=write_positions.get(volume_id, 0),
                     replica_states=replica_states.get(volume_id, ()),
                     converged=self.converged(volume_id),
+                    error=errors.get(volume_id),
+                    unsupported=unsupported.get(volume_id, ()),
                 )
             )
         return tuple(out)
@@ -572,7 +580,12 @@ class LocalVolumes(Protocol):
         ...
 
 
-async def execute_plan(plan: AdapterPlan, adapter: Adapter, volumes: LocalVolumes) -> None:
+async def execute_plan(
+    plan: AdapterPlan,
+    adapter: Adapter,
+    volumes: LocalVolumes,
+    failures: dict[str, BaseException] | None = None,
+) -> None:
     """Run ``plan``'s actions in order; report what ran to ``adapter`` even if one fails.
 
     A failing action (e.g. ``RecordWriteError`` or ``EpochRegression`` from a PersistRole, or a
@@ -581,9 +594,10 @@ async def execute_plan(plan: AdapterPlan, adapter: Adapter, volumes: LocalVolume
     still run: one broken volume never keeps the others from being served or fenced. The first
     error then propagates (the others are added to it as notes). Callers run one plan at a time. A
     :class:`DestroyVolume` forgets the volume's record (durably) before the local volume is deleted.
+    ``failures``, when given (empty), receives each failed volume's error by volume id.
     """
     ran: list[int] = []
-    failed: dict[str, BaseException] = {}
+    failed: dict[str, BaseException] = {} if failures is None else failures
     try:
         for index, action in enumerate(plan.actions):
             if action.volume_id in failed:

@@ -3,7 +3,7 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 6)::
+instant leaves either the old state or the new one. Tables (schema version 7)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
@@ -11,7 +11,8 @@ instant leaves either the old state or the new one. Tables (schema version 6)::
             backing)                                     (the last six: v2, all nullable)
     nodes(node_id PK, incarnation, addresses json, capacity, first_seen, last_seen,
           forgotten_at,                                  (v4, nullable)
-          draining)                                      (v6, 0/1: sparrow node drain)
+          draining,                                      (v6, 0/1: sparrow node drain)
+          public_key)                                    (v7, 64 hex | NULL: its identity key)
     assignments(volume_id -> volumes, epoch, primary_node, replicas json, created_at,
                 in_sync json,                            (v5: the in-sync set, primary first)
                 PRIMARY KEY (volume_id, epoch))
@@ -74,6 +75,7 @@ from sparrow.auth.tokens import Role, TokenRecord
 from sparrow.cluster.epoch import Epoch
 from sparrow.cluster.messages import (
     BLOCK_SIZES,
+    NODE_KEY_SIZE,
     VOLUME_NAME_PATTERN,
     Assignment,
     Hello,
@@ -93,13 +95,14 @@ from store.migrations import (
     authority_v3_to_v4,
     authority_v4_to_v5,
     authority_v5_to_v6,
+    authority_v6_to_v7,
 )
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 log = structlog.get_logger("sparrow.cluster.authority")
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -259,6 +262,14 @@ class NodeRecord:
     forgotten_at: float | None = None
     #: The operator is draining it (schema v6): no new copies, its copies moved off.
     draining: bool = False
+    #: The public key bound to the node id (schema v7; None: bound at its next Hello).
+    public_key: bytes | None = None
+
+
+def _key_column(public_key: bytes) -> str:
+    if type(public_key) is not bytes or len(public_key) != NODE_KEY_SIZE:
+        raise InvalidAuthorityRecord(f"public_key: expected {NODE_KEY_SIZE} bytes")
+    return public_key.hex()
 
 
 def _checked(check: Any, field: str, value: object) -> None:
@@ -310,6 +321,7 @@ def _node_from_row(row: sqlite3.Row) -> NodeRecord:
         row["last_seen"],
         row["forgotten_at"],
         bool(row["draining"]),
+        None if row["public_key"] is None else bytes.fromhex(row["public_key"]),
     )
 
 
@@ -480,6 +492,7 @@ class AuthorityStore:
                         authority_v3_to_v4.upgrade(conn)
                         authority_v4_to_v5.upgrade(conn)
                         authority_v5_to_v6.upgrade(conn)
+                        authority_v6_to_v7.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -630,25 +643,37 @@ class AuthorityStore:
     # ---- nodes ------------------------------------------------------------------------------------
 
     def upsert_node(
-        self, node_id: str, *, incarnation: int, addresses: NodeAddresses, capacity: int, seen_at: float
+        self,
+        node_id: str,
+        *,
+        incarnation: int,
+        addresses: NodeAddresses,
+        capacity: int,
+        seen_at: float,
+        public_key: bytes | None = None,
     ) -> NodeRecord:
         """Record a node's Hello: insert it, or update everything but ``first_seen``. A forgotten
-        node's Hello makes it a new node: ``forgotten_at`` cleared, ``first_seen`` = ``seen_at``."""
+        node's Hello makes it a new node: ``forgotten_at`` cleared, ``first_seen`` = ``seen_at``.
+        ``public_key``: the key the master admitted the Hello with (``NodeKeys.admit``), recorded
+        as the node's binding (None keeps a member's binding, and leaves a forgotten node's none)."""
         _checked(check_node_id, "node_id", node_id)
         _checked(check_uint, "incarnation", incarnation)
         _checked(check_uint, "capacity", capacity)
         for field in ("iscsi_portal", "replication", "http"):
             _checked(check_portal, f"addresses.{field}", getattr(addresses, field))
+        key = None if public_key is None else _key_column(public_key)
         with self._lock, immediate_transaction(self._conn):
             self._conn.execute(
-                "INSERT INTO nodes (node_id, incarnation, addresses, capacity, first_seen, last_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                "INSERT INTO nodes (node_id, incarnation, addresses, capacity, first_seen, last_seen, "
+                "public_key) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
                 "incarnation = excluded.incarnation, addresses = excluded.addresses, "
                 "capacity = excluded.capacity, last_seen = excluded.last_seen, "
                 "first_seen = CASE WHEN forgotten_at IS NULL THEN first_seen ELSE excluded.first_seen END, "
                 "draining = CASE WHEN forgotten_at IS NULL THEN draining ELSE 0 END, "
+                "public_key = coalesce(excluded.public_key, "
+                "CASE WHEN forgotten_at IS NULL THEN public_key END), "
                 "forgotten_at = NULL",
-                (node_id, incarnation, addresses.to_json(), capacity, float(seen_at), float(seen_at)),
+                (node_id, incarnation, addresses.to_json(), capacity, float(seen_at), float(seen_at), key),
             )
             row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
         return _node_from_row(row)
@@ -661,6 +686,7 @@ class AuthorityStore:
             addresses=NodeAddresses.from_hello(hello),
             capacity=hello.capacity_bytes,
             seen_at=seen_at,
+            public_key=hello.node_key,
         )
 
     def forget_node(self, node_id: str, *, forgotten_at: float) -> Forgotten | None:
@@ -693,9 +719,31 @@ class AuthorityStore:
                 self._conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
                 return Forgotten.REMOVED
             self._conn.execute(
-                "UPDATE nodes SET forgotten_at = ? WHERE node_id = ?", (float(forgotten_at), node_id)
+                "UPDATE nodes SET forgotten_at = ?, public_key = NULL WHERE node_id = ?",
+                (float(forgotten_at), node_id),
             )
             return Forgotten.MARKED
+
+    def set_node_key(self, node_id: str, public_key: bytes | None) -> NodeRecord:
+        """Bind a member node to ``public_key``, or to none (its next Hello binds on first use):
+        ``sparrow node rekey``. Raises UnknownNode (never said hello, or forgotten)."""
+        key = None if public_key is None else _key_column(public_key)
+        with self._lock, immediate_transaction(self._conn):
+            cur = self._conn.execute(
+                "UPDATE nodes SET public_key = ? WHERE node_id = ? AND forgotten_at IS NULL", (key, node_id)
+            )
+            if cur.rowcount != 1:
+                raise UnknownNode(node_id)
+            row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node_from_row(row)
+
+    def node_keys(self) -> dict[str, bytes]:
+        """The bindings of the member nodes that have one (``NodeKeys``' start)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT node_id, public_key FROM nodes WHERE forgotten_at IS NULL AND public_key IS NOT NULL"
+            ).fetchall()
+        return {r["node_id"]: bytes.fromhex(r["public_key"]) for r in rows}
 
     def set_draining(self, node_id: str, draining: bool) -> NodeRecord:
         """Mark a member node draining (or not). Raises UnknownNode (never said hello, or forgotten)."""

@@ -2,7 +2,7 @@
 
 A frame is a 4-byte big-endian payload length followed by the payload, one msgpack map::
 
-    {"t": "hello" | "heartbeat" | "ack", "v": <schema version>, <field>: <value>, ...}
+    {"t": "hello" | "heartbeat" | "ack" | "refusal", "v": <schema version>, <field>: <value>, ...}
 
 Field names are the dataclass field names of ``sparrow.cluster.messages``; enums travel as their
 string values, nested records as maps without ``t``/``v`` (they share their message's version),
@@ -37,9 +37,19 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   digits: the replication stream keys, docs/replication.md); an older Ack decodes with
   ``stream_keys=()`` (its node then refuses every replication stream, and a primary's OPENs are
   refused), and one carrying the field is rejected (BAD_FIELD).
+- ``hello`` v2 adds ``node_key`` (64 hex digits: the node's Ed25519 public key) and ``proof``
+  (128 hex digits: its signature over the channel binding, sparrow.cluster.nodeidentity); a v1
+  Hello decodes with both None (the master refuses it: ``no_identity``), and one carrying either
+  is rejected (BAD_FIELD). ``refusal`` (v1, master -> node) came with it.
 - ``heartbeat`` v2 adds to each replica state ``resync_done`` and ``resync_total`` (bytes, a
   SYNCING copy's resync progress); a v1 replica state decodes with both 0, and a v1 one carrying
   either is rejected (BAD_FIELD).
+- ``heartbeat`` v3 adds diagnostics: to each observation ``error`` (str or nil: why the node's
+  last attempt to act on the volume's assignment failed) and ``unsupported`` (an array of
+  ``{opcode, service_action, count, last_initiator}``: SCSI commands answered INVALID COMMAND
+  OPERATION CODE), and to the heartbeat ``skipped`` (an array of ``{name, reason}``: volumes not
+  loaded at start). An older heartbeat decodes with ``error`` None and both arrays empty, and one
+  carrying any of them is rejected (BAD_FIELD).
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from typing import Any, TypeVar
 import msgpack
 
 from sparrow.cluster.messages import (
+    NODE_KEY_SIZE,
+    PROOF_SIZE,
     STREAM_KEY_SIZE,
     Ack,
     Assignment,
@@ -62,10 +74,13 @@ from sparrow.cluster.messages import (
     Hello,
     InvalidMessage,
     Message,
+    Refusal,
     ReplicaState,
     Role,
+    SkippedVolume,
     StreamKey,
     SyncState,
+    UnsupportedCommand,
     VolumeChap,
     VolumeObservation,
 )
@@ -81,11 +96,15 @@ MAX_ARRAY_LEN = 65536
 MAX_MAP_LEN = 32
 
 #: Wire name of each message type.
-TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack"}
+TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack", Refusal: "refusal"}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 1, "heartbeat": 2, "ack": 6}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 3, "ack": 6, "refusal": 1}
+#: The first ``hello`` version that carries the node's key and proof.
+HELLO_IDENTITY_VERSION = 2
 #: The first ``heartbeat`` version whose replica states carry resync progress.
 HEARTBEAT_RESYNC_VERSION = 2
+#: The first ``heartbeat`` version that carries diagnostics (errors, unsupported commands, skipped).
+HEARTBEAT_DIAGNOSTICS_VERSION = 3
 #: The first ``ack`` version that carries the volume directory.
 ACK_DIRECTORY_VERSION = 2
 #: The first ``ack`` version whose assignments carry physical_block_size, chap and backing.
@@ -144,6 +163,16 @@ def _observation_to_wire(obs: VolumeObservation) -> dict[str, object]:
         "write_position": obs.write_position,
         "replica_states": [_replica_state_to_wire(r) for r in obs.replica_states],
         "converged": obs.converged,
+        "error": obs.error,
+        "unsupported": [
+            {
+                "opcode": u.opcode,
+                "service_action": u.service_action,
+                "count": u.count,
+                "last_initiator": u.last_initiator,
+            }
+            for u in obs.unsupported
+        ],
     }
 
 
@@ -188,9 +217,17 @@ def _to_wire(message: Message) -> dict[str, object]:
             "http": message.http,
             "capacity_bytes": message.capacity_bytes,
             "free_bytes": message.free_bytes,
+            "node_key": None if message.node_key is None else message.node_key.hex(),
+            "proof": None if message.proof is None else message.proof.hex(),
         }
+    if isinstance(message, Refusal):
+        return {"reason": message.reason, "detail": message.detail}
     if isinstance(message, Heartbeat):
-        return {"seq": message.seq, "observations": [_observation_to_wire(o) for o in message.observations]}
+        return {
+            "seq": message.seq,
+            "observations": [_observation_to_wire(o) for o in message.observations],
+            "skipped": [{"name": v.name, "reason": v.reason} for v in message.skipped],
+        }
     return {
         "seq": message.seq,
         "lease_seconds": message.lease_seconds,
@@ -290,19 +327,41 @@ def _replica_state_from_wire(where: str, raw: object, version: int) -> ReplicaSt
 
 def _observation_from_wire(where: str, raw: object, version: int) -> VolumeObservation:
     f = _Fields(where, raw)
-    return f.build(
-        VolumeObservation,
-        volume_id=f.take("volume_id"),
-        epoch=f.take("epoch"),
-        role=f.take_enum("role", Role),
-        health=f.take_enum("health", Health),
-        write_position=f.take("write_position"),
-        replica_states=tuple(
+    values: dict[str, object] = {
+        "volume_id": f.take("volume_id"),
+        "epoch": f.take("epoch"),
+        "role": f.take_enum("role", Role),
+        "health": f.take_enum("health", Health),
+        "write_position": f.take("write_position"),
+        "replica_states": tuple(
             _replica_state_from_wire(f"{where}.replica_states[{i}]", r, version)
             for i, r in enumerate(f.take_list("replica_states"))
         ),
-        converged=f.take("converged"),
+        "converged": f.take("converged"),
+    }
+    if version >= HEARTBEAT_DIAGNOSTICS_VERSION:
+        values["error"] = f.take("error")
+        values["unsupported"] = tuple(
+            _unsupported_from_wire(f"{where}.unsupported[{i}]", u)
+            for i, u in enumerate(f.take_list("unsupported"))
+        )
+    return f.build(VolumeObservation, **values)
+
+
+def _unsupported_from_wire(where: str, raw: object) -> UnsupportedCommand:
+    f = _Fields(where, raw)
+    return f.build(
+        UnsupportedCommand,
+        opcode=f.take("opcode"),
+        service_action=f.take("service_action"),
+        count=f.take("count"),
+        last_initiator=f.take("last_initiator"),
     )
+
+
+def _skipped_from_wire(where: str, raw: object) -> SkippedVolume:
+    f = _Fields(where, raw)
+    return f.build(SkippedVolume, name=f.take("name"), reason=f.take("reason"))
 
 
 def _assignment_from_wire(where: str, raw: object, version: int) -> Assignment:
@@ -350,27 +409,47 @@ def _directory_entry_from_wire(where: str, raw: object) -> DirectoryEntry:
 
 
 def _hello_from_wire(f: _Fields, version: int) -> Hello:
-    return f.build(
-        Hello,
-        node_id=f.take("node_id"),
-        incarnation=f.take("incarnation"),
-        iscsi_portal=f.take("iscsi_portal"),
-        replication=f.take("replication"),
-        http=f.take("http"),
-        capacity_bytes=f.take("capacity_bytes"),
-        free_bytes=f.take("free_bytes"),
-    )
+    values: dict[str, object] = {
+        "node_id": f.take("node_id"),
+        "incarnation": f.take("incarnation"),
+        "iscsi_portal": f.take("iscsi_portal"),
+        "replication": f.take("replication"),
+        "http": f.take("http"),
+        "capacity_bytes": f.take("capacity_bytes"),
+        "free_bytes": f.take("free_bytes"),
+    }
+    if version >= HELLO_IDENTITY_VERSION:
+        values["node_key"] = _hex_or_none("node_key", f.take("node_key"), NODE_KEY_SIZE)
+        values["proof"] = _hex_or_none("proof", f.take("proof"), PROOF_SIZE)
+    return f.build(Hello, **values)
+
+
+def _hex_or_none(where: str, text: object, size: int) -> bytes | None:
+    """``size`` bytes written as ``2 * size`` hex digits, or nil."""
+    if text is None:
+        return None
+    if not isinstance(text, str) or len(text) != 2 * size:
+        raise _bad(where, f"expected {2 * size} hex digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise _bad(where, "not hex") from None
+
+
+def _refusal_from_wire(f: _Fields, version: int) -> Refusal:
+    return f.build(Refusal, reason=f.take("reason"), detail=f.take("detail"))
 
 
 def _heartbeat_from_wire(f: _Fields, version: int) -> Heartbeat:
-    return f.build(
-        Heartbeat,
-        seq=f.take("seq"),
-        observations=tuple(
-            _observation_from_wire(f"observations[{i}]", o, version)
-            for i, o in enumerate(f.take_list("observations"))
-        ),
+    seq = f.take("seq")
+    observations = tuple(
+        _observation_from_wire(f"observations[{i}]", o, version)
+        for i, o in enumerate(f.take_list("observations"))
     )
+    skipped: tuple[SkippedVolume, ...] = ()
+    if version >= HEARTBEAT_DIAGNOSTICS_VERSION:
+        skipped = tuple(_skipped_from_wire(f"skipped[{i}]", v) for i, v in enumerate(f.take_list("skipped")))
+    return f.build(Heartbeat, seq=seq, observations=observations, skipped=skipped)
 
 
 def _ack_from_wire(f: _Fields, version: int) -> Ack:
@@ -427,6 +506,7 @@ _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "hello": _hello_from_wire,
     "heartbeat": _heartbeat_from_wire,
     "ack": _ack_from_wire,
+    "refusal": _refusal_from_wire,
 }
 
 

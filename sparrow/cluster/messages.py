@@ -47,6 +47,13 @@ MAX_VOLUMES = 16384
 MAX_COPIES = 8
 #: The longest lease a master may grant (seconds).
 MAX_LEASE_SECONDS = 3600.0
+#: Diagnostics a heartbeat carries (heartbeat v3): the distinct unsupported SCSI commands reported
+#: per volume, the volumes reported skipped at start, and the longest text of an error or reason
+#: (a longer one is cut by :func:`clip`). An iSCSI name is at most 223 bytes (RFC 7143 4.2.7.1).
+MAX_UNSUPPORTED = 8
+MAX_SKIPPED = 64
+MAX_REASON_LEN = 512
+MAX_INITIATOR_LEN = 223
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -206,7 +213,30 @@ def _check_records(field: str, value: object, kind: type[_R]) -> tuple[_R, ...]:
     return value
 
 
+def check_key_bytes(field: str, value: object, size: int) -> bytes:
+    """Exactly ``size`` bytes (a key, a signature)."""
+    if type(value) is not bytes or len(value) != size:
+        raise InvalidMessage(field, f"expected {size} bytes")
+    return value
+
+
+def clip(text: str, limit: int = MAX_REASON_LEN) -> str:
+    """``text`` cut to ``limit`` characters (the cut marked with an ellipsis)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _check_reason(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_REASON_LEN:
+        raise InvalidMessage(field, f"expected a non-empty string of at most {MAX_REASON_LEN} chars")
+    return value
+
+
 # -- node -> master ---------------------------------------------------------------------------------
+
+#: A node's public key: Ed25519 (sparrow.cluster.nodeidentity).
+NODE_KEY_SIZE = 32
+#: An Ed25519 signature.
+PROOF_SIZE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +254,13 @@ class Hello:
     http: str
     capacity_bytes: int
     free_bytes: int
+    #: The node's public key (Ed25519, :data:`NODE_KEY_SIZE` bytes; hello v2, None in a v1 Hello):
+    #: the identity the master binds to ``node_id`` (sparrow.cluster.nodeidentity).
+    node_key: bytes | None = None
+    #: The node's signature over this connection's channel binding and its identity
+    #: (``nodeidentity.proof_message``; :data:`PROOF_SIZE` bytes). It belongs to one connection,
+    #: so it is not part of what a Hello says about the node: not compared, not in ``repr``.
+    proof: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_node_id("node_id", self.node_id)
@@ -233,6 +270,12 @@ class Hello:
         check_portal("http", self.http)
         check_bytes("capacity_bytes", self.capacity_bytes)
         check_bytes("free_bytes", self.free_bytes)
+        if self.node_key is not None:
+            check_key_bytes("node_key", self.node_key, NODE_KEY_SIZE)
+        if self.proof is not None:
+            if self.node_key is None:
+                raise InvalidMessage("proof", "a proof without a node_key")
+            check_key_bytes("proof", self.proof, PROOF_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,10 +301,50 @@ class ReplicaState:
 
 
 @dataclass(frozen=True, slots=True)
+class UnsupportedCommand:
+    """A SCSI command a volume's LU answered INVALID COMMAND OPERATION CODE (heartbeat v3):
+    ``opcode``, its ``service_action`` (None for an opcode without one), how many times since the
+    node started, and the iSCSI name of the last initiator that sent it. Counted by the frontend
+    (``frontend.scsi.unsupported``)."""
+
+    opcode: int
+    service_action: int | None
+    count: int
+    last_initiator: str
+
+    def __post_init__(self) -> None:
+        check_uint("opcode", self.opcode, maximum=0xFF)
+        if self.service_action is not None:
+            check_uint("service_action", self.service_action, maximum=0xFFFF)
+        check_uint("count", self.count, minimum=1)
+        if not isinstance(self.last_initiator, str) or len(self.last_initiator) > MAX_INITIATOR_LEN:
+            raise InvalidMessage("last_initiator", f"expected a string of at most {MAX_INITIATOR_LEN} chars")
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedVolume:
+    """A volume the node found in its data directory at start and did not load (heartbeat v3):
+    its ``name`` (the record's file name) and why (a corrupt or unreadable record, a missing or
+    wrong-sized data file or backing, an orphan data file ...; ``store.volumes.load_all``)."""
+
+    name: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 255:
+            raise InvalidMessage("name", "expected a file name of 1..255 chars")
+        _check_reason("reason", self.reason)
+
+
+@dataclass(frozen=True, slots=True)
 class VolumeObservation:
     """What a node has for one volume: the epoch and role it has applied, its health, how far
     its data goes, its replicas' states (when primary), and whether it has converged on its
     latest assignment. Epoch 0 means the node holds no assignment for the volume.
+
+    Diagnostics (heartbeat v3; absent from older heartbeats): ``error``, why the node's last
+    attempt to act on the volume's assignment failed (None: it did not), and ``unsupported``, the
+    SCSI commands its LU answered as unsupported (at most :data:`MAX_UNSUPPORTED`).
     """
 
     volume_id: str
@@ -271,6 +354,8 @@ class VolumeObservation:
     write_position: int
     replica_states: tuple[ReplicaState, ...]
     converged: bool
+    error: str | None = None
+    unsupported: tuple[UnsupportedCommand, ...] = ()
 
     def __post_init__(self) -> None:
         check_volume_id("volume_id", self.volume_id)
@@ -283,6 +368,12 @@ class VolumeObservation:
         if len({r.node_id for r in replicas}) != len(replicas):
             raise InvalidMessage("replica_states", "a node appears twice")
         check_bool("converged", self.converged)
+        if self.error is not None:
+            _check_reason("error", self.error)
+        unsupported = _check_records("unsupported", self.unsupported, UnsupportedCommand)
+        check_count("unsupported", unsupported, MAX_UNSUPPORTED)
+        if len({(u.opcode, u.service_action) for u in unsupported}) != len(unsupported):
+            raise InvalidMessage("unsupported", "a command appears twice")
 
     @property
     def restored_epoch(self) -> Epoch:
@@ -293,11 +384,13 @@ class VolumeObservation:
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Periodic report from a node. ``seq`` increases with every heartbeat the node process sends,
-    across reconnects (the node's ``LeaseClock`` relies on it); the Ack echoes it.
+    across reconnects (the node's ``LeaseClock`` relies on it); the Ack echoes it. ``skipped``
+    (heartbeat v3): the volumes it did not load at start, and why (at most :data:`MAX_SKIPPED`).
     """
 
     seq: int
     observations: tuple[VolumeObservation, ...]
+    skipped: tuple[SkippedVolume, ...] = ()
 
     def __post_init__(self) -> None:
         check_uint("seq", self.seq)
@@ -305,6 +398,8 @@ class Heartbeat:
         check_count("observations", observations, MAX_VOLUMES)
         if len({o.volume_id for o in observations}) != len(observations):
             raise InvalidMessage("observations", "a volume appears twice")
+        skipped = _check_records("skipped", self.skipped, SkippedVolume)
+        check_count("skipped", skipped, MAX_SKIPPED)
 
 
 # -- master -> node ---------------------------------------------------------------------------------
@@ -586,5 +681,28 @@ class Ack:
                 )
 
 
+#: A refusal's ``reason``: the label of the master's refused-connections metric.
+REFUSAL_REASON_PATTERN = re.compile(r"[a-z_]{1,32}")
+#: The longest ``detail`` of a refusal (one line).
+MAX_REFUSAL_DETAIL = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Master -> node, the last message on a connection the master refuses after the handshake
+    (a Hello it does not admit: sparrow.cluster.nodeidentity, or a live incarnation), so the node
+    can log why; the master closes the connection after it (refusal v1, since hello v2).
+    ``reason`` is the label the master counts it under, ``detail`` one line for the operator."""
+
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not REFUSAL_REASON_PATTERN.fullmatch(self.reason):
+            raise InvalidMessage("reason", f"not a refusal reason: {self.reason!r}")
+        if not isinstance(self.detail, str) or len(self.detail) > MAX_REFUSAL_DETAIL or "\n" in self.detail:
+            raise InvalidMessage("detail", f"expected one line of at most {MAX_REFUSAL_DETAIL} characters")
+
+
 #: Every message that travels in a heartbeat frame.
-Message: TypeAlias = Hello | Heartbeat | Ack
+Message: TypeAlias = Hello | Heartbeat | Ack | Refusal

@@ -9,6 +9,7 @@
     DELETE /v1/volumes/{name}                                                  -> 204
     GET    /v1/nodes                                                           -> 200 {"nodes": [node...]}
     DELETE /v1/nodes/{node_id} (admin) forget a dead node that holds no copy   -> 204 (409: why not)
+    POST   /v1/nodes/{node_id}/rekey (admin) {key?} rebind its identity      -> 200 (nodekeys_api)
     GET    /metrics            Prometheus text exposition (the master's own registry)
     GET    /openapi.json       this API's OpenAPI 3.1 document (sparrow.master.openapi: how to add a route)
     GET    /healthz            200 {"status": "ok"|"degraded", "nodes": N, "nodes_alive": N,
@@ -55,9 +56,12 @@ A node (see :func:`node_json`)::
 
     {"node_id", "state": "alive"|"dead", "incarnation", "last_heartbeat_age" (seconds | null),
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
-     the master started), "draining": bool, "drain_status": what the drain does or waits for | null}
+     the master started), "draining": bool, "drain_status": what the drain does or waits for | null,
+     "node_key": the public key bound to the node id (64 hex digits) | null: bound at its next Hello}
 
-The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api.
+The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Why a volume is
+in its state (``GET /v1/volumes/{name}/explain``): sparrow.master.explain_api. ``GET /v1/nodes``
+also lists each node's ``skipped``: the volumes it did not load at start, ``[{"name", "reason"}]``.
 
 Every route but /metrics, /healthz and /openapi.json needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
@@ -99,6 +103,7 @@ from sparrow.cluster.authority import (
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
 from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
+from sparrow.cluster.nodeidentity import NodeKeys, key_text
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import VolumeProblem, health_response, master_problems, summary, unserved_reason
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
@@ -247,6 +252,8 @@ class MasterApi:
     supervisor: TaskSupervisor | None = None
     #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
     audit: AuditLog | None = None
+    #: The node identity bindings (sparrow.cluster.nodeidentity); forget and rekey change them.
+    node_keys: NodeKeys | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -277,6 +284,12 @@ def build_app(api: MasterApi) -> web.Application:
     from sparrow.master.moves_api import add_move_routes  # it builds on this module
 
     add_move_routes(app)
+    from sparrow.master.nodekeys_api import add_node_key_routes
+
+    add_node_key_routes(app)
+    from sparrow.master.explain_api import add_explain_routes
+
+    add_explain_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     openapi.add_openapi_route(app)
@@ -398,7 +411,13 @@ async def list_nodes(request: web.Request) -> web.Response:
     from sparrow.master.moves_api import drain_status
 
     draining = {r.node_id: r.draining for r in records}
+    keys = {r.node_id: r.public_key for r in records}
+    if api.node_keys is not None:
+        keys = {node_id: api.node_keys.key(node_id) for node_id in {*keys, *views}}
     for node in nodes:
+        heartbeat = api.control.observations.heartbeat(node["node_id"])
+        skipped = () if heartbeat is None else heartbeat.skipped
+        node["skipped"] = [{"name": v.name, "reason": v.reason} for v in skipped]
         node["draining"] = draining.get(node["node_id"], False)
         node["drain_status"] = drain_status(api, node["node_id"], node["draining"])
     for record in records:
@@ -415,10 +434,14 @@ async def list_nodes(request: web.Request) -> web.Response:
                     "http": record.addresses.http,
                     "capacity_bytes": record.capacity,
                     "free_bytes": None,
+                    "skipped": [],
                     "draining": record.draining,
                     "drain_status": drain_status(api, record.node_id, record.draining),
                 }
             )
+    for node in nodes:
+        key = keys.get(str(node["node_id"]))
+        node["node_key"] = None if key is None else key_text(key)
     nodes.sort(key=lambda n: str(n["node_id"]))
     return web.json_response({"nodes": nodes})
 
@@ -436,6 +459,8 @@ async def forget_node(request: web.Request) -> web.Response:
     except NodeHoldsCopy as e:
         raise ApiError(409, str(e)) from None
     observed = control.observations.forget(node_id)
+    if api.node_keys is not None:
+        api.node_keys.drop(node_id)  # the authority dropped it with the record: a new node's key next
     if not (recorded or observed):
         raise ApiError(404, f"no node {node_id!r}")
     log.info("node forgotten", node=node_id, record=None if recorded is None else recorded.value)

@@ -85,6 +85,7 @@ VERBS: dict[tuple[str, str], str] = {
     ("POST", "/v1/volumes/{name}/rebuild"): "volume.rebuild",
     ("POST", "/v1/nodes/{node_id}/drain"): "node.drain",
     ("POST", "/v1/nodes/{node_id}/undrain"): "node.undrain",
+    ("POST", "/v1/nodes/{node_id}/rekey"): "node.rekey",
 }
 
 #: Body fields whose values are written to the log. Every other field's value is left out (its
@@ -103,6 +104,7 @@ PUBLIC_ARGS = frozenset(
         "tenant",
         "to",
         "replica",
+        "key",
     }
 )
 #: Query parameters written to the log.

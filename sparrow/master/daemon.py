@@ -34,6 +34,7 @@ from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyContro
 from sparrow.cluster.epochfloor import RESTORE_MARKER, EpochFloor
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Assignment, Hello
+from sparrow.cluster.nodeidentity import NodeKeys
 from sparrow.cluster.publisher import Publisher
 from sparrow.clustersecret import NO_SECRET
 from sparrow.config import HostPort
@@ -174,6 +175,8 @@ class MasterRuntime:
     #: DATA_DIR/audit.jsonl: every mutating API call and every epoch minted (sparrow.master.audit).
     audit: AuditLog | None = None
     steps: asyncio.Task[None] | None = None
+    #: The node identity bindings the heartbeat server admits Hellos by (sparrow.cluster.nodeidentity).
+    node_keys: NodeKeys = field(default_factory=NodeKeys)
 
     def api(self) -> MasterApi:
         return MasterApi(
@@ -184,6 +187,7 @@ class MasterRuntime:
             backing_policy=BackingPolicy(self.config.allowed_backing),
             supervisor=self.supervisor,
             audit=self.audit,
+            node_keys=self.node_keys,
         )
 
     def start_steps(self, stop: asyncio.Event) -> None:
@@ -286,6 +290,7 @@ async def start_master(
     )
     metrics.bind(control, clock)
 
+    node_keys = NodeKeys(store.node_keys())
     recorder = NodeRecorder(store, supervisor)
     recorder.start()
     cleanup.push_async_callback(recorder.close, 1.0)
@@ -300,6 +305,7 @@ async def start_master(
         on_refused=lambda reason: metrics.refused_connections.labels(reason=reason).inc(),
         idle_timeout=timing.dead_after,
         master_key=key,
+        node_keys=node_keys,
     )
     try:
         await heartbeats.start(config.listen.host, config.listen.port)
@@ -309,7 +315,17 @@ async def start_master(
     push.append(heartbeats.push_assignments)
     listen = bound_address(heartbeats.sockets, config.listen)
     return MasterRuntime(
-        config, store, control, metrics, recorder, heartbeats, listen, clock, supervisor, audit=audit
+        config,
+        store,
+        control,
+        metrics,
+        recorder,
+        heartbeats,
+        listen,
+        clock,
+        supervisor,
+        audit=audit,
+        node_keys=node_keys,
     )
 
 

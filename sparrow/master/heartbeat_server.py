@@ -6,7 +6,10 @@ bytes: they go to a server-side :class:`~sparrow.cluster.channel.Channel` (purpo
 which authenticates the node by the cluster secret before anything else; the plaintext of its
 records goes to ``heartbeat.FrameDecoder``; each decoded message is handled here:
 
-- ``Hello``: recorded in the ObservationStore at ``now`` (master clock) and remembered as the
+- ``Hello``: admitted only with a proof, made by the key bound to its node id (or by any key when
+  none is bound yet, which binds it: ``NodeKeys.admit``, docs/cluster.md "Node identity"), over
+  this connection's channel binding; then recorded in the ObservationStore at ``now`` (master
+  clock) and remembered as the
   connection's node; the node is upserted in the AuthorityStore (in a worker thread: an fsync), so
   the Publisher may name it in an assignment. A Hello naming another node on the same connection
   is a protocol error.
@@ -34,7 +37,10 @@ Limits: at most ``max_handshaking`` connections may be in the handshake at once 
 one is closed at once); a handshake must complete within ``handshake_timeout``, a record or a
 heartbeat frame once begun within ``frame_timeout``; an authenticated connection silent for
 ``idle_timeout`` (the master's dead_after) is closed. A peer that fails the handshake is refused:
-logged (warning, peer and reason) and counted (``on_refused(reason)``).
+logged (warning, peer and reason) and counted (``on_refused(reason)``). A Hello refused after the
+handshake (``no_identity``, ``bad_proof``, ``key_mismatch``, ``live_incarnation``) is logged at
+error level, counted, and answered with a ``Refusal`` (reason and detail, so the node can log why)
+before the connection is closed.
 
 One live incarnation per node id: a Hello for a node id that has another open connection, under
 another incarnation, whose last heartbeat is younger than dead_after is refused (logged at error
@@ -66,7 +72,18 @@ from sparrow.cluster.channel import (
 )
 from sparrow.cluster.heartbeat import FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import MasterLeases
-from sparrow.cluster.messages import Ack, Assignment, DirectoryEntry, Heartbeat, Hello, Message, StreamKey
+from sparrow.cluster.messages import (
+    MAX_REFUSAL_DETAIL,
+    Ack,
+    Assignment,
+    DirectoryEntry,
+    Heartbeat,
+    Hello,
+    Message,
+    Refusal,
+    StreamKey,
+)
+from sparrow.cluster.nodeidentity import IdentityRefused, NodeKeys, key_text
 from sparrow.cluster.observations import ObservationError, ObservationStore
 from sparrow.master.control import ControlLoop
 from sparrow.replication.streamauth import stream_keys_for
@@ -81,6 +98,8 @@ DEFAULT_MAX_HANDSHAKING = 64
 LIVE_INCARNATION = "live_incarnation"
 #: The reason label of a connection closed because too many are in the handshake.
 HANDSHAKE_CAP = "handshake_cap"
+#: Seconds a refused node gets to read its Refusal before the connection is aborted.
+REFUSAL_LINGER = 1.0
 
 
 def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
@@ -112,7 +131,8 @@ class HeartbeatServer:
     every Hello (the daemon upserts the node in the authority store); ``on_heartbeat()`` counts;
     ``on_refused(reason)`` counts a refused connection. ``idle_timeout`` defaults to the
     ObservationStore's dead_after. Deadlines are armed on the running loop once :meth:`start` has
-    run; without it (unit tests) call :meth:`NodeConnection.check_deadline`.
+    run; without it (unit tests) call :meth:`NodeConnection.check_deadline`. ``node_keys`` are the
+    node identity bindings (default: none yet, each node id bound at its first Hello).
     """
 
     def __init__(
@@ -131,8 +151,10 @@ class HeartbeatServer:
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         idle_timeout: float | None = None,
         master_key: bytes | None = None,
+        node_keys: NodeKeys | None = None,
     ) -> None:
         self.control = control
+        self.node_keys = node_keys if node_keys is not None else NodeKeys()
         self.secret = secret
         #: Derives the replication stream keys each Ack carries (None: no keys, streams refused).
         self.master_key = master_key
@@ -296,7 +318,7 @@ class NodeConnection(asyncio.Protocol):
             if e.refusal is not None:
                 log.error("refused node", peer=self.peer, node=self.node_id, reason=e.refusal, detail=str(e))
                 self.server.refused(e.refusal)
-                self.close(str(e), abort=True)
+                self._refuse_with(Refusal(e.refusal, str(e)[:MAX_REFUSAL_DETAIL]))
             else:
                 self.protocol_error("refused", str(e))
             return
@@ -403,6 +425,17 @@ class NodeConnection(asyncio.Protocol):
         if self.node_id is not None and hello.node_id != self.node_id:
             raise ConnectionRefused(f"Hello from {hello.node_id!r} on the connection of {self.node_id!r}")
         self._refuse_a_second_live_incarnation(hello)
+        try:
+            admitted = self.server.node_keys.admit(hello, self.channel.binding)
+        except IdentityRefused as e:
+            raise ConnectionRefused(str(e), refusal=e.code.value) from None
+        if admitted.first_use:
+            log.warning(
+                "node key bound on first use",
+                peer=self.peer,
+                node=hello.node_id,
+                node_key=key_text(admitted.key),
+            )
         known = self.server.observations.hello(hello.node_id)
         self.server.observations.record(hello, hello.node_id, self.server.clock())
         if self.node_id is None:
@@ -501,12 +534,33 @@ class NodeConnection(asyncio.Protocol):
             self.server.on_protocol_error(code)
         self.close(reason, abort=True)
 
-    def close(self, reason: str, *, abort: bool = False) -> None:
+    def _refuse_with(self, refusal: Refusal) -> None:
+        """Send ``refusal`` and end the connection: the write side is shut once it is sent, and
+        the connection aborted REFUSAL_LINGER later (bytes from the node meanwhile are dropped)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.close(refusal.detail, abort=True)
+            return
+        transport.write(self.channel.send(encode(refusal)))
+        loop = self.server._loop
+        if loop is None or not transport.can_write_eof():
+            self.close(refusal.detail)
+            return
+        # Not close(): bytes the node wrote after its Hello would come back as a reset, which
+        # may cost the node the Refusal still unread in its socket.
+        self.close(refusal.detail, shut=True)
+        transport.write_eof()
+        loop.call_later(REFUSAL_LINGER, transport.abort)
+
+    def close(self, reason: str, *, abort: bool = False, shut: bool = False) -> None:
+        """End the connection (``shut``: only mark it ended; the caller ends the transport)."""
         if self.closed_reason is None:
             self.closed_reason = reason
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if shut:
+            return
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if abort:

@@ -45,6 +45,7 @@ from aiohttp import web
 from frontend.scsi.lubase import AccessState
 from sparrow.auth.tokens import NAME_MAX, TENANT_PATTERN, TOKEN_ID_PATTERN, Role
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind
+from sparrow.cluster.explain import Reason
 from sparrow.cluster.messages import (
     BLOCK_SIZES,
     NODE_ID_PATTERN,
@@ -190,8 +191,63 @@ SCHEMAS: dict[str, Schema] = {
             "http": STRING,
             "capacity_bytes": COUNT,
             "free_bytes": _nullable(COUNT),
+            "skipped": {
+                "type": "array",
+                "items": _ref("SkippedVolume"),
+                "description": "Volumes the node did not load at its start, and why",
+            },
             "draining": BOOL,
             "drain_status": TEXT,
+            "node_key": {**_nullable(_ref("NodeKey")), "description": "null: bound at its next Hello"},
+        }
+    ),
+    "NodeKey": {**_pattern("[0-9a-f]{64}"), "description": "An Ed25519 public key, 64 hex digits"},
+    "SkippedVolume": _obj({"name": STRING, "reason": STRING}),
+    "Rekey": _obj(
+        {},
+        {
+            "key": {
+                **_nullable(_pattern(r"\s*[0-9a-fA-F]{64}\s*")),
+                "description": "The key to pin (either case); null or absent: trust on first use",
+            }
+        },
+    ),
+    "Rekeyed": _obj({"node_id": _ref("NodeId"), "node_key": _nullable(_ref("NodeKey"))}),
+    "Finding": _obj(
+        {
+            "reason": _enum(Reason),
+            "text": STRING,
+            "action": {**TEXT, "description": "What an operator can do (null: it resolves itself)"},
+            "node": _nullable(_ref("NodeId")),
+            "since_seconds": _nullable({"type": "number", "minimum": 0}),
+            "since": _nullable({**STRING, "format": "date-time"}),
+            "facts": {"type": "object", "description": "The finding's figures, by name"},
+        }
+    ),
+    "Explanation": _obj(
+        {
+            "volume": _ref("VolumeName"),
+            "volume_id": _pattern(VOLUME_ID_PATTERN.pattern),
+            "served": BOOL,
+            "reason": {**_enum(Reason), "description": "The headline finding's"},
+            "summary": STRING,
+            "findings": {"type": "array", "items": _ref("Finding"), "minItems": 1},
+            "unsupported_commands": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "node": _ref("NodeId"),
+                        "opcode": {"type": "integer", "minimum": 0, "maximum": 255},
+                        "service_action": _nullable(COUNT),
+                        "count": COUNT,
+                        "last_initiator": STRING,
+                    }
+                ),
+            },
+            "skipped_at_start": {
+                "type": "array",
+                "items": _obj({"node": _ref("NodeId"), "reason": STRING}),
+            },
         }
     ),
     "NodeList": _obj({"nodes": {"type": "array", "items": _ref("Node")}}),
@@ -345,6 +401,9 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: "Volume", 202: "Volume", 404: None, 409: None}, request="Rebuild",
         parameters=("VolumeName",), tags=("volumes", "moves"),
     ),
+    Operation("GET", "/v1/volumes/{name}/explain", "explainVolume",
+              "Why the volume is in its state, in words and as fields",
+              {200: "Explanation", 404: None}, parameters=("VolumeName",), tags=("volumes",)),
     Operation("GET", "/v1/nodes", "listNodes", "List nodes", {200: "NodeList"}, tags=("nodes",)),
     Operation(
         "DELETE", "/v1/nodes/{node_id}", "forgetNode", "Forget a dead node that holds no copy",
@@ -354,6 +413,10 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: "Drain", 404: None}, parameters=("NodeId",), tags=("nodes", "moves")),
     Operation("POST", "/v1/nodes/{node_id}/undrain", "undrainNode", "Let a node take new copies again",
               {200: "Drain", 404: None}, parameters=("NodeId",), tags=("nodes", "moves")),
+    Operation(
+        "POST", "/v1/nodes/{node_id}/rekey", "rekeyNode", "Rebind a dead node's id to a key, or to none",
+        {200: "Rekeyed", 404: None, 409: None}, request="Rekey", parameters=("NodeId",), tags=("nodes",),
+    ),
     Operation("POST", "/v1/tokens", "createToken", "Mint a token (its secret is shown once)",
               {201: "NewToken"}, request="TokenCreate", tags=("tokens",)),
     Operation("GET", "/v1/tokens", "listTokens", "List tokens (never their secrets)",
@@ -370,6 +433,7 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", ROUTE, "getOpenApi", "This document (no token)", {200: "application/json"},
               tags=("monitoring",)),
 )  # fmt: skip
+
 
 def _response(status: int, body: str | None) -> Schema:
     if body is None and status in ERRORS:

@@ -80,6 +80,7 @@ from sparrow.cluster.messages import (
     split_portal,
 )
 from sparrow.metrics import VolumeMetrics
+from sparrow.node.diagnostics import NodeDiagnostics
 from sparrow.node.replicated_store import Forwarding
 from sparrow.node.sessions import NoSessions, SessionControl
 from sparrow.supervision import TaskSupervisor
@@ -169,8 +170,11 @@ class NodeVolumes:
         metrics: VolumeMetrics | None = None,
         sessions: SessionControl | None = None,
         forwarding: Forwarding | None = None,
+        diagnostics: NodeDiagnostics | None = None,
     ) -> None:
         self.manager = manager
+        #: Per-volume errors and unsupported SCSI commands, for the heartbeat (heartbeat v3).
+        self.diagnostics = diagnostics if diagnostics is not None else NodeDiagnostics()
         #: Wraps each exported store so a primary forwards to its replicas (None: ``sparrow serve``).
         self.forwarding = forwarding
         self.registry = registry
@@ -360,6 +364,7 @@ class NodeVolumes:
                 )
         await self.close_volume(volume_id)
         self._settings.pop(volume_id, None)
+        self.diagnostics.forget(volume_id)
         if not present:
             return
         with contextlib.suppress(OSError):
@@ -458,6 +463,7 @@ class NodeVolumes:
             on_reservations_changed=self._reservation_saver(meta.name),
             tpgt=self.tpgt,
             physical_block_size=meta.physical_block_size,
+            unsupported=self.diagnostics.tally(meta.volume_id, meta.name),
         )
         lu.access_state = AccessState.TRANSITIONING  # fenced before any initiator can reach it
         iqn = self.iqn_for(meta.name)
@@ -796,9 +802,13 @@ class Convergence:
         """What the next heartbeat reports (the adapter's view: persisted epochs and roles; a
         primary's replicas as its forwarding sees them)."""
         forwarding = self.volumes.forwarding
-        if forwarding is None:
-            return self.adapter.observations(now)
-        return self.adapter.observations(now, replica_states=forwarding.replica_states(now))
+        diagnostics = self.volumes.diagnostics
+        return self.adapter.observations(
+            now,
+            replica_states={} if forwarding is None else forwarding.replica_states(now),
+            errors=diagnostics.errors(),
+            unsupported=diagnostics.unsupported(),
+        )
 
     def _retarget(self) -> None:
         """Tell the forwarding the in-sync replicas of each volume this node has persisted as
@@ -904,8 +914,9 @@ class Convergence:
         item = await self._queue.get()
         plan, done = item.plan, item.done
         error: Exception | None = None
+        failures: dict[str, BaseException] = {}
         try:
-            await execute_plan(plan, self.adapter, self._guarded)
+            await execute_plan(plan, self.adapter, self._guarded, failures)
         except asyncio.CancelledError:
             if done is not None and not done.done():
                 done.cancel()
@@ -923,6 +934,7 @@ class Convergence:
         else:
             self.last_error = None
         finally:
+            self.volumes.diagnostics.plan_ran({a.volume_id for a in plan.actions}, failures)
             self._update_directory()  # a volume closed by the plan is now served elsewhere
             self._retarget()  # after the plan persisted the assignment: forward under its epoch
             self._queue.task_done()

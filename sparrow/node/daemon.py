@@ -1,7 +1,8 @@
 """``sparrow node``: a cluster node's startup, main loop and shutdown (docs/cluster.md).
 
-Startup: lock the data directory, load the persisted epochs and roles (``DATA_DIR/cluster/``) and
-start a new incarnation, load every volume, open the volumes the node held before a restart
+Startup: lock the data directory, load the node's key (``DATA_DIR/node.key``, made on the first
+start: sparrow.nodekey), load the persisted epochs and roles (``DATA_DIR/cluster/``) and start a
+new incarnation, load every volume, open the volumes the node held before a restart
 (primaries fenced: a restarted node serves as primary only after an Ack confirms it), bind the
 iSCSI listener and the HTTP listener (``/metrics`` and ``/healthz`` only), start the heartbeat
 client, and only then tell systemd ``READY=1``. The master is not needed to start: the node
@@ -35,9 +36,10 @@ from frontend.server import IscsiServer
 from frontend.target import DEFAULT_BASE_IQN, Portal, TargetRegistry, TargetSettings
 from sparrow import systemd
 from sparrow.cluster.adapter import Adapter
-from sparrow.cluster.channel import ClusterSecret
+from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.cluster.lease import DEFAULT_FENCE_MARGIN, LeaseClock
 from sparrow.cluster.messages import NODE_ID_PATTERN, Hello
+from sparrow.cluster.nodeidentity import key_text
 from sparrow.cluster.nodestate import NodeState
 from sparrow.clustersecret import NO_SECRET, secret_from_flag
 from sparrow.config import (
@@ -62,11 +64,13 @@ from sparrow.lifecycle import (
 )
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
+from sparrow.node.diagnostics import NodeDiagnostics, skipped_volumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
 from sparrow.node.replicated_store import Forwarding
 from sparrow.node.replication import ReplicaServer, start_replica_server
 from sparrow.node.resync import DEFAULT_RESYNC_RATE
 from sparrow.node.sessions import SHUTDOWN_TIMEOUT, ServerSessions
+from sparrow.nodekey import node_key
 from sparrow.replication.protocol import DEFAULT_ACK_TIMEOUT
 from sparrow.sizes import parse_size
 from sparrow.supervision import TaskSupervisor
@@ -387,6 +391,11 @@ async def start_node(
     loop = asyncio.get_running_loop()
     if config.cluster_secret is None:
         raise StartupError(NO_SECRET)
+    try:
+        identity, made = node_key(config.data_dir)
+    except SecretError as e:
+        raise StartupError(str(e)) from None
+    log.info("node key", node_key=key_text(identity.public), made=made)
     state = NodeState(config.data_dir)
     try:
         problems = await state.load_async()
@@ -434,6 +443,7 @@ async def start_node(
         metrics=metrics,
         sessions=ServerSessions(server),
         forwarding=forwarding,
+        diagnostics=NodeDiagnostics(metrics.unsupported_command),
     )
     lease = LeaseClock(fence_margin=config.fence_margin)
     adapter = Adapter(config.node_id, state)
@@ -474,6 +484,8 @@ async def start_node(
         on_ack=convergence.on_ack,
         interval=config.heartbeat_interval,
         supervisor=supervisor,
+        identity=identity,
+        skipped=lambda: skipped_volumes(node.offline),
     )
     cleanup.push_async_callback(heartbeat.stop)
     if forwarding is not None:

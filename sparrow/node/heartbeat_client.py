@@ -5,16 +5,20 @@ the Heartbeats that follow, numbers them with one ``seq`` that increases for the
 (never reset on reconnect: the master and :class:`~sparrow.cluster.lease.LeaseClock` rely on it),
 records each send in the lease clock (``LeaseClock.sent(seq, now)`` as the frame is written, so the
 lease is counted from the send), and turns the master's bytes into the Acks that extended the lease
-(``LeaseClock.acked(seq, lease_seconds)``). Anything but an Ack from the master is a
+(``LeaseClock.acked(seq, lease_seconds)``). A :class:`~sparrow.cluster.messages.Refusal` (the
+master does not admit this node: its key is not the one bound to the node id, docs/cluster.md
+"Node identity") is :class:`MasterRefused`; anything else but an Ack is a
 :class:`~sparrow.cluster.heartbeat.HeartbeatProtocolError`.
 
 :class:`HeartbeatClient` is the thin asyncio layer: connect with :class:`Backoff`, run the cluster
 channel's handshake (:class:`~sparrow.cluster.channel.Channel`, purpose HEARTBEAT: the master must
-prove it holds the cluster secret before the node says anything), then write the Hello and a
+prove it holds the cluster secret before the node says anything), then write the Hello, signed
+with the node's key for this connection (``NodeKey.sign_hello`` over the channel binding), and a
 Heartbeat every ``interval`` on a fixed schedule, each sealed in a channel record, and hand each
-applied Ack to ``on_ack``; a protocol or channel error, EOF or any socket error closes the
-connection and it reconnects after a backoff; so does any other exception (a bug), which is
-reported to the TaskSupervisor (task ``node-heartbeat``).
+applied Ack to ``on_ack``; a protocol or channel error, a refusal (logged at error level with the
+master's reason), EOF or any socket error closes the connection and it reconnects after a backoff;
+so does any other exception (a bug), which is reported to the TaskSupervisor (task
+``node-heartbeat``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from sparrow.cluster.channel import (
 )
 from sparrow.cluster.heartbeat import ErrorCode, FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import LeaseClock
-from sparrow.cluster.messages import Ack, Heartbeat, Hello, VolumeObservation
+from sparrow.cluster.messages import Ack, Heartbeat, Hello, Refusal, SkippedVolume, VolumeObservation
+from sparrow.cluster.nodeidentity import NodeKey, key_text
 from sparrow.supervision import TaskSupervisor
 
 log = structlog.get_logger("sparrow.node.heartbeat")
@@ -52,6 +57,16 @@ MIN_CONNECT_TIMEOUT = 1.0
 MAX_CONNECT_TIMEOUT = 5.0
 #: The lease assumed before the first Ack says otherwise (lease.LeaseConfig default).
 DEFAULT_LEASE_SECONDS = 5.0
+
+
+class MasterRefused(Exception):
+    """The master refused this node's Hello (``Refusal``): ``reason`` is the master's metric label,
+    ``detail`` its one line."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"refused by the master: {refusal.reason}: {refusal.detail}")
+        self.reason = refusal.reason
+        self.detail = refusal.detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +119,15 @@ class HeartbeatSession:
         self._decoder = FrameDecoder()
         return encode(hello)
 
-    def heartbeat(self, observations: tuple[VolumeObservation, ...], now: float) -> bytes:
+    def heartbeat(
+        self,
+        observations: tuple[VolumeObservation, ...],
+        now: float,
+        skipped: tuple[SkippedVolume, ...] = (),
+    ) -> bytes:
         """The next Heartbeat's frame; records it as sent at ``now`` (write it right away)."""
         seq = self._seq + 1
-        frame = encode(Heartbeat(seq, observations))
+        frame = encode(Heartbeat(seq, observations, skipped))
         self._seq = seq
         self.lease.sent(seq, now)
         return frame
@@ -121,6 +141,8 @@ class HeartbeatSession:
         self._decoder.feed(data)
         applied: list[Ack] = []
         while (message := self._decoder.next_message()) is not None:
+            if isinstance(message, Refusal):
+                raise MasterRefused(message)
             if not isinstance(message, Ack):
                 raise HeartbeatProtocolError(
                     ErrorCode.UNKNOWN_TYPE,
@@ -141,8 +163,10 @@ class HeartbeatClient:
     """Keeps one heartbeat connection to the master open, forever (until :meth:`stop`).
 
     ``hello()`` builds the Hello for each new connection (free space changes), ``observations(now)``
-    the observations of each Heartbeat, ``on_ack(ack)`` is called for every Ack that extended the
+    the observations of each Heartbeat (``skipped()`` the volumes not loaded at start),
+    ``on_ack(ack)`` is called for every Ack that extended the
     lease (after ``LeaseClock.acked``). ``clock`` is the event loop's clock, the lease clock's too.
+    ``identity`` signs each Hello (None: an unsigned Hello, which a master refuses; tests only).
     """
 
     def __init__(
@@ -158,14 +182,18 @@ class HeartbeatClient:
         backoff: Backoff | None = None,
         connect_timeout: float | None = None,
         supervisor: TaskSupervisor | None = None,
+        identity: NodeKey | None = None,
+        skipped: Callable[[], tuple[SkippedVolume, ...]] = tuple,
     ) -> None:
         if interval <= 0:
             raise ValueError("the heartbeat interval must be positive")
         self.master = master
         self.session = session
         self.secret = secret
+        self.identity = identity
         self._hello = hello
         self._observations = observations
+        self._skipped = skipped
         self._on_ack = on_ack
         self.interval = interval
         self.backoff = backoff or Backoff()
@@ -227,6 +255,8 @@ class HeartbeatClient:
             else:
                 try:
                     await self._converse(reader, writer)
+                except MasterRefused as e:
+                    self._refused(e, attempt)
                 except (OSError, HeartbeatProtocolError, ChannelError, EOFError) as e:
                     self._failed(str(e) or type(e).__name__, attempt)
                 except Exception as e:  # a bug (building the Hello, applying an Ack): reconnect
@@ -248,6 +278,18 @@ class HeartbeatClient:
                 "master connection failed", master=f"{self.master[0]}:{self.master[1]}", reason=reason
             )
         self.last_error = reason
+
+    def _refused(self, refusal: MasterRefused, attempt: int) -> None:
+        """A refusal is the operator's to act on: logged at error level, with this node's key."""
+        if str(refusal) != self.last_error or attempt == 0:
+            log.error(
+                "master refused this node",
+                master=f"{self.master[0]}:{self.master[1]}",
+                reason=refusal.reason,
+                detail=refusal.detail,
+                node_key=None if self.identity is None else key_text(self.identity.public),
+            )
+        self.last_error = str(refusal)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Channel:
         """Authenticate both ends (at most ``connect_timeout``); returns the open channel."""
@@ -274,7 +316,10 @@ class HeartbeatClient:
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         channel = await self._handshake(reader, writer)
-        writer.write(channel.send(self.session.connection_made(self._hello())))
+        hello = self._hello()
+        if self.identity is not None:
+            hello = self.identity.sign_hello(hello, channel.binding)
+        writer.write(channel.send(self.session.connection_made(hello)))
         self.connected = True
         self.connections += 1
         log.info("connected to master", master=f"{self.master[0]}:{self.master[1]}")
@@ -286,7 +331,8 @@ class HeartbeatClient:
                 now = loop.time()
                 if now - self._last_ack_at > self.silence_limit():
                     raise TimeoutError(f"no Ack from the master for {now - self._last_ack_at:.1f}s")
-                writer.write(channel.send(self.session.heartbeat(self._observations(now), now)))
+                frame = self.session.heartbeat(self._observations(now), now, self._skipped())
+                writer.write(channel.send(frame))
                 await writer.drain()
                 if now >= next_at:  # the scheduled one (one sent early by send_now moves nothing)
                     next_at += self.interval
@@ -309,7 +355,9 @@ class HeartbeatClient:
             # asyncio.wait never raises the receiver's own CancelledError or exception.
             await asyncio.wait({receiving})
             if not receiving.cancelled():
-                receiving.exception()  # retrieved: the reason was already raised above
+                error = receiving.exception()  # retrieved: the reason was already raised above ...
+                if isinstance(error, MasterRefused):
+                    raise error  # ... unless a write failed first: the refusal says why it did
 
     async def _receive(self, reader: asyncio.StreamReader, channel: Channel) -> None:
         loop = asyncio.get_running_loop()

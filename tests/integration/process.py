@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sparrow.master.openapi_check import VALIDATE_ENV
+from tests.leaks import WATCH
 
 
 def daemon_env(root: Path) -> dict[str, str]:
@@ -90,6 +91,7 @@ class Proc:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         self.stopped = False
+        WATCH.process(self)  # its log and audit log are checked for secrets (tests/leaks.py)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         notify, path = self._notify, self._notify_path

@@ -3,12 +3,15 @@
 :func:`secret_file` gives a test cluster its one secret file. :class:`NodeLink` is a blocking
 client of a real master's heartbeat port: it runs the cluster channel's handshake with a secret
 (or skips it: ``secret=None`` sends plain heartbeat frames, as a process without the secret would)
-and then speaks the heartbeat codec through the channel. :func:`accept_channel` is the same for a
-fake master's end of a connection from a real node.
+and then speaks the heartbeat codec through the channel; it signs each Hello it sends with a node
+key (docs/cluster.md, "Node identity"): its own, or by default :func:`rogue_key` of the node id, the
+same on every connection, never a real node's (which is in that node's data directory).
+:func:`accept_channel` is the same for a fake master's end of a connection from a real node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 from pathlib import Path
@@ -27,8 +30,10 @@ from sparrow.cluster.channel import (
     Side,
 )
 from sparrow.cluster.heartbeat import HEADER, FrameDecoder, encode
-from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message, VolumeObservation
+from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message, Refusal, VolumeObservation
+from sparrow.cluster.nodeidentity import NodeKey
 from sparrow.clustersecret import generate_cluster_secret, load_cluster_secret
+from sparrow.nodekey import NODE_KEY_NAME, load_node_key
 
 SECRET_NAME = "cluster.secret"
 
@@ -52,6 +57,25 @@ def other_secret() -> ClusterSecret:
 
 class Closed(Exception):
     """The peer closed the connection (or it failed)."""
+
+
+class Refused(Closed):
+    """The master refused the Hello (its ``Refusal``, then it closed the connection)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"refused: {refusal.reason}: {refusal.detail}")
+        self.refusal = refusal
+
+
+def rogue_key(node_id: str) -> NodeKey:
+    """The key a test client proves for ``node_id`` unless given one: the same on every connection
+    (a fake node reconnects as itself), never the real node's."""
+    return NodeKey(hashlib.sha256(b"rogue " + node_id.encode()).digest())
+
+
+def node_key_of(data_dir: Path) -> NodeKey:
+    """A real node's own key, read from its data directory (only its owner can)."""
+    return load_node_key(data_dir / NODE_KEY_NAME)
 
 
 class ChannelLink:
@@ -156,15 +180,26 @@ class NodeLink(ChannelLink):
 
     peer = "the master"
 
-    def __init__(self, port: int, secret: ClusterSecret | None, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, port: int, secret: ClusterSecret | None, *, timeout: float = 5.0, key: NodeKey | None = None
+    ) -> None:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         super().__init__(sock, secret, Purpose.HEARTBEAT, FrameDecoder())
+        #: The key each Hello is signed with (None: :func:`rogue_key` of its node id).
+        self.key = key
 
     def send(self, message: Message) -> None:
+        """Send ``message``; a Hello without a proof is signed for this connection first."""
+        if isinstance(message, Hello) and message.proof is None and self.channel is not None:
+            key = self.key or rogue_key(message.node_id)
+            message = key.sign_hello(message, self.channel.binding)
         self.send_plain(encode(message))
 
     def receive(self) -> Message:
+        """The next message from the master; raises Refused for a Refusal, Closed at the end."""
         message: Message = self.receive_message()
+        if isinstance(message, Refusal):
+            raise Refused(message)
         return message
 
     def beat(self, seq: int, observations: tuple[VolumeObservation, ...] = ()) -> Ack:

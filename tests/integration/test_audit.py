@@ -22,6 +22,7 @@ import pytest
 
 from tests.integration.cluster import Cluster
 from tests.integration.process import admin_token, daemon_env
+from tests.leaks import register_secret
 from tests.tools import run
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,7 @@ def test_the_audit_log_holds_exactly_the_sessions_mutating_calls_and_no_secret(
     status, _ = call(api, "DELETE", "/v1/volumes/audited", reader)  # revoked: 401
     assert status == 401
     again = {"name": "audited", "size": 1 << 20, "chap_user": "x", "chap_secret": OTHER_SECRET}
+    register_secret(OTHER_SECRET, "the CHAP secret of the refused create")  # a plain HTTP body
     status, answer = call(api, "POST", "/v1/volumes", admin, again)
     assert status == 409, answer  # the name is taken: refused by the handler
     cluster.cli("volume", "delete", "audited")

@@ -21,7 +21,16 @@ from sparrow.cluster.channel import CLIENT_HELLO, SERVER_HELLO_SIZE, VERSION, Ch
 from sparrow.cluster.messages import Ack, Health, Heartbeat, ReplicaState, Role, SyncState, VolumeObservation
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
-from tests.integration.rogue import Closed, NodeLink, hello, other_secret, raw_hello, secret_file, secret_of
+from tests.integration.rogue import (
+    Closed,
+    NodeLink,
+    Refused,
+    hello,
+    other_secret,
+    raw_hello,
+    secret_file,
+    secret_of,
+)
 from tests.tools import free_port, wait_for
 
 #: The master's handshake and frame timeouts (sparrow.cluster.channel defaults), plus slack.
@@ -115,6 +124,9 @@ def test_a_live_nodes_id_under_a_new_incarnation_is_refused_and_the_node_keeps_s
         rogue = NodeLink(cluster.master.listen_port, secret_of(cluster.root))
         rogue.send(hello(node_id, 10**18 + attempt, portal="127.0.0.1:1"))
         rogue.send(Heartbeat(1, ()))
+        with pytest.raises(Refused) as refused:  # told why, then closed
+            rogue.receive()
+        assert refused.value.refusal.reason == "live_incarnation"
         assert rogue.closed_within(CLOSE_WITHIN)
         rogue.close()
     assert node_ids(cluster)[node_id]["incarnation"] == before["incarnation"]
@@ -299,7 +311,7 @@ def test_serve_makes_its_own_secret_once_and_refuses_processes_without_it(serve:
     # Even with the secret (the same user could read it), the live node's id is refused.
     rogue = NodeLink(port, secret_of(serve.data_dir))
     rogue.send(hello("local", 10**18, portal="127.0.0.1:1"))
-    assert rogue.closed_within(CLOSE_WITHIN)
+    assert rogue.closed_within(CLOSE_WITHIN, read_through=True)  # after its Refusal
     rogue.close()
     status, body = serve.get("/v1/nodes")
     assert status == 200 and [n["node_id"] for n in json.loads(body)["nodes"]] == ["local"]
@@ -340,9 +352,10 @@ def test_a_primary_restarted_at_a_new_portal_serves_again_under_a_new_epoch(
 
 def test_a_forged_heartbeat_for_a_killed_primary_gets_no_liar_promoted(cluster: Cluster) -> None:
     """A member (it holds the secret) lies: it is a replica, and once the primary is killed it says
-    hello under the primary's id and reports itself IN_SYNC. The forged report vouches for nobody:
-    the master's own in-sync record decides, and the real surviving replica (the first of the
-    record's order, the liar placed last) is promoted, never the liar by its word."""
+    hello under the primary's id (with its own key: it cannot prove the primary's) to report itself
+    IN_SYNC. The Hello is refused (``key_mismatch``, docs/cluster.md "Node identity"), so the lie
+    is never heard; and the master's own in-sync record decides: the real surviving replica (the
+    first of the record's order, the liar placed last) is promoted, never the liar by its word."""
     port, secret = cluster.master.listen_port, secret_of(cluster.root)
     liar = NodeLink(port, secret)
     liar.send(hello("liar", 1, free=1 << 30))
@@ -372,7 +385,9 @@ def test_a_forged_heartbeat_for_a_killed_primary_gets_no_liar_promoted(cluster: 
     lie = VolumeObservation(
         volume_id, 1, Role.PRIMARY, Health.OK, 0, (ReplicaState("liar", SyncState.IN_SYNC, 0),), True
     )
-    forged.beat(1, (lie,))
+    with pytest.raises(Refused) as refused:
+        forged.beat(1, (lie,))
+    assert refused.value.refusal.reason == "key_mismatch"
     forged.close()
     t = cluster.timing
     quiet_until = time.monotonic() + t.dead_after + t.lease + t.margin + 2.0

@@ -229,6 +229,6 @@ def test_an_unmigrated_v1_authority_is_refused_with_the_migrate_command(tmp_path
     )  # fmt: skip
     assert refused.returncode == 1
     assert f"`sparrow migrate {data_dir}`" in refused.stderr
-    assert "schema version 1; this Sparrow needs version 6" in refused.stderr
+    assert "schema version 1; this Sparrow needs version 7" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert (data_dir / "authority.sqlite3").read_bytes() == before

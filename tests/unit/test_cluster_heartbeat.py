@@ -23,6 +23,9 @@ from sparrow.cluster.heartbeat import (
     encode,
 )
 from sparrow.cluster.messages import (
+    MAX_REASON_LEN,
+    MAX_SKIPPED,
+    MAX_UNSUPPORTED,
     Ack,
     Assignment,
     DeletedVolume,
@@ -34,10 +37,13 @@ from sparrow.cluster.messages import (
     Message,
     ReplicaState,
     Role,
+    SkippedVolume,
     StreamKey,
     SyncState,
+    UnsupportedCommand,
     VolumeChap,
     VolumeObservation,
+    clip,
     split_portal,
 )
 
@@ -322,7 +328,7 @@ def test_round_trip(message: Message) -> None:
 def test_wire_form() -> None:
     body = wire(HEARTBEAT)
     assert body["t"] == "heartbeat"
-    assert body["v"] == 2
+    assert body["v"] == 3
     assert body["seq"] == 42
     obs = body["observations"][0]
     assert obs["role"] == "primary"
@@ -1050,8 +1056,16 @@ def test_an_assignment_without_a_primary_has_nobody_in_sync() -> None:
     assert Assignment(VOL_B, "scratch", 512, 512, 1, None, None, ("node-3",)).in_sync == ()
 
 
+def _without_diagnostics(body: dict[str, Any]) -> dict[str, Any]:
+    """A heartbeat's wire map as a v2 node wrote it (no error, unsupported, skipped)."""
+    del body["skipped"]
+    for observation in body["observations"]:
+        del observation["error"], observation["unsupported"]
+    return body
+
+
 def test_a_v1_heartbeat_decodes_without_resync_progress_and_may_not_carry_it() -> None:
-    body = wire(HEARTBEAT)
+    body = _without_diagnostics(wire(HEARTBEAT))
     body["v"] = 1
     for observation in body["observations"]:
         for state in observation["replica_states"]:
@@ -1119,3 +1133,115 @@ def test_stream_keys_name_replicas_of_the_acks_assignments(keys: tuple[StreamKey
     assert reason in str(e.value)
     with pytest.raises(InvalidMessage):
         StreamKey(VOL_A, "node-2", bytes(31))
+
+
+# -- heartbeat v3: diagnostics ----------------------------------------------------------------------
+
+HEARTBEAT_DIAGNOSTICS = Heartbeat(
+    seq=7,
+    observations=(
+        VolumeObservation(
+            VOL_A,
+            2,
+            Role.PRIMARY,
+            Health.OK,
+            0,
+            (),
+            False,
+            error="VolumeExists: volume 'db' exists",
+            unsupported=(
+                UnsupportedCommand(0xC1, None, 3, "iqn.2026-01.test:a"),
+                UnsupportedCommand(0x9E, 0x1F, 1, "iqn.2026-01.test:b"),
+            ),
+        ),
+    ),
+    skipped=(SkippedVolume("old", "corrupt record: bad checksum"),),
+)
+
+
+def test_a_v3_heartbeat_carries_errors_unsupported_commands_and_skipped_volumes() -> None:
+    assert decode(encode(HEARTBEAT_DIAGNOSTICS)) == HEARTBEAT_DIAGNOSTICS
+    body = wire(HEARTBEAT_DIAGNOSTICS)
+    assert body["v"] == 3
+    assert body["skipped"] == [{"name": "old", "reason": "corrupt record: bad checksum"}]
+    assert body["observations"][0]["unsupported"][1] == {
+        "opcode": 0x9E,
+        "service_action": 0x1F,
+        "count": 1,
+        "last_initiator": "iqn.2026-01.test:b",
+    }
+
+
+def test_a_v2_heartbeat_decodes_without_diagnostics_and_may_not_carry_them() -> None:
+    body = _without_diagnostics(wire(HEARTBEAT_DIAGNOSTICS))
+    body["v"] = 2
+    decoded = decode(frame(body))
+    assert isinstance(decoded, Heartbeat)
+    assert decoded.skipped == ()
+    assert decoded.observations[0].error is None and decoded.observations[0].unsupported == ()
+    for key, where in (
+        ("skipped", body),
+        ("error", body["observations"][0]),
+        ("unsupported", body["observations"][0]),
+    ):
+        carrying = _without_diagnostics(wire(HEARTBEAT_DIAGNOSTICS))
+        carrying["v"] = 2
+        target = carrying if where is body else carrying["observations"][0]
+        target[key] = [] if key != "error" else None
+        assert error_of(frame(carrying)).code is ErrorCode.BAD_FIELD, key
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: UnsupportedCommand(256, None, 1, "i"), "opcode"),
+        (lambda: UnsupportedCommand(0xC1, -1, 1, "i"), "service_action"),
+        (lambda: UnsupportedCommand(0xC1, None, 0, "i"), "count"),
+        (lambda: UnsupportedCommand(0xC1, None, 1, "i" * 224), "last_initiator"),
+        (lambda: SkippedVolume("", "why"), "name"),
+        (lambda: SkippedVolume("db", ""), "reason"),
+        (lambda: SkippedVolume("db", "x" * 513), "reason"),
+        (lambda: VolumeObservation(VOL_A, 1, Role.NONE, Health.OK, 0, (), True, error=""), "error"),
+        (
+            lambda: VolumeObservation(
+                VOL_A,
+                1,
+                Role.NONE,
+                Health.OK,
+                0,
+                (),
+                True,
+                unsupported=tuple(UnsupportedCommand(op, None, 1, "i") for op in range(MAX_UNSUPPORTED + 1)),
+            ),
+            "unsupported",
+        ),
+        (
+            lambda: VolumeObservation(
+                VOL_A,
+                1,
+                Role.NONE,
+                Health.OK,
+                0,
+                (),
+                True,
+                unsupported=(UnsupportedCommand(1, None, 1, "i"),) * 2,
+            ),
+            "unsupported",
+        ),
+        (
+            lambda: Heartbeat(1, (), tuple(SkippedVolume(f"v{i}", "x") for i in range(MAX_SKIPPED + 1))),
+            "skipped",
+        ),
+    ],
+)
+def test_diagnostics_are_bounded(build: Any, field: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        build()
+    assert info.value.field == field
+
+
+def test_clip_cuts_long_reasons_to_what_the_wire_allows() -> None:
+    assert clip("short") == "short"
+    cut = clip("x" * 2000)
+    assert len(cut) == MAX_REASON_LEN and cut.endswith("\u2026")
+    SkippedVolume("db", cut)  # fits

@@ -322,8 +322,10 @@ async def test_nodes_lists_observed_and_remembered_nodes(master: Master) -> None
         "http": "192.0.2.50:8080",
         "capacity_bytes": 1 << 40,
         "free_bytes": None,
+        "skipped": [],
         "draining": False,
         "drain_status": None,
+        "node_key": None,
     }
     assert nodes[1]["state"] == "alive"
     assert nodes[1]["incarnation"] == 1

@@ -114,8 +114,10 @@ async def test_a_tenant_token_lists_sees_and_changes_only_its_prefix(master: Mas
     status, listed = await as_(master, a, "GET", "/v1/volumes")
     assert status == 200 and [v["name"] for v in listed["volumes"]] == ["team-a-db", "team-a-web"]
     assert (await as_(master, a, "GET", "/v1/volumes/team-a-db"))[0] == 200
+    assert (await as_(master, a, "GET", "/v1/volumes/team-a-db/explain"))[0] == 200
     for method, path, body in [
         ("GET", "/v1/volumes/team-b-db", None),
+        ("GET", "/v1/volumes/team-b-db/explain", None),
         ("POST", "/v1/volumes/team-b-db/resize", {"size": "2MiB"}),
         ("DELETE", "/v1/volumes/team-b-db", None),
         ("POST", "/v1/volumes", {"name": "team-b-new", "size": "1MiB"}),

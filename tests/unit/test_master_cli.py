@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from sparrow.cli import build_parser, main
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.cluster.lease import LeaseConfig
-from sparrow.cluster.messages import Heartbeat, Hello
+from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, SkippedVolume, VolumeObservation
 from sparrow.config import HostPort
 from sparrow.master.api import MasterApi, MasterMetrics, build_app
 from sparrow.master.auth import bootstrap_admin
@@ -118,6 +118,34 @@ async def test_node_list_table_and_json(master: tuple[str, ControlLoop, Clock]) 
     code, out, _ = await cli("node", "list", "--json", "--api", url)
     nodes: list[dict[str, Any]] = json.loads(out)
     assert [(n["node_id"], n["state"], n["last_heartbeat_age"]) for n in nodes] == [("n1", "alive", 1.25)]
+
+
+async def test_volume_explain_in_words_and_as_json(master: tuple[str, ControlLoop, Clock]) -> None:
+    url, control, clock = master
+    node_reports(control, "n1", 42, clock())
+    code, _, err = await cli("volume", "create", "vol1", "--size", "64MiB", "--wait", "0", "--api", url)
+    assert code == 0, err
+    control.step(clock())
+    (record,) = control.store.volumes()
+    error = "VolumeExists: volume 'vol1' already exists"
+    seen = VolumeObservation(record.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), False, error)
+    skipped = (SkippedVolume("vol1", "corrupt record: bad checksum"),)
+    control.observations.record(Heartbeat(2, (seen,), skipped), "n1", clock())
+    clock.now += 2.5
+    code, out, err = await cli("volume", "explain", "vol1", "--json", "--api", url)
+    assert code == 0, err
+    body = json.loads(out)
+    assert (body["reason"], body["served"], body["findings"][0]["node"]) == ("stuck", False, "n1")
+    assert body["findings"][0]["facts"]["error"] == error
+    assert body["skipped_at_start"] == [{"node": "n1", "reason": "corrupt record: bad checksum"}]
+    code, out, err = await cli("volume", "explain", "vol1", "--api", url)
+    assert code == 0, err
+    assert out.splitlines()[0] == "volume vol1: NOT served (stuck)"
+    assert "node n1 has not converged on epoch 1 for 2.5 s: VolumeExists" in out and "what to do:" in out
+    code, out, _ = await cli("node", "list", "--json", "--api", url)
+    assert json.loads(out)[0]["skipped"] == [{"name": "vol1", "reason": "corrupt record: bad checksum"}]
+    code, _, err = await cli("volume", "explain", "nope", "--api", url)
+    assert code == 1 and "no volume named 'nope'" in err
 
 
 @pytest.mark.parametrize(
@@ -222,3 +250,35 @@ async def test_create_waits_and_says_when_the_volume_is_not_served(
     assert code == 0 and "lonely" in out  # the volume was recorded ...
     assert err == "sparrow: warning: volume lonely is not served yet: not placed yet\n"  # ... not served
     assert [r.name for r in control.store.volumes()] == ["lonely"]
+
+
+def test_inspect_text_shows_each_copy_sync_state_and_resync_progress() -> None:
+    from sparrow.cli import _print_volume
+
+    volume: dict[str, Any] = {
+        "name": "vol1",
+        "size": 1 << 30,
+        "block_size": 512,
+        "replicas_wanted": 3,
+        "volume_id": "0" * 32,
+        "epoch": 7,
+        "primary": {"node_id": "n1", "portal": "192.0.2.4:3260"},
+        "replicas": [
+            {"node_id": "n1", "role": "primary", "state": "alive", "sync": "in_sync", "resync": None},
+            {
+                "node_id": "n2",
+                "role": "replica",
+                "state": "alive",
+                "sync": "syncing",
+                "resync": {"done_bytes": 256 * MiB, "total_bytes": 1 << 30},
+            },
+            {"node_id": "n3", "role": "replica", "state": "dead", "sync": "stale", "resync": None},
+        ],
+    }
+    out = io.StringIO()
+    _print_volume(volume, out, as_json=False)
+    lines = dict(line.split(":", 1) for line in out.getvalue().splitlines())
+    assert lines["copies"].strip() == (
+        "n1 (primary, alive, in sync), n2 (replica, alive, syncing 256 MiB of 1 GiB), "
+        "n3 (replica, dead, stale)"
+    )

@@ -4,6 +4,8 @@ and an injected clock: no sockets, no sleeps."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,12 @@ from sparrow.cluster.messages import (
     Health,
     Heartbeat,
     Hello,
+    Refusal,
     Role,
     StreamKey,
     VolumeObservation,
 )
+from sparrow.cluster.nodeidentity import NodeKey, key_text
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import (
     LIVE_INCARNATION,
@@ -73,14 +77,20 @@ class FakeTransport(asyncio.Transport):
         return ("192.0.2.7", 40000) if name == "peername" else default
 
     def acks(self) -> list[Ack]:
+        messages = self.messages()
+        assert all(isinstance(m, Ack) for m in messages), messages
+        return [m for m in messages if isinstance(m, Ack)]
+
+    def messages(self) -> list[Ack | Refusal]:
+        """Everything the master sent, opened and decoded."""
         if self.client is not None:
             new, self._read = bytes(self.written[self._read :]), len(self.written)
             self._plain += b"".join(e.data for e in self.client.feed(new, 0.0) if isinstance(e, Plaintext))
         decoder = FrameDecoder()
         decoder.feed(bytes(self._plain))
-        out = []
+        out: list[Ack | Refusal] = []
         while (message := decoder.next_message()) is not None:
-            assert isinstance(message, Ack)
+            assert isinstance(message, Ack | Refusal)
             out.append(message)
         return out
 
@@ -110,6 +120,10 @@ class Link:
 
     def data_received(self, data: bytes) -> None:
         self.conn.data_received(self.client.send(data))
+
+    def hello(self, hello: Hello) -> bytes:
+        """``hello``'s frame, signed by its node's key (:func:`key`) for this connection."""
+        return encode(key(hello.node_id).sign_hello(hello, self.client.binding))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.conn, name)
@@ -162,8 +176,23 @@ class Harness:
         return Link(conn, client), transport
 
 
+def key(node_id: str) -> NodeKey:
+    """The key of the node ``node_id`` in these tests (the same for every connection)."""
+    return NodeKey(hashlib.sha256(node_id.encode()).digest())
+
+
 def hello(node_id: str = "n1", incarnation: int = 7) -> Hello:
-    return Hello(node_id, incarnation, "192.0.2.7:3260", "192.0.2.7:7000", "192.0.2.7:8080", 1 << 40, 1 << 30)
+    """A Hello carrying its node's public key (:meth:`Link.hello` adds the proof)."""
+    return Hello(
+        node_id,
+        incarnation,
+        "192.0.2.7:3260",
+        "192.0.2.7:7000",
+        "192.0.2.7:8080",
+        1 << 40,
+        1 << 30,
+        node_key=key(node_id).public,
+    )
 
 
 def heartbeat(seq: int, *obs: VolumeObservation) -> Heartbeat:
@@ -177,7 +206,7 @@ def add_volume(store: AuthorityStore) -> VolumeRecord:
 def test_every_heartbeat_gets_an_ack_with_the_lease_and_the_grant_is_recorded(store: AuthorityStore) -> None:
     h = Harness(store)
     conn, transport = h.connect()
-    conn.data_received(encode(hello()))
+    conn.data_received(conn.hello(hello()))
     assert transport.acks() == []  # Hello is not answered
     assert h.hellos == [hello()]
     assert h.control.observations.hello("n1") == hello()
@@ -195,12 +224,12 @@ def test_every_heartbeat_gets_an_ack_with_the_lease_and_the_grant_is_recorded(st
 def test_the_ack_carries_the_assignments_naming_the_node(store: AuthorityStore) -> None:
     h = Harness(store)
     conn, transport = h.connect()
-    conn.data_received(encode(hello()) + encode(heartbeat(1)))
+    conn.data_received(conn.hello(hello()) + encode(heartbeat(1)))
     vol = add_volume(store)
     (assignment,) = h.control.step(52.0).published
 
     other, other_transport = h.connect()
-    other.data_received(encode(hello("n2")) + encode(heartbeat(1)))
+    other.data_received(other.hello(hello("n2")) + encode(heartbeat(1)))
 
     h.clock.now = 53.0
     obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
@@ -219,9 +248,9 @@ def test_a_publish_is_pushed_in_an_ack_repeating_the_last_seq_without_a_grant(st
     next heartbeat, in an Ack that repeats its last seq; the master records no lease for it."""
     h = Harness(store)
     conn, transport = h.connect()
-    conn.data_received(encode(hello()) + encode(heartbeat(1)))
+    conn.data_received(conn.hello(hello()) + encode(heartbeat(1)))
     quiet, quiet_transport = h.connect()
-    quiet.data_received(encode(hello("n2")))  # no heartbeat yet: nothing to repeat
+    quiet.data_received(quiet.hello(hello("n2")))  # no heartbeat yet: nothing to repeat
     granted = h.control.leases.expires_at("n1")
     add_volume(store)
     (assignment,) = h.control.step(52.0).published
@@ -239,10 +268,10 @@ def test_a_publish_is_pushed_in_an_ack_repeating_the_last_seq_without_a_grant(st
 def test_every_ack_carries_the_directory_of_every_live_volume(store: AuthorityStore) -> None:
     h = Harness(store)
     n1, t1 = h.connect()
-    n1.data_received(encode(hello("n1")) + encode(heartbeat(1)))
+    n1.data_received(n1.hello(hello("n1")) + encode(heartbeat(1)))
     n2, t2 = h.connect()
     other = Hello("n2", 1, "192.0.2.8:3261", "192.0.2.8:7000", "192.0.2.8:8080", 1 << 40, 1 << 20)
-    n2.data_received(encode(other) + encode(heartbeat(1)))
+    n2.data_received(n2.hello(other) + encode(heartbeat(1)))
     assert [a.directory for a in t1.acks() + t2.acks()] == [(), ()]  # no volume yet
 
     first = add_volume(store)
@@ -277,7 +306,7 @@ def test_every_ack_carries_the_directory_of_every_live_volume(store: AuthoritySt
 def test_bytes_split_anywhere_give_the_same_acks(store: AuthorityStore) -> None:
     h = Harness(store)
     conn, transport = h.connect()
-    stream = encode(hello()) + encode(heartbeat(1)) + encode(heartbeat(2))
+    stream = conn.hello(hello()) + encode(heartbeat(1)) + encode(heartbeat(2))
     for i in range(len(stream)):
         conn.data_received(stream[i : i + 1])
     assert [a.seq for a in transport.acks()] == [1, 2]
@@ -289,16 +318,18 @@ def test_bytes_split_anywhere_give_the_same_acks(store: AuthorityStore) -> None:
     [
         (encode(heartbeat(1)), "refused"),  # Heartbeat before Hello
         (encode(Ack(seq=1, lease_seconds=5.0, assignments=())), "refused"),  # wrong direction
-        (encode(hello()) + encode(hello("n2")), "refused"),  # another node on this connection
+        (None, "refused"),  # another node on this connection (the frames need the link's binding)
         (b"\x00\x00\x00\x03abc", "malformed"),
         (b"\xff\xff\xff\xff", "frame_too_large"),
     ],
 )
 def test_a_protocol_error_closes_the_connection_without_an_ack(
-    store: AuthorityStore, frames: bytes, code: str
+    store: AuthorityStore, frames: bytes | None, code: str
 ) -> None:
     h = Harness(store)
     conn, transport = h.connect()
+    if frames is None:
+        frames = conn.hello(hello()) + conn.hello(hello("n2"))
     conn.data_received(frames + encode(heartbeat(9)))
     assert transport.aborted
     assert transport.acks() == []
@@ -313,12 +344,12 @@ def test_a_reconnect_with_a_new_incarnation_forgets_old_observations(store: Auth
     vol = add_volume(store)
     conn, _ = h.connect()
     obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
-    conn.data_received(encode(hello(incarnation=1)) + encode(heartbeat(1, obs)))
+    conn.data_received(conn.hello(hello(incarnation=1)) + encode(heartbeat(1, obs)))
     conn.connection_lost(None)
     assert conn.conn not in h.server.connections
 
     again, transport = h.connect()
-    again.data_received(encode(hello(incarnation=2)))
+    again.data_received(again.hello(hello(incarnation=2)))
     assert h.control.observations.observation("n1", vol.volume_id) is None
     again.data_received(encode(heartbeat(2)))
     assert [a.seq for a in transport.acks()] == [2]
@@ -327,7 +358,7 @@ def test_a_reconnect_with_a_new_incarnation_forgets_old_observations(store: Auth
 def test_a_node_that_does_not_read_its_acks_is_disconnected(store: AuthorityStore) -> None:
     h = Harness(store)
     conn, transport = h.connect()
-    conn.data_received(encode(hello()))
+    conn.data_received(conn.hello(hello()))
     transport.buffer_size = MAX_WRITE_BUFFER + 1
     conn.data_received(encode(heartbeat(1)))
     assert transport.aborted
@@ -338,7 +369,7 @@ def test_a_node_that_does_not_read_its_acks_is_disconnected(store: AuthorityStor
 def test_an_ack_answering_a_report_of_a_deleted_volume_carries_its_tombstone(store: AuthorityStore) -> None:
     h = Harness(store)
     n1, t1 = h.connect()
-    n1.data_received(encode(hello("n1")) + encode(heartbeat(1)))
+    n1.data_received(n1.hello(hello("n1")) + encode(heartbeat(1)))
     doomed = add_volume(store)
     kept = store.add_volume("vol2", size=64 * MiB, block_size=512, replicas=1, created_at=2.0)
     (first, second) = sorted(h.control.step(52.0).published, key=lambda a: a.volume_id)
@@ -363,7 +394,7 @@ def test_an_ack_answering_a_report_of_a_deleted_volume_carries_its_tombstone(sto
 
     # A node that does not report the volume hears nothing of it; nor does n1 once it stops.
     n2, t2 = h.connect()
-    n2.data_received(encode(hello("n2")) + encode(heartbeat(1, obs[kept.volume_id])))
+    n2.data_received(n2.hello(hello("n2")) + encode(heartbeat(1, obs[kept.volume_id])))
     assert [a.deleted for a in t2.acks()] == [()]
     n1.data_received(encode(heartbeat(4, obs[kept.volume_id])))
     assert t1.acks()[-1].deleted == ()
@@ -378,7 +409,7 @@ def test_a_restarted_master_still_sends_the_tombstones(store: AuthorityStore) ->
     h = Harness(store)  # restores from the authority: the delete happened before this master started
     conn, transport = h.connect()
     obs = VolumeObservation(vol.volume_id, 1, Role.PRIMARY, Health.OK, 0, (), True)
-    conn.data_received(encode(hello()) + encode(heartbeat(1, obs)))
+    conn.data_received(conn.hello(hello()) + encode(heartbeat(1, obs)))
     (ack,) = transport.acks()
     assert ack == Ack(1, TIMING.lease_seconds, (), (), (DeletedVolume(vol.volume_id, "vol1"),))
     assert not transport.closing
@@ -465,7 +496,7 @@ def test_an_authenticated_connection_leaves_the_handshake_count(store: Authority
 def test_a_truncated_heartbeat_frame_is_closed_after_the_frame_timeout(store: AuthorityStore) -> None:
     h = Harness(store, frame_timeout=2.0)
     link, transport = h.connect()
-    link.data_received(encode(hello()))
+    link.data_received(link.hello(hello()))
     link.data_received(encode(heartbeat(1))[:-3])  # a whole record holding part of a frame
     assert link.deadline() == 52.0
     h.clock.now = 52.0
@@ -476,7 +507,7 @@ def test_a_truncated_heartbeat_frame_is_closed_after_the_frame_timeout(store: Au
 def test_a_truncated_record_is_closed_after_the_frame_timeout(store: AuthorityStore) -> None:
     h = Harness(store, frame_timeout=2.0)
     link, transport = h.connect()
-    link.conn.data_received(link.client.send(encode(hello()))[:-1])
+    link.conn.data_received(link.client.send(link.hello(hello()))[:-1])
     h.clock.now = 52.0
     link.check_deadline()
     assert transport.aborted and h.errors == ["frame_timeout"]
@@ -485,7 +516,7 @@ def test_a_truncated_record_is_closed_after_the_frame_timeout(store: AuthoritySt
 def test_a_silent_authenticated_connection_is_closed_after_dead_after(store: AuthorityStore) -> None:
     h = Harness(store)
     link, transport = h.connect()
-    link.data_received(encode(hello()) + encode(heartbeat(1)))
+    link.data_received(link.hello(hello()) + encode(heartbeat(1)))
     assert link.deadline() == 50.0 + TIMING.dead_after
     h.clock.now = 50.0 + TIMING.dead_after
     link.check_deadline()
@@ -497,11 +528,12 @@ def test_a_second_live_incarnation_of_a_node_is_refused_until_the_first_is_gone(
 ) -> None:
     h = Harness(store)
     real, real_t = h.connect()
-    real.data_received(encode(hello(incarnation=1)) + encode(heartbeat(1)))
+    real.data_received(real.hello(hello(incarnation=1)) + encode(heartbeat(1)))
 
     rogue, rogue_t = h.connect()
-    rogue.data_received(encode(hello(incarnation=2)) + encode(heartbeat(1)))
-    assert rogue_t.aborted and rogue_t.acks() == []
+    rogue.data_received(rogue.hello(hello(incarnation=2)) + encode(heartbeat(1)))
+    (refusal,) = rogue_t.messages()  # no Ack: told why, then closed
+    assert rogue_t.closing and isinstance(refusal, Refusal) and refusal.reason == LIVE_INCARNATION
     assert h.refused == [LIVE_INCARNATION]
     assert h.control.observations.hello("n1") == hello(incarnation=1)  # nothing of it recorded
     h.clock.now = 51.0
@@ -511,13 +543,13 @@ def test_a_second_live_incarnation_of_a_node_is_refused_until_the_first_is_gone(
     # Silent past dead_after (a host that vanished): the new incarnation is admitted.
     h.clock.now = 51.0 + TIMING.dead_after
     late, late_t = h.connect()
-    late.data_received(encode(hello(incarnation=3)) + encode(heartbeat(3)))
+    late.data_received(late.hello(hello(incarnation=3)) + encode(heartbeat(3)))
     assert not late_t.closing and [a.seq for a in late_t.acks()] == [3]
 
     # A restart (the old connection closed): admitted at once.
     late.connection_lost(None)
     again, again_t = h.connect()
-    again.data_received(encode(hello(incarnation=4)) + encode(heartbeat(4)))
+    again.data_received(again.hello(hello(incarnation=4)) + encode(heartbeat(4)))
     assert not again_t.closing and [a.seq for a in again_t.acks()] == [4]
     assert h.refused == [LIVE_INCARNATION]
 
@@ -530,7 +562,7 @@ def test_acks_carry_the_stream_keys_the_primary_and_each_replica_need(store: Aut
     links = {}
     for node in ("n1", "n2", "n3"):
         conn, transport = h.connect()
-        conn.data_received(encode(hello(node)) + encode(heartbeat(1)))
+        conn.data_received(conn.hello(hello(node)) + encode(heartbeat(1)))
         links[node] = (conn, transport)
     store.add_volume("vol1", size=64 * MiB, block_size=512, replicas=2, created_at=1.0)
     (assignment,) = h.control.step(52.0).published
@@ -551,3 +583,72 @@ def test_acks_carry_the_stream_keys_the_primary_and_each_replica_need(store: Aut
         assert pushed.stream_keys == answered.stream_keys == want[node], node
     # Without a master key (a unit harness) no key is handed out.
     assert Harness(store).server.stream_keys(assignment.primary, (assignment,)) == ()
+
+
+# -- node identity (docs/cluster.md, "Node identity") -------------------------------------------------
+
+
+def test_a_member_saying_hello_as_a_bound_node_with_its_own_key_is_refused(store: AuthorityStore) -> None:
+    """The attacker holds the cluster secret (its handshake succeeds) and says Hello as n1, which
+    is dead (no live incarnation protects it), proving its own key: refused with a Refusal naming
+    why, counted, no Ack (so no assignment, no lease, no stream key); n1's record and binding stay,
+    and n1 itself, back with its own key, is admitted."""
+    h = Harness(store, master_key=b"K" * 32)
+    real, _ = h.connect()
+    real.data_received(real.hello(hello(incarnation=1)) + encode(heartbeat(1)))
+    store.add_volume("vol1", size=64 * MiB, block_size=512, replicas=1, created_at=1.0)
+    (assignment,) = h.control.step(52.0).published
+    assert assignment.primary == "n1"
+    real.connection_lost(None)  # n1 is killed: its connection closes at once
+    recorded = h.control.observations.hello("n1")
+
+    attacker = NodeKey(b"A" * 32)
+    rogue, rogue_t = h.connect()
+    forged = attacker.sign_hello(hello(incarnation=99), rogue.client.binding)
+    forged = dataclasses.replace(forged, iscsi_portal="192.0.2.66:3260")
+    rogue.data_received(encode(forged) + encode(heartbeat(1)))
+    (refusal,) = rogue_t.messages()
+    assert isinstance(refusal, Refusal) and refusal.reason == "key_mismatch"
+    assert key_text(attacker.public) in refusal.detail and "sparrow node rekey n1" in refusal.detail
+    assert rogue_t.closing and h.refused == ["key_mismatch"]
+    assert h.control.observations.hello("n1") == recorded  # nothing of it recorded
+    assert h.hellos[-1].incarnation == 1 and store.node_keys() == {"n1": key("n1").public}
+    assert h.server.node_keys.key("n1") == key("n1").public
+
+    back, back_t = h.connect()
+    back.data_received(back.hello(hello(incarnation=2)) + encode(heartbeat(2)))
+    (ack,) = back_t.acks()
+    assert ack.assignments == (assignment,)
+
+
+def test_a_proof_replayed_from_another_connection_or_missing_is_refused(store: AuthorityStore) -> None:
+    h = Harness(store)
+    first, _ = h.connect()
+    recorded = first.hello(hello())  # a member on the path captured it (inside its own channel)
+    second, second_t = h.connect()
+    second.data_received(recorded + encode(heartbeat(1)))
+    third, third_t = h.connect()
+    third.data_received(encode(hello("n2")) + encode(heartbeat(1)))  # no proof: a v1 node
+    reasons = [m.reason for t in (second_t, third_t) for m in t.messages() if isinstance(m, Refusal)]
+    assert reasons == h.refused == ["bad_proof", "no_identity"]
+    assert not h.control.observations.known("n1") and not h.control.observations.known("n2")
+    assert store.node_keys() == {} and len(h.server.node_keys) == 0
+
+
+def test_the_first_hello_binds_its_key_and_the_operator_can_rebind_it(store: AuthorityStore) -> None:
+    h = Harness(store)
+    conn, _ = h.connect()
+    conn.data_received(conn.hello(hello()) + encode(heartbeat(1)))
+    assert store.node_keys() == {"n1": key("n1").public}  # recorded with the node (upsert_hello)
+    conn.connection_lost(None)
+    # The node's disk is replaced: a new key is refused until the operator pins it.
+    new = NodeKey(b"N" * 32)
+    link, link_t = h.connect()
+    link.data_received(encode(new.sign_hello(hello(incarnation=8), link.client.binding)))
+    assert [m.reason for m in link_t.messages() if isinstance(m, Refusal)] == ["key_mismatch"]
+    h.server.node_keys.rebind("n1", new.public)  # what `sparrow node rekey n1 --key ...` does
+    again, again_t = h.connect()
+    signed = new.sign_hello(hello(incarnation=9), again.client.binding)
+    again.data_received(encode(signed) + encode(heartbeat(2)))
+    assert [a.seq for a in again_t.acks()] == [2]
+    assert store.node_keys() == {"n1": new.public}

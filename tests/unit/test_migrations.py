@@ -39,6 +39,7 @@ from store.migrations import (
     authority_v3_to_v4,
     authority_v4_to_v5,
     authority_v5_to_v6,
+    authority_v6_to_v7,
     default_graph,
     discover_steps,
     migrate,
@@ -257,7 +258,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 6),
+        "authority": ({}, 0, 7),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -593,7 +594,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 6)",
+        "authority: 1 at version 1 (latest version 7)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -696,17 +697,18 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 6)
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 7)
     assert applied.steps == (
         "authority_v1_to_v2",
         "authority_v2_to_v3",
         "authority_v3_to_v4",
         "authority_v4_to_v5",
         "authority_v5_to_v6",
+        "authority_v6_to_v7",
     )
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 6
+    assert db_version(data_dir) == 7
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -720,12 +722,12 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 6)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 7)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
-    assert db_version(data_dir) == 6
+    assert db_version(data_dir) == 7
 
 
 AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
@@ -747,15 +749,16 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (2, 6)
+    assert (applied.from_version, applied.to_version) == (2, 7)
     assert applied.steps == (
         "authority_v2_to_v3",
         "authority_v3_to_v4",
         "authority_v4_to_v5",
         "authority_v5_to_v6",
+        "authority_v6_to_v7",
     )
     assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
-    assert db_version(data_dir) == 6
+    assert db_version(data_dir) == 7
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
     assert report.backup_dir is not None
@@ -793,10 +796,15 @@ def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (3, 6)
-    assert applied.steps == ("authority_v3_to_v4", "authority_v4_to_v5", "authority_v5_to_v6")
+    assert (applied.from_version, applied.to_version) == (3, 7)
+    assert applied.steps == (
+        "authority_v3_to_v4",
+        "authority_v4_to_v5",
+        "authority_v5_to_v6",
+        "authority_v6_to_v7",
+    )
     assert applied.changes[0] == f"step authority_v3_to_v4: {authority_v3_to_v4.describe}"
-    assert db_version(data_dir) == 6
+    assert db_version(data_dir) == 7
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, forgotten_at FROM nodes ORDER BY 1") == [
         ("node-a", None),
@@ -851,10 +859,10 @@ def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (4, 6)
-    assert applied.steps == ("authority_v4_to_v5", "authority_v5_to_v6")
+    assert (applied.from_version, applied.to_version) == (4, 7)
+    assert applied.steps == ("authority_v4_to_v5", "authority_v5_to_v6", "authority_v6_to_v7")
     assert applied.changes[0] == f"step authority_v4_to_v5: {authority_v4_to_v5.describe}"
-    assert db_version(data_dir) == 6
+    assert db_version(data_dir) == 7
     old_columns = "SELECT volume_id, epoch, primary_node, replicas, created_at FROM assignments ORDER BY 1, 2"
     assert rows(data_dir / AUTHORITY_FILE, old_columns) == before[IDENTITY_QUERIES[2]]
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries[3:]} == {q: before[q] for q in queries[3:]}
@@ -937,12 +945,13 @@ def test_authority_v5_to_v6_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version, applied.steps) == (5, 6, ("authority_v5_to_v6",))
+    assert (applied.from_version, applied.to_version) == (5, 7)
+    assert applied.steps == ("authority_v5_to_v6", "authority_v6_to_v7")
     assert applied.changes[0] == f"step authority_v5_to_v6: {authority_v5_to_v6.describe}"
-    assert db_version(data_dir) == 6
+    assert db_version(data_dir) == 7
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     nodes_after = rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1")
-    assert nodes_after == [(*n, 0) for n in nodes_before]
+    assert nodes_after == [(*n, 0, None) for n in nodes_before]
     conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
     try:
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
@@ -984,6 +993,79 @@ def test_authority_v5_to_v6_on_the_fixture(tmp_path: Path) -> None:
     assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
 
 
+def test_authority_v6_to_v7_on_the_fixture(tmp_path: Path) -> None:
+    """A v6 database (the v5 fixture migrated to 6) gains ``nodes.public_key``, NULL on every row:
+    each node is bound at its next Hello; no other row or column changes; the migrated store binds
+    a key by the Hello's upsert, keeps it through a keyless upsert, rebinds and unbinds it
+    (``sparrow node rekey``), refuses a malformed one, and forgetting a node drops its key."""
+    from sparrow.cluster.authority import AuthorityStore, InvalidAuthorityRecord, NodeAddresses, UnknownNode
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V5, data_dir / AUTHORITY_FILE)
+    migrate(data_dir, 6, clock=Clock())
+    assert db_version(data_dir) == 6
+    queries = (
+        *IDENTITY_QUERIES,
+        "SELECT * FROM volumes ORDER BY 1",
+        "SELECT * FROM tokens ORDER BY 1",
+        "SELECT * FROM assignments ORDER BY 1, 2",
+    )
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+    nodes_before = rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1")
+    assert len(nodes_before) == 4
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (6, 7, ("authority_v6_to_v7",))
+    assert applied.changes[0] == f"step authority_v6_to_v7: {authority_v6_to_v7.describe}"
+    assert db_version(data_dir) == 7
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
+    assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1") == [
+        (*n, None) for n in nodes_before
+    ]
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
+    try:
+        for bad in ("ab" * 31, "AB" * 32, "zz" * 32):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                conn.execute("UPDATE nodes SET public_key = ?", (bad,))
+    finally:
+        conn.close()
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    address = NodeAddresses("10.0.0.1:3260", "10.0.0.1:3291", "10.0.0.1:3281")
+    with AuthorityStore.open_in(data_dir) as store:
+        assert store.node_keys() == {}
+        assert all(n.public_key is None for n in store.nodes())
+
+        def upsert(node_id: str, public_key: bytes | None, seen_at: float) -> bytes | None:
+            record = store.upsert_node(
+                node_id, incarnation=9, addresses=address, capacity=1, seen_at=seen_at, public_key=public_key
+            )
+            return record.public_key
+
+        assert upsert("node-a", key, 1.0) == key
+        assert upsert("node-a", None, 2.0) == key  # a keyless upsert keeps the binding
+        assert store.node_keys() == {"node-a": key}
+        assert store.set_node_key("node-a", other).public_key == other
+        assert store.set_node_key("node-a", None).public_key is None
+        with pytest.raises(UnknownNode):
+            store.set_node_key("node-z", key)
+        with pytest.raises(InvalidAuthorityRecord):
+            store.set_node_key("node-a", b"short")
+        assert upsert("node-c", key, 3.0) == key  # named only by the deleted "old"
+        store.forget_node("node-c", forgotten_at=4.0)
+        assert "node-c" not in store.node_keys()
+        with pytest.raises(UnknownNode):
+            store.set_node_key("node-c", key)  # forgotten: not a member
+        assert upsert("node-c", None, 5.0) is None  # a new node: the old binding is gone
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
+
+
 def test_the_authority_steps_are_registered() -> None:
     steps = sorted(
         (s.name, s.from_version, s.to_version) for s in default_graph().steps if s.kind == "authority"
@@ -994,8 +1076,9 @@ def test_the_authority_steps_are_registered() -> None:
         ("authority_v3_to_v4", 3, 4),
         ("authority_v4_to_v5", 4, 5),
         ("authority_v5_to_v6", 5, 6),
+        ("authority_v6_to_v7", 6, 7),
     ]
-    assert default_graph().head("authority") == 6
+    assert default_graph().head("authority") == 7
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:

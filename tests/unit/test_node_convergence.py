@@ -16,6 +16,7 @@ import pytest
 import structlog
 
 from frontend.scsi.lu import AccessState
+from frontend.scsi.types import Nexus, ScsiRequest
 from frontend.target import ChapConfig, ChapSecret, Portal, RemoteTarget, Target, TargetRegistry
 from sparrow.cluster import nodestate
 from sparrow.cluster.adapter import Adapter, AdapterPlan, OpenVolume
@@ -28,6 +29,7 @@ from sparrow.cluster.messages import (
     DirectoryEntry,
     Role,
     StreamKey,
+    UnsupportedCommand,
     VolumeChap,
 )
 from sparrow.cluster.nodestate import NodeState
@@ -892,3 +894,28 @@ async def test_a_copy_created_outside_the_in_sync_set_starts_all_dirty(tmp_path:
     finally:
         await forwarding.close()
         await stop_node(node)
+
+
+# ---- diagnostics (heartbeat v3) -------------------------------------------------------------------
+
+
+async def test_a_volume_that_cannot_converge_reports_its_error_until_a_plan_succeeds(node: Node) -> None:
+    await node.manager.create(NAME, SIZE, volume_id=OTHER)
+    await node.ack(assign())
+    [obs] = node.conv.observations(node.timers.now)
+    assert obs.volume_id == VOL and not obs.converged
+    assert obs.error is not None and obs.error.startswith("VolumeMismatch: ") and OTHER in obs.error
+    await node.manager.delete(NAME)  # the operator clears the clash
+    await node.ack(assign())
+    [obs] = node.conv.observations(node.timers.now)
+    assert obs.converged and obs.error is None
+
+
+async def test_the_commands_a_volume_answered_as_unsupported_are_reported_with_it(node: Node) -> None:
+    await node.ack(assign())
+    target = node.registry.get(IQN)
+    assert target is not None
+    nexus = Nexus("iqn.2026-01.test:host", 1, IQN, 1)
+    await target.lu.execute(ScsiRequest(nexus, 0, bytes([0xC7]) + bytes(15), b"", 0))
+    [obs] = node.conv.observations(node.timers.now)
+    assert obs.unsupported == (UnsupportedCommand(0xC7, None, 1, "iqn.2026-01.test:host"),)

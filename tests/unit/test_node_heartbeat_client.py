@@ -313,3 +313,68 @@ async def test_a_heartbeat_sent_at_once_leaves_the_schedule_as_it_was() -> None:
     early, scheduled = arrivals[1] - arrivals[0], arrivals[2] - arrivals[0]
     assert early < 0.5 * interval, arrivals
     assert scheduled < 1.45 * interval, f"the scheduled heartbeat came {scheduled:.2f} s after the first"
+
+
+def test_a_refusal_from_the_master_ends_the_session_with_its_reason() -> None:
+    from sparrow.cluster.messages import Refusal
+    from sparrow.node.heartbeat_client import MasterRefused
+
+    session = HeartbeatSession(LeaseClock())
+    session.connection_made(HELLO)
+    session.heartbeat(OBS, 0.0)
+    with pytest.raises(MasterRefused) as e:
+        session.receive(encode(Refusal("key_mismatch", "node 'n1' is bound to key ab")))
+    assert (e.value.reason, e.value.detail) == ("key_mismatch", "node 'n1' is bound to key ab")
+
+
+async def test_the_hello_is_signed_for_its_connection_and_a_refusal_is_logged_with_the_nodes_key() -> None:
+    """The master checks the Hello's proof against *its* end's channel binding (a proof made for
+    another connection would fail), then refuses the node: the client logs the master's reason at
+    error level with its own key (what `sparrow node rekey --key` needs) and dials again."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from sparrow.cluster.heartbeat import FrameDecoder
+    from sparrow.cluster.messages import Refusal
+    from sparrow.cluster.nodeidentity import NodeKey, NodeKeys, key_text
+
+    identity = NodeKey(b"i" * 32)
+    admitted: list[bytes] = []
+    refused_twice = asyncio.Event()
+
+    async def master(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        channel = Channel(SECRET, Side.SERVER, Purpose.HEARTBEAT, 0.0)
+        while data := await reader.read(65536):
+            for event in channel.feed(data, 0.0):
+                if isinstance(event, HandshakeBytes):
+                    writer.write(event.data)
+                elif isinstance(event, Plaintext):
+                    decoder.feed(event.data)
+            while (msg := decoder.next_message()) is not None:
+                if isinstance(msg, Hello):
+                    admitted.append(NodeKeys().admit(msg, channel.binding).key)
+                    writer.write(channel.send(encode(Refusal("key_mismatch", "bound to another key"))))
+                    writer.write_eof()
+                    if len(admitted) == 2:
+                        refused_twice.set()
+        writer.close()
+
+    server = await asyncio.start_server(master, "127.0.0.1", 0)
+    client = fast_client(server.sockets[0].getsockname()[1])
+    client.identity = identity
+    with capture_logs() as logs:
+        client.start()
+        try:
+            async with asyncio.timeout(10):
+                await refused_twice.wait()
+        finally:
+            await client.stop()
+            server.close()
+            await server.wait_closed()
+    assert admitted[:2] == [identity.public, identity.public] and client.acks == 0
+    assert client.last_error == "refused by the master: key_mismatch: bound to another key"
+    (line,) = [entry for entry in logs if entry["event"] == "master refused this node"][:1]
+    assert line["log_level"] == "error" and line["reason"] == "key_mismatch"
+    assert line["node_key"] == key_text(identity.public)

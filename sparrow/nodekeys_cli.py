@@ -1,0 +1,40 @@
+"""``sparrow node rekey NODE [--key HEX]``: rebind a node's identity on the master
+(POST /v1/nodes/NODE/rekey, admin; sparrow.master.nodekeys_api; docs/operations.md, "Replacing a
+node's disk")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, TextIO
+
+
+def add_node_key_commands(node_commands: Any, api_help: str, token_help: str) -> None:
+    """``node rekey``."""
+    rekey = node_commands.add_parser(
+        "rekey",
+        help="rebind a stopped node to a new key (its disk was replaced or its node.key lost)",
+        description="Rebind NODE's identity on the master: to --key (the public key the node logs "
+        "at start as `node key`, and in its `master refused this node` line), or, without it, to "
+        "none, so the node's next Hello binds its key on first use. Refused while the node is alive.",
+    )
+    rekey.add_argument("node_id", metavar="NODE")
+    rekey.add_argument("--key", metavar="HEX", help="the node's public key, 64 hex digits (pinned)")
+    rekey.add_argument("--api", metavar="URL", help=api_help)
+    rekey.add_argument("--token", metavar="TOKEN", help=token_help)
+    rekey.add_argument("--json", action="store_true", help="print the answer as JSON")
+    rekey.set_defaults(func=cmd_node_rekey)
+
+
+def cmd_node_rekey(args: argparse.Namespace, out: TextIO) -> int:
+    from sparrow.cli import _client, _quote
+
+    body = {} if args.key is None else {"key": args.key}
+    answer = _client(args).request("POST", f"/v1/nodes/{_quote(args.node_id)}/rekey", body)
+    if args.json:
+        print(json.dumps(answer, indent=2), file=out)
+    elif answer.get("node_key") is None:
+        print(f"node {args.node_id} unbound: its next Hello binds its key", file=out)
+    else:
+        print(f"node {args.node_id} bound to key {answer['node_key']}", file=out)
+    return 0
