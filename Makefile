@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := libiscsi-bin libiscsi-dev gcc python3-dev qemu-utils qemu-block-extra tgt prometheus
 DATA_DIR ?= $(CURDIR)/var/data
 
-.PHONY: run test venv apt-deps lint conformance-update bench chaos clean
+.PHONY: run test venv apt-deps lint conformance-update openapi bench chaos clean
 
 # The install compiles the hot modules with mypyc (setup.py, frontend/build.py): rebuilt when they
 # change, so that the tests run the compiled build of this source, as CI does.
@@ -47,6 +47,10 @@ lint: venv
 
 conformance-update: venv apt-deps
 	SPARROW_UPDATE_CONFORMANCE=1 $(VENV)/bin/pytest -q tests/integration/test_conformance.py
+
+## make openapi: rewrite sparrow/master/openapi.json from sparrow/master/openapi.py (after adding a route)
+openapi: venv
+	$(PY) -m sparrow.master.openapi --write
 
 ## build/gatewriter: the final gate's libiscsi writer (tests/integration/gate.py also builds it)
 build/gatewriter: tests/tools/gatewriter.c

@@ -13,6 +13,7 @@
     DELETE /v1/nodes/{node_id} (admin) forget a dead node that holds no copy   -> 204 (409: why not)
     POST   /v1/nodes/{node_id}/rekey (admin) {key?} rebind its identity      -> 200 (nodekeys_api)
     GET    /metrics            Prometheus text exposition (the master's own registry)
+    GET    /openapi.json       this API's OpenAPI 3.1 document (sparrow.master.openapi: how to add a route)
     GET    /healthz            200 {"status": "ok"|"degraded", "nodes": N, "nodes_alive": N,
                                "volumes": N, "reasons": [], "volumes_not_served": [],
                                "tasks_failed": []}; 503 with "status": "unhealthy" and the reasons
@@ -68,7 +69,7 @@ Pause, resume, update of export settings (PATCH) and the create's idempotency:
 sparrow.master.volume_verbs_api.
 The cluster's settings (discovery CHAP, GET/PATCH /v1/cluster): sparrow.master.settings_api.
 
-Every route but /metrics and /healthz needs a bearer token (sparrow.master.auth: 401 without a
+Every route but /metrics, /healthz and /openapi.json needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
 sees only its own volumes. ``backing`` needs an admin token and a path under the allowed backing
 prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
@@ -278,6 +279,11 @@ def build_app(api: MasterApi) -> web.Application:
     if api.audit is not None:
         outer, inner = audit_middlewares(api.audit)
         middlewares = [outer, errors, authenticate, inner]
+    from sparrow.master import openapi, openapi_check  # they describe this module's routes
+
+    if openapi_check.enabled():  # the test harness: every answer checked against the document
+        document = openapi_check.document_to_check(openapi.checked_in())
+        middlewares = [openapi_check.validation_middleware(document), *middlewares]
     app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[API_KEY] = api
     add_token_routes(app, AuthContext(api.control.store, api.wall_clock))
@@ -305,6 +311,7 @@ def build_app(api: MasterApi) -> web.Application:
     add_settings_routes(app)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
+    openapi.add_openapi_route(app)
     return app
 
 

@@ -1,6 +1,6 @@
 """Bearer-token authentication of the master's HTTP API (``sparrow master`` and ``sparrow serve``).
 
-Every request except ``/healthz`` and ``/metrics`` (:data:`PUBLIC_PATHS`) must carry
+Every request except ``/healthz``, ``/metrics`` and ``/openapi.json`` (:data:`PUBLIC_PATHS`) must carry
 ``Authorization: Bearer <token>`` (sparrow.auth.tokens). :func:`auth_middleware` answers
 
 - 401 with ``WWW-Authenticate: Bearer`` for a missing, malformed, unknown or revoked token;
@@ -50,8 +50,8 @@ from sparrow.lifecycle import StartupError
 
 log = structlog.get_logger("sparrow.master.auth")
 
-#: Paths anyone may GET (monitoring): no token needed.
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics"})
+#: Paths anyone may GET (monitoring, and the API's OpenAPI document): no token needed.
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json"})
 
 #: (method, route) -> the action it needs. Add a row with every new route (a route missing here
 #: needs an admin token with no tenant).

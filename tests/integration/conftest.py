@@ -6,8 +6,29 @@ from pathlib import Path
 import pytest
 
 from frontend.internal_errors import INTERNAL_ERROR_EVENT
+from sparrow.master.openapi_check import VIOLATION_EVENT
 from tests.integration.cluster import TIMING, Cluster, Timing
 from tests.integration.daemon import Daemon
+from tests.integration.process import SPAWNED
+
+
+@pytest.fixture(autouse=True)
+def _no_openapi_violations(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test during which any daemon (however the test started it) answered an API request
+    outside the master's OpenAPI document (sparrow.master.openapi_check logs each violation)."""
+    offsets = {proc: proc.log_size() for proc in SPAWNED}
+    yield
+    if request.node.get_closest_marker("openapi_violations_expected") is not None:
+        return
+    found = []
+    for proc in SPAWNED:
+        found += [
+            f"{proc.name}: {line}"
+            for line in proc.log_since(offsets.get(proc, 0)).splitlines()
+            if VIOLATION_EVENT in line
+        ]
+    SPAWNED[:] = [p for p in SPAWNED if p.running]
+    assert not found, "answers outside the OpenAPI document:\n" + "\n".join(found)
 
 
 @pytest.fixture

@@ -17,20 +17,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparrow.master.openapi_check import VALIDATE_ENV
 from tests.leaks import WATCH
 
 
 def daemon_env(root: Path) -> dict[str, str]:
     """The environment of a test's daemons and CLI calls: XDG_CONFIG_HOME under the test's root, so
     a daemon writes its bootstrap admin token to ROOT/xdg/sparrow/credentials.json and the CLI finds
-    it there by itself (sparrow.auth.credentials), as on a real machine."""
+    it there by itself (sparrow.auth.credentials), as on a real machine; and a master checks every
+    request and answer against its OpenAPI document (sparrow.master.openapi_check; a violation is
+    logged, and fails the test: tests/integration/conftest.py)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("SPARROW_CREDENTIALS", "SPARROW_TOKEN", "SPARROW_API")
     }
     env["XDG_CONFIG_HOME"] = str(root / "xdg")
+    env.setdefault(VALIDATE_ENV, "1")
     return env
+
+
+#: Every daemon process spawned in this test session, for the checks of their logs after each test
+#: (tests/integration/conftest.py).
+SPAWNED: list[Proc] = []
 
 
 def credentials_file(root: Path) -> Path:
@@ -72,6 +81,8 @@ class Proc:
         """Start the process; :meth:`wait_ready` waits for its READY=1."""
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self not in SPAWNED:
+            SPAWNED.append(self)
         path = Path(tempfile.mkdtemp(prefix="sparrow-notify-")) / "notify"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(path))
@@ -149,6 +160,17 @@ class Proc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """The log from byte ``offset`` on."""
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])

@@ -512,7 +512,21 @@ class FakeLocalNode:
         self.offline = [{"name": "broken", "path": "/d/volumes/broken.json", "reason": "corrupt"}]
 
     def health(self) -> Mapping[str, Any]:
-        return {"status": "ok", "offline": self.offline}
+        """The shape of sparrow.node.daemon.Node.health (the OpenAPI document's NodeHealth)."""
+        return {
+            "status": "ok",
+            "reasons": [],
+            "volumes_not_served": [],
+            "tasks_failed": [],
+            "node_id": "local",
+            "incarnation": 1,
+            "master": {"address": "127.0.0.1:1", "connected": True, "last_error": None},
+            "lease": {"valid": True, "remaining_seconds": 4.0},
+            "fences": 0,
+            "last_error": None,
+            "volumes": [],
+            "offline": self.offline,
+        }
 
     async def check_create(self, name: str, size: int | None, block_size: int, backing: str | None) -> int:
         self.creates.append((name, size, block_size, backing))
