@@ -136,6 +136,27 @@ SCHEMAS: dict[str, Schema] = {
         },
     ),
     "VolumeResize": _obj({"size": SIZE_IN}),
+    "VolumeUpdate": _obj(
+        {},
+        {
+            "chap": {"type": "null", "description": "null: CHAP off"},
+            "chap_user": CHAP_NAME,
+            "chap_secret": {**CHAP_NAME, "writeOnly": True},
+            "chap_mutual_user": _nullable(CHAP_NAME),
+            "chap_mutual_secret": _nullable({**CHAP_NAME, "writeOnly": True}),
+        },
+    ),
+    "ClusterUpdate": _obj(
+        {},
+        {
+            "discovery_chap": {"type": "null", "description": "null: discovery CHAP off"},
+            "discovery_chap_user": CHAP_NAME,
+            "discovery_chap_secret": {**CHAP_NAME, "writeOnly": True},
+            "discovery_chap_mutual_user": _nullable(CHAP_NAME),
+            "discovery_chap_mutual_secret": _nullable({**CHAP_NAME, "writeOnly": True}),
+        },
+    ),
+    "ClusterSettings": _obj({"discovery_chap": _nullable(_obj({"user": STRING, "mutual_user": TEXT}))}),
     "Failover": _obj(
         {}, {"to": {**_nullable(_ref("NodeId")), "description": "The new primary (else the best)"}}
     ),
@@ -174,6 +195,7 @@ SCHEMAS: dict[str, Schema] = {
             "primary": _nullable(_ref("Primary")),
             "replicas": {"type": "array", "items": _ref("Copy")},
             "served": {**BOOL, "description": "The primary serves the current epoch"},
+            "paused": {**BOOL, "description": "The operator paused it (`status` says once applied)"},
             "status": {**TEXT, "description": "The controller's reason (null: not stepped yet)"},
             "status_kind": _nullable(_enum(StatusKind)),
             "url": TEXT,
@@ -281,6 +303,7 @@ SCHEMAS: dict[str, Schema] = {
             "nodes": COUNT,
             "nodes_alive": COUNT,
             "volumes": COUNT,
+            "volumes_paused": {"type": "array", "items": _ref("PausedVolume")},
         },
         {
             "offline": {
@@ -292,6 +315,13 @@ SCHEMAS: dict[str, Schema] = {
         },
     ),
     "OfflineVolume": _obj({"name": STRING, "path": STRING, "reason": STRING}),
+    "PausedVolume": _obj(
+        {
+            "volume_id": STRING,
+            "name": STRING,
+            "applied": {**BOOL, "description": "The primary serves the paused epoch"},
+        }
+    ),
     "NodeHealth": _obj(
         {
             "status": _enum([OK, DEGRADED, UNHEALTHY]),
@@ -312,6 +342,7 @@ SCHEMAS: dict[str, Schema] = {
                         "name": STRING,
                         "iqn": STRING,
                         "access_state": _enum(s.name.lower() for s in AccessState),
+                        "paused": BOOL,
                     }
                 ),
             },
@@ -374,9 +405,12 @@ class Operation:
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "POST", "/v1/volumes", "createVolume", "Create a volume",
-        {201: "Volume", 409: None}, request="VolumeCreate", parameters=("Wait",), tags=("volumes",),
+        {200: "Volume", 201: "Volume", 409: None}, request="VolumeCreate", parameters=("Wait",),
+        tags=("volumes",),
         description="With ?wait, answers once the volume is served, the controller says it cannot "
-        "place it, or at the deadline (201 either way: `status` says why it is not served).",
+        "place it, or at the deadline (201 either way: `status` says why it is not served). A retry "
+        "with the same parameters answers 200 with the existing volume; another create of the name "
+        "409, naming each field that differs (secrets named, never shown).",
     ),
     Operation("GET", "/v1/volumes", "listVolumes", "List volumes (a tenant token: its own)",
               {200: "VolumeList"}, tags=("volumes",)),
@@ -384,6 +418,22 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: "Volume", 404: None}, parameters=("VolumeName",), tags=("volumes",)),
     Operation("DELETE", "/v1/volumes/{name}", "deleteVolume", "Delete a volume",
               {204: None, 404: None}, parameters=("VolumeName",), tags=("volumes",)),
+    Operation(
+        "PATCH", "/v1/volumes/{name}", "updateVolume", "Change a volume's export settings (CHAP)",
+        {200: "Volume", 404: None}, request="VolumeUpdate", parameters=("VolumeName",), tags=("volumes",),
+        description="CHAP on, changed or off (`{\"chap\": null}`) for new logins; sessions already "
+        "logged in are kept; no new epoch.",
+    ),
+    Operation(
+        "POST", "/v1/volumes/{name}/pause", "pauseVolume", "Take a volume out of service (NOT READY)",
+        {200: "Volume", 404: None}, parameters=("VolumeName", "Wait"), tags=("volumes",),
+        description="Recorded before the answer; published under a new epoch. With ?wait, answers "
+        "once the primary has applied it, or at the deadline.",
+    ),
+    Operation(
+        "POST", "/v1/volumes/{name}/resume", "resumeVolume", "Return a paused volume to service",
+        {200: "Volume", 404: None}, parameters=("VolumeName", "Wait"), tags=("volumes",),
+    ),
     Operation(
         "POST", "/v1/volumes/{name}/resize", "resizeVolume", "Grow a volume (a new epoch)",
         {200: "Volume", 404: None, 409: None}, request="VolumeResize",
@@ -417,6 +467,10 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST", "/v1/nodes/{node_id}/rekey", "rekeyNode", "Rebind a dead node's id to a key, or to none",
         {200: "Rekeyed", 404: None, 409: None}, request="Rekey", parameters=("NodeId",), tags=("nodes",),
     ),
+    Operation("GET", "/v1/cluster", "getClusterSettings", "The cluster's settings (discovery CHAP)",
+              {200: "ClusterSettings"}, tags=("cluster",)),
+    Operation("PATCH", "/v1/cluster", "updateClusterSettings", "Change the discovery CHAP (admin)",
+              {200: "ClusterSettings"}, request="ClusterUpdate", tags=("cluster",)),
     Operation("POST", "/v1/tokens", "createToken", "Mint a token (its secret is shown once)",
               {201: "NewToken"}, request="TokenCreate", tags=("tokens",)),
     Operation("GET", "/v1/tokens", "listTokens", "List tokens (never their secrets)",

@@ -76,12 +76,12 @@ def test_every_registered_route_is_documented_and_every_documented_route_is_regi
 def test_a_route_added_without_documentation_is_found(tmp_path: Path) -> None:
     app, _ = _app(tmp_path)
 
-    async def pause(request: web.Request) -> web.Response:
+    async def snapshot(request: web.Request) -> web.Response:
         return web.json_response({})
 
-    app.router.add_post("/v1/volumes/{name}/pause", pause)
+    app.router.add_post("/v1/volumes/{name}/snapshot", snapshot)
     assert openapi.registered_routes(app) - openapi.documented_routes(DOC) == {
-        ("POST", "/v1/volumes/{name}/pause")
+        ("POST", "/v1/volumes/{name}/snapshot")
     }
 
 
