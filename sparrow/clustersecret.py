@@ -14,13 +14,12 @@ empty or partial file behind that would keep it from starting.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 from pathlib import Path
 
 from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.config import ConfigError
+from sparrow.privatefile import read_private, write_private
 
 #: A secret file larger than this is not a secret file.
 MAX_SECRET_FILE = 4096
@@ -31,23 +30,9 @@ def load_cluster_secret(path: Path) -> ClusterSecret:
     group or others (like an ssh key), and hold at least MIN_SECRET_LEN characters. Raises
     :class:`SecretError` with a one-line reason."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        data = read_private(path, "cluster secret file", MAX_SECRET_FILE)
     except FileNotFoundError:
         raise SecretError(f"cluster secret file {path} does not exist") from None
-    except OSError as e:
-        raise SecretError(f"cannot open cluster secret file {path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SecretError(f"cluster secret file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise SecretError(
-                f"cluster secret file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-            )
-        data = os.read(fd, MAX_SECRET_FILE + 1)
-    finally:
-        os.close(fd)
     if len(data) > MAX_SECRET_FILE:
         raise SecretError(f"cluster secret file {path} is larger than {MAX_SECRET_FILE} bytes")
     try:
@@ -59,24 +44,7 @@ def load_cluster_secret(path: Path) -> ClusterSecret:
 def generate_cluster_secret(path: Path) -> None:
     """Write a fresh secret (64 hex digits, 256 random bits) to ``path``, mode 0600, atomically;
     refuses to overwrite an existing file (raises FileExistsError)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, os.urandom(32).hex().encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)  # atomic, and never replaces an existing file
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private(path, os.urandom(32).hex().encode() + b"\n")
 
 
 def ensure_cluster_secret(path: Path) -> ClusterSecret:

@@ -15,14 +15,11 @@ then refuses the node's Hellos (``key_mismatch``) until the operator runs ``spar
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
 from pathlib import Path
 
 from sparrow.cluster.channel import SecretError
 from sparrow.cluster.nodeidentity import SEED_SIZE, NodeKey
-from store.metadata import fsync_dir
+from sparrow.privatefile import read_private, write_private
 
 NODE_KEY_NAME = "node.key"
 #: Larger than this is not a node key file.
@@ -38,24 +35,7 @@ def _corrupt(path: Path, why: str) -> SecretError:
 
 def load_node_key(path: Path) -> NodeKey:
     """The key at ``path``; raises FileNotFoundError, or SecretError with a one-line reason."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise SecretError(f"cannot open node key file {path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _corrupt(path, "is not a regular file")
-        if st.st_mode & 0o077:
-            raise SecretError(
-                f"node key file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-            )
-        data = os.read(fd, MAX_KEY_FILE + 1)
-    finally:
-        os.close(fd)
+    data = read_private(path, "node key file", MAX_KEY_FILE)
     text = data.strip()
     if len(data) > MAX_KEY_FILE or len(text) != 2 * SEED_SIZE:
         raise _corrupt(path, f"does not hold {2 * SEED_SIZE} hex digits")
@@ -67,20 +47,7 @@ def load_node_key(path: Path) -> NodeKey:
 
 def write_node_key(path: Path, key: NodeKey) -> None:
     """Write ``key`` to ``path`` (mode 0600, atomically); never replaces a file (FileExistsError)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, key.seed.hex().encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)  # atomic, and never replaces an existing file
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
+    write_private(path, key.seed.hex().encode() + b"\n")
 
 
 def node_key(data_dir: Path) -> tuple[NodeKey, bool]:
