@@ -411,6 +411,19 @@ def _check_text(field_name: str, value: object) -> str:
     return value
 
 
+#: C0 controls and DEL: a CHAP name travels in a login's text (``CHAP_N=name``, NUL-separated
+#: pairs, RFC 7143 6.1), where a NUL would end the pair and start another key of the sender's.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def _check_chap_name(field_name: str, value: object) -> str:
+    _check_text(field_name, value)
+    assert isinstance(value, str)
+    if _CONTROL.search(value):
+        raise InvalidMessage(field_name, "no control characters (a NUL, a newline, an escape) in a CHAP name")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class VolumeChap:
     """CHAP for one volume's target (RFC 7143 12.1.3): the initiator proves ``user``/``secret``;
@@ -424,12 +437,12 @@ class VolumeChap:
     mutual_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        _check_text("user", self.user)
+        _check_chap_name("user", self.user)
         _check_text("secret", self.secret)
         if (self.mutual_user is None) != (self.mutual_secret is None):
             raise InvalidMessage("mutual_user", "mutual CHAP needs both a user and a secret")
         if self.mutual_user is not None:
-            _check_text("mutual_user", self.mutual_user)
+            _check_chap_name("mutual_user", self.mutual_user)
             _check_text("mutual_secret", self.mutual_secret)
             if self.mutual_secret == self.secret:
                 # RFC 7143 9.2.1: a secret that authenticates initiators must not authenticate a target.
