@@ -10,8 +10,9 @@ I/O rates need two snapshots: :func:`io_rates` takes the counters' increase over
 the two ``taken_at`` (monotonic seconds), per second, summed over nodes per volume. As Prometheus's
 ``rate()`` does, a counter that went down was reset (the node restarted): its increase is its new
 value; a series missing from either snapshot (a node not scraped, a volume just served) adds
-nothing. A volume none of whose series is in both snapshots has no rate (shown as ``-``), which
-is not the same as a rate of 0.
+nothing, nor does a node's series for a listed volume it holds no copy of (what a node answers is
+its word: it may not add to another node's volume). A volume none of whose series is in both
+snapshots has no rate (shown as ``-``), which is not the same as a rate of 0.
 
 Anything unexpected in an answer (a missing field, a wrong type) is skipped or shown as unknown,
 never raised: the view is for a person looking at a cluster that may be half up.
@@ -294,11 +295,14 @@ def io_rates(previous: Snapshot, current: Snapshot) -> dict[str, IoRate]:
     if seconds <= 0:
         return {}
     sums: dict[str, dict[str, float]] = {}
+    holders = {v.name: {c.node_id for c in v.copies} for v in current.volumes}
     for key, after in current.counters.items():
         before = previous.counters.get(key)
         if before is None:
             continue
-        _, volume, op = key
+        node_id, volume, op = key
+        if volume in holders and node_id not in holders[volume]:
+            continue  # a node's counters for a volume it holds no copy of: not taken as fact
         total = sums.setdefault(volume, dict.fromkeys(("read_ops", "write_ops", "read_b", "write_b"), 0.0))
         total[f"{op}_ops"] += _increase(before.commands, after.commands)
         total[f"{op}_b"] += _increase(before.nbytes, after.nbytes)

@@ -309,3 +309,11 @@ def test_a_node_address_is_a_host_and_port_or_nothing() -> None:
     for http in ("evil.test/x#:80", "user@evil.test:80", "evil.test:80/x", "a b:80", "evil.test:0"):
         assert NodeRow("n1", "alive", http=http).metrics_url() is None, http
     assert NodeRow("n1", "alive", http="[::1]:3281").metrics_url() == "http://[::1]:3281/metrics"
+
+
+def test_a_node_holding_no_copy_of_a_volume_adds_nothing_to_its_rate() -> None:
+    # n3 answers /metrics with counters for v, a volume whose copies are on n1 and n2 only.
+    volumes = {"volumes": [{"name": "v", "replicas": [{"node_id": "n1"}, {"node_id": "n2"}]}]}
+    first = snapshot(0.0, volumes, scrapes={"n1": metrics_text(writes=0), "n3": metrics_text(writes=0)})
+    second = snapshot(1.0, volumes, scrapes={"n1": metrics_text(writes=4), "n3": metrics_text(writes=1000)})
+    assert io_rates(first, second) == {"v": IoRate(write_ops=4.0, write_bytes=4 * 4096)}
