@@ -48,7 +48,9 @@ level, counted with reason ``live_incarnation``); once that connection closes or
 Hello is admitted, so a restarted node comes back at once.
 
 A peer that does not read its Acks (the write buffer passes :data:`MAX_WRITE_BUFFER`) is
-disconnected rather than buffered without bound.
+disconnected rather than buffered without bound, and so is one that sends more than
+:data:`MAX_HEARTBEATS_PER_SECOND` heartbeats in a second (each costs an Ack with the whole volume
+directory: a member flooding them would starve the loop that grants every node's lease).
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ LIVE_INCARNATION = "live_incarnation"
 HANDSHAKE_CAP = "handshake_cap"
 #: Seconds a refused node gets to read its Refusal before the connection is aborted.
 REFUSAL_LINGER = 1.0
+#: Heartbeats a connection may send in one second (a node sends one per interval, 4/s at the
+#: shortest the tests use, and a few early ones when a replica lags); more close the connection.
+MAX_HEARTBEATS_PER_SECOND = 20
 
 
 def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
@@ -253,6 +258,9 @@ class NodeConnection(asyncio.Protocol):
         self.incarnation: int | None = None
         #: Arrival (master clock) of the last Heartbeat on this connection.
         self.last_heartbeat_at: float | None = None
+        #: The second of heartbeats being counted: when it began and how many so far.
+        self._rate_since = -1.0
+        self._rate_count = 0
         #: Seq of the last Heartbeat on this connection (what a pushed Ack repeats).
         self.last_seq: int | None = None
         self.acks_sent = 0
@@ -474,6 +482,12 @@ class NodeConnection(asyncio.Protocol):
         node_id = self.node_id
         if node_id is None:
             raise ConnectionRefused("Heartbeat before Hello")
+        now = self.server.clock()
+        if now - self._rate_since >= 1.0:
+            self._rate_since, self._rate_count = now, 0
+        self._rate_count += 1
+        if self._rate_count > MAX_HEARTBEATS_PER_SECOND:
+            raise ConnectionRefused(f"more than {MAX_HEARTBEATS_PER_SECOND} heartbeats in a second")
         try:
             self.server.observations.record(heartbeat, node_id, self.server.clock())
         except ObservationError as e:
