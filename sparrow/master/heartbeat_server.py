@@ -85,7 +85,7 @@ from sparrow.cluster.messages import (
     Refusal,
     StreamKey,
 )
-from sparrow.cluster.nodeidentity import IdentityRefused, NodeKeys, key_text
+from sparrow.cluster.nodeidentity import IdentityCode, IdentityRefused, NodeKeys, key_text
 from sparrow.cluster.observations import ObservationError, ObservationStore
 from sparrow.master.control import ControlLoop
 from sparrow.replication.streamauth import stream_keys_for
@@ -258,6 +258,8 @@ class NodeConnection(asyncio.Protocol):
         self.incarnation: int | None = None
         #: Arrival (master clock) of the last Heartbeat on this connection.
         self.last_heartbeat_at: float | None = None
+        #: The key this connection's Hello proved (NodeKeys.admit).
+        self.node_key: bytes | None = None
         #: The second of heartbeats being counted: when it began and how many so far.
         self._rate_since = -1.0
         self._rate_count = 0
@@ -456,6 +458,7 @@ class NodeConnection(asyncio.Protocol):
                 iscsi_portal=hello.iscsi_portal,
             )
         self.node_id = hello.node_id
+        self.node_key = admitted.key
         self.incarnation = hello.incarnation
         if self.server.on_hello is not None:
             self.server.on_hello(hello)
@@ -482,6 +485,13 @@ class NodeConnection(asyncio.Protocol):
         node_id = self.node_id
         if node_id is None:
             raise ConnectionRefused("Heartbeat before Hello")
+        bound = self.server.node_keys.key(node_id)
+        if bound != self.node_key:  # the operator rebound the node id (rekey, forget) since
+            raise ConnectionRefused(
+                f"node {node_id!r} was rebound to key {'none' if bound is None else key_text(bound)} "
+                "since this connection's Hello",
+                refusal=IdentityCode.KEY_MISMATCH.value,
+            )
         now = self.server.clock()
         if now - self._rate_since >= 1.0:
             self._rate_since, self._rate_count = now, 0
@@ -520,6 +530,8 @@ class NodeConnection(asyncio.Protocol):
         node_id, seq = self.node_id, self.last_seq
         if node_id is None or seq is None or self.closed_reason is not None:
             return
+        if self.server.node_keys.key(node_id) != self.node_key:
+            return  # rebound since its Hello: its next heartbeat is refused (_heartbeat)
         assignments = self.server.control.assignments_for(node_id)
         ack = Ack(
             seq=seq,

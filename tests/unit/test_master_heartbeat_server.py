@@ -679,3 +679,23 @@ def test_a_member_flooding_heartbeats_is_disconnected_and_a_node_at_its_pace_nev
             seq += 1
             node.data_received(encode(heartbeat(seq)))
     assert len(node_t.acks()) == seq and not node_t.aborted
+
+
+def test_a_connection_admitted_under_a_key_the_operator_rebound_gets_no_more_acks(
+    store: AuthorityStore,
+) -> None:
+    # `sparrow node rekey` refuses a live node, but a connection admitted before (a node silent
+    # past dead_after whose connection the idle timer has not closed yet, or one whose Hello
+    # landed while the rekey was being recorded) must not go on as the node under the old key.
+    h = Harness(store)
+    old, old_t = h.connect()
+    old.data_received(old.hello(hello()) + encode(heartbeat(1)))
+    assert [a.seq for a in old_t.acks()] == [1]
+    h.server.node_keys.rebind("n1", NodeKey(b"N" * 32).public)  # what the rekey route does
+    old.push()  # a publish: nothing for it (no assignment, no stream key)
+    assert [type(m).__name__ for m in old_t.messages()] == ["Ack"]
+    old.data_received(encode(heartbeat(2)))
+    sent = old_t.messages()
+    assert [type(m).__name__ for m in sent] == ["Ack", "Refusal"] and old.closed_reason
+    assert isinstance(sent[1], Refusal) and sent[1].reason == "key_mismatch"
+    assert h.refused == ["key_mismatch"]
