@@ -416,7 +416,10 @@ def _check_text(field_name: str, value: object) -> str:
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
-def _check_chap_name(field_name: str, value: object) -> str:
+def check_chap_name(field_name: str, value: object) -> str:
+    """A CHAP name an operator gives (``user``, ``mutual_user``): :class:`VolumeChap`'s text rule
+    and no control character. Checked where a name enters (the API, the configuration), not by
+    VolumeChap itself, so that a record written before the rule still loads."""
     _check_text(field_name, value)
     assert isinstance(value, str)
     if _CONTROL.search(value):
@@ -437,12 +440,12 @@ class VolumeChap:
     mutual_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        _check_chap_name("user", self.user)
+        _check_text("user", self.user)
         _check_text("secret", self.secret)
         if (self.mutual_user is None) != (self.mutual_secret is None):
             raise InvalidMessage("mutual_user", "mutual CHAP needs both a user and a secret")
         if self.mutual_user is not None:
-            _check_chap_name("mutual_user", self.mutual_user)
+            _check_text("mutual_user", self.mutual_user)
             _check_text("mutual_secret", self.mutual_secret)
             if self.mutual_secret == self.secret:
                 # RFC 7143 9.2.1: a secret that authenticates initiators must not authenticate a target.
