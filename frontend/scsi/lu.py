@@ -11,7 +11,8 @@ A *paused* LU (``paused``: the operator paused the volume, docs/cluster.md "Paus
 answers every command an unavailable target port would refuse with NOT READY, LOGICAL UNIT IS IN
 PROCESS OF BECOMING READY (04/01: retried by initiators; sense.py says why this one); INQUIRY,
 REPORT LUNS, REQUEST SENSE (which reports it), READ CAPACITY and the other information commands
-still answer. A command already running when the pause arrives completes.
+still answer. A command already running when the pause arrives completes; :meth:`drained` waits
+for it (the node applies a paused epoch only then).
 
 Write-cache truth: the store is write-back. FUA writes and SYNCHRONIZE CACHE await ``store.flush``;
 with WCE=0 (MODE SELECT on the caching page) every write-type command flushes before GOOD.
@@ -185,6 +186,9 @@ class LogicalUnit(
         self._sanitizing: SanitizeRun | None = None
         self._sanitize_failed: SanitizeRun | None = None
         self._paused = False
+        #: Commands in their handler (awaiting the store), and who waits for none (:meth:`drained`).
+        self._running = 0
+        self._idle: asyncio.Event | None = None
         bs = store.block_size
         self._bs = bs
         self._unmap = bool(store.supports_unmap)
@@ -254,6 +258,16 @@ class LogicalUnit(
         """The operator paused (or resumed) the volume: no UNIT ATTENTION (the LU's inventory and
         parameters did not change; the NOT READY answers say it)."""
         self._paused = bool(value)
+
+    async def drained(self) -> None:
+        """Return once no command is in its handler: after ``paused = True``, the commands that
+        passed the checks before it (a WRITE awaiting its replicas) have completed, so no write
+        lands after the pause is reported applied. New commands are refused meanwhile (the gate);
+        the information commands a paused LU answers do not wait on the store."""
+        while self._running:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
 
     @property
     def write_cache_enabled(self) -> bool:
@@ -333,7 +347,14 @@ class LogicalUnit(
                 or self._paused
             ):  # the uncommon states; the common path stays free of Flag arithmetic
                 self._check_gates(cmd.gate, state)
-            result = await cmd.handler(self, req, cdb)
+            self._running += 1
+            try:
+                result = await cmd.handler(self, req, cdb)
+            finally:
+                self._running -= 1
+                if not self._running and self._idle is not None:
+                    self._idle.set()
+                    self._idle = None
             if self._access_state > _LAST_SERVING:
                 # Fenced (or demoted) while the command ran: the store I/O may have happened, but
                 # the command is answered as the new state answers it, never GOOD. This is what

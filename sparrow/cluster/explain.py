@@ -37,6 +37,7 @@ from sparrow.cluster.messages import Assignment, Health, Role, SkippedVolume, Sy
 from sparrow.cluster.observations import NodeState, ObservationStore
 from sparrow.health import unserved
 from sparrow.sizes import format_size
+from sparrow.termtext import printable
 
 
 class Reason(enum.StrEnum):
@@ -230,9 +231,13 @@ def explain(
 
 
 def _unsupported(volume: VolumeFacts, observations: ObservationStore, now: float) -> tuple[OnNode, ...]:
+    """What the nodes holding a copy (by the current assignment) say its LU answered as
+    unsupported: a node's report about a volume it does not hold is not taken as fact."""
+    holders = () if volume.assignment is None else volume.assignment.replicas
     seen = (
         (view.node_id, observations.observation(view.node_id, volume.volume_id))
         for view in observations.nodes(now)
+        if view.node_id in holders
     )
     return tuple(OnNode(node, u) for node, obs in seen if obs is not None for u in obs.unsupported)
 
@@ -665,4 +670,6 @@ def render(body: Mapping[str, Any]) -> str:
         for u in unsupported:
             sa = "-" if u["service_action"] is None else f"0x{u['service_action']:02x}"
             lines.append(f"    on {u['node']}: 0x{u['opcode']:02x} {sa} x{u['count']} {u['last_initiator']}")
-    return "\n".join(lines)
+    # What nodes reported is in these lines: no control character reaches the terminal raw, and
+    # none (a newline) can forge a line of its own (sparrow.termtext).
+    return "\n".join(printable(line) for line in lines)

@@ -411,6 +411,22 @@ def _check_text(field_name: str, value: object) -> str:
     return value
 
 
+#: C0 controls and DEL: a CHAP name travels in a login's text (``CHAP_N=name``, NUL-separated
+#: pairs, RFC 7143 6.1), where a NUL would end the pair and start another key of the sender's.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def check_chap_name(field_name: str, value: object) -> str:
+    """A CHAP name an operator gives (``user``, ``mutual_user``): :class:`VolumeChap`'s text rule
+    and no control character. Checked where a name enters (the API, the configuration), not by
+    VolumeChap itself, so that a record written before the rule still loads."""
+    _check_text(field_name, value)
+    assert isinstance(value, str)
+    if _CONTROL.search(value):
+        raise InvalidMessage(field_name, "no control characters (a NUL, a newline, an escape) in a CHAP name")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class VolumeChap:
     """CHAP for one volume's target (RFC 7143 12.1.3): the initiator proves ``user``/``secret``;

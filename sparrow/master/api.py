@@ -108,7 +108,7 @@ from sparrow.cluster.authority import (
     VolumeRecord,
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
-from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap
+from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap, check_chap_name
 from sparrow.cluster.nodeidentity import NodeKeys, key_text
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import (
@@ -720,6 +720,9 @@ def _chap(body: Mapping[str, Any]) -> VolumeChap | None:
     if fields is None:
         return None
     try:
+        check_chap_name("user", fields.user)
+        if fields.mutual_user is not None:
+            check_chap_name("mutual_user", fields.mutual_user)
         return VolumeChap(fields.user, fields.secret, fields.mutual_user, fields.mutual_secret)
     except InvalidMessage as e:
         raise ApiError(400, f"chap_{e}") from None

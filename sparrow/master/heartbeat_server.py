@@ -48,7 +48,9 @@ level, counted with reason ``live_incarnation``); once that connection closes or
 Hello is admitted, so a restarted node comes back at once.
 
 A peer that does not read its Acks (the write buffer passes :data:`MAX_WRITE_BUFFER`) is
-disconnected rather than buffered without bound.
+disconnected rather than buffered without bound, and so is one that sends more than
+:data:`MAX_HEARTBEATS_PER_SECOND` heartbeats in a second (each costs an Ack with the whole volume
+directory: a member flooding them would starve the loop that grants every node's lease).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ from sparrow.cluster.messages import (
     Refusal,
     StreamKey,
 )
-from sparrow.cluster.nodeidentity import IdentityRefused, NodeKeys, key_text
+from sparrow.cluster.nodeidentity import IdentityCode, IdentityRefused, NodeKeys, key_text
 from sparrow.cluster.observations import ObservationError, ObservationStore
 from sparrow.master.control import ControlLoop
 from sparrow.replication.streamauth import stream_keys_for
@@ -100,6 +102,9 @@ LIVE_INCARNATION = "live_incarnation"
 HANDSHAKE_CAP = "handshake_cap"
 #: Seconds a refused node gets to read its Refusal before the connection is aborted.
 REFUSAL_LINGER = 1.0
+#: Heartbeats a connection may send in one second (a node sends one per interval, 4/s at the
+#: shortest the tests use, and a few early ones when a replica lags); more close the connection.
+MAX_HEARTBEATS_PER_SECOND = 20
 
 
 def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
@@ -253,6 +258,11 @@ class NodeConnection(asyncio.Protocol):
         self.incarnation: int | None = None
         #: Arrival (master clock) of the last Heartbeat on this connection.
         self.last_heartbeat_at: float | None = None
+        #: The key this connection's Hello proved (NodeKeys.admit).
+        self.node_key: bytes | None = None
+        #: The second of heartbeats being counted: when it began and how many so far.
+        self._rate_since = -1.0
+        self._rate_count = 0
         #: Seq of the last Heartbeat on this connection (what a pushed Ack repeats).
         self.last_seq: int | None = None
         self.acks_sent = 0
@@ -448,6 +458,7 @@ class NodeConnection(asyncio.Protocol):
                 iscsi_portal=hello.iscsi_portal,
             )
         self.node_id = hello.node_id
+        self.node_key = admitted.key
         self.incarnation = hello.incarnation
         if self.server.on_hello is not None:
             self.server.on_hello(hello)
@@ -474,6 +485,19 @@ class NodeConnection(asyncio.Protocol):
         node_id = self.node_id
         if node_id is None:
             raise ConnectionRefused("Heartbeat before Hello")
+        bound = self.server.node_keys.key(node_id)
+        if bound != self.node_key:  # the operator rebound the node id (rekey, forget) since
+            raise ConnectionRefused(
+                f"node {node_id!r} was rebound to key {'none' if bound is None else key_text(bound)} "
+                "since this connection's Hello",
+                refusal=IdentityCode.KEY_MISMATCH.value,
+            )
+        now = self.server.clock()
+        if now - self._rate_since >= 1.0:
+            self._rate_since, self._rate_count = now, 0
+        self._rate_count += 1
+        if self._rate_count > MAX_HEARTBEATS_PER_SECOND:
+            raise ConnectionRefused(f"more than {MAX_HEARTBEATS_PER_SECOND} heartbeats in a second")
         try:
             self.server.observations.record(heartbeat, node_id, self.server.clock())
         except ObservationError as e:
@@ -506,6 +530,8 @@ class NodeConnection(asyncio.Protocol):
         node_id, seq = self.node_id, self.last_seq
         if node_id is None or seq is None or self.closed_reason is not None:
             return
+        if self.server.node_keys.key(node_id) != self.node_key:
+            return  # rebound since its Hello: its next heartbeat is refused (_heartbeat)
         assignments = self.server.control.assignments_for(node_id)
         ack = Ack(
             seq=seq,

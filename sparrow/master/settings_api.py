@@ -20,6 +20,7 @@ setting is the whole cluster's).
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import structlog
@@ -68,7 +69,8 @@ async def update_settings(request: web.Request) -> web.Response:
         try:
             chap = _chap({k[len(_PREFIX) :]: v for k, v in body.items()})
         except ApiError as e:
-            raise ApiError(e.status, f"discovery_{e}") from None
+            # The create body's names (chap_user ...) as this body spells them (discovery_chap_user).
+            raise ApiError(e.status, re.sub(r"\bchap_", _PREFIX + "chap_", str(e))) from None
         if chap is None:
             raise ApiError(
                 400, "discovery_chap_user and discovery_chap_secret are needed (or discovery_chap: null)"

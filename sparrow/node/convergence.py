@@ -103,6 +103,9 @@ log = structlog.get_logger("sparrow.node")
 #: Seconds past the fence deadline at which an early-firing fence timer is re-armed (loop clocks have
 #: millisecond resolution; a timer may fire a hair before the float deadline).
 REARM_SLACK = 0.001
+#: The longest a pause waits for the commands already running on the volume's LU (a WRITE
+#: awaiting its replicas is bounded by the replication timeout, well under this).
+PAUSE_DRAIN_SECONDS = 30.0
 
 
 class VolumeMismatch(StoreError):
@@ -459,6 +462,17 @@ class NodeVolumes:
         if entry.lu.paused != paused:
             log.info("volume paused" if paused else "volume resumed", volume=entry.name, volume_id=volume_id)
         entry.lu.paused = paused
+        if paused:
+            # The commands already past the LU's checks complete before the epoch is applied
+            # (and reported), so none lands after the pause's answer; bounded, since a store
+            # that hangs must not stop this node's convergence.
+            try:
+                async with asyncio.timeout(PAUSE_DRAIN_SECONDS):
+                    await entry.lu.drained()
+            except TimeoutError:
+                log.warning(
+                    "paused with commands still running", volume=entry.name, seconds=PAUSE_DRAIN_SECONDS
+                )
 
     def apply_access(self, volume_id: str, state: AccessState) -> bool:
         """Set the LU's access state now (synchronously); False if the volume is not open."""

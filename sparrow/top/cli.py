@@ -2,7 +2,8 @@
 
 Every ``--interval`` seconds: ``GET /v1/volumes`` and ``GET /v1/nodes`` from the master (with the
 token the other commands use, sparrow.cli._client), and each live node's ``/metrics`` (no token:
-the route is open) at the ``http`` address the node gave in its Hello; the I/O rates come from two
+the route is open, and the address is the node's word: :func:`scrape`) at the ``http`` address
+the node gave in its Hello; the I/O rates come from two
 such snapshots (sparrow.top.snapshot). In a terminal the frame is redrawn in place on the
 alternate screen (rich's Live) until ``q`` or Ctrl-C, both exit 0 with the terminal restored.
 Written to anything else (a pipe, a file) it prints one plain frame per interval. ``--once``
@@ -19,12 +20,13 @@ import argparse
 import contextlib
 import os
 import select
+import socket
 import sys
 import termios
 import time
 import tty
 import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
@@ -39,6 +41,8 @@ from sparrow.top.snapshot import IoRate, Snapshot, io_rates, metrics_targets, no
 
 #: Seconds a node's /metrics may take before it is reported as not read (the frame waits for it).
 SCRAPE_TIMEOUT = 2.0
+#: The most a node's /metrics answer may hold (~5 kB a volume it serves: some 13000 volumes).
+MAX_METRICS_BYTES = 64 << 20
 #: Columns of a plain frame when $COLUMNS does not say.
 PLAIN_WIDTH = 160
 QUIT_KEYS = frozenset({"q", "Q"})
@@ -47,14 +51,42 @@ QUIT_KEYS = frozenset({"q", "Q"})
 # --- fetching ----------------------------------------------------------------------------------
 
 
-def scrape(url: str, timeout: float = SCRAPE_TIMEOUT) -> str:
-    """GET a node's /metrics text; OSError (any reason) when it cannot be read."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return str(resp.read().decode("utf-8", errors="replace"))
-    except urllib.error.HTTPError as e:
-        e.close()
-        raise OSError(f"HTTP {e.code}") from None
+def scrape(url: str, timeout: float = SCRAPE_TIMEOUT, limit: int = MAX_METRICS_BYTES) -> str:
+    """GET a node's /metrics text; OSError (any reason) when it cannot be read.
+
+    The address is what a node said it is, so the answer is not trusted: the whole exchange
+    (connect, headers, body) has ``timeout`` seconds, not each read (a node dripping a byte a
+    second is cut off), the answer at most ``limit`` bytes, no redirect is followed and nothing
+    but the request line and Host is sent (no token, no cookie, no proxy)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+        raise OSError(f"not an http://HOST:PORT/ address: {url!r}")
+    deadline = time.monotonic() + timeout
+    data = bytearray()
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        host = parts.netloc.encode("idna")
+        sock.sendall(b"GET " + (parts.path or "/").encode() + b" HTTP/1.0\r\nHost: " + host + b"\r\n\r\n")
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole answer within {timeout:g} s")
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise TimeoutError(f"no whole answer within {timeout:g} s") from None
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > limit:
+                raise OSError(f"answer larger than {limit} bytes")
+    head, sep, body = bytes(data).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(status) < 2 or not status[0].startswith(b"HTTP/1."):
+        raise OSError("not an HTTP answer")
+    if status[1] != b"200":
+        raise OSError(f"HTTP {status[1][:3].decode('ascii', 'replace')}")
+    return body.decode("utf-8", errors="replace")
 
 
 def take_snapshot(client: ApiClient, now: Callable[[], float] = time.monotonic) -> Snapshot:

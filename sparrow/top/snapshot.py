@@ -10,8 +10,9 @@ I/O rates need two snapshots: :func:`io_rates` takes the counters' increase over
 the two ``taken_at`` (monotonic seconds), per second, summed over nodes per volume. As Prometheus's
 ``rate()`` does, a counter that went down was reset (the node restarted): its increase is its new
 value; a series missing from either snapshot (a node not scraped, a volume just served) adds
-nothing. A volume none of whose series is in both snapshots has no rate (shown as ``-``), which
-is not the same as a rate of 0.
+nothing, nor does a node's series for a listed volume it holds no copy of (what a node answers is
+its word: it may not add to another node's volume). A volume none of whose series is in both
+snapshots has no rate (shown as ``-``), which is not the same as a rate of 0.
 
 Anything unexpected in an answer (a missing field, a wrong type) is skipped or shown as unknown,
 never raised: the view is for a person looking at a cluster that may be half up.
@@ -25,13 +26,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from sparrow.cluster.messages import InvalidMessage, split_portal
+from sparrow.termtext import printable
+
 #: The node's per-volume counters (sparrow.metrics.IoCollector), by family name without ``_total``.
 COMMANDS_FAMILY = "sparrow_scsi_commands"
 BYTES_FAMILY = "sparrow_scsi_bytes"
 #: The ops ``top`` shows a rate of (``other`` is every other SCSI command: not I/O).
 IO_OPS = ("read", "write")
 #: Addresses a daemon may bind that nobody can dial: the node's iSCSI portal host is used instead.
-_ANY_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+_ANY_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,17 +55,27 @@ class NodeRow:
     def metrics_url(self) -> str | None:
         """``http://HOST:PORT/metrics`` of the node (its Hello's ``http``); a wildcard host is
         replaced by its iSCSI portal's host. None: the master knows no address."""
-        if not self.http:
+        address = _portal(self.http)
+        if address is None:
             return None
-        host, sep, port = self.http.rpartition(":")
-        if not sep or not port.isdigit():
-            return None
+        host, port = address
         if host in _ANY_HOSTS:
-            portal_host = (self.iscsi_portal or "").rpartition(":")[0]
-            if portal_host in _ANY_HOSTS:
+            portal = _portal(self.iscsi_portal)
+            if portal is None or portal[0] in _ANY_HOSTS:
                 return None
-            host = portal_host
-        return f"http://{host}:{port}/metrics"
+            host = portal[0]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+
+def _portal(text: str | None) -> tuple[str, int] | None:
+    """``host:port`` as the master checks a Hello's addresses (split_portal), else None: an
+    answer is not trusted to be only a host and a port (no path, user or fragment dialled)."""
+    if not text:
+        return None
+    try:
+        return split_portal(text)
+    except InvalidMessage:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +160,9 @@ def _number(value: Any) -> float | None:
 
 
 def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    """A string of an answer, its control characters escaped (sparrow.termtext): what a node
+    reported reaches the frame, never the terminal raw."""
+    return printable(value) if isinstance(value, str) else None
 
 
 def _items(answer: Any, key: str) -> list[Mapping[str, Any]]:
@@ -248,17 +264,17 @@ def snapshot(
     """A snapshot at ``now`` from the master's answers and the nodes' ``/metrics`` texts
     (``scrapes``: node id -> text). A text that does not parse becomes a scrape error."""
     counters: dict[SeriesKey, IoCounter] = {}
-    errors = dict(scrape_errors or {})
+    errors = {node_id: printable(why) for node_id, why in (scrape_errors or {}).items()}
     for node_id, text in (scrapes or {}).items():
         try:
             counters.update(counters_from_metrics(node_id, text))
         except ValueError as e:
-            errors[node_id] = f"unreadable /metrics: {e}"
+            errors[node_id] = printable(f"unreadable /metrics: {e}")
     return Snapshot(
         taken_at=now,
         volumes=volumes_from_json(volumes_answer),
         nodes=nodes_from_json(nodes_answer),
-        nodes_error=nodes_error,
+        nodes_error=None if nodes_error is None else printable(nodes_error),
         counters=counters,
         scrape_errors=errors,
     )
@@ -279,11 +295,14 @@ def io_rates(previous: Snapshot, current: Snapshot) -> dict[str, IoRate]:
     if seconds <= 0:
         return {}
     sums: dict[str, dict[str, float]] = {}
+    holders = {v.name: {c.node_id for c in v.copies} for v in current.volumes}
     for key, after in current.counters.items():
         before = previous.counters.get(key)
         if before is None:
             continue
-        _, volume, op = key
+        node_id, volume, op = key
+        if volume in holders and node_id not in holders[volume]:
+            continue  # a node's counters for a volume it holds no copy of: not taken as fact
         total = sums.setdefault(volume, dict.fromkeys(("read_ops", "write_ops", "read_b", "write_b"), 0.0))
         total[f"{op}_ops"] += _increase(before.commands, after.commands)
         total[f"{op}_b"] += _increase(before.nbytes, after.nbytes)

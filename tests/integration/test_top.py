@@ -9,18 +9,22 @@ Ctrl-C, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from sparrow.top.cli import scrape
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
 from tests.integration.gate import Writer
@@ -173,3 +177,83 @@ def test_once_against_no_master_is_one_line_and_exit_1(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc
     assert proc.stderr == f"sparrow: error: cannot reach the Sparrow daemon at {api}: connection refused\n"
+
+
+# --- a node's /metrics address is what the node said: the answer is not trusted ---------------------
+
+
+class Peer:
+    """A listener on loopback that answers each connection with ``answer(conn)`` and keeps what
+    it was sent (a thread: the hostile side of a scrape)."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.accepted = threading.Event()
+        self._answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            self.accepted.set()
+            with conn:
+                self.received = conn.recv(65536)
+                self._answer(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_node_dripping_its_answer_is_cut_off_at_the_scrape_timeout() -> None:
+    stop = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.0 200 OK\r\n")
+        while not stop.wait(0.1):  # a byte every 0.1 s: each read is quick, the answer never ends
+            conn.sendall(b"X")
+
+    peer = Peer(drip)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError, match="no whole answer within 1 s"):
+            scrape(peer.url, timeout=1.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        stop.set()
+        peer.close()
+
+
+def test_a_node_answering_without_end_is_cut_off_at_the_limit() -> None:
+    def flood(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        with contextlib.suppress(OSError):
+            while True:
+                conn.sendall(b"# x\n" * 16384)
+
+    peer = Peer(flood)
+    try:
+        with pytest.raises(OSError, match="larger than 1048576 bytes"):
+            scrape(peer.url, timeout=10.0, limit=1 << 20)
+    finally:
+        peer.close()
+
+
+def test_a_redirect_is_not_followed_and_no_credential_is_sent() -> None:
+    elsewhere = Peer(lambda conn: conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nsparrow_x 1\n"))
+    redirect = f"HTTP/1.0 302 Found\r\nLocation: {elsewhere.url}\r\n\r\n".encode()
+    peer = Peer(lambda conn: conn.sendall(redirect))
+    try:
+        with pytest.raises(OSError, match="HTTP 302"):
+            scrape(peer.url)
+        assert peer.received.startswith(b"GET /metrics HTTP/1.0\r\n")
+        assert b"authorization" not in peer.received.lower() and b"cookie" not in peer.received.lower()
+        assert not elsewhere.accepted.is_set()
+    finally:
+        peer.close()
+        elsewhere.close()

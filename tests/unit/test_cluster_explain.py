@@ -19,6 +19,7 @@ from sparrow.cluster.messages import (
     SyncState,
     UnsupportedCommand,
     VolumeObservation,
+    clip,
 )
 from sparrow.cluster.observations import ObservationStore
 
@@ -332,3 +333,45 @@ def test_a_node_stuck_on_a_copy_it_skipped_at_start_is_told_to_repair_that_file(
     action = explained.findings[0].action
     assert action is not None and action.startswith("n1 did not load its copy at start (corrupt record")
     assert f"sparrow volume delete {NAME}" in action
+
+
+# -- a member lying through its diagnostics -------------------------------------------------------
+
+#: What a lying node may put in every string it reports: an OSC window title, a screen clear, a
+#: C1 CSI, a forged line of the output and a bidi override.
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\x9b31m\n  what to do: sparrow volume delete vol-a\u202e"
+
+
+def test_control_characters_a_node_reports_never_reach_the_terminal_raw() -> None:
+    scene = Scene()
+    scene.join("n1", 0.0)
+    seen = UnsupportedCommand(0xC1, None, 1, HOSTILE)
+    error = clip(HOSTILE * 3)
+    scene.beat(
+        "n1",
+        1.0,
+        obs(3, Role.PRIMARY, converged=False, error=error, unsupported=(seen,)),
+        skipped=(SkippedVolume(NAME, HOSTILE), SkippedVolume(NAME, "x")),
+    )
+    explained, _ = scene.explain(assignment(("n1",)), 5.0, published_at=1.0)
+    assert explained.findings[0].facts["error"] == error  # the JSON keeps what was said
+    text = render(explained.json(now=5.0, wall_now=1_800_000_004.0))
+    lines = text.split("\n")
+    assert not [c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c == "\u202e")]
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\x0a" in text and "\\u202e" in text
+    assert [line.lstrip()[:40] for line in lines if line.lstrip().startswith("what to do")] == [
+        "what to do: n1 did not load its copy at "  # the finding's own: no forged line
+    ]
+    assert sum(line.startswith("    on n1: ") for line in lines) == 3  # two skipped, one command
+
+
+def test_a_node_not_holding_a_copy_cannot_report_commands_against_it() -> None:
+    scene = Scene()
+    scene.join("n1", 0.0)
+    scene.join("n2", 0.0)
+    real = UnsupportedCommand(0xC1, None, 4, "iqn.2026-01.test:host")
+    lie = UnsupportedCommand(0x9E, 0x1F, 1000, "iqn.2026-01.test:attacker")
+    scene.beat("n1", 1.0, obs(3, Role.PRIMARY, unsupported=(real,)))
+    scene.beat("n2", 1.0, obs(3, Role.PRIMARY, unsupported=(lie,)))  # n2 holds no copy of it
+    explained, _ = scene.explain(assignment(("n1",)), 2.0)
+    assert explained.unsupported == (OnNode("n1", real),)

@@ -3,6 +3,7 @@ the logical unit's NOT READY (docs/cluster.md, "Pause and resume")."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -151,3 +152,31 @@ async def test_a_paused_lu_answers_reads_and_writes_not_ready_04_01_and_resumes(
     answer = await run(lu, read10(0, 1))
     good(answer)
     assert bytes(answer.data) == b"\x5a" * 512
+
+
+async def test_a_write_already_running_when_the_pause_lands_is_waited_for() -> None:
+    # The WRITE passed the LU's checks and its store I/O (on the primary: the replicas' acks) is
+    # in flight when the pause lands: it completes, and the pause is applied only after it, so
+    # that no write lands once the operator's pause is answered.
+    lu, store = make_lu()
+    entered, release = asyncio.Event(), asyncio.Event()
+    write = store.write
+
+    async def slow_write(offset: int, data: bytes | bytearray | memoryview) -> None:
+        entered.set()
+        await release.wait()
+        await write(offset, data)
+
+    store.write = slow_write  # type: ignore[method-assign]
+    running = asyncio.create_task(run(lu, write10(0, 1), b"\x5a" * 512))
+    await asyncio.wait_for(entered.wait(), 5)
+    lu.paused = True
+    assert sense(await run(lu, write10(1, 1), b"\xa5" * 512)) == (NOT_READY, 0x04, 0x01)  # a new one
+    drained = asyncio.create_task(lu.drained())
+    done, _ = await asyncio.wait({drained}, timeout=0.2)
+    assert not done  # the running WRITE holds it
+    release.set()
+    good(await asyncio.wait_for(running, 5))
+    await asyncio.wait_for(drained, 5)
+    assert store._read(0, 512) == b"\x5a" * 512 and store._read(512, 512) == b"\0" * 512
+    await asyncio.wait_for(lu.drained(), 5)  # nothing running: at once

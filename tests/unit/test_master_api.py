@@ -277,6 +277,21 @@ async def test_the_status_says_why_a_volume_is_not_placed(master: Master) -> Non
             "chap_mutual_secret: must differ from the initiator's secret",
         ),
         ({"name": "v", "size": "1MiB", "chap_user": 5, "chap_secret": "s"}, 400, "chap_user must be"),
+        # A name is sent in the login's text (key=value, NUL-separated): nothing may end the pair.
+        (
+            {
+                "name": "v",
+                "size": "1MiB",
+                "chap_user": "u",
+                "chap_secret": "s",
+                "chap_mutual_user": "t\x00AuthMethod=None",
+                "chap_mutual_secret": "m",
+            },
+            400,
+            "chap_mutual_user: no control characters",
+        ),
+        ({"name": "v", "size": "1MiB", "chap_user": "u\x1b[2J", "chap_secret": "s"}, 400, "chap_user: no"),
+        ({"name": "v", "size": "1MiB", "chap_user": "u", "chap_secret": "s" * 1025}, 400, "chap_secret"),
         ({"name": "v", "size": "1MiB", "physical_block_size": "4k"}, 400, "physical_block_size must be"),
         ({"name": "v", "size": "1MiB", "physical_block_size": 1024}, 400, "physical_block_size"),
         (

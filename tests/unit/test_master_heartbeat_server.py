@@ -32,6 +32,7 @@ from sparrow.cluster.nodeidentity import NodeKey, key_text
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import (
     LIVE_INCARNATION,
+    MAX_HEARTBEATS_PER_SECOND,
     MAX_WRITE_BUFFER,
     HeartbeatServer,
     NodeConnection,
@@ -652,3 +653,49 @@ def test_the_first_hello_binds_its_key_and_the_operator_can_rebind_it(store: Aut
     again.data_received(encode(signed) + encode(heartbeat(2)))
     assert [a.seq for a in again_t.acks()] == [2]
     assert store.node_keys() == {"n1": new.public}
+
+
+def test_a_member_flooding_heartbeats_is_disconnected_and_a_node_at_its_pace_never_is(
+    store: AuthorityStore,
+) -> None:
+    # Each heartbeat costs the master an Ack with every live volume's directory entry (~0.5 ms
+    # with 200 volumes): a member sending them as fast as it can would starve the event loop
+    # that grants every other node's lease.
+    h = Harness(store)
+    flood, flood_t = h.connect()
+    flood.data_received(flood.hello(hello()))
+    burst = MAX_HEARTBEATS_PER_SECOND
+    flood.data_received(b"".join(encode(heartbeat(seq)) for seq in range(1, burst + 1)))
+    assert len(flood_t.acks()) == burst and not flood_t.aborted  # a burst is answered
+    flood.data_received(encode(heartbeat(burst + 1)))
+    assert flood_t.aborted and len(flood_t.acks()) == burst and h.errors == ["refused"]
+    # A node at many times the fastest pace the tests use (4/s), with bursts of early ones.
+    node, node_t = h.connect()
+    node.data_received(node.hello(hello("n2")))
+    seq = 0
+    for _ in range(50):
+        h.clock.now += 1.0
+        for _ in range(burst // 2):
+            seq += 1
+            node.data_received(encode(heartbeat(seq)))
+    assert len(node_t.acks()) == seq and not node_t.aborted
+
+
+def test_a_connection_admitted_under_a_key_the_operator_rebound_gets_no_more_acks(
+    store: AuthorityStore,
+) -> None:
+    # `sparrow node rekey` refuses a live node, but a connection admitted before (a node silent
+    # past dead_after whose connection the idle timer has not closed yet, or one whose Hello
+    # landed while the rekey was being recorded) must not go on as the node under the old key.
+    h = Harness(store)
+    old, old_t = h.connect()
+    old.data_received(old.hello(hello()) + encode(heartbeat(1)))
+    assert [a.seq for a in old_t.acks()] == [1]
+    h.server.node_keys.rebind("n1", NodeKey(b"N" * 32).public)  # what the rekey route does
+    old.push()  # a publish: nothing for it (no assignment, no stream key)
+    assert [type(m).__name__ for m in old_t.messages()] == ["Ack"]
+    old.data_received(encode(heartbeat(2)))
+    sent = old_t.messages()
+    assert [type(m).__name__ for m in sent] == ["Ack", "Refusal"] and old.closed_reason
+    assert isinstance(sent[1], Refusal) and sent[1].reason == "key_mismatch"
+    assert h.refused == ["key_mismatch"]

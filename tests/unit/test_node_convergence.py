@@ -6,11 +6,13 @@ and fire the timer themselves, so nothing sleeps. The volumes are real (VolumeMa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -919,3 +921,44 @@ async def test_the_commands_a_volume_answered_as_unsupported_are_reported_with_i
     await target.lu.execute(ScsiRequest(nexus, 0, bytes([0xC7]) + bytes(15), b"", 0))
     [obs] = node.conv.observations(node.timers.now)
     assert obs.unsupported == (UnsupportedCommand(0xC7, None, 1, "iqn.2026-01.test:host"),)
+
+
+# ---- pause --------------------------------------------------------------------------------------
+
+
+async def test_a_pause_is_applied_once_the_writes_already_running_completed(node: Node) -> None:
+    # A WRITE is in its store I/O (a primary's: awaiting its replicas) when the paused epoch
+    # arrives. The node reports the epoch applied only after that WRITE completed: the master's
+    # answer to the pause (?wait) then means no write lands any more.
+    await node.ack(assign())
+    target = node.registry.get(IQN)
+    assert isinstance(target, Target)
+    lu = target.lu
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = lu.store
+
+    class SlowStore:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+            entered.set()
+            await release.wait()
+            await real.write(offset, data)
+
+    lu.store = SlowStore()  # type: ignore[assignment]
+    nexus = Nexus("iqn.2026-01.test:host", 1, IQN, 1)
+    cdb = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]).ljust(16, b"\0")  # WRITE(10), LBA 0, 1 block
+    running = asyncio.create_task(lu.execute(ScsiRequest(nexus, 0, cdb, b"\x5a" * 512, 512)))
+    await asyncio.wait_for(entered.wait(), 5)
+    await node.ack(dataclasses.replace(assign(epoch=2), paused=True), run=False)
+    applied = asyncio.create_task(node.conv.idle())
+    done, _ = await asyncio.wait({applied}, timeout=0.3)
+    assert not done and lu.paused  # paused at once (new commands refused), not yet applied
+    [obs] = node.conv.observations(node.timers.now)
+    assert not (obs.epoch == 2 and obs.converged)
+    release.set()
+    assert (await asyncio.wait_for(running, 5)).status == 0  # GOOD: it passed the checks first
+    await asyncio.wait_for(applied, 5)
+    [obs] = node.conv.observations(node.timers.now)
+    assert (obs.epoch, obs.converged) == (2, True)

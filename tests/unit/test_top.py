@@ -284,3 +284,36 @@ def test_the_interval_is_checked_like_every_other_flag() -> None:
     assert cli.main(["top", "--interval", "0"], out=io.StringIO(), err=err) == 2
     assert "--interval must be 0.1..3600 seconds" in err.getvalue()
     assert err.getvalue().count("\n") == 1
+
+
+# --- a member (or anything on the network) lying -------------------------------------------------
+
+
+def test_control_characters_in_any_answer_never_reach_the_terminal_raw() -> None:
+    hostile = "\x1b]0;owned\x07\x1b[2J\x9b31m\nforged\u202e"
+    s = snapshot(
+        1.0,
+        {"volumes": [{"name": "v", "status": hostile, "replicas": [{"node_id": "n1", "sync": hostile}]}]},
+        {"nodes": [{"node_id": "n1", "state": hostile, "draining": True, "drain_status": hostile}]},
+        nodes_error=None,
+        scrapes={"n2": "sparrow_x{a=\"" + hostile + "\" 1\n"},
+        scrape_errors={"n3": hostile},
+    )
+    text = plain_text(frame(s, None, source="http://m", clock_text="t", interval=1.0), 400)
+    assert not [c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c == "\u202e")]
+    assert "\\x1b]0;owned" in text and not [line for line in text.splitlines() if line.startswith("forged")]
+
+
+def test_a_node_address_is_a_host_and_port_or_nothing() -> None:
+    # The master checks a Hello's http (split_portal); top does not trust the answer more than that.
+    for http in ("evil.test/x#:80", "user@evil.test:80", "evil.test:80/x", "a b:80", "evil.test:0"):
+        assert NodeRow("n1", "alive", http=http).metrics_url() is None, http
+    assert NodeRow("n1", "alive", http="[::1]:3281").metrics_url() == "http://[::1]:3281/metrics"
+
+
+def test_a_node_holding_no_copy_of_a_volume_adds_nothing_to_its_rate() -> None:
+    # n3 answers /metrics with counters for v, a volume whose copies are on n1 and n2 only.
+    volumes = {"volumes": [{"name": "v", "replicas": [{"node_id": "n1"}, {"node_id": "n2"}]}]}
+    first = snapshot(0.0, volumes, scrapes={"n1": metrics_text(writes=0), "n3": metrics_text(writes=0)})
+    second = snapshot(1.0, volumes, scrapes={"n1": metrics_text(writes=4), "n3": metrics_text(writes=1000)})
+    assert io_rates(first, second) == {"v": IoRate(write_ops=4.0, write_bytes=4 * 4096)}
