@@ -88,8 +88,20 @@ class _Parser(argparse.ArgumentParser):
 # --- the HTTP client -----------------------------------------------------------------------------
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is for this client: urllib would follow it with the
+    bearer token, to wherever the ``Location`` points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class ApiClient:
-    """A small synchronous JSON client for the daemon's API."""
+    """A small synchronous JSON client for the daemon's API. It never follows a redirect (the
+    token goes to the API's address and nowhere else)."""
 
     def __init__(self, base_url: str, timeout: float = API_TIMEOUT, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(base_url)
@@ -109,7 +121,7 @@ class ApiClient:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             with e:
@@ -155,6 +167,11 @@ def _http_error_message(e: urllib.error.HTTPError) -> str:
         payload = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):
         return str(payload["error"])
+    if 300 <= e.code < 400:
+        return (
+            f"the daemon answered HTTP {e.code} {e.reason}, a redirect to {e.headers.get('Location')!r}: "
+            "not followed (the token goes to the API's own address only; give that with --api)"
+        )
     return f"the daemon answered HTTP {e.code} {e.reason}"
 
 

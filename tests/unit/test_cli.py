@@ -352,3 +352,53 @@ async def test_volume_update_reads_secrets_from_files_and_its_errors_are_one_lin
     assert code == 1 and one_line(err) == "sparrow: error: no volume named 'ghost'"
     code, out, _ = await cli("volume", "update", "u1", "--no-chap", "--api", api_url)
     assert (code, out) == (0, "volume u1: chap off\n")
+
+
+def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else() -> None:
+    """An API address that answers a redirect (a proxy, a mistyped port, an attacker's listener)
+    gets a one-line error; the bearer token is never sent to the Location (urllib would)."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"volumes": []}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    elsewhere = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{elsewhere.server_address[1]}/v1/volumes"
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    redirecting = http.server.HTTPServer(("127.0.0.1", 0), Redirecting)
+    servers = (elsewhere, redirecting)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        api = f"http://127.0.0.1:{redirecting.server_address[1]}"
+        token = "spw_0123456789abcdef_" + "R" * 43
+        code, out, err = run("volume", "list", "--api", api, "--token", token)
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert code == 1 and out == ""
+    assert "HTTP 302" in err and "redirect" in err and "not followed" in err and len(err.splitlines()) == 1
+    assert seen == []
