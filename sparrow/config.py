@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from frontend.target import DEFAULT_BASE_IQN, ChapSecret
+from sparrow.cluster.messages import InvalidMessage, check_chap_name
 from sparrow.httplimits import HttpLimits
 from sparrow.sizes import SizeError, parse_size
 from store.backing import BackingPolicy
@@ -332,6 +333,10 @@ def load_config(
     if user is not None and secret is not None:
         if not user[0] or not secret[0]:
             raise fail(f"{src}: [iscsi.discovery_chap] user and secret must not be empty", False)
+        try:
+            check_chap_name("user", user[0])
+        except InvalidMessage as e:
+            raise fail(f"{src}: [iscsi.discovery_chap] {e}", False) from None
         kwargs["discovery_chap"] = ChapSecret(user[0], secret[0])
 
     for key, name in (("iscsi.nop_interval", "nop_interval"), ("iscsi.nop_timeout", "nop_timeout")):

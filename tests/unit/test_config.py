@@ -208,6 +208,7 @@ def test_bad_flag_is_a_usage_error() -> None:
         ('[iscsi]\nlisen = "0.0.0.0:3260"\n', "unknown key 'iscsi.lisen'"),
         ('[iscsi.discovery_chap]\nuser = "u"\n', "needs both user and secret"),
         ('[iscsi.discovery_chap]\nuser = "u"\nsecret = ""\n', "must not be empty"),
+        ('[iscsi.discovery_chap]\nuser = "u\\u0000x"\nsecret = "s12345678901"\n', "no control characters"),
         ("[iscsi]\nnop_interval = 0\n", "greater than zero"),
         ('[iscsi]\nnop_interval = "5"\n', "must be an integer or a number"),
         ("[iscsi]\nnop_timeout = true\n", "must be an integer or a number"),
