@@ -20,7 +20,7 @@ Three experiments, each printing its figures (docs/performance.md, "Both cores",
         picks on a disk: preadv2(RWF_NOWAIT) inline, the pool on a miss), `inline` (every pread on the
         event loop, blocking on a miss), `pool` (every read on the thread pool), and `nowait` with a
         32-thread pool instead of IO_THREADS. The modes are forced by a wrapper around the daemon
-        (``WRAPPER``), not by a switch in the store.
+        (``WRAPPER``), not by a switch in the store. ``--perf DIR`` records each run with perf -g.
     .venv/bin/python bench/cores.py rawdisk [--rounds 2] [--seconds 3] [--dir /var/tmp]
         The same disk without Sparrow: cold 4 KiB random preads from 1, 2, 8 and 32 threads.
     .venv/bin/python bench/cores.py sends [--rounds 3] [--writes 20000]
@@ -323,8 +323,18 @@ def disk(args: argparse.Namespace) -> None:
             for m in order:
                 drop_caches()
                 d = ds[m]
+                perf = None
+                if args.perf is not None:
+                    args.perf.mkdir(parents=True, exist_ok=True)
+                    perf = subprocess.Popen(["perf", "record", "-q", "-g", "-p", str(d.pid), "-o",
+                                             str(args.perf / f"{m}-{rnd + 1}.data")],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(0.5)  # perf attaches
                 c0 = d.cpu()
                 iops = iscsi_perf(d.url, args.seconds, 8, True)
+                if perf is not None:
+                    perf.send_signal(signal.SIGINT)
+                    perf.wait(60)
                 figures[m].append(iops)
                 busy = (d.cpu() - c0) / args.seconds * 100
                 print(f"round {rnd + 1}: {m:17} {iops:8.0f} IOPS, {busy:5.1f} % of a core", flush=True)
@@ -440,6 +450,7 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--dir", default="/var/tmp", help="a directory on a disk (not tmpfs)")
     p.add_argument("--size", type=int, default=1 << 30)
+    p.add_argument("--perf", type=Path, help="perf record -g each run into DIR/<mode>-<round>.data")
     p = sub.add_parser("rawdisk")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=int, default=3)
