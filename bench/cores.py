@@ -20,7 +20,10 @@ Three experiments, each printing its figures (docs/performance.md, "Both cores",
         picks on a disk: preadv2(RWF_NOWAIT) inline, the pool on a miss), `inline` (every pread on the
         event loop, blocking on a miss), `pool` (every read on the thread pool), and `nowait` with a
         32-thread pool instead of IO_THREADS. The modes are forced by a wrapper around the daemon
-        (``WRAPPER``), not by a switch in the store. ``--perf DIR`` records each run with perf -g.
+        (``WRAPPER``), not by a switch in the store; ``nowait-executor`` and ``pool-executor`` hand
+        results back through run_in_executor (SPARROW_IO_BATCHED=0) instead of store/iopool.py.
+        ``--perf DIR`` records each run with perf -g; ``--writes N`` runs N 4 KiB writes at QD32
+        (qemu-img bench) instead of the reads.
     .venv/bin/python bench/cores.py rawdisk [--rounds 2] [--seconds 3] [--dir /var/tmp]
         The same disk without Sparrow: cold 4 KiB random preads from 1, 2, 8 and 32 threads.
     .venv/bin/python bench/cores.py sends [--rounds 3] [--writes 20000]
@@ -211,6 +214,7 @@ import store.blockstore as b
 threads = int(os.environ.get("CORES_IO_THREADS", "0"))
 if threads:
     b._EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sparrow-io")
+    b._POOL = b.IoPool(threads)
 mode = os.environ.get("CORES_IO_MODE", "")
 if mode:
     forced = {"inline": b.IoPath.MEMORY, "pool": b.IoPath.POOL, "nowait": b.IoPath.NOWAIT}[mode]
@@ -306,9 +310,14 @@ def drop_caches() -> None:
 
 def disk(args: argparse.Namespace) -> None:
     size = args.size
-    modes = {"nowait": {"CORES_IO_MODE": "nowait"}, "inline": {"CORES_IO_MODE": "inline"},
+    every = {"nowait": {"CORES_IO_MODE": "nowait"},
+             "nowait-executor": {"CORES_IO_MODE": "nowait", "SPARROW_IO_BATCHED": "0"},
+             "inline": {"CORES_IO_MODE": "inline"},
              "pool": {"CORES_IO_MODE": "pool"},
-             "nowait-32threads": {"CORES_IO_MODE": "nowait", "CORES_IO_THREADS": "32"}}
+             "pool-executor": {"CORES_IO_MODE": "pool", "SPARROW_IO_BATCHED": "0"},
+             "nowait-32threads": {"CORES_IO_MODE": "nowait", "CORES_IO_THREADS": "32"},
+             "nowait-8threads": {"CORES_IO_MODE": "nowait", "CORES_IO_THREADS": "8"}}
+    modes = {m: every[m] for m in args.modes.split(",")}
     from store.blockstore import IO_THREADS
 
     print(f"I/O pool threads (IO_THREADS): {IO_THREADS}; volume {size >> 20} MiB under {args.dir}")
@@ -330,13 +339,16 @@ def disk(args: argparse.Namespace) -> None:
                                              str(args.perf / f"{m}-{rnd + 1}.data")],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(0.5)  # perf attaches
-                c0 = d.cpu()
-                iops = iscsi_perf(d.url, args.seconds, 8, True)
+                c0, t0 = d.cpu(), time.monotonic()
+                if args.writes:
+                    iops = qemu_write(d.url, args.writes)
+                else:
+                    iops = iscsi_perf(d.url, args.seconds, 8, True)
                 if perf is not None:
                     perf.send_signal(signal.SIGINT)
                     perf.wait(60)
                 figures[m].append(iops)
-                busy = (d.cpu() - c0) / args.seconds * 100
+                busy = (d.cpu() - c0) / (time.monotonic() - t0) * 100
                 print(f"round {rnd + 1}: {m:17} {iops:8.0f} IOPS, {busy:5.1f} % of a core", flush=True)
     base = figures["nowait"]
     for m, fs in figures.items():
@@ -451,6 +463,11 @@ def main() -> int:
     p.add_argument("--dir", default="/var/tmp", help="a directory on a disk (not tmpfs)")
     p.add_argument("--size", type=int, default=1 << 30)
     p.add_argument("--perf", type=Path, help="perf record -g each run into DIR/<mode>-<round>.data")
+    p.add_argument("--writes", type=int, default=0,
+                   help="instead of reads: N 4 KiB writes QD32 (qemu-img bench)")
+    p.add_argument("--modes", default="nowait,nowait-executor,inline,nowait-8threads",
+                   help="comma-separated, nowait first: nowait, nowait-executor, inline, pool, "
+                   "pool-executor, nowait-8threads, nowait-32threads")
     p = sub.add_parser("rawdisk")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=int, default=3)
