@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from store.iopool import BATCHED, IoPool
+
 
 class BlockStore(Protocol):
     """A volume's bytes. Offsets and lengths are in bytes, aligned to ``block_size``.
@@ -201,6 +203,9 @@ def _choose_io_path(fd: int) -> IoPath:
 
 
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="sparrow-io")
+#: Reads, writes, flushes on a disk (``_off_loop``): one loop wake-up per batch of completions
+#: (store/iopool.py); ``_EXECUTOR`` keeps open and close.
+_POOL = IoPool(IO_THREADS, "sparrow-iob")
 
 # linux/fs.h
 _BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
@@ -251,7 +256,10 @@ async def _off_loop(fn: Callable[..., R], *args: Any) -> R:
     """Run ``fn(*args)`` on the I/O pool. If the awaiting task is cancelled (an aborted SCSI command),
     wait for the thread to finish before letting the cancellation through: a pwrite already running
     cannot be stopped, and it must not land after the abort has been reported to the initiator."""
-    future = asyncio.get_running_loop().run_in_executor(_EXECUTOR, fn, *args)
+    if BATCHED:
+        future = _POOL.submit(fn, *args)
+    else:
+        future = asyncio.get_running_loop().run_in_executor(_EXECUTOR, fn, *args)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
