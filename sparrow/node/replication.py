@@ -393,6 +393,30 @@ class ReplicaConnection(asyncio.Protocol):
         self.server.touched[volume_id] = (session, {})
         self.server.sticky[volume_id] = set(dirty.bits) if dirty is not None else set()
 
+    def _touch_run(self, run: list[ApplyWrite]) -> None:
+        """:meth:`_touch` for a run of contiguous plain writes (``_contiguous``), with one lookup and
+        one entry per region: every region of the run is recorded as written at the run's last seq.
+        That is at or after the seq of every write to it, so a checkpoint clears a region no
+        earlier than the writes' own seqs would let it (perhaps one checkpoint later)."""
+        volume_id = self.stream.volume_id
+        held = None if volume_id is None else self.server.touched.get(volume_id)
+        if volume_id is None or held is None or held[0] != self._session:
+            return  # another session took over: this stream's writes stay dirty
+        touched, at = held[1], (self.stream.epoch, run[-1].seq)
+        start, last = run[0].offset, run[-1]
+        for region in region_span(start, last.offset + len(last.data) - start):
+            touched[region] = at
+        for write in run:
+            if write.offset % REGION_SIZE == 0:
+                self._whole_region(volume_id, write.offset, len(write.data))
+
+    def _whole_region(self, volume_id: str, offset: int, length: int) -> None:
+        """A write at the start of a region: if it covers the region (a resync's copy), this copy
+        holds what the primary holds there."""
+        view = self.server.lookup(volume_id)
+        if length == REGION_SIZE or (view is not None and offset + length >= view.size):
+            self.server.sticky.get(volume_id, set()).discard(offset // REGION_SIZE)
+
     def _touch(self, apply: Apply) -> None:
         """Record the regions ``apply`` wrote, or clear the ones a checkpoint covers."""
         volume_id = self.stream.volume_id
@@ -405,10 +429,7 @@ class ReplicaConnection(asyncio.Protocol):
             for region in region_span(apply.offset, length):
                 touched[region] = (epoch, apply.seq)
             if isinstance(apply, ApplyWrite) and apply.offset % REGION_SIZE == 0:
-                # A whole region written (a resync's copy): it holds what the primary holds.
-                view = self.server.lookup(volume_id)
-                if length == REGION_SIZE or (view is not None and apply.offset + length >= view.size):
-                    self.server.sticky.get(volume_id, set()).discard(apply.offset // REGION_SIZE)
+                self._whole_region(volume_id, apply.offset, length)
         elif isinstance(apply, ApplyCheckpoint):
             sticky = self.server.sticky.get(volume_id, set())
             done = [r for r, at in touched.items() if at <= (epoch, apply.upto)]
@@ -593,8 +614,7 @@ class ReplicaConnection(asyncio.Protocol):
             if not written:
                 queue.extendleft(reversed(run))  # a dirty bit to make durable first: the worker
                 break
-            for write in run:
-                self._touch(write)
+            self._touch_run(run)
             seq = run[-1].seq
             applied += len(run)
             payload += sum(len(a.data) for a in run)
@@ -622,8 +642,7 @@ class ReplicaConnection(asyncio.Protocol):
                     run = self._contiguous(apply, ACK_EVERY - applied)
                     # A marking store writes inline only into regions already durably dirty.
                     if inline.write_inline(apply.offset, [a.data for a in run]):
-                        for written in run:
-                            self._touch(written)
+                        self._touch_run(run)
                         seq = run[-1].seq
                         applied += len(run)
                         payload += sum(len(a.data) for a in run)

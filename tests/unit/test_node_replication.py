@@ -486,3 +486,45 @@ async def test_a_marking_store_writes_a_run_inline_only_into_regions_already_mar
         dirty.close()
         await store.close()
         os.unlink(path)
+
+
+async def test_a_run_is_recorded_at_its_last_seq_so_a_checkpoint_clears_it_only_once_covering_it(
+    tmp_path: Path,
+) -> None:
+    """A run of contiguous writes applied inline is recorded once per region, at the run's last seq:
+    a checkpoint covering only part of the run clears none of its regions (they stay dirty a
+    checkpoint longer, never less), one covering all of it clears them all."""
+    path = Path("/dev/shm") / f"sparrow-test-run-touch-{os.getpid()}.img"
+    store = await FileBlockStore.open(path, block_size=512, size=16 * MiB, create=True)
+    dirty = DirtyMap.open(tmp_path / "v.dirty", VID, 16 * MiB, missing_clean=True)
+    try:
+        srv = server(MarkingStore(store, dirty), Clock(), dirty_for=lambda vid: dirty)
+        conn, transport = connect(srv)
+        peer = Peer(conn, transport)
+        peer.send(Open(VID, 2, 1, "n1", session=7))
+        assert peer.received() == [Ack(VID, 2, 0, 0)]
+        await dirty.mark(0, 2 * MiB)  # after the OPEN: this session's to clear, and inline at once
+        await settle()  # the worker waits
+
+        def together(*messages: Message) -> None:  # one record: one data_received, one run
+            conn.data_received(peer.channel.send(b"".join(encode(m) for m in messages)))
+
+        together(
+            Write(VID, 2, 1, MiB - 1024, b"a" * 512),
+            Write(VID, 2, 2, MiB - 512, b"b" * 512),  # region 0's last write
+            Write(VID, 2, 3, MiB, b"c" * 512),
+            Write(VID, 2, 4, MiB + 512, b"d" * 512),
+        )
+        assert peer.received() == [Ack(VID, 2, 4, 0)]  # applied inline, as one run
+        assert srv.touched[VID][1] == {0: (2, 4), 1: (2, 4)}
+        peer.send(Flush(VID, 2, 5), Checkpoint(VID, 2, 6, 2))  # covers region 0's writes only
+        acks: list[Message] = []
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 6, 5) in acks)
+        assert dirty.dirty_regions() == [0, 1]
+        peer.send(Checkpoint(VID, 2, 7, 5))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 7, 5) in acks)
+        assert dirty.dirty_regions() == []
+    finally:
+        dirty.close()
+        await store.close()
+        os.unlink(path)
