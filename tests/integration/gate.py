@@ -37,32 +37,38 @@ PAD = b"\xa5" * (BLOCK - RECORDS * RECORD)
 MAGIC = b"SPRGATE1"
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE = REPO / "tests" / "tools" / "gatewriter.c"
-BINARY = REPO / "build" / "gatewriter"
 HEADER = Path("/usr/include/iscsi/iscsi.h")
 INSTALL_HINT = f"run `make test` (it installs: {APT_PACKAGES})"
 
 
-def gatewriter() -> Path:
-    """The compiled gatewriter, built from source when missing or older than the source."""
-    if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
-        return BINARY
+def libiscsi_tool(name: str) -> Path:
+    """``build/NAME``, compiled from ``tests/tools/NAME.c`` against libiscsi when missing or older
+    than the source (the gate's writer, test_explain's raw-CDB sender)."""
+    source = REPO / "tests" / "tools" / f"{name}.c"
+    binary = REPO / "build" / name
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.fail(f"gcc is not installed; {INSTALL_HINT}")
     if not HEADER.exists():
         pytest.fail(f"{HEADER} is missing (libiscsi-dev); {INSTALL_HINT}")
-    BINARY.parent.mkdir(exist_ok=True)
-    tmp = BINARY.with_suffix(f".{time.monotonic_ns()}.tmp")  # parallel builds never see half a file
+    binary.parent.mkdir(exist_ok=True)
+    tmp = binary.with_suffix(f".{time.monotonic_ns()}.tmp")  # parallel builds never see half a file
     proc = subprocess.run(
-        [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(SOURCE), "-liscsi"],
+        [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(source), "-liscsi"],
         capture_output=True,
         text=True,
     )
     if proc.returncode != 0:
-        pytest.fail(f"building {SOURCE.name} failed:\n{proc.stderr}")
-    tmp.replace(BINARY)
-    return BINARY
+        pytest.fail(f"building {source.name} failed:\n{proc.stderr}")
+    tmp.replace(binary)
+    return binary
+
+
+def gatewriter() -> Path:
+    """The compiled gatewriter (tests/tools/gatewriter.c)."""
+    return libiscsi_tool("gatewriter")
 
 
 # -- the block format -----------------------------------------------------------------------------

@@ -7,9 +7,6 @@ Sparrow answered as unsupported, on the master's explain and the node's /metrics
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,36 +17,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from frontend.internal_errors import INTERNAL_ERROR_EVENT
 from tests.integration.cluster import Cluster
 from tests.integration.daemon import Daemon
-from tests.integration.gate import HEADER, INSTALL_HINT, REPO
+from tests.integration.gate import libiscsi_tool
 from tests.tools import run, wait_for
 
 pytestmark = pytest.mark.integration
 
-SOURCE = REPO / "tests" / "tools" / "rawcdb.c"
-BINARY = REPO / "build" / "rawcdb"
 HOST_A = "iqn.2026-12.test:host-a"
 HOST_B = "iqn.2026-12.test:host-b"
 MiB = 1 << 20
 
 
 def rawcdb() -> Path:
-    """The compiled rawcdb, built from source when missing or older than the source."""
-    if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
-        return BINARY
-    gcc = shutil.which("gcc")
-    if gcc is None or not HEADER.exists():
-        pytest.fail(f"gcc or libiscsi-dev is missing; {INSTALL_HINT}")
-    BINARY.parent.mkdir(exist_ok=True)
-    tmp = BINARY.with_suffix(f".{time.monotonic_ns()}.tmp")
-    proc = subprocess.run(
-        [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp), str(SOURCE), "-liscsi"],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"building {SOURCE.name} failed:\n{proc.stderr}")
-    tmp.replace(BINARY)
-    return BINARY
+    """The compiled rawcdb (tests/tools/rawcdb.c: a raw CDB through libiscsi)."""
+    return libiscsi_tool("rawcdb")
 
 
 def send_cdb(initiator: str, url: str, cdb: bytes) -> str:
