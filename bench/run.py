@@ -5,7 +5,9 @@ Both targets serve a same-size file in /dev/shm (tmpfs), so the disk is out of t
 comparison measures the targets. Absolute figures on a shared 2-core machine swing by 2x between
 runs; only the per-round ratios Sparrow/tgt are meaningful.
 
-    python bench/run.py [--rounds 5] [--seconds 5] [--size 1GiB]
+    python bench/run.py [--rounds 5] [--seconds 5] [--size 1GiB] [--only REGEX]
+
+``--only QD1`` runs only the benchmarks whose name matches (re.search), e.g. the queue-depth-1 pair.
 """
 
 from __future__ import annotations
@@ -88,14 +90,16 @@ def start_tgt(size: int, workdir: Path) -> Target:
     return Target("tgt", f"iscsi://127.0.0.1:{port}/{TGT_IQN}/1", stop)
 
 
-def start_sparrow(size: int, workdir: Path) -> Target:
+def start_sparrow(size: int, workdir: Path, checkout: Path | None = None, name: str = "sparrow") -> Target:
+    """``sparrow serve`` from this interpreter, or from ``checkout``'s own .venv (``--base``)."""
     data_dir = Path(tempfile.mkdtemp(prefix="sparrow-bench-", dir="/dev/shm"))
     iscsi, http = free_port(), free_port()
-    sparrow = [sys.executable, "-m", "sparrow"]
+    python = sys.executable if checkout is None else str(checkout / ".venv" / "bin" / "python")
+    sparrow = [python, "-m", "sparrow"]
     proc = subprocess.Popen(
         [*sparrow, "serve", "--data-dir", str(data_dir), "--iscsi", f"127.0.0.1:{iscsi}",
          "--http", f"127.0.0.1:{http}", "--log-format", "json", "--log-level", "warning"],
-        stdout=(workdir / "sparrow.log").open("w"), stderr=subprocess.STDOUT,
+        stdout=(workdir / f"{name}.log").open("w"), stderr=subprocess.STDOUT, cwd=checkout,
     )
     wait_port(http)
     run([*sparrow, "volume", "create", "bench", "--size", str(size), "--api", f"http://127.0.0.1:{http}"])
@@ -108,7 +112,7 @@ def start_sparrow(size: int, workdir: Path) -> Target:
             proc.kill()
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    return Target("sparrow", f"iscsi://127.0.0.1:{iscsi}/{SPARROW_IQN}/0", stop)
+    return Target(name, f"iscsi://127.0.0.1:{iscsi}/{SPARROW_IQN}/0", stop)
 
 
 def iscsi_perf(url: str, seconds: int, blocks: int, random: bool, depth: int = 32) -> float:
@@ -138,6 +142,10 @@ def main() -> int:
     ap.add_argument("--writes", type=int, default=50000, help="4 KiB writes per qemu-img bench run")
     ap.add_argument("--writes-qd1", type=int, default=20000, help="4 KiB writes per QD1 qemu-img bench run")
     ap.add_argument("--size", type=int, default=1 << 30)
+    ap.add_argument("--only", metavar="REGEX", help="run only the benchmarks whose name matches")
+    ap.add_argument("--base", type=Path, metavar="CHECKOUT",
+                    help="also run `sparrow serve` from this checkout's .venv, as target `base`, "
+                         "interleaved with the others (before/after in one run)")
     args = ap.parse_args()
     for tool in ("tgtd", "tgtadm", "iscsi-perf", "qemu-img"):
         if shutil.which(tool) is None:
@@ -152,12 +160,21 @@ def main() -> int:
         "4k random read QD1 (iscsi-perf -m 1 -r), IOPS": lambda u: iscsi_perf(u, args.seconds, 8, True, 1),
         "4k write QD1 (qemu-img bench -w -d 1), IOPS": lambda u: qemu_write(u, args.writes_qd1, 1),
     }
+    if args.only:
+        benches = {name: fn for name, fn in benches.items() if re.search(args.only, name)}
+        if not benches:
+            raise SystemExit(f"no benchmark matches {args.only!r}")
     workdir = Path(tempfile.mkdtemp(prefix="sparrow-bench-logs-"))
-    targets = [start_sparrow(args.size, workdir), start_tgt(args.size, workdir)]
+    targets = [start_sparrow(args.size, workdir)]
+    if args.base is not None:
+        targets.append(start_sparrow(args.size, workdir, args.base.resolve(), "base"))
+    targets.append(start_tgt(args.size, workdir))
     figures: dict[str, dict[str, list[float]]] = {b: {t.name: [] for t in targets} for b in benches}
     try:
         for rnd in range(args.rounds):
-            order = targets if rnd % 2 == 0 else targets[::-1]
+            order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
+            if rnd % 2:
+                order.reverse()
             for bench, fn in benches.items():
                 for t in order:
                     figures[bench][t.name].append(fn(t.url))
@@ -167,12 +184,15 @@ def main() -> int:
         for t in targets:
             t.stop()
     print(f"\n{os.cpu_count()} CPUs; backing files in /dev/shm; {args.rounds} interleaved rounds")
-    print(f"{'benchmark':55} {'sparrow':>9} {'tgt':>9} {'ratio (median of rounds)':>26}")
+    ours = [t.name for t in targets if t.name != "tgt"]
+    print(f"{'benchmark':55} " + " ".join(f"{n:>9}" for n in [*ours, "tgt"])
+          + " " + " ".join(f"{n + '/tgt':>12}" for n in ours) + "  (medians; ratio: median of rounds)")
     for bench in benches:
-        s, t = figures[bench]["sparrow"], figures[bench]["tgt"]
-        ratios = [a / b for a, b in zip(s, t, strict=True)]
-        print(f"{bench:55} {statistics.median(s):9.0f} {statistics.median(t):9.0f} "
-              f"{statistics.median(ratios):26.2f}")
+        t = figures[bench]["tgt"]
+        medians = [statistics.median(figures[bench][n]) for n in [*ours, "tgt"]]
+        ratios = [statistics.median(a / b for a, b in zip(figures[bench][n], t, strict=True)) for n in ours]
+        print(f"{bench:55} " + " ".join(f"{m:9.0f}" for m in medians) + " "
+              + " ".join(f"{r:12.2f}" for r in ratios))
     return 0
 
 

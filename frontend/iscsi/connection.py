@@ -308,8 +308,9 @@ class Connection:
         self.metrics: FrontendMetrics = metrics or NoMetrics()
         #: False: every command takes the general path (the tests compare the two).
         self.fast_path = fast_path
-        #: The LU when the fast path is on for this connection (a normal session without digests
-        #: whose LUN 0 store answers inline); fast commands received, not yet run (``_fast_take``).
+        #: The LU when the fast path is on for this connection (a normal session, with or without
+        #: digests, whose LUN 0 store answers inline); fast commands received, not yet run
+        #: (``_fast_take``).
         self._fast_lu: LogicalUnit | None = None
         self._fast: list[tuple[Data, Data, int, bool, int, int, int]] = []
         self._fast_itts: set[int] = set()
@@ -657,8 +658,6 @@ class Connection:
         if (
             self.fast_path
             and params.session_type is SessionType.NORMAL
-            and not params.header_digest
-            and not params.data_digest
             and isinstance(lu, LogicalUnit)
             and lu.inline_io
         ):
@@ -793,7 +792,7 @@ class Connection:
         started = time.perf_counter()
         exp_cmd_sn = self._exp_cmd_sn
         max_cmd_sn = (exp_cmd_sn + self._window - 1) & SN_MASK
-        batch = ResponseBatch(len(entries), self._out)
+        batch = ResponseBatch(len(entries), self._out, self._hd, self._dd)
         taken = done = reads = read_bytes = writes = write_bytes = ticket = 0
         forwarded: list[tuple[int, int]] = []
         for _bhs, segment, itt, write, lba, n, edtl in entries:
@@ -855,7 +854,7 @@ class Connection:
             exp_cmd_sn = self._exp_cmd_sn
             max_cmd_sn = self.max_cmd_sn
             if sense is None:
-                out = ResponseBatch(len(writes), self._out)
+                out = ResponseBatch(len(writes), self._out, self._hd, self._dd)
                 for itt, _ in writes:
                     out.response(itt, self._stat_sn, exp_cmd_sn, max_cmd_sn)
                     self._stat_sn = (self._stat_sn + 1) & SN_MASK

@@ -39,3 +39,8 @@ def digest_value(raw: bytes | bytearray | memoryview, offset: int = 0) -> int:
 
 def pack_digest(value: int) -> bytes:
     return _LE32.pack(value)
+
+
+def pack_digest_into(buf: bytearray, offset: int, value: int) -> None:
+    """Write a digest into ``buf`` at ``offset``, as ``pack_digest`` would send it."""
+    _LE32.pack_into(buf, offset, value)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from frontend.iscsi.pdu import RESERVED_TAG
+from frontend.iscsi.digest import DIGEST_LENGTH, crc32c_one, pack_digest_into
+from frontend.iscsi.pdu import BHS_LENGTH, RESERVED_TAG, data_tail
 from frontend.scsi.commands import COMMANDS, MetricKind
 
 #: b0, b1, b2, b3, TotalAHSLength|DataSegmentLength, LUN, ITT, EDTL, CmdSN, ExpStatSN (bytes 0..31).
@@ -70,32 +71,53 @@ class ResponseBatch:
     per batch). ``data_in`` adds a Data-In with status (S and F bits, GOOD, no residual: RFC 7143
     11.7.2 phase collapse) followed by its data, uncopied; ``response`` adds a GOOD SCSI Response
     with no data. Consecutive responses leave as one buffer slice. ``close`` returns the list for
-    ``writelines``."""
+    ``writelines``.
 
-    __slots__ = ("_buf", "_out", "_pos", "_run", "_view")
+    With ``header_digest`` each header is followed by its CRC32C (RFC 7143 11.1, 13.1), packed in
+    the same buffer; with ``data_digest`` the data of a Data-In is followed by its padding and
+    digest (``pdu.data_tail``), as the general path's ``encode_data_in`` frames them."""
 
-    def __init__(self, count: int, out: list[bytes | memoryview]) -> None:
-        self._buf = bytearray(48 * count)
+    __slots__ = ("_buf", "_dd", "_hd", "_hlen", "_out", "_pos", "_run", "_view")
+
+    def __init__(
+        self, count: int, out: list[bytes | memoryview], header_digest: bool = False,
+        data_digest: bool = False,
+    ) -> None:
+        self._hd = header_digest
+        self._dd = data_digest
+        self._hlen = BHS_LENGTH + DIGEST_LENGTH if header_digest else BHS_LENGTH
+        self._buf = bytearray(self._hlen * count)
         self._view = memoryview(self._buf)
         self._out = out
         self._pos = 0
         self._run = 0
 
+    def _digest(self, pos: int) -> int:
+        """Pack the header digest of the BHS at ``pos`` after it; the position after both."""
+        end = pos + BHS_LENGTH
+        if self._hd:
+            pack_digest_into(self._buf, end, crc32c_one(self._view[pos:end]))
+            end += DIGEST_LENGTH
+        return end
+
     def data_in(self, itt: int, data: bytes, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> None:
         pos = self._pos
         _TARGET_BHS.pack_into(self._buf, pos, 0x25, 0x81, 0, 0, len(data), 0, itt, RESERVED_TAG, stat_sn,
                               exp_cmd_sn, max_cmd_sn, 0, 0, 0)
-        self._pos = pos = pos + 48
+        self._pos = pos = self._digest(pos)
         out = self._out
         out.append(self._view[self._run : pos])
         out.append(data)
+        tail = data_tail(data, self._dd)
+        if tail:
+            out.append(tail)
         self._run = pos
 
     def response(self, itt: int, stat_sn: int, exp_cmd_sn: int, max_cmd_sn: int) -> None:
         pos = self._pos
         _TARGET_BHS.pack_into(self._buf, pos, 0x21, 0x80, 0, 0, 0, 0, itt, 0, stat_sn, exp_cmd_sn, max_cmd_sn,
                               0, 0, 0)
-        self._pos = pos + 48
+        self._pos = self._digest(pos)
 
     def close(self) -> None:
         if self._run < self._pos:

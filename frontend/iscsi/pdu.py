@@ -648,19 +648,25 @@ def _frame(
     head = bhs + ahs if ahs else bhs
     if header_digest:
         head += _digest.pack_digest(_digest.crc32c_one(head))
-    n = len(data)
-    if not n:
+    if not len(data):
         return [head]
-    pad = _PADS[n & 3]
     out: list[bytes | memoryview] = [head, data if isinstance(data, (bytes, memoryview)) else bytes(data)]
-    if data_digest:
-        value = _digest.crc32c_one(data)
-        if pad:
-            value = _digest.crc32c_one(pad, value)
-        out.append(pad + _digest.pack_digest(value))
-    elif pad:
-        out.append(pad)
+    tail = data_tail(data, data_digest)
+    if tail:
+        out.append(tail)
     return out
+
+
+def data_tail(data: Data, data_digest: bool) -> bytes:
+    """What follows a non-empty data segment on the wire: its padding to 4 bytes, then the data
+    digest when negotiated, which covers the padding (RFC 7143 11.2); empty when neither."""
+    pad = _PADS[len(data) & 3]
+    if not data_digest:
+        return pad
+    value = _digest.crc32c_one(data)
+    if pad:
+        value = _digest.crc32c_one(pad, value)
+    return pad + _digest.pack_digest(value)
 
 
 def _dlen(bhs_ahs_words: int, data: Data) -> int:

@@ -3,7 +3,8 @@
 Two connections, one with the fast path and one without, each on its own LogicalUnit over a
 MemoryBlockStore, are logged in alike and fed the same command streams in the same pieces (whole,
 byte at a time, cut at random, mutated); what each sends back, the events it emits besides the SCSI
-executions, and the blocks stored must be equal. No sockets, no sleeps.
+executions, and the blocks stored must be equal; with each combination of HeaderDigest and
+DataDigest, digest errors included. No sockets, no sleeps.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import struct
 from collections.abc import Coroutine
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +43,13 @@ LOGIN_KEYS = {
     "HeaderDigest": "None", "DataDigest": "None", "ImmediateData": "Yes", "InitialR2T": "No",
     "MaxRecvDataSegmentLength": "65536", "FirstBurstLength": "16384", "MaxBurstLength": "65536",
 }
+
+
+#: (HeaderDigest, DataDigest) negotiated as CRC32C: every combination.
+Digests = tuple[bool, bool]
+NONE: Digests = (False, False)
+DIGESTS: tuple[Digests, ...] = (NONE, (True, False), (False, True), (True, True))
+DIGEST_IDS = ("none", "header", "data", "both")
 
 
 class Metrics:
@@ -74,7 +83,7 @@ def run_now(coro: Coroutine[Any, Any, ScsiResult]) -> ScsiResult:
 class Side:
     """One connection and its LU, driven as frontend/server.py drives them (metrics included)."""
 
-    def __init__(self, fast: bool) -> None:
+    def __init__(self, fast: bool, digests: Digests = NONE) -> None:
         self.store = MemoryBlockStore(SIZE, BS)
         self.lu = LogicalUnit(self.store, LuIdentity("fast", "FAST0001", bytes.fromhex("6" + "0" * 31)))
         registry = TargetRegistry()
@@ -85,7 +94,9 @@ class Side:
         self.out = bytearray()
         self.executed = 0
         self.other_events: list[str] = []
-        text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in LOGIN_KEYS.items())
+        keys = {**LOGIN_KEYS, "HeaderDigest": "CRC32C" if digests[0] else "None",
+                "DataDigest": "CRC32C" if digests[1] else "None"}
+        text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in keys.items())
         self.feed(encode_bytes(LoginRequest(True, False, 1, 3, 0, 0, 0x23D000000001, 0, 1, 0, 1, 0, text)))
         assert any(e.startswith("LoggedIn") for e in self.other_events)
 
@@ -109,8 +120,8 @@ class Side:
             self.out += piece
 
 
-def both() -> tuple[Side, Side]:
-    return Side(True), Side(False)
+def both(digests: Digests = NONE) -> tuple[Side, Side]:
+    return Side(True, digests), Side(False, digests)
 
 
 def feed_both(sides: tuple[Side, Side], stream: bytes, cuts: list[int]) -> None:
@@ -145,7 +156,8 @@ def rw(op: int, lba: int, blocks: int, flags: int = 0, control: int = 0) -> byte
 class Stream:
     """Builds PDUs with consecutive CmdSNs and ITTs (the login used CmdSN 1 without consuming it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, digests: Digests = NONE) -> None:
+        self.digests = digests
         self.cmd_sn = 1
         self.itt = 0x100
         self.pdus: list[bytes] = []
@@ -163,9 +175,8 @@ class Stream:
         if immediate:
             self.cmd_sn -= 1
         itt = new_itt if itt is None else itt
-        self.pdus.append(encode_bytes(ScsiCommand(
-            immediate, final, read, write, attr, 0, itt, edtl, sn if cmd_sn is None else cmd_sn, 0,
-            cdb.ljust(16, b"\0"), data)))
+        self._add(ScsiCommand(immediate, final, read, write, attr, 0, itt, edtl,
+                              sn if cmd_sn is None else cmd_sn, 0, cdb.ljust(16, b"\0"), data))
         return itt
 
     def read(self, op: int, lba: int, blocks: int, **kw: Any) -> int:
@@ -181,22 +192,26 @@ class Stream:
     def nop(self) -> None:
         sn, itt = self._next()
         self.cmd_sn -= 1
-        self.pdus.append(encode_bytes(NopOut(True, 0, itt, 0xFFFFFFFF, sn, 0, b"ping")))
+        self._add(NopOut(True, 0, itt, 0xFFFFFFFF, sn, 0, b"ping"))
 
     def tmf(self, function: int, ref_itt: int = 0xFFFFFFFF) -> None:
         sn, itt = self._next()
         self.cmd_sn -= 1
-        self.pdus.append(encode_bytes(TaskManagementRequest(True, function, 0, itt, ref_itt, sn, 0, sn, 0)))
+        self._add(TaskManagementRequest(True, function, 0, itt, ref_itt, sn, 0, sn, 0))
 
     def data_out(self, itt: int, offset: int, data: bytes, final: bool = True) -> None:
-        self.pdus.append(encode_bytes(DataOut(final, 0, itt, 0xFFFFFFFF, 0, 0, offset, data)))
+        self._add(DataOut(final, 0, itt, 0xFFFFFFFF, 0, 0, offset, data))
+
+    def _add(self, pdu: ScsiCommand | NopOut | TaskManagementRequest | DataOut) -> None:
+        hd, dd = self.digests
+        self.pdus.append(encode_bytes(pdu, header_digest=hd, data_digest=dd))
 
     def bytes(self) -> bytes:
         return b"".join(self.pdus)
 
 
-def plain_stream(count: int = 48) -> bytes:
-    s = Stream()
+def plain_stream(count: int = 48, digests: Digests = NONE) -> bytes:
+    s = Stream(digests)
     for i in range(count):
         op = (0x28, 0x2A, 0x88, 0x8A)[i % 4]
         lba, blocks = (i * 7) % 200, 1 + i % 8
@@ -215,8 +230,8 @@ STEPS = (
 )
 
 
-def build(steps: list[tuple[str, int]]) -> bytes:
-    s = Stream()
+def build(steps: list[tuple[str, int]], digests: Digests = NONE) -> bytes:
+    s = Stream(digests)
     last = 0x100
     for step, k in steps:
         lba, blocks = k % 300, 1 + k % 6
@@ -270,28 +285,32 @@ def build(steps: list[tuple[str, int]]) -> bytes:
 # --- tests ----------------------------------------------------------------------------------------------
 
 
-def test_plain_commands_take_the_fast_path_and_answer_alike() -> None:
-    sides = both()
-    feed_both(sides, plain_stream(), [])
+@pytest.mark.parametrize("digests", DIGESTS, ids=DIGEST_IDS)
+def test_plain_commands_take_the_fast_path_and_answer_alike(digests: Digests) -> None:
+    sides = both(digests)
+    feed_both(sides, plain_stream(digests=digests), [])
     fast, general = sides
     assert fast.executed == 0 and general.executed == 48   # the fast side never built a task
     assert_same(sides)
     assert {op for _, op, _ in fast.metrics.done} == {"read", "write"}
 
 
-def test_byte_at_a_time() -> None:
-    stream = plain_stream(12)
-    sides = both()
+@pytest.mark.parametrize("digests", DIGESTS, ids=DIGEST_IDS)
+def test_byte_at_a_time(digests: Digests) -> None:
+    stream = plain_stream(12, digests)
+    sides = both(digests)
     feed_both(sides, stream, list(range(1, len(stream))))
     assert sides[0].executed == 0
     assert_same(sides)
 
 
-def test_every_step_alone_then_plain() -> None:
+@pytest.mark.parametrize("digests", DIGESTS, ids=DIGEST_IDS)
+def test_every_step_alone_then_plain(digests: Digests) -> None:
     """Each way of leaving the plain case, between plain commands, fed whole."""
     for step in STEPS:
-        sides = both()
-        feed_both(sides, build([("write10", 3), (step, 3), ("read10", 3), ("write16", 5), ("read16", 5)]), [])
+        sides = both(digests)
+        steps = [("write10", 3), (step, 3), ("read10", 3), ("write16", 5), ("read16", 5)]
+        feed_both(sides, build(steps, digests), [])
         assert_same(sides)
 
 
@@ -339,21 +358,48 @@ def test_plain_command_decoding() -> None:
 @given(
     st.lists(st.tuples(st.sampled_from(STEPS), st.integers(0, 1000)), min_size=1, max_size=14),
     st.lists(st.integers(1, 6000), max_size=6),
+    st.sampled_from(DIGESTS),
 )
-def test_random_streams_random_cuts(steps: list[tuple[str, int]], cuts: list[int]) -> None:
-    sides = both()
-    feed_both(sides, build(steps), cuts)
+def test_random_streams_random_cuts(steps: list[tuple[str, int]], cuts: list[int], digests: Digests) -> None:
+    sides = both(digests)
+    feed_both(sides, build(steps, digests), cuts)
     assert_same(sides)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_streams(data: st.DataObject) -> None:
-    stream = bytearray(plain_stream(6))
+    """Mutated bytes; with digests most mutations are digest errors, which both paths must meet
+    alike (a header digest error closes the connection, a data digest error is a Reject)."""
+    digests = data.draw(st.sampled_from(DIGESTS))
+    stream = bytearray(plain_stream(6, digests))
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(stream) - 1))
         stream[at] = data.draw(st.integers(0, 255))
     cuts = data.draw(st.lists(st.integers(1, len(stream)), max_size=4))
-    sides = both()
+    sides = both(digests)
     feed_both(sides, bytes(stream), cuts)
     assert_same(sides)
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_a_digest_error_after_fast_commands(where: str) -> None:
+    """Fast commands, then a PDU whose header digest (or a write's data digest) is wrong, fed whole
+    and cut after the first two: both paths meet the error alike (a PDU error turns the fast
+    commands taken from the same bytes into general tasks first)."""
+    s = Stream((True, True))
+    s.read(0x28, 0, 1)
+    s.write(0x2A, 1, 2)
+    s.write(0x2A, 3, 1)
+    s.read(0x28, 1, 2)
+    stream = bytearray(s.bytes())
+    first_two = len(s.pdus[0]) + len(s.pdus[1])
+    stream[first_two + (48 if where == "header" else 60)] ^= 0x01  # its header digest, or its data
+    for cuts in ([], [first_two]):
+        sides = both((True, True))
+        feed_both(sides, bytes(stream), cuts)
+        assert_same(sides)
+        closed = [e for e in sides[0].other_events if e.startswith("Close")]
+        assert closed == (["Close header digest error"] if where == "header" else [])
+        if cuts:
+            assert sides[0].executed < sides[1].executed  # the first two took the fast path

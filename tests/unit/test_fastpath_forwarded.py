@@ -14,6 +14,8 @@ import itertools
 import uuid
 from collections.abc import Iterator
 
+import pytest
+
 from frontend.iscsi.connection import AwaitForwarded, Connection, ExecuteScsi, LoggedIn
 from frontend.iscsi.pdu import (
     LoginRequest,
@@ -33,7 +35,18 @@ from sparrow.node.replicated_store import ReplicatedStore
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MessageDecoder, PrimaryStream
 from store.memstore import MemoryBlockStore
-from tests.unit.test_fastpath import BS, IQN, LOGIN_KEYS, SIZE, Metrics, Stream
+from tests.unit.test_fastpath import (
+    BS,
+    DIGEST_IDS,
+    DIGESTS,
+    IQN,
+    LOGIN_KEYS,
+    NONE,
+    SIZE,
+    Digests,
+    Metrics,
+    Stream,
+)
 
 VOLUME = uuid.UUID(int=9).hex
 TRANSITION = (LU_NOT_ACCESSIBLE_TRANSITION.asc, LU_NOT_ACCESSIBLE_TRANSITION.ascq)
@@ -73,7 +86,8 @@ class Replica:
 class Side:
     """A connection, its LU and its replicated store, driven as frontend/server.py drives them."""
 
-    def __init__(self, fast: bool, *, hold_timeout: float = 30.0) -> None:
+    def __init__(self, fast: bool, *, hold_timeout: float = 30.0, digests: Digests = NONE) -> None:
+        self.digests = digests
         self.store = MemoryBlockStore(SIZE, BS)
         self.replica: Replica | None = None
         self.replicated = ReplicatedStore(
@@ -96,7 +110,9 @@ class Side:
         self.tasks: list[asyncio.Task[None]] = []
         self.forwarded = 0
         self.answered = asyncio.Event()
-        text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in LOGIN_KEYS.items())
+        keys = {**LOGIN_KEYS, "HeaderDigest": "CRC32C" if digests[0] else "None",
+                "DataDigest": "CRC32C" if digests[1] else "None"}
+        text = b"".join(f"{k}={v}".encode() + b"\0" for k, v in keys.items())
         self.feed(encode_bytes(LoginRequest(True, False, 1, 3, 0, 0, 0x23D000000001, 0, 1, 0, 1, 0, text)))
         self.login_bytes = len(self.out)
 
@@ -140,7 +156,7 @@ class Side:
         self.answered.set()
 
     def responses(self) -> list[TargetPdu]:
-        reader = target_reader()
+        reader = target_reader(header_digest=self.digests[0], data_digest=self.digests[1])
         reader.feed(bytes(self.out[self.login_bytes :]))
         return list(iter(reader.next_pdu, None))
 
@@ -159,9 +175,10 @@ def writes(count: int, *, start: int = 0) -> Iterator[tuple[int, int]]:
         yield (start + i * 9) % 300, 1 + i % 8
 
 
-async def test_forwarded_writes_send_the_same_bytes_and_ops_as_the_general_path() -> None:
-    sides = Side(True), Side(False)
-    s = Stream()
+@pytest.mark.parametrize("digests", DIGESTS, ids=DIGEST_IDS)
+async def test_forwarded_writes_send_the_same_bytes_and_ops_as_the_general_path(digests: Digests) -> None:
+    sides = Side(True, digests=digests), Side(False, digests=digests)
+    s = Stream(digests)
     for i, (lba, blocks) in enumerate(writes(24)):
         s.write((0x2A, 0x8A)[i % 2], lba, blocks)
         if i % 5 == 4:
