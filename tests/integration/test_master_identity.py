@@ -1,0 +1,166 @@
+"""Master identity (docs/cluster.md, "Master identity"): nodes pin the master's key. Real processes
+on loopback: a master, two nodes, and a rogue `sparrow master` that holds the cluster secret and a
+copy of the real authority (every volume, assignment and node key binding) but not the real
+master's master.key. Each node's heartbeats go through its own FaultProxy, which the test points
+at the rogue."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sparrow.cluster.masteridentity import MasterIdentity
+from sparrow.masterkey import master_key
+from sparrow.masterpin import PIN_NAME
+from tests.integration.cluster import Cluster, Master, Timing
+from tests.integration.process import daemon_env
+from tests.integration.test_cluster_door import sample
+from tests.tools import wait_for
+
+REFUSED_EVENT = "master refused: it did not prove the pinned master key"
+
+
+class RogueMaster(Master):
+    """A second real master with the cluster's secret and its own data directory (so its own
+    master.key: another master identity)."""
+
+    def __init__(self, root: Path, timing: Timing) -> None:
+        super().__init__(root, timing)
+        self.name = "rogue"
+        self.data_dir = root / "rogue"
+        self.log_path = root / "rogue.log"
+
+
+def master_key_cli(data_dir: Path, root: Path) -> str:
+    """`sparrow master key --data-dir DIR --json`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sparrow", "master", "key", "--data-dir", str(data_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon_env(root),
+        check=True,
+    )
+    return str(json.loads(done.stdout)["master_key"])
+
+
+def point(cluster: Cluster, node_id: str, port: int) -> None:
+    """Send ``node_id``'s heartbeat connections to ``port`` from now on (the open one is reset)."""
+    proxy = cluster.proxy(node_id)
+    proxy.upstream = ("127.0.0.1", port)
+    proxy.reset()
+
+
+def refused(cluster: Cluster, node_id: str) -> float:
+    return sample(cluster.node(node_id).metrics(), "sparrow_node_master_refused_total", reason="key_mismatch")
+
+
+def test_nodes_pin_the_first_master_and_refuse_a_member_playing_master(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """Both nodes pin the real master's key on first use (DATA_DIR/master.pin, 0644, the key
+    `sparrow master key` prints). The primary's heartbeats are then sent to a rogue master holding
+    the secret and a copy of the authority: the node refuses it before saying Hello (an error line
+    naming both keys, a metric), so the rogue records no Hello and no heartbeat and the node
+    applies nothing from it; its lease lapses and it fences; the real master fails the volume over
+    to the other copy. Pointed back, the node is admitted again. Restarted, it keeps its pin: the
+    rogue is refused again, never pinned."""
+    cluster = make_cluster(2)
+    real = master_key_cli(cluster.master.data_dir, cluster.root)
+    assert real == MasterIdentity.derive(master_key(cluster.master.data_dir)).public.hex()
+    assert cluster.master.events("master key")[-1]["master_key"] == real
+    for node in cluster.nodes.values():
+        pinned = wait_for(
+            lambda node=node: next(iter(node.events("master key pinned on first use")), None),
+            timeout=20,
+            what=f"{node.name} pinned the master",
+            interval=0.1,
+        )
+        assert pinned["master_key"] == real and pinned["level"] == "warning"
+        pin = node.data_dir / PIN_NAME
+        assert pin.read_text() == real + "\n" and pin.stat().st_mode & 0o777 == 0o644
+
+    cluster.cli("volume", "create", "mine", "--size", "16MiB", "--replicas", "2")
+    v = cluster.wait_converged("mine", epoch=1, copies=2)
+    primary, volume_id = str(v["primary"]["node_id"]), str(v["volume_id"])
+    other = next(n for n in cluster.nodes if n != primary)
+    cluster.wait_serving(primary, volume_id)
+
+    rogue = RogueMaster(cluster.root, cluster.timing)
+    rogue.data_dir.mkdir(parents=True)
+    copy = rogue.data_dir / "authority.sqlite3"
+    subprocess.run(
+        [sys.executable, "-m", "sparrow", "backup", str(cluster.master.data_dir), str(copy)],
+        capture_output=True, text=True, timeout=30, env=daemon_env(cluster.root), check=True,
+    )  # fmt: skip
+    rogue.start()
+    try:
+        fake = master_key_cli(rogue.data_dir, cluster.root)
+        assert fake != real
+        node = cluster.node(primary)
+        point(cluster, primary, rogue.listen_port)
+        line = wait_for(
+            lambda: next(iter(node.events(REFUSED_EVENT)), None), timeout=20, what="the refusal", interval=0.1
+        )
+        assert line["level"] == "error" and line["reason"] == "key_mismatch"
+        assert line["pinned_master_key"] == real and line["offered_master_key"] == fake
+        assert "sparrow master key" in line["detail"] and "--master-key" in line["detail"]
+        assert refused(cluster, primary) >= 1
+        # Fenced on its own lease; the real master moves the volume to the in-sync copy.
+        wait_for(
+            lambda: node.access_state(volume_id) != "active_optimized",
+            timeout=10,
+            what="the primary fenced",
+            interval=0.05,
+        )
+        v = wait_for(
+            lambda: (x := cluster.volume("mine"))["served"] and x["epoch"] >= 2 and x,
+            timeout=30,
+            what="failed over by the real master",
+            interval=0.1,
+        )
+        assert v["primary"]["node_id"] == other
+        # The rogue heard nothing: no Hello, no heartbeat; so it sent no Ack the node could apply.
+        assert rogue.events("node hello") == []
+        assert sample(rogue.metrics(), "sparrow_master_heartbeats_received_total") == 0
+        assert node.persisted(volume_id) is not None and node.persisted(volume_id)["epoch"] == 1  # type: ignore[index]
+        assert (node.data_dir / PIN_NAME).read_text() == real + "\n"
+
+        point(cluster, primary, cluster.master.listen_port)
+        wait_for(
+            lambda: {n["node_id"]: n for n in cluster.node_list()}[primary]["state"] == "alive",
+            timeout=20,
+            what="the node back with the real master",
+            interval=0.1,
+        )
+        wait_for(
+            lambda: (node.persisted(volume_id) or {}).get("epoch", 0) >= 2,
+            timeout=20,
+            what="the node took on the real master's new epoch",
+            interval=0.1,
+        )
+
+        # A restart keeps the pin: straight to the rogue, it is refused, not pinned.
+        assert node.term() == 0
+        before = len(node.events(REFUSED_EVENT))
+        point(cluster, primary, rogue.listen_port)
+        node.start()
+        assert node.events("master key pin")[-1]["source"] == "file"
+        wait_for(
+            lambda: len(node.events(REFUSED_EVENT)) > before, timeout=20, what="refused again", interval=0.1
+        )
+        assert (node.data_dir / PIN_NAME).read_text() == real + "\n"
+        assert len(node.events("master key pinned on first use")) == 1
+        assert rogue.events("node hello") == []
+        point(cluster, primary, cluster.master.listen_port)
+        wait_for(
+            lambda: {n["node_id"]: n for n in cluster.node_list()}[primary]["state"] == "alive",
+            timeout=20,
+            what="the restarted node back",
+            interval=0.1,
+        )
+    finally:
+        rogue.term()
