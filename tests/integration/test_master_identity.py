@@ -164,3 +164,56 @@ def test_nodes_pin_the_first_master_and_refuse_a_member_playing_master(
         )
     finally:
         rogue.term()
+
+
+def test_a_master_restored_on_a_new_disk_is_still_the_master_its_nodes_pinned(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """`sparrow backup` carries master.key: the master's disk is lost (a fresh data directory, whose
+    first start makes another master.key, which the node refuses), `sparrow restore` of the backup
+    brings the authority and the key back, and the node admits the restored master and serves its
+    volume again."""
+    cluster = make_cluster(1)
+    node = cluster.node("n1")
+    real = master_key_cli(cluster.master.data_dir, cluster.root)
+    cluster.cli("volume", "create", "kept", "--size", "16MiB", "--replicas", "1")
+    volume_id = str(cluster.wait_converged("kept", epoch=1, copies=1)["volume_id"])
+    backup_file = tmp_path / "authority.bak"
+    out = subprocess.run(
+        [sys.executable, "-m", "sparrow", "backup", str(cluster.master.data_dir), str(backup_file)],
+        capture_output=True, text=True, timeout=30, env=daemon_env(cluster.root), check=True,
+    ).stdout  # fmt: skip
+    assert "carries master.key" in out
+
+    assert cluster.master.term() == 0
+    lost = cluster.master.data_dir.rename(tmp_path / "lost-disk")
+    credentials = cluster.root / "xdg" / "sparrow" / "credentials.json"
+    token = credentials.read_bytes()  # the fresh master bootstraps a token of its own over it
+    cluster.master.start()  # a new disk: a new master.key, another identity
+    fresh = master_key_cli(cluster.master.data_dir, cluster.root)
+    assert fresh != real
+    wait_for(
+        lambda: next((e for e in node.events(REFUSED_EVENT) if e["offered_master_key"] == fresh), None),
+        timeout=20,
+        what="the node refusing the master with another key",
+        interval=0.1,
+    )
+    assert cluster.master.term() == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "sparrow", "restore", str(backup_file), str(cluster.master.data_dir)],
+        capture_output=True, text=True, timeout=30, env=daemon_env(cluster.root), check=True,
+    ).stdout  # fmt: skip
+    assert "restored master.key" in out
+    assert master_key_cli(cluster.master.data_dir, cluster.root) == real
+    refusals = len(node.events(REFUSED_EVENT))
+    credentials.write_bytes(token)
+    cluster.master.start()
+    wait_for(
+        lambda: (x := cluster.volume("kept"))["served"] and x["primary"]["node_id"] == "n1",
+        timeout=cluster.timing.dead_after + 30,
+        what="the volume served under the restored master",
+        interval=0.1,
+    )
+    cluster.wait_serving("n1", volume_id)
+    assert len(node.events(REFUSED_EVENT)) == refusals  # admitted at once: the same master
+    assert lost.is_dir()
