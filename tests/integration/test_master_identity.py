@@ -217,3 +217,42 @@ def test_a_master_restored_on_a_new_disk_is_still_the_master_its_nodes_pinned(
     cluster.wait_serving("n1", volume_id)
     assert len(node.events(REFUSED_EVENT)) == refusals  # admitted at once: the same master
     assert lost.is_dir()
+
+
+def test_the_operators_master_key_is_pinned_and_re_pinning_is_a_restart_with_the_new_key(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """`sparrow node --master-key` pins the key given (replacing the first-use pin, logged), so the
+    real master, proving another key, is refused; restarting the node with the real master's key
+    (the operator's re-pin, docs/operations.md) admits it again."""
+    cluster = make_cluster(1)
+    node = cluster.node("n1")
+    real = master_key_cli(cluster.master.data_dir, cluster.root)
+    wait_for(lambda: (node.data_dir / PIN_NAME).exists(), timeout=20, what="the first-use pin", interval=0.1)
+    other = MasterIdentity.derive(b"K" * 32).public.hex()
+
+    assert node.term() == 0
+    node.extra_args = ("--master-key", other)
+    node.start()
+    repinned = node.events("master key re-pinned by the operator")
+    assert repinned[-1]["master_key"] == other and repinned[-1]["replaced"] == real
+    assert node.events("master key pin")[-1]["source"] == "operator"
+    line = wait_for(
+        lambda: next(iter(node.events(REFUSED_EVENT)), None), timeout=20, what="the refusal", interval=0.1
+    )
+    assert line["pinned_master_key"] == other and line["offered_master_key"] == real
+    assert (node.data_dir / PIN_NAME).read_text() == other + "\n"
+
+    assert node.term() == 0
+    node.extra_args = ("--master-key", real)
+    node.start()
+    refusals = len(node.events(REFUSED_EVENT))
+    wait_for(
+        lambda: {n["node_id"]: n for n in cluster.node_list()}["n1"]["state"] == "alive"
+        and len(node.events("connected to master")) > 0,
+        timeout=20,
+        what="n1 admitting the real master again",
+        interval=0.1,
+    )
+    assert (node.data_dir / PIN_NAME).read_text() == real + "\n"
+    assert len(node.events(REFUSED_EVENT)) == refusals
