@@ -256,3 +256,13 @@ def test_the_operators_master_key_is_pinned_and_re_pinning_is_a_restart_with_the
     )
     assert (node.data_dir / PIN_NAME).read_text() == real + "\n"
     assert len(node.events(REFUSED_EVENT)) == refusals
+
+    # A pin file others may change is never trusted (nor silently replaced by a first use).
+    assert node.term() == 0
+    pin = node.data_dir / PIN_NAME
+    pin.chmod(0o666)
+    node.extra_args = ()
+    failed = subprocess.run(node.command(), capture_output=True, text=True, timeout=30)
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+    assert f"master pin file {pin}" in failed.stderr and "--master-key" in failed.stderr
+    assert pin.read_text() == real + "\n"
