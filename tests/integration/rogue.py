@@ -241,11 +241,12 @@ def raw_hello(node_id: str, **fields: int) -> bytes:
 
 
 def accept_channel(
-    conn: socket.socket, secret: ClusterSecret, identity: MasterIdentity = FAKE_MASTER
+    conn: socket.socket, secret: ClusterSecret, identity: MasterIdentity | None = FAKE_MASTER
 ) -> tuple[Channel, bytes]:
     """Run the master's end of the handshake on ``conn`` and prove ``identity``'s master key (as
-    a master's first message does; docs/cluster.md "Master identity"); returns the open channel
-    and the plaintext of any records that came with the client's last handshake message."""
+    a master's first message does; docs/cluster.md "Master identity"; None: prove nothing);
+    returns the open channel and the plaintext of any records that came with the client's last
+    handshake message."""
     channel = Channel(secret, Side.SERVER, Purpose.HEARTBEAT, time.monotonic())
     plain = b""
     while not channel.established:
@@ -257,5 +258,6 @@ def accept_channel(
                 conn.sendall(event.data)
             elif isinstance(event, Plaintext):
                 plain += event.data
-    conn.sendall(channel.send(encode(identity.hello(channel.binding))))
+    if identity is not None:
+        conn.sendall(channel.send(encode(identity.hello(channel.binding))))
     return channel, plain

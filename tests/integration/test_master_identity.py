@@ -6,17 +6,24 @@ at the rogue."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sparrow.cluster.channel import Channel, ChannelError, ClusterSecret, Plaintext, Purpose
+from sparrow.cluster.heartbeat import FrameDecoder
 from sparrow.cluster.masteridentity import MasterIdentity
 from sparrow.masterkey import master_key
 from sparrow.masterpin import PIN_NAME
 from tests.integration.cluster import Cluster, Master, Timing
 from tests.integration.process import daemon_env
+from tests.integration.rogue import ChannelLink, Closed, accept_channel, secret_of
 from tests.integration.test_cluster_door import sample
 from tests.tools import wait_for
 
@@ -266,3 +273,106 @@ def test_the_operators_master_key_is_pinned_and_re_pinning_is_a_restart_with_the
     assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
     assert f"master pin file {pin}" in failed.stderr and "--master-key" in failed.stderr
     assert pin.read_text() == real + "\n"
+
+
+class Relay:
+    """A member in the middle: it holds the cluster secret, so it completes one channel handshake
+    with the node (as the master) and another with the real master (as a node), and relays the
+    plaintext of every record between them, sealed again for the other side. The master's proof
+    it passes on was made for the relay's own connection to the master."""
+
+    def __init__(self, secret: ClusterSecret, master_port: int) -> None:
+        self.secret, self.master_port = secret, master_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        #: Plaintext bytes relayed from the nodes (after their handshakes) and from the master.
+        self.from_node = 0
+        self.from_master = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                node, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(node,), daemon=True).start()
+
+    def _relay(self, node: socket.socket) -> None:
+        upstream = None
+        try:
+            to_node, early = accept_channel(node, self.secret, identity=None)
+            upstream = socket.create_connection(("127.0.0.1", self.master_port), timeout=10)
+            master = ChannelLink(upstream, self.secret, Purpose.HEARTBEAT, FrameDecoder())
+            assert master.channel is not None and not early
+            upstream.settimeout(None)
+            node.settimeout(None)
+            up = threading.Thread(target=self._pump, args=(node, to_node, upstream, master.channel, True))
+            up.start()
+            self._pump(upstream, master.channel, node, to_node, False)
+            up.join(5)
+        except (OSError, Closed, ChannelError, AssertionError):
+            pass
+        finally:
+            node.close()
+            if upstream is not None:
+                upstream.close()
+
+    def _pump(
+        self, src: socket.socket, opened: Channel, dst: socket.socket, sealed: Channel, up: bool
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                for event in opened.feed(data, time.monotonic()):
+                    if isinstance(event, Plaintext):
+                        if up:
+                            self.from_node += len(event.data)
+                        else:
+                            self.from_master += len(event.data)
+                        dst.sendall(sealed.send(event.data))
+        except (OSError, ChannelError):
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_member_in_the_middle_relaying_the_masters_proof_is_refused(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """The node's heartbeats go through a member in the middle that runs its own handshakes and
+    relays: the real master's proof arrives, for the relay's binding, not the node's: refused
+    (`bad_proof`) before the node says anything, so nothing of the node reaches the master through
+    it and the relay reads no Ack. Sent straight again, the node is admitted."""
+    cluster = make_cluster(1)
+    node = cluster.node("n1")
+    real = master_key_cli(cluster.master.data_dir, cluster.root)
+    wait_for(lambda: (node.data_dir / PIN_NAME).exists(), timeout=20, what="the first-use pin", interval=0.1)
+    hellos = len(cluster.master.events("node hello"))
+    relay = Relay(secret_of(cluster.root), cluster.master.listen_port)
+    try:
+        point(cluster, "n1", relay.port)
+        line = wait_for(
+            lambda: next((e for e in node.events(REFUSED_EVENT) if e["reason"] == "bad_proof"), None),
+            timeout=20,
+            what="the relayed proof refused",
+            interval=0.1,
+        )
+        assert line["pinned_master_key"] == real and line["offered_master_key"] == real
+        assert sample(node.metrics(), "sparrow_node_master_refused_total", reason="bad_proof") >= 1
+        assert relay.from_master > 0  # the master's MasterHello went through ...
+        assert relay.from_node == 0  # ... the node said nothing after it: no Hello, no heartbeat
+        assert len(cluster.master.events("node hello")) == hellos
+    finally:
+        point(cluster, "n1", cluster.master.listen_port)
+        relay.close()
+    wait_for(
+        lambda: {n["node_id"]: n for n in cluster.node_list()}["n1"]["state"] == "alive",
+        timeout=20,
+        what="n1 back with the real master",
+        interval=0.1,
+    )
