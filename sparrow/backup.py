@@ -7,7 +7,11 @@ the master commits meanwhile is either wholly in it or not at all; the master's 
 most the copy's duration, a few milliseconds for a small authority). The copy is checked
 (``PRAGMA integrity_check``, the schema version), made a self-contained file (journal mode DELETE,
 no ``-wal``), fsync'ed, mode 0600, and linked into place only once complete: DEST never holds a
-partial file and an existing file is never overwritten.
+partial file and an existing file is never overwritten. The copy also carries the master's
+``master.key`` (table :data:`KEY_TABLE`, in the copy only): the root of the master's identity,
+which every node pins (docs/cluster.md, "Master identity"), so a master restored from it, on the
+same disk or a new one, is still the master its nodes pinned. The backup is therefore as secret as
+the data directory (it already held the CHAP secrets).
 
 **Restore** (the daemon must be stopped: it takes the data directory's lock, store.lock): the
 backup is checked the same way (a newer schema than this Sparrow knows is refused), then
@@ -15,9 +19,12 @@ backup is checked the same way (a newer schema than this Sparrow knows is refuse
 1. ``DATA_DIR/restore.json`` is written first (so no crash leaves a restored authority without it):
    the master that starts on it holds every assignment until the nodes have reported their
    epochs, and never announces an epoch at or below one a node reported (sparrow.cluster.epochfloor);
-2. the current authority (with its ``-wal``) is kept as ``authority.sqlite3.before-restore-<time>``;
-3. the backup is copied in (online backup API into a temporary file, fsync, rename, fsync dir);
-4. a ``restore`` line goes to the audit log.
+2. the backup's ``master.key`` (if it carries one) is put back: a different ``master.key`` in the
+   data directory is kept as ``master.key.before-restore-<time>``; the key table is dropped from
+   the restored authority (with ``secure_delete``);
+3. the current authority (with its ``-wal``) is kept as ``authority.sqlite3.before-restore-<time>``;
+4. the backup is copied in (online backup API into a temporary file, fsync, rename, fsync dir);
+5. a ``restore`` line goes to the audit log.
 
 What a restore cannot bring back: volumes created after the backup are unknown to the restored
 master (their copies stay on the nodes, unannounced); a volume deleted after it is live again (its
@@ -35,7 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparrow.cluster.authority import SCHEMA_VERSION
+from sparrow.cluster.channel import SecretError
 from sparrow.cluster.epochfloor import RESTORE_MARKER
+from sparrow.clustersecret import MAX_SECRET_FILE
+from sparrow.masterkey import MASTER_KEY_NAME
+from sparrow.privatefile import read_private, write_private
 from store.lock import DataDirLock, DataDirLocked
 from store.metadata import fsync_dir
 from store.migrations import AUTHORITY_FILE
@@ -43,6 +54,8 @@ from store.migrations.sqlitemeta import read_version
 
 BUSY_TIMEOUT_MS = 10_000
 FILE_MODE = 0o600
+#: The table of a backup file that carries the master's ``master.key`` (never in a live authority).
+KEY_TABLE = "backup_master_key"
 
 
 class BackupError(Exception):
@@ -56,6 +69,12 @@ class BackupResult:
     max_epoch: int
     #: Restore: where the replaced authority was kept (None: there was none).
     previous: Path | None = None
+    #: What became of ``master.key``: backup: "carried" or "absent" (the data directory had none);
+    #: restore: "restored", "unchanged" (the same key was there) or "absent" (an older backup
+    #: without one: the data directory's is kept).
+    master_key: str = "absent"
+    #: Restore: where a different master.key was kept (None: none was replaced).
+    previous_master_key: Path | None = None
 
 
 def _stamp(now: float) -> str:
@@ -140,6 +159,7 @@ def backup(data_dir: Path, dest: Path, *, now: float | None = None) -> BackupRes
         except (sqlite3.Error, OSError) as e:
             raise BackupError(f"cannot back up {source} to {dest}: {e}") from None
         volumes, max_epoch = check(partial)
+        carried = _carry_master_key(data_dir, partial)
         try:
             os.link(partial, dest)  # never replaces an existing file
         except FileExistsError:
@@ -147,7 +167,63 @@ def backup(data_dir: Path, dest: Path, *, now: float | None = None) -> BackupRes
         fsync_dir(dest.parent)
     finally:
         partial.unlink(missing_ok=True)
-    return BackupResult(dest, volumes, max_epoch)
+    return BackupResult(dest, volumes, max_epoch, master_key="carried" if carried else "absent")
+
+
+def _carry_master_key(data_dir: Path, partial: Path) -> bool:
+    """Put ``data_dir``'s master.key in the backup copy ``partial``; False when there is none."""
+    try:
+        text = read_private(data_dir / MASTER_KEY_NAME, "master key file", MAX_SECRET_FILE)
+    except FileNotFoundError:
+        return False
+    except SecretError as e:
+        raise BackupError(str(e)) from None
+    try:
+        conn = sqlite3.connect(partial, isolation_level=None)
+        try:
+            conn.execute(f"CREATE TABLE {KEY_TABLE} (key_text BLOB NOT NULL)")
+            conn.execute(f"INSERT INTO {KEY_TABLE} VALUES (?)", (text,))
+        finally:
+            conn.close()
+        _fsync_file(partial)
+    except sqlite3.Error as e:
+        raise BackupError(f"cannot add the master key to {partial}: {e}") from None
+    return True
+
+
+def _take_master_key(incoming: Path) -> bytes | None:
+    """The master.key a backup copy carries, dropped from it (None: an older backup)."""
+    conn = sqlite3.connect(incoming, isolation_level=None)
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (KEY_TABLE,))
+        if found.fetchone() is None:
+            return None
+        row = conn.execute(f"SELECT key_text FROM {KEY_TABLE}").fetchone()
+        conn.execute("PRAGMA secure_delete = ON")  # the key's bytes are overwritten, not freed
+        conn.execute(f"DROP TABLE {KEY_TABLE}")
+    finally:
+        conn.close()
+    _fsync_file(incoming)
+    return None if row is None else bytes(row[0])
+
+
+def _put_master_key(data_dir: Path, text: bytes, now: float) -> tuple[str, Path | None]:
+    """Make ``text`` the master.key of ``data_dir``; a different one is kept aside."""
+    path = data_dir / MASTER_KEY_NAME
+    try:
+        current = read_private(path, "master key file", MAX_SECRET_FILE)
+    except FileNotFoundError:
+        current = None
+    except SecretError:
+        current = b""  # unusable: kept aside, the backup's replaces it
+    if current is not None and current.strip() == text.strip():
+        return "unchanged", None
+    previous = None
+    if current is not None:
+        previous = data_dir / f"{MASTER_KEY_NAME}.before-restore-{_stamp(now)}"
+        os.replace(path, previous)
+    write_private(path, text)
+    return "restored", previous
 
 
 def restore(backup_file: Path, data_dir: Path, *, now: float | None = None) -> BackupResult:
@@ -170,7 +246,11 @@ def restore(backup_file: Path, data_dir: Path, *, now: float | None = None) -> B
         incoming.unlink(missing_ok=True)
         try:
             _copy(backup_file, incoming)
+            key_text = _take_master_key(incoming)
             _write_marker(data_dir, backup_file, max_epoch, now)
+            key_state, previous_key = "absent", None
+            if key_text is not None:
+                key_state, previous_key = _put_master_key(data_dir, key_text, now)
             previous = None
             if target.exists():
                 previous = data_dir / f"{AUTHORITY_FILE}.before-restore-{_stamp(now)}"
@@ -187,7 +267,7 @@ def restore(backup_file: Path, data_dir: Path, *, now: float | None = None) -> B
         _audit(data_dir, backup_file, volumes, max_epoch)
     finally:
         lock.release()
-    return BackupResult(target, volumes, max_epoch, previous)
+    return BackupResult(target, volumes, max_epoch, previous, key_state, previous_key)
 
 
 def _write_marker(data_dir: Path, backup_file: Path, max_epoch: int, now: float) -> None:

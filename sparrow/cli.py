@@ -450,6 +450,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             replication_ack_timeout=args.replication_ack_timeout,
             advertise_replication=args.advertise_replication,
             resync_rate=args.resync_rate,
+            master_key=args.master_key,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -576,6 +577,8 @@ def _seconds_arg(text: str) -> float:
 
 def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
     """``sparrow master``: run the cluster master (sparrow.master.daemon)."""
+    if not args.data_dir:
+        raise UsageError("sparrow master: error: the following arguments are required: --data-dir")
     from pathlib import Path
 
     from frontend.target import DEFAULT_BASE_IQN
@@ -654,7 +657,7 @@ def _add_cluster_commands(commands: Any) -> None:
         description="Run the Sparrow cluster master: the single authority that places volumes on "
         "nodes, grants primary leases and publishes assignments (docs/cluster.md).",
     )
-    master.add_argument("--data-dir", metavar="DIR", required=True, help="where the authority database lives")
+    master.add_argument("--data-dir", metavar="DIR", help="where the authority database lives")
     master.add_argument(
         "--listen", metavar="HOST:PORT", help="heartbeat listen address for nodes (default 0.0.0.0:3290)"
     )
@@ -698,6 +701,9 @@ def _add_cluster_commands(commands: Any) -> None:
         help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
     )
     master.set_defaults(func=cmd_master)
+    from sparrow.masterkey_cli import add_master_key_command
+
+    add_master_key_command(master)
 
     secret = commands.add_parser(
         "secret",
@@ -912,6 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     node.add_argument(
         "--cluster-secret-file", metavar="PATH", help="the cluster secret, the same file as the master's"
+    )
+    node.add_argument(
+        "--master-key",
+        metavar="HEX",
+        help="pin the master's key (`sparrow master key` prints it; default: the pin in DATA_DIR, "
+        "else the first master's)",
     )
     node.add_argument(
         "--allow-backing",

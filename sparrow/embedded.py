@@ -222,6 +222,7 @@ async def serve(config: Config) -> int:
             cluster_secret=secret,
             allowed_backing=config.allowed_backing,
             forward_writes=False,  # one copy: the plain store
+            master_key=master.heartbeats.identity.public if master.heartbeats.identity else None,
         )
         node = await start_node(
             node_config,

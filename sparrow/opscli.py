@@ -54,6 +54,13 @@ def cmd_backup(args: argparse.Namespace, out: TextIO) -> int:
     except BackupError as e:
         raise CliError(str(e)) from None
     print(f"backed up {result.volumes} volumes (highest epoch {result.max_epoch}) to {result.path}", file=out)
+    if result.master_key == "carried":
+        print(
+            "the backup carries master.key (the master's identity): keep it as secret as the data directory",
+            file=out,
+        )
+    else:
+        print("the data directory holds no master.key: the backup carries none", file=out)
     return 0
 
 
@@ -71,6 +78,16 @@ def cmd_restore(args: argparse.Namespace, out: TextIO) -> int:
         else f"restored {result.volumes} volumes (highest epoch {result.max_epoch}) into {result.path}",
         file=out,
     )
+    if result.master_key == "restored":
+        old = result.previous_master_key
+        kept = "" if old is None else f"; the one replaced kept as {old}"
+        print(f"restored master.key: the nodes' pinned master key is the backed-up master's{kept}", file=out)
+    elif result.master_key == "absent":
+        print(
+            "the backup carries no master.key (an older backup): the data directory's is kept; nodes "
+            "pinned to another master key refuse this master until re-pinned (docs/operations.md)",
+            file=out,
+        )
     return 0
 
 

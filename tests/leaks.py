@@ -6,7 +6,8 @@ nothing is still checked:
 - :meth:`SecretWatch.process` (called by ``Proc.spawn``, tests/integration/process.py): the
   process's log file and its data directory's ``audit.jsonl`` and ``migrations.log`` are watched,
   and its root and data directory are harvested (:func:`harvest`) for the cluster secret file,
-  ``master.key`` (and the keys derived from both), the bootstrap admin token in the credentials
+  ``master.key`` (and the keys derived from both, the master identity's seed among them; a
+  node's ``master.pin`` holds a public key, no secret), the bootstrap admin token in the credentials
   file, every CHAP secret in the authority and every replication stream key the master handed out
   (derived again from ``master.key`` and the assignment history);
 - :meth:`SecretWatch.cli_run` (called by ``tests.tools.run`` for each ``sparrow`` command): CHAP
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sparrow.cluster.channel import ClusterSecret, SecretError
+from sparrow.cluster.masteridentity import MasterIdentity
 from sparrow.replication.streamauth import derive_stream_key
 
 #: Shorter values are not looked for: they would match ordinary words (a test's deliberately bad secret).
@@ -140,7 +142,11 @@ def _secret_file(path: Path, what: str) -> dict[bytes, str]:
             seed = bytes.fromhex(text.strip().decode("ascii"))
             found.update(dict.fromkeys(forms(seed), f"{what}, its seed"))
     with contextlib.suppress(SecretError):
-        found.update(dict.fromkeys(forms(ClusterSecret.from_text(text).key), f"{what}, derived key"))
+        derived = ClusterSecret.from_text(text).key
+        found.update(dict.fromkeys(forms(derived), f"{what}, derived key"))
+        if path.name == "master.key":  # the master identity's Ed25519 seed (sparrow.masterkey)
+            seed = MasterIdentity.derive(derived).seed
+            found.update(dict.fromkeys(forms(seed), f"{what}, the master identity's seed"))
     return found
 
 

@@ -13,9 +13,13 @@ from typing import TypeVar
 
 import pytest
 
+from sparrow.cluster.masteridentity import MasterIdentity
 from tests.leaks import WATCH, is_sparrow_command
 
 T = TypeVar("T")
+
+#: The identity of the tests' fake masters (a real master derives its own from master.key).
+FAKE_MASTER = MasterIdentity(b"fake-master-identity-seed-32byte")
 
 APT_PACKAGES = "libiscsi-bin libiscsi-dev gcc python3-dev qemu-utils qemu-block-extra tgt prometheus"
 

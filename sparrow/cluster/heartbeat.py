@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian payload length followed by the payload, one msgpack map::
 
-    {"t": "hello" | "heartbeat" | "ack" | "refusal", "v": <schema version>, <field>: <value>, ...}
+    {"t": "hello" | "heartbeat" | "ack" | "refusal" | "master_hello", "v": <schema version>,
+     <field>: <value>, ...}
 
 Field names are the dataclass field names of ``sparrow.cluster.messages``; enums travel as their
 string values, nested records as maps without ``t``/``v`` (they share their message's version),
@@ -41,6 +42,10 @@ and rejects a newer one with ``UNSUPPORTED_VERSION``. History:
   (128 hex digits: its signature over the channel binding, sparrow.cluster.nodeidentity); a v1
   Hello decodes with both None (the master refuses it: ``no_identity``), and one carrying either
   is rejected (BAD_FIELD). ``refusal`` (v1, master -> node) came with it.
+- ``master_hello`` (v1, master -> node, the master's first message on every connection):
+  ``master_key`` (64 hex digits: the master's Ed25519 public key) and ``proof`` (128 hex digits: its
+  signature over the channel binding, sparrow.cluster.masteridentity). A node now requires it
+  before anything else, so it refuses an older master (one that sends an Ack or a Refusal first).
 - ``ack`` v7 adds to each assignment ``paused`` (a bool: the operator paused the volume), and
   ``discovery_chap`` (nil or ``{user, secret, mutual_user, mutual_secret}``: the cluster's discovery
   CHAP); an older Ack decodes unpaused with no discovery CHAP, and one carrying either field is
@@ -77,6 +82,7 @@ from sparrow.cluster.messages import (
     Heartbeat,
     Hello,
     InvalidMessage,
+    MasterHello,
     Message,
     Refusal,
     ReplicaState,
@@ -100,9 +106,15 @@ MAX_ARRAY_LEN = 65536
 MAX_MAP_LEN = 32
 
 #: Wire name of each message type.
-TYPE_NAMES: dict[type[Any], str] = {Hello: "hello", Heartbeat: "heartbeat", Ack: "ack", Refusal: "refusal"}
+TYPE_NAMES: dict[type[Any], str] = {
+    Hello: "hello",
+    Heartbeat: "heartbeat",
+    Ack: "ack",
+    Refusal: "refusal",
+    MasterHello: "master_hello",
+}
 #: Schema version this codec writes and the newest it reads, per wire type name.
-SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 3, "ack": 7, "refusal": 1}
+SCHEMA_VERSIONS: dict[str, int] = {"hello": 2, "heartbeat": 3, "ack": 7, "refusal": 1, "master_hello": 1}
 #: The first ``hello`` version that carries the node's key and proof.
 HELLO_IDENTITY_VERSION = 2
 #: The first ``heartbeat`` version whose replica states carry resync progress.
@@ -229,6 +241,8 @@ def _to_wire(message: Message) -> dict[str, object]:
         }
     if isinstance(message, Refusal):
         return {"reason": message.reason, "detail": message.detail}
+    if isinstance(message, MasterHello):
+        return {"master_key": message.master_key.hex(), "proof": message.proof.hex()}
     if isinstance(message, Heartbeat):
         return {
             "seq": message.seq,
@@ -450,6 +464,14 @@ def _refusal_from_wire(f: _Fields, version: int) -> Refusal:
     return f.build(Refusal, reason=f.take("reason"), detail=f.take("detail"))
 
 
+def _master_hello_from_wire(f: _Fields, version: int) -> MasterHello:
+    key = _hex_or_none("master_key", f.take("master_key"), NODE_KEY_SIZE)
+    proof = _hex_or_none("proof", f.take("proof"), PROOF_SIZE)
+    if key is None or proof is None:
+        raise _bad("", "a master_hello needs master_key and proof")
+    return f.build(MasterHello, master_key=key, proof=proof)
+
+
 def _heartbeat_from_wire(f: _Fields, version: int) -> Heartbeat:
     seq = f.take("seq")
     observations = tuple(
@@ -522,6 +544,7 @@ _DECODERS: dict[str, Callable[[_Fields, int], Message]] = {
     "heartbeat": _heartbeat_from_wire,
     "ack": _ack_from_wire,
     "refusal": _refusal_from_wire,
+    "master_hello": _master_hello_from_wire,
 }
 
 

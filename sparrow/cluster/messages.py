@@ -733,5 +733,21 @@ class Refusal:
             raise InvalidMessage("detail", f"expected one line of at most {MAX_REFUSAL_DETAIL} characters")
 
 
+@dataclass(frozen=True, slots=True)
+class MasterHello:
+    """Master -> node, the master's first message on every heartbeat connection (master_hello v1):
+    its public key (Ed25519, :data:`NODE_KEY_SIZE` bytes) and its signature over this connection's
+    channel binding (``masteridentity.proof_message``, :data:`PROOF_SIZE` bytes). The node
+    believes nothing else on the connection, and says nothing, before this proves the key it
+    pinned (sparrow.cluster.masteridentity; docs/cluster.md, "Master identity")."""
+
+    master_key: bytes
+    proof: bytes = field(compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_key_bytes("master_key", self.master_key, NODE_KEY_SIZE)
+        check_key_bytes("proof", self.proof, PROOF_SIZE)
+
+
 #: Every message that travels in a heartbeat frame.
-Message: TypeAlias = Hello | Heartbeat | Ack | Refusal
+Message: TypeAlias = Hello | Heartbeat | Ack | Refusal | MasterHello

@@ -33,8 +33,9 @@ from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.cluster.controller import DEFAULT_CONVERGE_DEADLINE, TopologyController
 from sparrow.cluster.epochfloor import RESTORE_MARKER, EpochFloor
 from sparrow.cluster.lease import LeaseConfig
+from sparrow.cluster.masteridentity import MasterIdentity
 from sparrow.cluster.messages import Assignment, Hello
-from sparrow.cluster.nodeidentity import NodeKeys
+from sparrow.cluster.nodeidentity import NodeKeys, key_text
 from sparrow.cluster.publisher import Publisher
 from sparrow.clustersecret import NO_SECRET
 from sparrow.config import HostPort
@@ -261,6 +262,9 @@ async def start_master(
         key = master_key(config.data_dir)
     except SecretError as e:
         raise StartupError(str(e)) from None
+    identity = MasterIdentity.derive(key)
+    # The key the nodes pin (`sparrow master key` prints it; docs/cluster.md, "Master identity").
+    log.info("master key", master_key=key_text(identity.public))
 
     metrics = metrics if metrics is not None else MasterMetrics()
     supervisor = supervisor if supervisor is not None else TaskSupervisor(metrics.registry)
@@ -306,6 +310,7 @@ async def start_master(
         idle_timeout=timing.dead_after,
         master_key=key,
         node_keys=node_keys,
+        identity=identity,
     )
     try:
         await heartbeats.start(config.listen.host, config.listen.port)

@@ -4,7 +4,11 @@
 One :class:`NodeConnection` (an asyncio Protocol) per TCP connection from a node. It only moves
 bytes: they go to a server-side :class:`~sparrow.cluster.channel.Channel` (purpose HEARTBEAT),
 which authenticates the node by the cluster secret before anything else; the plaintext of its
-records goes to ``heartbeat.FrameDecoder``; each decoded message is handled here:
+records goes to ``heartbeat.FrameDecoder``; each decoded message is handled here. The master's
+first message on every connection, as soon as the channel is open, is its
+:class:`~sparrow.cluster.messages.MasterHello`: its identity key and a proof over this connection's
+channel binding (``MasterIdentity.hello``), which the node checks against the key it pinned before
+it says Hello (docs/cluster.md, "Master identity").
 
 - ``Hello``: admitted only with a proof, made by the key bound to its node id (or by any key when
   none is bound yet, which binds it: ``NodeKeys.admit``, docs/cluster.md "Node identity"), over
@@ -74,6 +78,7 @@ from sparrow.cluster.channel import (
 )
 from sparrow.cluster.heartbeat import FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import MasterLeases
+from sparrow.cluster.masteridentity import MasterIdentity
 from sparrow.cluster.messages import (
     MAX_REFUSAL_DETAIL,
     Ack,
@@ -157,12 +162,15 @@ class HeartbeatServer:
         idle_timeout: float | None = None,
         master_key: bytes | None = None,
         node_keys: NodeKeys | None = None,
+        identity: MasterIdentity | None = None,
     ) -> None:
         self.control = control
         self.node_keys = node_keys if node_keys is not None else NodeKeys()
         self.secret = secret
         #: Derives the replication stream keys each Ack carries (None: no keys, streams refused).
         self.master_key = master_key
+        #: Proves the master's key to every node first (None: no MasterHello; unit harnesses only).
+        self.identity = identity
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.on_hello = on_hello
@@ -314,6 +322,9 @@ class NodeConnection(asyncio.Protocol):
                 self.authenticated = True
                 self._left_handshake()
                 log.debug("node authenticated", peer=self.peer)
+                identity = self.server.identity
+                if identity is not None and self.transport is not None:
+                    self.transport.write(self.channel.send(encode(identity.hello(self.channel.binding))))
             else:
                 self.decoder.feed(event.data)
         try:

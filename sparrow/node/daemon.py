@@ -38,6 +38,7 @@ from sparrow import systemd
 from sparrow.cluster.adapter import Adapter
 from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.cluster.lease import DEFAULT_FENCE_MARGIN, LeaseClock
+from sparrow.cluster.masteridentity import MasterPin, parse_master_key
 from sparrow.cluster.messages import NODE_ID_PATTERN, Hello
 from sparrow.cluster.nodeidentity import key_text
 from sparrow.cluster.nodestate import NodeState
@@ -62,6 +63,7 @@ from sparrow.lifecycle import (
     run_daemon,
     start_http,
 )
+from sparrow.masterpin import save_pin, startup_pin
 from sparrow.metrics import PrometheusMetrics
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.diagnostics import NodeDiagnostics, skipped_volumes
@@ -117,6 +119,9 @@ class NodeConfig:
     forward_writes: bool = True
     #: Bytes per second of resync region copies this node sends, all volumes together (0: unlimited).
     resync_rate: int = DEFAULT_RESYNC_RATE
+    #: The master key the operator pins (``--master-key``; sparrow.masterpin). None: the pin in
+    #: the data directory, or the first master's (trust on first use).
+    master_key: bytes | None = None
 
 
 def node_config(
@@ -136,6 +141,7 @@ def node_config(
     replication_ack_timeout: float | None = None,
     advertise_replication: str | None = None,
     resync_rate: str | None = None,
+    master_key: str | None = None,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -178,7 +184,14 @@ def node_config(
             rate = 0 if resync_rate.strip() == "0" else parse_size(resync_rate.removesuffix("/s"))
         except ValueError as e:
             raise ConfigError(f"invalid --resync-rate {resync_rate!r}: {e}", usage=True) from None
+    pinned = None
+    if master_key is not None:
+        try:
+            pinned = parse_master_key(master_key)
+        except ValueError as e:
+            raise ConfigError(f"invalid --master-key: {e}", usage=True) from None
     return NodeConfig(
+        master_key=pinned,
         replication_ack_timeout=ack_timeout,
         resync_rate=rate,
         data_dir=Path(data_dir),
@@ -399,6 +412,23 @@ async def start_node(
     except SecretError as e:
         raise StartupError(str(e)) from None
     log.info("node key", node_key=key_text(identity.public), made=made)
+    try:
+        pin = await asyncio.to_thread(startup_pin, config.data_dir, config.master_key)
+    except SecretError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        raise StartupError(f"cannot write the master pin in {config.data_dir}: {e.strerror or e}") from None
+    if pin.replaced is not None:
+        log.warning(
+            "master key re-pinned by the operator",
+            master_key=key_text(pin.key) if pin.key else None,
+            replaced=key_text(pin.replaced),
+        )
+    log.info(
+        "master key pin",
+        master_key=None if pin.key is None else key_text(pin.key),
+        source=pin.source,
+    )
     state = NodeState(config.data_dir)
     try:
         problems = await state.load_async()
@@ -480,7 +510,7 @@ async def start_node(
 
     heartbeat = HeartbeatClient(
         (config.master.host, config.master.port),
-        HeartbeatSession(lease),
+        HeartbeatSession(lease, MasterPin(pin.key)),
         secret=config.cluster_secret,
         hello=hello,
         observations=convergence.observations,
@@ -489,6 +519,8 @@ async def start_node(
         supervisor=supervisor,
         identity=identity,
         skipped=lambda: skipped_volumes(node.offline),
+        on_pinned=lambda key: save_pin(config.data_dir, key),
+        registry=metrics.registry,
     )
     cleanup.push_async_callback(heartbeat.stop)
     if forwarding is not None:

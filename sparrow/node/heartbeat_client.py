@@ -1,8 +1,11 @@
 """The node's side of the heartbeat connection (docs/cluster.md, "Messages", "Lease arithmetic").
 
-:class:`HeartbeatSession` is the sans-IO core: it frames the Hello that opens every connection and
-the Heartbeats that follow, numbers them with one ``seq`` that increases for the whole process
-(never reset on reconnect: the master and :class:`~sparrow.cluster.lease.LeaseClock` rely on it),
+:class:`HeartbeatSession` is the sans-IO core: it checks the master's proof that opens every
+connection (a :class:`~sparrow.cluster.messages.MasterHello` proving the pinned master key over this
+connection's channel binding, :class:`~sparrow.cluster.masteridentity.MasterPin`; docs/cluster.md
+"Master identity"), then frames the Hello and the Heartbeats that follow, numbers them with one
+``seq`` that increases for the whole process (never reset on reconnect: the master and
+:class:`~sparrow.cluster.lease.LeaseClock` rely on it),
 records each send in the lease clock (``LeaseClock.sent(seq, now)`` as the frame is written, so the
 lease is counted from the send), and turns the master's bytes into the Acks that extended the lease
 (``LeaseClock.acked(seq, lease_seconds)``). A :class:`~sparrow.cluster.messages.Refusal` (the
@@ -12,7 +15,11 @@ master does not admit this node: its key is not the one bound to the node id, do
 
 :class:`HeartbeatClient` is the thin asyncio layer: connect with :class:`Backoff`, run the cluster
 channel's handshake (:class:`~sparrow.cluster.channel.Channel`, purpose HEARTBEAT: the master must
-prove it holds the cluster secret before the node says anything), then write the Hello, signed
+prove it holds the cluster secret before the node says anything), wait for the master's proof
+of its key (a first-use pin is persisted, ``on_pinned``, before anything else; a master that does
+not prove the pinned key is refused: logged at error level with both keys, counted in
+``sparrow_node_master_refused_total{reason}``, and the node dials again after its backoff, saying
+nothing and applying nothing meanwhile, so its lease lapses and it fences), then write the Hello, signed
 with the node's key for this connection (``NodeKey.sign_hello`` over the channel binding), and a
 Heartbeat every ``interval`` on a fixed schedule, each sealed in a channel record, and hand each
 applied Ack to ``on_ack``; a protocol or channel error, a refusal (logged at error level with the
@@ -30,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 
 from sparrow.cluster.channel import (
     Channel,
@@ -42,6 +50,7 @@ from sparrow.cluster.channel import (
 )
 from sparrow.cluster.heartbeat import ErrorCode, FrameDecoder, HeartbeatProtocolError, encode
 from sparrow.cluster.lease import LeaseClock
+from sparrow.cluster.masteridentity import MasterAdmitted, MasterCode, MasterNotProven, MasterPin
 from sparrow.cluster.messages import Ack, Heartbeat, Hello, Refusal, SkippedVolume, VolumeObservation
 from sparrow.cluster.nodeidentity import NodeKey, key_text
 from sparrow.supervision import TaskSupervisor
@@ -101,22 +110,50 @@ def default_connect_timeout(interval: float) -> float:
 class HeartbeatSession:
     """Sans-IO: the frames of one node process's heartbeat connections, and the lease they earn.
 
-    One instance lives as long as the process; :meth:`connection_made` starts each connection.
+    One instance lives as long as the process; :meth:`connection_made` starts each connection,
+    :meth:`master_proof` admits its master (``pin``: the pinned key, none pinned yet by default),
+    and only then :meth:`hello` and :meth:`receive` may be used.
     """
 
-    def __init__(self, lease: LeaseClock) -> None:
+    def __init__(self, lease: LeaseClock, pin: MasterPin | None = None) -> None:
         self.lease = lease
+        self.pin = pin if pin is not None else MasterPin()
         self._seq = 0
         self._decoder = FrameDecoder()
+        self._binding: bytes | None = None
+        #: The master admitted on this connection (None: not yet).
+        self.master: MasterAdmitted | None = None
 
     @property
     def seq(self) -> int:
         """The seq of the last heartbeat framed (0 before the first)."""
         return self._seq
 
-    def connection_made(self, hello: Hello) -> bytes:
-        """A new connection: fresh framing state, and the Hello that must open it."""
+    def connection_made(self, binding: bytes) -> None:
+        """A new connection (``binding``: its ``Channel.binding``): fresh framing state, no master
+        admitted yet."""
         self._decoder = FrameDecoder()
+        self._binding = binding
+        self.master = None
+
+    def master_proof(self, data: bytes) -> MasterAdmitted | None:
+        """Feed the master's first bytes; None until its first message is whole, then the admitted
+        master (a first use pinned its key: persist it before :meth:`hello`). Raises
+        MasterNotProven (not a MasterHello, a bad proof, another key than the pinned one) and
+        HeartbeatProtocolError."""
+        if self._binding is None or self.master is not None:
+            raise RuntimeError("master_proof: no connection, or its master is admitted already")
+        self._decoder.feed(data)
+        message = self._decoder.next_message()
+        if message is None:
+            return None
+        self.master = self.pin.admit(message, self._binding)
+        return self.master
+
+    def hello(self, hello: Hello) -> bytes:
+        """The Hello that opens the node's side, once the master is admitted."""
+        if self.master is None:
+            raise RuntimeError("no Hello before the master proved its key")
         return encode(hello)
 
     def heartbeat(
@@ -137,7 +174,10 @@ class HeartbeatSession:
         lease clock, and repeats of the latest applied seq (the master pushes a newly published
         assignment that way, docs/cluster.md "Messages"; a repeat extends no lease). Any other
         Ack the clock ignores (stale, or for a seq it no longer remembers) is dropped: its
-        assignments are older than ones already acted on. Raises HeartbeatProtocolError."""
+        assignments are older than ones already acted on. Raises HeartbeatProtocolError, and
+        MasterNotProven before the connection's master was admitted."""
+        if self.master is None:
+            raise MasterNotProven(MasterCode.NO_PROOF, "bytes from a master that has not proven its key")
         self._decoder.feed(data)
         applied: list[Ack] = []
         while (message := self._decoder.next_message()) is not None:
@@ -157,6 +197,8 @@ class HeartbeatSession:
     def connection_lost(self) -> None:
         """The connection ended; a truncated frame in the buffer is dropped with it."""
         self._decoder = FrameDecoder()
+        self._binding = None
+        self.master = None
 
 
 class HeartbeatClient:
@@ -167,6 +209,9 @@ class HeartbeatClient:
     ``on_ack(ack)`` is called for every Ack that extended the
     lease (after ``LeaseClock.acked``). ``clock`` is the event loop's clock, the lease clock's too.
     ``identity`` signs each Hello (None: an unsigned Hello, which a master refuses; tests only).
+    The master must prove the key of ``session.pin`` first; ``on_pinned(key)`` persists a key
+    pinned on first use (it runs in a worker thread, before the Hello is sent; an OSError from it
+    undoes the pin and the connection is dropped). ``registry`` holds the refusal counter.
     """
 
     def __init__(
@@ -184,6 +229,8 @@ class HeartbeatClient:
         supervisor: TaskSupervisor | None = None,
         identity: NodeKey | None = None,
         skipped: Callable[[], tuple[SkippedVolume, ...]] = tuple,
+        on_pinned: Callable[[bytes], None] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("the heartbeat interval must be positive")
@@ -191,6 +238,13 @@ class HeartbeatClient:
         self.session = session
         self.secret = secret
         self.identity = identity
+        self._on_pinned = on_pinned
+        self.master_refused = Counter(
+            "sparrow_node_master_refused",
+            "Heartbeat connections whose master did not prove the pinned master key, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self._hello = hello
         self._observations = observations
         self._skipped = skipped
@@ -257,6 +311,8 @@ class HeartbeatClient:
                     await self._converse(reader, writer)
                 except MasterRefused as e:
                     self._refused(e, attempt)
+                except MasterNotProven as e:
+                    self._not_proven(e, attempt)
                 except (OSError, HeartbeatProtocolError, ChannelError, EOFError) as e:
                     self._failed(str(e) or type(e).__name__, attempt)
                 except Exception as e:  # a bug (building the Hello, applying an Ack): reconnect
@@ -291,6 +347,49 @@ class HeartbeatClient:
             )
         self.last_error = str(refusal)
 
+    def _not_proven(self, error: MasterNotProven, attempt: int) -> None:
+        """A peer that plays master without the pinned key: the operator's to act on (error level,
+        both keys named), counted; the node said nothing to it and applied nothing from it."""
+        self.master_refused.labels(reason=error.code.value).inc()
+        if str(error) != self.last_error or attempt == 0:
+            pinned = self.session.pin.pinned
+            log.error(
+                "master refused: it did not prove the pinned master key",
+                master=f"{self.master[0]}:{self.master[1]}",
+                reason=error.code.value,
+                pinned_master_key=None if pinned is None else key_text(pinned),
+                offered_master_key=None if error.offered is None else key_text(error.offered),
+                detail=str(error),
+            )
+        self.last_error = str(error)
+
+    async def _master_proof(self, reader: asyncio.StreamReader, channel: Channel) -> MasterAdmitted:
+        """Read until the master's first message and admit it (at most ``connect_timeout``); a
+        key pinned on first use is persisted before this returns."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            admitted = None
+            while admitted is None:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    raise EOFError("the master closed the connection before proving its key")
+                plain = b"".join(e.data for e in channel.feed(data, loop.time()) if isinstance(e, Plaintext))
+                if plain:
+                    admitted = self.session.master_proof(plain)
+        if admitted.first_use:
+            try:
+                if self._on_pinned is not None:
+                    await asyncio.to_thread(self._on_pinned, admitted.key)
+            except OSError:
+                self.session.pin.forget_first_use(admitted)
+                raise
+            log.warning(
+                "master key pinned on first use",
+                master=f"{self.master[0]}:{self.master[1]}",
+                master_key=key_text(admitted.key),
+            )
+        return admitted
+
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Channel:
         """Authenticate both ends (at most ``connect_timeout``); returns the open channel."""
         loop = asyncio.get_running_loop()
@@ -316,10 +415,12 @@ class HeartbeatClient:
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         channel = await self._handshake(reader, writer)
+        self.session.connection_made(channel.binding)
+        await self._master_proof(reader, channel)
         hello = self._hello()
         if self.identity is not None:
             hello = self.identity.sign_hello(hello, channel.binding)
-        writer.write(channel.send(self.session.connection_made(hello)))
+        writer.write(channel.send(self.session.hello(hello)))
         self.connected = True
         self.connections += 1
         log.info("connected to master", master=f"{self.master[0]}:{self.master[1]}")

@@ -30,10 +30,13 @@ from sparrow.cluster.channel import (
     Side,
 )
 from sparrow.cluster.heartbeat import HEADER, FrameDecoder, encode
+from sparrow.cluster.masteridentity import MasterIdentity
+from sparrow.cluster.masteridentity import verify as verify_master
 from sparrow.cluster.messages import Ack, Heartbeat, Hello, Message, Refusal, VolumeObservation
 from sparrow.cluster.nodeidentity import NodeKey
 from sparrow.clustersecret import generate_cluster_secret, load_cluster_secret
 from sparrow.nodekey import NODE_KEY_NAME, load_node_key
+from tests.tools import FAKE_MASTER
 
 SECRET_NAME = "cluster.secret"
 
@@ -187,6 +190,14 @@ class NodeLink(ChannelLink):
         super().__init__(sock, secret, Purpose.HEARTBEAT, FrameDecoder())
         #: The key each Hello is signed with (None: :func:`rogue_key` of its node id).
         self.key = key
+        #: The key the master proved in its first message (docs/cluster.md, "Master identity").
+        self.master_key: bytes | None = None
+        if self.channel is not None:
+            try:
+                self.master_key = verify_master(self.receive_message(), self.channel.binding)
+            except BaseException:
+                self.sock.close()
+                raise
 
     def send(self, message: Message) -> None:
         """Send ``message``; a Hello without a proof is signed for this connection first."""
@@ -229,9 +240,13 @@ def raw_hello(node_id: str, **fields: int) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def accept_channel(conn: socket.socket, secret: ClusterSecret) -> tuple[Channel, bytes]:
-    """Run the master's end of the handshake on ``conn``; returns the open channel and the
-    plaintext of any records that came with the client's last handshake message."""
+def accept_channel(
+    conn: socket.socket, secret: ClusterSecret, identity: MasterIdentity | None = FAKE_MASTER
+) -> tuple[Channel, bytes]:
+    """Run the master's end of the handshake on ``conn`` and prove ``identity``'s master key (as
+    a master's first message does; docs/cluster.md "Master identity"; None: prove nothing);
+    returns the open channel and the plaintext of any records that came with the client's last
+    handshake message."""
     channel = Channel(secret, Side.SERVER, Purpose.HEARTBEAT, time.monotonic())
     plain = b""
     while not channel.established:
@@ -243,4 +258,6 @@ def accept_channel(conn: socket.socket, secret: ClusterSecret) -> tuple[Channel,
                 conn.sendall(event.data)
             elif isinstance(event, Plaintext):
                 plain += event.data
+    if identity is not None:
+        conn.sendall(channel.send(encode(identity.hello(channel.binding))))
     return channel, plain

@@ -7,7 +7,15 @@ import asyncio
 from pathlib import Path
 
 from sparrow.cluster.authority import AuthorityStore
-from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
+from sparrow.cluster.channel import (
+    Channel,
+    ClusterSecret,
+    Established,
+    HandshakeBytes,
+    Plaintext,
+    Purpose,
+    Side,
+)
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.lease import LeaseClock
 from sparrow.cluster.messages import Ack, Heartbeat, Hello
@@ -16,6 +24,7 @@ from sparrow.master.daemon import CONTROL_TASK, NodeRecorder, control_task
 from sparrow.node.heartbeat_client import TASK as HEARTBEAT_TASK
 from sparrow.node.heartbeat_client import Backoff, HeartbeatClient, HeartbeatSession
 from sparrow.supervision import TaskSupervisor
+from tests.tools import FAKE_MASTER
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 
@@ -95,6 +104,8 @@ async def test_the_heartbeat_client_reports_a_bug_and_reconnects() -> None:
             for event in channel.feed(data, 0.0):
                 if isinstance(event, HandshakeBytes):
                     writer.write(event.data)
+                elif isinstance(event, Established):
+                    writer.write(channel.send(encode(FAKE_MASTER.hello(channel.binding))))
                 elif isinstance(event, Plaintext):
                     decoder.feed(event.data)
             while (msg := decoder.next_message()) is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sparrow.masterkey import master_key
+from sparrow.masterkey import master_identity, master_key
 from sparrow.nodekey import node_key
 from sparrow.replication.streamauth import derive_stream_key
 from tests.leaks import (
@@ -186,6 +186,9 @@ async def test_the_harvest_finds_what_the_daemons_made(master: Master, tmp_path:
     stream_key = derive_stream_key(key, published.volume_id, published.epoch, published.primary, replica)
     assert found[stream_key.hex().encode()].startswith("stream key (")
     assert key.hex().encode() in found  # the master key itself (derived from the file's text)
+    identity_seed = master_identity(data_dir).seed  # what the master signs its MasterHello with
+    assert found[identity_seed.hex().encode()].endswith("the master identity's seed")
+    assert found[base64.b64encode(identity_seed).rstrip(b"=")].endswith("the master identity's seed")
     in_node_dir = harvest(tmp_path, node_dir)
     assert in_node_dir[seed.hex().encode()].startswith("the node.key file in n1/")
     assert in_node_dir[base64.b64encode(seed).rstrip(b"=")] == "the node.key file in n1/, its seed"

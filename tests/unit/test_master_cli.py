@@ -282,3 +282,28 @@ def test_inspect_text_shows_each_copy_sync_state_and_resync_progress() -> None:
         "n1 (primary, alive, in sync), n2 (replica, alive, syncing 256 MiB of 1 GiB), "
         "n3 (replica, dead, stale)"
     )
+
+
+def test_master_key_prints_the_key_nodes_pin_and_never_makes_one(tmp_path: Path) -> None:
+    from sparrow.cluster.nodeidentity import key_text
+    from sparrow.masterkey import MASTER_KEY_NAME, master_identity
+
+    code, out, err = run("master", "key", "--data-dir", str(tmp_path))
+    assert code == 1 and out == "" and "master key" in err and err.count("\n") == 1
+    assert not (tmp_path / MASTER_KEY_NAME).exists()
+    public = key_text(master_identity(tmp_path).public)  # as the master's first start makes it
+    assert run("master", "key", "--data-dir", str(tmp_path)) == (0, public + "\n", "")
+    code, out, _ = run("master", "key", "--data-dir", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out) == {"master_key": public}
+    assert MASTER_KEY_NAME not in out and (tmp_path / MASTER_KEY_NAME).read_text().strip() not in out
+
+
+@pytest.mark.parametrize("key", ["nothex", "ab" * 31, "00" * 32 + "00"])
+def test_a_bad_master_key_for_a_node_is_a_usage_error(tmp_path: Path, key: str) -> None:
+    secret = tmp_path / "s"
+    assert run("secret", "generate", str(secret))[0] == 0
+    code, out, err = run(
+        "node", "--data-dir", str(tmp_path), "--node-id", "n1", "--master", "127.0.0.1:1",
+        "--cluster-secret-file", str(secret), "--master-key", key,
+    )  # fmt: skip
+    assert code == 2 and out == "" and "invalid --master-key" in err and err.count("\n") == 1

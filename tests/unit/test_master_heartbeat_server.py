@@ -699,3 +699,38 @@ def test_a_connection_admitted_under_a_key_the_operator_rebound_gets_no_more_ack
     assert [type(m).__name__ for m in sent] == ["Ack", "Refusal"] and old.closed_reason
     assert isinstance(sent[1], Refusal) and sent[1].reason == "key_mismatch"
     assert h.refused == ["key_mismatch"]
+
+
+def test_the_master_proves_its_key_first_on_every_connection(store: AuthorityStore) -> None:
+    """As soon as the channel is open, before any Hello, the master sends its MasterHello: its
+    identity key and a proof over *this* connection's binding, which the node's pin admits (and
+    which fails on another connection: docs/cluster.md, "Master identity")."""
+    from sparrow.cluster.heartbeat import decode
+    from sparrow.cluster.masteridentity import MasterIdentity, MasterNotProven, MasterPin
+    from sparrow.cluster.messages import MasterHello
+
+    identity = MasterIdentity.derive(b"M" * 32)
+    h = Harness(store, identity=identity)
+
+    def open_one() -> tuple[MasterHello, bytes]:
+        conn, transport = h.raw()
+        client = Channel(SECRET, Side.CLIENT, Purpose.HEARTBEAT, 0.0)
+        conn.data_received(client.initiate())
+        events = client.feed(bytes(transport.written), 0.0)
+        sent = len(transport.written)
+        conn.data_received(b"".join(e.data for e in events if isinstance(e, HandshakeBytes)))
+        plain = b"".join(
+            e.data for e in client.feed(bytes(transport.written[sent:]), 0.0) if isinstance(e, Plaintext)
+        )
+        first = decode(plain)  # exactly one frame, and no Hello was sent yet
+        assert isinstance(first, MasterHello)
+        return first, client.binding
+
+    first, binding = open_one()
+    second, other_binding = open_one()
+    pin = MasterPin(identity.public)
+    assert pin.admit(first, binding).key == identity.public
+    assert pin.admit(second, other_binding).key == identity.public
+    with pytest.raises(MasterNotProven):
+        pin.admit(first, other_binding)  # a proof is for its own connection only
+    assert h.hellos == [] and h.refused == []

@@ -8,6 +8,7 @@ from sparrow.cluster.channel import (
     CLIENT_HELLO_SIZE,
     Channel,
     ClusterSecret,
+    Established,
     HandshakeBytes,
     Plaintext,
     Purpose,
@@ -25,10 +26,19 @@ from sparrow.cluster.messages import (
     VolumeObservation,
 )
 from sparrow.node.heartbeat_client import Backoff, HeartbeatClient, HeartbeatSession, default_connect_timeout
+from tests.tools import FAKE_MASTER
 
 SECRET = ClusterSecret.from_text(b"a-cluster-secret-of-at-least-32-characters")
 
 HELLO = Hello("n1", 7, "10.0.0.1:3260", "10.0.0.1:3291", "127.0.0.1:3281", 1 << 40, 1 << 39)
+BINDING = b"b" * 160
+
+
+def open_session(session: HeartbeatSession, binding: bytes = BINDING) -> bytes:
+    """A new connection whose master proves FAKE_MASTER's key; the Hello frame the node sends."""
+    session.connection_made(binding)
+    assert session.master_proof(encode(FAKE_MASTER.hello(binding))) is not None
+    return session.hello(HELLO)
 
 
 def fast_client(port: int) -> HeartbeatClient:
@@ -50,13 +60,13 @@ ASSIGNMENT = Assignment(VOL, "vol-a", 1 << 20, 512, 1, "n1", "10.0.0.1:3260", ("
 
 def test_each_connection_opens_with_the_hello() -> None:
     session = HeartbeatSession(LeaseClock())
-    assert decode(session.connection_made(HELLO)) == HELLO
-    assert decode(session.connection_made(HELLO)) == HELLO
+    assert decode(open_session(session)) == HELLO
+    assert decode(open_session(session)) == HELLO
 
 
 def test_seq_increases_for_the_whole_process_across_reconnects() -> None:
     session = HeartbeatSession(LeaseClock())
-    session.connection_made(HELLO)
+    open_session(session)
     seqs = []
     for i in range(3):
         frame = session.heartbeat(OBS, float(i))
@@ -64,7 +74,7 @@ def test_seq_increases_for_the_whole_process_across_reconnects() -> None:
         assert isinstance(message, Heartbeat) and message.observations == OBS
         seqs.append(message.seq)
     session.connection_lost()
-    session.connection_made(HELLO)  # reconnect: seq carries on
+    open_session(session)  # reconnect: seq carries on
     message = decode(session.heartbeat((), 9.0))
     assert isinstance(message, Heartbeat)
     assert [*seqs, message.seq] == [1, 2, 3, 4]
@@ -74,7 +84,7 @@ def test_seq_increases_for_the_whole_process_across_reconnects() -> None:
 def test_the_lease_counts_from_the_send_of_the_acked_heartbeat() -> None:
     lease = LeaseClock()
     session = HeartbeatSession(lease)
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat(OBS, 10.0)  # seq 1 sent at 10.0
     session.heartbeat(OBS, 11.0)  # seq 2 sent at 11.0
     [ack] = session.receive(encode(Ack(1, 5.0, (ASSIGNMENT,))))
@@ -87,7 +97,7 @@ def test_the_lease_counts_from_the_send_of_the_acked_heartbeat() -> None:
 
 def test_acks_are_found_in_any_split_of_the_stream() -> None:
     session = HeartbeatSession(LeaseClock())
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat(OBS, 0.0)
     session.heartbeat(OBS, 0.5)
     stream = encode(Ack(1, 5.0, (ASSIGNMENT,))) + encode(Ack(2, 5.0, ()))
@@ -100,7 +110,7 @@ def test_acks_are_found_in_any_split_of_the_stream() -> None:
 def test_a_stale_or_unknown_ack_is_not_acted_on() -> None:
     lease = LeaseClock()
     session = HeartbeatSession(lease)
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat(OBS, 0.0)
     session.heartbeat(OBS, 1.0)
     assert [a.seq for a in session.receive(encode(Ack(2, 5.0, ())))] == [2]
@@ -114,7 +124,7 @@ def test_a_repeat_of_the_latest_acks_seq_is_acted_on_without_extending_the_lease
     last: its assignments are acted on, the lease stays what the first Ack made it."""
     lease = LeaseClock()
     session = HeartbeatSession(lease)
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat(OBS, 0.0)
     session.heartbeat(OBS, 1.0)
     assert [a.seq for a in session.receive(encode(Ack(1, 5.0, ())))] == [1]
@@ -129,7 +139,7 @@ def test_a_repeat_of_the_latest_acks_seq_is_acted_on_without_extending_the_lease
 @pytest.mark.parametrize("frame", [encode(HELLO), encode(Heartbeat(1, ()))])
 def test_anything_but_an_ack_from_the_master_is_a_protocol_error(frame: bytes) -> None:
     session = HeartbeatSession(LeaseClock())
-    session.connection_made(HELLO)
+    open_session(session)
     with pytest.raises(HeartbeatProtocolError) as info:
         session.receive(frame)
     assert info.value.code is ErrorCode.UNKNOWN_TYPE
@@ -137,15 +147,15 @@ def test_anything_but_an_ack_from_the_master_is_a_protocol_error(frame: bytes) -
 
 def test_garbage_is_a_protocol_error_and_a_new_connection_starts_clean() -> None:
     session = HeartbeatSession(LeaseClock())
-    session.connection_made(HELLO)
+    open_session(session)
     with pytest.raises(HeartbeatProtocolError):
         session.receive(b"\x00\x00\x00\x03\xc1\xc1\xc1")
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat((), 0.0)
     partial = encode(Ack(1, 5.0, ()))[:-1]
     assert session.receive(partial) == []
     session.connection_lost()  # the half frame goes with the connection
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat((), 1.0)
     assert [a.seq for a in session.receive(encode(Ack(2, 5.0, ())))] == [2]
 
@@ -189,6 +199,8 @@ async def test_a_master_that_goes_silent_is_left_and_dialled_again() -> None:
             for event in channel.feed(data, 0.0):
                 if isinstance(event, HandshakeBytes):
                     writer.write(event.data)
+                elif isinstance(event, Established):
+                    writer.write(channel.send(encode(FAKE_MASTER.hello(channel.binding))))
                 elif isinstance(event, Plaintext):
                     decoder.feed(event.data)
             while (msg := decoder.next_message()) is not None:
@@ -236,6 +248,8 @@ async def test_a_master_without_the_cluster_secret_hears_no_hello() -> None:
             for event in channel.feed(data, 0.0):
                 if isinstance(event, HandshakeBytes):
                     writer.write(event.data)
+                elif isinstance(event, Established):
+                    writer.write(channel.send(encode(FAKE_MASTER.hello(channel.binding))))
         writer.close()
 
     server = await asyncio.start_server(impostor_master, "127.0.0.1", 0)
@@ -279,6 +293,8 @@ async def test_a_heartbeat_sent_at_once_leaves_the_schedule_as_it_was() -> None:
             for event in channel.feed(data, 0.0):
                 if isinstance(event, HandshakeBytes):
                     writer.write(event.data)
+                elif isinstance(event, Established):
+                    writer.write(channel.send(encode(FAKE_MASTER.hello(channel.binding))))
                 elif isinstance(event, Plaintext):
                     decoder.feed(event.data)
             while (msg := decoder.next_message()) is not None:
@@ -320,7 +336,7 @@ def test_a_refusal_from_the_master_ends_the_session_with_its_reason() -> None:
     from sparrow.node.heartbeat_client import MasterRefused
 
     session = HeartbeatSession(LeaseClock())
-    session.connection_made(HELLO)
+    open_session(session)
     session.heartbeat(OBS, 0.0)
     with pytest.raises(MasterRefused) as e:
         session.receive(encode(Refusal("key_mismatch", "node 'n1' is bound to key ab")))
@@ -350,6 +366,8 @@ async def test_the_hello_is_signed_for_its_connection_and_a_refusal_is_logged_wi
             for event in channel.feed(data, 0.0):
                 if isinstance(event, HandshakeBytes):
                     writer.write(event.data)
+                elif isinstance(event, Established):
+                    writer.write(channel.send(encode(FAKE_MASTER.hello(channel.binding))))
                 elif isinstance(event, Plaintext):
                     decoder.feed(event.data)
             while (msg := decoder.next_message()) is not None:
