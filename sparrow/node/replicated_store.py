@@ -5,8 +5,9 @@ replica and returns only once its own operation and every in-sync replica's ACK 
 Below the LU: the LU calls ``write``/``unmap``/``flush`` as on any store (WRITE SAME arrives as
 writes or an unmap, a FUA write as a write then a flush). Each operation is appended to the volume's
 forward log in call order (one op index per message; a write larger than ``MAX_PAYLOAD`` is several)
-and handed at once to every replica's stream, so all replicas get the same operations in the same
-order; the local operation runs meanwhile. The caller waits until every replica of the current target
+and handed to every replica's stream at the end of the loop turn (a run of WRITEs encoded once for
+every stream at the same position), so all replicas get the same operations in the same order; the
+local operation runs meanwhile. The caller waits until every replica of the current target
 set has applied its last op (made it durable, for a flush). The log keeps each op until every target
 has applied it, so a stream reopened under a new epoch (or a new connection) resends what is not yet
 acknowledged, in order.
