@@ -134,7 +134,8 @@ def profile(cluster: Cluster, roles: dict[str, str], url: str, writes: int, out:
 #: Where a sample's time goes: the first of these functions found from the innermost frame out.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("local store write", ("FileBlockStore.", "MemoryBlockStore.")),
-    ("socket sends (replication records, ACKs)", ("StreamWriter.write", "ReplicaConnection._write")),
+    ("socket sends (replication records, ACKs)",
+     ("StreamWriter.write", "ReplicaConnection._write", "ChannelLink.send")),
     ("channel seal/open (ChaCha20-Poly1305)", ("Channel.",)),
     ("replication codec (PrimaryStream, ReplicaStream)", ("replication/protocol.py",)),
     ("replica apply loop", ("ReplicaConnection._apply", "ReplicaConnection._contiguous")),

@@ -5,8 +5,9 @@ replica and returns only once its own operation and every in-sync replica's ACK 
 Below the LU: the LU calls ``write``/``unmap``/``flush`` as on any store (WRITE SAME arrives as
 writes or an unmap, a FUA write as a write then a flush). Each operation is appended to the volume's
 forward log in call order (one op index per message; a write larger than ``MAX_PAYLOAD`` is several)
-and handed at once to every replica's stream, so all replicas get the same operations in the same
-order; the local operation runs meanwhile. The caller waits until every replica of the current target
+and handed to every replica's stream at the end of the loop turn (a run of WRITEs encoded once for
+every stream at the same position), so all replicas get the same operations in the same order; the
+local operation runs meanwhile. The caller waits until every replica of the current target
 set has applied its last op (made it durable, for a flush). The log keeps each op until every target
 has applied it, so a stream reopened under a new epoch (or a new connection) resends what is not yet
 acknowledged, in order.
@@ -31,7 +32,7 @@ import contextlib
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -62,7 +63,6 @@ UNMAP_CHUNK = 1 << 30
 RECONNECT_DELAY = 0.05
 #: ... and to a syncing copy (it may be down for long: nothing waits for it).
 SYNCING_RECONNECT_DELAY = 0.5
-READ_SIZE = 1 << 16
 
 
 @dataclass(slots=True)
@@ -91,7 +91,8 @@ class _Waiters:
 class Link(Protocol):
     """One connection carrying a stream to one replica (the I/O side)."""
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes) -> None:
+        """Send ``data`` (whole messages, at most ``protocol.MAX_MESSAGE`` bytes) now."""
 
     def close(self) -> None: ...
 
@@ -185,6 +186,10 @@ class ReplicatedStore(DelegatingStore):
         #: The waiters still open to joiners in this turn of the loop (applied, durable).
         self._joinable: dict[bool, _Waiters] = {}
         self._room_waiters: list[asyncio.Future[None]] = []
+        #: A send of what this turn appended is scheduled (``_send_all``); the last run of WRITEs
+        #: encoded, with its first op index: the next stream at that position sends it too.
+        self._send_scheduled = False
+        self._run: tuple[int, protocol.WriteRun] | None = None
         self.closed = False
         #: Demoted or released (``stand_down``) and not configured since: an operation still in
         #: flight then (its local I/O running) fails at once instead of waiting the hold bound.
@@ -692,41 +697,97 @@ class ReplicatedStore(DelegatingStore):
         for replica in self.replicas.values():
             if replica.link is None and not replica.backing_off:
                 self._connect(replica)
-            else:
-                self._pump(replica)
+        if not self._send_scheduled:
+            # Sent once per turn of the loop: what this turn appended goes out as runs, each
+            # encoded once for every stream (``_pump``), one send per stream.
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_all)
         return self.last
 
+    def _send_all(self) -> None:
+        self._send_scheduled = False
+        for replica in self.replicas.values():
+            self._pump(replica)
+        self._run = None
+
     def _pump(self, replica: _Replica) -> None:
+        """Hand the replica's stream every op it has not been sent that its window takes: plain
+        WRITEs as runs (encoded once for every stream at the same position: ``_write_run``), the
+        rest one by one; all of it in one ``link.send`` per record."""
         stream, link = replica.stream, replica.link
         if stream is None or link is None or stream.state is protocol.PrimaryState.NEW:
             return
         now = self.clock()
-        while replica.sent < self.last:
-            op = self._ops[replica.sent + 1 - self._first]
-            other = op.only is not None and op.only != replica.node_id
-            size = op.length if op.data is not None and not other else 0
-            if not stream.can_send(size):
-                return
-            try:
-                if other:
-                    _, data = stream.nop(now)
-                elif op.kind is MsgType.CHECKPOINT:
-                    _, data = stream.checkpoint(op.offset - replica.base, now)
-                elif op.kind is MsgType.WRITE:
-                    assert op.data is not None
-                    _, data = stream.write(op.offset, op.data, now)
-                elif op.kind is MsgType.UNMAP:
-                    _, data = stream.unmap(op.offset, op.length, now)
+        out: list[bytes] = []
+        size = 0
+        try:
+            while replica.sent < self.last:
+                index = replica.sent + 1
+                op = self._ops[index - self._first]
+                other = op.only is not None and op.only != replica.node_id
+                if op.kind is MsgType.WRITE and op.only is None and op.data is not None:
+                    run = self._write_run(replica, stream, index)
+                    if run is None:
+                        break
+                    data = stream.send_run(run, now)
+                    count = run.count
                 else:
-                    _, data = stream.flush(now)
-            except ReplicationError as e:  # the stream failed (a REFUSE): the link reconnects
-                log.debug(
-                    "stream cannot send", volume_id=self.volume_id, replica=replica.node_id, error=str(e)
-                )
-                return
-            link.send(data)
-            replica.sent += 1
-            replica.sent_high = max(replica.sent_high, replica.sent)
+                    if not stream.can_send(op.length if op.data is not None and not other else 0):
+                        break
+                    if other:
+                        _, data = stream.nop(now)
+                    elif op.kind is MsgType.CHECKPOINT:
+                        _, data = stream.checkpoint(op.offset - replica.base, now)
+                    elif op.kind is MsgType.WRITE:
+                        assert op.data is not None
+                        _, data = stream.write(op.offset, op.data, now)
+                    elif op.kind is MsgType.UNMAP:
+                        _, data = stream.unmap(op.offset, op.length, now)
+                    else:
+                        _, data = stream.flush(now)
+                    count = 1
+                if out and size + len(data) > protocol.MAX_MESSAGE:
+                    link.send(out[0] if len(out) == 1 else b"".join(out))
+                    out, size = [], 0
+                out.append(data)
+                size += len(data)
+                replica.sent += count
+                if replica.sent > replica.sent_high:
+                    replica.sent_high = replica.sent
+        except ReplicationError as e:  # the stream failed (a REFUSE): the link reconnects
+            log.debug("stream cannot send", volume_id=self.volume_id, replica=replica.node_id, error=str(e))
+        if out:
+            link.send(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write_run(self, replica: _Replica, stream: PrimaryStream, index: int) -> protocol.WriteRun | None:
+        """The plain WRITEs from op ``index`` on, as many as the stream's window and one record
+        take, encoded: the run already encoded for another stream at the same position (same
+        epoch and seq: the same bytes), else a new one; None if the window takes none."""
+        run = self._run
+        seq = index - replica.base
+        if run is not None and run[0] == index and run[1].first_seq == seq and run[1].epoch == stream.epoch:
+            messages, room = stream.room()
+            if run[1].count <= messages and run[1].size <= room:
+                return run[1]
+        messages, room = stream.room()
+        writes: list[tuple[int, memoryview]] = []
+        total = 0
+        ops, first = self._ops, self._first
+        for i in range(index, min(self.last, index + messages - 1) + 1):
+            op = ops[i - first]
+            data = op.data
+            if op.kind is not MsgType.WRITE or op.only is not None or data is None:
+                break
+            total += protocol.WRITE_OVERHEAD + op.length
+            if total > protocol.MAX_MESSAGE or room < op.length:
+                break
+            room -= op.length
+            writes.append((op.offset, data))
+        if not writes:
+            return None
+        encoded = protocol.encode_write_run(self.volume_id, stream.epoch, seq, writes)
+        self._run = (index, encoded)
+        return encoded
 
     def _oldest_pending(self, replica: _Replica) -> float | None:
         if replica.applied < self.last:
@@ -887,9 +948,13 @@ def _state(replica: _Replica) -> ReplicaState:
 # -- the network side ------------------------------------------------------------------------------
 
 
-class ChannelLink:
+class ChannelLink(asyncio.Protocol):
     """One cluster-channel connection (``Purpose.REPLICATION``) to a replica's portal carrying one
-    :class:`PrimaryStream`; reports ACKs and its end to the store."""
+    :class:`PrimaryStream`; reports ACKs and its end to the store.
+
+    An asyncio Protocol: the ACKs are fed to the stream in the ``data_received`` that brings them
+    (no reader task to wake), and ``send`` seals and writes at once (the store calls it once per
+    stream per turn of the loop with everything that turn queued: ``ReplicatedStore._pump``)."""
 
     def __init__(
         self,
@@ -907,100 +972,107 @@ class ChannelLink:
         self.portal = portal
         self.stream = stream
         self.secret = secret
-        self.channel: Channel | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.loop = asyncio.get_running_loop()
+        self.channel = Channel(
+            secret, Side.CLIENT, Purpose.REPLICATION, self.loop.time(), max_plaintext=protocol.MAX_MESSAGE
+        )
+        self.transport: asyncio.Transport | None = None
+        #: The channel is up and the OPEN may go (``store.stream_open`` was called).
+        self.up = False
         self._closed = False
-        self._out: list[bytes] = []
-        self._out_bytes = 0
-        self._flush_scheduled = False
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"forward-{node}")
+        self._ended = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.task = self.loop.create_task(self._open(), name=f"forward-{node}")
 
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` (whole messages); what is queued in one turn of the loop goes out sealed
-        in as few records as fit (a record may hold several messages)."""
-        if self.channel is None or self.writer is None or self._closed:
-            return
-        self._out.append(data)
-        self._out_bytes += len(data)
-        if self._out_bytes >= protocol.MAX_MESSAGE:
-            self._flush_out()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_out)
-
-    def _flush_out(self) -> None:
-        self._flush_scheduled = False
-        if not self._out or self.channel is None or self.writer is None or self._closed:
-            self._out.clear()
-            self._out_bytes = 0
-            return
-        records: list[bytes] = []
-        batch: list[bytes] = []
-        size = 0
-        for data in self._out:
-            if batch and size + len(data) > protocol.MAX_MESSAGE:
-                records.append(self.channel.send(b"".join(batch)))
-                batch, size = [], 0
-            batch.append(data)
-            size += len(data)
-        records.append(self.channel.send(batch[0] if len(batch) == 1 else b"".join(batch)))
-        self._out.clear()
-        self._out_bytes = 0
-        self.writer.writelines(records)
-
-    def close(self) -> None:
-        self._closed = True
-        self.task.cancel()
-        if self.writer is not None:
-            self.writer.transport.abort()
-
-    async def _run(self) -> None:
-        reason = "closed"
-        ahead: int | None = None
-        gap: int | None = None
+    async def _open(self) -> None:
         try:
             host, _, port = self.portal.rpartition(":")
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-            self.writer = writer
-            loop = asyncio.get_running_loop()
-            channel = Channel(
-                self.secret, Side.CLIENT, Purpose.REPLICATION, loop.time(), max_plaintext=protocol.MAX_MESSAGE
-            )
-            writer.write(channel.initiate())
-            while not channel.established:
-                async with asyncio.timeout_at(channel.deadline()):
-                    data = await reader.read(READ_SIZE)
-                if not data:
-                    raise EOFError("the replica closed the connection in the handshake")
-                for event in channel.feed(data, loop.time()):
-                    if isinstance(event, HandshakeBytes):
-                        writer.write(event.data)
-                    elif isinstance(event, Plaintext):
-                        self._acks(event.data)
-            self.channel = channel
-            if self.stream_key is not None:
-                self.stream.authorize(self.stream_key, channel.binding)
-            self.store.stream_open(self.node, self.stream)
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    raise EOFError("the replica closed the connection")
-                for event in channel.feed(data, loop.time()):
-                    if isinstance(event, Plaintext):
-                        self._acks(event.data)
+            async with asyncio.timeout_at(self.channel.deadline()):
+                await self.loop.create_connection(lambda: self, host.strip("[]"), int(port))
         except asyncio.CancelledError:
             raise
+        except Exception as e:  # refused, unreachable, timed out: the store reconnects
+            self._end(f"{type(e).__name__}: {e}")
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._closed:
+            self.transport.abort()
+            return
+        self.transport.write(self.channel.initiate())
+        deadline = self.channel.deadline()
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return
+        try:
+            for event in self.channel.feed(data, self.loop.time()):
+                if isinstance(event, Plaintext):
+                    self._acks(event.data)
+                elif isinstance(event, HandshakeBytes):
+                    assert self.transport is not None
+                    self.transport.write(event.data)
+            if not self.up and self.channel.established:
+                self.up = True
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if self.stream_key is not None:
+                    self.stream.authorize(self.stream_key, self.channel.binding)
+                self.store.stream_open(self.node, self.stream)
         except ReplicationError as e:
-            reason = f"{type(e).__name__}: {e}"
+            ahead = gap = None
             if e.remote and e.code is protocol.ErrorCode.REPEAT and e.seq is not None:
                 ahead = e.seq
             if e.remote and e.code is protocol.ErrorCode.GAP and e.seq is not None:
                 gap = e.seq
-        except Exception as e:  # any end of the connection: the store reconnects
-            reason = f"{type(e).__name__}: {e}"
-        finally:
-            if self.writer is not None:
-                self.writer.transport.abort()
+            self._end(f"{type(e).__name__}: {e}", ahead=ahead, gap=gap)
+        except Exception as e:  # a broken channel, or a bug below: the store reconnects
+            self._end(f"{type(e).__name__}: {e}")
+
+    def eof_received(self) -> bool | None:
+        self._end("EOFError: the replica closed the connection")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"{type(exc).__name__}: {exc}" if exc is not None else "closed")
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        self._end(f"TimeoutError: no handshake within {self.channel.handshake_timeout}s")
+
+    # -- the store's side ------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Seal ``data`` (whole messages, at most ``MAX_MESSAGE`` bytes) as one record and write it."""
+        if not self.up or self._ended or self.transport is None:
+            return
+        self.transport.write(self.channel.send(data))
+
+    def close(self) -> None:
+        self._closed = True
+        self._ended = True
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.task is not asyncio.current_task():
+            self.task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _end(self, reason: str, *, ahead: int | None = None, gap: int | None = None) -> None:
+        """The connection is over: abort it and tell the store once (unless closed by it)."""
+        if self._ended:
+            return
+        self._ended = True
+        self._stop()
         if not self._closed:
             self.store.on_link_lost(self.node, self.stream, reason, ahead=ahead, gap=gap)
 

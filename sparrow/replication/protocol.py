@@ -57,7 +57,7 @@ from __future__ import annotations
 import collections
 import enum
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeAlias
 
@@ -130,6 +130,8 @@ _BODY_BOUNDS: Mapping[MsgType, tuple[int, int]] = {
 }
 #: The largest message: header, the largest fixed body, the largest payload.
 MAX_MESSAGE = HEADER.size + _RANGE.size + MAX_PAYLOAD
+#: A WRITE's bytes besides its payload: the header and the offset.
+WRITE_OVERHEAD = _HEADER_U64.size
 
 
 class ErrorCode(enum.IntEnum):
@@ -1061,10 +1063,57 @@ class DirtyReport:
 
 @dataclass(slots=True)
 class _InFlight:
+    """Messages sent together and not yet all acknowledged: up to ``seq``, ``count`` of them (a
+    :class:`WriteRun` is one entry), ``size`` payload bytes."""
+
     seq: int
     sent_at: float
     size: int
     durable: bool
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRun:
+    """Plain WRITE messages numbered ``first_seq`` .. ``first_seq + count - 1`` of one volume and
+    epoch, encoded once (:func:`encode_write_run`): the same bytes go on every stream whose next seq
+    is ``first_seq`` (:meth:`PrimaryStream.send_run`); each stream still seals them with its own
+    channel. ``data`` is at most :data:`MAX_MESSAGE` bytes, so it fits one record."""
+
+    raw_volume_id: bytes
+    epoch: int
+    first_seq: int
+    count: int
+    #: Payload bytes (what the window counts).
+    size: int
+    data: bytes = field(repr=False)
+
+
+def encode_write_run(
+    volume_id: str, epoch: int, first_seq: int, writes: Sequence[tuple[int, bytes | memoryview]]
+) -> WriteRun:
+    """Encode ``writes`` ((offset, data) each) as WRITEs numbered from ``first_seq``: the bytes
+    :func:`encode` gives for each, back to back; every bound checked as ``Write`` checks it."""
+    _check_ids(volume_id, epoch, first_seq)
+    if not writes or first_seq + len(writes) - 1 > MAX_UINT63:
+        _fail(ErrorCode.MALFORMED, f"a run of {len(writes)} writes from seq {first_seq}")
+    raw = bytes.fromhex(volume_id)
+    pack = _HEADER_U64.pack
+    parts: list[bytes | memoryview] = []
+    seq = first_seq
+    size = 0
+    for offset, data in writes:
+        n = len(data)
+        if not 1 <= n <= MAX_PAYLOAD or not 0 <= offset <= MAX_UINT63:
+            Write(volume_id, epoch, seq, offset, data)  # raises with the bound named
+        parts.append(pack(VERSION, MsgType.WRITE, 0, 0, 8 + n, raw, epoch, seq, offset))
+        parts.append(data)
+        size += n
+        seq += 1
+    data = b"".join(parts)
+    if len(data) > MAX_MESSAGE:
+        _fail(ErrorCode.MALFORMED, f"a run of {len(data)} bytes exceeds one record ({MAX_MESSAGE})")
+    return WriteRun(raw, epoch, first_seq, len(writes), size, data)
 
 
 class PrimaryStream:
@@ -1108,6 +1157,7 @@ class PrimaryStream:
         self.applied_seq = first_seq - 1
         self.durable_seq = 0
         self._in_flight: collections.deque[_InFlight] = collections.deque()
+        self._in_flight_count = 0
         self._in_flight_bytes = 0
         self._open_sent_at: float | None = None
         self._error: ReplicationError | None = None
@@ -1146,7 +1196,7 @@ class PrimaryStream:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._in_flight_count
 
     @property
     def in_flight_bytes(self) -> int:
@@ -1154,7 +1204,36 @@ class PrimaryStream:
 
     def can_send(self, size: int = 0) -> bool:
         """True if an operation with ``size`` payload bytes fits in the window now."""
-        return len(self._in_flight) < self.window and self._in_flight_bytes + size <= self.window_bytes
+        return self._in_flight_count < self.window and self._in_flight_bytes + size <= self.window_bytes
+
+    def room(self) -> tuple[int, int]:
+        """How many more messages, and payload bytes, the window takes now."""
+        return self.window - self._in_flight_count, self.window_bytes - self._in_flight_bytes
+
+    def send_run(self, run: WriteRun, now: float) -> bytes:
+        """Send ``run`` as this stream's next messages: its bytes (seal and send them as they are).
+        It must be of this stream's volume and epoch and start at its next seq, and fit the window
+        (else ``ReplicationError``, nothing changed). The run is one in-flight entry: its window
+        share returns when its last WRITE is acknowledged."""
+        if run.raw_volume_id != self._raw_id or run.epoch != self.epoch or run.first_seq != self.last_seq + 1:
+            _fail(
+                ErrorCode.WRONG_STREAM,
+                f"a run from seq {run.first_seq}; this stream's next is {self.last_seq + 1}",
+            )
+        if (
+            self._in_flight_count + run.count > self.window
+            or self._in_flight_bytes + run.size > self.window_bytes
+        ):
+            raise ReplicationError(
+                ErrorCode.WINDOW_FULL, f"{self.in_flight} messages, {self.in_flight_bytes} bytes in flight"
+            )
+        if self.state not in _KEEP_ON_SEND:
+            self._move(PrimaryInput.SEND_OPERATION)
+        self.last_seq += run.count
+        self._in_flight.append(_InFlight(self.last_seq, now, run.size, False, run.count))
+        self._in_flight_count += run.count
+        self._in_flight_bytes += run.size
+        return run.data
 
     def _send(
         self, build: Callable[[int], Operation], size: int, durable: bool, now: float
@@ -1168,6 +1247,7 @@ class PrimaryStream:
         self._move(PrimaryInput.SEND_OPERATION)
         self.last_seq = seq
         self._in_flight.append(_InFlight(seq, now, size, durable))
+        self._in_flight_count += 1
         self._in_flight_bytes += size
         return seq, encode(message)
 
@@ -1182,7 +1262,7 @@ class PrimaryStream:
             return self._send(
                 lambda s: Write(self.volume_id, self.epoch, s, offset, data, fua), size, fua, now
             )  # raises with the bound named
-        if len(self._in_flight) >= self.window or self._in_flight_bytes + size > self.window_bytes:
+        if self._in_flight_count >= self.window or self._in_flight_bytes + size > self.window_bytes:
             raise ReplicationError(
                 ErrorCode.WINDOW_FULL, f"{self.in_flight} messages, {self.in_flight_bytes} bytes in flight"
             )
@@ -1190,6 +1270,7 @@ class PrimaryStream:
             self._move(PrimaryInput.SEND_OPERATION)
         self.last_seq = seq
         self._in_flight.append(_InFlight(seq, now, size, fua))
+        self._in_flight_count += 1
         self._in_flight_bytes += size
         head = _HEADER_U64.pack(
             VERSION, MsgType.WRITE, FLAG_FUA if fua else 0, 0, 8 + size, self._raw_id, self.epoch, seq, offset
@@ -1286,6 +1367,7 @@ class PrimaryStream:
             if head.seq > self.applied_seq or (head.durable and head.seq > self.durable_seq):
                 break
             self._in_flight.popleft()
+            self._in_flight_count -= head.count
             self._in_flight_bytes -= head.size
         return Acked(self.applied_seq, self.durable_seq)
 

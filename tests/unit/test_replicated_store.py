@@ -23,11 +23,14 @@ class FakeLink:
     def __init__(self, store: ReplicatedStore, node: str, stream: PrimaryStream) -> None:
         self.store, self.node, self.stream = store, node, stream
         self.sent: list[protocol.Message] = []
+        #: What each ``send`` was handed.
+        self.raw: list[bytes] = []
         self.closed = False
         self.is_up = False
         self._decoder = MessageDecoder()
 
     def send(self, data: bytes) -> None:
+        self.raw.append(data)
         self._decoder.feed(data)
         while (m := self._decoder.next_message()) is not None:
             self.sent.append(m)
@@ -105,6 +108,44 @@ async def test_a_write_completes_only_after_every_replica_acknowledged_it() -> N
     h.links["n3"].ack(1)
     await settle()
     assert task.done() and task.exception() is None
+
+
+async def test_the_writes_of_one_turn_go_to_each_replica_in_one_send_encoded_once_for_both() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
+    first = asyncio.create_task(h.store.write(0, b"a" * BS))
+    await h.up()
+    for link in h.links.values():
+        link.ack(1)
+        link.raw.clear()
+    await first
+    tasks = [asyncio.create_task(h.store.write(i * BS, bytes([i]) * BS)) for i in range(1, 9)]
+    await settle()
+    n2, n3 = h.links["n2"], h.links["n3"]
+    assert len(n2.raw) == 1 and n3.raw[0] is n2.raw[0]  # one send each, the same bytes
+    assert [(m.seq, m.offset) for m in n2.ops()[1:]] == [(i + 1, i * BS) for i in range(1, 9)]
+    assert all(bytes(m.data) == bytes([m.seq - 1]) * BS for m in n3.ops()[1:])
+    for link in (n2, n3):
+        link.ack(9)
+    await asyncio.gather(*tasks)
+
+
+async def test_a_replica_at_another_position_gets_its_own_encoding() -> None:
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1")])
+    task = asyncio.create_task(h.store.write(0, b"a" * BS))
+    await h.up()
+    h.links["n2"].ack(1)
+    await task
+    h.store.configure(2, [("n2", "h:1"), ("n3", "h:2")])  # n3 added: starts at op 2, seq 1
+    tasks = [asyncio.create_task(h.store.write(i * BS, bytes([i]) * BS)) for i in range(1, 4)]
+    await h.up()
+    assert [m.seq for m in h.links["n3"].ops()] == [1, 2, 3]
+    assert [m.seq for m in h.links["n2"].ops()] == [1, 2, 3]  # a new epoch: seq 1 again
+    h.store.configure(2, [("n2", "h:1"), ("n3", "h:2")])
+    for link in h.links.values():
+        link.ack(3)
+    await asyncio.gather(*tasks)
 
 
 async def test_a_flush_waits_for_durability_not_just_applied() -> None:

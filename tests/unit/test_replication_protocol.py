@@ -53,6 +53,7 @@ from sparrow.replication.protocol import (
     dirty_report,
     encode,
     encode_parts,
+    encode_write_run,
 )
 from sparrow.replication.streamauth import derive_stream_key
 
@@ -528,6 +529,41 @@ def test_primary_window_is_bounded() -> None:
     q = opened_primary(window_bytes=MAX_PAYLOAD)
     q.write(0, b"a" * MAX_PAYLOAD, 0.0)
     assert not q.can_send(1) and q.can_send(0)
+
+
+def test_a_write_run_is_the_writes_encoded_back_to_back_and_sendable_on_any_stream_at_its_seq() -> None:
+    writes = [(0, b"a" * 512), (4096, memoryview(b"b" * 4096)), (512, b"c")]
+    run = encode_write_run(VID, 3, 1, writes)
+    assert run.data == b"".join(encode(Write(VID, 3, 1 + i, o, d)) for i, (o, d) in enumerate(writes))
+    assert (run.count, run.size) == (3, 512 + 4096 + 1)
+    first, second = opened_primary(), opened_primary()
+    assert first.send_run(run, 5.0) is run.data and second.send_run(run, 5.0) is run.data  # encoded once
+    for p in (first, second):
+        assert (p.last_seq, p.in_flight, p.in_flight_bytes) == (3, 3, run.size)
+        assert p.deadline() == 7.0
+        p.feed(ack(0) + ack(2))
+        assert p.in_flight == 3 and p.lagging(7.0)  # the run's share returns with its last WRITE
+        p.feed(ack(3))
+        assert (p.in_flight, p.in_flight_bytes, p.deadline()) == (0, 0, None)
+
+
+def test_a_write_run_is_refused_off_its_stream_or_beyond_the_window() -> None:
+    run = encode_write_run(VID, 3, 1, [(0, b"a" * 512), (512, b"b" * 512)])
+    for stream, code in (
+        (primary(VID, 3, "n1", first_seq=5), ErrorCode.WRONG_STREAM),  # another seq
+        (primary(VID, 4, "n1"), ErrorCode.WRONG_STREAM),  # another epoch
+        (primary(OTHER_VID, 3, "n1"), ErrorCode.WRONG_STREAM),
+        (primary(VID, 3, "n1", window=1), ErrorCode.WINDOW_FULL),
+    ):
+        stream.open(0.0)
+        with pytest.raises(ReplicationError) as e:
+            stream.send_run(run, 0.0)
+        assert e.value.code is code and stream.in_flight == 0
+    with pytest.raises(ReplicationError) as e:
+        encode_write_run(VID, 3, 1, [(0, b"a"), (512, b"")])
+    assert e.value.code is ErrorCode.MALFORMED
+    with pytest.raises(ReplicationError):
+        encode_write_run(VID, 3, 1, [(i * MAX_PAYLOAD, b"a" * MAX_PAYLOAD) for i in range(2)])  # one record
 
 
 @pytest.mark.parametrize(
