@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import struct
+import time
 
 import pytest
 
+from frontend.server import MAX_CONNECTIONS, MAX_UNBOUND_PER_ADDRESS
+from frontend.target import TargetSettings
 from tests.integration.daemon import Daemon
-from tests.tools import require_tool, run
+from tests.tools import require_tool, run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,11 +68,53 @@ def test_garbage_and_truncated_pdus(daemon: Daemon, victim: str) -> None:
 
 
 def test_half_open_flood_does_not_block_service(daemon: Daemon, victim: str) -> None:
-    socks = [socket.create_connection(("127.0.0.1", daemon.iscsi_port), timeout=5) for _ in range(200)]
+    # From another address than the initiator's: one address gets MAX_UNBOUND_PER_ADDRESS of them.
+    flooder = ("127.0.0.3", 0)
+    socks = [
+        socket.create_connection(("127.0.0.1", daemon.iscsi_port), timeout=5, source_address=flooder)
+        for _ in range(200)
+    ]
     try:
         for s in socks[:100]:
             s.sendall(_login_pdu(b"InitiatorName=iqn.x")[:40])
         _assert_still_serving(daemon, victim)
+    finally:
+        for s in socks:
+            s.close()
+    _assert_still_serving(daemon, victim)
+
+
+def test_idle_connections_from_one_address_leave_room_for_others(daemon: Daemon, victim: str) -> None:
+    # More connections than the daemon's whole cap (1024), from 127.0.0.3; the initiator that
+    # must still be served comes from 127.0.0.1. Each flood connection sends nothing (a slow
+    # login), so none would close before the 15 s login timeout.
+    socks: list[socket.socket] = []
+    started = time.monotonic()
+    try:
+        for _ in range(MAX_CONNECTIONS + 16):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.3", 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", daemon.iscsi_port))
+
+        def flood_trimmed() -> bool:
+            poller = select.poll()  # not select(): the descriptors pass 1024
+            by_fd = {s.fileno(): s for s in socks}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(500):
+                r = by_fd[fd]
+                with contextlib.suppress(ConnectionResetError):
+                    assert r.recv(100) == b""
+                socks.remove(r)
+                r.close()
+            return len(socks) <= MAX_UNBOUND_PER_ADDRESS
+
+        wait_for(flood_trimmed, timeout=10, what=f"the flood cut to {MAX_UNBOUND_PER_ADDRESS} connections")
+        _assert_still_serving(daemon, victim)
+        # Served while the flood stood: its connections' login timeout had not closed them yet.
+        assert time.monotonic() - started < TargetSettings().login_timeout
     finally:
         for s in socks:
             s.close()
@@ -97,13 +143,17 @@ def test_client_that_disconnects_mid_write_leaves_the_data_untouched(daemon: Dae
         cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 64, 0).ljust(16, b"\0")  # WRITE(10), 64 blocks
         itt = session._itt()
         first = b"\xee" * 4096  # immediate data; the rest must be solicited with R2T
-        session._send(ScsiCommand(False, True, False, True, 1, 0, itt, 64 * 512, session.cmd_sn,
-                                  session.exp_stat_sn, cdb, first))
+        session._send(
+            ScsiCommand(
+                False, True, False, True, 1, 0, itt, 64 * 512, session.cmd_sn, session.exp_stat_sn, cdb, first
+            )
+        )
         r2t = session._receive()
         assert isinstance(r2t, R2T), r2t
         half = r2t.desired_length // 2
-        session._send(DataOut(False, 0, itt, r2t.ttt, session.exp_stat_sn, 0, r2t.buffer_offset,
-                              b"\xee" * half))
+        session._send(
+            DataOut(False, 0, itt, r2t.ttt, session.exp_stat_sn, 0, r2t.buffer_offset, b"\xee" * half)
+        )
     finally:
         session.close()  # gone mid-transfer
     _assert_still_serving(daemon, victim)
