@@ -52,6 +52,9 @@ MAX_CONNECTIONS = 1024
 MAX_UNBOUND_PER_ADDRESS = 32
 #: Stop reading from a connection while this many bytes wait in its socket buffer.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: Seconds a connection we close may take to hand its last bytes to the peer (a login reject, a
+#: logout response); one whose peer does not read them is then aborted, its buffers freed.
+CLOSE_LINGER = 2.0
 
 #: Login status (class << 8 | detail, RFC 7143 11.13.5) -> the metric label for the failure.
 _LOGIN_FAILURE_REASONS = {
@@ -173,6 +176,7 @@ class IscsiProtocol(asyncio.Protocol):
         self._closing = False
         self._reading_paused = False
         self._flush_scheduled = False
+        self._lost = False
         #: The peer address this connection counts against while it has no Normal session.
         self.unbound_from: str | None = None
         self.log = log
@@ -219,6 +223,7 @@ class IscsiProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
         if self.conn is not None:
@@ -249,7 +254,15 @@ class IscsiProtocol(asyncio.Protocol):
         self._closing = True
         self.log.info("closing connection", reason=reason)
         self._flush()
-        self.transport.close()
+        self.transport.close()  # after the buffered bytes are sent
+        if self.transport.get_write_buffer_size():
+            self.loop.call_later(CLOSE_LINGER, self._abort_unless_gone, reason)
+
+    def _abort_unless_gone(self, reason: str) -> None:
+        """The peer has not read what ``close`` left to send: abort (module constant CLOSE_LINGER)."""
+        if self.transport is not None and not self._lost:
+            self.log.warning("aborting connection: its last bytes were not read", reason=reason)
+            self.transport.abort()
 
     def abort_all_tasks(self) -> None:
         if self.conn is not None:

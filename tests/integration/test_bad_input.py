@@ -8,15 +8,21 @@ import select
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
+from frontend.iscsi.pdu import ScsiCommand
 from frontend.server import MAX_CONNECTIONS, MAX_UNBOUND_PER_ADDRESS
 from frontend.target import TargetSettings
+from tests.integration.cluster import BASE_IQN
 from tests.integration.daemon import Daemon
+from tests.integration.test_node import RawSession
 from tests.tools import require_tool, run, wait_for
 
 pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
 
 
 def _login_pdu(data: bytes, *, dsl: int | None = None) -> bytes:
@@ -28,6 +34,11 @@ def _login_pdu(data: bytes, *, dsl: int | None = None) -> bytes:
     bhs[8:14] = bytes.fromhex("400000000001")
     pad = (-len(data)) % 4
     return bytes(bhs) + data + b"\0" * pad
+
+
+def _assert_still_serving_any(daemon: Daemon, name: str) -> None:
+    qemu_io = require_tool("qemu-io")
+    run([qemu_io, "-f", "raw", "-c", "read 0 1M", daemon.url(name)])
 
 
 def _assert_still_serving(daemon: Daemon, name: str) -> None:
@@ -157,3 +168,43 @@ def test_client_that_disconnects_mid_write_leaves_the_data_untouched(daemon: Dae
     finally:
         session.close()  # gone mid-transfer
     _assert_still_serving(daemon, victim)
+
+
+def _open_sessions(daemon: Daemon) -> float:
+    """``sparrow_iscsi_sessions{kind="normal"}``: a session counts until its socket is gone."""
+    status, body = daemon.get("/metrics")
+    assert status == 200
+    prefix = 'sparrow_iscsi_sessions{kind="normal"} '
+    return next(float(ln.split()[-1]) for ln in body.decode().splitlines() if ln.startswith(prefix))
+
+
+def test_an_initiator_that_never_reads_its_data_is_cut_off_and_frees_its_buffers(tmp_path: Path) -> None:
+    """A logged-in initiator sends READs and never reads the answers (a slow client, or one that
+    wants the target to hold its data): the daemon stops reading from it, its NOP-In goes
+    unanswered, and the connection is ended, not left waiting for ever to flush its buffers."""
+    config = tmp_path / "sparrow.toml"
+    config.write_text("[iscsi]\nnop_interval = 1.0\nnop_timeout = 2.0\n")
+    daemon = Daemon(tmp_path / "data", extra_args=("--config", str(config)))
+    daemon.start()
+    try:
+        daemon.create_volume("victim", "64MiB")
+        probe = RawSession(daemon.portal, f"{BASE_IQN}:victim")
+        probe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert _open_sessions(daemon) == 1
+        for _ in range(32):  # 32 MiB asked, the default command window
+            cdb = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 2048, 0)
+            probe._send(
+                ScsiCommand(
+                    False, True, True, False, 1, 0, probe._itt(), MiB, probe.cmd_sn, probe.exp_stat_sn, cdb
+                )
+            )
+            probe.cmd_sn += 1
+        try:
+            wait_for(
+                lambda: _open_sessions(daemon) == 0, timeout=15, what="the non-reading session to be closed"
+            )
+        finally:
+            probe.close()
+        _assert_still_serving_any(daemon, "victim")
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
