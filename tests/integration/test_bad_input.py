@@ -208,3 +208,25 @@ def test_an_initiator_that_never_reads_its_data_is_cut_off_and_frees_its_buffers
         _assert_still_serving_any(daemon, "victim")
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
+
+
+def test_a_login_sent_a_byte_a_second_is_cut_off_at_the_login_timeout(daemon: Daemon, victim: str) -> None:
+    """A slow client in the login phase: each byte keeps the connection busy, none completes a
+    login; the whole login must arrive within the login timeout (frontend.target.TargetSettings)."""
+    timeout = TargetSettings().login_timeout
+    pdu = _login_pdu(b"InitiatorName=iqn.2026-11.test:slow\0SessionType=Discovery\0")
+    with socket.create_connection(("127.0.0.1", daemon.iscsi_port), timeout=5) as s:
+        opened = time.monotonic()
+        closed_after = None
+        for byte in pdu:  # one a second: the attack's own pace, far longer than the timeout
+            with contextlib.suppress(OSError):
+                s.send(bytes([byte]))
+            readable, _, _ = select.select([s], [], [], 1.0)
+            if readable:
+                with contextlib.suppress(ConnectionResetError):
+                    assert s.recv(100) == b"", "answered a login that never completed"
+                closed_after = time.monotonic() - opened
+                break
+        assert closed_after is not None, "still open after the whole PDU went out a byte a second"
+    assert timeout - 0.5 <= closed_after <= timeout + 3.0, closed_after
+    _assert_still_serving(daemon, victim)
