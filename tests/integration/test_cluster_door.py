@@ -441,6 +441,13 @@ def test_an_authenticated_connection_that_never_says_hello_is_closed(cluster: Cl
                 break
             closed = link.closed_within(0.5)
         assert closed, "a Hello-less connection was kept open"
-        assert sample(cluster.master.metrics(), "sparrow_master_heartbeat_protocol_errors_total", code="hello_timeout") == 1
+        assert (
+            sample(
+                cluster.master.metrics(),
+                "sparrow_master_heartbeat_protocol_errors_total",
+                code="hello_timeout",
+            )
+            == 1
+        )
     finally:
         link.close()
