@@ -28,6 +28,7 @@ from frontend.iscsi.connection import (
     LoginRejected,
     TargetResetRequested,
 )
+from frontend.iscsi.params import SessionType
 from frontend.iscsi.session import Session, SessionTable
 from frontend.metrics import FrontendMetrics, NoMetrics
 from frontend.scsi.commands import MetricKind, metric_kind
@@ -43,8 +44,17 @@ FAST_PATH = os.environ.get("SPARROW_FAST_PATH", "1") != "0"
 
 #: Connections beyond this many are closed as soon as they are accepted.
 MAX_CONNECTIONS = 1024
+#: Connections from one address that may be without a Normal session at once (logging in, or in
+#: a discovery session: neither needs a credential when the target asks for none); a new one from
+#: that address past this is closed as soon as it is accepted. A flood of idle connections from
+#: one host so holds this many of MAX_CONNECTIONS, not all of them; a Normal session's connection
+#: counts only against MAX_CONNECTIONS (one host may serve many volumes).
+MAX_UNBOUND_PER_ADDRESS = 32
 #: Stop reading from a connection while this many bytes wait in its socket buffer.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+#: Seconds a connection we close may take to hand its last bytes to the peer (a login reject, a
+#: logout response); one whose peer does not read them is then aborted, its buffers freed.
+CLOSE_LINGER = 2.0
 
 #: Login status (class << 8 | detail, RFC 7143 11.13.5) -> the metric label for the failure.
 _LOGIN_FAILURE_REASONS = {
@@ -58,6 +68,7 @@ _LOGIN_FAILURE_REASONS = {
     0x020A: "session_does_not_exist",
     0x020B: "invalid_request",
 }
+
 
 class IscsiServer:
     """Accepts iSCSI connections and serves the targets in ``registry``."""
@@ -74,6 +85,8 @@ class IscsiServer:
         self.sessions = SessionTable()
         self._server: asyncio.base_events.Server | None = None
         self._protocols: set[IscsiProtocol] = set()
+        #: Connections without a Normal session, by peer address (MAX_UNBOUND_PER_ADDRESS).
+        self._unbound: dict[str, int] = {}
         self._closing = False
 
     @property
@@ -106,13 +119,35 @@ class IscsiServer:
 
     # --- called by protocols ---------------------------------------------------------------
 
-    def accepted(self, protocol: IscsiProtocol) -> bool:
-        if self._closing or len(self._protocols) >= MAX_CONNECTIONS:
-            return False
+    def accepted(self, protocol: IscsiProtocol, address: str) -> str | None:
+        """None if ``protocol`` (from ``address``) may be served, else why not."""
+        if self._closing:
+            return "shutting down"
+        if len(self._protocols) >= MAX_CONNECTIONS:
+            return f"{MAX_CONNECTIONS} connections open"
+        unbound = self._unbound.get(address, 0)
+        if unbound >= MAX_UNBOUND_PER_ADDRESS:
+            return f"{unbound} connections from {address} without a session"
         self._protocols.add(protocol)
-        return True
+        self._unbound[address] = unbound + 1
+        protocol.unbound_from = address
+        return None
+
+    def bound(self, protocol: IscsiProtocol) -> None:
+        """``protocol`` has a Normal session: it no longer counts against its address's cap."""
+        address = protocol.unbound_from
+        if address is None:
+            return
+        protocol.unbound_from = None
+        left = self._unbound.get(address, 1) - 1
+        if left > 0:
+            self._unbound[address] = left
+        else:
+            self._unbound.pop(address, None)
 
     def forget(self, protocol: IscsiProtocol) -> None:
+        if protocol in self._protocols:
+            self.bound(protocol)
         self._protocols.discard(protocol)
 
     def protocol_of(self, session: Session) -> IscsiProtocol | None:
@@ -141,6 +176,9 @@ class IscsiProtocol(asyncio.Protocol):
         self._closing = False
         self._reading_paused = False
         self._flush_scheduled = False
+        self._lost = False
+        #: The peer address this connection counts against while it has no Normal session.
+        self.unbound_from: str | None = None
         self.log = log
 
     @property
@@ -156,8 +194,10 @@ class IscsiProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.log = log.bind(peer=peer_text)
-        if not self.server.accepted(self):
-            self.log.warning("connection refused", reason="too many connections or shutting down")
+        address = str(peer[0]) if isinstance(peer, tuple) else peer_text
+        refused = self.server.accepted(self, address)
+        if refused is not None:
+            self.log.warning("connection refused", reason=refused)
             transport.abort()
             return
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -183,6 +223,7 @@ class IscsiProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
         if self.conn is not None:
@@ -213,7 +254,15 @@ class IscsiProtocol(asyncio.Protocol):
         self._closing = True
         self.log.info("closing connection", reason=reason)
         self._flush()
-        self.transport.close()
+        self.transport.close()  # after the buffered bytes are sent
+        if self.transport.get_write_buffer_size():
+            self.loop.call_later(CLOSE_LINGER, self._abort_unless_gone, reason)
+
+    def _abort_unless_gone(self, reason: str) -> None:
+        """The peer has not read what ``close`` left to send: abort (module constant CLOSE_LINGER)."""
+        if self.transport is not None and not self._lost:
+            self.log.warning("aborting connection: its last bytes were not read", reason=reason)
+            self.transport.abort()
 
     def abort_all_tasks(self) -> None:
         if self.conn is not None:
@@ -365,6 +414,8 @@ class IscsiProtocol(asyncio.Protocol):
         params = event.session.params
         kind = params.session_type.value.lower()
         self.server.metrics.session_opened(kind)
+        if params.session_type is SessionType.NORMAL:
+            self.server.bound(self)
         self.log = self.log.bind(initiator=params.initiator_name, target=params.target_name or "discovery")
         self.log.info("logged in", session_type=kind, tsih=params.tsih)
         if event.displaced is not None:

@@ -12,7 +12,8 @@ File layout (every key optional; see docs/sparrow.example.toml)::
     nop_interval = 5.0                  # seconds between NOP-In pings (RFC 7143 11.19)
     nop_timeout = 15.0                  # seconds without an answer before the connection is dropped
 
-    [iscsi.discovery_chap]              # CHAP for SendTargets discovery sessions
+    [iscsi.discovery_chap]              # CHAP for SendTargets discovery sessions (with the
+                                        # secret in it, the file must be mode 0600)
     user = "discovery"
     secret = "a-secret-of-12+"
 
@@ -56,6 +57,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -430,6 +432,9 @@ _SCHEMA: dict[str, Any] = {
     "demo_volume": {"name": str, "size": (str, int)},
 }
 
+#: The one secret a config file may hold: the file must then be private (mode 0600).
+SECRET_KEY = "iscsi.discovery_chap.secret"
+
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list"}
 
 
@@ -438,12 +443,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     flat: dict[str, Any] = {}
     _flatten(path, data, _SCHEMA, "", flat)
+    if SECRET_KEY in flat and mode & 0o077:
+        # The rule of the key files (sparrow.privatefile): a secret no other user may read.
+        raise ConfigError(
+            f"{path} holds {SECRET_KEY} and is accessible by group or others (mode {mode:04o}); chmod 600 it"
+        )
     return flat
 
 

@@ -18,16 +18,24 @@ not.) :class:`HttpGuard` adds, in one place:
   then finds already read) within that many seconds, or answers 408 and closes the connection.
 - **An idle timeout** (``idle_timeout``, at least ``header_timeout``): aiohttp's
   ``keepalive_timeout``.
+- **A send timeout** (the same ``idle_timeout``): a connection whose sends stay stalled that long
+  (its transport paused writing: the peer reads nothing of its answers) is aborted. aiohttp waits
+  on a stalled send without end, and its keep-alive timer does not run while a request is in
+  progress: a client that pipelines requests for a large answer and reads none held its
+  connection, and with the cap every connection, for as long as it liked.
 
 Metrics: ``sparrow_http_connections`` (open now), ``sparrow_http_connections_closed_total{reason}``
-with reason ``too_many_connections``, ``header_timeout`` or ``body_timeout``.
+with reason ``too_many_connections``, ``header_timeout``, ``body_timeout`` or ``send_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import math
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -44,6 +52,7 @@ log = structlog.get_logger("sparrow.http")
 TOO_MANY = "too_many_connections"
 HEADER_TIMEOUT = "header_timeout"
 BODY_TIMEOUT = "body_timeout"
+SEND_TIMEOUT = "send_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,8 @@ class GuardedConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.phase = Phase.HEAD
         self._timer: asyncio.TimerHandle | None = None
+        #: Armed while the transport has paused writing (the send timeout).
+        self._send_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol: forwarded to aiohttp ---------------------------------------------------
 
@@ -107,14 +118,19 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
+        self._cancel_send_timer()
         self.guard.closed(self)
         self.inner.connection_lost(exc)
         self.transport = None
 
     def pause_writing(self) -> None:
+        if self._send_timer is None:
+            loop = asyncio.get_running_loop()
+            self._send_timer = loop.call_later(self.guard.limits.idle_timeout, self._send_timeout)
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._cancel_send_timer()
         self.inner.resume_writing()
 
     # -- the guard's view -------------------------------------------------------------------------
@@ -132,6 +148,22 @@ class GuardedConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.guard.count(reason)
             self.transport.close()
+
+    def _send_timeout(self) -> None:
+        """Writing stayed paused for the idle timeout: abort (a close would wait for the flush)."""
+        self._send_timer = None
+        if self.transport is not None:
+            self.guard.count(SEND_TIMEOUT)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: the kernel drops the unsent bytes too, not flush them
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def _arm(self) -> None:
         self._cancel()
@@ -174,7 +206,7 @@ class HttpGuard:
             ["reason"],
             registry=registry,
         )
-        for reason in (TOO_MANY, HEADER_TIMEOUT, BODY_TIMEOUT):
+        for reason in (TOO_MANY, HEADER_TIMEOUT, BODY_TIMEOUT, SEND_TIMEOUT):
             self.closed_total.labels(reason=reason)
         open_now = Gauge("sparrow_http_connections", "Open HTTP connections", registry=registry)
         open_now.set_function(lambda: len(self.connections))

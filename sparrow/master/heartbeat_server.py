@@ -46,6 +46,14 @@ handshake (``no_identity``, ``bad_proof``, ``key_mismatch``, ``live_incarnation`
 error level, counted, and answered with a ``Refusal`` (reason and detail, so the node can log why)
 before the connection is closed.
 
+An authenticated connection must say Hello within ``handshake_timeout`` of its handshake (empty
+records would otherwise keep a Hello-less connection open for ever), or it is closed
+(``hello_timeout``).
+
+One connection per node id: an admitted Hello closes every other connection of its node id
+(``superseded``): a node needs one, and a member that opened many as itself could otherwise send
+:data:`MAX_HEARTBEATS_PER_SECOND` on each.
+
 One live incarnation per node id: a Hello for a node id that has another open connection, under
 another incarnation, whose last heartbeat is younger than dead_after is refused (logged at error
 level, counted with reason ``live_incarnation``); once that connection closes or goes silent the
@@ -110,6 +118,10 @@ REFUSAL_LINGER = 1.0
 #: Heartbeats a connection may send in one second (a node sends one per interval, 4/s at the
 #: shortest the tests use, and a few early ones when a replica lags); more close the connection.
 MAX_HEARTBEATS_PER_SECOND = 20
+#: The protocol-error code of a connection closed because its node id said Hello on another one.
+SUPERSEDED = "superseded"
+#: The protocol-error code of an authenticated connection that said no Hello in time.
+HELLO_TIMEOUT = "hello_timeout"
 
 
 def volume_directory(control: ControlLoop) -> tuple[DirectoryEntry, ...]:
@@ -280,6 +292,8 @@ class NodeConnection(asyncio.Protocol):
         self._handshaking = False
         #: True once the peer proved it holds the cluster secret.
         self.authenticated = False
+        #: The instant a Hello is due by, from the handshake's end until the first Hello.
+        self._hello_by: float | None = None
         #: When the heartbeat frame now partly decoded began (None: none pending).
         self._frame_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -320,6 +334,7 @@ class NodeConnection(asyncio.Protocol):
                     self.transport.write(event.data)
             elif isinstance(event, Established):
                 self.authenticated = True
+                self._hello_by = now + self.server.handshake_timeout
                 self._left_handshake()
                 log.debug("node authenticated", peer=self.peer)
                 identity = self.server.identity
@@ -357,6 +372,8 @@ class NodeConnection(asyncio.Protocol):
         deadlines = [d for d in (self.channel.deadline(),) if d is not None]
         if self._frame_since is not None:
             deadlines.append(self._frame_since + self.server.frame_timeout)
+        if self._hello_by is not None and self.node_id is None:
+            deadlines.append(self._hello_by)
         return min(deadlines) if deadlines else None
 
     def check_deadline(self) -> None:
@@ -375,6 +392,11 @@ class NodeConnection(asyncio.Protocol):
                 "frame_timeout",
                 f"a heartbeat frame begun {now - self._frame_since:.1f}s ago is incomplete "
                 f"({self.decoder.buffered} bytes)",
+            )
+            return
+        if self._hello_by is not None and self.node_id is None and now >= self._hello_by:
+            self.protocol_error(
+                HELLO_TIMEOUT, f"no Hello within {self.server.handshake_timeout:g}s of the handshake"
             )
             return
         self._arm()
@@ -468,11 +490,18 @@ class NodeConnection(asyncio.Protocol):
                 restarted=known is not None and known.incarnation != hello.incarnation,
                 iscsi_portal=hello.iscsi_portal,
             )
+        self._close_other_connections_of(hello.node_id)
         self.node_id = hello.node_id
         self.node_key = admitted.key
         self.incarnation = hello.incarnation
         if self.server.on_hello is not None:
             self.server.on_hello(hello)
+
+    def _close_other_connections_of(self, node_id: str) -> None:
+        """One connection per node id (module docstring): the older ones are closed."""
+        for other in list(self.server.connections):
+            if other is not self and other.node_id == node_id and other.closed_reason is None:
+                other.protocol_error(SUPERSEDED, f"node {node_id!r} said Hello again, on {self.peer}")
 
     def _refuse_a_second_live_incarnation(self, hello: Hello) -> None:
         now = self.server.clock()

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from sparrow.auth import tokens
+from sparrow.master.auth import ROUTE_ACTIONS
 from tests.integration.cluster import TIMING, Master, http_get
 from tests.integration.daemon import Daemon
 from tests.integration.process import Proc, admin_token, credentials_file, daemon_env
@@ -321,3 +322,70 @@ def test_by_default_every_backing_is_refused(kind: str, tmp_path: Path) -> None:
         assert server.state()[0] == []
     finally:
         assert proc.term() == 0, proc.log_tail()
+
+
+# --- every route of the table (sparrow.master.auth.ROUTE_ACTIONS) ------------------------------
+
+#: A body each route would accept from a token allowed to send it.
+ROUTE_BODIES: dict[tuple[str, str], Any] = {
+    ("POST", "/v1/volumes"): {"name": "team-b-new", "size": "1MiB"},
+    ("POST", "/v1/volumes/{name}/resize"): {"size": "2MiB"},
+    ("PATCH", "/v1/volumes/{name}"): {"chap_user": "intruder", "chap_secret": "intruder-secret-12"},
+    ("PATCH", "/v1/cluster"): {
+        "discovery_chap_user": "intruder",
+        "discovery_chap_secret": "intruder-secret-12",
+    },
+    ("POST", "/v1/tokens"): {"role": "admin"},
+}
+
+
+def test_every_route_refuses_a_missing_wrong_revoked_too_small_or_other_tenant_token(server: Server) -> None:
+    """Each route of the table, on a real daemon, with the tokens that may not use it: 401 or
+    403, and nothing changed (volumes with their CHAP and pause, the cluster's discovery CHAP,
+    nodes, tokens). Which token gets 403 is derived from the one rule table
+    (sparrow.auth.tokens.authorize), so a route added to ROUTE_ACTIONS is covered here too."""
+    server.ok("POST", "/v1/volumes?wait=10", {"name": "team-b-vol", "size": "1MiB"}, status=201)
+    kinds = {
+        "reader": ("reader", None),
+        "operator": ("operator", None),
+        "tenant": ("operator", "team-a"),
+        "tenant_admin": ("admin", "team-a"),
+    }
+    principals = {
+        kind: tokens.Principal(server.mint(kind, role, tenant), tokens.Role(role), tenant)
+        for kind, (role, tenant) in kinds.items()
+    }
+    revoked_id = server.mint("revoked", "admin")
+    server.ok("DELETE", f"/v1/tokens/{revoked_id}", status=204)
+    victim = server.mint("victim", "reader")
+
+    def state() -> Any:
+        volumes = server.ok("GET", "/v1/volumes")["volumes"]
+        shown = sorted((v["name"], v["size"], v.get("chap_user"), v.get("paused")) for v in volumes)
+        nodes = sorted(n["node_id"] for n in server.ok("GET", "/v1/nodes")["nodes"])
+        return server.state(), shown, nodes, server.ok("GET", "/v1/cluster")
+
+    for (method, route), action in sorted(ROUTE_ACTIONS.items()):
+        path = route.format(name="team-b-vol", node_id="no-such-node", id=victim)
+        body = ROUTE_BODIES.get((method, route))
+        if method in ("POST", "PATCH") and body is None:
+            body = {}
+        named = "team-b-vol" if "{name}" in route else (body or {}).get("name")
+        forbidden = []
+        for kind, principal in principals.items():
+            try:
+                tokens.authorize(principal, action, named)
+            except tokens.Forbidden:
+                forbidden.append(kind)
+        before = state()
+        refusals = [
+            (None, 401),
+            (wrong_token(), 401),
+            (server.tokens["revoked"], 401),
+            *((server.tokens[kind], 403) for kind in forbidden),
+        ]
+        for token, expected in refusals:
+            got, answer = call(server.api, method, path, token, body)
+            assert got == expected, (method, path, token and token[:20], got, answer)
+            assert isinstance(answer["error"], str) and answer["error"]
+            assert state() == before, f"{method} {path} changed something on a {expected}"

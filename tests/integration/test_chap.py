@@ -27,3 +27,15 @@ def test_chap_secret_is_required_and_checked(daemon: Daemon) -> None:
         None,
     )
     assert line is not None and float(line.split()[-1]) >= 3, body.decode()
+
+
+def test_one_volumes_credentials_open_no_other_volume(daemon: Daemon) -> None:
+    """A valid user lying: alice holds the right secret for her volume, and tries bob's with it."""
+    iscsi_inq = require_tool("iscsi-inq")
+    daemon.create_volume("alices", "8MiB", "--chap-user", "alice", "--chap-secret", "alice-secret-12")
+    daemon.create_volume("bobs", "8MiB", "--chap-user", "bob", "--chap-secret", "bob-secret-1234")
+    assert "SPARROW" in run([iscsi_inq, daemon.url("alices", chap=("alice", "alice-secret-12"))]).stdout
+    for creds in (("alice", "alice-secret-12"), ("bob", "alice-secret-12"), None):
+        denied = run([iscsi_inq, daemon.url("bobs", chap=creds)], check=False)
+        assert denied.returncode != 0 and "SPARROW" not in denied.stdout, creds
+    assert "SPARROW" in run([iscsi_inq, daemon.url("bobs", chap=("bob", "bob-secret-1234"))]).stdout

@@ -403,3 +403,51 @@ def test_a_forged_heartbeat_for_a_killed_primary_gets_no_liar_promoted(cluster: 
     assert v["epoch"] > 1 and v["primary"]["node_id"] == survivor, v
     assert all(a.primary != "liar" for a in beat().assignments)
     liar.close()
+
+
+def test_a_member_saying_hello_as_itself_on_a_second_connection_closes_the_first(cluster: Cluster) -> None:
+    # One member, many connections as one node id: each would get MAX_HEARTBEATS_PER_SECOND Acks
+    # (the whole volume directory each) a second. The master keeps only the newest.
+    secret = secret_of(cluster.root)
+    links = []
+    try:
+        for seq in range(3):
+            link = NodeLink(cluster.master.listen_port, secret)
+            links.append(link)
+            link.send(hello("door-member", 1))
+            assert isinstance(link.beat(seq + 1), Ack)
+        for older in links[:-1]:
+            assert older.closed_within(CLOSE_WITHIN, read_through=True), "an older connection was kept"
+        assert isinstance(links[-1].beat(10), Ack)  # the newest still served
+        metrics = cluster.master.metrics()
+        assert sample(metrics, "sparrow_master_heartbeat_protocol_errors_total", code="superseded") >= 2
+        assert all(n["state"] == "alive" for i, n in node_ids(cluster).items() if i != "door-member")
+    finally:
+        for link in links:
+            link.close()
+
+
+def test_an_authenticated_connection_that_never_says_hello_is_closed(cluster: Cluster) -> None:
+    # Empty records keep the channel's idle clock fed without a frame: only a Hello deadline ends it.
+    link = NodeLink(cluster.master.listen_port, secret_of(cluster.root))
+    try:
+        deadline = time.monotonic() + 5.0 + CLOSE_WITHIN
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                link.send_plain(b"")
+            except OSError:
+                closed = True
+                break
+            closed = link.closed_within(0.5)
+        assert closed, "a Hello-less connection was kept open"
+        assert (
+            sample(
+                cluster.master.metrics(),
+                "sparrow_master_heartbeat_protocol_errors_total",
+                code="hello_timeout",
+            )
+            == 1
+        )
+    finally:
+        link.close()

@@ -138,3 +138,18 @@ def test_a_failed_start_is_one_line_and_leaves_the_data_dir_usable(tmp_path: Pat
         daemon.create_volume("after", "8MiB")
     finally:
         assert daemon.stop() == 0
+
+
+def test_serve_refuses_a_config_file_others_may_read_that_holds_the_discovery_secret(tmp_path: Path) -> None:
+    config = tmp_path / "sparrow.toml"
+    config.write_text('[iscsi.discovery_chap]\nuser = "disco"\nsecret = "discovery-secret-1"\n')
+    config.chmod(0o644)
+    daemon = Daemon(tmp_path / "data", extra_args=("--config", str(config)))
+    proc = subprocess.run(daemon.command(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sparrow:")]
+    assert len(lines) == 1 and "accessible by group or others (mode 0644); chmod 600 it" in lines[0], lines
+    assert "discovery-secret-1" not in proc.stderr + proc.stdout
+    config.chmod(0o600)
+    daemon.start()
+    assert daemon.stop() == 0

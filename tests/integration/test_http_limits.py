@@ -21,6 +21,7 @@ import pytest
 from tests.integration.cluster import metric
 from tests.integration.daemon import Daemon
 from tests.integration.process import admin_token, bearer
+from tests.tools import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -157,6 +158,28 @@ def test_connections_over_the_cap_are_closed_at_once_and_counted(capped: Daemon)
             assert time.monotonic() < deadline, "no room for a request 10 s after the connections closed"
             time.sleep(0.02)  # the poll interval of tests.tools.wait_for
     assert closed_total == 10.0 + refused_here
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_off(limited: Daemon) -> None:
+    """A client pipelines requests for /openapi.json (public, 60 KiB each) and reads nothing: the
+    daemon's sends stall once the socket buffers are full. aiohttp would wait on them without end
+    (its keep-alive timer does not run while a request is in progress), holding one of the
+    max_connections slots for as long as the client liked; it is aborted after the idle timeout."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", limited.http_port))
+        s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 200)
+        sent = time.monotonic()
+        wait_for(
+            lambda: _closed_total(limited, "send_timeout") == 1.0,
+            timeout=IDLE_TIMEOUT + SLACK + 5,
+            what="the stalled connection cut off",
+        )
+        assert time.monotonic() - sent >= IDLE_TIMEOUT - 0.1
+        tcp_state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+        assert tcp_state == 7, tcp_state  # TCP_CLOSE: reset by the daemon, its buffers dropped
+        assert _closed_total(limited, "send_timeout") == 1.0  # nothing else was cut off
 
 
 def test_a_slow_body_is_answered_408_and_closed(limited: Daemon) -> None:

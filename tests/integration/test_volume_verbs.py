@@ -265,6 +265,7 @@ def test_serve_records_its_toml_discovery_chap_once_and_the_cluster_setting_wins
     secret = "toml-discovery-secret-7"
     config = tmp_path / "sparrow.toml"
     config.write_text(f'[iscsi.discovery_chap]\nuser = "tomluser"\nsecret = "{secret}"\n')
+    config.chmod(0o600)
     daemon = Daemon(tmp_path / "data", extra_args=("--config", str(config)))
     daemon.start()
     try:

@@ -26,6 +26,7 @@ MiB = 1024**2
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "sparrow.toml"
     path.write_text(text)
+    path.chmod(0o600)
     return path
 
 
@@ -289,6 +290,8 @@ def test_serve_makes_its_secret_once_and_reuses_it(tmp_path: Path) -> None:
     assert serve_secret(tmp_path, None) == first
     with pytest.raises(ConfigError, match="does not exist"):
         serve_secret(tmp_path, tmp_path / "missing.secret")
+
+
 def test_allowed_backing_prefixes_from_the_file_and_the_flag(tmp_path: Path) -> None:
     path = tmp_path / "sparrow.toml"
     path.write_text('allowed_backing_prefixes = ["/dev/disk/by-id/", "/srv//disks/../vm"]\n')
@@ -301,3 +304,13 @@ def test_allowed_backing_prefixes_from_the_file_and_the_flag(tmp_path: Path) -> 
     path.write_text('allowed_backing_prefixes = "/dev"\n')
     with pytest.raises(ConfigError, match="must be a list"):
         load_config(path)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_file_holding_the_discovery_secret_must_be_private(tmp_path: Path, mode: int) -> None:
+    path = write(tmp_path, '[iscsi.discovery_chap]\nuser = "u"\nsecret = "s12345678901"\n')
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=f"iscsi.discovery_chap.secret .*mode {mode:04o}.*chmod 600"):
+        load_config(path)
+    path.write_text('[iscsi]\nlisten = "127.0.0.1:3260"\n')  # no secret: any mode
+    load_config(path)
