@@ -319,8 +319,21 @@ def test_three_copy_primary_kill9_fails_over_and_catches_up_at_every_kill_point(
         for k in range(1, KILLS + 1):
             kill_moment(writer, rnd)
             before = cluster3.volume("gate")
+            while in_sync_copies(before) != set(cluster3.nodes):
+                # A copy may leave the in-sync set between kill points (an ACK later than the
+                # replication timeout on a loaded machine: the master records it out under a new
+                # epoch before any write is acknowledged without it). Legal; wait until it is back,
+                # so that every kill point still kills the primary of a fully replicated volume.
+                print(f"kill point {k}: waiting for a copy back in sync: {before['replicas']}")
+                wait_for(
+                    lambda: in_sync_copies(cluster3.volume("gate")) == set(cluster3.nodes),
+                    timeout=60,
+                    what=f"kill point {k}: all three copies back in the in-sync set",
+                    interval=0.1,
+                )
+                kill_moment(writer, rnd)
+                before = cluster3.volume("gate")
             old = before["primary"]["node_id"]
-            assert in_sync_copies(before) == set(cluster3.nodes), f"seed {seed}: {before['replicas']}"
             cluster3.node(old).kill9()
             killed = time.monotonic()
             after = wait_for(
