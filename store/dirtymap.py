@@ -397,7 +397,7 @@ class MarkingStore(DelegatingStore):
         """``InlineWrites`` (a replica's run of contiguous writes): only into regions already
         durably dirty, so the mark is never skipped; False (nothing written) otherwise."""
         inline = self.inline_writes
-        if inline is None or not self.dirty.covered(offset, sum(len(b) for b in buffers)):
+        if inline is None or not self.dirty.covered(offset, sum(map(len, buffers))):
             return False
         return inline.write_inline(offset, buffers)
 
