@@ -427,9 +427,13 @@ class MarkingStore(DelegatingStore):
         self.dirty = dirty
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """``InlineIo``: into regions durably dirty, already or marked now (a map on tmpfs)."""
         inline = self.inline_io
+        if inline is None:
+            return False
+        dirty = self.dirty
         length = data.nbytes if isinstance(data, memoryview) else len(data)
-        if inline is None or not self.dirty.covered(offset, length):
+        if not dirty.covered(offset, length) and not dirty.mark_now(offset, length):
             return False
         return inline.write_now(offset, data)
 

@@ -237,3 +237,39 @@ async def test_a_marking_store_on_tmpfs_marks_then_writes_a_run_inline(
     finally:
         dirty.close()
         await store.close()
+
+
+async def test_a_marking_store_on_tmpfs_marks_then_writes_inline_on_the_fast_path(
+    shm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MarkingStore.write_now`` (the primary's fast path) into a clean region of a map on tmpfs:
+    marked durably, then written, at once; with the map on a disk it declines (the general path
+    marks on the executor first)."""
+    store = await FileBlockStore.open(str(shm_path / "v.img"), block_size=512, size=8 * MIB, create=True)
+    dirty = DirtyMap.open(shm_path / "v.dirty", VID, 8 * MIB, missing_clean=True)
+    on_disk = DirtyMap.open(tmp_path / "v.dirty", VID, 8 * MIB, missing_clean=True)
+    order: list[str] = []
+    real_mark, real_write = dirty._write_bytes, FileBlockStore.write_now
+
+    def marking(data: bytes) -> None:
+        order.append("mark")
+        real_mark(data)
+
+    def writing(self: FileBlockStore, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        order.append("write")
+        return real_write(self, offset, data)
+
+    monkeypatch.setattr(dirty, "_write_bytes", marking)
+    monkeypatch.setattr(FileBlockStore, "write_now", writing)
+    try:
+        assert MarkingStore(store, dirty).write_now(5 * MIB, b"x" * 4096)
+        assert order == ["mark", "write"] and list(
+            DirtyBitmap.decode((shm_path / "v.dirty").read_bytes(), VID, 8)
+        ) == [5]
+        assert await store.read(5 * MIB, 4096) == b"x" * 4096
+        assert not MarkingStore(store, on_disk).write_now(6 * MIB, b"y" * 4096)
+        assert order == ["mark", "write"] and on_disk.dirty_regions() == []
+    finally:
+        dirty.close()
+        on_disk.close()
+        await store.close()
