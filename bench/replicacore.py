@@ -9,7 +9,7 @@ record, decode and check each message, apply (pwritev), mark the dirty map, enco
 ACK, and the loop turns the worker needs. The next record is fed once the replica is idle (its
 queue applied, no dirty-map write in flight): on a real replica the next writes arrive a
 millisecond or more later, a mark's fdatasync takes less. Prints process CPU microseconds per
-write (the executor thread's dirty-map ``fdatasync`` included), the best of ``--repeat`` runs,
+write (a dirty-map mark included: on tmpfs it is written on the loop), the best of ``--repeat`` runs,
 for two cases:
 
 - ``dirty``: every region already durably dirty (no marks: the per-message cost);

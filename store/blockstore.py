@@ -177,6 +177,11 @@ def _fs_magic(fd: int) -> int | None:
     return int(buf.f_type) & 0xFFFFFFFF
 
 
+def on_memory_fs(fd: int) -> bool:
+    """True if ``fd``'s file is on tmpfs or ramfs (its I/O is a memory copy: it may run inline)."""
+    return _fs_magic(fd) in _MEMORY_FS_MAGIC
+
+
 class IoPath(enum.Enum):
     """Where a store's reads and writes run (chosen once, at open).
 
@@ -193,7 +198,7 @@ class IoPath(enum.Enum):
 
 
 def _choose_io_path(fd: int) -> IoPath:
-    if _fs_magic(fd) in _MEMORY_FS_MAGIC:
+    if on_memory_fs(fd):
         return IoPath.MEMORY
     try:
         os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)

@@ -24,7 +24,9 @@ The bitmap is ``ceil(regions / 8)`` bytes, region ``r`` is bit ``r % 8`` (LSB fi
 ``r // 8``. The file is rewritten in place: a torn write fails the checksum, which reads as all dirty.
 
 :class:`DirtyBitmap` is the pure core (bits, codec); :class:`DirtyMap` adds the file, the durable
-view and the batching (its I/O runs on the default executor).
+view and the batching (its I/O runs on the default executor, or on the loop when the file is on
+tmpfs/ramfs: a memory copy, an ``fdatasync`` with nothing to wait for; the store's own rule,
+``store.blockstore.IoPath.MEMORY``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import crc32c
 import structlog
 
-from store.blockstore import BlockStore, StoreError
+from store.blockstore import BlockStore, StoreError, on_memory_fs
 from store.delegating import DelegatingStore
 from store.metadata import fsync_dir
 
@@ -200,6 +202,8 @@ class DirtyMap:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._needs_write = not durable
         self.closed = False
+        #: The file is on tmpfs/ramfs: a mark is written on the loop, at once (:meth:`mark_now`).
+        self.inline = False
 
     # ---- opening ------------------------------------------------------------------------------------
 
@@ -238,6 +242,7 @@ class DirtyMap:
 
     def _open_fd(self) -> None:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.inline = on_memory_fs(self._fd)
 
     # ---- queries ------------------------------------------------------------------------------------
 
@@ -278,6 +283,25 @@ class DirtyMap:
             return
         await self._persist()
 
+    def mark_now(self, offset: int, length: int) -> bool:
+        """:meth:`mark` at once, on the loop, when the map's writes run inline (:attr:`inline`) and
+        no batch is being written: True once every region of the range is durably dirty; False,
+        with nothing changed, when the caller must await :meth:`mark` instead (a map on a disk, a
+        batch in flight, a range past the map). Raises StoreError if the map cannot be written."""
+        if not self.inline or self._persisting is not None or self.closed:
+            return False
+        span = region_span(offset, length)
+        if span.stop > self.bits.regions:
+            return False
+        new = False
+        for region in span:
+            if region not in self.durable:
+                self.bits.add(region)
+                new = True
+        if new:
+            self._persist_now()
+        return True
+
     async def mark_all(self) -> None:
         """Every region dirty, durably (a copy released from its assignment)."""
         self.bits.set_all()
@@ -313,6 +337,9 @@ class DirtyMap:
     async def _persist(self) -> None:
         if self.closed:
             raise StoreError(f"dirty map {self.path} is closed")
+        if self.inline and self._persisting is None:
+            self._persist_now()
+            return
         self._wanted += 1
         target = self._wanted
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -362,6 +389,19 @@ class DirtyMap:
                     future.set_exception(StoreError(f"dirty map {self.path} is closed"))
             self._waiters = []
 
+    def _persist_now(self) -> None:
+        """Write the bits now, on the loop (:attr:`inline`, no batch in flight): then every set bit
+        is durable."""
+        try:
+            self._write_bytes(self.bits.encode(self.volume_id))
+        except OSError as e:
+            self._needs_write = True
+            raise StoreError(f"dirty map {self.path} not written: {e}") from e
+        self.durable = self.bits.copy()
+        self._needs_write = False
+        self._wanted += 1
+        self._written = self._wanted
+
     def _write_now(self) -> None:
         self._write_bytes(self.bits.encode(self.volume_id))
         for region in self.bits:
@@ -387,17 +427,26 @@ class MarkingStore(DelegatingStore):
         self.dirty = dirty
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """``InlineIo``: into regions durably dirty, already or marked now (a map on tmpfs)."""
         inline = self.inline_io
+        if inline is None:
+            return False
+        dirty = self.dirty
         length = data.nbytes if isinstance(data, memoryview) else len(data)
-        if inline is None or not self.dirty.covered(offset, length):
+        if not dirty.covered(offset, length) and not dirty.mark_now(offset, length):
             return False
         return inline.write_now(offset, data)
 
     def write_inline(self, offset: int, buffers: Sequence[bytes | memoryview]) -> bool:
-        """``InlineWrites`` (a replica's run of contiguous writes): only into regions already
-        durably dirty, so the mark is never skipped; False (nothing written) otherwise."""
+        """``InlineWrites`` (a replica's run of contiguous writes): only into regions durably dirty,
+        already or marked now (``DirtyMap.mark_now``: a map on tmpfs), so the mark is never
+        skipped; False (nothing written) otherwise."""
         inline = self.inline_writes
-        if inline is None or not self.dirty.covered(offset, sum(len(b) for b in buffers)):
+        if inline is None:
+            return False
+        dirty = self.dirty
+        length = sum(map(len, buffers))
+        if not dirty.covered(offset, length) and not dirty.mark_now(offset, length):
             return False
         return inline.write_inline(offset, buffers)
 

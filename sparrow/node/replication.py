@@ -57,6 +57,7 @@ from sparrow.replication.protocol import (
     ApplyNop,
     ApplyUnmap,
     ApplyWrite,
+    ApplyWriteRun,
     ApplyWriteSame,
     ErrorCode,
     Lookup,
@@ -84,8 +85,6 @@ MAX_ACK_BUFFER = 1 << 20
 ACK_EVERY = 16
 #: The kernel send buffer asked for on each connection: a replica sends only small ACKs.
 SEND_BUFFER = 16 << 10
-#: The most buffers of one pwritev (Linux's IOV_MAX).
-IOV_MAX = 1024
 #: Zeros written at a time where the store cannot punch holes, and write-same chunks.
 CHUNK = 1 << 20
 #: Seconds a REFUSE gets to leave before the connection is aborted.
@@ -393,22 +392,25 @@ class ReplicaConnection(asyncio.Protocol):
         self.server.touched[volume_id] = (session, {})
         self.server.sticky[volume_id] = set(dirty.bits) if dirty is not None else set()
 
-    def _touch_run(self, run: list[ApplyWrite]) -> None:
-        """:meth:`_touch` for a run of contiguous plain writes (``_contiguous``), with one lookup and
-        one entry per region: every region of the run is recorded as written at the run's last seq.
-        That is at or after the seq of every write to it, so a checkpoint clears a region no
-        earlier than the writes' own seqs would let it (perhaps one checkpoint later)."""
+    def _touch_run(self, run: ApplyWriteRun) -> None:
+        """:meth:`_touch` for a run of plain writes, with one lookup and one entry per region: every
+        region of the run is recorded as written at the run's last seq. That is at or after the seq
+        of every write to it, so a checkpoint clears a region no earlier than the writes' own seqs
+        would let it (perhaps one checkpoint later)."""
         volume_id = self.stream.volume_id
         held = None if volume_id is None else self.server.touched.get(volume_id)
         if volume_id is None or held is None or held[0] != self._session:
             return  # another session took over: this stream's writes stay dirty
-        touched, at = held[1], (self.stream.epoch, run[-1].seq)
-        start, last = run[0].offset, run[-1]
-        for region in region_span(start, last.offset + len(last.data) - start):
+        touched, at = held[1], (self.stream.epoch, run.seq)
+        start, length = run.offset, run.length
+        for region in region_span(start, length):
             touched[region] = at
-        for write in run:
-            if write.offset % REGION_SIZE == 0:
-                self._whole_region(volume_id, write.offset, len(write.data))
+        if start % REGION_SIZE == 0 or start // REGION_SIZE != (start + length - 1) // REGION_SIZE:
+            pos = start  # a region starts within the run: at a write's start?
+            for data in run.buffers:
+                if pos % REGION_SIZE == 0:
+                    self._whole_region(volume_id, pos, len(data))
+                pos += len(data)
 
     def _whole_region(self, volume_id: str, offset: int, length: int) -> None:
         """A write at the start of a region: if it covers the region (a resync's copy), this copy
@@ -584,10 +586,10 @@ class ReplicaConnection(asyncio.Protocol):
         return self._inline
 
     def _apply_now(self) -> None:
-        """The worker is idle: apply the plain writes at the head of the queue here, in the turn
-        they arrived, a contiguous run per pwritev, and ACK once for all of them (a store that
-        writes inline: tmpfs, a durably dirty region). Whatever cannot go inline, and all after
-        it, is left to the worker, in order."""
+        """The worker is idle: apply the runs of plain writes at the head of the queue here, in the
+        turn they arrived, a run per pwritev, and ACK once for all of them (a store that writes
+        inline: tmpfs, a durably dirty region). Whatever cannot go inline, and all after it, is left
+        to the worker, in order."""
         volume_id = self.stream.volume_id
         store = None if volume_id is None else self.server.store_for(volume_id)
         inline = None if store is None else self._inline_writes(store)
@@ -596,28 +598,25 @@ class ReplicaConnection(asyncio.Protocol):
         queue = self._queue
         applied = payload = seq = 0
         while queue:
-            head = queue[0]
-            if not isinstance(head, ApplyWrite) or head.fua:
+            run = queue[0]
+            if type(run) is not ApplyWriteRun:
                 break
-            queue.popleft()
-            run = self._contiguous(head, IOV_MAX)
             try:
-                written = inline.write_inline(head.offset, [a.data for a in run])
+                written = inline.write_inline(run.offset, run.buffers)
             except StoreError as e:
+                queue.popleft()
                 if applied:
                     self.stream.done(seq)
-                log.error(
-                    "replica apply failed", peer=self.peer, volume_id=volume_id, seq=head.seq, error=str(e)
-                )
+                log.error("replica apply failed", peer=self.peer, volume_id=volume_id, seq=run.seq, error=e)
                 self.refuse("apply_failed", str(e))
                 return
             if not written:
-                queue.extendleft(reversed(run))  # a dirty bit to make durable first: the worker
-                break
+                break  # a dirty bit to make durable first: the worker
+            queue.popleft()
             self._touch_run(run)
-            seq = run[-1].seq
-            applied += len(run)
-            payload += sum(len(a.data) for a in run)
+            seq = run.seq
+            applied += run.seq - run.first_seq + 1
+            payload += run.length
         if applied:
             ack = self.stream.done(seq)
             self.server.metrics.applied.inc(applied)
@@ -638,16 +637,15 @@ class ReplicaConnection(asyncio.Protocol):
         while queue and applied < ACK_EVERY and not durable and self.closed_reason is None:
             apply = queue.popleft()
             try:
-                if inline is not None and isinstance(apply, ApplyWrite) and not apply.fua:
-                    run = self._contiguous(apply, ACK_EVERY - applied)
+                if isinstance(apply, ApplyWriteRun):
                     # A marking store writes inline only into regions already durably dirty.
-                    if inline.write_inline(apply.offset, [a.data for a in run]):
-                        self._touch_run(run)
-                        seq = run[-1].seq
-                        applied += len(run)
-                        payload += sum(len(a.data) for a in run)
-                        continue
-                    queue.extendleft(reversed(run[1:]))  # the pool: one at a time below
+                    if inline is None or not inline.write_inline(apply.offset, apply.buffers):
+                        await self._apply(store, apply)
+                    self._touch_run(apply)
+                    seq = apply.seq
+                    applied += apply.seq - apply.first_seq + 1
+                    payload += apply.length
+                    continue
                 durable = await self._apply(store, apply)
             except StoreError as e:
                 if applied:
@@ -678,25 +676,13 @@ class ReplicaConnection(asyncio.Protocol):
         self._flow()
         return True
 
-    def _contiguous(self, first: ApplyWrite, most: int) -> list[ApplyWrite]:
-        """``first`` and the plain writes queued right after it that continue it on the volume
-        (taken off the queue), at most ``most`` and IOV_MAX in all."""
-        run = [first]
-        end = first.offset + len(first.data)
-        queue = self._queue
-        most = min(most, IOV_MAX)
-        while queue and len(run) < most:
-            nxt = queue[0]
-            if not isinstance(nxt, ApplyWrite) or nxt.fua or nxt.offset != end:
-                break
-            run.append(nxt)
-            queue.popleft()
-            end += len(nxt.data)
-        return run
-
     @staticmethod
     async def _apply(store: BlockStore, apply: Apply) -> bool:
         """Apply one message to ``store``; True if everything up to it is now durable."""
+        if isinstance(apply, ApplyWriteRun):  # one write through the store's general path: its
+            buffers = apply.buffers  # dirty-map mark of the run's regions, its I/O pool
+            await store.write(apply.offset, buffers[0] if len(buffers) == 1 else b"".join(buffers))
+            return False
         if isinstance(apply, ApplyWrite):
             await store.write(apply.offset, apply.data)
             if apply.fua:

@@ -351,9 +351,9 @@ def test_a_peer_that_stops_reading_its_acks_is_disconnected(setup: Setup) -> Non
     def flood() -> None:
         seq = first
         try:
-            for _ in range(1000):  # the replica ACKs at most every 16 applies: ~4000 ACKs unread
+            for _ in range(4000):  # the replica ACKs a run (a record) at most once: ~4000 ACKs unread
                 batch = []
-                for _ in range(64):
+                for _ in range(16):
                     batch.append(Write(setup.volume_id, 2, seq, region + (seq % 2048) * 512, bytes(512)))
                     seq += 1
                 link.send(*batch)
@@ -362,7 +362,7 @@ def test_a_peer_that_stops_reading_its_acks_is_disconnected(setup: Setup) -> Non
 
     sender = threading.Thread(target=flood, daemon=True)
     sender.start()
-    # Never reading a byte of the ACKs. They are cumulative (one per up to 16 applies), so it is
+    # Never reading a byte of the ACKs. They are cumulative (one per up to 16 applies or a run), so it is
     # the 64 KiB-for-5 s rule that cuts the peer off, once the flood has piled them up.
     setup.refusal_logged("not_reading", timeout=CLOSE_WITHIN + 10)
     sender.join(timeout=30)

@@ -127,12 +127,16 @@ class Peer:
                 plain.append(event.data)
         return plain
 
-    def send(self, *messages: Message, key: bytes | None = KEY) -> None:
-        """Send ``messages``; an OPEN proves ``key`` on this connection (None: sent as given)."""
+    def send(self, *messages: Message, key: bytes | None = KEY, together: bool = False) -> None:
+        """Send ``messages``, a record each (``together``: in one record, as a primary sends what
+        one loop turn queued); an OPEN proves ``key`` on this connection (None: sent as given)."""
+        wires = []
         for m in messages:
             if isinstance(m, Open) and key is not None:
                 m = m.signed(key, self.channel.binding)
-            self.conn.data_received(self.channel.send(encode(m)))
+            wires.append(encode(m))
+        for wire in [b"".join(wires)] if together else wires:
+            self.conn.data_received(self.channel.send(wire))
 
     def received(self) -> list[Message]:
         for data in self._pump():
@@ -292,9 +296,9 @@ async def test_the_handshake_cap() -> None:
 async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """On a store that writes inline (tmpfs), plain writes that continue each other are applied
-    with one pwritev; a gap starts another run; a later write over the first run lands after it;
-    the messages applied back to back are reported with one cumulative ACK."""
+    """On a store that writes inline (tmpfs), plain writes of one record that continue each other
+    are applied with one pwritev; a gap starts another run; a later write over the first run lands
+    after it; the messages applied back to back are reported with one cumulative ACK."""
     calls: list[list[bytes]] = []
     real_pwritev = os.pwritev
 
@@ -317,6 +321,7 @@ async def test_a_run_of_contiguous_writes_is_applied_with_one_pwritev_and_acked_
             Write(VID, 2, 3, 1536, b"c" * 512),
             Write(VID, 2, 4, 8192, b"d" * 512),  # not contiguous: a run of its own
             Write(VID, 2, 5, 512, b"e" * 512),  # over the first run: applied after it
+            together=True,
         )
         await settle()
         assert calls == [[b"a" * 512, b"b" * 1024, b"c" * 512]]
@@ -345,6 +350,7 @@ async def test_writes_reaching_an_idle_replica_are_applied_and_acked_in_the_same
         peer.send(Open(VID, 2, 1, "n1"))
         assert peer.received() == [Ack(VID, 2, 0, 0)]
         await settle()  # the worker waits
+
         def together(*messages: Message) -> None:  # one record: one data_received
             conn.data_received(peer.channel.send(b"".join(encode(m) for m in messages)))
 
@@ -434,10 +440,10 @@ async def test_a_new_primary_session_leaves_what_the_earlier_one_wrote_dirty(tmp
 async def test_a_marking_store_writes_a_run_inline_only_into_regions_already_marked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A replica's dirty-map marking store over tmpfs: the first write into a clean region takes
-    the general path (marked durably, then written); the rest of its run goes inline only once the
-    region is durably dirty; every write of an inline run is recorded for the checkpoint, which
-    clears their regions."""
+    """A replica's dirty-map marking store over tmpfs: a run into a clean region is declined inline
+    (not covered) and takes the general path (marked durably, then written, as one write); a later
+    run into the region, now durably dirty, goes inline; every write of an inline run is recorded
+    for the checkpoint, which clears their regions."""
     inline: list[tuple[int, int, bool]] = []
     real_write_inline = FileBlockStore.write_inline
 
@@ -461,25 +467,30 @@ async def test_a_marking_store_writes_a_run_inline_only_into_regions_already_mar
             Write(VID, 2, 1, 0, b"a" * 512),
             Write(VID, 2, 2, 512, b"b" * 512),
             Write(VID, 2, 3, 1024, b"c" * 512),
-            Write(VID, 2, 4, 3 * MiB, b"d" * 512),
-            Write(VID, 2, 5, 3 * MiB + 512, b"e" * 512),
+            together=True,
+        )
+        peer.send(
+            Write(VID, 2, 4, 3 * MiB, b"d" * 512), Write(VID, 2, 5, 3 * MiB + 512, b"e" * 512), together=True
         )
         acks: list[Message] = []
         await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 5, 0) in acks)
-        # Each clean region's first write was declined inline (not covered), then marked and
-        # written; what followed in the same region went inline, into a durably dirty region.
-        assert (512, 1024, True) in inline and (3 * MiB + 512, 512, True) in inline
-        assert all(covered for _, _, covered in inline)
+        # Each run into a clean region was declined inline (not covered: it never reached the
+        # file's write_inline), then marked and written.
+        assert inline == []
+        peer.send(Write(VID, 2, 6, 1536, b"c" * 512))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 6, 0) in acks)
+        assert inline[-1] == (1536, 512, True)  # region 0 is durably dirty now: inline
         assert dirty.dirty_regions() == [0, 3]
-        assert await store.read(0, 1536) == b"a" * 512 + b"b" * 512 + b"c" * 512
-        peer.send(Flush(VID, 2, 6), Checkpoint(VID, 2, 7, 6))
-        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 7, 6) in acks)
+        assert await store.read(0, 2048) == b"a" * 512 + b"b" * 512 + b"c" * 1024
+        assert await store.read(3 * MiB, 1024) == b"d" * 512 + b"e" * 512
+        peer.send(Flush(VID, 2, 7), Checkpoint(VID, 2, 8, 7))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 8, 7) in acks)
         assert dirty.dirty_regions() == []  # the inline writes were recorded as this session's
         # A region's latest write is the one a checkpoint must cover: one written inline after the
         # checkpoint's seq keeps the region dirty although an earlier write there is covered.
-        peer.send(Write(VID, 2, 8, 0, b"f" * 512), Flush(VID, 2, 9), Write(VID, 2, 10, 512, b"g" * 512))
-        peer.send(Checkpoint(VID, 2, 11, 9))
-        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 11, 9) in acks)
+        peer.send(Write(VID, 2, 9, 0, b"f" * 512), Flush(VID, 2, 10), Write(VID, 2, 11, 512, b"g" * 512))
+        peer.send(Checkpoint(VID, 2, 12, 10))
+        await until(lambda: acks.extend(peer.received()) or Ack(VID, 2, 12, 10) in acks)
         assert inline[-1] == (512, 512, True)
         assert dirty.dirty_regions() == [0]
     finally:

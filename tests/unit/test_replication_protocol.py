@@ -15,6 +15,7 @@ from sparrow.cluster.messages import Role
 from sparrow.replication.protocol import (
     HEADER,
     MAX_PAYLOAD,
+    MAX_RUN,
     PRIMARY_TRANSITIONS,
     REPLICA_TRANSITIONS,
     Ack,
@@ -24,6 +25,7 @@ from sparrow.replication.protocol import (
     ApplyNop,
     ApplyUnmap,
     ApplyWrite,
+    ApplyWriteRun,
     ApplyWriteSame,
     Checkpoint,
     Dirty,
@@ -385,10 +387,133 @@ def test_the_persisted_role_is_looked_up_once_per_feed_and_again_for_the_next() 
     stream = replica_stream(lookup, ReplicaPositions())
     stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
     events = stream.feed(b"".join(encode(Write(VID, 3, seq, 0, b"x" * 512)) for seq in (1, 2, 3)))
-    assert [e.seq for e in events if isinstance(e, ApplyWrite)] == [1, 2, 3] and asked == [VID, VID]
+    assert [e.seq for e in events if isinstance(e, ApplyWriteRun)] == [1, 2, 3] and asked == [VID, VID]
     views[VID] = VolumeView(VID, 4, Role.REPLICA, "n2", SIZE, 512, stream_key=KEY)
     assert refused(stream, Write(VID, 3, 4, 0, b"y" * 512)) is ErrorCode.STALE_EPOCH
     assert len(asked) == 3
+
+
+def test_plain_writes_come_out_as_runs_of_views_each_checked_as_one_message() -> None:
+    """Plain WRITEs that continue each other come out as one run (one pwritev), their payloads
+    views of the fed bytes; a gap on the volume, a FUA write or another kind of message ends a run,
+    and a run never spans two feeds. Each write still takes its own seq."""
+    stream = replica()
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
+    writes = [
+        Write(VID, 3, 1, 4096, b"a" * 512),
+        Write(VID, 3, 2, 4608, b"b" * 1024),
+        Write(VID, 3, 3, 5632, b"c" * 512),
+        Write(VID, 3, 4, 0, b"d" * 512),  # not contiguous: a new run
+        Write(VID, 3, 5, 512, b"e" * 512, fua=True),  # FUA: on its own, as ApplyWrite
+        Write(VID, 3, 6, 1024, b"f" * 512),
+        Nop(VID, 3, 7),
+        Write(VID, 3, 8, 1536, b"g" * 512),
+    ]
+    wire = b"".join(encode(m) for m in writes)
+    events = stream.feed(wire)
+    assert [type(e).__name__ for e in events] == [
+        "ApplyWriteRun", "ApplyWriteRun", "ApplyWrite", "ApplyWriteRun", "ApplyNop", "ApplyWriteRun"
+    ]  # fmt: skip
+    first = events[0]
+    assert isinstance(first, ApplyWriteRun)
+    assert (first.first_seq, first.seq, first.offset, first.length, first.count) == (1, 3, 4096, 2048, 3)
+    assert [bytes(b) for b in first.buffers] == [b"a" * 512, b"b" * 1024, b"c" * 512]
+    assert all(isinstance(b, memoryview) and b.obj is wire for b in first.buffers)  # not copied
+    assert stream.unapplied == 8 and stream.unapplied_bytes == 512 * 6 + 1024
+    assert decode_all(stream.done(3)) == [Ack(VID, 3, 3, 0)]
+    assert stream.unapplied == 5 and stream.unapplied_bytes == 512 * 4
+    # The same writes split across two feeds: two runs, seqs going on.
+    more = [Write(VID, 3, 9, 2048, b"h" * 512), Write(VID, 3, 10, 2560, b"i" * 512)]
+    runs = stream.feed(encode(more[0])) + stream.feed(encode(more[1]))
+    assert [(r.first_seq, r.seq) for r in runs if isinstance(r, ApplyWriteRun)] == [(9, 9), (10, 10)]
+
+
+def test_a_run_is_bounded_by_max_run_writes() -> None:
+    stream = replica(VolumeView(VID, 3, Role.REPLICA, "n1", 4 << 20, 512, stream_key=KEY))
+    stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
+    count = MAX_RUN + 5
+    events = stream.feed(b"".join(encode(Write(VID, 3, i + 1, i * 512, b"x" * 512)) for i in range(count)))
+    assert [(e.first_seq, e.seq) for e in events if isinstance(e, ApplyWriteRun)] == [
+        (1, MAX_RUN), (MAX_RUN + 1, count)
+    ]  # fmt: skip
+
+
+#: Writes that break one rule each, on the stream VIEW opened at epoch 3 (after the good seq 1).
+BAD_WRITES = [
+    Write(VID, 3, 3, 0, b"x" * 512),  # a gap
+    Write(VID, 3, 1, 0, b"x" * 512),  # a repeat
+    Write(VID, 2, 2, 0, b"x" * 512),  # another epoch
+    Write(VID, 4, 2, 0, b"x" * 512),
+    Write(OTHER_VID, 3, 2, 0, b"x" * 512),  # another volume
+    Write(VID, 3, 2, 256, b"x" * 512),  # misaligned
+    Write(VID, 3, 2, 0, b"x" * 256),
+    Write(VID, 3, 2, SIZE - 512, b"x" * 1024),  # past the end
+    Write(VID, 3, 2, SIZE, b"x" * 512),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_WRITES)
+@pytest.mark.parametrize("after", [False, True])
+def test_the_fused_path_refuses_what_the_general_path_refuses_with_its_code(bad: Write, after: bool) -> None:
+    """A bad WRITE alone, or right after a good one in the same run's bytes: the same refusal
+    code with the fused decode as one message at a time, and nothing after the good write."""
+
+    def outcome(fused: bool) -> tuple[list[int], ErrorCode]:
+        stream = replica()
+        stream.fused = fused
+        stream.feed(encode(Open(VID, 3, 1, "n1").signed(KEY, BINDING)))
+        seqs: list[int] = []
+        good = [Write(VID, 3, 1, SIZE - 1024 if bad.offset >= SIZE - 512 else 0, b"g" * 512)]
+        if not after:
+            seqs += [e.seq for e in stream.feed(encode(good[0]))]
+        with pytest.raises(ReplicationError) as e:
+            for event in stream.feed(b"".join(encode(m) for m in (good if after else []) + [bad])):
+                seqs.append(event.seq)
+        if after:
+            assert stream.unapplied == 1  # the good write was handed out before the refusal
+        return seqs, e.value.code
+
+    assert outcome(True) == outcome(False)
+
+
+@given(st.data())
+def test_fused_and_general_paths_agree_on_mutated_write_streams(data: st.DataObject) -> None:
+    """Runs of writes, mutated and cut at random: the fused path hands out the same writes (seq,
+    offset, bytes) and refuses with the same code as the general path, one message at a time."""
+    messages: list[Message] = [Open(VID, 3, 1, "n1").signed(KEY, BINDING)]
+    offset = data.draw(st.sampled_from([0, 512, 4096]))
+    for seq in range(1, data.draw(st.integers(1, 12)) + 1):
+        length = data.draw(st.sampled_from([512, 1024, 4096]))
+        fua = data.draw(st.integers(0, 9)) == 0
+        if data.draw(st.integers(0, 5)) == 0:
+            offset = data.draw(st.integers(0, SIZE // 512 - 8)) * 512  # a jump
+        messages.append(Write(VID, 3, seq, offset, bytes([seq]) * length, fua=fua))
+        offset += length
+    wire = bytearray(b"".join(encode(m) for m in messages))
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(HEADER.size + 1, len(wire) - 1))
+        wire[i] = data.draw(st.integers(0, 255))
+    step = data.draw(st.integers(1, len(wire)))
+
+    def outcome(fused: bool) -> tuple[list[tuple[int, int, bytes]], ErrorCode | None]:
+        stream = replica()
+        stream.fused = fused
+        out: list[tuple[int, int, bytes]] = []
+        try:
+            for i in range(0, len(wire), step):
+                for event in stream.feed(bytes(wire[i : i + step])):
+                    if isinstance(event, ApplyWriteRun):
+                        pos = event.offset
+                        for seq, buf in enumerate(event.buffers, event.first_seq):
+                            out.append((seq, pos, bytes(buf)))
+                            pos += len(buf)
+                    elif isinstance(event, ApplyWrite):
+                        out.append((event.seq, event.offset, bytes(event.data)))
+        except ReplicationError as e:
+            return out, e.code
+        return out, None
+
+    assert outcome(True) == outcome(False)
 
 
 def test_the_hot_paths_encode_what_the_codec_encodes() -> None:
@@ -638,8 +763,8 @@ def test_primary_to_replica_end_to_end_and_the_acknowledgement_rule() -> None:
         for event in replicas[n].feed(wires[n]):
             if isinstance(event, Opened):
                 primaries[n].feed(event.ack)
-            elif isinstance(event, ApplyWrite):
-                stores[n][event.offset : event.offset + len(event.data)] = event.data
+            elif isinstance(event, ApplyWriteRun):
+                stores[n][event.offset : event.offset + event.length] = b"".join(event.buffers)
                 primaries[n].feed(replicas[n].done(event.seq))
             elif n == "n2":  # only n2 completes the flush
                 primaries[n].feed(replicas[n].done(event.seq, durable=True))
@@ -697,7 +822,7 @@ def test_a_nop_takes_a_seq_and_changes_nothing() -> None:
     stream = replica()
     wire = p.open(0.0) + p.write(0, b"x" * 512, 0.0)[1] + p.nop(0.0)[1]
     events = stream.feed(wire)
-    assert [type(e).__name__ for e in events] == ["Opened", "ApplyWrite", "ApplyNop"]
+    assert [type(e).__name__ for e in events] == ["Opened", "ApplyWriteRun", "ApplyNop"]
     assert events[2] == ApplyNop(2)
     opened = events[0]
     assert isinstance(opened, Opened)
