@@ -136,7 +136,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("local store write", ("FileBlockStore.", "MemoryBlockStore.")),
     ("socket sends (replication records, ACKs)",
      ("StreamWriter.write", "ReplicaConnection._write", "ChannelLink.send")),
-    ("channel seal/open (ChaCha20-Poly1305)", ("Channel.",)),
+    ("channel seal/open (AES-256-GCM)", ("Channel.",)),
     ("replication codec (PrimaryStream, ReplicaStream)", ("replication/protocol.py",)),
     ("replica apply loop", ("ReplicaConnection._apply", "ReplicaConnection._contiguous")),
     ("replica receive (data_received)", ("ReplicaConnection.",)),

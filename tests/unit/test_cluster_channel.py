@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sparrow.cluster.channel import (
+    AEAD,
     CLIENT_HELLO,
     VERSION,
     Channel,
@@ -124,11 +124,13 @@ def test_wrong_purpose_and_version() -> None:
     with pytest.raises(ChannelError) as e:
         server.feed(CLIENT_HELLO.pack(b"SPRW", 9, 1, bytes(32)), 0.1)
     assert e.value.code is ChannelErrorCode.UNSUPPORTED_VERSION
-    # A version-1 client (no key share) is told at once, not left to time out.
-    _, server = pair()
-    with pytest.raises(ChannelError) as e:
-        server.feed(b"SPRW\x01", 0.1)
-    assert e.value.code is ChannelErrorCode.UNSUPPORTED_VERSION
+    # A version-1 client (no key share) and a version-2 one (ChaCha20-Poly1305 records) are told
+    # at once, not left to time out.
+    for old in (1, 2):
+        _, server = pair()
+        with pytest.raises(ChannelError) as e:
+            server.feed(b"SPRW" + bytes((old,)), 0.1)
+        assert e.value.code is ChannelErrorCode.UNSUPPORTED_VERSION
 
 
 def test_a_member_that_sees_the_bytes_cannot_open_the_records() -> None:
@@ -142,7 +144,7 @@ def test_a_member_that_sees_the_bytes_cannot_open_the_records() -> None:
     record = client.send(b"a CHAP secret")
     nonces = hello[6 : 6 + 32] + answer[:32]
     info = b"sparrow cluster v1 " + bytes((int(Purpose.HEARTBEAT),)) + b" c2s"
-    eve = ChaCha20Poly1305(HKDF(hashes.SHA256(), 32, salt=nonces, info=info).derive(SECRET.key))
+    eve = AEAD(HKDF(hashes.SHA256(), 32, salt=nonces, info=info).derive(SECRET.key))
     with pytest.raises(InvalidTag):
         eve.decrypt(bytes(12), record[4:], record[:4])
     assert plaintexts(server.feed(record, 0.2)) == [b"a CHAP secret"]
