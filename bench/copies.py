@@ -1,6 +1,6 @@
 """4 KiB write IOPS at QD32 of a three-copy volume against a one-copy volume (issue 8).
 
-    .venv/bin/python bench/copies.py [--rounds 5] [--writes 20000] [--profile DIR]
+    .venv/bin/python bench/copies.py [--rounds 5] [--writes 20000] [--profile DIR] [--depths 1,8,32,128]
 
 A master and three nodes (the integration tests' harness, data directories under /dev/shm), one
 volume with ``--replicas 1`` and one with ``--replicas 3`` in the same cluster; each round runs
@@ -39,6 +39,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--writes", type=int, default=20000, help="4 KiB writes per qemu-img bench run")
     ap.add_argument("--profile", type=Path, help="py-spy the three processes of a three-copy run into DIR")
+    ap.add_argument(
+        "--depths",
+        type=lambda v: [int(d) for d in v.split(",")],
+        default=[32],
+        help="queue depths to run in each round, comma-separated (default 32; e.g. 1,8,32,128)",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sparrow-copies-", dir="/dev/shm"))
     cluster = Cluster(root, 3).start()
@@ -50,18 +56,25 @@ def main() -> int:
             primary = v["primary"]["node_id"]
             cluster.wait_serving(primary, v["volume_id"])
             urls[name] = cluster.node(primary).url(name)
-        ratios: list[float] = []
+        ratios: dict[int, list[float]] = {depth: [] for depth in args.depths}
+
+        def at(depth: int) -> str:  # the default run prints as it always did
+            return "" if args.depths == [32] else f" at QD{depth}"
+
         for rnd in range(args.rounds):
             order = ("one", "three") if rnd % 2 == 0 else ("three", "one")
-            iops = {name: qemu_write(urls[name], args.writes) for name in order}
-            ratios.append(iops["three"] / iops["one"])
-            print(
-                f"round {rnd + 1}: one copy {iops['one']:.0f} IOPS, three copies {iops['three']:.0f} IOPS,"
-                f" ratio {ratios[-1]:.2f}",
-                flush=True,
-            )
-        if ratios:
-            print(f"median three/one: {statistics.median(ratios):.2f}")
+            for depth in args.depths:
+                count = args.writes if depth > 1 else max(1, args.writes // 4)
+                iops = {name: qemu_write(urls[name], count, depth) for name in order}
+                ratios[depth].append(iops["three"] / iops["one"])
+                print(
+                    f"round {rnd + 1}{at(depth)}: one copy {iops['one']:.0f} IOPS,"
+                    f" three copies {iops['three']:.0f} IOPS, ratio {ratios[depth][-1]:.2f}",
+                    flush=True,
+                )
+        for depth, found in ratios.items():
+            if found:
+                print(f"median three/one{at(depth)}: {statistics.median(found):.2f}")
         if args.profile is not None:
             one = cluster.inspect("one")["primary"]["node_id"]
             print("one copy:")
