@@ -12,7 +12,7 @@ import secrets
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,25 @@ def wrong_token() -> str:
     return f"spw_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
 
 
+def assert_refused(
+    server: Server, method: str, path: str, body: Any, forbidden: Iterable[str], state: Callable[[], object]
+) -> None:
+    """No token, a wrong one and a revoked one get 401, each token kind in ``forbidden`` 403; each
+    answer names the error and ``state()`` is the same afterwards."""
+    before = state()
+    refusals: list[tuple[str | None, int]] = [
+        (None, 401),
+        (wrong_token(), 401),
+        (server.tokens["revoked"], 401),
+        *((server.tokens[kind], 403) for kind in forbidden),
+    ]
+    for token, expected in refusals:
+        got, answer = call(server.api, method, path, token, body)
+        assert got == expected, (method, path, token and token[:20], got, answer)
+        assert isinstance(answer["error"], str) and answer["error"]
+        assert state() == before, f"{method} {path} changed something on a {expected}"
+
+
 def test_every_verb_with_every_kind_of_token(server: Server) -> None:
     for name in ("team-a-vol", "team-b-vol"):
         server.ok("POST", "/v1/volumes?wait=10", {"name": name, "size": "1MiB"}, status=201)
@@ -147,18 +166,7 @@ def test_every_verb_with_every_kind_of_token(server: Server) -> None:
         ("DELETE", "/v1/volumes/team-b-vol", None, "operator", 204, ("reader", "tenant")),
     ]
     for method, path, body, allowed, status, forbidden in verbs:
-        before = server.state()
-        refusals: list[tuple[str | None, int]] = [
-            (None, 401),
-            (wrong_token(), 401),
-            (server.tokens["revoked"], 401),
-            *((server.tokens[kind], 403) for kind in forbidden),
-        ]
-        for token, expected in refusals:
-            got, answer = call(server.api, method, path, token, body)
-            assert got == expected, (method, path, token and token[:20], got, answer)
-            assert isinstance(answer["error"], str) and answer["error"]
-            assert server.state() == before, f"{method} {path} changed something on a {expected}"
+        assert_refused(server, method, path, body, forbidden, server.state)
         got, answer = call(server.api, method, path, server.tokens[allowed], body)
         assert got == status, (method, path, allowed, got, answer)
 
@@ -377,15 +385,4 @@ def test_every_route_refuses_a_missing_wrong_revoked_too_small_or_other_tenant_t
                 tokens.authorize(principal, action, named)
             except tokens.Forbidden:
                 forbidden.append(kind)
-        before = state()
-        refusals = [
-            (None, 401),
-            (wrong_token(), 401),
-            (server.tokens["revoked"], 401),
-            *((server.tokens[kind], 403) for kind in forbidden),
-        ]
-        for token, expected in refusals:
-            got, answer = call(server.api, method, path, token, body)
-            assert got == expected, (method, path, token and token[:20], got, answer)
-            assert isinstance(answer["error"], str) and answer["error"]
-            assert state() == before, f"{method} {path} changed something on a {expected}"
+        assert_refused(server, method, path, body, forbidden, state)
