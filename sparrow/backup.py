@@ -239,7 +239,7 @@ def _put_master_key(data_dir: Path, text: bytes, now: float) -> tuple[str, Path 
         write_private(tmp, text)
         if current is not None:
             previous = data_dir / f"{MASTER_KEY_NAME}.before-restore-{_stamp(now)}"
-            os.link(path, previous)
+            os.link(path, previous, follow_symlinks=False)
         try:
             os.replace(tmp, path)
         except OSError:
