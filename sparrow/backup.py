@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparrow.cluster.authority import SCHEMA_VERSION
-from sparrow.cluster.channel import SecretError
+from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.cluster.epochfloor import RESTORE_MARKER
 from sparrow.clustersecret import MAX_SECRET_FILE
 from sparrow.masterkey import MASTER_KEY_NAME
@@ -207,6 +207,17 @@ def _take_master_key(incoming: Path) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+def _check_master_key(text: bytes) -> None:
+    """Raise BackupError unless ``text`` is a master.key a master can load (checked before the
+    restore changes anything: a key it could not load would stop the master, or make it another)."""
+    try:
+        if len(text) > MAX_SECRET_FILE:
+            raise SecretError(f"larger than {MAX_SECRET_FILE} bytes")
+        ClusterSecret.from_text(text)
+    except SecretError as e:
+        raise BackupError(f"the backup's master key is not usable: {e}") from None
+
+
 def _put_master_key(data_dir: Path, text: bytes, now: float) -> tuple[str, Path | None]:
     """Make ``text`` the master.key of ``data_dir``; a different one is kept aside."""
     path = data_dir / MASTER_KEY_NAME
@@ -218,11 +229,26 @@ def _put_master_key(data_dir: Path, text: bytes, now: float) -> tuple[str, Path 
         current = b""  # unusable: kept aside, the backup's replaces it
     if current is not None and current.strip() == text.strip():
         return "unchanged", None
+    # Never a moment without a master.key (a master started on none makes a new one: another
+    # identity, refused by every node): the new key is written whole, the old one linked aside,
+    # then the new one renamed over it.
+    tmp = data_dir / f".{MASTER_KEY_NAME}.restoring"
+    tmp.unlink(missing_ok=True)
     previous = None
-    if current is not None:
-        previous = data_dir / f"{MASTER_KEY_NAME}.before-restore-{_stamp(now)}"
-        os.replace(path, previous)
-    write_private(path, text)
+    try:
+        write_private(tmp, text)
+        if current is not None:
+            previous = data_dir / f"{MASTER_KEY_NAME}.before-restore-{_stamp(now)}"
+            os.link(path, previous, follow_symlinks=False)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if previous is not None:
+                previous.unlink(missing_ok=True)
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(data_dir)
     return "restored", previous
 
 
@@ -247,6 +273,8 @@ def restore(backup_file: Path, data_dir: Path, *, now: float | None = None) -> B
         try:
             _copy(backup_file, incoming)
             key_text = _take_master_key(incoming)
+            if key_text is not None:
+                _check_master_key(key_text)
             _write_marker(data_dir, backup_file, max_epoch, now)
             key_state, previous_key = "absent", None
             if key_text is not None:

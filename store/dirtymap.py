@@ -427,14 +427,20 @@ class MarkingStore(DelegatingStore):
         self.dirty = dirty
 
     def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """``InlineIo``: into regions durably dirty, already or marked now (a map on tmpfs)."""
+        """``InlineIo``: into regions durably dirty, already or marked now (a map on tmpfs). A mark
+        that cannot be written is declined like any other case (False, no data written): the
+        awaited ``write`` marks again and reports the error (``InlineIo`` never raises)."""
         inline = self.inline_io
         if inline is None:
             return False
         dirty = self.dirty
         length = data.nbytes if isinstance(data, memoryview) else len(data)
-        if not dirty.covered(offset, length) and not dirty.mark_now(offset, length):
-            return False
+        if not dirty.covered(offset, length):
+            try:
+                if not dirty.mark_now(offset, length):
+                    return False
+            except StoreError:
+                return False
         return inline.write_now(offset, data)
 
     def write_inline(self, offset: int, buffers: Sequence[bytes | memoryview]) -> bool:

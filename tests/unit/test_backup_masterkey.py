@@ -3,11 +3,14 @@ disk or a new one) is still the master its nodes pinned (docs/cluster.md, "Maste
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 from pathlib import Path
 
-from sparrow.backup import KEY_TABLE, backup, restore
+import pytest
+
+from sparrow.backup import KEY_TABLE, BackupError, backup, restore
 from sparrow.cluster.authority import AuthorityStore
 from sparrow.masterkey import MASTER_KEY_NAME, master_identity
 from store.migrations import AUTHORITY_FILE
@@ -66,3 +69,48 @@ def test_on_the_same_disk_the_key_stays_and_an_old_backup_keeps_the_data_dirs(tm
 
     bare = master_dir(tmp_path / "bare")  # no master.key yet: nothing to carry
     assert backup(bare, tmp_path / "b2.sqlite3").master_key == "absent"
+
+
+def test_a_restore_whose_key_cannot_be_written_leaves_the_data_dirs_key_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The master.key is never absent: a master started on a data directory without one makes a
+    new key, a new identity every node refuses (and new stream keys). A restore that fails while
+    putting the backup's key back raises BackupError with the data directory's key where it was."""
+    old = master_dir(tmp_path / "old")
+    master_identity(old)
+    result = backup(old, tmp_path / "b.sqlite3")
+    new = master_dir(tmp_path / "new")
+    master_identity(new)
+    before = (new / MASTER_KEY_NAME).read_bytes()
+    authority = (new / AUTHORITY_FILE).read_bytes()
+
+    real_write = os.write
+
+    def no_key_write(fd: int, data: bytes) -> int:
+        if data.strip() == (old / MASTER_KEY_NAME).read_bytes().strip():
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", no_key_write)
+    with pytest.raises(BackupError):
+        restore(result.path, new)
+    monkeypatch.undo()
+    assert (new / MASTER_KEY_NAME).read_bytes() == before
+    assert (new / AUTHORITY_FILE).read_bytes() == authority
+
+
+def test_a_backup_carrying_an_unusable_key_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    old = master_dir(tmp_path / "old")
+    master_identity(old)
+    result = backup(old, tmp_path / "b.sqlite3")
+    with sqlite3.connect(result.path) as conn:
+        conn.execute(f"UPDATE {KEY_TABLE} SET key_text = ?", (b"short\n",))
+    new = master_dir(tmp_path / "new")
+    master_identity(new)
+    before = (new / MASTER_KEY_NAME).read_bytes()
+    with pytest.raises(BackupError, match="master"):
+        restore(result.path, new)
+    assert (new / MASTER_KEY_NAME).read_bytes() == before
+    assert sorted(p.name for p in new.iterdir() if p.name.startswith(MASTER_KEY_NAME)) == [MASTER_KEY_NAME]
+    assert KEY_TABLE not in tables(new / AUTHORITY_FILE)

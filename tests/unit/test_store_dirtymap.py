@@ -273,3 +273,31 @@ async def test_a_marking_store_on_tmpfs_marks_then_writes_inline_on_the_fast_pat
         dirty.close()
         on_disk.close()
         await store.close()
+
+
+async def test_a_fast_path_write_whose_mark_cannot_be_written_declines_and_the_general_path_reports(
+    shm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MarkingStore.write_now`` is ``InlineIo``: on a map on tmpfs whose mark cannot be written it
+    answers False, having written no data (the iSCSI fast path then hands the command to the
+    general path, which marks again and reports the error as a CHECK CONDITION); raising out of it
+    broke the connection's data_received."""
+    store = await FileBlockStore.open(str(shm_path / "v.img"), block_size=512, size=8 * MIB, create=True)
+    dirty = DirtyMap.open(shm_path / "v.dirty", VID, 8 * MIB, missing_clean=True)
+
+    def failing(data: bytes) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(dirty, "_write_bytes", failing)
+    try:
+        marking_store = MarkingStore(store, dirty)
+        assert not marking_store.write_now(5 * MIB, b"x" * 4096)
+        assert await store.read(5 * MIB, 4096) == bytes(4096)  # no data without its mark
+        assert not dirty.covered(5 * MIB, 4096)
+        with pytest.raises(StoreError):
+            await marking_store.write(5 * MIB, b"x" * 4096)  # the general path reports it
+        monkeypatch.undo()
+        assert marking_store.write_now(5 * MIB, b"x" * 4096) and dirty.covered(5 * MIB, 4096)
+    finally:
+        dirty.close()
+        await store.close()
