@@ -117,7 +117,7 @@ def test_the_audit_log_holds_exactly_the_sessions_mutating_calls_and_no_secret(
     # the file: 0600, and no secret in it nor in any daemon's log output of the session
     log_path = cluster.master.data_dir / "audit.jsonl"
     assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
-    secrets = [CHAP_SECRET, OTHER_SECRET, admin.split("_")[2], reader.split("_")[2]]
+    secrets = [CHAP_SECRET, OTHER_SECRET, admin.split("_", 2)[2], reader.split("_", 2)[2]]
     outputs = {"audit.jsonl": log_path.read_text()}
     outputs.update({p.name: p.log() for p in [cluster.master, *cluster.nodes.values()]})
     for name, text in outputs.items():
