@@ -46,6 +46,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -62,6 +63,11 @@ API_ENV = "SPARROW_API"
 DEFAULT_WAIT = 10.0
 MAX_WAIT = 60.0
 API_TIMEOUT = 60.0
+#: The most of one answer the CLI reads (the largest real one, a list of 10 000 volumes, is a few
+#: MiB); an error answer gets less. Past it, or past the request's timeout in all, the CLI stops
+#: reading with one line: an address that is not the Sparrow API cannot hold it or fill its memory.
+MAX_ANSWER = 64 << 20
+MAX_ERROR_ANSWER = 1 << 20
 TOKEN_HELP = "API token (default $SPARROW_TOKEN, else the credentials file's entry for the API URL)"
 
 
@@ -120,9 +126,10 @@ class ApiClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        deadline = time.monotonic() + self.timeout
         try:
             with _OPENER.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
+                raw = self._read_answer(resp, url, deadline)
         except urllib.error.HTTPError as e:
             with e:
                 message = _http_error_message(e)
@@ -140,6 +147,18 @@ class ApiClient:
             return json.loads(raw)
         except ValueError:
             raise CliError(f"unexpected answer from {url}: not JSON (is this the Sparrow API?)") from None
+
+    def _read_answer(self, resp: http.client.HTTPResponse, url: str, deadline: float) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := resp.read1(1 << 16):
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise CliError(f"the answer from {url} is larger than {MAX_ANSWER >> 20} MiB: not read")
+            if time.monotonic() > deadline:
+                raise CliError(f"the answer from {url} did not arrive within {self.timeout:g} s")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _unreachable(self, reason: object) -> str:
         return f"cannot reach the Sparrow daemon at {self.base_url}: {_reason_text(reason)}"
@@ -162,7 +181,7 @@ def _reason_text(reason: object) -> str:
 
 def _http_error_message(e: urllib.error.HTTPError) -> str:
     try:
-        payload = json.loads(e.read())
+        payload = json.loads(e.read(MAX_ERROR_ANSWER))
     except (ValueError, OSError):
         payload = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):

@@ -402,3 +402,55 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else() -> None:
     assert code == 1 and out == ""
     assert "HTTP 302" in err and "redirect" in err and "not followed" in err and len(err.splitlines()) == 1
     assert seen == []
+
+
+def test_an_answer_too_large_or_too_slow_is_cut_off_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API address that is not Sparrow's (or a hostile one) cannot fill the CLI's memory with an
+    endless answer, nor hold it by dripping one: past MAX_ANSWER or the request's timeout in all, one
+    line and exit 1."""
+    import http.server
+    import threading
+    import time
+
+    import sparrow.cli
+
+    monkeypatch.setattr(sparrow.cli, "MAX_ANSWER", 1 << 20)
+    monkeypatch.setattr(sparrow.cli, "API_TIMEOUT", 1.0)
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                if self.path.startswith("/v1/volumes"):  # endless, fast
+                    while True:
+                        self.wfile.write(b" " * 65536)
+                else:  # a byte at a time, each well inside the socket timeout
+                    for _ in range(100):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+            except OSError:
+                pass  # the CLI hung up: what is expected
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    api = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, out, err = run("volume", "list", "--api", api, "--token", "spw_0123456789abcdef_" + "R" * 43)
+        assert (code, out) == (1, "") and len(err.splitlines()) == 1, err
+        assert "larger than 1 MiB: not read" in err, err
+        started = time.monotonic()
+        code, out, err = run("node", "list", "--api", api, "--token", "spw_0123456789abcdef_" + "R" * 43)
+        assert (code, out) == (1, "") and len(err.splitlines()) == 1, err
+        assert "did not arrive within 1 s" in err, err
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
