@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sparrow.cluster.messages import NODE_KEY_SIZE, InvalidMessage, MasterHello, Message, check_key_bytes
-from sparrow.cluster.nodeidentity import key_text
+from sparrow.cluster.nodeidentity import key_text, parse_key_text
 
 #: Labels the proof so no other signature of the key can pass for it (nor a node's Hello proof).
 PROOF_LABEL = b"sparrow master hello v1\0"
@@ -85,18 +85,7 @@ def proof_message(binding: bytes) -> bytes:
 def parse_master_key(text: str) -> bytes:
     """A master public key as :func:`~sparrow.cluster.nodeidentity.key_text` writes it (64 hex
     digits); raises ValueError with a one-line reason."""
-    text = text.strip().lower()
-    if len(text) != 2 * MASTER_KEY_SIZE:
-        raise ValueError(f"a master key is {2 * MASTER_KEY_SIZE} hex digits, got {len(text)} characters")
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("a master key is hex digits") from None
-    try:
-        Ed25519PublicKey.from_public_bytes(key)
-    except ValueError:
-        raise ValueError("not an Ed25519 public key") from None
-    return key
+    return parse_key_text(text, "master")
 
 
 @dataclass(frozen=True, slots=True)

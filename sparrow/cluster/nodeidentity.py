@@ -72,15 +72,16 @@ def key_text(public: bytes) -> str:
     return public.hex()
 
 
-def parse_key_text(text: str) -> bytes:
-    """A public key written by :func:`key_text`; raises ValueError with a one-line reason."""
+def parse_key_text(text: str, whose: str = "node") -> bytes:
+    """A public key written by :func:`key_text` (``whose`` names it in the reason: a node's or the
+    master's, both Ed25519); raises ValueError with a one-line reason."""
     text = text.strip().lower()
     if len(text) != 2 * NODE_KEY_SIZE:
-        raise ValueError(f"a node key is {2 * NODE_KEY_SIZE} hex digits, got {len(text)} characters")
+        raise ValueError(f"a {whose} key is {2 * NODE_KEY_SIZE} hex digits, got {len(text)} characters")
     try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise ValueError("a node key is hex digits") from None
+        raise ValueError(f"a {whose} key is hex digits") from None
     try:
         Ed25519PublicKey.from_public_bytes(key)
     except ValueError:
