@@ -121,7 +121,8 @@ async def core_path_us(size: int, write: bool, digests: bool, n: int, fast: bool
     """CPU us per READ/WRITE(10) of ``size`` bytes through Connection + LogicalUnit + tmpfs store,
     with HeaderDigest/DataDigest CRC32C on or off (as bench/corepath.py, digests parameterised);
     ``fast`` False forces the general path (the fast path takes digest connections too)."""
-    from frontend.iscsi.connection import Connection, ExecuteScsi, LoggedIn
+    from bench import corepath
+    from frontend.iscsi.connection import Connection, LoggedIn
     from frontend.iscsi.pdu import LoginRequest, ScsiCommand, encode_bytes
     from frontend.iscsi.session import SessionTable
     from frontend.scsi.lu import LogicalUnit, LuIdentity
@@ -159,16 +160,7 @@ async def core_path_us(size: int, write: bool, digests: bool, n: int, fast: bool
                                   payload if write else b"")
                 pdus.append(encode_bytes(cmd, header_digest=digests, data_digest=digests))
             chunks.append(b"".join(pdus))
-        t0 = time.process_time()
-        for chunk in chunks:
-            conn.receive_data(chunk, 1.0)
-            while (ev := conn.next_event()) is not None:
-                if isinstance(ev, ExecuteScsi):
-                    assert ev.lu is not None
-                    conn.complete(ev.task_id, await ev.lu.execute(ev.request), 1.0)
-            out = conn.data_to_send()
-            assert out
-        return (time.process_time() - t0) / (len(chunks) * batch) * 1e6
+        return await corepath.time_chunks(conn, chunks, batch)
     finally:
         await store.close()
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
