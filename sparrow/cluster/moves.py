@@ -179,6 +179,16 @@ def check_rebuild(assignment: Assignment, node: str) -> None:
         )
 
 
+def _readded(rebuild: RebuildRequest, assignment: Assignment) -> bool:
+    """Whether ``assignment`` is the published ask that added the rebuilt copy back (the rebuild's
+    last step: resync copies it afresh from there)."""
+    return (
+        rebuild.phase is RebuildPhase.READD
+        and rebuild.node in assignment.replicas
+        and assignment.epoch > rebuild.epoch
+    )
+
+
 def _position(node: str, assignment: Assignment, observations: ObservationStore) -> int | None:
     obs = observations.observation(node, assignment.volume_id)
     return None if obs is None or obs.epoch != assignment.epoch else obs.write_position
@@ -341,8 +351,10 @@ class OperatorMoves:
             del self._failovers[assignment.volume_id]  # published (``apply`` would say so next step)
         if assignment.volume_id in self._failovers:
             raise MoveRefused(f"a failover of {assignment.name} is in progress")
-        if assignment.volume_id in self._rebuilds:
-            rebuild = self._rebuilds[assignment.volume_id]
+        rebuild = self._rebuilds.get(assignment.volume_id)
+        if rebuild is not None and _readded(rebuild, assignment):
+            del self._rebuilds[assignment.volume_id]  # published (``apply`` would say so next step)
+        elif rebuild is not None:
             raise MoveRefused(f"a rebuild of the copy on {rebuild.node} of {assignment.name} is in progress")
 
     def pending(self, volume_id: str) -> FailoverRequest | RebuildRequest | None:
@@ -460,7 +472,7 @@ class OperatorMoves:
             reason = f"rebuild the copy on {node}: add it back as a new copy"
             replicas = (*assignment.replicas, node)
             return _Move(_ask(assignment, replicas, assignment.in_sync, reason), reason)
-        if node in assignment.replicas and assignment.epoch > rebuild.epoch:
+        if _readded(rebuild, assignment):
             del self._rebuilds[assignment.volume_id]  # asked back: resync copies it afresh
             return None
         reason = f"rebuild the copy on {node}: add it back as a new copy"

@@ -265,3 +265,25 @@ def test_rebuild_releases_the_copy_waits_for_the_node_then_adds_it_back_outside_
     assert step(moves, cluster, back, 10.4)[0] == ()
     assert moves.pending(VOL_A) is None
     assert [v.replicas for v in moves.adjust([desired(replicas=3)])] == [3]
+
+
+def test_an_ask_right_after_the_rebuilt_copy_is_published_back_gets_the_reason_for_that_ask() -> None:
+    """The add-back is published but the controller has not stepped since: the rebuild is over
+    (resync copies the copy afresh), so a new ask is judged on its own, not refused as busy."""
+    a = assignment(THREE)
+    cluster = cluster_of(a)
+    moves = OperatorMoves(TopologyController())
+    moves.request_rebuild(a, "n3", 10.0)
+    step(moves, cluster, a)
+    released = assignment(("n1", "n2"), epoch=4)
+    cluster.beat("n3", 10.3)
+    step(moves, cluster, released, 10.3, replicas=2)
+    assert moves.pending(VOL_A) is not None
+    back = assignment(THREE, epoch=5, in_sync=("n1", "n2"))
+    with pytest.raises(MoveRefused, match="the copy on n2 is the last in-sync replica"):
+        moves.request_rebuild(back, "n2", 10.4)
+    assert moves.pending(VOL_A) is None
+    # Before the add-back is published, the rebuild is still what holds the volume.
+    moves.request_rebuild(a, "n3", 10.5)
+    with pytest.raises(MoveRefused, match=r"a rebuild of the copy on n3 of .* is in progress"):
+        moves.request_rebuild(a, "n2", 10.5)
