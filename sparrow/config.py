@@ -67,6 +67,7 @@ from typing import Any
 from frontend.target import DEFAULT_BASE_IQN, ChapSecret
 from sparrow.cluster.messages import InvalidMessage, check_chap_name
 from sparrow.httplimits import HttpLimits
+from sparrow.privatefile import foreign_owner
 from sparrow.sizes import SizeError, parse_size
 from store.backing import BackingPolicy
 
@@ -443,15 +444,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            st = os.fstat(f.fileno())
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     flat: dict[str, Any] = {}
     _flatten(path, data, _SCHEMA, "", flat)
+    mode = stat.S_IMODE(st.st_mode)
+    if SECRET_KEY in flat and (owner := foreign_owner(st)) is not None:
+        # The rule of the key files (sparrow.privatefile): a secret no other user may read or change.
+        raise ConfigError(f"{path} holds {SECRET_KEY} and belongs to another user (uid {owner}); chown it")
     if SECRET_KEY in flat and mode & 0o077:
-        # The rule of the key files (sparrow.privatefile): a secret no other user may read.
         raise ConfigError(
             f"{path} holds {SECRET_KEY} and is accessible by group or others (mode {mode:04o}); chmod 600 it"
         )
