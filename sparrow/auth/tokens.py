@@ -68,6 +68,8 @@ class Action(enum.StrEnum):
     #: Drain or undrain a node (sparrow.cluster.moves).
     NODE_DRAIN = "node.drain"
     TOKEN_MANAGE = "token.manage"
+    #: Read the master's /metrics (sparrow.metricsauth): they name every tenant's volumes.
+    METRICS_READ = "metrics.read"
     #: A route the table of sparrow.master.auth does not name: admin only.
     ADMIN = "admin"
 
@@ -88,6 +90,7 @@ RULES: dict[Action, Rule] = {
     Action.NODE_WRITE: Rule(Role.ADMIN, tenant=False),
     Action.NODE_DRAIN: Rule(Role.OPERATOR, tenant=False),
     Action.TOKEN_MANAGE: Rule(Role.ADMIN, tenant=False),
+    Action.METRICS_READ: Rule(Role.READER, tenant=False),
     Action.ADMIN: Rule(Role.ADMIN, tenant=False),
 }
 
