@@ -257,3 +257,15 @@ def test_a_redirect_is_not_followed_and_no_credential_is_sent() -> None:
     finally:
         peer.close()
         elsewhere.close()
+
+
+def test_the_scrape_token_is_the_only_credential_sent_to_a_node() -> None:
+    peer = Peer(lambda conn: conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nsparrow_x 1\n"))
+    token = "sps_" + "ab" * 32
+    try:
+        assert scrape(peer.url, token=token) == "sparrow_x 1\n"
+        head = peer.received.decode().split("\r\n")
+        assert head[0] == "GET /metrics HTTP/1.0" and head[2:] == [f"Authorization: Bearer {token}", "", ""]
+        assert "spw_" not in peer.received.decode() and b"cookie" not in peer.received.lower()
+    finally:
+        peer.close()
