@@ -10,6 +10,7 @@ Ctrl-C, exit 0.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import select
@@ -269,3 +270,12 @@ def test_the_scrape_token_is_the_only_credential_sent_to_a_node() -> None:
         assert "spw_" not in peer.received.decode() and b"cookie" not in peer.received.lower()
     finally:
         peer.close()
+
+
+def test_with_a_reader_token_top_shows_the_volumes_and_says_why_no_node_rates(daemon: Daemon) -> None:
+    """The scrape token is for admins only (a scrape token outlives a revoked API token)."""
+    daemon.create_volume("ro", "16MiB")
+    minted = json.loads(daemon.cli("token", "create", "--role", "reader", "--json").stdout)
+    frame = daemon.cli("top", "--once", "--interval", "0.2", "--token", minted["token"]).stdout
+    assert row(frame, "ro")[:2] == ["ro", "16"], frame
+    assert "HTTP 401 (no scrape token:" in frame and "admin" in frame, frame
