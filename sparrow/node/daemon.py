@@ -4,7 +4,8 @@ Startup: lock the data directory, load the node's key (``DATA_DIR/node.key``, ma
 start: sparrow.nodekey), load the persisted epochs and roles (``DATA_DIR/cluster/``) and start a
 new incarnation, load every volume, open the volumes the node held before a restart
 (primaries fenced: a restarted node serves as primary only after an Ack confirms it), bind the
-iSCSI listener and the HTTP listener (``/metrics`` and ``/healthz`` only), start the heartbeat
+iSCSI listener and the HTTP listener (``/metrics``, behind the scrape token of
+sparrow.metricsauth, and ``/healthz`` only), start the heartbeat
 client, and only then tell systemd ``READY=1``. The master is not needed to start: the node
 listens, fenced, and keeps trying to reach it.
 
