@@ -11,8 +11,9 @@ so the master and every node know it without a new file to hand out, ``sparrow m
 prints it for Prometheus (``authorization: credentials_file:``), and a leaked scrape token gives
 no key of the cluster channel (nor the secret). It changes only with the cluster secret. The
 master (and serve) also take an API token with no tenant (sparrow.master.auth: a tenant token
-would read other tenants' volume names, 403), and hand the scrape token to a reader of the nodes
-(``GET /v1/metrics/scrape-token``: ``sparrow top`` reads each node's ``/metrics`` with it).
+would read other tenants' volume names, 403), and hand the scrape token to an admin token only
+(``GET /v1/metrics/scrape-token``: ``sparrow top`` reads each node's ``/metrics`` with it; admin
+because a scrape token outlives the revoked API token that asked for it).
 
 :class:`MetricsDoor` holds the token (compared in constant time) and counts what it refused
 (``sparrow_metrics_scrapes_refused_total{reason}``). ``--public-metrics`` (``[http]

@@ -3,7 +3,7 @@
 Every ``--interval`` seconds: ``GET /v1/volumes`` and ``GET /v1/nodes`` from the master (with the
 token the other commands use, sparrow.cli._client), and each live node's ``/metrics`` at the
 ``http`` address the node gave in its Hello, with the scrape token the master hands an admin token
-(``GET /v1/metrics/scrape-token``, sparrow.metricsauth; asked once: :class:`ScrapeToken`) and
+(``GET /v1/metrics/scrape-token``, sparrow.metricsauth; kept once given: :class:`ScrapeToken`) and
 nothing else (the address is the node's word: :func:`scrape`); the I/O rates come from two
 such snapshots (sparrow.top.snapshot). In a terminal the frame is redrawn in place on the
 alternate screen (rich's Live) until ``q`` or Ctrl-C, both exit 0 with the terminal restored.
@@ -97,8 +97,9 @@ def scrape(
 
 
 class ScrapeToken:
-    """The nodes' scrape token, asked of the master once (admin tokens only: another gets 403,
-    and each node's /metrics is then reported unreadable with the master's reason)."""
+    """The nodes' scrape token, asked of the master until it gives it, then kept (admin tokens
+    only: another gets 403 at each frame, and each node's /metrics is reported unreadable with
+    the master's reason)."""
 
     def __init__(self) -> None:
         self.token: str | None = None
