@@ -58,7 +58,8 @@ from store.migrations.graph import KINDS
 
 #: ``--public-metrics`` of master, node and serve (sparrow.metricsauth).
 PUBLIC_METRICS_HELP = (
-    "answer GET /metrics without a credential (for labs only: the metrics name volumes); "
+    "answer GET /metrics and the full /healthz without a credential (for labs only: both name "
+    "volumes); "
     "by default it needs the scrape token (`sparrow metrics token`) or, on the master, an API token"
 )
 

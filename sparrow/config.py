@@ -23,8 +23,9 @@ File layout (every key optional; see docs/sparrow.example.toml)::
     body_timeout = 30.0                 # seconds for a whole request body
     idle_timeout = 60.0                 # seconds a kept-alive connection may sit idle
     max_connections = 256               # open HTTP connections; more are closed at once
-    public_metrics = false              # true: GET /metrics without the scrape token (labs
-                                        # only: the metrics name volumes; sparrow.metricsauth)
+    public_metrics = false              # true: GET /metrics and the full /healthz without the
+                                        # scrape token (labs only: both name volumes;
+                                        # sparrow.metricsauth)
 
     [log]
     format = "auto"                     # auto (JSON unless stdout is a TTY), json, console

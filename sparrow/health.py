@@ -15,6 +15,12 @@ serving (not fenced, not waiting for its first lease), and no volume's state is 
 A paused volume (docs/cluster.md, "Pause and resume") is served in this sense once its primary has
 applied the paused epoch: it answers NOT READY because the operator asked for it, which is no
 fault. The health answer lists it in ``volumes_paused`` (:func:`paused_volumes`) and stays ``ok``.
+
+Who reads what (docs/operations.md, "Health"): the answer above names volumes, IQNs, node ids, the
+master's address and error texts, so it is given in full only to the credential that opens the
+daemon's ``/metrics`` (sparrow.metricsauth: :meth:`~sparrow.metricsauth.MetricsDoor.asks_in_full`
+says when a request asks for it). A caller without a credential (a load balancer, a systemd probe)
+gets :func:`public_health`: the same status and HTTP code, reasons without names and counts.
 """
 
 from __future__ import annotations
@@ -130,6 +136,33 @@ def summary(
         "volumes_not_served": [p.json() for p in problems],
         "tasks_failed": [f.json() for f in failures],
     }
+
+
+def public_health(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer without a credential, from the full one ``body`` (master, serve or node): the
+    same ``status`` (so the same HTTP code), ``reasons`` that name nothing (how many volumes are
+    not served; which task failed, by its name in the code, not its error) and ``counts``.
+
+    Left out: volume names and ids, IQNs, paths, node ids (the answering node's too: a probe does
+    not need it and an outsider learns the naming of the fleet), the master's address, incarnation
+    and every error text (an exception's message may quote any of these)."""
+    not_served = len(body["volumes_not_served"])
+    tasks = [str(f["task"]) for f in body["tasks_failed"]]
+    reasons = [f"{not_served} volume{'' if not_served == 1 else 's'} not served"] if not_served else []
+    reasons += [f"task {task} failed" for task in tasks]
+    volumes = body["volumes"]
+    counts = {
+        "volumes": volumes if isinstance(volumes, int) else len(volumes),
+        "volumes_not_served": not_served,
+        "tasks_failed": len(tasks),
+    }
+    for field in ("nodes", "nodes_alive", "fences"):
+        if field in body:
+            counts[field] = int(body[field])
+    for field in ("volumes_paused", "offline"):
+        if field in body:
+            counts[field] = len(body[field])
+    return {"status": body["status"], "reasons": reasons, "counts": counts}
 
 
 def health_response(body: dict[str, Any]) -> web.Response:

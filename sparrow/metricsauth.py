@@ -18,6 +18,12 @@ because a scrape token outlives the revoked API token that asked for it).
 :class:`MetricsDoor` holds the token (compared in constant time) and counts what it refused
 (``sparrow_metrics_scrapes_refused_total{reason}``). ``--public-metrics`` (``[http]
 public_metrics = true`` for serve) opens the door to anyone: for labs only.
+
+The same door guards the full ``GET /healthz`` (sparrow.health: it names volumes too). A request
+with no ``Authorization`` header gets the public answer, which names nothing; one that sends a
+credential asks for the full answer (:meth:`MetricsDoor.asks_in_full`) and is judged exactly as a
+scrape: opened, or refused 401 (never quietly given the public answer: a caller with a wrong token
+should learn it is wrong). Under ``--public-metrics`` everyone gets the full answer.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ class MetricsDoor:
         self.public = public
         self.refused = Counter(
             "sparrow_metrics_scrapes_refused",
-            "GET /metrics refused for want of a credential (sparrow.metricsauth), by reason",
+            "GET /metrics or the full /healthz refused for want of a credential (sparrow.metricsauth)",
             ["reason"],
             registry=registry if registry is not None else CollectorRegistry(),
         )
@@ -101,21 +107,31 @@ class MetricsDoor:
             return False
         return hmac.compare_digest(credential.encode(), self._token)
 
-    def refuse(self, authorization: str | None) -> web.Response:
-        """401 with one line and nothing else said; counted."""
+    def asks_in_full(self, authorization: str | None) -> bool:
+        """Does a ``/healthz`` request get (if admitted) the full answer rather than the public one?
+        It does when it sends any credential (then judged like a scrape: :meth:`admits`, or on the
+        master an API token that may read the metrics) or when the door is public."""
+        return authorization is not None or self.public
+
+    def refuse(self, authorization: str | None, what: str = "/metrics") -> web.Response:
+        """401 with one line and nothing else said; counted. ``what``: what was asked for."""
         reason = Refusal.MISSING if bearer(authorization) is None else Refusal.WRONG
         self.refused.labels(reason=reason.value).inc()
         message = (
-            "GET /metrics needs Authorization: Bearer <scrape token> (`sparrow metrics token`)"
+            f"{what} needs Authorization: Bearer <scrape token> (`sparrow metrics token`)"
             if reason is Refusal.MISSING
-            else "the credential does not open /metrics"
+            else f"the credential does not open {what}"
         )
         response = error_response(401, message)
         response.headers["WWW-Authenticate"] = 'Bearer realm="sparrow"'
         return response
 
 
+#: What a credential sent to ``/healthz`` asks for (the refusal's words).
+FULL_HEALTH = "the full /healthz"
+
 __all__ = [
+    "FULL_HEALTH",
     "SCRAPE_INFO",
     "SCRAPE_PREFIX",
     "SCRAPE_TOKEN_ROUTE",

@@ -16,11 +16,14 @@
                                token or a token with no tenant (sparrow.metricsauth; 401, 403)
     GET    /v1/metrics/scrape-token (admin)  the nodes' scrape token        -> 200 {"token"} (sparrow top)
     GET    /openapi.json       this API's OpenAPI 3.1 document (sparrow.master.openapi: how to add a route)
-    GET    /healthz            200 {"status": "ok"|"degraded", "nodes": N, "nodes_alive": N,
-                               "volumes": N, "reasons": [], "volumes_not_served": [],
-                               "tasks_failed": []}; 503 with "status": "unhealthy" and the reasons
-                               while a volume is not served or a task has failed (sparrow.health)
-                               (embedded: plus "offline": [...] and "node": {...})
+    GET    /healthz            200 {"status": "ok"|"degraded", "reasons": [], "counts": {"volumes": N,
+                               "volumes_not_served": N, "tasks_failed": N, "nodes": N, ...}}; 503 with
+                               "status": "unhealthy" and the reasons (no names) while a volume is not
+                               served or a task has failed (sparrow.health.public_health). Sent with a
+                               credential that opens /metrics (else 401, 403), in full:
+                               200 {"status", "nodes": N, "nodes_alive": N, "volumes": N,
+                               "reasons": [], "volumes_not_served": [], "tasks_failed": [],
+                               "volumes_paused": []} (embedded: plus "offline": [...] and "node": {...})
 
 ``?wait=SECONDS`` on create and resize (0..60; the CLI sends 10): answer once the volume is served
 at its current epoch -- its primary has reported the epoch, the role and convergence -- or when
@@ -71,7 +74,8 @@ Pause, resume, update of export settings (PATCH) and the create's idempotency:
 sparrow.master.volume_verbs_api.
 The cluster's settings (discovery CHAP, GET/PATCH /v1/cluster): sparrow.master.settings_api.
 
-Every route but /healthz and /openapi.json needs a bearer token (sparrow.master.auth: 401 without a
+Every route but /healthz (whose full answer needs a credential, as /metrics) and /openapi.json
+needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
 sees only its own volumes. ``backing`` needs an admin token and a path under the allowed backing
 prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
@@ -118,12 +122,20 @@ from sparrow.health import (
     health_response,
     master_problems,
     paused_volumes,
+    public_health,
     summary,
     unserved_reason,
 )
 from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_object, size_field, string_field
 from sparrow.master.audit import AuditLog, audit_middlewares
-from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
+from sparrow.master.auth import (
+    FULL_HEALTH_KEY,
+    AuthContext,
+    add_token_routes,
+    auth_middleware,
+    principal,
+    require,
+)
 from sparrow.master.control import ControlLoop
 from sparrow.metricsauth import SCRAPE_TOKEN_ROUTE, MetricsDoor
 from sparrow.sizes import format_size
@@ -530,7 +542,8 @@ async def get_scrape_token(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Unhealthy (503) while a volume is not served or a task has failed (sparrow.health)."""
+    """Unhealthy (503) while a volume is not served or a task has failed (sparrow.health); in full
+    only to a credential that opens /metrics (sparrow.master.auth), else without names."""
     api = request.app[API_KEY]
     now = api.clock()
     views = api.control.observations.nodes(now)
@@ -553,7 +566,8 @@ async def healthz(request: web.Request) -> web.Response:
                 problems.append(VolumeProblem(p["volume_id"], p["name"], f"node: {p['reason']}"))
     failures = () if api.supervisor is None else api.supervisor.failures()
     health["volumes_paused"] = paused_volumes(api.control)
-    return health_response({**summary(problems, failures, degraded=degraded), **health})
+    body = {**summary(problems, failures, degraded=degraded), **health}
+    return health_response(body if request.get(FULL_HEALTH_KEY, False) else public_health(body))
 
 
 # --- JSON shapes -------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ Every request except ``/healthz`` and ``/openapi.json`` (:data:`PUBLIC_PATHS`) m
 ``Authorization: Bearer <token>`` (sparrow.auth.tokens). ``GET /metrics`` takes the scrape token
 too (sparrow.metricsauth: its :class:`~sparrow.metricsauth.MetricsDoor` says, counts its 401s,
 and opens to anyone under ``--public-metrics``), else an API token with no tenant (a tenant
-token: 403, the metrics name every tenant's volumes). :func:`auth_middleware` answers
+token: 403, the metrics name every tenant's volumes). ``GET /healthz`` answers anyone, without
+names (sparrow.health.public_health); a request that sends a credential asks for the full answer
+and is judged by the same rules as ``/metrics`` (:data:`METRICS_DOOR_PATHS`; admitted, it carries
+``request[FULL_HEALTH_KEY]``). :func:`auth_middleware` answers
 
 - 401 with ``WWW-Authenticate: Bearer`` for a missing, malformed, unknown or revoked token;
 - 403 when the token's role or tenant does not allow the route (:data:`ROUTE_ACTIONS`: method and
@@ -50,14 +53,19 @@ from sparrow.cluster.authority import AuthorityStore
 from sparrow.config import HostPort
 from sparrow.httpjson import ApiError, Handler, error_response, json_object, string_field
 from sparrow.lifecycle import StartupError
-from sparrow.metricsauth import SCRAPE_TOKEN_ROUTE, MetricsDoor
+from sparrow.metricsauth import FULL_HEALTH, SCRAPE_TOKEN_ROUTE, MetricsDoor
 
 log = structlog.get_logger("sparrow.master.auth")
 
-#: Paths anyone may GET (health, and the API's OpenAPI document): no token needed.
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+#: Paths anyone may GET (health, and the API's OpenAPI document): no token needed (/healthz then
+#: names nothing; a credential sent to it is judged: :data:`METRICS_DOOR_PATHS`).
+HEALTH_PATH = "/healthz"
+PUBLIC_PATHS = frozenset({HEALTH_PATH, "/openapi.json"})
 #: The path the scrape token also opens (sparrow.metricsauth).
 METRICS_PATH = "/metrics"
+#: The routes behind the /metrics door (sparrow.metricsauth): the scrape token, or an API token
+#: that may do their action (``metrics.read``: no tenant). /healthz only when a credential is sent.
+METRICS_DOOR_PATHS = frozenset({METRICS_PATH, HEALTH_PATH})
 
 #: (method, route) -> the action it needs. Add a row with every new route (a route missing here
 #: needs an admin token with no tenant).
@@ -84,11 +92,15 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("DELETE", "/v1/tokens/{id}"): Action.TOKEN_MANAGE,
     ("GET", METRICS_PATH): Action.METRICS_READ,
+    # Public, but its full answer (asked for by sending a credential) names volumes like /metrics.
+    ("GET", HEALTH_PATH): Action.METRICS_READ,
     # Admin only: a scrape token outlives the revoked API token that asked for it.
     ("GET", SCRAPE_TOKEN_ROUTE): Action.ADMIN,
 }
 
 PRINCIPAL_KEY = web.RequestKey("sparrow.principal", Principal)
+#: Set (True) on a /healthz request whose credential opened the /metrics door: the full answer.
+FULL_HEALTH_KEY = web.RequestKey("sparrow.full_health", bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +139,15 @@ def auth_middleware(store: AuthorityStore, door: MetricsDoor | None = None) -> M
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route
         canonical = route.resource.canonical if route.resource is not None else None
-        if canonical in PUBLIC_PATHS and request.method in ("GET", "HEAD"):
-            return await handler(request)
+        read = request.method in ("GET", "HEAD")
         authorization = request.headers.get("Authorization")
-        scrape = canonical == METRICS_PATH and request.method in ("GET", "HEAD")
+        health = canonical == HEALTH_PATH and read
+        if canonical in PUBLIC_PATHS and read and not (health and metrics_door.asks_in_full(authorization)):
+            return await handler(request)
+        scrape = canonical in METRICS_DOOR_PATHS and read
+        what = FULL_HEALTH if health else METRICS_PATH
+        if health:
+            request[FULL_HEALTH_KEY] = True  # the handler runs only if the door opens below
         if scrape and metrics_door.admits(authorization):
             return await handler(request)
         try:
@@ -138,7 +155,7 @@ def auth_middleware(store: AuthorityStore, door: MetricsDoor | None = None) -> M
             record = await asyncio.to_thread(store.token, token_id)
             who = tokens.verify(record, secret)
         except AuthError as e:
-            return metrics_door.refuse(authorization) if scrape else unauthorized(str(e))
+            return metrics_door.refuse(authorization, what) if scrape else unauthorized(str(e))
         request[PRINCIPAL_KEY] = who  # set before the route check: the audit names who was refused
         if canonical is not None:  # else no such endpoint: the handler answers 404/405
             method = "GET" if request.method == "HEAD" else request.method
@@ -240,6 +257,9 @@ async def bootstrap(store: AuthorityStore, http: HostPort) -> None:
 
 __all__ = [
     "AUTH_KEY",
+    "FULL_HEALTH_KEY",
+    "HEALTH_PATH",
+    "METRICS_DOOR_PATHS",
     "METRICS_PATH",
     "PRINCIPAL_KEY",
     "PUBLIC_PATHS",

@@ -4,7 +4,8 @@ needed, like ``/healthz``).
 
 What the code already defines is taken from it, not written again: the enums (node state, the
 controller's status kinds, roles, health, sync state, token roles), the limits (replicas, block
-sizes, ``?wait``, the name and id patterns), which routes need no token (``PUBLIC_PATHS``), the
+sizes, ``?wait``, the name and id patterns), which routes need no token (``PUBLIC_PATHS``; one
+that has an action too, ``/healthz``, takes an optional credential that opens its full answer), the
 action each route needs (``ROUTE_ACTIONS``: ``x-sparrow-action``) and the audit verb of each
 mutating route (``audit.VERBS``: ``x-sparrow-audit-verb``). The shapes of the bodies are written
 here, once, as JSON Schema; objects are closed (``additionalProperties: false``), so a field the
@@ -318,6 +319,31 @@ SCHEMAS: dict[str, Schema] = {
             "node": {**_ref("NodeHealth"), "description": "`sparrow serve`: the local node's own health"},
         },
     ),
+    "PublicHealth": _obj(
+        {
+            "status": _enum([OK, DEGRADED, UNHEALTHY]),
+            "reasons": {
+                "type": "array",
+                "items": STRING,
+                "description": "Without names: how many volumes are not served, which task failed",
+            },
+            "counts": _obj(
+                {"volumes": COUNT, "volumes_not_served": COUNT, "tasks_failed": COUNT},
+                {
+                    "nodes": COUNT,
+                    "nodes_alive": COUNT,
+                    "volumes_paused": COUNT,
+                    "offline": COUNT,
+                    "fences": COUNT,
+                },
+            ),
+        }
+    ),
+    "HealthAnswer": {
+        "oneOf": [_ref("PublicHealth"), _ref("Health")],
+        "description": "Without a credential: PublicHealth (names nothing); with a credential that "
+        "opens /metrics: Health, in full",
+    },
     "OfflineVolume": _obj({"name": STRING, "path": STRING, "reason": STRING}),
     "PausedVolume": _obj(
         {
@@ -493,9 +519,13 @@ OPERATIONS: tuple[Operation, ...] = (
               "from the cluster secret and changes only with it: revoking the token that asked "
               "does not take it back."),
     Operation(
-        "GET", "/healthz", "getHealth", "Health (no token)", {200: "Health", 503: "Health"},
-        tags=("monitoring",),
-        description="503 with status `unhealthy` while a volume is not served or a task has failed.",
+        "GET", "/healthz", "getHealth", "Health (no token: without names)",
+        {200: "HealthAnswer", 503: "HealthAnswer"}, tags=("monitoring",),
+        description="503 with status `unhealthy` while a volume is not served or a task has failed. "
+        "Without `Authorization`, the answer names nothing (PublicHealth: status, reasons without "
+        "names, counts). With a credential it is judged as for /metrics (the scrape token or a "
+        "token with no tenant; 401, 403) and the answer is in full (Health); in full to anyone "
+        "under `--public-metrics`.",
     ),
     Operation("GET", ROUTE, "getOpenApi", "This document (no token)", {200: "application/json"},
               tags=("monitoring",)),
@@ -521,8 +551,10 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted: still queued", 204: "
 
 def _operation(op: Operation) -> Schema:
     public = op.path in PUBLIC_PATHS
+    # A public route with an action in ROUTE_ACTIONS: a credential is optional and opens more.
+    optional = public and (op.method, op.path) in ROUTE_ACTIONS
     statuses: dict[int, str | None] = dict(op.responses)
-    if not public:
+    if not public or optional:
         statuses.setdefault(401, None)
         statuses.setdefault(403, None)
     if op.request is not None:
@@ -543,7 +575,9 @@ def _operation(op: Operation) -> Schema:
             "content": {"application/json": {"schema": _ref(op.request)}},
         }
     out["responses"] = {str(s): _response(s, statuses[s]) for s in sorted(statuses)}
-    if public:
+    if optional:
+        out["security"] = [{}, {"bearer": []}]
+    if public and not optional:
         out["security"] = []
     else:
         out["x-sparrow-action"] = str(ROUTE_ACTIONS[(op.method, op.path)])
@@ -573,7 +607,7 @@ def document() -> dict[str, Any]:
             "version": "1",
             "description": "The control API of a Sparrow master (`sparrow master`, `sparrow serve`). "
             "Every route but /healthz and /openapi.json needs `Authorization: Bearer TOKEN` (/metrics "
-            "takes the scrape token too); "
+            "takes the scrape token too; /healthz answers in full only to such a credential); "
             "`x-sparrow-action` names what the token's role must allow, `x-sparrow-audit-verb` the "
             'verb the audit log records. Errors are `{"error": "<one line>"}`.',
         },

@@ -5,9 +5,9 @@ start: sparrow.nodekey), load the persisted epochs and roles (``DATA_DIR/cluster
 new incarnation, load every volume, open the volumes the node held before a restart
 (primaries fenced: a restarted node serves as primary only after an Ack confirms it), bind the
 iSCSI listener and the HTTP listener (``/metrics``, behind the scrape token of
-sparrow.metricsauth, and ``/healthz`` only), start the heartbeat
-client, and only then tell systemd ``READY=1``. The master is not needed to start: the node
-listens, fenced, and keeps trying to reach it.
+sparrow.metricsauth, and ``/healthz``: in full behind the same token, without names to anyone),
+start the heartbeat client, and only then tell systemd ``READY=1``. The master is not needed to
+start: the node listens, fenced, and keeps trying to reach it.
 
 Shutdown (SIGTERM or SIGINT), as ``sparrow serve``: ``STOPPING=1``, stop heartbeating, stop the
 HTTP listener, stop accepting iSCSI connections and let in-flight SCSI commands finish
@@ -52,7 +52,7 @@ from sparrow.config import (
     host_primary_address,
     parse_host_port,
 )
-from sparrow.health import health_response, node_problems, summary
+from sparrow.health import health_response, node_problems, public_health, summary
 from sparrow.lifecycle import (
     StartupError,
     StopSignals,
@@ -66,7 +66,7 @@ from sparrow.lifecycle import (
 )
 from sparrow.masterpin import save_pin, startup_pin
 from sparrow.metrics import PrometheusMetrics
-from sparrow.metricsauth import MetricsDoor
+from sparrow.metricsauth import FULL_HEALTH, MetricsDoor
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.diagnostics import NodeDiagnostics, skipped_volumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
@@ -377,7 +377,7 @@ DOOR_KEY = web.AppKey("metrics door", MetricsDoor)
 
 def build_node_app(node: Node, metrics: PrometheusMetrics, door: MetricsDoor) -> web.Application:
     """The node's HTTP surface: ``GET /metrics`` (Prometheus text; only through ``door``,
-    sparrow.metricsauth) and ``GET /healthz`` (JSON, public)."""
+    sparrow.metricsauth) and ``GET /healthz`` (JSON: in full through ``door``, else without names)."""
     app = web.Application(client_max_size=1024)
     app[NODE_KEY] = node
     app[METRICS_KEY] = metrics
@@ -396,6 +396,14 @@ async def _get_metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """Without a credential, the answer without names (sparrow.health.public_health); with one,
+    the full answer if it opens the /metrics door, else 401 (sparrow.metricsauth)."""
+    door = request.app[DOOR_KEY]
+    authorization = request.headers.get("Authorization")
+    if not door.asks_in_full(authorization):
+        return health_response(public_health(request.app[NODE_KEY].health()))
+    if not door.admits(authorization):
+        return door.refuse(authorization, FULL_HEALTH)
     return health_response(request.app[NODE_KEY].health())
 
 

@@ -152,8 +152,10 @@ class Node(Proc):
         ]  # fmt: skip
 
     def health(self) -> dict[str, Any]:
-        """GET /healthz: 200, or 503 while the node is unhealthy (a fenced primary, a failed task)."""
-        status, body = http_get(f"http://127.0.0.1:{self.http_port}/healthz")
+        """GET /healthz in full (the scrape token): 200, or 503 while the node is unhealthy (a fenced
+        primary, a failed task)."""
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+        status, body = http_get(url, headers=scrape_bearer(secret_file(self.root)))
         assert status in (200, 503), status
         return dict(json.loads(body))
 

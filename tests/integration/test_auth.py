@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from sparrow.auth import tokens
-from sparrow.master.auth import ROUTE_ACTIONS
+from sparrow.master.auth import PUBLIC_PATHS, ROUTE_ACTIONS
 from tests.integration.cluster import TIMING, Master, http_get
 from tests.integration.daemon import Daemon
 from tests.integration.process import Proc, admin_token, credentials_file, daemon_env
@@ -102,13 +102,21 @@ def wrong_token() -> str:
 
 
 def assert_refused(
-    server: Server, method: str, path: str, body: Any, forbidden: Iterable[str], state: Callable[[], object]
+    server: Server,
+    method: str,
+    path: str,
+    body: Any,
+    forbidden: Iterable[str],
+    state: Callable[[], object],
+    *,
+    public: bool = False,
 ) -> None:
-    """No token, a wrong one and a revoked one get 401, each token kind in ``forbidden`` 403; each
-    answer names the error and ``state()`` is the same afterwards."""
+    """No token (unless ``public``: a route that answers anyone, less), a wrong one and a revoked
+    one get 401, each token kind in ``forbidden`` 403; each answer names the error and ``state()``
+    is the same afterwards."""
     before = state()
     refusals: list[tuple[str | None, int]] = [
-        (None, 401),
+        *(() if public else ((None, 401),)),
         (wrong_token(), 401),
         (server.tokens["revoked"], 401),
         *((server.tokens[kind], 403) for kind in forbidden),
@@ -189,9 +197,11 @@ def test_every_verb_with_every_kind_of_token(server: Server) -> None:
         == 201
     )
     assert call(server.api, "GET", "/v1/volumes/team-a-2", server.tokens["tenant"])[0] == 200
-    # /healthz needs no token (it may be 503 while the new volume is placed); /metrics needs one
-    # with no tenant, or the scrape token (sparrow.metricsauth; tests/integration/test_metrics_door.py).
+    # /healthz needs no token (it may be 503 while the new volume is placed) but then names
+    # nothing; in full, and /metrics, need one with no tenant, or the scrape token
+    # (sparrow.metricsauth; tests/integration/test_metrics_door.py).
     assert call(server.api, "GET", "/healthz", None)[0] in (200, 503)
+    assert call(server.api, "GET", "/healthz", server.tokens["tenant"])[0] == 403
     assert http_get(server.api + "/metrics")[0] == 401
     assert call(server.api, "GET", "/metrics", server.tokens["tenant"])[0] == 403
 
@@ -386,4 +396,8 @@ def test_every_route_refuses_a_missing_wrong_revoked_too_small_or_other_tenant_t
                 tokens.authorize(principal, action, named)
             except tokens.Forbidden:
                 forbidden.append(kind)
-        assert_refused(server, method, path, body, forbidden, state)
+        public = route in PUBLIC_PATHS  # /healthz: a credential is optional, and judged when sent
+        assert_refused(server, method, path, body, forbidden, state, public=public)
+        if public:
+            got, answer = call(server.api, method, path, None, body)
+            assert got in (200, 503) and "team-b-vol" not in json.dumps(answer), answer

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from tests.integration.cluster import TIMING, Cluster, http_get
+from tests.integration.process import scrape_bearer
+from tests.integration.rogue import secret_file
 from tests.tools import wait_for
 
 pytestmark = pytest.mark.integration
@@ -26,8 +28,9 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
     assert all(code == 0 for code in codes.values()), f"exit codes {codes}\n{c.logs()}"
 
 
-def _health(url: str) -> tuple[int, dict[str, Any]]:
-    status, body = http_get(url + "/healthz")
+def _health(cluster: Cluster, url: str) -> tuple[int, dict[str, Any]]:
+    """/healthz in full (the scrape token opens it on the master and on a node)."""
+    status, body = http_get(url + "/healthz", headers=scrape_bearer(secret_file(cluster.root)))
     return status, dict(json.loads(body))
 
 
@@ -36,14 +39,14 @@ def test_healthz_is_503_while_the_volume_is_fenced_or_its_primary_dead(cluster: 
     volume = cluster.wait_converged("v", epoch=1, copies=1)
     n1 = cluster.node("n1")
     node_url = f"http://127.0.0.1:{n1.http_port}"
-    wait_for(lambda: _health(node_url)[0] == 200, timeout=10, what="n1 healthy")
-    wait_for(lambda: _health(cluster.master.api)[0] == 200, timeout=10, what="master healthy")
+    wait_for(lambda: _health(cluster, node_url)[0] == 200, timeout=10, what="n1 healthy")
+    wait_for(lambda: _health(cluster, cluster.master.api)[0] == 200, timeout=10, what="master healthy")
 
     # The master stops: n1's lease runs out and it fences its primary.
     cluster.master.sigstop()
     try:
         _, health = wait_for(
-            lambda: (h := _health(node_url))[0] == 503 and h,
+            lambda: (h := _health(cluster, node_url))[0] == 503 and h,
             timeout=TIMING.lease + 5,
             what="n1 unhealthy: fenced",
         )
@@ -54,22 +57,24 @@ def test_healthz_is_503_while_the_volume_is_fenced_or_its_primary_dead(cluster: 
         assert health["reasons"] == ["volume v: primary fenced (no valid lease)"], health
     finally:
         cluster.master.sigcont()
-    wait_for(lambda: _health(node_url)[0] == 200, timeout=10, what="n1 healthy again")
+    wait_for(lambda: _health(cluster, node_url)[0] == 200, timeout=10, what="n1 healthy again")
     # ... and the master has heard so (else its last word from n1 may still be "fenced").
-    wait_for(lambda: _health(cluster.master.api)[0] == 200, timeout=10, what="master healthy again")
+    wait_for(lambda: _health(cluster, cluster.master.api)[0] == 200, timeout=10, what="master healthy again")
 
     # n1 is cut off from the master: the master sees its primary die.
     cluster.proxy("n1").cut()
     try:
         _, health = wait_for(
-            lambda: (h := _health(cluster.master.api))[0] == 503 and h,
+            lambda: (h := _health(cluster, cluster.master.api))[0] == 503 and h,
             timeout=TIMING.dead_after + 5,
             what="the master unhealthy: primary dead",
         )
         assert health["reasons"] == ["volume v: primary n1 is not alive"], health
     finally:
         cluster.proxy("n1").restore()
-    wait_for(lambda: _health(cluster.master.api)[0] == 200, timeout=10, what="the master healthy again")
+    wait_for(
+        lambda: _health(cluster, cluster.master.api)[0] == 200, timeout=10, what="the master healthy again"
+    )
 
 
 def test_a_volume_larger_than_any_node_is_refused_at_create(cluster: Cluster) -> None:

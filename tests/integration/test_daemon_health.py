@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def _health(master: MasterProcess) -> tuple[int, dict[str, Any]]:
-    status, body = http_get(master.api + "/healthz")
+    status, body = http_get(master.api + "/healthz", headers=scrape_bearer(secret_file(master.root)))
     return status, dict(json.loads(body))
 
 

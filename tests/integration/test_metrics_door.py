@@ -3,7 +3,8 @@ cluster, and `sparrow serve`. No credential, a wrong one (another cluster's scra
 API token), a revoked API token and another tenant's get no metric text (401; the tenant's 403),
 each counted; the scrape token printed by `sparrow metrics token` opens all three; a real
 Prometheus scrapes them with it (``authorization: credentials_file``) and is refused without it;
-``--public-metrics`` opens the door to anyone."""
+``--public-metrics`` opens the door to anyone. ``/healthz`` answers anyone without a name, and in
+full behind the same door (a wrong credential: 401, not the public answer)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 
 from sparrow.cluster.channel import ClusterSecret
 from sparrow.metricsauth import scrape_token
-from tests.integration.cluster import Cluster, http_get, metric
+from tests.integration.cluster import BASE_IQN, Cluster, http_get, metric
 from tests.integration.daemon import Daemon
 from tests.integration.process import bearer, daemon_env
 from tests.integration.rogue import secret_file
@@ -85,6 +86,31 @@ def assert_locked(url: str, token: str, refused_by: Callable[[], str]) -> None:
     assert metric(after, f'{REFUSED}{{reason="wrong"}}') == wrong + 3, after
 
 
+def assert_health_locked(url: str, token: str, refused_by: Callable[[], str], names: tuple[str, ...]) -> Any:
+    """/healthz: without a credential the raw answer names none of ``names`` and has only the
+    public fields; a wrong credential is refused 401 (one line, nothing named), counted as /metrics';
+    the scrape token gets the full answer, which is returned."""
+    status, text = get(url, None)
+    assert status in (200, 503), (url, status, text)
+    assert not [name for name in names if name in text], text
+    assert set(json.loads(text)) == {"status", "reasons", "counts"}, text
+    other_cluster = scrape_token(ClusterSecret.from_text(secrets.token_hex(32).encode()))
+    made_up = f"spw_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
+    counted = refused_by()
+    wrong = metric(counted, f'{REFUSED}{{reason="wrong"}}') or 0.0
+    for credential in (other_cluster, made_up, token[:-1]):
+        status, text = get(url, credential)
+        assert status == 401, (url, status, text)
+        assert not [name for name in names if name in text] and text.count("\n") <= 1, text
+        assert "the full /healthz" in json.loads(text)["error"]
+    assert metric(refused_by(), f'{REFUSED}{{reason="wrong"}}') == wrong + 3
+    status, text = get(url, token)
+    assert status in (200, 503), (url, status, text)
+    full = json.loads(text)
+    assert "volumes_not_served" in full and "counts" not in full, full
+    return full
+
+
 def test_a_clusters_master_and_node_open_their_metrics_to_the_scrape_token_only(
     make_cluster: Callable[..., Cluster],
 ) -> None:
@@ -116,8 +142,18 @@ def test_a_clusters_master_and_node_open_their_metrics_to_the_scrape_token_only(
     status, text = get(master_url, revoked)
     assert status == 401 and "sparrow_" not in text
     assert get(node_url, reader)[0] == 401  # a node knows no API token
-    # /healthz stays public (it names volumes: docs/architecture.md, "Security", gaps).
-    assert http_get(f"http://127.0.0.1:{node.http_port}/healthz")[0] == 200
+
+    # /healthz: names nothing without a credential, all behind the same door.
+    names = (VOLUME, v["volume_id"], node.node_id, BASE_IQN)
+    node_health = f"http://127.0.0.1:{node.http_port}/healthz"
+    full = assert_health_locked(node_health, token, node.metrics, names)
+    assert [x["name"] for x in full["volumes"]] == [VOLUME] and full["node_id"] == node.node_id
+    full = assert_health_locked(master.api + "/healthz", token, master.metrics, names)
+    assert (full["nodes"], full["volumes"]) == (1, 1)
+    assert json.loads(get(master.api + "/healthz", reader)[1])["nodes_alive"] == 1
+    status, text = get(master.api + "/healthz", tenant)
+    assert status == 403 and VOLUME not in text
+    assert get(node_health, reader)[0] == 401
 
 
 def test_serve_opens_its_metrics_to_the_scrape_token_of_its_own_secret(daemon: Daemon) -> None:
@@ -129,6 +165,12 @@ def test_serve_opens_its_metrics_to_the_scrape_token_of_its_own_secret(daemon: D
     assert_locked(url, token, lambda: get(url, token)[1])
     _, tenant = mint(daemon.api, daemon.root, "reader", tenant="team-b")
     assert get(url, tenant)[0] == 403
+    # /healthz: serve's full answer holds its local node's (names, IQNs); the public one none.
+    volume_id = json.loads(daemon.get(f"/v1/volumes/{VOLUME}")[1])["volume_id"]
+    names = (VOLUME, volume_id, "iqn.")
+    full = assert_health_locked(daemon.api + "/healthz", token, lambda: get(url, token)[1], names)
+    assert [x["name"] for x in full["node"]["volumes"]] == [VOLUME]
+    assert get(daemon.api + "/healthz", tenant)[0] == 403
 
 
 @pytest.mark.openapi_violations_expected  # the document describes the locked door, the default
@@ -138,6 +180,8 @@ def test_public_metrics_opens_the_door_to_anyone(tmp_path: Path) -> None:
     try:
         status, text = get(serve.api + "/metrics", None)
         assert status == 200 and "sparrow_master_volumes" in text
+        status, text = get(serve.api + "/healthz", None)  # the full answer too
+        assert status == 200 and "node" in json.loads(text), text
     finally:
         assert serve.stop() == 0, serve.log_tail()
 

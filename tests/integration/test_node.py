@@ -191,8 +191,9 @@ class NodeProcess(Proc):
         return f"iscsi://{self.portal}/{self.iqn}/0"
 
     def health(self) -> dict[str, Any]:
-        """GET /healthz: 200, or 503 while a primary is fenced (sparrow.health)."""
-        status, body = http_get(f"http://127.0.0.1:{self.http_port}/healthz")
+        """GET /healthz in full (the scrape token): 200, or 503 while a primary is fenced (sparrow.health)."""
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+        status, body = http_get(url, headers=scrape_bearer(secret_file(self.root)))
         assert status in (200, 503), status
         return dict(json.loads(body))
 

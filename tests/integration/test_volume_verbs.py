@@ -28,6 +28,8 @@ import pytest
 
 from tests.integration.cluster import BASE_IQN, TIMING, Cluster, http_get
 from tests.integration.daemon import Daemon
+from tests.integration.process import scrape_bearer
+from tests.integration.rogue import secret_file
 from tests.integration.test_node import GOOD, NOT_READY, UNIT_ATTENTION, Answer, RawSession, qemu_io
 from tests.tools import require_tool, run, wait_for
 
@@ -92,7 +94,7 @@ def test_pause_refuses_io_not_ready_and_survives_kill9_of_master_primary_and_all
         assert refused.returncode != 0 or "read " not in refused.stdout, said
         assert "NOT READY" in said and "0x0401" in said, said
     # Health: asked for, so no error; reported.
-    status, body = http_get(cluster.master.api + "/healthz")
+    status, body = http_get(cluster.master.api + "/healthz", headers=scrape_bearer(secret_file(cluster.root)))
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok", health
     assert [(p["name"], p["applied"]) for p in health["volumes_paused"]] == [("pv", True)]
@@ -149,7 +151,7 @@ def test_pause_refuses_io_not_ready_and_survives_kill9_of_master_primary_and_all
         lambda: read_answer(primary.portal, "pv").status == GOOD, timeout=15, what="pv served after resume"
     )
     qemu_io(primary.url("pv"), "read -P 0x5a 0 64k")
-    status, body = http_get(cluster.master.api + "/healthz")
+    status, body = http_get(cluster.master.api + "/healthz", headers=scrape_bearer(secret_file(cluster.root)))
     assert status == 200 and json.loads(body)["volumes_paused"] == []
     print(
         f"\nPAUSE: `volume pause` (CLI, waiting until applied) {pause_took:.2f} s, "

@@ -1,13 +1,15 @@
 """sparrow.metricsauth: the scrape token's derivation, the /metrics door of the master (the real
 API app, aiohttp test client) and of a node (its real HTTP app), ``sparrow metrics token`` and
-``--public-metrics`` / ``[http] public_metrics``. Real processes: tests/integration/test_metrics_door.py."""
+``--public-metrics`` / ``[http] public_metrics``; the same door in front of the full ``/healthz``.
+Real processes: tests/integration/test_metrics_door.py."""
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,7 +25,7 @@ from sparrow.clustersecret import SERVE_SECRET_NAME, generate_cluster_secret, lo
 from sparrow.config import ConfigError, Overrides, load_config
 from sparrow.metrics import PrometheusMetrics
 from sparrow.metricsauth import SCRAPE_PREFIX, SCRAPE_TOKEN_ROUTE, MetricsDoor, scrape_token
-from sparrow.node.daemon import build_node_app
+from sparrow.node.daemon import Node, build_node_app
 from sparrow.replication.streamauth import derive_stream_key
 from tests.unit.test_master_api import Master
 
@@ -163,6 +165,98 @@ async def test_a_node_answers_its_metrics_to_the_scrape_token_only_unless_public
             else:
                 assert status == 401 and "sparrow_" not in text, text
         assert refused(door, "missing") + refused(door, "wrong") == (0.0 if public else 3.0)
+    finally:
+        await client.close()
+
+
+# --- /healthz: without names to anyone, in full behind the same door ------------------------------
+
+
+def _names_nothing(text: str, *names: str) -> bool:
+    return not [name for name in names if name in text]
+
+
+async def test_the_master_healthz_names_nothing_without_a_credential_and_all_with_one(master: Master) -> None:
+    master.node_reports("n1", 1)
+    await master.json("POST", "/v1/volumes", {"name": "vol-hidden", "size": "1MiB"}, status=201)
+    master.control.step(10.0)
+    volume_id = master.store.volumes()[0].volume_id
+    status, text = await scrape(master.client, None, "/healthz")
+    assert status == 503 and _names_nothing(text, "vol-hidden", volume_id, "n1"), text
+    assert json.loads(text) == {
+        "status": "unhealthy",
+        "reasons": ["1 volume not served"],
+        "counts": {
+            "volumes": 1, "volumes_not_served": 1, "tasks_failed": 0, "nodes": 1, "nodes_alive": 1,
+            "volumes_paused": 0,
+        },
+    }  # fmt: skip
+    reader = mint(master, "reader")
+    for credential in (scrape_token(master.secret), master.token, reader.plaintext):
+        status, text = await scrape(master.client, credential, "/healthz")
+        assert status == 503 and json.loads(text)["volumes_not_served"][0]["name"] == "vol-hidden"
+    assert refused(master.door, "missing") + refused(master.door, "wrong") == 0.0
+
+
+async def test_the_master_healthz_refuses_a_wrong_credential_rather_than_answer_less(master: Master) -> None:
+    await master.json("POST", "/v1/volumes", {"name": "vol-hidden", "size": "1MiB"}, status=201)
+    tenant = mint(master, "admin", tenant="team-a")
+    revoked = mint(master, "admin")
+    master.store.revoke_token(revoked.record.token_id, revoked_at=3.0)
+    other_cluster = scrape_token(ClusterSecret.from_text(SECRET_TEXT))
+    for credential in ("nonsense", other_cluster, revoked.plaintext):
+        status, text = await scrape(master.client, credential, "/healthz")
+        assert status == 401 and "the full /healthz" in text and _names_nothing(text, "vol-hidden"), text
+    resp = await master.client.get("/healthz", headers={"Authorization": "Basic dXNlcjpwdw=="})
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (refused(master.door, "missing"), refused(master.door, "wrong")) == (1.0, 3.0)
+    status, text = await scrape(master.client, tenant.plaintext, "/healthz")  # other tenants' names
+    assert status == 403 and _names_nothing(text, "vol-hidden")
+
+
+class _FakeNode:
+    """What a node's /healthz reads: its full answer (the shape of Node.health)."""
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok", "reasons": [], "volumes_not_served": [], "tasks_failed": [],
+            "node_id": "node-hidden", "incarnation": 1,
+            "master": {"address": "10.9.8.7:3290", "connected": True, "last_error": None},
+            "lease": {"valid": True, "remaining_seconds": 4.0}, "fences": 0, "last_error": None,
+            "volumes": [{"volume_id": "ab" * 16, "name": "vol-hidden", "iqn": "iqn.x:vol-hidden",
+                         "access_state": "active_optimized", "paused": False}],
+            "offline": [],
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("public", [False, True])
+async def test_a_nodes_healthz_names_nothing_without_the_scrape_token_unless_public(public: bool) -> None:
+    secret = ClusterSecret.from_text(SECRET_TEXT)
+    metrics = PrometheusMetrics()
+    door = MetricsDoor.of(secret, public=public, registry=metrics.registry)
+    app = build_node_app(cast(Node, _FakeNode()), metrics, door)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        status, text = await scrape(client, None, "/healthz")
+        assert status == 200
+        if public:  # the lab escape hatch opens the full answer too
+            assert json.loads(text)["volumes"][0]["name"] == "vol-hidden"
+        else:
+            assert _names_nothing(text, "vol-hidden", "ab" * 16, "node-hidden", "10.9.8.7"), text
+            assert json.loads(text)["counts"] == {
+                "volumes": 1, "volumes_not_served": 0, "tasks_failed": 0, "fences": 0, "offline": 0,
+            }  # fmt: skip
+        status, text = await scrape(client, scrape_token(secret), "/healthz")
+        assert status == 200 and json.loads(text)["volumes"][0]["name"] == "vol-hidden"
+        other_cluster = scrape_token(ClusterSecret.from_text(b"x" * 40))
+        for credential in ("spw_0000000000000000_" + "A" * 43, other_cluster):
+            status, text = await scrape(client, credential, "/healthz")
+            if public:
+                assert status == 200
+            else:
+                assert status == 401 and _names_nothing(text, "vol-hidden"), text
+        assert refused(door, "wrong") == (0.0 if public else 2.0)
     finally:
         await client.close()
 

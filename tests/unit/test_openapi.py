@@ -96,7 +96,11 @@ def test_what_the_code_defines_is_taken_from_it() -> None:
     drain = DOC["paths"]["/v1/nodes/{node_id}/drain"]["post"]
     assert drain["x-sparrow-action"] == "node.drain"
     assert drain["x-sparrow-audit-verb"] == "node.drain"
-    assert DOC["paths"]["/healthz"]["get"]["security"] == []
+    assert DOC["paths"]["/openapi.json"]["get"]["security"] == []
+    health = DOC["paths"]["/healthz"]["get"]  # public; a credential is optional and opens the full answer
+    assert health["security"] == [{}, {"bearer": []}]
+    assert health["x-sparrow-action"] == "metrics.read"
+    assert set(health["responses"]) == {"200", "401", "403", "503"}
     assert "security" not in DOC["paths"]["/v1/volumes"]["get"]  # the document's default: bearer
     assert set(DOC["paths"]["/v1/volumes"]["post"]["responses"]) >= {"201", "400", "401", "403", "409", "503"}
 
@@ -198,7 +202,7 @@ async def test_the_middleware_logs_and_counts_a_violation_and_sends_the_answer_u
     app, token = _app(tmp_path / "data")
     before = openapi_check.count()
     async with TestClient(TestServer(app)) as c:
-        response = await c.get("/healthz")
+        response = await c.get("/healthz", headers={"Authorization": f"Bearer {token}"})  # in full
         assert response.status == 200 and (await response.json())["nodes_alive"] == 0
         assert openapi_check.count() == before + 1
         assert (await c.get("/v1/tokens", headers={"Authorization": f"Bearer {token}"})).status == 200
