@@ -1051,7 +1051,7 @@ class ChannelLink(asyncio.Protocol):
         """Seal ``data`` (whole messages, at most ``MAX_MESSAGE`` bytes) as one record and write it."""
         if not self.up or self._ended or self.transport is None:
             return
-        self.transport.write(self.channel.send(data))
+        self.transport.writelines(self.channel.seal(data))  # header and sealed bytes, not joined
 
     def close(self) -> None:
         self._closed = True
