@@ -130,6 +130,34 @@ async def test_the_writes_of_one_turn_go_to_each_replica_in_one_send_encoded_onc
     await asyncio.gather(*tasks)
 
 
+async def test_an_ack_in_a_turn_that_appended_sends_nothing_before_the_turn_ends() -> None:
+    """An ACK arriving in the turn that queued writes (before the send at its end) does not send
+    them to its replica at once: each replica still gets this turn's writes in one send, encoded
+    once for both (not a record at the ACK and the rest at the end of the turn)."""
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
+    first = h.store.write_forward(0, b"a" * BS)
+    assert first == 1
+    await h.up()
+    n2, n3 = h.links["n2"], h.links["n3"]
+    for link in (n2, n3):
+        link.raw.clear()
+    # One turn: a write, n2's ACK of op 1, another write.
+    assert h.store.write_forward(BS, b"b" * BS) == 2
+    n2.ack(1)
+    assert n2.raw == []  # nothing sent at the ACK: the end of the turn sends
+    assert h.store.write_forward(2 * BS, b"c" * BS) == 3
+    await settle()
+    assert len(n2.raw) == 1 and len(n3.raw) == 1 and n2.raw[0] is n3.raw[0]
+    assert [m.seq for m in n2.ops()[-2:]] == [2, 3]
+    n3.ack(1)
+    await h.store.written(1)
+    done = h.store.written(3)
+    for link in (n2, n3):
+        link.ack(3)
+    await done
+
+
 async def test_a_replica_at_another_position_gets_its_own_encoding() -> None:
     h = Harness()
     h.store.configure(1, [("n2", "h:1")])
