@@ -46,7 +46,7 @@ from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
 from store.blockstore import BlockStore, StoreUnavailable
 from store.delegating import DelegatingStore
-from store.dirtymap import DirtyMap, region_span
+from store.dirtymap import REGION_SIZE, DirtyMap, region_span
 
 log = structlog.get_logger("sparrow.node.forward")
 
@@ -692,8 +692,12 @@ class ReplicatedStore(DelegatingStore):
         self._log_bytes += op.length if op.data is not None else 0
         self.last += 1
         if self.dirty_map is not None and op.only is None and op.kind in _WRITES:
-            for region in region_span(op.offset, op.length):
-                self.touched[region] = self.last
+            first = op.offset // REGION_SIZE
+            if op.length > 0 and (op.offset + op.length - 1) // REGION_SIZE == first:
+                self.touched[first] = self.last  # one region: most writes
+            else:
+                for region in region_span(op.offset, op.length):
+                    self.touched[region] = self.last
         for replica in self.replicas.values():
             if replica.link is None and not replica.backing_off:
                 self._connect(replica)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from sparrow.node.replicated_store import ReplicatedStore
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MessageDecoder, PrimaryStream
 from store.blockstore import StoreUnavailable
+from store.dirtymap import REGION_SIZE, DirtyMap
 from store.memstore import MemoryBlockStore
 
 VOLUME = uuid.UUID(int=7).hex
@@ -55,11 +57,11 @@ class FakeLink:
 
 
 class Harness:
-    def __init__(self, *, hold_timeout: float = 30.0) -> None:
+    def __init__(self, *, hold_timeout: float = 30.0, size: int = 1 << 20) -> None:
         self.now = 100.0
         self.links: dict[str, FakeLink] = {}
         self.lagged = 0
-        self.inner = MemoryBlockStore(1 << 20, BS)
+        self.inner = MemoryBlockStore(size, BS)
         self.store = ReplicatedStore(
             self.inner,
             VOLUME,
@@ -156,6 +158,24 @@ async def test_an_ack_in_a_turn_that_appended_sends_nothing_before_the_turn_ends
     for link in (n2, n3):
         link.ack(3)
     await done
+
+
+async def test_touched_records_every_region_a_write_covers(tmp_path: Path) -> None:
+    """The op index that last wrote each region (what a checkpoint may clear): one entry for a
+    write inside a region, one per region for a write across a boundary."""
+    h = Harness(size=4 * REGION_SIZE)
+    h.store.configure(1, [("n2", "h:1")])
+    h.store.dirty_map = DirtyMap.open(tmp_path / "v.dirty", VOLUME, 1 << 22, missing_clean=True)
+    assert h.store.write_forward(REGION_SIZE - BS, b"a" * BS) == 1
+    assert h.store.touched == {0: 1}
+    assert h.store.write_forward(REGION_SIZE - BS, b"b" * 2 * BS) == 2
+    assert h.store.touched == {0: 2, 1: 2}
+    assert h.store.write_forward(2 * REGION_SIZE, b"c" * BS) == 3
+    assert h.store.touched == {0: 2, 1: 2, 2: 3}
+    await h.up()
+    h.links["n2"].ack(3)
+    await h.store.written(3)
+    h.store.dirty_map.close()
 
 
 async def test_a_replica_at_another_position_gets_its_own_encoding() -> None:
