@@ -56,6 +56,7 @@ from sparrow.master.auth import bootstrap
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
 from sparrow.masterkey import master_key
+from sparrow.metricsauth import MetricsDoor
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.blockstore import StoreError
@@ -81,6 +82,8 @@ class MasterConfig:
     cluster_secret: ClusterSecret | None = None
     #: Where a create's ``backing`` may point, by name (store.backing; the node checks it again).
     allowed_backing: tuple[str, ...] = ()
+    #: ``--public-metrics``: /metrics without a credential (sparrow.metricsauth; labs only).
+    public_metrics: bool = False
 
 
 def run(config: MasterConfig) -> int:
@@ -178,6 +181,8 @@ class MasterRuntime:
     steps: asyncio.Task[None] | None = None
     #: The node identity bindings the heartbeat server admits Hellos by (sparrow.cluster.nodeidentity).
     node_keys: NodeKeys = field(default_factory=NodeKeys)
+    #: Who may read /metrics besides an API token (sparrow.metricsauth).
+    metrics_door: MetricsDoor | None = None
 
     def api(self) -> MasterApi:
         return MasterApi(
@@ -189,6 +194,7 @@ class MasterRuntime:
             supervisor=self.supervisor,
             audit=self.audit,
             node_keys=self.node_keys,
+            metrics_door=self.metrics_door,
         )
 
     def start_steps(self, stop: asyncio.Event) -> None:
@@ -331,6 +337,9 @@ async def start_master(
         supervisor,
         audit=audit,
         node_keys=node_keys,
+        metrics_door=MetricsDoor.of(
+            config.cluster_secret, public=config.public_metrics, registry=metrics.registry
+        ),
     )
 
 
