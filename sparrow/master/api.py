@@ -28,16 +28,16 @@ the controller says it cannot place it, or at the deadline; the answer is the vo
 
 ``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. A size larger
 than the largest capacity any node has reported (its Hello's ``capacity_bytes``, now or in an
-earlier run; not a forgotten node's) is refused with 400; before any node has reported one, the
-size is not checked (the volume waits, unplaced, like any other). A volume on a ``backing``
-device is not checked: the device holds the data, not the node's data directory. The volume id
-is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or none,
-mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
+earlier run; not a forgotten node's, nor a pending one's) is refused with 400; before any node has
+reported one, the size is not checked (the volume waits, unplaced, like any other). A volume on a
+``backing`` device is not checked: the device holds the data, not the node's data directory. The
+volume id is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or
+none, mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
 ``backing`` (an absolute path on the node) is meant for the embedded one-node mode, where the
 master checks it on its own node (:class:`LocalNode`) and takes the device's size when ``size`` is
-omitted; a master without a local node requires ``size`` (it cannot look at a node's device).
-A resize grows only, to a multiple of the block size, and publishes the volume's next epoch
-(same placement, new size); the same size changes nothing.
+omitted; a master without a local node requires ``size`` (it cannot look at a node's device). A
+resize grows only, to a multiple of the block size, and publishes the volume's next epoch (same
+placement, new size); the same size changes nothing.
 
 A volume (see :func:`volume_json`); secrets are never returned::
 
@@ -705,6 +705,8 @@ async def _check_capacity(api: MasterApi, size: int) -> None:
     capacities = {r.node_id: r.capacity for r in records}
     for view in api.control.observations.nodes(api.clock()):
         capacities[view.node_id] = view.capacity_bytes
+    for node_id in api.control.node_keys.pending():  # no member yet: its word is not taken
+        capacities.pop(node_id, None)
     if capacities and size > max(capacities.values()):
         largest = max(capacities.values())
         raise ApiError(
