@@ -242,12 +242,18 @@ class TopologyController:
                 or not observations.silent(view.node_id, now, self.primary_silence)
             )
         }
+        # Live nodes held back only for want of approval: named in a "not enough" status.
+        awaiting = sorted(
+            view.node_id
+            for view in observations.nodes(now)
+            if view.state is NodeState.ALIVE and view.node_id in pending
+        )
         asks: list[AssignmentAsk] = []
         status: dict[str, VolumeStatus] = {}
         for volume in volumes:
             published = current.get(volume.volume_id)
             if published is None:
-                verdict = self._place(volume, free)
+                verdict = self._place(volume, free, awaiting)
             else:
                 verdict = self._maintain(volume, published, observations, leases, free, now, pending)
             if verdict.ask is not None:
@@ -268,7 +274,7 @@ class TopologyController:
             key=lambda node: (-free[node], node),
         )
 
-    def _place(self, volume: DesiredVolume, free: dict[str, int]) -> _Verdict:
+    def _place(self, volume: DesiredVolume, free: dict[str, int], awaiting: list[str]) -> _Verdict:
         candidates = self._candidates(volume.size, free)
         if len(candidates) < volume.replicas:
             if len(free) >= volume.replicas:  # enough nodes, not enough room on them
@@ -278,6 +284,8 @@ class TopologyController:
                 )
             else:
                 reason = f"not enough live nodes (have {len(candidates)}, need {volume.replicas})"
+            if awaiting:
+                reason += f"; awaiting approval: {', '.join(awaiting)} (sparrow node approve)"
             return _Verdict(StatusKind.NOT_ENOUGH_NODES, reason)
         chosen = tuple(candidates[: volume.replicas])
         for node in chosen:

@@ -61,7 +61,8 @@ def test_a_new_node_id_is_pending_gets_no_copy_and_becomes_a_target_once_approve
 
     v = wait_for(stepped, timeout=10, what="a control step on three", interval=0.1)
     assert v["epoch"] == 0 and v["status_kind"] == "not_enough_nodes", v
-    assert "have 2, need 3" in v["status"]
+    awaiting = "awaiting approval: n9 (sparrow node approve)"
+    assert v["status"] == f"not enough live nodes (have 2, need 3); {awaiting}", v
     (line,) = [e for e in cluster.master.events("node awaiting approval") if e["node"] == "n9"]
     assert (line["level"], line["node"], line["node_key"]) == ("warning", "n9", rogue_key("n9").public.hex())
 

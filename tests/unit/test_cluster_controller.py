@@ -1084,6 +1084,9 @@ def test_a_pending_node_is_never_chosen_for_a_copy_a_replacement_or_a_promotion(
     decision = ctl.decide([desired(replicas=3)], {}, cluster.store, cluster.leases, 0.0, pending={"rogue"})
     assert decision.asks == ()
     assert decision.status[VOL_A].kind is StatusKind.NOT_ENOUGH_NODES
+    assert decision.status[VOL_A].reason == (
+        "not enough live nodes (have 2, need 3); awaiting approval: rogue (sparrow node approve)"
+    )
     (ask,) = ctl.decide([desired(replicas=2)], {}, cluster.store, cluster.leases, 0.0, pending={"rogue"}).asks
     assert "rogue" not in ask.replicas
     (ask,) = ctl.decide([desired(replicas=3)], {}, cluster.store, cluster.leases, 0.0).asks
