@@ -57,6 +57,12 @@ from typing import Any, NoReturn, TextIO
 from sparrow.sizes import SizeError, format_size, parse_size
 from store.migrations.graph import KINDS
 
+#: ``--public-metrics`` of master, node and serve (sparrow.metricsauth).
+PUBLIC_METRICS_HELP = (
+    "answer GET /metrics without a credential (for labs only: the metrics name volumes); "
+    "by default it needs the scrape token (`sparrow metrics token`) or, on the master, an API token"
+)
+
 DEFAULT_API = "http://127.0.0.1:3280"
 API_ENV = "SPARROW_API"
 #: Seconds to wait for the daemon; a create with fallocate or a delete that drains sessions can take a while.
@@ -431,6 +437,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         log_format=args.log_format,
         log_level=args.log_level,
         allow_backing=tuple(args.allow_backing) if args.allow_backing else None,
+        public_metrics=True if args.public_metrics else None,
     )
     try:
         config = load_config(Path(args.config) if args.config else None, overrides)
@@ -471,6 +478,7 @@ def cmd_node(args: argparse.Namespace, out: TextIO) -> int:
             advertise_replication=args.advertise_replication,
             resync_rate=args.resync_rate,
             master_key=args.master_key,
+            public_metrics=args.public_metrics,
         )
     except ConfigError as e:
         raise CliError(f"sparrow node: error: {e}", code=2 if e.usage else 1) from None
@@ -643,6 +651,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         cluster_secret=secret,
         allowed_backing=allowed_backing,
         admission=AdmissionPolicy(args.admission),
+        public_metrics=args.public_metrics,
     )
 
     from sparrow.logs import configure_logging
@@ -730,6 +739,7 @@ def _add_cluster_commands(commands: Any) -> None:
         help="approve (default): a new node waits for `sparrow node approve` before it holds any "
         "copy; open: a node id's first key is approved on first use (labs)",
     )
+    master.add_argument("--public-metrics", action="store_true", help=PUBLIC_METRICS_HELP)
     master.set_defaults(func=cmd_master)
     from sparrow.masterkey_cli import add_master_key_command
 
@@ -810,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
     )
+    serve.add_argument("--public-metrics", action="store_true", help=PUBLIC_METRICS_HELP)
     serve.add_argument(
         "--log-format", choices=("auto", "json", "console"), help="auto: JSON unless stdout is a terminal"
     )
@@ -961,6 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
     )
+    node.add_argument("--public-metrics", action="store_true", help=PUBLIC_METRICS_HELP)
     node.set_defaults(func=cmd_node)
 
     migrate = commands.add_parser(
@@ -990,6 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparrow.opscli import add_ops_commands
 
     add_ops_commands(commands)
+    from sparrow.metrics_cli import add_metrics_command
+
+    add_metrics_command(commands)
     from sparrow.top import add_top_command
 
     add_top_command(commands, with_api)

@@ -23,6 +23,8 @@ File layout (every key optional; see docs/sparrow.example.toml)::
     body_timeout = 30.0                 # seconds for a whole request body
     idle_timeout = 60.0                 # seconds a kept-alive connection may sit idle
     max_connections = 256               # open HTTP connections; more are closed at once
+    public_metrics = false              # true: GET /metrics without the scrape token (labs
+                                        # only: the metrics name volumes; sparrow.metricsauth)
 
     [log]
     format = "auto"                     # auto (JSON unless stdout is a TTY), json, console
@@ -67,6 +69,7 @@ from typing import Any
 from frontend.target import DEFAULT_BASE_IQN, ChapSecret
 from sparrow.cluster.messages import InvalidMessage, check_chap_name
 from sparrow.httplimits import HttpLimits
+from sparrow.privatefile import foreign_owner
 from sparrow.sizes import SizeError, parse_size
 from store.backing import BackingPolicy
 
@@ -133,6 +136,8 @@ class Config:
     #: Where a volume's ``backing`` may point (store.backing); empty: no backing is allowed.
     allowed_backing: tuple[str, ...] = ()
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    #: /metrics open to anyone (``--public-metrics``; sparrow.metricsauth). Default: locked.
+    public_metrics: bool = False
 
     def advertised_portals(
         self, *, bound_port: int | None = None, primary_address: Callable[[], str] | None = None
@@ -166,6 +171,8 @@ class Overrides:
     log_format: str | None = None
     log_level: str | None = None
     allow_backing: tuple[str, ...] | None = None
+    #: ``--public-metrics`` (True) or not given (None).
+    public_metrics: bool | None = None
 
 
 def host_primary_address() -> str:
@@ -359,6 +366,10 @@ def load_config(
         except ValueError as e:
             raise fail(f"{src}: [http] {e}", False) from None
 
+    got = pick("http.public_metrics", "--public-metrics", overrides.public_metrics)
+    if got is not None:
+        kwargs["public_metrics"] = bool(got[0])
+
     got = pick("log.format", "--log-format", overrides.log_format)
     if got is not None:
         value, what, usage = got
@@ -427,6 +438,7 @@ _SCHEMA: dict[str, Any] = {
         "body_timeout": (int, float),
         "idle_timeout": (int, float),
         "max_connections": int,
+        "public_metrics": bool,
     },
     "log": {"format": str, "level": str},
     "demo_volume": {"name": str, "size": (str, int)},
@@ -435,7 +447,7 @@ _SCHEMA: dict[str, Any] = {
 #: The one secret a config file may hold: the file must then be private (mode 0600).
 SECRET_KEY = "iscsi.discovery_chap.secret"
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", bool: "true or false"}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -443,15 +455,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            st = os.fstat(f.fileno())
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     flat: dict[str, Any] = {}
     _flatten(path, data, _SCHEMA, "", flat)
+    mode = stat.S_IMODE(st.st_mode)
+    if SECRET_KEY in flat and (owner := foreign_owner(st)) is not None:
+        # The rule of the key files (sparrow.privatefile): a secret no other user may read or change.
+        raise ConfigError(f"{path} holds {SECRET_KEY} and belongs to another user (uid {owner}); chown it")
     if SECRET_KEY in flat and mode & 0o077:
-        # The rule of the key files (sparrow.privatefile): a secret no other user may read.
         raise ConfigError(
             f"{path} holds {SECRET_KEY} and is accessible by group or others (mode {mode:04o}); chmod 600 it"
         )
@@ -475,7 +490,7 @@ def _flatten(
             continue
         types = expected if isinstance(expected, tuple) else (expected,)
         # bool is an int subclass in Python; TOML true/false is never a valid number here.
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
             raise ConfigError(f"{path}: {dotted} must be {names}, not {type(value).__name__}")
         out[dotted] = value

@@ -205,6 +205,7 @@ async def serve(config: Config) -> int:
             base_iqn=config.base_iqn,
             cluster_secret=secret,
             allowed_backing=config.allowed_backing,
+            public_metrics=config.public_metrics,
         )
         master = await start_master(
             master_config, cleanup, metrics=MasterMetrics(metrics.registry), supervisor=supervisor

@@ -2,11 +2,12 @@
 
 64 hex digits (the master's Ed25519 public key, ``sparrow master key`` prints it) and a newline.
 Mode 0644: it is a public key, nothing in it is secret, and monitoring may read it; what matters is
-that nobody else can *change* it, so a pin file that group or others may write, a symlink or
-anything but a regular file is refused, as is one that does not hold a key: the node stops with
-one line (it never falls back to trust on first use on its own, since that would let the next
-member that plays master be pinned). Written atomically (a temporary file, fsynced, renamed over,
-the directory fsynced), so a crash leaves the old pin or the new one.
+that nobody else can *change* it, so a pin file that group or others may write, one that another
+user owns (sparrow.privatefile.foreign_owner), a symlink or anything but a regular file is
+refused, as is one that does not hold a key: the node stops with one line (it never falls back to
+trust on first use on its own, since that would let the next member that plays master be pinned).
+Written atomically (a temporary file, fsynced, renamed over, the directory fsynced), so a crash
+leaves the old pin or the new one.
 
 Where the pin comes from at the node's start (:func:`startup_pin`): the operator's
 ``--master-key HEX`` wins and is written to the file (a different pin there is replaced and
@@ -26,6 +27,7 @@ from pathlib import Path
 from sparrow.cluster.channel import SecretError
 from sparrow.cluster.masteridentity import MASTER_KEY_SIZE, parse_master_key
 from sparrow.cluster.nodeidentity import key_text
+from sparrow.privatefile import foreign_owner
 from store.metadata import fsync_dir
 
 PIN_NAME = "master.pin"
@@ -54,6 +56,8 @@ def load_pin(data_dir: Path) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _bad(path, "is not a regular file")
+        if (owner := foreign_owner(st)) is not None:
+            raise _bad(path, f"belongs to another user (uid {owner})")
         if st.st_mode & 0o022:
             raise _bad(path, f"may be written by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
         data = os.read(fd, MAX_PIN_FILE + 1)

@@ -1,12 +1,14 @@
 """Private files in the way an ssh key is kept: the cluster secret (sparrow.clustersecret), the
 master key (sparrow.masterkey) and the node key (sparrow.nodekey).
 
-Read: a regular file, not a symlink (``O_NOFOLLOW``), not readable or writable by group or
-others, at most a given size. Written: whole or not at all, mode 0600 from its first byte (a
-temporary file, fsynced, linked into place: never replacing a file that exists, then the directory
-fsynced), so a crash while a daemon makes its first key never leaves an empty or partial file that
-would keep it from starting. Every problem is a :class:`~sparrow.cluster.channel.SecretError` with
-one line naming the file (``what``: "cluster secret file", "node key file").
+Read: a regular file, not a symlink (``O_NOFOLLOW``), owned by the user the daemon runs as or by
+root (:func:`foreign_owner`: another user could rewrite it, whatever its mode), not readable or
+writable by group or others, at most a given size. Written: whole or not at all, mode 0600 from
+its first byte (a temporary file, fsynced, linked into place: never replacing a file that exists,
+then the directory fsynced), so a crash while a daemon makes its first key never leaves an empty
+or partial file that would keep it from starting. Every problem is a
+:class:`~sparrow.cluster.channel.SecretError` with one line naming the file (``what``: "cluster
+secret file", "node key file").
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from pathlib import Path
 
 from sparrow.cluster.channel import SecretError
 from store.metadata import fsync_dir
+
+
+def foreign_owner(st: os.stat_result) -> int | None:
+    """The owner's uid when the file belongs to neither the user this process runs as nor root
+    (as ssh refuses a key file another user owns), else None."""
+    owner = st.st_uid
+    return None if owner in (0, os.geteuid()) else owner
 
 
 def read_private(path: Path, what: str, max_size: int) -> bytes:
@@ -34,6 +43,11 @@ def read_private(path: Path, what: str, max_size: int) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SecretError(f"{what} {path} is not a regular file")
+        if (owner := foreign_owner(st)) is not None:
+            raise SecretError(
+                f"{what} {path} belongs to another user (uid {owner}); chown it to the user "
+                "the daemon runs as"
+            )
         if st.st_mode & 0o077:
             raise SecretError(
                 f"{what} {path} is accessible by group or others "

@@ -6,13 +6,15 @@ nothing is still checked:
 - :meth:`SecretWatch.process` (called by ``Proc.spawn``, tests/integration/process.py): the
   process's log file and its data directory's ``audit.jsonl`` and ``migrations.log`` are watched,
   and its root and data directory are harvested (:func:`harvest`) for the cluster secret file,
-  ``master.key`` (and the keys derived from both, the master identity's seed among them; a
+  ``master.key`` (and the keys derived from both, the master identity's seed and the scrape token
+  among them; a
   node's ``master.pin`` holds a public key, no secret), the bootstrap admin token in the credentials
   file, every CHAP secret in the authority and every replication stream key the master handed out
   (derived again from ``master.key`` and the assignment history);
 - :meth:`SecretWatch.cli_run` (called by ``tests.tools.run`` for each ``sparrow`` command): CHAP
   secrets and tokens given on its command line and tokens it printed are registered, and its
-  output is checked (but the stdout of ``token create``, whose purpose is to show one);
+  output is checked (but the stdout of ``token create`` and ``metrics token``, whose purpose is to
+  show one);
 - :func:`register_secret`, :func:`register_token`: anything else a test makes (a CHAP secret
   sent in a plain HTTP body, a token minted over HTTP).
 
@@ -47,12 +49,15 @@ from typing import Protocol
 
 from sparrow.cluster.channel import ClusterSecret, SecretError
 from sparrow.cluster.masteridentity import MasterIdentity
+from sparrow.metricsauth import scrape_token
 from sparrow.replication.streamauth import derive_stream_key
 
 #: Shorter values are not looked for: they would match ordinary words (a test's deliberately bad secret).
 MIN_SECRET_LEN = 8
 #: The token format of sparrow.auth.tokens (``spw_<id>_<secret>``): only ``secret`` is secret.
 TOKEN = re.compile(rb"spw_[0-9a-f]{16}_(?P<secret>[A-Za-z0-9_-]{43})")
+#: The commands whose stdout is a secret: showing it is what they are for.
+SHOWS_A_SECRET = frozenset({"token create", "metrics token"})
 #: Command-line flags whose value is a secret.
 SECRET_FLAGS = frozenset({"--chap-secret", "--chap-mutual-secret", "--token"})
 #: Files in a daemon's data directory that hold log lines besides its log file.
@@ -142,8 +147,10 @@ def _secret_file(path: Path, what: str) -> dict[bytes, str]:
             seed = bytes.fromhex(text.strip().decode("ascii"))
             found.update(dict.fromkeys(forms(seed), f"{what}, its seed"))
     with contextlib.suppress(SecretError):
-        derived = ClusterSecret.from_text(text).key
+        secret = ClusterSecret.from_text(text)
+        derived = secret.key
         found.update(dict.fromkeys(forms(derived), f"{what}, derived key"))
+        found.update(dict.fromkeys(forms(scrape_token(secret).encode()), f"{what}, its scrape token"))
         if path.name == "master.key":  # the master identity's Ed25519 seed (sparrow.masterkey)
             seed = MasterIdentity.derive(derived).seed
             found.update(dict.fromkeys(forms(seed), f"{what}, the master identity's seed"))
@@ -270,7 +277,7 @@ class SecretWatch:
             self.registered += len(found)
         command = _subcommand(argv)
         label = f"the output of `sparrow {command}`"
-        if command != "token create":  # showing the new token is what it is for
+        if command not in SHOWS_A_SECRET:
             self.outputs.append((f"{label} (stdout)", root, stdout))
         self.outputs.append((f"{label} (stderr)", root, stderr))
 

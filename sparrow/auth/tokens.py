@@ -8,10 +8,10 @@ URL-safe base64. The plaintext is shown once, when the token is made; the author
 
 Roles (:class:`Role`), each allowed what the one below it is, plus more:
 
-- ``reader``: list and inspect volumes, list nodes;
+- ``reader``: list and inspect volumes, list nodes, read the master's ``/metrics``;
 - ``operator``: create, resize and delete volumes, fail them over and rebuild their copies, drain
   and undrain nodes;
-- ``admin``: everything, tokens and a volume's ``backing`` too.
+- ``admin``: everything, tokens, a volume's ``backing`` and the nodes' scrape token too.
 
 A token may be scoped to a *tenant*, a volume-name prefix: it lists, sees and changes only volumes
 whose name starts with it, and creating one outside it is refused. A tenant token can never manage
@@ -68,6 +68,8 @@ class Action(enum.StrEnum):
     #: Drain or undrain a node (sparrow.cluster.moves).
     NODE_DRAIN = "node.drain"
     TOKEN_MANAGE = "token.manage"
+    #: Read the master's /metrics (sparrow.metricsauth): they name every tenant's volumes.
+    METRICS_READ = "metrics.read"
     #: A route the table of sparrow.master.auth does not name: admin only.
     ADMIN = "admin"
 
@@ -88,6 +90,7 @@ RULES: dict[Action, Rule] = {
     Action.NODE_WRITE: Rule(Role.ADMIN, tenant=False),
     Action.NODE_DRAIN: Rule(Role.OPERATOR, tenant=False),
     Action.TOKEN_MANAGE: Rule(Role.ADMIN, tenant=False),
+    Action.METRICS_READ: Rule(Role.READER, tenant=False),
     Action.ADMIN: Rule(Role.ADMIN, tenant=False),
 }
 

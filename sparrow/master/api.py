@@ -13,7 +13,9 @@
     DELETE /v1/nodes/{node_id} (admin) forget a dead node that holds no copy   -> 204 (409: why not)
     POST   /v1/nodes/{node_id}/rekey (admin) {key?} rebind its identity      -> 200 (nodekeys_api)
     POST   /v1/nodes/{node_id}/approve (admin) {key?} admit it as a member   -> 200 (nodekeys_api)
-    GET    /metrics            Prometheus text exposition (the master's own registry)
+    GET    /metrics            Prometheus text exposition (the master's own registry): the scrape
+                               token or a token with no tenant (sparrow.metricsauth; 401, 403)
+    GET    /v1/metrics/scrape-token (admin)  the nodes' scrape token        -> 200 {"token"} (sparrow top)
     GET    /openapi.json       this API's OpenAPI 3.1 document (sparrow.master.openapi: how to add a route)
     GET    /healthz            200 {"status": "ok"|"degraded", "nodes": N, "nodes_alive": N,
                                "volumes": N, "reasons": [], "volumes_not_served": [],
@@ -72,7 +74,7 @@ Pause, resume, update of export settings (PATCH) and the create's idempotency:
 sparrow.master.volume_verbs_api.
 The cluster's settings (discovery CHAP, GET/PATCH /v1/cluster): sparrow.master.settings_api.
 
-Every route but /metrics, /healthz and /openapi.json needs a bearer token (sparrow.master.auth: 401 without a
+Every route but /healthz and /openapi.json needs a bearer token (sparrow.master.auth: 401 without a
 valid one, 403 when its role or tenant does not allow the request); a tenant token lists and
 sees only its own volumes. ``backing`` needs an admin token and a path under the allowed backing
 prefixes (``MasterApi.backing_policy``; none by default: 403), checked by name here and, resolved,
@@ -126,6 +128,7 @@ from sparrow.httpjson import ApiError, chap_fields, errors_middleware, json_obje
 from sparrow.master.audit import AuditLog, audit_middlewares
 from sparrow.master.auth import AuthContext, add_token_routes, auth_middleware, principal, require
 from sparrow.master.control import ControlLoop
+from sparrow.metricsauth import SCRAPE_TOKEN_ROUTE, MetricsDoor
 from sparrow.sizes import format_size
 from sparrow.supervision import TaskSupervisor
 from store.backing import NO_BACKING, BackingPolicy
@@ -275,6 +278,9 @@ class MasterApi:
     supervisor: TaskSupervisor | None = None
     #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
     audit: AuditLog | None = None
+    #: Who may read /metrics besides an API token (sparrow.metricsauth); None: API tokens only,
+    #: and no scrape token to hand out.
+    metrics_door: MetricsDoor | None = None
 
 
 API_KEY = web.AppKey("master", MasterApi)
@@ -282,7 +288,7 @@ API_KEY = web.AppKey("master", MasterApi)
 
 def build_app(api: MasterApi) -> web.Application:
     errors = errors_middleware(AuthorityError, _AUTHORITY_STATUS, "authority error")
-    authenticate = auth_middleware(api.control.store)
+    authenticate = auth_middleware(api.control.store, api.metrics_door)
     middlewares = [errors, authenticate]
     if api.audit is not None:
         outer, inner = audit_middlewares(api.audit)
@@ -318,6 +324,7 @@ def build_app(api: MasterApi) -> web.Application:
 
     add_settings_routes(app)
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get(SCRAPE_TOKEN_ROUTE, get_scrape_token)
     app.router.add_get("/healthz", healthz)
     openapi.add_openapi_route(app)
     return app
@@ -517,6 +524,16 @@ async def forget_node(request: web.Request) -> web.Response:
 async def get_metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[API_KEY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def get_scrape_token(request: web.Request) -> web.Response:
+    """The scrape token of the nodes' /metrics (sparrow.metricsauth), for ``sparrow top``; admin."""
+    door = request.app[API_KEY].metrics_door
+    token = door.token if door is not None else None
+    if token is None:
+        raise ApiError(404, "this master has no scrape token")
+    log.info("scrape token handed out", by=principal(request).token_id)
+    return web.json_response({"token": token})
 
 
 async def healthz(request: web.Request) -> web.Response:

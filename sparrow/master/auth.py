@@ -1,7 +1,10 @@
 """Bearer-token authentication of the master's HTTP API (``sparrow master`` and ``sparrow serve``).
 
-Every request except ``/healthz``, ``/metrics`` and ``/openapi.json`` (:data:`PUBLIC_PATHS`) must carry
-``Authorization: Bearer <token>`` (sparrow.auth.tokens). :func:`auth_middleware` answers
+Every request except ``/healthz`` and ``/openapi.json`` (:data:`PUBLIC_PATHS`) must carry
+``Authorization: Bearer <token>`` (sparrow.auth.tokens). ``GET /metrics`` takes the scrape token
+too (sparrow.metricsauth: its :class:`~sparrow.metricsauth.MetricsDoor` says, counts its 401s,
+and opens to anyone under ``--public-metrics``), else an API token with no tenant (a tenant
+token: 403, the metrics name every tenant's volumes). :func:`auth_middleware` answers
 
 - 401 with ``WWW-Authenticate: Bearer`` for a missing, malformed, unknown or revoked token;
 - 403 when the token's role or tenant does not allow the route (:data:`ROUTE_ACTIONS`: method and
@@ -47,11 +50,14 @@ from sparrow.cluster.authority import AuthorityStore
 from sparrow.config import HostPort
 from sparrow.httpjson import ApiError, Handler, error_response, json_object, string_field
 from sparrow.lifecycle import StartupError
+from sparrow.metricsauth import SCRAPE_TOKEN_ROUTE, MetricsDoor
 
 log = structlog.get_logger("sparrow.master.auth")
 
-#: Paths anyone may GET (monitoring, and the API's OpenAPI document): no token needed.
-PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json"})
+#: Paths anyone may GET (health, and the API's OpenAPI document): no token needed.
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+#: The path the scrape token also opens (sparrow.metricsauth).
+METRICS_PATH = "/metrics"
 
 #: (method, route) -> the action it needs. Add a row with every new route (a route missing here
 #: needs an admin token with no tenant).
@@ -78,6 +84,9 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("POST", "/v1/tokens"): Action.TOKEN_MANAGE,
     ("DELETE", "/v1/tokens/{id}"): Action.TOKEN_MANAGE,
+    ("GET", METRICS_PATH): Action.METRICS_READ,
+    # Admin only: a scrape token outlives the revoked API token that asked for it.
+    ("GET", SCRAPE_TOKEN_ROUTE): Action.ADMIN,
 }
 
 PRINCIPAL_KEY = web.RequestKey("sparrow.principal", Principal)
@@ -111,19 +120,26 @@ def unauthorized(message: str) -> web.Response:
     return response
 
 
-def auth_middleware(store: AuthorityStore) -> Middleware:
+def auth_middleware(store: AuthorityStore, door: MetricsDoor | None = None) -> Middleware:
+    """``door``: the /metrics door (None: no scrape token; API tokens only, counted nowhere)."""
+    metrics_door = door if door is not None else MetricsDoor(None)
+
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route
         canonical = route.resource.canonical if route.resource is not None else None
         if canonical in PUBLIC_PATHS and request.method in ("GET", "HEAD"):
             return await handler(request)
+        authorization = request.headers.get("Authorization")
+        scrape = canonical == METRICS_PATH and request.method in ("GET", "HEAD")
+        if scrape and metrics_door.admits(authorization):
+            return await handler(request)
         try:
-            token_id, secret = tokens.parse(tokens.bearer_token(request.headers.get("Authorization")))
+            token_id, secret = tokens.parse(tokens.bearer_token(authorization))
             record = await asyncio.to_thread(store.token, token_id)
             who = tokens.verify(record, secret)
         except AuthError as e:
-            return unauthorized(str(e))
+            return metrics_door.refuse(authorization) if scrape else unauthorized(str(e))
         request[PRINCIPAL_KEY] = who  # set before the route check: the audit names who was refused
         if canonical is not None:  # else no such endpoint: the handler answers 404/405
             method = "GET" if request.method == "HEAD" else request.method
@@ -225,6 +241,7 @@ async def bootstrap(store: AuthorityStore, http: HostPort) -> None:
 
 __all__ = [
     "AUTH_KEY",
+    "METRICS_PATH",
     "PRINCIPAL_KEY",
     "PUBLIC_PATHS",
     "ROUTE_ACTIONS",

@@ -56,6 +56,7 @@ from sparrow.master.auth import bootstrap
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import HeartbeatServer
 from sparrow.masterkey import master_key
+from sparrow.metricsauth import MetricsDoor
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.blockstore import StoreError
@@ -84,6 +85,8 @@ class MasterConfig:
     #: What a node id's first key gets (``--admission``): held pending until ``sparrow node
     #: approve`` (the default), or approved at once (``open``: trust on first use, for labs).
     admission: AdmissionPolicy = AdmissionPolicy.APPROVE
+    #: ``--public-metrics``: /metrics without a credential (sparrow.metricsauth; labs only).
+    public_metrics: bool = False
 
 
 def run(config: MasterConfig) -> int:
@@ -181,6 +184,8 @@ class MasterRuntime:
     #: DATA_DIR/audit.jsonl: every mutating API call and every epoch minted (sparrow.master.audit).
     audit: AuditLog | None = None
     steps: asyncio.Task[None] | None = None
+    #: Who may read /metrics besides an API token (sparrow.metricsauth).
+    metrics_door: MetricsDoor | None = None
 
     @property
     def node_keys(self) -> NodeKeys:
@@ -197,6 +202,7 @@ class MasterRuntime:
             backing_policy=BackingPolicy(self.config.allowed_backing),
             supervisor=self.supervisor,
             audit=self.audit,
+            metrics_door=self.metrics_door,
         )
 
     def start_steps(self, stop: asyncio.Event) -> None:
@@ -342,6 +348,9 @@ async def start_master(
         clock,
         supervisor,
         audit=audit,
+        metrics_door=MetricsDoor.of(
+            config.cluster_secret, public=config.public_metrics, registry=metrics.registry
+        ),
     )
 
 

@@ -61,6 +61,7 @@ from sparrow.master.api import MAX_WAIT
 from sparrow.master.audit import READ_METHODS, VERBS
 from sparrow.master.auth import PUBLIC_PATHS, ROUTE_ACTIONS
 from sparrow.master.moves_api import PUBLISH_TIMEOUT
+from sparrow.metricsauth import SCRAPE_PREFIX, SCRAPE_TOKEN_ROUTE
 
 #: The document's path in the package, and the route that serves it.
 DOCUMENT = "openapi.json"
@@ -291,6 +292,9 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "NodeList": _obj({"nodes": {"type": "array", "items": _ref("Node")}}),
     "Drain": _obj({"node_id": _ref("NodeId"), "draining": BOOL, "drain_status": TEXT}),
+    "ScrapeToken": _obj(
+        {"token": {**_pattern(SCRAPE_PREFIX + "[0-9a-f]{64}"), "description": "sparrow.metricsauth"}}
+    ),
     "TokenCreate": _obj(
         {"role": _enum(Role)},
         {
@@ -500,8 +504,17 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: "TokenList"}, tags=("tokens",)),
     Operation("DELETE", "/v1/tokens/{id}", "revokeToken", "Revoke a token at once",
               {204: None, 404: None}, parameters=("TokenId",), tags=("tokens",)),
-    Operation("GET", "/metrics", "getMetrics", "Prometheus text exposition (no token)",
-              {200: TEXT_PLAIN}, tags=("monitoring",)),
+    Operation("GET", "/metrics", "getMetrics",
+              "Prometheus text exposition (the scrape token, or a token with no tenant)",
+              {200: TEXT_PLAIN}, tags=("monitoring",),
+              description="Opens to `Authorization: Bearer` with the scrape token (`sparrow metrics "
+              "token`) or an API token with no tenant (a tenant token: 403: the metrics name every "
+              "tenant's volumes); anyone under `--public-metrics` (labs only)."),
+    Operation("GET", SCRAPE_TOKEN_ROUTE, "getScrapeToken", "The scrape token of every /metrics (admin)",
+              {200: "ScrapeToken", 404: None}, tags=("monitoring",),
+              description="For `sparrow top`, which reads each node's /metrics with it. It is derived "
+              "from the cluster secret and changes only with it: revoking the token that asked "
+              "does not take it back."),
     Operation(
         "GET", "/healthz", "getHealth", "Health (no token)", {200: "Health", 503: "Health"},
         tags=("monitoring",),
@@ -582,7 +595,8 @@ def document() -> dict[str, Any]:
             "title": "Sparrow master API",
             "version": "1",
             "description": "The control API of a Sparrow master (`sparrow master`, `sparrow serve`). "
-            "Every route but /healthz, /metrics and /openapi.json needs `Authorization: Bearer TOKEN`; "
+            "Every route but /healthz and /openapi.json needs `Authorization: Bearer TOKEN` (/metrics "
+            "takes the scrape token too); "
             "`x-sparrow-action` names what the token's role must allow, `x-sparrow-audit-verb` the "
             'verb the audit log records. Errors are `{"error": "<one line>"}`.',
         },

@@ -4,7 +4,8 @@ Startup: lock the data directory, load the node's key (``DATA_DIR/node.key``, ma
 start: sparrow.nodekey), load the persisted epochs and roles (``DATA_DIR/cluster/``) and start a
 new incarnation, load every volume, open the volumes the node held before a restart
 (primaries fenced: a restarted node serves as primary only after an Ack confirms it), bind the
-iSCSI listener and the HTTP listener (``/metrics`` and ``/healthz`` only), start the heartbeat
+iSCSI listener and the HTTP listener (``/metrics``, behind the scrape token of
+sparrow.metricsauth, and ``/healthz`` only), start the heartbeat
 client, and only then tell systemd ``READY=1``. The master is not needed to start: the node
 listens, fenced, and keeps trying to reach it.
 
@@ -65,6 +66,7 @@ from sparrow.lifecycle import (
 )
 from sparrow.masterpin import save_pin, startup_pin
 from sparrow.metrics import PrometheusMetrics
+from sparrow.metricsauth import MetricsDoor
 from sparrow.node.convergence import Convergence, NodeVolumes
 from sparrow.node.diagnostics import NodeDiagnostics, skipped_volumes
 from sparrow.node.heartbeat_client import HeartbeatClient, HeartbeatSession
@@ -122,6 +124,8 @@ class NodeConfig:
     #: The master key the operator pins (``--master-key``; sparrow.masterpin). None: the pin in
     #: the data directory, or the first master's (trust on first use).
     master_key: bytes | None = None
+    #: ``--public-metrics``: /metrics without the scrape token (sparrow.metricsauth; labs only).
+    public_metrics: bool = False
 
 
 def node_config(
@@ -142,6 +146,7 @@ def node_config(
     advertise_replication: str | None = None,
     resync_rate: str | None = None,
     master_key: str | None = None,
+    public_metrics: bool = False,
 ) -> NodeConfig:
     """Check the flags of ``sparrow node``; raises ConfigError(usage=True) naming the bad one."""
     if not data_dir:
@@ -209,6 +214,7 @@ def node_config(
         cluster_secret=secret,
         allowed_backing=_backing_prefixes(allow_backing),
         fence_margin=margin,
+        public_metrics=public_metrics,
     )
 
 
@@ -366,19 +372,25 @@ class NodeCollector(Collector):
 
 NODE_KEY = web.AppKey("node", Node)
 METRICS_KEY = web.AppKey("metrics", PrometheusMetrics)
+DOOR_KEY = web.AppKey("metrics door", MetricsDoor)
 
 
-def build_node_app(node: Node, metrics: PrometheusMetrics) -> web.Application:
-    """The node's HTTP surface: ``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON)."""
+def build_node_app(node: Node, metrics: PrometheusMetrics, door: MetricsDoor) -> web.Application:
+    """The node's HTTP surface: ``GET /metrics`` (Prometheus text; only through ``door``,
+    sparrow.metricsauth) and ``GET /healthz`` (JSON, public)."""
     app = web.Application(client_max_size=1024)
     app[NODE_KEY] = node
     app[METRICS_KEY] = metrics
+    app[DOOR_KEY] = door
     app.router.add_get("/metrics", _get_metrics)
     app.router.add_get("/healthz", _healthz)
     return app
 
 
 async def _get_metrics(request: web.Request) -> web.Response:
+    authorization = request.headers.get("Authorization")
+    if not request.app[DOOR_KEY].admits(authorization):
+        return request.app[DOOR_KEY].refuse(authorization)
     body, content_type = request.app[METRICS_KEY].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -573,7 +585,11 @@ async def serve(config: NodeConfig) -> int:
         cleanup.callback(lock.release)
         node = await start_node(config, cleanup)
         node.supervisor.install(asyncio.get_running_loop())
-        app = build_node_app(node, node.metrics)
+        assert config.cluster_secret is not None  # start_node refuses to start without it
+        door = MetricsDoor.of(
+            config.cluster_secret, public=config.public_metrics, registry=node.metrics.registry
+        )
+        app = build_node_app(node, node.metrics, door)
         runner = await start_http(
             app, config.http.host, config.http.port, cleanup, registry=node.metrics.registry
         )

@@ -1,9 +1,10 @@
 """``sparrow top [--api URL] [--token TOKEN] [--interval S] [--once]``: the cluster, live.
 
 Every ``--interval`` seconds: ``GET /v1/volumes`` and ``GET /v1/nodes`` from the master (with the
-token the other commands use, sparrow.cli._client), and each live node's ``/metrics`` (no token:
-the route is open, and the address is the node's word: :func:`scrape`) at the ``http`` address
-the node gave in its Hello; the I/O rates come from two
+token the other commands use, sparrow.cli._client), and each live node's ``/metrics`` at the
+``http`` address the node gave in its Hello, with the scrape token the master hands an admin token
+(``GET /v1/metrics/scrape-token``, sparrow.metricsauth; kept once given: :class:`ScrapeToken`) and
+nothing else (the address is the node's word: :func:`scrape`); the I/O rates come from two
 such snapshots (sparrow.top.snapshot). In a terminal the frame is redrawn in place on the
 alternate screen (rich's Live) until ``q`` or Ctrl-C, both exit 0 with the terminal restored.
 Written to anything else (a pipe, a file) it prints one plain frame per interval. ``--once``
@@ -36,6 +37,7 @@ from rich.live import Live
 from rich.text import Text
 
 from sparrow.cli import ApiClient, CliError, _client, _reason_text
+from sparrow.metricsauth import SCRAPE_TOKEN_ROUTE
 from sparrow.top.render import frame, plain_text
 from sparrow.top.snapshot import IoRate, Snapshot, io_rates, metrics_targets, nodes_from_json, snapshot
 
@@ -51,13 +53,16 @@ QUIT_KEYS = frozenset({"q", "Q"})
 # --- fetching ----------------------------------------------------------------------------------
 
 
-def scrape(url: str, timeout: float = SCRAPE_TIMEOUT, limit: int = MAX_METRICS_BYTES) -> str:
+def scrape(
+    url: str, timeout: float = SCRAPE_TIMEOUT, limit: int = MAX_METRICS_BYTES, *, token: str | None = None
+) -> str:
     """GET a node's /metrics text; OSError (any reason) when it cannot be read.
 
     The address is what a node said it is, so the answer is not trusted: the whole exchange
     (connect, headers, body) has ``timeout`` seconds, not each read (a node dripping a byte a
     second is cut off), the answer at most ``limit`` bytes, no redirect is followed and nothing
-    but the request line and Host is sent (no token, no cookie, no proxy)."""
+    but the request line, Host and the scrape ``token`` is sent (never the API token, no cookie,
+    no proxy). A node that said it is a cluster member holds the scrape token already."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None or parts.port is None:
         raise OSError(f"not an http://HOST:PORT/ address: {url!r}")
@@ -65,7 +70,9 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT, limit: int = MAX_METRICS_B
     data = bytearray()
     with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
         host = parts.netloc.encode("idna")
-        sock.sendall(b"GET " + (parts.path or "/").encode() + b" HTTP/1.0\r\nHost: " + host + b"\r\n\r\n")
+        authorization = b"" if token is None else b"Authorization: Bearer " + token.encode("ascii") + b"\r\n"
+        request = b"GET " + (parts.path or "/").encode() + b" HTTP/1.0\r\nHost: " + host + b"\r\n"
+        sock.sendall(request + authorization + b"\r\n")
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -89,9 +96,36 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT, limit: int = MAX_METRICS_B
     return body.decode("utf-8", errors="replace")
 
 
-def take_snapshot(client: ApiClient, now: Callable[[], float] = time.monotonic) -> Snapshot:
-    """Ask the master and scrape every live node (in parallel); ``now`` is read once both
-    answered, so the rates' time span matches the counters' (the scrapes are the last to come)."""
+class ScrapeToken:
+    """The nodes' scrape token, asked of the master until it gives it, then kept (admin tokens
+    only: another gets 403 at each frame, and each node's /metrics is reported unreadable with
+    the master's reason)."""
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.error: str | None = None
+
+    def get(self, client: ApiClient) -> str | None:
+        if self.token is None:
+            try:
+                answer = client.request("GET", SCRAPE_TOKEN_ROUTE)
+            except CliError as e:
+                self.error = f"no scrape token: {e}"
+                return None
+            token = answer.get("token") if isinstance(answer, dict) else None
+            if not isinstance(token, str) or not token.isascii() or not token.isprintable():
+                self.error = "no scrape token: the master's answer holds none"
+                return None
+            self.token, self.error = token, None
+        return self.token
+
+
+def take_snapshot(
+    client: ApiClient, now: Callable[[], float] = time.monotonic, credential: ScrapeToken | None = None
+) -> Snapshot:
+    """Ask the master and scrape every live node (in parallel) with ``credential``'s token; ``now``
+    is read once both answered, so the rates' time span matches the counters' (the scrapes are the
+    last to come)."""
     volumes = client.request("GET", "/v1/volumes")
     nodes_answer: Any = None
     nodes_error = None
@@ -103,14 +137,17 @@ def take_snapshot(client: ApiClient, now: Callable[[], float] = time.monotonic) 
     texts: dict[str, str] = {}
     errors: dict[str, str] = {}
     if targets:
+        credential = credential if credential is not None else ScrapeToken()
+        token = credential.get(client)
         with ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
-            futures = {node_id: pool.submit(scrape, url) for node_id, url in targets.items()}
+            futures = {node_id: pool.submit(scrape, url, token=token) for node_id, url in targets.items()}
             for node_id, future in futures.items():
                 try:
                     texts[node_id] = future.result()
                 except (OSError, ValueError) as e:
                     reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                    errors[node_id] = _reason_text(reason)
+                    why = _reason_text(reason)
+                    errors[node_id] = why if credential.error is None else f"{why} ({credential.error})"
     return snapshot(
         now(), volumes, nodes_answer, nodes_error=nodes_error, scrapes=texts, scrape_errors=errors
     )
@@ -146,26 +183,27 @@ def _print_plain(renderable: RenderableType, out: TextIO) -> None:
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     client = _client(args)
     interval: float = args.interval
+    credential = ScrapeToken()
     try:
         if args.once:
-            first = take_snapshot(client)
+            first = take_snapshot(client, credential=credential)
             time.sleep(interval)  # the span of the rates
-            current = take_snapshot(client)
+            current = take_snapshot(client, credential=credential)
             _print_plain(_frame(client, current, io_rates(first, current), interval), out)
         elif out.isatty():
-            _live(client, interval, out)
+            _live(client, interval, out, credential)
         else:
-            _plain_frames(client, interval, out)
+            _plain_frames(client, interval, out, credential)
     except KeyboardInterrupt:  # Ctrl-C is how one leaves a live view: not an error
         return 0
     return 0
 
 
-def _plain_frames(client: ApiClient, interval: float, out: TextIO) -> None:
+def _plain_frames(client: ApiClient, interval: float, out: TextIO, credential: ScrapeToken) -> None:
     previous = None
     while True:
         started = time.monotonic()
-        current = take_snapshot(client)
+        current = take_snapshot(client, credential=credential)
         rates = None if previous is None else io_rates(previous, current)
         _print_plain(_frame(client, current, rates, interval), out)
         out.write("\n")
@@ -173,7 +211,7 @@ def _plain_frames(client: ApiClient, interval: float, out: TextIO) -> None:
         time.sleep(max(0.0, started + interval - time.monotonic()))
 
 
-def _live(client: ApiClient, interval: float, out: TextIO) -> None:
+def _live(client: ApiClient, interval: float, out: TextIO, credential: ScrapeToken) -> None:
     console = Console(file=out)
     previous: Snapshot | None = None
     with (
@@ -191,7 +229,7 @@ def _live(client: ApiClient, interval: float, out: TextIO) -> None:
             started = time.monotonic()
             view: RenderableType
             try:
-                current = take_snapshot(client)
+                current = take_snapshot(client, credential=credential)
             except CliError as e:
                 view = Text(f"sparrow top  {client.base_url}  {_clock_text()}\n{e}", style="red")
                 previous = None

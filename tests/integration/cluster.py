@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.integration.process import Proc, bearer, daemon_env
+from tests.integration.process import Proc, bearer, daemon_env, scrape_bearer
 from tests.integration.proxy import FaultProxy
 from tests.integration.rogue import secret_file
 from tests.tools import free_port, run, wait_for
@@ -124,7 +124,7 @@ class Master(Proc):
                 self.post_json(f"/v1/nodes/{node_id}/approve", {})
 
     def metrics(self) -> str:
-        status, body = http_get(self.api + "/metrics")
+        status, body = http_get(self.api + "/metrics", headers=scrape_bearer(secret_file(self.root)))
         assert status == 200, status
         return body.decode()
 
@@ -180,7 +180,8 @@ class Node(Proc):
         return dict(json.loads(body))
 
     def metrics(self) -> str:
-        status, body = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        status, body = http_get(url, headers=scrape_bearer(secret_file(self.root)))
         assert status == 200, status
         return body.decode()
 

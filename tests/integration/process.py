@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparrow.clustersecret import load_cluster_secret
 from sparrow.master.openapi_check import VALIDATE_ENV
+from sparrow.metricsauth import scrape_token
 from tests.leaks import WATCH
 
 
@@ -55,6 +57,12 @@ def admin_token(root: Path, api: str) -> str:
 def bearer(root: Path, api: str) -> dict[str, str]:
     """The Authorization header for a direct urllib call to ``api`` as the bootstrap admin."""
     return {"Authorization": f"Bearer {admin_token(root, api)}"}
+
+
+def scrape_bearer(secret: Path) -> dict[str, str]:
+    """The Authorization header that opens /metrics (sparrow.metricsauth) of the daemons holding
+    the cluster secret file ``secret`` (``sparrow serve``'s: DATA_DIR/cluster.secret)."""
+    return {"Authorization": f"Bearer {scrape_token(load_cluster_secret(secret))}"}
 
 
 class Proc:

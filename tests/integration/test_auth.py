@@ -189,10 +189,11 @@ def test_every_verb_with_every_kind_of_token(server: Server) -> None:
         == 201
     )
     assert call(server.api, "GET", "/v1/volumes/team-a-2", server.tokens["tenant"])[0] == 200
-    # /healthz and /metrics need no token (health may be 503 while the new volume is placed).
+    # /healthz needs no token (it may be 503 while the new volume is placed); /metrics needs one
+    # with no tenant, or the scrape token (sparrow.metricsauth; tests/integration/test_metrics_door.py).
     assert call(server.api, "GET", "/healthz", None)[0] in (200, 503)
-    status, _ = http_get(server.api + "/metrics")
-    assert status == 200
+    assert http_get(server.api + "/metrics")[0] == 401
+    assert call(server.api, "GET", "/metrics", server.tokens["tenant"])[0] == 403
 
 
 def test_the_authority_holds_no_plaintext_token(server: Server) -> None:

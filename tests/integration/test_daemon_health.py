@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from tests.integration.cluster import http_get
-from tests.integration.rogue import NodeLink, raw_hello, secret_of
+from tests.integration.process import scrape_bearer
+from tests.integration.rogue import NodeLink, raw_hello, secret_file, secret_of
 from tests.integration.test_master import FakeNode, MasterProcess
 from tests.tools import wait_for
 
@@ -45,7 +46,8 @@ def test_a_failed_upsert_is_logged_reported_and_the_recorder_goes_on(tmp_path: P
             assert status == 503 and health["status"] == "unhealthy", health
             assert [f["task"] for f in health["tasks_failed"]] == ["node-recorder"], health
             assert health["reasons"][0].startswith("task node-recorder failed: OverflowError"), health
-            text = http_get(master.api + "/metrics")[1].decode()
+            scraped = http_get(master.api + "/metrics", headers=scrape_bearer(secret_file(master.root)))
+            text = scraped[1].decode()
             assert 'sparrow_task_failures_total{task="node-recorder"} 1.0' in text, text
 
         good.connect()

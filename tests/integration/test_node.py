@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from sparrow.cluster.channel import ClusterSecret, Plaintext
 from sparrow.cluster.heartbeat import FrameDecoder, encode
 from sparrow.cluster.messages import Ack, Assignment, Heartbeat, Hello
 from tests.integration.cluster import http_get
-from tests.integration.process import Proc
+from tests.integration.process import Proc, scrape_bearer
 from tests.integration.rogue import accept_channel, secret_file, secret_of
 from tests.tools import free_port, require_tool, run, wait_for
 
@@ -391,8 +390,8 @@ def test_node_serves_its_assignment_fences_when_the_lease_lapses_and_serves_agai
         assert node.access_state() == "transitioning"
         assert master.seqs[-1] > last_seq, "the node stopped heartbeating"
         url = f"http://127.0.0.1:{node.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            metrics = resp.read().decode()
+        _, body = http_get(url, headers=scrape_bearer(secret_file(node.root)))
+        metrics = body.decode()
         assert "sparrow_node_fences_total 1.0" in metrics and "sparrow_node_lease_valid 0.0" in metrics
 
         # qemu-io cannot read either.

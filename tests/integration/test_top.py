@@ -10,6 +10,7 @@ Ctrl-C, exit 0.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import select
@@ -257,3 +258,24 @@ def test_a_redirect_is_not_followed_and_no_credential_is_sent() -> None:
     finally:
         peer.close()
         elsewhere.close()
+
+
+def test_the_scrape_token_is_the_only_credential_sent_to_a_node() -> None:
+    peer = Peer(lambda conn: conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nsparrow_x 1\n"))
+    token = "sps_" + "ab" * 32
+    try:
+        assert scrape(peer.url, token=token) == "sparrow_x 1\n"
+        head = peer.received.decode().split("\r\n")
+        assert head[0] == "GET /metrics HTTP/1.0" and head[2:] == [f"Authorization: Bearer {token}", "", ""]
+        assert "spw_" not in peer.received.decode() and b"cookie" not in peer.received.lower()
+    finally:
+        peer.close()
+
+
+def test_with_a_reader_token_top_shows_the_volumes_and_says_why_no_node_rates(daemon: Daemon) -> None:
+    """The scrape token is for admins only (a scrape token outlives a revoked API token)."""
+    daemon.create_volume("ro", "16MiB")
+    minted = json.loads(daemon.cli("token", "create", "--role", "reader", "--json").stdout)
+    frame = daemon.cli("top", "--once", "--interval", "0.2", "--token", minted["token"]).stdout
+    assert row(frame, "ro")[:2] == ["ro", "16"], frame
+    assert "HTTP 401 (no scrape token:" in frame and "admin" in frame, frame

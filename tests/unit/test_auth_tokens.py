@@ -55,8 +55,14 @@ def test_bad_role_tenant_or_name_are_refused() -> None:
 
 #: Who may do what: (role, tenant?) -> the actions allowed. The table in the module must agree.
 EXPECTED = {
-    (Role.READER, False): {Action.VOLUME_READ, Action.NODE_READ},
-    (Role.OPERATOR, False): {Action.VOLUME_READ, Action.VOLUME_WRITE, Action.NODE_READ, Action.NODE_DRAIN},
+    (Role.READER, False): {Action.VOLUME_READ, Action.NODE_READ, Action.METRICS_READ},
+    (Role.OPERATOR, False): {
+        Action.VOLUME_READ,
+        Action.VOLUME_WRITE,
+        Action.NODE_READ,
+        Action.NODE_DRAIN,
+        Action.METRICS_READ,
+    },
     (Role.ADMIN, False): set(Action),
     (Role.READER, True): {Action.VOLUME_READ},
     (Role.OPERATOR, True): {Action.VOLUME_READ, Action.VOLUME_WRITE},

@@ -19,6 +19,7 @@ from sparrow.config import (
     load_config,
     parse_host_port,
 )
+from tests.unit.test_privatefile import give_away
 
 MiB = 1024**2
 
@@ -314,3 +315,13 @@ def test_a_file_holding_the_discovery_secret_must_be_private(tmp_path: Path, mod
         load_config(path)
     path.write_text('[iscsi]\nlisten = "127.0.0.1:3260"\n')  # no secret: any mode
     load_config(path)
+
+
+def test_a_file_holding_the_discovery_secret_that_another_user_owns_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, '[iscsi.discovery_chap]\nuser = "u"\nsecret = "s12345678901"\n')
+    load_config(path)  # ours, 0600: taken
+    owner = give_away(path, monkeypatch)
+    with pytest.raises(ConfigError, match=rf"secret and belongs to another user \(uid {owner}\)"):
+        load_config(path)

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sparrow.auth import tokens
 from sparrow.cluster.authority import AuthorityStore
+from sparrow.cluster.channel import ClusterSecret
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import (
     Health,
@@ -29,6 +30,7 @@ from sparrow.cluster.messages import (
 from sparrow.httpjson import ApiError
 from sparrow.master.api import LocalNode, MasterApi, MasterMetrics, build_app
 from sparrow.master.control import ControlLoop, restore
+from sparrow.metricsauth import MetricsDoor
 from sparrow.supervision import TaskSupervisor
 from store.backing import BackingPolicy
 from store.volumes import naa_from_uuid, serial_from_uuid
@@ -59,6 +61,9 @@ class Master:
         self.control: ControlLoop = restore(self.store, TIMING, self.clock())
         self.metrics = MasterMetrics()
         self.metrics.bind(self.control, self.clock)
+        #: /metrics opens to this secret's scrape token too (sparrow.metricsauth).
+        self.secret = ClusterSecret.from_text(b"a cluster secret of the unit tests, 40+ chars")
+        self.door = MetricsDoor.of(self.secret, public=False, registry=self.metrics.registry)
         self.api = MasterApi(
             control=self.control,
             metrics=self.metrics,
@@ -67,6 +72,7 @@ class Master:
             local=local,
             backing_policy=BackingPolicy.of(["/dev"]),
             supervisor=supervisor,
+            metrics_door=self.door,
         )
         self.client: TestClient[Any, Any] = TestClient(TestServer(build_app(self.api)))
 
@@ -373,7 +379,7 @@ async def test_metrics_and_healthz(master: Master) -> None:
     master.control.step(10.0)
     master.metrics.epochs_published.inc()
     master.metrics.heartbeats_received.inc(3)
-    resp = await master.client.get("/metrics")
+    resp = await master.client.get("/metrics", headers={"Authorization": f"Bearer {master.token}"})
     assert resp.status == 200
     text = await resp.text()
     assert 'sparrow_master_nodes{state="alive"} 1.0' in text

@@ -48,9 +48,10 @@ def names(master: Master) -> list[str]:
     return [v.name for v in master.store.volumes()]
 
 
-async def test_only_healthz_and_metrics_are_public(master: Master) -> None:
-    for path in ("/healthz", "/metrics"):
-        assert (await as_(master, None, "GET", path))[0] == 200
+async def test_only_healthz_and_openapi_are_public(master: Master) -> None:
+    for path in ("/healthz", "/openapi.json"):
+        assert (await as_(master, None, "GET", path))[0] in (200, 503)
+    assert (await as_(master, None, "GET", "/metrics"))[0] == 401  # sparrow.metricsauth
     for method, path in [
         ("GET", "/v1/volumes"),
         ("GET", "/v1/nodes"),
