@@ -18,6 +18,7 @@
     sparrow node list [--json]
     sparrow node forget ID
     sparrow node rekey NODE [--key HEX]: rebind a node's identity (sparrow.nodekeys_cli)
+    sparrow node approve NODE [--key HEX]: admit a pending node as a member (sparrow.nodekeys_cli)
     sparrow volume failover NAME [--to NODE] | rebuild NAME --replica NODE, sparrow node drain|undrain
                   NODE: the operator verbs (sparrow.moves_cli)
     sparrow node --data-dir DIR --node-id ID --master HOST:PORT [--iscsi HOST:PORT]
@@ -578,9 +579,10 @@ def cmd_node_list(args: argparse.Namespace, out: TextIO) -> int:
             "-" if age is None else f"{age:.1f}s ago",
             str(n.get("iscsi_portal") or "-"),
             "yes" if n.get("draining") else "no",
+            str(n.get("admission") or "-"),
         )
 
-    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING")
+    header = ("NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING", "ADMISSION")
     _print_listing(answer, "nodes", out, as_json=args.json, header=header, row=row)
     return 0
 
@@ -611,6 +613,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
 
     from frontend.target import DEFAULT_BASE_IQN
     from sparrow.cluster.lease import LeaseConfig
+    from sparrow.cluster.nodeidentity import AdmissionPolicy
     from sparrow.config import ConfigError, LogFormat, parse_host_port
     from sparrow.master.daemon import DEFAULT_HTTP, DEFAULT_LISTEN, MasterConfig, run
     from store.backing import BackingPolicy
@@ -648,6 +651,7 @@ def cmd_master(args: argparse.Namespace, out: TextIO) -> int:
         base_iqn=args.base_iqn or DEFAULT_BASE_IQN,
         cluster_secret=secret,
         allowed_backing=allowed_backing,
+        admission=AdmissionPolicy(args.admission),
         public_metrics=args.public_metrics,
     )
 
@@ -728,6 +732,13 @@ def _add_cluster_commands(commands: Any) -> None:
         metavar="PREFIX",
         action="append",
         help="a path prefix volumes may be backed by (repeatable; default: no backing allowed)",
+    )
+    master.add_argument(
+        "--admission",
+        choices=("approve", "open"),
+        default="approve",
+        help="approve (default): a new node waits for `sparrow node approve` before it holds any "
+        "copy; open: a node id's first key is approved on first use (labs)",
     )
     master.add_argument("--public-metrics", action="store_true", help=PUBLIC_METRICS_HELP)
     master.set_defaults(func=cmd_master)

@@ -253,6 +253,9 @@ class DirtyMap:
     def covered(self, offset: int, length: int) -> bool:
         """True if every region of the range is durably dirty: a write there needs no mark."""
         durable = self.durable
+        first = offset // REGION_SIZE
+        if length > 0 and (offset + length - 1) // REGION_SIZE == first:  # one region: most writes
+            return first < durable.regions and first in durable
         span = region_span(offset, length)
         return span.stop <= durable.regions and all(r in durable for r in span)
 

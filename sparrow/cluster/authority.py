@@ -3,7 +3,7 @@
 
 SQLite (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL`` (a committed transaction is on disk
 when COMMIT returns) and foreign keys on. Every change is one transaction, so a ``kill -9`` at any
-instant leaves either the old state or the new one. Tables (schema version 8)::
+instant leaves either the old state or the new one. Tables (schema version 9)::
 
     meta(id = 1, schema_version)                         store.migrations.sqlitemeta
     volumes(volume_id PK, name, size, block_size, replicas, created_at, deleted_at,
@@ -21,6 +21,7 @@ instant leaves either the old state or the new one. Tables (schema version 8)::
     tokens(token_id PK, role, tenant, name, secret_sha256, created_at, revoked_at)   (v3)
     cluster_settings(id = 1, discovery_chap_user, discovery_chap_secret,
                      discovery_chap_mutual_user, discovery_chap_mutual_secret)       (v8)
+    node_approvals(node_id PK, public_key (64 hex | NULL: its next Hello's), approved_at)  (v9)
 
 Rules the schema itself enforces (defence in depth behind the Publisher):
 
@@ -39,7 +40,8 @@ forgotten node is not a member: ``nodes()`` and ``AuthorityTransaction.node`` le
 not listed, does not bound the size of a new volume, gets no lease at a master's start and cannot
 be placed on. Its Hello again (``upsert_node``) makes it a new node. A node the current assignment
 of a live volume names is never forgotten (``NodeHoldsCopy``), so an assignment in force never
-names a forgotten node.
+names a forgotten node. Forgetting a node also drops its approval (``node_approvals``), and so
+does rebinding it to no key (``set_node_key``): its next Hello is pending until approved again.
 
 The store never mints an epoch: it has no method that invents an epoch number. It decodes the
 recorded ones with ``Epoch.restore``; only ``sparrow.cluster.publisher`` makes new ones.
@@ -67,6 +69,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -101,13 +104,14 @@ from store.migrations import (
     authority_v5_to_v6,
     authority_v6_to_v7,
     authority_v7_to_v8,
+    authority_v8_to_v9,
 )
 from store.migrations.sqlitemeta import create_meta, immediate_transaction, read_version
 
 log = structlog.get_logger("sparrow.cluster.authority")
 
 #: The schema this code reads and writes (the head of the "authority" steps in store.migrations).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: How long a statement waits for another connection's lock before failing (milliseconds).
 BUSY_TIMEOUT_MS = 5000
 
@@ -512,6 +516,7 @@ class AuthorityStore:
                         authority_v5_to_v6.upgrade(conn)
                         authority_v6_to_v7.upgrade(conn)
                         authority_v7_to_v8.upgrade(conn)
+                        authority_v8_to_v9.upgrade(conn)
                         create_meta(conn, SCHEMA_VERSION)
                 cls._check_version(conn, path)  # someone else may have created it meanwhile
         except BaseException:
@@ -736,11 +741,17 @@ class AuthorityStore:
         capacity: int,
         seen_at: float,
         public_key: bytes | None = None,
+        approve: bool = False,
     ) -> NodeRecord:
         """Record a node's Hello: insert it, or update everything but ``first_seen``. A forgotten
         node's Hello makes it a new node: ``forgotten_at`` cleared, ``first_seen`` = ``seen_at``.
         ``public_key``: the key the master admitted the Hello with (``NodeKeys.admit``), recorded
-        as the node's binding (None keeps a member's binding, and leaves a forgotten node's none)."""
+        as the node's binding (None keeps a member's binding, and leaves a forgotten node's none).
+        ``approve``: the master approved that key with this Hello (``Admitted.newly_approved``:
+        ``--admission open``, or an approval that named no key), recorded in ``node_approvals``
+        in the same transaction."""
+        if approve and public_key is None:
+            raise InvalidAuthorityRecord("an approval names the key it approves")
         _checked(check_node_id, "node_id", node_id)
         _checked(check_uint, "incarnation", incarnation)
         _checked(check_uint, "capacity", capacity)
@@ -760,10 +771,20 @@ class AuthorityStore:
                 "forgotten_at = NULL",
                 (node_id, incarnation, addresses.to_json(), capacity, float(seen_at), float(seen_at), key),
             )
+            if approve:
+                self._approve(node_id, key, float(seen_at))
             row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
         return _node_from_row(row)
 
-    def upsert_hello(self, hello: Hello, *, seen_at: float) -> NodeRecord:
+    def _approve(self, node_id: str, key: str | None, approved_at: float) -> None:
+        self._conn.execute(
+            "INSERT INTO node_approvals (node_id, public_key, approved_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key, "
+            "approved_at = excluded.approved_at",
+            (node_id, key, approved_at),
+        )
+
+    def upsert_hello(self, hello: Hello, *, seen_at: float, approve: bool = False) -> NodeRecord:
         """``upsert_node`` from a Hello (capacity is its ``capacity_bytes``)."""
         return self.upsert_node(
             hello.node_id,
@@ -772,6 +793,7 @@ class AuthorityStore:
             capacity=hello.capacity_bytes,
             seen_at=seen_at,
             public_key=hello.node_key,
+            approve=approve,
         )
 
     def forget_node(self, node_id: str, *, forgotten_at: float) -> Forgotten | None:
@@ -784,8 +806,9 @@ class AuthorityStore:
             row = self._conn.execute(
                 "SELECT 1 FROM nodes WHERE node_id = ? AND forgotten_at IS NULL", (node_id,)
             ).fetchone()
-            if row is None:
-                return None
+            if row is None:  # at most an approval ahead of the node's first Hello
+                dropped = self._conn.execute("DELETE FROM node_approvals WHERE node_id = ?", (node_id,))
+                return Forgotten.REMOVED if dropped.rowcount else None
             holding = self._conn.execute(
                 "SELECT DISTINCT v.name FROM volumes v JOIN assignments a ON a.volume_id = v.volume_id "
                 "AND a.epoch = (SELECT max(epoch) FROM assignments WHERE volume_id = v.volume_id) "
@@ -800,6 +823,7 @@ class AuthorityStore:
                 "OR ?1 IN (SELECT value FROM json_each(replicas)) LIMIT 1",
                 (node_id,),
             ).fetchone()
+            self._conn.execute("DELETE FROM node_approvals WHERE node_id = ?", (node_id,))
             if named is None:
                 self._conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
                 return Forgotten.REMOVED
@@ -809,9 +833,13 @@ class AuthorityStore:
             )
             return Forgotten.MARKED
 
-    def set_node_key(self, node_id: str, public_key: bytes | None) -> NodeRecord:
+    def set_node_key(
+        self, node_id: str, public_key: bytes | None, *, approved_at: float | None = None
+    ) -> NodeRecord:
         """Bind a member node to ``public_key``, or to none (its next Hello binds on first use):
-        ``sparrow node rekey``. Raises UnknownNode (never said hello, or forgotten)."""
+        ``sparrow node rekey``. The operator named the key, so it is approved with it (at
+        ``approved_at``, default now); rebound to none, the node loses its approval (its next Hello
+        is pending). Raises UnknownNode (never said hello, or forgotten)."""
         key = None if public_key is None else _key_column(public_key)
         with self._lock, immediate_transaction(self._conn):
             cur = self._conn.execute(
@@ -819,6 +847,10 @@ class AuthorityStore:
             )
             if cur.rowcount != 1:
                 raise UnknownNode(node_id)
+            if key is None:
+                self._conn.execute("DELETE FROM node_approvals WHERE node_id = ?", (node_id,))
+            else:
+                self._approve(node_id, key, time.time() if approved_at is None else float(approved_at))
             row = self._conn.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
         return _node_from_row(row)
 
@@ -829,6 +861,26 @@ class AuthorityStore:
                 "SELECT node_id, public_key FROM nodes WHERE forgotten_at IS NULL AND public_key IS NOT NULL"
             ).fetchall()
         return {r["node_id"]: bytes.fromhex(r["public_key"]) for r in rows}
+
+    def approvals(self) -> dict[str, bytes | None]:
+        """The approved key per node id (None: the key its next Hello proves); ``NodeKeys``' start."""
+        with self._lock:
+            rows = self._conn.execute("SELECT node_id, public_key FROM node_approvals").fetchall()
+        return {
+            r["node_id"]: None if r["public_key"] is None else bytes.fromhex(r["public_key"]) for r in rows
+        }
+
+    def approve_node(self, node_id: str, public_key: bytes, *, approved_at: float) -> None:
+        """Approve ``public_key`` for ``node_id`` (``sparrow node approve``): a pending member's key,
+        or ahead of the node's first Hello. A member bound to another key is rebound to this one
+        (the operator named it with ``--key``), in the same transaction."""
+        _checked(check_node_id, "node_id", node_id)
+        key = _key_column(public_key)
+        with self._lock, immediate_transaction(self._conn):
+            self._conn.execute(
+                "UPDATE nodes SET public_key = ? WHERE node_id = ? AND forgotten_at IS NULL", (key, node_id)
+            )
+            self._approve(node_id, key, float(approved_at))
 
     def set_draining(self, node_id: str, draining: bool) -> NodeRecord:
         """Mark a member node draining (or not). Raises UnknownNode (never said hello, or forgotten)."""

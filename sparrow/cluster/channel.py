@@ -401,6 +401,13 @@ class Channel:
 
     def send(self, plaintext: bytes) -> bytes:
         """One sealed record carrying ``plaintext`` (write it as is)."""
+        header, sealed = self.seal(plaintext)
+        return header + sealed
+
+    def seal(self, plaintext: bytes | memoryview) -> tuple[bytes, bytes]:
+        """:meth:`send`'s record as its two parts, the length header and the sealed plaintext (write
+        both in order, e.g. with one ``writelines``: a large record is not copied once more to join
+        them)."""
         if self._state is not _State.OPEN or self._seal is None:
             raise ChannelError(ChannelErrorCode.NOT_ESTABLISHED, "send before the handshake completed")
         if len(plaintext) > self.max_plaintext:
@@ -412,35 +419,47 @@ class Channel:
         header = RECORD_HEADER.pack(len(plaintext) + TAG_SIZE)
         sealed = self._seal.encrypt(self._send_counter.to_bytes(12, "big"), plaintext, header)
         self._send_counter += 1
-        return header + sealed
+        return header, sealed
 
-    def _record(self, events: list[ChannelEvent], now: float) -> bool:
-        if not self._buffer:
-            self._partial_since = None
-            return False
-        if self._partial_since is None:
-            self._partial_since = now
-        if len(self._buffer) < RECORD_HEADER.size:
-            return False
-        (length,) = RECORD_HEADER.unpack_from(self._buffer)
-        if length < TAG_SIZE or length > self.max_plaintext + TAG_SIZE:
-            self._fail(ChannelErrorCode.RECORD_TOO_LARGE, f"record of {length} bytes")
-        end = RECORD_HEADER.size + length
-        if len(self._buffer) < end:
-            return False
-        header = bytes(self._buffer[: RECORD_HEADER.size])
-        sealed = bytes(self._buffer[RECORD_HEADER.size : end])
-        del self._buffer[:end]
+    def _records(self, data: bytes | bytearray, events: list[ChannelEvent], now: float) -> int:
+        """Open every complete record in ``data`` (the buffer, or the bytes just fed when nothing was
+        buffered): each is decrypted from a view of ``data``, not copied out first. Returns how many
+        bytes of ``data`` they took."""
         assert self._open is not None
-        try:
-            plaintext = self._open.decrypt(self._recv_counter.to_bytes(12, "big"), sealed, header)
-        except InvalidTag:
-            self._fail(ChannelErrorCode.BAD_RECORD, f"record {self._recv_counter} does not open")
-        self._recv_counter += 1
-        self._last_record = now
-        self._partial_since = now if self._buffer else None
-        events.append(Plaintext(plaintext))
-        return True
+        decrypt = self._open.decrypt
+        header_size = RECORD_HEADER.size
+        limit = self.max_plaintext + TAG_SIZE
+        size = len(data)
+        pos = 0
+        failure: tuple[ChannelErrorCode, str] | None = None
+        with memoryview(data) as view:  # released before the buffer is resized
+            while size - pos >= header_size:
+                (length,) = RECORD_HEADER.unpack_from(data, pos)
+                if length < TAG_SIZE or length > limit:
+                    failure = (ChannelErrorCode.RECORD_TOO_LARGE, f"record of {length} bytes")
+                    break
+                end = pos + header_size + length
+                if size < end:
+                    break
+                try:
+                    plaintext = decrypt(
+                        self._recv_counter.to_bytes(12, "big"),
+                        view[pos + header_size : end],
+                        view[pos : pos + header_size],
+                    )
+                except InvalidTag:
+                    failure = (ChannelErrorCode.BAD_RECORD, f"record {self._recv_counter} does not open")
+                    break
+                self._recv_counter += 1
+                self._last_record = now
+                self._partial_since = None
+                events.append(Plaintext(plaintext))
+                pos = end
+        if failure is not None:
+            self._fail(*failure)
+        if pos < size and self._partial_since is None:
+            self._partial_since = now  # a record begun (or the rest of one) waits for its bytes
+        return pos
 
     def feed(self, data: bytes, now: float) -> list[ChannelEvent]:
         """Take ``data`` from the peer at ``now``; returns what follows from it, in order. Raises
@@ -451,8 +470,19 @@ class Channel:
         if self.side is Side.CLIENT and not self._nonce_c:
             raise RuntimeError("the client must initiate() first")
         self._fed_at = now
-        self._buffer += data
         events: list[ChannelEvent] = []
+        if self._state is _State.OPEN:
+            buffer = self._buffer
+            if buffer:
+                buffer += data
+                taken = self._records(buffer, events, now)
+                del buffer[:taken]
+            else:  # the usual case: whole records, opened where they lie
+                taken = self._records(data, events, now)
+                if taken < len(data):
+                    buffer += memoryview(data)[taken:]
+            return events
+        self._buffer += data
         while True:
             if self._state is _State.HELLO:
                 progressed = (
@@ -462,7 +492,8 @@ class Channel:
                 )
             elif self._state is _State.FINISH:
                 progressed = self._server_finish(events)
-            else:
-                progressed = self._record(events, now)
+            else:  # open: records may follow the handshake in the same bytes
+                del self._buffer[: self._records(self._buffer, events, now)]
+                return events
             if not progressed:
                 return events

@@ -36,6 +36,9 @@ Rules, per desired volume:
    ``converged=True`` within ``converge_deadline`` seconds of its publication: status
    ``"stuck: not converged after Ns"``.
 
+A node awaiting the operator's approval (``pending``, docs/cluster.md "Node admission") is never
+chosen: not for a new copy (rules 1 and 3) nor as a new primary (rule 2), whatever it reports.
+
 A node the master has not heard from yet while it is still starting up (see
 :meth:`ObservationStore.dead`) is neither alive nor dead: it is not replaced, and a volume whose
 primary is in that state waits (``"waiting for node X to report"``).
@@ -217,9 +220,11 @@ class TopologyController:
         now: float,
         *,
         draining: Collection[str] = (),
+        pending: Collection[str] = (),
     ) -> Decision:
         """Propose assignments for ``desired`` given the newest published ones in ``current``.
-        ``draining`` nodes get no new copy (sparrow.cluster.moves moves the copies off them)."""
+        ``draining`` nodes get no new copy (sparrow.cluster.moves moves the copies off them);
+        ``pending`` nodes (not approved: ``NodeKeys.pending``) are never chosen for anything."""
         volumes = sorted(desired, key=lambda v: v.volume_id)
         if len({v.volume_id for v in volumes}) != len(volumes):
             raise ValueError("a volume appears twice in desired")
@@ -231,19 +236,26 @@ class TopologyController:
             for view in observations.nodes(now)
             if view.state is NodeState.ALIVE
             and view.node_id not in draining
+            and view.node_id not in pending
             and (
                 self.primary_silence is None
                 or not observations.silent(view.node_id, now, self.primary_silence)
             )
         }
+        # Live nodes held back only for want of approval: named in a "not enough" status.
+        awaiting = sorted(
+            view.node_id
+            for view in observations.nodes(now)
+            if view.state is NodeState.ALIVE and view.node_id in pending
+        )
         asks: list[AssignmentAsk] = []
         status: dict[str, VolumeStatus] = {}
         for volume in volumes:
             published = current.get(volume.volume_id)
             if published is None:
-                verdict = self._place(volume, free)
+                verdict = self._place(volume, free, awaiting)
             else:
-                verdict = self._maintain(volume, published, observations, leases, free, now)
+                verdict = self._maintain(volume, published, observations, leases, free, now, pending)
             if verdict.ask is not None:
                 asks.append(verdict.ask)
             status[volume.volume_id] = self._status(volume.volume_id, verdict, now)
@@ -262,7 +274,7 @@ class TopologyController:
             key=lambda node: (-free[node], node),
         )
 
-    def _place(self, volume: DesiredVolume, free: dict[str, int]) -> _Verdict:
+    def _place(self, volume: DesiredVolume, free: dict[str, int], awaiting: list[str]) -> _Verdict:
         candidates = self._candidates(volume.size, free)
         if len(candidates) < volume.replicas:
             if len(free) >= volume.replicas:  # enough nodes, not enough room on them
@@ -272,6 +284,8 @@ class TopologyController:
                 )
             else:
                 reason = f"not enough live nodes (have {len(candidates)}, need {volume.replicas})"
+            if awaiting:
+                reason += f"; awaiting approval: {', '.join(awaiting)} (sparrow node approve)"
             return _Verdict(StatusKind.NOT_ENOUGH_NODES, reason)
         chosen = tuple(candidates[: volume.replicas])
         for node in chosen:
@@ -294,6 +308,7 @@ class TopologyController:
         leases: MasterLeases,
         free: dict[str, int],
         now: float,
+        pending: Collection[str] = (),
     ) -> _Verdict:
         assignment = published.assignment
         primary = assignment.primary
@@ -304,7 +319,7 @@ class TopologyController:
         if observations.dead(primary, now) or (
             self.primary_silence is not None and observations.silent(primary, now, self.primary_silence)
         ):
-            return self._dead_primary(volume, assignment, primary, observations, leases, free, now)
+            return self._dead_primary(volume, assignment, primary, observations, leases, free, now, pending)
         if not observations.alive(primary, now):
             return _Verdict(StatusKind.WAITING_FOR_NODE, f"waiting for node {primary} to report")
         verdict = self._repair_replicas(volume, assignment, observations, free, now)
@@ -324,6 +339,7 @@ class TopologyController:
         leases: MasterLeases,
         free: dict[str, int],
         now: float,
+        pending: Collection[str] = (),
     ) -> _Verdict:
         if not leases.safe_to_reassign(primary, now, self.margin):
             return _Verdict(StatusKind.WAITING_FOR_LEASE, "waiting for the old primary's lease to expire")
@@ -333,7 +349,8 @@ class TopologyController:
         heard = [
             node
             for node in eligible
-            if self.primary_silence is None or not observations.silent(node, now, self.primary_silence)
+            if node not in pending
+            and (self.primary_silence is None or not observations.silent(node, now, self.primary_silence))
         ]
         if not heard:
             return _Verdict(StatusKind.NO_ELIGIBLE_REPLICA, "no eligible replica")

@@ -209,12 +209,14 @@ def _spare_nodes(
     observations: ObservationStore,
     draining: Collection[str],
     now: float,
+    pending: Collection[str] = (),
 ) -> list[str]:
-    """Live nodes not draining and not holding a copy, with room for the volume, most free first."""
+    """Live nodes not draining, approved (not ``pending``: docs/cluster.md, "Node admission") and
+    not holding a copy, with room for the volume, most free first."""
     free = {
         v.node_id: v.free_bytes
         for v in observations.nodes(now)
-        if v.state is NodeState.ALIVE and v.node_id not in draining
+        if v.state is NodeState.ALIVE and v.node_id not in draining and v.node_id not in pending
     }
     return TopologyController._candidates(volume.size, free, exclude=assignment.replicas)
 
@@ -232,8 +234,10 @@ def drain_move(
     observations: ObservationStore,
     draining: Collection[str],
     now: float,
+    pending: Collection[str] = (),
 ) -> _Move | None:
-    """The next step of moving ``volume`` off the draining nodes (None: it holds no copy there)."""
+    """The next step of moving ``volume`` off the draining nodes (None: it holds no copy there);
+    a spare is never a ``pending`` node."""
     on = [node for node in assignment.replicas if node in draining]
     if not on:
         return _trim(volume, assignment)
@@ -250,7 +254,7 @@ def drain_move(
     keep = [node for node in assignment.replicas if node not in draining]
     in_sync_kept = [node for node in keep if node in assignment.in_sync]
     stale = [node for node in on if node not in assignment.in_sync]
-    spare = _spare_nodes(volume, assignment, observations, draining, now)
+    spare = _spare_nodes(volume, assignment, observations, draining, now, pending)
     if stale:
         node = stale[0]
         if len(keep) >= volume.replicas:
@@ -319,6 +323,8 @@ class OperatorMoves:
         self.refused: dict[str, str] = {}
         #: Per draining node, what its drain is doing or waiting for (``apply`` sets it).
         self.drain_status: dict[str, str] = {}
+        #: Nodes awaiting the operator's approval: never a drain's spare (the control loop sets it).
+        self.unapproved: frozenset[str] = frozenset()
 
     def request_failover(
         self,
@@ -449,7 +455,7 @@ class OperatorMoves:
         rebuild = self._rebuilds.get(volume_id)
         if rebuild is not None:
             return self._rebuild(rebuild, assignment, observations, now)
-        return drain_move(self.controller, volume, assignment, observations, draining, now)
+        return drain_move(self.controller, volume, assignment, observations, draining, now, self.unapproved)
 
     def _rebuild(
         self, rebuild: RebuildRequest, assignment: Assignment, observations: ObservationStore, now: float

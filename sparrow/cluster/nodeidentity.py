@@ -25,6 +25,19 @@ Each refusal is a :class:`IdentityRefused` whose ``code`` is the label of the ma
 purpose: ``sparrow node rekey NODE [--key HEX]`` (:meth:`NodeKeys.rebind`; the disk of a node was
 replaced, or its key lost) and ``sparrow node forget`` (:meth:`NodeKeys.drop`).
 
+Admission (docs/cluster.md, "Node admission"): a binding made on first use says only that the node
+id now has *a* key, not that anyone wanted that node in the cluster. So :class:`NodeKeys` also keeps
+the operator's *approvals* (``node_id -> key``, the authority's ``node_approvals``), and an admitted
+Hello is :attr:`Admission.APPROVED` only when its key is the one approved for the node id; any
+other admitted Hello is :attr:`Admission.PENDING`: the master takes its heartbeats, but places
+nothing on it, sends it no assignment and believes none of its volume reports, until
+``sparrow node approve`` (:meth:`NodeKeys.approve`). Under :attr:`AdmissionPolicy.OPEN` (a lab's
+``sparrow master --admission open``) the first key a node id proves is approved with it, as
+before. An approval may come before the node's first Hello (``--key``): it binds the node id to
+that key at once, so a Hello proving another key is refused (``key_mismatch``). An approval that
+names no key (nodes that had no key when the authority was migrated to v9) approves the key the
+node's next Hello proves, once.
+
 Sans-IO: no files, no sockets, no clock.
 """
 
@@ -56,6 +69,28 @@ class IdentityCode(enum.Enum):
     BAD_PROOF = "bad_proof"
     #: The node id is bound to another key.
     KEY_MISMATCH = "key_mismatch"
+
+
+class Admission(enum.Enum):
+    """Whether an admitted node is a member (the value is what ``sparrow node list`` shows)."""
+
+    #: Its key is the one approved for its node id: a placement target like any other.
+    APPROVED = "approved"
+    #: Its key is bound but not approved: heartbeats taken, nothing placed on it.
+    PENDING = "pending"
+
+
+class AdmissionPolicy(enum.Enum):
+    """What the master does with a key no one approved (``sparrow master --admission``)."""
+
+    #: Hold the node pending until ``sparrow node approve`` (the default).
+    APPROVE = "approve"
+    #: Approve the first key a node id proves (trust on first use; labs).
+    OPEN = "open"
+
+
+class ApprovalRefused(Exception):
+    """An approval the operator asked for that :meth:`NodeKeys.approve` refuses; one line."""
 
 
 class IdentityRefused(Exception):
@@ -149,27 +184,76 @@ def verify(hello: Hello, binding: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A Hello :meth:`NodeKeys.admit` let in; ``first_use``: its key was bound just now."""
+    """A Hello :meth:`NodeKeys.admit` let in; ``first_use``: its key was bound just now;
+    ``admission``: whether the node is a member; ``newly_approved``: its key was approved just now
+    (the open policy, or an approval that named no key), so the caller records the approval."""
 
     node_id: str
     key: bytes
     first_use: bool
+    admission: Admission = Admission.APPROVED
+    newly_approved: bool = False
+
+
+def _checked_key(node_id: str, key: bytes) -> bytes:
+    check_node_id("node_id", node_id)
+    try:
+        check_key_bytes("key", key, NODE_KEY_SIZE)
+    except InvalidMessage as e:
+        raise ValueError(str(e)) from None
+    return key
 
 
 class NodeKeys:
-    """The master's bindings ``node_id -> public key`` (trust on first use; the module docstring).
+    """The master's bindings ``node_id -> public key`` (trust on first use) and approvals
+    ``node_id -> public key`` (the module docstring).
 
     Loaded from the authority at the master's start; the authority records a binding with the
     node's record (``AuthorityStore.upsert_hello`` writes the admitted Hello's key), so this map
-    and the authority agree once the node's upsert has run."""
+    and the authority agree once the node's upsert has run. An approval ahead of a node's first
+    Hello binds its node id too. Without ``approvals`` and ``policy`` (unit harnesses) every
+    binding is approved: the policy defaults to OPEN here; the master passes its own."""
 
-    def __init__(self, bindings: Mapping[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        bindings: Mapping[str, bytes] | None = None,
+        approvals: Mapping[str, bytes | None] | None = None,
+        policy: AdmissionPolicy = AdmissionPolicy.OPEN,
+    ) -> None:
+        self.policy = policy
         self._keys: dict[str, bytes] = {}
+        #: node_id -> approved key (None: the key its next Hello proves).
+        self._approved: dict[str, bytes | None] = {}
         for node_id, key in (bindings or {}).items():
-            self.rebind(node_id, key)
+            self._keys[node_id] = _checked_key(node_id, key)
+        if approvals is None:
+            if policy is AdmissionPolicy.OPEN:
+                self._approved.update(self._keys)
+            return
+        for node_id, approved in approvals.items():
+            if approved is None:
+                self._approved[node_id] = None
+                continue
+            self._approved[node_id] = _checked_key(node_id, approved)
+            self._keys.setdefault(node_id, approved)  # approved ahead of its first Hello
 
     def key(self, node_id: str) -> bytes | None:
         return self._keys.get(node_id)
+
+    def admission(self, node_id: str) -> Admission | None:
+        """The node's admission (None: no key bound to it)."""
+        key = self._keys.get(node_id)
+        if key is None:
+            return None
+        return Admission.APPROVED if self._approved.get(node_id, b"") == key else Admission.PENDING
+
+    def approved_key(self, node_id: str) -> bytes | None:
+        """The key approved for ``node_id`` (None: none, or the key its next Hello proves)."""
+        return self._approved.get(node_id)
+
+    def pending(self) -> frozenset[str]:
+        """The node ids bound to a key no one approved: no placement target (controller)."""
+        return frozenset(n for n in self._keys if self.admission(n) is Admission.PENDING)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._keys))
@@ -181,10 +265,11 @@ class NodeKeys:
         """Admit ``hello`` on the connection of ``binding``, binding its key on first use; raises
         IdentityRefused."""
         key = verify(hello, binding)
-        bound = self._keys.get(hello.node_id)
+        node_id = hello.node_id
+        bound = self._keys.get(node_id)
         if bound is None:
-            self._keys[hello.node_id] = key
-            return Admitted(hello.node_id, key, first_use=True)
+            self._keys[node_id] = key
+            return self._admitted(node_id, key, first_use=True)
         if bound != key:
             raise IdentityRefused(
                 IdentityCode.KEY_MISMATCH,
@@ -192,20 +277,55 @@ class NodeKeys:
                 f"key {key_text(key)}; if the node's disk was replaced (or its node.key lost), "
                 f"run `sparrow node rekey {hello.node_id} --key {key_text(key)}` on the master",
             )
-        return Admitted(hello.node_id, key, first_use=False)
+        return self._admitted(node_id, key, first_use=False)
+
+    def _admitted(self, node_id: str, key: bytes, *, first_use: bool) -> Admitted:
+        """``node_id`` proved its bound ``key``: approved, pending, or approved now (the policy, or
+        an approval that named no key)."""
+        if node_id in self._approved and self._approved[node_id] in (None, key):
+            newly = self._approved[node_id] is None
+            self._approved[node_id] = key
+            return Admitted(node_id, key, first_use, Admission.APPROVED, newly_approved=newly)
+        if self.policy is AdmissionPolicy.OPEN:
+            self._approved[node_id] = key
+            return Admitted(node_id, key, first_use, Admission.APPROVED, newly_approved=True)
+        return Admitted(node_id, key, first_use, Admission.PENDING)
+
+    def approve(self, node_id: str, key: bytes | None = None) -> bytes:
+        """The operator's approval (``sparrow node approve``); returns the key approved.
+
+        Without ``key``: the key the pending node proved (ApprovalRefused when no key is bound to
+        the node id: it has not said Hello, so the operator must name the key). With ``key``
+        (``--key``: the operator named it, so it is approved even if the pending node proved
+        another): the node id is bound to it at once, so a connection that proved another key
+        is refused at its next heartbeat and a Hello proving another key is refused."""
+        check_node_id("node_id", node_id)
+        bound = self._keys.get(node_id)
+        if key is None:
+            if bound is None:
+                raise ApprovalRefused(
+                    f"node {node_id!r} has not said Hello: approve it ahead with --key "
+                    "(the key the node logs at start as `node key`)"
+                )
+            key = bound
+        else:
+            key = _checked_key(node_id, key)
+        self._keys[node_id] = key
+        self._approved[node_id] = key
+        return key
 
     def rebind(self, node_id: str, key: bytes | None) -> None:
-        """The operator's binding: ``key``, or none (the next Hello binds on first use)."""
+        """The operator's binding: ``key``, or none (the next Hello binds on first use). A named
+        key is approved with it (the operator named it); none drops the approval (under the
+        approve policy the next Hello is pending), as ``AuthorityStore.set_node_key`` records it."""
         check_node_id("node_id", node_id)
         if key is None:
             self._keys.pop(node_id, None)
+            self._approved.pop(node_id, None)
             return
-        try:
-            check_key_bytes("key", key, NODE_KEY_SIZE)
-        except InvalidMessage as e:
-            raise ValueError(str(e)) from None
-        self._keys[node_id] = key
+        self._keys[node_id] = self._approved[node_id] = _checked_key(node_id, key)
 
     def drop(self, node_id: str) -> None:
-        """The node was forgotten: its next Hello is a new node's."""
+        """The node was forgotten: its next Hello is a new node's (pending until approved)."""
         self._keys.pop(node_id, None)
+        self._approved.pop(node_id, None)

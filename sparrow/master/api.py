@@ -12,6 +12,7 @@
     GET    /v1/nodes                                                           -> 200 {"nodes": [node...]}
     DELETE /v1/nodes/{node_id} (admin) forget a dead node that holds no copy   -> 204 (409: why not)
     POST   /v1/nodes/{node_id}/rekey (admin) {key?} rebind its identity      -> 200 (nodekeys_api)
+    POST   /v1/nodes/{node_id}/approve (admin) {key?} admit it as a member   -> 200 (nodekeys_api)
     GET    /metrics            Prometheus text exposition (the master's own registry): the scrape
                                token or a token with no tenant (sparrow.metricsauth; 401, 403)
     GET    /v1/metrics/scrape-token (admin)  the nodes' scrape token        -> 200 {"token"} (sparrow top)
@@ -32,16 +33,16 @@ the controller says it cannot place it, or at the deadline; the answer is the vo
 
 ``size`` is bytes or a string such as "64MiB" (sparrow.sizes); ``replicas`` is 1..3. A size larger
 than the largest capacity any node has reported (its Hello's ``capacity_bytes``, now or in an
-earlier run; not a forgotten node's) is refused with 400; before any node has reported one, the
-size is not checked (the volume waits, unplaced, like any other). A volume on a ``backing``
-device is not checked: the device holds the data, not the node's data directory. The volume id
-is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or none,
-mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
+earlier run; not a forgotten node's, nor a pending one's) is refused with 400; before any node has
+reported one, the size is not checked (the volume waits, unplaced, like any other). A volume on a
+``backing`` device is not checked: the device holds the data, not the node's data directory. The
+volume id is minted here (``uuid4().hex``). CHAP is validated (sparrow.httpjson): both halves or
+none, mutual only with one-way, the mutual secret different from the initiator's (RFC 7143 9.2.1).
 ``backing`` (an absolute path on the node) is meant for the embedded one-node mode, where the
 master checks it on its own node (:class:`LocalNode`) and takes the device's size when ``size`` is
-omitted; a master without a local node requires ``size`` (it cannot look at a node's device).
-A resize grows only, to a multiple of the block size, and publishes the volume's next epoch
-(same placement, new size); the same size changes nothing.
+omitted; a master without a local node requires ``size`` (it cannot look at a node's device). A
+resize grows only, to a multiple of the block size, and publishes the volume's next epoch (same
+placement, new size); the same size changes nothing.
 
 A volume (see :func:`volume_json`); secrets are never returned::
 
@@ -65,7 +66,9 @@ A node (see :func:`node_json`)::
     {"node_id", "state": "alive"|"dead", "incarnation", "last_heartbeat_age" (seconds | null),
      "iscsi_portal", "replication", "http", "capacity_bytes", "free_bytes" (null if not heard since
      the master started), "draining": bool, "drain_status": what the drain does or waits for | null,
-     "node_key": the public key bound to the node id (64 hex digits) | null: bound at its next Hello}
+     "node_key": the public key bound to the node id (64 hex digits) | null: bound at its next Hello,
+     "admission": "approved" | "pending" (awaiting ``sparrow node approve``: nothing placed on it)
+                  | null (no key bound yet)}
 
 The operator verbs (failover, rebuild, drain, undrain): sparrow.master.moves_api. Why a volume is
 in its state (``GET /v1/volumes/{name}/explain``): sparrow.master.explain_api. ``GET /v1/nodes``
@@ -115,7 +118,7 @@ from sparrow.cluster.authority import (
 )
 from sparrow.cluster.controller import MAX_REPLICAS, MIN_REPLICAS, StatusKind, TopologyController
 from sparrow.cluster.messages import Assignment, InvalidMessage, SyncState, VolumeChap, check_chap_name
-from sparrow.cluster.nodeidentity import NodeKeys, key_text
+from sparrow.cluster.nodeidentity import key_text
 from sparrow.cluster.observations import NodeState, NodeView
 from sparrow.health import (
     VolumeProblem,
@@ -214,6 +217,11 @@ class _StateCollector(Collector):
         volumes = GaugeMetricFamily(
             "sparrow_master_volumes", "Volumes by the controller's status", labels=["status"]
         )
+        pending = GaugeMetricFamily(
+            "sparrow_master_nodes_pending",
+            "Nodes whose key no one approved yet: heartbeats taken, nothing placed on them "
+            "(sparrow node approve; docs/cluster.md, Node admission)",
+        )
         unserved = GaugeMetricFamily(
             "sparrow_master_volumes_unserved",
             "Live volumes not served at their current epoch: no primary, primary dead, fenced, "
@@ -233,6 +241,8 @@ class _StateCollector(Collector):
             )
         unserved.add_metric([], not_served)
         yield unserved
+        pending.add_metric([], 0 if self.control is None else len(self.control.node_keys.pending()))
+        yield pending
         for state, count in by_state.items():
             nodes.add_metric([state], count)
         for status_kind, count in by_status.items():
@@ -280,8 +290,6 @@ class MasterApi:
     supervisor: TaskSupervisor | None = None
     #: The audit trail of every mutating call (sparrow.master.audit); None: not audited (tests).
     audit: AuditLog | None = None
-    #: The node identity bindings (sparrow.cluster.nodeidentity); forget and rekey change them.
-    node_keys: NodeKeys | None = None
     #: Who may read /metrics besides an API token (sparrow.metricsauth); None: API tokens only,
     #: and no scrape token to hand out.
     metrics_door: MetricsDoor | None = None
@@ -470,9 +478,7 @@ async def list_nodes(request: web.Request) -> web.Response:
     from sparrow.master.moves_api import drain_status
 
     draining = {r.node_id: r.draining for r in records}
-    keys = {r.node_id: r.public_key for r in records}
-    if api.node_keys is not None:
-        keys = {node_id: api.node_keys.key(node_id) for node_id in {*keys, *views}}
+    node_keys = api.control.node_keys
     for node in nodes:
         heartbeat = api.control.observations.heartbeat(node["node_id"])
         skipped = () if heartbeat is None else heartbeat.skipped
@@ -499,8 +505,10 @@ async def list_nodes(request: web.Request) -> web.Response:
                 }
             )
     for node in nodes:
-        key = keys.get(str(node["node_id"]))
+        key = node_keys.key(str(node["node_id"]))
+        admission = node_keys.admission(str(node["node_id"]))
         node["node_key"] = None if key is None else key_text(key)
+        node["admission"] = None if admission is None else admission.value
     nodes.sort(key=lambda n: str(n["node_id"]))
     return web.json_response({"nodes": nodes})
 
@@ -518,8 +526,7 @@ async def forget_node(request: web.Request) -> web.Response:
     except NodeHoldsCopy as e:
         raise ApiError(409, str(e)) from None
     observed = control.observations.forget(node_id)
-    if api.node_keys is not None:
-        api.node_keys.drop(node_id)  # the authority dropped it with the record: a new node's key next
+    control.node_keys.drop(node_id)  # the authority dropped it (and its approval): a new node next
     if not (recorded or observed):
         raise ApiError(404, f"no node {node_id!r}")
     log.info("node forgotten", node=node_id, record=None if recorded is None else recorded.value)
@@ -729,6 +736,8 @@ async def _check_capacity(api: MasterApi, size: int) -> None:
     capacities = {r.node_id: r.capacity for r in records}
     for view in api.control.observations.nodes(api.clock()):
         capacities[view.node_id] = view.capacity_bytes
+    for node_id in api.control.node_keys.pending():  # no member yet: its word is not taken
+        capacities.pop(node_id, None)
     if capacities and size > max(capacities.values()):
         largest = max(capacities.values())
         raise ApiError(

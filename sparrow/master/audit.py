@@ -86,6 +86,7 @@ VERBS: dict[tuple[str, str], str] = {
     ("POST", "/v1/nodes/{node_id}/drain"): "node.drain",
     ("POST", "/v1/nodes/{node_id}/undrain"): "node.undrain",
     ("POST", "/v1/nodes/{node_id}/rekey"): "node.rekey",
+    ("POST", "/v1/nodes/{node_id}/approve"): "node.approve",
     ("POST", "/v1/volumes/{name}/pause"): "volume.pause",
     ("POST", "/v1/volumes/{name}/resume"): "volume.resume",
     ("PATCH", "/v1/volumes/{name}"): "volume.update",

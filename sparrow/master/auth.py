@@ -79,6 +79,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/v1/nodes"): Action.NODE_READ,
     ("DELETE", "/v1/nodes/{node_id}"): Action.NODE_WRITE,
     ("POST", "/v1/nodes/{node_id}/rekey"): Action.NODE_WRITE,
+    ("POST", "/v1/nodes/{node_id}/approve"): Action.NODE_WRITE,
     ("POST", "/v1/volumes/{name}/failover"): Action.VOLUME_WRITE,
     ("POST", "/v1/volumes/{name}/rebuild"): Action.VOLUME_WRITE,
     ("POST", "/v1/nodes/{node_id}/drain"): Action.NODE_DRAIN,

@@ -60,6 +60,7 @@ from sparrow.cluster.epochfloor import EpochFloor
 from sparrow.cluster.lease import LeaseConfig, MasterLeases
 from sparrow.cluster.messages import Assignment, DeletedVolume, VolumeChap
 from sparrow.cluster.moves import OperatorMoves
+from sparrow.cluster.nodeidentity import NodeKeys
 from sparrow.cluster.observations import ObservationStore
 from sparrow.cluster.pause import apply_pause, with_pause
 from sparrow.cluster.publisher import Publisher
@@ -145,6 +146,9 @@ class ControlLoop:
         #: Operator moves in progress (planned failover, rebuild) and the drain rule.
         self.moves = OperatorMoves(controller)
         self.draining: frozenset[str] = frozenset()
+        #: Node identities and approvals (sparrow.cluster.nodeidentity): a pending node is never
+        #: chosen (the master's daemon sets its own; the default approves every binding).
+        self.node_keys = NodeKeys()
         #: The discovery CHAP every Ack carries (the authority's cluster setting; None: none).
         self.discovery_chap: VolumeChap | None = None
 
@@ -203,9 +207,17 @@ class ControlLoop:
         """Ask the controller; keep its status per volume; return the decision and the asks that
         would change something (the only ones worth an epoch)."""
         desired = self.moves.adjust(self.desired())
+        pending = self.node_keys.pending()
         decision = self.controller.decide(
-            desired, self._current, self.observations, self.leases, now, draining=self.draining
+            desired,
+            self._current,
+            self.observations,
+            self.leases,
+            now,
+            draining=self.draining,
+            pending=pending,
         )
+        self.moves.unapproved = pending
         decision = self.moves.apply(decision, desired, self._current, self.observations, self.draining, now)
         floor: tuple[AssignmentAsk, ...] = ()
         if self.epoch_floor is not None:

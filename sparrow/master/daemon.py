@@ -35,7 +35,7 @@ from sparrow.cluster.epochfloor import RESTORE_MARKER, EpochFloor
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.masteridentity import MasterIdentity
 from sparrow.cluster.messages import Assignment, Hello
-from sparrow.cluster.nodeidentity import NodeKeys, key_text
+from sparrow.cluster.nodeidentity import AdmissionPolicy, NodeKeys, key_text
 from sparrow.cluster.publisher import Publisher
 from sparrow.clustersecret import NO_SECRET
 from sparrow.config import HostPort
@@ -82,6 +82,9 @@ class MasterConfig:
     cluster_secret: ClusterSecret | None = None
     #: Where a create's ``backing`` may point, by name (store.backing; the node checks it again).
     allowed_backing: tuple[str, ...] = ()
+    #: What a node id's first key gets (``--admission``): held pending until ``sparrow node
+    #: approve`` (the default), or approved at once (``open``: trust on first use, for labs).
+    admission: AdmissionPolicy = AdmissionPolicy.APPROVE
     #: ``--public-metrics``: /metrics without a credential (sparrow.metricsauth; labs only).
     public_metrics: bool = False
 
@@ -101,19 +104,21 @@ class NodeRecorder:
     def __init__(self, store: AuthorityStore, supervisor: TaskSupervisor | None = None) -> None:
         self.store = store
         self.supervisor = supervisor if supervisor is not None else TaskSupervisor()
-        self._queue: asyncio.Queue[Hello | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Hello, bool] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = self.supervisor.spawn(self._run(), name=self.TASK)
 
-    def hello(self, hello: Hello) -> None:
-        self._queue.put_nowait(hello)
+    def hello(self, hello: Hello, approve: bool = False) -> None:
+        """Record ``hello``; ``approve``: and the approval of its key (``Admitted.newly_approved``)."""
+        self._queue.put_nowait((hello, approve))
 
     async def _run(self) -> None:
-        while (hello := await self._queue.get()) is not None:
+        while (item := await self._queue.get()) is not None:
+            hello, approve = item
             try:
-                await asyncio.to_thread(self.store.upsert_hello, hello, seen_at=time.time())
+                await asyncio.to_thread(self.store.upsert_hello, hello, seen_at=time.time(), approve=approve)
             except AuthorityError as e:
                 log.error("cannot record node", node=hello.node_id, error=str(e))
             except Exception as e:
@@ -179,10 +184,14 @@ class MasterRuntime:
     #: DATA_DIR/audit.jsonl: every mutating API call and every epoch minted (sparrow.master.audit).
     audit: AuditLog | None = None
     steps: asyncio.Task[None] | None = None
-    #: The node identity bindings the heartbeat server admits Hellos by (sparrow.cluster.nodeidentity).
-    node_keys: NodeKeys = field(default_factory=NodeKeys)
     #: Who may read /metrics besides an API token (sparrow.metricsauth).
     metrics_door: MetricsDoor | None = None
+
+    @property
+    def node_keys(self) -> NodeKeys:
+        """The node identity bindings and approvals the heartbeat server admits Hellos by
+        (sparrow.cluster.nodeidentity): the control loop's, the one copy."""
+        return self.control.node_keys
 
     def api(self) -> MasterApi:
         return MasterApi(
@@ -193,7 +202,6 @@ class MasterRuntime:
             backing_policy=BackingPolicy(self.config.allowed_backing),
             supervisor=self.supervisor,
             audit=self.audit,
-            node_keys=self.node_keys,
             metrics_door=self.metrics_door,
         )
 
@@ -285,6 +293,7 @@ async def start_master(
             send()
 
     timing = config.timing
+    node_keys = NodeKeys(store.node_keys(), store.approvals(), config.admission)
     control = restore(
         store,
         timing,
@@ -298,9 +307,12 @@ async def start_master(
         publisher=Publisher(store, on_mint=audit.epoch_minted),
         epoch_floor=epoch_floor(config, clock()),
     )
+    control.node_keys = node_keys
     metrics.bind(control, clock)
-
-    node_keys = NodeKeys(store.node_keys())
+    if config.admission is AdmissionPolicy.OPEN:
+        log.warning("admission open: a node id's first key is approved on first use (labs only)")
+    for node_id in sorted(node_keys.pending()):
+        log.warning("node awaiting approval", node=node_id, approve=f"sparrow node approve {node_id}")
     recorder = NodeRecorder(store, supervisor)
     recorder.start()
     cleanup.push_async_callback(recorder.close, 1.0)
@@ -336,7 +348,6 @@ async def start_master(
         clock,
         supervisor,
         audit=audit,
-        node_keys=node_keys,
         metrics_door=MetricsDoor.of(
             config.cluster_secret, public=config.public_metrics, registry=metrics.registry
         ),

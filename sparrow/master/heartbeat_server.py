@@ -16,7 +16,11 @@ it says Hello (docs/cluster.md, "Master identity").
   clock) and remembered as the
   connection's node; the node is upserted in the AuthorityStore (in a worker thread: an fsync), so
   the Publisher may name it in an assignment. A Hello naming another node on the same connection
-  is a protocol error.
+  is a protocol error. A node whose key no one approved is *pending* (docs/cluster.md, "Node
+  admission"): logged once at warning level ("node awaiting approval", node and key), and until
+  it is approved each of its heartbeats is recorded without its volume reports (the master
+  believes nothing a pending node says about volumes) and answered with an Ack that carries no
+  assignment, directory, stream key or discovery CHAP; no Ack is pushed to it.
 - ``Heartbeat``: recorded at ``now``; answered at once with ``Ack(seq, lease_seconds, assignments
   naming the node, directory, deleted)``: the directory lists every live volume with the portal of
   the primary its latest published assignment names (None when it has none, or no assignment
@@ -68,6 +72,7 @@ directory: a member flooding them would starve the loop that grants every node's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -98,7 +103,7 @@ from sparrow.cluster.messages import (
     Refusal,
     StreamKey,
 )
-from sparrow.cluster.nodeidentity import IdentityCode, IdentityRefused, NodeKeys, key_text
+from sparrow.cluster.nodeidentity import Admission, IdentityCode, IdentityRefused, NodeKeys, key_text
 from sparrow.cluster.observations import ObservationError, ObservationStore
 from sparrow.master.control import ControlLoop
 from sparrow.replication.streamauth import stream_keys_for
@@ -154,7 +159,9 @@ class HeartbeatServer:
     ``on_refused(reason)`` counts a refused connection. ``idle_timeout`` defaults to the
     ObservationStore's dead_after. Deadlines are armed on the running loop once :meth:`start` has
     run; without it (unit tests) call :meth:`NodeConnection.check_deadline`. ``node_keys`` are the
-    node identity bindings (default: none yet, each node id bound at its first Hello).
+    node identity bindings and approvals (default: the control loop's, ``ControlLoop.node_keys``).
+    ``on_hello(hello, approved)``: ``approved`` says the Hello's key was approved just now
+    (``Admitted.newly_approved``), for the authority to record.
     """
 
     def __init__(
@@ -164,7 +171,7 @@ class HeartbeatServer:
         secret: ClusterSecret,
         lease_seconds: float,
         clock: Callable[[], float],
-        on_hello: Callable[[Hello], None] | None = None,
+        on_hello: Callable[[Hello, bool], None] | None = None,
         on_heartbeat: Callable[[], None] | None = None,
         on_protocol_error: Callable[[str], None] | None = None,
         on_refused: Callable[[str], None] | None = None,
@@ -177,7 +184,7 @@ class HeartbeatServer:
         identity: MasterIdentity | None = None,
     ) -> None:
         self.control = control
-        self.node_keys = node_keys if node_keys is not None else NodeKeys()
+        self.node_keys = node_keys if node_keys is not None else control.node_keys
         self.secret = secret
         #: Derives the replication stream keys each Ack carries (None: no keys, streams refused).
         self.master_key = master_key
@@ -199,6 +206,25 @@ class HeartbeatServer:
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._push_pending = False
+        #: (node id, key) of every pending node logged as awaiting approval: logged once each.
+        self._announced_pending: set[tuple[str, bytes]] = set()
+
+    def approved(self, node_id: str) -> bool:
+        """Whether ``node_id`` is a member (its bound key approved: ``NodeKeys.admission``)."""
+        return self.node_keys.admission(node_id) is Admission.APPROVED
+
+    def announce_pending(self, node_id: str, key: bytes, peer: str) -> None:
+        """Log a pending node once per (node id, key) while this master runs."""
+        if (node_id, key) in self._announced_pending:
+            return
+        self._announced_pending.add((node_id, key))
+        log.warning(
+            "node awaiting approval",
+            peer=peer,
+            node=node_id,
+            node_key=key_text(key),
+            approve=f"sparrow node approve {node_id}",
+        )
 
     def stream_keys(self, node_id: str, assignments: tuple[Assignment, ...]) -> tuple[StreamKey, ...]:
         """The replication stream keys an Ack to ``node_id`` carries (``streamauth.stream_keys_for``)."""
@@ -479,6 +505,8 @@ class NodeConnection(asyncio.Protocol):
                 node=hello.node_id,
                 node_key=key_text(admitted.key),
             )
+        if admitted.admission is Admission.PENDING:
+            self.server.announce_pending(hello.node_id, admitted.key, self.peer)
         known = self.server.observations.hello(hello.node_id)
         self.server.observations.record(hello, hello.node_id, self.server.clock())
         if self.node_id is None:
@@ -495,7 +523,7 @@ class NodeConnection(asyncio.Protocol):
         self.node_key = admitted.key
         self.incarnation = hello.incarnation
         if self.server.on_hello is not None:
-            self.server.on_hello(hello)
+            self.server.on_hello(hello, admitted.newly_approved)
 
     def _close_other_connections_of(self, node_id: str) -> None:
         """One connection per node id (module docstring): the older ones are closed."""
@@ -538,6 +566,9 @@ class NodeConnection(asyncio.Protocol):
         self._rate_count += 1
         if self._rate_count > MAX_HEARTBEATS_PER_SECOND:
             raise ConnectionRefused(f"more than {MAX_HEARTBEATS_PER_SECOND} heartbeats in a second")
+        approved = self.server.approved(node_id)
+        if not approved:  # pending: seen alive, its word on volumes not believed (module docstring)
+            heartbeat = dataclasses.replace(heartbeat, observations=(), skipped=())
         try:
             self.server.observations.record(heartbeat, node_id, self.server.clock())
         except ObservationError as e:
@@ -547,6 +578,9 @@ class NodeConnection(asyncio.Protocol):
         if self.server.on_heartbeat is not None:
             self.server.on_heartbeat()
         if self.server.control.holding:  # a restored authority: no lease, no assignment yet
+            return
+        if not approved:
+            self._send(Ack(seq=heartbeat.seq, lease_seconds=self.server.lease_seconds, assignments=()))
             return
         assignments = self.server.control.assignments_for(node_id)
         ack = Ack(
@@ -572,6 +606,8 @@ class NodeConnection(asyncio.Protocol):
             return
         if self.server.node_keys.key(node_id) != self.node_key:
             return  # rebound since its Hello: its next heartbeat is refused (_heartbeat)
+        if not self.server.approved(node_id):
+            return  # pending: nothing to send it
         assignments = self.server.control.assignments_for(node_id)
         ack = Ack(
             seq=seq,

@@ -55,6 +55,7 @@ from sparrow.cluster.messages import (
     Health,
 )
 from sparrow.cluster.messages import Role as CopyRole
+from sparrow.cluster.nodeidentity import Admission
 from sparrow.cluster.observations import NodeState
 from sparrow.health import DEGRADED, OK, UNHEALTHY
 from sparrow.master.api import MAX_WAIT
@@ -223,6 +224,11 @@ SCHEMAS: dict[str, Schema] = {
             "draining": BOOL,
             "drain_status": TEXT,
             "node_key": {**_nullable(_ref("NodeKey")), "description": "null: bound at its next Hello"},
+            "admission": {
+                **_nullable(_enum(Admission)),
+                "description": "pending: awaiting `sparrow node approve`, nothing placed on it; "
+                "null: no key bound yet",
+            },
         }
     ),
     "NodeKey": {**_pattern("[0-9a-f]{64}"), "description": "An Ed25519 public key, 64 hex digits"},
@@ -237,6 +243,17 @@ SCHEMAS: dict[str, Schema] = {
         },
     ),
     "Rekeyed": _obj({"node_id": _ref("NodeId"), "node_key": _nullable(_ref("NodeKey"))}),
+    "Approve": _obj(
+        {},
+        {
+            "key": {
+                **_nullable(_pattern(r"\s*[0-9a-fA-F]{64}\s*")),
+                "description": "The key to approve (either case); null or absent: the key the "
+                "pending node proved",
+            }
+        },
+    ),
+    "Approved": _obj({"node_id": _ref("NodeId"), "node_key": _ref("NodeKey"), "admission": _enum(Admission)}),
     "Finding": _obj(
         {
             "reason": _enum(Reason),
@@ -496,6 +513,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "POST", "/v1/nodes/{node_id}/rekey", "rekeyNode", "Rebind a dead node's id to a key, or to none",
         {200: "Rekeyed", 404: None, 409: None}, request="Rekey", parameters=("NodeId",), tags=("nodes",),
+    ),
+    Operation(
+        "POST", "/v1/nodes/{node_id}/approve", "approveNode",
+        "Approve a pending node's key, or a node's key ahead of its first Hello",
+        {200: "Approved", 404: None, 409: None}, request="Approve", parameters=("NodeId",),
+        tags=("nodes",),
     ),
     Operation("GET", "/v1/cluster", "getClusterSettings", "The cluster's settings (discovery CHAP)",
               {200: "ClusterSettings"}, tags=("cluster",)),

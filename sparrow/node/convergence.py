@@ -208,6 +208,10 @@ class NodeVolumes:
         """The exported volumes by volume id."""
         return dict(self._exported)
 
+    def is_exported(self, volume_id: str) -> bool:
+        """``volume_id in exported()`` without the copy (a replica asks it for every record)."""
+        return volume_id in self._exported
+
     def lu(self, volume_id: str) -> LogicalUnit | None:
         entry = self._exported.get(volume_id)
         return None if entry is None else entry.lu

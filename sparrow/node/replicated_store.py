@@ -46,7 +46,7 @@ from sparrow.replication import protocol
 from sparrow.replication.protocol import MAX_PAYLOAD, Acked, MsgType, PrimaryStream, ReplicationError
 from store.blockstore import BlockStore, StoreUnavailable
 from store.delegating import DelegatingStore
-from store.dirtymap import DirtyMap, region_span
+from store.dirtymap import REGION_SIZE, DirtyMap, region_span
 
 log = structlog.get_logger("sparrow.node.forward")
 
@@ -692,8 +692,12 @@ class ReplicatedStore(DelegatingStore):
         self._log_bytes += op.length if op.data is not None else 0
         self.last += 1
         if self.dirty_map is not None and op.only is None and op.kind in _WRITES:
-            for region in region_span(op.offset, op.length):
-                self.touched[region] = self.last
+            first = op.offset // REGION_SIZE
+            if op.length > 0 and (op.offset + op.length - 1) // REGION_SIZE == first:
+                self.touched[first] = self.last  # one region: most writes
+            else:
+                for region in region_span(op.offset, op.length):
+                    self.touched[region] = self.last
         for replica in self.replicas.values():
             if replica.link is None and not replica.backing_off:
                 self._connect(replica)
@@ -802,11 +806,15 @@ class ReplicatedStore(DelegatingStore):
         """The highest op index every target the writers wait for (not a copy still syncing) has
         applied, and has made durable (``last`` with no target): the one rule of :meth:`_done` and
         :meth:`_progress`."""
-        replicas = [r for r in self.replicas.values() if not (r.syncing and not r.resynced)]
-        return (
-            min((r.applied for r in replicas), default=self.last),
-            min((r.durable for r in replicas), default=self.last),
-        )
+        applied = durable = -1  # none waited for yet
+        for r in self.replicas.values():  # a loop, not generators: it runs on every ACK
+            if r.syncing and not r.resynced:
+                continue
+            if applied < 0 or r.applied < applied:
+                applied = r.applied
+            if durable < 0 or r.durable < durable:
+                durable = r.durable
+        return (self.last, self.last) if applied < 0 else (applied, durable)
 
     def _done(self, index: int, durable: bool) -> bool:
         if self.epoch is None:
@@ -831,10 +839,15 @@ class ReplicatedStore(DelegatingStore):
                         future.set_result(None)
                 keep.append(waiters)
             self._waiters = keep
+        # A send of this turn's ops is scheduled (``_send_all``): it pumps every replica at the end
+        # of the turn, so an ACK arriving meanwhile sends nothing now (one record per stream per
+        # turn, the run encoded once for both, instead of a record now and the rest at the end).
+        pump = not self._send_scheduled
         for replica in self.replicas.values():
             if replica.lagging and self._oldest_pending(replica) is None:
                 replica.lagging = False  # caught up (the master decides whether it is back in sync)
-            self._pump(replica)
+            if pump:
+                self._pump(replica)
         # Trim what every target has applied, but no flush that a target has not made durable.
         if self.epoch is not None:
             floor = min((r.applied for r in self.replicas.values()), default=self.last)
@@ -1051,7 +1064,7 @@ class ChannelLink(asyncio.Protocol):
         """Seal ``data`` (whole messages, at most ``MAX_MESSAGE`` bytes) as one record and write it."""
         if not self.up or self._ended or self.transport is None:
             return
-        self.transport.write(self.channel.send(data))
+        self.transport.writelines(self.channel.seal(data))  # header and sealed bytes, not joined
 
     def close(self) -> None:
         self._closed = True

@@ -36,6 +36,7 @@ from typing import Any, cast
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from frontend.constructors import positional_constructor
 from sparrow.cluster.channel import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -95,6 +96,8 @@ StoreFor = Callable[[str], BlockStore | None]
 KeyFor = Callable[[str, int], bytes | None]
 #: The volume's dirty map on this node (None: unknown, reported as every region dirty).
 DirtyFor = Callable[[str], DirtyMap | None]
+#: A VolumeView is built for every record a replica receives (its persisted role, read afresh).
+_make_view = positional_constructor(VolumeView)
 
 
 async def start_replica_server(
@@ -133,10 +136,10 @@ def node_lookup(
         if role is None:
             return None
         volume = volumes.find(volume_id)
-        open_ = volume is not None and volume_id in volumes.exported()
+        open_ = volume is not None and volumes.is_exported(volume_id)
         size = volume.meta.size if volume is not None else role.size
         key = stream_key(volume_id, role.epoch)
-        return VolumeView(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_, key)
+        return _make_view(volume_id, role.epoch, role.role, role.primary, size, role.block_size, open_, key)
 
     def store_for(volume_id: str) -> BlockStore | None:
         # The store that marks the dirty map before each write (the volume's own if it has none).

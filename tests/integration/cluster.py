@@ -101,6 +101,28 @@ class Master(Proc):
         assert status == 200, f"GET {path}: {status} {body!r}"
         return json.loads(body)
 
+    def post_json(self, path: str, body: Any) -> Any:
+        """POST ``body`` as the bootstrap admin; the answer (asserting 200)."""
+        headers = {**bearer(self.root, self.api), "Content-Type": "application/json"}
+        request = urllib.request.Request(self.api + path, json.dumps(body).encode(), headers, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200, f"POST {path}: {resp.status}"
+            return json.loads(resp.read())
+
+    def approve(self, *node_ids: str, timeout: float = 20.0) -> None:
+        """What an operator does for a new node (docs/operations.md, "Adding a node"): wait until
+        the master lists each of ``node_ids`` (its Hello bound its key), then approve each one
+        still pending (POST /v1/nodes/ID/approve). The harness admits nodes here, and only here."""
+
+        def listed() -> dict[str, Any] | None:
+            nodes = {n["node_id"]: n for n in self.get_json("/v1/nodes")["nodes"]}
+            return nodes if all(nodes.get(i, {}).get("admission") is not None for i in node_ids) else None
+
+        nodes = wait_for(listed, timeout=timeout, what=f"nodes {', '.join(node_ids)} listed", interval=0.05)
+        for node_id in node_ids:
+            if nodes[node_id]["admission"] == "pending":
+                self.post_json(f"/v1/nodes/{node_id}/approve", {})
+
     def metrics(self) -> str:
         status, body = http_get(self.api + "/metrics", headers=scrape_bearer(secret_file(self.root)))
         assert status == 200, status
@@ -214,6 +236,7 @@ class Cluster:
             node.spawn()
         for node in self.nodes.values():
             node.wait_ready()
+        self.master.approve(*self.nodes)
         return self
 
     def close(self) -> dict[str, int]:

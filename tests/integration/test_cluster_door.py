@@ -156,7 +156,8 @@ def test_an_out_of_range_hello_is_refused_and_later_nodes_are_still_recorded(clu
         sample(cluster.master.metrics(), "sparrow_master_heartbeat_protocol_errors_total", code="bad_field")
         == 2
     )
-    # A node that says hello afterwards is recorded: a 3-copy volume is placed on it.
+    # A node that says hello afterwards is recorded (pending: "late" is listed) and, once
+    # approved, a 3-copy volume is placed on it.
     late = NodeLink(cluster.master.listen_port, secret_of(cluster.root))
     late.send(hello("late", 1))
     seq = 0
@@ -168,6 +169,7 @@ def test_an_out_of_range_hello_is_refused_and_later_nodes_are_still_recorded(clu
         return ack if any(a.name == "three" for a in ack.assignments) else None
 
     late.beat(0)
+    cluster.master.approve("late")  # the operator's step for a new node (docs/operations.md)
     cluster.cli("volume", "create", "three", "--size", "16MiB", "--replicas", "3", "--wait", "0")
     wait_for(placed_on_late, timeout=15, what="the 3-copy volume placed on the late node", interval=0.1)
     late.close()
@@ -371,6 +373,7 @@ def test_a_forged_heartbeat_for_a_killed_primary_gets_no_liar_promoted(cluster: 
         return liar.beat(seq, observations)
 
     beat()
+    cluster.master.approve("liar")  # an approved member (docs/cluster.md, "Node admission") that lies
     cluster.cli("volume", "create", "lied", "--size", "16MiB", "--replicas", "3", "--wait", "0")
     ack = wait_for(lambda: (a := beat()).assignments and a, timeout=15, what="the liar named", interval=0.1)
     assert isinstance(ack, Ack)

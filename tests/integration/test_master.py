@@ -123,6 +123,7 @@ def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) 
     first = node.beat()
     assert first.lease_seconds == 5.0
     assert first.assignments == ()
+    master.cli("node", "approve", "n1")  # a new node is pending until approved (docs/operations.md)
 
     created = json.loads(
         master.cli(
@@ -155,8 +156,10 @@ def test_placement_survives_a_kill_9_without_a_new_epoch(master: MasterProcess) 
         ("n1", "alive", node.hello.incarnation)
     ]
     table = master.cli("node", "list").stdout.splitlines()
-    assert table[0].split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING"]
+    header = ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING", "ADMISSION"]
+    assert table[0].split() == header
     assert table[1].split()[:3] == ["n1", "alive", str(node.hello.incarnation)]
+    assert table[1].split()[-1] == "approved"
 
     # kill -9 the master, start it again on the same data directory and ports.
     master.kill9()
@@ -229,6 +232,6 @@ def test_an_unmigrated_v1_authority_is_refused_with_the_migrate_command(tmp_path
     )  # fmt: skip
     assert refused.returncode == 1
     assert f"`sparrow migrate {data_dir}`" in refused.stderr
-    assert "schema version 1; this Sparrow needs version 8" in refused.stderr
+    assert "schema version 1; this Sparrow needs version 9" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert (data_dir / "authority.sqlite3").read_bytes() == before

@@ -84,7 +84,9 @@ def test_open_creates_the_schema_in_wal_with_full_sync(store: AuthorityStore, pa
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     other = raw(path)
     tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"meta", "volumes", "nodes", "assignments", "tokens", "cluster_settings"}
+    assert tables == {
+        "meta", "volumes", "nodes", "assignments", "tokens", "cluster_settings", "node_approvals"
+    }  # fmt: skip
     assert other.execute("SELECT schema_version FROM meta").fetchall() == [(SCHEMA_VERSION,)]
     other.close()
 
@@ -134,13 +136,13 @@ V1_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / AUTHORITY
 def test_a_v1_store_is_refused_with_the_migrate_command_and_migrate_fixes_it(tmp_path: Path) -> None:
     path = tmp_path / AUTHORITY_FILE
     shutil.copyfile(V1_FIXTURE, path)
-    assert SCHEMA_VERSION == 8
+    assert SCHEMA_VERSION == 9
     with pytest.raises(SchemaTooOld) as info:
         AuthorityStore.open(path)
-    assert (info.value.found, info.value.required) == (1, 8)
+    assert (info.value.found, info.value.required) == (1, 9)
     assert info.value.command == f"sparrow migrate {tmp_path}"
     assert str(info.value) == (
-        f"{path} has schema version 1; this Sparrow needs version 8: stop Sparrow and run "
+        f"{path} has schema version 1; this Sparrow needs version 9: stop Sparrow and run "
         f"`sparrow migrate {tmp_path}`"
     )
     report = migrate(tmp_path)

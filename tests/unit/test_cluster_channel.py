@@ -90,6 +90,44 @@ def test_byte_at_a_time() -> None:
     assert plaintexts(got) == [b"x" * 100, b"y"]
 
 
+def test_seal_is_send_in_two_parts() -> None:
+    """``seal`` gives a record's header and sealed bytes unjoined (written with one writelines);
+    the peer opens them as it opens ``send``'s, in order."""
+    client, server = pair()
+    connect(client, server)
+    header, sealed = client.seal(memoryview(b"x" * 1000))
+    assert len(header) == 4 and len(sealed) == 1000 + 16
+    assert plaintexts(server.feed(header + sealed + client.send(b"next"), 0.2)) == [b"x" * 1000, b"next"]
+
+
+@given(
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 20000), max_size=8),
+)
+def test_records_split_anywhere_open_in_order(sizes: list[int], cuts: list[int]) -> None:
+    """Records are opened where they lie in the bytes fed (nothing buffered) or in the buffer (a
+    partial record before): however the stream is cut, the same plaintexts in order, only the
+    incomplete record's bytes kept, and the frame deadline set exactly while one is partial."""
+    client, server = pair(frame_timeout=2.0)
+    connect(client, server)
+    messages = [bytes([i]) * n for i, n in enumerate(sizes)]
+    records = [client.send(m) for m in messages]
+    stream = b"".join(records)
+    ends = [sum(len(r) for r in records[: i + 1]) for i in range(len(records))]
+    got: list[bytes] = []
+    start = 0
+    for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
+        if cut < start:
+            continue
+        got += plaintexts(server.feed(stream[start:cut], 1.0 + cut / 1e5))
+        done = max((e for e in ends if e <= cut), default=0)
+        assert got == messages[: ends.index(done) + 1 if done else 0]
+        assert server.buffered == cut - done
+        assert (server.deadline() is not None) == (cut > done)
+        start = cut
+    assert got == messages and server.buffered == 0
+
+
 def test_wrong_secret_is_refused_by_both_sides() -> None:
     client, server = pair(client_secret=OTHER)
     answer = server.feed(client.initiate(), 0.1)

@@ -1065,3 +1065,52 @@ def test_a_replacement_also_drops_a_copy_the_primary_reports_behind() -> None:
     assert asks == (
         AssignmentAsk(VOL_A, "n1", ("n1", "n3", "n4"), "replace dead n2 with n4", in_sync=("n1",)),
     )
+
+
+# -- admission (docs/cluster.md, "Node admission") -----------------------------------------------
+
+
+def test_a_pending_node_is_never_chosen_for_a_copy_a_replacement_or_a_promotion() -> None:
+    """A node awaiting approval that reports itself alive, with the most room and even as an
+    in-sync replica, is no placement target, no replacement for a dead replica and no new primary;
+    approved (out of ``pending``) it is all three."""
+    cluster = Cluster()
+    for node in ("n1", "n2"):
+        cluster.join(node, 0.0)
+    cluster.join("rogue", 0.0, free=1000 * MiB)  # the most room: first choice if it counted
+    ctl = TopologyController(converge_deadline=30.0, margin=MARGIN)
+
+    # Placement: three copies wanted, two approved nodes: not placed on the pending one.
+    decision = ctl.decide([desired(replicas=3)], {}, cluster.store, cluster.leases, 0.0, pending={"rogue"})
+    assert decision.asks == ()
+    assert decision.status[VOL_A].kind is StatusKind.NOT_ENOUGH_NODES
+    assert decision.status[VOL_A].reason == (
+        "not enough live nodes (have 2, need 3); awaiting approval: rogue (sparrow node approve)"
+    )
+    (ask,) = ctl.decide([desired(replicas=2)], {}, cluster.store, cluster.leases, 0.0, pending={"rogue"}).asks
+    assert "rogue" not in ask.replicas
+    (ask,) = ctl.decide([desired(replicas=3)], {}, cluster.store, cluster.leases, 0.0).asks
+    assert ask.primary == "rogue"  # approved, it is the first choice
+
+    # Replacement: n2 dies; the only spare is pending: degraded, nothing asked.
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2"), epoch=3), 0.0)}
+    now = DEAD_AFTER + 1
+    cluster.beat("n1", now, obs(3, Role.PRIMARY))
+    cluster.beat("rogue", now)
+    want = [desired(replicas=2)]
+    decision = ctl.decide(want, current, cluster.store, cluster.leases, now, pending={"rogue"})
+    assert decision.asks == () and decision.status[VOL_A].kind is StatusKind.DEGRADED
+    (ask,) = ctl.decide([desired(replicas=2)], current, cluster.store, cluster.leases, now).asks
+    assert ask.replicas == ("n1", "rogue")
+
+    # Promotion: the primary dies; a pending node listed in the in-sync set (its key was rebound
+    # to none and a new one proved since) is not promoted.
+    cluster = Cluster()
+    for node in ("n1", "n2"):
+        cluster.join(node, 0.0)
+    current = {VOL_A: PublishedAssignment(assignment(("n1", "n2"), epoch=3), 0.0)}
+    cluster.beat("n2", now, obs(3, Role.REPLICA))
+    decision = ctl.decide(want, current, cluster.store, cluster.leases, now, pending={"n2"})
+    assert decision.asks == () and decision.status[VOL_A].kind is StatusKind.NO_ELIGIBLE_REPLICA
+    (ask,) = ctl.decide([desired(replicas=2)], current, cluster.store, cluster.leases, now).asks
+    assert ask.primary == "n2"

@@ -11,6 +11,9 @@ import pytest
 from sparrow.cluster.heartbeat import HEADER, ErrorCode, HeartbeatProtocolError, decode, encode
 from sparrow.cluster.messages import Hello, InvalidMessage, Refusal
 from sparrow.cluster.nodeidentity import (
+    Admission,
+    AdmissionPolicy,
+    ApprovalRefused,
     IdentityCode,
     IdentityRefused,
     NodeKey,
@@ -105,6 +108,65 @@ def test_the_operator_rebinds_pins_and_forgets() -> None:
         keys.rebind("n1", b"short")
     with pytest.raises(InvalidMessage):
         keys.rebind("Not An Id", NODE.public)
+
+
+def test_under_the_approve_policy_a_new_node_is_pending_until_the_operator_approves_its_key() -> None:
+    keys = NodeKeys({"n1": NODE.public}, {"n1": NODE.public}, AdmissionPolicy.APPROVE)
+    assert keys.admit(NODE.sign_hello(hello(), BINDING), BINDING).admission is Admission.APPROVED
+    # A member with the secret says Hello as a node id no one holds: bound, but pending.
+    rogue = keys.admit(ATTACKER.sign_hello(hello("n9"), BINDING), BINDING)
+    assert (rogue.first_use, rogue.admission, rogue.newly_approved) == (True, Admission.PENDING, False)
+    assert keys.pending() == {"n9"} and keys.admission("n9") is Admission.PENDING
+    # Saying Hello again does not approve it.
+    again = keys.admit(ATTACKER.sign_hello(hello("n9", 8), OTHER_BINDING), OTHER_BINDING)
+    assert again.admission is Admission.PENDING and keys.pending() == {"n9"}
+    assert keys.approve("n9") == ATTACKER.public  # the operator approves the key it proved
+    assert keys.pending() == frozenset() and keys.admission("n9") is Admission.APPROVED
+    assert keys.admit(ATTACKER.sign_hello(hello("n9"), BINDING), BINDING).admission is Admission.APPROVED
+    # Forgotten: the approval goes with the binding; its next Hello is a new, pending node.
+    keys.drop("n9")
+    assert keys.admit(ATTACKER.sign_hello(hello("n9"), BINDING), BINDING).admission is Admission.PENDING
+
+
+def test_an_approval_ahead_pins_the_key_and_an_unnamed_approval_takes_the_next_key_once() -> None:
+    keys = NodeKeys({}, {}, AdmissionPolicy.APPROVE)
+    with pytest.raises(ApprovalRefused, match="--key"):
+        keys.approve("n2")  # never said Hello: the operator must name the key
+    keys.approve("n2", NODE.public)
+    with pytest.raises(IdentityRefused) as e:
+        keys.admit(ATTACKER.sign_hello(hello("n2"), BINDING), BINDING)
+    assert e.value.code is IdentityCode.KEY_MISMATCH
+    admitted = keys.admit(NODE.sign_hello(hello("n2"), BINDING), BINDING)
+    assert (admitted.first_use, admitted.admission) == (False, Admission.APPROVED)
+    # A pending node whose key is not the one the operator names: the named key wins.
+    keys.admit(ATTACKER.sign_hello(hello("n3"), BINDING), BINDING)
+    keys.approve("n3", NODE.public)
+    assert keys.key("n3") == NODE.public and keys.admission("n3") is Admission.APPROVED
+    # Loaded from the authority: an approval ahead binds; one with no key (a member that had no
+    # key when the authority was migrated to v9) approves the key its next Hello proves, once.
+    loaded = NodeKeys({}, {"n4": NODE.public, "n5": None}, AdmissionPolicy.APPROVE)
+    assert loaded.key("n4") == NODE.public and loaded.pending() == frozenset()
+    first = loaded.admit(ATTACKER.sign_hello(hello("n5"), BINDING), BINDING)
+    assert (first.admission, first.newly_approved) == (Admission.APPROVED, True)
+    assert loaded.approved_key("n5") == ATTACKER.public
+    # Rekeyed to none: unbound and no longer approved.
+    loaded.rebind("n5", None)
+    assert loaded.admit(NODE.sign_hello(hello("n5"), BINDING), BINDING).admission is Admission.PENDING
+    with pytest.raises(ValueError):
+        keys.approve("n6", b"short")
+
+
+def test_under_the_open_policy_the_first_key_is_approved_and_recorded() -> None:
+    keys = NodeKeys({}, {}, AdmissionPolicy.OPEN)
+    first = keys.admit(NODE.sign_hello(hello(), BINDING), BINDING)
+    assert (first.admission, first.newly_approved) == (Admission.APPROVED, True)
+    again = keys.admit(NODE.sign_hello(hello(), OTHER_BINDING), OTHER_BINDING)
+    assert (again.admission, again.newly_approved) == (Admission.APPROVED, False)
+    assert keys.pending() == frozenset()
+    # A binding left pending under the approve policy is approved by an open master's next Hello.
+    held = NodeKeys({"n2": ATTACKER.public}, {}, AdmissionPolicy.OPEN)
+    assert held.pending() == {"n2"}
+    assert held.admit(ATTACKER.sign_hello(hello("n2"), BINDING), BINDING).newly_approved
 
 
 def test_key_text_round_trips_and_bad_keys_are_refused() -> None:

@@ -41,10 +41,10 @@ async def test_the_node_recorder_survives_an_upsert_that_raises(tmp_path: Path) 
     recorder = NodeRecorder(store, supervisor)
     real_upsert = store.upsert_hello
 
-    def upsert(hello: Hello, *, seen_at: float) -> object:
+    def upsert(hello: Hello, *, seen_at: float, approve: bool = False) -> object:
         if hello.node_id == "evil":
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
-        return real_upsert(hello, seen_at=seen_at)
+        return real_upsert(hello, seen_at=seen_at, approve=approve)
 
     store.upsert_hello = upsert  # type: ignore[method-assign]
     recorder.start()

@@ -361,6 +361,7 @@ async def test_nodes_lists_observed_and_remembered_nodes(master: Master) -> None
         "draining": False,
         "drain_status": None,
         "node_key": None,
+        "admission": None,
     }
     assert nodes[1]["state"] == "alive"
     assert nodes[1]["incarnation"] == 1
@@ -383,6 +384,7 @@ async def test_metrics_and_healthz(master: Master) -> None:
     text = await resp.text()
     assert 'sparrow_master_nodes{state="alive"} 1.0' in text
     assert 'sparrow_master_nodes{state="dead"} 0.0' in text
+    assert "sparrow_master_nodes_pending 0.0" in text
     assert 'sparrow_master_volumes{status="unplaced"} 1.0' in text  # a: the step that placed it
     assert 'sparrow_master_volumes{status="not_enough_nodes"} 1.0' in text
     assert "sparrow_master_epochs_published_total 1.0" in text

@@ -12,6 +12,7 @@ import pytest
 
 from sparrow.cluster.lease import LeaseConfig
 from sparrow.cluster.messages import Health, Heartbeat, Hello, Role, VolumeObservation
+from sparrow.cluster.nodeidentity import AdmissionPolicy, NodeKey, NodeKeys
 from sparrow.supervision import TaskSupervisor
 from tests.unit.test_master_api import Master
 
@@ -84,6 +85,11 @@ async def test_a_volume_larger_than_any_node_is_refused_with_the_reason(master: 
     )
     assert [v["name"] for v in (await master.json("GET", "/v1/volumes"))["volumes"]] == ["early"]
     await master.json("POST", "/v1/volumes", {"name": "fits", "size": TiB}, status=201)
+    # A pending node's word does not count: one claiming 1 PiB raises no bound.
+    big = Hello("n9", 1, "192.0.2.9:3260", "192.0.2.9:7000", "192.0.2.9:8080", 1 << 50, 1 << 50)
+    master.control.observations.record(big, "n9", master.clock())
+    master.control.node_keys = NodeKeys({"n9": NodeKey(b"9" * 32).public}, {}, AdmissionPolicy.APPROVE)
+    await master.json("POST", "/v1/volumes", {"name": "huge", "size": "1PiB"}, status=400)
 
 
 async def test_the_capacity_of_a_node_known_from_an_earlier_run_counts(tmp_path: Path) -> None:

@@ -113,8 +113,16 @@ async def test_node_list_table_and_json(master: tuple[str, ControlLoop, Clock]) 
     code, out, err = await cli("node", "list", "--api", url)
     assert code == 0, err
     header, row = out.splitlines()
-    assert header.split() == ["NODE", "STATE", "INCARNATION", "LAST-HEARTBEAT", "PORTAL", "DRAINING"]
-    assert row.split() == ["n1", "alive", "42", "1.2s", "ago", "192.0.2.4:3260", "no"]
+    assert header.split() == [
+        "NODE",
+        "STATE",
+        "INCARNATION",
+        "LAST-HEARTBEAT",
+        "PORTAL",
+        "DRAINING",
+        "ADMISSION",
+    ]
+    assert row.split() == ["n1", "alive", "42", "1.2s", "ago", "192.0.2.4:3260", "no", "-"]  # no key bound
     code, out, _ = await cli("node", "list", "--json", "--api", url)
     nodes: list[dict[str, Any]] = json.loads(out)
     assert [(n["node_id"], n["state"], n["last_heartbeat_age"]) for n in nodes] == [("n1", "alive", 1.25)]

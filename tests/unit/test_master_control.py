@@ -200,6 +200,7 @@ class EchoController(TopologyController):
         now: float,
         *,
         draining: object = (),
+        pending: object = (),
     ) -> Decision:
         asks = tuple(
             AssignmentAsk(

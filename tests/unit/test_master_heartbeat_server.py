@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from sparrow.cluster.authority import AuthorityStore, VolumeRecord
 from sparrow.cluster.channel import Channel, ClusterSecret, HandshakeBytes, Plaintext, Purpose, Side
@@ -28,7 +29,7 @@ from sparrow.cluster.messages import (
     StreamKey,
     VolumeObservation,
 )
-from sparrow.cluster.nodeidentity import NodeKey, key_text
+from sparrow.cluster.nodeidentity import AdmissionPolicy, NodeKey, NodeKeys, key_text
 from sparrow.master.control import ControlLoop, restore
 from sparrow.master.heartbeat_server import (
     LIVE_INCARNATION,
@@ -151,9 +152,9 @@ class Harness:
             on_protocol_error=self.errors.append,
         )
 
-    def on_hello(self, hello: Hello) -> None:
+    def on_hello(self, hello: Hello, approve: bool = False) -> None:
         self.hellos.append(hello)
-        self.store.upsert_hello(hello, seen_at=1.0)  # the daemon does this in a worker thread
+        self.store.upsert_hello(hello, seen_at=1.0, approve=approve)  # the daemon: in a worker thread
 
     def on_heartbeat(self) -> None:
         self.heartbeats += 1
@@ -734,3 +735,45 @@ def test_the_master_proves_its_key_first_on_every_connection(store: AuthoritySto
     with pytest.raises(MasterNotProven):
         pin.admit(first, other_binding)  # a proof is for its own connection only
     assert h.hellos == [] and h.refused == []
+
+
+def test_a_pending_node_is_heard_but_gets_nothing_until_approved(store: AuthorityStore) -> None:
+    """Under the approve policy a node id's first key leaves it pending: its heartbeats keep it
+    alive, but its volume reports are dropped, its Acks carry no assignment, directory, stream key
+    or discovery CHAP, nothing is pushed to it and the controller places nothing on it; logged
+    once. Approved, its next heartbeat gets its assignments."""
+    h = Harness(store)
+    h.control.node_keys = h.server.node_keys = NodeKeys(policy=AdmissionPolicy.APPROVE)
+    h.control.node_keys.approve("n1", key("n1").public)  # an approved member
+    member, _ = h.connect()
+    member.data_received(member.hello(hello()) + encode(heartbeat(1)))
+    vol = add_volume(store)
+    (assignment,) = h.control.step(52.0).published
+    assert assignment.primary == "n1"
+
+    claim = VolumeObservation(vol.volume_id, 1, Role.REPLICA, Health.OK, 0, (), True)
+    with structlog.testing.capture_logs() as logs:
+        first, _ = h.connect()
+        first.data_received(first.hello(hello("n9")))
+        rogue, rogue_t = h.connect()  # says Hello again with the same key: not logged again
+        rogue.data_received(rogue.hello(hello("n9")) + encode(heartbeat(1, claim)))
+    awaiting = [e for e in logs if e["event"] == "node awaiting approval"]
+    assert len(awaiting) == 1 and awaiting[0]["log_level"] == "warning"
+    assert (awaiting[0]["node"], awaiting[0]["node_key"]) == ("n9", key("n9").public.hex())
+    assert h.control.node_keys.pending() == {"n9"}
+    (ack,) = rogue_t.acks()
+    assert ack == Ack(seq=1, lease_seconds=TIMING.lease_seconds, assignments=())
+    assert h.control.observations.alive("n9", h.clock())
+    assert h.control.observations.observation("n9", vol.volume_id) is None  # its word not taken
+    assert h.control.leases.expires_at("n9") is None
+    h.server.push_assignments()
+    assert len(rogue_t.acks()) == 1  # nothing pushed
+    assert store.node_keys()["n9"] == key("n9").public and store.approvals() == {}  # recorded, pending
+
+    store.add_volume("vol2", size=64 * MiB, block_size=512, replicas=2, created_at=2.0)
+    assert h.control.step(53.0).published == ()  # two copies, one approved node: not placed on n9
+    h.control.node_keys.approve("n9")
+    (two,) = h.control.step(54.0).published
+    assert set(two.replicas) == {"n1", "n9"}
+    rogue.data_received(encode(heartbeat(2)))
+    assert rogue_t.acks()[-1].assignments == (two,)

@@ -42,6 +42,7 @@ from store.migrations import (
     authority_v5_to_v6,
     authority_v6_to_v7,
     authority_v7_to_v8,
+    authority_v8_to_v9,
     default_graph,
     discover_steps,
     migrate,
@@ -260,7 +261,7 @@ def test_plan_and_versions_count_what_is_there(data_dir: Path) -> None:
     counts = {kv.kind: (dict(kv.counts), kv.unreadable, kv.latest) for kv in versions(data_dir)}
     assert counts == {
         "volume": ({1: 4}, 0, 2),
-        "authority": ({}, 0, 8),
+        "authority": ({}, 0, 9),
         "cluster-volume": ({}, 0, 1),
         "cluster-node": ({}, 0, 1),
     }
@@ -596,7 +597,7 @@ def test_cli_list_versions(data_dir: Path) -> None:
     code, out, err = run(str(data_dir), "--list-versions")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "authority: 1 at version 1 (latest version 8)",
+        "authority: 1 at version 1 (latest version 9)",
         "cluster-node: no records (latest version 1)",
         "cluster-volume: no records (latest version 1)",
         "volume: 4 at version 1 (latest version 2)",
@@ -709,7 +710,7 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 8)
+    assert (applied.item, applied.from_version, applied.to_version) == (AUTHORITY_FILE, 1, 9)
     assert applied.steps == (
         "authority_v1_to_v2",
         "authority_v2_to_v3",
@@ -718,10 +719,11 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
         "authority_v5_to_v6",
         "authority_v6_to_v7",
         "authority_v7_to_v8",
+        "authority_v8_to_v9",
     )
     assert applied.changes[0] == f"step authority_v1_to_v2: {authority_v1_to_v2.describe}"
     assert applied.checksum_before != applied.checksum_after
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in IDENTITY_QUERIES} == before
     new_columns = rows(
         data_dir / AUTHORITY_FILE,
@@ -735,12 +737,12 @@ def test_authority_v1_to_v2_on_the_fixture(tmp_path: Path) -> None:
     assert rows(backup, "SELECT schema_version FROM meta") == [(1,)]
     assert {q: rows(backup, q) for q in IDENTITY_QUERIES} == before
     (entry,) = read_history(data_dir)
-    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 8)
+    assert (entry["kind"], entry["item"], entry["from"], entry["to"]) == ("authority", AUTHORITY_FILE, 1, 9)
     # Idempotent: a second run finds nothing to do and writes no second history entry.
     again = migrate(data_dir, clock=Clock())
     assert again.applied == () and again.backup_dir is None
     assert len(read_history(data_dir)) == 1
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
 
 
 AUTHORITY_V2 = FIXTURES.parents[1] / "v2" / AUTHORITY_FILE
@@ -762,7 +764,7 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (2, 8)
+    assert (applied.from_version, applied.to_version) == (2, 9)
     assert applied.steps == (
         "authority_v2_to_v3",
         "authority_v3_to_v4",
@@ -770,9 +772,10 @@ def test_authority_v2_to_v3_on_the_fixture(tmp_path: Path) -> None:
         "authority_v5_to_v6",
         "authority_v6_to_v7",
         "authority_v7_to_v8",
+        "authority_v8_to_v9",
     )
     assert applied.changes[0] == f"step authority_v2_to_v3: {authority_v2_to_v3.describe}"
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM tokens") == []
     assert report.backup_dir is not None
@@ -810,16 +813,17 @@ def test_authority_v3_to_v4_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (3, 8)
+    assert (applied.from_version, applied.to_version) == (3, 9)
     assert applied.steps == (
         "authority_v3_to_v4",
         "authority_v4_to_v5",
         "authority_v5_to_v6",
         "authority_v6_to_v7",
         "authority_v7_to_v8",
+        "authority_v8_to_v9",
     )
     assert applied.changes[0] == f"step authority_v3_to_v4: {authority_v3_to_v4.describe}"
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, forgotten_at FROM nodes ORDER BY 1") == [
         ("node-a", None),
@@ -874,15 +878,16 @@ def test_authority_v4_to_v5_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (4, 8)
+    assert (applied.from_version, applied.to_version) == (4, 9)
     assert applied.steps == (
         "authority_v4_to_v5",
         "authority_v5_to_v6",
         "authority_v6_to_v7",
         "authority_v7_to_v8",
+        "authority_v8_to_v9",
     )
     assert applied.changes[0] == f"step authority_v4_to_v5: {authority_v4_to_v5.describe}"
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     old_columns = "SELECT volume_id, epoch, primary_node, replicas, created_at FROM assignments ORDER BY 1, 2"
     assert rows(data_dir / AUTHORITY_FILE, old_columns) == before[IDENTITY_QUERIES[2]]
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries[3:]} == {q: before[q] for q in queries[3:]}
@@ -965,10 +970,15 @@ def test_authority_v5_to_v6_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (5, 8)
-    assert applied.steps == ("authority_v5_to_v6", "authority_v6_to_v7", "authority_v7_to_v8")
+    assert (applied.from_version, applied.to_version) == (5, 9)
+    assert applied.steps == (
+        "authority_v5_to_v6",
+        "authority_v6_to_v7",
+        "authority_v7_to_v8",
+        "authority_v8_to_v9",
+    )
     assert applied.changes[0] == f"step authority_v5_to_v6: {authority_v5_to_v6.describe}"
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     nodes_after = rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1")
     assert nodes_after == [(*n, 0, None) for n in nodes_before]
@@ -1038,10 +1048,10 @@ def test_authority_v6_to_v7_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version) == (6, 8)
-    assert applied.steps == ("authority_v6_to_v7", "authority_v7_to_v8")
+    assert (applied.from_version, applied.to_version) == (6, 9)
+    assert applied.steps == ("authority_v6_to_v7", "authority_v7_to_v8", "authority_v8_to_v9")
     assert applied.changes[0] == f"step authority_v6_to_v7: {authority_v6_to_v7.describe}"
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM nodes ORDER BY 1") == [
         (*n, None) for n in nodes_before
@@ -1112,14 +1122,86 @@ def test_authority_v7_to_v8_on_the_fixture(tmp_path: Path) -> None:
     report = migrate(data_dir, clock=Clock())
 
     (applied,) = report.applied
-    assert (applied.from_version, applied.to_version, applied.steps) == (7, 8, ("authority_v7_to_v8",))
+    assert (applied.from_version, applied.to_version) == (7, 9)
+    assert applied.steps == ("authority_v7_to_v8", "authority_v8_to_v9")
     assert applied.changes[0] == f"step authority_v7_to_v8: {authority_v7_to_v8.describe}"
-    assert db_version(data_dir) == 8
+    assert db_version(data_dir) == 9
     assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
     for table in ("volumes", "assignments"):
         paused = rows(data_dir / AUTHORITY_FILE, f"SELECT DISTINCT paused FROM {table}")
         assert paused == [(0,)], table
     assert rows(data_dir / AUTHORITY_FILE, "SELECT * FROM cluster_settings") == []
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    AuthorityStore.open_in(fresh).close()
+    schema = "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY 1, 2"
+    assert rows(fresh / AUTHORITY_FILE, schema) == rows(data_dir / AUTHORITY_FILE, schema)
+
+
+def test_authority_v8_to_v9_approves_every_member_node(tmp_path: Path) -> None:
+    """A v8 database (the v5 fixture migrated to 8, two nodes bound to a key, one with none yet,
+    one forgotten) gains ``node_approvals``: each member approved with its bound key, or with
+    none (the key its next Hello proves), the forgotten one not at all; no other row changes;
+    the master's admission from the migrated store holds every member approved, so an upgrade
+    strands no node, while a new node id is pending."""
+    from sparrow.cluster.authority import AuthorityStore
+    from sparrow.cluster.messages import Hello
+    from sparrow.cluster.nodeidentity import Admission, AdmissionPolicy, NodeKey, NodeKeys
+
+    data_dir = tmp_path / "master"
+    data_dir.mkdir()
+    shutil.copyfile(AUTHORITY_V5, data_dir / AUTHORITY_FILE)
+    migrate(data_dir, 8, clock=Clock())
+    a, b, c = NodeKey(b"a" * 32), NodeKey(b"b" * 32), NodeKey(b"c" * 32)
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
+    try:
+        with conn:
+            conn.execute("UPDATE nodes SET public_key = ? WHERE node_id = 'node-a'", (a.public.hex(),))
+            conn.execute("UPDATE nodes SET public_key = ? WHERE node_id = 'node-b'", (b.public.hex(),))
+            conn.execute("UPDATE nodes SET forgotten_at = 2.0, public_key = NULL WHERE node_id = 'node-d'")
+    finally:
+        conn.close()
+    queries = (
+        *IDENTITY_QUERIES,
+        "SELECT * FROM volumes ORDER BY 1",
+        "SELECT * FROM nodes ORDER BY 1",
+        "SELECT * FROM tokens ORDER BY 1",
+        "SELECT * FROM assignments ORDER BY 1, 2",
+    )
+    before = {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries}
+
+    report = migrate(data_dir, clock=Clock())
+
+    (applied,) = report.applied
+    assert (applied.from_version, applied.to_version, applied.steps) == (8, 9, ("authority_v8_to_v9",))
+    assert applied.changes[0] == f"step authority_v8_to_v9: {authority_v8_to_v9.describe}"
+    assert db_version(data_dir) == 9
+    assert {q: rows(data_dir / AUTHORITY_FILE, q) for q in queries} == before
+    assert rows(data_dir / AUTHORITY_FILE, "SELECT node_id, public_key FROM node_approvals ORDER BY 1") == [
+        ("node-a", a.public.hex()),
+        ("node-b", b.public.hex()),
+        ("node-c", None),
+    ]
+    with AuthorityStore.open_in(data_dir) as store:
+        keys = NodeKeys(store.node_keys(), store.approvals(), AdmissionPolicy.APPROVE)
+    assert keys.pending() == frozenset()
+    assert (keys.admission("node-a"), keys.admission("node-b")) == (Admission.APPROVED, Admission.APPROVED)
+    binding = b"\x01" * 32
+
+    def hello(node_id: str, key: NodeKey) -> Hello:
+        return key.sign_hello(
+            Hello(node_id, 1, "10.0.0.9:3260", "10.0.0.9:3261", "10.0.0.9:8080", 1, 1), binding
+        )
+
+    admitted = keys.admit(hello("node-c", c), binding)  # its first key since v7: approved, and recorded
+    assert (admitted.admission, admitted.newly_approved) == (Admission.APPROVED, True)
+    assert keys.admit(hello("node-d", c), binding).admission is Admission.PENDING  # forgotten: a new node
+    conn = sqlite3.connect(data_dir / AUTHORITY_FILE)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE node_approvals SET public_key = 'zz'")
+    finally:
+        conn.close()
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     AuthorityStore.open_in(fresh).close()
@@ -1139,8 +1221,9 @@ def test_the_authority_steps_are_registered() -> None:
         ("authority_v5_to_v6", 5, 6),
         ("authority_v6_to_v7", 6, 7),
         ("authority_v7_to_v8", 7, 8),
+        ("authority_v8_to_v9", 8, 9),
     ]
-    assert default_graph().head("authority") == 8
+    assert default_graph().head("authority") == 9
 
 
 def test_a_nodes_cluster_records_are_counted_and_their_identities_guarded(tmp_path: Path) -> None:

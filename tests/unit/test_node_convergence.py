@@ -37,6 +37,8 @@ from sparrow.cluster.messages import (
 from sparrow.cluster.nodestate import NodeState
 from sparrow.node.convergence import Convergence, NodeVolumes, RemoteDirectory, VolumeMismatch
 from sparrow.node.replicated_store import Forwarding
+from sparrow.node.replication import node_lookup
+from sparrow.replication.protocol import VolumeView
 from store.backing import BackingPolicy
 from store.dirtymap import DirtyBitmap
 from store.metadata import RecordWriteError
@@ -190,6 +192,19 @@ async def test_a_replica_stands_by_and_redirects_logins_to_the_primary(node: Nod
     assert node.access() is STANDBY
     remote = node.registry.remote(IQN)
     assert remote is not None and remote.portal == Portal("10.0.0.2", 3260, 1)
+
+
+async def test_node_lookup_gives_a_replica_stream_the_persisted_role_and_the_local_store(node: Node) -> None:
+    """What a replica stream checks each record against (sparrow/node/replication.py): the
+    persisted role, epoch, primary and size, whether the volume is open here, the stream key."""
+    key = b"k" * 32
+    lookup, store_for = node_lookup(node.state, node.volumes, lambda vid, epoch: key if epoch == 1 else None)
+    assert lookup(VOL) is None and store_for(VOL) is None
+    await node.ack(assign(primary="n2", replicas=("n2", ME)))
+    assert node.volumes.is_exported(VOL) and VOL in node.volumes.exported()
+    assert lookup(VOL) == VolumeView(VOL, 1, Role.REPLICA, "n2", SIZE, 512, True, key)
+    assert store_for(VOL) is not None
+    assert not node.volumes.is_exported("0" * 32)
 
 
 async def test_a_released_volume_is_unexported_but_its_data_stays(node: Node) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from sparrow.node.replicated_store import ReplicatedStore
 from sparrow.replication import protocol
 from sparrow.replication.protocol import MessageDecoder, PrimaryStream
 from store.blockstore import StoreUnavailable
+from store.dirtymap import REGION_SIZE, DirtyMap
 from store.memstore import MemoryBlockStore
 
 VOLUME = uuid.UUID(int=7).hex
@@ -55,11 +57,11 @@ class FakeLink:
 
 
 class Harness:
-    def __init__(self, *, hold_timeout: float = 30.0) -> None:
+    def __init__(self, *, hold_timeout: float = 30.0, size: int = 1 << 20) -> None:
         self.now = 100.0
         self.links: dict[str, FakeLink] = {}
         self.lagged = 0
-        self.inner = MemoryBlockStore(1 << 20, BS)
+        self.inner = MemoryBlockStore(size, BS)
         self.store = ReplicatedStore(
             self.inner,
             VOLUME,
@@ -128,6 +130,52 @@ async def test_the_writes_of_one_turn_go_to_each_replica_in_one_send_encoded_onc
     for link in (n2, n3):
         link.ack(9)
     await asyncio.gather(*tasks)
+
+
+async def test_an_ack_in_a_turn_that_appended_sends_nothing_before_the_turn_ends() -> None:
+    """An ACK arriving in the turn that queued writes (before the send at its end) does not send
+    them to its replica at once: each replica still gets this turn's writes in one send, encoded
+    once for both (not a record at the ACK and the rest at the end of the turn)."""
+    h = Harness()
+    h.store.configure(1, [("n2", "h:1"), ("n3", "h:2")])
+    first = h.store.write_forward(0, b"a" * BS)
+    assert first == 1
+    await h.up()
+    n2, n3 = h.links["n2"], h.links["n3"]
+    for link in (n2, n3):
+        link.raw.clear()
+    # One turn: a write, n2's ACK of op 1, another write.
+    assert h.store.write_forward(BS, b"b" * BS) == 2
+    n2.ack(1)
+    assert n2.raw == []  # nothing sent at the ACK: the end of the turn sends
+    assert h.store.write_forward(2 * BS, b"c" * BS) == 3
+    await settle()
+    assert len(n2.raw) == 1 and len(n3.raw) == 1 and n2.raw[0] is n3.raw[0]
+    assert [m.seq for m in n2.ops()[-2:]] == [2, 3]
+    n3.ack(1)
+    await h.store.written(1)
+    done = h.store.written(3)
+    for link in (n2, n3):
+        link.ack(3)
+    await done
+
+
+async def test_touched_records_every_region_a_write_covers(tmp_path: Path) -> None:
+    """The op index that last wrote each region (what a checkpoint may clear): one entry for a
+    write inside a region, one per region for a write across a boundary."""
+    h = Harness(size=4 * REGION_SIZE)
+    h.store.configure(1, [("n2", "h:1")])
+    h.store.dirty_map = DirtyMap.open(tmp_path / "v.dirty", VOLUME, 1 << 22, missing_clean=True)
+    assert h.store.write_forward(REGION_SIZE - BS, b"a" * BS) == 1
+    assert h.store.touched == {0: 1}
+    assert h.store.write_forward(REGION_SIZE - BS, b"b" * 2 * BS) == 2
+    assert h.store.touched == {0: 2, 1: 2}
+    assert h.store.write_forward(2 * REGION_SIZE, b"c" * BS) == 3
+    assert h.store.touched == {0: 2, 1: 2, 2: 3}
+    await h.up()
+    h.links["n2"].ack(3)
+    await h.store.written(3)
+    h.store.dirty_map.close()
 
 
 async def test_a_replica_at_another_position_gets_its_own_encoding() -> None:

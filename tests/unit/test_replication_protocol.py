@@ -516,6 +516,63 @@ def test_fused_and_general_paths_agree_on_mutated_write_streams(data: st.DataObj
     assert outcome(True) == outcome(False)
 
 
+@given(st.data())
+def test_fused_and_general_paths_agree_on_mutated_ack_streams(data: st.DataObject) -> None:
+    """ACKs of a streaming primary's writes, FUA writes and flushes, in any order, mutated and cut
+    at random: the primary's ACK fast path gives the same events, positions and window, and
+    refuses with the same code, as the decoder and the general checks."""
+    ops = data.draw(st.lists(st.sampled_from(["write", "flush", "fua"]), min_size=1, max_size=8))
+    acks: list[bytearray] = []
+    for _ in range(data.draw(st.integers(1, 8))):
+        applied = data.draw(st.integers(0, len(ops) + 1))
+        epoch = data.draw(st.sampled_from([3, 3, 3, 2, 4]))
+        acks.append(bytearray(encode(Ack(VID, epoch, applied, data.draw(st.integers(0, applied))))))
+    for _ in range(data.draw(st.integers(0, 3))):
+        ack = acks[data.draw(st.integers(0, len(acks) - 1))]
+        ack[data.draw(st.integers(0, len(ack) - 1))] = data.draw(st.integers(0, 255))
+    records = [bytes(a) for a in acks]  # one ACK per record, as a replica sends them ...
+    if data.draw(st.booleans()):  # ... or the bytes cut anywhere
+        wire = b"".join(records)
+        step = data.draw(st.integers(1, len(wire)))
+        records = [wire[i : i + step] for i in range(0, len(wire), step)]
+
+    def outcome(fused: bool) -> tuple[list[Acked | DirtyReport], ErrorCode | None, tuple[object, ...]]:
+        p = opened_primary()
+        p.fused = fused
+        p.feed(encode(Ack(VID, 3, 0, 0)))  # the OPEN's answer: streaming
+        for i, op in enumerate(ops):
+            if op == "flush":
+                p.flush(float(i))
+            else:
+                p.write(i * 512, b"x" * 512, float(i), fua=op == "fua")
+        events: list[Acked | DirtyReport] = []
+        code = None
+        try:
+            for record in records:
+                events += p.feed(record)
+        except ReplicationError as e:
+            code = e.code
+        position = (p.applied_seq, p.durable_seq, p.in_flight, p.in_flight_bytes, p.state, p.deadline())
+        return events, code, position
+
+    assert outcome(True) == outcome(False)
+
+
+def test_a_streaming_primary_takes_a_lone_ack_without_its_decoder() -> None:
+    """The fast path is the one taken for the usual record (one ACK), and only when streaming."""
+    p = opened_primary()
+    p.feed(encode(Ack(VID, 3, 0, 0)))
+    p.write(0, b"x" * 512, 0.0)
+
+    class Unused(MessageDecoder):
+        def feed(self, data: bytes) -> None:
+            raise AssertionError("the decoder was used")
+
+    p.decoder = Unused()
+    assert p.feed(encode(Ack(VID, 3, 1, 0))) == [Acked(1, 0)]
+    assert p.in_flight == 0 and p.applied_seq == 1
+
+
 def test_the_hot_paths_encode_what_the_codec_encodes() -> None:
     """PrimaryStream.write and the replica's ACK pack their bytes directly: the same bytes as
     ``encode`` of the message, and a write out of bounds is refused as the message would be."""

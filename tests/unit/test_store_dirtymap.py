@@ -84,6 +84,31 @@ def test_missing_map_is_all_dirty_unless_created_in_sync(tmp_path: Path) -> None
     assert DirtyMap.open(tmp_path / "b.dirty", VID, 4 * MIB).dirty_regions() == []
 
 
+async def test_covered_is_every_region_of_the_range_durably_dirty(tmp_path: Path) -> None:
+    """``covered`` (one region tested directly, the common write) agrees with its definition at
+    and across region boundaries and the map's end."""
+    dirty = DirtyMap.open(tmp_path / "c.dirty", VID, 4 * MIB, missing_clean=True)
+    await dirty.mark(MIB, 2 * MIB)  # regions 1 and 2 durably dirty
+    for offset in (
+        0,
+        512,
+        MIB - 4096,
+        MIB - 512,
+        MIB,
+        2 * MIB - 4096,
+        3 * MIB - 4096,
+        3 * MIB,
+        4 * MIB - 512,
+        4 * MIB,
+    ):
+        for length in (0, 512, 4096, 8192, MIB, MIB + 4096, 2 * MIB, 3 * MIB):
+            span = region_span(offset, length)
+            expected = span.stop <= dirty.regions and all(r in dirty.durable for r in span)
+            assert dirty.covered(offset, length) is expected, (offset, length)
+    assert dirty.covered(MIB, 4096) and not dirty.covered(MIB - 4096, 8192) and not dirty.covered(0, 512)
+    dirty.close()
+
+
 def test_corrupt_map_loads_all_dirty(tmp_path: Path) -> None:
     path = tmp_path / "v.dirty"
     DirtyMap.open(path, VID, 3 * MIB, missing_clean=True).close()
