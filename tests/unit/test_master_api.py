@@ -91,15 +91,6 @@ class Master:
         return await resp.json() if resp.status != 204 else None
 
 
-@pytest.fixture
-async def master(tmp_path: Path) -> AsyncIterator[Master]:
-    m = Master(tmp_path)
-    await m.client.start_server()
-    yield m
-    await m.client.close()
-    m.store.close()
-
-
 async def test_create_get_list_and_delete_a_volume(master: Master) -> None:
     created = await master.json(
         "POST", "/v1/volumes", {"name": "vol1", "size": "64MiB", "replicas": 1}, status=201

@@ -5,7 +5,6 @@ verbs against real `sparrow serve` and `sparrow master` processes: tests/integra
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ from sparrow.master.auth import ROUTE_ACTIONS, bootstrap_admin
 from tests.unit.test_master_api import Master
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def master(tmp_path: Path) -> AsyncIterator[Master]:
-    m = Master(tmp_path)
-    await m.client.start_server()
-    yield m
-    await m.client.close()
-    m.store.close()
 
 
 async def as_(master: Master, token: str | None, method: str, path: str, body: Any = None) -> tuple[int, Any]:

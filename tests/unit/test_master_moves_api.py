@@ -10,9 +10,7 @@ import pytest
 
 from sparrow.auth import tokens
 from sparrow.cluster.messages import Health, ReplicaState, Role, SyncState, VolumeObservation
-from tests.unit.test_master_api import Master, master, until
-
-__all__ = ["master"]  # the fixture
+from tests.unit.test_master_api import Master, until
 
 MiB = 1 << 20
 THREE = ("n1", "n2", "n3")

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from tests.unit.test_master_api import Master
-from tests.unit.test_master_api import master as master
 
 
 @pytest.mark.parametrize(

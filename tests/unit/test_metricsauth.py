@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -80,15 +79,6 @@ def test_the_door_opens_to_the_scrape_token_only_and_counts_what_it_refuses() ->
 
 
 # --- the master (and serve): the real API app ------------------------------------------------------
-
-
-@pytest.fixture
-async def master(tmp_path: Path) -> AsyncIterator[Master]:
-    m = Master(tmp_path)
-    await m.client.start_server()
-    yield m
-    await m.client.close()
-    m.store.close()
 
 
 def mint(master: Master, role: str, tenant: str | None = None) -> tokens.NewToken:

@@ -5,8 +5,6 @@ real control loop (tests.unit.test_master_api.Master) and a real node metrics re
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -30,15 +28,6 @@ from sparrow.top.snapshot import (
 from tests.unit.test_master_api import Master
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def master(tmp_path: Path) -> AsyncIterator[Master]:
-    m = Master(tmp_path)
-    await m.client.start_server()
-    yield m
-    await m.client.close()
-    m.store.close()
 
 
 def metrics_text(writes: int, reads: int = 0, volume: str = "v") -> str:
