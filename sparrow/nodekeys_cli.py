@@ -21,11 +21,7 @@ def add_node_key_commands(node_commands: Any, api_help: str, token_help: str) ->
         "none, so the node's next Hello binds its key on first use (and, under the master's default "
         "--admission approve, waits for `sparrow node approve`). Refused while the node is alive.",
     )
-    rekey.add_argument("node_id", metavar="NODE")
-    rekey.add_argument("--key", metavar="HEX", help="the node's public key, 64 hex digits (pinned)")
-    rekey.add_argument("--api", metavar="URL", help=api_help)
-    rekey.add_argument("--token", metavar="TOKEN", help=token_help)
-    rekey.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _arguments(rekey, "the node's public key, 64 hex digits (pinned)", api_help, token_help)
     rekey.set_defaults(func=cmd_node_rekey)
     approve = node_commands.add_parser(
         "approve",
@@ -35,19 +31,29 @@ def add_node_key_commands(node_commands: Any, api_help: str, token_help: str) ->
         "`node key` the node logs at start); with --key, that key, before the node first connects "
         "(its first Hello must then prove exactly that key).",
     )
-    approve.add_argument("node_id", metavar="NODE")
-    approve.add_argument("--key", metavar="HEX", help="the node's public key, 64 hex digits")
-    approve.add_argument("--api", metavar="URL", help=api_help)
-    approve.add_argument("--token", metavar="TOKEN", help=token_help)
-    approve.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _arguments(approve, "the node's public key, 64 hex digits", api_help, token_help)
     approve.set_defaults(func=cmd_node_approve)
 
 
-def cmd_node_approve(args: argparse.Namespace, out: TextIO) -> int:
+def _arguments(parser: argparse.ArgumentParser, key_help: str, api_help: str, token_help: str) -> None:
+    """The arguments both node-key verbs take: NODE, --key, and the API client's."""
+    parser.add_argument("node_id", metavar="NODE")
+    parser.add_argument("--key", metavar="HEX", help=key_help)
+    parser.add_argument("--api", metavar="URL", help=api_help)
+    parser.add_argument("--token", metavar="TOKEN", help=token_help)
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def _post(args: argparse.Namespace, verb: str) -> dict[str, Any]:
     from sparrow.cli import _client, _quote
 
     body = {} if args.key is None else {"key": args.key}
-    answer = _client(args).request("POST", f"/v1/nodes/{_quote(args.node_id)}/approve", body)
+    answer: dict[str, Any] = _client(args).request("POST", f"/v1/nodes/{_quote(args.node_id)}/{verb}", body)
+    return answer
+
+
+def cmd_node_approve(args: argparse.Namespace, out: TextIO) -> int:
+    answer = _post(args, "approve")
     if args.json:
         print(json.dumps(answer, indent=2), file=out)
     else:
@@ -56,10 +62,7 @@ def cmd_node_approve(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_node_rekey(args: argparse.Namespace, out: TextIO) -> int:
-    from sparrow.cli import _client, _quote
-
-    body = {} if args.key is None else {"key": args.key}
-    answer = _client(args).request("POST", f"/v1/nodes/{_quote(args.node_id)}/rekey", body)
+    answer = _post(args, "rekey")
     if args.json:
         print(json.dumps(answer, indent=2), file=out)
     elif answer.get("node_key") is None:
