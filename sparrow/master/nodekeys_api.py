@@ -47,15 +47,11 @@ def add_node_key_routes(app: web.Application) -> None:
 async def approve_node(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     node_id = request.match_info["node_id"]
-    body = await json_object(request, frozenset({"key"}))
-    text = string_field(body, "key")
     try:
         check_node_id("node_id", node_id)
-        key = None if text is None else parse_key_text(text)
     except InvalidMessage as e:
         raise ApiError(400, str(e)) from None
-    except ValueError as e:
-        raise ApiError(400, f"key: {e}") from None
+    key = await _asked_key(request)
     node_keys = api.control.node_keys
     bound = node_keys.key(node_id)
     if key is None:
@@ -89,12 +85,7 @@ async def approve_node(request: web.Request) -> web.Response:
 async def rekey_node(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
     node_id = request.match_info["node_id"]
-    body = await json_object(request, frozenset({"key"}))
-    text = string_field(body, "key")
-    try:
-        key = None if text is None else parse_key_text(text)
-    except ValueError as e:
-        raise ApiError(400, f"key: {e}") from None
+    key = await _asked_key(request)
     if api.control.observations.alive(node_id, api.clock()):
         raise ApiError(409, f"node {node_id!r} is alive; stop it (and wait until it is dead) first")
     try:
@@ -105,3 +96,12 @@ async def rekey_node(request: web.Request) -> web.Response:
     shown = None if key is None else key_text(key)
     log.warning("node rekeyed", node=node_id, node_key=shown, pinned=key is not None)
     return web.json_response({"node_id": node_id, "node_key": shown})
+
+
+async def _asked_key(request: web.Request) -> bytes | None:
+    """The body's optional ``key`` (64 hex digits) of approve and rekey; 400 when it is not one."""
+    text = string_field(await json_object(request, frozenset({"key"})), "key")
+    try:
+        return None if text is None else parse_key_text(text)
+    except ValueError as e:
+        raise ApiError(400, f"key: {e}") from None
